@@ -1,0 +1,411 @@
+"""Typed config schemas.
+
+Every Hydra group (`conf/<group>/*.yaml`) is validated against one dataclass here, registered in
+Hydra's ConfigStore by `register_configs()`. Field names follow megatron-core's own
+(`TransformerConfig`, `OptimizerConfig`, `DistributedDataParallelConfig`, `GPTDatasetConfig`,
+`OptimizerParamScheduler`) so builders pass them through without a renaming layer.
+
+Validation happens in `__post_init__`, which `OmegaConf.to_object` calls, so a bad config fails
+in `train.py` before any process group or GPU memory exists. Checks that need the world size
+(known only once we count GPUs) live in `Config.resolve_world`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional
+
+
+class ConfigError(ValueError):
+    """A config problem. Its message is one line that names the fields involved."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _choice(value: Any, allowed: tuple, name: str) -> None:
+    _require(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Architecture. Fields named as in megatron-core's TransformerConfig / GPTModel."""
+
+    name: str = "gpt_tiny"
+    type: str = "gpt"  # model family: key into framework.models.MODEL_BUILDERS
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; 1 = MQA; None = MHA
+    ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size
+    kv_channels: Optional[int] = None
+    seq_length: int = 64
+    max_position_embeddings: Optional[int] = None  # None -> seq_length
+    vocab_size: Optional[int] = None  # None -> from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    normalization: str = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False  # mcore: only used when add_bias_linear is False
+    position_embedding_type: str = "learned_absolute"
+    rotary_percent: float = 1.0
+    rotary_base: int = 10000
+    share_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    apply_residual_connection_post_layernorm: bool = False
+    # "sdpa" = torch scaled_dot_product_attention (fast default); "local" = mcore DotProductAttention
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            _require(getattr(self, f) > 0, f"model.{f} must be positive, got {getattr(self, f)}")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
+            f"model.hidden_size={self.hidden_size} must be divisible by "
+            f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
+        )
+        if self.num_query_groups is not None:
+            _require(
+                self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
+                f"model.num_query_groups={self.num_query_groups} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}",
+            )
+        _require(
+            self.position_embedding_type != "learned_absolute"
+            or self.max_positions >= self.seq_length,
+            f"model.seq_length={self.seq_length} exceeds "
+            f"model.max_position_embeddings={self.max_position_embeddings}",
+        )
+        _choice(self.position_embedding_type, ("learned_absolute", "rope", "none"),
+                "model.position_embedding_type")
+        _choice(self.normalization, ("LayerNorm", "RMSNorm"), "model.normalization")
+        _choice(self.activation, ("gelu", "swiglu", "relu"), "model.activation")
+        _choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
+        _require(0.0 <= self.hidden_dropout < 1 and 0.0 <= self.attention_dropout < 1,
+                 "model.hidden_dropout and model.attention_dropout must be in [0, 1)")
+
+    # Derived values are properties, never written back: OmegaConf instantiates the defaults
+    # once to build the schema, so a value set in __post_init__ would leak into every config.
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+
+# --------------------------------------------------------------------------------------------
+# parallel
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ParallelConfig:
+    """Layout. Fields named as in ModelParallelConfig / DistributedDataParallelConfig."""
+
+    name: str = "single"
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    # None -> all remaining devices (world_size / (TP*PP)); on CPU, 1.
+    data_parallel_size: Optional[int] = None
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    # None | "selective" | "full"
+    recompute_granularity: Optional[str] = None
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
+    recompute_method: Optional[str] = None  # "uniform" | "block" (full recompute only)
+    recompute_num_layers: Optional[int] = None
+    distributed_backend: str = "nccl"  # gloo is used on CPU regardless
+    distributed_timeout_minutes: int = 10
+
+    def __post_init__(self) -> None:
+        for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            _require(getattr(self, f) >= 1, f"parallel.{f} must be >= 1, got {getattr(self, f)}")
+        _require(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1",
+        )
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            _require(vpp >= 1, f"parallel.virtual_pipeline_model_parallel_size={vpp} must be >= 1")
+            _require(
+                vpp == 1 or self.pipeline_model_parallel_size > 1,
+                "parallel.virtual_pipeline_model_parallel_size > 1 needs "
+                "parallel.pipeline_model_parallel_size > 1",
+            )
+        if self.data_parallel_size is not None:
+            _require(self.data_parallel_size >= 1,
+                     f"parallel.data_parallel_size={self.data_parallel_size} must be >= 1")
+        if self.recompute_granularity is not None:
+            _choice(self.recompute_granularity, ("selective", "full"),
+                    "parallel.recompute_granularity")
+        if self.recompute_granularity == "full":
+            _require(self.recompute_method in ("uniform", "block"),
+                     "parallel.recompute_granularity=full needs parallel.recompute_method "
+                     "(uniform or block)")
+        _require(not self.overlap_param_gather or self.use_distributed_optimizer,
+                 "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+
+    @property
+    def vpp(self) -> Optional[int]:
+        """Virtual pipeline size, None when not interleaving."""
+        v = self.virtual_pipeline_model_parallel_size
+        return v if v and v > 1 else None
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class OptimizerConfig:
+    """Fields named as in megatron.core.optimizer.OptimizerConfig and OptimizerParamScheduler."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 10
+    lr_decay_steps: Optional[int] = None  # None -> train.max_steps
+    lr_decay_style: str = "cosine"
+    # fp16 loss scaling (mcore names); loss_scale set -> static scaling
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0**16
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000
+    hysteresis: int = 2
+
+    def __post_init__(self) -> None:
+        _choice(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")
+        _choice(self.lr_decay_style, ("linear", "cosine", "constant"), "optimizer.lr_decay_style")
+        _require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr,
+                 f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+        _require(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps must be >= 0")
+        _require(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")
+
+
+# --------------------------------------------------------------------------------------------
+# data and tokenizer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Fields named as in GPTDatasetConfig where one exists."""
+
+    type: str = "embedded"  # embedded | indexed | mock
+    # Megatron blend: [prefix] or [weight, prefix, weight, prefix, ...]
+    path: List[str] = field(default_factory=list)
+    split: str = "949,50,1"
+    path_to_cache: Optional[str] = None  # None -> <data dir>/cache or ~/.cache/framework
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    num_workers: int = 0
+    # embedded corpus
+    num_documents: int = 20000
+
+    def __post_init__(self) -> None:
+        _choice(self.type, ("embedded", "indexed", "mock"), "data.type")
+        if self.type == "indexed":
+            _require(len(self.path) > 0, "data=indexed needs data.path=[prefix] (or a blend "
+                                         "[weight, prefix, ...])")
+        parts = self.split.replace("/", ",").split(",")
+        _require(
+            len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+            and sum(float(p) for p in parts) > 0,
+            f"data.split={self.split!r} must be three non-negative numbers like '949,50,1'",
+        )
+
+
+@dataclass
+class TokenizerConfig:
+    # An HF tokenizer name or local directory. None -> the embedded char tokenizer (data=embedded)
+    # or the tokenizer saved with the checkpoint being loaded.
+    path: Optional[str] = None
+    vocab_file: Optional[str] = None  # GPT-2 BPE vocab.json
+    merge_file: Optional[str] = None  # GPT-2 BPE merges.txt
+
+    def __post_init__(self) -> None:
+        _require((self.vocab_file is None) == (self.merge_file is None),
+                 "tokenizer.vocab_file and tokenizer.merge_file must be given together")
+        _require(self.path is None or self.vocab_file is None,
+                 "give either tokenizer.path or tokenizer.vocab_file/merge_file, not both")
+
+
+# --------------------------------------------------------------------------------------------
+# train, checkpoint, logging
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 16
+    global_batch_size: int = 32
+    eval_interval: int = 100
+    eval_iters: int = 10
+    log_interval: int = 10
+    seed: int = 1234
+    device: str = "auto"  # auto | cuda | cpu
+    # Mixed precision with megatron-core's field names. bf16=None -> bf16 on GPU, fp32 on CPU.
+    bf16: Optional[bool] = None
+    fp16: bool = False
+    progress_bar: bool = True
+    # Plugin point: the train-step class (see framework.training.step). Only `_target_` here.
+    step: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice(self.device, ("auto", "cuda", "cpu"), "train.device")
+        for f in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            _require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")
+        _require(self.eval_interval >= 0 and self.eval_iters >= 0,
+                 "train.eval_interval and train.eval_iters must be >= 0")
+        _require(not (self.fp16 and self.bf16),
+                 "train.fp16=true and train.bf16=true cannot both be set")
+
+
+@dataclass
+class CheckpointConfig:
+    # Save here and auto-resume from the latest checkpoint here. None -> checkpoints/<overrides>
+    # under the directory train.py was started from (so the same command resumes).
+    dir: Optional[str] = None
+    save_interval: int = 100
+    load: Optional[str] = None  # start from another checkpoint (when `dir` has none yet)
+    save: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval > 0,
+                 f"checkpoint.save_interval must be positive, got {self.save_interval}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "framework"
+    wandb_name: Optional[str] = None
+    wandb_mode: Optional[str] = None  # None -> $WANDB_MODE, else "online"
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "."
+
+    def __post_init__(self) -> None:
+        m, p, t = self.model, self.parallel, self.train
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        _require(m.num_attention_heads % tp == 0,
+                 f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
+                 f"parallel.tensor_model_parallel_size={tp}")
+        groups = m.num_query_groups or m.num_attention_heads
+        _require(groups % tp == 0 or tp % groups == 0,
+                 f"model.num_query_groups={groups} and parallel.tensor_model_parallel_size={tp}: "
+                 f"one must divide the other")
+        _require(m.ffn % tp == 0,
+                 f"model.ffn_hidden_size={m.ffn} must be divisible by "
+                 f"parallel.tensor_model_parallel_size={tp}")
+        vpp = p.vpp or 1
+        _require(m.num_layers % (pp * vpp) == 0,
+                 f"model.num_layers={m.num_layers} must be divisible by "
+                 f"parallel.pipeline_model_parallel_size={pp} x "
+                 f"parallel.virtual_pipeline_model_parallel_size={vpp}")
+        if p.sequence_parallel:
+            _require(m.seq_length % tp == 0,
+                     f"model.seq_length={m.seq_length} must be divisible by "
+                     f"parallel.tensor_model_parallel_size={tp} when parallel.sequence_parallel")
+        _require(t.global_batch_size % t.micro_batch_size == 0,
+                 f"train.global_batch_size={t.global_batch_size} must be divisible by "
+                 f"train.micro_batch_size={t.micro_batch_size}")
+        if p.data_parallel_size is not None:
+            self._check_batch(p.data_parallel_size)
+        if self.data.type == "embedded":
+            _require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
+                     "data=embedded uses its own tokenizer; unset tokenizer.path/vocab_file or "
+                     "pick data=indexed")
+
+    def _check_batch(self, dp: int) -> None:
+        t = self.train
+        _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 f"train.global_batch_size={t.global_batch_size} must be divisible by "
+                 f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+        vpp = self.parallel.vpp
+        if vpp:
+            n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+            pp = self.parallel.pipeline_model_parallel_size
+            _require(n_micro % pp == 0,
+                     f"interleaved pipelining needs the number of micro-batches ({n_micro} = "
+                     f"train.global_batch_size / (train.micro_batch_size x DP)) to be a multiple "
+                     f"of parallel.pipeline_model_parallel_size={pp}")
+
+    def resolve_world(self, world_size: int, on_gpu: bool) -> None:
+        """Fix data_parallel_size from the world size and check every world-dependent rule."""
+        p = self.parallel
+        mp = p.model_parallel_size
+        _require(world_size % mp == 0,
+                 f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size"
+                 f"={p.tensor_model_parallel_size} x parallel.pipeline_model_parallel_size="
+                 f"{p.pipeline_model_parallel_size}")
+        dp = world_size // mp
+        if p.data_parallel_size is not None:
+            _require(p.data_parallel_size == dp,
+                     f"parallel.data_parallel_size={p.data_parallel_size} but world size "
+                     f"{world_size} / (TP x PP = {mp}) = {dp}")
+        p.data_parallel_size = dp
+        self._check_batch(dp)
+        if not on_gpu:
+            _require(p.pipeline_model_parallel_size == 1,
+                     "parallel.pipeline_model_parallel_size > 1 needs GPUs (megatron-core's "
+                     "pipeline schedules are CUDA-only); use train.device=cuda")
+            _require(not p.use_distributed_optimizer,
+                     "parallel.use_distributed_optimizer=true needs GPUs (megatron-core's "
+                     "distributed optimizer is CUDA-only)")
+            _require(not p.sequence_parallel,
+                     "parallel.sequence_parallel=true needs GPUs (gloo has no reduce-scatter)")
+            _require(not self.train.bf16 and not self.train.fp16,
+                     "train.bf16/train.fp16 need GPUs; CPU runs train in fp32")
+
+
+def field_names(cls) -> List[str]:
+    return [f.name for f in fields(cls)]
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "optimizer": OptimizerConfig,
+    "data": DataConfig,
+    "logging": LoggingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the root schema and one schema per group in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, cls in GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=cls)

@@ -1,0 +1,134 @@
+"""GPT: megatron-core's `GPTModel` with our layer spec (SDPA attention, SP-capable norm)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from framework.config import ModelConfig, ParallelConfig
+from framework.models.layers import Norm, SDPAttention
+
+
+def _has_fused_wgrad() -> bool:
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401  (apex)
+
+        return True
+    except ImportError:
+        return False
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool, fp16: bool,
+                       on_gpu: bool):
+    """Map our sub-configs onto megatron-core's TransformerConfig (same field names)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    activation = {"gelu": F.gelu, "swiglu": F.silu, "relu": F.relu}[model.activation]
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    recompute = parallel.recompute_granularity
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn,
+        kv_channels=model.kv_channels,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=model.activation == "swiglu",
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        init_method_std=model.init_method_std,
+        apply_residual_connection_post_layernorm=model.apply_residual_connection_post_layernorm,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        recompute_granularity=recompute,
+        recompute_modules=list(parallel.recompute_modules) if recompute == "selective" else None,
+        recompute_method=parallel.recompute_method if recompute == "full" else None,
+        recompute_num_layers=(parallel.recompute_num_layers or 1) if recompute == "full" else None,
+        bf16=bf16,
+        fp16=fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        # jit-fused (torch.jit) kernels need no apex/TE; they need CUDA
+        bias_activation_fusion=on_gpu and model.add_bias_linear and model.activation == "gelu",
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=on_gpu and _has_fused_wgrad(),
+        deallocate_pipeline_outputs=True,
+        persist_layer_norm=False,
+    )
+
+
+def gpt_layer_spec(model: ModelConfig):
+    """One transformer layer: mcore modules, with our core attention and norm."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (TransformerLayer,
+                                                             TransformerLayerSubmodules)
+
+    core_attention = SDPAttention if model.attention_backend == "sdpa" else DotProductAttention
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n, layer_norm=Norm)
+
+
+def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
+              post_process: bool, vp_stage: Optional[int]):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=tcfg,
+        transformer_layer_spec=block_spec(model, tcfg, vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=model.max_positions,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,131 @@
+"""Layers megatron-core 0.16 lacks without Transformer Engine or apex.
+
+* `SDPAttention`: a core attention on `torch.nn.functional.scaled_dot_product_attention`
+  (flash / cuDNN / memory-efficient backends on GPU, the math path on CPU). It implements
+  megatron-core's `CoreAttention` protocol (megatron/core/transformer/attention.py), so it plugs
+  into a layer spec's `core_attention` slot.
+* `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
+  refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
+  `finalize_model_grads` all-reduces their grads over the TP group.
+
+Both keep the shape conventions of mcore: activations are [s, b, h] and q/k/v are [s, b, n, d].
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Core attention through `F.scaled_dot_product_attention`.
+
+    Masks follow mcore: `attention_mask` is a bool tensor broadcastable to [b, n, sq, sk] where
+    True means "masked out". With `attn_mask_type=causal` and no mask, the fused causal kernel
+    runs. GQA/MQA key/value heads are expanded with `enable_gqa` semantics.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        tp = (pg_collection.tp.size() if pg_collection is not None and hasattr(pg_collection, "tp")
+              else parallel_state.get_tensor_model_parallel_world_size())
+        self.attn_mask_type = attn_mask_type
+        self.num_heads = divide(config.num_attention_heads, tp)
+        self.num_groups = divide(config.num_query_groups, tp)
+        kv = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(kv)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        assert packed_seq_params is None, "packed sequences are not supported by SDPAttention"
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b = query.shape[0], query.shape[1]
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.num_groups != self.num_heads:
+            rep = self.num_heads // self.num_groups
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        mask = None
+        is_causal = False
+        if attention_bias is not None:
+            mask = attention_bias.to(q.dtype)
+            if attention_mask is not None:
+                mask = mask.masked_fill(attention_mask, float("-inf"))
+            elif mask_type == AttnMaskType.causal:
+                mask = mask + _causal_bias(sq, k.shape[2], q.device, q.dtype)
+        elif attention_mask is not None:
+            mask = ~attention_mask  # SDPA: True = attend
+            if mask_type == AttnMaskType.causal and sq > 1:
+                mask = mask & torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
+                    k.shape[2] - sq)
+        elif mask_type == AttnMaskType.causal:
+            if sq == k.shape[2]:
+                is_causal = True
+            elif sq > 1:  # queries are the last sq positions (KV cache with a multi-token chunk)
+                mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
+                    k.shape[2] - sq)
+        p = self.dropout_p if self.training else 0.0
+        if p > 0 and q.is_cuda and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                     is_causal=is_causal, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                 is_causal=is_causal, scale=self.softmax_scale)
+        # [b, n, s, d] -> [s, b, n*d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _causal_bias(sq: int, sk: int, device, dtype) -> torch.Tensor:
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
+    return torch.zeros(sq, sk, device=device, dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.config = config
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        self.hidden_size = hidden_size
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype,
+                                                    device=device))
+        self.bias = None if self.rms else torch.nn.Parameter(
+            torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
+        return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)

@@ -1,0 +1,149 @@
+"""Optimizer and LR schedule from `cfg.optimizer` (megatron-core field names).
+
+GPU: megatron-core's `get_megatron_optimizer` (mixed precision, fp16 loss scaling, distributed
+optimizer; it falls back from TE to apex to torch on its own) and `OptimizerParamScheduler`.
+
+CPU: mcore's optimizers hard-code CUDA tensors for the grad norm and loss scale, so `CpuOptimizer`
+subclasses mcore's `FP32Optimizer` and replaces only those pieces. Param groups, the state dict
+and the sharded (reshardable) checkpoint format stay mcore's.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from framework.config import OptimizerConfig
+
+
+def mcore_optimizer_config(cfg: OptimizerConfig, *, bf16: bool, fp16: bool,
+                           use_distributed_optimizer: bool, overlap_param_gather: bool):
+    from megatron.core.optimizer import OptimizerConfig as MCoreOptimizerConfig
+
+    return MCoreOptimizerConfig(
+        optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad, bf16=bf16, fp16=fp16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32,
+        loss_scale=cfg.loss_scale, initial_loss_scale=cfg.initial_loss_scale,
+        min_loss_scale=cfg.min_loss_scale, loss_scale_window=cfg.loss_scale_window,
+        hysteresis=cfg.hysteresis, use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
+    )
+
+
+def build_optimizer(cfg: OptimizerConfig, model: List[torch.nn.Module], *, max_steps: int,
+                    bf16: bool, fp16: bool, use_distributed_optimizer: bool,
+                    overlap_param_gather: bool, on_gpu: bool):
+    """Return (optimizer, scheduler)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    mcfg = mcore_optimizer_config(cfg, bf16=bf16, fp16=fp16,
+                                  use_distributed_optimizer=use_distributed_optimizer,
+                                  overlap_param_gather=overlap_param_gather)
+    if on_gpu:
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        optimizer = get_megatron_optimizer(mcfg, model)
+    else:
+        optimizer = CpuOptimizer.build(mcfg, model)
+    decay_steps = cfg.lr_decay_steps or max_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=min(cfg.lr_warmup_steps, max(decay_steps - 1, 0)),
+        lr_decay_steps=decay_steps,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=decay_steps, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _param_groups(model: List[torch.nn.Module], weight_decay: float) -> List[dict]:
+    """mcore's default: no weight decay on biases and 1-D (norm) parameters."""
+    decay, no_decay = [], []
+    for chunk in model:
+        for name, p in chunk.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class CpuOptimizer:
+    """Built lazily as a subclass of mcore's FP32Optimizer (import cost, see `build`)."""
+
+    @staticmethod
+    def build(mcfg, model: List[torch.nn.Module]):
+        from megatron.core.optimizer.optimizer import FP32Optimizer
+
+        class _CpuFP32Optimizer(FP32Optimizer):
+            def __init__(self, optimizer, config):
+                # FP32Optimizer.__init__ puts its unit loss scale on CUDA; skip to the base.
+                super(FP32Optimizer, self).__init__(optimizer, config, lambda opt, cfg: None)
+                self._scale = torch.tensor([1.0])
+                self.is_stub_optimizer = False
+
+            def get_grad_norm(self) -> float:
+                return grad_norm_cpu(self.get_main_grads_for_grad_norm())
+
+            def clip_grad_norm(self, clip_grad: float) -> float:
+                norm = self.get_grad_norm()
+                coeff = clip_grad / (norm + 1e-6)
+                if coeff < 1.0:
+                    for p in self.get_parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(coeff)
+                return norm
+
+            def count_zeros(self) -> float:
+                return float(sum((g == 0).sum().item() for g in self.get_main_grads_for_grad_norm()))
+
+        groups = _param_groups(model, mcfg.weight_decay)
+        if mcfg.optimizer == "adam":
+            inner = torch.optim.AdamW(groups, lr=mcfg.lr, weight_decay=mcfg.weight_decay,
+                                      betas=(mcfg.adam_beta1, mcfg.adam_beta2), eps=mcfg.adam_eps)
+        else:
+            inner = torch.optim.SGD(groups, lr=mcfg.lr, weight_decay=mcfg.weight_decay,
+                                    momentum=mcfg.sgd_momentum)
+        return _CpuFP32Optimizer(inner, mcfg)
+
+
+def grad_norm_cpu(grads: List[torch.Tensor]) -> float:
+    """L2 norm over grads that are not TP duplicates, summed over the model-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    sq = torch.zeros(1, dtype=torch.float64)
+    for g in grads:
+        sq += g.detach().double().pow(2).sum()
+    if dist.is_initialized() and ps.get_model_parallel_group().size() > 1:
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    return math.sqrt(sq.item())
+
+
+def allreduce_grads_cpu(model: List[torch.nn.Module]) -> None:
+    """CPU stand-in for mcore DDP's grad sync: average grads over the data-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group()
+    if group.size() == 1:
+        return
+    grads = [p.grad for m in model for p in m.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= group.size()
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
+
+
+def optimizer_step(optimizer, scheduler) -> Tuple[bool, float, int]:
+    ok, grad_norm, num_zeros = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return ok, grad_norm, num_zeros

@@ -1,0 +1,246 @@
+"""`framework.run(cfg)`: launch workers if needed, then build and train on every rank.
+
+* No WORLD_SIZE in the environment (a plain `python train.py`): start TP x PP x DP workers with
+  torch's elastic launcher API and wait for them. One worker runs in-process.
+* Under torchrun (WORLD_SIZE set) or SLURM (SLURM_PROCID/SLURM_NTASKS): use that environment.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sys
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from framework.config import Config, ConfigError
+
+
+# --------------------------------------------------------------------------------------------
+# devices and launch
+# --------------------------------------------------------------------------------------------
+def resolve_device(kind: str) -> str:
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return kind
+
+
+def launched_externally() -> bool:
+    return "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
+
+
+def planned_world_size(cfg: Config, device: str) -> int:
+    """World size for a self-launch: every visible GPU (or TP x PP x DP if DP is fixed)."""
+    if launched_externally():
+        return int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
+    mp = cfg.parallel.model_parallel_size
+    if cfg.parallel.data_parallel_size is not None:
+        return mp * cfg.parallel.data_parallel_size
+    if device == "cuda":
+        n = torch.cuda.device_count()
+        return (n // mp) * mp if n >= mp else mp
+    return mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: Config) -> None:
+    """Validate against the world, then launch (or join) the workers."""
+    device = resolve_device(cfg.train.device)
+    world = planned_world_size(cfg, device)
+    cfg.resolve_world(world, on_gpu=device == "cuda")
+    if device == "cuda" and not launched_externally() and world > torch.cuda.device_count():
+        raise ConfigError(f"the layout needs {world} GPUs (TP x PP x DP) but "
+                          f"{torch.cuda.device_count()} are visible")
+    if launched_externally():
+        _slurm_env()
+        worker(cfg)
+    elif world == 1:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        try:
+            worker(cfg)
+        finally:
+            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(k, None)
+    else:
+        _elastic_launch(cfg, world)
+
+
+def _slurm_env() -> None:
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        raise ConfigError("under SLURM, set MASTER_ADDR and MASTER_PORT (e.g. from "
+                          "`scontrol show hostnames $SLURM_JOB_NODELIST | head -n1`)")
+
+
+def _elastic_launch(cfg: Config, world: int) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"fw{os.getpid()}",
+                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+                      max_restarts=0, monitor_interval=0.5, start_method="spawn")
+    try:
+        elastic_launch(lc, _worker_entry)(cfg)
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()))
+        msg = first.message if isinstance(first.message, str) else str(first.message)
+        raise RuntimeError(f"worker failed (rank {first.rank}, exit {first.exitcode}): "
+                           f"{msg.strip().splitlines()[-1] if msg else 'see log above'}") from None
+
+
+def _worker_entry(cfg: Config) -> None:
+    try:
+        worker(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# per rank
+# --------------------------------------------------------------------------------------------
+def init_distributed(cfg: Config, device: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    p = cfg.parallel
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=p.distributed_backend if device == "cuda" else "gloo",
+            timeout=timedelta(minutes=p.distributed_timeout_minutes))
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.vpp,
+    )
+
+
+def set_seeds(seed: int, device: str) -> None:
+    """Megatron's scheme: distinct per pipeline stage; TP ranks differ through mcore's tracker."""
+    from megatron.core import parallel_state as ps
+
+    s = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    if device == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(s)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if dist.is_initialized():
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def worker(cfg: Config) -> None:
+    from megatron.core import parallel_state as ps
+
+    from framework.models import build_model, padded_vocab_size
+    from framework.optimizer import build_optimizer
+    from framework.training import checkpoint as ckpt
+    from framework.training.loop import Runtime, Trainer, TrainState
+    from framework.training.metrics import MetricsLogger, flops_per_token
+    from framework.training.data import build_train_data, load_run_tokenizer
+    from framework.training.step import build_train_step
+
+    device = resolve_device(cfg.train.device)
+    on_gpu = device == "cuda"
+    bf16 = on_gpu if cfg.train.bf16 is None else cfg.train.bf16
+    bf16 = bf16 and not cfg.train.fp16
+    init_distributed(cfg, device)
+    try:
+        set_seeds(cfg.train.seed, device)
+        rank = dist.get_rank()
+        resume_it = ckpt.latest_iteration(cfg.checkpoint.dir)
+        load_dir = cfg.checkpoint.dir if resume_it is not None else cfg.checkpoint.load
+        if load_dir and resume_it is None:
+            ckpt.latest_iteration(load_dir) or _no_checkpoint(load_dir)
+        tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir)
+        vocab = cfg.model.vocab_size or tokenizer.vocab_size
+        padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
+                                   cfg.parallel.tensor_model_parallel_size)
+        if rank == 0:
+            print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab} for "
+                  f"make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by} x "
+                  f"TP={cfg.parallel.tensor_model_parallel_size})", flush=True)
+        data = build_train_data(cfg.data, tokenizer, cfg.train, seq_length=cfg.model.seq_length,
+                                vocab_size=vocab, dp_rank=ps.get_data_parallel_rank(),
+                                dp_size=ps.get_data_parallel_world_size())
+        torch_device = torch.device(device, torch.cuda.current_device() if on_gpu else None) \
+            if on_gpu else torch.device("cpu")
+        model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=bf16,
+                            fp16=cfg.train.fp16, device=torch_device, wrap_ddp=on_gpu)
+        optimizer, scheduler = build_optimizer(
+            cfg.optimizer, model, max_steps=cfg.train.max_steps, bf16=bf16, fp16=cfg.train.fp16,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_param_gather=cfg.parallel.overlap_param_gather, on_gpu=on_gpu)
+        state = TrainState()
+        if load_dir:
+            meta = ckpt.load_checkpoint(load_dir, model, optimizer, scheduler,
+                                        model_cfg=cfg.model, with_optimizer=resume_it is not None)
+            if resume_it is not None:
+                state = TrainState(step=meta["iteration"],
+                                   consumed_samples=meta["consumed_samples"],
+                                   skipped_iters=meta.get("skipped_iters", 0),
+                                   nan_iters=meta.get("nan_iters", 0))
+            if rank == 0:
+                what = "resumed" if resume_it is not None else "initialised weights"
+                print(f"{what} from {ckpt.iter_dir(load_dir, meta['iteration'])} "
+                      f"(step {state.step}, {state.consumed_samples} samples)", flush=True)
+        is_last = ps.is_pipeline_last_stage()
+        is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
+                      and ps.get_data_parallel_rank() == 0)
+        config_dict = asdict(cfg)
+        logger = MetricsLogger(cfg.run_dir, cfg.logging, config_dict,
+                               resume_id_dir=cfg.checkpoint.dir) if is_logging else None
+        runtime = Runtime(
+            device=torch_device, dp_size=ps.get_data_parallel_world_size(),
+            world_size=dist.get_world_size(), is_logging_rank=is_logging, is_last_stage=is_last,
+            seq_length=cfg.model.seq_length,
+            flops_per_token=flops_per_token(cfg.model.num_layers, cfg.model.hidden_size,
+                                            cfg.model.seq_length, padded))
+
+        def save(st: TrainState) -> None:
+            path = ckpt.save_checkpoint(
+                cfg.checkpoint.dir, st.step, model, optimizer, scheduler,
+                consumed_samples=st.consumed_samples, config=config_dict, tokenizer=tokenizer,
+                extra={"skipped_iters": st.skipped_iters, "nan_iters": st.nan_iters})
+            if rank == 0:
+                print(f"saved checkpoint {path}", flush=True)
+
+        step_impl = build_train_step(cfg.model.type, cfg.train.step, torch_device)
+        trainer = Trainer(model, optimizer, scheduler, step_impl, data, cfg.train,
+                          cfg.checkpoint, runtime, logger, save)
+        trainer.fit(state)
+        if logger is not None:
+            logger.close()
+    finally:
+        teardown()
+
+
+def _no_checkpoint(path: str) -> None:
+    raise ConfigError(f"checkpoint.load={path} has no committed checkpoint "
+                      f"(no {path}/latest_checkpointed_iteration.txt)")

@@ -1,0 +1,259 @@
+"""Checkpoints: megatron-core `dist_checkpointing` (torch_dist), committed atomically.
+
+Layout of `checkpoint.dir`:
+    iter_0000100/                   one committed checkpoint (mcore dist checkpoint)
+        framework.json              iteration, consumed samples, resolved config, package versions
+        tokenizer/                  the tokenizer, so generate.py and resumes need no argument
+    latest_checkpointed_iteration.txt   Megatron's tracker name; written last, by rename
+
+A save writes into `iter_X.tmp-<pid>`, fsyncs, renames it to `iter_X`, and only then replaces the
+tracker through a temp file. A kill at any point leaves the previous checkpoint as the latest.
+Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from framework.config import ConfigError, ModelConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "framework.json"
+
+
+def iter_dir(ckpt_dir: str, iteration: int) -> str:
+    return os.path.join(ckpt_dir, f"iter_{iteration:07d}")
+
+
+def latest_iteration(ckpt_dir: Optional[str]) -> Optional[int]:
+    """The committed iteration named by the tracker, or None when there is none."""
+    if not ckpt_dir:
+        return None
+    path = os.path.join(ckpt_dir, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{path}: tracker does not hold an iteration number ({text[:40]!r})")
+    it = int(text)
+    if not os.path.isfile(os.path.join(iter_dir(ckpt_dir, it), META)):
+        raise ConfigError(f"{path} names iteration {it}, but {iter_dir(ckpt_dir, it)} is missing "
+                          f"or incomplete")
+    return it
+
+
+def read_meta(ckpt_dir: str, iteration: Optional[int] = None) -> Dict[str, Any]:
+    it = latest_iteration(ckpt_dir) if iteration is None else iteration
+    if it is None:
+        raise ConfigError(f"{ckpt_dir}: no committed checkpoint (no {TRACKER})")
+    with open(os.path.join(iter_dir(ckpt_dir, it), META)) as f:
+        return json.load(f)
+
+
+ARCH_FIELDS = ("type", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+               "ffn_hidden_size", "kv_channels", "max_position_embeddings", "normalization",
+               "activation", "add_bias_linear", "position_embedding_type",
+               "share_embeddings_and_output_weights")
+
+
+def check_compatible(meta: Dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
+    """Refuse a checkpoint whose architecture differs from the config, listing the fields."""
+    stored = meta.get("config", {}).get("model", {})
+    diffs = [f"model.{f}: checkpoint={stored[f]!r} config={getattr(model_cfg, f)!r}"
+             for f in ARCH_FIELDS if f in stored and stored[f] != getattr(model_cfg, f)]
+    if diffs:
+        raise ConfigError(f"{where} does not match the model config: " + "; ".join(diffs))
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {"random": random.getstate(), "np": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool,
+                   is_loading: bool) -> Dict[str, Any]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from framework.models import unwrap
+
+    sd: Dict[str, Any] = {}
+    for i, m in enumerate(model):
+        sd[_model_key(i, len(model))] = unwrap(m).sharded_state_dict()
+    if with_optimizer and optimizer is not None:
+        model_sd = {}
+        for i, m in enumerate(model):
+            model_sd.update(sd[_model_key(i, len(model))])
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    pp, tp, dpr = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                   ps.get_data_parallel_rank())
+    shape = (ps.get_pipeline_model_parallel_world_size(),
+             ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size())
+    sd["rng_state"] = ShardedObject("rng_state", _rng_state() if not is_loading else None,
+                                    shape, (pp, tp, dpr), replica_id=0)
+    return sd
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, *,
+                    consumed_samples: int, config: Dict[str, Any], tokenizer=None,
+                    extra: Optional[Dict[str, Any]] = None) -> str:
+    from megatron.core import dist_checkpointing
+
+    final = iter_dir(ckpt_dir, iteration)
+    tmp = f"{final}.tmp"
+    if _rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    sd = _sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
+    sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    sd["iteration"] = iteration
+    sd["consumed_samples"] = consumed_samples
+    try:
+        dist_checkpointing.save(sd, tmp)
+        _barrier()
+        if _rank() == 0:
+            meta = {"iteration": iteration, "consumed_samples": consumed_samples,
+                    "config": config, "versions": package_versions(),
+                    "layout": current_layout(), **(extra or {})}
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f, indent=1, default=str)
+            if tokenizer is not None:
+                tokenizer.save(os.path.join(tmp, "tokenizer"))
+            _fsync_tree(tmp)
+            if os.path.exists(final):  # re-saving the same iteration: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_dir)
+            _write_tracker(ckpt_dir, iteration)
+    except OSError as e:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"saving checkpoint {final} failed ({e.strerror or e}); the previous "
+                           f"checkpoint in {ckpt_dir} is untouched") from None
+    _barrier()
+    return final
+
+
+def _write_tracker(ckpt_dir: str, iteration: int) -> None:
+    path = os.path.join(ckpt_dir, TRACKER)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(ckpt_dir)
+
+
+def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: ModelConfig,
+                    iteration: Optional[int] = None, with_optimizer: bool = True
+                    ) -> Dict[str, Any]:
+    """Load model (and optimizer, scheduler, RNG) state. Returns the stored metadata."""
+    from megatron.core import dist_checkpointing
+
+    it = latest_iteration(ckpt_dir) if iteration is None else iteration
+    if it is None:
+        raise ConfigError(f"checkpoint directory {ckpt_dir} has no committed checkpoint "
+                          f"(no {TRACKER})")
+    meta = read_meta(ckpt_dir, it)
+    check_compatible(meta, model_cfg, iter_dir(ckpt_dir, it))
+    path = iter_dir(ckpt_dir, it)
+    template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
+    same_layout = meta.get("layout") == current_layout()
+    if not same_layout:
+        template.pop("rng_state")
+    if not with_optimizer:
+        template.pop("rng_state", None)
+    state = dist_checkpointing.load(template, path)
+    from framework.models import unwrap
+
+    for i, m in enumerate(model):
+        unwrap(m).load_state_dict(state[_model_key(i, len(model))], strict=True)
+    if with_optimizer and optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    if "rng_state" in state and state["rng_state"] is not None:
+        _set_rng_state(state["rng_state"])
+    meta["restored_rng"] = "rng_state" in state
+    return meta
+
+
+def current_layout() -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def package_versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "megatron-core", "hydra-core", "omegaconf", "transformers", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def config_to_dict(cfg) -> Dict[str, Any]:
+    return asdict(cfg)

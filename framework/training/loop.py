@@ -1,0 +1,233 @@
+"""The training loop: a `while step < max_steps` budget over global batches.
+
+GPU: megatron-core's `get_forward_backward_func` (no pipelining, 1F1B, or interleaved 1F1B with
+virtual stages) over mcore-DDP-wrapped chunks. CPU: `forward_backward_cpu`, the same contract
+(forward_step_func, data iterator, micro-batches) without CUDA. Everything else is shared.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from framework.config import CheckpointConfig, TrainConfig
+from framework.optimizer import allreduce_grads_cpu
+from framework.training import checkpoint as ckpt
+from framework.training.metrics import (MetricsLogger, Timer, flops_per_token, format_line,
+                                        memory_gb, peak_tflops)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_iters: int = 0
+    nan_iters: int = 0
+
+
+def forward_backward_cpu(*, forward_step_func, data_iterator, model, num_microbatches: int,
+                         forward_only: bool = False, **_unused) -> List[Dict[str, torch.Tensor]]:
+    """CPU twin of mcore's `forward_backward_no_pipelining` (which hard-codes CUDA)."""
+    chunk = model[0] if isinstance(model, list) else model
+    it = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
+    out = []
+    for _ in range(num_microbatches):
+        output, loss_fn = forward_step_func(it, chunk)
+        loss, logs = loss_fn(output)
+        if not forward_only:
+            (loss / num_microbatches).backward()
+        out.append(logs)
+    if not forward_only:
+        allreduce_grads_cpu([chunk])
+    return out
+
+
+@dataclass
+class Runtime:
+    """What the loop needs to know about the process layout (no config in here)."""
+
+    device: torch.device
+    dp_size: int
+    world_size: int
+    is_logging_rank: bool
+    is_last_stage: bool
+    seq_length: int
+    flops_per_token: float
+
+
+class Trainer:
+    def __init__(self, model: List[torch.nn.Module], optimizer, scheduler, train_step, data,
+                 train_cfg: TrainConfig, ckpt_cfg: CheckpointConfig, runtime: Runtime,
+                 logger: Optional[MetricsLogger], save_fn: Callable[[TrainState], None]):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.step_impl, self.data, self.cfg, self.ckpt_cfg = train_step, data, train_cfg, ckpt_cfg
+        self.rt, self.logger, self.save_fn = runtime, logger, save_fn
+        self.num_micro = train_cfg.global_batch_size // (train_cfg.micro_batch_size
+                                                         * runtime.dp_size)
+        self.on_gpu = runtime.device.type == "cuda"
+        if self.on_gpu:
+            from megatron.core.pipeline_parallel import get_forward_backward_func
+
+            self.fwd_bwd = get_forward_backward_func()
+            _wire_mcore_hooks(model, optimizer)
+        else:
+            self.fwd_bwd = forward_backward_cpu
+        self.peak = peak_tflops(runtime.device)
+
+    # ---- one global batch -----------------------------------------------------------------
+    def _run(self, iterators, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
+        return self.fwd_bwd(
+            forward_step_func=self.step_impl.forward_step,
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_micro, seq_length=self.rt.seq_length,
+            micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+
+    def train_step(self, iterators) -> Dict[str, Any]:
+        for m in self.model:
+            m.train()
+            if hasattr(m, "zero_grad_buffer"):
+                m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run(iterators, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return {"loss": self._reduce_loss(losses), "ok": ok, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if not self.cfg.eval_iters or self.data.valid is None:
+            return None
+        for m in self.model:
+            m.eval()
+        iterators = self.data.valid_iterators(len(self.model))
+        total = 0.0
+        for _ in range(self.cfg.eval_iters):
+            total += self._reduce_loss(self._run(iterators, forward_only=True))
+        for m in self.model:
+            m.train()
+        return total / self.cfg.eval_iters
+
+    def _reduce_loss(self, losses: List[Dict[str, torch.Tensor]]) -> float:
+        """Mean over micro-batches and DP, on the last stage; broadcast so every rank agrees."""
+        from megatron.core import parallel_state as ps
+
+        val = torch.zeros(1, dtype=torch.float32, device=self.rt.device)
+        if self.rt.is_last_stage and losses:
+            val += torch.stack([d["lm loss"].float().reshape(()) for d in losses]).mean()
+            if self.rt.dp_size > 1:
+                dist.all_reduce(val, group=ps.get_data_parallel_group())
+                val /= self.rt.dp_size
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(val, src=last, group=ps.get_pipeline_model_parallel_group())
+        return val.item()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self, state: TrainState) -> TrainState:
+        cfg, rt = self.cfg, self.rt
+        iterators = self.data.train_iterators(len(self.model), state.consumed_samples)
+        bar = _progress(rt.is_logging_rank and cfg.progress_bar, state.step, cfg.max_steps)
+        timer, window, acc_loss, last_saved = Timer(), 0, 0.0, state.step
+        gbs_tokens = cfg.global_batch_size * rt.seq_length
+        while state.step < cfg.max_steps:
+            out = self.train_step(iterators)
+            state.step += 1
+            state.consumed_samples += cfg.global_batch_size
+            window += 1
+            if not out["ok"]:
+                state.skipped_iters += 1
+            if not math.isfinite(out["loss"]):
+                state.nan_iters += 1
+            acc_loss += out["loss"] if math.isfinite(out["loss"]) else 0.0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}")
+            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+                if self.on_gpu:
+                    torch.cuda.synchronize()
+                dt = timer.lap() / window
+                self._log_train(state, out, acc_loss / window, dt, gbs_tokens, bar)
+                window, acc_loss = 0, 0.0
+            if cfg.eval_interval and state.step % cfg.eval_interval == 0:
+                self._log_eval(state, bar)
+                timer.lap()
+            if self.ckpt_cfg.save and state.step % self.ckpt_cfg.save_interval == 0:
+                self.save_fn(state)
+                last_saved = state.step
+                timer.lap()
+        if cfg.eval_interval and state.step % cfg.eval_interval != 0:
+            self._log_eval(state, bar)
+        if self.ckpt_cfg.save and last_saved != state.step:
+            self.save_fn(state)
+        if bar is not None:
+            bar.close()
+        return state
+
+    def _log_train(self, state, out, loss, dt, gbs_tokens, bar) -> None:
+        if not self.rt.is_logging_rank:
+            return
+        tps = gbs_tokens / dt / self.rt.world_size
+        tflops = tps * self.rt.flops_per_token / 1e12
+        scale = self.optimizer.get_loss_scale()
+        rec = {
+            "step": state.step, "consumed_samples": state.consumed_samples, "loss": loss,
+            "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+            "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
+            "ms_per_iter": 1000 * dt, "tokens_per_sec_per_gpu": tps, "tflops_per_gpu": tflops,
+            "mfu": None if self.peak is None else tflops / self.peak,
+            "skipped_iters": state.skipped_iters, "nan_iters": state.nan_iters,
+            "mem_gb": memory_gb(self.rt.device),
+            "loss_scale": float(scale.item() if torch.is_tensor(scale) else scale)
+            if self.optimizer.config.fp16 else None,
+        }
+        _write(bar, format_line(rec, self.cfg.max_steps))
+        if self.logger is not None:
+            self.logger.log(rec)
+
+    def _log_eval(self, state, bar) -> None:
+        loss = self.evaluate()
+        if loss is None or not self.rt.is_logging_rank:
+            return
+        ppl = math.exp(min(loss, 50.0))
+        _write(bar, f"eval at iter {state.step}: loss {loss:.4f} | ppl {ppl:.3f}")
+        if self.logger is not None:
+            self.logger.log({"step": state.step, "eval_loss": loss, "eval_ppl": ppl})
+
+
+def _wire_mcore_hooks(model, optimizer) -> None:
+    """Hook mcore DDP's overlap and grad finalisation into the schedule (as Megatron-LM does)."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model[0])
+    config.grad_scale_func = optimizer.scale_loss
+    ddp = getattr(model[0], "ddp_config", None)
+    if ddp is not None and ddp.overlap_grad_reduce:
+        fns = [m.no_sync for m in model]
+        config.no_sync_func = fns[0] if len(model) == 1 else fns
+        fns = [m.start_grad_sync for m in model]
+        config.grad_sync_func = fns[0] if len(model) == 1 else fns
+    if ddp is not None and ddp.overlap_param_gather:
+        fns = [m.start_param_sync for m in model]
+        config.param_sync_func = fns[0] if len(model) == 1 else fns
+    config.finalize_model_grads_func = finalize_model_grads
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, leave=True)
+
+
+def _write(bar, line: str) -> None:
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)

@@ -1,0 +1,126 @@
+"""Throughput, MFU, the log line, metrics.jsonl and optional trackers (W&B, TensorBoard).
+
+MFU follows Megatron's model-FLOPs count for a GPT layer stack (Narayanan et al., 2021):
+    FLOPs per token = 72 * l * h^2 * (1 + s / (6 h) + V / (12 l h))
+(forward + backward, no recompute counted), divided by the card's dense bf16 peak
+(989 TFLOP/s for H100 and H200; `PEAK_TFLOPS`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int) -> float:
+    l, h, s, v = num_layers, hidden, seq, vocab
+    return 72.0 * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h))
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAK_TFLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except Exception:  # pragma: no cover
+        return 0.0
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl and the trackers; prints the log line. Only the logging rank has one."""
+
+    def __init__(self, run_dir: str, logging_cfg, config_dict: Dict[str, Any],
+                 resume_id_dir: Optional[str] = None):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.file = open(self.path, "a")
+        self.wandb = None
+        self.tb = None
+        if logging_cfg.wandb:
+            self.wandb = _start_wandb(logging_cfg, config_dict, run_dir, resume_id_dir)
+        if logging_cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log(self, record: Dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record.get("step")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _start_wandb(cfg, config_dict, run_dir, id_dir):
+    import wandb
+
+    run_id = None
+    id_file = os.path.join(id_dir, "wandb_run_id.txt") if id_dir else None
+    if id_file and os.path.isfile(id_file):
+        run_id = open(id_file).read().strip()
+    mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, config=config_dict,
+                     dir=run_dir, mode=mode, id=run_id, resume="allow")
+    if id_file:
+        os.makedirs(id_dir, exist_ok=True)
+        with open(id_file, "w") as f:
+            f.write(run.id)
+    return run
+
+
+def format_line(r: Dict[str, Any], max_steps: int) -> str:
+    parts = [
+        f"iter {r['step']:>6d}/{max_steps}",
+        f"samples {r['consumed_samples']}",
+        f"{r['ms_per_iter']:.1f} ms/it",
+        f"{r['tokens_per_sec_per_gpu']:.0f} tok/s/gpu",
+        f"{r['tflops_per_gpu']:.1f} TFLOP/s/gpu",
+        f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU n/a",
+        f"lr {r['lr']:.3e}",
+        f"loss {r['loss']:.4f}",
+        f"grad_norm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "grad_norm n/a",
+        f"skipped {r['skipped_iters']}",
+        f"nan {r['nan_iters']}",
+        f"mem {r['mem_gb']:.2f} GB",
+    ]
+    if r.get("loss_scale") is not None:
+        parts.append(f"loss_scale {r['loss_scale']:.0f}")
+    return " | ".join(parts)
+
+
+class Timer:
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt

@@ -1,0 +1,37 @@
+"""Train a Megatron model: `python train.py [model=...] [parallel=...] [key=value ...]`.
+
+Hydra composes conf/train.yaml; the result is type-checked against framework.config's
+dataclasses, then `framework.run` launches the workers (or joins torchrun/SLURM's).
+"""
+import os
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from framework.cli import default_checkpoint_dir, register_resolvers, report_errors
+from framework.config import Config, register_configs
+
+register_configs()
+register_resolvers()
+
+
+def to_config(dcfg: DictConfig) -> Config:
+    hc = HydraConfig.get()
+    if dcfg.checkpoint.dir is None:
+        dcfg.checkpoint.dir = default_checkpoint_dir(hc.job.override_dirname, hc.runtime.cwd)
+    dcfg.run_dir = hc.runtime.output_dir
+    cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="train")
+def main(dcfg: DictConfig) -> None:
+    import framework
+
+    report_errors(lambda: framework.run(to_config(dcfg)))
+
+
+if __name__ == "__main__":
+    main()
