@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from framework.cli import default_checkpoint_dir, register_resolvers, report_errors
-from framework.config import Config, register_configs
+from framework.config import Config, check_unknown_keys, register_configs
 
 register_configs()
 register_resolvers()
@@ -21,6 +21,7 @@ def to_config(dcfg: DictConfig) -> Config:
     if dcfg.checkpoint.dir is None:
         dcfg.checkpoint.dir = default_checkpoint_dir(hc.job.override_dirname, hc.runtime.cwd)
     dcfg.run_dir = hc.runtime.output_dir
+    check_unknown_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, Config)
     return cfg

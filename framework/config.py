@@ -392,6 +392,26 @@ def field_names(cls) -> List[str]:
     return [f.name for f in fields(cls)]
 
 
+def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:
+    """Refuse keys that no schema field declares (Hydra's `+key=` bypasses struct mode)."""
+    import dataclasses
+
+    cls = cls or Config
+    known = {f.name: f for f in fields(cls)}
+    for key in node.keys():
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key}: {cls.__name__} has no such field "
+                              f"(known: {', '.join(sorted(known))})")
+        ftype = known[key].type
+        sub = GROUP_TYPES.get(ftype) if isinstance(ftype, str) else None
+        if sub is not None and dataclasses.is_dataclass(sub) and node[key] is not None:
+            check_unknown_keys(node[key], sub, f"{prefix}{key}.")
+
+
+GROUP_TYPES = {c.__name__: c for c in (ModelConfig, ParallelConfig, OptimizerConfig, DataConfig,
+                                       TokenizerConfig, TrainConfig, CheckpointConfig,
+                                       LoggingConfig)}
+
 GROUPS = {
     "model": ModelConfig,
     "parallel": ParallelConfig,

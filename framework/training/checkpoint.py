@@ -12,6 +12,7 @@ Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -139,6 +140,22 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _cpu_safe():
+    """mcore's async filesystem writer calls torch.cuda.synchronize() after copying tensors to
+    host memory, even when they already live there. Without CUDA that call raises, so on a
+    CPU-only build it is a no-op for the duration of the save."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize = original
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -165,7 +182,8 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
     sd["iteration"] = iteration
     sd["consumed_samples"] = consumed_samples
     try:
-        dist_checkpointing.save(sd, tmp)
+        with _cpu_safe():
+            dist_checkpointing.save(sd, tmp)
         _barrier()
         if _rank() == 0:
             meta = {"iteration": iteration, "consumed_samples": consumed_samples,
@@ -220,7 +238,8 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
         template.pop("rng_state")
     if not with_optimizer:
         template.pop("rng_state", None)
-    state = dist_checkpointing.load(template, path)
+    with _cpu_safe():
+        state = dist_checkpointing.load(template, path)
     from framework.models import unwrap
 
     for i, m in enumerate(model):

@@ -40,8 +40,10 @@ class TrainData:
     def _iters(self, ds, n: int, consumed: int) -> List[Any]:
         from framework.data import MicroBatchIterator
 
-        return [iter(MicroBatchIterator(ds, self.micro_batch_size, self.global_batch_size,
-                                        self.dp_rank, self.dp_size, consumed))
+        return [iter(MicroBatchIterator(ds, micro_batch_size=self.micro_batch_size,
+                                        global_batch_size=self.global_batch_size,
+                                        dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                        consumed_samples=consumed))
                 for _ in range(n)]
 
     def train_iterators(self, n_chunks: int, consumed_samples: int) -> List[Any]:
