@@ -51,6 +51,7 @@ class ModelConfig:
     attention_dropout: float = 0.1
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
+    # gelu = exact (erf) GeLU; gelu_tanh = its tanh approximation (GPT-2's "gelu_new")
     activation: str = "gelu"
     add_bias_linear: bool = True
     add_qkv_bias: bool = False  # mcore: only used when add_bias_linear is False
@@ -86,7 +87,7 @@ class ModelConfig:
         _choice(self.position_embedding_type, ("learned_absolute", "rope", "none"),
                 "model.position_embedding_type")
         _choice(self.normalization, ("LayerNorm", "RMSNorm"), "model.normalization")
-        _choice(self.activation, ("gelu", "swiglu", "relu"), "model.activation")
+        _choice(self.activation, ("gelu", "gelu_tanh", "swiglu", "relu"), "model.activation")
         _choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
         _require(0.0 <= self.hidden_dropout < 1 and 0.0 <= self.attention_dropout < 1,
                  "model.hidden_dropout and model.attention_dropout must be in [0, 1)")
@@ -254,7 +255,7 @@ class TokenizerConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
+    max_steps: int = 300  # 0: build, save the initial weights ("seed checkpoint") and stop
     micro_batch_size: int = 16
     global_batch_size: int = 32
     eval_interval: int = 100
@@ -271,7 +272,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice(self.device, ("auto", "cuda", "cpu"), "train.device")
-        for f in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval"):
+        _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        for f in ("micro_batch_size", "global_batch_size", "log_interval"):
             _require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")
         _require(self.eval_interval >= 0 and self.eval_iters >= 0,
                  "train.eval_interval and train.eval_iters must be >= 0")

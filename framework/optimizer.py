@@ -49,7 +49,7 @@ def build_optimizer(cfg: OptimizerConfig, model: List[torch.nn.Module], *, max_s
         optimizer = get_megatron_optimizer(mcfg, model)
     else:
         optimizer = CpuOptimizer.build(mcfg, model)
-    decay_steps = cfg.lr_decay_steps or max_steps
+    decay_steps = cfg.lr_decay_steps or max(max_steps, 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
@@ -62,18 +62,6 @@ def build_optimizer(cfg: OptimizerConfig, model: List[torch.nn.Module], *, max_s
     return optimizer, scheduler
 
 
-def _param_groups(model: List[torch.nn.Module], weight_decay: float) -> List[dict]:
-    """mcore's default: no weight decay on biases and 1-D (norm) parameters."""
-    decay, no_decay = [], []
-    for chunk in model:
-        for name, p in chunk.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
-    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 class CpuOptimizer:
     """Built lazily as a subclass of mcore's FP32Optimizer (import cost, see `build`)."""
 
@@ -84,7 +72,7 @@ class CpuOptimizer:
         class _CpuFP32Optimizer(FP32Optimizer):
             def __init__(self, optimizer, config):
                 # FP32Optimizer.__init__ puts its unit loss scale on CUDA; skip to the base.
-                super(FP32Optimizer, self).__init__(optimizer, config, lambda opt, cfg: None)
+                super(FP32Optimizer, self).__init__(optimizer, config, _init_state)
                 self._scale = torch.tensor([1.0])
                 self.is_stub_optimizer = False
 
@@ -103,7 +91,11 @@ class CpuOptimizer:
             def count_zeros(self) -> float:
                 return float(sum((g == 0).sum().item() for g in self.get_main_grads_for_grad_norm()))
 
-        groups = _param_groups(model, mcfg.weight_decay)
+        from megatron.core.optimizer import _get_param_groups
+
+        # mcore's own grouping (no weight decay on biases and norms, the keys its
+        # checkpoint loader matches groups by)
+        groups = _get_param_groups(model, mcfg, None)
         if mcfg.optimizer == "adam":
             inner = torch.optim.AdamW(groups, lr=mcfg.lr, weight_decay=mcfg.weight_decay,
                                       betas=(mcfg.adam_beta1, mcfg.adam_beta2), eps=mcfg.adam_eps)
@@ -111,6 +103,19 @@ class CpuOptimizer:
             inner = torch.optim.SGD(groups, lr=mcfg.lr, weight_decay=mcfg.weight_decay,
                                     momentum=mcfg.sgd_momentum)
         return _CpuFP32Optimizer(inner, mcfg)
+
+
+def _init_state(opt: torch.optim.Optimizer, config=None) -> None:
+    """Create empty optimizer state so a checkpoint's state has somewhere to load into."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if len(opt.state[p]) == 0:
+                if isinstance(opt, torch.optim.SGD):
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p.data)
+                else:
+                    opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+                    opt.state[p]["step"] = torch.tensor(0.0)
 
 
 def grad_norm_cpu(grads: List[torch.Tensor]) -> float:

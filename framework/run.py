@@ -12,7 +12,7 @@ import socket
 import sys
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -63,19 +63,25 @@ def run(cfg: Config) -> None:
     if device == "cuda" and not launched_externally() and world > torch.cuda.device_count():
         raise ConfigError(f"the layout needs {world} GPUs (TP x PP x DP) but "
                           f"{torch.cuda.device_count()} are visible")
+    launch(worker, cfg, world)
+
+
+def launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
+    """Run `worker_fn(arg)` on every rank: join torchrun/SLURM, run in-process for one rank, or
+    start `world` workers (`worker_fn` and `arg` must pickle: a module-level function)."""
     if launched_externally():
         _slurm_env()
-        worker(cfg)
+        worker_fn(arg)
     elif world == 1:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         try:
-            worker(cfg)
+            worker_fn(arg)
         finally:
             for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 os.environ.pop(k, None)
     else:
-        _elastic_launch(cfg, world)
+        _elastic_launch(worker_fn, arg, world)
 
 
 def _slurm_env() -> None:
@@ -89,7 +95,7 @@ def _slurm_env() -> None:
                           "`scontrol show hostnames $SLURM_JOB_NODELIST | head -n1`)")
 
 
-def _elastic_launch(cfg: Config, world: int) -> None:
+def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -97,7 +103,7 @@ def _elastic_launch(cfg: Config, world: int) -> None:
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
                       max_restarts=0, monitor_interval=0.5, start_method="spawn")
     try:
-        elastic_launch(lc, _worker_entry)(cfg)
+        elastic_launch(lc, _worker_entry)(worker_fn, arg)
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
         msg = first.message if isinstance(first.message, str) else str(first.message)
@@ -105,9 +111,9 @@ def _elastic_launch(cfg: Config, world: int) -> None:
                            f"{msg.strip().splitlines()[-1] if msg else 'see log above'}") from None
 
 
-def _worker_entry(cfg: Config) -> None:
+def _worker_entry(worker_fn: Callable[[Any], None], arg: Any) -> None:
     try:
-        worker(cfg)
+        worker_fn(arg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise
@@ -177,15 +183,16 @@ def worker(cfg: Config) -> None:
         resume_it = ckpt.latest_iteration(cfg.checkpoint.dir)
         load_dir = cfg.checkpoint.dir if resume_it is not None else cfg.checkpoint.load
         if load_dir and resume_it is None:
-            ckpt.latest_iteration(load_dir) or _no_checkpoint(load_dir)
+            if ckpt.latest_iteration(load_dir) is None:
+                _no_checkpoint(load_dir)
         tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir)
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_model_parallel_size)
         if rank == 0:
-            print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab} for "
-                  f"make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by} x "
-                  f"TP={cfg.parallel.tensor_model_parallel_size})", flush=True)
+            print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
+                  f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
+                  f"TP={cfg.parallel.tensor_model_parallel_size}))", flush=True)
         data = build_train_data(cfg.data, tokenizer, cfg.train, seq_length=cfg.model.seq_length,
                                 vocab_size=vocab, dp_rank=ps.get_data_parallel_rank(),
                                 dp_size=ps.get_data_parallel_world_size())

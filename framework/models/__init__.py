@@ -18,8 +18,15 @@ MODEL_BUILDERS: Dict[str, Callable[..., torch.nn.Module]] = {"gpt": build_gpt}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padding: a multiple of `divisible_by * tp`."""
-    multiple = divisible_by * tp
+    """Pad the vocab to a multiple of lcm(`divisible_by`, TP).
+
+    Megatron-LM pads to a multiple of `divisible_by * TP`, so the embedding's shape (and with
+    it every checkpoint) changes with TP. With the lcm the shape is the same at every TP that
+    divides `divisible_by`, so checkpoints move between layouts without vocab surgery.
+    """
+    import math
+
+    multiple = divisible_by * tp // math.gcd(divisible_by, tp)
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 

@@ -19,12 +19,22 @@ def _has_fused_wgrad() -> bool:
         return False
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GeLU, tanh approximation (GPT-2's `gelu_new`)."""
+    return F.gelu(x, approximate="tanh")
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool, fp16: bool,
                        on_gpu: bool):
     """Map our sub-configs onto megatron-core's TransformerConfig (same field names)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    activation = {"gelu": F.gelu, "swiglu": F.silu, "relu": F.relu}[model.activation]
+    # mcore's fused bias+GeLU kernel (fusions/fused_bias_gelu.py) computes the tanh approximation
+    # although it is selected by activation_func=F.gelu: it serves "gelu_tanh", and exact "gelu"
+    # runs unfused so that it means the same thing on GPU as on CPU.
+    fuse_gelu = on_gpu and model.add_bias_linear and model.activation == "gelu_tanh"
+    activation = F.gelu if fuse_gelu else {"gelu": F.gelu, "gelu_tanh": gelu_tanh,
+                                           "swiglu": F.silu, "relu": F.relu}[model.activation]
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     recompute = parallel.recompute_granularity
     return TransformerConfig(
@@ -59,7 +69,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         autocast_dtype=dtype,
         use_cpu_initialization=not on_gpu,
         # jit-fused (torch.jit) kernels need no apex/TE; they need CUDA
-        bias_activation_fusion=on_gpu and model.add_bias_linear and model.activation == "gelu",
+        bias_activation_fusion=fuse_gelu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=on_gpu and _has_fused_wgrad(),

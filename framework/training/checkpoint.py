@@ -114,7 +114,11 @@ def _sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool
         model_sd = {}
         for i, m in enumerate(model):
             model_sd.update(sd[_model_key(i, len(model))])
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        # 'fully_reshardable': the distributed optimizer's state is stored per parameter, so a
+        # checkpoint (optimizer included) reloads at any TP/PP/DP layout.
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     pp, tp, dpr = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
                    ps.get_data_parallel_rank())
     shape = (ps.get_pipeline_model_parallel_world_size(),
@@ -142,18 +146,23 @@ def _fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def _cpu_safe():
-    """mcore's async filesystem writer calls torch.cuda.synchronize() after copying tensors to
-    host memory, even when they already live there. Without CUDA that call raises, so on a
-    CPU-only build it is a no-op for the duration of the save."""
+    """Let mcore's torch_dist save/load run on a CPU-only torch build.
+
+    mcore 0.16's dist_checkpointing puts two small status tensors on
+    `torch.cuda.current_device()` and calls `torch.cuda.synchronize()` after host copies, which
+    raise without CUDA. For the duration of the call those two functions point at the CPU. On a
+    machine with CUDA nothing is changed.
+    """
     if torch.cuda.is_available():
         yield
         return
-    original = torch.cuda.synchronize
+    saved = torch.cuda.synchronize, torch.cuda.current_device
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
     try:
         yield
     finally:
-        torch.cuda.synchronize = original
+        torch.cuda.synchronize, torch.cuda.current_device = saved
 
 
 def _rank() -> int:

@@ -130,7 +130,8 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
         cfg, rt = self.cfg, self.rt
-        iterators = self.data.train_iterators(len(self.model), state.consumed_samples)
+        iterators = (self.data.train_iterators(len(self.model), state.consumed_samples)
+                     if state.step < cfg.max_steps else None)
         bar = _progress(rt.is_logging_rank and cfg.progress_bar, state.step, cfg.max_steps)
         timer, window, acc_loss, last_saved = Timer(), 0, 0.0, state.step
         gbs_tokens = cfg.global_batch_size * rt.seq_length
@@ -162,7 +163,7 @@ class Trainer:
                 timer.lap()
         if cfg.eval_interval and state.step % cfg.eval_interval != 0:
             self._log_eval(state, bar)
-        if self.ckpt_cfg.save and last_saved != state.step:
+        if self.ckpt_cfg.save and (last_saved != state.step or cfg.max_steps == 0):
             self.save_fn(state)
         if bar is not None:
             bar.close()

@@ -1,0 +1,114 @@
+"""The embedded corpus: small arithmetic problems a tiny GPT learns on a CPU in minutes.
+
+Each document holds a few lines such as `12+35=47`, `93-41=52` or `7*8=56`, one per line, each
+ending in a newline. Operands are 0-99 for `+` and `-` (with a >= b, so results are never
+negative) and 0-12 for `*` (times tables), so the 2-layer, hidden-64 model can learn them.
+
+A fixed ~10% of all problems, chosen by a hash of the problem, is held out: it never occurs in
+the training text, and `heldout_problems(n)` returns (prompt, answer) pairs from it, e.g.
+("12+35=", "47"), to measure generation accuracy. Everything is deterministic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import zlib
+from typing import Dict, Iterator, List, Tuple
+
+from filelock import FileLock
+
+from framework.data.indexed import preprocess
+from framework.tokenizer import embedded_tokenizer
+
+# Bump when the generator changes, so caches of the old corpus are not reused.
+CORPUS_VERSION = 1
+CORPUS_SEED = 1234
+HELDOUT_PERCENT = 10
+OPERAND_LIMITS: Dict[str, int] = {"+": 100, "-": 100, "*": 13}  # operands in range(limit)
+OP_WEIGHTS: Dict[str, float] = {"+": 0.45, "-": 0.35, "*": 0.2}
+LINES_PER_DOCUMENT = (4, 8)
+
+Problem = Tuple[int, str, int]
+
+
+def _problems(op: str) -> List[Problem]:
+    limit = OPERAND_LIMITS[op]
+    return [(a, op, b) for a in range(limit) for b in range(limit) if op != "-" or a >= b]
+
+
+def _answer(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def is_heldout(problem: Problem) -> bool:
+    """Whether a problem belongs to the held-out set (a stable hash, not Python's hash())."""
+    a, op, b = problem
+    return zlib.crc32(f"{a}{op}{b}".encode()) % 100 < HELDOUT_PERCENT
+
+
+def heldout_problems(n: int) -> List[Tuple[str, str]]:
+    """`n` held-out (prompt, answer) pairs such as ("12+35=", "47"), in a fixed order."""
+    pool = [p for op in OPERAND_LIMITS for p in _problems(op) if is_heldout(p)]
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"heldout_problems: n={n} is not in [0, {len(pool)}]")
+    random.Random(CORPUS_SEED + 1).shuffle(pool)
+    return [(f"{a}{op}{b}=", str(_answer(a, op, b))) for a, op, b in pool[:n]]
+
+
+def training_documents(num_documents: int, seed: int = CORPUS_SEED) -> Iterator[str]:
+    """The training documents: each a few `a<op>b=c` lines, none of them held out."""
+    rng = random.Random(seed)
+    ops = list(OP_WEIGHTS)
+    weights = [OP_WEIGHTS[op] for op in ops]
+    pools = {op: [p for p in _problems(op) if not is_heldout(p)] for op in ops}
+    for _ in range(num_documents):
+        lines = []
+        for _ in range(rng.randint(*LINES_PER_DOCUMENT)):
+            a, op, b = rng.choice(pools[rng.choices(ops, weights)[0]])
+            lines.append(f"{a}{op}{b}={_answer(a, op, b)}\n")
+        yield "".join(lines)
+
+
+def embedded_tokenizer_dir(prefix: str) -> str:
+    """The saved tokenizer directory beside a prefix returned by `prepare_embedded`."""
+    return os.path.join(os.path.dirname(prefix), "tokenizer")
+
+
+def prepare_embedded(cache_dir: str, num_documents: int) -> str:
+    """Create (once) the embedded corpus under `cache_dir` and return its data prefix.
+
+    The directory `arith_v<version>_<num_documents>/` holds `corpus.jsonl`, the indexed
+    dataset `arith_text_document.bin/.idx` and the saved tokenizer (`tokenizer/`). It is built
+    in a temporary directory and renamed into place under a file lock, so concurrent callers
+    (e.g. several ranks) build it once and never see it half-written; later calls reuse it.
+    """
+    if num_documents <= 0:
+        raise ValueError(f"prepare_embedded: num_documents={num_documents} must be positive")
+    name = f"arith_v{CORPUS_VERSION}_{num_documents}"
+    final = os.path.join(os.path.abspath(cache_dir), name)
+    prefix = os.path.join(final, "arith_text_document")
+    if os.path.isfile(prefix + ".idx"):
+        return prefix
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with FileLock(final + ".lock"):
+        if os.path.isfile(prefix + ".idx"):
+            return prefix
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(final))
+        try:
+            documents = list(training_documents(num_documents))
+            with open(os.path.join(tmp, "corpus.jsonl"), "w", encoding="utf-8") as out:
+                for doc in documents:
+                    out.write(json.dumps({"text": doc}) + "\n")
+            tokenizer = embedded_tokenizer()
+            tokenizer.save(os.path.join(tmp, "tokenizer"))
+            preprocess(documents, tokenizer, os.path.join(tmp, os.path.basename(prefix)),
+                       progress=False)
+            if os.path.isdir(final):  # incomplete (files deleted by hand): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return prefix

@@ -1,0 +1,348 @@
+"""Inference from a checkpoint: load a trained model at any TP/PP, and `generate.py`'s work.
+
+* `load_for_inference(...)` builds this rank's chunks from a checkpoint's stored model config
+  (framework.json) with sequence parallelism and recompute off, and loads the weights (mcore's
+  dist checkpoint reshards them to the current TP/PP).
+* `GenerateConfig` is the schema of conf/generate.yaml: the decoding options of
+  `framework.generation.GenerationOptions` plus where the model, tokenizer and prompts come from.
+* `run_generate(cfg)` checks everything it can before any process group or model exists
+  (prompts, their lengths, the layout), then starts the workers through `framework.run.launch`.
+  Each data-parallel rank serves its share of the prompts; rank 0 prints and writes the results.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from framework.config import ConfigError, ModelConfig, ParallelConfig, TokenizerConfig
+from framework.generation import GenerationOptions
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class GenerateConfig(GenerationOptions):
+    """conf/generate.yaml. The decoding options are the inherited top-level fields."""
+
+    load: Optional[str] = None  # checkpoint dir; None -> checkpoints/default under the launch dir
+    iteration: Optional[int] = None  # None -> the latest committed checkpoint
+    prompts: Optional[List[str]] = None  # None -> held-out arithmetic (data=embedded checkpoints)
+    output_file: Optional[str] = None  # JSONL: one object per prompt
+    add_bos: bool = False
+    batch_size: int = 32  # prompts decoded together
+    num_heldout: int = 200  # held-out arithmetic problems when no prompts are given
+    device: str = "auto"  # auto | cuda | cpu
+    bf16: Optional[bool] = None  # None -> bf16 on GPU, fp32 on CPU
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # None -> the checkpoint's TP/PP (DP 1); else e.g. parallel=tp2 (DP = parallel's or 1)
+    parallel: Optional[ParallelConfig] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.prompts is None or len(self.prompts) > 0,
+                 "prompts=[] is empty: give at least one prompt, e.g. prompts='[\"12+35=\"]'")
+        _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _require(self.num_heldout >= 1, f"num_heldout={self.num_heldout} must be >= 1")
+        _require(self.device in ("auto", "cuda", "cpu"),
+                 f"device={self.device!r} is not one of ['auto', 'cuda', 'cpu']")
+
+    def options(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(GenerationOptions)}
+
+
+def register_generate_config() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# what a checkpoint says
+# --------------------------------------------------------------------------------------------
+def model_config_from_meta(meta: Dict[str, Any]) -> ModelConfig:
+    stored = meta.get("config", {}).get("model")
+    _require(isinstance(stored, dict), "the checkpoint's framework.json has no config.model")
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in stored.items() if k in known})
+
+
+def inference_parallel(meta: Dict[str, Any], override: Optional[ParallelConfig]
+                       ) -> Tuple[ParallelConfig, List[str]]:
+    """The layout to generate with, and log lines about what was switched off."""
+    notes = []
+    if override is not None:
+        p = ParallelConfig(**asdict(override))
+    else:
+        stored = meta.get("config", {}).get("parallel", {})
+        p = ParallelConfig(
+            name="from-checkpoint",
+            tensor_model_parallel_size=stored.get("tensor_model_parallel_size", 1),
+            pipeline_model_parallel_size=stored.get("pipeline_model_parallel_size", 1),
+            distributed_backend=stored.get("distributed_backend", "nccl"))
+    if p.sequence_parallel:
+        notes.append("generation: sequence parallelism is switched off (a one-token decode step "
+                     "cannot be split along the sequence)")
+        p.sequence_parallel = False
+    if p.recompute_granularity is not None:
+        notes.append(f"generation: recompute_granularity={p.recompute_granularity} is switched "
+                     f"off (no backward pass)")
+        p.recompute_granularity, p.recompute_method = None, None
+    if p.vpp:
+        notes.append("generation: virtual pipeline stages are not used (one chunk per stage)")
+    p.virtual_pipeline_model_parallel_size = None
+    p.use_distributed_optimizer = p.overlap_grad_reduce = p.overlap_param_gather = False
+    p.data_parallel_size = p.data_parallel_size or 1
+    return p, notes
+
+
+def checkpoint_vocab(meta: Dict[str, Any], model_cfg: ModelConfig, tokenizer) -> Tuple[int, int]:
+    """(real, padded) vocabulary size of the checkpoint: padded with the TP it was trained at."""
+    from framework.models import padded_vocab_size
+
+    real = model_cfg.vocab_size or tokenizer.vocab_size
+    train_tp = meta.get("config", {}).get("parallel", {}).get("tensor_model_parallel_size", 1)
+    return real, padded_vocab_size(real, model_cfg.make_vocab_size_divisible_by, train_tp)
+
+
+def load_tokenizer(tok_cfg: TokenizerConfig, load_dir: str, iteration: int,
+                   data_type: Optional[str]):
+    """tokenizer.path / vocab_file+merge_file, else the checkpoint's tokenizer/, else (for a
+    data=embedded run) the embedded character tokenizer."""
+    from framework.tokenizer import build_tokenizer, embedded_tokenizer
+    from framework.training.checkpoint import iter_dir
+
+    if tok_cfg.path is not None or tok_cfg.vocab_file is not None:
+        return build_tokenizer(tok_cfg)
+    saved = os.path.join(iter_dir(load_dir, iteration), "tokenizer")
+    if os.path.isdir(saved):
+        return build_tokenizer(tok_cfg, default_dir=saved)
+    if data_type == "embedded":
+        return embedded_tokenizer()
+    raise ConfigError(f"{iter_dir(load_dir, iteration)} has no tokenizer/ directory: set "
+                      f"tokenizer.path or tokenizer.vocab_file + tokenizer.merge_file")
+
+
+def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
+                       padded_vocab: int, device: torch.device, bf16: bool,
+                       iteration: Optional[int] = None) -> List[torch.nn.Module]:
+    """Build this rank's chunks (no DDP, SP and recompute off) and load the checkpoint's weights.
+    Needs megatron's parallel state initialised for `parallel_cfg`."""
+    from framework.models import build_model
+    from framework.training.checkpoint import load_checkpoint
+
+    p = ParallelConfig(**{**asdict(parallel_cfg), "sequence_parallel": False,
+                          "recompute_granularity": None, "recompute_method": None})
+    model = build_model(model_cfg, p, vocab_size=padded_vocab, bf16=bf16, fp16=False,
+                        device=device, wrap_ddp=False)
+    load_checkpoint(load_dir, model, None, None, model_cfg=model_cfg, iteration=iteration,
+                    with_optimizer=False)
+    for m in model:
+        m.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# generate.py
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GenerateJob:
+    """Everything a worker needs, resolved and checked before launch (pickled to workers)."""
+
+    cfg: GenerateConfig
+    parallel: ParallelConfig
+    model: ModelConfig
+    load: str
+    iteration: int
+    device: str
+    bf16: bool
+    prompts: List[str]
+    prompt_ids: List[List[int]]
+    answers: Optional[List[str]]
+    data_type: Optional[str]
+    vocab_size: int
+    padded_vocab: int
+    eos_id: int
+    pad_id: int
+    max_new_tokens: int
+    notes: List[str]
+
+
+def prepare_job(cfg: GenerateConfig) -> GenerateJob:
+    """Resolve the checkpoint, layout, tokenizer and prompts; every check before any model work."""
+    from framework.run import resolve_device
+    from framework.training import checkpoint as ckpt
+
+    _require(cfg.load is not None, "load=<checkpoint dir> is required")
+    it = cfg.iteration if cfg.iteration is not None else ckpt.latest_iteration(cfg.load)
+    _require(it is not None, f"load={cfg.load} has no committed checkpoint (no "
+                             f"{ckpt.TRACKER}); train one first (python train.py) or pass "
+                             f"load=<checkpoint dir>")
+    _require(os.path.isfile(os.path.join(ckpt.iter_dir(cfg.load, it), ckpt.META)),
+             f"load={cfg.load} iteration={it}: {ckpt.iter_dir(cfg.load, it)} is missing")
+    meta = ckpt.read_meta(cfg.load, it)
+    model_cfg = model_config_from_meta(meta)
+    parallel, notes = inference_parallel(meta, cfg.parallel)
+    device = resolve_device(cfg.device)
+    on_gpu = device == "cuda"
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    _require(model_cfg.num_attention_heads % tp == 0,
+             f"model.num_attention_heads={model_cfg.num_attention_heads} (from the checkpoint) is "
+             f"not divisible by parallel.tensor_model_parallel_size={tp}")
+    _require(model_cfg.num_layers % pp == 0,
+             f"model.num_layers={model_cfg.num_layers} (from the checkpoint) is not divisible by "
+             f"parallel.pipeline_model_parallel_size={pp}")
+    _require(on_gpu or pp == 1,
+             f"parallel.pipeline_model_parallel_size={pp} needs GPUs; on CPU pick a layout "
+             f"without PP, e.g. parallel=single or parallel=tp2")
+    world = parallel.model_parallel_size * parallel.data_parallel_size
+    _require(not on_gpu or "WORLD_SIZE" in os.environ or world <= torch.cuda.device_count(),
+             f"the layout needs {world} GPUs (TP x PP x DP) but {torch.cuda.device_count()} "
+             f"are visible")
+    bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
+    _require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32")
+
+    data_type = meta.get("config", {}).get("data", {}).get("type")
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.load, it, data_type)
+    vocab, padded = checkpoint_vocab(meta, model_cfg, tokenizer)
+    _require(padded % tp == 0,
+             f"the checkpoint's padded vocabulary ({padded}) is not divisible by "
+             f"parallel.tensor_model_parallel_size={tp}")
+    answers = None
+    if cfg.prompts is None:
+        _require(data_type == "embedded",
+                 "no prompts given: pass prompts='[\"first\", \"second\"]' (held-out evaluation "
+                 "runs without prompts only for checkpoints trained on data=embedded)")
+        from framework.data.embedded import heldout_problems
+
+        pairs = heldout_problems(cfg.num_heldout)
+        prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    else:
+        prompts = [str(p) for p in cfg.prompts]
+    prompt_ids = []
+    context = model_cfg.max_positions
+    for i, text in enumerate(prompts):
+        ids = ([tokenizer.bos] if cfg.add_bos else []) + tokenizer.encode(text)
+        _require(len(ids) > 0, f"prompt {i} ({text!r}) has no tokens (set add_bos=true to start "
+                               f"from BOS alone)")
+        _require(len(ids) <= context,
+                 f"prompt {i} is {len(ids)} tokens long but the model's context is {context} "
+                 f"positions (model.max_position_embeddings / seq_length)")
+        prompt_ids.append(ids)
+    longest = max(len(ids) for ids in prompt_ids)
+    max_new = min(cfg.max_new_tokens, context - longest + 1)
+    if max_new < cfg.max_new_tokens:
+        notes.append(f"generation: max_new_tokens={cfg.max_new_tokens} capped to {max_new}: the "
+                     f"longest prompt ({longest} tokens) fills the rest of the {context}-position "
+                     f"context")
+    return GenerateJob(cfg=cfg, parallel=parallel, model=model_cfg, load=cfg.load, iteration=it,
+                       device=device, bf16=bf16, prompts=prompts, prompt_ids=prompt_ids,
+                       answers=answers, data_type=data_type, vocab_size=vocab, padded_vocab=padded,
+                       eos_id=tokenizer.eod, pad_id=tokenizer.pad, max_new_tokens=max_new,
+                       notes=notes)
+
+
+def run_generate(cfg: GenerateConfig) -> None:
+    from framework.run import launch
+
+    job = prepare_job(cfg)
+    world = job.parallel.model_parallel_size * job.parallel.data_parallel_size
+    launch(generate_worker, job, world)
+
+
+def generate_worker(job: GenerateJob) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from framework.generation import generate
+    from framework.run import init_distributed, set_seeds, teardown
+
+    on_gpu = job.device == "cuda"
+    init_distributed(job, job.device)  # reads job.parallel
+    try:
+        rank = dist.get_rank()
+        if dist.get_world_size() != job.parallel.model_parallel_size * \
+                job.parallel.data_parallel_size:
+            raise ConfigError(f"world size {dist.get_world_size()} does not match TP x PP x DP = "
+                              f"{job.parallel.model_parallel_size} x "
+                              f"{job.parallel.data_parallel_size}")
+        set_seeds(job.cfg.seed or 0, job.device)
+        if rank == 0:
+            for note in job.notes:
+                print(note, flush=True)
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else \
+            torch.device("cpu")
+        model = load_for_inference(job.load, job.model, job.parallel,
+                                   padded_vocab=job.padded_vocab, device=device, bf16=job.bf16,
+                                   iteration=job.iteration)
+        if rank == 0:
+            print(f"loaded {job.load} (iteration {job.iteration}) at TP="
+                  f"{job.parallel.tensor_model_parallel_size} PP="
+                  f"{job.parallel.pipeline_model_parallel_size} DP="
+                  f"{job.parallel.data_parallel_size}, {'bf16' if job.bf16 else 'fp32'}",
+                  flush=True)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mine = list(range(dp_rank, len(job.prompts), dp))  # this DP rank's prompts
+        opts = job.cfg.options()
+        opts["max_new_tokens"] = job.max_new_tokens
+        results = {}
+        for start in range(0, len(mine), job.cfg.batch_size):
+            idx = mine[start:start + job.cfg.batch_size]
+            out = generate(model, [job.prompt_ids[i] for i in idx], eos_id=job.eos_id,
+                           pad_id=job.pad_id, vocab_size=job.vocab_size, **opts)
+            tokens, logprobs = out if job.cfg.return_logprobs else (out, None)
+            # the prompts are left-padded to the longest one; the new tokens follow
+            new = tokens[:, max(len(job.prompt_ids[i]) for i in idx):]
+            for row, i in enumerate(idx):
+                gen = new[row].tolist()
+                cut = gen.index(job.eos_id) + 1 if job.eos_id in gen else len(gen)
+                rec = {"tokens": gen[:cut]}
+                if logprobs is not None:
+                    rec["logprobs"] = [round(float(x), 6) for x in logprobs[row, :cut]]
+                results[i] = rec
+        if dp > 1:
+            gathered: List[Any] = [None] * dp
+            dist.all_gather_object(gathered, results, group=ps.get_data_parallel_group())
+            results = {k: v for part in gathered for k, v in part.items()}
+        if rank == 0:
+            _report(job, results)
+    finally:
+        teardown()
+
+
+def _report(job: GenerateJob, results: Dict[int, Dict[str, Any]]) -> None:
+    tokenizer = load_tokenizer(job.cfg.tokenizer, job.load, job.iteration, job.data_type)
+    records = []
+    for i, prompt in enumerate(job.prompts):
+        rec = results[i]
+        ids = [t for t in rec["tokens"] if t != job.eos_id]
+        completion = tokenizer.decode(ids, skip_special_tokens=True)
+        out = {"prompt": prompt, "completion": completion, "tokens": rec["tokens"]}
+        if "logprobs" in rec:
+            out["logprobs"] = rec["logprobs"]
+        records.append(out)
+    if job.answers is None:
+        for i, r in enumerate(records):
+            print(f"[{i}] {r['prompt']!r} -> {r['completion']!r}", flush=True)
+    else:
+        correct = 0
+        for i, (r, answer) in enumerate(zip(records, job.answers)):
+            got = r["completion"].split("\n", 1)[0].strip()
+            correct += got == answer
+            r["answer"] = answer
+            if i < 5:
+                print(f"[{i}] {r['prompt']}{got}  (expected {answer})", flush=True)
+        print(f"held-out arithmetic accuracy: {correct}/{len(records)} = "
+              f"{100.0 * correct / len(records):.1f}%", flush=True)
+    if job.cfg.output_file:
+        os.makedirs(os.path.dirname(os.path.abspath(job.cfg.output_file)), exist_ok=True)
+        with open(job.cfg.output_file, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {len(records)} results to {job.cfg.output_file}", flush=True)

@@ -1,0 +1,215 @@
+"""Hugging Face <-> megatron-core weight interoperability.
+
+A model family is one small module with a config mapping and a name mapping:
+
+    HF_MODEL_TYPE, MODEL_TYPE, HF_ARCHITECTURE, HF_BASE_PREFIX, HF_IGNORED
+    hf_config_to_model_config(hf: dict, **overrides) -> ModelConfig
+    model_config_to_hf_config(cfg, *, vocab_size, base=None) -> dict      (config.json)
+    rules(cfg) -> List[Rule]                                               (see interop.rules)
+    optional_hf_tensors(cfg) -> List[str]
+
+`FAMILIES` maps an HF `model_type` to that module (imported on first use). To add one, write the
+module and add its line here. Planned, once the models exist in framework.models:
+"megatron-bert" (BERT), "t5" and "mt5" (T5).
+
+Public API used by train.py and data_tools/convert.py:
+    load_hf_into_model(hf_dir, model_chunks, model_cfg, *, allow_pickle=False)
+    hf_config_to_model_config(hf_config, **overrides) -> ModelConfig
+    model_config_to_hf_config(model_cfg, *, vocab_size, base=None) -> dict
+    hf_state_dict_from_megatron(state, model_cfg, *, vocab_size, dtype=None) -> {name: tensor}
+    save_hf_checkpoint(save_dir, tensors, hf_config, *, max_shard_size)
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Dict, List, Optional
+
+from framework.config import ModelConfig
+from framework.interop.rules import InteropError
+
+FAMILIES: Dict[str, str] = {
+    "gpt2": "framework.interop.gpt2",
+}
+PLANNED = ("megatron-bert", "t5", "mt5")
+
+__all__ = ["FAMILIES", "InteropError", "family", "family_for_model", "supported",
+           "hf_config_to_model_config", "model_config_to_hf_config", "load_hf_into_model",
+           "hf_state_dict_from_megatron", "save_hf_checkpoint", "vocab_tensor_names"]
+
+
+def supported() -> List[str]:
+    return sorted(FAMILIES)
+
+
+def _as_dict(hf_config: Any) -> Dict[str, Any]:
+    if isinstance(hf_config, dict):
+        return dict(hf_config)
+    if hasattr(hf_config, "to_dict"):  # a transformers PretrainedConfig
+        return hf_config.to_dict()
+    raise InteropError(f"expected an HF config (dict or PretrainedConfig), got "
+                       f"{type(hf_config).__name__}")
+
+
+def family(hf_model_type: Optional[str]) -> ModuleType:
+    """The family module for an HF `model_type`; a one-line error listing the supported ones."""
+    if hf_model_type not in FAMILIES:
+        what = "has no model_type" if hf_model_type is None else \
+            f"model_type {hf_model_type!r} is not supported"
+        raise InteropError(f"the Hugging Face config {what}; supported: "
+                           f"{', '.join(supported())} (planned: {', '.join(PLANNED)})")
+    return importlib.import_module(FAMILIES[hf_model_type])
+
+
+def family_for_model(model_cfg: ModelConfig, hf_model_type: Optional[str] = None) -> ModuleType:
+    """The family to export our model with: `hf_model_type` if given (e.g. the type it was
+    imported from), else the only family whose MODEL_TYPE is `model_cfg.type`."""
+    if hf_model_type is not None:
+        fam = family(hf_model_type)
+        if fam.MODEL_TYPE != model_cfg.type:
+            raise InteropError(f"HF {hf_model_type} models are our model.type="
+                               f"{fam.MODEL_TYPE!r}, not {model_cfg.type!r}")
+        return fam
+    matches = [t for t in FAMILIES if family(t).MODEL_TYPE == model_cfg.type]
+    if len(matches) != 1:
+        raise InteropError(f"no single Hugging Face family for model.type={model_cfg.type!r} "
+                           f"(candidates: {matches or 'none'}; supported: "
+                           f"{', '.join(supported())})")
+    return family(matches[0])
+
+
+def hf_config_to_model_config(hf_config: Any, **overrides: Any) -> ModelConfig:
+    """HF config (dict or PretrainedConfig) -> our ModelConfig; `overrides` replace fields
+    (e.g. make_vocab_size_divisible_by=128, seq_length=512)."""
+    d = _as_dict(hf_config)
+    return family(d.get("model_type")).hf_config_to_model_config(d, **overrides)
+
+
+def model_config_to_hf_config(model_cfg: ModelConfig, *, vocab_size: int,
+                              base: Optional[Dict[str, Any]] = None,
+                              hf_model_type: Optional[str] = None) -> Dict[str, Any]:
+    """Our ModelConfig -> HF config.json fields. `base`: the HF config it was imported from."""
+    if hf_model_type is None and base:
+        hf_model_type = base.get("model_type")
+    fam = family_for_model(model_cfg, hf_model_type)
+    return fam.model_config_to_hf_config(model_cfg, vocab_size=vocab_size, base=base)
+
+
+# Architecture fields that must agree between an HF model and the model it is loaded into,
+# compared through their resolved values (None -> derived default).
+def _arch(cfg: ModelConfig) -> Dict[str, Any]:
+    heads = cfg.num_attention_heads
+    return {
+        "type": cfg.type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "num_attention_heads": heads, "num_query_groups": cfg.num_query_groups or heads,
+        "ffn_hidden_size": cfg.ffn, "kv_channels": cfg.kv_channels or cfg.hidden_size // heads,
+        "max_position_embeddings": cfg.max_positions
+        if cfg.position_embedding_type == "learned_absolute" else None,
+        "normalization": cfg.normalization, "layernorm_epsilon": cfg.layernorm_epsilon,
+        "activation": cfg.activation, "add_bias_linear": cfg.add_bias_linear,
+        "position_embedding_type": cfg.position_embedding_type,
+        "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
+        "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
+    }
+
+
+def check_same_architecture(hf_cfg: ModelConfig, model_cfg: ModelConfig, where: str) -> None:
+    a, b = _arch(hf_cfg), _arch(model_cfg)
+    diffs = [f"model.{k}: hf={a[k]!r} config={b[k]!r}" for k in a if a[k] != b[k]]
+    if model_cfg.vocab_size is not None and model_cfg.vocab_size != hf_cfg.vocab_size:
+        diffs.append(f"model.vocab_size: hf={hf_cfg.vocab_size} config={model_cfg.vocab_size}")
+    if diffs:
+        raise InteropError(f"{where} does not match the model config: " + "; ".join(diffs))
+
+
+def _resolver(weights, fam, model_cfg: ModelConfig):
+    """Check the HF tensor names against the family's rules; return name -> file name."""
+    from framework.interop.rules import iter_hf_names
+
+    prefix = fam.HF_BASE_PREFIX
+    expected = set(iter_hf_names(fam.rules(model_cfg), model_cfg.num_layers))
+    optional = set(fam.optional_hf_tensors(model_cfg))
+    present = set(weights.keys())
+    where = {}
+    unexpected = []
+    for key in present:
+        if fam.HF_IGNORED.search(key):
+            continue
+        name = key if (key in expected or key in optional) else prefix + key
+        if name in expected:
+            where[name] = key
+        elif name not in optional:
+            unexpected.append(key)
+    missing = sorted(expected - set(where))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            unexpected.sort()
+            parts.append(f"unexpected {', '.join(unexpected[:4])}"
+                         f"{' ...' if len(unexpected) > 4 else ''}")
+        raise InteropError(f"{weights.dir}: tensors do not match a {fam.HF_MODEL_TYPE} model "
+                           f"with this config ({'; '.join(parts)})")
+    return where
+
+
+def load_hf_into_model(hf_dir: str, model_chunks, model_cfg: ModelConfig, *,
+                       allow_pickle: bool = False) -> Dict[str, Any]:
+    """Copy the weights of the HF model in `hf_dir` into this rank's already-built model chunks.
+
+    Works at any TP/PP/VPP layout: each rank reads only the tensors of its own chunks (lazily,
+    from safetensors) and keeps its tensor-parallel part; vocabulary rows are zero-padded to the
+    model's padded vocabulary; the last pipeline stage's copy of tied embeddings is filled too.
+    The HF architecture must match `model_cfg` (InteropError lists the differing fields).
+    Call it before building a mixed-precision optimizer, or call `optimizer.reload_model_params()`
+    afterwards: megatron-core's fp32 main params are copied from the model when it is built.
+    Returns {"model_type", "format", "tensors" (number copied on this rank), "vocab_size"}.
+    """
+    from megatron.core import parallel_state as ps
+
+    from framework.interop.hf_files import HFWeights, read_hf_config
+    from framework.interop.rules import import_into_chunks
+    from framework.models import unwrap
+
+    hf = read_hf_config(hf_dir)
+    fam = family(hf.get("model_type"))
+    hf_model_cfg = fam.hf_config_to_model_config(hf)
+    check_same_architecture(hf_model_cfg, model_cfg, f"the Hugging Face model in {hf_dir}")
+    weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
+    where = _resolver(weights, fam, model_cfg)
+    chunks = [unwrap(m) for m in model_chunks]
+    n = import_into_chunks(
+        chunks, fam.rules(model_cfg), model_cfg, lambda name: weights.get(where[name]),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size())
+    return {"model_type": fam.HF_MODEL_TYPE, "format": weights.format, "tensors": n,
+            "vocab_size": hf_model_cfg.vocab_size}
+
+
+def hf_state_dict_from_megatron(state: Dict[str, Any], model_cfg: ModelConfig, *,
+                                vocab_size: int, dtype=None,
+                                hf_model_type: Optional[str] = None) -> Dict[str, Any]:
+    """A full (TP=1, PP=1) state dict of our model -> the HF tensors (padding stripped)."""
+    import torch
+
+    from framework.interop.rules import export_from_state
+
+    fam = family_for_model(model_cfg, hf_model_type)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return export_from_state(tensors, fam.rules(model_cfg), model_cfg, vocab_size, dtype)
+
+
+def vocab_tensor_names(model_cfg: ModelConfig) -> List[str]:
+    """Our parameter names whose dim 0 is the (padded) vocabulary."""
+    fam = family_for_model(model_cfg)
+    return sorted({r.ours for r in fam.rules(model_cfg) if r.vocab and not r.per_layer})
+
+
+def save_hf_checkpoint(save_dir: str, tensors: Dict[str, Any], hf_config: Dict[str, Any], *,
+                       max_shard_size: int) -> List[str]:
+    """config.json + safetensors weights (sharded with an index above max_shard_size)."""
+    from framework.interop.hf_files import write_hf_config, write_hf_weights
+
+    write_hf_config(save_dir, hf_config)
+    return ["config.json"] + write_hf_weights(save_dir, tensors, max_shard_size=max_shard_size)

@@ -1,0 +1,157 @@
+"""Our checkpoints (megatron-core dist_checkpointing, torch_dist) at the level of whole tensors.
+
+A torch_dist checkpoint stores every tensor under its global key and shape, whatever the TP/PP
+layout that wrote it; loading reshards. So one process can read every tensor in full
+(`load_full`), change what is layout-bound (the vocabulary padding; the per-rank RNG states are
+dropped), and write them back unsharded (`write_checkpoint`): the result loads at any layout.
+Used by `data_tools.convert reshape` and `--print-checkpoint-structure`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import fields
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from framework.config import ConfigError, ModelConfig
+from framework.interop.rules import InteropError
+from framework.training import checkpoint as ckpt
+
+RNG_KEY = "rng_state"
+
+
+def resolve_checkpoint(path: str) -> Tuple[str, int, str, Dict[str, Any]]:
+    """`path` is a checkpoint directory (with the tracker) or one `iter_XXXXXXX` inside it.
+    Returns (checkpoint dir, iteration, iteration dir, metadata)."""
+    if not os.path.isdir(path):
+        raise InteropError(f"{path} is not a directory")
+    if os.path.isfile(os.path.join(path, ckpt.TRACKER)):
+        it = ckpt.latest_iteration(path)
+        return path, it, ckpt.iter_dir(path, it), ckpt.read_meta(path, it)
+    meta_path = os.path.join(path, ckpt.META)
+    m = re.fullmatch(r"iter_(\d+)", os.path.basename(os.path.normpath(path)))
+    if os.path.isfile(meta_path) and m:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        root = os.path.dirname(os.path.normpath(path))
+        return root, int(m.group(1)), path, meta
+    raise InteropError(f"{path} is not one of our checkpoints (no {ckpt.TRACKER}, and not an "
+                       f"iter_XXXXXXX directory with {ckpt.META})")
+
+
+def model_config_from_meta(meta: Dict[str, Any], where: str) -> ModelConfig:
+    stored = meta.get("config", {}).get("model")
+    if not isinstance(stored, dict):
+        raise InteropError(f"{where}: {ckpt.META} has no config.model")
+    known = {f.name for f in fields(ModelConfig)}
+    try:
+        return ModelConfig(**{k: v for k, v in stored.items() if k in known})
+    except (ConfigError, TypeError) as e:
+        raise InteropError(f"{where}: config.model is not valid ({e})") from None
+
+
+def sharded_metadata(iter_path: str) -> Dict[str, Any]:
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    try:
+        return load_sharded_metadata(iter_path)
+    except Exception as e:  # mcore raises CheckpointingException / FileNotFoundError / ...
+        raise InteropError(f"{iter_path}: cannot read the dist checkpoint metadata "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                           ) from None
+
+
+def describe(iter_path: str) -> Tuple[List[Tuple[str, tuple, str]], List[str]]:
+    """([(tensor key, global shape, dtype)], [object keys]) of a checkpoint, sorted."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    md = sharded_metadata(iter_path)
+    tensors = sorted((v.key, tuple(v.global_shape), str(v.dtype).replace("torch.", ""))
+                     for v in md.values() if isinstance(v, ShardedTensor))
+    objects = sorted({v.key for v in md.values() if not isinstance(v, ShardedTensor)})
+    return tensors, objects
+
+
+def tensor_info(iter_path: str, key: str) -> Optional[Tuple[tuple, torch.dtype]]:
+    """(global shape, dtype) of one stored tensor, or None."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    v = sharded_metadata(iter_path).get(key)
+    return (tuple(v.global_shape), v.dtype) if isinstance(v, ShardedTensor) else None
+
+
+def load_full(iter_path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(common state, {key: full tensor}, {object unique key: (ShardedObject, value)}).
+
+    Per-rank RNG states are left out: they belong to the layout that wrote them."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    md = sharded_metadata(iter_path)
+    template = {k: v for k, v in md.items()
+                if isinstance(v, ShardedTensor) or v.key != RNG_KEY}
+    with ckpt._cpu_safe():
+        loaded = dist_checkpointing.load(dict(template), iter_path)
+        common = dist_checkpointing.load_common_state_dict(iter_path)
+    tensors = {k: loaded[k] for k, v in template.items() if isinstance(v, ShardedTensor)}
+    objects = {k: (v, loaded[k]) for k, v in template.items() if not isinstance(v, ShardedTensor)}
+    return common, tensors, objects
+
+
+def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],
+                     tensors: Dict[str, torch.Tensor], objects: Dict[str, Any],
+                     meta: Dict[str, Any], tokenizer_dir: Optional[str] = None) -> str:
+    """Write unsharded tensors (+ objects, common state) as a committed checkpoint.
+
+    Same commit protocol as `save_checkpoint`: write `iter_X.tmp`, fsync, rename, then the
+    tracker. Must run in a single-process torch.distributed world.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    final = ckpt.iter_dir(ckpt_dir, iteration)
+    tmp = f"{final}.tmp"
+    os.makedirs(ckpt_dir, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sd = dict(common)
+    # Where a tensor sits in the nested dict does not matter to the file: loading matches by
+    # ShardedTensor key. They go under one top-level entry that load_checkpoint ignores.
+    sd["whole_tensors"] = {
+        k: ShardedTensor.from_rank_offsets(k, t.contiguous(), replica_id=0)
+        for k, t in tensors.items()}
+    sd["whole_objects"] = {
+        k: ShardedObject(o.key, value, o.global_shape, o.global_offset, replica_id=0)
+        for k, (o, value) in objects.items()}
+    with ckpt._cpu_safe():
+        dist_checkpointing.save(sd, tmp)
+    with open(os.path.join(tmp, ckpt.META), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+    ckpt._fsync_tree(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    ckpt._fsync_dir(ckpt_dir)
+    ckpt._write_tracker(ckpt_dir, iteration)
+    return final
+
+
+def resize_vocab_rows(t: torch.Tensor, rows: int, vocab_size: int, key: str) -> torch.Tensor:
+    """Pad (zeros) or cut the vocabulary rows of `t` to `rows`; never cuts a real token."""
+    if rows < vocab_size:
+        raise InteropError(f"{key}: {rows} rows cannot hold the vocabulary of {vocab_size}")
+    if t.shape[0] >= rows:
+        return t[:rows].clone()
+    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])
+
+
+def is_vocab_key(key: str, vocab_names: List[str]) -> bool:
+    """`embedding.word_embeddings.weight`, and optimizer states of it such as
+    `optimizer.state.exp_avg.embedding.word_embeddings.weight`."""
+    return any(key == n or key.endswith("." + n) for n in vocab_names)

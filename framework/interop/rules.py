@@ -1,0 +1,185 @@
+"""The generic half of a conversion: name rules, vocabulary padding, TP slicing, layer numbering.
+
+A model family (e.g. `framework.interop.gpt2`) lists `Rule`s, one per tensor, each pairing a
+megatron-core parameter name with a Hugging Face tensor name and a pair of pure functions that
+turn one layout into the other on *full* (unsharded, TP=1) tensors. Everything that does not
+depend on the family lives here:
+
+* `{i}` in a name is a transformer layer number (global, 0-based). Our model chunks name their
+  layers locally (`decoder.layers.0` on pipeline stage 1 is global layer L/PP); the global number
+  comes from the layer module's `layer_number` (1-based, set by megatron-core), so pipeline and
+  virtual-pipeline chunks need nothing special.
+* Vocabulary rows (`Rule.vocab`) are padded on import to the model's padded vocabulary and
+  stripped on export. Pad rows are zero; they are never a real token.
+* Tensor parallelism: a full tensor is cut the way megatron-core cuts it, along the parameter's
+  `partition_dim` into TP equal parts (parameters carry `tensor_model_parallel`/`partition_dim`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+from framework.config import ConfigError, ModelConfig
+
+Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
+
+
+class InteropError(ConfigError):
+    """Bad input to a conversion (files, names, shapes, unsupported architecture); one line."""
+
+
+def same(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    return t
+
+
+def transpose(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    return t.t()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One tensor: `ours` (megatron-core name) <-> `hf` (Hugging Face name).
+
+    `to_ours`/`to_hf` convert full tensors and must be exact inverses (a permutation, transpose
+    or reshape), so that HF -> ours -> HF is bit-identical. `vocab`: dim 0 is the vocabulary.
+    `export=False`: import only (e.g. the tied output layer of the last pipeline stage, which is
+    a copy of the word embeddings and has no tensor of its own in a tied HF checkpoint).
+    """
+
+    ours: str
+    hf: str
+    to_ours: Transform = same
+    to_hf: Transform = same
+    vocab: bool = False
+    export: bool = True
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.ours
+
+
+def expand(rules: Iterable[Rule], num_layers: int) -> List[Tuple[str, str, Rule]]:
+    """Concrete (ours, hf, rule) triples for every layer."""
+    out = []
+    for r in rules:
+        for i in (range(num_layers) if r.per_layer else [None]):
+            ours = r.ours.format(i=i) if i is not None else r.ours
+            hf = r.hf.format(i=i) if i is not None else r.hf
+            out.append((ours, hf, r))
+    return out
+
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def global_name(chunk: torch.nn.Module, local: str) -> str:
+    """`decoder.layers.<local>.x` of a (pipeline) chunk -> `decoder.layers.<global>.x`."""
+    m = _LAYER.search(local)
+    if m is None:
+        return local
+    block = local[: m.start(2)] + m.group(2)  # e.g. "decoder.layers.3"
+    layer = chunk.get_submodule(block)
+    number = getattr(layer, "layer_number", None)
+    if number is None:
+        raise InteropError(f"{block} has no layer_number; cannot place it in the full model")
+    return local[: m.start(2)] + str(number - 1) + local[m.end(2):]
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] > rows:
+        raise InteropError(f"vocabulary of {t.shape[0]} rows does not fit the model's padded "
+                           f"vocabulary of {rows}")
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])
+
+
+def tp_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's part of `full`, cut as megatron-core cuts `param`."""
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if full.shape[dim] % tp_size:
+        raise InteropError(f"dimension {dim} of size {full.shape[dim]} does not split into "
+                           f"{tp_size} tensor-parallel parts")
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def import_into_chunks(
+    chunks: List[torch.nn.Module],
+    rules: List[Rule],
+    model_cfg: ModelConfig,
+    get_hf: Callable[[str], torch.Tensor],
+    *,
+    tp_rank: int,
+    tp_size: int,
+) -> int:
+    """Copy HF tensors (`get_hf(name)` -> full tensor) into this rank's model chunks.
+
+    `chunks` are unwrapped megatron-core modules. Returns the number of tensors copied. Raises
+    InteropError when a parameter has no rule or a shape does not match.
+    """
+    table = {ours: (hf, rule) for ours, hf, rule in expand(rules, model_cfg.num_layers)}
+    copied = 0
+    for chunk in chunks:
+        for local, param in chunk.named_parameters():
+            name = global_name(chunk, local)
+            if name not in table:
+                raise InteropError(f"parameter {name} of the model has no Hugging Face "
+                                   f"counterpart in the conversion rules")
+            hf_name, rule = table[name]
+            full = rule.to_ours(get_hf(hf_name), model_cfg)
+            if rule.vocab:
+                rows = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel",
+                                                            False) else 1)
+                full = pad_rows(full, rows)
+            part = tp_slice(full, param, tp_rank, tp_size)
+            if tuple(part.shape) != tuple(param.shape):
+                raise InteropError(f"{hf_name} gives {name} the shape {tuple(part.shape)}; the "
+                                   f"model expects {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(part)
+            copied += 1
+    return copied
+
+
+def export_from_state(
+    state: Dict[str, torch.Tensor],
+    rules: List[Rule],
+    model_cfg: ModelConfig,
+    vocab_size: int,
+    dtype: Optional[torch.dtype] = None,
+) -> Dict[str, torch.Tensor]:
+    """Full (TP=1, PP=1) megatron-core state dict -> HF tensors, vocabulary padding stripped."""
+    out: Dict[str, torch.Tensor] = {}
+    used = set()
+    for ours, hf, rule in expand(rules, model_cfg.num_layers):
+        if not rule.export:
+            used.add(ours)
+            continue
+        if ours not in state:
+            raise InteropError(f"the checkpoint has no tensor {ours}")
+        t = state[ours]
+        used.add(ours)
+        if rule.vocab:
+            if t.shape[0] < vocab_size:
+                raise InteropError(f"{ours} has {t.shape[0]} rows, fewer than the vocabulary "
+                                   f"size {vocab_size}")
+            t = t[:vocab_size]
+        t = rule.to_hf(t, model_cfg)
+        if dtype is not None:
+            t = t.to(dtype)
+        out[hf] = t.contiguous()
+    extra = sorted(k for k in state if k not in used and not k.endswith("_extra_state"))
+    if extra:
+        raise InteropError(f"the checkpoint has tensors the conversion rules do not know: "
+                           f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    return out
+
+
+def iter_hf_names(rules: List[Rule], num_layers: int) -> Iterator[str]:
+    for _ours, hf, _rule in expand(rules, num_layers):
+        yield hf

@@ -1,0 +1,245 @@
+"""Tokenizers: a thin wrapper over Hugging Face tokenizers, plus the offline embedded one.
+
+* `Tokenizer` wraps a `transformers` tokenizer and exposes the ids the framework needs
+  (`eod`, `bos`, `pad`, `vocab_size`).
+* `build_tokenizer(cfg)` loads one from a `TokenizerConfig`: an HF name or local directory, a
+  GPT-2 BPE vocab/merges pair, or the tokenizer saved beside a checkpoint.
+* `embedded_tokenizer()` is a character-level tokenizer for the embedded arithmetic corpus,
+  built offline with the `tokenizers` library.
+* `MegatronTokenizerAdapter` gives megatron-core's datasets the attributes they read from
+  `GPTDatasetConfig.tokenizer` (`vocab_size`, `eod`, `pad`, `unique_identifiers`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from typing import Any, List, Optional, Sequence
+
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _RawTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from framework.config import ConfigError, TokenizerConfig
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+# The characters of the embedded arithmetic corpus, in id order after the special tokens.
+EMBEDDED_CHARS = "0123456789+-*= \n"
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer with the ids a GPT training run needs.
+
+    `encode` never adds special tokens (no BOS/EOS): documents get their EOD from the
+    preprocessing step, prompts from the caller.
+    """
+
+    def __init__(self, hf: PreTrainedTokenizerBase) -> None:
+        eod = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+        if eod is None:
+            raise ConfigError(
+                f"tokenizer {hf.name_or_path!r} has no EOS (or SEP) token to use as end-of-document"
+            )
+        self.hf = hf
+        self._eod = int(eod)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the model pads it further for TP)."""
+        return len(self.hf)
+
+    @property
+    def eod(self) -> int:
+        """End-of-document id (the EOS token)."""
+        return self._eod
+
+    @property
+    def bos(self) -> int:
+        """Beginning-of-sequence id; the EOD id when the tokenizer has no BOS token."""
+        return self.hf.bos_token_id if self.hf.bos_token_id is not None else self._eod
+
+    @property
+    def pad(self) -> int:
+        """Padding id; the EOD id when the tokenizer has no PAD token."""
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self._eod
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of `text`, without special tokens added."""
+        return self.hf.encode(text, add_special_tokens=False, verbose=False)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: str) -> None:
+        """Save with `save_pretrained`; `build_tokenizer` (or AutoTokenizer) loads it back."""
+        os.makedirs(directory, exist_ok=True)
+        self.hf.save_pretrained(directory)
+
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary and rules, stable across processes and save/load."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is not None:
+            text = backend.to_str()
+        else:
+            text = json.dumps(sorted(self.hf.get_vocab().items()))
+        return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.hf.name_or_path!r}, vocab_size={self.vocab_size}, "
+                f"eod={self.eod}, pad={self.pad})")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _gpt2_bpe(vocab_file: str, merge_file: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer like GPT-2's from its vocab.json and merges.txt.
+
+    Built with the `tokenizers` library directly: in transformers 5 `GPT2TokenizerFast`
+    silently ignores `vocab_file=`/`merges_file=` (it takes `vocab=`/`merges=`) and yields an
+    empty tokenizer.
+    """
+    raw = _RawTokenizer(models.BPE.from_file(vocab_file, merge_file, fuse_unk=False))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=EOD_TOKEN, eos_token=EOD_TOKEN, unk_token=EOD_TOKEN
+    )
+
+
+def _is_bare_gpt2_dir(path: str) -> bool:
+    """A directory with only GPT-2's vocab.json + merges.txt (no HF tokenizer config)."""
+    def has(name: str) -> bool:
+        return os.path.isfile(os.path.join(path, name))
+
+    return (has("vocab.json") and has("merges.txt") and not has("tokenizer.json")
+            and not has("tokenizer_config.json"))
+
+
+def build_tokenizer(cfg: TokenizerConfig, *, default_dir: Optional[str] = None) -> Tokenizer:
+    """Load the tokenizer `cfg` names.
+
+    `cfg.path`: an HF hub name or a local directory; `cfg.vocab_file` + `cfg.merge_file`: GPT-2
+    BPE files; neither: the tokenizer saved in `default_dir` (e.g. beside a checkpoint). A
+    directory holding only `vocab.json` + `merges.txt` loads as GPT-2 BPE.
+    Raises ConfigError, one line naming the field and path, when it cannot be loaded.
+    """
+    if cfg.vocab_file is not None or cfg.merge_file is not None:
+        for name, path in (("vocab_file", cfg.vocab_file), ("merge_file", cfg.merge_file)):
+            if path is None or not os.path.isfile(path):
+                raise ConfigError(f"tokenizer.{name}={path!r} is not a readable file")
+        try:
+            return Tokenizer(_gpt2_bpe(cfg.vocab_file, cfg.merge_file))
+        except ConfigError:
+            raise
+        except Exception as err:  # tokenizers raises plain Exceptions on bad files
+            raise ConfigError(
+                f"tokenizer.vocab_file={cfg.vocab_file!r} / tokenizer.merge_file="
+                f"{cfg.merge_file!r}: cannot build a GPT-2 BPE tokenizer ({_first_line(err)})"
+            ) from None
+    if cfg.path is not None:
+        field, path = "tokenizer.path", cfg.path
+        if path.startswith(("/", "./", "../", "~")) and not os.path.isdir(path):
+            raise ConfigError(f"tokenizer.path={path!r} is not a directory")
+    elif default_dir is not None:
+        field, path = "the checkpoint's tokenizer directory", default_dir
+        if not os.path.isdir(path):
+            raise ConfigError(f"no tokenizer given (tokenizer.path) and {field} {path!r} "
+                              f"does not exist")
+    else:
+        raise ConfigError("no tokenizer given: set tokenizer.path or "
+                          "tokenizer.vocab_file/tokenizer.merge_file")
+    if _is_bare_gpt2_dir(path):
+        return build_tokenizer(TokenizerConfig(vocab_file=os.path.join(path, "vocab.json"),
+                                               merge_file=os.path.join(path, "merges.txt")))
+    try:
+        hf = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # OSError, ValueError, JSON errors, hub errors offline, ...
+        raise ConfigError(f"{field}={path!r}: cannot load a tokenizer ({_first_line(err)})"
+                          ) from None
+    return Tokenizer(hf)
+
+
+def embedded_tokenizer() -> Tokenizer:
+    """The character-level tokenizer of the embedded arithmetic corpus (offline, fixed ids).
+
+    Ids: 0 `<|endoftext|>` (EOD and BOS), 1 `<pad>`, 2 `<unk>`, then one id per character of
+    `EMBEDDED_CHARS` (digits, `+-*=`, space, newline). It is a `PreTrainedTokenizerFast`, so it
+    round-trips through `save_pretrained` / `AutoTokenizer.from_pretrained`.
+    """
+    vocab = {EOD_TOKEN: 0, PAD_TOKEN: 1, UNK_TOKEN: 2}
+    for char in EMBEDDED_CHARS:
+        vocab[char] = len(vocab)
+    raw = _RawTokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token=EOD_TOKEN, bos_token=EOD_TOKEN, pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+    )
+    return Tokenizer(hf)
+
+
+class MegatronTokenizerAdapter:
+    """What megatron-core's GPT datasets read from `GPTDatasetConfig.tokenizer`.
+
+    Duck-typed rather than a `megatron.core.tokenizers.MegatronTokenizerBase` subclass (mcore's
+    datasets never check the type), so importing this module does not import megatron-core.
+
+    `GPTDatasetConfig` reads `vocab_size`; `GPTDataset` reads `eod`; `MockGPTLowLevelDataset`
+    reads `vocab_size` and `eod`; `MegatronDataset` reads `pad` (any exception -> -1) and
+    compares it with `eos`/`eod`; the dataset cache hash JSON-encodes `unique_identifiers`.
+
+    `pad` raises when the tokenizer's pad id equals its EOD id: mcore then pads with -1 (masked
+    from the loss) instead of warning that pad collides with EOD and doing the same.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.unique_identifiers: "OrderedDict[str, Any]" = OrderedDict(
+            [
+                ("class", type(self).__name__),
+                ("vocab_size", tokenizer.vocab_size),
+                ("eod", tokenizer.eod),
+                ("pad", tokenizer.pad),
+                ("fingerprint", tokenizer.fingerprint()),
+            ]
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def vocab(self) -> dict:
+        return self.tokenizer.hf.get_vocab()
+
+    @property
+    def eod(self) -> int:
+        return self.tokenizer.eod
+
+    @property
+    def eos(self) -> int:
+        return self.tokenizer.eod
+
+    @property
+    def bos(self) -> int:
+        return self.tokenizer.bos
+
+    @property
+    def pad(self) -> int:
+        if self.tokenizer.pad == self.tokenizer.eod:
+            raise AttributeError("the tokenizer has no pad token distinct from EOD")
+        return self.tokenizer.pad
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
