@@ -50,7 +50,8 @@ class GPTTrainStep:
         losses = output_tensor.float()
         mask = loss_mask.reshape(-1).float()
         loss = torch.sum(losses.reshape(-1) * mask) / mask.sum().clamp(min=1.0)
-        return loss, {"lm loss": loss.detach()}
+        # clone: mcore schedules divide the returned loss in place by the micro-batch count
+        return loss, {"lm loss": loss.detach().clone()}
 
     def forward_step(self, data_iterator, model):
         batch = self.get_batch(data_iterator)
