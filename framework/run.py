@@ -107,7 +107,7 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
         msg = first.message if isinstance(first.message, str) else str(first.message)
-        raise RuntimeError(f"worker failed (rank {first.rank}, exit {first.exitcode}): "
+        raise RuntimeError(f"worker failed (rank {first.local_rank}, exit {first.exitcode}): "
                            f"{msg.strip().splitlines()[-1] if msg else 'see log above'}") from None
 
 

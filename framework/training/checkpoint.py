@@ -111,9 +111,8 @@ def _sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool
     for i, m in enumerate(model):
         sd[_model_key(i, len(model))] = unwrap(m).sharded_state_dict()
     if with_optimizer and optimizer is not None:
-        model_sd = {}
-        for i, m in enumerate(model):
-            model_sd.update(sd[_model_key(i, len(model))])
+        # keep chunks apart: virtual-pipeline chunks reuse local key names
+        model_sd = {k: sd[k] for k in (_model_key(i, len(model)) for i in range(len(model)))}
         # 'fully_reshardable': the distributed optimizer's state is stored per parameter, so a
         # checkpoint (optimizer included) reloads at any TP/PP/DP layout.
         sd["optimizer"] = optimizer.sharded_state_dict(
@@ -253,6 +252,10 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
 
     for i, m in enumerate(model):
         unwrap(m).load_state_dict(state[_model_key(i, len(model))], strict=True)
+    if not with_optimizer and optimizer is not None:
+        # mixed-precision optimizers copied their fp32 main params from the model when built;
+        # without this their first step would write the old (random) weights back
+        optimizer.reload_model_params()
     if with_optimizer and optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
