@@ -288,9 +288,15 @@ class CheckpointConfig:
     dir: Optional[str] = None
     save_interval: int = 100
     load: Optional[str] = None  # start from another checkpoint (when `dir` has none yet)
+    # start from a Hugging Face model directory (when `dir` has no checkpoint yet); the model
+    # config must describe the same architecture (e.g. model=gpt2_small for HF "gpt2")
+    load_hf: Optional[str] = None
+    allow_pickle: bool = False  # let load_hf read pytorch_model.bin (weights_only) files
     save: bool = True
 
     def __post_init__(self) -> None:
+        _require(not (self.load and self.load_hf),
+                 "give checkpoint.load or checkpoint.load_hf, not both")
         _require(self.save_interval > 0,
                  f"checkpoint.save_interval must be positive, got {self.save_interval}")
 
@@ -344,6 +350,9 @@ class Config:
         if p.data_parallel_size is not None:
             self._check_batch(p.data_parallel_size)
         if self.data.type == "embedded":
+            _require(self.checkpoint.load_hf is None,
+                     "checkpoint.load_hf needs data=indexed or data=mock: the embedded corpus is "
+                     "tokenized with its own character tokenizer, not the model's")
             _require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
                      "data=embedded uses its own tokenizer; unset tokenizer.path/vocab_file or "
                      "pick data=indexed")

@@ -24,6 +24,11 @@ Semantics
   `torch.cuda.current_device()`. `use_cache=False` re-runs the whole sequence every step.
 * Sequence parallelism is switched off for the duration of the call (and restored); activation
   recompute only acts in training mode, and generation runs in eval mode.
+* On CPU with TP > 1 the vocabulary all-gather is done here (mcore's allocates on CUDA).
+
+`forward_logits(model, input_ids, attention_mask)` returns full-vocabulary logits of a plain
+forward pass (no labels) for training or evaluation scripts; `gather_across_data_parallel_groups`
+concatenates per-DP-rank tensors.
 """
 from __future__ import annotations
 
@@ -35,7 +40,6 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from framework.config import ConfigError
 
@@ -83,7 +87,8 @@ class GenerationOptions:
         _require(0.0 <= self.top_p <= 1.0, f"top_p={self.top_p} must be in [0, 1] (0 = off)")
         _require(0.0 <= self.top_p_decay <= 1.0,
                  f"top_p_decay={self.top_p_decay} must be in [0, 1] (0 = no decay)")
-        _require(0.0 <= self.top_p_bound <= 1.0, f"top_p_bound={self.top_p_bound} must be in [0, 1]")
+        _require(0.0 <= self.top_p_bound <= 1.0,
+                 f"top_p_bound={self.top_p_bound} must be in [0, 1]")
         _require(self.temperature > 0.0 and math.isfinite(self.temperature),
                  f"temperature={self.temperature} must be a positive number")
         _require(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
@@ -116,8 +121,12 @@ def _is_last_stage() -> bool:
     return ps is None or ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
-def _log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+_LOGGED = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED and (not dist.is_initialized() or dist.get_rank() == 0):
+        _LOGGED.add(msg)
         print(msg, flush=True)
 
 
@@ -128,7 +137,8 @@ def _share_from_last_stage(t: Optional[torch.Tensor], ndim: int, dtype: torch.dt
     ps = _ps()
     if ps is None:
         return t
-    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    tp_group = ps.get_tensor_model_parallel_group()
+    pp_group = ps.get_pipeline_model_parallel_group()
     last = _is_last_stage()
     steps = []
     if last and tp_group.size() > 1:
@@ -183,7 +193,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextmanager
-def inference_mode(model) -> Iterator[None]:
+def generation_mode(model) -> Iterator[None]:
     """eval(), no_grad and sequence parallelism off for the duration; all restored after.
 
     Sequence parallelism splits activations along the sequence, which a one-token decode step
@@ -208,14 +218,14 @@ def inference_mode(model) -> Iterator[None]:
                 changed.append((cfg, "sequence_parallel"))
     cfg0 = _unwrap(chunks[0]).config
     if changed:
-        _log("generation: sequence parallelism is switched off while generating")
+        _log_once("generation: sequence parallelism is switched off while generating")
     if getattr(cfg0, "recompute_granularity", None):
-        _log(f"generation: recompute_granularity={cfg0.recompute_granularity} is switched off "
+        _log_once(f"generation: recompute_granularity={cfg0.recompute_granularity} is switched off "
              f"(activation recompute only acts in training mode)")
     for c in chunks:
         c.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _gather_vocab_on_cpu(chunks):
             yield
     finally:
         for obj, attr in changed:
@@ -223,6 +233,42 @@ def inference_mode(model) -> Iterator[None]:
         modules = [m for c in chunks for m in c.modules()]
         for m, mode in zip(modules, saved_modes):
             m.training = mode
+
+
+@contextmanager
+def _gather_vocab_on_cpu(chunks) -> Iterator[None]:
+    """Gather TP-sharded logits with torch.distributed on CPU.
+
+    megatron-core's all-gather of the output layer allocates its buffer with
+    `torch.cuda.current_device()`, and its inference path insists on it
+    (`runtime_gather_output=True`). On CPU with TP > 1 the output layer is told not to gather and
+    a forward hook gathers with `torch.distributed.nn.functional.all_gather` (differentiable).
+    """
+    ps = _ps()
+    handles = []
+    if ps is not None and ps.get_tensor_model_parallel_world_size() > 1:
+        group = ps.get_tensor_model_parallel_group()
+        for c in chunks:
+            layer = getattr(_unwrap(c), "output_layer", None)
+            if layer is None or next(c.parameters()).is_cuda:
+                continue
+
+            def no_gather(module, args, kwargs):
+                return args, {**kwargs, "runtime_gather_output": False}
+
+            def gather(module, args, output):
+                from torch.distributed.nn.functional import all_gather
+
+                logits, bias = output
+                return torch.cat(all_gather(logits.contiguous(), group=group), dim=-1), bias
+
+            handles.append(layer.register_forward_pre_hook(no_gather, with_kwargs=True))
+            handles.append(layer.register_forward_hook(gather))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _prepare_batch(input_ids, attention_mask, pad_id: int, device) -> Tuple[torch.Tensor,
@@ -241,7 +287,8 @@ def _prepare_batch(input_ids, attention_mask, pad_id: int, device) -> Tuple[torc
             mask[i, s - len(r):] = True
         return tokens.to(device), mask.to(device)
     _require(input_ids.dim() == 2 and input_ids.shape[0] > 0 and input_ids.shape[1] > 0,
-             f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
+             f"input_ids must be a non-empty [batch, seq] tensor, got shape "
+             f"{tuple(input_ids.shape)}")
     tokens = input_ids.to(device=device, dtype=torch.long)
     if attention_mask is None:
         return tokens, torch.ones_like(tokens, dtype=torch.bool)
@@ -356,7 +403,8 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     real = (torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None
             else attention_mask.to(tokens.device).bool())
     dec = _Decoder(model, tokens, real, max_len=tokens.shape[1], use_cache=False)
-    return dec.forward(dec.tokens, dec.positions, dec._mask(0), last_only=False)
+    with _gather_vocab_on_cpu(dec.chunks):
+        return dec.forward(dec.tokens, dec.positions, dec._mask(0), last_only=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,8 +543,9 @@ def _beam_loop(dec: _Decoder, opts: GenerationOptions, batch: int, eos_id, pad_i
             fin_score = merged.gather(1, best)
             fin_flag = torch.cat([fin_flag, just_ended], 1).gather(1, best)
             fin_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1).gather(1, best)
-            fin_seq = torch.cat([fin_seq, cand_seq], 1).gather(1, best[:, :, None].expand(-1, -1, n))
-            fin_lp = torch.cat([fin_lp, cand_lp], 1).gather(1, best[:, :, None].expand(-1, -1, n))
+            best_n = best[:, :, None].expand(-1, -1, n)
+            fin_seq = torch.cat([fin_seq, cand_seq], 1).gather(1, best_n)
+            fin_lp = torch.cat([fin_lp, cand_lp], 1).gather(1, best_n)
             # can a running beam still beat the worst finished one?
             length = n if (early == "never" and lp > 0.0) else t + 1
             best_running = run_score[:, :1] / float(length) ** lp
@@ -559,7 +608,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
             generator.manual_seed(opts.seed)
         else:
             generator.seed()
-    with inference_mode(chunks):
+    with generation_mode(chunks):
         if opts.num_beams > 1:
             tokens = tokens.repeat_interleave(opts.num_beams, dim=0)
             real = real.repeat_interleave(opts.num_beams, dim=0)

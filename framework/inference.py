@@ -198,9 +198,10 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     _require(model_cfg.num_layers % pp == 0,
              f"model.num_layers={model_cfg.num_layers} (from the checkpoint) is not divisible by "
              f"parallel.pipeline_model_parallel_size={pp}")
-    _require(on_gpu or pp == 1,
-             f"parallel.pipeline_model_parallel_size={pp} needs GPUs; on CPU pick a layout "
-             f"without PP, e.g. parallel=single or parallel=tp2")
+    _require(on_gpu or pp == 1 or not model_cfg.share_embeddings_and_output_weights,
+             f"parallel.pipeline_model_parallel_size={pp} needs GPUs for a model with tied "
+             f"embeddings (megatron-core moves the tied output weight to CUDA); on CPU pick a "
+             f"layout without PP, e.g. parallel=single or parallel=tp2")
     world = parallel.model_parallel_size * parallel.data_parallel_size
     _require(not on_gpu or "WORLD_SIZE" in os.environ or world <= torch.cuda.device_count(),
              f"the layout needs {world} GPUs (TP x PP x DP) but {torch.cuda.device_count()} "

@@ -185,7 +185,8 @@ def worker(cfg: Config) -> None:
         if load_dir and resume_it is None:
             if ckpt.latest_iteration(load_dir) is None:
                 _no_checkpoint(load_dir)
-        tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir)
+        tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
+                                       cfg.checkpoint.load_hf if resume_it is None else None)
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_model_parallel_size)
@@ -200,6 +201,15 @@ def worker(cfg: Config) -> None:
             if on_gpu else torch.device("cpu")
         model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=bf16,
                             fp16=cfg.train.fp16, device=torch_device, wrap_ddp=on_gpu)
+        if cfg.checkpoint.load_hf and resume_it is None:
+            from framework.interop import load_hf_into_model
+
+            # before the optimizer is built, so mixed-precision main params copy these weights
+            load_hf_into_model(cfg.checkpoint.load_hf, model, cfg.model,
+                               allow_pickle=cfg.checkpoint.allow_pickle)
+            if rank == 0:
+                print(f"initialised weights from Hugging Face model {cfg.checkpoint.load_hf}",
+                      flush=True)
         optimizer, scheduler = build_optimizer(
             cfg.optimizer, model, max_steps=cfg.train.max_steps, bf16=bf16, fp16=cfg.train.fp16,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,

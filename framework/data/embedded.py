@@ -2,7 +2,9 @@
 
 Each document holds a few lines such as `12+35=47`, `93-41=52` or `7*8=56`, one per line, each
 ending in a newline. Operands are 0-99 for `+` and `-` (with a >= b, so results are never
-negative) and 0-12 for `*` (times tables), so the 2-layer, hidden-64 model can learn them.
+negative) and 0-12 for `*` (times tables). For `+` and `-` the operands' digit counts are
+drawn first (one- and two-digit operands equally often), so the easy problems are frequent
+enough for the 2-layer, hidden-64 model to learn them quickly.
 
 A fixed ~10% of all problems, chosen by a hash of the problem, is held out: it never occurs in
 the training text, and `heldout_problems(n)` returns (prompt, answer) pairs from it, e.g.
@@ -24,23 +26,33 @@ from framework.data.indexed import preprocess
 from framework.tokenizer import embedded_tokenizer
 
 # Bump when the generator changes, so caches of the old corpus are not reused.
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 CORPUS_SEED = 1234
 HELDOUT_PERCENT = 10
 OPERAND_LIMITS: Dict[str, int] = {"+": 100, "-": 100, "*": 13}  # operands in range(limit)
 OP_WEIGHTS: Dict[str, float] = {"+": 0.45, "-": 0.35, "*": 0.2}
+DIGIT_BALANCED_OPS = "+-"  # ops whose problems are drawn by operand digit counts first
 LINES_PER_DOCUMENT = (4, 8)
 
 Problem = Tuple[int, str, int]
 
 
-def _problems(op: str) -> List[Problem]:
-    limit = OPERAND_LIMITS[op]
-    return [(a, op, b) for a in range(limit) for b in range(limit) if op != "-" or a >= b]
-
-
 def _answer(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _buckets(op: str) -> List[List[Problem]]:
+    """All problems of `op`, grouped by the digit counts of the operands (one group for ops
+    that are not digit-balanced). Training draws a group uniformly, then a problem in it."""
+    limit = OPERAND_LIMITS[op]
+    groups: Dict[Tuple[int, int], List[Problem]] = {}
+    for a in range(limit):
+        for b in range(limit):
+            if op == "-" and a < b:
+                continue
+            key = (len(str(a)), len(str(b))) if op in DIGIT_BALANCED_OPS else (0, 0)
+            groups.setdefault(key, []).append((a, op, b))
+    return [groups[key] for key in sorted(groups)]
 
 
 def is_heldout(problem: Problem) -> bool:
@@ -50,12 +62,24 @@ def is_heldout(problem: Problem) -> bool:
 
 
 def heldout_problems(n: int) -> List[Tuple[str, str]]:
-    """`n` held-out (prompt, answer) pairs such as ("12+35=", "47"), in a fixed order."""
-    pool = [p for op in OPERAND_LIMITS for p in _problems(op) if is_heldout(p)]
-    if not 0 <= n <= len(pool):
-        raise ValueError(f"heldout_problems: n={n} is not in [0, {len(pool)}]")
-    random.Random(CORPUS_SEED + 1).shuffle(pool)
-    return [(f"{a}{op}{b}=", str(_answer(a, op, b))) for a, op, b in pool[:n]]
+    """`n` held-out (prompt, answer) pairs such as ("12+35=", "47"), in a fixed order.
+
+    The order is a weighted shuffle by each problem's probability under the training
+    distribution, so the first `n` are a sample of what the model was trained on.
+    """
+    rng = random.Random(CORPUS_SEED + 1)
+    keyed = []
+    for op in OP_WEIGHTS:
+        buckets = _buckets(op)
+        for bucket in buckets:
+            weight = OP_WEIGHTS[op] / len(buckets) / len(bucket)
+            for problem in bucket:
+                if is_heldout(problem):
+                    keyed.append((rng.random() ** (1.0 / weight), problem))
+    if not 0 <= n <= len(keyed):
+        raise ValueError(f"heldout_problems: n={n} is not in [0, {len(keyed)}]")
+    keyed.sort(key=lambda item: -item[0])
+    return [(f"{a}{op}{b}=", str(_answer(a, op, b))) for _, (a, op, b) in keyed[:n]]
 
 
 def training_documents(num_documents: int, seed: int = CORPUS_SEED) -> Iterator[str]:
@@ -63,11 +87,13 @@ def training_documents(num_documents: int, seed: int = CORPUS_SEED) -> Iterator[
     rng = random.Random(seed)
     ops = list(OP_WEIGHTS)
     weights = [OP_WEIGHTS[op] for op in ops]
-    pools = {op: [p for p in _problems(op) if not is_heldout(p)] for op in ops}
+    pools = {op: [[p for p in bucket if not is_heldout(p)] for bucket in _buckets(op)]
+             for op in ops}
     for _ in range(num_documents):
         lines = []
         for _ in range(rng.randint(*LINES_PER_DOCUMENT)):
-            a, op, b = rng.choice(pools[rng.choices(ops, weights)[0]])
+            op = rng.choices(ops, weights)[0]
+            a, op, b = rng.choice(rng.choice(pools[op]))
             lines.append(f"{a}{op}{b}={_answer(a, op, b)}\n")
         yield "".join(lines)
 

@@ -25,8 +25,12 @@ import importlib
 from types import ModuleType
 from typing import Any, Dict, List, Optional
 
-from framework.config import ModelConfig
-from framework.interop.rules import InteropError
+from framework.config import ConfigError, ModelConfig
+
+
+class InteropError(ConfigError):
+    """Bad input to a conversion (files, names, shapes, unsupported architecture); one line."""
+
 
 FAMILIES: Dict[str, str] = {
     "gpt2": "framework.interop.gpt2",

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from framework.config import ModelConfig
-from framework.interop.rules import InteropError, Rule, transpose
+from framework.interop import InteropError
+from framework.interop.rules import Rule, transpose
 
 HF_MODEL_TYPE = "gpt2"
 MODEL_TYPE = "gpt"  # our ModelConfig.type

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List
 
-import torch
+from framework.interop import InteropError
 
-from framework.interop.rules import InteropError
+if TYPE_CHECKING:  # torch is imported lazily: refusing bad input needs none of it
+    import torch
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -61,7 +62,7 @@ class HFWeights:
     def __init__(self, hf_dir: str, *, allow_pickle: bool = False) -> None:
         self.dir = hf_dir
         self._handles: Dict[str, Any] = {}
-        self._loaded: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._loaded: Dict[str, Dict[str, "torch.Tensor"]] = {}
         join = lambda name: os.path.join(hf_dir, name)  # noqa: E731
         if os.path.isfile(join(SAFE_INDEX)):
             self.format, self._where = "safetensors", _index_files(join(SAFE_INDEX))
@@ -93,13 +94,15 @@ class HFWeights:
             try:
                 self._handles[fname] = safe_open(os.path.join(self.dir, fname), framework="pt")
             except Exception as e:  # safetensors raises its own error types on bad headers
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise InteropError(f"{os.path.join(self.dir, fname)}: not a readable safetensors "
-                                   f"file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                                   ) from None
+                                   f"file ({why})") from None
         return self._handles[fname]
 
-    def _pickle(self, fname: str) -> Dict[str, torch.Tensor]:
+    def _pickle(self, fname: str) -> Dict[str, "torch.Tensor"]:
         if fname not in self._loaded:
+            import torch
+
             path = os.path.join(self.dir, fname)
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -118,7 +121,7 @@ class HFWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> "torch.Tensor":
         if name not in self._where:
             raise InteropError(f"{self.dir} has no tensor {name}")
         fname = self._where[name]
@@ -132,25 +135,31 @@ class HFWeights:
         for name in self.keys():
             if self.format == "safetensors":
                 sl = self._safe(self._where[name]).get_slice(name)
-                out.append((name, tuple(sl.get_shape()), str(sl.get_dtype())))
+                dt = str(sl.get_dtype())
+                out.append((name, tuple(sl.get_shape()), _SAFE_DTYPES.get(dt, dt)))
             else:
                 t = self.get(name)
                 out.append((name, tuple(t.shape), str(t.dtype).replace("torch.", "")))
         return out
 
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> "torch.dtype":
         """The floating dtype most of the weights are stored in."""
+        import torch
+
         counts: Dict[str, int] = {}
         for _name, shape, dt in self.describe():
             n = 1
             for s in shape:
                 n *= s
             counts[dt] = counts.get(dt, 0) + n
-        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
         floating = {k: v for k, v in counts.items() if k in names}
         return names[max(floating, key=floating.get)] if floating else torch.float32
 
+
+_SAFE_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool"}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 
@@ -169,7 +178,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def write_hf_weights(save_dir: str, tensors: Dict[str, torch.Tensor], *,
+def write_hf_weights(save_dir: str, tensors: Dict[str, "torch.Tensor"], *,
                      max_shard_size: int) -> List[str]:
     """Write `tensors` as save_pretrained does; returns the file names written."""
     from safetensors.torch import save_file

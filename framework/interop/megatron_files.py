@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from framework.config import ConfigError, ModelConfig
-from framework.interop.rules import InteropError
+from framework.interop import InteropError
 from framework.training import checkpoint as ckpt
 
 RNG_KEY = "rng_state"
@@ -74,14 +74,6 @@ def describe(iter_path: str) -> Tuple[List[Tuple[str, tuple, str]], List[str]]:
                      for v in md.values() if isinstance(v, ShardedTensor))
     objects = sorted({v.key for v in md.values() if not isinstance(v, ShardedTensor)})
     return tensors, objects
-
-
-def tensor_info(iter_path: str, key: str) -> Optional[Tuple[tuple, torch.dtype]]:
-    """(global shape, dtype) of one stored tensor, or None."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    v = sharded_metadata(iter_path).get(key)
-    return (tuple(v.global_shape), v.dtype) if isinstance(v, ShardedTensor) else None
 
 
 def load_full(iter_path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -22,13 +22,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from framework.config import ConfigError, ModelConfig
+from framework.config import ModelConfig
+from framework.interop import InteropError
 
 Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
-
-
-class InteropError(ConfigError):
-    """Bad input to a conversion (files, names, shapes, unsupported architecture); one line."""
 
 
 def same(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

@@ -8,8 +8,9 @@ from typing import Any, List, Optional
 from framework.config import DataConfig, TokenizerConfig, TrainConfig
 
 
-def load_run_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig, load_dir: Optional[str]):
-    """Config first; else the checkpoint's saved tokenizer; else the embedded one."""
+def load_run_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig, load_dir: Optional[str],
+                       hf_dir: Optional[str] = None):
+    """Config first; else the checkpoint's (or HF model dir's) tokenizer; else the embedded one."""
     from framework.tokenizer import build_tokenizer, embedded_tokenizer
     from framework.training import checkpoint as ckpt
 
@@ -20,6 +21,9 @@ def load_run_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig, load_dir:
         saved = os.path.join(ckpt.iter_dir(load_dir, it), "tokenizer") if it is not None else None
         if saved and os.path.isdir(saved):
             return build_tokenizer(tok_cfg, default_dir=saved)
+    if hf_dir and any(os.path.isfile(os.path.join(hf_dir, f))
+                      for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        return build_tokenizer(TokenizerConfig(path=hf_dir))
     if data_cfg.type == "indexed":
         from framework.config import ConfigError
 

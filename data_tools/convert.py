@@ -1,0 +1,478 @@
+"""Convert checkpoints between Hugging Face and our megatron-core format, or change their layout.
+
+    python -m data_tools.convert hf-to-megatron --load HF_DIR --save CKPT_DIR \\
+        [--target-tp N] [--target-pp M] [--target-dtype bf16|fp16|fp32] \\
+        [--make-vocab-size-divisible-by K] [--allow-pickle] [--tokenizer NAME_OR_DIR]
+    python -m data_tools.convert megatron-to-hf --load CKPT_DIR --save HF_DIR \\
+        [--max-shard-size 5GB] [--tokenizer NAME_OR_DIR] [--target-dtype ...]
+    python -m data_tools.convert reshape --load CKPT_DIR --save CKPT_DIR \\
+        --target-tp N --target-pp M [--with-optimizer] [--make-vocab-size-divisible-by K]
+
+Every command also takes --print-checkpoint-structure (tensor names, shapes and dtypes of the
+input, and of the output when --save is given) and --overwrite.
+
+* hf-to-megatron writes iteration 0 of a checkpoint that `train.py checkpoint.load=CKPT_DIR`
+  (and generate.py) load at TP=N, PP=M: the model is built at TP1/PP1 in this one process, the
+  HF weights copied in, and the result saved with megatron-core's torch_dist format, which
+  reshards at load time. The vocabulary is padded for TP=N (framework.models.padded_vocab_size).
+* megatron-to-hf loads a checkpoint of any layout at TP1/PP1 and writes `save_pretrained`'s
+  layout: config.json, safetensors weights (sharded with model.safetensors.index.json above
+  --max-shard-size), and the tokenizer saved with the checkpoint (or --tokenizer).
+* reshape rewrites a checkpoint for TP=N, PP=M: vocabulary padding for TP=N, the layout recorded
+  in its config, optimizer state kept with --with-optimizer (else the weights only). Per-rank
+  RNG states are dropped.
+
+HF weights are read from safetensors; PyTorch pickles (.bin) are refused unless --allow-pickle
+(unpickling can execute code; they are then read with torch.load(weights_only=True)). Outputs
+are safetensors only. --save must be empty or absent unless --overwrite; the output is built in
+a staging directory beside it and moved into place only when complete. Bad input prints one line
+on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict
+from typing import Iterator, List, Optional
+
+EXIT_BAD_INPUT = 2
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class InputError(Exception):
+    """Bad command-line input; one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools.convert",
+                                description="Convert HF <-> megatron checkpoints, or reshape.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--load", required=True, help="input directory")
+        sp.add_argument("--save", help="output directory (must be empty unless --overwrite)")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace the contents of a non-empty --save directory")
+        sp.add_argument("--print-checkpoint-structure", action="store_true",
+                        help="print tensor names, shapes and dtypes of input (and output)")
+
+    h = sub.add_parser("hf-to-megatron", help="HF model directory -> our checkpoint")
+    common(h)
+    h.add_argument("--target-tp", type=int, default=1)
+    h.add_argument("--target-pp", type=int, default=1)
+    h.add_argument("--target-dtype", choices=sorted(DTYPES),
+                   help="dtype of the saved weights (default: the HF weights' dtype)")
+    h.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    h.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model.bin pickles (read with weights_only=True)")
+    h.add_argument("--tokenizer", help="tokenizer to save with the checkpoint (default: the "
+                                       "one in --load, if any)")
+
+    m = sub.add_parser("megatron-to-hf", help="our checkpoint -> HF save_pretrained layout")
+    common(m)
+    m.add_argument("--max-shard-size", default="5GB", help="e.g. 200MB, 5GB (default 5GB)")
+    m.add_argument("--tokenizer", help="tokenizer to write (default: the checkpoint's own)")
+    m.add_argument("--target-dtype", choices=sorted(DTYPES),
+                   help="dtype of the written weights (default: the checkpoint's dtype)")
+
+    r = sub.add_parser("reshape", help="our checkpoint -> our checkpoint for another TP/PP")
+    common(r)
+    r.add_argument("--target-tp", type=int, required=True)
+    r.add_argument("--target-pp", type=int, required=True)
+    r.add_argument("--with-optimizer", action="store_true",
+                   help="keep optimizer and scheduler state (default: weights only)")
+    r.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="default: the checkpoint's own")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# output directory: staging + publish
+# --------------------------------------------------------------------------------------------
+def _inside(a: str, b: str) -> bool:
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def check_save_dir(save: str, load: str, overwrite: bool) -> None:
+    """Refuse (before any work) an output that would clobber data or the input."""
+    if _inside(save, load) or _inside(load, save):
+        raise InputError(f"--save {save} and --load {load} overlap; choose another --save")
+    if os.path.exists(save):
+        if not os.path.isdir(save):
+            raise InputError(f"--save {save} exists and is not a directory")
+        if os.listdir(save) and not overwrite:
+            raise InputError(f"--save {save} is not empty; pass --overwrite to replace its "
+                             f"contents (it was left untouched)")
+
+
+@contextlib.contextmanager
+def staging_dir(save: str) -> Iterator[str]:
+    """A fresh directory beside `save`; removed unless `publish` moved it into place."""
+    parent = os.path.dirname(os.path.abspath(save)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.tmp-",
+                           dir=parent)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: str, save: str) -> None:
+    """Move the finished staging directory to `save`, replacing what is there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _dirs, files in os.walk(tmp):  # mkdtemp and some writers use owner-only modes
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    old = None
+    if os.path.exists(save):
+        old = f"{os.path.abspath(save)}.old-{os.getpid()}"
+        os.replace(save, old)
+    os.replace(tmp, save)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# one-process torch.distributed world (dist_checkpointing and model building need one)
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def single_process_world() -> Iterator[None]:
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    made_pg = made_mp = False
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # the models live on the CPU; with CUDA present, mcore's checkpointing still puts small
+        # status tensors on the GPU, which the NCCL half of the backend carries
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+        made_pg = True
+    elif dist.get_world_size() != 1:
+        raise InputError("the converter runs in one process; do not launch it with torchrun")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+        made_mp = True
+    torch.manual_seed(0)
+    try:
+        yield
+    finally:
+        if made_mp:
+            ps.destroy_model_parallel()
+        if made_pg:
+            dist.destroy_process_group()
+
+
+def _torch_dtype(name: Optional[str]):
+    import torch
+
+    return None if name is None else getattr(torch, DTYPES[name])
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------
+# structure printing
+# --------------------------------------------------------------------------------------------
+def print_hf_structure(hf_dir: str, allow_pickle: bool) -> None:
+    from framework.interop.hf_files import HFWeights, read_hf_config
+
+    cfg = read_hf_config(hf_dir)
+    w = HFWeights(hf_dir, allow_pickle=allow_pickle)
+    rows = w.describe()
+    print(f"== Hugging Face checkpoint {hf_dir} (model_type={cfg.get('model_type')}, "
+          f"{w.format}, {len(rows)} tensors)")
+    for name, shape, dtype in rows:
+        print(f"  {name:70s} {str(list(shape)):22s} {dtype}")
+
+
+def print_megatron_structure(path: str) -> None:
+    from framework.interop.megatron_files import describe, resolve_checkpoint
+
+    _root, it, iter_path, meta = resolve_checkpoint(path)
+    tensors, objects = describe(iter_path)
+    model = meta.get("config", {}).get("model", {})
+    print(f"== megatron checkpoint {iter_path} (iteration {it}, consumed_samples "
+          f"{meta.get('consumed_samples')}, saved at layout {meta.get('layout')}, model "
+          f"{model.get('name')}/{model.get('type')}, {len(tensors)} tensors, "
+          f"{len(objects)} objects)")
+    for key, shape, dtype in tensors:
+        print(f"  {key:70s} {str(list(shape)):22s} {dtype}")
+    for key in objects:
+        print(f"  {key:70s} (object)")
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+def _load_tokenizer(path: str):
+    from framework.config import TokenizerConfig
+    from framework.tokenizer import build_tokenizer
+
+    return build_tokenizer(TokenizerConfig(path=path))
+
+
+def hf_to_megatron(args) -> None:
+    from framework import interop
+    from framework.interop.hf_files import HFWeights, has_tokenizer, read_hf_config
+
+    # the cheap refusals first: unsupported type, pickles (before torch / megatron imports)
+    hf_cfg = read_hf_config(args.load)
+    fam = interop.family(hf_cfg.get("model_type"))
+    weights = HFWeights(args.load, allow_pickle=args.allow_pickle)
+
+    import torch
+
+    from framework.config import Config, ParallelConfig
+    from framework.models import build_model, padded_vocab_size
+    from framework.training.checkpoint import save_checkpoint
+
+    if args.make_vocab_size_divisible_by < 1:
+        raise InputError("--make-vocab-size-divisible-by must be >= 1")
+    model_cfg = fam.hf_config_to_model_config(
+        hf_cfg, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    tp, pp = args.target_tp, args.target_pp
+    parallel = ParallelConfig(name=f"tp{tp}_pp{pp}", tensor_model_parallel_size=tp,
+                              pipeline_model_parallel_size=pp)
+    config = Config(model=model_cfg, parallel=parallel)  # validates heads % TP, layers % PP
+    tok_path = args.tokenizer or (args.load if has_tokenizer(args.load) else None)
+    tokenizer = _load_tokenizer(tok_path) if tok_path else None
+    if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary is {model_cfg.vocab_size}")
+    dtype = _torch_dtype(args.target_dtype) or weights.dtype()
+    padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
+    if args.save is None:
+        return
+    with staging_dir(args.save) as tmp, single_process_world():
+        chunks = build_model(model_cfg, ParallelConfig(), vocab_size=padded, bf16=False,
+                             fp16=False, device=torch.device("cpu"), wrap_ddp=False)
+        info = interop.load_hf_into_model(args.load, chunks, model_cfg,
+                                          allow_pickle=args.allow_pickle)
+        for c in chunks:
+            c.to(dtype)
+        save_checkpoint(tmp, 0, chunks, None, None, consumed_samples=0, config=asdict(config),
+                        tokenizer=tokenizer,
+                        extra={"hf_source": {"model_type": fam.HF_MODEL_TYPE,
+                                             "path": os.path.abspath(args.load),
+                                             "format": info["format"], "config": hf_cfg}})
+        publish(tmp, args.save)
+    print(f"wrote {args.save}: {fam.HF_MODEL_TYPE} -> model.type={model_cfg.type}, "
+          f"{info['tensors']} tensors, {_dtype_name(dtype)}, vocab {model_cfg.vocab_size} "
+          f"padded to {padded} for TP={tp} (make_vocab_size_divisible_by="
+          f"{model_cfg.make_vocab_size_divisible_by}), layout TP={tp} PP={pp}"
+          f"{'' if tokenizer else ', no tokenizer'}")
+
+
+def _export_vocab_size(model_cfg, tokenizer) -> int:
+    if model_cfg.vocab_size is not None:
+        return model_cfg.vocab_size
+    if tokenizer is not None:
+        return tokenizer.vocab_size
+    raise InputError("the checkpoint's config has no model.vocab_size and it has no saved "
+                     "tokenizer; pass --tokenizer to give the vocabulary")
+
+
+def megatron_to_hf(args) -> None:
+    import torch
+
+    from framework import interop
+    from framework.config import ParallelConfig
+    from framework.interop.hf_files import parse_size
+    from framework.interop.megatron_files import (describe, model_config_from_meta,
+                                                  resolve_checkpoint)
+    from framework.models import build_model, unwrap
+    from framework.training.checkpoint import load_checkpoint
+
+    max_shard = parse_size(args.max_shard_size)
+    root, it, iter_path, meta = resolve_checkpoint(args.load)
+    model_cfg = model_config_from_meta(meta, iter_path)
+    source = meta.get("hf_source") or {}
+    fam = interop.family_for_model(model_cfg, source.get("model_type"))
+    saved_tok = os.path.join(iter_path, "tokenizer")
+    tok_path = args.tokenizer or (saved_tok if os.path.isdir(saved_tok) else None)
+    tokenizer = _load_tokenizer(tok_path) if tok_path else None
+    vocab = _export_vocab_size(model_cfg, tokenizer)
+    names = interop.vocab_tensor_names(model_cfg)
+    stored = {key: (shape, dt) for key, shape, dt in describe(iter_path)[0]}
+    found = [n for n in names if n in stored]
+    if not found:
+        raise InputError(f"{iter_path}: no vocabulary tensor ({', '.join(names)}) stored")
+    padded, stored_dtype = stored[found[0]][0][0], getattr(torch, stored[found[0]][1])
+    dtype = _torch_dtype(args.target_dtype) or stored_dtype
+    hf_cfg = fam.model_config_to_hf_config(model_cfg, vocab_size=vocab,
+                                           base=source.get("config"))
+    hf_cfg["dtype"] = _dtype_name(dtype)
+    if not source.get("config") and tokenizer is not None:
+        hf_cfg["bos_token_id"], hf_cfg["eos_token_id"] = tokenizer.bos, tokenizer.eod
+        if tokenizer.pad != tokenizer.eod:
+            hf_cfg["pad_token_id"] = tokenizer.pad
+    if args.save is None:
+        return
+    with staging_dir(args.save) as tmp, single_process_world():
+        chunks = build_model(model_cfg, ParallelConfig(), vocab_size=padded, bf16=False,
+                             fp16=False, device=torch.device("cpu"), wrap_ddp=False)
+        load_checkpoint(root, chunks, None, None, model_cfg=model_cfg, iteration=it,
+                        with_optimizer=False)
+        state = unwrap(chunks[0]).state_dict()
+        tensors = interop.hf_state_dict_from_megatron(state, model_cfg, vocab_size=vocab,
+                                                      dtype=dtype,
+                                                      hf_model_type=fam.HF_MODEL_TYPE)
+        files = interop.save_hf_checkpoint(tmp, tensors, hf_cfg, max_shard_size=max_shard)
+        if args.tokenizer:
+            tokenizer.save(tmp)
+        elif tok_path:
+            for name in sorted(os.listdir(tok_path)):
+                if os.path.isfile(os.path.join(tok_path, name)):
+                    shutil.copy2(os.path.join(tok_path, name), os.path.join(tmp, name))
+        publish(tmp, args.save)
+    print(f"wrote {args.save}: {fam.HF_MODEL_TYPE} ({fam.HF_ARCHITECTURE}), {len(tensors)} "
+          f"tensors in {len([f for f in files if f.endswith('.safetensors')])} safetensors "
+          f"file(s), {_dtype_name(dtype)}, vocab {vocab} (padding {padded - vocab} rows "
+          f"stripped){'' if tok_path else ', no tokenizer (none saved; pass --tokenizer)'}")
+
+
+MODEL_SPACE_OPTIMIZER_FORMATS = (None, "fully_sharded_model_space", "fully_reshardable")
+
+
+def reshape(args) -> None:
+    from framework import interop
+    from framework.config import Config, ParallelConfig
+    from framework.interop.megatron_files import (is_vocab_key, load_full,
+                                                  model_config_from_meta, resize_vocab_rows,
+                                                  resolve_checkpoint, write_checkpoint)
+    from framework.models import padded_vocab_size
+    from framework.training.checkpoint import package_versions
+
+    _root, it, iter_path, meta = resolve_checkpoint(args.load)
+    model_cfg = model_config_from_meta(meta, iter_path)
+    if args.make_vocab_size_divisible_by is not None:
+        if args.make_vocab_size_divisible_by < 1:
+            raise InputError("--make-vocab-size-divisible-by must be >= 1")
+        from dataclasses import replace
+
+        model_cfg = replace(model_cfg,
+                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    tp, pp = args.target_tp, args.target_pp
+    stored = meta.get("config", {})
+    parallel = ParallelConfig(name=f"tp{tp}_pp{pp}", tensor_model_parallel_size=tp,
+                              pipeline_model_parallel_size=pp)
+    Config(model=model_cfg, parallel=parallel)  # validates the target layout for this model
+    saved_tok = os.path.join(iter_path, "tokenizer")
+    vocab = model_cfg.vocab_size
+    if vocab is None:
+        if not os.path.isdir(saved_tok):
+            raise InputError(f"{iter_path}: config has no model.vocab_size and no tokenizer "
+                             f"is saved; cannot tell real rows from padding")
+        vocab = _load_tokenizer(saved_tok).vocab_size
+    names = interop.vocab_tensor_names(model_cfg)
+    padded = padded_vocab_size(vocab, model_cfg.make_vocab_size_divisible_by, tp)
+    if args.save is None:
+        return
+    with staging_dir(args.save) as tmp, single_process_world():
+        common, tensors, objects = load_full(iter_path)
+        opt_format = (common.get("optimizer") or {}).get("param_state_sharding_type") \
+            if isinstance(common.get("optimizer"), dict) else None
+        if args.with_optimizer and opt_format not in MODEL_SPACE_OPTIMIZER_FORMATS:
+            raise InputError(f"{iter_path}: distributed-optimizer state in the "
+                             f"{opt_format!r} format is bound to its layout; save it with "
+                             f"distrib_optim_sharding_type=fully_sharded_model_space, or "
+                             f"reshape without --with-optimizer")
+        if not args.with_optimizer:
+            common = {k: v for k, v in common.items() if k not in ("optimizer", "scheduler")}
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+            objects = {k: v for k, v in objects.items() if not v[0].key.startswith("optimizer.")}
+        resized = []
+        for key in list(tensors):
+            if is_vocab_key(key, names) and tensors[key].shape[0] != padded:
+                resized.append(f"{key} {tensors[key].shape[0]}->{padded}")
+                tensors[key] = resize_vocab_rows(tensors[key], padded, vocab, key)
+        config = dict(stored)
+        config["model"] = asdict(model_cfg)
+        config["parallel"] = {**stored.get("parallel", {}), **asdict(parallel)}
+        new_meta = {k: v for k, v in meta.items() if k not in ("layout", "config", "versions")}
+        new_meta.update(config=config, versions=package_versions(), layout=None,
+                        reshaped_from=meta.get("layout"),
+                        with_optimizer=bool(args.with_optimizer))
+        write_checkpoint(tmp, it, common, tensors, objects, new_meta,
+                         tokenizer_dir=saved_tok if os.path.isdir(saved_tok) else None)
+        publish(tmp, args.save)
+    print(f"wrote {args.save}: iteration {it} for TP={tp} PP={pp}, {len(tensors)} tensors"
+          f"{' with optimizer state' if args.with_optimizer else ' (weights only)'}; vocab "
+          f"{vocab} padded to {padded}" + (f" ({len(resized)} tensors resized)" if resized
+                                           else ""))
+
+
+COMMANDS = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf,
+            "reshape": reshape}
+
+
+def run(args) -> None:
+    if args.save is None and not args.print_checkpoint_structure:
+        raise InputError("--save is required (or pass --print-checkpoint-structure alone to "
+                         "inspect --load)")
+    if not os.path.isdir(args.load):
+        raise InputError(f"--load {args.load} is not a directory")
+    if args.save is not None:
+        check_save_dir(args.save, args.load, args.overwrite)
+    hf_input = args.command == "hf-to-megatron"
+    if args.print_checkpoint_structure:
+        if hf_input:
+            print_hf_structure(args.load, args.allow_pickle)
+        else:
+            print_megatron_structure(args.load)
+    COMMANDS[args.command](args)
+    if args.print_checkpoint_structure and args.save is not None:
+        if args.command == "megatron-to-hf":
+            print_hf_structure(args.save, False)
+        else:
+            print_megatron_structure(args.save)
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers loads
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from framework.config import ConfigError
+
+    _quiet()
+    try:
+        run(args)
+    except (InputError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr,
+              flush=True)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
