@@ -117,6 +117,7 @@ def preprocess(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     encoder = _Encoder(tokenizer, append_eod, dtype)
     tmp_bin, tmp_idx = _temp_path(output_prefix + ".bin"), _temp_path(output_prefix + ".idx")
+    builder: Optional[IndexedDatasetBuilder] = None
     try:
         builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
         bar = tqdm(desc=f"tokenize {os.path.basename(output_prefix)}", unit=" docs",
@@ -137,6 +138,8 @@ def preprocess(
         os.replace(tmp_bin, output_prefix + ".bin")
         os.replace(tmp_idx, output_prefix + ".idx")
     finally:
+        if builder is not None and not builder.data_file.closed:  # failed before finalize
+            builder.data_file.close()
         for path in (tmp_bin, tmp_idx):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

@@ -1,0 +1,97 @@
+"""Throughput of our GPT training against Hugging Face (+ torch.compile), one GPU, one run.
+
+    python benchmarks/throughput.py [--model gpt2_large] [--hf-micro-batches 8,16] \
+        [--micro-batches 8,16] [--steps 20]
+
+Every candidate runs as its own process, one after another, on GPU 0, with the same model
+dimensions and sequence length. Ours runs the real `train.py` on mock data and reports the
+mean tokens/s of the steps after warm-up from its metrics.jsonl. The table gives tok/s, MFU
+(Megatron's model-FLOPs formula against 989 TFLOP/s bf16, see framework/training/metrics.py),
+peak memory and the ratio to the best HF + compile result. OOM counts as "did not fit".
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DIMS = {"gpt2_small": (12, 768, 12), "gpt2_medium": (24, 1024, 16), "gpt2_large": (36, 1280, 20),
+        "gpt2_xl": (48, 1600, 25)}
+
+
+def run(cmd, env=None):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    return r
+
+
+def hf(model, mb, steps, compile_):
+    l, h, n = DIMS[model]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "hf_baseline.py"), "--layers", str(l),
+           "--hidden", str(h), "--heads", str(n), "--micro-batch", str(mb), "--steps", str(steps)]
+    r = run(cmd + (["--compile"] if compile_ else []))
+    if r.returncode != 0:
+        return None, ("OOM" if "out of memory" in r.stderr.lower() else r.stderr[-300:])
+    return json.loads(r.stdout.strip().splitlines()[-1]), ""
+
+
+def ours(model, mb, steps, extra):
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"model={model}", "data=mock",
+               f"train.max_steps={steps + 5}", "train.log_interval=1", "train.eval_interval=0",
+               f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
+               "train.progress_bar=false", "checkpoint.save=false", "parallel.data_parallel_size=1",
+               "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
+               f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out", *extra]
+        r = run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+        if r.returncode != 0:
+            return None, ("OOM" if "out of memory" in (r.stderr + r.stdout).lower()
+                          else r.stderr[-300:])
+        recs = [json.loads(x) for x in open(f"{d}/out/metrics.jsonl") if '"loss"' in x][5:]
+    tps = sum(x["tokens_per_sec_per_gpu"] for x in recs) / len(recs)
+    return {"tok_s": tps, "ms_per_iter": sum(x["ms_per_iter"] for x in recs) / len(recs),
+            "peak_gb": max(x["mem_gb"] for x in recs)}, ""
+
+
+def main():
+    import torch
+
+    from framework.training.metrics import flops_per_token
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gpt2_large")
+    ap.add_argument("--hf-micro-batches", default="8,16")
+    ap.add_argument("--micro-batches", default="8,16")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--ours-extra", default="", help="space-separated overrides for train.py")
+    a = ap.parse_args()
+    l, h, _ = DIMS[a.model]
+    fpt = flops_per_token(l, h, 1024, 50304)
+    card = torch.cuda.get_device_name(0)
+    rows = []
+    for mb in map(int, a.hf_micro_batches.split(",")):
+        for comp in (False, True):
+            res, err = hf(a.model, mb, a.steps, comp)
+            rows.append((f"HF {'+ torch.compile' if comp else 'eager'} SDPA", mb, res, err))
+    for mb in map(int, a.micro_batches.split(",")):
+        for label, extra in (("ours (SDPA, default)", []),
+                             ("ours (mcore local attention)", ["model.attention_backend=local"])):
+            res, err = ours(a.model, mb, a.steps, extra + a.ours_extra.split())
+            rows.append((label, mb, res, err))
+    best = max((r[2]["tok_s"] for r in rows if r[2] and "compile" in r[0]), default=None)
+    print(f"\n{a.model}, seq 1024, bf16, AdamW, one {card}")
+    print(f"| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile |")
+    print("|---|---|---|---|---|---|")
+    for label, mb, res, err in rows:
+        if res is None:
+            print(f"| {label} | {mb} | did not run: {err.strip().splitlines()[-1] if err else ''} | | | |")
+            continue
+        mfu = res["tok_s"] * fpt / 989e12
+        ratio = f"{res['tok_s'] / best:.2f}x" if best else "n/a"
+        print(f"| {label} | {mb} | {res['tok_s']:.0f} | {100 * mfu:.1f}% | {res['peak_gb']:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
