@@ -41,6 +41,8 @@ class ModelConfig:
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # GQA; 1 = MQA; None = MHA
+    # Alias in the Accelerate/HF spelling: multiquery = num_query_groups 1, multihead = MHA
+    attention_head_type: Optional[str] = None
     ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size
     kv_channels: Optional[int] = None
     seq_length: int = 64
@@ -55,6 +57,8 @@ class ModelConfig:
     activation: str = "gelu"
     add_bias_linear: bool = True
     add_qkv_bias: bool = False  # mcore: only used when add_bias_linear is False
+    # learned_absolute | rope | alibi (no position table: a per-head linear bias on the
+    # attention scores) | none
     position_embedding_type: str = "learned_absolute"
     rotary_percent: float = 1.0
     rotary_base: int = 10000
@@ -72,6 +76,15 @@ class ModelConfig:
             f"model.hidden_size={self.hidden_size} must be divisible by "
             f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
         )
+        if self.attention_head_type is not None:
+            _choice(self.attention_head_type, ("multiquery", "multihead"),
+                    "model.attention_head_type")
+            want = 1 if self.attention_head_type == "multiquery" else self.num_attention_heads
+            _require(self.num_query_groups in (None, want),
+                     f"model.attention_head_type={self.attention_head_type} conflicts with "
+                     f"model.num_query_groups={self.num_query_groups} (it means {want})")
+            # written back only when set by the user (the schema default is None)
+            self.num_query_groups = want if want != self.num_attention_heads else None
         if self.num_query_groups is not None:
             _require(
                 self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
@@ -84,8 +97,20 @@ class ModelConfig:
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
-        _choice(self.position_embedding_type, ("learned_absolute", "rope", "none"),
+        _choice(self.position_embedding_type, ("learned_absolute", "rope", "alibi", "none"),
                 "model.position_embedding_type")
+        _require(0.0 < self.rotary_percent <= 1.0,
+                 f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
+        _require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
+        if self.position_embedding_type == "rope":
+            head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+            rot = int(head_dim * self.rotary_percent)
+            _require(rot > 0 and rot % 2 == 0,
+                     f"model.rotary_percent={self.rotary_percent} x head dim {head_dim} gives "
+                     f"{rot} rotary channels; it must be a positive even number")
+        _require(self.position_embedding_type != "alibi" or self.attention_backend == "sdpa",
+                 "model.position_embedding_type=alibi needs model.attention_backend=sdpa "
+                 f"(got {self.attention_backend!r}: mcore's local attention has no ALiBi)")
         _choice(self.normalization, ("LayerNorm", "RMSNorm"), "model.normalization")
         _choice(self.activation, ("gelu", "gelu_tanh", "swiglu", "relu"), "model.activation")
         _choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
@@ -254,6 +279,17 @@ class TokenizerConfig:
 # train, checkpoint, logging
 # --------------------------------------------------------------------------------------------
 @dataclass
+class ProfileConfig:
+    """torch.profiler traces of some train steps (framework.training.profiling)."""
+
+    steps: List[int] = field(default_factory=list)  # [first, last] (1-based); [] = off
+    ranks: Optional[List[int]] = field(default_factory=lambda: [0])  # null/[] = every rank
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 300  # 0: build, save the initial weights ("seed checkpoint") and stop
     micro_batch_size: int = 16
@@ -269,9 +305,22 @@ class TrainConfig:
     progress_bar: bool = True
     # Plugin point: the train-step class (see framework.training.step). Only `_target_` here.
     step: dict = field(default_factory=dict)
+    # resilience (framework.training.resilience)
+    max_minutes: Optional[float] = None  # wall-clock budget: save a checkpoint and exit 0
+    nan_policy: str = "skip"  # non-finite loss/grad norm: skip the update | stop the run
+    max_consecutive_nan: int = 10  # stop after this many non-finite steps in a row
+    spike_factor: Optional[float] = None  # warn when loss > factor x running mean; None = off
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         _choice(self.device, ("auto", "cuda", "cpu"), "train.device")
+        _choice(self.nan_policy, ("skip", "stop"), "train.nan_policy")
+        _require(self.max_minutes is None or self.max_minutes > 0,
+                 f"train.max_minutes must be positive (or null), got {self.max_minutes}")
+        _require(self.max_consecutive_nan > 0,
+                 f"train.max_consecutive_nan must be positive, got {self.max_consecutive_nan}")
+        _require(self.spike_factor is None or self.spike_factor > 1,
+                 f"train.spike_factor must be > 1 (or null), got {self.spike_factor}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         for f in ("micro_batch_size", "global_batch_size", "log_interval"):
             _require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")
@@ -293,8 +342,11 @@ class CheckpointConfig:
     load_hf: Optional[str] = None
     allow_pickle: bool = False  # let load_hf read pytorch_model.bin (weights_only) files
     save: bool = True
+    keep_last: Optional[int] = None  # keep only the newest N committed checkpoints; None = all
 
     def __post_init__(self) -> None:
+        _require(self.keep_last is None or self.keep_last > 0,
+                 f"checkpoint.keep_last must be positive (or null), got {self.keep_last}")
         _require(not (self.load and self.load_hf),
                  "give checkpoint.load or checkpoint.load_hf, not both")
         _require(self.save_interval > 0,
@@ -421,7 +473,7 @@ def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:
 
 GROUP_TYPES = {c.__name__: c for c in (ModelConfig, ParallelConfig, OptimizerConfig, DataConfig,
                                        TokenizerConfig, TrainConfig, CheckpointConfig,
-                                       LoggingConfig)}
+                                       LoggingConfig, ProfileConfig)}
 
 GROUPS = {
     "model": ModelConfig,

@@ -1,12 +1,14 @@
 """GPT: megatron-core's `GPTModel` with our layer spec (SDPA attention, SP-capable norm)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from framework.config import ModelConfig, ParallelConfig
+from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
 from framework.models.layers import Norm, SDPAttention
 
 
@@ -82,7 +84,7 @@ def gpt_layer_spec(model: ModelConfig):
     """One transformer layer: mcore modules, with our core attention and norm."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.attention import SelfAttentionSubmodules
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
@@ -91,7 +93,9 @@ def gpt_layer_spec(model: ModelConfig):
     from megatron.core.transformer.transformer_layer import (TransformerLayer,
                                                              TransformerLayerSubmodules)
 
-    core_attention = SDPAttention if model.attention_backend == "sdpa" else DotProductAttention
+    # mcore calls the core-attention builder directly (a class or any callable), not build_module
+    core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi")
+                      if model.attention_backend == "sdpa" else DotProductAttention)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -128,7 +132,7 @@ def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
               post_process: bool, vp_stage: Optional[int]):
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(
+    gpt = GPTModel(
         config=tcfg,
         transformer_layer_spec=block_spec(model, tcfg, vp_stage),
         vocab_size=vocab_size,
@@ -137,8 +141,12 @@ def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type,
+        # ALiBi has no position table: the bias is applied in SDPAttention
+        position_embedding_type=("none" if model.position_embedding_type == "alibi"
+                                 else model.position_embedding_type),
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     )
+    keep_rotary_on_device(gpt)
+    return gpt

@@ -3,7 +3,8 @@
 * `SDPAttention`: a core attention on `torch.nn.functional.scaled_dot_product_attention`
   (flash / cuDNN / memory-efficient backends on GPU, the math path on CPU). It implements
   megatron-core's `CoreAttention` protocol (megatron/core/transformer/attention.py), so it plugs
-  into a layer spec's `core_attention` slot.
+  into a layer spec's `core_attention` slot. With `alibi=True` it adds ALiBi biases
+  (framework/models/attention_variants.py): FlexAttention on GPU, a dense SDPA bias elsewhere.
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
   refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
   `finalize_model_grads` all-reduces their grads over the TP group.
@@ -17,11 +18,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from framework.models.attention_variants import (alibi_bias, alibi_slopes_for_rank, flex_alibi,
+                                                 flex_supported, tp_rank_and_size)
 
 
 class SDPAttention(MegatronModule):
@@ -42,16 +46,21 @@ class SDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        alibi: bool = False,
     ):
         super().__init__(config=config)
-        tp = (pg_collection.tp.size() if pg_collection is not None and hasattr(pg_collection, "tp")
-              else parallel_state.get_tensor_model_parallel_world_size())
+        tp_rank, tp = tp_rank_and_size(pg_collection)
         self.attn_mask_type = attn_mask_type
         self.num_heads = divide(config.num_attention_heads, tp)
         self.num_groups = divide(config.num_query_groups, tp)
         kv = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(kv)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # ALiBi: the slopes of this rank's heads. A plain fp32 attribute, not a buffer: not saved
+        # (a function of the architecture) and not cast to bf16 by Float16Module.
+        self.alibi = alibi
+        self.alibi_slopes = (alibi_slopes_for_rank(config.num_attention_heads, tp, tp_rank).float()
+                             if alibi else None)
 
     def forward(
         self,
@@ -68,6 +77,21 @@ class SDPAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        p = self.dropout_p if self.training else 0.0
+        if self.alibi:
+            if self.alibi_slopes.device != q.device:
+                self.alibi_slopes = self.alibi_slopes.to(q.device)
+            slopes = self.alibi_slopes
+            if (flex_supported(q) and p == 0.0 and attention_mask is None
+                    and attention_bias is None and mask_type == AttnMaskType.causal
+                    and sq == k.shape[2]):
+                out = flex_alibi(q, k, v, slopes, self.softmax_scale)
+                return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+            # reference path: dense bias (also dropout, padding masks, KV-cache decoding);
+            # it carries the causal mask, so it replaces the causal mask type
+            bias = alibi_bias(slopes, sq, k.shape[2], q.device, q.dtype)
+            attention_bias = bias if attention_bias is None else attention_bias + bias
+            mask_type = AttnMaskType.no_mask
         if self.num_groups != self.num_heads:
             rep = self.num_heads // self.num_groups
             k = k.repeat_interleave(rep, dim=1)
@@ -91,7 +115,6 @@ class SDPAttention(MegatronModule):
             elif sq > 1:  # queries are the last sq positions (KV cache with a multi-token chunk)
                 mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
                     k.shape[2] - sq)
-        p = self.dropout_p if self.training else 0.0
         if p > 0 and q.is_cuda and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
