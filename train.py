@@ -9,11 +9,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from framework.cli import default_checkpoint_dir, register_resolvers, report_errors
+from framework.cli import (default_checkpoint_dir, install_masked_cfg_printing, is_multirun,
+                           register_resolvers, report_errors)
 from framework.config import Config, check_unknown_keys, register_configs
+from framework.security import check_plugin_targets
 
 register_configs()
 register_resolvers()
+install_masked_cfg_printing()  # `--cfg job` masks secrets
 
 
 def to_config(dcfg: DictConfig) -> Config:
@@ -21,6 +24,7 @@ def to_config(dcfg: DictConfig) -> Config:
     if dcfg.checkpoint.dir is None:
         dcfg.checkpoint.dir = default_checkpoint_dir(hc.job.override_dirname, hc.runtime.cwd)
     dcfg.run_dir = hc.runtime.output_dir
+    check_plugin_targets(dcfg)  # `_target_` only at plugin points, before anything is built
     check_unknown_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, Config)
@@ -29,9 +33,11 @@ def to_config(dcfg: DictConfig) -> Config:
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")
 def main(dcfg: DictConfig) -> None:
-    import framework
+    from framework.run import run  # (not `framework.run`: the submodule shadows it once imported)
 
-    report_errors(lambda: framework.run(to_config(dcfg)))
+    # in a sweep (-m) a failed job is recorded in its directory and the next job runs
+    job_dir = HydraConfig.get().runtime.output_dir if is_multirun() else None
+    report_errors(lambda: run(to_config(dcfg)), job_dir=job_dir)
 
 
 if __name__ == "__main__":

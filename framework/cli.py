@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from datetime import datetime
-from typing import Callable, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 from omegaconf import OmegaConf
 
@@ -40,14 +40,37 @@ def register_resolvers() -> None:
 
 def default_checkpoint_dir(override_dirname: str, cwd: str) -> str:
     """checkpoints/<overrides>: the same command resumes, a different one does not."""
+    from framework.security import is_secret_name, mask_text
+
+    # a secret given as an override must not become part of a directory name
+    parts = []
+    for part in mask_text(override_dirname).split(","):
+        key, eq, val = part.partition("=")
+        if eq and is_secret_name(key.lstrip("+~")):
+            val = "masked-" + hashlib.sha1(val.encode()).hexdigest()[:8]
+        parts.append(key + eq + val)
+    override_dirname = ",".join(parts)
     name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname) or "default"
     if len(name) > 120:
         name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
     return os.path.join(cwd, "checkpoints", name)
 
 
-def report_errors(fn: Callable[[], T]) -> T:
-    """Run `fn`; a config or input error becomes one line on stderr and exit code 2."""
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def report_errors(fn: Callable[[], T], job_dir: Optional[str] = None) -> Optional[T]:
+    """Run `fn`; a config or input error becomes one line on stderr and exit code 2.
+
+    With `job_dir` (one job of a `-m` sweep) nothing exits: the outcome is written to
+    `<job_dir>/job_status.json` for the sweep summary and the sweep goes on with the next job.
+    """
+    if job_dir is not None:
+        return _record_job(fn, job_dir)
     from omegaconf.errors import OmegaConfBaseException
 
     from framework.config import ConfigError
@@ -63,3 +86,53 @@ def report_errors(fn: Callable[[], T]) -> T:
             msg = str(cause)
         print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _record_job(fn: Callable[[], T], job_dir: str) -> Optional[T]:
+    import traceback
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.config import ConfigError
+    from framework.security import mask_text
+    from framework.sweep import write_job_status
+
+    try:
+        out = fn()
+    except (ConfigError, OmegaConfBaseException) as e:
+        cause = e.__cause__ or e.__context__
+        msg = str(cause if isinstance(cause, ConfigError) else e).strip().splitlines()[0]
+        print(f"error: {mask_text(msg)}", file=sys.stderr, flush=True)
+        write_job_status(job_dir, "failed", f"config error: {mask_text(msg)}")
+        return None
+    except Exception as e:  # a crashed job must not end the sweep
+        traceback.print_exc()
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        print(f"error: job failed: {mask_text(msg)}", file=sys.stderr, flush=True)
+        write_job_status(job_dir, "failed", mask_text(f"{type(e).__name__}: {msg}"))
+        return None
+    write_job_status(job_dir, "completed", None)
+    return out
+
+
+def install_masked_cfg_printing() -> None:
+    """`--cfg job|hydra|all` prints the composed config with secrets masked."""
+    import contextlib
+    import io
+
+    from hydra._internal.hydra import Hydra
+
+    if getattr(Hydra.show_cfg, "_fw_masked", False):
+        return
+    real = Hydra.show_cfg
+
+    def show_cfg(self, config_name, overrides: List[str], *args, **kwargs):
+        from framework.security import mask_hydra_output
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            real(self, config_name, overrides, *args, **kwargs)
+        sys.stdout.write(mask_hydra_output(buf.getvalue(), overrides))
+
+    show_cfg._fw_masked = True
+    Hydra.show_cfg = show_cfg

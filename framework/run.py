@@ -63,6 +63,9 @@ def run(cfg: Config) -> None:
     if device == "cuda" and not launched_externally() and world > torch.cuda.device_count():
         raise ConfigError(f"the layout needs {world} GPUs (TP x PP x DP) but "
                           f"{torch.cuda.device_count()} are visible")
+    from framework.training.resilience import preflight
+
+    preflight(cfg)  # checkpoints, tokenizer, data files: one line from here, before any worker
     launch(worker, cfg, world)
 
 
@@ -99,24 +102,71 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from framework.training.resilience import STOP_FILE_ENV
+
+    # the agent forwards these to the workers (SIGTERM by default; add SIGUSR1), which save a
+    # checkpoint and exit 0; rank 0 leaves a note in the stop file so we know it was clean
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    import tempfile
+
+    fd, stop_file = tempfile.mkstemp(prefix="fw-stop-")
+    os.close(fd)
+    os.environ[STOP_FILE_ENV] = stop_file
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"fw{os.getpid()}",
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
                       max_restarts=0, monitor_interval=0.5, start_method="spawn")
     try:
         elastic_launch(lc, _worker_entry)(worker_fn, arg)
+    except SignalException as e:
+        note = open(stop_file).read().split()
+        if not note:
+            raise RuntimeError(f"stopped by {signal_name(e.sigval)} before the workers saved a "
+                               f"checkpoint") from None
+        print(f"stopped by {signal_name(e.sigval)}: the workers saved a checkpoint at iteration "
+              f"{note[0]} and exited", flush=True)
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
-        msg = first.message if isinstance(first.message, str) else str(first.message)
-        raise RuntimeError(f"worker failed (rank {first.local_rank}, exit {first.exitcode}): "
-                           f"{msg.strip().splitlines()[-1] if msg else 'see log above'}") from None
+        msg = first.message
+        if isinstance(msg, dict):  # elastic's error record: {'message': ..., 'extraInfo': ...}
+            msg = msg.get("message", "")
+        msg = str(msg).strip().splitlines()[-1] if msg else ""
+        if first.exitcode == 2:  # _worker_entry printed the one-line error itself
+            msg = "stopped on the error printed above"
+        elif "To enable traceback" in msg:  # elastic's text when the worker left no record
+            msg = ""
+        raise WorkerFailed(f"worker failed (rank {first.local_rank}, exit {first.exitcode}): "
+                           f"{msg or 'see the log above'}") from None
+    finally:
+        os.environ.pop(STOP_FILE_ENV, None)
+        os.unlink(stop_file)
+
+
+class WorkerFailed(ConfigError):
+    """A self-launched worker failed; reported as one line (its own output is above)."""
+
+
+def signal_name(sig) -> str:
+    import signal
+
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 def _worker_entry(worker_fn: Callable[[Any], None], arg: Any) -> None:
+    from framework.training.resilience import exit_if_stopped
+
     try:
         worker_fn(arg)
     except ConfigError as e:
+        # one line, no traceback from the worker; the parent reports the exit code
         print(f"error: {e}", file=sys.stderr, flush=True)
-        raise
+        sys.stdout.flush()
+        os._exit(2)
+    exit_if_stopped()  # stopped by a signal: the agent is shutting down, leave without it
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +178,8 @@ def init_distributed(cfg: Config, device: str) -> None:
     p = cfg.parallel
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # NCCL: a timed-out collective raises (naming the op) instead of hanging forever
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=p.distributed_backend if device == "cuda" else "gloo",
@@ -170,7 +222,10 @@ def worker(cfg: Config) -> None:
     from framework.training.loop import Runtime, Trainer, TrainState
     from framework.training.metrics import MetricsLogger, flops_per_token
     from framework.training.data import build_train_data, load_run_tokenizer
+    from framework.training.resilience import Watchdog, prune_checkpoints
     from framework.training.step import build_train_step
+    from framework.security import mask_secrets
+    from framework.training.profiling import build_profiler
 
     device = resolve_device(cfg.train.device)
     on_gpu = device == "cuda"
@@ -230,7 +285,7 @@ def worker(cfg: Config) -> None:
         is_last = ps.is_pipeline_last_stage()
         is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
                       and ps.get_data_parallel_rank() == 0)
-        config_dict = asdict(cfg)
+        config_dict = mask_secrets(asdict(cfg))  # what is logged and stored: no secrets
         logger = MetricsLogger(cfg.run_dir, cfg.logging, config_dict,
                                resume_id_dir=cfg.checkpoint.dir) if is_logging else None
         runtime = Runtime(
@@ -247,11 +302,22 @@ def worker(cfg: Config) -> None:
                 extra={"skipped_iters": st.skipped_iters, "nan_iters": st.nan_iters})
             if rank == 0:
                 print(f"saved checkpoint {path}", flush=True)
+                for old in prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last):
+                    print(f"removed old checkpoint {old} (checkpoint.keep_last="
+                          f"{cfg.checkpoint.keep_last})", flush=True)
 
         step_impl = build_train_step(cfg.model.type, cfg.train.step, torch_device)
         trainer = Trainer(model, optimizer, scheduler, step_impl, data, cfg.train,
                           cfg.checkpoint, runtime, logger, save)
-        trainer.fit(state)
+        # reports rank/step/phase if a collective hangs past the timeout (+ a grace minute)
+        watchdog = Watchdog(60.0 * (cfg.parallel.distributed_timeout_minutes + 1), rank).start()
+        trainer.watchdog = watchdog
+        trainer.profiler = build_profiler(cfg.train.profile, cfg.run_dir, rank, torch_device,
+                                          max_steps=cfg.train.max_steps)
+        try:
+            trainer.fit(state)
+        finally:
+            watchdog.stop()
         if logger is not None:
             logger.close()
     finally:

@@ -27,6 +27,11 @@ import torch.distributed as dist
 from framework.config import ConfigError, ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointSaveError(ConfigError):
+    """A save failed (e.g. disk full); reported as one line, the previous checkpoint intact."""
+
 META = "framework.json"
 
 
@@ -181,8 +186,10 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
     final = iter_dir(ckpt_dir, iteration)
     tmp = f"{final}.tmp"
     if _rank() == 0:
+        from framework.training.resilience import remove_stale_tmp
+
         os.makedirs(ckpt_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_tmp(ckpt_dir)  # left by a save that was killed
         os.makedirs(tmp)
     _barrier()
     sd = _sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
@@ -210,8 +217,8 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
     except OSError as e:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"saving checkpoint {final} failed ({e.strerror or e}); the previous "
-                           f"checkpoint in {ckpt_dir} is untouched") from None
+        raise CheckpointSaveError(f"saving checkpoint {final} failed ({e.strerror or e}); the "
+                                  f"previous checkpoint in {ckpt_dir} is untouched") from None
     _barrier()
     return final
 
@@ -246,7 +253,9 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
         template.pop("rng_state")
     if not with_optimizer:
         template.pop("rng_state", None)
-    with _cpu_safe():
+    from framework.security import safe_checkpoint_load
+
+    with _cpu_safe(), safe_checkpoint_load():  # no pickle from checkpoint files
         state = dist_checkpointing.load(template, path)
     from framework.models import unwrap
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from framework.config import CheckpointConfig, TrainConfig
 from framework.optimizer import allreduce_grads_cpu
 from framework.training import checkpoint as ckpt
+from framework.training import resilience as res
 from framework.training.metrics import (MetricsLogger, Timer, flops_per_token, format_line,
                                         memory_gb, peak_tflops)
 
@@ -76,6 +77,11 @@ class Trainer:
         else:
             self.fwd_bwd = forward_backward_cpu
         self.peak = peak_tflops(runtime.device)
+        self.stop = res.StopRequest(train_cfg.max_minutes, device=runtime.device)
+        self.nan_guard = res.NanGuard(train_cfg.nan_policy, train_cfg.max_consecutive_nan)
+        self.spikes = res.SpikeDetector(train_cfg.spike_factor)
+        self.watchdog: Optional[res.Watchdog] = None  # set by the caller (run.worker)
+        self.profiler = None  # training.profiling.StepProfiler, set by the caller (run.worker)
 
     # ---- one global batch -----------------------------------------------------------------
     def _run(self, iterators, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
@@ -93,10 +99,12 @@ class Trainer:
                 m.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run(iterators, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        loss = self._reduce_loss(losses)
+        # the finiteness checks come before the update (a NaN step never touches the weights)
+        ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
         if ok:
             self.scheduler.step(increment=1)
-        return {"loss": self._reduce_loss(losses), "ok": ok, "grad_norm": grad_norm}
+        return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "non_finite": non_finite}
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -106,7 +114,8 @@ class Trainer:
             m.eval()
         iterators = self.data.valid_iterators(len(self.model))
         total = 0.0
-        for _ in range(self.cfg.eval_iters):
+        for i in range(self.cfg.eval_iters):
+            self._mark(i + 1, "evaluation (the number is the eval batch)")
             total += self._reduce_loss(self._run(iterators, forward_only=True))
         for m in self.model:
             m.train()
@@ -135,15 +144,39 @@ class Trainer:
         bar = _progress(rt.is_logging_rank and cfg.progress_bar, state.step, cfg.max_steps)
         timer, window, acc_loss, last_saved = Timer(), 0, 0.0, state.step
         gbs_tokens = cfg.global_batch_size * rt.seq_length
+        self.stop.install()
+        try:
+            return self._fit(state, iterators, bar, timer, window, acc_loss, last_saved,
+                             gbs_tokens)
+        finally:
+            self.stop.uninstall()
+
+    def _mark(self, step: int, phase: str, patience: float = 1.0) -> None:
+        if self.watchdog is not None:
+            self.watchdog.mark(step, phase, patience)
+
+    def _fit(self, state, iterators, bar, timer, window, acc_loss, last_saved, gbs_tokens):
+        cfg, rt = self.cfg, self.rt
+        stop = None
         while state.step < cfg.max_steps:
+            self._mark(state.step + 1, "train step (forward/backward, optimizer)")
+            if self.profiler is not None:
+                self.profiler.step_begin(state.step + 1)
             out = self.train_step(iterators)
             state.step += 1
+            if self.profiler is not None:
+                self.profiler.step_end(state.step)
             state.consumed_samples += cfg.global_batch_size
             window += 1
             if not out["ok"]:
                 state.skipped_iters += 1
-            if not math.isfinite(out["loss"]):
+            if out["non_finite"]:
                 state.nan_iters += 1
+            for line in (self.nan_guard.check(state.step, out["non_finite"], out["loss"],
+                                              out["grad_norm"]),
+                         self.spikes.check(state.step, out["loss"])):
+                if line and rt.is_logging_rank:
+                    _write(bar, line)
             acc_loss += out["loss"] if math.isfinite(out["loss"]) else 0.0
             if bar is not None:
                 bar.update(1)
@@ -158,12 +191,30 @@ class Trainer:
                 self._log_eval(state, bar)
                 timer.lap()
             if self.ckpt_cfg.save and state.step % self.ckpt_cfg.save_interval == 0:
+                self._mark(state.step, "checkpoint save", patience=6.0)
                 self.save_fn(state)
                 last_saved = state.step
                 timer.lap()
+            self._mark(state.step, "stop-flag all-reduce")
+            stop = self.stop.agreed()
+            if stop is not None:
+                break
+        if stop is not None:
+            if rt.is_logging_rank:
+                _write(bar, f"stopping at iteration {state.step}: "
+                            f"{res.describe_stop(stop, cfg.max_minutes)}; saving a checkpoint")
+            if self.ckpt_cfg.save and last_saved != state.step:
+                self._mark(state.step, "checkpoint save", patience=6.0)
+                self.save_fn(state)
+            if bar is not None:
+                bar.close()
+            res.report_clean_stop(state.step, stop,
+                                  dist.get_rank() if dist.is_initialized() else 0)
+            return state
         if cfg.eval_interval and state.step % cfg.eval_interval != 0:
             self._log_eval(state, bar)
         if self.ckpt_cfg.save and (last_saved != state.step or cfg.max_steps == 0):
+            self._mark(state.step, "checkpoint save", patience=6.0)
             self.save_fn(state)
         if bar is not None:
             bar.close()

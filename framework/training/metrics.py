@@ -79,6 +79,12 @@ class MetricsLogger:
             self.tb.close()
 
 
+def valid_wandb_id(run_id: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id))
+
+
 def _start_wandb(cfg, config_dict, run_dir, id_dir):
     import wandb
 
@@ -86,9 +92,23 @@ def _start_wandb(cfg, config_dict, run_dir, id_dir):
     id_file = os.path.join(id_dir, "wandb_run_id.txt") if id_dir else None
     if id_file and os.path.isfile(id_file):
         run_id = open(id_file).read().strip()
+        if not valid_wandb_id(run_id):  # it names a directory W&B creates: no paths
+            print(f"warning: ignoring {id_file}: {run_id[:40]!r} is not a W&B run id; "
+                  f"starting a new W&B run", flush=True)
+            run_id = None
     mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
-    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, config=config_dict,
-                     dir=run_dir, mode=mode, id=run_id, resume="allow")
+    import sys
+
+    from framework.security import mask_secrets
+
+    # W&B records the command line in its run metadata: hand it a masked one
+    argv, sys.argv = sys.argv, [sys.argv[0]] + mask_secrets(sys.argv[1:])
+    try:
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name,
+                         config=mask_secrets(config_dict), dir=run_dir, mode=mode, id=run_id,
+                         resume="allow")
+    finally:
+        sys.argv = argv
     if id_file:
         os.makedirs(id_dir, exist_ok=True)
         with open(id_file, "w") as f:

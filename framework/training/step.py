@@ -70,8 +70,11 @@ class GPTTrainStep:
 TRAIN_STEPS = {"gpt": GPTTrainStep}
 
 
-# Config-driven instantiation is limited to these module prefixes (`train.step._target_`).
-ALLOWED_TARGET_PREFIXES = ("framework.", "examples.")
+# Config-driven instantiation is limited to these module prefixes (`train.step._target_`);
+# train.py refuses `_target_` anywhere else in the config (framework.security.PLUGIN_POINTS).
+from framework.security import PLUGIN_POINTS  # noqa: E402
+
+ALLOWED_TARGET_PREFIXES = tuple(PLUGIN_POINTS["train.step"])
 
 
 def build_train_step(model_type: str, spec: dict, device: torch.device):

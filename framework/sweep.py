@@ -1,0 +1,181 @@
+"""Hydra sweeps (`python train.py -m a=1,2 b=x,y`) and the callback registered in conf/train.yaml.
+
+Each job of a sweep launches its own workers and writes into its own directory
+(`<sweep dir>/<job number>`). A failed job writes `job_status.json` with its error and the sweep
+goes on. At the end, `SweepCallback.on_multirun_end` reads every job's `metrics.jsonl` and
+`job_status.json`, prints a summary table and writes `<sweep dir>/sweep_summary.csv`. The summary
+is built from files only, so it works the same with launchers that run jobs elsewhere (SLURM).
+
+The callback also masks secrets in the files Hydra writes into `<run dir>/.hydra/`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+STATUS_FILE = "job_status.json"
+SUMMARY_FILE = "sweep_summary.csv"
+COLUMNS = ["job", "overrides", "train_loss", "eval_loss", "tokens_per_sec_per_gpu", "steps",
+           "status", "error"]
+
+
+def write_job_status(job_dir: str, status: str, error: Optional[str],
+                     overrides: Optional[List[str]] = None) -> None:
+    """Create or update `<job_dir>/job_status.json` (fields given here win over stored ones)."""
+    os.makedirs(job_dir, exist_ok=True)
+    path = os.path.join(job_dir, STATUS_FILE)
+    rec: Dict[str, Any] = read_json(path) or {}
+    if status is not None:
+        rec["status"] = status
+        rec["error"] = error
+    if overrides is not None:
+        rec["overrides"] = overrides
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def job_summary(job_dir: str) -> Dict[str, Any]:
+    """One row of the sweep summary from a job directory."""
+    st = read_json(os.path.join(job_dir, STATUS_FILE)) or {}
+    train = evals = None
+    steps = 0
+    tps: List[float] = []
+    path = os.path.join(job_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a partly written last line of a killed job
+                if r.get("loss") is not None:
+                    train = r["loss"]
+                    steps = max(steps, int(r.get("step") or 0))
+                    if r.get("tokens_per_sec_per_gpu") is not None:
+                        tps.append(float(r["tokens_per_sec_per_gpu"]))
+                if r.get("eval_loss") is not None:
+                    evals = r["eval_loss"]
+    # the first logged window includes start-up; leave it out when there are others
+    tokens = sum(tps[1:]) / len(tps[1:]) if len(tps) > 1 else (tps[0] if tps else None)
+    status = st.get("status") or ("unknown" if train is None else "incomplete")
+    return {"job": os.path.basename(job_dir.rstrip("/")),
+            "overrides": " ".join(st.get("overrides") or []),
+            "train_loss": train, "eval_loss": evals, "tokens_per_sec_per_gpu": tokens,
+            "steps": steps, "status": status, "error": st.get("error") or ""}
+
+
+def summarize_sweep(sweep_dir: str, out=sys.stdout) -> List[Dict[str, Any]]:
+    """Print the summary table of the jobs under `sweep_dir` and write sweep_summary.csv."""
+    jobs = [os.path.join(sweep_dir, d) for d in os.listdir(sweep_dir)
+            if os.path.isfile(os.path.join(sweep_dir, d, STATUS_FILE))
+            or os.path.isfile(os.path.join(sweep_dir, d, "metrics.jsonl"))]
+    jobs.sort(key=lambda p: (not os.path.basename(p).isdigit(),
+                             int(os.path.basename(p)) if os.path.basename(p).isdigit() else 0,
+                             os.path.basename(p)))
+    rows = [job_summary(j) for j in jobs]
+    with open(os.path.join(sweep_dir, SUMMARY_FILE), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r[k] is None else r[k] for k in COLUMNS})
+    print(format_table(rows), file=out, flush=True)
+    print(f"sweep summary: {os.path.join(sweep_dir, SUMMARY_FILE)}", file=out, flush=True)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else (f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}")
+    return str(v)
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    cols = [("job", "job"), ("overrides", "overrides"), ("train_loss", "train loss"),
+            ("eval_loss", "eval loss"), ("tokens_per_sec_per_gpu", "tok/s/gpu"),
+            ("status", "status")]
+    # the table shows the overrides that differ between jobs (the CSV has them all)
+    toks = [r["overrides"].split() for r in rows]
+    common = set.intersection(*map(set, toks)) if len(toks) > 1 else set()
+    shown = [" ".join(t for t in ts if t not in common) for ts in toks]
+    cells = [[h for _, h in cols]] + [
+        [sh if k == "overrides" else
+         (f"{r[k]:.0f}" if k == "tokens_per_sec_per_gpu" and r[k] is not None else _fmt(r[k]))
+         for k, _ in cols] for r, sh in zip(rows, shown)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(cols))).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in rows:
+        if r["status"] == "failed" and r["error"]:
+            lines.append(f"job {r['job']} failed: {r['error']}")
+    return "\n".join(lines)
+
+
+class SweepCallback(Callback):
+    """Registered in conf/train.yaml under `hydra.callbacks`."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._mask_hydra_files(config)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        from framework.security import mask_secrets
+
+        self._mask_hydra_files(config)
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        out_dir = config.hydra.runtime.output_dir
+        overrides = mask_secrets(list(OmegaConf.to_container(config.hydra.overrides.task)))
+        st = read_json(os.path.join(out_dir, STATUS_FILE)) or {}
+        status = error = None
+        if "status" not in st:  # the task did not record its outcome (it raised)
+            from hydra.core.utils import JobStatus
+
+            failed = getattr(job_return, "status", None) == JobStatus.FAILED
+            status = "failed" if failed else "completed"
+            if failed:
+                error = repr(getattr(job_return, "_return_value", None))
+        write_job_status(out_dir, status, error, overrides=overrides)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = str(config.hydra.sweep.dir)
+        if not os.path.isdir(sweep_dir):
+            return
+        rows = summarize_sweep(sweep_dir)
+        failed = [r for r in rows if r["status"] != "completed"]
+        if failed:
+            print(f"{len(failed)} of {len(rows)} jobs did not complete", file=sys.stderr,
+                  flush=True)
+
+    @staticmethod
+    def _mask_hydra_files(config: DictConfig) -> None:
+        from framework.security import mask_hydra_dir
+
+        sub = config.hydra.output_subdir
+        if sub is None:
+            return
+        overrides = list(OmegaConf.to_container(config.hydra.overrides.task))
+        mask_hydra_dir(os.path.join(config.hydra.runtime.output_dir, str(sub)), overrides)
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:  # <sweep dir>/multirun.yaml
+            mask_hydra_dir(str(config.hydra.sweep.dir), overrides)

@@ -1,0 +1,319 @@
+"""Keeping a long run alive and its checkpoints sound.
+
+* `StopRequest`: SIGTERM / SIGUSR1 on any rank, or the `train.max_minutes` wall-clock budget,
+  becomes a flag that every rank agrees on (one tiny all-reduce per step); the loop then saves a
+  checkpoint and returns, and the process exits 0.
+* `guarded_optimizer_step`: mcore's optimizer step, split so that a non-finite loss or grad norm is
+  seen *before* the update; `NanGuard` applies `train.nan_policy` (skip | stop) and
+  `train.max_consecutive_nan`; `SpikeDetector` warns when the loss jumps above
+  `train.spike_factor` x its running mean.
+* `Watchdog`: a thread that reports which rank is stuck in which phase of which step when nothing
+  moves for longer than the collective timeout, then ends the process.
+* `prune_checkpoints` / `remove_stale_tmp`: `checkpoint.keep_last` retention and the clean-up of
+  `iter_*.tmp` directories left by a save that was killed.
+"""
+from __future__ import annotations
+
+import faulthandler
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from framework.config import ConfigError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_FILE_ENV = "FW_STOP_FILE"  # set by the self-launching parent: rank 0 reports a clean stop
+
+
+class NonFiniteError(ConfigError):
+    """The run met more non-finite steps than the policy allows (reported as one line)."""
+
+
+# --------------------------------------------------------------------------------------------
+# stop requests: signals and the wall-clock budget
+# --------------------------------------------------------------------------------------------
+class StopRequest:
+    """Collects local reasons to stop; `agreed()` makes every rank see the same answer."""
+
+    def __init__(self, max_minutes: Optional[float] = None, start: Optional[float] = None,
+                 device: Optional[torch.device] = None):
+        self.deadline = None if max_minutes is None else \
+            (time.time() if start is None else start) + 60.0 * max_minutes
+        self.device = device or torch.device("cpu")
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        # `kill -USR2 <pid>` prints every thread's Python stack (to diagnose a hang)
+        faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def local_reason(self) -> Optional[str]:
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        if self.deadline is not None and time.time() >= self.deadline:
+            return "time"
+        return None
+
+    def agreed(self) -> Optional[str]:
+        """The stop reason if any rank has one (collective over the world: call on every rank)."""
+        reason = self.local_reason()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return reason
+        code = {None: 0, "time": 1}.get(reason, 2)
+        flag = torch.tensor([code], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        got = int(flag.item())
+        if got == 0:
+            return None
+        if reason is not None:
+            return reason
+        return "signal on another rank" if got == 2 else "time"
+
+
+def describe_stop(reason: str, max_minutes: Optional[float]) -> str:
+    if reason == "time":
+        return f"train.max_minutes={max_minutes} reached"
+    return f"{reason} received"
+
+
+_stopped: List[str] = []  # the reason of a stop agreed in this process (see exit_if_stopped)
+
+
+def report_clean_stop(step: int, reason: str, rank: int) -> None:
+    """Record a deliberate stop; rank 0 tells a self-launching parent (through its stop file)."""
+    _stopped.append(reason)
+    path = os.environ.get(STOP_FILE_ENV)
+    if path and rank == 0:
+        with open(path, "w") as f:
+            f.write(f"{step} {reason}\n")
+
+
+def exit_if_stopped() -> None:
+    """In an elastic worker after a deliberate stop: exit 0 now.
+
+    torch elastic's worker wrapper waits, after the function returns, for an event that the agent
+    sets only while polling; an agent shutting down on SIGTERM is not polling, so the worker would
+    sit there until the agent's SIGKILL 30 s later (orphaning mcore's checkpoint-writer manager
+    process). Run the multiprocessing exit handlers (they stop such helpers) and leave.
+    """
+    if not _stopped or _stopped[-1] == "time":  # a budget stop returns through the agent
+        return
+    import multiprocessing.util
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    multiprocessing.util._exit_function()
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite values and spikes
+# --------------------------------------------------------------------------------------------
+def guarded_optimizer_step(optimizer, loss: float):
+    """mcore's `optimizer.step()` with the finiteness checks moved before the update.
+
+    Returns (updated, grad_norm, non_finite). fp16 overflow (mcore's grad scaler found inf) is an
+    ordinary skipped step, not a non-finite one: the scaler lowers the scale and training goes on.
+    """
+    if not math.isfinite(loss):
+        return False, None, True
+    if optimizer.prepare_grads():  # fp16: unscaled, found inf/nan, scaler updated
+        return False, None, False
+    norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(norm):
+        return False, norm, True
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is None:
+        if optimizer.config.clip_grad > 0.0:
+            norm = float(optimizer.clip_grad_norm(optimizer.config.clip_grad))
+    else:  # as mcore's ChainedOptimizer.step: clip every member by the one total norm
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        for opt in chained:
+            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+            if params and opt.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=opt.config.clip_grad, total_norm=norm,
+                    use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), norm, False
+
+
+class NanGuard:
+    def __init__(self, policy: str = "skip", max_consecutive: int = 10):
+        self.policy, self.max_consecutive = policy, max_consecutive
+        self.consecutive = 0
+
+    def check(self, step: int, non_finite: bool, loss: float, grad_norm) -> Optional[str]:
+        """A warning line for a skipped step; raises NonFiniteError when the run must stop."""
+        if not non_finite:
+            self.consecutive = 0
+            return None
+        self.consecutive += 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"grad norm {grad_norm}"
+        if self.policy == "stop":
+            raise NonFiniteError(f"non-finite {what} at iteration {step} (train.nan_policy=stop)")
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"non-finite {what} at iteration {step}: {self.consecutive} consecutive "
+                f"non-finite steps (train.max_consecutive_nan={self.max_consecutive})")
+        return f"warning: non-finite {what} at iteration {step}; update skipped"
+
+
+class SpikeDetector:
+    """Loss > factor x exponential running mean (after `warmup` steps) is a spike."""
+
+    def __init__(self, factor: Optional[float], warmup: int = 10, beta: float = 0.9):
+        self.factor, self.warmup, self.beta = factor, warmup, beta
+        self.mean: Optional[float] = None
+        self.seen = 0
+        self.spikes = 0
+
+    def check(self, step: int, loss: float) -> Optional[str]:
+        if self.factor is None or not math.isfinite(loss):
+            return None
+        msg = None
+        if self.mean is not None and self.seen >= self.warmup and loss > self.factor * self.mean:
+            self.spikes += 1
+            msg = (f"warning: loss spike at iteration {step}: {loss:.4f} > {self.factor} x running "
+                   f"mean {self.mean:.4f} ({self.spikes} so far)")
+        self.mean = loss if self.mean is None else self.beta * self.mean + (1 - self.beta) * loss
+        self.seen += 1
+        return msg
+
+
+# --------------------------------------------------------------------------------------------
+# hang watchdog
+# --------------------------------------------------------------------------------------------
+class Watchdog:
+    """Reports rank, step and phase when no phase change happens within `timeout_s`."""
+
+    def __init__(self, timeout_s: float, rank: int,
+                 on_timeout: Optional[Callable[[str], None]] = None, poll_s: float = 1.0):
+        self.timeout_s, self.rank, self.poll_s = timeout_s, rank, poll_s
+        self.on_timeout = on_timeout or _die
+        self.step, self.phase, self.since, self.patience = 0, "start", time.monotonic(), 1.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fw-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def mark(self, step: int, phase: str, patience: float = 1.0) -> None:
+        """Entering `phase`; it may take `patience` x the timeout (long for big saves)."""
+        self.step, self.phase, self.since, self.patience = step, phase, time.monotonic(), patience
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            stuck = time.monotonic() - self.since
+            if stuck > self.timeout_s * self.patience:
+                self.on_timeout(
+                    f"rank {self.rank}: no progress for {stuck:.0f} s in {self.phase} at "
+                    f"iteration {self.step} (a collective is probably waiting for a rank that "
+                    f"died or hangs; parallel.distributed_timeout_minutes sets this limit)")
+                return
+
+
+def _die(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    os._exit(3)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint retention
+# --------------------------------------------------------------------------------------------
+_ITER = re.compile(r"^iter_(\d+)$")
+_TMP = re.compile(r"^iter_\d+\.tmp")
+
+
+def remove_stale_tmp(ckpt_dir: str) -> List[str]:
+    """Delete `iter_*.tmp*` directories (left by a save that was killed). Rank 0, before a save."""
+    removed = []
+    if not os.path.isdir(ckpt_dir):
+        return removed
+    for name in os.listdir(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        if _TMP.match(name) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int]) -> List[str]:
+    """Keep the newest `keep_last` committed checkpoints (and always the tracker's). Rank 0,
+    after the tracker names the newest one."""
+    from framework.training.checkpoint import latest_iteration
+
+    if keep_last is None or not os.path.isdir(ckpt_dir):
+        return []
+    latest = latest_iteration(ckpt_dir)
+    if latest is None:
+        return []
+    iters = sorted(int(m.group(1)) for m in map(_ITER.match, os.listdir(ckpt_dir)) if m)
+    keep = set(i for i in iters if i <= latest)
+    keep = set(sorted(keep)[-keep_last:]) | {latest}
+    removed = []
+    for it in iters:
+        if it not in keep and it < latest:
+            path = os.path.join(ckpt_dir, f"iter_{it:07d}")
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# input checks before any worker starts
+# --------------------------------------------------------------------------------------------
+def preflight(cfg) -> None:
+    """Check checkpoints, tokenizer and data files in the launching process, so that bad input is
+    one line from the parent (not a failure inside every self-launched worker) and nothing on
+    disk is touched. The workers repeat the cheap parts; the token-id scan is cached."""
+    from framework.training import checkpoint as ckpt
+    from framework.training.data import load_run_tokenizer
+
+    c = cfg.checkpoint
+    resume_it = ckpt.latest_iteration(c.dir)  # a bad tracker in checkpoint.dir is an error
+    load_dir = c.dir if resume_it is not None else c.load
+    if load_dir:
+        if ckpt.latest_iteration(load_dir) is None:
+            raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
+                              f"(no {load_dir}/{ckpt.TRACKER})")
+        it = ckpt.latest_iteration(load_dir)
+        ckpt.check_compatible(ckpt.read_meta(load_dir, it), cfg.model, ckpt.iter_dir(load_dir, it))
+    tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
+                                   c.load_hf if resume_it is None else None)
+    if cfg.data.type == "indexed":
+        from framework.data import _index_cache_dir, _parse_blend, check_indexed
+
+        prefixes, _weights = _parse_blend(cfg.data.path)
+        for prefix in prefixes:  # the files first, before a cache folder is made beside them
+            check_indexed(prefix)
+        cache = _index_cache_dir(cfg.data, prefixes[0])
+        for prefix in prefixes:
+            check_indexed(prefix, tokenizer.vocab_size, cache_dir=cache)

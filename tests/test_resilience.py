@@ -1,0 +1,345 @@
+"""Resilience: signals, wall-clock budget, NaN guard, retention, atomic saves, kill -9 resume."""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from framework.config import CheckpointConfig, ConfigError, ModelConfig, OptimizerConfig, \
+    ParallelConfig, TrainConfig
+from framework.training import resilience as res
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["train.progress_bar=false", "train.log_interval=1", "train.micro_batch_size=8",
+        "train.global_batch_size=16", "train.eval_interval=0", "train.device=cpu"]
+MODEL = ModelConfig(hidden_dropout=0.0, attention_dropout=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers
+# --------------------------------------------------------------------------------------------
+def test_config_fields_validate():
+    TrainConfig(max_minutes=1.5, nan_policy="stop", spike_factor=3.0)
+    for bad in (dict(nan_policy="ignore"), dict(max_minutes=0), dict(max_consecutive_nan=0),
+                dict(spike_factor=0.5)):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+    with pytest.raises(ConfigError, match="keep_last"):
+        CheckpointConfig(keep_last=0)
+
+
+def test_nan_guard_skip_then_stop_and_spikes():
+    g = res.NanGuard("skip", max_consecutive=3)
+    assert g.check(1, False, 2.0, 1.0) is None
+    assert "iteration 2" in g.check(2, True, float("nan"), None)
+    assert "grad norm inf" in g.check(3, True, 2.0, float("inf"))
+    assert g.check(4, False, 2.0, 1.0) is None  # the run of NaNs is broken: counter resets
+    g.check(5, True, float("nan"), None)
+    g.check(6, True, float("nan"), None)
+    with pytest.raises(res.NonFiniteError, match="iteration 7: 3 consecutive"):
+        g.check(7, True, float("nan"), None)
+    with pytest.raises(res.NonFiniteError, match="iteration 9 .*nan_policy=stop"):
+        res.NanGuard("stop").check(9, True, float("inf"), None)
+    s = res.SpikeDetector(3.0, warmup=3)
+    assert [s.check(i, 1.0) for i in range(1, 6)] == [None] * 5
+    assert "spike at iteration 6" in s.check(6, 10.0)
+    assert s.check(7, 1.0) is None and s.spikes == 1
+    assert res.SpikeDetector(None).check(1, 1e9) is None
+
+
+def test_stop_request_signals_and_budget():
+    prev = signal.getsignal(signal.SIGUSR1)
+    r = res.StopRequest().install()
+    try:
+        assert r.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert r.agreed() == "SIGUSR1"
+    finally:
+        r.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == prev
+    assert res.StopRequest(max_minutes=1e-6, start=time.time() - 1).agreed() == "time"
+    assert res.StopRequest(max_minutes=10).agreed() is None
+
+
+def test_watchdog_names_rank_step_and_phase():
+    got = []
+    w = res.Watchdog(0.3, rank=3, on_timeout=got.append, poll_s=0.05).start()
+    w.mark(17, "stop-flag all-reduce")
+    deadline = time.time() + 5
+    while not got and time.time() < deadline:
+        time.sleep(0.05)
+    w.stop()
+    assert got and "rank 3" in got[0] and "iteration 17" in got[0] and "all-reduce" in got[0]
+    quiet = []
+    w = res.Watchdog(0.5, rank=0, on_timeout=quiet.append, poll_s=0.05).start()
+    for i in range(10):  # progress keeps it quiet
+        w.mark(i, "train step")
+        time.sleep(0.05)
+    w.stop()
+    assert quiet == []
+
+
+def _fake_ckpt(d, it):
+    p = d / f"iter_{it:07d}"
+    p.mkdir()
+    (p / "framework.json").write_text("{}")
+
+
+def test_retention_and_stale_tmp(tmp_path):
+    for it in (2, 4, 6, 8):
+        _fake_ckpt(tmp_path, it)
+    (tmp_path / "iter_0000010.tmp").mkdir()  # a killed save
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("6")  # 8: renamed, not tracked
+    assert res.prune_checkpoints(str(tmp_path), None) == []
+    removed = res.prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.path.basename(p) for p in removed) == ["iter_0000002"]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000004", "iter_0000006", "iter_0000008",
+                                            "iter_0000010.tmp",
+                                            "latest_checkpointed_iteration.txt"]
+    res.prune_checkpoints(str(tmp_path), 1)
+    assert (tmp_path / "iter_0000006").is_dir() and not (tmp_path / "iter_0000004").exists()
+    res.remove_stale_tmp(str(tmp_path))
+    assert not (tmp_path / "iter_0000010.tmp").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# in-process: one gloo rank, a real model, optimizer and checkpoints
+# --------------------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mp1():
+    from megatron.core import parallel_state as ps
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ps.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _build(seed=0):
+    from framework.models import build_model
+    from framework.optimizer import build_optimizer
+
+    torch.manual_seed(seed)
+    model = build_model(MODEL, ParallelConfig(), vocab_size=128, bf16=False, fp16=False,
+                        device=torch.device("cpu"), wrap_ddp=False)
+    opt, sched = build_optimizer(OptimizerConfig(lr_warmup_steps=0), model, max_steps=10,
+                                 bf16=False, fp16=False, use_distributed_optimizer=False,
+                                 overlap_param_gather=False, on_gpu=False)
+    return model, opt, sched
+
+
+def _backward(model, poison=False):
+    tokens = torch.randint(0, 128, (2, 16))
+    pos = torch.arange(16).expand(2, 16)
+    loss = model[0](tokens, pos, None, labels=tokens).mean()
+    loss.backward()
+    if poison:
+        next(model[0].parameters()).grad[0] = float("nan")
+    return loss.item()
+
+
+def _params(model):
+    return [p.detach().clone() for p in model[0].parameters()]
+
+
+def test_guarded_step_skips_nonfinite_before_the_update(mp1):
+    model, opt, sched = _build()
+    before = _params(model)
+    loss = _backward(model, poison=True)
+    ok, norm, non_finite = res.guarded_optimizer_step(opt, loss)
+    assert (ok, non_finite) == (False, True) and norm != norm  # NaN norm reported
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    opt.zero_grad()
+    ok, norm, non_finite = res.guarded_optimizer_step(opt, float("inf"))
+    assert (ok, norm, non_finite) == (False, None, True)
+    _backward(model)
+    ok, norm, non_finite = res.guarded_optimizer_step(opt, 1.0)
+    assert ok and not non_finite and norm > 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+
+
+def _save(d, it, model, opt, sched):
+    from framework.training import checkpoint as ckpt
+
+    return ckpt.save_checkpoint(str(d), it, model, opt, sched, consumed_samples=16 * it,
+                                config={"model": {}})
+
+
+def _load(d, seed=1):
+    from framework.training import checkpoint as ckpt
+
+    model, opt, sched = _build(seed)
+    meta = ckpt.load_checkpoint(str(d), model, opt, sched, model_cfg=MODEL)
+    return meta, model
+
+
+def test_failed_or_killed_saves_leave_the_previous_checkpoint(mp1, tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from framework.training import checkpoint as ckpt
+
+    model, opt, sched = _build()
+    _backward(model)
+    res.guarded_optimizer_step(opt, 1.0)
+    _save(tmp_path, 2, model, opt, sched)
+    good = _params(model)
+    real_save = dist_checkpointing.save
+
+    # 1. disk full in the middle of the sharded write: one clear error, nothing left behind
+    def full(sd, path, *a, **k):
+        open(os.path.join(path, "partial.distcp"), "wb").write(b"x" * 10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dist_checkpointing, "save", full)
+    with pytest.raises(ckpt.CheckpointSaveError) as e:
+        _save(tmp_path, 4, model, opt, sched)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "iter_0000004" in msg
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+    # 2. killed mid-write (no Python cleanup runs: simulated by an exception the save does not
+    #    catch): the tmp dir stays, the tracker still names iteration 2
+    class Killed(BaseException):
+        pass
+
+    def killed(sd, path, *a, **k):
+        real_save(sd, path, *a, **k)
+        raise Killed()
+
+    monkeypatch.setattr(dist_checkpointing, "save", killed)
+    with pytest.raises(Killed):
+        _save(tmp_path, 4, model, opt, sched)
+    assert (tmp_path / "iter_0000004.tmp").is_dir()
+    assert ckpt.latest_iteration(str(tmp_path)) == 2
+
+    # 3. killed after the rename, before the tracker: iteration 2 is still the latest
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+    monkeypatch.setattr(ckpt, "_write_tracker", lambda *a: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        _save(tmp_path, 6, model, opt, sched)
+    assert (tmp_path / "iter_0000006").is_dir() and ckpt.latest_iteration(str(tmp_path)) == 2
+    assert not (tmp_path / "iter_0000004.tmp").exists()  # the next save cleared the stale tmp
+    meta, loaded = _load(tmp_path)
+    assert meta["iteration"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(good, _params(loaded)))
+
+    # 4. a later good save commits; retention keeps the newest one only
+    monkeypatch.undo()
+    _save(tmp_path, 8, model, opt, sched)
+    res.prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000008", "latest_checkpointed_iteration.txt"]
+    assert _load(tmp_path)[0]["iteration"] == 8
+
+
+# --------------------------------------------------------------------------------------------
+# the real train.py
+# --------------------------------------------------------------------------------------------
+def _cmd(tmp, name, *overrides):
+    return [sys.executable, os.path.join(ROOT, "train.py"), *FAST,
+            f"hydra.run.dir={tmp}/{name}", *overrides]
+
+
+def _losses(tmp, name):
+    recs = [json.loads(l) for l in open(os.path.join(tmp, name, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def _start(cmd, cwd):
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_for_step(proc, metrics, step, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if os.path.exists(metrics):
+            for line in open(metrics).read().splitlines():
+                try:
+                    if json.loads(line).get("step", -1) >= step:
+                        return
+                except json.JSONDecodeError:  # a line being written
+                    pass
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_kill9_then_resume_is_bit_identical(tmp_path):
+    common = ["train.max_steps=8", "checkpoint.save_interval=2", "optimizer.lr_decay_steps=8",
+              "model.hidden_dropout=0.1", "checkpoint.keep_last=2"]
+    full = subprocess.run(_cmd(tmp_path, "full", f"checkpoint.dir={tmp_path}/a", *common),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    # a step at random in 3..6 (after at least one checkpoint), then SIGKILL the whole group
+    kill_at = 3 + int.from_bytes(os.urandom(1), "little") % 4
+    p = _start(_cmd(tmp_path, "killed", f"checkpoint.dir={tmp_path}/b", *common), tmp_path)
+    _wait_for_step(p, str(tmp_path / "killed" / "metrics.jsonl"), kill_at)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    tracked = int((tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text())
+    assert tracked >= 2 and (tmp_path / "b" / f"iter_{tracked:07d}" / "framework.json").is_file()
+    rest = subprocess.run(_cmd(tmp_path, "rest", f"checkpoint.dir={tmp_path}/b", *common),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert f"resumed from" in rest.stdout and f"(step {tracked}," in rest.stdout
+    lf, lr = _losses(tmp_path, "full"), _losses(tmp_path, "rest")
+    assert sorted(lr) == list(range(tracked + 1, 9)), (kill_at, tracked, lr)
+    assert [lf[s] for s in sorted(lr)] == [lr[s] for s in sorted(lr)], kill_at  # exact
+    left = sorted(os.listdir(tmp_path / "b"))
+    assert left == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"], left
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel=tp2"]], ids=["1proc", "tp2"])
+def test_sigterm_saves_and_exits_zero(tmp_path, layout):
+    ck = tmp_path / "ck"
+    p = _start(_cmd(tmp_path, "run", f"checkpoint.dir={ck}", "train.max_steps=500",
+                    "checkpoint.save_interval=1000", *layout), tmp_path)
+    _wait_for_step(p, str(tmp_path / "run" / "metrics.jsonl"), 2)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)  # the parent only: with tp2 it must forward to the workers
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert time.time() - t0 < 60  # not the elastic agent's 30 s SIGKILL fallback + more
+    step = int((ck / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= step < 500
+    assert f"stopping at iteration {step}: SIGTERM received" in out
+    meta = json.loads((ck / f"iter_{step:07d}" / "framework.json").read_text())
+    assert meta["iteration"] == step and meta["consumed_samples"] == 16 * step
+    if layout:
+        assert "stopped by SIGTERM" in out
+        for _ in range(50):  # e.g. mcore's checkpoint-writer manager must not be orphaned
+            left = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True)
+            if not left.stdout.strip():
+                break
+            time.sleep(0.2)
+        assert left.stdout.strip() == "", "worker helper processes outlived the run"
+
+
+def test_max_minutes_budget_saves_and_exits_zero(tmp_path):
+    ck = tmp_path / "ck"
+    r = subprocess.run(_cmd(tmp_path, "run", f"checkpoint.dir={ck}", "train.max_steps=100000",
+                            "checkpoint.save_interval=100000", "train.max_minutes=0.01"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train.max_minutes=0.01 reached" in r.stdout
+    step = int((ck / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= step < 100000

@@ -1,0 +1,189 @@
+"""Safe by default: malicious checkpoint pickles are refused (the payload never runs), `_target_`
+only at plugin points, secrets masked, no escaping paths from checkpoint metadata."""
+import io
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from framework.config import ConfigError
+from framework.security import (UnsafeCheckpointError, check_plugin_targets, is_secret_name,
+                                mask_hydra_output, mask_secrets, safe_checkpoint_load,
+                                safe_relpath, _restricted_pickle_load)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["train.progress_bar=false", "train.micro_batch_size=8", "train.global_batch_size=16",
+        "train.device=cpu"]
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _script(name, cwd, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def seed_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("seed")
+    r = _script("train.py", d, *FAST, "train.max_steps=0", f"checkpoint.dir={d}/ck",
+                f"hydra.run.dir={d}/run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "ck"
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_malicious_common_pt_refused_by_train_resume(seed_ckpt, tmp_path):
+    ck = _copy(seed_ckpt, tmp_path / "ck")
+    marker = tmp_path / "PWNED"
+    common = ck / "iter_0000000" / "common.pt"
+    sd = torch.load(common, weights_only=True)
+    sd["scheduler"] = Payload(marker)
+    torch.save(sd, common)
+    r = _script("train.py", tmp_path, *FAST, "train.max_steps=1", f"checkpoint.dir={ck}",
+                f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "refused" in last and "common.pt" in last, last
+    assert not marker.exists()
+
+
+def test_malicious_dcp_metadata_refused_by_generate(seed_ckpt, tmp_path):
+    ck = _copy(seed_ckpt, tmp_path / "ck")
+    marker = tmp_path / "PWNED"
+    with open(ck / "iter_0000000" / ".metadata", "wb") as f:
+        pickle.dump(Payload(marker), f)
+    r = _script("generate.py", tmp_path, f"load={ck}", "device=cpu")
+    assert r.returncode != 0
+    assert "refusing to unpickle" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert not marker.exists()
+
+
+def test_byte_items_load_weights_only(tmp_path):
+    """torch DCP reads byte items with weights_only=False; inside the guard it is True."""
+    import random
+
+    import numpy as np
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    marker = tmp_path / "PWNED"
+    planner = DefaultLoadPlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="x"))
+    evil = io.BytesIO()
+    torch.save(Payload(marker), evil)
+    evil.seek(0)
+    with safe_checkpoint_load():
+        with pytest.raises(UnsafeCheckpointError):
+            planner.load_bytes(item, evil)
+        # what our checkpoints do store loads: python and numpy RNG state
+        ok = io.BytesIO()
+        torch.save({"random": random.getstate(), "np": np.random.get_state(),
+                    "torch": torch.get_rng_state()}, ok)
+        ok.seek(0)
+        planner.load_bytes(item, ok)
+    assert planner.state_dict["x"]["np"][0] == "MT19937"
+    assert not marker.exists()
+    assert torch.load.__name__ == "load"  # restored
+
+
+def test_metadata_storage_paths_must_stay_inside(tmp_path):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+    for bad in ("../../evil.distcp", "/etc/passwd", "a/../../b"):
+        md = Metadata(state_dict_metadata={},
+                      storage_data={MetadataIndex("w"): _StorageInfo(bad, 0, 1)})
+        with pytest.raises(ConfigError, match="refusing path"):
+            _restricted_pickle_load(io.BytesIO(pickle.dumps(md)))
+    md = Metadata(state_dict_metadata={},
+                  storage_data={MetadataIndex("w"): _StorageInfo("__0_0.distcp", 0, 1)})
+    assert _restricted_pickle_load(io.BytesIO(pickle.dumps(md))).storage_data
+    assert safe_relpath("tokenizer/vocab.json", "x") == "tokenizer/vocab.json"
+    for bad in ("..", "a/..", "/x", "C:\\x", "a\\..\\..\\b"):
+        with pytest.raises(ConfigError):
+            safe_relpath(bad, "x")
+
+
+def test_target_only_at_plugin_points():
+    check_plugin_targets({"train": {"step": {"_target_": "examples.m.Step", "alpha": 1}}})
+    check_plugin_targets({"train": {"step": {"_target_": None}}})
+    with pytest.raises(ConfigError, match="only allowed at the plugin points"):
+        check_plugin_targets({"data": {"x": [{"_target_": "os.system", "command": "true"}]}})
+    with pytest.raises(ConfigError, match="outside the allowed plugin prefixes"):
+        check_plugin_targets({"train": {"step": {"_target_": "os.system"}}})
+    check_plugin_targets({"train": {"step": {"_target_": "mypkg.S",
+                                             "_allowed_prefixes_": ["mypkg."]}}})
+
+
+def test_train_refuses_target_os_system(tmp_path):
+    marker = tmp_path / "PWNED"
+    r = _script("train.py", tmp_path, *FAST,
+                f"+data.hook={{_target_:os.system,command:'touch {marker}'}}",
+                f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 2
+    assert "data.hook._target_='os.system'" in r.stderr and "plugin points" in r.stderr
+    r = _script("train.py", tmp_path, *FAST, "train.step._target_=os.system",
+                f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 2 and "outside the allowed plugin prefixes" in r.stderr
+    assert not marker.exists()
+
+
+def test_mask_secrets(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "env-secret-1")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "env-secret-2")
+    cfg = {"train": {"step": {"hf_token": "cfg-secret", "alpha": 0.25}},
+           "logging": {"wandb_name": "run-env-secret-1"}, "keep": ["a", "env-secret-2"],
+           "tokenizer": {"path": "gpt2"}}
+    out = mask_secrets(cfg)
+    assert out["train"]["step"] == {"hf_token": "***", "alpha": 0.25}
+    assert out["logging"]["wandb_name"] == "run-***" and out["keep"] == ["a", "***"]
+    assert out["tokenizer"]["path"] == "gpt2"
+    assert cfg["train"]["step"]["hf_token"] == "cfg-secret"  # the input is unchanged
+    for name in ("WANDB_API_KEY", "hf_token", "AWS_SECRET", "db.password", "api_key"):
+        assert is_secret_name(name), name
+    for name in ("keytoken_ids", "tokenizer", "vocab_file", "keep_last", "TOKENIZERS_PARALLELISM"):
+        assert not is_secret_name(name), name
+    text = "- +train.step.hf_token=abcd1234\n- x=1\nname: run\nhf_token: abcd1234\n" \
+           "override_dirname: +train.step.hf_token=abcd1234,x=1\n"
+    masked = mask_hydra_output(text, ["+train.step.hf_token=abcd1234", "x=1"])
+    assert "abcd1234" not in masked and "- x=1" in masked and "name: run" in masked
+
+
+def test_no_world_writable_modes_in_source():
+    pat = re.compile(r"chmod\([^)]*0o[0-7]*[2367]\b(?![^)]*umask)")
+    hits = []
+    for d in ("framework", "data_tools", "examples"):
+        for root, _dirs, files in os.walk(os.path.join(ROOT, d)):
+            for n in files:
+                if n.endswith(".py"):
+                    for i, line in enumerate(open(os.path.join(root, n)), 1):
+                        if pat.search(line):
+                            hits.append(f"{n}:{i}: {line.strip()}")
+    assert not hits, hits
+
+
+def test_wandb_run_id_from_checkpoint_cannot_be_a_path():
+    from framework.training.metrics import valid_wandb_id
+
+    assert valid_wandb_id("92bty9g3") and valid_wandb_id("run_1-a")
+    for bad in ("../../x", "/abs", "a/b", "", "x" * 200, "a\nb"):
+        assert not valid_wandb_id(bad), bad
