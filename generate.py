@@ -12,18 +12,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from framework.cli import default_checkpoint_dir, register_resolvers, report_errors
+from framework.cli import (default_checkpoint_dir, install_masked_cfg_printing, register_resolvers,
+                           report_errors)
 from framework.config import register_configs
 from framework.inference import GenerateConfig, register_generate_config
+from framework.security import check_plugin_targets
 
 register_configs()
 register_generate_config()
 register_resolvers()
+install_masked_cfg_printing()  # `--cfg job` masks secrets
 
 
 def to_config(dcfg: DictConfig) -> GenerateConfig:
     hc = HydraConfig.get()
     cwd = hc.runtime.cwd
+    check_plugin_targets(dcfg, points={})  # generation has no plugin points: no `_target_`
     # no parallel=... / parallel.x=... override: the layout comes from the checkpoint
     keys = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task]
     if not any(k == "parallel" or k.startswith("parallel.") for k in keys):

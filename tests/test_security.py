@@ -187,3 +187,19 @@ def test_wandb_run_id_from_checkpoint_cannot_be_a_path():
     assert valid_wandb_id("92bty9g3") and valid_wandb_id("run_1-a")
     for bad in ("../../x", "/abs", "a/b", "", "x" * 200, "a\nb"):
         assert not valid_wandb_id(bad), bad
+
+
+def test_generate_py_masks_cfg_and_refuses_targets(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MY_API_TOKEN="secret-xyz")
+    r = subprocess.run([sys.executable, os.path.join(root, "generate.py"), "--cfg", "job",
+                        "+hf_token=secret-xyz"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert "hf_token" in r.stdout and "secret-xyz" not in r.stdout + r.stderr
+    r = subprocess.run([sys.executable, os.path.join(root, "generate.py"),
+                        "+evil._target_=os.system"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "_target_" in r.stderr and "Traceback" not in r.stderr
