@@ -254,7 +254,7 @@ def worker(cfg: Config) -> None:
                   f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
                   f"TP={cfg.parallel.tensor_model_parallel_size}))", flush=True)
         data = build_train_data(cfg.data, tokenizer, cfg.train, seq_length=cfg.model.seq_length,
-                                vocab_size=vocab, dp_rank=ps.get_data_parallel_rank(),
+                                dp_rank=ps.get_data_parallel_rank(),
                                 dp_size=ps.get_data_parallel_world_size())
         torch_device = torch.device(device, torch.cuda.current_device() if on_gpu else None) \
             if on_gpu else torch.device("cpu")

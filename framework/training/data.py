@@ -59,7 +59,7 @@ class TrainData:
 
 
 def build_train_data(data_cfg: DataConfig, tokenizer, train_cfg: TrainConfig, *, seq_length: int,
-                     vocab_size: int, dp_rank: int, dp_size: int) -> TrainData:
+                     dp_rank: int, dp_size: int) -> TrainData:
     from framework.data import build_datasets
 
     gbs = train_cfg.global_batch_size
