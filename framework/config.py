@@ -11,6 +11,7 @@ in `train.py` before any process group or GPU memory exists. Checks that need th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
@@ -67,8 +68,18 @@ class ModelConfig:
     apply_residual_connection_post_layernorm: bool = False
     # "sdpa" = torch scaled_dot_product_attention (fast default); "local" = mcore DotProductAttention
     attention_backend: str = "sdpa"
+    # BERT (mcore BertModel): the sentence-order head (+ 2 token types) and its loss
+    add_binary_head: bool = False
+    # T5 (mcore T5Model): num_layers is the decoder's; the encoder has encoder_num_layers
+    # (None -> num_layers). seq_length is the encoder's, decoder_seq_length the decoder's.
+    encoder_num_layers: Optional[int] = None
+    decoder_seq_length: Optional[int] = None
+    # T5 relative position bias (position_embedding_type=relative)
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
 
     def __post_init__(self) -> None:
+        _require(bool(self.type), "model.type must be set (gpt, bert or t5)")
         for f in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             _require(getattr(self, f) > 0, f"model.{f} must be positive, got {getattr(self, f)}")
         _require(
@@ -97,8 +108,10 @@ class ModelConfig:
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
-        _choice(self.position_embedding_type, ("learned_absolute", "rope", "alibi", "none"),
+        _choice(self.position_embedding_type,
+                ("learned_absolute", "rope", "alibi", "none", "relative"),
                 "model.position_embedding_type")
+        self._check_family()
         _require(0.0 < self.rotary_percent <= 1.0,
                  f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
         _require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
@@ -116,6 +129,45 @@ class ModelConfig:
         _choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
         _require(0.0 <= self.hidden_dropout < 1 and 0.0 <= self.attention_dropout < 1,
                  "model.hidden_dropout and model.attention_dropout must be in [0, 1)")
+
+    def _check_family(self) -> None:
+        """Fields that only some model families (model.type) accept."""
+        t = self.type
+        allowed = {"gpt": ("learned_absolute", "rope", "alibi", "none"),
+                   "bert": ("learned_absolute", "rope"),
+                   "t5": ("relative", "learned_absolute", "rope")}.get(t)
+        if allowed is not None:
+            _require(self.position_embedding_type in allowed,
+                     f"model.position_embedding_type={self.position_embedding_type} is not "
+                     f"supported for model.type={t} (use one of {list(allowed)})")
+        _require(not self.add_binary_head or t == "bert",
+                 f"model.add_binary_head=true is a BERT option (model.type={t})")
+        if t == "t5":
+            _require(self.decoder_seq_length is not None and self.decoder_seq_length > 0,
+                     f"model.decoder_seq_length must be a positive number for model.type=t5, "
+                     f"got {self.decoder_seq_length}")
+            _require(self.encoder_num_layers is None or self.encoder_num_layers > 0,
+                     f"model.encoder_num_layers={self.encoder_num_layers} must be positive")
+            _require(self.position_embedding_type != "learned_absolute"
+                     or self.max_positions >= self.decoder_seq_length,
+                     f"model.decoder_seq_length={self.decoder_seq_length} exceeds "
+                     f"model.max_position_embeddings={self.max_positions}")
+            _require(self.relative_attention_num_buckets > 0
+                     and self.relative_attention_max_distance > 0,
+                     "model.relative_attention_num_buckets and "
+                     "model.relative_attention_max_distance must be positive")
+        else:
+            _require(self.decoder_seq_length is None and self.encoder_num_layers is None,
+                     f"model.decoder_seq_length / model.encoder_num_layers are T5 options "
+                     f"(model.type={t})")
+        if t == "bert":
+            _require(self.seq_length > 3, f"model.seq_length={self.seq_length} must be > 3 for "
+                                          f"BERT ([CLS] A [SEP] B [SEP])")
+
+    @property
+    def enc_layers(self) -> int:
+        """T5 encoder depth."""
+        return self.encoder_num_layers or self.num_layers
 
     # Derived values are properties, never written back: OmegaConf instantiates the defaults
     # once to build the schema, so a value set in __post_init__ would leak into every config.
@@ -150,6 +202,11 @@ class ParallelConfig:
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
     recompute_method: Optional[str] = None  # "uniform" | "block" (full recompute only)
     recompute_num_layers: Optional[int] = None
+    # Pipeline p2p: None -> on with interleaving (Megatron-LM's default), off otherwise. With it
+    # off, mcore batches the p2p ops (batch_isend_irecv), and at PP=2 the interleaved schedule
+    # then posts sends/receives in both directions to the same peer, which pair up in the wrong
+    # order (activations arrive as gradients): tests/test_pipeline_cpu.py shows it.
+    overlap_p2p_comm: Optional[bool] = None
     distributed_backend: str = "nccl"  # gloo is used on CPU regardless
     distributed_timeout_minutes: int = 10
 
@@ -178,8 +235,17 @@ class ParallelConfig:
             _require(self.recompute_method in ("uniform", "block"),
                      "parallel.recompute_granularity=full needs parallel.recompute_method "
                      "(uniform or block)")
+        _require(not (self.overlap_p2p_comm is False and vpp and vpp > 1
+                      and self.pipeline_model_parallel_size == 2),
+                 "parallel.overlap_p2p_comm=false with interleaving at "
+                 "pipeline_model_parallel_size=2 gives wrong gradients (batched p2p to one "
+                 "peer in both directions pairs up out of order); leave it unset")
         _require(not self.overlap_param_gather or self.use_distributed_optimizer,
                  "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+
+    @property
+    def p2p_overlap(self) -> bool:
+        return self.vpp is not None if self.overlap_p2p_comm is None else self.overlap_p2p_comm
 
     @property
     def vpp(self) -> Optional[int]:
@@ -246,9 +312,28 @@ class DataConfig:
     num_workers: int = 0
     # embedded corpus
     num_documents: int = 20000
+    # BERT/T5 masked-LM data (mcore MaskedWordPieceDatasetConfig); None -> Megatron-LM's
+    # defaults for the model type (BERT: 3-grams; T5: geometric spans up to 10)
+    masking_probability: float = 0.15
+    short_sequence_probability: float = 0.1
+    masking_max_ngram: Optional[int] = None
+    masking_do_full_word: bool = True
+    masking_do_permutation: bool = False
+    masking_use_longer_ngrams: bool = False
+    masking_use_geometric_distribution: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _choice(self.type, ("embedded", "indexed", "mock"), "data.type")
+        _require(0.0 < self.masking_probability < 1.0,
+                 f"data.masking_probability={self.masking_probability} must be in (0, 1)")
+        _require(0.0 <= self.short_sequence_probability <= 1.0,
+                 f"data.short_sequence_probability={self.short_sequence_probability} must be in "
+                 f"[0, 1]")
+        _require(self.masking_max_ngram is None or self.masking_max_ngram > 0,
+                 f"data.masking_max_ngram={self.masking_max_ngram} must be positive")
+        _require(not (self.masking_use_geometric_distribution and self.masking_do_permutation),
+                 "data.masking_use_geometric_distribution and data.masking_do_permutation "
+                 "cannot both be true")
         if self.type == "indexed":
             _require(len(self.path) > 0, "data=indexed needs data.path=[prefix] (or a blend "
                                          "[weight, prefix, ...])")
@@ -396,6 +481,10 @@ class Config:
             _require(m.seq_length % tp == 0,
                      f"model.seq_length={m.seq_length} must be divisible by "
                      f"parallel.tensor_model_parallel_size={tp} when parallel.sequence_parallel")
+            _require(m.decoder_seq_length is None or m.decoder_seq_length % tp == 0,
+                     f"model.decoder_seq_length={m.decoder_seq_length} must be divisible by "
+                     f"parallel.tensor_model_parallel_size={tp} when parallel.sequence_parallel")
+        self._check_masked_lm()
         _require(t.global_batch_size % t.micro_batch_size == 0,
                  f"train.global_batch_size={t.global_batch_size} must be divisible by "
                  f"train.micro_batch_size={t.micro_batch_size}")
@@ -408,6 +497,36 @@ class Config:
             _require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
                      "data=embedded uses its own tokenizer; unset tokenizer.path/vocab_file or "
                      "pick data=indexed")
+
+    def _check_masked_lm(self) -> None:
+        m, p, d = self.model, self.parallel, self.data
+        if m.type not in ("bert", "t5"):
+            return
+        _require(d.type != "mock", f"data=mock makes GPT samples only; model.type={m.type} needs "
+                                   f"data=embedded or data=indexed (sentence-split .bin/.idx)")
+        _require(self.checkpoint.load_hf is None,
+                 f"checkpoint.load_hf imports GPT-2 weights; not supported for model.type={m.type}")
+        if m.type == "t5":
+            # megatron-core 0.16 removed encoder-decoder pipelining: ModelType.encoder_and_decoder
+            # raises (megatron/core/enums.py) and the schedules send one tensor per stage
+            # (pipeline_parallel/schedules.py get_tensor_shapes), not encoder + decoder states.
+            _require(p.pipeline_model_parallel_size == 1,
+                     "parallel.pipeline_model_parallel_size>1 is not supported for model.type=t5: "
+                     "megatron-core 0.16 has no encoder-decoder pipeline schedule "
+                     "(ModelType.encoder_and_decoder was removed); use TP/DP/SP")
+            groups = m.num_query_groups or m.num_attention_heads
+            tp = p.tensor_model_parallel_size
+            head = m.kv_channels or m.hidden_size // m.num_attention_heads
+            _require(groups >= tp or (2 * groups * head) % tp == 0,
+                     f"model.num_query_groups={groups} < parallel.tensor_model_parallel_size={tp}: "
+                     f"the cross-attention key/value width 2 x groups x head dim = "
+                     f"{2 * groups * head} must be divisible by TP")
+            # one sentinel per masked span; the decoder holds <s> + (sentinel + span) per span
+            spans = math.ceil(d.masking_probability * (m.seq_length - 2))
+            _require(m.decoder_seq_length >= spans + 2,
+                     f"model.decoder_seq_length={m.decoder_seq_length} is too short for "
+                     f"data.masking_probability={d.masking_probability} x model.seq_length="
+                     f"{m.seq_length} (needs at least {spans + 2})")
 
     def _check_batch(self, dp: int) -> None:
         t = self.train

@@ -245,10 +245,6 @@ def worker(cfg: Config) -> None:
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_model_parallel_size)
-        if rank == 0 and cfg.parallel.vpp:
-            print("warning: interleaved pipelining (virtual_pipeline_model_parallel_size > 1) "
-                  "does not yet reproduce the 1F1B loss curve on GPU (grad norm far too large; "
-                  "see tests/gpu_results/RESULTS.md); prefer 1F1B", file=sys.stderr, flush=True)
         if rank == 0:
             print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
                   f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "

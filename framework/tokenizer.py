@@ -8,12 +8,18 @@
   built offline with the `tokenizers` library.
 * `MegatronTokenizerAdapter` gives megatron-core's datasets the attributes they read from
   `GPTDatasetConfig.tokenizer` (`vocab_size`, `eod`, `pad`, `unique_identifiers`).
+* `embedded_mlm_tokenizer()` is the character tokenizer of the embedded corpus for BERT and T5
+  (with `[CLS]`, `[SEP]`, `[MASK]`, `[PAD]`, BOS and T5 sentinels `<extra_id_N>`), and
+  `MaskedLMTokenizerAdapter` adds what mcore's masked-LM datasets read (`cls`, `sep`, `mask`,
+  `bos`, `eos`, `inv_vocab`, `additional_special_tokens_ids`), for it and for HF tokenizers
+  (WordPiece BERT, sentencepiece T5).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from typing import Any, List, Optional, Sequence
 
@@ -243,3 +249,131 @@ class MegatronTokenizerAdapter:
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
+
+
+# --------------------------------------------------------------------------------------------
+# masked-LM (BERT / T5)
+# --------------------------------------------------------------------------------------------
+MLM_SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", EOD_TOKEN, "<s>", UNK_TOKEN)
+# The characters of the sentence-split embedded corpus ("12+35=47. 7*8=56. ...").
+EMBEDDED_MLM_CHARS = "0123456789+-*= .\n"
+EMBEDDED_NUM_SENTINELS = 32
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def embedded_mlm_tokenizer(num_sentinels: int = EMBEDDED_NUM_SENTINELS) -> Tokenizer:
+    """The character tokenizer of the sentence-split embedded corpus, for BERT and T5.
+
+    Ids: 0 `[PAD]`, 1 `[CLS]`, 2 `[SEP]`, 3 `[MASK]`, 4 `<|endoftext|>` (EOD/EOS), 5 `<s>` (BOS,
+    T5's decoder start), 6 `<unk>`, then the T5 sentinels `<extra_id_0>` ... and one id per
+    character of `EMBEDDED_MLM_CHARS`. [PAD] is 0 as in BERT's and T5's vocabularies.
+    """
+    sentinels = [f"<extra_id_{i}>" for i in range(num_sentinels)]
+    vocab = {tok: i for i, tok in enumerate(MLM_SPECIAL_TOKENS + tuple(sentinels))}
+    for char in EMBEDDED_MLM_CHARS:
+        vocab[char] = len(vocab)
+    raw = _RawTokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", eos_token=EOD_TOKEN, bos_token="<s>", unk_token=UNK_TOKEN,
+        additional_special_tokens=sentinels,
+    )
+    return Tokenizer(hf)
+
+
+def sentinel_ids(tokenizer: Tokenizer) -> List[int]:
+    """T5 sentinel ids in order: the `<extra_id_N>` tokens by N, else the tokenizer's
+    additional special tokens (transformers 5 calls them `extra_special_tokens`)."""
+    vocab = tokenizer.hf.get_vocab()
+    found = sorted((int(m.group(1)), i) for t, i in vocab.items()
+                   for m in [_SENTINEL.fullmatch(t)] if m)
+    if found:
+        return [i for _, i in found]
+    names: List[str] = []
+    for attr in ("additional_special_tokens", "extra_special_tokens"):
+        value = getattr(tokenizer.hf, attr, None)
+        if isinstance(value, dict):
+            value = list(value.values())
+        if value:
+            names = [str(v) for v in value]
+            break
+    return [vocab[n] for n in names if n in vocab]
+
+
+class MaskedLMTokenizerAdapter(MegatronTokenizerAdapter):
+    """What megatron-core's `BERTMaskedWordPieceDataset` / `T5MaskedWordPieceDataset` read.
+
+    BERT needs `cls`, `sep`, `mask` and `inv_vocab` (WordPiece `##` continuation pieces are
+    masked with their word); T5 needs `mask`, `bos` (the decoder start; HF T5 has none and starts
+    the decoder with its pad id), `eos` and at least `min_sentinels` sentinel ids
+    (`additional_special_tokens_ids`). A missing token is a one-line ConfigError naming it.
+
+    `pad` always raises, so mcore pads with -1, a value no token has: its padding masks
+    (`padding_mask`, `enc_mask`, `dec_mask`) then never confuse padding with a real token (mcore
+    compares ids with the pad id after masking, when random replacement tokens may equal it).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, model_type: str, min_sentinels: int = 0) -> None:
+        super().__init__(tokenizer)
+        hf = tokenizer.hf
+        name = hf.name_or_path or "embedded"
+        self.model_type = model_type
+
+        def need(what: str, value: Optional[int], why: str) -> int:
+            if value is None:
+                raise ConfigError(f"tokenizer {name!r} has no {what} token, which "
+                                  f"model.type={model_type} needs ({why})")
+            return int(value)
+
+        if model_type == "bert":
+            self._cls = need("CLS", hf.cls_token_id, "it starts every sample")
+            self._sep = need("SEP", hf.sep_token_id, "it ends each segment")
+            self._mask = need("MASK", hf.mask_token_id, "masked-LM input")
+            self._bos = tokenizer.bos
+            self._sentinels: List[int] = []
+        else:
+            self._cls = hf.cls_token_id  # only compared with token ids by mcore
+            self._sep = hf.sep_token_id
+            self._sentinels = sentinel_ids(tokenizer)
+            if len(self._sentinels) < max(1, min_sentinels):
+                raise ConfigError(
+                    f"tokenizer {name!r} has {len(self._sentinels)} sentinel tokens "
+                    f"(<extra_id_N>), model.type=t5 needs at least {max(1, min_sentinels)} "
+                    f"(one per masked span: data.masking_probability x model.seq_length)")
+            # the id that replaces masked tokens before spans become sentinels (never emitted)
+            self._mask = hf.mask_token_id if hf.mask_token_id is not None else self._sentinels[0]
+            bos = hf.bos_token_id if hf.bos_token_id is not None else hf.pad_token_id
+            self._bos = need("BOS (or PAD)", bos, "the decoder start token")
+        self._inv_vocab = {i: t for t, i in hf.get_vocab().items()}
+        self.unique_identifiers["mlm"] = [model_type, self._cls, self._sep, self._mask,
+                                          self._bos, len(self._sentinels)]
+
+    @property
+    def cls(self) -> Optional[int]:
+        return self._cls
+
+    @property
+    def sep(self) -> Optional[int]:
+        return self._sep
+
+    @property
+    def mask(self) -> int:
+        return self._mask
+
+    @property
+    def bos(self) -> int:
+        return self._bos
+
+    @property
+    def pad(self) -> int:
+        raise AttributeError("masked-LM data pads with -1 (see MaskedLMTokenizerAdapter)")
+
+    @property
+    def inv_vocab(self) -> dict:
+        return self._inv_vocab
+
+    @property
+    def additional_special_tokens_ids(self) -> List[int]:
+        return list(self._sentinels)

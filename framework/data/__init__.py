@@ -10,6 +10,11 @@ megatron-core's `BlendedMegatronDatasetBuilder` from a `GPTDatasetConfig`:
 * `data.type=mock`: megatron-core's `MockGPTDataset` (synthetic tokens; mcore forces its split
   to 1,1,1 and ignores `data.split`).
 
+For BERT and T5 (`model_type="bert"|"t5"`) the datasets are mcore's masked-LM ones,
+`BERTMaskedWordPieceDataset` / `T5MaskedWordPieceDataset`, over sentence-split data
+(`python -m data_tools.preprocess --split-sentences`; the embedded corpus has a sentence-split
+variant with its own tokenizer, `framework.tokenizer.embedded_mlm_tokenizer`).
+
 `MicroBatchIterator` turns a dataset into this data-parallel rank's micro-batches with the
 sample layout of Megatron-LM's `MegatronPretrainingSampler`, resumable from `consumed_samples`.
 """
@@ -29,7 +34,8 @@ from megatron.core.datasets.utils import Split
 from framework.config import ConfigError, DataConfig
 from framework.data.embedded import prepare_embedded
 from framework.data.indexed import check_indexed, read_index
-from framework.tokenizer import MegatronTokenizerAdapter, Tokenizer, embedded_tokenizer
+from framework.tokenizer import (MaskedLMTokenizerAdapter, MegatronTokenizerAdapter, Tokenizer,
+                                 embedded_mlm_tokenizer, embedded_tokenizer)
 
 __all__ = ["build_datasets", "MicroBatchIterator", "collate", "default_cache_root"]
 
@@ -90,8 +96,8 @@ def _parse_blend(path: Sequence[str]) -> Blend:
     return [os.path.abspath(p) for p in items[1::2]], weights  # type: ignore[return-value]
 
 
-def _check_split_coverage(config: GPTDatasetConfig, split: str, prefixes: List[str],
-                          num_samples: Sequence[int]) -> None:
+def _check_split_coverage(config: Any, split: str, prefixes: List[str],
+                          num_samples: Sequence[int], min_sentences: int = 0) -> None:
     """Fail, naming data.split, when a needed split gets no tokens from some dataset (mcore
     would loop forever looking for an epoch with tokens in it)."""
     for i, name in enumerate(s.name for s in Split):
@@ -111,6 +117,18 @@ def _check_split_coverage(config: GPTDatasetConfig, split: str, prefixes: List[s
                     f"data.split={split!r} gives the {name} split {end - beg} of the {n} "
                     f"documents in {prefix}, with no tokens, but {num_samples[i]} {name} "
                     f"samples are needed; use more data or a larger {name} share")
+            if min_sentences:
+                # masked-LM samples come from documents with enough sentences (mcore's
+                # build_mapping would otherwise search its epochs forever)
+                docs = info.document_indices
+                counts = docs[beg + 1:end + 1] - docs[beg:end]
+                if not (counts >= min_sentences).any():
+                    raise ConfigError(
+                        f"no document of the {name} split of {prefix} has {min_sentences} or "
+                        f"more sentences, which BERT with model.add_binary_head needs; "
+                        f"preprocess with --split-sentences (or set model.add_binary_head=false)"
+                        if min_sentences > 1 else
+                        f"the {name} split of {prefix} has no document with a sentence")
 
 
 class _Builder(BlendedMegatronDatasetBuilder):
@@ -136,6 +154,9 @@ def build_datasets(
     seed: int,
     num_samples: Tuple[int, int, int],
     cache_dir: Optional[str],
+    model_type: str = "gpt",
+    decoder_seq_length: Optional[int] = None,
+    binary_head: bool = False,
 ) -> Tuple[Optional[Any], Optional[Any], Optional[Any]]:
     """Build the (train, valid, test) GPT datasets with megatron-core.
 
@@ -145,9 +166,18 @@ def build_datasets(
     `tokens`, `labels` (already shifted by one), `loss_mask` and `position_ids`, each [seq].
     Must be called on every rank when torch.distributed is initialised (rank 0 builds the
     index cache first, the others then load it).
+
+    `model_type` "bert" / "t5" builds mcore's masked-LM datasets instead (`_masked_lm_datasets`);
+    their samples are mcore's dicts (BERT: text, types, labels, is_random, padding_mask,
+    loss_mask; T5: text_enc, text_dec, labels, loss_mask, enc_mask, dec_mask).
     """
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples={num_samples} must be three non-negative counts")
+    if model_type in ("bert", "t5"):
+        return _masked_lm_datasets(cfg, tokenizer, model_type, seq_length=seq_length,
+                                   decoder_seq_length=decoder_seq_length,
+                                   binary_head=binary_head, seed=seed, num_samples=num_samples,
+                                   cache_dir=cache_dir)
     common: Dict[str, Any] = dict(
         random_seed=seed,
         sequence_length=seq_length,
@@ -187,14 +217,86 @@ def build_datasets(
     return train, valid, test
 
 
+def masked_lm_tokenizer(tokenizer: Tokenizer, model_type: str, *, seq_length: int,
+                       masking_probability: float) -> MaskedLMTokenizerAdapter:
+    """The adapter mcore's masked-LM datasets read; a ConfigError names a missing token."""
+    import math
+
+    spans = math.ceil(masking_probability * max(seq_length - 2, 1))
+    return MaskedLMTokenizerAdapter(tokenizer, model_type,
+                                    min_sentinels=spans if model_type == "t5" else 0)
+
+
+def _masked_lm_datasets(cfg: DataConfig, tokenizer: Tokenizer, model_type: str, *,
+                        seq_length: int, decoder_seq_length: Optional[int], binary_head: bool,
+                        seed: int, num_samples: Tuple[int, int, int], cache_dir: Optional[str]
+                        ) -> Tuple[Optional[Any], Optional[Any], Optional[Any]]:
+    from megatron.core.datasets.bert_dataset import (BERTMaskedWordPieceDataset,
+                                                     BERTMaskedWordPieceDatasetConfig)
+    from megatron.core.datasets.t5_dataset import (T5MaskedWordPieceDataset,
+                                                   T5MaskedWordPieceDatasetConfig)
+
+    if cfg.type == "mock":
+        raise ConfigError(f"data=mock makes GPT samples only; model.type={model_type} needs "
+                          f"data=embedded or data=indexed")
+    if cfg.type == "embedded":
+        if tokenizer.hf.get_vocab() != embedded_mlm_tokenizer().hf.get_vocab():
+            raise ConfigError(f"data=embedded with model.type={model_type} needs the embedded "
+                              f"masked-LM tokenizer (framework.tokenizer.embedded_mlm_tokenizer()),"
+                              f" got {tokenizer!r}")
+        blend: Blend = ([prepare_embedded(cache_dir or default_cache_root(), cfg.num_documents,
+                                          sentences=True)], None)
+    else:
+        blend = _parse_blend(cfg.path)
+    for prefix in blend[0]:
+        check_indexed(prefix)
+    path_to_cache = _index_cache_dir(cfg, blend[0][0])
+    for prefix in blend[0]:
+        check_indexed(prefix, tokenizer.vocab_size, cache_dir=path_to_cache)
+    t5 = model_type == "t5"
+    common: Dict[str, Any] = dict(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=cfg.split,
+        path_to_cache=path_to_cache,
+        tokenizer=masked_lm_tokenizer(tokenizer, model_type, seq_length=seq_length,
+                                      masking_probability=cfg.masking_probability),
+        masking_probability=cfg.masking_probability,
+        short_sequence_probability=cfg.short_sequence_probability,
+        # Megatron-LM's pretrain_bert.py / pretrain_t5.py choices when not set
+        masking_max_ngram=cfg.masking_max_ngram or (10 if t5 else 3),
+        masking_do_full_word=cfg.masking_do_full_word,
+        masking_do_permutation=cfg.masking_do_permutation,
+        masking_use_longer_ngrams=cfg.masking_use_longer_ngrams,
+        masking_use_geometric_distribution=(t5 if cfg.masking_use_geometric_distribution is None
+                                            else cfg.masking_use_geometric_distribution),
+    )
+    if t5:
+        cls: Any = T5MaskedWordPieceDataset
+        config: Any = T5MaskedWordPieceDatasetConfig(**common,
+                                                     sequence_length_decoder=decoder_seq_length)
+    else:
+        cls = BERTMaskedWordPieceDataset
+        config = BERTMaskedWordPieceDatasetConfig(**common, classification_head=binary_head)
+    _check_split_coverage(config, cfg.split, blend[0], num_samples,
+                          min_sentences=2 if binary_head else 1)
+    for i, n in enumerate(num_samples):
+        if n == 0:
+            config.split_matrix[i] = None
+    return tuple(_Builder(cls, list(num_samples), lambda: True, config).build())
+
+
 # --------------------------------------------------------------------------------------------
 # micro-batches
 # --------------------------------------------------------------------------------------------
 def collate(samples: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
     """Stack GPT samples into a batch: `tokens`, `labels`, `position_ids` int64 [b, s] and
-    `loss_mask` float32 [b, s] (and `attention_mask` if the dataset made one)."""
+    `loss_mask` float32 [b, s] (and `attention_mask` if the dataset made one). Other samples
+    (BERT/T5: no `tokens`) have every field stacked, ints becoming [b] tensors."""
     batch = {}
-    for key in BATCH_KEYS:
+    keys = BATCH_KEYS if "tokens" in samples[0] else tuple(samples[0])
+    for key in keys:
         if samples[0].get(key) is not None:
             batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
     batch["loss_mask"] = batch["loss_mask"].float()

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Tuple
 from filelock import FileLock
 
 from framework.data.indexed import preprocess
-from framework.tokenizer import embedded_tokenizer
+from framework.tokenizer import embedded_mlm_tokenizer, embedded_tokenizer
 
 # Bump when the generator changes, so caches of the old corpus are not reused.
 CORPUS_VERSION = 2
@@ -103,19 +103,31 @@ def embedded_tokenizer_dir(prefix: str) -> str:
     return os.path.join(os.path.dirname(prefix), "tokenizer")
 
 
-def prepare_embedded(cache_dir: str, num_documents: int) -> str:
+def sentence_documents(num_documents: int, seed: int = CORPUS_SEED) -> Iterator[str]:
+    """The training documents written as sentences for BERT and T5: `12+35=47. 7*8=56. ...`
+    (the same problems as `training_documents`, each ending in a full stop)."""
+    for doc in training_documents(num_documents, seed):
+        yield " ".join(f"{line}." for line in doc.splitlines())
+
+
+def prepare_embedded(cache_dir: str, num_documents: int, sentences: bool = False) -> str:
     """Create (once) the embedded corpus under `cache_dir` and return its data prefix.
 
     The directory `arith_v<version>_<num_documents>/` holds `corpus.jsonl`, the indexed
-    dataset `arith_text_document.bin/.idx` and the saved tokenizer (`tokenizer/`). It is built
+    dataset `arith_text_document.bin/.idx` and the saved tokenizer (`tokenizer/`).
+    With `sentences=True` (BERT, T5) it is `arith_sent_v<version>_<num_documents>/` with
+    `arith_text_sentence.bin/.idx`: the `sentence_documents` split into one item per sentence by
+    the same preprocessing as `python -m data_tools.preprocess --split-sentences`, tokenized with
+    `embedded_mlm_tokenizer()`. It is built
     in a temporary directory and renamed into place under a file lock, so concurrent callers
     (e.g. several ranks) build it once and never see it half-written; later calls reuse it.
     """
     if num_documents <= 0:
         raise ValueError(f"prepare_embedded: num_documents={num_documents} must be positive")
-    name = f"arith_v{CORPUS_VERSION}_{num_documents}"
+    kind = "arith_sent" if sentences else "arith"
+    name = f"{kind}_v{CORPUS_VERSION}_{num_documents}"
     final = os.path.join(os.path.abspath(cache_dir), name)
-    prefix = os.path.join(final, "arith_text_document")
+    prefix = os.path.join(final, "arith_text_sentence" if sentences else "arith_text_document")
     if os.path.isfile(prefix + ".idx"):
         return prefix
     os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -124,14 +136,15 @@ def prepare_embedded(cache_dir: str, num_documents: int) -> str:
             return prefix
         tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(final))
         try:
-            documents = list(training_documents(num_documents))
+            documents = list(sentence_documents(num_documents) if sentences
+                             else training_documents(num_documents))
             with open(os.path.join(tmp, "corpus.jsonl"), "w", encoding="utf-8") as out:
                 for doc in documents:
                     out.write(json.dumps({"text": doc}) + "\n")
-            tokenizer = embedded_tokenizer()
+            tokenizer = embedded_mlm_tokenizer() if sentences else embedded_tokenizer()
             tokenizer.save(os.path.join(tmp, "tokenizer"))
             preprocess(documents, tokenizer, os.path.join(tmp, os.path.basename(prefix)),
-                       progress=False)
+                       progress=False, append_eod=not sentences, split_sentences=sentences)
             if os.path.isdir(final):  # incomplete (files deleted by hand): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -47,18 +47,31 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count
 # writing
 # --------------------------------------------------------------------------------------------
 class _Encoder:
-    """Tokenizes one document into a numpy array (+ EOD); lives in the main or a worker process."""
+    """Tokenizes one document into a numpy array (+ EOD) and its sequence lengths; lives in the
+    main or a worker process. With `split_sentences` each sentence is one sequence (Megatron's
+    sentence-split layout: a document is a list of sentences, the EOD ends its last one)."""
 
-    def __init__(self, tokenizer: Tokenizer, append_eod: bool, dtype: type) -> None:
+    def __init__(self, tokenizer: Tokenizer, append_eod: bool, dtype: type,
+                 split_sentences: bool = False) -> None:
         self.tokenizer = tokenizer
         self.append_eod = append_eod
         self.dtype = dtype
+        self.split_sentences = split_sentences
 
-    def __call__(self, text: str) -> Tuple[numpy.ndarray, int]:
-        ids = self.tokenizer.encode(text)
-        if self.append_eod:
-            ids.append(self.tokenizer.eod)
-        return numpy.asarray(ids, dtype=self.dtype), len(text.encode("utf-8"))
+    def __call__(self, text: str) -> Tuple[numpy.ndarray, List[int], int]:
+        nbytes = len(text.encode("utf-8"))
+        if not self.split_sentences:
+            ids = self.tokenizer.encode(text)
+            if self.append_eod:
+                ids.append(self.tokenizer.eod)
+            return numpy.asarray(ids, dtype=self.dtype), [len(ids)], nbytes
+        from framework.data.sentences import split_sentences
+
+        pieces = [ids for ids in (self.tokenizer.encode(s) for s in split_sentences(text)) if ids]
+        if pieces and self.append_eod:
+            pieces[-1].append(self.tokenizer.eod)
+        flat = [i for ids in pieces for i in ids]
+        return numpy.asarray(flat, dtype=self.dtype), [len(ids) for ids in pieces], nbytes
 
 
 # The encoder of a pool worker process, set once by the pool initializer so the tokenizer is
@@ -71,14 +84,14 @@ def _init_worker(encoder: _Encoder) -> None:
     _WORKER_ENCODER = encoder
 
 
-def _encode_in_worker(text: str) -> Tuple[numpy.ndarray, int]:
+def _encode_in_worker(text: str) -> Tuple[numpy.ndarray, List[int], int]:
     assert _WORKER_ENCODER is not None, "pool worker not initialised"
     return _WORKER_ENCODER(text)
 
 
 @contextlib.contextmanager
 def _encoded(documents: Iterable[str], encoder: _Encoder, workers: int
-             ) -> Iterator[Iterator[Tuple[numpy.ndarray, int]]]:
+             ) -> Iterator[Iterator[Tuple[numpy.ndarray, List[int], int]]]:
     """Yield an iterator of encoded documents, in input order, from `workers` processes."""
     if workers <= 1:
         yield map(encoder, documents)
@@ -104,8 +117,13 @@ def preprocess(
     append_eod: bool = True,
     workers: int = 1,
     progress: bool = True,
+    split_sentences: bool = False,
 ) -> None:
     """Tokenize `documents` into `<output_prefix>.bin/.idx` (one mcore document each).
+
+    With `split_sentences` (BERT/T5 data) each sentence of a document is one sequence of the
+    indexed dataset (`framework.data.sentences.split_sentences`) and the document index records
+    where documents end; documents without any tokens are dropped.
 
     Tokens are stored in the smallest dtype that holds the vocabulary
     (`DType.optimal_dtype`: uint16 below 65500 ids, else int32). With `workers > 1` documents
@@ -115,7 +133,7 @@ def preprocess(
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    encoder = _Encoder(tokenizer, append_eod, dtype)
+    encoder = _Encoder(tokenizer, append_eod, dtype, split_sentences)
     tmp_bin, tmp_idx = _temp_path(output_prefix + ".bin"), _temp_path(output_prefix + ".idx")
     builder: Optional[IndexedDatasetBuilder] = None
     try:
@@ -124,8 +142,10 @@ def preprocess(
                    disable=not progress, file=sys.stderr, mininterval=0.5)
         start, nbytes = time.perf_counter(), 0
         with bar, _encoded(documents, encoder, workers) as encoded:
-            for ids, size in encoded:
-                builder.add_document(ids, [ids.size])
+            for ids, lengths, size in encoded:
+                if split_sentences and not lengths:
+                    continue
+                builder.add_document(ids, lengths)
                 nbytes += size
                 bar.update(1)
                 if progress and bar.n % 1000 == 0:

@@ -76,6 +76,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=on_gpu and _has_fused_wgrad(),
         deallocate_pipeline_outputs=True,
+        overlap_p2p_comm=parallel.p2p_overlap,
+        batch_p2p_comm=not parallel.p2p_overlap,
         persist_layer_norm=False,
     )
 

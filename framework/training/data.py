@@ -9,9 +9,10 @@ from framework.config import DataConfig, TokenizerConfig, TrainConfig
 
 
 def load_run_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig, load_dir: Optional[str],
-                       hf_dir: Optional[str] = None):
-    """Config first; else the checkpoint's (or HF model dir's) tokenizer; else the embedded one."""
-    from framework.tokenizer import build_tokenizer, embedded_tokenizer
+                       hf_dir: Optional[str] = None, model_type: str = "gpt"):
+    """Config first; else the checkpoint's (or HF model dir's) tokenizer; else the embedded one
+    (for BERT/T5 the embedded masked-LM tokenizer)."""
+    from framework.tokenizer import build_tokenizer, embedded_mlm_tokenizer, embedded_tokenizer
     from framework.training import checkpoint as ckpt
 
     if tok_cfg.path or tok_cfg.vocab_file:
@@ -29,7 +30,7 @@ def load_run_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig, load_dir:
 
         raise ConfigError("data=indexed needs a tokenizer: set tokenizer.path or "
                           "tokenizer.vocab_file + tokenizer.merge_file")
-    return embedded_tokenizer()
+    return embedded_mlm_tokenizer() if model_type in ("bert", "t5") else embedded_tokenizer()
 
 
 @dataclass
@@ -59,7 +60,9 @@ class TrainData:
 
 
 def build_train_data(data_cfg: DataConfig, tokenizer, train_cfg: TrainConfig, *, seq_length: int,
-                     dp_rank: int, dp_size: int) -> TrainData:
+                     dp_rank: int, dp_size: int, model_type: str = "gpt",
+                     decoder_seq_length: Optional[int] = None,
+                     binary_head: bool = False) -> TrainData:
     from framework.data import build_datasets
 
     gbs = train_cfg.global_batch_size
@@ -67,6 +70,8 @@ def build_train_data(data_cfg: DataConfig, tokenizer, train_cfg: TrainConfig, *,
     num_samples = (train_cfg.max_steps * gbs, n_eval, 0)
     train, valid, _test = build_datasets(data_cfg, tokenizer, seq_length=seq_length,
                                          seed=train_cfg.seed, num_samples=num_samples,
-                                         cache_dir=data_cfg.path_to_cache)
+                                         cache_dir=data_cfg.path_to_cache, model_type=model_type,
+                                         decoder_seq_length=decoder_seq_length,
+                                         binary_head=binary_head)
     return TrainData(train, valid if n_eval else None, train_cfg.micro_batch_size, gbs,
                      dp_rank, dp_size)

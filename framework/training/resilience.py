@@ -307,7 +307,13 @@ def preflight(cfg) -> None:
         it = ckpt.latest_iteration(load_dir)
         ckpt.check_compatible(ckpt.read_meta(load_dir, it), cfg.model, ckpt.iter_dir(load_dir, it))
     tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
-                                   c.load_hf if resume_it is None else None)
+                                   c.load_hf if resume_it is None else None,
+                                   model_type=cfg.model.type)
+    if cfg.model.type in ("bert", "t5"):  # a missing [MASK]/[CLS]/sentinel: one line, here
+        from framework.data import masked_lm_tokenizer
+
+        masked_lm_tokenizer(tokenizer, cfg.model.type, seq_length=cfg.model.seq_length,
+                            masking_probability=cfg.data.masking_probability)
     if cfg.data.type == "indexed":
         from framework.data import _index_cache_dir, _parse_blend, check_indexed
 
