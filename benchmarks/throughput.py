@@ -37,19 +37,37 @@ def hf(model, mb, steps, compile_):
     return json.loads(r.stdout.strip().splitlines()[-1]), ""
 
 
-def ours(model, mb, steps, extra):
+# Our candidates: a label and the train.py overrides that select it.
+CANDIDATES = {
+    "default": ("ours (default)", []),
+    "local": ("ours (mcore local attention)", ["model.attention_backend=local"]),
+    "mcore_optim": ("ours, mcore's torch-fallback optimizer kernels",
+                    ["optimizer.fused_step=false"]),
+    "compile": ("ours + torch.compile per layer", ["model.torch_compile=true"]),
+}
+
+
+def ours(model, mb, steps, extra, profile_dir=None):
     with tempfile.TemporaryDirectory() as d:
+        prof = [f"train.profile.steps=[{steps + 3},{steps + 4}]"] if profile_dir else []
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"model={model}", "data=mock",
                f"train.max_steps={steps + 5}", "train.log_interval=1", "train.eval_interval=0",
                f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
                "train.progress_bar=false", "checkpoint.save=false", "parallel.data_parallel_size=1",
                "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
-               f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out", *extra]
+               f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out", *prof, *extra]
         r = run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
         if r.returncode != 0:
             return None, ("OOM" if "out of memory" in (r.stderr + r.stdout).lower()
                           else r.stderr[-300:])
         recs = [json.loads(x) for x in open(f"{d}/out/metrics.jsonl") if '"loss"' in x][5:]
+        if profile_dir:
+            from benchmarks.profile_summary import summarize
+
+            for f in os.listdir(f"{d}/out/profile"):
+                summarize(f"{d}/out/profile/{f}", out=os.path.join(
+                    profile_dir, f"{model}_mb{mb}_{'_'.join(extra) or 'default'}.txt"))
+    recs = recs[:steps]
     tps = sum(x["tokens_per_sec_per_gpu"] for x in recs) / len(recs)
     return {"tok_s": tps, "ms_per_iter": sum(x["ms_per_iter"] for x in recs) / len(recs),
             "peak_gb": max(x["mem_gb"] for x in recs)}, ""
@@ -63,34 +81,51 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2_large")
     ap.add_argument("--hf-micro-batches", default="8,16")
+    ap.add_argument("--hf-modes", default="eager,compile")
     ap.add_argument("--micro-batches", default="8,16")
+    ap.add_argument("--runs", default="",
+                    help="explicit candidate:micro-batch list, e.g. default:8,compile:16 "
+                         "(overrides --micro-batches/--candidates)")
+    ap.add_argument("--candidates", default="default,local",
+                    help=f"comma-separated, from {sorted(CANDIDATES)}")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ours-extra", default="", help="space-separated overrides for train.py")
+    ap.add_argument("--profile-dir", default=None,
+                    help="also profile two steps of each of our runs; kernel tables go here")
     a = ap.parse_args()
     l, h, _ = DIMS[a.model]
     fpt = flops_per_token(l, h, 1024, 50304)
     card = torch.cuda.get_device_name(0)
     rows = []
-    for mb in map(int, a.hf_micro_batches.split(",")):
-        for comp in (False, True):
-            res, err = hf(a.model, mb, a.steps, comp)
-            rows.append((f"HF {'+ torch.compile' if comp else 'eager'} SDPA", mb, res, err))
-    for mb in map(int, a.micro_batches.split(",")):
-        for label, extra in (("ours (SDPA, default)", []),
-                             ("ours (mcore local attention)", ["model.attention_backend=local"])):
-            res, err = ours(a.model, mb, a.steps, extra + a.ours_extra.split())
-            rows.append((label, mb, res, err))
+    for mb in [int(x) for x in a.hf_micro_batches.split(",") if x]:
+        for mode in [m for m in a.hf_modes.split(",") if m]:
+            res, err = hf(a.model, mb, a.steps, mode == "compile")
+            rows.append((f"HF {'+ torch.compile' if mode == 'compile' else 'eager'} SDPA", mb,
+                         res, err))
+            print(rows[-1], flush=True)
+    if a.profile_dir:
+        os.makedirs(a.profile_dir, exist_ok=True)
+    runs = ([(r.split(":")[0], int(r.split(":")[1])) for r in a.runs.split(",") if r] or
+            [(c, mb) for mb in [int(x) for x in a.micro_batches.split(",") if x]
+             for c in a.candidates.split(",") if c])
+    for name, mb in runs:
+        label, extra = CANDIDATES[name]
+        res, err = ours(a.model, mb, a.steps, extra + a.ours_extra.split(), a.profile_dir)
+        rows.append((label, mb, res, err))
+        print(rows[-1], flush=True)
     best = max((r[2]["tok_s"] for r in rows if r[2] and "compile" in r[0]), default=None)
     print(f"\n{a.model}, seq 1024, bf16, AdamW, one {card}")
-    print(f"| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile |")
+    print("| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile |")
     print("|---|---|---|---|---|---|")
     for label, mb, res, err in rows:
         if res is None:
-            print(f"| {label} | {mb} | did not run: {err.strip().splitlines()[-1] if err else ''} | | | |")
+            last = err.strip().splitlines()[-1] if err and err.strip() else ""
+            print(f"| {label} | {mb} | did not run: {last} | | | |")
             continue
         mfu = res["tok_s"] * fpt / 989e12
         ratio = f"{res['tok_s'] / best:.2f}x" if best else "n/a"
-        print(f"| {label} | {mb} | {res['tok_s']:.0f} | {100 * mfu:.1f}% | {res['peak_gb']:.1f} | {ratio} |")
+        print(f"| {label} | {mb} | {res['tok_s']:.0f} | {100 * mfu:.1f}% | "
+              f"{res['peak_gb']:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
         --append-eod --workers 8 --output-prefix data/corpus
 
 writes `data/corpus_text_document.bin/.idx` (`<prefix>_<key>_document`, as Megatron-LM's
-tools/preprocess_data.py names them). Inputs are JSON-lines files (optionally .gz), streamed
+tools/preprocess_data.py names them). With `--split-sentences` (BERT and T5 data) each sentence
+is one item of the indexed dataset and documents are lists of sentences
+(`<prefix>_<key>_sentence.bin/.idx`, Megatron-LM's name); the splitter is rule-based and works
+offline (`framework.data.sentences`). Inputs are JSON-lines files (optionally .gz), streamed
 line by line, or a Hugging Face `datasets` dataset: a local `save_to_disk` directory, a local
 dataset directory, or a hub name (`--split`, default train). Several inputs are concatenated.
 
@@ -131,6 +134,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
     parser.add_argument("--append-eod", action="store_true",
                         help="append the EOD (EOS) id to every document")
+    parser.add_argument("--split-sentences", action="store_true",
+                        help="one item per sentence (documents become lists of sentences; "
+                             "for BERT/T5 data)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--output-prefix", required=True,
                         help="outputs are <prefix>_<key>_document.bin/.idx")
@@ -155,10 +161,12 @@ def run(args: argparse.Namespace) -> List[str]:
     try:
         prefixes = []
         for key in args.json_keys:
-            name = f"{os.path.basename(args.output_prefix)}_{key}_document"
+            level = "sentence" if args.split_sentences else "document"
+            name = f"{os.path.basename(args.output_prefix)}_{key}_{level}"
             documents = (text for source in sources for text in source.texts(key))
             preprocess(documents, tokenizer, os.path.join(staging, name),
-                       append_eod=args.append_eod, workers=args.workers, progress=progress)
+                       append_eod=args.append_eod, workers=args.workers, progress=progress,
+                       split_sentences=args.split_sentences)
             prefixes.append(name)
         finals = []
         for name in prefixes:
@@ -181,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for prefix in prefixes:
         info = read_index(prefix)
         print(f"wrote {prefix}.bin/.idx: {len(info.document_indices) - 1} documents, "
-              f"{info.num_tokens} tokens")
+              f"{info.num_sequences} sequences, {info.num_tokens} tokens")
     return 0
 
 

@@ -68,6 +68,12 @@ class ModelConfig:
     apply_residual_connection_post_layernorm: bool = False
     # "sdpa" = torch scaled_dot_product_attention (fast default); "local" = mcore DotProductAttention
     attention_backend: str = "sdpa"
+    # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
+    # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients
+    fused_cross_entropy: bool = False
+    # GPU: wrap each transformer layer in torch.compile (fuses the norm / bias / GeLU / residual
+    # elementwise work between the matmuls); ignored on CPU
+    torch_compile: bool = False
     # BERT (mcore BertModel): the sentence-order head (+ 2 token types) and its loss
     add_binary_head: bool = False
     # T5 (mcore T5Model): num_layers is the decoder's; the encoder has encoder_num_layers
@@ -140,6 +146,8 @@ class ModelConfig:
             _require(self.position_embedding_type in allowed,
                      f"model.position_embedding_type={self.position_embedding_type} is not "
                      f"supported for model.type={t} (use one of {list(allowed)})")
+        _require(not self.fused_cross_entropy or t == "gpt",
+                 f"model.fused_cross_entropy=true is a GPT option (model.type={t})")
         _require(not self.add_binary_head or t == "bert",
                  f"model.add_binary_head=true is a BERT option (model.type={t})")
         if t == "t5":
@@ -283,6 +291,9 @@ class OptimizerConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: float = 1000
     hysteresis: int = 2
+    # GPU without apex/TE: torch's fused AdamW kernel and foreach (sync-free) grad-norm/scale
+    # kernels instead of mcore's per-tensor fallbacks (framework/fast/multi_tensor.py)
+    fused_step: bool = True
 
     def __post_init__(self) -> None:
         _choice(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")

@@ -46,7 +46,15 @@ def build_optimizer(cfg: OptimizerConfig, model: List[torch.nn.Module], *, max_s
     if on_gpu:
         from megatron.core.optimizer import get_megatron_optimizer
 
+        if cfg.fused_step:
+            from framework.fast import multi_tensor
+
+            multi_tensor.install()
         optimizer = get_megatron_optimizer(mcfg, model)
+        if cfg.fused_step and cfg.optimizer == "adam":
+            from framework.fast.multi_tensor import fuse_adam
+
+            fuse_adam(optimizer)
     else:
         optimizer = CpuOptimizer.build(mcfg, model)
     decay_steps = cfg.lr_decay_steps or max(max_steps, 1)
@@ -81,12 +89,16 @@ class CpuOptimizer:
 
             def clip_grad_norm(self, clip_grad: float) -> float:
                 norm = self.get_grad_norm()
-                coeff = clip_grad / (norm + 1e-6)
+                self.clip_grads_by_norm(norm)
+                return norm
+
+            def clip_grads_by_norm(self, norm: float) -> None:
+                """Scale the grads to `config.clip_grad` given their total norm."""
+                coeff = self.config.clip_grad / (norm + 1e-6)
                 if coeff < 1.0:
                     for p in self.get_parameters():
                         if p.grad is not None:
                             p.grad.mul_(coeff)
-                return norm
 
             def count_zeros(self) -> float:
                 return float(sum((g == 0).sum().item() for g in self.get_main_grads_for_grad_norm()))

@@ -220,7 +220,7 @@ def worker(cfg: Config) -> None:
     from framework.optimizer import build_optimizer
     from framework.training import checkpoint as ckpt
     from framework.training.loop import Runtime, Trainer, TrainState
-    from framework.training.metrics import MetricsLogger, flops_per_token
+    from framework.training.metrics import MetricsLogger, model_flops_per_token
     from framework.training.data import build_train_data, load_run_tokenizer
     from framework.training.resilience import Watchdog, prune_checkpoints
     from framework.training.step import build_train_step
@@ -241,7 +241,8 @@ def worker(cfg: Config) -> None:
             if ckpt.latest_iteration(load_dir) is None:
                 _no_checkpoint(load_dir)
         tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
-                                       cfg.checkpoint.load_hf if resume_it is None else None)
+                                       cfg.checkpoint.load_hf if resume_it is None else None,
+                                       model_type=cfg.model.type)
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_model_parallel_size)
@@ -251,7 +252,10 @@ def worker(cfg: Config) -> None:
                   f"TP={cfg.parallel.tensor_model_parallel_size}))", flush=True)
         data = build_train_data(cfg.data, tokenizer, cfg.train, seq_length=cfg.model.seq_length,
                                 dp_rank=ps.get_data_parallel_rank(),
-                                dp_size=ps.get_data_parallel_world_size())
+                                dp_size=ps.get_data_parallel_world_size(),
+                                model_type=cfg.model.type,
+                                decoder_seq_length=cfg.model.decoder_seq_length,
+                                binary_head=cfg.model.add_binary_head)
         torch_device = torch.device(device, torch.cuda.current_device() if on_gpu else None) \
             if on_gpu else torch.device("cpu")
         model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=bf16,
@@ -292,8 +296,7 @@ def worker(cfg: Config) -> None:
             device=torch_device, dp_size=ps.get_data_parallel_world_size(),
             world_size=dist.get_world_size(), is_logging_rank=is_logging, is_last_stage=is_last,
             seq_length=cfg.model.seq_length,
-            flops_per_token=flops_per_token(cfg.model.num_layers, cfg.model.hidden_size,
-                                            cfg.model.seq_length, padded))
+            flops_per_token=model_flops_per_token(cfg.model, padded))
 
         def save(st: TrainState) -> None:
             path = ckpt.save_checkpoint(

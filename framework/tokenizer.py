@@ -346,7 +346,9 @@ class MaskedLMTokenizerAdapter(MegatronTokenizerAdapter):
             self._mask = hf.mask_token_id if hf.mask_token_id is not None else self._sentinels[0]
             bos = hf.bos_token_id if hf.bos_token_id is not None else hf.pad_token_id
             self._bos = need("BOS (or PAD)", bos, "the decoder start token")
-        self._inv_vocab = {i: t for t, i in hf.get_vocab().items()}
+        # in id order: mcore draws random replacement tokens by position in inv_vocab's keys, and
+        # a fast tokenizer's get_vocab() order differs between processes (a Rust HashMap)
+        self._inv_vocab = {i: t for t, i in sorted(hf.get_vocab().items(), key=lambda kv: kv[1])}
         self.unique_identifiers["mlm"] = [model_type, self._cls, self._sep, self._mask,
                                           self._bos, len(self._sentinels)]
 

@@ -109,10 +109,14 @@ def _check_split_coverage(config: Any, split: str, prefixes: List[str],
                               f"{num_samples[i]} {name} samples are needed")
         for prefix in prefixes:
             info = read_index(prefix)
-            n = info.num_sequences
+            docs = info.document_indices
+            # GPT datasets split sequences, masked-LM datasets split documents (mcore's
+            # numel_low_level_dataset of each)
+            n = len(docs) - 1 if min_sentences else info.num_sequences
             # mcore's rounding (BlendedMegatronDatasetBuilder._build_megatron_dataset_splits)
             beg, end = int(round(bookends[0] * float(n))), int(round(bookends[1] * float(n)))
-            if int(info.sequence_lengths[beg:end].sum()) == 0:
+            seqs = slice(int(docs[beg]), int(docs[end])) if min_sentences else slice(beg, end)
+            if int(info.sequence_lengths[seqs].sum()) == 0:
                 raise ConfigError(
                     f"data.split={split!r} gives the {name} split {end - beg} of the {n} "
                     f"documents in {prefix}, with no tokens, but {num_samples[i]} {name} "
@@ -120,7 +124,6 @@ def _check_split_coverage(config: Any, split: str, prefixes: List[str],
             if min_sentences:
                 # masked-LM samples come from documents with enough sentences (mcore's
                 # build_mapping would otherwise search its epochs forever)
-                docs = info.document_indices
                 counts = docs[beg + 1:end + 1] - docs[beg:end]
                 if not (counts >= min_sentences).any():
                     raise ConfigError(

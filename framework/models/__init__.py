@@ -12,9 +12,12 @@ from typing import Callable, Dict, List
 import torch
 
 from framework.config import ModelConfig, ParallelConfig
+from framework.models.bert import build_bert
 from framework.models.gpt import build_gpt, transformer_config
+from framework.models.t5 import build_t5
 
-MODEL_BUILDERS: Dict[str, Callable[..., torch.nn.Module]] = {"gpt": build_gpt}
+MODEL_BUILDERS: Dict[str, Callable[..., torch.nn.Module]] = {
+    "gpt": build_gpt, "bert": build_bert, "t5": build_t5}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -70,6 +73,9 @@ def build_model(
         for p in m.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
         m.to(device)
+        if model_cfg.torch_compile and device.type == "cuda":
+            for layer in getattr(getattr(m, "decoder", None), "layers", []):
+                layer.compile()
     if bf16 or fp16:
         chunks = [Float16Module(tcfg, m) for m in chunks]
     if wrap_ddp:

@@ -134,6 +134,9 @@ def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
               post_process: bool, vp_stage: Optional[int]):
     from megatron.core.models.gpt import GPTModel
 
+    if model.fused_cross_entropy:
+        from framework.fast.fused_ce import FusedCEGPTModel as GPTModel  # noqa: F811
+
     gpt = GPTModel(
         config=tcfg,
         transformer_layer_spec=block_spec(model, tcfg, vp_stage),

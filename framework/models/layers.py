@@ -33,7 +33,10 @@ class SDPAttention(MegatronModule):
 
     Masks follow mcore: `attention_mask` is a bool tensor broadcastable to [b, n, sq, sk] where
     True means "masked out". With `attn_mask_type=causal` and no mask, the fused causal kernel
-    runs. GQA/MQA key/value heads are expanded with `enable_gqa` semantics.
+    runs. `padding` (BERT, the T5 encoder and cross-attention) is bidirectional: only the given
+    mask applies, typically [b, 1, 1, sk] over padded keys. `attention_bias` (ALiBi, T5's
+    relative position bias [1, n, sq, sk]) is added to the scores; it combines with either mask
+    type. GQA/MQA key/value heads are expanded with `enable_gqa` semantics.
     """
 
     def __init__(
@@ -101,7 +104,11 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             mask = attention_bias.to(q.dtype)
             if attention_mask is not None:
-                mask = mask.masked_fill(attention_mask, float("-inf"))
+                # where, not masked_fill: a [b,1,1,sk] padding mask broadcasts over a
+                # [1,n,sq,sk] bias (T5's relative position bias)
+                mask = torch.where(attention_mask, float("-inf"), mask)
+                if mask_type == AttnMaskType.causal and not self.alibi:
+                    mask = mask + _causal_bias(sq, k.shape[2], q.device, q.dtype)
             elif mask_type == AttnMaskType.causal:
                 mask = mask + _causal_bias(sq, k.shape[2], q.device, q.dtype)
         elif attention_mask is not None:
@@ -109,6 +116,11 @@ class SDPAttention(MegatronModule):
             if mask_type == AttnMaskType.causal and sq > 1:
                 mask = mask & torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
                     k.shape[2] - sq)
+            elif mask_type != AttnMaskType.causal and mask.shape[-2] > 1:
+                # padding/arbitrary [b,1,sq,sk] masks (mcore's b1ss) mask whole query rows at
+                # padded positions; a row with no key gives NaN in SDPA, which then spreads
+                # through 0 x NaN. Let such rows attend everywhere (their outputs are unused).
+                mask = mask | ~mask.any(dim=-1, keepdim=True)
         elif mask_type == AttnMaskType.causal:
             if sq == k.shape[2]:
                 is_causal = True

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from framework.config import CheckpointConfig, TrainConfig
 from framework.optimizer import allreduce_grads_cpu
@@ -93,17 +94,22 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
 
     def train_step(self, iterators) -> Dict[str, Any]:
-        for m in self.model:
-            m.train()
-            if hasattr(m, "zero_grad_buffer"):
-                m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        losses = self._run(iterators, forward_only=False)
-        loss = self._reduce_loss(losses)
+        # phase/* ranges name the parts of a step in profiler traces (benchmarks/profile_summary)
+        with record_function("phase/zero_grad"):
+            for m in self.model:
+                m.train()
+                if hasattr(m, "zero_grad_buffer"):
+                    m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        with record_function("phase/forward_backward"):
+            losses = self._run(iterators, forward_only=False)
+        with record_function("phase/reduce_loss"):
+            loss = self._reduce_loss(losses)
         # the finiteness checks come before the update (a NaN step never touches the weights)
-        ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
-        if ok:
-            self.scheduler.step(increment=1)
+        with record_function("phase/optimizer"):
+            ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
+            if ok:
+                self.scheduler.step(increment=1)
         return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "non_finite": non_finite}
 
     @torch.no_grad()
@@ -172,6 +178,8 @@ class Trainer:
                 state.skipped_iters += 1
             if out["non_finite"]:
                 state.nan_iters += 1
+            bookkeeping = record_function("phase/bookkeeping")
+            bookkeeping.__enter__()
             for line in (self.nan_guard.check(state.step, out["non_finite"], out["loss"],
                                               out["grad_norm"]),
                          self.spikes.check(state.step, out["loss"])):
@@ -197,6 +205,7 @@ class Trainer:
                 timer.lap()
             self._mark(state.step, "stop-flag all-reduce")
             stop = self.stop.agreed()
+            bookkeeping.__exit__(None, None, None)
             if stop is not None:
                 break
         if stop is not None:

@@ -22,6 +22,28 @@ def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int) -> float
     return 72.0 * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h))
 
 
+def model_flops_per_token(model_cfg, vocab: int) -> float:
+    """Model FLOPs per (input) token for the model family.
+
+    GPT and BERT (an encoder stack of the same shape): `flops_per_token`. T5, per encoder token:
+    the encoder stack at the encoder length s_e, plus the decoder per decoder token scaled by
+    s_d / s_e, a decoder layer costing a self-attention layer plus cross-attention (forward:
+    4h^2 per decoder token for its Q and output projections, 4h^2 x s_e/s_d for K and V over the
+    encoder tokens, 4 h s_e for scores and values; x3 with the backward), and the output layer
+    on the decoder tokens.
+    """
+    h = model_cfg.hidden_size
+    if model_cfg.type != "t5":
+        return flops_per_token(model_cfg.num_layers, h, model_cfg.seq_length, vocab)
+    se, sd = model_cfg.seq_length, model_cfg.decoder_seq_length
+    enc = 72.0 * model_cfg.enc_layers * h * h * (1.0 + se / (6.0 * h))
+    # forward+backward = 3x forward; forward of one matmul = 2 flops per weight
+    cross = 3.0 * (2.0 * 2 * h * h + 2.0 * 2 * h * h * se / sd + 2.0 * 2 * h * se)
+    dec = 72.0 * model_cfg.num_layers * h * h * (1.0 + sd / (6.0 * h)) \
+        + model_cfg.num_layers * cross + 6.0 * h * vocab
+    return enc + dec * sd / se
+
+
 def peak_tflops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None

@@ -144,19 +144,20 @@ def guarded_optimizer_step(optimizer, loss: float):
     norm = float(optimizer.get_grad_norm())
     if not math.isfinite(norm):
         return False, norm, True
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is None:
-        if optimizer.config.clip_grad > 0.0:
-            norm = float(optimizer.clip_grad_norm(optimizer.config.clip_grad))
-    else:  # as mcore's ChainedOptimizer.step: clip every member by the one total norm
-        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    # clip by the norm just computed (mcore's clip_grad_norm would compute it a second time);
+    # a ChainedOptimizer clips every member by the one total norm, as its own step() does
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-        for opt in chained:
-            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
-            if params and opt.config.clip_grad > 0.0:
-                clip_grad_by_total_norm_fp32(
-                    params, max_norm=opt.config.clip_grad, total_norm=norm,
-                    use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if not params or opt.config.clip_grad <= 0.0:
+            continue
+        if hasattr(opt, "clip_grads_by_norm"):  # our CPU optimizer
+            opt.clip_grads_by_norm(norm)
+        else:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
     return bool(optimizer.step_with_ready_grads()), norm, False
 
 

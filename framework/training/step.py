@@ -54,7 +54,8 @@ class GPTTrainStep:
         return loss, {"lm loss": loss.detach().clone()}
 
     def forward_step(self, data_iterator, model):
-        batch = self.get_batch(data_iterator)
+        with torch.profiler.record_function("phase/get_batch"):
+            batch = self.get_batch(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                        labels=batch["labels"])
         return output, partial(self.loss_func, batch["loss_mask"])
@@ -67,7 +68,70 @@ class GPTTrainStep:
         return self.forward_step
 
 
-TRAIN_STEPS = {"gpt": GPTTrainStep}
+class BertTrainStep(GPTTrainStep):
+    """BERT: masked-LM cross-entropy over the masked positions (`loss_mask`), plus the
+    sentence-order loss (cross-entropy of the binary head, `is_random` as target) when the model
+    has a binary head. Reports "lm loss" (what the loop logs) and, with the head, "sop loss";
+    the loss trained on is their sum (Megatron-LM's pretrain_bert.py)."""
+
+    def get_batch(self, data_iterator):
+        batch = super().get_batch(data_iterator)
+        if batch is None:
+            return None
+        # mcore pads token types with the pad id (-1 here); padded positions are masked anyway
+        batch["types"] = batch["types"].clamp(min=0)
+        return batch
+
+    def loss_func(self, loss_mask: torch.Tensor, sentence_order: Optional[torch.Tensor],
+                  output_tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        lm_losses, sop_logits = output_tensor
+        mask = loss_mask.reshape(-1).float()
+        lm_loss = torch.sum(lm_losses.float().reshape(-1) * mask) / mask.sum().clamp(min=1.0)
+        logs = {"lm loss": lm_loss.detach().clone()}
+        loss = lm_loss
+        if sop_logits is not None and sentence_order is not None:
+            sop_loss = torch.nn.functional.cross_entropy(sop_logits.reshape(-1, 2).float(),
+                                                         sentence_order.reshape(-1),
+                                                         ignore_index=-1)
+            loss = lm_loss + sop_loss
+            logs["sop loss"] = sop_loss.detach().clone()
+        return loss, logs
+
+    def forward_step(self, data_iterator, model):
+        batch = self.get_batch(data_iterator)
+        binary = getattr(_unwrap(model), "add_binary_head", False)
+        output = model(batch["text"], batch["padding_mask"],
+                       tokentype_ids=batch["types"] if binary else None,
+                       lm_labels=batch["labels"])
+        return output, partial(self.loss_func, batch["loss_mask"],
+                               batch["is_random"] if binary else None)
+
+
+class T5TrainStep(GPTTrainStep):
+    """T5 span corruption: decoder cross-entropy over the target positions (`loss_mask`).
+
+    Masks: the encoder self-attention and the cross-attention get [b, 1, 1, s_enc] over the
+    padded encoder positions (True = masked, mcore's convention); the decoder self-attention is
+    causal with no mask (its padding comes last, so no real position sees it)."""
+
+    def loss_func(self, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+        return super().loss_func(loss_mask, output_tensor)
+
+    def forward_step(self, data_iterator, model):
+        batch = self.get_batch(data_iterator)
+        enc_pad = (batch["enc_mask"] < 0.5)[:, None, None, :]
+        output = model(batch["text_enc"], batch["text_dec"], enc_pad, None, enc_pad,
+                       lm_labels=batch["labels"])
+        return output, partial(self.loss_func, batch["loss_mask"])
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+TRAIN_STEPS = {"gpt": GPTTrainStep, "bert": BertTrainStep, "t5": T5TrainStep}
 
 
 # Config-driven instantiation is limited to these module prefixes (`train.step._target_`);

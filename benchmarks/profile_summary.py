@@ -1,0 +1,100 @@
+"""Summarise a torch.profiler Chrome trace: GPU kernel time grouped by kernel name.
+
+    python benchmarks/profile_summary.py trace.json [--top 30]
+"""
+import argparse
+import json
+from collections import defaultdict
+
+
+def summarize(path: str, top: int = 30, out: str = None) -> str:
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kern = defaultdict(lambda: [0.0, 0])
+    steps = 0
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        if e.get("cat") == "kernel":
+            k = kern[e["name"][:110]]
+            k[0] += e.get("dur", 0.0)
+            k[1] += 1
+        elif e.get("cat") == "user_annotation" and e["name"].startswith("train_step_"):
+            steps += 1
+    steps = max(steps, 1)
+    total = sum(v[0] for v in kern.values())
+    lines = [f"{path}: {steps} step(s), GPU kernel time {total / 1000 / steps:.1f} ms/step",
+             f"{'ms/step':>9} {'%':>6} {'calls':>6}  kernel"]
+    for name, (dur, n) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{dur / 1000 / steps:9.2f} {100 * dur / max(total, 1):6.1f} "
+                     f"{n // steps:6d}  {name}")
+    lines += phase_table(events, steps)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return text
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+              "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def _merge(intervals):
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _overlap(merged, a, b):
+    """Total length of `merged` intervals inside [a, b]."""
+    total = 0.0
+    for x, y in merged:
+        if y <= a:
+            continue
+        if x >= b:
+            break
+        total += min(y, b) - max(x, a)
+    return total
+
+
+def phase_table(events, steps):
+    """Per `phase/*` range (see framework/training/loop.py): CPU time, the part of it spent
+    blocked in CUDA synchronisation, and how long the GPU sat idle meanwhile."""
+    gpu = _merge([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X"
+                  and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")])
+    syncs = _merge([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X"
+                    and e.get("cat") == "cuda_runtime" and e["name"].startswith(SYNC_CALLS)])
+    rows = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") != "user_annotation":
+            continue
+        name = e["name"]
+        if not (name.startswith("phase/") or name.startswith("train_step_")):
+            continue
+        key = "train_step (whole)" if name.startswith("train_step_") else name
+        a, b = e["ts"], e["ts"] + e.get("dur", 0)
+        r = rows[key]
+        r[0] += 1
+        r[1] += b - a
+        r[2] += _overlap(syncs, a, b)
+        r[3] += (b - a) - _overlap(gpu, a, b)
+    out = ["", f"{'phase':28s} {'calls':>6} {'CPU ms':>9} {'in sync':>9} {'GPU idle':>9}  "
+               "(per step)"]
+    for k, (n, cpu, sync, idle) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        out.append(f"{k:28s} {n // steps:6d} {cpu / 1000 / steps:9.2f} {sync / 1000 / steps:9.2f}"
+                   f" {idle / 1000 / steps:9.2f}")
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--top", type=int, default=30)
+    a = ap.parse_args()
+    summarize(a.trace, a.top)

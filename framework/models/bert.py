@@ -1,0 +1,90 @@
+"""BERT: megatron-core's `BertModel` with our layer spec (SDPA attention, SP-capable norm).
+
+The layer is GPT's (`gpt_layer_spec`) with bidirectional self-attention (`AttnMaskType.padding`):
+the mask is [b, 1, 1, s] over padded keys, built by `BertModel` from the batch's padding mask.
+
+Two things in mcore 0.16's `BertModel` need Transformer Engine or apex, so `Bert` works around
+them without changing mcore:
+
+* `_sanity_check_attention_and_get_attn_mask_dimension` calls `is_te_min_version`, which raises
+  a TypeError without TE (`get_te_version()` is None) for any core attention other than mcore's
+  `DotProductAttention`. Ours uses the [b, 1, 1, s] key-padding mask ("b11s"; cheaper than b1ss
+  and no padded query row is ever fully masked).
+* `BertLMHead` builds its LayerNorm with apex's `FusedLayerNorm` or mcore's `WrappedTorchNorm`,
+  which refuses `sequence_parallel=True`; it is built with our `Norm` instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+from megatron.core.models.bert import bert_lm_head
+from megatron.core.models.bert.bert_model import BertModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from framework.config import ModelConfig
+from framework.models.attention_variants import keep_rotary_on_device
+from framework.models.gpt import gpt_layer_spec
+from framework.models.layers import Norm
+
+
+def bert_layer_spec(model: ModelConfig):
+    """GPT's layer with bidirectional (padding-mask) self-attention."""
+    spec = gpt_layer_spec(model)
+    spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
+    return spec
+
+
+def bert_block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[bert_layer_spec(model)] * n, layer_norm=Norm)
+
+
+@contextlib.contextmanager
+def _lm_head_norm(norm):
+    """Build BertLMHead's layer norm with `norm` (mcore looks `LNImpl` up at construction)."""
+    saved = bert_lm_head.LNImpl
+    bert_lm_head.LNImpl = norm
+    try:
+        yield
+    finally:
+        bert_lm_head.LNImpl = saved
+
+
+class Bert(BertModel):
+    """mcore BertModel that runs without TE/apex (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        with _lm_head_norm(Norm):
+            super().__init__(*args, **kwargs)
+
+    def _sanity_check_attention_and_get_attn_mask_dimension(self) -> str:
+        spec = self.transformer_layer_spec
+        layer = spec.layer_specs[0] if hasattr(spec, "layer_specs") else spec
+        core = layer.submodules.self_attention.submodules.core_attention
+        return "b1ss" if core is DotProductAttention else "b11s"
+
+
+def build_bert(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
+               post_process: bool, vp_stage: Optional[int]):
+    bert = Bert(
+        config=tcfg,
+        num_tokentypes=2 if model.add_binary_head else 0,
+        transformer_layer_spec=bert_block_spec(model, tcfg, vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=model.max_positions,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        add_binary_head=model.add_binary_head,
+        vp_stage=vp_stage,
+    )
+    keep_rotary_on_device(bert)
+    return bert

@@ -1,0 +1,210 @@
+"""Fused chunked linear + vocab-parallel cross-entropy (framework/fast/fused_ce.py), CPU:
+loss and gradients == a float64 reference for any per-token upstream gradient and chunking;
+TP2 (gloo, with and without sequence parallelism) == TP1; the GPT model subclass == GPTModel
+(tied and untied output weight, logits without labels); `train.py` losses unchanged."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from framework.fast.fused_ce import LinearCrossEntropy, default_chunk_tokens, linear_cross_entropy
+
+S, B, H, V = 7, 3, 16, 40  # 21 tokens
+
+
+def _data(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(S, B, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, V, (B, S), generator=g)
+    go = torch.rand(B, S, generator=g, dtype=torch.float64) * (torch.rand(B, S, generator=g) > 0.3)
+    return h.to(dtype), w.to(dtype), labels, go
+
+
+def _reference(h, w, labels, go):
+    """float64: plain logits + F.cross_entropy, per-token loss [b, s] and grads."""
+    h = h.detach().double().requires_grad_()
+    w = w.detach().double().requires_grad_()
+    logits = (h @ w.t()).transpose(0, 1)  # [b, s, V]
+    loss = F.cross_entropy(logits.reshape(-1, w.shape[0]), labels.reshape(-1),
+                           reduction="none").view(labels.shape)
+    (loss * go.double()).sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _fused(h, w, labels, go, **kw):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, **kw)
+    (loss * go.to(loss.dtype)).sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 5, 1, 64])  # 21 tokens: one chunk, divides, not
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_float64_reference(chunk, dtype):
+    h, w, labels, go = _data(dtype)
+    ref = _reference(h, w, labels, go)
+    out = _fused(h, w, labels, go, chunk_tokens=chunk)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert out[0].shape == (B, S) and out[0].dtype in (torch.float32, torch.float64)
+    assert out[1].dtype == dtype and out[2].dtype == dtype
+    for name, a, b in zip(("loss", "grad_h", "grad_w"), out, ref):
+        assert (a.double() - b).abs().max().item() < tol, (name, chunk, dtype)
+
+
+def test_bf16_close_to_reference():
+    h, w, labels, go = _data(torch.bfloat16)
+    ref = _reference(h, w, labels, go)
+    out = _fused(h, w, labels, go, chunk_tokens=4)
+    assert out[0].dtype == torch.float32 and out[1].dtype == out[2].dtype == torch.bfloat16
+    for name, a, b in zip(("loss", "grad_h", "grad_w"), out, ref):
+        err = (a.double() - b).abs().max().item() / (b.abs().max().item() + 1e-6)
+        assert err < 3e-2, (name, err)
+
+
+def test_labels_outside_vocab_count_as_zero_logit_like_mcore():
+    h, w, labels, go = _data(torch.float64)
+    labels = labels.clone()
+    labels[0, 0] = V + 3
+    out = _fused(h, w, labels, go)
+    lse = torch.logsumexp(h[0, 0] @ w.t(), dim=0)
+    assert abs(out[0][0, 0].item() - lse.item()) < 1e-10
+
+
+def test_default_chunk_size():
+    # one chunk's logits <= 256 MB (fp32 by default; bf16: twice the tokens)
+    assert default_chunk_tokens(50304) * 50304 * 4 <= 256 * 2 ** 20
+    assert default_chunk_tokens(50304, 2) * 50304 * 2 <= 256 * 2 ** 20
+    assert default_chunk_tokens(50304, 2) > default_chunk_tokens(50304)
+    assert default_chunk_tokens(50304) % 64 == 0 and default_chunk_tokens(10 ** 9) == 64
+
+
+# --------------------------------------------------------------------------------------------
+# TP2 == TP1 over gloo
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_worker(rank, port):
+    # a plain 2-rank group as the TP group: what parallel_state would build at TP2 on 2 ranks,
+    # without importing megatron-core in the workers (seconds each on a small CPU)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        tp = dist.new_group([0, 1])
+        S2 = 8  # divisible by TP for sequence parallelism
+        g = torch.Generator().manual_seed(3)
+        h = torch.randn(S2, B, H, generator=g)
+        w = torch.randn(V, H, generator=g) * 0.5
+        labels = torch.randint(0, V, (B, S2), generator=g)
+        go = torch.rand(B, S2, generator=g) * (torch.rand(B, S2, generator=g) > 0.3)
+        ref = _fused(h, w, labels, go, chunk_tokens=5)  # TP1 on every rank
+        vs = V // 2
+        w_local = w[rank * vs:(rank + 1) * vs]
+        for sp in (False, True):
+            for chunk in (None, 5):
+                h_in = h[rank * S2 // 2:(rank + 1) * S2 // 2] if sp else h
+                loss, gh, gw = _fused(h_in, w_local, labels, go, tp_group=tp,
+                                      sequence_parallel=sp, chunk_tokens=chunk)
+                want_gh = ref[1][rank * S2 // 2:(rank + 1) * S2 // 2] if sp else ref[1]
+                want_gw = ref[2][rank * vs:(rank + 1) * vs]
+                for name, a, b in (("loss", loss, ref[0]), ("grad_h", gh, want_gh),
+                                   ("grad_w", gw, want_gw)):
+                    assert a.shape == b.shape, (name, sp, a.shape, b.shape)
+                    err = (a - b).abs().max().item()
+                    assert err < 2e-5, (name, sp, chunk, err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp2_and_sequence_parallel_match_tp1_gloo():
+    mp.spawn(_tp_worker, args=(_free_port(),), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the GPT model subclass == GPTModel
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mp1():
+    from megatron.core import parallel_state as ps
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _build(fused, tied):
+    from framework.config import ModelConfig, ParallelConfig
+    from framework.models import build_model
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05,
+                      share_embeddings_and_output_weights=tied, fused_cross_entropy=fused)
+    torch.manual_seed(0)
+    return build_model(cfg, ParallelConfig(), vocab_size=64, bf16=False, fp16=False,
+                       device=torch.device("cpu"), wrap_ddp=False)[0]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt_model_matches_mcore(mp1, tied):
+    from framework.fast.fused_ce import FusedCEGPTModel
+
+    ref, fused = _build(False, tied), _build(True, tied)
+    assert isinstance(fused, FusedCEGPTModel) and not isinstance(ref, FusedCEGPTModel)
+    fused.load_state_dict(ref.state_dict())
+    fused.fused_ce_chunk_tokens = 5  # 2 x 16 tokens: several chunks, the last one partial
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 64, (2, 17), generator=g)
+    ids, labels = tokens[:, :-1], tokens[:, 1:]
+    pos = torch.arange(16).expand(2, 16)
+    mask = (torch.rand(2, 16, generator=g) > 0.25).float()
+    out = []
+    for m in (ref, fused):
+        m.zero_grad()
+        loss = m(ids, pos, None, labels=labels)
+        assert loss.shape == (2, 16)
+        ((loss * mask).sum() / mask.sum()).backward()
+        with torch.no_grad():
+            logits = m(ids, pos, None)  # no labels: logits [b, s, V], like GPTModel
+        out.append((loss.detach(), logits, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l1, z1, g1), (l2, z2, g2) = out
+    assert z1.shape == (2, 16, 64) and torch.equal(z1, z2)
+    assert (l1 - l2).abs().max().item() < 1e-5
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        assert (g1[n] - g2[n]).abs().max().item() < 1e-5, n
+
+
+def test_fused_ce_is_gpt_only():
+    from framework.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="fused_cross_entropy"):
+        ModelConfig(type="bert", fused_cross_entropy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# train.py end to end
+# --------------------------------------------------------------------------------------------
+def test_train_losses_unchanged(tmp_path):
+    from tests.test_train_e2e import losses, train
+
+    common = ["train.max_steps=5", "train.eval_interval=0", "checkpoint.save=false"]
+    a, _ = train(tmp_path, *common, name="mcore")
+    b, _ = train(tmp_path, *common, "model.fused_cross_entropy=true", name="fused")
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5]
+    for s in la:
+        assert abs(la[s] - lb[s]) < 1e-5, (s, la[s], lb[s])
