@@ -48,11 +48,29 @@ def compare(ref, got, rtol, label):
     assert ref[steps[-1]] < ref[steps[0]] - 0.3  # it learns
 
 
-@pytest.fixture(scope="module")
-def seed_ckpt(tmp_path_factory):
-    """Initial weights saved once (train.max_steps=0) and loaded by every layout, as
-    torchtitan's loss_compare does: init order differs between layouts, weights must not."""
-    d = tmp_path_factory.mktemp("seed")
+def shared_once(key, build):
+    """`build(dir)` once per suite run, even with pytest-xdist workers (`-n 4`): the first
+    worker builds under a file lock, the others wait and reuse. Returns build's JSON result."""
+    import fcntl
+    import tempfile
+
+    base = os.path.join(tempfile.gettempdir(), f"gpu_suite_{os.getpid()}_{key}")
+    if os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+        base = os.path.join(tempfile.gettempdir(),
+                            f"gpu_suite_{os.environ['PYTEST_XDIST_TESTRUNUID']}_{key}")
+    os.makedirs(base, exist_ok=True)
+    with open(base + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = os.path.join(base, "result.json")
+        if not os.path.exists(done):
+            result = build(base)
+            with open(done, "w") as f:
+                json.dump(result, f)
+        with open(done) as f:
+            return json.load(f)
+
+
+def _seed(d):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
                         "train.max_steps=0", f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out",
@@ -63,10 +81,22 @@ def seed_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fp32_ref(tmp_path_factory, seed_ckpt):
-    losses, _ = train(tmp_path_factory.mktemp("ref"), "single", "train.bf16=false",
-                      "parallel=single", "parallel.data_parallel_size=1", seed_ckpt)
-    return losses
+def seed_ckpt():
+    """Initial weights saved once (train.max_steps=0) and loaded by every layout, as
+    torchtitan's loss_compare does: init order differs between layouts, weights must not."""
+    return shared_once("seed", _seed)
+
+
+@pytest.fixture(scope="module")
+def fp32_ref(seed_ckpt):
+    import pathlib
+
+    def build(d):
+        losses, _ = train(pathlib.Path(d), "single", "train.bf16=false", "parallel=single",
+                          "parallel.data_parallel_size=1", seed_ckpt)
+        return {str(k): v for k, v in losses.items()}
+
+    return {int(k): v for k, v in shared_once("fp32_ref", build).items()}
 
 
 CASES = [
