@@ -243,6 +243,9 @@ class Trainer:
             "mfu": None if self.peak is None else tflops / self.peak,
             "skipped_iters": state.skipped_iters, "nan_iters": state.nan_iters,
             "mem_gb": memory_gb(self.rt.device),
+            # what stays allocated between steps: params, grads, optimizer state (this rank)
+            "mem_static_gb": (torch.cuda.memory_allocated(self.rt.device) / 2**30
+                              if self.on_gpu else None),
             "loss_scale": float(scale.item() if torch.is_tensor(scale) else scale)
             if self.optimizer.config.fp16 else None,
         }
