@@ -160,6 +160,9 @@ class ModelConfig:
                      or self.max_positions >= self.decoder_seq_length,
                      f"model.decoder_seq_length={self.decoder_seq_length} exceeds "
                      f"model.max_position_embeddings={self.max_positions}")
+            _require(self.position_embedding_type != "relative" or self.attention_backend == "sdpa",
+                     "model.position_embedding_type=relative needs model.attention_backend=sdpa "
+                     "(mcore's local attention takes no attention bias)")
             _require(self.relative_attention_num_buckets > 0
                      and self.relative_attention_max_distance > 0,
                      "model.relative_attention_num_buckets and "

@@ -188,6 +188,9 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
              f"load={cfg.load} iteration={it}: {ckpt.iter_dir(cfg.load, it)} is missing")
     meta = ckpt.read_meta(cfg.load, it)
     model_cfg = model_config_from_meta(meta)
+    _require(model_cfg.type == "gpt",
+             f"load={cfg.load} holds a model.type={model_cfg.type} model; generation supports "
+             f"GPT (causal LM) checkpoints only")
     parallel, notes = inference_parallel(meta, cfg.parallel)
     device = resolve_device(cfg.device)
     on_gpu = device == "cuda"

@@ -2,9 +2,6 @@
 masked-LM tokenizer adapter, config validation, SDPA padding masks, and the real `train.py`
 (loss falls; TP1 == TP2 over gloo, with GQA/MQA, the T5 case through cross-attention)."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy
 import pytest

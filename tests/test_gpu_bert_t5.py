@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from gpu_shared import shared_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -51,23 +52,20 @@ def compare(ref, got, rtol, label):
     assert ref[steps[-1]] < ref[steps[0]] - 0.3  # it learns
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """Per model: a seed checkpoint (train.max_steps=0) and the single-GPU fp32 loss curve from
-    it, built on first use."""
-    cache = {}
+def _reference(model):
+    """A seed checkpoint (train.max_steps=0) and the single-GPU fp32 loss curve from it, built
+    once per suite run (also across pytest-xdist workers)."""
+    import pathlib
 
-    def get(model):
-        if model not in cache:
-            d = tmp_path_factory.mktemp(f"ref_{model}")
-            train(d, "seed", model, "train.max_steps=0", "parallel.data_parallel_size=1")
-            seed = f"checkpoint.load={d}/seed/ckpt"
-            ref = train(d, "single", model, "parallel=single", "parallel.data_parallel_size=1",
-                        seed)
-            cache[model] = (seed, ref)
-        return cache[model]
+    def build(d):
+        d = pathlib.Path(d)
+        train(d, "seed", model, "train.max_steps=0", "parallel.data_parallel_size=1")
+        seed = f"checkpoint.load={d}/seed/ckpt"
+        ref = train(d, "single", model, "parallel=single", "parallel.data_parallel_size=1", seed)
+        return {"seed": seed, "ref": {str(k): v for k, v in ref.items()}}
 
-    return get
+    got = shared_once(f"bert_t5_ref_{model}", build)
+    return got["seed"], {int(k): v for k, v in got["ref"].items()}
 
 
 CASES = [
@@ -84,9 +82,9 @@ CASES = [
 
 @pytest.mark.parametrize("model,name,overrides,ngpu", CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_layout_matches_single_gpu_fp32(tmp_path, references, model, name, overrides, ngpu):
+def test_layout_matches_single_gpu_fp32(tmp_path, model, name, overrides, ngpu):
     if torch.cuda.device_count() < ngpu:
         pytest.skip(f"needs {ngpu} GPUs")
-    seed, ref = references(model)
+    seed, ref = _reference(model)
     got = train(tmp_path, name, model, seed, *overrides, ngpu=ngpu)
     compare(ref, got, 2e-3, f"fp32 {model} {name} vs single")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from functools import partial
 from typing import Optional
 
 import torch
