@@ -24,16 +24,28 @@ COMMON = ["model=gpt_tiny", "data=embedded", f"train.max_steps={STEPS}", "train.
 pytestmark = pytest.mark.gpu
 
 
-def train(tmp_path, name, *overrides, ngpu=1, check=True):
+def start(tmp_path, name, *overrides, ngpu=1):
+    """Launch `train.py` in the background (runs on the same GPUs may overlap: gpt_tiny is tiny)."""
     run = tmp_path / name
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(ngpu)))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
            f"checkpoint.dir={run}/ckpt", f"hydra.run.dir={run}/out", *overrides]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return run, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+
+
+def finish(started, check=True):
+    run, p = started
+    out, err = p.communicate(timeout=600)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     recs = [json.loads(l) for l in open(run / "out" / "metrics.jsonl")]
     return {d["step"]: d["loss"] for d in recs if "loss" in d}, r
+
+
+def train(tmp_path, name, *overrides, ngpu=1, check=True):
+    return finish(start(tmp_path, name, *overrides, ngpu=ngpu), check)
 
 
 def compare(ref, got, rtol, label):
@@ -103,21 +115,24 @@ def test_layout_matches_single_gpu_fp32(tmp_path, fp32_ref, seed_ckpt, name, ove
 
 @pytest.mark.gpus(4)
 def test_bf16_tp2_pp2_matches_single(tmp_path, seed_ckpt):
-    ref, _ = train(tmp_path, "bf16_single", "parallel=single", "parallel.data_parallel_size=1",
-                   seed_ckpt)
-    got, _ = train(tmp_path, "bf16_tp2pp2", "parallel=tp2_pp2", "parallel.data_parallel_size=1",
-                   seed_ckpt, ngpu=4)
+    a = start(tmp_path, "bf16_single", "parallel=single", "parallel.data_parallel_size=1",
+              seed_ckpt)
+    b = start(tmp_path, "bf16_tp2pp2", "parallel=tp2_pp2", "parallel.data_parallel_size=1",
+              seed_ckpt, ngpu=4)
+    (ref, _), (got, _) = finish(a), finish(b)
     compare(ref, got, 3e-2, "bf16 tp2_pp2 vs single")
 
 
 @pytest.mark.gpus(4)
 def test_save_at_tp2_pp2_then_resume(tmp_path):
     """Train 30 steps straight; separately train 15, stop, resume to 30: same losses."""
-    full, _ = train(tmp_path, "full", "parallel=tp2_pp2", "parallel.data_parallel_size=1",
-                    "train.bf16=false", "checkpoint.save_interval=100", "optimizer.lr_decay_steps=30", ngpu=4)
+    a = start(tmp_path, "full", "parallel=tp2_pp2", "parallel.data_parallel_size=1",
+              "train.bf16=false", "checkpoint.save_interval=100", "optimizer.lr_decay_steps=30",
+              ngpu=4)
     run = tmp_path / "half"
-    half, _ = train(tmp_path, "half", "parallel=tp2_pp2", "parallel.data_parallel_size=1",
-                    "train.bf16=false", "train.max_steps=15", "optimizer.lr_decay_steps=30", ngpu=4)
+    b = start(tmp_path, "half", "parallel=tp2_pp2", "parallel.data_parallel_size=1",
+              "train.bf16=false", "train.max_steps=15", "optimizer.lr_decay_steps=30", ngpu=4)
+    (full, _), (half, _) = finish(a), finish(b)
     assert (run / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "15"
     rest, r = train(tmp_path, "half", "parallel=tp2_pp2", "parallel.data_parallel_size=1",
                     "train.bf16=false", "optimizer.lr_decay_steps=30", ngpu=4)
