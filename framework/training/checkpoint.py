@@ -67,7 +67,8 @@ def read_meta(ckpt_dir: str, iteration: Optional[int] = None) -> Dict[str, Any]:
 ARCH_FIELDS = ("type", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                "ffn_hidden_size", "kv_channels", "max_position_embeddings", "normalization",
                "activation", "add_bias_linear", "position_embedding_type",
-               "share_embeddings_and_output_weights")
+               "share_embeddings_and_output_weights", "add_binary_head", "encoder_num_layers",
+               "relative_attention_num_buckets")
 
 
 def check_compatible(meta: Dict[str, Any], model_cfg: ModelConfig, where: str) -> None:

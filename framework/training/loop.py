@@ -105,12 +105,14 @@ class Trainer:
             losses = self._run(iterators, forward_only=False)
         with record_function("phase/reduce_loss"):
             loss = self._reduce_loss(losses)
+            extra = self._reduce_extra(losses)
         # the finiteness checks come before the update (a NaN step never touches the weights)
         with record_function("phase/optimizer"):
             ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
             if ok:
                 self.scheduler.step(increment=1)
-        return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "non_finite": non_finite}
+        return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "non_finite": non_finite,
+                "extra": extra}
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -141,6 +143,23 @@ class Trainer:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(val, src=last, group=ps.get_pipeline_model_parallel_group())
         return val.item()
+
+    def _reduce_extra(self, losses: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Other reported losses (e.g. BERT's "sop loss"): mean over micro-batches and DP, on the
+        last stage (where the logging rank is)."""
+        from megatron.core import parallel_state as ps
+
+        if not (self.rt.is_last_stage and losses):
+            return {}
+        keys = sorted(k for k in losses[0] if k != "lm loss")
+        if not keys:
+            return {}
+        val = torch.stack([torch.stack([d[k].float().reshape(()) for d in losses]).mean()
+                           for k in keys]).to(self.rt.device)
+        if self.rt.dp_size > 1:
+            dist.all_reduce(val, group=ps.get_data_parallel_group())
+            val /= self.rt.dp_size
+        return {k.replace(" ", "_"): float(v) for k, v in zip(keys, val.tolist())}
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
@@ -249,7 +268,11 @@ class Trainer:
             "loss_scale": float(scale.item() if torch.is_tensor(scale) else scale)
             if self.optimizer.config.fp16 else None,
         }
-        _write(bar, format_line(rec, self.cfg.max_steps))
+        rec.update(out.get("extra") or {})
+        line = format_line(rec, self.cfg.max_steps)
+        for k, v in (out.get("extra") or {}).items():
+            line += f" | {k.replace('_', ' ')} {v:.4f}"
+        _write(bar, line)
         if self.logger is not None:
             self.logger.log(rec)
 
