@@ -61,10 +61,13 @@ def run(model, name, steps):
                                        else (tail[-1] if tail else "failed"))
         recs = [json.loads(x) for x in open(f"{d}/out/metrics.jsonl") if '"loss"' in x][3:]
     n = len(recs)
+    s_it = sum(x["ms_per_iter"] for x in recs) / n / 1000
     return label, ngpu, {
-        "s_it": sum(x["ms_per_iter"] for x in recs) / n / 1000,
-        "tok_s_gpu": sum(x["tokens_per_sec_per_gpu"] for x in recs) / n,
-        "mfu": sum(x["mfu"] or 0 for x in recs) / n,
+        "s_it": s_it, "median_s_it": sorted(x["ms_per_iter"] for x in recs)[n // 2] / 1000,
+        # rate of the mean step time, not the mean of per-step rates (biased by slow steps)
+        "tok_s_gpu": gbs * 1024 / s_it / ngpu,
+        "mfu": (gbs * 1024 / s_it / ngpu) * (recs[0]["mfu"] or 0)
+        / recs[0]["tokens_per_sec_per_gpu"],
         "peak_gb": max(x["mem_gb"] for x in recs),
         "static_gb": recs[-1].get("mem_static_gb"), "mb": mb, "gbs": gbs}, ""
 
@@ -83,13 +86,15 @@ def main():
         res[name] = run(a.model, name, a.steps)
         print(name, res[name], flush=True)
     print(f"\n{a.model}, seq 1024, bf16, AdamW, {torch.cuda.device_count()} x {card}")
-    print("| run | GPUs | micro/global batch | s/it | tok/s/GPU | MFU | peak GB | static GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | GPUs | micro/global batch | s/it (mean) | s/it (median) | tok/s/GPU | MFU | "
+          "peak GB | static GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (label, ngpu, r, err) in res.items():
         if r is None:
-            print(f"| {label} | {ngpu} | | did not run: {err} | | | | |")
+            print(f"| {label} | {ngpu} | | did not run: {err} | | | | | |")
             continue
         print(f"| {label} | {ngpu} | {r['mb']}/{r['gbs']} | {r['s_it']:.3f} | "
+              f"{r['median_s_it']:.3f} | "
               f"{r['tok_s_gpu']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_gb']:.1f} | "
               f"{r['static_gb']:.2f} |")
     layers, hidden = DIMS[a.model]

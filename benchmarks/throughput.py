@@ -70,8 +70,11 @@ def ours(model, mb, steps, extra, profile_dir=None):
                     profile_dir, f"{model}_mb{mb}_{'_'.join(extra) or 'default'}.txt"))
     # steps 6..steps+2 (after warm-up, before the two profiled steps)
     recs = [x for x in recs if x["step"] <= steps + 2]
-    tps = sum(x["tokens_per_sec_per_gpu"] for x in recs) / len(recs)
-    return {"tok_s": tps, "ms_per_iter": sum(x["ms_per_iter"] for x in recs) / len(recs),
+    # rate of the mean step time (as the HF baseline measures: total tokens / total time), not
+    # the mean of per-step rates, which a few slow steps bias upwards
+    ms = sum(x["ms_per_iter"] for x in recs) / len(recs)
+    med = sorted(x["ms_per_iter"] for x in recs)[len(recs) // 2]
+    return {"tok_s": mb * 1024 / (ms / 1000), "ms_per_iter": ms, "median_ms": med,
             "peak_gb": max(x["mem_gb"] for x in recs)}, ""
 
 

@@ -44,10 +44,12 @@ class Rule:
     or reshape), so that HF -> ours -> HF is bit-identical. `vocab`: dim 0 is the vocabulary.
     `export=False`: import only (e.g. the tied output layer of the last pipeline stage, which is
     a copy of the word embeddings and has no tensor of its own in a tied HF checkpoint).
+    `hf` may be a tuple of names (several HF tensors make one of ours, e.g. separate q/k/v
+    into `linear_qkv`): `to_ours` then takes a tuple of tensors and `to_hf` returns one.
     """
 
     ours: str
-    hf: str
+    hf: "str | Tuple[str, ...]"
     to_ours: Transform = same
     to_hf: Transform = same
     vocab: bool = False
@@ -64,7 +66,10 @@ def expand(rules: Iterable[Rule], num_layers: int) -> List[Tuple[str, str, Rule]
     for r in rules:
         for i in (range(num_layers) if r.per_layer else [None]):
             ours = r.ours.format(i=i) if i is not None else r.ours
-            hf = r.hf.format(i=i) if i is not None else r.hf
+            if isinstance(r.hf, tuple):
+                hf = tuple(h.format(i=i) if i is not None else h for h in r.hf)
+            else:
+                hf = r.hf.format(i=i) if i is not None else r.hf
             out.append((ours, hf, r))
     return out
 
@@ -128,7 +133,9 @@ def import_into_chunks(
                 raise InteropError(f"parameter {name} of the model has no Hugging Face "
                                    f"counterpart in the conversion rules")
             hf_name, rule = table[name]
-            full = rule.to_ours(get_hf(hf_name), model_cfg)
+            src = tuple(get_hf(h) for h in hf_name) if isinstance(hf_name, tuple) \
+                else get_hf(hf_name)
+            full = rule.to_ours(src, model_cfg)
             if rule.vocab:
                 rows = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel",
                                                             False) else 1)
@@ -167,9 +174,10 @@ def export_from_state(
                                    f"size {vocab_size}")
             t = t[:vocab_size]
         t = rule.to_hf(t, model_cfg)
-        if dtype is not None:
-            t = t.to(dtype)
-        out[hf] = t.contiguous()
+        for name, x in (zip(hf, t) if isinstance(hf, tuple) else [(hf, t)]):
+            if dtype is not None:
+                x = x.to(dtype)
+            out[name] = x.contiguous()
     extra = sorted(k for k in state if k not in used and not k.endswith("_extra_state"))
     if extra:
         raise InteropError(f"the checkpoint has tensors the conversion rules do not know: "
@@ -179,4 +187,4 @@ def export_from_state(
 
 def iter_hf_names(rules: List[Rule], num_layers: int) -> Iterator[str]:
     for _ours, hf, _rule in expand(rules, num_layers):
-        yield hf
+        yield from (hf if isinstance(hf, tuple) else [hf])
