@@ -83,6 +83,14 @@ class ModelConfig:
     # T5 relative position bias (position_embedding_type=relative)
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    # Attention softmax scale (mcore TransformerConfig.softmax_scale); None -> 1/sqrt(kv_channels).
+    # Hugging Face T5 uses 1.0 (no scaling: its initialisation folds it into the query weights).
+    softmax_scale: Optional[float] = None
+    # T5 only: multiply the decoder output by hidden_size**-0.5 before the LM head (HF T5 v1.0
+    # with tied embeddings, `scale_decoder_outputs`)
+    scale_decoder_output: bool = False
+    # T5 only: mcore's tied T5 LM head has a bias over the vocabulary; false removes it (HF T5)
+    lm_head_bias: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.type), "model.type must be set (gpt, bert or t5)")
@@ -150,6 +158,11 @@ class ModelConfig:
                  f"model.fused_cross_entropy=true is a GPT option (model.type={t})")
         _require(not self.add_binary_head or t == "bert",
                  f"model.add_binary_head=true is a BERT option (model.type={t})")
+        _require(self.softmax_scale is None or self.softmax_scale > 0,
+                 f"model.softmax_scale={self.softmax_scale} must be positive (or null)")
+        _require(t == "t5" or (not self.scale_decoder_output and self.lm_head_bias),
+                 f"model.scale_decoder_output / model.lm_head_bias=false are T5 options "
+                 f"(model.type={t})")
         if t == "t5":
             _require(self.decoder_seq_length is not None and self.decoder_seq_length > 0,
                      f"model.decoder_seq_length must be a positive number for model.type=t5, "

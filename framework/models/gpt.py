@@ -56,6 +56,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         add_qkv_bias=model.add_qkv_bias,
         init_method_std=model.init_method_std,
         apply_residual_connection_post_layernorm=model.apply_residual_connection_post_layernorm,
+        softmax_scale=model.softmax_scale,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.vpp,
