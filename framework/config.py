@@ -531,8 +531,9 @@ class Config:
             return
         _require(d.type != "mock", f"data=mock makes GPT samples only; model.type={m.type} needs "
                                    f"data=embedded or data=indexed (sentence-split .bin/.idx)")
-        _require(self.checkpoint.load_hf is None,
-                 f"checkpoint.load_hf imports GPT-2 weights; not supported for model.type={m.type}")
+        _require(self.checkpoint.load_hf is None or m.type == "bert",
+                 f"checkpoint.load_hf imports GPT-2 and Megatron-BERT weights; not supported for "
+                 f"model.type={m.type}")
         if m.type == "t5":
             # megatron-core 0.16 removed encoder-decoder pipelining: ModelType.encoder_and_decoder
             # raises (megatron/core/enums.py) and the schedules send one tensor per stage

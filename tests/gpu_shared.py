@@ -2,6 +2,8 @@
 import json
 import os
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def shared_once(key, build):
     """`build(dir)` once per suite run, even with pytest-xdist workers (`-n 4`): the first
@@ -23,3 +25,19 @@ def shared_once(key, build):
                 json.dump(result, f)
         with open(done) as f:
             return json.load(f)
+
+
+def compare(ref, got, rtol, label):
+    """Per-step losses of a layout against the reference: max relative difference <= rtol, and
+    the reference learns. The line also goes to tests/gpu_results/parity.log."""
+    steps = sorted(ref)
+    assert sorted(got) == steps
+    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in steps)
+    line = (f"{label}: {len(steps)} steps, max rel diff {worst:.2e} (tol {rtol}), "
+            f"loss {ref[steps[0]]:.4f}->{ref[steps[-1]]:.4f} ref, {got[steps[-1]]:.4f} got")
+    print(line)
+    os.makedirs(os.path.join(ROOT, "tests", "gpu_results"), exist_ok=True)
+    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
+        f.write(line + "\n")
+    assert worst <= rtol, line
+    assert ref[steps[-1]] < ref[steps[0]] - 0.3  # it learns

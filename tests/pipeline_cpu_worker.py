@@ -17,9 +17,6 @@ import zlib
 import torch
 import torch.distributed as dist
 
-torch.cuda.current_device = lambda: "cpu"
-torch.cuda.synchronize = lambda *a, **k: None
-torch.Tensor.cuda = lambda self, *a, **k: self
 _zeros = torch.zeros
 
 
@@ -27,7 +24,15 @@ def _zeros_cpu(*a, device=None, **k):
     return _zeros(*a, device="cpu" if device == "cuda" else device, **k)
 
 
-torch.zeros = _zeros_cpu
+def redirect_cuda_to_cpu():
+    """Point the CUDA calls of mcore's p2p code and schedules at the CPU (diagnostics only)."""
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.zeros = _zeros_cpu
+
+
+redirect_cuda_to_cpu()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework.config import ModelConfig, ParallelConfig  # noqa: E402
@@ -61,6 +66,10 @@ def main():
     torch.manual_seed(0)
     model = build_model(model_cfg, par, vocab_size=96, bf16=False, fp16=False,
                         device=torch.device("cpu"), wrap_ddp=False)
+    # gloo's isend is asynchronous on the host: mcore's deallocate_pipeline_outputs frees an
+    # output right after posting its send, which is safe on a CUDA stream but lets the CPU send
+    # read freed memory under load. Keep outputs alive here.
+    model[0].config.deallocate_pipeline_outputs = False
     with torch.no_grad():
         for chunk in model:
             for name, p in chunk.named_parameters():

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from gpu_shared import shared_once
+from gpu_shared import compare, shared_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -36,20 +36,6 @@ def train(tmp_path, name, model, *overrides, ngpu=1):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     recs = [json.loads(l) for l in open(run / "out" / "metrics.jsonl")]
     return {d["step"]: d["loss"] for d in recs if "loss" in d}
-
-
-def compare(ref, got, rtol, label):
-    steps = sorted(ref)
-    assert sorted(got) == steps
-    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in steps)
-    line = (f"{label}: {len(steps)} steps, max rel diff {worst:.2e} (tol {rtol}), "
-            f"loss {ref[steps[0]]:.4f}->{ref[steps[-1]]:.4f} ref, {got[steps[-1]]:.4f} got")
-    print(line)
-    os.makedirs(os.path.join(ROOT, "tests", "gpu_results"), exist_ok=True)
-    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
-        f.write(line + "\n")
-    assert worst <= rtol, line
-    assert ref[steps[-1]] < ref[steps[0]] - 0.3  # it learns
 
 
 def _reference(model):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from gpu_shared import shared_once
+from gpu_shared import compare, shared_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -46,19 +46,6 @@ def finish(started, check=True):
 
 def train(tmp_path, name, *overrides, ngpu=1, check=True):
     return finish(start(tmp_path, name, *overrides, ngpu=ngpu), check)
-
-
-def compare(ref, got, rtol, label):
-    steps = sorted(ref)
-    assert sorted(got) == steps
-    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in steps)
-    line = (f"{label}: {len(steps)} steps, max rel diff {worst:.2e} (tol {rtol}), "
-            f"loss {ref[steps[0]]:.4f}->{ref[steps[-1]]:.4f} ref, {got[steps[-1]]:.4f} got")
-    print(line)
-    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
-        f.write(line + "\n")
-    assert worst <= rtol, line
-    assert ref[steps[-1]] < ref[steps[0]] - 0.3  # it learns
 
 
 def _seed(d):

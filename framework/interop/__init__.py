@@ -34,6 +34,8 @@ class InteropError(ConfigError):
 
 FAMILIES: Dict[str, str] = {
     "gpt2": "framework.interop.gpt2",
+    "megatron-bert": "framework.interop.megatron_bert",
+    "t5": "framework.interop.t5",
 }
 PLANNED = ("megatron-bert", "t5", "mt5")
 
@@ -61,7 +63,8 @@ def family(hf_model_type: Optional[str]) -> ModuleType:
         what = "has no model_type" if hf_model_type is None else \
             f"model_type {hf_model_type!r} is not supported"
         raise InteropError(f"the Hugging Face config {what}; supported: "
-                           f"{', '.join(supported())} (planned: {', '.join(PLANNED)})")
+                           f"{', '.join(supported())} (planned: "
+                           f"{', '.join(t for t in PLANNED if t not in FAMILIES) or 'none'})")
     return importlib.import_module(FAMILIES[hf_model_type])
 
 
@@ -114,6 +117,13 @@ def _arch(cfg: ModelConfig) -> Dict[str, Any]:
         "position_embedding_type": cfg.position_embedding_type,
         "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
         "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
+        "add_binary_head": cfg.add_binary_head,
+        "encoder_num_layers": cfg.enc_layers if cfg.type == "t5" else None,
+        "relative_attention": (cfg.relative_attention_num_buckets,
+                               cfg.relative_attention_max_distance)
+        if cfg.position_embedding_type == "relative" else None,
+        "softmax_scale": cfg.softmax_scale, "scale_decoder_output": cfg.scale_decoder_output,
+        "lm_head_bias": cfg.lm_head_bias,
     }
 
 

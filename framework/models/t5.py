@@ -188,4 +188,14 @@ def build_t5(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
         relative_attention_max_distance=model.relative_attention_max_distance,
     )
     keep_rotary_on_device(t5)
+    if post_process and not model.lm_head_bias:
+        # mcore's T5LMHead gives a tied output layer a vocabulary bias; HF T5 has none
+        t5.lm_head.output_layer.register_parameter("bias", None)
+    if post_process and model.scale_decoder_output:
+        scale = model.hidden_size ** -0.5  # HF T5 v1.0: sequence_output * d_model**-0.5
+
+        def _scale_lm_input(_module, args, kwargs):
+            return (args[0] * scale,) + tuple(args[1:]), kwargs
+
+        t5.lm_head.register_forward_pre_hook(_scale_lm_input, with_kwargs=True)
     return t5

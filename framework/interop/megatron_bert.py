@@ -1,0 +1,225 @@
+"""Megatron-BERT (HF `model_type: megatron-bert`, `MegatronBertForPreTraining`) <-> our `bert`
+model (megatron-core BertModel, framework/models/bert.py).
+
+The two are the same network (Shoeybi et al.'s pre-LN BERT), so the mapping is names and layouts:
+* No embedding LayerNorm on either side: word + position + token-type embeddings, then the layers.
+* Pre-LN layers: HF `attention.ln` / `ln` -> `input_layernorm` / `pre_mlp_layernorm`; HF's final
+  `encoder.ln` -> `encoder.final_layernorm`.
+* HF has separate `query`/`key`/`value` Linears (rows = outputs); megatron-core's `linear_qkv`
+  interleaves them per query group (for each group: its query heads, its key, its value; see
+  gpt2._qkv_rows_to_ours). One rule maps the three HF tensors to one of ours.
+* LM head: HF `cls.predictions.transform.{dense,LayerNorm}` -> `lm_head.{dense,layer_norm}`; the
+  decoder is tied to the word embeddings (our last pipeline stage holds a copy, `output_layer.
+  weight`), its bias `cls.predictions.bias` -> `output_layer.bias` (vocabulary rows, padded).
+* Binary head: HF `bert.pooler.dense` (tanh) -> `pooler.dense`, `cls.seq_relationship` ->
+  `binary_head`; both exist when model.add_binary_head is on (which also gives the 2 token
+  types). HF megatron-bert always has token-type embeddings, so the HF side maps to
+  add_binary_head=true (a model with it off is refused on import and export: its token types
+  would be lost or invented).
+
+Semantic differences, resolved in the config mapping:
+* megatron-core's BertLMHead applies the exact (erf) GeLU regardless of the config, HF the
+  config's `hidden_act` in the layers *and* in the head transform: only `hidden_act: gelu` (exact)
+  gives the same logits, mapped to our `activation: gelu`; other activations are refused.
+* `layer_norm_eps` (HF default 1e-12) -> `layernorm_epsilon` (every norm, the LM head's too).
+HF files saved from the base `MegatronBertModel` have no `bert.` prefix; both are read.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from framework.config import ModelConfig
+from framework.interop import InteropError
+from framework.interop.gpt2 import _qkv_rows_to_hf, _qkv_rows_to_ours
+from framework.interop.rules import Rule
+
+HF_MODEL_TYPE = "megatron-bert"
+MODEL_TYPE = "bert"  # our ModelConfig.type
+HF_ARCHITECTURE = "MegatronBertForPreTraining"
+HF_BASE_PREFIX = "bert."  # HF names below carry it (except cls.*); base-model files lack it
+HF_IGNORED = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")  # buffers
+
+_ACT_IN = {"gelu": "gelu"}  # the only HF activation that matches mcore's BertLMHead (erf GeLU)
+_NAMES = {(12, 768): "bert_base", (24, 1024): "bert_large"}
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConfig:
+    """HF MegatronBertConfig (as a dict) -> ModelConfig. `overrides` replace fields afterwards."""
+    bad = []
+    act = hf.get("hidden_act", "gelu")
+    if act not in _ACT_IN:
+        bad.append(f"hidden_act={act!r} (supported: {sorted(_ACT_IN)}: megatron-core's BERT LM "
+                   f"head always uses the exact GeLU)")
+    pos = hf.get("position_embedding_type", "absolute")
+    if pos not in (None, "absolute"):
+        bad.append(f"position_embedding_type={pos!r}")
+    if int(hf.get("type_vocab_size", 2)) != 2:
+        bad.append(f"type_vocab_size={hf.get('type_vocab_size')} (our BERT has 2 token types)")
+    if hf.get("is_decoder", False):
+        bad.append("is_decoder=true")
+    if hf.get("add_cross_attention", False):
+        bad.append("add_cross_attention=true")
+    if not hf.get("tie_word_embeddings", True):
+        bad.append("tie_word_embeddings=false")
+    if bad:
+        raise InteropError("this megatron-bert config cannot be expressed as our BERT model: "
+                           + "; ".join(bad))
+    try:
+        layers, hidden = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
+        heads, n_pos = int(hf["num_attention_heads"]), int(hf["max_position_embeddings"])
+        vocab = int(hf["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InteropError(f"megatron-bert config lacks a valid {e}") from None
+    inner = hf.get("intermediate_size")
+    cfg = ModelConfig(
+        name=_NAMES.get((layers, hidden), "megatron_bert_hf"),
+        type=MODEL_TYPE,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=int(inner) if inner is not None else None,
+        seq_length=n_pos,
+        max_position_embeddings=n_pos,
+        vocab_size=vocab,
+        hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+        normalization="LayerNorm",
+        layernorm_epsilon=float(hf.get("layer_norm_eps", 1e-12)),
+        activation=_ACT_IN[act],
+        add_bias_linear=True,
+        position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=True,
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+        add_binary_head=True,
+    )
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def _check_expressible(cfg: ModelConfig) -> None:
+    heads = cfg.num_attention_heads
+    checks = [
+        (cfg.type == MODEL_TYPE, f"model.type={cfg.type!r} (needs {MODEL_TYPE!r})"),
+        (cfg.normalization == "LayerNorm", f"model.normalization={cfg.normalization!r}"),
+        (cfg.position_embedding_type == "learned_absolute",
+         f"model.position_embedding_type={cfg.position_embedding_type!r}"),
+        (cfg.activation in _ACT_IN.values(), f"model.activation={cfg.activation!r}"),
+        (cfg.add_bias_linear, "model.add_bias_linear=false"),
+        (cfg.num_query_groups in (None, heads), f"model.num_query_groups={cfg.num_query_groups}"),
+        (cfg.kv_channels in (None, cfg.hidden_size // heads)
+         and cfg.hidden_size % heads == 0, f"model.kv_channels={cfg.kv_channels}"),
+        (not cfg.apply_residual_connection_post_layernorm,
+         "model.apply_residual_connection_post_layernorm=true"),
+        (cfg.share_embeddings_and_output_weights,
+         "model.share_embeddings_and_output_weights=false"),
+        (cfg.add_binary_head, "model.add_binary_head=false (HF megatron-bert always has token "
+                              "types and a pooler)"),
+    ]
+    bad = [msg for ok, msg in checks if not ok]
+    if bad:
+        raise InteropError("this model cannot be expressed as HF megatron-bert: " + "; ".join(bad))
+
+
+def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
+                              base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """ModelConfig -> HF MegatronBertConfig fields (a dict for config.json).
+
+    `base`: the HF config this model was imported from; its non-architecture fields (token ids,
+    task fields) are kept.
+    """
+    _check_expressible(cfg)
+    out: Dict[str, Any] = dict(base or {}) if (base or {}).get("model_type") == HF_MODEL_TYPE \
+        else {}
+    out.update(
+        model_type=HF_MODEL_TYPE,
+        architectures=[HF_ARCHITECTURE],
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.ffn,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_positions,
+        type_vocab_size=2,
+        initializer_range=cfg.init_method_std,
+        layer_norm_eps=cfg.layernorm_epsilon,
+        tie_word_embeddings=True,
+        is_decoder=False,
+        add_cross_attention=False,
+    )
+    out.pop("position_embedding_type", None)
+    if not base:
+        out["pad_token_id"] = 0 if vocab_size > 0 else None  # MegatronBertConfig's default
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# tensors
+# --------------------------------------------------------------------------------------------
+def _qkv_to_ours(t: Tuple[torch.Tensor, ...], cfg: ModelConfig) -> torch.Tensor:
+    """(query, key, value) Linear weights or biases -> megatron-core's interleaved linear_qkv."""
+    return _qkv_rows_to_ours(torch.cat(list(t), dim=0), cfg)
+
+
+def _qkv_to_hf(t: torch.Tensor, cfg: ModelConfig) -> Tuple[torch.Tensor, ...]:
+    full = _qkv_rows_to_hf(t, cfg)
+    return tuple(full.chunk(3, dim=0))  # MHA only (checked): q, k, v have equal rows
+
+
+def rules(cfg: ModelConfig) -> List[Rule]:
+    p, L, H = HF_BASE_PREFIX, "encoder.layers.{i}.", HF_BASE_PREFIX + "encoder.layer.{i}."
+
+    def wb(ours: str, hf: str, **kw) -> List[Rule]:
+        return [Rule(ours + ".weight", hf + ".weight", **kw), Rule(ours + ".bias", hf + ".bias",
+                                                                   **kw)]
+
+    qkv = H + "attention.self."
+    out = [
+        Rule("embedding.word_embeddings.weight", p + "embeddings.word_embeddings.weight",
+             vocab=True),
+        Rule("embedding.position_embeddings.weight", p + "embeddings.position_embeddings.weight"),
+        *wb(L + "input_layernorm", H + "attention.ln"),
+        Rule(L + "self_attention.linear_qkv.weight",
+             tuple(qkv + x + ".weight" for x in ("query", "key", "value")), _qkv_to_ours,
+             _qkv_to_hf),
+        Rule(L + "self_attention.linear_qkv.bias",
+             tuple(qkv + x + ".bias" for x in ("query", "key", "value")), _qkv_to_ours,
+             _qkv_to_hf),
+        *wb(L + "self_attention.linear_proj", H + "attention.output.dense"),
+        *wb(L + "pre_mlp_layernorm", H + "ln"),
+        *wb(L + "mlp.linear_fc1", H + "intermediate.dense"),
+        *wb(L + "mlp.linear_fc2", H + "output.dense"),
+        *wb("encoder.final_layernorm", p + "encoder.ln"),
+        *wb("lm_head.dense", "cls.predictions.transform.dense"),
+        *wb("lm_head.layer_norm", "cls.predictions.transform.LayerNorm"),
+        Rule("output_layer.bias", "cls.predictions.bias", vocab=True),
+        # the last pipeline stage's copy of the tied embedding; no tensor of its own in HF
+        Rule("output_layer.weight", p + "embeddings.word_embeddings.weight", vocab=True,
+             export=False),
+    ]
+    if cfg.add_binary_head:
+        out += [
+            Rule("embedding.tokentype_embeddings.weight",
+                 p + "embeddings.token_type_embeddings.weight"),
+            *wb("pooler.dense", p + "pooler.dense"),
+            *wb("binary_head", "cls.seq_relationship"),
+        ]
+    return out
+
+
+def optional_hf_tensors(cfg: ModelConfig) -> List[str]:
+    """HF tensors that may be present and are not needed: the tied decoder (older files store
+    it), and the heads a model without the binary head lacks."""
+    out = ["cls.predictions.decoder.weight", "cls.predictions.decoder.bias"]
+    if not cfg.add_binary_head:
+        out += [HF_BASE_PREFIX + "pooler.dense.weight", HF_BASE_PREFIX + "pooler.dense.bias",
+                "cls.seq_relationship.weight", "cls.seq_relationship.bias"]
+    return out

@@ -1,0 +1,232 @@
+"""T5 v1.0 (HF `model_type: t5`, `T5ForConditionalGeneration`) <-> our `t5` model (mcore T5Model).
+
+What differs between the two and how it is closed (ModelConfig options, defaults off):
+* HF T5 attention has no 1/sqrt(d) softmax scaling -> `softmax_scale: 1.0`.
+* T5LayerNorm is RMSNorm without bias, eps 1e-6 -> `normalization: RMSNorm`; no linear biases ->
+  `add_bias_linear: false`.
+* Relative position bias: mcore's `RelativePositionEmbedding` uses HF's bucket formula
+  (bidirectional for the encoder, causal for the decoder), computed once per stack and added to
+  the self-attention of every layer, none in cross-attention -- as HF, whose table lives in
+  block 0's self-attention.
+* Tied embeddings, decoder output scaled by d_model**-0.5 before the LM head ->
+  `scale_decoder_output: true`; mcore's tied T5 LM head has a vocabulary bias HF lacks ->
+  `lm_head_bias: false`.
+* q/k/v are separate HF tensors; ours are mcore's per-head interleaved `linear_qkv` (self) and
+  per-head [k v] `linear_kv` (cross).
+Not supported (refused with one line): gated FFNs (`feed_forward_proj: gated-gelu`, T5 v1.1 /
+mT5), untied LM heads (`tie_word_embeddings: false`), decoder output without the scaling.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from framework.config import ModelConfig
+from framework.interop import InteropError
+from framework.interop.rules import Rule
+
+HF_MODEL_TYPE = "t5"
+MODEL_TYPE = "t5"
+HF_ARCHITECTURE = "T5ForConditionalGeneration"
+HF_BASE_PREFIX = ""  # T5Model (base) files have the same names, without lm_head
+# the cross-attention relative bias some old files carry (HF ignores it on load too)
+HF_IGNORED = re.compile(r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias"
+                        r"\.weight$")
+_ACT_IN = {"relu": "relu"}
+
+
+def _scale_decoder_outputs(hf: Dict[str, Any]) -> bool:
+    if "scale_decoder_outputs" in hf:
+        return bool(hf["scale_decoder_outputs"])
+    return hf.get("tie_word_embeddings", True) is not False
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConfig:
+    bad = []
+    proj = hf.get("feed_forward_proj", "relu")
+    if proj not in _ACT_IN:
+        bad.append(f"feed_forward_proj={proj!r} (supported: {sorted(_ACT_IN)}; gated FFNs of "
+                   f"T5 v1.1 / mT5 are not converted yet)")
+    if hf.get("tie_word_embeddings", True) is False:
+        bad.append("tie_word_embeddings=false (untied LM head)")
+    if not _scale_decoder_outputs(hf):
+        bad.append("scale_decoder_outputs=false")
+    if hf.get("is_decoder", False):
+        bad.append("is_decoder=true")
+    if bad:
+        raise InteropError("this t5 config cannot be expressed as our T5 model: "
+                           + "; ".join(bad))
+    try:
+        d_model, heads, d_kv = int(hf["d_model"]), int(hf["num_heads"]), int(hf["d_kv"])
+        d_ff, enc, vocab = int(hf["d_ff"]), int(hf["num_layers"]), int(hf["vocab_size"])
+        dec = int(hf.get("num_decoder_layers") or enc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InteropError(f"t5 config lacks a valid {e}") from None
+    seq = int(hf.get("n_positions") or 512)
+    dropout = float(hf.get("dropout_rate", 0.1))
+    cfg = ModelConfig(
+        name="t5_hf",
+        type=MODEL_TYPE,
+        num_layers=dec,
+        encoder_num_layers=enc,
+        hidden_size=d_model,
+        num_attention_heads=heads,
+        kv_channels=d_kv,
+        ffn_hidden_size=d_ff,
+        seq_length=seq,
+        decoder_seq_length=seq,
+        vocab_size=vocab,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+        activation=_ACT_IN[proj],
+        add_bias_linear=False,
+        position_embedding_type="relative",
+        relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        share_embeddings_and_output_weights=True,
+        softmax_scale=1.0,
+        scale_decoder_output=True,
+        lm_head_bias=False,
+    )
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
+                              base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    heads = cfg.num_attention_heads
+    checks = [
+        (cfg.type == MODEL_TYPE, f"model.type={cfg.type!r} (needs {MODEL_TYPE!r})"),
+        (cfg.normalization == "RMSNorm", f"model.normalization={cfg.normalization!r}"),
+        (cfg.position_embedding_type == "relative",
+         f"model.position_embedding_type={cfg.position_embedding_type!r}"),
+        (cfg.activation in ("relu",), f"model.activation={cfg.activation!r}"),
+        (not cfg.add_bias_linear, "model.add_bias_linear=true"),
+        (not cfg.add_qkv_bias, "model.add_qkv_bias=true"),
+        (cfg.num_query_groups in (None, heads), f"model.num_query_groups={cfg.num_query_groups}"),
+        (cfg.softmax_scale == 1.0, f"model.softmax_scale={cfg.softmax_scale} (HF T5: 1.0)"),
+        (cfg.share_embeddings_and_output_weights,
+         "model.share_embeddings_and_output_weights=false"),
+        (cfg.scale_decoder_output, "model.scale_decoder_output=false"),
+        (not cfg.lm_head_bias, "model.lm_head_bias=true"),
+        (not cfg.apply_residual_connection_post_layernorm,
+         "model.apply_residual_connection_post_layernorm=true"),
+    ]
+    bad = [msg for ok, msg in checks if not ok]
+    if bad:
+        raise InteropError("this model cannot be expressed as HF t5: " + "; ".join(bad))
+    out: Dict[str, Any] = dict(base or {}) if (base or {}).get("model_type") == HF_MODEL_TYPE \
+        else {}
+    out.update(
+        model_type=HF_MODEL_TYPE,
+        architectures=[HF_ARCHITECTURE],
+        vocab_size=vocab_size,
+        d_model=cfg.hidden_size,
+        d_kv=cfg.kv_channels or cfg.hidden_size // heads,
+        d_ff=cfg.ffn,
+        num_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.num_layers,
+        num_heads=heads,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        dropout_rate=cfg.hidden_dropout,
+        layer_norm_epsilon=cfg.layernorm_epsilon,
+        feed_forward_proj="relu",
+        dense_act_fn="relu",
+        is_gated_act=False,
+        is_encoder_decoder=True,
+        tie_word_embeddings=True,
+        scale_decoder_outputs=True,
+    )
+    if not base:
+        out.setdefault("decoder_start_token_id", 0)
+        out.setdefault("pad_token_id", 0)
+        out.setdefault("eos_token_id", 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# tensors
+# --------------------------------------------------------------------------------------------
+def _dims(cfg: ModelConfig):
+    heads = cfg.num_attention_heads
+    return heads, cfg.kv_channels or cfg.hidden_size // heads
+
+
+def _interleave_to_ours(ts, cfg: ModelConfig) -> torch.Tensor:
+    """(q, k, v) or (k, v) weights [n*d, h] -> per head [q_h; k_h; v_h] (mcore's layout)."""
+    heads, dim = _dims(cfg)
+    parts = [t.reshape(heads, dim, -1) for t in ts]
+    return torch.cat(parts, dim=1).reshape(heads * dim * len(ts), -1)
+
+
+def _split_to_hf(t: torch.Tensor, cfg: ModelConfig, n: int):
+    heads, dim = _dims(cfg)
+    parts = t.reshape(heads, n * dim, -1).split(dim, dim=1)
+    return tuple(p.reshape(heads * dim, -1) for p in parts)
+
+
+def _qkv_to_hf(t, cfg):
+    return _split_to_hf(t, cfg, 3)
+
+
+def _kv_to_hf(t, cfg):
+    return _split_to_hf(t, cfg, 2)
+
+
+def _attn(ours: str, hf: str, names=("q", "k", "v")) -> Rule:
+    return Rule(ours, tuple(f"{hf}.{x}.weight" for x in names), _interleave_to_ours,
+                _qkv_to_hf if len(names) == 3 else _kv_to_hf)
+
+
+def _encoder_layer(i: int) -> List[Rule]:
+    L, H = f"encoder.layers.{i}.", f"encoder.block.{i}.layer."
+    return [
+        Rule(L + "input_layernorm.weight", H + "0.layer_norm.weight"),
+        _attn(L + "self_attention.linear_qkv.weight", H + "0.SelfAttention"),
+        Rule(L + "self_attention.linear_proj.weight", H + "0.SelfAttention.o.weight"),
+        Rule(L + "pre_mlp_layernorm.weight", H + "1.layer_norm.weight"),
+        Rule(L + "mlp.linear_fc1.weight", H + "1.DenseReluDense.wi.weight"),
+        Rule(L + "mlp.linear_fc2.weight", H + "1.DenseReluDense.wo.weight"),
+    ]
+
+
+def rules(cfg: ModelConfig) -> List[Rule]:
+    # `{i}` runs over num_layers (the decoder's); the encoder's layers are listed one by one
+    L, H = "decoder.layers.{i}.", "decoder.block.{i}.layer."
+    out = [
+        Rule("embedding.word_embeddings.weight", "shared.weight", vocab=True),
+        Rule("encoder_relative_pos_emb.relative_attention_bias.weight",
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+        Rule("decoder_relative_pos_emb.relative_attention_bias.weight",
+             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+    ]
+    for i in range(cfg.enc_layers):
+        out += _encoder_layer(i)
+    out += [
+        Rule("encoder.final_layernorm.weight", "encoder.final_layer_norm.weight"),
+        Rule(L + "input_layernorm.weight", H + "0.layer_norm.weight"),
+        _attn(L + "self_attention.linear_qkv.weight", H + "0.SelfAttention"),
+        Rule(L + "self_attention.linear_proj.weight", H + "0.SelfAttention.o.weight"),
+        Rule(L + "pre_cross_attn_layernorm.weight", H + "1.layer_norm.weight"),
+        Rule(L + "cross_attention.linear_q.weight", H + "1.EncDecAttention.q.weight"),
+        _attn(L + "cross_attention.linear_kv.weight", H + "1.EncDecAttention", ("k", "v")),
+        Rule(L + "cross_attention.linear_proj.weight", H + "1.EncDecAttention.o.weight"),
+        Rule(L + "pre_mlp_layernorm.weight", H + "2.layer_norm.weight"),
+        Rule(L + "mlp.linear_fc1.weight", H + "2.DenseReluDense.wi.weight"),
+        Rule(L + "mlp.linear_fc2.weight", H + "2.DenseReluDense.wo.weight"),
+        Rule("decoder.final_layernorm.weight", "decoder.final_layer_norm.weight"),
+    ]
+    return out
+
+
+def optional_hf_tensors(cfg: ModelConfig) -> List[str]:
+    """Tied copies of `shared.weight` that some files carry."""
+    return ["lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]

@@ -1,0 +1,289 @@
+"""Checkpoint conversion: HF Megatron-BERT <-> our megatron-core BERT checkpoints (CPU, gloo).
+
+A tiny `MegatronBertForPreTraining` built by transformers itself (2 layers, hidden 48, 6 heads,
+ffn 80, vocab 101 -- odd, so it is padded -- 40 positions, eps 3e-6, exact GeLU, random non-trivial
+norms and biases) is the reference; inputs use both token types and a padded sample. Acceptance:
+* HF -> ours at TP1, TP2 and PP2: MLM logits and binary-head (sentence-order / NSP) logits equal
+  HF's (fp32, max abs diff <= 1e-4) once the vocab padding is stripped and TP shards gathered;
+* HF -> ours -> HF: every tensor bit-identical (also from the TP2 checkpoint), and
+  `AutoModelForPreTraining.from_pretrained` loads the export and reproduces HF's logits;
+* reshape TP2 -> TP1: identical logits; --print-checkpoint-structure on BERT checkpoints;
+* refusals: activations and models HF megatron-bert cannot express; unsupported model types list
+  megatron-bert among the supported ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from data_tools import convert
+from test_convert import _build, _free_port, _meta_model_cfg, _safetensors, cli
+
+V, LAYERS, HIDDEN, HEADS, FFN, NPOS, EPS = 101, 2, 48, 6, 80, 40, 3e-6
+DIV = 5
+P1, P2 = 105, 110  # padded vocab at TP1 / TP2 for make_vocab_size_divisible_by=5
+TOL = 1e-4
+B, S = 2, 24
+
+
+def _hf_bert(path, seed=0):
+    from transformers import MegatronBertConfig, MegatronBertForPreTraining
+
+    torch.manual_seed(seed)
+    cfg = MegatronBertConfig(vocab_size=V, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                             num_attention_heads=HEADS, intermediate_size=FFN,
+                             max_position_embeddings=NPOS, layer_norm_eps=EPS)
+    model = MegatronBertForPreTraining(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor shows
+        for _name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, V, (B, S), generator=g)
+    types = (torch.arange(S) >= 10).long().expand(B, S).contiguous()
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, -5:] = 0  # a padded sample
+    return tokens, types, mask
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("convert_bert")
+    hf = d / "hf"
+    model = _hf_bert(hf)
+    tokens, types, mask = _inputs()
+    with torch.no_grad():
+        out = model(input_ids=tokens, token_type_ids=types, attention_mask=mask)
+    ref = {"tokens": tokens, "types": types, "mask": mask, "logits": out.prediction_logits,
+           "binary": out.seq_relationship_logits}
+    torch.save(ref, d / "ref.pt")
+    common = ["--load", hf, "--make-vocab-size-divisible-by", DIV]
+    cli("hf-to-megatron", *common, "--save", d / "tp1")
+    cli("hf-to-megatron", *common, "--save", d / "tp2", "--target-tp", 2)
+    cli("reshape", "--load", d / "tp2", "--save", d / "tp2_tp1", "--target-tp", 1,
+        "--target-pp", 1)
+    return {"dir": d, "hf": hf, **ref}
+
+
+def _bert_logits(chunk, ref):
+    """(MLM logits [b, s, V] with TP vocab shards gathered and padding stripped, binary logits)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        logits, binary = chunk(ref["tokens"], ref["mask"], tokentype_ids=ref["types"])
+    group = ps.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :V], binary
+
+
+def _tp1_logits(ckpt_dir, ref, padded=P1):
+    from framework.training.checkpoint import load_checkpoint
+
+    model_cfg, _meta = _meta_model_cfg(ckpt_dir)
+    with convert.single_process_world():
+        chunks = _build(model_cfg, padded)
+        load_checkpoint(str(ckpt_dir), chunks, None, None, model_cfg=model_cfg,
+                        with_optimizer=False)
+        return _bert_logits(chunks[0], ref)
+
+
+def _close(got, ref, what):
+    logits, binary = got
+    assert (logits - ref["logits"]).abs().max().item() <= TOL, what
+    assert binary is not None and (binary - ref["binary"]).abs().max().item() <= TOL, what
+
+
+def _assert_same_hf(a, b):
+    ta, tb = _safetensors(a), _safetensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    ca, cb = (json.load(open(os.path.join(p, "config.json"))) for p in (a, b))
+    for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+              "intermediate_size", "max_position_embeddings", "vocab_size", "hidden_act",
+              "layer_norm_eps", "type_vocab_size", "tie_word_embeddings", "pad_token_id"):
+        assert ca.get(k) == cb.get(k), k
+
+
+# --------------------------------------------------------------------------------------------
+# single process
+# --------------------------------------------------------------------------------------------
+def test_hf_to_megatron_tp1_logits_match_hf(work):
+    _close(_tp1_logits(work["dir"] / "tp1", work), work, "tp1")
+    _model_cfg, meta = _meta_model_cfg(work["dir"] / "tp1")
+    m = meta["config"]["model"]
+    assert (m["type"], m["activation"], m["add_binary_head"]) == ("bert", "gelu", True)
+    assert m["layernorm_epsilon"] == EPS and m["vocab_size"] == V
+    assert meta["hf_source"]["model_type"] == "megatron-bert"
+
+
+def test_roundtrip_is_bit_identical_and_loads_in_transformers(work, capsys):
+    from transformers import AutoModelForPreTraining
+
+    out = work["dir"] / "back"
+    cli("megatron-to-hf", "--load", work["dir"] / "tp1", "--save", out,
+        "--print-checkpoint-structure")
+    printed = capsys.readouterr().out
+    assert "model megatron_bert_hf/bert," in printed
+    # dist_checkpointing stores the layers stacked: [layers, 3 * hidden, hidden]
+    assert "encoder.layers.self_attention.linear_qkv.weight" in printed
+    assert f"[{LAYERS}, {3 * HIDDEN}, {HIDDEN}]" in printed
+    assert "output_layer.bias" in printed and f"[{P1}]" in printed
+    assert "bert.encoder.layer.1.attention.self.query.weight" in printed
+    assert "cls.predictions.bias" in printed and f"[{V}]" in printed
+    _assert_same_hf(work["hf"], out)
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["architectures"] == ["MegatronBertForPreTraining"]
+    model = AutoModelForPreTraining.from_pretrained(str(out)).eval()
+    assert type(model).__name__ == "MegatronBertForPreTraining"
+    with torch.no_grad():
+        o = model(input_ids=work["tokens"], token_type_ids=work["types"],
+                  attention_mask=work["mask"])
+    assert torch.equal(o.prediction_logits, work["logits"])
+    assert torch.equal(o.seq_relationship_logits, work["binary"])
+    # from a TP2 conversion (P2 padding rows, TP-sharded QKV) as well
+    out2 = work["dir"] / "back_tp2"
+    cli("megatron-to-hf", "--load", work["dir"] / "tp2", "--save", out2)
+    _assert_same_hf(work["hf"], out2)
+
+
+def test_reshape_tp2_to_tp1_keeps_logits(work, capsys):
+    d = work["dir"]
+    a = _tp1_logits(d / "tp1", work)
+    b = _tp1_logits(d / "tp2_tp1", work)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    rc = convert.main(["megatron-to-hf", "--load", str(d / "tp2"),
+                       "--print-checkpoint-structure"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "embedding.tokentype_embeddings.weight" in printed
+    assert "binary_head.weight" in printed and f"[{P2}, {HIDDEN}]" in printed
+
+
+def test_hf_structure_print_and_base_model_layout(work, tmp_path, capsys):
+    """Files whose base-model tensors lack the `bert.` prefix (as MegatronBertModel saves them)
+    import too; --print-checkpoint-structure works on the HF input."""
+    from safetensors.torch import load_file, save_file
+
+    rc = convert.main(["hf-to-megatron", "--load", str(work["hf"]),
+                       "--print-checkpoint-structure"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "model_type=megatron-bert" in printed
+    assert "cls.seq_relationship.weight" in printed
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text((work["hf"] / "config.json").read_text())
+    sd = {k.removeprefix("bert."): v for k, v in load_file(work["hf"] / "model.safetensors").items()}
+    save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
+    cli("hf-to-megatron", "--load", base, "--save", tmp_path / "ck",
+        "--make-vocab-size-divisible-by", DIV)  # cls.* keep their names; the rest gain `bert.`
+    _close(_tp1_logits(tmp_path / "ck", work), work, "base layout")
+
+
+def test_refusals(work, tmp_path, capsys):
+    from dataclasses import replace
+
+    from framework import interop
+    from framework.config import ConfigError
+
+    hf_cfg = json.load(open(work["hf"] / "config.json"))
+    with pytest.raises(ConfigError, match="hidden_act='gelu_new'"):
+        interop.hf_config_to_model_config({**hf_cfg, "hidden_act": "gelu_new"})
+    with pytest.raises(ConfigError, match="type_vocab_size"):
+        interop.hf_config_to_model_config({**hf_cfg, "type_vocab_size": 3})
+    model_cfg = interop.hf_config_to_model_config(hf_cfg)
+    back = interop.model_config_to_hf_config(model_cfg, vocab_size=V, base=hf_cfg)
+    assert interop._arch(interop.hf_config_to_model_config(back)) == interop._arch(model_cfg)
+    with pytest.raises(ConfigError, match="add_binary_head=false"):
+        interop.model_config_to_hf_config(replace(model_cfg, add_binary_head=False),
+                                          vocab_size=V)
+    with pytest.raises(ConfigError, match="model.activation='gelu_tanh'"):
+        interop.model_config_to_hf_config(replace(model_cfg, activation="gelu_tanh"),
+                                          vocab_size=V)
+    # loading into a model without the binary head would drop the token types: refused
+    with pytest.raises(ConfigError, match="add_binary_head: hf=True config=False"):
+        interop.load_hf_into_model(str(work["hf"]), [], replace(model_cfg, add_binary_head=False))
+    src = tmp_path / "llama"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    rc = convert.main(["hf-to-megatron", "--load", str(src), "--save", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'llama' is not supported" in err
+    supported = err.split("supported: ", 1)[1].split(" (planned", 1)[0]
+    assert "gpt2" in supported and "megatron-bert" in supported
+    assert "megatron-bert" not in err.split("(planned", 1)[1]
+
+
+def test_train_config_accepts_load_hf_for_bert():
+    from framework.config import CheckpointConfig, Config, DataConfig, ModelConfig
+
+    Config(model=ModelConfig(type="bert", add_binary_head=True),
+           data=DataConfig(type="indexed", path=["x"]),
+           checkpoint=CheckpointConfig(load_hf="some_dir"))
+
+
+# --------------------------------------------------------------------------------------------
+# two processes: TP2, then PP2 (gloo)
+# --------------------------------------------------------------------------------------------
+def _dist_worker(rank, port, d):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from framework import interop
+    from framework.training.checkpoint import load_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    ref = torch.load(os.path.join(d, "ref.pt"))
+    model_cfg, _meta = _meta_model_cfg(os.path.join(d, "tp1"))
+    try:
+        # ---- TP2: from the TP2 conversion, the TP1 one (105 rows into 110), and HF directly
+        ps.initialize_model_parallel(2, 1)
+        got = {}
+        for name in ("tp2", "tp1", "hf"):
+            chunks = _build(model_cfg, P2, tp=2)
+            if name == "hf":
+                interop.load_hf_into_model(os.path.join(d, "hf"), chunks, model_cfg)
+            else:
+                load_checkpoint(os.path.join(d, name), chunks, None, None, model_cfg=model_cfg,
+                                with_optimizer=False)
+            got[name] = _bert_logits(chunks[0], ref)
+            _close(got[name], ref, f"TP2 {name}")
+        assert torch.equal(got["tp2"][0], got["hf"][0])
+        ps.destroy_model_parallel()
+        # ---- PP2 (one layer per stage), HF weights loaded directly
+        torch.Tensor.cuda = lambda self, *a, **k: self  # mcore's tied-embedding all-reduce
+        ps.initialize_model_parallel(1, 2)
+        chunk = _build(model_cfg, P1, pp=2)[0]
+        interop.load_hf_into_model(os.path.join(d, "hf"), [chunk], model_cfg)
+        with torch.no_grad():
+            if rank == 0:
+                hidden = chunk(ref["tokens"], ref["mask"], tokentype_ids=ref["types"])
+                dist.send(hidden.contiguous(), dst=1)
+            else:
+                hidden = torch.empty(S, B, HIDDEN)
+                dist.recv(hidden, src=0)
+                chunk.set_input_tensor(hidden)
+                logits, binary = chunk(ref["tokens"], ref["mask"], tokentype_ids=ref["types"])
+                _close((logits[..., :V], binary), ref, "PP2 hf")
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_tp2_and_pp2_logits_match_hf(work):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_worker, args=(_free_port(), str(work["dir"])), nprocs=2, join=True)
