@@ -184,7 +184,8 @@ def test_hf_structure_print_and_base_model_layout(work, tmp_path, capsys):
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text((work["hf"] / "config.json").read_text())
-    sd = {k.removeprefix("bert."): v for k, v in load_file(work["hf"] / "model.safetensors").items()}
+    sd = {k.removeprefix("bert."): v
+          for k, v in load_file(work["hf"] / "model.safetensors").items()}
     save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
     cli("hf-to-megatron", "--load", base, "--save", tmp_path / "ck",
         "--make-vocab-size-divisible-by", DIV)  # cls.* keep their names; the rest gain `bert.`
