@@ -249,8 +249,8 @@ def hf_to_megatron(args) -> None:
 
     if args.make_vocab_size_divisible_by < 1:
         raise InputError("--make-vocab-size-divisible-by must be >= 1")
-    model_cfg = fam.hf_config_to_model_config(
-        hf_cfg, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    model_cfg = interop.with_hf_tensors(fam, fam.hf_config_to_model_config(
+        hf_cfg, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by), weights)
     tp, pp = args.target_tp, args.target_pp
     parallel = ParallelConfig(name=f"tp{tp}_pp{pp}", tensor_model_parallel_size=tp,
                               pipeline_model_parallel_size=pp)

@@ -54,7 +54,8 @@ class ModelConfig:
     attention_dropout: float = 0.1
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
-    # gelu = exact (erf) GeLU; gelu_tanh = its tanh approximation (GPT-2's "gelu_new")
+    # gelu = exact (erf) GeLU; gelu_tanh = its tanh approximation (GPT-2's "gelu_new");
+    # swiglu / geglu_tanh = gated (GLU) MLPs with SiLU / tanh-GeLU (HF T5 v1.1 "gated-gelu")
     activation: str = "gelu"
     add_bias_linear: bool = True
     add_qkv_bias: bool = False  # mcore: only used when add_bias_linear is False
@@ -139,7 +140,8 @@ class ModelConfig:
                  "model.position_embedding_type=alibi needs model.attention_backend=sdpa "
                  f"(got {self.attention_backend!r}: mcore's local attention has no ALiBi)")
         _choice(self.normalization, ("LayerNorm", "RMSNorm"), "model.normalization")
-        _choice(self.activation, ("gelu", "gelu_tanh", "swiglu", "relu"), "model.activation")
+        _choice(self.activation, ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu"),
+                "model.activation")
         _choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
         _require(0.0 <= self.hidden_dropout < 1 and 0.0 <= self.attention_dropout < 1,
                  "model.hidden_dropout and model.attention_dropout must be in [0, 1)")

@@ -36,6 +36,7 @@ FAMILIES: Dict[str, str] = {
     "gpt2": "framework.interop.gpt2",
     "megatron-bert": "framework.interop.megatron_bert",
     "t5": "framework.interop.t5",
+    "mt5": "framework.interop.mt5",
 }
 PLANNED = ("megatron-bert", "t5", "mt5")
 
@@ -78,6 +79,8 @@ def family_for_model(model_cfg: ModelConfig, hf_model_type: Optional[str] = None
                                f"{fam.MODEL_TYPE!r}, not {model_cfg.type!r}")
         return fam
     matches = [t for t in FAMILIES if family(t).MODEL_TYPE == model_cfg.type]
+    if model_cfg.type in matches:  # several (t5, mt5): the one named as our model type
+        matches = [model_cfg.type]
     if len(matches) != 1:
         raise InteropError(f"no single Hugging Face family for model.type={model_cfg.type!r} "
                            f"(candidates: {matches or 'none'}; supported: "
@@ -119,12 +122,21 @@ def _arch(cfg: ModelConfig) -> Dict[str, Any]:
         "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
         "add_binary_head": cfg.add_binary_head,
         "encoder_num_layers": cfg.enc_layers if cfg.type == "t5" else None,
-        "relative_attention": (cfg.relative_attention_num_buckets,
-                               cfg.relative_attention_max_distance)
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets
+        if cfg.position_embedding_type == "relative" else None,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance
         if cfg.position_embedding_type == "relative" else None,
         "softmax_scale": cfg.softmax_scale, "scale_decoder_output": cfg.scale_decoder_output,
         "lm_head_bias": cfg.lm_head_bias,
     }
+
+
+def with_hf_tensors(fam: ModuleType, cfg: ModelConfig, weights) -> ModelConfig:
+    """`cfg` completed from the tensor names of the HF files, for families whose config.json
+    does not tell everything (optional `resolve_with_tensors(cfg, names)`; e.g. T5 v1.1 / mT5:
+    transformers 5 writes tie_word_embeddings=true whether or not the file has an lm_head)."""
+    resolve = getattr(fam, "resolve_with_tensors", None)
+    return resolve(cfg, set(weights.keys())) if resolve is not None else cfg
 
 
 def check_same_architecture(hf_cfg: ModelConfig, model_cfg: ModelConfig, where: str) -> None:
@@ -188,9 +200,9 @@ def load_hf_into_model(hf_dir: str, model_chunks, model_cfg: ModelConfig, *,
 
     hf = read_hf_config(hf_dir)
     fam = family(hf.get("model_type"))
-    hf_model_cfg = fam.hf_config_to_model_config(hf)
-    check_same_architecture(hf_model_cfg, model_cfg, f"the Hugging Face model in {hf_dir}")
     weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
+    hf_model_cfg = with_hf_tensors(fam, fam.hf_config_to_model_config(hf), weights)
+    check_same_architecture(hf_model_cfg, model_cfg, f"the Hugging Face model in {hf_dir}")
     where = _resolver(weights, fam, model_cfg)
     chunks = [unwrap(m) for m in model_chunks]
     n = import_into_chunks(

@@ -54,6 +54,8 @@ class Rule:
     to_hf: Transform = same
     vocab: bool = False
     export: bool = True
+    # dim 0 is [gate; up] of a gated (GLU) linear_fc1: each TP rank holds [gate_r; up_r]
+    glu: bool = False
 
     @property
     def per_layer(self) -> bool:
@@ -140,7 +142,10 @@ def import_into_chunks(
                 rows = param.shape[0] * (tp_size if getattr(param, "tensor_model_parallel",
                                                             False) else 1)
                 full = pad_rows(full, rows)
-            part = tp_slice(full, param, tp_rank, tp_size)
+            if rule.glu and tp_size > 1 and getattr(param, "tensor_model_parallel", False):
+                part = torch.cat([tp_slice(h, param, tp_rank, tp_size) for h in full.chunk(2)])
+            else:
+                part = tp_slice(full, param, tp_rank, tp_size)
             if tuple(part.shape) != tuple(param.shape):
                 raise InteropError(f"{hf_name} gives {name} the shape {tuple(part.shape)}; the "
                                    f"model expects {tuple(param.shape)}")

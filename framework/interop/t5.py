@@ -13,8 +13,13 @@ What differs between the two and how it is closed (ModelConfig options, defaults
   `lm_head_bias: false`.
 * q/k/v are separate HF tensors; ours are mcore's per-head interleaved `linear_qkv` (self) and
   per-head [k v] `linear_kv` (cross).
-Not supported (refused with one line): gated FFNs (`feed_forward_proj: gated-gelu`, T5 v1.1 /
-mT5), untied LM heads (`tie_word_embeddings: false`), decoder output without the scaling.
+* T5 v1.1 (and mT5, framework.interop.mt5): gated FFN (`feed_forward_proj: gated-gelu` ->
+  `activation: geglu_tanh`, `gated-silu` -> `swiglu`; wi_0 is the activated half, [wi_0; wi_1]
+  is mcore's GLU `linear_fc1`, sliced per half for TP), no output scaling, and an untied LM head
+  when the files carry `lm_head.weight` (`resolve_with_tensors`: transformers 5 writes
+  tie_word_embeddings=true for every T5 config and unties when the file has its own head).
+Other `feed_forward_proj` values are refused with one line. No pipeline parallelism (the config
+refuses it for model.type=t5).
 """
 from __future__ import annotations
 
@@ -35,12 +40,25 @@ HF_BASE_PREFIX = ""  # T5Model (base) files have the same names, without lm_head
 # the cross-attention relative bias some old files carry (HF ignores it on load too)
 HF_IGNORED = re.compile(r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias"
                         r"\.weight$")
-_ACT_IN = {"relu": "relu"}
+# HF feed_forward_proj -> ModelConfig.activation ("gated-gelu" is gelu_new, the tanh GeLU)
+_ACT_IN = {"relu": "relu", "gated-gelu": "geglu_tanh", "gated-gelu_new": "geglu_tanh",
+           "gated-silu": "swiglu"}
+_ACT_OUT = {"relu": "relu", "geglu_tanh": "gated-gelu", "swiglu": "gated-silu"}
+_GATED = ("geglu_tanh", "swiglu")
 
 
 def _scale_decoder_outputs(hf: Dict[str, Any]) -> bool:
+    """HF T5 scales the decoder output by d_model**-0.5 unless the config says otherwise
+    (transformers 5 writes `scale_decoder_outputs`; older configs: tie_word_embeddings=false
+    (T5 v1.1) means no scaling). mT5 never scales."""
     if "scale_decoder_outputs" in hf:
         return bool(hf["scale_decoder_outputs"])
+    return hf.get("tie_word_embeddings", True) is not False
+
+
+def _tied(hf: Dict[str, Any]) -> bool:
+    """The LM head is `shared.weight` unless the config says tie_word_embeddings=false (google's
+    T5 v1.1 / mT5 configs, whose files have their own lm_head.weight)."""
     return hf.get("tie_word_embeddings", True) is not False
 
 
@@ -51,12 +69,7 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
     bad = []
     proj = hf.get("feed_forward_proj", "relu")
     if proj not in _ACT_IN:
-        bad.append(f"feed_forward_proj={proj!r} (supported: {sorted(_ACT_IN)}; gated FFNs of "
-                   f"T5 v1.1 / mT5 are not converted yet)")
-    if hf.get("tie_word_embeddings", True) is False:
-        bad.append("tie_word_embeddings=false (untied LM head)")
-    if not _scale_decoder_outputs(hf):
-        bad.append("scale_decoder_outputs=false")
+        bad.append(f"feed_forward_proj={proj!r} (supported: {sorted(_ACT_IN)})")
     if hf.get("is_decoder", False):
         bad.append("is_decoder=true")
     if bad:
@@ -91,12 +104,21 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
         position_embedding_type="relative",
         relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
         relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=_tied(hf),
         softmax_scale=1.0,
-        scale_decoder_output=True,
+        scale_decoder_output=_scale_decoder_outputs(hf),
         lm_head_bias=False,
     )
     return replace(cfg, **overrides) if overrides else cfg
+
+
+def resolve_with_tensors(cfg: ModelConfig, names) -> ModelConfig:
+    """T5 v1.1 / mT5 (no output scaling): the LM head is untied iff the files have an
+    lm_head.weight (transformers 5 unties it then, whatever tie_word_embeddings says). T5 v1.0
+    (scaled) is always tied; an lm_head.weight there is a copy of shared.weight."""
+    if cfg.scale_decoder_output:
+        return cfg
+    return replace(cfg, share_embeddings_and_output_weights="lm_head.weight" not in names)
 
 
 def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
@@ -107,14 +129,14 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
         (cfg.normalization == "RMSNorm", f"model.normalization={cfg.normalization!r}"),
         (cfg.position_embedding_type == "relative",
          f"model.position_embedding_type={cfg.position_embedding_type!r}"),
-        (cfg.activation in ("relu",), f"model.activation={cfg.activation!r}"),
+        (cfg.activation in _ACT_OUT, f"model.activation={cfg.activation!r}"),
         (not cfg.add_bias_linear, "model.add_bias_linear=true"),
         (not cfg.add_qkv_bias, "model.add_qkv_bias=true"),
         (cfg.num_query_groups in (None, heads), f"model.num_query_groups={cfg.num_query_groups}"),
         (cfg.softmax_scale == 1.0, f"model.softmax_scale={cfg.softmax_scale} (HF T5: 1.0)"),
-        (cfg.share_embeddings_and_output_weights,
-         "model.share_embeddings_and_output_weights=false"),
-        (cfg.scale_decoder_output, "model.scale_decoder_output=false"),
+        (cfg.share_embeddings_and_output_weights or not cfg.scale_decoder_output,
+         "model.share_embeddings_and_output_weights=false with "
+         "model.scale_decoder_output=true"),
         (not cfg.lm_head_bias, "model.lm_head_bias=true"),
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
@@ -138,12 +160,13 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
         relative_attention_max_distance=cfg.relative_attention_max_distance,
         dropout_rate=cfg.hidden_dropout,
         layer_norm_epsilon=cfg.layernorm_epsilon,
-        feed_forward_proj="relu",
-        dense_act_fn="relu",
-        is_gated_act=False,
+        feed_forward_proj=_ACT_OUT[cfg.activation],
+        dense_act_fn={"relu": "relu", "geglu_tanh": "gelu_new", "swiglu": "silu"}[
+            cfg.activation],
+        is_gated_act=cfg.activation in _GATED,
         is_encoder_decoder=True,
-        tie_word_embeddings=True,
-        scale_decoder_outputs=True,
+        tie_word_embeddings=cfg.share_embeddings_and_output_weights,
+        scale_decoder_outputs=cfg.scale_decoder_output,
     )
     if not base:
         out.setdefault("decoder_start_token_id", 0)
@@ -186,16 +209,34 @@ def _attn(ours: str, hf: str, names=("q", "k", "v")) -> Rule:
                 _qkv_to_hf if len(names) == 3 else _kv_to_hf)
 
 
-def _encoder_layer(i: int) -> List[Rule]:
+def _cat(ts, cfg):
+    return torch.cat(list(ts), dim=0)
+
+
+def _halves(t, cfg):
+    return tuple(t.chunk(2, dim=0))
+
+
+def _mlp(L: str, H: str, cfg: ModelConfig) -> List[Rule]:
+    """relu: wi -> linear_fc1; gated: [wi_0 (activated gate); wi_1] -> linear_fc1 (mcore's GLU
+    computes act(first half) * second half)."""
+    if cfg.activation in _GATED:
+        fc1 = Rule(L + "mlp.linear_fc1.weight", (H + "DenseReluDense.wi_0.weight",
+                                                 H + "DenseReluDense.wi_1.weight"),
+                   _cat, _halves, glu=True)
+    else:
+        fc1 = Rule(L + "mlp.linear_fc1.weight", H + "DenseReluDense.wi.weight")
+    return [fc1, Rule(L + "mlp.linear_fc2.weight", H + "DenseReluDense.wo.weight")]
+
+
+def _encoder_layer(i: int, cfg: ModelConfig) -> List[Rule]:
     L, H = f"encoder.layers.{i}.", f"encoder.block.{i}.layer."
     return [
         Rule(L + "input_layernorm.weight", H + "0.layer_norm.weight"),
         _attn(L + "self_attention.linear_qkv.weight", H + "0.SelfAttention"),
         Rule(L + "self_attention.linear_proj.weight", H + "0.SelfAttention.o.weight"),
         Rule(L + "pre_mlp_layernorm.weight", H + "1.layer_norm.weight"),
-        Rule(L + "mlp.linear_fc1.weight", H + "1.DenseReluDense.wi.weight"),
-        Rule(L + "mlp.linear_fc2.weight", H + "1.DenseReluDense.wo.weight"),
-    ]
+    ] + _mlp(L, H + "1.", cfg)
 
 
 def rules(cfg: ModelConfig) -> List[Rule]:
@@ -209,7 +250,7 @@ def rules(cfg: ModelConfig) -> List[Rule]:
              "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
     ]
     for i in range(cfg.enc_layers):
-        out += _encoder_layer(i)
+        out += _encoder_layer(i, cfg)
     out += [
         Rule("encoder.final_layernorm.weight", "encoder.final_layer_norm.weight"),
         Rule(L + "input_layernorm.weight", H + "0.layer_norm.weight"),
@@ -220,13 +261,20 @@ def rules(cfg: ModelConfig) -> List[Rule]:
         _attn(L + "cross_attention.linear_kv.weight", H + "1.EncDecAttention", ("k", "v")),
         Rule(L + "cross_attention.linear_proj.weight", H + "1.EncDecAttention.o.weight"),
         Rule(L + "pre_mlp_layernorm.weight", H + "2.layer_norm.weight"),
-        Rule(L + "mlp.linear_fc1.weight", H + "2.DenseReluDense.wi.weight"),
-        Rule(L + "mlp.linear_fc2.weight", H + "2.DenseReluDense.wo.weight"),
+    ] + _mlp(L, H + "2.", cfg) + [
         Rule("decoder.final_layernorm.weight", "decoder.final_layer_norm.weight"),
     ]
+    if not cfg.share_embeddings_and_output_weights:
+        # mcore's T5Model registers the LM head's linear twice (lm_head.output_layer and
+        # output_layer): one parameter, two state-dict keys
+        out += [Rule("lm_head.output_layer.weight", "lm_head.weight", vocab=True),
+                Rule("output_layer.weight", "lm_head.weight", vocab=True, export=False)]
     return out
 
 
 def optional_hf_tensors(cfg: ModelConfig) -> List[str]:
     """Tied copies of `shared.weight` that some files carry."""
-    return ["lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+    out = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+    if cfg.share_embeddings_and_output_weights and cfg.scale_decoder_output:
+        out.append("lm_head.weight")  # T5 v1.0: always tied
+    return out

@@ -36,7 +36,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     # runs unfused so that it means the same thing on GPU as on CPU.
     fuse_gelu = on_gpu and model.add_bias_linear and model.activation == "gelu_tanh"
     activation = F.gelu if fuse_gelu else {"gelu": F.gelu, "gelu_tanh": gelu_tanh,
-                                           "swiglu": F.silu, "relu": F.relu}[model.activation]
+                                           "swiglu": F.silu, "geglu_tanh": gelu_tanh,
+                                           "relu": F.relu}[model.activation]
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     recompute = parallel.recompute_granularity
     return TransformerConfig(
@@ -51,7 +52,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         normalization=model.normalization,
         layernorm_epsilon=model.layernorm_epsilon,
         activation_func=activation,
-        gated_linear_unit=model.activation == "swiglu",
+        gated_linear_unit=model.activation in ("swiglu", "geglu_tanh"),
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
         init_method_std=model.init_method_std,

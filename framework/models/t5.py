@@ -127,6 +127,15 @@ class T5(T5Model):
         with _cpu_safe_scatter():
             return super().forward(*args, **kwargs)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # the LM head's linear is registered twice (lm_head.output_layer, output_layer); mcore
+        # lets only the `output_layer.*` keys follow the vocabulary padding of the layout
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for key in (f"{prefix}lm_head.output_layer.weight", f"{prefix}lm_head.output_layer.bias"):
+            if key in sd and hasattr(sd[key], "allow_shape_mismatch"):
+                sd[key].allow_shape_mismatch = True
+        return sd
+
 
 def _core_attention(model: ModelConfig):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
