@@ -9,8 +9,7 @@ A model family is one small module with a config mapping and a name mapping:
     optional_hf_tensors(cfg) -> List[str]
 
 `FAMILIES` maps an HF `model_type` to that module (imported on first use). To add one, write the
-module and add its line here. Planned, once the models exist in framework.models:
-"megatron-bert" (BERT), "t5" and "mt5" (T5).
+module and add its line here.
 
 Public API used by train.py and data_tools/convert.py:
     load_hf_into_model(hf_dir, model_chunks, model_cfg, *, allow_pickle=False)
@@ -38,7 +37,7 @@ FAMILIES: Dict[str, str] = {
     "t5": "framework.interop.t5",
     "mt5": "framework.interop.mt5",
 }
-PLANNED = ("megatron-bert", "t5", "mt5")
+PLANNED: tuple = ()  # model types we intend to add; listed in the unsupported-type error
 
 __all__ = ["FAMILIES", "InteropError", "family", "family_for_model", "supported",
            "hf_config_to_model_config", "model_config_to_hf_config", "load_hf_into_model",
