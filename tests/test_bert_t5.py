@@ -267,6 +267,9 @@ def test_learns_and_tp2_gloo_matches_tp1(tmp_path, model, extra):
     a, b = losses(tp1), losses(tp2)
     assert a[12] < a[1] - 0.3, a
     assert any("eval_loss" in r for r in tp1)
+    if model == "bert_tiny":  # the sentence-order loss of the binary head is logged beside it
+        sop = [r["sop_loss"] for r in tp1 if "sop_loss" in r]
+        assert len(sop) == 12 and all(0.0 < x < 2.0 for x in sop), sop
     assert sorted(b) == [1, 2, 3, 4]
     for s in b:
         assert abs(a[s] - b[s]) < 2e-5, (s, a[s], b[s])
