@@ -6,7 +6,9 @@ mcore's p2p code allocates on `torch.cuda.current_device()` and synchronises CUD
 diagnostic those calls are redirected to the CPU. Weights are re-initialised from the global
 parameter name so every layout starts from the same model. Used by tests/test_pipeline_cpu.py:
 
-    torchrun --nproc-per-node 2 tests/pipeline_cpu_worker.py pp=2 vpp=2 [overlap_p2p_comm=0]
+    torchrun --nproc-per-node 2 tests/pipeline_cpu_worker.py pp=2 vpp=2 [model=bert]
+
+`model=bert`: BERT with the binary head (masked-LM and sentence-order losses), a padded sample.
 """
 import json
 import os
@@ -39,25 +41,45 @@ from framework.config import ModelConfig, ParallelConfig  # noqa: E402
 
 
 def global_name(chunk, name):
-    m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+    """`<stack>.layers.<global layer index>.<rest>`; the tied output layer is the embedding."""
+    m = re.match(r"(decoder|encoder)\.layers\.(\d+)\.(.*)", name)
     if not m:
         return "embedding.word_embeddings.weight" if name == "output_layer.weight" else name
-    layer = chunk.decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+    layer = getattr(chunk, m.group(1)).layers[int(m.group(2))]
+    return f"{m.group(1)}.layers.{layer.layer_number - 1}.{m.group(3)}"
+
+
+def gpt_batches(S, mb, nmb):
+    toks = torch.randint(0, 90, (nmb, mb, S + 1), generator=torch.Generator().manual_seed(1))
+    for t in toks:
+        yield {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(mb, S),
+               "position_ids": torch.arange(S).expand(mb, S)}
+
+
+def bert_batches(S, mb, nmb):
+    toks = torch.randint(5, 90, (nmb, mb, S), generator=torch.Generator().manual_seed(1))
+    for i, t in enumerate(toks):
+        pad = torch.ones(mb, S, dtype=torch.long)
+        pad[0, 20:] = -1
+        lm = (torch.rand(mb, S, generator=torch.Generator().manual_seed(i)) < 0.2).float()
+        yield {"text": t, "types": (torch.arange(S) >= 10).long().expand(mb, S), "labels": t,
+               "is_random": torch.tensor([0, 1]), "padding_mask": pad, "loss_mask": lm}
 
 
 def main():
     args = dict(a.split("=") for a in sys.argv[1:])
     pp, vpp = int(args.get("pp", 1)), int(args.get("vpp", 0)) or None
     overlap = None if "overlap_p2p_comm" not in args else bool(int(args["overlap_p2p_comm"]))
+    kind = args.get("model", "gpt")
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from framework.models import build_model, unwrap
-    from framework.training.step import GPTTrainStep
+    from framework.training.step import TRAIN_STEPS
 
-    model_cfg = ModelConfig(name="t", num_layers=4, hidden_size=64, num_attention_heads=4,
-                            seq_length=32, hidden_dropout=0.0, attention_dropout=0.0)
+    model_cfg = ModelConfig(name="t", type=kind, num_layers=4, hidden_size=64,
+                            num_attention_heads=4, seq_length=32, hidden_dropout=0.0,
+                            attention_dropout=0.0, add_binary_head=kind == "bert")
     par = ParallelConfig(pipeline_model_parallel_size=pp,
                          virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=overlap)
     dist.init_process_group("gloo")
@@ -77,16 +99,10 @@ def main():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if "norm.weight" in name
                                                                      else 0.0))
     S, mb, nmb = model_cfg.seq_length, 2, 4
-    toks = torch.randint(0, 90, (nmb, mb, S + 1), generator=torch.Generator().manual_seed(1))
-
-    def batches():
-        for t in toks:
-            yield {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(mb, S),
-                   "position_ids": torch.arange(S).expand(mb, S)}
-
-    iters = [batches() for _ in model]
+    batches = bert_batches if kind == "bert" else gpt_batches
+    iters = [batches(S, mb, nmb) for _ in model]
     out = get_forward_backward_func()(
-        forward_step_func=GPTTrainStep(torch.device("cpu")).forward_step,
+        forward_step_func=TRAIN_STEPS[kind](torch.device("cpu")).forward_step,
         data_iterator=iters if len(model) > 1 else iters[0],
         model=model if len(model) > 1 else model[0], num_microbatches=nmb, seq_length=S,
         micro_batch_size=mb, forward_only=False)
@@ -96,7 +112,7 @@ def main():
             if p.grad is not None:
                 key = global_name(unwrap(chunk), name)
                 grads[key] = grads.get(key, 0) + p.grad.double()
-    result = {"losses": [float(o["lm loss"]) for o in out], "grads": grads}
+    result = {"losses": [float(v) for o in out for _, v in sorted(o.items())], "grads": grads}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     if dist.get_rank() == 0:

@@ -51,6 +51,11 @@ def test_pipeline_schedules_match_unpipelined(reference, args):
     _compare(reference, run_layout(2, *args), 1e-5)
 
 
+def test_bert_pp2_matches_unpipelined():
+    """BERT with the binary head (masked-LM and sentence-order losses, a padded sample)."""
+    _compare(run_layout(1, "pp=1", "model=bert"), run_layout(2, "pp=2", "model=bert"), 1e-5)
+
+
 def test_batched_p2p_with_interleaving_at_pp2_is_refused():
     """Documents why overlap_p2p_comm defaults to on with VPP, and why the config refuses it off."""
     from framework.config import ConfigError, ParallelConfig

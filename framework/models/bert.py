@@ -15,7 +15,6 @@ them without changing mcore:
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 from megatron.core.models.bert import bert_lm_head
@@ -25,8 +24,9 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from framework.config import ModelConfig
 from framework.models.attention_variants import keep_rotary_on_device
-from framework.models.gpt import gpt_layer_spec
+from framework.models.gpt import gpt_layer_spec, lm_kwargs
 from framework.models.layers import Norm
+from framework.patching import patched
 
 
 def bert_layer_spec(model: ModelConfig):
@@ -44,22 +44,13 @@ def bert_block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
     return TransformerBlockSubmodules(layer_specs=[bert_layer_spec(model)] * n, layer_norm=Norm)
 
 
-@contextlib.contextmanager
-def _lm_head_norm(norm):
-    """Build BertLMHead's layer norm with `norm` (mcore looks `LNImpl` up at construction)."""
-    saved = bert_lm_head.LNImpl
-    bert_lm_head.LNImpl = norm
-    try:
-        yield
-    finally:
-        bert_lm_head.LNImpl = saved
-
-
 class Bert(BertModel):
     """mcore BertModel that runs without TE/apex (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        with _lm_head_norm(Norm):
+        # BertLMHead builds its norm from the module global `LNImpl` (WrappedTorchNorm without
+        # apex/TE, which refuses sequence parallelism): build it with ours
+        with patched(bert_lm_head, LNImpl=Norm):
             super().__init__(*args, **kwargs)
 
     def _sanity_check_attention_and_get_attn_mask_dimension(self) -> str:
@@ -75,14 +66,9 @@ def build_bert(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
         config=tcfg,
         num_tokentypes=2 if model.add_binary_head else 0,
         transformer_layer_spec=bert_block_spec(model, tcfg, vp_stage),
-        vocab_size=vocab_size,
-        max_sequence_length=model.max_positions,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,
+                    post_process=post_process),
         position_embedding_type=model.position_embedding_type,
-        rotary_percent=model.rotary_percent,
         add_binary_head=model.add_binary_head,
         vp_stage=vp_stage,
     )

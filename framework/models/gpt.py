@@ -132,6 +132,15 @@ def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
     return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n, layer_norm=Norm)
 
 
+def lm_kwargs(model: ModelConfig, *, vocab_size: int, pre_process: bool,
+              post_process: bool) -> dict:
+    """The constructor arguments our GPT, BERT and T5 builders pass alike to mcore's models."""
+    return dict(vocab_size=vocab_size, max_sequence_length=model.max_positions,
+                pre_process=pre_process, post_process=post_process, parallel_output=True,
+                share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+                rotary_percent=model.rotary_percent)
+
+
 def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
               post_process: bool, vp_stage: Optional[int]):
     from megatron.core.models.gpt import GPTModel
@@ -142,16 +151,11 @@ def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
     gpt = GPTModel(
         config=tcfg,
         transformer_layer_spec=block_spec(model, tcfg, vp_stage),
-        vocab_size=vocab_size,
-        max_sequence_length=model.max_positions,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,
+                    post_process=post_process),
         # ALiBi has no position table: the bias is applied in SDPAttention
         position_embedding_type=("none" if model.position_embedding_type == "alibi"
                                  else model.position_embedding_type),
-        rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     )

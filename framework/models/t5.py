@@ -27,7 +27,6 @@ pipeline schedule.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Optional
 
@@ -40,8 +39,9 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from framework.config import ModelConfig
 from framework.models.attention_variants import _GatherLastDim, keep_rotary_on_device
-from framework.models.gpt import gpt_layer_spec
+from framework.models.gpt import gpt_layer_spec, lm_kwargs
 from framework.models.layers import Norm, SDPAttention
+from framework.patching import patched
 
 
 class CrossAttention(_McoreCrossAttention):
@@ -108,23 +108,13 @@ def _scatter_any_device(x, group=None):
     return x if group.size() == 1 else _ScatterLastDim.apply(x, group)
 
 
-@contextlib.contextmanager
-def _cpu_safe_scatter():
-    from megatron.core.models.T5 import t5_model
-
-    saved = t5_model.scatter_to_tensor_model_parallel_region
-    t5_model.scatter_to_tensor_model_parallel_region = _scatter_any_device
-    try:
-        yield
-    finally:
-        t5_model.scatter_to_tensor_model_parallel_region = saved
-
-
 class T5(T5Model):
     """mcore T5Model whose forward also runs on CPU under TP (see the module docstring)."""
 
     def forward(self, *args, **kwargs):
-        with _cpu_safe_scatter():
+        from megatron.core.models.T5 import t5_model
+
+        with patched(t5_model, scatter_to_tensor_model_parallel_region=_scatter_any_device):
             return super().forward(*args, **kwargs)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -185,14 +175,9 @@ def build_t5(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
             layer_specs=[t5_encoder_layer_spec(model)] * model.enc_layers, layer_norm=Norm),
         transformer_decoder_layer_spec=TransformerBlockSubmodules(
             layer_specs=[t5_decoder_layer_spec(model)] * model.num_layers, layer_norm=Norm),
-        vocab_size=vocab_size,
-        max_sequence_length=model.max_positions,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,
+                    post_process=post_process),
         position_embedding_type=model.position_embedding_type,
-        rotary_percent=model.rotary_percent,
         relative_attention_num_buckets=model.relative_attention_num_buckets,
         relative_attention_max_distance=model.relative_attention_max_distance,
     )

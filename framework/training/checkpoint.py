@@ -161,13 +161,10 @@ def _cpu_safe():
     if torch.cuda.is_available():
         yield
         return
-    saved = torch.cuda.synchronize, torch.cuda.current_device
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_device = lambda: "cpu"
-    try:
+    from framework.patching import patched
+
+    with patched(torch.cuda, synchronize=lambda *a, **k: None, current_device=lambda: "cpu"):
         yield
-    finally:
-        torch.cuda.synchronize, torch.cuda.current_device = saved
 
 
 def _rank() -> int:

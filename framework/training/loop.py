@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -104,8 +104,7 @@ class Trainer:
         with record_function("phase/forward_backward"):
             losses = self._run(iterators, forward_only=False)
         with record_function("phase/reduce_loss"):
-            loss = self._reduce_loss(losses)
-            extra = self._reduce_extra(losses)
+            loss, extra = self._reduce_losses(losses)
         # the finiteness checks come before the update (a NaN step never touches the weights)
         with record_function("phase/optimizer"):
             ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
@@ -124,42 +123,33 @@ class Trainer:
         total = 0.0
         for i in range(self.cfg.eval_iters):
             self._mark(i + 1, "evaluation (the number is the eval batch)")
-            total += self._reduce_loss(self._run(iterators, forward_only=True))
+            total += self._reduce_losses(self._run(iterators, forward_only=True))[0]
         for m in self.model:
             m.train()
         return total / self.cfg.eval_iters
 
-    def _reduce_loss(self, losses: List[Dict[str, torch.Tensor]]) -> float:
-        """Mean over micro-batches and DP, on the last stage; broadcast so every rank agrees."""
+    def _reduce_losses(self, losses: List[Dict[str, torch.Tensor]]
+                       ) -> Tuple[float, Dict[str, float]]:
+        """Every reported loss ("lm loss", and e.g. BERT's "sop loss") averaged over
+        micro-batches and DP on the last stage, in one all-reduce. "lm loss" is broadcast over
+        the pipeline so every rank agrees; the others stay on the last stage (the logging rank's).
+        Returns (lm loss, {other_key: value})."""
         from megatron.core import parallel_state as ps
 
-        val = torch.zeros(1, dtype=torch.float32, device=self.rt.device)
-        if self.rt.is_last_stage and losses:
-            val += torch.stack([d["lm loss"].float().reshape(()) for d in losses]).mean()
+        last = self.rt.is_last_stage and bool(losses)
+        keys = ["lm loss"] + (sorted(k for k in losses[0] if k != "lm loss") if last else [])
+        val = torch.zeros(len(keys), dtype=torch.float32, device=self.rt.device)
+        if last:
+            val += torch.stack([torch.stack([d[k].float().reshape(()) for d in losses]).mean()
+                                for k in keys]).to(val.device)
             if self.rt.dp_size > 1:
                 dist.all_reduce(val, group=ps.get_data_parallel_group())
                 val /= self.rt.dp_size
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            last = ps.get_pipeline_model_parallel_last_rank()
-            dist.broadcast(val, src=last, group=ps.get_pipeline_model_parallel_group())
-        return val.item()
-
-    def _reduce_extra(self, losses: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Other reported losses (e.g. BERT's "sop loss"): mean over micro-batches and DP, on the
-        last stage (where the logging rank is)."""
-        from megatron.core import parallel_state as ps
-
-        if not (self.rt.is_last_stage and losses):
-            return {}
-        keys = sorted(k for k in losses[0] if k != "lm loss")
-        if not keys:
-            return {}
-        val = torch.stack([torch.stack([d[k].float().reshape(()) for d in losses]).mean()
-                           for k in keys]).to(self.rt.device)
-        if self.rt.dp_size > 1:
-            dist.all_reduce(val, group=ps.get_data_parallel_group())
-            val /= self.rt.dp_size
-        return {k.replace(" ", "_"): float(v) for k, v in zip(keys, val.tolist())}
+            last_rank = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(val[:1], src=last_rank, group=ps.get_pipeline_model_parallel_group())
+        values = val.tolist()
+        return values[0], {k.replace(" ", "_"): v for k, v in zip(keys[1:], values[1:])}
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
@@ -268,9 +258,9 @@ class Trainer:
             "loss_scale": float(scale.item() if torch.is_tensor(scale) else scale)
             if self.optimizer.config.fp16 else None,
         }
-        rec.update(out.get("extra") or {})
+        rec.update(out["extra"])
         line = format_line(rec, self.cfg.max_steps)
-        for k, v in (out.get("extra") or {}).items():
+        for k, v in out["extra"].items():
             line += f" | {k.replace('_', ' ')} {v:.4f}"
         _write(bar, line)
         if self.logger is not None:
