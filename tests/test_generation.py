@@ -519,3 +519,50 @@ def test_gpu_pp2_and_tp2_match_single(checkpoint, tmp_path):
             for a, b in zip(recs["single"], recs[layout]):
                 assert a["tokens"] == b["tokens"], (layout, opts)
                 assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/generation.py (smoke test on CPU, tiny dimensions)
+# --------------------------------------------------------------------------------------------
+def test_generation_benchmark_tiny_cpu():
+    """The throughput benchmark runs end to end (ours with and without cache, HF) and prints a
+    table row per candidate and batch size."""
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "generation.py"), "--tiny",
+         "--batches", "1,2", "--max-new-tokens", "4", "--prompt-len", "8", "--iters", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in r.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| candidate")]
+    got = {(row[0], row[1]) for row in rows}
+    assert got == {("HF GPT2LMHeadModel.generate (KV cache)", "1"),
+                   ("HF GPT2LMHeadModel.generate (KV cache)", "2"),
+                   ("ours, KV cache (default)", "1"), ("ours, KV cache (default)", "2"),
+                   ("ours, no KV cache (use_cache=False)", "1")}, r.stdout
+    assert all(float(row[2]) > 0 and row[5].endswith("x") for row in rows), r.stdout
+    assert "# CPU  torch" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.gpus(4)
+def test_gpu_tp2_pp2_matches_tp1(checkpoint, tmp_path):
+    """generate.py at TP2·PP2 (4 GPUs, NCCL) gives the TP1 tokens: greedy, beam search and
+    seeded top-k/top-p sampling (fp32)."""
+    from framework.tokenizer import embedded_tokenizer
+
+    tok = embedded_tokenizer()
+    prompts = json.dumps([tok.decode(p) for p in CK_PROMPTS])
+    for opts in ([], ["num_beams=3", "length_penalty=0.8"], ["top_k=4", "top_p=0.9", "seed=5"]):
+        recs = {}
+        for layout in ("single", "tp2_pp2"):
+            out = tmp_path / f"{layout}.jsonl"
+            r = _generate_py(tmp_path, f"load={checkpoint}", "bf16=false", f"prompts={prompts}",
+                             "max_new_tokens=10", "return_logprobs=true", f"parallel={layout}",
+                             f"output_file={out}", *opts, device="cuda")
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+            recs[layout] = [json.loads(line) for line in open(out)]
+        assert len(recs["single"]) == len(CK_PROMPTS)
+        for a, b in zip(recs["single"], recs["tp2_pp2"]):
+            assert a["tokens"] == b["tokens"], opts
+            assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
