@@ -37,6 +37,20 @@ RUNS = {
     "selective": ("1 GPU, selective recompute (core_attn)", 1, 16, 16,
                   ["parallel=single", "parallel.data_parallel_size=1",
                    "parallel.recompute_granularity=selective"]),
+    "sel_layernorm": ("1 GPU, selective recompute (layernorm)", 1, 16, 16,
+                      ["parallel=single", "parallel.data_parallel_size=1",
+                       "parallel.recompute_granularity=selective",
+                       "parallel.recompute_modules=[layernorm]"]),
+    "sel_ln_attn": ("1 GPU, selective recompute (layernorm, core_attn)", 1, 16, 16,
+                    ["parallel=single", "parallel.data_parallel_size=1",
+                     "parallel.recompute_granularity=selective",
+                     "parallel.recompute_modules=[layernorm,core_attn]"]),
+    "sel_mlp": ("1 GPU, selective recompute (mlp)", 1, 16, 16,
+                ["parallel=single", "parallel.data_parallel_size=1",
+                 "parallel.recompute_granularity=selective", "parallel.recompute_modules=[mlp]"]),
+    "full": ("1 GPU, full recompute (uniform, 1 layer)", 1, 16, 16,
+             ["parallel=single", "parallel.data_parallel_size=1",
+              "parallel.recompute_granularity=full", "parallel.recompute_method=uniform"]),
 }
 
 

@@ -45,6 +45,12 @@ CANDIDATES = {
                     ["optimizer.fused_step=false"]),
     "compile": ("ours + torch.compile per layer", ["model.torch_compile=true"]),
     "fused_ce": ("ours + fused chunked linear-CE", ["model.fused_cross_entropy=true"]),
+    "cuda_graph": ("ours + CUDA graphs per layer", ["model.cuda_graph=true"]),
+    "fast": ("ours + fused CE + CUDA graphs", ["model.fused_cross_entropy=true",
+                                              "model.cuda_graph=true"]),
+    # position embeddings (issue: attention variants), default kernels otherwise
+    "rope": ("ours, RoPE", ["model.position_embedding_type=rope"]),
+    "alibi": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi"]),
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -69,12 +69,21 @@ class ModelConfig:
     apply_residual_connection_post_layernorm: bool = False
     # "sdpa" = torch scaled_dot_product_attention (fast default); "local" = mcore DotProductAttention
     attention_backend: str = "sdpa"
+    # ALiBi on GPU runs through FlexAttention; these are its Triton `kernel_options` (block sizes,
+    # num_warps/num_stages, fwd_/bwd_ prefixed variants, USE_TMA, ...), merged over the defaults
+    # in framework/models/attention_variants.py (FLEX_KERNEL_OPTIONS). benchmarks/attention.py
+    # compares settings on one card.
+    flex_kernel_options: Dict[str, Any] = field(default_factory=dict)
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients
     fused_cross_entropy: bool = False
     # GPU: wrap each transformer layer in torch.compile (fuses the norm / bias / GeLU / residual
     # elementwise work between the matmuls); ignored on CPU
     torch_compile: bool = False
+    # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
+    # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
+    # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU.
+    cuda_graph: bool = False
     # BERT (mcore BertModel): the sentence-order head (+ 2 token types) and its loss
     add_binary_head: bool = False
     # T5 (mcore T5Model): num_layers is the decoder's; the encoder has encoder_num_layers

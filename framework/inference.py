@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, replace, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -139,6 +139,8 @@ def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: Para
 
     p = ParallelConfig(**{**asdict(parallel_cfg), "sequence_parallel": False,
                           "recompute_granularity": None, "recompute_method": None})
+    # training-only speed options off: the decoder's shapes change every step
+    model_cfg = replace(model_cfg, cuda_graph=False, torch_compile=False)
     model = build_model(model_cfg, p, vocab_size=padded_vocab, bf16=bf16, fp16=False,
                         device=device, wrap_ddp=False)
     load_checkpoint(load_dir, model, None, None, model_cfg=model_cfg, iteration=iteration,

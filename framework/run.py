@@ -191,8 +191,9 @@ def init_distributed(cfg: Config, device: str) -> None:
     )
 
 
-def set_seeds(seed: int, device: str) -> None:
-    """Megatron's scheme: distinct per pipeline stage; TP ranks differ through mcore's tracker."""
+def set_seeds(seed: int, device: str, cuda_graph: bool = False) -> None:
+    """Megatron's scheme: distinct per pipeline stage; TP ranks differ through mcore's tracker
+    (graph-safe generator states when layers are captured as CUDA graphs)."""
     from megatron.core import parallel_state as ps
 
     s = seed + 100 * ps.get_pipeline_model_parallel_rank()
@@ -202,7 +203,8 @@ def set_seeds(seed: int, device: str) -> None:
     if device == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        model_parallel_cuda_manual_seed(s)
+        model_parallel_cuda_manual_seed(s, use_cudagraphable_rng=cuda_graph,
+                                        force_reset_rng=cuda_graph)
 
 
 def teardown() -> None:
@@ -233,7 +235,7 @@ def worker(cfg: Config) -> None:
     bf16 = bf16 and not cfg.train.fp16
     init_distributed(cfg, device)
     try:
-        set_seeds(cfg.train.seed, device)
+        set_seeds(cfg.train.seed, device, cuda_graph=cfg.model.cuda_graph)
         rank = dist.get_rank()
         resume_it = ckpt.latest_iteration(cfg.checkpoint.dir)
         load_dir = cfg.checkpoint.dir if resume_it is not None else cfg.checkpoint.load

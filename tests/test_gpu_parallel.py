@@ -89,6 +89,16 @@ CASES = [
                         "parallel.recompute_granularity=full", "parallel.recompute_method=uniform"],
      1),
     ("tp2_pp2_sp_distopt", ["parallel=guide", "parallel.data_parallel_size=1"], 4),
+    # speed paths against the same reference: CUDA graphs per layer (mcore's local manager,
+    # graph-safe RNG) and the fused chunked linear + cross-entropy, alone and under TP2+SP / PP2
+    ("cuda_graph", ["parallel=single", "parallel.data_parallel_size=1", "model.cuda_graph=true"],
+     1),
+    ("fused_ce", ["parallel=single", "parallel.data_parallel_size=1",
+                  "model.fused_cross_entropy=true"], 1),
+    ("fused_ce_tp2_sp", ["parallel=tp2_sp", "parallel.data_parallel_size=1",
+                         "model.fused_cross_entropy=true"], 2),
+    ("fused_ce_pp2", ["parallel=pp2", "parallel.data_parallel_size=1",
+                      "model.fused_cross_entropy=true"], 2),
 ]
 
 

@@ -104,18 +104,26 @@ def flex_supported(q: torch.Tensor) -> bool:
     return q.is_cuda and d >= 16 and d & (d - 1) == 0
 
 
+# FlexAttention kernel options used unless model.flex_kernel_options overrides them.
+# ROWS_GUARANTEED_SAFE: with a causal mask every query row sees at least one key, so the kernel
+# may skip its fully-masked-row guard.
+FLEX_KERNEL_OPTIONS: Dict[str, object] = {"ROWS_GUARANTEED_SAFE": True}
+
+
 def flex_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-               scale: float) -> torch.Tensor:
+               scale: float, kernel_options: Optional[Dict[str, object]] = None) -> torch.Tensor:
     """Causal ALiBi attention through FlexAttention. q [b, n, sq, d]; k, v [b, g, sk, d] with g
-    dividing n (GQA); slopes [n] fp32 on q's device. Returns [b, n, sq, d]."""
+    dividing n (GQA); slopes [n] fp32 on q's device. `kernel_options` are merged over
+    FLEX_KERNEL_OPTIONS. Returns [b, n, sq, d]."""
     sq, sk = q.shape[2], k.shape[2]
     off = sk - sq
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx - off)
 
+    opts = {**FLEX_KERNEL_OPTIONS, **(kernel_options or {})}
     return _flex()(q, k, v, score_mod=score_mod, block_mask=causal_block_mask(sq, sk, q.device),
-                   scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+                   scale=scale, enable_gqa=k.shape[1] != q.shape[1], kernel_options=opts)
 
 
 # --------------------------------------------------------------------------------------------

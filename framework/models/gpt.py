@@ -81,6 +81,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         overlap_p2p_comm=parallel.p2p_overlap,
         batch_p2p_comm=not parallel.p2p_overlap,
         persist_layer_norm=False,
+        cuda_graph_impl="local" if on_gpu and model.cuda_graph else "none",
     )
 
 
@@ -98,7 +99,8 @@ def gpt_layer_spec(model: ModelConfig):
                                                              TransformerLayerSubmodules)
 
     # mcore calls the core-attention builder directly (a class or any callable), not build_module
-    core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi")
+    core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi",
+                              flex_kernel_options=model.flex_kernel_options)
                       if model.attention_backend == "sdpa" else DotProductAttention)
     return ModuleSpec(
         module=TransformerLayer,

@@ -50,6 +50,7 @@ class SDPAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         alibi: bool = False,
+        flex_kernel_options: Optional[dict] = None,
     ):
         super().__init__(config=config)
         tp_rank, tp = tp_rank_and_size(pg_collection)
@@ -62,6 +63,7 @@ class SDPAttention(MegatronModule):
         # ALiBi: the slopes of this rank's heads. A plain fp32 attribute, not a buffer: not saved
         # (a function of the architecture) and not cast to bf16 by Float16Module.
         self.alibi = alibi
+        self.flex_kernel_options = dict(flex_kernel_options or {})
         self.alibi_slopes = (alibi_slopes_for_rank(config.num_attention_heads, tp, tp_rank).float()
                              if alibi else None)
 
@@ -88,7 +90,8 @@ class SDPAttention(MegatronModule):
             if (flex_supported(q) and p == 0.0 and attention_mask is None
                     and attention_bias is None and mask_type == AttnMaskType.causal
                     and sq == k.shape[2]):
-                out = flex_alibi(q, k, v, slopes, self.softmax_scale)
+                out = flex_alibi(q, k, v, slopes, self.softmax_scale,
+                                 self.flex_kernel_options)
                 return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
             # reference path: dense bias (also dropout, padding masks, KV-cache decoding);
             # it carries the causal mask, so it replaces the causal mask type

@@ -1,0 +1,138 @@
+"""GPU checks of the fast path (issue: fast path), run by tests/run_gpu_suite.sh:
+* every fast kernel against the reference it replaces, on CUDA tensors: the fused chunked
+  linear + cross-entropy (fp32 and bf16 against a float64 reference), the foreach grad-norm and
+  scale kernels (against megatron-core's local per-tensor loops) and torch's fused AdamW step
+  (against the foreach step);
+* a 200-step loss curve of the fast path (the defaults plus the fused cross-entropy, bf16)
+  against the reference path (megatron-core's local attention, its fallback optimizer kernels,
+  the unfused cross-entropy) from the same initial weights: within bf16 tolerance.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from gpu_shared import ROOT, shared_once
+
+pytestmark = pytest.mark.gpu
+
+
+def test_fused_linear_cross_entropy_cuda():
+    from framework.fast.fused_ce import linear_cross_entropy
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(0)
+    s, b, h, v = 257, 3, 64, 5003  # odd sizes: chunk tails
+    hid = torch.randn(s, b, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, v, (b, s), generator=g)
+    go = torch.rand(b, s, generator=g, dtype=torch.float64)
+
+    def ref():
+        hh, ww = hid.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = torch.nn.functional.cross_entropy((hh @ ww.t()).transpose(0, 1).reshape(-1, v),
+                                                 labels.reshape(-1), reduction="none")
+        (loss * go.reshape(-1)).sum().backward()
+        return loss.view(b, s), hh.grad, ww.grad
+
+    r = ref()
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        for chunk in (None, 100):
+            hh = hid.to(dev, dtype).requires_grad_()
+            ww = w.to(dev, dtype).requires_grad_()
+            loss = linear_cross_entropy(hh, ww, labels.to(dev), chunk_tokens=chunk)
+            (loss * go.to(dev, loss.dtype)).sum().backward()
+            for name, a, bref in (("loss", loss, r[0]), ("grad_h", hh.grad, r[1]),
+                                  ("grad_w", ww.grad, r[2])):
+                err = ((a.double().cpu() - bref).abs().max() / bref.abs().max()).item()
+                assert err < tol, (dtype, chunk, name, err)
+
+
+def test_foreach_kernels_match_mcore_local_cuda():
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    from framework.fast import multi_tensor as mt
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(sz, generator=g).to(dev) for sz in [(1280, 1280), (5120,), (3, 7), (1,)]]
+    flag = torch.zeros(1, dtype=torch.int, device=dev)
+    ours, per = mt.foreach_l2norm(0, flag, [ts], True)
+    ref, _ = local_multi_tensor_l2_norm(0, flag, [ts], True)  # mcore's has no per-tensor part
+    assert torch.allclose(ours.float().cpu(), ref.float().reshape(-1).cpu(), rtol=1e-5)
+    assert torch.allclose(per.cpu(), torch.stack([t.norm() for t in ts]).float().cpu(),
+                          rtol=1e-5)
+    dst_ours = [torch.empty_like(t, dtype=torch.bfloat16) for t in ts]
+    dst_ref = [torch.empty_like(t, dtype=torch.bfloat16) for t in ts]
+    mt.foreach_scale(0, flag, [ts, dst_ours], 0.37)
+    local_multi_tensor_scale(0, flag, [ts, dst_ref], 0.37)
+    assert all(torch.equal(a, b) for a, b in zip(dst_ours, dst_ref))
+
+
+def test_fused_adamw_step_matches_foreach_cuda():
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(2)
+    init = [torch.randn(sz, generator=g) for sz in [(64, 32), (32,), (7, 3)]]
+    grads = [[torch.randn(t.shape, generator=g) for t in init] for _ in range(5)]
+    out = {}
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(t.clone().to(dev)) for t in init]
+        opt = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=fused or None,
+                                foreach=not fused)
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.to(dev)
+            opt.step()
+        out[fused] = [p.detach().cpu() for p in ps]
+    for a, b in zip(out[False], out[True]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+STEPS = 200
+COMMON = ["model=gpt_tiny", "data=embedded", f"train.max_steps={STEPS}", "train.log_interval=1",
+          "train.eval_interval=0", "train.global_batch_size=32", "train.micro_batch_size=8",
+          "train.progress_bar=false", "optimizer.lr_warmup_steps=10", "train.bf16=true",
+          "parallel=single", "parallel.data_parallel_size=1"]
+FAST = ["model.fused_cross_entropy=true"]  # with the defaults: SDPA, fused optimizer step
+REFERENCE = ["model.attention_backend=local", "optimizer.fused_step=false",
+             "model.fused_cross_entropy=false"]
+
+
+def _train(d, name, *overrides):
+    import json
+
+    run = pathlib.Path(d) / name
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
+                        f"checkpoint.dir={run}/ckpt", f"hydra.run.dir={run}/out", *overrides],
+                       cwd=d, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    recs = [json.loads(x) for x in open(run / "out" / "metrics.jsonl")]
+    return {d["step"]: d["loss"] for d in recs if "loss" in d}
+
+
+def test_fast_path_200_step_curve_matches_reference_bf16(tmp_path):
+    from gpu_shared import compare
+
+    seed = shared_once("fast_seed", lambda d: _train_seed(d))
+    ref = _train(tmp_path, "reference", seed, *REFERENCE)
+    fast = _train(tmp_path, "fast", seed, *FAST)
+    assert len(ref) == STEPS
+    # bf16: per-step losses within 3% and the last 50 steps' mean within 1%
+    compare(ref, fast, 3e-2, "fast path vs reference path, bf16, 200 steps")
+    tail = [s for s in ref if s > STEPS - 50]
+    m_ref = sum(ref[s] for s in tail) / len(tail)
+    m_fast = sum(fast[s] for s in tail) / len(tail)
+    assert abs(m_fast - m_ref) / m_ref <= 1e-2, (m_fast, m_ref)
+
+
+def _train_seed(d):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
+                        "train.max_steps=0", f"checkpoint.dir={d}/ckpt",
+                        f"hydra.run.dir={d}/out"], cwd=d, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return f"checkpoint.load={d}/ckpt"
