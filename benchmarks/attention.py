@@ -63,6 +63,13 @@ def main():
     scale = d ** -0.5
     dense = alibi_bias(slopes, s, s, dev, dtype)
 
+    def flex_causal():
+        from framework.models.attention_variants import (FLEX_KERNEL_OPTIONS, _flex,
+                                                         causal_block_mask)
+
+        return _flex()(q, k, v, block_mask=causal_block_mask(s, s, dev), scale=scale,
+                       kernel_options=dict(FLEX_KERNEL_OPTIONS))
+
     def step(f):
         def run():
             out = f()
@@ -77,6 +84,7 @@ def main():
         "SDPA + dense ALiBi bias": lambda: F.scaled_dot_product_attention(q, k, v,
                                                                           attn_mask=dense,
                                                                           scale=scale),
+        "FlexAttention causal, no bias (flex's own floor)": lambda: flex_causal(),
     }
     # FlexAttention ALiBi under other Triton kernel options (merged over FLEX_KERNEL_OPTIONS)
     for label, opts in FLEX_VARIANTS.items():
@@ -104,22 +112,21 @@ def main():
         err = (ref - got).abs().max().item()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  B{b} H{n} S{s} D{d} "
           f"{args.dtype}  fwd+bwd  (max |flex - dense| = {err:.2e})")
+    # rows are printed as they are measured (a slow autotune at the end cannot lose the table)
+    print(f"| {'kernel':<48}| ms     | vs causal SDPA |")
+    print(f"|{'-' * 49}|--------|----------------|", flush=True)
     times = {}
     for name, f in cands.items():
         try:
             times[name] = bench(step(f))
         except Exception as e:  # a kernel option the installed Triton/inductor rejects
             times[name] = None
-            print(f"# {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                  flush=True)
+            print(f"| {name:<48}| failed |                | {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''}", flush=True)
+            continue
+        floor = times["causal SDPA (no bias)"]
+        print(f"| {name:<48}| {times[name]:6.3f} | {times[name] / floor:13.2f}x |", flush=True)
     floor = times["causal SDPA (no bias)"]
-    print(f"| {'kernel':<48}| ms     | vs causal SDPA |")
-    print(f"|{'-' * 49}|--------|----------------|")
-    for name, t in times.items():
-        if t is None:
-            print(f"| {name:<48}| failed |                |")
-        else:
-            print(f"| {name:<48}| {t:6.3f} | {t / floor:13.2f}x |")
     alibi = {n: t for n, t in times.items() if t is not None and "ALiBi" in n}
     best = min(alibi, key=alibi.get)
     print(f"fastest ALiBi: {best}: {alibi[best]:.3f} ms = {alibi[best] / floor:.2f}x causal SDPA")
@@ -139,6 +146,15 @@ FLEX_VARIANTS = {
     "bwd 64/64/64/64 w4": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
                            "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3},
     "PRESCALE_QK": {"PRESCALE_QK": True},
+    "bwd 64/128/128/64 w4": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                             "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3},
+    "bwd 64/128/128/64 w8 s2": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 2},
+    "bwd 128/128/128/128 w8": {"bwd_BLOCK_M1": 128, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                               "bwd_BLOCK_N2": 128, "bwd_num_warps": 8, "bwd_num_stages": 2},
+    "fwd 128x128 w8 s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8,
+                          "fwd_num_stages": 2},
+    "BLOCKS_ARE_CONTIGUOUS": {"BLOCKS_ARE_CONTIGUOUS": True},
 }
 
 
