@@ -7,7 +7,9 @@ A random-weight GPT with gpt2-large's dimensions (conf/model/gpt2_large.yaml: 36
 1280, 20 heads, 1024 positions, learned absolute positions, tanh-GeLU, LayerNorm, vocab 50257,
 padded as our build pads it), bf16, dropout 0, greedy decoding of random prompts (fixed seed).
 Candidates, timed one after another in this process on GPU 0, at every batch size:
-* ours, `framework.generation.generate` with the KV cache (the default);
+* ours, `framework.generation.generate` with the KV cache (the default: decode steps through
+  framework/fast/lean_decode.py);
+* ours with the KV cache and megatron-core's modules for every step (`lean_decode=False`);
 * ours with `use_cache=False` (the whole sequence re-run every step; slow, so only at
   `--no-cache-batches`, batch 1 by default);
 * Hugging Face `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)`, same dimensions, bf16
@@ -136,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--tiny", action="store_true",
                     help="tiny dimensions; CPU (fp32) allowed when there is no GPU")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the number of layers (e.g. --tiny --layers 36: gpt2-large's "
+                         "depth at tiny width, where a step is all per-layer overhead)")
     a = ap.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",") if x]
     no_cache = {int(x) for x in a.no_cache_batches.split(",") if x}
@@ -153,6 +158,8 @@ def main(argv=None):
     bf16 = on_gpu
     dtype = torch.bfloat16 if bf16 else torch.float32
     cfg = model_config(a.tiny)
+    if a.layers:
+        cfg = replace(cfg, num_layers=a.layers)
     new, plen = a.max_new_tokens, a.prompt_len
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
 
@@ -167,9 +174,12 @@ def main(argv=None):
             cands = [("HF GPT2LMHeadModel.generate (KV cache)",
                       lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                           do_sample=False, use_cache=True, pad_token_id=0))]
-            cands.append(("ours, KV cache (default)",
+            cands.append(("ours, KV cache (default: lean decode steps)",
                           lambda: generate(ours, ids, vocab_size=cfg.vocab_size,
                                            max_new_tokens=new)))
+            cands.append(("ours, KV cache, megatron-core modules every step (lean_decode=False)",
+                          lambda: generate(ours, ids, vocab_size=cfg.vocab_size,
+                                           max_new_tokens=new, lean_decode=False)))
             if b in no_cache:
                 cands.append(("ours, no KV cache (use_cache=False)",
                               lambda: generate(ours, ids, vocab_size=cfg.vocab_size,

@@ -78,6 +78,9 @@ class GenerationOptions:
     length_penalty: float = 1.0
     early_stopping: str = "false"  # beam search: false | true | never (Hugging Face semantics)
     use_cache: bool = True
+    # decode steps without megatron-core's module stack (framework/fast/lean_decode.py) where
+    # the model allows it; false keeps megatron-core's modules for every step (reference path)
+    lean_decode: bool = True
     return_logprobs: bool = False
     seed: Optional[int] = 1234
 
@@ -309,7 +312,9 @@ class _Decoder:
     """
 
     def __init__(self, model, tokens: torch.Tensor, real: torch.Tensor, max_len: int,
-                 use_cache: bool):
+                 use_cache: bool, lean: bool = True):
+        from framework.fast import lean_decode
+
         self.chunks = _chunks(model)
         self.modules = [_unwrap(c) for c in self.chunks]
         self.config = self.modules[0].config
@@ -317,6 +322,10 @@ class _Decoder:
         self.positions = (real.long().cumsum(1) - 1).clamp(min=0)
         self.cached = 0
         self.ctx = self._new_cache(tokens.shape[0], max_len) if use_cache else None
+        # decode steps after the prefill: the same arithmetic without megatron-core's module
+        # stack (framework/fast/lean_decode.py), where the model is one it reproduces
+        self.lean = (use_cache and lean
+                     and all(lean_decode.supported(m) for m in self.modules))
 
     def _new_cache(self, rows: int, max_len: int):
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -360,8 +369,14 @@ class _Decoder:
                                      dtype=self.config.pipeline_dtype, device=tokens.device)
                 dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
                 mod.set_input_tensor(hidden)
-            out = chunk(tokens, positions, mask, inference_context=self.ctx,
-                        runtime_gather_output=True)
+            if self.lean and self.ctx.sequence_len_offset > 0:
+                from framework.fast.lean_decode import forward_chunk
+
+                out = forward_chunk(mod, tokens, positions, mask, self.ctx,
+                                    input_tensor=None if mod.pre_process else hidden)
+            else:
+                out = chunk(tokens, positions, mask, inference_context=self.ctx,
+                            runtime_gather_output=True)
             if pp > 1 and not (rank == pp - 1 and v == len(self.chunks) - 1):
                 dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         if self.ctx is not None:
@@ -584,7 +599,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
     generator: torch.Generator for sampling (default: one seeded with `seed`).
     options: the fields of GenerationOptions (max_new_tokens, top_k, top_p, top_p_decay,
         top_p_bound, temperature, num_beams, length_penalty, early_stopping, use_cache,
-        return_logprobs, seed).
+        lean_decode, return_logprobs, seed).
     logprobs are those of the model's unmodified distribution (log-softmax of the raw logits,
     before temperature and truncation), 0 after EOS.
     """
@@ -613,7 +628,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
             tokens = tokens.repeat_interleave(opts.num_beams, dim=0)
             real = real.repeat_interleave(opts.num_beams, dim=0)
         dec = _Decoder(chunks, tokens, real, max_len=s + opts.max_new_tokens,
-                       use_cache=opts.use_cache)
+                       use_cache=opts.use_cache, lean=opts.lean_decode)
         if opts.num_beams > 1:
             new, logprobs = _beam_loop(dec, opts, batch, eos_id, pad, vocab_size)
         else:

@@ -336,6 +336,35 @@ def checkpoint(mp1, tmp_path_factory):
     return root / "ckpt"
 
 
+LEAN_CASES = [
+    dict(),  # learned absolute positions, LayerNorm, tanh-GeLU with biases, tied embeddings
+    dict(position_embedding_type="alibi"),
+    dict(num_query_groups=2, normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+         position_embedding_type="none", share_embeddings_and_output_weights=False),
+]
+
+
+@pytest.mark.parametrize("extra", LEAN_CASES, ids=["gpt2", "alibi", "gqa_rms_swiglu_untied"])
+def test_lean_decode_equals_megatron_modules(mp1, extra):
+    """Decode steps without megatron-core's module stack give megatron-core's tokens and
+    logprobs (fp32, prompts of different lengths, so padding masks are exercised)."""
+    from framework.fast.lean_decode import supported
+    from framework.generation import generate
+    from framework.models import unwrap
+
+    model = build(ModelConfig(**{**TINY, **extra}), 24, seed=3)
+    assert supported(unwrap(model[0]))
+    for kw in GEN_CASES:
+        lean = generate(model, CK_PROMPTS + [[7, 3]], max_new_tokens=12, vocab_size=19,
+                        return_logprobs=True, **kw)
+        ref = generate(model, CK_PROMPTS + [[7, 3]], max_new_tokens=12, vocab_size=19,
+                       return_logprobs=True, lean_decode=False, **kw)
+        assert torch.equal(lean[0], ref[0]), kw
+        torch.testing.assert_close(lean[1], ref[1], rtol=0, atol=1e-6)
+    rope = build(ModelConfig(**{**TINY, "position_embedding_type": "rope"}), 24)
+    assert not supported(unwrap(rope[0]))  # RoPE keeps megatron-core's path
+
+
 def _load(ckpt, parallel):
     from framework.inference import model_config_from_meta
     from framework.models import build_model
@@ -362,6 +391,10 @@ def _parallel_worker(rank, port, ckpt, out):
         model = _load(ckpt, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
         model[0].train()
         results["tp2"] = run(model)
+        # the lean decode path (default) against megatron-core's modules, at TP2
+        results["tp2_modules"] = [generate(model, CK_PROMPTS, eos_id=0, vocab_size=19,
+                                           max_new_tokens=8, return_logprobs=True,
+                                           lean_decode=False, **kw) for kw in GEN_CASES]
         results["restored"] = (unwrap(model[0]).config.sequence_parallel
                                and unwrap(model[0]).output_layer.sequence_parallel
                                and model[0].training)
@@ -384,6 +417,9 @@ def test_tp_pp_vpp_match_single(checkpoint, tmp_path):
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         assert res["restored"]
+        for (t, lp), (t2, lp2) in zip(res["tp2"], res["tp2_modules"]):
+            assert torch.equal(t, t2)
+            torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-6)
         for layout, ref in (("tp2", "ckpt"), ("pp2_vppNone", "ckpt_pp"), ("pp2_vpp2", "ckpt_pp")):
             for (ref_t, ref_lp), (t, lp), kw in zip(refs[ref], res[layout], GEN_CASES):
                 assert torch.equal(t, ref_t), (layout, kw)
@@ -538,7 +574,10 @@ def test_generation_benchmark_tiny_cpu():
     got = {(row[0], row[1]) for row in rows}
     assert got == {("HF GPT2LMHeadModel.generate (KV cache)", "1"),
                    ("HF GPT2LMHeadModel.generate (KV cache)", "2"),
-                   ("ours, KV cache (default)", "1"), ("ours, KV cache (default)", "2"),
+                   ("ours, KV cache (default: lean decode steps)", "1"),
+                   ("ours, KV cache (default: lean decode steps)", "2"),
+                   ("ours, KV cache, megatron-core modules every step (lean_decode=False)", "1"),
+                   ("ours, KV cache, megatron-core modules every step (lean_decode=False)", "2"),
                    ("ours, no KV cache (use_cache=False)", "1")}, r.stdout
     assert all(float(row[2]) > 0 and row[5].endswith("x") for row in rows), r.stdout
     assert "# CPU  torch" in r.stdout

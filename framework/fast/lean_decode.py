@@ -1,0 +1,155 @@
+"""GPT decode steps without megatron-core's module stack.
+
+A one-token decode step through megatron-core's modules is dominated by Python: every linear
+layer goes through an autograd Function even under no_grad, attention re-checks its inference
+bookkeeping, and deprecation warnings are issued per layer and token. At gpt2-large's 36 layers
+that is ~41 ms per token on an H100 host at batch 1, where the kernels need a few ms
+(benchmarks/RESULTS.md).
+
+`forward_chunk` runs the same arithmetic on the same parameters and the same KV-cache buffers,
+calling the modules' weights directly: the same matmuls (`torch.matmul(x, w.t())` then `+ bias`,
+as mcore's linear function does), the same norm modules and core attention module (ALiBi,
+GQA, masks), the same fused bias-GeLU function, the same tensor-parallel all-reduces. It is used
+for decode steps after a prefill through the real modules; `supported` says which models it
+covers (GPT with the standard layer: no RoPE, no QK norm, no MoE, no post-LN residual, query
+groups divisible by TP); anything else keeps megatron-core's path. tests/test_generation.py
+checks logits and tokens against megatron-core's path (fp32, TP1 and TP2).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def supported(mod) -> bool:
+    """True when `mod` (an unwrapped model chunk) is a GPT model this path reproduces."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    cfg = getattr(mod, "config", None)
+    if not isinstance(mod, GPTModel) or cfg is None:
+        return False
+    if getattr(mod, "position_embedding_type", None) not in ("learned_absolute", "none"):
+        return False
+    if (cfg.sequence_parallel or cfg.apply_residual_connection_post_layernorm
+            or cfg.fp32_residual_connection or getattr(cfg, "attention_output_gate", False)
+            or getattr(cfg, "mtp_num_layers", None)):
+        return False
+    tp = cfg.tensor_model_parallel_size
+    if cfg.num_query_groups is not None and cfg.num_query_groups % tp != 0:
+        return False
+    if cfg.bias_activation_fusion and not (cfg.activation_func is F.gelu
+                                           and not cfg.gated_linear_unit):
+        return False
+    if getattr(cfg, "activation_func_clamp_value", None) is not None or \
+            getattr(cfg, "glu_linear_offset", 0.0):
+        return False
+    for layer in mod.decoder.layers:
+        att = layer.self_attention
+        if (not isinstance(layer, TransformerLayer) or not isinstance(layer.mlp, MLP)
+                or not isinstance(layer.cross_attention, IdentityOp)
+                or not isinstance(getattr(att, "q_layernorm", None), (type(None), IdentityOp))
+                or not isinstance(getattr(att, "k_layernorm", None), (type(None), IdentityOp))
+                or layer.self_attn_bda is None):
+            return False
+    return True
+
+
+def _column(linear, x: torch.Tensor) -> torch.Tensor:
+    """ColumnParallelLinear without SP: x @ w.T (+ bias unless the layer skips it)."""
+    out = torch.matmul(x, linear.weight.t())
+    if linear.bias is not None and not linear.skip_bias_add:
+        out = out + linear.bias
+    return out
+
+
+def _row(linear, x: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
+    """RowParallelLinear (bias returned separately by mcore, added in bias-dropout-add)."""
+    out = torch.matmul(x, linear.weight.t())
+    if tp > 1:
+        torch.distributed.all_reduce(out, group=tp_group)
+    return out
+
+
+def _add_bias_residual(x: torch.Tensor, bias: Optional[torch.Tensor],
+                       residual: torch.Tensor) -> torch.Tensor:
+    """mcore's bias-dropout-add in eval mode: (x + bias) + residual."""
+    if bias is not None:
+        x = x + bias
+    residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
+    return x + residual
+
+
+def _mlp(mlp, x: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu
+
+    cfg = mlp.config
+    inter = torch.matmul(x, mlp.linear_fc1.weight.t())
+    bias = mlp.linear_fc1.bias
+    if cfg.bias_activation_fusion:  # F.gelu, not gated (checked in `supported`)
+        inter = bias_gelu(bias, inter)
+    else:
+        if bias is not None:
+            inter = inter + bias
+        if cfg.gated_linear_unit:
+            a, b = torch.chunk(inter, 2, dim=-1)
+            inter = cfg.activation_func(a) * b
+        else:
+            inter = mlp.activation_func(inter)
+    return _row(mlp.linear_fc2, inter, tp_group, tp)
+
+
+def _attention(att, x: torch.Tensor, mask, ctx, tp_group, tp: int):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    s, b = x.shape[0], x.shape[1]
+    mixed = _column(att.linear_qkv, x)
+    groups = att.num_query_groups_per_partition
+    d = att.hidden_size_per_attention_head
+    heads = att.num_attention_heads_per_partition
+    mixed = mixed.view(s, b, groups, (heads // groups + 2) * d)
+    q, k, v = torch.split(mixed, [heads // groups * d, d, d], dim=3)
+    q = q.reshape(s, b, heads, d)
+    # the KV cache megatron-core's prefill filled: [max_len, max_batch, groups, d]
+    kmem, vmem = ctx.key_value_memory_dict[att.layer_number]
+    start, b0 = ctx.sequence_len_offset, ctx.batch_size_offset
+    kmem[start:start + s, b0:b0 + b] = k
+    vmem[start:start + s, b0:b0 + b] = v
+    keys, values = kmem[:start + s, b0:b0 + b], vmem[:start + s, b0:b0 + b]
+    # after the prefill megatron-core passes no causal mask type (queries are the newest
+    # positions); padding masks still apply
+    mask_type = AttnMaskType.no_mask if start > 0 else att.attn_mask_type
+    core = att.core_attention(q, keys, values, mask, attn_mask_type=mask_type)
+    return _row(att.linear_proj, core, tp_group, tp), att.linear_proj.bias
+
+
+def forward_chunk(mod, tokens: torch.Tensor, positions: torch.Tensor, mask, ctx,
+                  input_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One chunk's forward for `tokens` [b, s] at the cache position of `ctx`: hidden states
+    [s, b, h] for the next stage, or logits [b, s, vocab] (gathered over TP) on the last one."""
+    from megatron.core import parallel_state as ps
+
+    tp = mod.config.tensor_model_parallel_size
+    tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+    if mod.pre_process:
+        x = mod.embedding(input_ids=tokens, position_ids=positions)
+    else:
+        x = input_tensor
+    for layer in mod.decoder.layers:
+        out, bias = _attention(layer.self_attention, layer.input_layernorm(x), mask, ctx,
+                               tp_group, tp)
+        x = _add_bias_residual(out, bias, x)
+        out = _mlp(layer.mlp, layer.pre_mlp_layernorm(x), tp_group, tp)
+        x = _add_bias_residual(out, layer.mlp.linear_fc2.bias, x)
+    if not mod.post_process:
+        return x
+    if getattr(mod.decoder, "final_layernorm", None) is not None:
+        x = mod.decoder.final_layernorm(x)
+    weight = (mod.shared_embedding_or_output_weight()
+              if mod.share_embeddings_and_output_weights else None)
+    logits, _ = mod.output_layer(x, weight=weight, runtime_gather_output=True)
+    return logits.transpose(0, 1).contiguous()
