@@ -40,6 +40,8 @@ def hf(model, mb, steps, compile_):
 # Our candidates: a label and the train.py overrides that select it.
 CANDIDATES = {
     "default": ("ours (default)", []),
+    "unfused_ce": ("ours, megatron-core output layer + cross-entropy (fused CE off)",
+                   ["model.fused_cross_entropy=false"]),
     "local": ("ours (mcore local attention)", ["model.attention_backend=local"]),
     "mcore_optim": ("ours, mcore's torch-fallback optimizer kernels",
                     ["optimizer.fused_step=false"]),

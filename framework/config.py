@@ -75,8 +75,9 @@ class ModelConfig:
     # compares settings on one card.
     flex_kernel_options: Dict[str, Any] = field(default_factory=dict)
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
-    # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients
-    fused_cross_entropy: bool = False
+    # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.
+    # None -> on for GPT (the fast path; false = megatron-core's output layer + cross-entropy)
+    fused_cross_entropy: Optional[bool] = None
     # GPU: wrap each transformer layer in torch.compile (fuses the norm / bias / GeLU / residual
     # elementwise work between the matmuls); ignored on CPU
     torch_compile: bool = False
@@ -167,6 +168,8 @@ class ModelConfig:
                      f"supported for model.type={t} (use one of {list(allowed)})")
         _require(not self.fused_cross_entropy or t == "gpt",
                  f"model.fused_cross_entropy=true is a GPT option (model.type={t})")
+        if self.fused_cross_entropy is None:
+            self.fused_cross_entropy = t == "gpt"
         _require(not self.add_binary_head or t == "bert",
                  f"model.add_binary_head=true is a BERT option (model.type={t})")
         _require(self.softmax_scale is None or self.softmax_scale > 0,
