@@ -321,6 +321,7 @@ class _Decoder:
         self.tokens, self.real = tokens, real
         self.positions = (real.long().cumsum(1) - 1).clamp(min=0)
         self.cached = 0
+        self.all_real: Optional[bool] = None
         self.ctx = self._new_cache(tokens.shape[0], max_len) if use_cache else None
         # decode steps after the prefill: the same arithmetic without megatron-core's module
         # stack (framework/fast/lean_decode.py), where the model is one it reproduces
@@ -346,7 +347,11 @@ class _Decoder:
 
     def _mask(self, start: int) -> Optional[torch.Tensor]:
         """Bool [rows, 1, q, k] (True = masked) for queries start..L-1 over keys 0..L-1."""
-        if bool(self.real.all()):
+        if self.all_real is None:
+            # appended tokens are real and pads stay pads (beam reordering keeps both), so the
+            # answer never changes: one host sync, not one per step
+            self.all_real = bool(self.real.all())
+        if self.all_real:
             return None  # causal only: the attention's own causal path
         total = self.tokens.shape[1]
         q = torch.arange(start, total, device=self.tokens.device)[:, None]
@@ -461,8 +466,19 @@ def _mask_vocab(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor
     return logits
 
 
+def _model_parallel_size() -> int:
+    ps = _ps()
+    if ps is None:
+        return 1
+    return (ps.get_tensor_model_parallel_world_size()
+            * ps.get_pipeline_model_parallel_world_size())
+
+
 def _share_decision(next_tokens, reorder, stop: bool, rows: int, device) -> Tuple[
         torch.Tensor, Optional[torch.Tensor], bool]:
+    if _model_parallel_size() == 1:
+        # one rank decides alone: no packing, no host round trip for `reorder`
+        return next_tokens, reorder, stop
     packed = None
     if _is_last_stage():
         re = reorder if reorder is not None else torch.full_like(next_tokens, -1)
@@ -488,9 +504,11 @@ def _sample_loop(dec: _Decoder, opts: GenerationOptions, eos_id, pad_id, vocab_s
             logprob = logits.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out_logprobs.append(torch.where(done, torch.zeros_like(logprob), logprob))
+            stop = t == opts.max_new_tokens - 1
             if eos_id is not None:
                 done = done | (nxt == eos_id)
-            stop = bool(done.all()) or t == opts.max_new_tokens - 1
+                # a host sync per token only when EOS can stop the batch early
+                stop = stop or bool(done.all())
         nxt, _, stop = _share_decision(nxt, None, stop, rows, device)
         out_tokens.append(nxt)
         if opts.top_p_decay > 0.0:
