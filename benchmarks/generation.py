@@ -10,6 +10,7 @@ Candidates, timed one after another in this process on GPU 0, at every batch siz
 * ours, `framework.generation.generate` with the KV cache (the default: decode steps through
   framework/fast/lean_decode.py);
 * ours with the KV cache and megatron-core's modules for every step (`lean_decode=False`);
+* on GPU, ours with decode steps replayed as one CUDA graph (`decode_cuda_graph=True`);
 * ours with `use_cache=False` (the whole sequence re-run every step; slow, so only at
   `--no-cache-batches`, batch 1 by default);
 * Hugging Face `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)`, same dimensions, bf16
@@ -177,6 +178,10 @@ def main(argv=None):
             cands.append(("ours, KV cache (default: lean decode steps)",
                           lambda: generate(ours, ids, vocab_size=cfg.vocab_size,
                                            max_new_tokens=new)))
+            if on_gpu:
+                cands.append(("ours, KV cache, decode steps as a CUDA graph (decode_cuda_graph)",
+                              lambda: generate(ours, ids, vocab_size=cfg.vocab_size,
+                                               max_new_tokens=new, decode_cuda_graph=True)))
             cands.append(("ours, KV cache, megatron-core modules every step (lean_decode=False)",
                           lambda: generate(ours, ids, vocab_size=cfg.vocab_size,
                                            max_new_tokens=new, lean_decode=False)))

@@ -81,6 +81,11 @@ class GenerationOptions:
     # decode steps without megatron-core's module stack (framework/fast/lean_decode.py) where
     # the model allows it; false keeps megatron-core's modules for every step (reference path)
     lean_decode: bool = True
+    # GPU: decode steps (greedy / sampling, one pipeline stage) with static shapes, captured as
+    # a CUDA graph once and replayed for every token (framework/fast/lean_decode.py,
+    # StaticDecoder). Off by default until it is measured on a GPU; on CPU it runs the same
+    # static step eagerly.
+    decode_cuda_graph: bool = False
     return_logprobs: bool = False
     seed: Optional[int] = 1234
 
@@ -312,7 +317,7 @@ class _Decoder:
     """
 
     def __init__(self, model, tokens: torch.Tensor, real: torch.Tensor, max_len: int,
-                 use_cache: bool, lean: bool = True):
+                 use_cache: bool, lean: bool = True, static: bool = False):
         from framework.fast import lean_decode
 
         self.chunks = _chunks(model)
@@ -327,6 +332,13 @@ class _Decoder:
         # stack (framework/fast/lean_decode.py), where the model is one it reproduces
         self.lean = (use_cache and lean
                      and all(lean_decode.supported(m) for m in self.modules))
+        ps = _ps()
+        single_stage = len(self.modules) == 1 and (
+            ps is None or ps.get_pipeline_model_parallel_world_size() == 1)
+        self.static = None
+        if static and self.lean and single_stage:
+            self.static = lean_decode.StaticDecoder(self.modules[0], self.ctx, tokens.shape[0],
+                                                    max_len, tokens.device, graph=True)
 
     def _new_cache(self, rows: int, max_len: int):
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -374,7 +386,10 @@ class _Decoder:
                                      dtype=self.config.pipeline_dtype, device=tokens.device)
                 dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
                 mod.set_input_tensor(hidden)
-            if self.lean and self.ctx.sequence_len_offset > 0:
+            if self.static is not None and self.ctx.sequence_len_offset > 0:
+                out = self.static.step(tokens, positions, self.real,
+                                       self.ctx.sequence_len_offset)
+            elif self.lean and self.ctx.sequence_len_offset > 0:
                 from framework.fast.lean_decode import forward_chunk
 
                 out = forward_chunk(mod, tokens, positions, mask, self.ctx,
@@ -617,7 +632,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
     generator: torch.Generator for sampling (default: one seeded with `seed`).
     options: the fields of GenerationOptions (max_new_tokens, top_k, top_p, top_p_decay,
         top_p_bound, temperature, num_beams, length_penalty, early_stopping, use_cache,
-        lean_decode, return_logprobs, seed).
+        lean_decode, decode_cuda_graph, return_logprobs, seed).
     logprobs are those of the model's unmodified distribution (log-softmax of the raw logits,
     before temperature and truncation), 0 after EOS.
     """
@@ -646,7 +661,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
             tokens = tokens.repeat_interleave(opts.num_beams, dim=0)
             real = real.repeat_interleave(opts.num_beams, dim=0)
         dec = _Decoder(chunks, tokens, real, max_len=s + opts.max_new_tokens,
-                       use_cache=opts.use_cache, lean=opts.lean_decode)
+                       use_cache=opts.use_cache, lean=opts.lean_decode,
+                       static=opts.decode_cuda_graph and opts.num_beams == 1)
         if opts.num_beams > 1:
             new, logprobs = _beam_loop(dec, opts, batch, eos_id, pad, vocab_size)
         else:

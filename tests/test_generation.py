@@ -361,6 +361,12 @@ def test_lean_decode_equals_megatron_modules(mp1, extra):
                        return_logprobs=True, lean_decode=False, **kw)
         assert torch.equal(lean[0], ref[0]), kw
         torch.testing.assert_close(lean[1], ref[1], rtol=0, atol=1e-6)
+        # the static-shape step behind decode_cuda_graph (run eagerly on CPU): every step
+        # attends over the whole cache buffer with a key mask, so sums differ in the last bits
+        static = generate(model, CK_PROMPTS + [[7, 3]], max_new_tokens=12, vocab_size=19,
+                          return_logprobs=True, decode_cuda_graph=True, **kw)
+        assert torch.equal(static[0], ref[0]), kw
+        torch.testing.assert_close(static[1], ref[1], rtol=0, atol=1e-5)
     rope = build(ModelConfig(**{**TINY, "position_embedding_type": "rope"}), 24)
     assert not supported(unwrap(rope[0]))  # RoPE keeps megatron-core's path
 
@@ -395,6 +401,9 @@ def _parallel_worker(rank, port, ckpt, out):
         results["tp2_modules"] = [generate(model, CK_PROMPTS, eos_id=0, vocab_size=19,
                                            max_new_tokens=8, return_logprobs=True,
                                            lean_decode=False, **kw) for kw in GEN_CASES]
+        results["tp2_static"] = [generate(model, CK_PROMPTS, eos_id=0, vocab_size=19,
+                                          max_new_tokens=8, return_logprobs=True,
+                                          decode_cuda_graph=True, **kw) for kw in GEN_CASES]
         results["restored"] = (unwrap(model[0]).config.sequence_parallel
                                and unwrap(model[0]).output_layer.sequence_parallel
                                and model[0].training)
@@ -417,9 +426,11 @@ def test_tp_pp_vpp_match_single(checkpoint, tmp_path):
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         assert res["restored"]
-        for (t, lp), (t2, lp2) in zip(res["tp2"], res["tp2_modules"]):
-            assert torch.equal(t, t2)
+        for (t, lp), (t2, lp2), (t3, lp3) in zip(res["tp2"], res["tp2_modules"],
+                                                 res["tp2_static"]):
+            assert torch.equal(t, t2) and torch.equal(t, t3)
             torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-6)
+            torch.testing.assert_close(lp, lp3, rtol=0, atol=1e-5)
         for layout, ref in (("tp2", "ckpt"), ("pp2_vppNone", "ckpt_pp"), ("pp2_vpp2", "ckpt_pp")):
             for (ref_t, ref_lp), (t, lp), kw in zip(refs[ref], res[layout], GEN_CASES):
                 assert torch.equal(t, ref_t), (layout, kw)
@@ -605,3 +616,28 @@ def test_gpu_tp2_pp2_matches_tp1(checkpoint, tmp_path):
         for a, b in zip(recs["single"], recs["tp2_pp2"]):
             assert a["tokens"] == b["tokens"], opts
             assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_cuda_graph_matches_eager(mp1):
+    """decode_cuda_graph=true (static decode step captured once, replayed per token) gives the
+    eager tokens on a GPU: fp32 greedy and seeded sampling, padded prompts; ALiBi and GQA."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from framework.generation import generate
+    from framework.models import build_model
+
+    gpu = torch.device("cuda", 0)
+    prompts = CK_PROMPTS + [[7, 3]]
+    for extra in (dict(), dict(position_embedding_type="alibi", num_query_groups=2)):
+        torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)
+        model = build_model(ModelConfig(**{**TINY, **extra}), ParallelConfig(), vocab_size=24,
+                            bf16=False, fp16=False, device=gpu, wrap_ddp=False)
+        for kw in (dict(), dict(top_k=4, top_p=0.9, seed=5)):
+            ref = generate(model, prompts, max_new_tokens=12, vocab_size=19,
+                           return_logprobs=True, **kw)
+            got = generate(model, prompts, max_new_tokens=12, vocab_size=19,
+                           return_logprobs=True, decode_cuda_graph=True, **kw)
+            assert torch.equal(ref[0], got[0]), (extra, kw)
+            torch.testing.assert_close(ref[1], got[1], rtol=0, atol=1e-4)

@@ -153,3 +153,105 @@ def forward_chunk(mod, tokens: torch.Tensor, positions: torch.Tensor, mask, ctx,
               if mod.share_embeddings_and_output_weights else None)
     logits, _ = mod.output_layer(x, weight=weight, runtime_gather_output=True)
     return logits.transpose(0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# static-shape decode steps (CUDA-graph capturable)
+# --------------------------------------------------------------------------------------------
+def _attention_static(att, x: torch.Tensor, key_mask: torch.Tensor, write_at: torch.Tensor,
+                      ctx, tp_group, tp: int):
+    """One query per row over the whole KV buffer: this step's keys/values are written at the
+    device-side index `write_at`; positions not yet written (and pads) are masked out."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    s, b = x.shape[0], x.shape[1]
+    mixed = _column(att.linear_qkv, x)
+    groups = att.num_query_groups_per_partition
+    d = att.hidden_size_per_attention_head
+    heads = att.num_attention_heads_per_partition
+    mixed = mixed.view(s, b, groups, (heads // groups + 2) * d)
+    q, k, v = torch.split(mixed, [heads // groups * d, d, d], dim=3)
+    q = q.reshape(s, b, heads, d)
+    kmem, vmem = ctx.key_value_memory_dict[att.layer_number]
+    kmem.index_copy_(0, write_at, k)
+    vmem.index_copy_(0, write_at, v)
+    core = att.core_attention(q, kmem, vmem, key_mask, attn_mask_type=AttnMaskType.no_mask)
+    return _row(att.linear_proj, core, tp_group, tp), att.linear_proj.bias
+
+
+def forward_static(mod, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                   write_at: torch.Tensor, ctx) -> torch.Tensor:
+    """`forward_chunk` for a one-token step of a whole (single-stage) model with static shapes:
+    logits [b, 1, vocab]."""
+    from megatron.core import parallel_state as ps
+
+    tp = mod.config.tensor_model_parallel_size
+    tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+    x = mod.embedding(input_ids=tokens, position_ids=positions)
+    for layer in mod.decoder.layers:
+        out, bias = _attention_static(layer.self_attention, layer.input_layernorm(x), key_mask,
+                                      write_at, ctx, tp_group, tp)
+        x = _add_bias_residual(out, bias, x)
+        out = _mlp(layer.mlp, layer.pre_mlp_layernorm(x), tp_group, tp)
+        x = _add_bias_residual(out, layer.mlp.linear_fc2.bias, x)
+    if getattr(mod.decoder, "final_layernorm", None) is not None:
+        x = mod.decoder.final_layernorm(x)
+    weight = (mod.shared_embedding_or_output_weight()
+              if mod.share_embeddings_and_output_weights else None)
+    logits, _ = mod.output_layer(x, weight=weight, runtime_gather_output=True)
+    return logits.transpose(0, 1).contiguous()
+
+
+class StaticDecoder:
+    """Decode steps of one single-stage model with static shapes, replayed as a CUDA graph on
+    GPU (`graph=True`): inputs are copied into fixed buffers, the step attends over the whole
+    KV-cache buffer with a key mask, and its keys/values go to a device-side index, so nothing
+    in the step depends on a Python value. The first step captures the graph (after two warm-up
+    runs on a side stream); later steps replay it, so a token costs one graph launch instead of
+    hundreds of kernel launches from Python. On CPU, or with `graph=False`, the same static step
+    runs eagerly (the test reference for the formulation)."""
+
+    def __init__(self, mod, ctx, rows: int, max_len: int, device: torch.device, graph: bool):
+        self.mod, self.ctx = mod, ctx
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_mask = torch.ones(rows, 1, 1, max_len, dtype=torch.bool, device=device)
+        # masked positions get weight 0, but 0 x garbage (NaN/inf in never-written memory) is
+        # NaN: the buffers start zeroed (before the prefill fills the prompt part)
+        for kmem, vmem in ctx.key_value_memory_dict.values():
+            kmem.zero_()
+            vmem.zero_()
+        self.graph_wanted = graph and device.type == "cuda"
+        self.graph = None
+        self.out: Optional[torch.Tensor] = None
+        self.started = False
+
+    def _run(self) -> torch.Tensor:
+        return forward_static(self.mod, self.tokens, self.positions, self.key_mask,
+                              self.write_at, self.ctx)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
+             write_at: int) -> torch.Tensor:
+        """tokens/positions [rows, 1]; real [rows, write_at + 1] (True = a real token)."""
+        if not self.started:  # the prompt's pads stay masked; everything not yet written too
+            self.key_mask[:, 0, 0, :write_at] = ~real[:, :write_at]
+            self.started = True
+        self.key_mask[:, 0, 0, write_at] = False
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.write_at.fill_(write_at)
+        if not self.graph_wanted:
+            return self._run()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # idempotent: the same keys/values land at the same index
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._run()
+        self.graph.replay()
+        return self.out.clone()
