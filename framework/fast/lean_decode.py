@@ -103,9 +103,9 @@ def _mlp(mlp, x: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     return _row(mlp.linear_fc2, inter, tp_group, tp)
 
 
-def _attention(att, x: torch.Tensor, mask, ctx, tp_group, tp: int):
-    from megatron.core.transformer.enums import AttnMaskType
-
+def _qkv(att, x: torch.Tensor):
+    """mcore's fused QKV projection and its per-group split: q [s, b, heads, d], k and v
+    [s, b, groups, d] (this rank's part)."""
     s, b = x.shape[0], x.shape[1]
     mixed = _column(att.linear_qkv, x)
     groups = att.num_query_groups_per_partition
@@ -113,7 +113,14 @@ def _attention(att, x: torch.Tensor, mask, ctx, tp_group, tp: int):
     heads = att.num_attention_heads_per_partition
     mixed = mixed.view(s, b, groups, (heads // groups + 2) * d)
     q, k, v = torch.split(mixed, [heads // groups * d, d, d], dim=3)
-    q = q.reshape(s, b, heads, d)
+    return q.reshape(s, b, heads, d), k, v
+
+
+def _attention(att, x: torch.Tensor, mask, ctx, tp_group, tp: int):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    q, k, v = _qkv(att, x)
+    s, b = x.shape[0], x.shape[1]
     # the KV cache megatron-core's prefill filled: [max_len, max_batch, groups, d]
     kmem, vmem = ctx.key_value_memory_dict[att.layer_number]
     start, b0 = ctx.sequence_len_offset, ctx.batch_size_offset
@@ -127,21 +134,15 @@ def _attention(att, x: torch.Tensor, mask, ctx, tp_group, tp: int):
     return _row(att.linear_proj, core, tp_group, tp), att.linear_proj.bias
 
 
-def forward_chunk(mod, tokens: torch.Tensor, positions: torch.Tensor, mask, ctx,
-                  input_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One chunk's forward for `tokens` [b, s] at the cache position of `ctx`: hidden states
-    [s, b, h] for the next stage, or logits [b, s, vocab] (gathered over TP) on the last one."""
+def _layers_and_head(mod, x: torch.Tensor, attention) -> torch.Tensor:
+    """The decoder layers (`attention(att, normed_x, tp_group, tp)` -> (out, bias)), then, on
+    the last stage, the final norm and the output layer: logits [b, s, vocab]."""
     from megatron.core import parallel_state as ps
 
     tp = mod.config.tensor_model_parallel_size
     tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
-    if mod.pre_process:
-        x = mod.embedding(input_ids=tokens, position_ids=positions)
-    else:
-        x = input_tensor
     for layer in mod.decoder.layers:
-        out, bias = _attention(layer.self_attention, layer.input_layernorm(x), mask, ctx,
-                               tp_group, tp)
+        out, bias = attention(layer.self_attention, layer.input_layernorm(x), tp_group, tp)
         x = _add_bias_residual(out, bias, x)
         out = _mlp(layer.mlp, layer.pre_mlp_layernorm(x), tp_group, tp)
         x = _add_bias_residual(out, layer.mlp.linear_fc2.bias, x)
@@ -155,6 +156,16 @@ def forward_chunk(mod, tokens: torch.Tensor, positions: torch.Tensor, mask, ctx,
     return logits.transpose(0, 1).contiguous()
 
 
+def forward_chunk(mod, tokens: torch.Tensor, positions: torch.Tensor, mask, ctx,
+                  input_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One chunk's forward for `tokens` [b, s] at the cache position of `ctx`: hidden states
+    [s, b, h] for the next stage, or logits [b, s, vocab] (gathered over TP) on the last one."""
+    x = (mod.embedding(input_ids=tokens, position_ids=positions) if mod.pre_process
+         else input_tensor)
+    return _layers_and_head(
+        mod, x, lambda att, h, group, tp: _attention(att, h, mask, ctx, group, tp))
+
+
 # --------------------------------------------------------------------------------------------
 # static-shape decode steps (CUDA-graph capturable)
 # --------------------------------------------------------------------------------------------
@@ -164,14 +175,7 @@ def _attention_static(att, x: torch.Tensor, key_mask: torch.Tensor, write_at: to
     device-side index `write_at`; positions not yet written (and pads) are masked out."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    s, b = x.shape[0], x.shape[1]
-    mixed = _column(att.linear_qkv, x)
-    groups = att.num_query_groups_per_partition
-    d = att.hidden_size_per_attention_head
-    heads = att.num_attention_heads_per_partition
-    mixed = mixed.view(s, b, groups, (heads // groups + 2) * d)
-    q, k, v = torch.split(mixed, [heads // groups * d, d, d], dim=3)
-    q = q.reshape(s, b, heads, d)
+    q, k, v = _qkv(att, x)
     kmem, vmem = ctx.key_value_memory_dict[att.layer_number]
     kmem.index_copy_(0, write_at, k)
     vmem.index_copy_(0, write_at, v)
@@ -183,23 +187,10 @@ def forward_static(mod, tokens: torch.Tensor, positions: torch.Tensor, key_mask:
                    write_at: torch.Tensor, ctx) -> torch.Tensor:
     """`forward_chunk` for a one-token step of a whole (single-stage) model with static shapes:
     logits [b, 1, vocab]."""
-    from megatron.core import parallel_state as ps
-
-    tp = mod.config.tensor_model_parallel_size
-    tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
     x = mod.embedding(input_ids=tokens, position_ids=positions)
-    for layer in mod.decoder.layers:
-        out, bias = _attention_static(layer.self_attention, layer.input_layernorm(x), key_mask,
-                                      write_at, ctx, tp_group, tp)
-        x = _add_bias_residual(out, bias, x)
-        out = _mlp(layer.mlp, layer.pre_mlp_layernorm(x), tp_group, tp)
-        x = _add_bias_residual(out, layer.mlp.linear_fc2.bias, x)
-    if getattr(mod.decoder, "final_layernorm", None) is not None:
-        x = mod.decoder.final_layernorm(x)
-    weight = (mod.shared_embedding_or_output_weight()
-              if mod.share_embeddings_and_output_weights else None)
-    logits, _ = mod.output_layer(x, weight=weight, runtime_gather_output=True)
-    return logits.transpose(0, 1).contiguous()
+    return _layers_and_head(
+        mod, x,
+        lambda att, h, group, tp: _attention_static(att, h, key_mask, write_at, ctx, group, tp))
 
 
 class StaticDecoder:
