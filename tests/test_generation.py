@@ -545,27 +545,34 @@ def test_gpu_rope_cache_and_bf16(mp1):
             assert a.shape[1] > 7 and b.shape[1] > 7 and int(a.max()) < 128, kw
 
 
-@pytest.mark.gpu
-@pytest.mark.gpus(2)
-def test_gpu_pp2_and_tp2_match_single(checkpoint, tmp_path):
-    """generate.py at PP2 and TP2 (NCCL) gives the single-GPU tokens (fp32)."""
+def _gpu_layouts_match_single(checkpoint, tmp_path, layouts, option_sets):
+    """generate.py on GPU at each layout (fp32) gives the single-GPU tokens and logprobs."""
     from framework.tokenizer import embedded_tokenizer
 
     tok = embedded_tokenizer()
     prompts = json.dumps([tok.decode(p) for p in CK_PROMPTS])
-    for opts in (["num_beams=3", "length_penalty=0.8"], ["top_k=4", "seed=5"]):
+    for opts in option_sets:
         recs = {}
-        for layout in ("single", "pp2", "tp2"):
+        for layout in ("single", *layouts):
             out = tmp_path / f"{layout}.jsonl"
             r = _generate_py(tmp_path, f"load={checkpoint}", "bf16=false", f"prompts={prompts}",
                              "max_new_tokens=10", "return_logprobs=true", f"parallel={layout}",
                              f"output_file={out}", *opts, device="cuda")
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
             recs[layout] = [json.loads(line) for line in open(out)]
-        for layout in ("pp2", "tp2"):
+        assert len(recs["single"]) == len(CK_PROMPTS)
+        for layout in layouts:
             for a, b in zip(recs["single"], recs[layout]):
                 assert a["tokens"] == b["tokens"], (layout, opts)
                 assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpus(2)
+def test_gpu_pp2_and_tp2_match_single(checkpoint, tmp_path):
+    """generate.py at PP2 and TP2 (NCCL) gives the single-GPU tokens (fp32)."""
+    _gpu_layouts_match_single(checkpoint, tmp_path, ("pp2", "tp2"),
+                              (["num_beams=3", "length_penalty=0.8"], ["top_k=4", "seed=5"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,23 +606,9 @@ def test_generation_benchmark_tiny_cpu():
 def test_gpu_tp2_pp2_matches_tp1(checkpoint, tmp_path):
     """generate.py at TP2·PP2 (4 GPUs, NCCL) gives the TP1 tokens: greedy, beam search and
     seeded top-k/top-p sampling (fp32)."""
-    from framework.tokenizer import embedded_tokenizer
-
-    tok = embedded_tokenizer()
-    prompts = json.dumps([tok.decode(p) for p in CK_PROMPTS])
-    for opts in ([], ["num_beams=3", "length_penalty=0.8"], ["top_k=4", "top_p=0.9", "seed=5"]):
-        recs = {}
-        for layout in ("single", "tp2_pp2"):
-            out = tmp_path / f"{layout}.jsonl"
-            r = _generate_py(tmp_path, f"load={checkpoint}", "bf16=false", f"prompts={prompts}",
-                             "max_new_tokens=10", "return_logprobs=true", f"parallel={layout}",
-                             f"output_file={out}", *opts, device="cuda")
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-            recs[layout] = [json.loads(line) for line in open(out)]
-        assert len(recs["single"]) == len(CK_PROMPTS)
-        for a, b in zip(recs["single"], recs["tp2_pp2"]):
-            assert a["tokens"] == b["tokens"], opts
-            assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+    _gpu_layouts_match_single(checkpoint, tmp_path, ("tp2_pp2",),
+                              ([], ["num_beams=3", "length_penalty=0.8"],
+                               ["top_k=4", "top_p=0.9", "seed=5"]))
 
 
 @pytest.mark.gpu
