@@ -100,8 +100,10 @@ class SDPAttention(MegatronModule):
             mask_type = AttnMaskType.no_mask
         if self.num_groups != self.num_heads:
             rep = self.num_heads // self.num_groups
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            # = repeat_interleave(rep, dim=1), as a view expansion + copy: no index tensor,
+            # so it can run inside a CUDA-graph capture (generation's decode_cuda_graph)
+            k = _repeat_groups(k, rep)
+            v = _repeat_groups(v, rep)
         mask = None
         is_causal = False
         if attention_bias is not None:
@@ -144,6 +146,12 @@ class SDPAttention(MegatronModule):
 def _causal_bias(sq: int, sk: int, device, dtype) -> torch.Tensor:
     keep = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
     return torch.zeros(sq, sk, device=device, dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+def _repeat_groups(t: torch.Tensor, rep: int) -> torch.Tensor:
+    """[b, g, s, d] -> [b, g * rep, s, d], each group repeated `rep` times in a row."""
+    b, g, s, d = t.shape
+    return t[:, :, None].expand(b, g, rep, s, d).reshape(b, g * rep, s, d)
 
 
 class Norm(torch.nn.Module):
