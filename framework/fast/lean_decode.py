@@ -183,11 +183,30 @@ def _attention_static(att, x: torch.Tensor, key_mask: torch.Tensor, write_at: to
     return _row(att.linear_proj, core, tp_group, tp), att.linear_proj.bias
 
 
+def _embed_static(emb, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """mcore's LanguageModelEmbedding (eval, no SP) without boolean-index assignments, which
+    need a host sync and cannot be captured: [b, s] -> [s, b, h]."""
+    from megatron.core import parallel_state as ps
+
+    word = emb.word_embeddings
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    if tp > 1:
+        outside = (tokens < word.vocab_start_index) | (tokens >= word.vocab_end_index)
+        local = torch.where(outside, torch.zeros_like(tokens), tokens - word.vocab_start_index)
+        x = F.embedding(local, word.weight).masked_fill(outside[..., None], 0.0)
+        torch.distributed.all_reduce(x, group=ps.get_tensor_model_parallel_group())
+    else:
+        x = F.embedding(tokens, word.weight)
+    if emb.add_position_embedding:
+        x = x + emb.position_embeddings(positions)
+    return x.transpose(0, 1).contiguous()
+
+
 def forward_static(mod, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
                    write_at: torch.Tensor, ctx) -> torch.Tensor:
     """`forward_chunk` for a one-token step of a whole (single-stage) model with static shapes:
     logits [b, 1, vocab]."""
-    x = mod.embedding(input_ids=tokens, position_ids=positions)
+    x = _embed_static(mod.embedding, tokens, positions)
     return _layers_and_head(
         mod, x,
         lambda att, h, group, tp: _attention_static(att, h, key_mask, write_at, ctx, group, tp))
