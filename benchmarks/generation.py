@@ -26,11 +26,9 @@ on CPU in fp32 when there is no GPU (a smoke test; its numbers mean nothing).
 """
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -54,29 +52,6 @@ def model_config(tiny: bool):
     cfg = ModelConfig(**raw)
     cfg = replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
     return replace(cfg, name="gpt_tiny", **TINY) if tiny else cfg
-
-
-@contextmanager
-def megatron_single_process():
-    """A one-process gloo group and megatron-core's parallel state at TP = PP = 1 (what the
-    tests' `mp1` fixture sets up); reuses them when they already exist."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if dist.is_initialized() and ps.model_parallel_is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    try:
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def build_ours(cfg, device, bf16: bool, seed: int):
@@ -165,7 +140,10 @@ def main(argv=None):
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
 
     rows = []  # (label, batch, seconds or None, note)
-    with megatron_single_process():
+    # one process, TP = PP = 1 (the converter's helper: gloo, plus NCCL when CUDA is present)
+    from data_tools.convert import single_process_world
+
+    with single_process_world():
         ours, padded = build_ours(cfg, device, bf16, a.seed)
         hf = build_hf(cfg, device, dtype, a.seed)
         gen = torch.Generator().manual_seed(a.seed)

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from framework.config import ConfigError
+from framework.fast import lean_decode
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 
@@ -318,8 +319,6 @@ class _Decoder:
 
     def __init__(self, model, tokens: torch.Tensor, real: torch.Tensor, max_len: int,
                  use_cache: bool, lean: bool = True, static: bool = False):
-        from framework.fast import lean_decode
-
         self.chunks = _chunks(model)
         self.modules = [_unwrap(c) for c in self.chunks]
         self.config = self.modules[0].config
@@ -380,20 +379,20 @@ class _Decoder:
         pp = ps.get_pipeline_model_parallel_world_size() if ps else 1
         rank = ps.get_pipeline_model_parallel_rank() if ps else 0
         out = None
+        # after the prefill: one new token per row through the KV cache
+        decode_step = self.ctx is not None and self.ctx.sequence_len_offset > 0
         for v, (chunk, mod) in enumerate(zip(self.chunks, self.modules)):
             if pp > 1 and not (rank == 0 and v == 0):
                 hidden = torch.empty((tokens.shape[1], tokens.shape[0], self.config.hidden_size),
                                      dtype=self.config.pipeline_dtype, device=tokens.device)
                 dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
                 mod.set_input_tensor(hidden)
-            if self.static is not None and self.ctx.sequence_len_offset > 0:
+            if decode_step and self.static is not None:
                 out = self.static.step(tokens, positions, self.real,
                                        self.ctx.sequence_len_offset)
-            elif self.lean and self.ctx.sequence_len_offset > 0:
-                from framework.fast.lean_decode import forward_chunk
-
-                out = forward_chunk(mod, tokens, positions, mask, self.ctx,
-                                    input_tensor=None if mod.pre_process else hidden)
+            elif decode_step and self.lean:
+                out = lean_decode.forward_chunk(mod, tokens, positions, mask, self.ctx,
+                                                input_tensor=None if mod.pre_process else hidden)
             else:
                 out = chunk(tokens, positions, mask, inference_context=self.ctx,
                             runtime_gather_output=True)

@@ -27,6 +27,15 @@ def shared_once(key, build):
             return json.load(f)
 
 
+def log_parity(line: str) -> None:
+    """Print a result line and append it to tests/gpu_results/parity.log (kept by
+    tests/run_gpu_suite.sh)."""
+    print(line)
+    os.makedirs(os.path.join(ROOT, "tests", "gpu_results"), exist_ok=True)
+    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
+        f.write(line + "\n")
+
+
 def compare(ref, got, rtol, label):
     """Per-step losses of a layout against the reference: max relative difference <= rtol, and
     the reference learns. The line also goes to tests/gpu_results/parity.log."""
@@ -35,9 +44,6 @@ def compare(ref, got, rtol, label):
     worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in steps)
     line = (f"{label}: {len(steps)} steps, max rel diff {worst:.2e} (tol {rtol}), "
             f"loss {ref[steps[0]]:.4f}->{ref[steps[-1]]:.4f} ref, {got[steps[-1]]:.4f} got")
-    print(line)
-    os.makedirs(os.path.join(ROOT, "tests", "gpu_results"), exist_ok=True)
-    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
-        f.write(line + "\n")
+    log_parity(line)
     assert worst <= rtol, line
     assert ref[steps[-1]] < ref[steps[0]] - 0.3  # it learns

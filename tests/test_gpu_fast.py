@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from gpu_shared import ROOT, shared_once
+from gpu_shared import ROOT, log_parity, shared_once
 
 pytestmark = pytest.mark.gpu
 
@@ -134,9 +134,7 @@ def test_fast_path_200_step_curve_matches_reference_bf16(tmp_path):
             f"{worst:.2e} (tol 3e-2), last-50 mean {m_fast:.4f} vs {m_ref:.4f} (rel "
             f"{abs(m_fast - m_ref) / m_ref:.2e}, tol 1e-2), single steps max {step_worst:.2e}; "
             f"loss {ref[1]:.4f}->{ref[STEPS]:.4f} ref, {fast[STEPS]:.4f} fast")
-    print(line)
-    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
-        f.write(line + "\n")
+    log_parity(line)
     assert worst <= 3e-2, line
     assert abs(m_fast - m_ref) / m_ref <= 1e-2, line
     assert ref[STEPS] < ref[1] - 0.5  # it learns

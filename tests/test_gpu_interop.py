@@ -18,16 +18,9 @@ import sys
 
 import pytest
 import torch
-from gpu_shared import ROOT
+from gpu_shared import ROOT, log_parity
 
 SEQ, MB, STEPS = 256, 4, 20
-
-
-def _log(line: str) -> None:
-    print(line)
-    os.makedirs(os.path.join(ROOT, "tests", "gpu_results"), exist_ok=True)
-    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
-        f.write(line + "\n")
 
 
 def _padded_output_rows(ckpt_dir: str) -> torch.Tensor:
@@ -147,7 +140,7 @@ def test_gpt2_large_hf_to_tp2_pp2_train_then_export(tmp_path):
         target_pp=2, device="cuda", padded=50304)
     d_pad = abs(with_padding - meg) / meg
     d_exp = abs(exported - meg) / meg
-    _log(f"gpt2-large shape, HF -> TP2·PP2 -> {STEPS} steps fp32 (loss {losses[0]:.4f} -> "
+    log_parity(f"gpt2-large shape, HF -> TP2·PP2 -> {STEPS} steps fp32 (loss {losses[0]:.4f} -> "
          f"{losses[-1]:.4f}) -> HF: Megatron eval loss {meg:.6f}; exported HF model "
          f"{exported:.6f} (rel diff {d_exp:.2e}); HF hidden states x saved padded rows "
          f"{with_padding:.6f} (rel diff {d_pad:.2e})")

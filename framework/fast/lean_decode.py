@@ -127,20 +127,24 @@ def _attention(att, x: torch.Tensor, mask, ctx, tp_group, tp: int):
     kmem[start:start + s, b0:b0 + b] = k
     vmem[start:start + s, b0:b0 + b] = v
     keys, values = kmem[:start + s, b0:b0 + b], vmem[:start + s, b0:b0 + b]
-    # after the prefill megatron-core passes no causal mask type (queries are the newest
-    # positions); padding masks still apply
-    mask_type = AttnMaskType.no_mask if start > 0 else att.attn_mask_type
-    core = att.core_attention(q, keys, values, mask, attn_mask_type=mask_type)
+    # decode steps come after the prefill, where megatron-core passes no causal mask type
+    # (queries are the newest positions); padding masks still apply
+    core = att.core_attention(q, keys, values, mask, attn_mask_type=AttnMaskType.no_mask)
     return _row(att.linear_proj, core, tp_group, tp), att.linear_proj.bias
+
+
+def _tp(mod):
+    """(tensor-parallel group or None, size) of a model chunk."""
+    from megatron.core import parallel_state as ps
+
+    tp = mod.config.tensor_model_parallel_size
+    return (ps.get_tensor_model_parallel_group() if tp > 1 else None), tp
 
 
 def _layers_and_head(mod, x: torch.Tensor, attention) -> torch.Tensor:
     """The decoder layers (`attention(att, normed_x, tp_group, tp)` -> (out, bias)), then, on
     the last stage, the final norm and the output layer: logits [b, s, vocab]."""
-    from megatron.core import parallel_state as ps
-
-    tp = mod.config.tensor_model_parallel_size
-    tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+    tp_group, tp = _tp(mod)
     for layer in mod.decoder.layers:
         out, bias = attention(layer.self_attention, layer.input_layernorm(x), tp_group, tp)
         x = _add_bias_residual(out, bias, x)
@@ -183,18 +187,17 @@ def _attention_static(att, x: torch.Tensor, key_mask: torch.Tensor, write_at: to
     return _row(att.linear_proj, core, tp_group, tp), att.linear_proj.bias
 
 
-def _embed_static(emb, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _embed_static(mod, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """mcore's LanguageModelEmbedding (eval, no SP) without boolean-index assignments, which
     need a host sync and cannot be captured: [b, s] -> [s, b, h]."""
-    from megatron.core import parallel_state as ps
-
+    emb = mod.embedding
     word = emb.word_embeddings
-    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    tp_group, tp = _tp(mod)
     if tp > 1:
         outside = (tokens < word.vocab_start_index) | (tokens >= word.vocab_end_index)
         local = torch.where(outside, torch.zeros_like(tokens), tokens - word.vocab_start_index)
         x = F.embedding(local, word.weight).masked_fill(outside[..., None], 0.0)
-        torch.distributed.all_reduce(x, group=ps.get_tensor_model_parallel_group())
+        torch.distributed.all_reduce(x, group=tp_group)
     else:
         x = F.embedding(tokens, word.weight)
     if emb.add_position_embedding:
@@ -206,7 +209,7 @@ def forward_static(mod, tokens: torch.Tensor, positions: torch.Tensor, key_mask:
                    write_at: torch.Tensor, ctx) -> torch.Tensor:
     """`forward_chunk` for a one-token step of a whole (single-stage) model with static shapes:
     logits [b, 1, vocab]."""
-    x = _embed_static(mod.embedding, tokens, positions)
+    x = _embed_static(mod, tokens, positions)
     return _layers_and_head(
         mod, x,
         lambda att, h, group, tp: _attention_static(att, h, key_mask, write_at, ctx, group, tp))
