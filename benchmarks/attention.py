@@ -2,10 +2,11 @@
 
     python benchmarks/attention.py [--batch 8 --heads 20 --seq 1024 --dim 64] [--dtype bf16]
 
-Candidates: causal SDPA (no position bias: the floor), FlexAttention ALiBi (`score_mod` + causal
-block mask, compiled once; what `SDPAttention` uses on GPU), SDPA with a dense ALiBi bias (what
-it uses with dropout, padding masks or KV-cache decoding). Prints a table with the card's name;
-times are medians of CUDA-event timings.
+Candidates: causal SDPA (no position bias: the floor); ALiBi as extra q/k head dims through
+SDPA's causal kernels (`model.alibi_kernel=augmented`, the default: v keeps head dim d; also v
+padded, and single backends forced); FlexAttention ALiBi (`score_mod` + causal block mask,
+compiled once; `model.alibi_kernel=flex`); SDPA with a dense ALiBi bias (padding masks, KV-cache
+decoding). Prints a table with the card's name; times are medians of CUDA-event timings.
 
 FlexAttention's Triton kernels are also timed under several `kernel_options` (block sizes, warps,
 TMA) and with inductor's autotuning (`--autotune`), so the default in
@@ -77,9 +78,35 @@ def main():
             q.grad = k.grad = v.grad = None
         return run
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from framework.models.attention_variants import alibi_augment, alibi_q_columns
+
+    qcols = alibi_q_columns(slopes, scale, d, dtype)
+
+    def augmented(backend=None, pad_v=False):
+        # what SDPAttention runs with model.alibi_kernel=augmented (the default): v unpadded
+        q2, k2 = alibi_augment(q, k, qcols)
+        v2 = F.pad(v, (0, q2.shape[-1] - d)) if pad_v else v
+        if backend is None:
+            out = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale)
+        else:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale)
+        return out[..., :d]
+
     cands = {
         "causal SDPA (no bias)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                         scale=scale),
+        "SDPA ALiBi as extra q/k head dims (d+8), v d": lambda: augmented(),
+        "  ALiBi extra dims, v padded too": lambda: augmented(pad_v=True),
+        "  ALiBi extra dims, v padded, cuDNN only": lambda: augmented(
+            SDPBackend.CUDNN_ATTENTION, True),
+        "  ALiBi extra dims, v padded, flash only": lambda: augmented(
+            SDPBackend.FLASH_ATTENTION, True),
+        "  ALiBi extra dims, v d, cuDNN only": lambda: augmented(SDPBackend.CUDNN_ATTENTION),
+        "  ALiBi extra dims, v d, mem-efficient only": lambda: augmented(
+            SDPBackend.EFFICIENT_ATTENTION),
         "FlexAttention ALiBi (score_mod)": lambda: flex_alibi(q, k, v, slopes, scale),
         "SDPA + dense ALiBi bias": lambda: F.scaled_dot_product_attention(q, k, v,
                                                                           attn_mask=dense,
@@ -110,8 +137,10 @@ def main():
         ref = cands["SDPA + dense ALiBi bias"]().float()
         got = cands["FlexAttention ALiBi (score_mod)"]().float()
         err = (ref - got).abs().max().item()
+        err_aug = (ref - cands["SDPA ALiBi as extra q/k head dims (d+8), v d"]().float()).abs().max()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  B{b} H{n} S{s} D{d} "
-          f"{args.dtype}  fwd+bwd  (max |flex - dense| = {err:.2e})")
+          f"{args.dtype}  fwd+bwd  (max |flex - dense| = {err:.2e}, max |extra dims - dense| = "
+          f"{err_aug.item():.2e})")
     # rows are printed as they are measured (a slow autotune at the end cannot lose the table)
     print(f"| {'kernel':<48}| ms     | vs causal SDPA |")
     print(f"|{'-' * 49}|--------|----------------|", flush=True)

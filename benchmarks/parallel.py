@@ -70,6 +70,10 @@ def run(model, name, steps):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, range(ngpu))))
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         if r.returncode != 0:
+            if os.environ.get("BENCH_FAIL_LOG_DIR"):  # keep the whole output of a failed run
+                os.makedirs(os.environ["BENCH_FAIL_LOG_DIR"], exist_ok=True)
+                with open(os.path.join(os.environ["BENCH_FAIL_LOG_DIR"], f"{name}.log"), "w") as f:
+                    f.write(r.stdout + "\n----- stderr -----\n" + r.stderr)
             tail = (r.stderr + r.stdout).strip().splitlines()
             return label, ngpu, None, ("OOM" if "out of memory" in r.stderr.lower()
                                        else (tail[-1] if tail else "failed"))

@@ -74,6 +74,13 @@ class ModelConfig:
     # in framework/models/attention_variants.py (FLEX_KERNEL_OPTIONS). benchmarks/attention.py
     # compares settings on one card.
     flex_kernel_options: Dict[str, Any] = field(default_factory=dict)
+    # How ALiBi reaches the attention kernel in training / prefill (causal, no padding mask):
+    # augmented = extra q/k head dims carrying slope * key position, so SDPA's fused causal
+    # kernels run it, dropout included (bf16/fp16 on GPU, any dtype on CPU; fp32 on GPU takes
+    # flex); flex = FlexAttention score_mod (GPU, no dropout); dense = an SDPA float bias (the
+    # reference). Padding masks and KV-cache decoding always use the dense bias.
+    # benchmarks/attention.py compares them.
+    alibi_kernel: str = "augmented"
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.
     # None -> on for GPT (the fast path; false = megatron-core's output layer + cross-entropy)
@@ -133,6 +140,7 @@ class ModelConfig:
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
+        _choice(self.alibi_kernel, ("augmented", "flex", "dense"), "model.alibi_kernel")
         _choice(self.position_embedding_type,
                 ("learned_absolute", "rope", "alibi", "none", "relative"),
                 "model.position_embedding_type")

@@ -106,7 +106,8 @@ def _reference(q, k, v, slopes, scale, pad_mask=None):
 @pytest.mark.parametrize("heads,groups,sq,sk", [(4, 4, 7, 7), (6, 2, 7, 7), (4, 1, 3, 9),
                                                 (4, 2, 1, 9)],
                          ids=["mha", "gqa6heads", "mqa_chunk_after_cache", "decode_step"])
-def test_alibi_attention_matches_float64_reference(mp1, heads, groups, sq, sk):
+@pytest.mark.parametrize("kernel", ["augmented", "dense"])
+def test_alibi_attention_matches_float64_reference(mp1, heads, groups, sq, sk, kernel):
     from megatron.core.transformer.enums import AttnMaskType
 
     from framework.models.gpt import transformer_config
@@ -115,16 +116,22 @@ def test_alibi_attention_matches_float64_reference(mp1, heads, groups, sq, sk):
     cfg = tiny(hidden_size=heads * 8, num_attention_heads=heads, num_query_groups=groups,
                position_embedding_type="alibi")
     tcfg = transformer_config(cfg, ParallelConfig(), bf16=False, fp16=False, on_gpu=False)
-    att = SDPAttention(tcfg, 1, AttnMaskType.causal, "self", alibi=True).eval()
+    att = SDPAttention(tcfg, 1, AttnMaskType.causal, "self", alibi=True,
+                       alibi_kernel=kernel).eval()
     g = torch.Generator().manual_seed(0)
     b, d = 2, 8
-    q = torch.randn(sq, b, heads, d, generator=g)
-    k, v = (torch.randn(sk, b, groups, d, generator=g) for _ in range(2))
+    q = torch.randn(sq, b, heads, d, generator=g, requires_grad=True)
+    k, v = (torch.randn(sk, b, groups, d, generator=g, requires_grad=True) for _ in range(2))
     out = att(q, k, v, None)  # [sq, b, n*d]
     ref = _reference(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                     alibi_slopes(heads), 1 / math.sqrt(d))
-    torch.testing.assert_close(out.double(), ref.permute(2, 0, 1, 3).reshape(sq, b, -1),
-                               rtol=1e-5, atol=1e-5)
+                     alibi_slopes(heads), 1 / math.sqrt(d)).permute(2, 0, 1, 3).reshape(sq, b, -1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # gradients of q, k and v (the augmented path's extra columns are constants)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-4, atol=1e-5)
     # a padding mask (True = masked) as generation passes it: key 1 is a pad
     mask = torch.zeros(1, 1, sq, sk, dtype=torch.bool)
     mask[..., 1] = True
@@ -133,6 +140,37 @@ def test_alibi_attention_matches_float64_reference(mp1, heads, groups, sq, sk):
                      alibi_slopes(heads), 1 / math.sqrt(d), pad_mask=mask)
     torch.testing.assert_close(out.double(), ref.permute(2, 0, 1, 3).reshape(sq, b, -1),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_alibi_augmented_columns_are_exact(dtype):
+    """The extra q/k columns are exact in the input dtype and their dot product is
+    slope * j / scale to about fp32 precision for every key position up to 65535."""
+    from framework.models.attention_variants import (_alibi_k_columns, alibi_augment_width,
+                                                     alibi_q_columns)
+
+    slopes = alibi_slopes(20).float()  # not a power of two: slopes are not powers of two
+    scale = 64 ** -0.5
+    qc = alibi_q_columns(slopes, scale, 64, dtype)
+    assert alibi_augment_width(64) == 72 and qc.shape == (20, 8) and qc.dtype == dtype
+    kc = _alibi_k_columns(65536, 8, "cpu", dtype)
+    prod = qc.double()[:, None, :] * kc.double()[None, :, :]
+    if dtype != torch.float32:
+        # each product of a 16-bit q column and k column is exact in fp32 (what the fused
+        # kernels accumulate in), so only the accumulation rounds
+        assert torch.equal(prod.float().double(), prod)
+    got = prod.sum(-1)
+    want = slopes.double()[:, None] / scale * torch.arange(65536, dtype=torch.float64)
+    # bf16 / fp32: exact to the fp32 slopes; fp16: its third piece is subnormal (2.5e-7 seen)
+    assert ((got - want).abs() <= want.abs() * 5e-7).all()
+
+
+def test_alibi_augmented_rejects_too_many_keys():
+    from framework.models.attention_variants import alibi_augment, alibi_q_columns
+
+    qc = alibi_q_columns(alibi_slopes(2).float(), 0.5, 8, torch.float32)
+    with pytest.raises(ValueError, match="65536 keys"):
+        alibi_augment(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 65537, 8), qc)
 
 
 def test_alibi_bias_uses_absolute_positions():
@@ -311,6 +349,46 @@ def test_tp2_matches_tp1_nccl(tmp_path):
     cases = list(TP_CASES)
     mp.spawn(_tp_worker, args=(_free_port(), cases, "nccl", str(tmp_path)), nprocs=2, join=True)
     _check_tp(torch.load(tmp_path / "results.pt"), cases, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_augmented_alibi_matches_dense_cuda(mp1, dtype):
+    """alibi_kernel=augmented on CUDA equals the dense-bias reference (fp32, float64 bias) in
+    outputs and q/k/v gradients: MHA and GQA, 1024 and 4096 keys. bf16 runs the extra head dims
+    through SDPA; fp32 falls back to FlexAttention (the extra dims missed the fp32 tolerance)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from framework.models.gpt import transformer_config
+    from framework.models.layers import SDPAttention
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    for heads, groups, s in ((20, 20, 1024), (8, 2, 4096)):
+        cfg = tiny(hidden_size=heads * 64, num_attention_heads=heads, num_query_groups=groups,
+                   position_embedding_type="alibi")
+        tcfg = transformer_config(cfg, ParallelConfig(), bf16=False, fp16=False, on_gpu=False)
+        att = SDPAttention(tcfg, 1, AttnMaskType.causal, "self", alibi=True,
+                           alibi_kernel="augmented").eval()
+        q = torch.randn(s, 2, heads, 64, device=dev, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(s, 2, groups, 64, device=dev, dtype=dtype, requires_grad=True)
+                for _ in range(2))
+        out = att(q, k, v, None)
+        qq, kk, vv = (t.float().permute(1, 2, 0, 3) for t in (q, k, v))
+        kk, vv = (t.repeat_interleave(heads // groups, 1) for t in (kk, vv))
+        bias = alibi_bias(alibi_slopes(heads).to(dev), s, s, dev, torch.float64).float()
+        ref = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=bias,
+                                                               scale=0.125)
+        ref = ref.permute(2, 0, 1, 3).reshape(s, 2, -1)
+        torch.testing.assert_close(out.float(), ref, **tol)
+        w = torch.randn_like(ref)
+        got = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+        want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        for a, e in zip(got, want):
+            # gradients sum over many keys/queries: compare relative to their scale
+            err = (a.float() - e.float()).abs().max() / e.float().abs().max()
+            assert err < (3e-2 if dtype == torch.bfloat16 else 2e-3), (heads, s, err)
 
 
 @pytest.mark.gpu

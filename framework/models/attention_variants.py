@@ -126,6 +126,78 @@ def flex_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.
                    scale=scale, enable_gqa=k.shape[1] != q.shape[1], kernel_options=opts)
 
 
+# ALiBi as extra head dimensions (any SDPA backend: cuDNN / flash / efficient / math)
+#
+# With a causal mask, softmax over keys is unchanged by a constant added to a whole query row, so
+# ALiBi's slope_h * (j - i) may drop its -slope_h * i part: the bias becomes slope_h * j, a product
+# of a per-head factor and a per-key factor, which a dot product can carry. Appending columns to q
+# (per head) and k (per key position) with sum_c qx[h, c] * kx[j, c] = slope_h * j / scale makes
+# SDPA's own q.k * scale equal q.k * scale + slope_h * j, so the fused causal kernels of SDPA run
+# ALiBi. The products must be exact in low precision: the key position is written in base 256
+# (digits < 256 are exact in bf16/fp16/fp32) and slope_h / scale as a sum of three pieces of the
+# input dtype (about 24 significant bits in bf16), so every product of a q and a k column is exact
+# and the kernel's fp32 accumulation is the only rounding. The columns are padded to a multiple of
+# 8 (the fused kernels' head-dim granule); v keeps its head dim where the backend allows.
+# --------------------------------------------------------------------------------------------
+_ALIBI_PIECES = 3
+_ALIBI_BASE = 256
+_ALIBI_MAX_KEYS = _ALIBI_BASE ** 2
+_AUG_K: Dict[Tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+
+
+def alibi_augment_width(d: int) -> int:
+    """Head dim of q and k after the ALiBi columns: d + 2 * pieces, rounded up to 8."""
+    return -(-(d + 2 * _ALIBI_PIECES) // 8) * 8
+
+
+def _alibi_k_columns(sk: int, width: int, device, dtype) -> torch.Tensor:
+    key = (sk, width, str(device), dtype)
+    if key not in _AUG_K:
+        j = torch.arange(sk, device=device, dtype=torch.float64)
+        digits = torch.stack([torch.div(j, _ALIBI_BASE, rounding_mode="floor"),
+                              torch.remainder(j, _ALIBI_BASE)], dim=-1)  # [sk, 2]
+        cols = torch.zeros(sk, width, device=device, dtype=torch.float64)
+        cols[:, :2 * _ALIBI_PIECES] = digits.repeat(1, _ALIBI_PIECES)
+        _AUG_K[key] = cols.to(dtype)
+    return _AUG_K[key]
+
+
+def alibi_q_columns(slopes: torch.Tensor, scale: float, d: int, dtype) -> torch.Tensor:
+    """The per-head columns [n, width - d]: slope / scale split into pieces of `dtype`, each
+    written as (base * piece, piece) to meet the key position's two base-256 digits."""
+    width = alibi_augment_width(d) - d
+    rest = slopes.to(torch.float64) / scale
+    cols = torch.zeros(slopes.shape[0], width, device=slopes.device, dtype=torch.float64)
+    for p in range(_ALIBI_PIECES):
+        piece = rest.to(dtype).to(torch.float64)
+        cols[:, 2 * p] = piece * _ALIBI_BASE  # a power of two: exact
+        cols[:, 2 * p + 1] = piece
+        rest = rest - piece
+    return cols.to(dtype)
+
+
+def alibi_augment_supported(sk: int) -> bool:
+    return sk <= _ALIBI_MAX_KEYS
+
+
+def alibi_augment(q: torch.Tensor, k: torch.Tensor, q_columns: torch.Tensor):
+    """q [b, n, sq, d], k [b, g, sk, d] -> (q', k') of head dim `alibi_augment_width(d)` with
+    q' . k' * scale = q . k * scale + slope_h * j (`q_columns` = alibi_q_columns(slopes, scale,
+    d, q.dtype)). Causal attention over (q', k', v) equals causal ALiBi attention over (q, k, v)
+    when the queries are the last sq of the sk positions. Gradients reach q and k through the
+    concatenation; the extra columns are constants."""
+    b, n, sq, _ = q.shape
+    sk = k.shape[2]
+    if not alibi_augment_supported(sk):
+        raise ValueError(f"ALiBi as extra head dims supports at most {_ALIBI_MAX_KEYS} keys, "
+                         f"got {sk}")
+    width = q_columns.shape[1]
+    kx = _alibi_k_columns(sk, width, k.device, k.dtype)
+    q2 = torch.cat([q, q_columns[None, :, None, :].expand(b, n, sq, width)], dim=-1)
+    k2 = torch.cat([k, kx[None, None].expand(b, k.shape[1], sk, width)], dim=-1)
+    return q2, k2
+
+
 # --------------------------------------------------------------------------------------------
 # RoPE on any device
 # --------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def gpt_layer_spec(model: ModelConfig):
 
     # mcore calls the core-attention builder directly (a class or any callable), not build_module
     core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi",
-                              flex_kernel_options=model.flex_kernel_options)
+                              flex_kernel_options=model.flex_kernel_options,
+                              alibi_kernel=model.alibi_kernel)
                       if model.attention_backend == "sdpa" else DotProductAttention)
     return ModuleSpec(
         module=TransformerLayer,

@@ -4,7 +4,9 @@
   (flash / cuDNN / memory-efficient backends on GPU, the math path on CPU). It implements
   megatron-core's `CoreAttention` protocol (megatron/core/transformer/attention.py), so it plugs
   into a layer spec's `core_attention` slot. With `alibi=True` it adds ALiBi biases
-  (framework/models/attention_variants.py): FlexAttention on GPU, a dense SDPA bias elsewhere.
+  (framework/models/attention_variants.py): in training and prefill as extra q/k head dims that
+  SDPA's fused causal kernels carry (`alibi_kernel="augmented"`, the default) or through
+  FlexAttention (`"flex"`, GPU); with padding masks or a KV cache as a dense SDPA bias.
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
   refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
   `finalize_model_grads` all-reduces their grads over the TP group.
@@ -24,7 +26,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from framework.models.attention_variants import (alibi_bias, alibi_slopes_for_rank, flex_alibi,
+from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
+                                                 alibi_augment_width, alibi_bias, alibi_q_columns,
+                                                 alibi_slopes_for_rank, flex_alibi,
                                                  flex_supported, tp_rank_and_size)
 
 
@@ -51,6 +55,7 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
         alibi: bool = False,
         flex_kernel_options: Optional[dict] = None,
+        alibi_kernel: str = "augmented",
     ):
         super().__init__(config=config)
         tp_rank, tp = tp_rank_and_size(pg_collection)
@@ -64,6 +69,8 @@ class SDPAttention(MegatronModule):
         # (a function of the architecture) and not cast to bf16 by Float16Module.
         self.alibi = alibi
         self.flex_kernel_options = dict(flex_kernel_options or {})
+        self.alibi_kernel = alibi_kernel
+        self._alibi_q_columns = {}  # (dtype, device) -> [n, extra] (alibi_kernel=augmented)
         self.alibi_slopes = (alibi_slopes_for_rank(config.num_attention_heads, tp, tp_rank).float()
                              if alibi else None)
 
@@ -87,23 +94,33 @@ class SDPAttention(MegatronModule):
             if self.alibi_slopes.device != q.device:
                 self.alibi_slopes = self.alibi_slopes.to(q.device)
             slopes = self.alibi_slopes
-            if (flex_supported(q) and p == 0.0 and attention_mask is None
-                    and attention_bias is None and mask_type == AttnMaskType.causal
-                    and sq == k.shape[2]):
+            plain_causal = (attention_mask is None and attention_bias is None
+                            and mask_type == AttnMaskType.causal and sq == k.shape[2])
+            # fp32 on CUDA: the extra columns' products are not exact in the kernels' arithmetic
+            # (a GPU fp32 check missed its tolerance), so FlexAttention runs it there
+            augmented = (self.alibi_kernel == "augmented" and plain_causal
+                         and alibi_augment_supported(k.shape[2])
+                         and not (q.is_cuda and q.dtype == torch.float32))
+            if augmented:
+                # ALiBi as extra q/k head dims: SDPA's fused causal kernels (also with dropout).
+                # v keeps head dim d (padding it to q's width measured 1.4x slower on an H200)
+                key = (q.dtype, q.device)
+                if key not in self._alibi_q_columns:
+                    self._alibi_q_columns[key] = alibi_q_columns(slopes, self.softmax_scale,
+                                                                 q.shape[-1], q.dtype)
+                q, k = alibi_augment(q, k, self._alibi_q_columns[key])
+                out = self._sdpa(q, k, v, None, p, True)
+                return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+            if (self.alibi_kernel != "dense" and flex_supported(q) and p == 0.0
+                    and plain_causal):
                 out = flex_alibi(q, k, v, slopes, self.softmax_scale,
                                  self.flex_kernel_options)
                 return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
-            # reference path: dense bias (also dropout, padding masks, KV-cache decoding);
+            # reference path: dense bias (also padding masks and KV-cache decoding);
             # it carries the causal mask, so it replaces the causal mask type
             bias = alibi_bias(slopes, sq, k.shape[2], q.device, q.dtype)
             attention_bias = bias if attention_bias is None else attention_bias + bias
             mask_type = AttnMaskType.no_mask
-        if self.num_groups != self.num_heads:
-            rep = self.num_heads // self.num_groups
-            # = repeat_interleave(rep, dim=1), as a view expansion + copy: no index tensor,
-            # so it can run inside a CUDA-graph capture (generation's decode_cuda_graph)
-            k = _repeat_groups(k, rep)
-            v = _repeat_groups(v, rep)
         mask = None
         is_causal = False
         if attention_bias is not None:
@@ -132,15 +149,23 @@ class SDPAttention(MegatronModule):
             elif sq > 1:  # queries are the last sq positions (KV cache with a multi-token chunk)
                 mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
                     k.shape[2] - sq)
-        if p > 0 and q.is_cuda and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                     is_causal=is_causal, scale=self.softmax_scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=is_causal, scale=self.softmax_scale)
+        out = self._sdpa(q, k, v, mask, p, is_causal)
         # [b, n, s, d] -> [s, b, n*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _sdpa(self, q, k, v, mask, p: float, is_causal: bool) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:  # GQA / MQA: repeat each KV group for its query heads
+            # = repeat_interleave(rep, dim=1), as a view expansion + copy: no index tensor,
+            # so it can run inside a CUDA-graph capture (generation's decode_cuda_graph)
+            rep = q.shape[1] // k.shape[1]
+            k, v = _repeat_groups(k, rep), _repeat_groups(v, rep)
+        if p > 0 and q.is_cuda and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                      is_causal=is_causal,
+                                                      scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                              is_causal=is_causal, scale=self.softmax_scale)
 
 
 def _causal_bias(sq: int, sk: int, device, dtype) -> torch.Tensor:
