@@ -52,9 +52,9 @@ CANDIDATES = {
                                               "model.cuda_graph=true"]),
     # position embeddings (issue: attention variants), default kernels otherwise
     "rope": ("ours, RoPE", ["model.position_embedding_type=rope"]),
-    "alibi": ("ours, ALiBi (extra head dims, SDPA)", ["model.position_embedding_type=alibi"]),
-    "alibi_flex": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi",
-                                                   "model.alibi_kernel=flex"]),
+    "alibi": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi"]),
+    "alibi_aug": ("ours, ALiBi (extra head dims, SDPA)", ["model.position_embedding_type=alibi",
+                                                          "model.alibi_kernel=augmented"]),
 }
 
 

@@ -84,9 +84,11 @@ class GenerationOptions:
     lean_decode: bool = True
     # GPU: decode steps (greedy / sampling, one pipeline stage) with static shapes, captured as
     # a CUDA graph once and replayed for every token (framework/fast/lean_decode.py,
-    # StaticDecoder). Off by default until it is measured on a GPU; on CPU it runs the same
-    # static step eagerly.
-    decode_cuda_graph: bool = False
+    # StaticDecoder). None = on for a CUDA model without tensor or pipeline parallelism (the
+    # case tested on a GPU; 7.2x Hugging Face generate at batch 1 on an H200, see
+    # benchmarks/RESULTS.md); true also under TP; false = eager steps. On CPU, true runs the
+    # same static step eagerly.
+    decode_cuda_graph: Optional[bool] = None
     return_logprobs: bool = False
     seed: Optional[int] = 1234
 
@@ -659,9 +661,14 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
         if opts.num_beams > 1:
             tokens = tokens.repeat_interleave(opts.num_beams, dim=0)
             real = real.repeat_interleave(opts.num_beams, dim=0)
+        graph = opts.decode_cuda_graph
+        if graph is None:
+            ps = _ps()
+            graph = device.type == "cuda" and (
+                ps is None or ps.get_tensor_model_parallel_world_size() == 1)
         dec = _Decoder(chunks, tokens, real, max_len=s + opts.max_new_tokens,
                        use_cache=opts.use_cache, lean=opts.lean_decode,
-                       static=opts.decode_cuda_graph and opts.num_beams == 1)
+                       static=graph and opts.num_beams == 1)
         if opts.num_beams > 1:
             new, logprobs = _beam_loop(dec, opts, batch, eos_id, pad, vocab_size)
         else:

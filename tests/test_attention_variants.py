@@ -250,12 +250,30 @@ def test_alibi_trained_short_evaluates_long(mp1):
         loss(learned, eval_long)
 
 
+def test_alibi_augmented_training_matches_dense(mp1):
+    """Ten SGD steps of a GQA ALiBi model: alibi_kernel=augmented (extra head dims) gives the
+    losses and first gradients of the dense-bias reference."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(b[:, :-1], b[:, 1:]) for b in (_periodic_batch(g, 4, 32) for _ in range(10))]
+    runs = {}
+    for kernel in ("augmented", "dense"):
+        cfg = tiny(position_embedding_type="alibi", num_attention_heads=4, num_query_groups=2,
+                   alibi_kernel=kernel)
+        runs[kernel] = _sgd_run(build(cfg, seed=0), 10, batches)
+    (la, ga), (ld, gd) = runs["augmented"], runs["dense"]
+    assert la == pytest.approx(ld, rel=1e-5)
+    for name in gd:
+        torch.testing.assert_close(ga[name], gd[name], rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # TP2 == TP1 (gloo): rope, alibi, MQA with KV replicated over ranks
 # --------------------------------------------------------------------------------------------
 TP_CASES = {
     "rope": dict(position_embedding_type="rope", num_query_groups=2),
     "alibi": dict(position_embedding_type="alibi", num_attention_heads=6, hidden_size=48),
+    "alibi_augmented": dict(position_embedding_type="alibi", num_attention_heads=6,
+                            hidden_size=48, alibi_kernel="augmented"),
     # MQA: one KV head replicated on both ranks (mcore's groups < tp layout)
     "mqa": dict(num_query_groups=1, normalization="RMSNorm", activation="swiglu",
                 add_bias_linear=False),

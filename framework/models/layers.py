@@ -4,9 +4,9 @@
   (flash / cuDNN / memory-efficient backends on GPU, the math path on CPU). It implements
   megatron-core's `CoreAttention` protocol (megatron/core/transformer/attention.py), so it plugs
   into a layer spec's `core_attention` slot. With `alibi=True` it adds ALiBi biases
-  (framework/models/attention_variants.py): in training and prefill as extra q/k head dims that
-  SDPA's fused causal kernels carry (`alibi_kernel="augmented"`, the default) or through
-  FlexAttention (`"flex"`, GPU); with padding masks or a KV cache as a dense SDPA bias.
+  (framework/models/attention_variants.py): in training and prefill through FlexAttention on GPU
+  (`alibi_kernel="flex"`, the default) or as extra q/k head dims that SDPA's fused causal kernels
+  carry (`"augmented"`); with padding masks, a KV cache or on CPU as a dense SDPA bias.
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
   refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
   `finalize_model_grads` all-reduces their grads over the TP group.
@@ -55,7 +55,7 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
         alibi: bool = False,
         flex_kernel_options: Optional[dict] = None,
-        alibi_kernel: str = "augmented",
+        alibi_kernel: str = "flex",
     ):
         super().__init__(config=config)
         tp_rank, tp = tp_rank_and_size(pg_collection)
