@@ -88,6 +88,13 @@ CASES = [
     ("full_recompute", ["parallel=single", "parallel.data_parallel_size=1",
                         "parallel.recompute_granularity=full", "parallel.recompute_method=uniform"],
      1),
+    ("layernorm_recompute", ["parallel=single", "parallel.data_parallel_size=1",
+                             "parallel.recompute_granularity=selective",
+                             "parallel.recompute_modules=[layernorm]"], 1),
+    ("block_recompute_1_of_2", ["parallel=single", "parallel.data_parallel_size=1",
+                                "parallel.recompute_granularity=full",
+                                "parallel.recompute_method=block",
+                                "parallel.recompute_num_layers=1"], 1),
     ("tp2_pp2_sp_distopt", ["parallel=guide", "parallel.data_parallel_size=1"], 4),
     # speed paths against the same reference: CUDA graphs per layer (mcore's local manager,
     # graph-safe RNG) and the fused chunked linear + cross-entropy, alone and under TP2+SP / PP2
