@@ -252,6 +252,14 @@ def worker(cfg: Config) -> None:
             print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
                   f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
                   f"TP={cfg.parallel.tensor_model_parallel_size}))", flush=True)
+            if (cfg.parallel.recompute_granularity == "selective"
+                    and cfg.model.attention_backend == "sdpa"
+                    and set(cfg.parallel.recompute_modules) == {"core_attn"}):
+                print("note: recompute_modules=[core_attn] saves no memory with "
+                      "attention_backend=sdpa (flash / cuDNN kernels keep no seq x seq scores) "
+                      "and costs time (gpt2-large on an H200: same peak memory, 11% slower); "
+                      "recompute 'layernorm', or full recompute of some layers "
+                      "(recompute_method=block), trades memory for time", flush=True)
         data = build_train_data(cfg.data, tokenizer, cfg.train, seq_length=cfg.model.seq_length,
                                 dp_rank=ps.get_data_parallel_rank(),
                                 dp_size=ps.get_data_parallel_world_size(),
