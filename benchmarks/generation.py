@@ -7,10 +7,11 @@ A random-weight GPT with gpt2-large's dimensions (conf/model/gpt2_large.yaml: 36
 1280, 20 heads, 1024 positions, learned absolute positions, tanh-GeLU, LayerNorm, vocab 50257,
 padded as our build pads it), bf16, dropout 0, greedy decoding of random prompts (fixed seed).
 Candidates, timed one after another in this process on GPU 0, at every batch size:
-* ours, `framework.generation.generate` with the KV cache (the default: decode steps through
-  framework/fast/lean_decode.py);
+* ours, `framework.generation.generate` with the KV cache and eager decode steps through
+  framework/fast/lean_decode.py (`decode_cuda_graph=False`; the default on CPU and under TP/PP);
+* on GPU, ours with decode steps replayed as one CUDA graph (`decode_cuda_graph=True`; the
+  default for a single-GPU model);
 * ours with the KV cache and megatron-core's modules for every step (`lean_decode=False`);
-* on GPU, ours with decode steps replayed as one CUDA graph (`decode_cuda_graph=True`);
 * ours with `use_cache=False` (the whole sequence re-run every step; slow, so only at
   `--no-cache-batches`, batch 1 by default);
 * Hugging Face `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)`, same dimensions, bf16
@@ -153,11 +154,11 @@ def main(argv=None):
             cands = [("HF GPT2LMHeadModel.generate (KV cache)",
                       lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                           do_sample=False, use_cache=True, pad_token_id=0))]
-            cands.append(("ours, KV cache (default: lean decode steps)",
+            cands.append(("ours, KV cache, lean eager decode steps",
                           lambda: generate(ours, ids, vocab_size=cfg.vocab_size,
-                                           max_new_tokens=new)))
+                                           max_new_tokens=new, decode_cuda_graph=False)))
             if on_gpu:
-                cands.append(("ours, KV cache, decode steps as a CUDA graph (decode_cuda_graph)",
+                cands.append(("ours, KV cache, decode steps as one CUDA graph (GPU default)",
                               lambda: generate(ours, ids, vocab_size=cfg.vocab_size,
                                                max_new_tokens=new, decode_cuda_graph=True)))
             cands.append(("ours, KV cache, megatron-core modules every step (lean_decode=False)",

@@ -592,8 +592,8 @@ def test_generation_benchmark_tiny_cpu():
     got = {(row[0], row[1]) for row in rows}
     assert got == {("HF GPT2LMHeadModel.generate (KV cache)", "1"),
                    ("HF GPT2LMHeadModel.generate (KV cache)", "2"),
-                   ("ours, KV cache (default: lean decode steps)", "1"),
-                   ("ours, KV cache (default: lean decode steps)", "2"),
+                   ("ours, KV cache, lean eager decode steps", "1"),
+                   ("ours, KV cache, lean eager decode steps", "2"),
                    ("ours, KV cache, megatron-core modules every step (lean_decode=False)", "1"),
                    ("ours, KV cache, megatron-core modules every step (lean_decode=False)", "2"),
                    ("ours, no KV cache (use_cache=False)", "1")}, r.stdout
@@ -629,8 +629,12 @@ def test_gpu_decode_cuda_graph_matches_eager(mp1):
                             bf16=False, fp16=False, device=gpu, wrap_ddp=False)
         for kw in (dict(), dict(top_k=4, top_p=0.9, seed=5)):
             ref = generate(model, prompts, max_new_tokens=12, vocab_size=19,
-                           return_logprobs=True, **kw)
+                           return_logprobs=True, decode_cuda_graph=False, **kw)
             got = generate(model, prompts, max_new_tokens=12, vocab_size=19,
                            return_logprobs=True, decode_cuda_graph=True, **kw)
             assert torch.equal(ref[0], got[0]), (extra, kw)
             torch.testing.assert_close(ref[1], got[1], rtol=0, atol=1e-4)
+            # the default on a single GPU is the graph path
+            default = generate(model, prompts, max_new_tokens=12, vocab_size=19,
+                               return_logprobs=True, **kw)
+            assert torch.equal(default[0], got[0]) and torch.equal(default[1], got[1])
