@@ -26,7 +26,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2_large")
     ap.add_argument("--recompute",
-                    default="norecompute,selective,sel_layernorm,block12,block18,full")
+                    default="norecompute,selective,sel_layernorm,sel_mlp,block12,block18,full")
     ap.add_argument("--distopt", default="dp1,dp2,dp4")
     ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()

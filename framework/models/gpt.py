@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from framework.config import ModelConfig, ParallelConfig
 from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
-from framework.models.layers import Norm, SDPAttention
+from framework.models.layers import MLPOutputLinear, Norm, SDPAttention
 
 
 def _has_fused_wgrad() -> bool:
@@ -148,7 +148,7 @@ def gpt_layer_spec(model: ModelConfig):
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+                linear_fc1=ColumnParallelLinear, linear_fc2=MLPOutputLinear)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -7,6 +7,7 @@
   (framework/models/attention_variants.py): in training and prefill through FlexAttention on GPU
   (`alibi_kernel="flex"`, the default) or as extra q/k head dims that SDPA's fused causal kernels
   carry (`"augmented"`); with padding masks, a KV cache or on CPU as a dense SDPA bias.
+* `MLPOutputLinear`: the MLP's fc2, made safe for selective recompute of "mlp" with biases.
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
   refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
   `finalize_model_grads` all-reduces their grads over the TP group.
@@ -177,6 +178,28 @@ def _repeat_groups(t: torch.Tensor, rep: int) -> torch.Tensor:
     """[b, g, s, d] -> [b, g * rep, s, d], each group repeated `rep` times in a row."""
     b, g, s, d = t.shape
     return t[:, :, None].expand(b, g, rep, s, d).reshape(b, g * rep, s, d)
+
+
+class MLPOutputLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's RowParallelLinear as an MLP's linear_fc2, safe under selective recompute of
+    "mlp" with biased linears.
+
+    mcore 0.16 recomputes the MLP through `tensor_parallel.checkpoint`, an autograd Function
+    whose outputs include the MLP's output bias. With `add_bias_linear` (GPT-2, BERT, T5 here)
+    fc2 skips its bias add and returns the bias Parameter itself, so the Function marks the
+    Parameter as its own output. In backward the recompute returns the same Parameter, which now
+    carries the Function's grad_fn, and backward re-enters the Function without end: on a GPU
+    each round recomputes the MLP until memory runs out (gpt2-large on an H200 stopped at
+    139 GB); on CPU it never returns. When the MLP is recomputed, this layer returns a copy of
+    the bias instead: the Function owns the copy and the recompute reaches the Parameter through
+    it. Otherwise it is mcore's layer unchanged."""
+
+    def forward(self, input_, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        if bias is not None and self.config.recompute_granularity == "selective" and \
+                "mlp" in (self.config.recompute_modules or []):
+            bias = bias.clone()
+        return output, bias
 
 
 class Norm(torch.nn.Module):
