@@ -27,6 +27,21 @@ def _cpu_rng_states(tp_random):
     return dict(_get_all_rng_states=get, _set_all_rng_states=set_)
 
 
+def _loss_and_grads(parallel, **model_kw):
+    """Loss and gradients of one forward/backward of a tiny GPT (seed 0) on fixed tokens."""
+    from framework.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny(**model_kw), parallel, vocab_size=VOCAB, bf16=False, fp16=False,
+                        device=torch.device("cpu"), wrap_ddp=False)[0]
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
+    pos = torch.arange(16)[None].expand(2, 16)
+    loss = model(tokens, pos, None, labels=torch.roll(tokens, -1, 1)).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def test_layernorm_recompute_runs_without_te_and_matches(mp1):
     """recompute_modules=[layernorm] goes through mcore's CheckpointWithoutOutput, which without
     our fix raises NameError (FP8GlobalStateManager) when TE is absent. With it, loss and every
@@ -34,20 +49,7 @@ def test_layernorm_recompute_runs_without_te_and_matches(mp1):
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as tp_random
 
-    from framework.models import build_model
-
-    def run(parallel):
-        torch.manual_seed(0)
-        model = build_model(tiny(), parallel, vocab_size=VOCAB, bf16=False, fp16=False,
-                            device=torch.device("cpu"), wrap_ddp=False)[0]
-        g = torch.Generator().manual_seed(3)
-        tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
-        pos = torch.arange(16)[None].expand(2, 16)
-        loss = model(tokens, pos, None, labels=torch.roll(tokens, -1, 1)).mean()
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    ref_loss, ref_grads = run(ParallelConfig())
+    ref_loss, ref_grads = _loss_and_grads(ParallelConfig())
     discarded = []
     base_discard = tensor_parallel.CheckpointWithoutOutput.discard_output_and_register_recompute
 
@@ -63,7 +65,7 @@ def test_layernorm_recompute_runs_without_te_and_matches(mp1):
         assert tensor_parallel.CheckpointWithoutOutput().fp8 is False
         with patched(tensor_parallel.CheckpointWithoutOutput,
                      discard_output_and_register_recompute=spy):
-            loss, grads = run(par)
+            loss, grads = _loss_and_grads(par)
     assert discarded and all(size == 0 for size in discarded)  # 2 norms x 2 layers freed
     assert loss == ref_loss
     for name, g in ref_grads.items():
@@ -77,23 +79,11 @@ def test_mlp_recompute_with_biases_terminates_and_matches(mp1, bias):
     without end (framework.models.layers.MLP). Loss and gradients equal the run without it."""
     from megatron.core.tensor_parallel import random as tp_random
 
-    from framework.models import build_model
-
-    def run(parallel):
-        torch.manual_seed(0)
-        model = build_model(tiny(add_bias_linear=bias), parallel, vocab_size=VOCAB, bf16=False,
-                            fp16=False, device=torch.device("cpu"), wrap_ddp=False)[0]
-        g = torch.Generator().manual_seed(3)
-        tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
-        pos = torch.arange(16)[None].expand(2, 16)
-        loss = model(tokens, pos, None, labels=torch.roll(tokens, -1, 1)).mean()
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    ref_loss, ref_grads = run(ParallelConfig())
+    ref_loss, ref_grads = _loss_and_grads(ParallelConfig(), add_bias_linear=bias)
     with patched(tp_random, **_cpu_rng_states(tp_random)):
-        loss, grads = run(ParallelConfig(recompute_granularity="selective",
-                                          recompute_modules=["mlp"]))
+        loss, grads = _loss_and_grads(ParallelConfig(recompute_granularity="selective",
+                                                     recompute_modules=["mlp"]),
+                                      add_bias_linear=bias)
     assert loss == ref_loss
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
