@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
-                                                 alibi_augment_width, alibi_bias, alibi_q_columns,
+                                                 alibi_bias, alibi_q_columns,
                                                  alibi_slopes_for_rank, flex_alibi,
                                                  flex_supported, tp_rank_and_size)
 
