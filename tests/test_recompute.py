@@ -49,7 +49,7 @@ def test_layernorm_recompute_runs_without_te_and_matches(mp1):
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as tp_random
 
-    ref_loss, ref_grads = _loss_and_grads(ParallelConfig())
+    ref_loss, ref_grads = _loss_and_grads(ParallelConfig())  # build_model installs the fix
     discarded = []
     base_discard = tensor_parallel.CheckpointWithoutOutput.discard_output_and_register_recompute
 
@@ -59,9 +59,6 @@ def test_layernorm_recompute_runs_without_te_and_matches(mp1):
 
     with patched(tp_random, **_cpu_rng_states(tp_random)):
         par = ParallelConfig(recompute_granularity="selective", recompute_modules=["layernorm"])
-        from framework.models.gpt import transformer_config
-
-        transformer_config(tiny(), par, bf16=False, fp16=False, on_gpu=False)  # installs the fix
         assert tensor_parallel.CheckpointWithoutOutput().fp8 is False
         with patched(tensor_parallel.CheckpointWithoutOutput,
                      discard_output_and_register_recompute=spy):

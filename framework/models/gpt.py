@@ -26,31 +26,6 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def checkpoint_without_output_without_te() -> None:
-    """Make megatron-core's selective recompute of "layernorm" run without Transformer Engine.
-
-    mcore 0.16's TransformerLayer builds `tensor_parallel.CheckpointWithoutOutput()` for it, whose
-    default fp8=False is read as "fp8 on" (`self.fp8 = fp8 is not None`), so its forward calls
-    TE's FP8GlobalStateManager, a name that only exists when TE is installed (a GPU run without
-    TE stopped with NameError). Without TE, the class is replaced by a subclass that passes
-    fp8=None unless fp8 is really requested; everything else is mcore's. Idempotent; nothing
-    changes when TE is installed."""
-    from megatron.core import tensor_parallel
-    from megatron.core.tensor_parallel import random as tp_random
-
-    base = tensor_parallel.CheckpointWithoutOutput
-    if tp_random.HAVE_TE or getattr(base, "fp8_none_unless_requested", False):
-        return
-
-    class CheckpointWithoutOutputNoTE(base):
-        fp8_none_unless_requested = True
-
-        def __init__(self, fp8=None):
-            super().__init__(fp8=fp8 or None)
-
-    tensor_parallel.CheckpointWithoutOutput = CheckpointWithoutOutputNoTE
-
-
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool, fp16: bool,
                        on_gpu: bool):
     """Map our sub-configs onto megatron-core's TransformerConfig (same field names)."""
@@ -65,8 +40,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
                                            "relu": F.relu}[model.activation]
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     recompute = parallel.recompute_granularity
-    if recompute == "selective" and "layernorm" in parallel.recompute_modules:
-        checkpoint_without_output_without_te()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -7,7 +7,8 @@
   (framework/models/attention_variants.py): in training and prefill through FlexAttention on GPU
   (`alibi_kernel="flex"`, the default) or as extra q/k head dims that SDPA's fused causal kernels
   carry (`"augmented"`); with padding masks, a KV cache or on CPU as a dense SDPA bias.
-* `MLPOutputLinear`: the MLP's fc2, made safe for selective recompute of "mlp" with biases.
+* `MLPOutputLinear` and `fix_checkpoint_without_output`: selective recompute of "mlp" (with
+  biased linears) and of "layernorm" (without TE), which megatron-core 0.16 alone cannot run.
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
   refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
   `finalize_model_grads` all-reduces their grads over the TP group.
@@ -61,8 +62,8 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         tp_rank, tp = tp_rank_and_size(pg_collection)
         self.attn_mask_type = attn_mask_type
-        self.num_heads = divide(config.num_attention_heads, tp)
-        self.num_groups = divide(config.num_query_groups, tp)
+        divide(config.num_attention_heads, tp)  # each rank holds whole heads and KV groups
+        divide(config.num_query_groups, tp)
         kv = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(kv)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -87,7 +88,7 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         assert packed_seq_params is None, "packed sequences are not supported by SDPAttention"
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        sq, b = query.shape[0], query.shape[1]
+        sq = query.shape[0]
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         p = self.dropout_p if self.training else 0.0
@@ -110,13 +111,11 @@ class SDPAttention(MegatronModule):
                     self._alibi_q_columns[key] = alibi_q_columns(slopes, self.softmax_scale,
                                                                  q.shape[-1], q.dtype)
                 q, k = alibi_augment(q, k, self._alibi_q_columns[key])
-                out = self._sdpa(q, k, v, None, p, True)
-                return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+                return _to_sbh(self._sdpa(q, k, v, None, p, True))
             if (self.alibi_kernel != "dense" and flex_supported(q) and p == 0.0
                     and plain_causal):
-                out = flex_alibi(q, k, v, slopes, self.softmax_scale,
-                                 self.flex_kernel_options)
-                return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+                return _to_sbh(flex_alibi(q, k, v, slopes, self.softmax_scale,
+                                          self.flex_kernel_options))
             # reference path: dense bias (also padding masks and KV-cache decoding);
             # it carries the causal mask, so it replaces the causal mask type
             bias = alibi_bias(slopes, sq, k.shape[2], q.device, q.dtype)
@@ -150,9 +149,7 @@ class SDPAttention(MegatronModule):
             elif sq > 1:  # queries are the last sq positions (KV cache with a multi-token chunk)
                 mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
                     k.shape[2] - sq)
-        out = self._sdpa(q, k, v, mask, p, is_causal)
-        # [b, n, s, d] -> [s, b, n*d]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        return _to_sbh(self._sdpa(q, k, v, mask, p, is_causal))
 
     def _sdpa(self, q, k, v, mask, p: float, is_causal: bool) -> torch.Tensor:
         if k.shape[1] != q.shape[1]:  # GQA / MQA: repeat each KV group for its query heads
@@ -167,6 +164,12 @@ class SDPAttention(MegatronModule):
                                                       scale=self.softmax_scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                               is_causal=is_causal, scale=self.softmax_scale)
+
+
+def _to_sbh(out: torch.Tensor) -> torch.Tensor:
+    """Attention output [b, n, s, d] -> [s, b, n*d]."""
+    b, _, s, _ = out.shape
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 def _causal_bias(sq: int, sk: int, device, dtype) -> torch.Tensor:
@@ -200,6 +203,32 @@ class MLPOutputLinear(tensor_parallel.RowParallelLinear):
                 "mlp" in (self.config.recompute_modules or []):
             bias = bias.clone()
         return output, bias
+
+
+def fix_checkpoint_without_output() -> None:
+    """Make megatron-core's selective recompute of "layernorm" run without Transformer Engine
+    (`build_model` calls it).
+
+    mcore 0.16's TransformerLayer builds `tensor_parallel.CheckpointWithoutOutput()` for it, whose
+    default fp8=False is read as "fp8 on" (`self.fp8 = fp8 is not None`), so its forward calls
+    TE's FP8GlobalStateManager, a name that only exists when TE is installed (a GPU run without
+    TE stopped with NameError). Without TE, the class is replaced by a subclass that passes
+    fp8=None unless fp8 is really requested; everything else is mcore's. Idempotent; nothing
+    changes when TE is installed."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as tp_random
+
+    base = tensor_parallel.CheckpointWithoutOutput
+    if tp_random.HAVE_TE or getattr(base, "fp8_none_unless_requested", False):
+        return
+
+    class CheckpointWithoutOutputNoTE(base):
+        fp8_none_unless_requested = True
+
+        def __init__(self, fp8=None):
+            super().__init__(fp8=fp8 or None)
+
+    tensor_parallel.CheckpointWithoutOutput = CheckpointWithoutOutputNoTE
 
 
 class Norm(torch.nn.Module):
