@@ -4,8 +4,10 @@
         [--micro-batches 8,16] [--steps 20]
 
 Every candidate runs as its own process, one after another, on GPU 0, with the same model
-dimensions and sequence length. Ours runs the real `train.py` on mock data and reports the
-mean tokens/s of the steps after warm-up from its metrics.jsonl. The table gives tok/s, MFU
+dimensions and sequence length. Ours runs the real `train.py` on mock data, logging every 5 steps
+(a log step is where the host waits for the GPU, as in users' runs), and reports total tokens over
+total time of the log windows after a warm-up window, from its metrics.jsonl. The HF baseline
+times its steps with no host synchronisation in between. The table gives tok/s, MFU
 (Megatron's model-FLOPs formula against 989 TFLOP/s bf16, see framework/training/metrics.py),
 peak memory and the ratio to the best HF + compile result. OOM counts as "did not fit".
 """
@@ -48,6 +50,8 @@ CANDIDATES = {
     "compile": ("ours + torch.compile per layer", ["model.torch_compile=true"]),
     "fused_ce": ("ours + fused chunked linear-CE", ["model.fused_cross_entropy=true"]),
     "cuda_graph": ("ours + CUDA graphs per layer", ["model.cuda_graph=true"]),
+    "sync_steps": ("ours, host reads loss and grad norm every step (train.defer_step_stats=false)",
+                   ["train.defer_step_stats=false"]),
     "fast": ("ours + fused CE + CUDA graphs", ["model.fused_cross_entropy=true",
                                               "model.cuda_graph=true"]),
     # position embeddings (issue: attention variants), default kernels otherwise
@@ -58,11 +62,20 @@ CANDIDATES = {
 }
 
 
+LOG = 5  # our runs log (and so synchronise the host with the GPU) every LOG steps, as users do
+
+
 def ours(model, mb, steps, extra, profile_dir=None):
+    """Time `steps` steps (rounded up to whole log windows) after one warm-up window, from
+    train.py's own per-window step times; profile two more steps when `profile_dir` is set."""
+    windows = -(-steps // LOG)
+    measured_end = LOG * (1 + windows)
     with tempfile.TemporaryDirectory() as d:
-        prof = [f"train.profile.steps=[{steps + 3},{steps + 4}]"] if profile_dir else []
+        prof = [f"train.profile.steps=[{measured_end + 3},{measured_end + 4}]"] \
+            if profile_dir else []
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"model={model}", "data=mock",
-               f"train.max_steps={steps + 5}", "train.log_interval=1", "train.eval_interval=0",
+               f"train.max_steps={measured_end + (LOG if profile_dir else 0)}",
+               f"train.log_interval={LOG}", "train.eval_interval=0",
                f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
                "train.progress_bar=false", "checkpoint.save=false", "parallel.data_parallel_size=1",
                "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
@@ -71,17 +84,18 @@ def ours(model, mb, steps, extra, profile_dir=None):
         if r.returncode != 0:
             return None, ("OOM" if "out of memory" in (r.stderr + r.stdout).lower()
                           else r.stderr[-300:])
-        recs = [json.loads(x) for x in open(f"{d}/out/metrics.jsonl") if '"loss"' in x][5:]
+        recs = [json.loads(x) for x in open(f"{d}/out/metrics.jsonl") if '"loss"' in x]
         if profile_dir:
             from benchmarks.profile_summary import summarize
 
             for f in os.listdir(f"{d}/out/profile"):
                 summarize(f"{d}/out/profile/{f}", out=os.path.join(
                     profile_dir, f"{model}_mb{mb}_{'_'.join(extra) or 'default'}.txt"))
-    # steps 6..steps+2 (after warm-up, before the two profiled steps)
-    recs = [x for x in recs if x["step"] <= steps + 2]
-    # rate of the mean step time (as the HF baseline measures: total tokens / total time), not
-    # the mean of per-step rates, which a few slow steps bias upwards
+    # the windows after the warm-up one and before the profiled one; each record's ms_per_iter is
+    # its window's wall time / LOG, so their mean is total time / steps (as the HF baseline
+    # measures), not a mean of per-step rates
+    recs = [x for x in recs if LOG < x["step"] <= measured_end]
+    assert len(recs) == windows, [x["step"] for x in recs]
     ms = sum(x["ms_per_iter"] for x in recs) / len(recs)
     med = sorted(x["ms_per_iter"] for x in recs)[len(recs) // 2]
     return {"tok_s": mb * 1024 / (ms / 1000), "ms_per_iter": ms, "median_ms": med,

@@ -331,8 +331,9 @@ class OptimizerConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: float = 1000
     hysteresis: int = 2
-    # GPU without apex/TE: torch's fused AdamW kernel and foreach (sync-free) grad-norm/scale
-    # kernels instead of mcore's per-tensor fallbacks (framework/fast/multi_tensor.py)
+    # Without apex/TE: torch's fused AdamW/SGD kernel (GPU and CPU) and foreach (sync-free)
+    # grad-norm/scale/copy kernels instead of mcore's per-tensor fallbacks
+    # (framework/fast/multi_tensor.py). It is also what lets train.defer_step_stats work.
     fused_step: bool = True
 
     def __post_init__(self) -> None:
@@ -446,6 +447,12 @@ class TrainConfig:
     nan_policy: str = "skip"  # non-finite loss/grad norm: skip the update | stop the run
     max_consecutive_nan: int = 10  # stop after this many non-finite steps in a row
     spike_factor: Optional[float] = None  # warn when loss > factor x running mean; None = off
+    # The host reads each step's loss and grad norm one step late (and at every log, eval, save
+    # and stop), so it never waits for the GPU between steps; the finiteness check and the skip
+    # of a non-finite step happen on the device. Same losses and updates as false (synchronous
+    # steps). Needs optimizer.fused_step and no fp16 loss scaler; otherwise steps stay
+    # synchronous.
+    defer_step_stats: bool = True
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:

@@ -4,12 +4,12 @@ GPU: megatron-core's `get_megatron_optimizer` (mixed precision, fp16 loss scalin
 optimizer; it falls back from TE to apex to torch on its own) and `OptimizerParamScheduler`.
 
 CPU: mcore's optimizers hard-code CUDA tensors for the grad norm and loss scale, so `CpuOptimizer`
-subclasses mcore's `FP32Optimizer` and replaces only those pieces. Param groups, the state dict
+subclasses mcore's `FP32Optimizer` and replaces only those pieces. `optimizer.fused_step` selects
+torch's fused CPU kernel there too (the same skip-on-`found_inf` semantics as on the GPU). Param groups, the state dict
 and the sharded (reshardable) checkpoint format stay mcore's.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Tuple
 
 import torch
@@ -56,7 +56,7 @@ def build_optimizer(cfg: OptimizerConfig, model: List[torch.nn.Module], *, max_s
 
             fuse_adam(optimizer)
     else:
-        optimizer = CpuOptimizer.build(mcfg, model)
+        optimizer = CpuOptimizer.build(mcfg, model, fused=cfg.fused_step)
     decay_steps = cfg.lr_decay_steps or max(max_steps, 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -74,7 +74,7 @@ class CpuOptimizer:
     """Built lazily as a subclass of mcore's FP32Optimizer (import cost, see `build`)."""
 
     @staticmethod
-    def build(mcfg, model: List[torch.nn.Module]):
+    def build(mcfg, model: List[torch.nn.Module], fused: bool = False):
         from megatron.core.optimizer.optimizer import FP32Optimizer
 
         class _CpuFP32Optimizer(FP32Optimizer):
@@ -85,7 +85,9 @@ class CpuOptimizer:
                 self.is_stub_optimizer = False
 
             def get_grad_norm(self) -> float:
-                return grad_norm_cpu(self.get_main_grads_for_grad_norm())
+                from framework.training.resilience import grad_norm_tensor
+
+                return float(grad_norm_tensor(self))
 
             def clip_grad_norm(self, clip_grad: float) -> float:
                 norm = self.get_grad_norm()
@@ -95,10 +97,9 @@ class CpuOptimizer:
             def clip_grads_by_norm(self, norm: float) -> None:
                 """Scale the grads to `config.clip_grad` given their total norm."""
                 coeff = self.config.clip_grad / (norm + 1e-6)
-                if coeff < 1.0:
-                    for p in self.get_parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(coeff)
+                grads = [p.grad for p in self.get_parameters() if p.grad is not None]
+                if coeff < 1.0 and grads:
+                    torch._foreach_mul_(grads, coeff)
 
             def count_zeros(self) -> float:
                 return float(sum((g == 0).sum().item() for g in self.get_main_grads_for_grad_norm()))
@@ -110,10 +111,11 @@ class CpuOptimizer:
         groups = _get_param_groups(model, mcfg, None)
         if mcfg.optimizer == "adam":
             inner = torch.optim.AdamW(groups, lr=mcfg.lr, weight_decay=mcfg.weight_decay,
-                                      betas=(mcfg.adam_beta1, mcfg.adam_beta2), eps=mcfg.adam_eps)
+                                      betas=(mcfg.adam_beta1, mcfg.adam_beta2), eps=mcfg.adam_eps,
+                                      fused=fused)
         else:
             inner = torch.optim.SGD(groups, lr=mcfg.lr, weight_decay=mcfg.weight_decay,
-                                    momentum=mcfg.sgd_momentum)
+                                    momentum=mcfg.sgd_momentum, fused=fused)
         return _CpuFP32Optimizer(inner, mcfg)
 
 
@@ -128,18 +130,6 @@ def _init_state(opt: torch.optim.Optimizer, config=None) -> None:
                     opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
                     opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
                     opt.state[p]["step"] = torch.tensor(0.0)
-
-
-def grad_norm_cpu(grads: List[torch.Tensor]) -> float:
-    """L2 norm over grads that are not TP duplicates, summed over the model-parallel group."""
-    from megatron.core import parallel_state as ps
-
-    sq = torch.zeros(1, dtype=torch.float64)
-    for g in grads:
-        sq += g.detach().double().pow(2).sum()
-    if dist.is_initialized() and ps.get_model_parallel_group().size() > 1:
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())
-    return math.sqrt(sq.item())
 
 
 def allreduce_grads_cpu(model: List[torch.nn.Module]) -> None:

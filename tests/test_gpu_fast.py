@@ -158,3 +158,30 @@ def _train_seed(d):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return f"checkpoint.load={d}/ckpt"
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_train_steps_never_wait_for_the_gpu(tmp_path, defer):
+    """With train.defer_step_stats (the default) a train step makes no host-device
+    synchronisation between log steps, so the host runs ahead and the GPU never idles waiting for
+    it; with it off, the control case, the synchronising calls are found (so the check works)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_sync_check.py"),
+                        "model=gpt_tiny", "data=embedded", "train.max_steps=12",
+                        "train.log_interval=6", "train.eval_interval=0", "train.bf16=true",
+                        "train.micro_batch_size=8", "train.global_batch_size=8",
+                        "train.progress_bar=false", "checkpoint.save=false",
+                        f"train.defer_step_stats={str(defer).lower()}",
+                        "parallel=single", "parallel.data_parallel_size=1",
+                        f"checkpoint.dir={tmp_path}/ckpt", f"hydra.run.dir={tmp_path}/out"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    summary = out[out.index("SYNC CHECK:"):]
+    assert "SYNC CHECK: 10 steps checked" in summary, summary[-4000:]
+    log_parity(f"sync check, defer_step_stats={defer}: {summary.splitlines()[0]}")
+    if defer:
+        n_sync = int(summary.split(",")[1].split()[0])
+        assert n_sync == 0, summary[-6000:]
+    else:
+        assert "0 synchronisations" not in summary.splitlines()[0], summary[-3000:]

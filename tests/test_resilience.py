@@ -343,3 +343,81 @@ def test_max_minutes_budget_saves_and_exits_zero(tmp_path):
     assert "train.max_minutes=0.01 reached" in r.stdout
     step = int((ck / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= step < 100000
+
+
+# --------------------------------------------------------------------------------------------
+# deferred step stats (train.defer_step_stats)
+# --------------------------------------------------------------------------------------------
+def _opt_state(opt):
+    inner = opt.optimizer
+    return [{k: v.clone() for k, v in inner.state[p].items()}
+            for g in inner.param_groups for p in g["params"]]
+
+
+def test_deferred_step_is_the_guarded_step_on_the_device(mp1):
+    """Same norm, same clipped update, same skip of a non-finite step (weights, Adam moments
+    and step count untouched), with the outcome left on the device."""
+    (m1, o1, _), (m2, o2, _) = _build(), _build()
+    assert res.deferred_step_supported(o1)  # fused CPU AdamW, no loss scaler
+    for poison in (False, True, False):
+        torch.manual_seed(7)
+        loss1 = _backward(m1, poison)
+        torch.manual_seed(7)
+        loss2 = _backward(m2, poison)
+        state_before = _opt_state(o2)
+        params_before = _params(m2)
+        ok, norm, non_finite = res.guarded_optimizer_step(o1, loss1)
+        out = res.deferred_optimizer_step(o2, torch.tensor(loss2))
+        assert out.dtype == torch.float64 and out.shape == (3,)
+        assert (bool(out[0]), bool(out[2])) == (ok, non_finite) == (not poison, poison)
+        if poison:
+            assert torch.isnan(out[1])
+            assert all(torch.equal(a, b) for a, b in zip(params_before, _params(m2)))
+            assert all(torch.equal(a[k], b[k]) for a, b in zip(state_before, _opt_state(o2))
+                       for k in a)
+        else:
+            assert float(out[1]) == norm > 1.0  # gpt_tiny's first grads are clipped (clip 1.0)
+        assert all(torch.equal(a, b) for a, b in zip(_params(m1), _params(m2)))
+        o1.zero_grad()
+        o2.zero_grad()
+    assert not hasattr(o2.optimizer, "found_inf")  # the flag does not outlive the step
+
+
+def test_deferred_step_falls_back_where_the_host_must_decide():
+    class Opt:
+        grad_scaler = None
+        config = type("C", (), {"use_precision_aware_optimizer_no_fp8_or_ds_fp8": False})()
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+
+    assert res.deferred_step_supported(Opt())
+    Opt.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # foreach kernels
+    assert not res.deferred_step_supported(Opt())
+    Opt.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    Opt.grad_scaler = object()  # fp16: the scaler's overflow flag is read on the host
+    assert not res.deferred_step_supported(Opt())
+
+
+def test_deferred_stats_give_the_synchronous_run(tmp_path):
+    """train.py with the stats read one step late (the default) logs the same losses, grad norms,
+    learning rates and skip counts as synchronous steps, through a NaN step and a checkpoint
+    between log steps, and warns about the NaN step by its own number."""
+    common = [*FAST, "train.log_interval=4", "train.micro_batch_size=16", "train.max_steps=10",
+              "checkpoint.save_interval=3", "train.step._target_=tests.nan_step.NanAtStep",
+              "+train.step.at=6", "+train.step._allowed_prefixes_=[tests.]"]
+    runs = {}
+    for defer in ("true", "false"):
+        out = tmp_path / defer
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common,
+                            f"train.defer_step_stats={defer}", f"checkpoint.dir={out}/ckpt",
+                            f"hydra.run.dir={out}/run"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "non-finite loss nan at iteration 6; update skipped" in r.stdout, r.stdout[-2000:]
+        recs = [json.loads(x) for x in open(out / "run" / "metrics.jsonl") if '"loss"' in x]
+        runs[defer] = [(d["step"], d["loss"], d["grad_norm"], d["lr"], d["skipped_iters"],
+                        d["nan_iters"]) for d in recs]
+        meta = json.loads((out / "ckpt" / "iter_0000009" / "framework.json").read_text())
+        runs[defer].append((meta.get("skipped_iters"), meta.get("nan_iters")))
+    assert [s[0] for s in runs["true"][:-1]] == [4, 8, 10]
+    assert runs["true"][1][4:] == (1, 1) and runs["true"][-1] == (1, 1)
+    assert runs["true"] == runs["false"]

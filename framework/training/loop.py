@@ -16,10 +16,8 @@ from torch.profiler import record_function
 
 from framework.config import CheckpointConfig, TrainConfig
 from framework.optimizer import allreduce_grads_cpu
-from framework.training import checkpoint as ckpt
 from framework.training import resilience as res
-from framework.training.metrics import (MetricsLogger, Timer, flops_per_token, format_line,
-                                        memory_gb, peak_tflops)
+from framework.training.metrics import MetricsLogger, Timer, format_line, memory_gb, peak_tflops
 
 
 @dataclass
@@ -60,6 +58,22 @@ class Runtime:
     flops_per_token: float
 
 
+class _StepStats:
+    """One step's stats as a float64 device tensor [losses..., updated, grad_norm, non_finite],
+    copied to host memory as the step finishes; `read()` waits for that step only."""
+
+    def __init__(self, step: int, values: torch.Tensor, keys: List[str]):
+        self.step, self.keys = step, keys
+        self.values = res.HostCopy(values)
+
+    def read(self) -> Dict[str, Any]:
+        v = self.values.read()
+        n = len(self.keys)
+        ok, norm, non_finite = v[n:n + 3]
+        return {"step": self.step, "loss": v[0], "ok": bool(ok), "grad_norm": norm,
+                "non_finite": bool(non_finite), "extra": dict(zip(self.keys[1:], v[1:n]))}
+
+
 class Trainer:
     def __init__(self, model: List[torch.nn.Module], optimizer, scheduler, train_step, data,
                  train_cfg: TrainConfig, ckpt_cfg: CheckpointConfig, runtime: Runtime,
@@ -83,6 +97,9 @@ class Trainer:
         self.spikes = res.SpikeDetector(train_cfg.spike_factor)
         self.watchdog: Optional[res.Watchdog] = None  # set by the caller (run.worker)
         self.profiler = None  # training.profiling.StepProfiler, set by the caller (run.worker)
+        # train.defer_step_stats: each step's stats are read back one step late (see _StepStats)
+        self.defer = train_cfg.defer_step_stats and res.deferred_step_supported(optimizer)
+        self._pending: Optional[_StepStats] = None
 
     # ---- one global batch -----------------------------------------------------------------
     def _run(self, iterators, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
@@ -93,7 +110,9 @@ class Trainer:
             num_microbatches=self.num_micro, seq_length=self.rt.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
 
-    def train_step(self, iterators) -> Dict[str, Any]:
+    def train_step(self, iterators, step: int) -> List[Dict[str, Any]]:
+        """Run global batch number `step`; return the stats of the steps that finished on the host
+        (this one when steps are synchronous; the previous one, if any, when deferred)."""
         # phase/* ranges name the parts of a step in profiler traces (benchmarks/profile_summary)
         with record_function("phase/zero_grad"):
             for m in self.model:
@@ -104,14 +123,34 @@ class Trainer:
         with record_function("phase/forward_backward"):
             losses = self._run(iterators, forward_only=False)
         with record_function("phase/reduce_loss"):
-            loss, extra = self._reduce_losses(losses)
+            vals, keys = self._reduce_losses_tensor(losses)
+        if self.defer:
+            # the previous step's stats were copied while this step ran: reading them waits for
+            # nothing, and a skipped previous step is known before this step's update
+            done = self.flush()
+            with record_function("phase/optimizer"):
+                stats = res.deferred_optimizer_step(self.optimizer, vals[0])
+                self.scheduler.step(increment=1)  # taken back in flush() if the step was skipped
+            self._pending = _StepStats(step, torch.cat([vals.double(), stats]), keys)
+            return done
+        values = vals.tolist()
+        loss, extra = values[0], dict(zip(keys[1:], values[1:]))
         # the finiteness checks come before the update (a NaN step never touches the weights)
         with record_function("phase/optimizer"):
             ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
             if ok:
                 self.scheduler.step(increment=1)
-        return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "non_finite": non_finite,
-                "extra": extra}
+        return [{"step": step, "loss": loss, "ok": ok, "grad_norm": grad_norm,
+                 "non_finite": non_finite, "extra": extra}]
+
+    def flush(self) -> List[Dict[str, Any]]:
+        """The stats of the deferred step still on the device, if any (waits for that step)."""
+        if self._pending is None:
+            return []
+        rec, self._pending = self._pending.read(), None
+        if not rec["ok"]:
+            self.scheduler.step(increment=-1)  # a skipped update does not advance the schedule
+        return [rec]
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -130,10 +169,18 @@ class Trainer:
 
     def _reduce_losses(self, losses: List[Dict[str, torch.Tensor]]
                        ) -> Tuple[float, Dict[str, float]]:
+        """(lm loss, {other_key: value}) of `_reduce_losses_tensor`, on the host."""
+        vals, keys = self._reduce_losses_tensor(losses)
+        values = vals.tolist()
+        return values[0], dict(zip(keys[1:], values[1:]))
+
+    def _reduce_losses_tensor(self, losses: List[Dict[str, torch.Tensor]]
+                              ) -> Tuple[torch.Tensor, List[str]]:
         """Every reported loss ("lm loss", and e.g. BERT's "sop loss") averaged over
         micro-batches and DP on the last stage, in one all-reduce. "lm loss" is broadcast over
         the pipeline so every rank agrees; the others stay on the last stage (the logging rank's).
-        Returns (lm loss, {other_key: value})."""
+        Returns the values as one device tensor (no host synchronisation) and their keys
+        ("lm loss" first, then the others with "_" for spaces)."""
         from megatron.core import parallel_state as ps
 
         last = self.rt.is_last_stage and bool(losses)
@@ -148,8 +195,7 @@ class Trainer:
         if ps.get_pipeline_model_parallel_world_size() > 1:
             last_rank = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(val[:1], src=last_rank, group=ps.get_pipeline_model_parallel_group())
-        values = val.tolist()
-        return values[0], {k.replace(" ", "_"): v for k, v in zip(keys[1:], values[1:])}
+        return val, [k.replace(" ", "_") for k in keys]
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
@@ -172,51 +218,50 @@ class Trainer:
 
     def _fit(self, state, iterators, bar, timer, window, acc_loss, last_saved, gbs_tokens):
         cfg, rt = self.cfg, self.rt
-        stop = None
+        stop, last = None, None  # last: the newest finished step's stats
         while state.step < cfg.max_steps:
             self._mark(state.step + 1, "train step (forward/backward, optimizer)")
             if self.profiler is not None:
                 self.profiler.step_begin(state.step + 1)
-            out = self.train_step(iterators)
+            done = self.train_step(iterators, state.step + 1)
             state.step += 1
             if self.profiler is not None:
                 self.profiler.step_end(state.step)
             state.consumed_samples += cfg.global_batch_size
             window += 1
-            if not out["ok"]:
-                state.skipped_iters += 1
-            if out["non_finite"]:
-                state.nan_iters += 1
             bookkeeping = record_function("phase/bookkeeping")
             bookkeeping.__enter__()
-            for line in (self.nan_guard.check(state.step, out["non_finite"], out["loss"],
-                                              out["grad_norm"]),
-                         self.spikes.check(state.step, out["loss"])):
-                if line and rt.is_logging_rank:
-                    _write(bar, line)
-            acc_loss += out["loss"] if math.isfinite(out["loss"]) else 0.0
+            log_now = state.step % cfg.log_interval == 0 or state.step == cfg.max_steps
+            eval_now = bool(cfg.eval_interval) and state.step % cfg.eval_interval == 0
+            save_now = self.ckpt_cfg.save and state.step % self.ckpt_cfg.save_interval == 0
+            if log_now or eval_now or save_now:
+                done += self.flush()  # logs and checkpoints see every step up to this one
+            for rec in done:
+                acc_loss += self._account(state, rec, bar)
+                last = rec
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.4f}")
-            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+            if log_now:
                 if self.on_gpu:
                     torch.cuda.synchronize()
                 dt = timer.lap() / window
-                self._log_train(state, out, acc_loss / window, dt, gbs_tokens, bar)
+                self._log_train(state, last, acc_loss / window, dt, gbs_tokens, bar)
                 window, acc_loss = 0, 0.0
-            if cfg.eval_interval and state.step % cfg.eval_interval == 0:
+            if eval_now:
                 self._log_eval(state, bar)
                 timer.lap()
-            if self.ckpt_cfg.save and state.step % self.ckpt_cfg.save_interval == 0:
+            if save_now:
                 self._mark(state.step, "checkpoint save", patience=6.0)
                 self.save_fn(state)
                 last_saved = state.step
                 timer.lap()
             self._mark(state.step, "stop-flag all-reduce")
-            stop = self.stop.agreed()
+            stop = self.stop.agreed(deferred=self.defer)
             bookkeeping.__exit__(None, None, None)
             if stop is not None:
                 break
+        for rec in self.flush():  # a stop between log steps
+            self._account(state, rec, bar)
         if stop is not None:
             if rt.is_logging_rank:
                 _write(bar, f"stopping at iteration {state.step}: "
@@ -237,6 +282,22 @@ class Trainer:
         if bar is not None:
             bar.close()
         return state
+
+    def _account(self, state: TrainState, rec: Dict[str, Any], bar) -> float:
+        """Count a finished step's outcome and print its warnings (NaN policy, spikes); returns
+        its loss for the log window's mean (0 when non-finite)."""
+        if not rec["ok"]:
+            state.skipped_iters += 1
+        if rec["non_finite"]:
+            state.nan_iters += 1
+        for line in (self.nan_guard.check(rec["step"], rec["non_finite"], rec["loss"],
+                                          rec["grad_norm"]),
+                     self.spikes.check(rec["step"], rec["loss"])):
+            if line and self.rt.is_logging_rank:
+                _write(bar, line)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        return rec["loss"] if math.isfinite(rec["loss"]) else 0.0
 
     def _log_train(self, state, out, loss, dt, gbs_tokens, bar) -> None:
         if not self.rt.is_logging_rank:

@@ -1,0 +1,54 @@
+"""`python tests/gpu_sync_check.py <train.py overrides>`: train.py with CUDA's sync debug mode on
+inside every train step after the first two. Each host-device synchronisation in those steps (an
+`.item()`, a blocking copy, a stream synchronise) is recorded with the Python stack that made it;
+the script ends by printing how many steps were checked and every distinct synchronising stack.
+Used by tests/test_gpu_fast.py (train.defer_step_stats)."""
+import os
+import runpy
+import sys
+import traceback
+import warnings
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from framework.training import loop  # noqa: E402
+
+checked, stacks = [], {}
+_step = loop.Trainer.train_step
+_show = warnings.showwarning
+
+
+def _record(message, category, filename, lineno, file=None, line=None):
+    if "synchronizing" in str(message):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        key = "".join(traceback.format_list(frames[-6:]))
+        stacks[key] = stacks.get(key, 0) + 1
+    else:
+        _show(message, category, filename, lineno, file, line)
+
+
+def train_step(self, iterators, step):
+    strict = step > 2  # the first steps allocate, autotune and build lazily
+    if strict:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        return _step(self, iterators, step)
+    finally:
+        if strict:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(step)
+
+
+loop.Trainer.train_step = train_step
+warnings.showwarning = _record
+warnings.simplefilter("always")
+sys.argv = [os.path.join(ROOT, "train.py"), *sys.argv[1:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print(f"SYNC CHECK: {len(checked)} steps checked, {sum(stacks.values())} synchronisations")
+    for key, n in stacks.items():
+        print(f"--- {n}x at:\n{key}")
