@@ -54,3 +54,46 @@ def test_fuse_adam_leaves_cpu_params_alone():
 
     assert mt.fuse_adam(Wrapped()) == 0
     assert not Wrapped.optimizer.param_groups[0].get("fused")
+
+
+def test_fused_norm_reaches_every_norm_and_cpu_keeps_native_kernels():
+    import torch.nn.functional as F
+
+    from framework.config import ModelConfig, ParallelConfig
+    from framework.models.gpt import gpt_layer_spec, transformer_config
+    from framework.models.layers import Norm
+    from framework.models.t5 import t5_decoder_layer_spec
+
+    model = ModelConfig(fused_norm=True)
+    tcfg = transformer_config(model, ParallelConfig(), bf16=False, fp16=False, on_gpu=False)
+    tcfg.use_cpu_initialization = True
+    layer = gpt_layer_spec(model).submodules
+    t5_dec = t5_decoder_layer_spec(model).submodules
+    for s in (layer.input_layernorm, layer.pre_mlp_layernorm, t5_dec.pre_cross_attn_layernorm):
+        assert s.module is Norm and s.params == {"fused": True}
+    norm = Norm(tcfg, 8, fused=True)
+    x = torch.randn(3, 8)
+    assert torch.equal(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias, 1e-5))
+
+
+def test_addmm_wgrad_accumulates_and_installs_into_mcore():
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    from framework.models.layers import AddmmWgrad, install_fused_wgrad
+
+    x, dy, acc = torch.randn(16, 4), torch.randn(16, 6), torch.randn(6, 4)
+    want = acc + dy.t() @ x
+    AddmmWgrad.wgrad_gemm_accum_fp32(x, dy, acc)
+    assert torch.allclose(acc, want, atol=1e-6)
+    before = (tp_layers._grad_accum_fusion_available,
+              getattr(tp_layers, "fused_weight_gradient_mlp_cuda", None))
+    try:
+        assert install_fused_wgrad()
+        assert tp_layers._grad_accum_fusion_available
+        assert tp_layers.fused_weight_gradient_mlp_cuda in (AddmmWgrad, before[1])
+    finally:
+        tp_layers._grad_accum_fusion_available = before[0]
+        if before[1] is None:
+            del tp_layers.fused_weight_gradient_mlp_cuda
+        else:
+            tp_layers.fused_weight_gradient_mlp_cuda = before[1]

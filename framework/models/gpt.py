@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from framework.config import ModelConfig, ParallelConfig
 from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
-from framework.models.layers import MLPOutputLinear, Norm, SDPAttention
+from framework.models.layers import MLPOutputLinear, SDPAttention, norm_spec
 
 
 def _has_fused_wgrad() -> bool:
@@ -76,7 +76,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         bias_activation_fusion=fuse_gelu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=on_gpu and _has_fused_wgrad(),
+        gradient_accumulation_fusion=on_gpu and (model.fused_wgrad or _has_fused_wgrad()),
         deallocate_pipeline_outputs=True,
         overlap_p2p_comm=parallel.p2p_overlap,
         batch_p2p_comm=not parallel.p2p_overlap,
@@ -106,7 +106,7 @@ def gpt_layer_spec(model: ModelConfig):
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=Norm,
+            input_layernorm=norm_spec(model),
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -119,7 +119,7 @@ def gpt_layer_spec(model: ModelConfig):
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=Norm,
+            pre_mlp_layernorm=norm_spec(model),
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
                 linear_fc1=ColumnParallelLinear, linear_fc2=MLPOutputLinear)),
             mlp_bda=get_bias_dropout_add,
@@ -132,7 +132,8 @@ def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
                                                              get_num_layers_to_build)
 
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n, layer_norm=Norm)
+    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n,
+                                      layer_norm=norm_spec(model))
 
 
 def lm_kwargs(model: ModelConfig, *, vocab_size: int, pre_process: bool,

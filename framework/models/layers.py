@@ -231,14 +231,76 @@ def fix_checkpoint_without_output() -> None:
     tensor_parallel.CheckpointWithoutOutput = CheckpointWithoutOutputNoTE
 
 
-class Norm(torch.nn.Module):
-    """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism."""
+class AddmmWgrad:
+    """Stands in for apex's `fused_weight_gradient_mlp_cuda` in megatron-core's linear layers
+    (`gradient_accumulation_fusion`): main_grad += grad_output^T @ input, accumulated in fp32
+    straight from the bf16/fp16 GEMM (torch.addmm with out_dtype), with no bf16 weight gradient
+    and no separate add."""
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
+                              main_grad: torch.Tensor) -> None:
+        if total_input.dtype == torch.float32:
+            main_grad.addmm_(grad_output.t(), total_input)
+        else:
+            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32,
+                        out=main_grad)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
+                              main_grad: torch.Tensor) -> None:
+        main_grad.addmm_(grad_output.t(), total_input)
+
+
+def install_fused_wgrad() -> bool:
+    """Let megatron-core's `gradient_accumulation_fusion` run without apex, through
+    `AddmmWgrad` (`build_model` calls it for `model.fused_wgrad` on GPU). Returns True when mcore
+    will fuse: apex's kernel is there, or ours was installed."""
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    if tp_layers._grad_accum_fusion_available:
+        return True  # apex's kernel, or ours already
+    tp_layers.fused_weight_gradient_mlp_cuda = AddmmWgrad
+    tp_layers._grad_accum_fusion_available = True
+    return True
+
+
+_COMPILED_NORMS: dict = {}
+
+
+def compiled_norm(rms: bool):
+    """`f(x, weight, bias, eps)`: LayerNorm (or RMSNorm, bias None) through torch.compile, one
+    compiled function per kind, shared by every `Norm` (same shapes, one graph each)."""
+    if rms not in _COMPILED_NORMS:
+        def norm(x, weight, bias, eps: float):
+            if rms:
+                return F.rms_norm(x, (x.shape[-1],), weight, eps)
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+        _COMPILED_NORMS[rms] = torch.compile(norm, dynamic=False, fullgraph=True)
+    return _COMPILED_NORMS[rms]
+
+
+def norm_spec(model):
+    """`Norm` as a megatron-core ModuleSpec carrying `model.fused_norm`."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return ModuleSpec(module=Norm, params={"fused": bool(model.fused_norm)})
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism.
+
+    `fused` (model.fused_norm): on CUDA tensors, the same function through torch.compile
+    (`compiled_norm`); CPU tensors always take torch's native kernels."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 fused: bool = False):
         super().__init__()
         self.config = config
         self.rms = config.normalization == "RMSNorm"
         self.eps = eps
+        self.fused = fused
         self.hidden_size = hidden_size
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype,
@@ -249,6 +311,8 @@ class Norm(torch.nn.Module):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.is_cuda:
+            return compiled_norm(self.rms)(x, self.weight, self.bias, self.eps)
         if self.rms:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
