@@ -24,6 +24,8 @@ _show = warnings.showwarning
 def _record(message, category, filename, lineno, file=None, line=None):
     if "synchronizing" in str(message):
         frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        if frames and frames[-1].name == "set_sync_debug_mode":
+            return  # switching the mode on reports itself: not a synchronisation
         key = "".join(traceback.format_list(frames[-6:]))
         stacks[key] = stacks.get(key, 0) + 1
     else:

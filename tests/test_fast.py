@@ -56,26 +56,6 @@ def test_fuse_adam_leaves_cpu_params_alone():
     assert not Wrapped.optimizer.param_groups[0].get("fused")
 
 
-def test_fused_norm_reaches_every_norm_and_cpu_keeps_native_kernels():
-    import torch.nn.functional as F
-
-    from framework.config import ModelConfig, ParallelConfig
-    from framework.models.gpt import gpt_layer_spec, transformer_config
-    from framework.models.layers import Norm
-    from framework.models.t5 import t5_decoder_layer_spec
-
-    model = ModelConfig(fused_norm=True)
-    tcfg = transformer_config(model, ParallelConfig(), bf16=False, fp16=False, on_gpu=False)
-    tcfg.use_cpu_initialization = True
-    layer = gpt_layer_spec(model).submodules
-    t5_dec = t5_decoder_layer_spec(model).submodules
-    for s in (layer.input_layernorm, layer.pre_mlp_layernorm, t5_dec.pre_cross_attn_layernorm):
-        assert s.module is Norm and s.params == {"fused": True}
-    norm = Norm(tcfg, 8, fused=True)
-    x = torch.randn(3, 8)
-    assert torch.equal(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias, 1e-5))
-
-
 def test_addmm_wgrad_accumulates_and_installs_into_mcore():
     from megatron.core.tensor_parallel import layers as tp_layers
 

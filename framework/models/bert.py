@@ -25,7 +25,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from framework.config import ModelConfig
 from framework.models.attention_variants import keep_rotary_on_device
 from framework.models.gpt import gpt_layer_spec, lm_kwargs
-from framework.models.layers import Norm, norm_spec
+from framework.models.layers import Norm
 from framework.patching import patched
 
 
@@ -41,8 +41,7 @@ def bert_block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
                                                              get_num_layers_to_build)
 
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[bert_layer_spec(model)] * n,
-                                      layer_norm=norm_spec(model))
+    return TransformerBlockSubmodules(layer_specs=[bert_layer_spec(model)] * n, layer_norm=Norm)
 
 
 class Bert(BertModel):

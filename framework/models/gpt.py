@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from framework.config import ModelConfig, ParallelConfig
 from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
-from framework.models.layers import MLPOutputLinear, SDPAttention, norm_spec
+from framework.models.layers import MLPOutputLinear, Norm, SDPAttention
 
 
 def _has_fused_wgrad() -> bool:
@@ -106,7 +106,7 @@ def gpt_layer_spec(model: ModelConfig):
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm_spec(model),
+            input_layernorm=Norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -119,7 +119,7 @@ def gpt_layer_spec(model: ModelConfig):
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm_spec(model),
+            pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
                 linear_fc1=ColumnParallelLinear, linear_fc2=MLPOutputLinear)),
             mlp_bda=get_bias_dropout_add,
@@ -132,8 +132,7 @@ def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
                                                              get_num_layers_to_build)
 
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n,
-                                      layer_norm=norm_spec(model))
+    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n, layer_norm=Norm)
 
 
 def lm_kwargs(model: ModelConfig, *, vocab_size: int, pre_process: bool,

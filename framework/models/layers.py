@@ -265,42 +265,14 @@ def install_fused_wgrad() -> bool:
     return True
 
 
-_COMPILED_NORMS: dict = {}
-
-
-def compiled_norm(rms: bool):
-    """`f(x, weight, bias, eps)`: LayerNorm (or RMSNorm, bias None) through torch.compile, one
-    compiled function per kind, shared by every `Norm` (same shapes, one graph each)."""
-    if rms not in _COMPILED_NORMS:
-        def norm(x, weight, bias, eps: float):
-            if rms:
-                return F.rms_norm(x, (x.shape[-1],), weight, eps)
-            return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-        _COMPILED_NORMS[rms] = torch.compile(norm, dynamic=False, fullgraph=True)
-    return _COMPILED_NORMS[rms]
-
-
-def norm_spec(model):
-    """`Norm` as a megatron-core ModuleSpec carrying `model.fused_norm`."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    return ModuleSpec(module=Norm, params={"fused": bool(model.fused_norm)})
-
-
 class Norm(torch.nn.Module):
-    """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism.
+    """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism."""
 
-    `fused` (model.fused_norm): on CUDA tensors, the same function through torch.compile
-    (`compiled_norm`); CPU tensors always take torch's native kernels."""
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
-                 fused: bool = False):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.config = config
         self.rms = config.normalization == "RMSNorm"
         self.eps = eps
-        self.fused = fused
         self.hidden_size = hidden_size
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype,
@@ -311,8 +283,6 @@ class Norm(torch.nn.Module):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda:
-            return compiled_norm(self.rms)(x, self.weight, self.bias, self.eps)
         if self.rms:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
