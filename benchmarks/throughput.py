@@ -58,9 +58,10 @@ CANDIDATES = {
                                               "model.cuda_graph=true"]),
     # position embeddings (issue: attention variants), default kernels otherwise
     "rope": ("ours, RoPE", ["model.position_embedding_type=rope"]),
-    "alibi": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi"]),
-    "alibi_aug": ("ours, ALiBi (extra head dims, SDPA)", ["model.position_embedding_type=alibi",
-                                                          "model.alibi_kernel=augmented"]),
+    "alibi": ("ours, ALiBi (default on GPU: extra head dims through SDPA)",
+              ["model.position_embedding_type=alibi"]),
+    "alibi_flex": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi",
+                                                   "model.alibi_kernel=flex"]),
 }
 
 

@@ -75,14 +75,14 @@ class ModelConfig:
     # compares settings on one card.
     flex_kernel_options: Dict[str, Any] = field(default_factory=dict)
     # How ALiBi reaches the attention kernel in training / prefill (causal, no padding mask):
-    # flex = FlexAttention score_mod on GPU (no dropout; elsewhere the dense bias);
     # augmented = extra q/k head dims carrying slope * key position, so SDPA's fused causal
     # kernels run it, dropout included (bf16/fp16 on GPU, any dtype on CPU; fp32 on GPU takes
-    # flex); dense = an SDPA float bias (the reference). Padding masks and KV-cache decoding
-    # always use the dense bias. benchmarks/attention.py compares them: on an H200 augmented
-    # took 0.646 ms where flex took 0.837 (B8 H20 S1024 D64 bf16). It stays opt-in until its
-    # final form (v at head dim d) has passed the GPU tests.
-    alibi_kernel: str = "flex"
+    # flex); flex = FlexAttention score_mod on GPU (no dropout; elsewhere the dense bias);
+    # dense = an SDPA float bias (the reference); auto (default) = augmented on GPU, dense on
+    # CPU. Padding masks and KV-cache decoding always use the dense bias. benchmarks/attention.py
+    # compares them (B8 H20 S1024 D64 bf16, fwd+bwd): augmented 0.814 ms vs flex 0.875 on an
+    # H100, 0.646 vs 0.837 on an H200.
+    alibi_kernel: str = "auto"
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.
     # None -> on for GPT (the fast path; false = megatron-core's output layer + cross-entropy)
@@ -149,7 +149,7 @@ class ModelConfig:
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
-        _choice(self.alibi_kernel, ("augmented", "flex", "dense"), "model.alibi_kernel")
+        _choice(self.alibi_kernel, ("auto", "augmented", "flex", "dense"), "model.alibi_kernel")
         _choice(self.position_embedding_type,
                 ("learned_absolute", "rope", "alibi", "none", "relative"),
                 "model.position_embedding_type")

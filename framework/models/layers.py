@@ -4,9 +4,10 @@
   (flash / cuDNN / memory-efficient backends on GPU, the math path on CPU). It implements
   megatron-core's `CoreAttention` protocol (megatron/core/transformer/attention.py), so it plugs
   into a layer spec's `core_attention` slot. With `alibi=True` it adds ALiBi biases
-  (framework/models/attention_variants.py): in training and prefill through FlexAttention on GPU
-  (`alibi_kernel="flex"`, the default) or as extra q/k head dims that SDPA's fused causal kernels
-  carry (`"augmented"`); with padding masks, a KV cache or on CPU as a dense SDPA bias.
+  (framework/models/attention_variants.py): in training and prefill as extra q/k head dims that
+  SDPA's fused causal kernels carry (`alibi_kernel="augmented"`, the GPU default) or through
+  FlexAttention (`"flex"`); with padding masks, a KV cache or on CPU (by default) as a dense SDPA
+  bias.
 * `MLPOutputLinear` and `fix_checkpoint_without_output`: selective recompute of "mlp" (with
   biased linears) and of "layernorm" (without TE), which megatron-core 0.16 alone cannot run.
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
@@ -57,7 +58,7 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
         alibi: bool = False,
         flex_kernel_options: Optional[dict] = None,
-        alibi_kernel: str = "flex",
+        alibi_kernel: str = "auto",
     ):
         super().__init__(config=config)
         tp_rank, tp = tp_rank_and_size(pg_collection)
@@ -100,7 +101,10 @@ class SDPAttention(MegatronModule):
                             and mask_type == AttnMaskType.causal and sq == k.shape[2])
             # fp32 on CUDA: the extra columns' products are not exact in the kernels' arithmetic
             # (a GPU fp32 check missed its tolerance), so FlexAttention runs it there
-            augmented = (self.alibi_kernel == "augmented" and plain_causal
+            kernel = self.alibi_kernel
+            if kernel == "auto":  # GPU: the fastest measured; CPU: the reference
+                kernel = "augmented" if q.is_cuda else "dense"
+            augmented = (kernel == "augmented" and plain_causal
                          and alibi_augment_supported(k.shape[2])
                          and not (q.is_cuda and q.dtype == torch.float32))
             if augmented:
@@ -112,7 +116,7 @@ class SDPAttention(MegatronModule):
                                                                  q.shape[-1], q.dtype)
                 q, k = alibi_augment(q, k, self._alibi_q_columns[key])
                 return _to_sbh(self._sdpa(q, k, v, None, p, True))
-            if (self.alibi_kernel != "dense" and flex_supported(q) and p == 0.0
+            if (kernel != "dense" and flex_supported(q) and p == 0.0
                     and plain_causal):
                 return _to_sbh(flex_alibi(q, k, v, slopes, self.softmax_scale,
                                           self.flex_kernel_options))
