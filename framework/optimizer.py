@@ -4,9 +4,9 @@ GPU: megatron-core's `get_megatron_optimizer` (mixed precision, fp16 loss scalin
 optimizer; it falls back from TE to apex to torch on its own) and `OptimizerParamScheduler`.
 
 CPU: mcore's optimizers hard-code CUDA tensors for the grad norm and loss scale, so `CpuOptimizer`
-subclasses mcore's `FP32Optimizer` and replaces only those pieces. `optimizer.fused_step` selects
-torch's fused CPU kernel there too (the same skip-on-`found_inf` semantics as on the GPU). Param groups, the state dict
-and the sharded (reshardable) checkpoint format stay mcore's.
+subclasses mcore's `FP32Optimizer` and replaces only those pieces. Param groups, the state dict
+and the sharded (reshardable) checkpoint format stay mcore's. `optimizer.fused_step` selects
+torch's fused CPU kernel there too (the same skip-on-`found_inf` semantics as on the GPU).
 """
 from __future__ import annotations
 

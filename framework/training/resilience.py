@@ -1,13 +1,13 @@
 """Keeping a long run alive and its checkpoints sound.
 
 * `StopRequest`: SIGTERM / SIGUSR1 on any rank, or the `train.max_minutes` wall-clock budget,
-  becomes a flag that every rank agrees on (one tiny all-reduce per step); the loop then saves a
-  checkpoint and returns, and the process exits 0.
+  becomes a flag that every rank agrees on (one tiny all-reduce per step, read one step later when
+  step stats are deferred); the loop then saves a checkpoint and returns, and the process exits 0.
 * `guarded_optimizer_step`: mcore's optimizer step, split so that a non-finite loss or grad norm is
   seen *before* the update; `deferred_optimizer_step` does the same on the device, so that the
-  host reads a step's loss and grad norm later and never waits for the GPU between steps; `NanGuard` applies `train.nan_policy` (skip | stop) and
-  `train.max_consecutive_nan`; `SpikeDetector` warns when the loss jumps above
-  `train.spike_factor` x its running mean.
+  host reads a step's loss and grad norm later and never waits for the GPU between steps.
+  `NanGuard` applies `train.nan_policy` (skip | stop) and `train.max_consecutive_nan`;
+  `SpikeDetector` warns when the loss jumps above `train.spike_factor` x its running mean.
 * `Watchdog`: a thread that reports which rank is stuck in which phase of which step when nothing
   moves for longer than the collective timeout, then ends the process.
 * `prune_checkpoints` / `remove_stale_tmp`: `checkpoint.keep_last` retention and the clean-up of
