@@ -113,6 +113,11 @@ def main():
                                                                           scale=scale),
         "FlexAttention causal, no bias (flex's own floor)": lambda: flex_causal(),
     }
+    from benchmarks import cudnn_alibi
+
+    if cudnn_alibi.available():  # nvidia-cudnn-frontend installed (not in the GPU image)
+        cands["cuDNN frontend ALiBi mask (own slopes)"] = (
+            lambda: cudnn_alibi.cudnn_alibi(q, k, v, scale))
     # FlexAttention ALiBi under other Triton kernel options (merged over FLEX_KERNEL_OPTIONS)
     for label, opts in FLEX_VARIANTS.items():
         if args.variants == "none" or (args.variants != "all" and label not in args.variants):
@@ -138,6 +143,13 @@ def main():
         got = cands["FlexAttention ALiBi (score_mod)"]().float()
         err = (ref - got).abs().max().item()
         err_aug = (ref - cands["SDPA ALiBi as extra q/k head dims (d+8), v d"]().float()).abs().max()
+        name = "cuDNN frontend ALiBi mask (own slopes)"
+        if name in cands:
+            try:
+                err_cudnn = (ref - cands[name]().float()).abs().max().item()
+                print(f"# max |cuDNN frontend ALiBi - dense (our slopes)| = {err_cudnn:.2e}")
+            except Exception as e:  # an API this script does not know: the row reports it too
+                print(f"# cuDNN frontend ALiBi failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  B{b} H{n} S{s} D{d} "
           f"{args.dtype}  fwd+bwd  (max |flex - dense| = {err:.2e}, max |extra dims - dense| = "
           f"{err_aug.item():.2e})")
