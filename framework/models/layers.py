@@ -256,17 +256,15 @@ class AddmmWgrad:
         main_grad.addmm_(grad_output.t(), total_input)
 
 
-def install_fused_wgrad() -> bool:
+def install_fused_wgrad() -> None:
     """Let megatron-core's `gradient_accumulation_fusion` run without apex, through
-    `AddmmWgrad` (`build_model` calls it for `model.fused_wgrad` on GPU). Returns True when mcore
-    will fuse: apex's kernel is there, or ours was installed."""
+    `AddmmWgrad` (`build_model` calls it for `model.fused_wgrad` on GPU). Keeps apex's kernel
+    when it is installed; idempotent."""
     from megatron.core.tensor_parallel import layers as tp_layers
 
-    if tp_layers._grad_accum_fusion_available:
-        return True  # apex's kernel, or ours already
-    tp_layers.fused_weight_gradient_mlp_cuda = AddmmWgrad
-    tp_layers._grad_accum_fusion_available = True
-    return True
+    if not tp_layers._grad_accum_fusion_available:
+        tp_layers.fused_weight_gradient_mlp_cuda = AddmmWgrad
+        tp_layers._grad_accum_fusion_available = True
 
 
 class Norm(torch.nn.Module):

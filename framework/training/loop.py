@@ -58,6 +58,12 @@ class Runtime:
     flops_per_token: float
 
 
+def _on_host(vals: torch.Tensor, keys: List[str]) -> Tuple[float, Dict[str, float]]:
+    """Reduced losses (`Trainer._reduce_losses_tensor`) -> (lm loss, {other_key: value})."""
+    values = vals.tolist()
+    return values[0], dict(zip(keys[1:], values[1:]))
+
+
 class _StepStats:
     """One step's stats as a float64 device tensor [losses..., updated, grad_norm, non_finite],
     copied to host memory as the step finishes; `read()` waits for that step only."""
@@ -133,8 +139,7 @@ class Trainer:
                 self.scheduler.step(increment=1)  # taken back in flush() if the step was skipped
             self._pending = _StepStats(step, torch.cat([vals.double(), stats]), keys)
             return done
-        values = vals.tolist()
-        loss, extra = values[0], dict(zip(keys[1:], values[1:]))
+        loss, extra = _on_host(vals, keys)
         # the finiteness checks come before the update (a NaN step never touches the weights)
         with record_function("phase/optimizer"):
             ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
@@ -170,9 +175,7 @@ class Trainer:
     def _reduce_losses(self, losses: List[Dict[str, torch.Tensor]]
                        ) -> Tuple[float, Dict[str, float]]:
         """(lm loss, {other_key: value}) of `_reduce_losses_tensor`, on the host."""
-        vals, keys = self._reduce_losses_tensor(losses)
-        values = vals.tolist()
-        return values[0], dict(zip(keys[1:], values[1:]))
+        return _on_host(*self._reduce_losses_tensor(losses))
 
     def _reduce_losses_tensor(self, losses: List[Dict[str, torch.Tensor]]
                               ) -> Tuple[torch.Tensor, List[str]]:

@@ -52,6 +52,7 @@ class StopRequest:
         self.device = device or torch.device("cpu")
         self.signum: Optional[int] = None
         self._previous = {}
+        self._inflight: Optional[HostCopy] = None  # agreed(deferred=True): last step's flag
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is not threading.main_thread():
@@ -90,7 +91,7 @@ class StopRequest:
         flag = torch.full((1,), code, dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if deferred and self.device.type == "cuda":
-            previous, self._inflight = getattr(self, "_inflight", None), HostCopy(flag)
+            previous, self._inflight = self._inflight, HostCopy(flag)
             got = 0 if previous is None else int(previous.read()[0])
         else:
             got = int(flag.item())
@@ -177,8 +178,8 @@ def guarded_optimizer_step(optimizer, loss: float):
     # a ChainedOptimizer clips every member by the one total norm, as its own step() does
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+    for opt in _members(optimizer):
+        params = opt.get_parameters()
         if not params or opt.config.clip_grad <= 0.0:
             continue
         if hasattr(opt, "clip_grads_by_norm"):  # our CPU optimizer
