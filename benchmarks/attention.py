@@ -113,11 +113,15 @@ def main():
                                                                           scale=scale),
         "FlexAttention causal, no bias (flex's own floor)": lambda: flex_causal(),
     }
-    from benchmarks import cudnn_alibi
+    from framework.fast import cudnn_attention
 
-    if cudnn_alibi.available():  # nvidia-cudnn-frontend installed (not in the GPU image)
-        cands["cuDNN frontend ALiBi mask (own slopes)"] = (
-            lambda: cudnn_alibi.cudnn_alibi(q, k, v, scale))
+    if cudnn_attention.available():  # nvidia-cudnn-frontend installed (the `gpu` extra)
+        cands["cuDNN ALiBi mask (cuDNN's slopes, TP1)"] = (
+            lambda: cudnn_attention.cudnn_alibi_attention(q, k, v, scale))
+        cands["cuDNN causal + ALiBi bias tensor (any TP)"] = (
+            lambda: cudnn_attention.cudnn_alibi_attention(q, k, v, scale, slopes, mode="bias"))
+    else:
+        print("# cuDNN frontend not importable: its candidates are skipped")
     # FlexAttention ALiBi under other Triton kernel options (merged over FLEX_KERNEL_OPTIONS)
     for label, opts in FLEX_VARIANTS.items():
         if args.variants == "none" or (args.variants != "all" and label not in args.variants):
@@ -143,13 +147,12 @@ def main():
         got = cands["FlexAttention ALiBi (score_mod)"]().float()
         err = (ref - got).abs().max().item()
         err_aug = (ref - cands["SDPA ALiBi as extra q/k head dims (d+8), v d"]().float()).abs().max()
-        name = "cuDNN frontend ALiBi mask (own slopes)"
-        if name in cands:
+        for name in [c for c in cands if c.startswith("cuDNN")]:
             try:
-                err_cudnn = (ref - cands[name]().float()).abs().max().item()
-                print(f"# max |cuDNN frontend ALiBi - dense (our slopes)| = {err_cudnn:.2e}")
-            except Exception as e:  # an API this script does not know: the row reports it too
-                print(f"# cuDNN frontend ALiBi failed: {type(e).__name__}: {str(e)[:300]}")
+                dev_ = (ref - cands[name]().float()).abs().max().item()
+                print(f"# max |{name} - dense (our slopes)| = {dev_:.2e}")
+            except Exception as e:  # the row below reports it too
+                print(f"# {name} failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  B{b} H{n} S{s} D{d} "
           f"{args.dtype}  fwd+bwd  (max |flex - dense| = {err:.2e}, max |extra dims - dense| = "
           f"{err_aug.item():.2e})")

@@ -62,6 +62,8 @@ CANDIDATES = {
               ["model.position_embedding_type=alibi"]),
     "alibi_flex": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi",
                                                    "model.alibi_kernel=flex"]),
+    "alibi_cudnn": ("ours, ALiBi (cuDNN fused attention, its ALiBi mask)",
+                    ["model.position_embedding_type=alibi", "model.alibi_kernel=cudnn"]),
 }
 
 

@@ -78,8 +78,10 @@ class ModelConfig:
     # augmented = extra q/k head dims carrying slope * key position, so SDPA's fused causal
     # kernels run it, dropout included (bf16/fp16 on GPU, any dtype on CPU; fp32 on GPU takes
     # flex); flex = FlexAttention score_mod on GPU (no dropout; elsewhere the dense bias);
-    # dense = an SDPA float bias (the reference); auto (default) = augmented on GPU, dense on
-    # CPU. Padding masks and KV-cache decoding always use the dense bias. benchmarks/attention.py
+    # cudnn = cuDNN's fused attention with ALiBi inside (needs nvidia-cudnn-frontend, the `gpu`
+    # extra; bf16/fp16; its own ALiBi mask at TP1, a dense bias tensor under TP; otherwise
+    # augmented); dense = an SDPA float bias (the reference); auto (default) = augmented on
+    # GPU, dense on CPU. Padding masks and KV-cache decoding always use the dense bias. benchmarks/attention.py
     # compares them (B8 H20 S1024 D64 bf16, fwd+bwd): augmented 0.814 ms vs flex 0.875 on an
     # H100, 0.646 vs 0.837 on an H200.
     alibi_kernel: str = "auto"
@@ -149,7 +151,8 @@ class ModelConfig:
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
-        _choice(self.alibi_kernel, ("auto", "augmented", "flex", "dense"), "model.alibi_kernel")
+        _choice(self.alibi_kernel, ("auto", "augmented", "cudnn", "flex", "dense"),
+                "model.alibi_kernel")
         _choice(self.position_embedding_type,
                 ("learned_absolute", "rope", "alibi", "none", "relative"),
                 "model.position_embedding_type")

@@ -370,11 +370,17 @@ def test_tp2_matches_tp1_nccl(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["augmented", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_augmented_alibi_matches_dense_cuda(mp1, dtype):
-    """alibi_kernel=augmented on CUDA equals the dense-bias reference (fp32, float64 bias) in
-    outputs and q/k/v gradients: MHA and GQA, 1024 and 4096 keys. bf16 runs the extra head dims
-    through SDPA; fp32 falls back to FlexAttention (the extra dims missed the fp32 tolerance)."""
+def test_augmented_alibi_matches_dense_cuda(mp1, dtype, kernel):
+    """alibi_kernel=augmented (and =cudnn) on CUDA equals the dense-bias reference (fp32,
+    float64 bias) in outputs and q/k/v gradients: MHA and GQA, 1024 and 4096 keys. bf16 runs the
+    extra head dims through SDPA (or cuDNN's own ALiBi mask, whose slopes must be ours for 20
+    and 8 heads); fp32 falls back to FlexAttention (the extra dims missed the fp32 tolerance)."""
+    from framework.fast import cudnn_attention
+
+    if kernel == "cudnn" and not cudnn_attention.available():
+        pytest.skip("nvidia-cudnn-frontend is not installed")
     from megatron.core.transformer.enums import AttnMaskType
 
     from framework.models.gpt import transformer_config
@@ -388,7 +394,7 @@ def test_augmented_alibi_matches_dense_cuda(mp1, dtype):
                    position_embedding_type="alibi")
         tcfg = transformer_config(cfg, ParallelConfig(), bf16=False, fp16=False, on_gpu=False)
         att = SDPAttention(tcfg, 1, AttnMaskType.causal, "self", alibi=True,
-                           alibi_kernel="augmented").eval()
+                           alibi_kernel=kernel).eval()
         q = torch.randn(s, 2, heads, 64, device=dev, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(s, 2, groups, 64, device=dev, dtype=dtype, requires_grad=True)
                 for _ in range(2))
@@ -407,6 +413,60 @@ def test_augmented_alibi_matches_dense_cuda(mp1, dtype):
             # gradients sum over many keys/queries: compare relative to their scale
             err = (a.float() - e.float()).abs().max() / e.float().abs().max()
             assert err < (3e-2 if dtype == torch.bfloat16 else 2e-3), (heads, s, err)
+
+
+@pytest.mark.gpu
+def test_cudnn_alibi_bias_form_and_dropout(mp1):
+    """The cuDNN kernel's dense-bias form (a TP rank's slopes, here rank 1 of 2 for 20 heads,
+    GQA) equals the dense reference in outputs and gradients; with attention dropout it is
+    reproducible from torch's CUDA seed, drops about p of the probabilities, and backward uses
+    the forward's mask (the gradient of sum(out * w) w.r.t. v is P_dropped^T w)."""
+    from framework.fast import cudnn_attention
+    from framework.models.attention_variants import alibi_slopes_for_rank
+
+    if not cudnn_attention.available():
+        pytest.skip("nvidia-cudnn-frontend is not installed")
+    torch.manual_seed(0)
+    dev, s, b, heads, groups = torch.device("cuda"), 512, 2, 10, 5
+    slopes = alibi_slopes_for_rank(20, 2, 1).float().to(dev)
+    q = torch.randn(b, heads, s, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, groups, s, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    out = cudnn_attention.cudnn_alibi_attention(q, k, v, 0.125, slopes, mode="bias")
+    qq, kk, vv = (t.float() for t in (q, k, v))
+    kk, vv = (t.repeat_interleave(heads // groups, 1) for t in (kk, vv))
+    bias = alibi_bias(slopes.double(), s, s, dev, torch.float64).float()
+    ref = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=bias, scale=0.125)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, e in zip(got, want):
+        assert (a.float() - e.float()).abs().max() / e.float().abs().max() < 3e-2
+    # dropout: same seed -> same output; about p of the probabilities dropped, the rest scaled
+    # by 1/(1-p); backward applies the forward's mask. v = identity columns, so
+    # out[..., j] = P_dropped[:, j] for the first 64 keys.
+    p = 0.25
+    v1 = torch.eye(s, 64, device=dev).repeat(b, groups, 1, 1).bfloat16().requires_grad_()
+    k1 = k.detach()
+    plain = cudnn_attention.cudnn_alibi_attention(q.detach(), k1, v1, 0.125).float()[..., :64]
+    runs = []
+    for _ in range(2):
+        torch.cuda.manual_seed(123)
+        runs.append(cudnn_attention.cudnn_alibi_attention(q.detach(), k1, v1, 0.125,
+                                                          dropout_p=p))
+    assert torch.equal(runs[0], runs[1])
+    pd = runs[0].float()[..., :64]
+    live = plain > 1e-2  # probabilities well above bf16 underflow
+    kept = pd[live] > 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.03
+    torch.testing.assert_close(pd[live][kept], plain[live][kept] / (1 - p), rtol=2e-2, atol=1e-3)
+    w = torch.randn(b, heads, s, 64, device=dev)
+    gv, = torch.autograd.grad((runs[0].float() * w).sum(), (v1,))
+    want = torch.einsum("bhij,bhid->bhjd", pd, w)
+    want = want.view(b, groups, heads // groups, 64, 64).sum(2)
+    err = (gv[:, :, :64].float() - want).abs().max() / want.abs().max()
+    assert err < 3e-2, err
 
 
 @pytest.mark.gpu

@@ -29,6 +29,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from framework.fast.cudnn_attention import cudnn_alibi_attention
+from framework.fast.cudnn_attention import supported as cudnn_supported
 from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
                                                  alibi_bias, alibi_q_columns,
                                                  alibi_slopes_for_rank, flex_alibi,
@@ -76,6 +78,9 @@ class SDPAttention(MegatronModule):
         self._alibi_q_columns = {}  # (dtype, device) -> [n, extra] (alibi_kernel=augmented)
         self.alibi_slopes = (alibi_slopes_for_rank(config.num_attention_heads, tp, tp_rank).float()
                              if alibi else None)
+        # cuDNN's built-in ALiBi mask derives the slopes from the local head count: right only
+        # when this rank holds every head; otherwise the cudnn kernel reads a dense bias
+        self._cudnn_mode = "alibi" if tp == 1 else "bias"
 
     def forward(
         self,
@@ -104,7 +109,11 @@ class SDPAttention(MegatronModule):
             kernel = self.alibi_kernel
             if kernel == "auto":  # GPU: the fastest measured; CPU: the reference
                 kernel = "augmented" if q.is_cuda else "dense"
-            augmented = (kernel == "augmented" and plain_causal
+            if (kernel == "cudnn" and plain_causal
+                    and cudnn_supported(q, k, p)):
+                return _to_sbh(self._rng_scope(p, True, lambda: cudnn_alibi_attention(
+                    q, k, v, self.softmax_scale, slopes, p, self._cudnn_mode)))
+            augmented = (kernel in ("augmented", "cudnn") and plain_causal
                          and alibi_augment_supported(k.shape[2])
                          and not (q.is_cuda and q.dtype == torch.float32))
             if augmented:
@@ -161,13 +170,16 @@ class SDPAttention(MegatronModule):
             # so it can run inside a CUDA-graph capture (generation's decode_cuda_graph)
             rep = q.shape[1] // k.shape[1]
             k, v = _repeat_groups(k, rep), _repeat_groups(v, rep)
-        if p > 0 and q.is_cuda and not self.config.sequence_parallel:
+        return self._rng_scope(p, q.is_cuda, lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.softmax_scale))
+
+    def _rng_scope(self, p: float, on_cuda: bool, fn):
+        """Run `fn` under mcore's model-parallel RNG fork when it draws attention dropout on
+        CUDA (each TP rank drops its own heads differently), otherwise as is."""
+        if p > 0 and on_cuda and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                      is_causal=is_causal,
-                                                      scale=self.softmax_scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                              is_causal=is_causal, scale=self.softmax_scale)
+                return fn()
+        return fn()
 
 
 def _to_sbh(out: torch.Tensor) -> torch.Tensor:
