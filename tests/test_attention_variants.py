@@ -398,7 +398,11 @@ def test_augmented_alibi_matches_dense_cuda(mp1, dtype, kernel):
         q = torch.randn(s, 2, heads, 64, device=dev, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(s, 2, groups, 64, device=dev, dtype=dtype, requires_grad=True)
                 for _ in range(2))
+        built = len(cudnn_attention._GRAPHS)
         out = att(q, k, v, None)
+        if kernel == "cudnn" and dtype == torch.bfloat16:  # cuDNN ran, not a silent fallback
+            assert not cudnn_attention._BROKEN and len(cudnn_attention._GRAPHS) > built, \
+                cudnn_attention._BROKEN
         qq, kk, vv = (t.float().permute(1, 2, 0, 3) for t in (q, k, v))
         kk, vv = (t.repeat_interleave(heads // groups, 1) for t in (kk, vv))
         bias = alibi_bias(alibi_slopes(heads).to(dev), s, s, dev, torch.float64).float()

@@ -1,8 +1,10 @@
 """Causal ALiBi attention through the cuDNN frontend's fused SDPA graphs (optional accelerator).
 
 Needs the `nvidia-cudnn-frontend` package (PyPI, a self-contained binary wheel; our `gpu` extra
-pins a release whose Python API this file follows). It drives the libcudnn that torch already
-loads. Without it, or on CPU, `available()` is False and callers use their other kernels.
+pins 1.18, whose Python API this file follows). It drives the libcudnn that torch already loads;
+a frontend built against a newer cuDNN than that one can fail to build graphs (1.24 with torch
+2.11's cuDNN 9.19 did). Without it, on CPU, or after such a failure (`CudnnUnavailable`, warned
+once), `available()` is False and callers use their other kernels.
 
 Two ways to add the ALiBi bias inside cuDNN's flash-style kernel, both with cuDNN's causal
 diagonal band (so fully masked key blocks are skipped):
@@ -22,6 +24,7 @@ no host synchronisation; backward reuses the forward's seed.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -29,10 +32,18 @@ import torch
 _GRAPHS: Dict[Tuple, tuple] = {}
 _HANDLES: Dict[int, int] = {}
 _BIAS: Dict[Tuple, torch.Tensor] = {}
+_BROKEN: list = []  # the first graph-build failure, if any: then never tried again
+
+
+class CudnnUnavailable(RuntimeError):
+    """cuDNN could not build the attention graphs here; the caller falls back."""
 
 
 def available() -> bool:
-    """True when the cuDNN frontend imports and reaches a cuDNN 9 backend."""
+    """True when the cuDNN frontend imports and reaches a cuDNN 9 backend (and no graph build
+    has failed in this process)."""
+    if _BROKEN:
+        return False
     try:
         import cudnn
 
@@ -88,6 +99,17 @@ def _graphs(key, q, k, v, o, bias, scale: float, mode: str, dropout_p: float):
     """Forward and backward graphs for these shapes and layouts (built once, then cached)."""
     if key in _GRAPHS:
         return _GRAPHS[key]
+    try:
+        _GRAPHS[key] = _build_pair(q, k, v, o, bias, scale, mode, dropout_p)
+    except Exception as e:  # an unsupported shape or a frontend/backend version mismatch
+        _BROKEN.append(f"{type(e).__name__}: {e}")
+        warnings.warn("cuDNN attention graphs could not be built, using the other kernels "
+                      f"from now on: {_BROKEN[0][:300]}")
+        raise CudnnUnavailable(_BROKEN[0]) from e
+    return _GRAPHS[key]
+
+
+def _build_pair(q, k, v, o, bias, scale: float, mode: str, dropout_p: float):
     import cudnn
 
     io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[q.dtype]
@@ -137,8 +159,7 @@ def _graphs(key, q, k, v, o, bias, scale: float, mode: str, dropout_p: float):
         grad_t.set_output(True).set_dim([b_, n_, s_, d_]) \
             .set_stride([n_ * d_, d_, b_ * n_ * d_, 1]).set_data_type(io)
     bt.update(dq=dq, dk=dk, dv=dv)
-    _GRAPHS[key] = ((_build(fg), ft), (_build(bg), bt))
-    return _GRAPHS[key]
+    return (_build(fg), ft), (_build(bg), bt)
 
 
 def _execute(g, tensors: dict, buffers: dict) -> None:

@@ -29,7 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from framework.fast.cudnn_attention import cudnn_alibi_attention
+from framework.fast.cudnn_attention import CudnnUnavailable, cudnn_alibi_attention
 from framework.fast.cudnn_attention import supported as cudnn_supported
 from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
                                                  alibi_bias, alibi_q_columns,
@@ -109,10 +109,12 @@ class SDPAttention(MegatronModule):
             kernel = self.alibi_kernel
             if kernel == "auto":  # GPU: the fastest measured; CPU: the reference
                 kernel = "augmented" if q.is_cuda else "dense"
-            if (kernel == "cudnn" and plain_causal
-                    and cudnn_supported(q, k, p)):
-                return _to_sbh(self._rng_scope(p, True, lambda: cudnn_alibi_attention(
-                    q, k, v, self.softmax_scale, slopes, p, self._cudnn_mode)))
+            if kernel == "cudnn" and plain_causal and cudnn_supported(q, k, p):
+                try:
+                    return _to_sbh(self._rng_scope(p, True, lambda: cudnn_alibi_attention(
+                        q, k, v, self.softmax_scale, slopes, p, self._cudnn_mode)))
+                except CudnnUnavailable:  # warned once; the augmented kernel below runs
+                    pass
             augmented = (kernel in ("augmented", "cudnn") and plain_causal
                          and alibi_augment_supported(k.shape[2])
                          and not (q.is_cuda and q.dtype == torch.float32))
