@@ -39,6 +39,25 @@ def bench(fn, warmup=10, iters=50):
     return sorted(times)[len(times) // 2]
 
 
+def kernel_ms(fn, iters=20):
+    """GPU kernel time per call (CUPTI, summed over the call's kernels and copies): the
+    attention time itself, without the host's launch gaps that event timing of a short call
+    also counts."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(getattr(e, "device_time", None) or e.cuda_time for e in prof.events()
+             if e.device_type == DeviceType.CUDA)
+    return us / 1000 / iters
+
+
 def main():
     from framework.models.attention_variants import alibi_bias, alibi_slopes, flex_alibi
 
@@ -51,14 +70,22 @@ def main():
     ap.add_argument("--variants", default="all",
                     help="FlexAttention kernel-option variants: all, none, or a comma list of "
                          "labels from FLEX_VARIANTS")
+    ap.add_argument("--layout", default="bhsd", choices=["bhsd", "sbhd"],
+                    help="q/k/v memory layout: contiguous [b, n, s, d], or [b, n, s, d] views of "
+                         "[s, b, n, d] tensors (what mcore's attention hands the core attention)")
     ap.add_argument("--autotune", action="store_true",
                     help="also time flex_attention compiled with max-autotune (slow to compile)")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     dev = torch.device("cuda")
     b, n, s, d = args.batch, args.heads, args.seq, args.dim
-    q, k, v = (torch.randn(b, n, s, d, device=dev, dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    if args.layout == "bhsd":
+        q, k, v = (torch.randn(b, n, s, d, device=dev, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+    else:  # leaves in mcore's [s, b, n, d] layout, viewed as [b, n, s, d]
+        leaves = [torch.randn(s, b, n, d, device=dev, dtype=dtype, requires_grad=True)
+                  for _ in range(3)]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in leaves)
     grad = torch.randn(b, n, s, d, device=dev, dtype=dtype)
     slopes = alibi_slopes(n).float().to(dev)
     scale = d ** -0.5
@@ -74,8 +101,14 @@ def main():
     def step(f):
         def run():
             out = f()
-            out.backward(grad)
-            q.grad = k.grad = v.grad = None
+            if args.layout == "bhsd":
+                out.backward(grad)
+                q.grad = k.grad = v.grad = None
+            else:  # as in the model: the output goes back to [s, b, n*d]
+                out.permute(2, 0, 1, 3).reshape(s, b, n * d).backward(
+                    grad.permute(2, 0, 1, 3).reshape(s, b, n * d))
+                for t in leaves:
+                    t.grad = None
         return run
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -116,10 +149,12 @@ def main():
     from framework.fast import cudnn_attention
 
     if cudnn_attention.available():  # nvidia-cudnn-frontend installed (the `gpu` extra)
+        cands["cuDNN frontend causal (no bias)"] = (
+            lambda: cudnn_attention.cudnn_causal_attention(q, k, v, scale))
         cands["cuDNN ALiBi mask (cuDNN's slopes, TP1)"] = (
-            lambda: cudnn_attention.cudnn_alibi_attention(q, k, v, scale))
+            lambda: cudnn_attention.cudnn_causal_attention(q, k, v, scale, mode="alibi"))
         cands["cuDNN causal + ALiBi bias tensor (any TP)"] = (
-            lambda: cudnn_attention.cudnn_alibi_attention(q, k, v, scale, slopes, mode="bias"))
+            lambda: cudnn_attention.cudnn_causal_attention(q, k, v, scale, slopes, mode="bias"))
     else:
         print("# cuDNN frontend not importable: its candidates are skipped")
     # FlexAttention ALiBi under other Triton kernel options (merged over FLEX_KERNEL_OPTIONS)
@@ -157,23 +192,30 @@ def main():
           f"{args.dtype}  fwd+bwd  (max |flex - dense| = {err:.2e}, max |extra dims - dense| = "
           f"{err_aug.item():.2e})")
     # rows are printed as they are measured (a slow autotune at the end cannot lose the table)
-    print(f"| {'kernel':<48}| ms     | vs causal SDPA |")
-    print(f"|{'-' * 49}|--------|----------------|", flush=True)
-    times = {}
+    print(f"# layout {args.layout}; 'ms' = CUDA events around each call (host gaps included), "
+          "'kernel ms' = the GPU's kernel time per call (profiler)")
+    print(f"| {'kernel':<48}| ms     | vs causal SDPA | kernel ms | vs causal SDPA |")
+    print(f"|{'-' * 49}|--------|----------------|-----------|----------------|", flush=True)
+    times, ktimes = {}, {}
     for name, f in cands.items():
         try:
             times[name] = bench(step(f))
+            ktimes[name] = kernel_ms(step(f))
         except Exception as e:  # a kernel option the installed Triton/inductor rejects
-            times[name] = None
-            print(f"| {name:<48}| failed |                | {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160] if str(e) else ''}", flush=True)
+            times[name] = ktimes[name] = None
+            print(f"| {name:<48}| failed |                |           |                | "
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
+                  flush=True)
             continue
-        floor = times["causal SDPA (no bias)"]
-        print(f"| {name:<48}| {times[name]:6.3f} | {times[name] / floor:13.2f}x |", flush=True)
-    floor = times["causal SDPA (no bias)"]
-    alibi = {n: t for n, t in times.items() if t is not None and "ALiBi" in n}
-    best = min(alibi, key=alibi.get)
-    print(f"fastest ALiBi: {best}: {alibi[best]:.3f} ms = {alibi[best] / floor:.2f}x causal SDPA")
+        floor, kfloor = times["causal SDPA (no bias)"], ktimes["causal SDPA (no bias)"]
+        print(f"| {name:<48}| {times[name]:6.3f} | {times[name] / floor:13.2f}x | "
+              f"{ktimes[name]:9.3f} | {ktimes[name] / kfloor:13.2f}x |", flush=True)
+    floor, kfloor = times["causal SDPA (no bias)"], ktimes["causal SDPA (no bias)"]
+    for label, tab, ref in (("events", times, floor), ("kernel time", ktimes, kfloor)):
+        alibi = {n: t for n, t in tab.items() if t is not None and "ALiBi" in n}
+        best = min(alibi, key=alibi.get)
+        print(f"fastest ALiBi ({label}): {best}: {alibi[best]:.3f} ms = "
+              f"{alibi[best] / ref:.2f}x causal SDPA")
 
 
 # Triton kernel options for FlexAttention on Hopper-class GPUs (fwd_/bwd_ prefixes apply to one

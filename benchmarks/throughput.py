@@ -58,12 +58,18 @@ CANDIDATES = {
                                               "model.cuda_graph=true"]),
     # position embeddings (issue: attention variants), default kernels otherwise
     "rope": ("ours, RoPE", ["model.position_embedding_type=rope"]),
-    "alibi": ("ours, ALiBi (default on GPU: extra head dims through SDPA)",
+    "alibi": ("ours, ALiBi (default kernel)",
               ["model.position_embedding_type=alibi"]),
     "alibi_flex": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi",
                                                    "model.alibi_kernel=flex"]),
     "alibi_cudnn": ("ours, ALiBi (cuDNN fused attention, its ALiBi mask)",
                     ["model.position_embedding_type=alibi", "model.alibi_kernel=cudnn"]),
+    "alibi_augmented": ("ours, ALiBi (extra head dims through torch SDPA)",
+                        ["model.position_embedding_type=alibi", "model.alibi_kernel=augmented"]),
+    "sdpa_attention": ("ours, torch SDPA attention (model.cudnn_attention=false)",
+                       ["model.cudnn_attention=false"]),
+    "rope_fused": ("ours, RoPE (our fused kernel)", ["model.position_embedding_type=rope",
+                                                    "model.rope_fusion=true"]),
 }
 
 

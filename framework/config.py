@@ -85,6 +85,12 @@ class ModelConfig:
     # compares them (B8 H20 S1024 D64 bf16, fwd+bwd): augmented 0.814 ms vs flex 0.875 on an
     # H100, 0.646 vs 0.837 on an H200.
     alibi_kernel: str = "auto"
+    # Causal self-attention in training through cuDNN's fused attention via the cuDNN frontend
+    # (framework/fast/cudnn_attention.py): q/k/v read in mcore's layout, GQA native, ALiBi
+    # inside the kernel at TP1. null (default) = when nvidia-cudnn-frontend (the `gpu` extra)
+    # is installed, else torch SDPA; true = require it; false = never. Evaluation, generation
+    # and CUDA-graph capture use torch SDPA.
+    cudnn_attention: Optional[bool] = None
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.
     # None -> on for GPT (the fast path; false = megatron-core's output layer + cross-entropy)
@@ -99,6 +105,9 @@ class ModelConfig:
     # (benchmarks/kernels.py, H100). false = mcore's unfused path (apex's kernel, when
     # installed, is used either way).
     fused_wgrad: bool = True
+    # GPU, RoPE: one Triton kernel per direction (framework/fast/rope.py) in place of
+    # megatron-core's ~10 unfused elementwise kernels (TE's fused RoPE slot); false = mcore's
+    rope_fusion: bool = True
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU.

@@ -63,6 +63,12 @@ def run(cfg: Config) -> None:
     if device == "cuda" and not launched_externally() and world > torch.cuda.device_count():
         raise ConfigError(f"the layout needs {world} GPUs (TP x PP x DP) but "
                           f"{torch.cuda.device_count()} are visible")
+    if cfg.model.cudnn_attention:
+        from framework.fast import cudnn_attention
+
+        if device != "cuda" or not cudnn_attention.available():
+            raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
+                              "frontend (pip install -e '.[gpu]'); null uses it when present")
     from framework.training.resilience import preflight
 
     preflight(cfg)  # checkpoints, tokenizer, data files: one line from here, before any worker

@@ -436,7 +436,7 @@ def test_cudnn_alibi_bias_form_and_dropout(mp1):
     q = torch.randn(b, heads, s, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(b, groups, s, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
-    out = cudnn_attention.cudnn_alibi_attention(q, k, v, 0.125, slopes, mode="bias")
+    out = cudnn_attention.cudnn_causal_attention(q, k, v, 0.125, slopes, mode="bias")
     qq, kk, vv = (t.float() for t in (q, k, v))
     kk, vv = (t.repeat_interleave(heads // groups, 1) for t in (kk, vv))
     bias = alibi_bias(slopes.double(), s, s, dev, torch.float64).float()
@@ -453,12 +453,13 @@ def test_cudnn_alibi_bias_form_and_dropout(mp1):
     p = 0.25
     v1 = torch.eye(s, 64, device=dev).repeat(b, groups, 1, 1).bfloat16().requires_grad_()
     k1 = k.detach()
-    plain = cudnn_attention.cudnn_alibi_attention(q.detach(), k1, v1, 0.125).float()[..., :64]
+    plain = cudnn_attention.cudnn_causal_attention(q.detach(), k1, v1, 0.125,
+                                                   mode="alibi").float()[..., :64]
     runs = []
     for _ in range(2):
         torch.cuda.manual_seed(123)
-        runs.append(cudnn_attention.cudnn_alibi_attention(q.detach(), k1, v1, 0.125,
-                                                          dropout_p=p))
+        runs.append(cudnn_attention.cudnn_causal_attention(q.detach(), k1, v1, 0.125,
+                                                           dropout_p=p, mode="alibi"))
     assert torch.equal(runs[0], runs[1])
     pd = runs[0].float()[..., :64]
     live = plain > 1e-2  # probabilities well above bf16 underflow
@@ -558,3 +559,35 @@ def test_train_py_tp2_matches_tp1_alibi_mqa(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert abs(a[s] - b[s]) < 2e-5, (s, a[s], b[s])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_matches_megatron_core(dtype):
+    """framework/fast/rope.py's Triton RoPE equals mcore's unfused `_apply_rotary_pos_emb_bshd`
+    in outputs and input gradients: full and partial rotary dims (pass-through part), a
+    non-contiguous input (a slice of a fused qkv tensor, as mcore hands it over)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from framework.fast.rope import fused_rope, fused_supported
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    s, b, n, d = 256, 3, 5, 64
+    for rot in (64, 32):
+        inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=dev).float() / rot))
+        ang = torch.outer(torch.arange(s, device=dev).float(), inv)
+        freqs = torch.cat([ang, ang], -1)[:, None, None, :]
+        qkv = torch.randn(s, b, n, 3 * d, device=dev, dtype=dtype, requires_grad=True)
+        t = qkv[..., d:2 * d]  # non-contiguous
+        assert fused_supported(t, freqs)
+        got = fused_rope(t, freqs)
+        # reference in float64 (mcore rounds cos/sin to the input dtype; we keep them in fp32)
+        ref = _apply_rotary_pos_emb_bshd(t.double(), freqs.double())
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got.double(), ref, **tol)
+        w = torch.randn_like(ref)
+        g_got, = torch.autograd.grad((got.double() * w).sum(), qkv)
+        g_ref, = torch.autograd.grad((ref * w).sum(), qkv)
+        torch.testing.assert_close(g_got.double(), g_ref, **tol)
+        assert g_got[..., :d].abs().max() == 0 and g_got[..., 2 * d:].abs().max() == 0

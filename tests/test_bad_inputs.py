@@ -70,6 +70,7 @@ def _cases(d):
         (["parallel=pp2"], "parallel.pipeline_model_parallel_size"),
         (["parallel.sequence_parallel=true"], "sequence_parallel"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        (["model.cudnn_attention=true"], "model.cudnn_attention=true"),
         # data files (checked in the parent, also for a multi-worker layout)
         ([*idx, f"data.path=[{d}/nobin]"], f"{d}/nobin.bin"),
         ([*idx, f"data.path=[{d}/noidx]"], f"{d}/noidx.idx"),

@@ -1,4 +1,5 @@
-"""Causal ALiBi attention through the cuDNN frontend's fused SDPA graphs (optional accelerator).
+"""Causal attention (plain or with ALiBi) through the cuDNN frontend's fused SDPA graphs
+(an optional accelerator).
 
 Needs the `nvidia-cudnn-frontend` package (PyPI, a self-contained binary wheel; our `gpu` extra
 pins 1.18, whose Python API this file follows). It drives the libcudnn that torch already loads;
@@ -6,9 +7,9 @@ a frontend built against a newer cuDNN than that one can fail to build graphs (1
 2.11's cuDNN 9.19 did). Without it, on CPU, or after such a failure (`CudnnUnavailable`, warned
 once), `available()` is False and callers use their other kernels.
 
-Two ways to add the ALiBi bias inside cuDNN's flash-style kernel, both with cuDNN's causal
-diagonal band (so fully masked key blocks are skipped):
+Modes, all with cuDNN's causal diagonal band (fully masked key blocks are skipped):
 
+* `mode="causal"`: plain causal attention.
 * `mode="alibi"`: cuDNN's own ALiBi mask. cuDNN computes the slopes from the head count of the
   tensor it is given, with the ALiBi paper's formula, which is ours (`alibi_slopes`), also for
   head counts that are not a power of two. So it serves a rank that holds all heads (no tensor
@@ -79,7 +80,7 @@ def _mask_kwargs(cudnn, mode: str, bias_t) -> dict:
     kw = dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, diagonal_band_right_bound=0)
     if mode == "alibi":
         kw["use_alibi_mask"] = True
-    else:
+    elif mode == "bias":
         kw["bias"] = bias_t
     return kw
 
@@ -214,16 +215,16 @@ def alibi_bias_1hss(slopes: torch.Tensor, s: int, dtype: torch.dtype) -> torch.T
     return _BIAS[key]
 
 
-def cudnn_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                          mode: str = "alibi") -> torch.Tensor:
-    """Causal attention with an ALiBi bias; q [b, n, s, d], k/v [b, n_kv, s, d] (n_kv | n).
+def cudnn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                           mode: str = "causal") -> torch.Tensor:
+    """Causal attention; q [b, n, s, d], k/v [b, n_kv, s, d] (n_kv | n).
 
-    mode "alibi": cuDNN's slopes for n heads (= `alibi_slopes(n)`; `slopes` unused). mode
-    "bias": `slopes` (this rank's heads) as a dense additive bias. Returns [b, n, s, d] laid out
-    as [s, b, n, d]."""
-    if mode not in ("alibi", "bias"):
-        raise ValueError(f"mode must be 'alibi' or 'bias', got {mode!r}")
+    mode "causal": no position bias. "alibi": cuDNN's ALiBi slopes for n heads
+    (= `alibi_slopes(n)`; `slopes` unused). "bias": ALiBi with `slopes` (this rank's heads) as
+    a dense additive bias. Returns [b, n, s, d] laid out as [s, b, n, d]."""
+    if mode not in ("causal", "alibi", "bias"):
+        raise ValueError(f"mode must be 'causal', 'alibi' or 'bias', got {mode!r}")
     qkv = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     bias = alibi_bias_1hss(slopes, q.shape[2], q.dtype) if mode == "bias" else None
     return _CudnnAttention.apply(*qkv, bias, float(scale), mode, float(dropout_p))

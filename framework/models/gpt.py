@@ -77,6 +77,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=on_gpu and (model.fused_wgrad or _has_fused_wgrad()),
+        apply_rope_fusion=(on_gpu and model.rope_fusion
+                           and model.position_embedding_type == "rope"),
         deallocate_pipeline_outputs=True,
         overlap_p2p_comm=parallel.p2p_overlap,
         batch_p2p_comm=not parallel.p2p_overlap,
@@ -101,7 +103,7 @@ def gpt_layer_spec(model: ModelConfig):
     # mcore calls the core-attention builder directly (a class or any callable), not build_module
     core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi",
                               flex_kernel_options=model.flex_kernel_options,
-                              alibi_kernel=model.alibi_kernel)
+                              alibi_kernel=model.alibi_kernel, cudnn=model.cudnn_attention)
                       if model.attention_backend == "sdpa" else DotProductAttention)
     return ModuleSpec(
         module=TransformerLayer,

@@ -29,7 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from framework.fast.cudnn_attention import CudnnUnavailable, cudnn_alibi_attention
+from framework.fast.cudnn_attention import CudnnUnavailable, cudnn_causal_attention
 from framework.fast.cudnn_attention import supported as cudnn_supported
 from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
                                                  alibi_bias, alibi_q_columns,
@@ -61,6 +61,7 @@ class SDPAttention(MegatronModule):
         alibi: bool = False,
         flex_kernel_options: Optional[dict] = None,
         alibi_kernel: str = "auto",
+        cudnn: Optional[bool] = None,
     ):
         super().__init__(config=config)
         tp_rank, tp = tp_rank_and_size(pg_collection)
@@ -81,6 +82,7 @@ class SDPAttention(MegatronModule):
         # cuDNN's built-in ALiBi mask derives the slopes from the local head count: right only
         # when this rank holds every head; otherwise the cudnn kernel reads a dense bias
         self._cudnn_mode = "alibi" if tp == 1 else "bias"
+        self.cudnn = cudnn  # cuDNN frontend attention: None = when installed, False = never
 
     def forward(
         self,
@@ -108,13 +110,13 @@ class SDPAttention(MegatronModule):
             # (a GPU fp32 check missed its tolerance), so FlexAttention runs it there
             kernel = self.alibi_kernel
             if kernel == "auto":  # GPU: the fastest measured; CPU: the reference
-                kernel = "augmented" if q.is_cuda else "dense"
-            if kernel == "cudnn" and plain_causal and cudnn_supported(q, k, p):
-                try:
-                    return _to_sbh(self._rng_scope(p, True, lambda: cudnn_alibi_attention(
-                        q, k, v, self.softmax_scale, slopes, p, self._cudnn_mode)))
-                except CudnnUnavailable:  # warned once; the augmented kernel below runs
-                    pass
+                kernel = ("dense" if not q.is_cuda else
+                          "cudnn" if self.cudnn is not False and self._cudnn_mode == "alibi"
+                          else "augmented")
+            if kernel == "cudnn" and plain_causal:
+                out = self._cudnn(q, k, v, p, slopes, self._cudnn_mode)
+                if out is not None:
+                    return out
             augmented = (kernel in ("augmented", "cudnn") and plain_causal
                          and alibi_augment_supported(k.shape[2])
                          and not (q.is_cuda and q.dtype == torch.float32))
@@ -160,6 +162,10 @@ class SDPAttention(MegatronModule):
                 mask = mask | ~mask.any(dim=-1, keepdim=True)
         elif mask_type == AttnMaskType.causal:
             if sq == k.shape[2]:
+                if self.cudnn is not False:
+                    out = self._cudnn(q, k, v, p, None, "causal")
+                    if out is not None:
+                        return out
                 is_causal = True
             elif sq > 1:  # queries are the last sq positions (KV cache with a multi-token chunk)
                 mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
@@ -174,6 +180,20 @@ class SDPAttention(MegatronModule):
             k, v = _repeat_groups(k, rep), _repeat_groups(v, rep)
         return self._rng_scope(p, q.is_cuda, lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.softmax_scale))
+
+    def _cudnn(self, q, k, v, p: float, slopes, mode: str) -> Optional[torch.Tensor]:
+        """Causal attention through the cuDNN frontend ([s, b, h] out) in training, or None
+        where it does not run: evaluation and generation (prompt lengths vary, and each shape
+        builds its own cuDNN graphs), CUDA-graph capture, CPU, fp32, the frontend not
+        installed, or its graphs failed to build (warned once)."""
+        if (not self.training or not cudnn_supported(q, k, p)
+                or torch.cuda.is_current_stream_capturing()):
+            return None
+        try:
+            return _to_sbh(self._rng_scope(p, True, lambda: cudnn_causal_attention(
+                q, k, v, self.softmax_scale, slopes, p, mode)))
+        except CudnnUnavailable:
+            return None
 
     def _rng_scope(self, p: float, on_cuda: bool, fn):
         """Run `fn` under mcore's model-parallel RNG fork when it draws attention dropout on

@@ -27,6 +27,8 @@ pipeline schedule.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import copy
 from typing import Optional
 
@@ -130,7 +132,8 @@ class T5(T5Model):
 def _core_attention(model: ModelConfig):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    return SDPAttention if model.attention_backend == "sdpa" else DotProductAttention
+    return (partial(SDPAttention, cudnn=model.cudnn_attention)
+            if model.attention_backend == "sdpa" else DotProductAttention)
 
 
 def t5_encoder_layer_spec(model: ModelConfig):
