@@ -57,7 +57,8 @@ CANDIDATES = {
     "fast": ("ours + fused CE + CUDA graphs", ["model.fused_cross_entropy=true",
                                               "model.cuda_graph=true"]),
     # position embeddings (issue: attention variants), default kernels otherwise
-    "rope": ("ours, RoPE", ["model.position_embedding_type=rope"]),
+    "rope": ("ours, RoPE (default: fused Triton kernel)",
+             ["model.position_embedding_type=rope"]),
     "alibi": ("ours, ALiBi (default kernel)",
               ["model.position_embedding_type=alibi"]),
     "alibi_flex": ("ours, ALiBi (FlexAttention)", ["model.position_embedding_type=alibi",
@@ -68,8 +69,8 @@ CANDIDATES = {
                         ["model.position_embedding_type=alibi", "model.alibi_kernel=augmented"]),
     "sdpa_attention": ("ours, torch SDPA attention (model.cudnn_attention=false)",
                        ["model.cudnn_attention=false"]),
-    "rope_fused": ("ours, RoPE (our fused kernel)", ["model.position_embedding_type=rope",
-                                                    "model.rope_fusion=true"]),
+    "rope_unfused": ("ours, RoPE (megatron-core's unfused kernels)",
+                     ["model.position_embedding_type=rope", "model.rope_fusion=false"]),
 }
 
 
