@@ -180,11 +180,11 @@ def test_train_steps_never_wait_for_the_gpu(tmp_path, defer):
     summary = r.stdout[r.stdout.index("SYNC CHECK:"):]
     assert "SYNC CHECK: 10 steps checked" in summary, summary[-4000:]
     log_parity(f"sync check, defer_step_stats={defer}: {summary}")
+    n_sync = int(summary.split(",")[1].split()[0])
     if defer:
-        n_sync = int(summary.split(",")[1].split()[0])
         assert n_sync == 0, summary[-6000:]
-    else:
-        assert "0 synchronisations" not in summary.splitlines()[0], summary[-3000:]
+    else:  # ("20 synchronisations" contains "0 synchronisations": compare the number)
+        assert n_sync > 0, summary[-3000:]
 
 
 def test_fused_wgrad_matches_separate_add_cuda():
