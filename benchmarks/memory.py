@@ -7,7 +7,8 @@ Each run is the real `train.py` on mock data (bf16, AdamW), launched by benchmar
 `run`. Reported per run: peak and static memory (params + grads + optimizer state, allocated
 between steps) of the logging rank, and
 * activation memory = peak - static, and its change against no recompute, with the step-time
-  ratio (the issue's target: >= 50% less at <= 5% slower);
+  ratio (the issue's target: >= 50% less at <= 5% slower); `local_*` rows (mcore's local
+  attention, which holds the [s, s] scores) compare with `local_norecompute`;
 * distributed-optimizer bytes per parameter = static / parameters per rank, against
   6 + 12/d (bf16 params, fp32 grads, fp32 main params and Adam moments sharded d ways).
 """
@@ -43,8 +44,10 @@ def main():
         print("| recompute | micro-batch | s/it | peak GB | static GB | activations GB | "
               "activations vs none | time vs none |")
         print("|---|---|---|---|---|---|---|---|")
-        base = res.get("norecompute", (None, None, None, None))[2]
         for name in rec:
+            # local-attention rows compare with local attention without recompute
+            base = res.get("local_norecompute" if name.startswith("local_") else "norecompute",
+                           (None, None, None, None))[2]
             label, _, r, err = res[name]
             if r is None:
                 print(f"| {label} | | did not run: {err} | | | | | |")

@@ -59,6 +59,16 @@ RUNS = {
     "full": ("1 GPU, full recompute (uniform, 1 layer)", 1, 16, 16,
              ["parallel=single", "parallel.data_parallel_size=1",
               "parallel.recompute_granularity=full", "parallel.recompute_method=uniform"]),
+    # the setting selective recompute was designed for: a core attention that materialises the
+    # [s, s] scores (mcore's local spec); flash-style SDPA never holds them, so against SDPA
+    # there is little for core_attn recompute to save
+    "local_norecompute": ("1 GPU, mcore local attention, no recompute", 1, 16, 16,
+                          ["parallel=single", "parallel.data_parallel_size=1",
+                           "model.attention_backend=local"]),
+    "local_selective": ("1 GPU, mcore local attention, selective recompute (core_attn)", 1, 16,
+                        16, ["parallel=single", "parallel.data_parallel_size=1",
+                             "model.attention_backend=local",
+                             "parallel.recompute_granularity=selective"]),
 }
 
 

@@ -75,21 +75,23 @@ class ModelConfig:
     # compares settings on one card.
     flex_kernel_options: Dict[str, Any] = field(default_factory=dict)
     # How ALiBi reaches the attention kernel in training / prefill (causal, no padding mask):
-    # augmented = extra q/k head dims carrying slope * key position, so SDPA's fused causal
-    # kernels run it, dropout included (bf16/fp16 on GPU, any dtype on CPU; fp32 on GPU takes
-    # flex); flex = FlexAttention score_mod on GPU (no dropout; elsewhere the dense bias);
-    # cudnn = cuDNN's fused attention with ALiBi inside (needs nvidia-cudnn-frontend, the `gpu`
-    # extra; bf16/fp16; its own ALiBi mask at TP1, a dense bias tensor under TP; otherwise
-    # augmented); dense = an SDPA float bias (the reference); auto (default) = augmented on
-    # GPU, dense on CPU. Padding masks and KV-cache decoding always use the dense bias. benchmarks/attention.py
-    # compares them (B8 H20 S1024 D64 bf16, fwd+bwd): augmented 0.814 ms vs flex 0.875 on an
-    # H100, 0.646 vs 0.837 on an H200.
+    # cudnn = cuDNN's fused attention with its own ALiBi mask at TP1 (a dense bias tensor under
+    # TP; bf16/fp16; needs nvidia-cudnn-frontend, a Linux x86_64 dependency; otherwise as
+    # augmented); augmented = extra q/k head dims carrying slope * key position, so SDPA's fused
+    # causal kernels run it, dropout included (bf16/fp16 on GPU, any dtype on CPU; fp32 on GPU
+    # takes flex); flex = FlexAttention score_mod on GPU (no dropout; elsewhere the dense bias);
+    # dense = an SDPA float bias (the reference); auto (default) = cudnn at TP1 when the
+    # frontend imports and model.cudnn_attention is not false, else augmented, on GPU; dense on
+    # CPU. Padding masks, evaluation and KV-cache decoding use the dense bias or flex.
+    # benchmarks/attention.py compares them (B8 H20 S1024 D64 bf16, fwd+bwd, H200, kernel time
+    # vs causal SDPA): cuDNN ALiBi 1.07x, flex 1.49x, augmented 1.95x.
     alibi_kernel: str = "auto"
-    # Causal self-attention in training through cuDNN's fused attention via the cuDNN frontend
-    # (framework/fast/cudnn_attention.py): q/k/v read in mcore's layout, GQA native, ALiBi
-    # inside the kernel at TP1. null (default) = when nvidia-cudnn-frontend (the `gpu` extra)
-    # is installed, else torch SDPA; true = require it; false = never. Evaluation, generation
-    # and CUDA-graph capture use torch SDPA.
+    # cuDNN's fused attention through the cuDNN frontend (framework/fast/cudnn_attention.py),
+    # in training: q/k/v read in mcore's layout, GQA native. null (default) = for ALiBi at TP1
+    # (cuDNN's own ALiBi mask: 1.07x causal SDPA's kernel time vs 1.95x for the extra head
+    # dims, H200) when nvidia-cudnn-frontend imports; true = also for plain causal attention
+    # (measured no faster than torch SDPA there, 80.3k vs 79.8k tok/s), and required; false =
+    # never. Evaluation, generation and CUDA-graph capture use torch SDPA.
     cudnn_attention: Optional[bool] = None
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.

@@ -12,7 +12,7 @@ import socket
 import sys
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ def run(cfg: Config) -> None:
 
         if device != "cuda" or not cudnn_attention.available():
             raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
-                              "frontend (pip install -e '.[gpu]'); null uses it when present")
+                              "frontend (nvidia-cudnn-frontend, a Linux x86_64 dependency); "
+                              "null uses it where it can")
     from framework.training.resilience import preflight
 
     preflight(cfg)  # checkpoints, tokenizer, data files: one line from here, before any worker

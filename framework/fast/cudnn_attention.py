@@ -1,8 +1,8 @@
 """Causal attention (plain or with ALiBi) through the cuDNN frontend's fused SDPA graphs
 (an optional accelerator).
 
-Needs the `nvidia-cudnn-frontend` package (PyPI, a self-contained binary wheel; our `gpu` extra
-pins 1.18, whose Python API this file follows). It drives the libcudnn that torch already loads;
+Needs the `nvidia-cudnn-frontend` package (PyPI, a self-contained binary wheel; pyproject pins
+1.18 on Linux x86_64, whose Python API this file follows). It drives the libcudnn that torch already loads;
 a frontend built against a newer cuDNN than that one can fail to build graphs (1.24 with torch
 2.11's cuDNN 9.19 did). Without it, on CPU, or after such a failure (`CudnnUnavailable`, warned
 once), `available()` is False and callers use their other kernels.

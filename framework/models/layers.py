@@ -82,7 +82,9 @@ class SDPAttention(MegatronModule):
         # cuDNN's built-in ALiBi mask derives the slopes from the local head count: right only
         # when this rank holds every head; otherwise the cudnn kernel reads a dense bias
         self._cudnn_mode = "alibi" if tp == 1 else "bias"
-        self.cudnn = cudnn  # cuDNN frontend attention: None = when installed, False = never
+        # cuDNN frontend attention: None = ALiBi at TP1 when installed; True = plain causal
+        # attention too; False = never
+        self.cudnn = cudnn
 
     def forward(
         self,
@@ -162,7 +164,7 @@ class SDPAttention(MegatronModule):
                 mask = mask | ~mask.any(dim=-1, keepdim=True)
         elif mask_type == AttnMaskType.causal:
             if sq == k.shape[2]:
-                if self.cudnn is not False:
+                if self.cudnn:  # opt-in: torch SDPA measured as fast here (RESULTS.md)
                     out = self._cudnn(q, k, v, p, None, "causal")
                     if out is not None:
                         return out
