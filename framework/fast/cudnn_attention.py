@@ -32,7 +32,7 @@ import torch
 
 _GRAPHS: Dict[Tuple, tuple] = {}
 _HANDLES: Dict[int, int] = {}
-_BIAS: Dict[Tuple, torch.Tensor] = {}
+_BIAS: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 _BROKEN: list = []  # the first graph-build failure, if any: then never tried again
 
 
@@ -206,13 +206,16 @@ class _CudnnAttention(torch.autograd.Function):
 
 def alibi_bias_1hss(slopes: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
     """[1, n, s, s] additive ALiBi bias slope * (k_pos - q_pos) (the causal band masks the
-    rest), cached per (slopes, s, dtype, device): one copy shared by all layers."""
-    key = (tuple(slopes.tolist()), s, dtype, slopes.device)
+    rest), cached per slopes tensor (by address: no device-to-host read of its values), length
+    and dtype, so all layers sharing the slopes share one copy. The cache keeps the slopes
+    tensor alive, so its address is not reused for other values."""
+    key = (slopes.data_ptr(), slopes.numel(), s, dtype, slopes.device)
     if key not in _BIAS:
         pos = torch.arange(s, device=slopes.device, dtype=torch.float32)
         rel = (pos[None, :] - pos[:, None]).clamp(max=0)
-        _BIAS[key] = (slopes.float()[:, None, None] * rel).to(dtype).unsqueeze(0).contiguous()
-    return _BIAS[key]
+        _BIAS[key] = (slopes, (slopes.float()[:, None, None] * rel).to(dtype).unsqueeze(0)
+                      .contiguous())
+    return _BIAS[key][1]
 
 
 def cudnn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -32,7 +32,8 @@ if triton is not None:
                      sx_s, sx_b, sx_n, sf_s, so_s, so_b, so_n,
                      HALF: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr,
                      PBLOCK: tl.constexpr, ROWS_: tl.constexpr, BACKWARD: tl.constexpr):
-        rows = tl.program_id(0) * ROWS_ + tl.arange(0, ROWS_)
+        # int64 offsets: position x stride can pass 2^31 for long sequences and wide layers
+        rows = (tl.program_id(0) * ROWS_ + tl.arange(0, ROWS_)).to(tl.int64)
         rmask = rows < total_rows
         pos = rows // per_pos
         rem = rows % per_pos
