@@ -308,30 +308,39 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
     assert left == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"], left
 
 
-@pytest.mark.parametrize("layout", [[], ["parallel=tp2"]], ids=["1proc", "tp2"])
-def test_sigterm_saves_and_exits_zero(tmp_path, layout):
+@pytest.mark.parametrize("layout,group", [([], False), ([], True), (["parallel=tp2"], False),
+                                          (["parallel=tp2"], True)],
+                         ids=["1proc", "1proc-group", "tp2", "tp2-group"])
+def test_sigterm_saves_and_exits_zero(tmp_path, layout, group):
+    """SIGTERM stops the run with a checkpoint and exit 0: sent to the parent only (with tp2 it
+    must forward to the workers), or to the whole process group after a periodic save (as
+    Ctrl-C, `timeout` and SLURM do: every helper process gets it too; mcore's checkpoint-writer
+    manager used to die with it, and the stop's save then failed with "Broken pipe")."""
     ck = tmp_path / "ck"
     p = _start(_cmd(tmp_path, "run", f"checkpoint.dir={ck}", "train.max_steps=500",
-                    "checkpoint.save_interval=1000", *layout), tmp_path)
-    _wait_for_step(p, str(tmp_path / "run" / "metrics.jsonl"), 2)
+                    f"checkpoint.save_interval={2 if group else 1000}", *layout), tmp_path)
+    _wait_for_step(p, str(tmp_path / "run" / "metrics.jsonl"), 3 if group else 2)
     t0 = time.time()
-    p.send_signal(signal.SIGTERM)  # the parent only: with tp2 it must forward to the workers
+    if group:  # after the save at step 2
+        os.killpg(p.pid, signal.SIGTERM)
+    else:
+        p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-3000:]
     assert time.time() - t0 < 60  # not the elastic agent's 30 s SIGKILL fallback + more
     step = int((ck / "latest_checkpointed_iteration.txt").read_text())
-    assert 2 <= step < 500
+    assert (3 if group else 2) <= step < 500, (step, out[-2000:], err[-2000:])
     assert f"stopping at iteration {step}: SIGTERM received" in out
     meta = json.loads((ck / f"iter_{step:07d}" / "framework.json").read_text())
     assert meta["iteration"] == step and meta["consumed_samples"] == 16 * step
     if layout:
         assert "stopped by SIGTERM" in out
-        for _ in range(50):  # e.g. mcore's checkpoint-writer manager must not be orphaned
-            left = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True)
-            if not left.stdout.strip():
-                break
-            time.sleep(0.2)
-        assert left.stdout.strip() == "", "worker helper processes outlived the run"
+    for _ in range(50):  # e.g. the checkpoint-writer manager must not be orphaned
+        left = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True)
+        if not left.stdout.strip():
+            break
+        time.sleep(0.2)
+    assert left.stdout.strip() == "", "helper processes outlived the run"
 
 
 def test_max_minutes_budget_saves_and_exits_zero(tmp_path):

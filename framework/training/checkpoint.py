@@ -167,6 +167,47 @@ def _cpu_safe():
         yield
 
 
+_RESULTS_MANAGER: list = []  # the writer-results manager started here (kept alive)
+
+
+def _manager_ignores_stop_signals(parent: int) -> None:
+    """Initializer of that manager process: ignore the stop signals a whole process group gets
+    (the trainer saves a checkpoint on them), and exit once the parent process is gone."""
+    import signal
+    import threading
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+    def watch_parent():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+
+
+def _signal_safe_writer_results() -> None:
+    """mcore's torch_dist writer sends its results through a `multiprocessing` Manager queue
+    that it starts on the first save and keeps. A stop signal sent to the whole process group
+    (Ctrl-C in a terminal, `timeout`, SLURM's scancel or preemption) also killed that manager
+    process, so the emergency save that the signal asks for failed with "Broken pipe" whenever
+    a checkpoint had been saved before. Start that queue's manager here instead, immune to
+    those signals and gone with its parent."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if _RESULTS_MANAGER or getattr(fa, "_results_queue", True) is not None:
+        return  # ours is running, mcore's already exists, or this mcore has no such queue
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_manager_ignores_stop_signals, initargs=(os.getpid(),))
+    _RESULTS_MANAGER.append(manager)
+    fa._results_queue = manager.Queue()
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -195,6 +236,7 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
     sd["iteration"] = iteration
     sd["consumed_samples"] = consumed_samples
     try:
+        _signal_safe_writer_results()
         with _cpu_safe():
             dist_checkpointing.save(sd, tmp)
         _barrier()
