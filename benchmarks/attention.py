@@ -148,7 +148,7 @@ def main():
     }
     from framework.fast import cudnn_attention
 
-    if cudnn_attention.available():  # nvidia-cudnn-frontend installed (the `gpu` extra)
+    if cudnn_attention.available():  # nvidia-cudnn-frontend installed (a Linux x86_64 dependency)
         cands["cuDNN frontend causal (no bias)"] = (
             lambda: cudnn_attention.cudnn_causal_attention(q, k, v, scale))
         cands["cuDNN ALiBi mask (cuDNN's slopes, TP1)"] = (
@@ -211,11 +211,11 @@ def main():
         print(f"| {name:<48}| {times[name]:6.3f} | {times[name] / floor:13.2f}x | "
               f"{ktimes[name]:9.3f} | {ktimes[name] / kfloor:13.2f}x |", flush=True)
     floor, kfloor = times["causal SDPA (no bias)"], ktimes["causal SDPA (no bias)"]
-    for label, tab, ref in (("events", times, floor), ("kernel time", ktimes, kfloor)):
+    for label, tab, base in (("events", times, floor), ("kernel time", ktimes, kfloor)):
         alibi = {n: t for n, t in tab.items() if t is not None and "ALiBi" in n}
         best = min(alibi, key=alibi.get)
         print(f"fastest ALiBi ({label}): {best}: {alibi[best]:.3f} ms = "
-              f"{alibi[best] / ref:.2f}x causal SDPA")
+              f"{alibi[best] / base:.2f}x causal SDPA")
 
 
 # Triton kernel options for FlexAttention on Hopper-class GPUs (fwd_/bwd_ prefixes apply to one

@@ -2,10 +2,10 @@
 (an optional accelerator).
 
 Needs the `nvidia-cudnn-frontend` package (PyPI, a self-contained binary wheel; pyproject pins
-1.18 on Linux x86_64, whose Python API this file follows). It drives the libcudnn that torch already loads;
-a frontend built against a newer cuDNN than that one can fail to build graphs (1.24 with torch
-2.11's cuDNN 9.19 did). Without it, on CPU, or after such a failure (`CudnnUnavailable`, warned
-once), `available()` is False and callers use their other kernels.
+1.18 on Linux x86_64, whose Python API this file follows). It drives the libcudnn that torch
+already loads; a frontend built against a newer cuDNN than that one can fail to build graphs
+(1.24 with torch 2.11's cuDNN 9.19 did). Without it, on CPU, or after such a failure
+(`CudnnUnavailable`, warned once), `available()` is False and callers use their other kernels.
 
 Modes, all with cuDNN's causal diagonal band (fully masked key blocks are skipped):
 
@@ -25,6 +25,7 @@ no host synchronisation; backward reuses the forward's seed.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -40,17 +41,21 @@ class CudnnUnavailable(RuntimeError):
     """cuDNN could not build the attention graphs here; the caller falls back."""
 
 
-def available() -> bool:
-    """True when the cuDNN frontend imports and reaches a cuDNN 9 backend (and no graph build
-    has failed in this process)."""
-    if _BROKEN:
-        return False
+@functools.lru_cache(maxsize=None)
+def _frontend_ready() -> bool:
+    """Whether the cuDNN frontend imports and reaches a cuDNN 9 backend (asked once: every
+    attention call checks `available()`)."""
     try:
         import cudnn
 
         return hasattr(cudnn, "pygraph") and cudnn.backend_version() >= 90000
     except Exception:  # not installed, or its libraries do not load
         return False
+
+
+def available() -> bool:
+    """True when the cuDNN frontend is ready and no graph build has failed in this process."""
+    return not _BROKEN and _frontend_ready()
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, dropout_p: float = 0.0) -> bool:
@@ -209,12 +214,13 @@ def alibi_bias_1hss(slopes: torch.Tensor, s: int, dtype: torch.dtype) -> torch.T
     rest), cached per slopes tensor (by address: no device-to-host read of its values), length
     and dtype, so all layers sharing the slopes share one copy. The cache keeps the slopes
     tensor alive, so its address is not reused for other values."""
+    from framework.models.attention_variants import alibi_bias  # (imports this module)
+
     key = (slopes.data_ptr(), slopes.numel(), s, dtype, slopes.device)
     if key not in _BIAS:
-        pos = torch.arange(s, device=slopes.device, dtype=torch.float32)
-        rel = (pos[None, :] - pos[:, None]).clamp(max=0)
-        _BIAS[key] = (slopes, (slopes.float()[:, None, None] * rel).to(dtype).unsqueeze(0)
-                      .contiguous())
+        # the reference bias with 0 above the diagonal, where the causal band masks instead
+        bias = alibi_bias(slopes, s, s, slopes.device).nan_to_num(neginf=0.0)
+        _BIAS[key] = (slopes, bias.to(dtype).unsqueeze(0).contiguous())
     return _BIAS[key][1]
 
 

@@ -29,8 +29,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from framework.fast.cudnn_attention import CudnnUnavailable, cudnn_causal_attention
-from framework.fast.cudnn_attention import supported as cudnn_supported
+from framework.fast.cudnn_attention import (CudnnUnavailable, cudnn_causal_attention,
+                                            supported as cudnn_supported)
 from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
                                                  alibi_bias, alibi_q_columns,
                                                  alibi_slopes_for_rank, flex_alibi,
