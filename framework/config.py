@@ -90,8 +90,8 @@ class ModelConfig:
     # in training: q/k/v read in mcore's layout, GQA native. null (default) = for ALiBi at TP1
     # (cuDNN's own ALiBi mask: 1.07x causal SDPA's kernel time vs 1.95x for the extra head
     # dims, H200) when nvidia-cudnn-frontend imports; true = also for plain causal attention
-    # (measured no faster than torch SDPA there, 80.3k vs 79.8k tok/s), and required; false =
-    # never. Evaluation, generation and CUDA-graph capture use torch SDPA.
+    # (measured no faster than torch SDPA there: 80.3k vs 79.8k tok/s, gpt2-large, H200), and
+    # required; false = never. Evaluation, generation and CUDA-graph capture use torch SDPA.
     cudnn_attention: Optional[bool] = None
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.
