@@ -29,6 +29,7 @@ def summarize(path: str, top: int = 30, out: str = None) -> str:
         lines.append(f"{dur / 1000 / steps:9.2f} {100 * dur / max(total, 1):6.1f} "
                      f"{n // steps:6d}  {name}")
     lines += phase_table(events, steps)
+    lines += launch_table(events, steps, top)
     text = "\n".join(lines)
     print(text, flush=True)
     if out:
@@ -89,6 +90,47 @@ def phase_table(events, steps):
     for k, (n, cpu, sync, idle) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
         out.append(f"{k:28s} {n // steps:6d} {cpu / 1000 / steps:9.2f} {sync / 1000 / steps:9.2f}"
                    f" {idle / 1000 / steps:9.2f}")
+    return out
+
+
+def launch_table(events, steps, top):
+    """GPU kernel time grouped by the CPU ops that launched it (the innermost three aten or
+    autograd ops around the launch call, matched through the trace's correlation ids): says
+    which module or autograd node a kernel comes from."""
+    import bisect
+
+    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
+                and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ops = defaultdict(list)  # (pid, tid) -> [(ts, end, name)] sorted by start
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op":
+            ops[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+    starts = {}
+    for k, v in ops.items():
+        v.sort()
+        starts[k] = [x[0] for x in v]
+    agg = defaultdict(float)
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") != "kernel":
+            continue
+        la = launches.get(e.get("args", {}).get("correlation"))
+        chain = []
+        if la is not None:
+            key = (la["pid"], la["tid"])
+            v, st = ops.get(key, []), starts.get(key, [])
+            i = bisect.bisect_right(st, la["ts"])
+            # enclosing ops end after the launch; scan back a bounded window for them
+            for a, b, name in reversed(v[max(0, i - 400):i]):
+                if b >= la["ts"]:
+                    chain.append(name)
+                    if len(chain) == 3:
+                        break
+        agg[(" < ".join(chain) or "?", e["name"][:60])] += e.get("dur", 0.0)
+    total = sum(agg.values()) or 1.0
+    out = ["", f"{'ms/step':>9} {'%':>6}  launched by (innermost first)  |  kernel"]
+    for (chain, kname), dur in sorted(agg.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"{dur / 1000 / steps:9.2f} {100 * dur / total:6.1f}  {chain[:150]}  |  "
+                   f"{kname}")
     return out
 
 

@@ -110,6 +110,13 @@ class ModelConfig:
     # GPU, RoPE: one Triton kernel per direction (framework/fast/rope.py) in place of
     # megatron-core's ~10 unfused elementwise kernels (TE's fused RoPE slot); false = mcore's
     rope_fusion: bool = True
+    # GPU: LayerNorm / RMSNorm as one Triton kernel per direction (framework/fast/norm.py,
+    # weight/bias grads reduced inside the backward kernel) in place of torch's native kernels,
+    # which take ~3x the bandwidth bound on an H200; false = torch's F.layer_norm / F.rms_norm
+    fused_norm: bool = True
+    # GPU: the QKV projection's bias add as one Triton kernel (framework/fast/bias.py) in place
+    # of torch's broadcast add (same arithmetic, ~2.5x faster); false = mcore's `output + bias`
+    fused_bias_add: bool = True
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU.
@@ -252,6 +259,10 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------
 # parallel
 # --------------------------------------------------------------------------------------------
+# Selective recompute: megatron-core's modules that apply to our dense models, and ours
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "mlp_act")
+
+
 @dataclass
 class ParallelConfig:
     """Layout. Fields named as in ModelParallelConfig / DistributedDataParallelConfig."""
@@ -268,6 +279,8 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     # None | "selective" | "full"
     recompute_granularity: Optional[str] = None
+    # selective only: any of RECOMPUTE_MODULES. mlp_act (ours, framework/models/mlp.py): the
+    # dense MLP's activation output is not kept for fc2's backward but recomputed from fc1's
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
     recompute_method: Optional[str] = None  # "uniform" | "block" (full recompute only)
     recompute_num_layers: Optional[int] = None
@@ -300,6 +313,8 @@ class ParallelConfig:
         if self.recompute_granularity is not None:
             _choice(self.recompute_granularity, ("selective", "full"),
                     "parallel.recompute_granularity")
+        for m in self.recompute_modules:
+            _choice(m, RECOMPUTE_MODULES, f"parallel.recompute_modules entry")
         if self.recompute_granularity == "full":
             _require(self.recompute_method in ("uniform", "block"),
                      "parallel.recompute_granularity=full needs parallel.recompute_method "

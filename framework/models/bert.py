@@ -25,7 +25,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from framework.config import ModelConfig
 from framework.models.attention_variants import keep_rotary_on_device
 from framework.models.gpt import gpt_layer_spec, lm_kwargs
-from framework.models.layers import Norm
+from framework.models.layers import Norm, norm_class
 from framework.patching import patched
 
 
@@ -41,16 +41,17 @@ def bert_block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
                                                              get_num_layers_to_build)
 
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[bert_layer_spec(model)] * n, layer_norm=Norm)
+    return TransformerBlockSubmodules(layer_specs=[bert_layer_spec(model)] * n,
+                                     layer_norm=norm_class(model))
 
 
 class Bert(BertModel):
     """mcore BertModel that runs without TE/apex (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, norm: type = Norm, **kwargs):
         # BertLMHead builds its norm from the module global `LNImpl` (WrappedTorchNorm without
         # apex/TE, which refuses sequence parallelism): build it with ours
-        with patched(bert_lm_head, LNImpl=Norm):
+        with patched(bert_lm_head, LNImpl=norm):
             super().__init__(*args, **kwargs)
 
     def _sanity_check_attention_and_get_attn_mask_dimension(self) -> str:
@@ -64,6 +65,7 @@ def build_bert(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
                post_process: bool, vp_stage: Optional[int]):
     bert = Bert(
         config=tcfg,
+        norm=norm_class(model),
         num_tokentypes=2 if model.add_binary_head else 0,
         transformer_layer_spec=bert_block_spec(model, tcfg, vp_stage),
         **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,

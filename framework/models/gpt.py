@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from framework.config import ModelConfig, ParallelConfig
 from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
-from framework.models.layers import MLPOutputLinear, Norm, SDPAttention
+from framework.models.layers import BiasAddLinear, MLPOutputLinear, SDPAttention, norm_class
+from framework.models.mlp import ActRecomputeMLP, ExtendedTransformerConfig
 
 
 def _has_fused_wgrad() -> bool:
@@ -28,9 +29,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool, fp16: bool,
                        on_gpu: bool):
-    """Map our sub-configs onto megatron-core's TransformerConfig (same field names)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+    """Map our sub-configs onto megatron-core's TransformerConfig (same field names), plus our
+    own recompute option (framework/models/mlp.py)."""
     # mcore's fused bias+GeLU kernel (fusions/fused_bias_gelu.py) computes the tanh approximation
     # although it is selected by activation_func=F.gelu: it serves "gelu_tanh", and exact "gelu"
     # runs unfused so that it means the same thing on GPU as on CPU.
@@ -40,7 +40,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
                                            "relu": F.relu}[model.activation]
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     recompute = parallel.recompute_granularity
-    return TransformerConfig(
+    # "mlp_act" is ours (mcore rejects names it does not know): the flag goes to our MLP through
+    # the config, the rest to mcore. It is part of "mlp" (the whole MLP is recomputed) and does
+    # nothing then; on its own mcore gets no recompute at all.
+    modules = list(parallel.recompute_modules) if recompute == "selective" else []
+    mlp_act = "mlp_act" in modules and "mlp" not in modules
+    modules = [m for m in modules if m != "mlp_act"]
+    if recompute == "selective" and not modules:
+        recompute = None
+    return ExtendedTransformerConfig(
+        recompute_mlp_act=mlp_act,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -63,7 +72,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
         recompute_granularity=recompute,
-        recompute_modules=list(parallel.recompute_modules) if recompute == "selective" else None,
+        recompute_modules=modules if recompute == "selective" else None,
         recompute_method=parallel.recompute_method if recompute == "full" else None,
         recompute_num_layers=(parallel.recompute_num_layers or 1) if recompute == "full" else None,
         bf16=bf16,
@@ -95,7 +104,7 @@ def gpt_layer_spec(model: ModelConfig):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import (TransformerLayer,
                                                              TransformerLayerSubmodules)
@@ -108,12 +117,12 @@ def gpt_layer_spec(model: ModelConfig):
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=Norm,
+            input_layernorm=norm_class(model),
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=BiasAddLinear if model.fused_bias_add else ColumnParallelLinear,
                     core_attention=core_attention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
@@ -121,8 +130,8 @@ def gpt_layer_spec(model: ModelConfig):
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+            pre_mlp_layernorm=norm_class(model),
+            mlp=ModuleSpec(module=ActRecomputeMLP, submodules=MLPSubmodules(
                 linear_fc1=ColumnParallelLinear, linear_fc2=MLPOutputLinear)),
             mlp_bda=get_bias_dropout_add,
         ),
@@ -134,7 +143,8 @@ def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
                                                              get_num_layers_to_build)
 
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n, layer_norm=Norm)
+    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n,
+                                     layer_norm=norm_class(model))
 
 
 def lm_kwargs(model: ModelConfig, *, vocab_size: int, pre_process: bool,

@@ -29,8 +29,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from framework.fast.bias import bias_add
 from framework.fast.cudnn_attention import (CudnnUnavailable, cudnn_causal_attention,
                                             supported as cudnn_supported)
+from framework.fast.norm import fused_norm, supported as fused_norm_supported
 from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
                                                  alibi_bias, alibi_q_columns,
                                                  alibi_slopes_for_rank, flex_alibi,
@@ -245,6 +247,27 @@ class MLPOutputLinear(tensor_parallel.RowParallelLinear):
         return output, bias
 
 
+class BiasAddLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron-core's ColumnParallelLinear whose own bias add (QKV's: not deferred to a later
+    fusion) runs after the GEMM as one Triton kernel on GPU (framework/fast/bias.py) instead of
+    torch's broadcast add, which takes ~2.5x the bandwidth bound. Same arithmetic (fp32 add,
+    one rounding), so the results are identical; CPU tensors take torch's add."""
+
+    def __init__(self, *args, skip_bias_add: bool = False, gather_output: bool = False,
+                 **kwargs):
+        # with gather_output mcore adds the local bias shard before the gather: leave it to mcore
+        after = not skip_bias_add and not gather_output
+        super().__init__(*args, skip_bias_add=skip_bias_add or after,
+                         gather_output=gather_output, **kwargs)
+        self.bias_add_after = after
+
+    def forward(self, input_, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        if self.bias_add_after:
+            return (output if bias is None else bias_add(output, bias)), None
+        return output, bias
+
+
 def fix_checkpoint_without_output() -> None:
     """Make megatron-core's selective recompute of "layernorm" run without Transformer Engine
     (`build_model` calls it).
@@ -304,7 +327,12 @@ def install_fused_wgrad() -> None:
 
 
 class Norm(torch.nn.Module):
-    """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism."""
+    """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism.
+
+    `FusedNorm` (the subclass `norm_class` picks for `model.fused_norm`) runs CUDA tensors
+    through the Triton kernels of framework/fast/norm.py; CPU tensors keep torch's."""
+
+    fused = False
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -321,6 +349,17 @@ class Norm(torch.nn.Module):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and fused_norm_supported(x):
+            return fused_norm(x, self.weight, self.bias, self.eps, self.rms)
         if self.rms:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
+
+
+class FusedNorm(Norm):
+    fused = True
+
+
+def norm_class(model) -> type:
+    """The norm module for a ModelConfig: `FusedNorm` for `model.fused_norm`, else `Norm`."""
+    return FusedNorm if model.fused_norm else Norm

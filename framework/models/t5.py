@@ -42,7 +42,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from framework.config import ModelConfig
 from framework.models.attention_variants import _GatherLastDim, keep_rotary_on_device
 from framework.models.gpt import gpt_layer_spec, lm_kwargs
-from framework.models.layers import Norm, SDPAttention
+from framework.models.layers import SDPAttention, norm_class
 from framework.patching import patched
 
 
@@ -149,7 +149,7 @@ def t5_decoder_layer_spec(model: ModelConfig):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = gpt_layer_spec(model)  # causal self-attention, MLP, norms
-    spec.submodules.pre_cross_attn_layernorm = Norm
+    spec.submodules.pre_cross_attn_layernorm = norm_class(model)
     spec.submodules.cross_attention = ModuleSpec(
         module=CrossAttention,
         params={"attn_mask_type": AttnMaskType.padding},
@@ -175,9 +175,11 @@ def build_t5(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
         config=tcfg,
         encoder_config=enc_cfg,
         transformer_encoder_layer_spec=TransformerBlockSubmodules(
-            layer_specs=[t5_encoder_layer_spec(model)] * model.enc_layers, layer_norm=Norm),
+            layer_specs=[t5_encoder_layer_spec(model)] * model.enc_layers,
+            layer_norm=norm_class(model)),
         transformer_decoder_layer_spec=TransformerBlockSubmodules(
-            layer_specs=[t5_decoder_layer_spec(model)] * model.num_layers, layer_norm=Norm),
+            layer_specs=[t5_decoder_layer_spec(model)] * model.num_layers,
+            layer_norm=norm_class(model)),
         **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,
                     post_process=post_process),
         position_embedding_type=model.position_embedding_type,
