@@ -273,9 +273,10 @@ def test_fused_norm_matches_float64_cuda(rms, dtype):
         dy = torch.randn(shape, device="cuda", generator=g)
 
         def run(fn, dt):
-            x = x0.to(dt).requires_grad_()
-            w = w0.to(dt).requires_grad_()
-            b = None if rms else b0.to(dt).requires_grad_()
+            # fresh leaves each run (.to() of the same dtype would hand back x0 itself)
+            x = x0.detach().to(dt).clone().requires_grad_()
+            w = w0.detach().to(dt).clone().requires_grad_()
+            b = None if rms else b0.detach().to(dt).clone().requires_grad_()
             y = fn(x, w, b)
             y.backward(dy.to(dt))
             return [y, x.grad, w.grad] + ([] if rms else [b.grad])
@@ -326,6 +327,9 @@ def test_bias_add_is_torchs_add_cuda(dtype):
 
 
 def _bias_add_linear_matches_mcore(dtype, BiasAddLinear, ColumnParallelLinear, TransformerConfig):
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)
     cfg = TransformerConfig(num_layers=1, hidden_size=256, num_attention_heads=4,
                             params_dtype=dtype, bf16=dtype == torch.bfloat16)
     torch.manual_seed(0)
