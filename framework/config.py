@@ -279,8 +279,9 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     # None | "selective" | "full"
     recompute_granularity: Optional[str] = None
-    # selective only: any of RECOMPUTE_MODULES. mlp_act (ours, framework/models/mlp.py): the
-    # dense MLP's activation output is not kept for fc2's backward but recomputed from fc1's
+    # selective only, any of RECOMPUTE_MODULES. mlp_act (ours, framework/models/mlp.py): the
+    # MLP's activation output is not kept for fc2's backward but recomputed from fc1's output
+    # (saves one [s, b, ffn/TP] tensor per layer for one elementwise kernel; within "mlp")
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
     recompute_method: Optional[str] = None  # "uniform" | "block" (full recompute only)
     recompute_num_layers: Optional[int] = None
@@ -313,8 +314,9 @@ class ParallelConfig:
         if self.recompute_granularity is not None:
             _choice(self.recompute_granularity, ("selective", "full"),
                     "parallel.recompute_granularity")
-        for m in self.recompute_modules:
-            _choice(m, RECOMPUTE_MODULES, f"parallel.recompute_modules entry")
+        bad = [m for m in self.recompute_modules or () if m not in RECOMPUTE_MODULES]
+        _require(not bad, f"parallel.recompute_modules={list(self.recompute_modules)}: {bad} "
+                          f"not among {list(RECOMPUTE_MODULES)}")
         if self.recompute_granularity == "full":
             _require(self.recompute_method in ("uniform", "block"),
                      "parallel.recompute_granularity=full needs parallel.recompute_method "

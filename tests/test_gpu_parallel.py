@@ -94,6 +94,14 @@ CASES = [
     ("mlp_recompute", ["parallel=single", "parallel.data_parallel_size=1",
                        "parallel.recompute_granularity=selective",
                        "parallel.recompute_modules=[mlp]"], 1),
+    # ours: the MLP activation recomputed before fc2's backward (framework/models/mlp.py), with
+    # the norms, and inside the per-layer CUDA graphs
+    ("mlp_act_recompute", ["parallel=single", "parallel.data_parallel_size=1",
+                           "parallel.recompute_granularity=selective",
+                           "parallel.recompute_modules=[mlp_act,layernorm]"], 1),
+    ("mlp_act_cuda_graph", ["parallel=single", "parallel.data_parallel_size=1",
+                            "parallel.recompute_granularity=selective",
+                            "parallel.recompute_modules=[mlp_act]", "model.cuda_graph=true"], 1),
     ("block_recompute_1_of_2", ["parallel=single", "parallel.data_parallel_size=1",
                                 "parallel.recompute_granularity=full",
                                 "parallel.recompute_method=block",

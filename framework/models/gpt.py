@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from framework.config import ModelConfig, ParallelConfig
 from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
-from framework.models.layers import BiasAddLinear, MLPOutputLinear, SDPAttention, norm_class
+from framework.models.layers import BiasAddLinear, SDPAttention, norm_class
 from framework.models.mlp import ActRecomputeMLP, ExtendedTransformerConfig
 
 
@@ -104,7 +104,6 @@ def gpt_layer_spec(model: ModelConfig):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import (TransformerLayer,
                                                              TransformerLayerSubmodules)
@@ -131,8 +130,8 @@ def gpt_layer_spec(model: ModelConfig):
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm_class(model),
-            mlp=ModuleSpec(module=ActRecomputeMLP, submodules=MLPSubmodules(
-                linear_fc1=ColumnParallelLinear, linear_fc2=MLPOutputLinear)),
+            # mcore's MLP, linear_fc2=MLPOutputLinear, optionally recomputing its activation
+            mlp=ActRecomputeMLP,
             mlp_bda=get_bias_dropout_add,
         ),
     )
