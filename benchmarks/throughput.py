@@ -80,6 +80,11 @@ CANDIDATES = {
 LOG = 5  # our runs log (and so synchronise the host with the GPU) every LOG steps, as users do
 
 
+def _safe_name(text: str) -> str:
+    """A file name from overrides: letters, digits, '.', '-' and '_' only."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:200]
+
+
 def ours(model, mb, steps, extra, profile_dir=None):
     """Time `steps` steps (rounded up to whole log windows) after one warm-up window, from
     train.py's own per-window step times; profile two more steps when `profile_dir` is set."""
@@ -104,8 +109,8 @@ def ours(model, mb, steps, extra, profile_dir=None):
             from benchmarks.profile_summary import summarize
 
             for f in os.listdir(f"{d}/out/profile"):
-                summarize(f"{d}/out/profile/{f}", out=os.path.join(
-                    profile_dir, f"{model}_mb{mb}_{'_'.join(extra) or 'default'}.txt"))
+                name = _safe_name(f"{model}_mb{mb}_{'_'.join(extra) or 'default'}")
+                summarize(f"{d}/out/profile/{f}", out=os.path.join(profile_dir, name + ".txt"))
     # the windows after the warm-up one and before the profiled one; each record's ms_per_iter is
     # its window's wall time / LOG, so their mean is total time / steps (as the HF baseline
     # measures), not a mean of per-step rates
