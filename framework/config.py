@@ -110,12 +110,12 @@ class ModelConfig:
     # GPU, RoPE: one Triton kernel per direction (framework/fast/rope.py) in place of
     # megatron-core's ~10 unfused elementwise kernels (TE's fused RoPE slot); false = mcore's
     rope_fusion: bool = True
-    # GPU: LayerNorm / RMSNorm as one Triton kernel per direction (framework/fast/norm.py,
+    # GPU training: LayerNorm / RMSNorm as one Triton kernel per direction (framework/fast/norm.py,
     # weight/bias grads reduced inside the backward kernel) in place of torch's native kernels,
     # which take ~3x the bandwidth bound on an H200; false = torch's F.layer_norm / F.rms_norm
     fused_norm: bool = True
-    # GPU: the QKV projection's bias add as one Triton kernel (framework/fast/bias.py) in place
-    # of torch's broadcast add (same arithmetic, ~2.5x faster); false = mcore's `output + bias`
+    # GPU training: the QKV projection's bias add as one Triton kernel (framework/fast/bias.py)
+    # in place of torch's broadcast add (same arithmetic, ~2.5x faster); false = mcore's add
     fused_bias_add: bool = True
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the

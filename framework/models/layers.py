@@ -251,7 +251,8 @@ class BiasAddLinear(tensor_parallel.ColumnParallelLinear):
     """megatron-core's ColumnParallelLinear whose own bias add (QKV's: not deferred to a later
     fusion) runs after the GEMM as one Triton kernel on GPU (framework/fast/bias.py) instead of
     torch's broadcast add, which takes ~2.5x the bandwidth bound. Same arithmetic (fp32 add,
-    one rounding), so the results are identical; CPU tensors take torch's add."""
+    one rounding), so the results are identical; CPU tensors, evaluation and generation take
+    torch's add."""
 
     def __init__(self, *args, skip_bias_add: bool = False, gather_output: bool = False,
                  **kwargs):
@@ -264,7 +265,10 @@ class BiasAddLinear(tensor_parallel.ColumnParallelLinear):
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
         if self.bias_add_after:
-            return (output if bias is None else bias_add(output, bias)), None
+            if bias is None:
+                return output, None
+            # training: the Triton kernel; evaluation and decoding: torch's add (shorter launch)
+            return (bias_add(output, bias) if self.training else output + bias), None
         return output, bias
 
 
@@ -330,7 +334,8 @@ class Norm(torch.nn.Module):
     """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism.
 
     `FusedNorm` (the subclass `norm_class` picks for `model.fused_norm`) runs CUDA tensors
-    through the Triton kernels of framework/fast/norm.py; CPU tensors keep torch's."""
+    through the Triton kernels of framework/fast/norm.py in training; CPU tensors, evaluation
+    and generation keep torch's."""
 
     fused = False
 
@@ -349,7 +354,9 @@ class Norm(torch.nn.Module):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and fused_norm_supported(x):
+        # training only: evaluation and decoding (small, latency-bound calls) keep torch's
+        # kernels, whose launch path is shorter than Triton's
+        if self.fused and self.training and fused_norm_supported(x):
             return fused_norm(x, self.weight, self.bias, self.eps, self.rms)
         if self.rms:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
