@@ -1,8 +1,8 @@
 """Triton LayerNorm / RMSNorm, forward and backward, for GPUs without apex or TE.
 
-torch's native LayerNorm kernels take about three times the memory-bandwidth bound on an H200
-(gpt2-large, 24576 tokens x 1280: forward, input gradient, and a separate gamma/beta
-reduction kernel that alone costs more than the forward; profile in benchmarks/RESULTS.md).
+torch's native LayerNorm runs three kernels (forward, input gradient, and a separate gamma/beta
+reduction that alone costs more than the forward) and took 1.54x these kernels' time on an H200
+(gpt2-large, 24576 tokens x 1280, benchmarks/kernels.py; profile in benchmarks/RESULTS.md).
 Here the forward is one kernel (fp32 statistics in registers, the mean and 1/std kept for
 backward), and the backward is one kernel that writes the input gradient and accumulates the
 weight and bias gradients per program in fp32, plus a small sum over the programs' partials.
@@ -15,6 +15,7 @@ otherwise callers keep torch's `F.layer_norm` / `F.rms_norm`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -103,7 +104,9 @@ def _tiles(n: int):
     return block, rows, warps
 
 
+@functools.lru_cache(maxsize=None)
 def _programs(device: torch.device) -> int:
+    """Backward programs per device: 4 per SM (asked once per device, not per call)."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests)
         return 8
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count

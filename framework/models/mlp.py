@@ -22,7 +22,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from framework.models.layers import MLPOutputLinear, fix_checkpoint_without_output
+from framework.models.layers import MLPOutputLinear
 
 
 @dataclass
@@ -64,9 +64,8 @@ class ActRecomputeMLP(MLP):
         kwargs.setdefault("tp_group",
                           parallel_state.get_tensor_model_parallel_group(check_initialized=False))
         super().__init__(config, submodules, **kwargs)
+        # (build_model makes mcore's CheckpointWithoutOutput usable without TE before this)
         self.recompute_act = bool(getattr(config, "recompute_mlp_act", False))
-        if self.recompute_act:
-            fix_checkpoint_without_output()  # idempotent; build_model applies it too
 
     def _activation(self, fc1_output, bias):
         return MLP.forward(_ActivationStep(self, bias), fc1_output)[0]

@@ -167,7 +167,7 @@ def _cpu_safe():
         yield
 
 
-_RESULTS_MANAGER: list = []  # the writer-results manager started here (kept alive)
+_RESULTS_MANAGER: list = []  # the writer-results manager started here (a reference keeps it up)
 
 
 def _manager_ignores_stop_signals(parent: int) -> None:
@@ -200,7 +200,7 @@ def _signal_safe_writer_results() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
-    if _RESULTS_MANAGER or getattr(fa, "_results_queue", True) is not None:
+    if getattr(fa, "_results_queue", True) is not None:
         return  # ours is running, mcore's already exists, or this mcore has no such queue
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(initializer=_manager_ignores_stop_signals, initargs=(os.getpid(),))
