@@ -59,10 +59,22 @@ def supported(mod) -> bool:
     return True
 
 
+def _adds_own_bias(linear) -> bool:
+    """Whether `linear`'s forward adds its bias into its output (what decode must reproduce).
+
+    mcore's ColumnParallelLinear adds it unless `skip_bias_add`. `BiasAddLinear`
+    (model.fused_bias_add) sets `skip_bias_add` so that mcore leaves the add to it, then adds the
+    bias itself (`bias_add_after`): its output includes the bias too. Reading `skip_bias_add`
+    alone dropped the QKV bias of every decode step with the default config."""
+    if linear.bias is None:
+        return False
+    return not linear.skip_bias_add or bool(getattr(linear, "bias_add_after", False))
+
+
 def _column(linear, x: torch.Tensor) -> torch.Tensor:
-    """ColumnParallelLinear without SP: x @ w.T (+ bias unless the layer skips it)."""
+    """ColumnParallelLinear without SP: x @ w.T (+ bias where the layer's forward adds it)."""
     out = torch.matmul(x, linear.weight.t())
-    if linear.bias is not None and not linear.skip_bias_add:
+    if _adds_own_bias(linear):
         out = out + linear.bias
     return out
 
