@@ -476,9 +476,12 @@ def sample_next(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: 
 # --------------------------------------------------------------------------------------------
 # decoding loops (the decisions are made on the last stage and broadcast)
 # --------------------------------------------------------------------------------------------
-def _mask_vocab(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+def _real_vocab(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """Logits of the real vocabulary only: the padded ids are never produced. Sliced rather than
+    masked, so a sampler draws over exactly the real vocabulary (torch.multinomial's draws depend
+    on the number of categories: the same seed then gives Hugging Face's tokens)."""
     if vocab_size is not None and vocab_size < logits.shape[-1]:
-        logits[:, vocab_size:] = float("-inf")
+        return logits[:, :vocab_size]
     return logits
 
 
@@ -514,7 +517,7 @@ def _sample_loop(dec: _Decoder, opts: GenerationOptions, eos_id, pad_id, vocab_s
         logits = dec.logits()
         nxt, stop = None, False
         if logits is not None:
-            logits = _mask_vocab(logits, vocab_size)
+            logits = _real_vocab(logits, vocab_size)
             nxt = sample_next(logits, top_k=opts.top_k, top_p=top_p,
                               temperature=opts.temperature, generator=generator)
             logprob = logits.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
@@ -562,7 +565,7 @@ def _beam_loop(dec: _Decoder, opts: GenerationOptions, batch: int, eos_id, pad_i
         nxt = reorder = None
         stop = False
         if last:
-            logp = _mask_vocab(logits, vocab_size).log_softmax(-1)  # [rows, V]
+            logp = _real_vocab(logits, vocab_size).log_softmax(-1)  # [rows, V]
             vocab = logp.shape[-1]
             cand = (logp.view(batch, nb, vocab) + run_score[:, :, None]).view(batch, nb * vocab)
             top_scores, top_idx = cand.topk(k, dim=-1)

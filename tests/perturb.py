@@ -1,0 +1,65 @@
+"""Perturb every parameter of a model before comparing two code paths on it.
+
+Why: megatron-core and Hugging Face both initialise biases to zero and norm weights to one. On
+such a model a path that drops a bias, drops a norm weight, swaps two biases or adds a bias twice
+computes exactly the same numbers as a correct one, so a parity test passes whatever the code
+does. The default decode path once dropped the QKV bias of every decode step (lean decode read
+`skip_bias_add`, which `BiasAddLinear` sets while adding the bias itself) and every test passed;
+on real GPT-2 weights greedy tokens differed from Hugging Face's.
+
+`perturb_(module)` gives every bias N(0, bias_std), every norm weight 1 + N(0, norm_std) and every
+other weight a small relative jitter, in place and deterministically from `seed`. It works on our
+megatron-core models (any TP/PP chunk: each rank perturbs its own shards; pass the TP rank into
+`seed` where shards must differ) and on Hugging Face models alike, so a test can perturb the HF
+reference and then import it.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import torch
+
+BIAS_STD = 0.3
+NORM_STD = 0.1
+WEIGHT_JITTER = 0.05
+
+
+def _is_norm_weight(name: str, p: torch.Tensor) -> bool:
+    """1-D weights are norm (or scale) weights in every model we compare: linear and embedding
+    weights are 2-D (T5's relative position bias table too)."""
+    return p.dim() == 1 and not name.endswith("bias")
+
+
+@torch.no_grad()
+def perturb_(modules: Union[torch.nn.Module, Iterable[torch.nn.Module]], seed: int = 0,
+             bias_std: float = BIAS_STD, norm_std: float = NORM_STD,
+             weight_jitter: float = WEIGHT_JITTER) -> None:
+    """Perturb every parameter of `modules` (one module or a list of model chunks) in place."""
+    if isinstance(modules, torch.nn.Module):
+        modules = [modules]
+    gen = torch.Generator().manual_seed(seed)
+    seen = set()
+    for chunk in modules:
+        for name, p in chunk.named_parameters():
+            if id(p) in seen:  # tied weights: perturb once
+                continue
+            seen.add(id(p))
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device)
+            if name.endswith("bias"):
+                p.copy_((noise * bias_std).to(p.dtype))
+            elif _is_norm_weight(name, p):
+                p.copy_((1.0 + noise * norm_std).to(p.dtype))
+            else:
+                p.add_((p.float() * noise * weight_jitter).to(p.dtype))
+
+
+def assert_perturbed(modules: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> None:
+    """Guard for tests: no bias is all-zero and no norm weight is all-one."""
+    if isinstance(modules, torch.nn.Module):
+        modules = [modules]
+    for chunk in modules:
+        for name, p in chunk.named_parameters():
+            if name.endswith("bias"):
+                assert p.abs().max() > 0, f"{name} is still zero"
+            elif _is_norm_weight(name, p):
+                assert (p - 1).abs().max() > 0, f"{name} is still one"
