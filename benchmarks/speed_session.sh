@@ -22,5 +22,5 @@ RESULTS=$(resume_file "speed_$MODEL.jsonl")
 set -x
 $PY benchmarks/speed_table.py --models "$MODEL" --dropouts 0,0.1 \
   --ours-mbs "${OURS_MBS_OVERRIDE:-$OURS_MBS}" --hf-mbs "${HF_MBS_OVERRIDE:-$HF_MBS}" \
-  --steps "${STEPS:-15}" --budget-s "${BUDGET_S:-450}" \
+  --steps "${STEPS:-20}" --budget-s "${BUDGET_S:-450}" \
   --results "$RESULTS" --table-out "$OUTDIR/speed_$MODEL.md" ${EXTRA_ARGS:-}

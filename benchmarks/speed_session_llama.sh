@@ -31,5 +31,5 @@ RESULTS=$(resume_file "speed_llama.jsonl")
 set -x
 $PY benchmarks/speed_table.py --models "$MODELS" --dropouts 0 \
   --ours-mbs "$(keep "${OURS_MBS_OVERRIDE:-$OURS_MBS}")" --hf-mbs "$(keep "${HF_MBS_OVERRIDE:-$HF_MBS}")" \
-  "${TT_ARGS[@]}" --steps "${STEPS:-15}" --budget-s "${BUDGET_S:-450}" \
+  "${TT_ARGS[@]}" --steps "${STEPS:-20}" --budget-s "${BUDGET_S:-450}" \
   --results "$RESULTS" --table-out "$OUTDIR/speed_llama.md" ${EXTRA_ARGS:-}

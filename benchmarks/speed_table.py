@@ -456,7 +456,10 @@ def main(argv=None) -> int:
         if c.mb > oom_at.get(c.group, 1 << 30):
             continue  # a smaller micro-batch of this group did not fit
         left = a.budget_s - (time.time() - t_start)
-        if left < a.min_run_s:
+        # the longest this side took for this model so far in this call (compilation included)
+        est = max([r["elapsed_s"] for r in recs.values() if r.get("model") == c.model
+                   and r.get("side") == c.side and r.get("this_call")], default=0.0)
+        if left < max(a.min_run_s, 1.1 * est):
             not_run.append(c)
             continue
         rec = run_cand(c, plan_of[(c.model, c.dropout)], min(a.cap_s, left), extra)
@@ -467,7 +470,7 @@ def main(argv=None) -> int:
             not_run.append(c)
             print(f"(not finished within this call's budget: {c.key})", flush=True)
             continue
-        recs[c.key] = rec
+        recs[c.key] = dict(rec, this_call=True)
         if a.results:
             with open(a.results, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -38,16 +38,21 @@ class Ran:
     timed_out: bool = False
 
 
-def run(cmd, env=None, timeout=900) -> Ran:
+def run(cmd, env=None, timeout=900, new_session=True) -> Ran:
     """Run `cmd` in its own process group; on timeout kill the whole group (compile workers,
-    self-launched train.py workers) so the next candidate starts on an idle GPU."""
+    self-launched train.py workers) so the next candidate starts on an idle GPU.
+    `new_session=False` (a benchmark already run in its own group by this function): stay in the
+    caller's group, so the caller's timeout kills this child too; on our own timeout kill it."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         cwd=ROOT, start_new_session=True)
+                         cwd=ROOT, start_new_session=new_session)
     try:
         out, err = p.communicate(timeout=timeout)
         return Ran(p.returncode, out, err)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        if new_session:
+            os.killpg(p.pid, signal.SIGKILL)
+        else:
+            p.kill()
         out, err = p.communicate()
         return Ran(-9, out, err + f"\ntimed out after {timeout:.0f} s", timed_out=True)
 

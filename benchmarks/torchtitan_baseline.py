@@ -4,9 +4,9 @@
     python benchmarks/torchtitan_baseline.py --model llama3_1b --dry-run   # TOML + command only
 
 Writes a torchtitan job TOML (benchmarks/torchtitan_spec.py's `llama3_bench` spec: the shape as
-a flavor, synthetic tokens), runs torchtitan's trainer on one GPU as its docs do
-(`torchrun --standalone --nproc_per_node 1 -m torchtitan.train --job.config_file ...`), and
-parses the trainer's own log lines (`step: N ... memory: X GiB ... tps: N`). torchtitan logs
+a flavor, synthetic tokens), runs torchtitan's trainer on one GPU (`python -m torchtitan.train
+--job.config_file ...` with the one-rank environment torchrun would set: RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR/PORT), and parses the trainer's own log lines (`step: N ... memory: X GiB ... tps: N`). torchtitan logs
 at step 1 and every `--log-interval` steps, the host waiting for the GPU at each log; the
 windows after the first full one are measured, and tok/s is tokens over their total time (the
 harmonic mean of the windows' tps, each window holding the same tokens). Peak memory is
@@ -93,8 +93,23 @@ def job_config(model: str, mb: int, steps_total: int, log_interval: int, out_dir
 
 
 def command(toml_path: str) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "1", "-m", "torchtitan.train", "--job.config_file", toml_path]
+    return [sys.executable, "-m", "torchtitan.train", "--job.config_file", toml_path]
+
+
+def launch_env(port: int) -> dict:
+    """The environment torchrun would give the one rank (torchtitan reads LOCAL_RANK and
+    initialises torch.distributed from env://). One process and no launcher: a timeout kills
+    the trainer itself, not a launcher that leaves its worker running on the GPU."""
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -158,11 +173,13 @@ def main(argv=None) -> int:
     with open(toml_path, "w") as f:
         f.write(toml_text(cfg))
     cmd = command(toml_path)
-    shown = " ".join(cmd).replace(sys.executable, "python")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    launch = launch_env(free_port())
+    shown = " ".join([f"{k}={v}" for k, v in launch.items()] + [f"PYTHONPATH={ROOT}:$PYTHONPATH"]
+                     + cmd).replace(sys.executable, "python")
+    env = dict(os.environ, **launch, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
         NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    print(f"torchtitan command: PYTHONPATH={ROOT}:$PYTHONPATH {shown}", flush=True)
+    print(f"torchtitan command: {shown}", flush=True)
     if a.dry_run:
         print(open(toml_path).read())
         info = {"command": shown, "toml": toml_path}
@@ -176,7 +193,8 @@ def main(argv=None) -> int:
         return 0
     from benchmarks.throughput import failure, run
 
-    r = run(cmd, env=env, timeout=a.timeout)
+    # in speed_table.py's process group (its timeout kills this trainer too)
+    r = run(cmd, env=env, timeout=a.timeout, new_session=False)
     text = r.stdout + "\n" + r.stderr
     with open(os.path.join(out_dir, "torchtitan.log"), "w") as f:
         f.write(text)
