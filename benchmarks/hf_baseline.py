@@ -29,7 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.shapes import SHAPES, check_dropout, get_shape, hf_model, hf_optimizer, hf_settings  # noqa: E402
+from benchmarks.shapes import (SHAPES, check_dropout, get_shape, hf_model,  # noqa: E402
+                               hf_optimizer, hf_settings)
 
 # our conf/optimizer/adam.yaml (speed_table.py passes the composed values explicitly)
 OPT_DEFAULTS = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,

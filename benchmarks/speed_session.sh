@@ -9,7 +9,6 @@
 # finish and go to $OUT/speed_<model>.jsonl; the markdown table is printed last and written to
 # $OUT/speed_<model>.md. What the budget (BUDGET_S, default 450 s) leaves out is listed; a
 # second call with RESULTS_IN=<the first call's jsonl, copied into the tree> runs only that.
-source "$(dirname "$0")/speed_session_common.sh"
 MODEL=${1:-gpt2_large}
 case "$MODEL" in
   # expected best first (issue 20's measurements for gpt2-large: both sides best at 32)
@@ -18,6 +17,7 @@ case "$MODEL" in
   gpt2_xl)     OURS_MBS=24,32,16; HF_MBS=16,24,12 ;;
   *) echo "error: model must be gpt2_large, gpt2_medium or gpt2_xl, got $MODEL" >&2; exit 2 ;;
 esac
+source "$(dirname "$0")/speed_session_common.sh"
 RESULTS=$(resume_file "speed_$MODEL.jsonl")
 set -x
 $PY benchmarks/speed_table.py --models "$MODEL" --dropouts 0,0.1 \

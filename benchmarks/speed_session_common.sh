@@ -1,6 +1,6 @@
 # Sourced by benchmarks/speed_session*.sh: environment for a speed session on the GPU machine.
 # - installs the carried wheels (.whl from ../shared/tools/device-wheels.sh, .whl_extra from
-#   benchmarks/fetch_device_wheels.sh) into /tmp/site once, one wheel per package (.whl first);
+#   benchmarks/fetch_device_wheels.sh) into $SITE (default /tmp/site) once, one wheel per package (.whl first);
 # - OUTDIR: $OUT on the device machine (what comes back), else benchmarks/results/speed_<date>;
 # - RESULTS_IN=path/to/earlier.jsonl (a file carried in the working tree) resumes an earlier
 #   call's table: its rows are kept and only the missing candidates run.
@@ -9,6 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
+SITE=${SITE:-/tmp/site}  # where carried wheels are installed (the device README's place)
 
 install_wheels() {
   local dirs=() w name seen=" " list=()
@@ -22,18 +23,18 @@ install_wheels() {
       seen+="$name "; list+=("$w")
     done
   done
-  echo "installing ${#list[@]} carried wheels into /tmp/site:"
-  echo "  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${list[*]}"
+  echo "installing ${#list[@]} carried wheels into ${SITE}:"
+  echo "  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ${SITE} ${list[*]}"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "${list[@]}" || { echo "error: wheel install failed" >&2; exit 1; }
-  touch /tmp/site/.speed_session_installed
+    --target "$SITE" "${list[@]}" || { echo "error: wheel install failed" >&2; exit 1; }
+  touch "$SITE/.speed_session_installed"
 }
-if [ ! -e /tmp/site/.speed_session_installed ]; then
+if [ ! -e "$SITE/.speed_session_installed" ]; then
   if ! $PY -c "import megatron.core, hydra, omegaconf" 2>/dev/null || [ -d .whl_extra ]; then
     install_wheels
   fi
 fi
-pp="$PWD"; [ -d /tmp/site ] && pp="$pp:/tmp/site"
+pp="$PWD"; [ -d "$SITE" ] && pp="$pp:$SITE"
 export PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}"
 
 OUTDIR=${OUT:-benchmarks/results/speed_$(date +%F)}

@@ -28,8 +28,9 @@ else
   echo "torchtitan does not import here: no torchtitan rows (carry .whl_extra)"
 fi
 RESULTS=$(resume_file "speed_llama.jsonl")
+OURS_ARG=$(keep "${OURS_MBS_OVERRIDE:-$OURS_MBS}"); HF_ARG=$(keep "${HF_MBS_OVERRIDE:-$HF_MBS}")
 set -x
 $PY benchmarks/speed_table.py --models "$MODELS" --dropouts 0 \
-  --ours-mbs "$(keep "${OURS_MBS_OVERRIDE:-$OURS_MBS}")" --hf-mbs "$(keep "${HF_MBS_OVERRIDE:-$HF_MBS}")" \
+  --ours-mbs "$OURS_ARG" --hf-mbs "$HF_ARG" \
   "${TT_ARGS[@]}" --steps "${STEPS:-20}" --budget-s "${BUDGET_S:-450}" \
   --results "$RESULTS" --table-out "$OUTDIR/speed_llama.md" ${EXTRA_ARGS:-}

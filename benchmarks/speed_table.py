@@ -45,6 +45,8 @@ from benchmarks.shapes import (NOT_COMPARED, PEAK_TFLOPS_BF16, SHAPES, TITLES,  
 SIDES = {"ours": "ours (train.py, defaults)", "hf": "HF + torch.compile",
          "hf_pad": "HF + torch.compile, vocab padded to a multiple of 128",
          "torchtitan": "torchtitan 0.2.2 trainer, per-block compile"}
+TABLE_HEAD = ("| dropout | system | micro-batch | tok/s | MFU | peak GB | spread | "
+              "vs best HF + compile |")
 # ours + one switch, for `--ours-variants` (the label says what differs from the defaults)
 OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
                  "cuda_graph": ["model.cuda_graph=true"]}
@@ -312,8 +314,8 @@ def env_line() -> str:
             vers.append(f"{pkg} {version(pkg)}")
         except PackageNotFoundError:
             vers.append(f"{pkg} absent")
-    return (f"{card} — {datetime.date.today().isoformat()} — commit {commit()} — torch {torch_v}, "
-            + ", ".join(vers))
+    today = datetime.date.today().isoformat()
+    return f"{card} — {today} — commit {commit()} — torch {torch_v}, " + ", ".join(vers)
 
 
 def commit() -> str:
@@ -321,7 +323,8 @@ def commit() -> str:
         h = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
                            capture_output=True, text=True, timeout=10)
         if h.returncode == 0:
-            dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+            dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain",
+                                    "--untracked-files=no"],
                                    capture_output=True, text=True, timeout=10).stdout.strip()
             return h.stdout.strip() + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
@@ -337,7 +340,8 @@ def header(plan: Plan, env: str, steps: int) -> List[str]:
     padded = padded_vocab_size(shape.vocab, cfg.model.make_vocab_size_divisible_by, 1)
     o = plan.ours_settings
     return [
-        f"### {TITLES.get(plan.model, plan.model)}, seq {shape.seq}, dropout {plan.dropout:g} — {env}",
+        f"### {TITLES.get(plan.model, plan.model)}, seq {shape.seq}, dropout {plan.dropout:g}"
+        f" — {env}",
         "",
         f"- **Both sides** (checked equal field by field before timing, and again from each "
         f"run's own config/objects): {settings_line(o)}; {shape.layers} layers, hidden "
@@ -362,7 +366,7 @@ def header(plan: Plan, env: str, steps: int) -> List[str]:
         f"{shape.flops_per_token() / 1e9:.3f} GFLOP/token against {PEAK_TFLOPS_BF16:.0f} "
         "TFLOP/s. Peak GB = `torch.cuda.max_memory_allocated`.",
         "",
-        "| dropout | system | micro-batch | tok/s | MFU | peak GB | spread | vs best HF + compile |",
+        TABLE_HEAD,
         "|---|---|---|---|---|---|---|---|",
     ]
 
@@ -387,7 +391,8 @@ def table(plans: List[Plan], recs: Dict[str, Dict], env: str, steps: int) -> str
                        f"{best_ours['tok_s']:.0f} tok/s (mb {best_ours['mb']}, "
                        f"{100 * best_ours['mfu']:.1f}% MFU) vs HF + compile "
                        f"{best_hf['tok_s']:.0f} (mb {best_hf['mb']}, "
-                       f"{100 * best_hf['mfu']:.1f}%): {best_ours['tok_s'] / best_hf['tok_s']:.2f}x.**")
+                       f"{100 * best_hf['mfu']:.1f}%): "
+                       f"{best_ours['tok_s'] / best_hf['tok_s']:.2f}x.**")
         tts = [r for r in mine if r["side"] == "torchtitan"]
         if tts and tts[0].get("cmd"):
             out.append("")
@@ -422,7 +427,8 @@ def main(argv=None) -> int:
                 later = 1 if side in ("hf_pad", "torchtitan") else 0
                 for i, mb in enumerate(mbs):
                     cands.append(Cand(m, d, side, variant, mb, a.steps, rank=i + later))
-    env = env_line() if not a.dry_run else f"dry run — {datetime.date.today()} — commit {commit()}"
+    env = env_line() if not a.dry_run else \
+        f"dry run — {datetime.date.today()} — commit {commit()}"
     print(f"settings match on both sides for {len(plans)} (model, dropout) pair(s)", flush=True)
     for plan in plans:
         print(f"{plan.model} dropout {plan.dropout:g}: {settings_line(plan.ours_settings)}")
@@ -447,8 +453,7 @@ def main(argv=None) -> int:
         if r.get("error") == "OOM":
             g = (r["model"], r["dropout"], r["side"], r["variant"])
             oom_at[g] = min(oom_at.get(g, 1 << 30), r["mb"])
-    print("| dropout | system | micro-batch | tok/s | MFU | peak GB | spread | vs best HF + compile |",
-          flush=True)
+    print(TABLE_HEAD, flush=True)
     not_run = []
     for c in queue:
         if c.key in recs:

@@ -6,9 +6,10 @@
 Writes a torchtitan job TOML (benchmarks/torchtitan_spec.py's `llama3_bench` spec: the shape as
 a flavor, synthetic tokens), runs torchtitan's trainer on one GPU (`python -m torchtitan.train
 --job.config_file ...` with the one-rank environment torchrun would set: RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR/PORT), and parses the trainer's own log lines (`step: N ... memory: X GiB ... tps: N`). torchtitan logs
-at step 1 and every `--log-interval` steps, the host waiting for the GPU at each log; the
-windows after the first full one are measured, and tok/s is tokens over their total time (the
+WORLD_SIZE, MASTER_ADDR/PORT), and parses the trainer's own log lines
+(`step: N ... memory: X GiB ... tps: N`). torchtitan logs at step 1 and every
+`--log-interval` steps, the host waiting for the GPU at each log; the windows after the first
+full one are measured, and tok/s is tokens over their total time (the
 harmonic mean of the windows' tps, each window holding the same tokens). Peak memory is
 torchtitan's max *reserved* GiB.
 
@@ -28,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
