@@ -1,41 +1,96 @@
-"""Throughput of our GPT training against Hugging Face (+ torch.compile), one GPU, one run.
+"""Throughput of our training against Hugging Face (+ torch.compile), one GPU, one run.
 
-    python benchmarks/throughput.py [--model gpt2_large] [--hf-micro-batches 8,16] \
+    python benchmarks/throughput.py [--model gpt2_large] [--dropout 0] [--hf-micro-batches 8,16] \
         [--micro-batches 8,16] [--steps 20]
 
-Every candidate runs as its own process, one after another, on GPU 0, with the same model
-dimensions and sequence length. Ours runs the real `train.py` on mock data, logging every 5 steps
-(a log step is where the host waits for the GPU, as in users' runs), and reports total tokens over
-total time of the log windows after a warm-up window, from its metrics.jsonl. The HF baseline
-times its steps with no host synchronisation in between. The table gives tok/s, MFU
-(Megatron's model-FLOPs formula against 989 TFLOP/s bf16, see framework/training/metrics.py),
-peak memory and the ratio to the best HF + compile result. OOM counts as "did not fit".
+`--model` is a shape of benchmarks/shapes.py: gpt2_small/medium/large/xl, llama3_1b, llama3_3b,
+qwen2_5_1_5b(_untied). Every candidate runs as its own process, one after another, on GPU 0,
+with the same model dimensions, sequence length and `--dropout` on both sides. Ours runs the real
+`train.py` on mock data (the shape spelled out as overrides), logging every 5 steps (a log step is
+where the host waits for the GPU, as in users' runs), and reports total tokens over total time of
+the log windows after a warm-up window, from its metrics.jsonl. The HF baseline
+(benchmarks/hf_baseline.py) times the same windows the same way, with our optimizer settings. The
+table gives tok/s, MFU (6 x matmul params + 12 x layers x hidden x seq per token, against 989
+TFLOP/s bf16; benchmarks/shapes.py), peak memory and the ratio to the best HF + compile result.
+OOM counts as "did not fit". For the like-for-like table (both sides' settings checked equal,
+each at its best micro-batch) use benchmarks/speed_table.py.
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DIMS = {"gpt2_small": (12, 768, 12), "gpt2_medium": (24, 1024, 16), "gpt2_large": (36, 1280, 20),
-        "gpt2_xl": (48, 1600, 25)}
+
+from benchmarks.shapes import SHAPES, check_dropout, get_shape, ours_overrides  # noqa: E402
 
 
-def run(cmd, env=None):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    return r
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
 
 
-def hf(model, mb, steps, compile_):
-    l, h, n = DIMS[model]
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "hf_baseline.py"), "--layers", str(l),
-           "--hidden", str(h), "--heads", str(n), "--micro-batch", str(mb), "--steps", str(steps)]
-    r = run(cmd + (["--compile"] if compile_ else []))
+def run(cmd, env=None, timeout=900, new_session=True) -> Ran:
+    """Run `cmd` in its own process group; on timeout kill the whole group (compile workers,
+    self-launched train.py workers) so the next candidate starts on an idle GPU.
+    `new_session=False` (a benchmark already run in its own group by this function): stay in the
+    caller's group, so the caller's timeout kills this child too; on our own timeout kill it."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=ROOT, start_new_session=new_session)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return Ran(p.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        if new_session:
+            os.killpg(p.pid, signal.SIGKILL)
+        else:
+            p.kill()
+        out, err = p.communicate()
+        return Ran(-9, out, err + f"\ntimed out after {timeout:.0f} s", timed_out=True)
+
+
+def failure(r: Ran) -> str:
+    """'OOM' for an out-of-memory failure, else the last lines of the error output."""
+    text = r.stderr + r.stdout
+    if "out of memory" in text.lower():
+        return "OOM"
+    if r.timed_out:
+        return text.strip().splitlines()[-1]
+    return r.stderr[-400:] or r.stdout[-400:]
+
+
+# the optimizer fields hf_baseline.py takes, by our OptimizerConfig's names
+HF_OPT_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "adam_beta1": "--beta1",
+                "adam_beta2": "--beta2", "adam_eps": "--eps", "weight_decay": "--weight-decay",
+                "clip_grad": "--clip-grad", "lr_warmup_steps": "--lr-warmup-steps",
+                "lr_decay_style": "--lr-decay-style"}
+
+
+def hf_cmd(model, mb, steps, compile_, dropout=0.0, optimizer=None, extra=()):
+    """hf_baseline.py's command; `optimizer` = our composed OptimizerConfig to mirror."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "hf_baseline.py"), "--model", model,
+           "--micro-batch", str(mb), "--steps", str(steps), "--log-interval", str(LOG),
+           "--dropout", f"{dropout:g}"]
+    if optimizer is not None:
+        for field, flag in HF_OPT_FLAGS.items():
+            cmd += [flag, str(getattr(optimizer, field))]
+        if not optimizer.fused_step:
+            cmd.append("--no-fused")
+    return cmd + (["--compile"] if compile_ else []) + list(extra)
+
+
+def hf(model, mb, steps, compile_, dropout=0.0, optimizer=None, extra=(), timeout=900):
+    r = run(hf_cmd(model, mb, steps, compile_, dropout, optimizer, extra), timeout=timeout)
     if r.returncode != 0:
-        return None, ("OOM" if "out of memory" in r.stderr.lower() else r.stderr[-300:])
+        return None, failure(r)
     return json.loads(r.stdout.strip().splitlines()[-1]), ""
 
 
@@ -85,26 +140,41 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:200]
 
 
-def ours(model, mb, steps, extra, profile_dir=None):
+def ours_overrides_for(model, mb, steps, dropout, extra=(), profile=False, shape=None):
+    """train.py overrides of one of our runs (without the run/checkpoint directories)."""
+    shape = shape or get_shape(model)
+    windows = -(-steps // LOG)
+    measured_end = LOG * (1 + windows)
+    prof = [f"train.profile.steps=[{measured_end + 3},{measured_end + 4}]"] if profile else []
+    return [*ours_overrides(shape, dropout), "data=mock",
+            f"train.max_steps={measured_end + (LOG if profile else 0)}",
+            f"train.log_interval={LOG}", "train.eval_interval=0",
+            f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
+            "train.progress_bar=false", "checkpoint.save=false", "parallel.data_parallel_size=1",
+            *prof, *extra]
+
+
+def ours(model, mb, steps, extra, profile_dir=None, dropout=0.0, timeout=900, shape=None,
+         keep_config=False):
     """Time `steps` steps (rounded up to whole log windows) after one warm-up window, from
-    train.py's own per-window step times; profile two more steps when `profile_dir` is set."""
+    train.py's own per-window step times; profile two more steps when `profile_dir` is set.
+    `keep_config`: also return the run's own composed config (its .hydra/config.yaml)."""
+    shape = shape or get_shape(model)
     windows = -(-steps // LOG)
     measured_end = LOG * (1 + windows)
     with tempfile.TemporaryDirectory() as d:
-        prof = [f"train.profile.steps=[{measured_end + 3},{measured_end + 4}]"] \
-            if profile_dir else []
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"model={model}", "data=mock",
-               f"train.max_steps={measured_end + (LOG if profile_dir else 0)}",
-               f"train.log_interval={LOG}", "train.eval_interval=0",
-               f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
-               "train.progress_bar=false", "checkpoint.save=false", "parallel.data_parallel_size=1",
-               "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
-               f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out", *prof, *extra]
-        r = run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+               *ours_overrides_for(model, mb, steps, dropout, extra, bool(profile_dir), shape),
+               f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out"]
+        r = run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"), timeout=timeout)
         if r.returncode != 0:
-            return None, ("OOM" if "out of memory" in (r.stderr + r.stdout).lower()
-                          else r.stderr[-300:])
+            return None, failure(r)
         recs = [json.loads(x) for x in open(f"{d}/out/metrics.jsonl") if '"loss"' in x]
+        ran_config = None
+        if keep_config:
+            from omegaconf import OmegaConf
+
+            ran_config = OmegaConf.load(f"{d}/out/.hydra/config.yaml")
         if profile_dir:
             from benchmarks.profile_summary import summarize
 
@@ -118,17 +188,21 @@ def ours(model, mb, steps, extra, profile_dir=None):
     assert len(recs) == windows, [x["step"] for x in recs]
     ms = sum(x["ms_per_iter"] for x in recs) / len(recs)
     med = sorted(x["ms_per_iter"] for x in recs)[len(recs) // 2]
-    return {"tok_s": mb * 1024 / (ms / 1000), "ms_per_iter": ms, "median_ms": med,
-            "peak_gb": max(x["mem_gb"] for x in recs)}, ""
+    res = {"tok_s": mb * shape.seq / (ms / 1000), "ms_per_iter": ms, "median_ms": med,
+           "window_ms": [round(x["ms_per_iter"], 2) for x in recs],
+           "peak_gb": max(x["mem_gb"] or 0.0 for x in recs), "last_loss": recs[-1]["loss"]}
+    if keep_config:
+        res["config"] = ran_config
+    return res, ""
 
 
 def main():
     import torch
 
-    from framework.training.metrics import flops_per_token
-
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="gpt2_large")
+    ap.add_argument("--model", default="gpt2_large", choices=sorted(SHAPES))
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="residual/embedding and attention dropout, on both sides")
     ap.add_argument("--hf-micro-batches", default="8,16")
     ap.add_argument("--hf-modes", default="eager,compile")
     ap.add_argument("--micro-batches", default="8,16")
@@ -142,13 +216,17 @@ def main():
     ap.add_argument("--profile-dir", default=None,
                     help="also profile two steps of each of our runs; kernel tables go here")
     a = ap.parse_args()
-    l, h, _ = DIMS[a.model]
-    fpt = flops_per_token(l, h, 1024, 50304)
+    shape = get_shape(a.model)
+    try:
+        check_dropout(shape, a.dropout)
+    except ValueError as e:
+        ap.exit(2, f"error: --dropout: {e}\n")
+    fpt = shape.flops_per_token()
     card = torch.cuda.get_device_name(0)
     rows = []
     for mb in [int(x) for x in a.hf_micro_batches.split(",") if x]:
         for mode in [m for m in a.hf_modes.split(",") if m]:
-            res, err = hf(a.model, mb, a.steps, mode == "compile")
+            res, err = hf(a.model, mb, a.steps, mode == "compile", a.dropout)
             rows.append((f"HF {'+ torch.compile' if mode == 'compile' else 'eager'} SDPA", mb,
                          res, err))
             print(rows[-1], flush=True)
@@ -159,11 +237,13 @@ def main():
              for c in a.candidates.split(",") if c])
     for name, mb in runs:
         label, extra = CANDIDATES[name]
-        res, err = ours(a.model, mb, a.steps, extra + a.ours_extra.split(), a.profile_dir)
+        res, err = ours(a.model, mb, a.steps, extra + a.ours_extra.split(), a.profile_dir,
+                        dropout=a.dropout)
         rows.append((label, mb, res, err))
         print(rows[-1], flush=True)
     best = max((r[2]["tok_s"] for r in rows if r[2] and "compile" in r[0]), default=None)
-    print(f"\n{a.model}, seq 1024, bf16, AdamW, one {card}")
+    print(f"\n{a.model}, seq {shape.seq}, dropout {a.dropout:g} (both sides), bf16, AdamW, "
+          f"one {card}")
     print("| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile |")
     print("|---|---|---|---|---|---|")
     for label, mb, res, err in rows:

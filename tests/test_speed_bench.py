@@ -1,0 +1,264 @@
+"""The speed benchmarks compare like with like (CPU checks; the timings themselves need a GPU).
+
+* benchmarks/shapes.py: parameter counts and FLOPs of every shape equal what HF builds and
+  Megatron's formula; our train.py overrides and the HF config build models of the same size at
+  tiny dims of each family (GPT-2, Llama, Qwen2 tied/untied), and both sides' settings read from
+  the built objects agree field by field;
+* benchmarks/speed_table.py: the dry run finds the settings equal for the shipped shapes and
+  stops on a planted difference; the queue is round-robin, stops growing a group after an OOM,
+  honours the budget and resumes from its results file;
+* benchmarks/hf_baseline.py trains a tiny model on the CPU with our optimizer settings;
+* the HF LR schedule follows megatron-core's OptimizerParamScheduler step by step;
+* benchmarks/torchtitan_baseline.py: its TOML parses, its log parser reads torchtitan's lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from benchmarks import speed_table, torchtitan_baseline
+from benchmarks.shapes import (SHAPES, compare_settings, compose_ours, get_shape, hf_model,
+                               hf_optimizer, hf_settings, lr_at, ours_overrides, ours_settings)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPT = dict(lr=1e-3, min_lr=1e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, clip_grad=1.0,
+           lr_warmup_steps=10, lr_decay_style="cosine", fused=True)
+TINY = dict(layers=2, hidden=64, heads=4, ffn=160, vocab=256, seq=32)
+TINY_SHAPES = {
+    "gpt2": get_shape("gpt2_large").replace(**dict(TINY, ffn=256), kv_heads=4),
+    "llama": get_shape("llama3_1b").replace(**TINY, kv_heads=2),
+    "qwen2": get_shape("qwen2_5_1_5b").replace(**TINY, kv_heads=2, norm_eps=1e-6),
+    "qwen2_untied": get_shape("qwen2_5_1_5b_untied").replace(**TINY, kv_heads=1),
+}
+
+
+def test_shape_counts_match_hf_and_megatron_formula():
+    from framework.training.metrics import flops_per_token
+
+    for name, shape in SHAPES.items():
+        with torch.device("meta"):
+            m = hf_model(shape, 0.0)
+        assert sum(p.numel() for p in m.parameters()) == shape.params(), name
+        if shape.family == "gpt2":
+            want = flops_per_token(shape.layers, shape.hidden, shape.seq, shape.vocab)
+            assert shape.flops_per_token() == pytest.approx(want, rel=1e-12), name
+    # issue 29's MFU for the 1B shape: 58.0k tok/s -> 48.2%
+    assert 58.0e3 * SHAPES["llama3_1b"].flops_per_token() / 989e12 == pytest.approx(0.482, abs=1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mp1():
+    from megatron.core import parallel_state as ps
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fam", sorted(TINY_SHAPES))
+def test_tiny_models_and_settings_match(mp1, fam):
+    """Our overrides and the HF config give the same model size, and the settings read from our
+    composed config and from HF's built model + fused AdamW agree (dropout 0.1 for GPT-2)."""
+    from framework.models import build_model
+
+    shape = TINY_SHAPES[fam]
+    dropout = 0.1 if shape.family == "gpt2" else 0.0
+    cfg = compose_ours(ours_overrides(shape, dropout) + [
+        "data=mock", "train.micro_batch_size=2", "train.global_batch_size=2",
+        "train.max_steps=20"])
+    torch.manual_seed(0)
+    ours = build_model(cfg.model, cfg.parallel, vocab_size=shape.vocab, bf16=False, fp16=False,
+                       device=torch.device("cpu"), wrap_ddp=False)[0]
+    n_ours = sum(p.numel() for p in ours.parameters())
+    hf = hf_model(shape, dropout)
+    n_hf = sum(p.numel() for p in hf.parameters())
+    assert n_ours == n_hf == shape.params(), (fam, n_ours, n_hf, shape.params())
+    opt, _ = hf_optimizer(hf, OPT, 20)
+    diffs = compare_settings(ours_settings(cfg), hf_settings(hf, opt, OPT, shape.seq, 2, 20))
+    assert diffs == [], diffs
+
+
+def test_settings_comparison_sees_a_difference():
+    shape = TINY_SHAPES["llama"]
+    cfg = compose_ours(ours_overrides(shape, 0.0) + ["data=mock", "model.num_query_groups=4",
+                                                     "optimizer.adam_beta2=0.999"])
+    hf = hf_model(shape, 0.0)
+    opt, _ = hf_optimizer(hf, OPT, cfg.train.max_steps)
+    diffs = compare_settings(ours_settings(cfg), hf_settings(hf, opt, OPT, shape.seq,
+                                                             cfg.train.micro_batch_size,
+                                                             cfg.train.max_steps))
+    assert [d.split(":")[0] for d in diffs] == ["betas", "kv_heads"], diffs
+
+
+def test_dry_run_settings_match(capsys):
+    rc = speed_table.main(["--models", "gpt2_large,llama3_1b,qwen2_5_1_5b_untied",
+                           "--dropouts", "0", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "settings match on both sides for 3" in out, out
+    rc = speed_table.main(["--models", "gpt2_xl", "--dropouts", "0,0.1", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "dropout 0.1 (residual/embedding) and 0.1 (attention)" in out
+    assert "--dropout 0.1" in out and "model.hidden_dropout=0.1" in out
+
+
+@pytest.mark.parametrize("extra,field", [("model.hidden_dropout=0.2", "hidden_dropout"),
+                                         ("model.num_query_groups=4", "kv_heads")])
+def test_dry_run_stops_on_a_difference(capsys, extra, field):
+    rc = speed_table.main(["--models", "llama3_1b", "--dry-run", "--ours-extra", extra])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: settings differ" in err and field in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--models", "llama3_1b", "--dropouts", "0.1"],  # HF Llama has no residual dropout
+    ["--models", "gpt3"],
+    ["--ours-mbs", "8,x"],
+    ["--models", "gpt2_large", "--hf-mbs", "llama3_1b:8"],
+])
+def test_bad_arguments_are_one_line_errors(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        speed_table.main(argv + ["--dry-run"])
+    msg = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
+    assert e.value.code != 0 and "error:" in msg, msg
+
+
+def test_queue_oom_budget_and_resume(monkeypatch, tmp_path, capsys):
+    """Round-robin order, no larger micro-batch after an OOM, nothing started past the budget,
+    and a second call with the same results file runs only what is missing."""
+    ran = []
+
+    def fake(c, plan, timeout, extra):
+        ran.append((c.side, c.mb, c.dropout))
+        rec = {"key": c.key, "model": c.model, "dropout": c.dropout, "side": c.side,
+               "variant": c.variant, "mb": c.mb, "steps": c.steps, "elapsed_s": 1.0}
+        if c.side == "ours" and c.mb >= 48:
+            rec["error"] = "OOM"
+        else:
+            tok = (1000.0 if c.side == "ours" else 800.0) + c.mb
+            rec.update(tok_s=tok, ms_per_iter=1.0, mfu=0.4, peak_gb=10.0, spread=0.01,
+                       settings_diffs=[])
+        return rec
+
+    monkeypatch.setattr(speed_table, "run_cand", fake)
+    monkeypatch.setattr(speed_table, "env_line", lambda: "test card")
+    res = tmp_path / "r.jsonl"
+    argv = ["--models", "gpt2_large", "--dropouts", "0,0.1", "--ours-mbs", "32,48,64",
+            "--hf-mbs", "32,24", "--results", str(res), "--min-run-s", "0"]
+    assert speed_table.main(argv) == 0
+    assert ran == [("ours", 32, 0.0), ("hf", 32, 0.0), ("ours", 32, 0.1), ("hf", 32, 0.1),
+                   ("ours", 48, 0.0), ("hf", 24, 0.0), ("ours", 48, 0.1), ("hf", 24, 0.1)]
+    out = capsys.readouterr().out
+    assert "ours 1032 tok/s (mb 32" in out and "HF + compile 832 (mb 32" in out, out
+    assert "1.24x" in out and "did not fit (OOM)" in out
+    assert len(res.read_text().splitlines()) == 8
+    ran.clear()
+    assert speed_table.main(argv + ["--hf-mbs", "32,24,16"]) == 0  # only hf mb16 is new
+    assert ran == [("hf", 16, 0.0), ("hf", 16, 0.1)]
+    ran.clear()
+    assert speed_table.main(argv[:-2] + ["--min-run-s", "60", "--budget-s", "30",
+                                         "--hf-mbs", "8"]) == 0
+    assert ran == [] and "Not run within this call's budget" in capsys.readouterr().out
+
+
+def test_hf_baseline_trains_on_cpu():
+    shape = TINY_SHAPES["qwen2"]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "hf_baseline.py"), "--model",
+           "qwen2_5_1_5b", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+           "--ffn", "160", "--vocab", "256", "--seq", "32", "--device", "cpu",
+           "--micro-batch", "2", "--steps", "2", "--log-interval", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["steps"] == 3 and len(res["window_ms"]) == 3 and res["tok_s"] > 0
+    assert res["params"] == shape.params() and 0 < res["last_loss"] < 20
+    s = res["settings"]
+    assert (s["qkv_bias"], s["linear_bias"], s["tied"], s["fused"]) == (True, False, True, True)
+    assert s["no_weight_decay"] == "biases and 1-D (norm) parameters"
+
+
+def test_hf_lr_schedule_is_megatrons():
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    for style in ("cosine", "linear", "constant"):
+        for warmup, steps in ((10, 20), (3, 40), (0, 7)):
+            opt = dict(OPT, lr_decay_style=style, lr_warmup_steps=warmup)
+            sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+            ref = OptimizerParamScheduler(
+                sgd, init_lr=0.0, max_lr=opt["lr"], min_lr=opt["min_lr"],
+                lr_warmup_steps=min(warmup, steps - 1), lr_decay_steps=steps,
+                lr_decay_style=style, start_wd=0.1, end_wd=0.1, wd_incr_steps=steps,
+                wd_incr_style="constant")
+            for step in range(steps + 3):
+                want = sgd.param_groups[0]["lr"]
+                assert lr_at(step, opt, steps) == pytest.approx(want, abs=1e-15), (style, step)
+                ref.step(1)
+
+
+def test_torchtitan_toml_and_log_parser(tmp_path):
+    cfg = torchtitan_baseline.job_config("llama3_1b", 12, 20, 5, str(tmp_path),
+                                         torchtitan_baseline.OPT_DEFAULTS)
+    back = tomllib.loads(torchtitan_baseline.toml_text(cfg))
+    assert back == cfg
+    assert back["training"]["seq_len"] == 2048 and back["compile"]["components"] == ["model",
+                                                                                      "loss"]
+    assert back["lr_scheduler"]["min_lr_factor"] == pytest.approx(0.1)
+    log = "\n".join(
+        f"[rank0]:[titan] 2026-12-04 INFO \x1b[31mstep: {s:2}  \x1b[32mloss: {9 - s / 10:8.5f}  "
+        f"grad_norm:  1.2345  memory: {40 + s / 10:5.2f}GiB(30.00%)  tps: {t:,}  "
+        f"tflops: 400.00  mfu: 40.00%\x1b[39m"
+        for s, t in ((1, 900), (5, 50000), (10, 60000), (15, 40000), (20, 60000)))
+    res = torchtitan_baseline.parse_log(log, 12, 2048, 5)
+    tokens = 12 * 2048
+    assert res["window_ms"] == [round(1000 * tokens / t, 2) for t in (60000, 40000, 60000)]
+    assert res["tok_s"] == pytest.approx(3 / (1 / 60000 + 1 / 40000 + 1 / 60000))
+    assert res["peak_gb"] == 42.0 and res["last_loss"] == 7.0
+    with pytest.raises(ValueError):
+        torchtitan_baseline.parse_log(log.splitlines()[0], 12, 2048, 5)
+
+
+def test_torchtitan_synthetic_tokens_and_flavors():
+    from benchmarks.torchtitan_spec import SyntheticTokens
+
+    it = iter(SyntheticTokens(vocab=100, batch=3, seq=16, n=2))
+    (a, la), (b, _), (c, _) = next(it), next(it), next(it)
+    assert a["input"].shape == la.shape == (3, 16) and int(a["input"].max()) < 100
+    assert torch.equal(a["input"][:, 1:], la[:, :-1]) and torch.equal(a["input"], c["input"])
+    assert not torch.equal(a["input"], b["input"])
+    pytest.importorskip("torchtitan")
+    from torchtitan.models.llama3.model.model import FeedForward
+
+    from benchmarks.torchtitan_spec import model_args
+
+    for shape in [s for s in SHAPES.values() if s.family == "llama"] + [TINY_SHAPES["llama"]]:
+        a = model_args(shape)
+        with torch.device("meta"):
+            ff = FeedForward(dim=a.dim, hidden_dim=4 * a.dim, multiple_of=a.multiple_of,
+                             ffn_dim_multiplier=a.ffn_dim_multiplier)
+        assert ff.w1.weight.shape == (shape.ffn, shape.hidden), shape.name
+
+
+def test_session_scripts_parse():
+    for f in ("speed_session.sh", "speed_session_llama.sh", "speed_session_common.sh",
+              "fetch_device_wheels.sh"):
+        r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", f)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (f, r.stderr)
