@@ -117,6 +117,10 @@ class ModelConfig:
     # GPU training: the QKV projection's bias add as one Triton kernel (framework/fast/bias.py)
     # in place of torch's broadcast add (same arithmetic, ~2.5x faster); false = mcore's add
     fused_bias_add: bool = True
+    # GPU: megatron-core's fused activation kernels (bias + tanh-GeLU for gelu_tanh with biases;
+    # SwiGLU forward and backward for swiglu, keeping only fc1's output for the backward).
+    # null = on where mcore has one, on GPU; false = the unfused reference (what CPUs run)
+    bias_activation_fusion: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU.
@@ -191,6 +195,11 @@ class ModelConfig:
         _choice(self.activation, ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu"),
                 "model.activation")
         _choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
+        _require(not self.bias_activation_fusion or self.activation == "swiglu"
+                 or (self.activation == "gelu_tanh" and self.add_bias_linear),
+                 f"model.bias_activation_fusion=true: megatron-core has no fused kernel for "
+                 f"model.activation={self.activation} (add_bias_linear="
+                 f"{self.add_bias_linear}); it fuses swiglu, and gelu_tanh with biases")
         _require(0.0 <= self.hidden_dropout < 1 and 0.0 <= self.attention_dropout < 1,
                  "model.hidden_dropout and model.attention_dropout must be in [0, 1)")
 

@@ -63,3 +63,48 @@ def assert_perturbed(modules: Union[torch.nn.Module, Iterable[torch.nn.Module]])
                 assert p.abs().max() > 0, f"{name} is still zero"
             elif _is_norm_weight(name, p):
                 assert (p - 1).abs().max() > 0, f"{name} is still one"
+
+
+def perturb_checkpoint(ckpt_dir: str, seed: int = 0, bias_std: float = BIAS_STD,
+                       norm_std: float = NORM_STD, weight_jitter: float = WEIGHT_JITTER) -> None:
+    """Rewrite the latest checkpoint in `ckpt_dir` (one of ours, e.g. the seed checkpoint that
+    `train.max_steps=0` saves) with its model tensors perturbed as `perturb_` does, so runs that
+    start from it with `checkpoint.load=` (every layout, every fast path) start from non-trivial
+    biases and norm weights. Optimizer state is kept as it is (`checkpoint.load=` does not read
+    it). Tensors are named by their checkpoint keys, which hold the module path."""
+    from data_tools.convert import single_process_world
+    from framework.interop import megatron_files as mf
+    from framework.training import checkpoint as ckpt
+
+    import os
+    import shutil
+    import tempfile
+
+    it = ckpt.latest_iteration(ckpt_dir)
+    assert it is not None, f"{ckpt_dir} has no committed checkpoint"
+    meta = ckpt.read_meta(ckpt_dir, it)
+    gen = torch.Generator().manual_seed(seed)
+    keep = tempfile.mkdtemp()
+    tok = os.path.join(ckpt.iter_dir(ckpt_dir, it), "tokenizer")
+    tok_copy = None
+    if os.path.isdir(tok):  # the rewrite replaces the iteration directory: keep the tokenizer
+        tok_copy = os.path.join(keep, "tokenizer")
+        shutil.copytree(tok, tok_copy)
+    with single_process_world():
+        common, tensors, objects = mf.load_full(ckpt.iter_dir(ckpt_dir, it))
+        out = {}
+        for key in sorted(tensors):
+            t = tensors[key]
+            if key.startswith("optimizer") or not t.is_floating_point():
+                out[key] = t
+                continue
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+            if key.endswith("bias"):
+                new = noise * bias_std
+            elif _is_norm_weight(key, t):
+                new = 1.0 + noise * norm_std
+            else:
+                new = t.float() * (1.0 + noise * weight_jitter)
+            out[key] = new.to(t.dtype)
+        mf.write_checkpoint(ckpt_dir, it, common, out, objects, meta, tokenizer_dir=tok_copy)
+    shutil.rmtree(keep)

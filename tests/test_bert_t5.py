@@ -13,6 +13,7 @@ from framework.tokenizer import (MaskedLMTokenizerAdapter, Tokenizer, embedded_m
                                  embedded_tokenizer)
 from tests.test_config import load
 from tests.test_train_e2e import losses, train
+from perturb import perturb_checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +259,7 @@ def test_learns_and_tp2_gloo_matches_tp1(tmp_path, model, extra):
               "optimizer.lr_decay_steps=12"]
     train(tmp_path, *common, "train.max_steps=0", "train.eval_interval=0",
           f"checkpoint.dir={tmp_path}/seed", name="seed")
+    perturb_checkpoint(str(tmp_path / "seed"))  # non-zero biases, non-unit norms
     meta = json.loads((tmp_path / "seed" / "iter_0000000" / "framework.json").read_text())
     assert meta["config"]["model"]["type"] == model.split("_")[0]
     run = [*common, "checkpoint.save=false", f"checkpoint.load={tmp_path}/seed"]

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from data_tools import convert
+from perturb import perturb_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, LAYERS, HIDDEN, HEADS, FFN, NPOS, EPS = 101, 4, 48, 6, 80, 40, 2e-5
@@ -48,10 +49,7 @@ def _hf_gpt2(path, seed=0):
     cfg = GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_inner=FFN, vocab_size=V,
                      n_positions=NPOS, layer_norm_epsilon=EPS, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor shows
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_(model, seed=seed)  # non-trivial norms and biases, so a swapped tensor shows
     model.save_pretrained(path)
     return model
 

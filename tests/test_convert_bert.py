@@ -21,6 +21,7 @@ import torch
 
 from data_tools import convert
 from test_convert import _build, _free_port, _meta_model_cfg, _safetensors, cli
+from perturb import perturb_
 
 V, LAYERS, HIDDEN, HEADS, FFN, NPOS, EPS = 101, 2, 48, 6, 80, 40, 3e-6
 DIV = 5
@@ -37,10 +38,7 @@ def _hf_bert(path, seed=0):
                              num_attention_heads=HEADS, intermediate_size=FFN,
                              max_position_embeddings=NPOS, layer_norm_eps=EPS)
     model = MegatronBertForPreTraining(cfg).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor shows
-        for _name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_(model, seed=seed)  # non-trivial norms and biases, so a swapped tensor shows
     model.save_pretrained(path)
     return model
 

@@ -22,6 +22,7 @@ import torch
 
 from data_tools import convert
 from tests.test_convert import _free_port, _safetensors, cli
+from perturb import perturb_
 
 V, D, HEADS, DKV, FFN, ENC, DEC = 101, 32, 4, 8, 48, 2, 3
 DIV, P1, P2 = 5, 105, 110
@@ -42,10 +43,8 @@ def _hf_t5(path, kind="t5", seed=0):
         dropout_rate=0.0, decoder_start_token_id=0,
         feed_forward_proj="relu" if kind == "t5" else "gated-gelu")
     model = getattr(transformers, f"{arch}ForConditionalGeneration")(cfg).eval()
-    with torch.no_grad():  # non-trivial norms, so a swapped tensor shows
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_(model, seed=seed)  # non-trivial norms (T5 has no biases), so a swapped tensor shows
+    with torch.no_grad():
         if kind == "mt5":  # an LM head of its own, as google's mT5 checkpoints
             model.lm_head.weight = torch.nn.Parameter(torch.randn(V, D))
     model.save_pretrained(path)

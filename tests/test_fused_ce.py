@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from framework.fast.fused_ce import LinearCrossEntropy, default_chunk_tokens, linear_cross_entropy
+from perturb import perturb_
 
 S, B, H, V = 7, 3, 16, 40  # 21 tokens
 
@@ -154,8 +155,10 @@ def _build(fused, tied):
                       hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05,
                       share_embeddings_and_output_weights=tied, fused_cross_entropy=fused)
     torch.manual_seed(0)
-    return build_model(cfg, ParallelConfig(), vocab_size=64, bf16=False, fp16=False,
-                       device=torch.device("cpu"), wrap_ddp=False)[0]
+    model = build_model(cfg, ParallelConfig(), vocab_size=64, bf16=False, fp16=False,
+                        device=torch.device("cpu"), wrap_ddp=False)[0]
+    perturb_(model)  # non-zero biases, non-unit norms (tests/perturb.py)
+    return model
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from framework.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
+from perturb import perturb_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -51,8 +52,10 @@ def build(model_cfg, vocab, parallel=None, seed=0):
     from framework.models import build_model
 
     torch.manual_seed(seed)
-    return build_model(model_cfg, parallel or ParallelConfig(), vocab_size=vocab, bf16=False,
-                       fp16=False, device=CPU, wrap_ddp=False)
+    model = build_model(model_cfg, parallel or ParallelConfig(), vocab_size=vocab, bf16=False,
+                        fp16=False, device=CPU, wrap_ddp=False)
+    perturb_(model, seed=seed)  # non-zero biases, non-unit norms (tests/perturb.py)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +121,7 @@ def hf_pair(mp1):
                       attn_pdrop=0.0, initializer_range=0.3, bos_token_id=EOS,
                       eos_token_id=EOS, pad_token_id=EOS)
     hf = GPT2LMHeadModel(hcfg).eval()
+    perturb_(hf)  # non-zero biases, non-unit norms (tests/perturb.py)
     with torch.no_grad():
         hf.transformer.wte.weight[EOS] *= 2.0
     ours = build(ModelConfig(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS,

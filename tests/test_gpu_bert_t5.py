@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from perturb import perturb_checkpoint
 from gpu_shared import compare, shared_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,7 @@ def _reference(model):
     def build(d):
         d = pathlib.Path(d)
         train(d, "seed", model, "train.max_steps=0", "parallel.data_parallel_size=1")
+        perturb_checkpoint(f"{d}/seed/ckpt")  # non-zero biases, non-unit norms
         seed = f"checkpoint.load={d}/seed/ckpt"
         ref = train(d, "single", model, "parallel=single", "parallel.data_parallel_size=1", seed)
         return {"seed": seed, "ref": {str(k): v for k, v in ref.items()}}

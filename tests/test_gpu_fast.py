@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from perturb import perturb_checkpoint
 from gpu_shared import ROOT, log_parity, shared_once
 
 pytestmark = pytest.mark.gpu
@@ -159,6 +160,7 @@ def _train_seed(d, *overrides):
                         f"hydra.run.dir={d}/out"], cwd=d, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    perturb_checkpoint(f"{d}/ckpt")  # non-zero biases, non-unit norms: tests/perturb.py
     return f"checkpoint.load={d}/ckpt"
 
 

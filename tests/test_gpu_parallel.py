@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from perturb import perturb_checkpoint
 from gpu_shared import compare, shared_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,7 @@ def _seed(d):
                         "parallel.data_parallel_size=1"], cwd=d, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    perturb_checkpoint(f"{d}/ckpt")  # non-zero biases, non-unit norms: tests/perturb.py
     return f"checkpoint.load={d}/ckpt"
 
 

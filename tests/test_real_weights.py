@@ -200,3 +200,34 @@ def test_every_decode_path_matches_hf(work, ours, case, path):
     assert (got_new[:, n:] == PAD).all() and (new[:, n:] == PAD).all()
     if ref_lp is not None:
         torch.testing.assert_close(lp[:, :n], ref_lp[:, :n], rtol=0, atol=TOL)
+
+
+def test_perturb_checkpoint_rewrites_every_model_tensor(work, tmp_path):
+    """tests/perturb.py's checkpoint rewrite (used by the GPU parity tests' seed checkpoints):
+    biases non-zero, norm weights not one, other weights moved, tokenizer kept, loads again."""
+    import shutil
+
+    from data_tools.convert import single_process_world
+    from framework.interop import megatron_files as mf
+    from framework.training import checkpoint as ckpt
+    from perturb import perturb_checkpoint
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(work["dir"] / "ckpt", d)
+    with single_process_world():
+        _, before, _ = mf.load_full(ckpt.iter_dir(str(d), 0))
+    for key in before:  # zero biases and unit norms first, as a fresh model has them
+        if key.endswith("bias"):
+            before[key].zero_()
+    perturb_checkpoint(str(d), seed=3)
+    with single_process_world():
+        _, after, _ = mf.load_full(ckpt.iter_dir(str(d), 0))
+    assert sorted(after) == sorted(before)
+    for key, t in after.items():
+        if key.endswith("bias"):
+            assert t.abs().min() > 0, key
+        elif t.dim() == 1:
+            assert (t - 1).abs().min() > 0, key
+        else:
+            assert not torch.equal(t, before[key]), key
+    assert (d / "iter_0000000" / "tokenizer" / "tokenizer.json").is_file()

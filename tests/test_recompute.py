@@ -7,6 +7,7 @@ import torch
 from framework.config import ConfigError, ModelConfig, ParallelConfig
 from framework.patching import patched
 from test_attention_variants import VOCAB, model_parallel, tiny, world
+from perturb import perturb_
 
 
 @pytest.fixture
@@ -35,6 +36,7 @@ def _loss_and_grads(parallel, **model_kw):
     torch.manual_seed(0)
     model = build_model(tiny(**model_kw), parallel, vocab_size=VOCAB, bf16=False, fp16=False,
                         device=torch.device("cpu"), wrap_ddp=False)[0]
+    perturb_(model)  # non-zero biases, non-unit norms (tests/perturb.py)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
     pos = torch.arange(16)[None].expand(2, 16)

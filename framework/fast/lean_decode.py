@@ -42,8 +42,9 @@ def supported(mod) -> bool:
     tp = cfg.tensor_model_parallel_size
     if cfg.num_query_groups is not None and cfg.num_query_groups % tp != 0:
         return False
-    if cfg.bias_activation_fusion and not (cfg.activation_func is F.gelu
-                                           and not cfg.gated_linear_unit):
+    if cfg.bias_activation_fusion and not (
+            (cfg.activation_func is F.gelu and not cfg.gated_linear_unit)
+            or (cfg.activation_func is F.silu and cfg.gated_linear_unit)):
         return False
     if getattr(cfg, "activation_func_clamp_value", None) is not None or \
             getattr(cfg, "glu_linear_offset", 0.0):
@@ -98,11 +99,14 @@ def _add_bias_residual(x: torch.Tensor, bias: Optional[torch.Tensor],
 
 def _mlp(mlp, x: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     from megatron.core.fusions.fused_bias_gelu import bias_gelu
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 
     cfg = mlp.config
     inter = torch.matmul(x, mlp.linear_fc1.weight.t())
     bias = mlp.linear_fc1.bias
-    if cfg.bias_activation_fusion:  # F.gelu, not gated (checked in `supported`)
+    if cfg.bias_activation_fusion and cfg.gated_linear_unit:  # SwiGLU (checked in `supported`)
+        inter = bias_swiglu_impl(inter, bias)
+    elif cfg.bias_activation_fusion:  # F.gelu, not gated (checked in `supported`)
         inter = bias_gelu(bias, inter)
     else:
         if bias is not None:

@@ -31,10 +31,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
                        on_gpu: bool):
     """Map our sub-configs onto megatron-core's TransformerConfig (same field names), plus our
     own recompute option (framework/models/mlp.py)."""
-    # mcore's fused bias+GeLU kernel (fusions/fused_bias_gelu.py) computes the tanh approximation
-    # although it is selected by activation_func=F.gelu: it serves "gelu_tanh", and exact "gelu"
-    # runs unfused so that it means the same thing on GPU as on CPU.
-    fuse_gelu = on_gpu and model.add_bias_linear and model.activation == "gelu_tanh"
+    # mcore's fused activation kernels (torch.compile'd), GPU only. Its bias+GeLU kernel
+    # (fusions/fused_bias_gelu.py) computes the tanh approximation although it is selected by
+    # activation_func=F.gelu: it serves "gelu_tanh" with biases, and exact "gelu" runs unfused so
+    # that it means the same thing on GPU as on CPU. SwiGLU (fusions/fused_bias_swiglu.py): one
+    # kernel per direction that keeps only fc1's output for the backward, instead of chunk, SiLU
+    # and product kernels that keep SiLU's input and output and the gate.
+    fuse = on_gpu and model.bias_activation_fusion is not False
+    fuse_gelu = fuse and model.add_bias_linear and model.activation == "gelu_tanh"
+    fuse_swiglu = fuse and model.activation == "swiglu"
     activation = F.gelu if fuse_gelu else {"gelu": F.gelu, "gelu_tanh": gelu_tanh,
                                            "swiglu": F.silu, "geglu_tanh": gelu_tanh,
                                            "relu": F.relu}[model.activation]
@@ -82,7 +87,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         autocast_dtype=dtype,
         use_cpu_initialization=not on_gpu,
         # jit-fused (torch.jit) kernels need no apex/TE; they need CUDA
-        bias_activation_fusion=fuse_gelu,
+        bias_activation_fusion=fuse_gelu or fuse_swiglu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=on_gpu and (model.fused_wgrad or _has_fused_wgrad()),

@@ -176,14 +176,24 @@ class SDPAttention(MegatronModule):
                     k.shape[2] - sq)
         return _to_sbh(self._sdpa(q, k, v, mask, p, is_causal))
 
+    # GQA / MQA through the flash kernel's own grouped heads (SDPA's enable_gqa) where flash
+    # runs: no copies of k and v per query head forward, no reduction of their grads backward
+    native_gqa = True
+
     def _sdpa(self, q, k, v, mask, p: float, is_causal: bool) -> torch.Tensor:
-        if k.shape[1] != q.shape[1]:  # GQA / MQA: repeat each KV group for its query heads
-            # = repeat_interleave(rep, dim=1), as a view expansion + copy: no index tensor,
-            # so it can run inside a CUDA-graph capture (generation's decode_cuda_graph)
-            rep = q.shape[1] // k.shape[1]
-            k, v = _repeat_groups(k, rep), _repeat_groups(v, rep)
+        gqa = False
+        if k.shape[1] != q.shape[1]:
+            if self.native_gqa and _flash_gqa_ok(q, k, v, mask, p, is_causal):
+                gqa = True
+            else:  # repeat each KV group for its query heads
+                # = repeat_interleave(rep, dim=1), as a view expansion + copy: no index tensor,
+                # so it can run inside a CUDA-graph capture (generation's decode_cuda_graph)
+                rep = q.shape[1] // k.shape[1]
+                k, v = _repeat_groups(k, rep), _repeat_groups(v, rep)
+        kw = {"enable_gqa": True} if gqa else {}
         return self._rng_scope(p, q.is_cuda, lambda: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.softmax_scale))
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, scale=self.softmax_scale,
+            **kw))
 
     def _cudnn(self, q, k, v, p: float, slopes, mode: str) -> Optional[torch.Tensor]:
         """Causal attention through the cuDNN frontend ([s, b, h] out) in training, or None
@@ -217,6 +227,23 @@ def _to_sbh(out: torch.Tensor) -> torch.Tensor:
 def _causal_bias(sq: int, sk: int, device, dtype) -> torch.Tensor:
     keep = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
     return torch.zeros(sq, sk, device=device, dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+def _flash_gqa_ok(q, k, v, mask, p: float, is_causal: bool) -> bool:
+    """Whether torch's flash kernel takes these inputs with grouped KV heads. Other SDPA
+    backends fall back to the math kernel under enable_gqa, so GQA is passed natively only when
+    flash runs (CUDA, fp16/bf16, no mask tensor; torch's own eligibility check decides)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or mask is not None:
+        return False
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        if not torch.backends.cuda.flash_sdp_enabled():
+            return False
+        return bool(can_use_flash_attention(
+            SDPAParams(q, k, v, None, p, is_causal, True), debug=False))
+    except (ImportError, TypeError, RuntimeError):  # a torch without enable_gqa
+        return False
 
 
 def _repeat_groups(t: torch.Tensor, rep: int) -> torch.Tensor:
