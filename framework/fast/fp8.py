@@ -211,7 +211,7 @@ def mm8(a8: torch.Tensor, a_inv: torch.Tensor, b8: torch.Tensor, b_inv: torch.Te
         one = torch.ones((), dtype=torch.float32, device=a8.device)
         out = torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=out_dtype,
                                use_fast_accum=fast_accum)
-        out = out * (a_inv[:, None] * b_inv[None, :]).to(out_dtype)
+        out.mul_(a_inv[:, None]).mul_(b_inv[None, :])
     return out if bias is None else out + bias
 
 
