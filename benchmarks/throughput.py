@@ -8,8 +8,16 @@ dimensions and sequence length. Ours runs the real `train.py` on mock data, logg
 (a log step is where the host waits for the GPU, as in users' runs), and reports total tokens over
 total time of the log windows after a warm-up window, from its metrics.jsonl. The HF baseline
 times its steps with no host synchronisation in between. The table gives tok/s, MFU
-(Megatron's model-FLOPs formula against 989 TFLOP/s bf16, see framework/training/metrics.py),
-peak memory and the ratio to the best HF + compile result. OOM counts as "did not fit".
+(Megatron's model-FLOPs formula against 989 TFLOP/s bf16, see framework/training/metrics.py; FP8
+candidates too), peak memory, the ratio to the best HF + compile result and the ratio to ours
+with the defaults at the same micro-batch. OOM counts as "did not fit".
+
+FP8 against bf16 (train.fp8), no HF runs:
+
+    python benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+        --runs default:16,fp8:16,fp8_rowwise:16 --steps 15
+    python benchmarks/throughput.py --model gpt2_large --hf-micro-batches "" \
+        --runs default:24,fp8:24 --steps 15
 """
 import argparse
 import json
@@ -74,6 +82,9 @@ CANDIDATES = {
                        ["model.cudnn_attention=false"]),
     "rope_unfused": ("ours, RoPE (megatron-core's unfused kernels)",
                      ["model.position_embedding_type=rope", "model.rope_fusion=false"]),
+    # FP8 GEMMs in the transformer layers' linears (train.fp8)
+    "fp8": ("ours + FP8 tensorwise (train.fp8=tensorwise)", ["train.fp8=tensorwise"]),
+    "fp8_rowwise": ("ours + FP8 rowwise (train.fp8=rowwise)", ["train.fp8=rowwise"]),
 }
 
 
@@ -163,18 +174,23 @@ def main():
         rows.append((label, mb, res, err))
         print(rows[-1], flush=True)
     best = max((r[2]["tok_s"] for r in rows if r[2] and "compile" in r[0]), default=None)
+    # ours with the defaults at each micro-batch: the baseline of the last column
+    default = {mb: res["tok_s"] for label, mb, res, _ in rows
+               if res and label == CANDIDATES["default"][0]}
     print(f"\n{a.model}, seq 1024, bf16, AdamW, one {card}")
-    print("| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile |")
-    print("|---|---|---|---|---|---|")
+    print("| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile "
+          "| vs ours (default), same micro-batch |")
+    print("|---|---|---|---|---|---|---|")
     for label, mb, res, err in rows:
         if res is None:
             last = err.strip().splitlines()[-1] if err and err.strip() else ""
-            print(f"| {label} | {mb} | did not run: {last} | | | |")
+            print(f"| {label} | {mb} | did not run: {last} | | | | |")
             continue
         mfu = res["tok_s"] * fpt / 989e12
         ratio = f"{res['tok_s'] / best:.2f}x" if best else "n/a"
+        vs_default = f"{res['tok_s'] / default[mb]:.3f}x" if mb in default else "n/a"
         print(f"| {label} | {mb} | {res['tok_s']:.0f} | {100 * mfu:.1f}% | "
-              f"{res['peak_gb']:.1f} | {ratio} |")
+              f"{res['peak_gb']:.1f} | {ratio} | {vs_default} |")
 
 
 if __name__ == "__main__":
