@@ -360,6 +360,7 @@ def shapes_supported(tokens: int, k: int, n: int) -> bool:
     return tokens % 16 == 0 and k % 16 == 0 and n % 16 == 0
 
 
+@torch.compiler.disable  # model.torch_compile: a graph break; the casts are our own kernels
 def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
                allreduce_dgrad: bool, sequence_parallel: bool, group):
     """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
