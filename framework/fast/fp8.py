@@ -137,11 +137,14 @@ if triton is not None:
             y = x * scale[None, :]
             if pid_m == 0:
                 tl.store(inv_ptr + rk, inv, mask=mk)
-        y8 = y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        # round to nearest even, as torch's cast (the scaled values never exceed the max)
         if ROWS:
-            tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], y8, mask=mask)
+            tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
+                     y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
         if COLS:
-            tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :], tl.trans(y8),
+            # transposed in fp32, then rounded: the same bits
+            tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :],
+                     tl.trans(y).to(qt_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
                      mask=mk[:, None] & mm[None, :])
 
 
