@@ -1,7 +1,7 @@
 """Rank `rank` of the TP2 check in tests/test_fp8.py (started by torch.multiprocessing over
-gloo; kept apart so that each process imports only torch and framework/fast/fp8.py): the amax
-all-reduce, and the FP8 linear at TP2 (column, column + sequence parallel, row) against TP1,
-both recipes. Writes its results to <out_dir>/rank<rank>.pt."""
+gloo): the amax all-reduce, the FP8 linear at TP2 (column, column + sequence parallel, row)
+against TP1, both recipes, and a tiny GPT with train.fp8 at TP2 (megatron-core's TP layers with
+our FP8 linears) against the same model at TP1. Writes its results to <out_dir>/rank<rank>.pt."""
 import os
 
 import torch
@@ -79,6 +79,7 @@ def tp2_worker(rank, port, out_dir):
         f.fp8_linear(xx, ww, bb, "tensorwise", "column", False, True, False, group).backward(
             dy[..., rows])
         results["bias"] = _diffs((bb.grad, dy[..., rows].sum((0, 1))))
+        results.update(_gpt_tp2_vs_tp1(rank))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -86,3 +87,56 @@ def tp2_worker(rank, port, out_dir):
 
 def _diffs(*pairs):
     return [((a - b).abs().max() / b.abs().max()).item() for a, b in pairs]
+
+
+def _gpt_tp2_vs_tp1(rank):
+    """A 2-layer GPT with train.fp8 (each recipe) at TP1 and, with the TP1 weights sliced,
+    at TP2: one forward/backward on the same tokens. Returns {name: (loss rel diff, worst
+    gradient rel diff)}, plus the FP8-vs-fp32 loss difference at TP1 for scale."""
+    from framework.config import ModelConfig, ParallelConfig
+    from framework.models import build_model
+    from test_attention_variants import _shard, model_parallel
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
+                      hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 200, (2, 17), generator=g)
+    tokens, labels = tokens[:, :-1], tokens[:, 1:]
+    pos = torch.arange(16)[None].expand(2, 16)
+
+    def build(tp, recipe):
+        torch.manual_seed(0)
+        return build_model(cfg, ParallelConfig(tensor_model_parallel_size=tp), vocab_size=256,
+                           bf16=False, fp16=False, device=torch.device("cpu"), wrap_ddp=False,
+                           fp8=recipe)[0]
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, pos, None, labels=labels).mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    out = {}
+    for recipe in (None, "tensorwise", "rowwise"):
+        with model_parallel(1):
+            ref = build(1, recipe)
+            full = {n: p.detach().clone() for n, p in ref.named_parameters()}
+            gp = torch.Generator().manual_seed(6)  # random biases, norm weights 1 + N(0, 0.1)
+            for n, t in full.items():
+                if "norm" in n or n.endswith("bias"):
+                    base = 1.0 if "norm" in n and n.endswith("weight") else 0.0
+                    t.copy_(base + 0.1 * torch.randn(t.shape, generator=gp))
+            ref.load_state_dict(full, strict=False)
+            l1, g1 = step(ref)
+        if recipe is None:
+            fp32_loss = l1
+            continue
+        with model_parallel(2):
+            model = build(2, recipe)
+            model.load_state_dict(_shard(full, model, 2, rank), strict=False)
+            l2, g2 = step(model)
+            g1 = _shard(g1, model, 2, rank)
+        worst = max(((g2[n] - g1[n]).norm() / g1[n].norm()).item() for n in g2)
+        out[f"gpt {recipe}"] = [abs(l2 - l1) / abs(l1), worst]
+        out[f"gpt {recipe} vs fp32"] = abs(l1 - fp32_loss) / abs(fp32_loss)
+    return out

@@ -173,7 +173,9 @@ def _free_port():
 def test_tp2_amax_reduction_and_layers_over_gloo(tmp_path):
     """Two gloo ranks. With the amax reduced over TP, every FP8 operand is the same as at TP1, so
     TP2's outputs and gradients equal TP1's up to fp32 summation order (1e-5); without it they
-    would differ by FP8 rounding (~1e-2: the shards are built with different amaxes)."""
+    would differ by FP8 rounding (~1e-2: the shards are built with different amaxes), and under
+    SP by the other rank's scale. Then a tiny GPT with train.fp8 through megatron-core's TP
+    layers: TP2 gives TP1's loss and gradients."""
     import torch.multiprocessing as mp
 
     from fp8_tp2_worker import tp2_worker
@@ -186,6 +188,14 @@ def test_tp2_amax_reduction_and_layers_over_gloo(tmp_path):
         if rank == 0:
             assert local != want  # rank 0's own amax is smaller: the reduction mattered
         assert r.pop("row_amax")
+        for recipe in ("tensorwise", "rowwise"):
+            # the GPT's own check: TP2's FP8 model is TP1's, far closer than FP8 is to fp32
+            loss_diff, grad_diff = r.pop(f"gpt {recipe}")
+            vs_fp32 = r.pop(f"gpt {recipe} vs fp32")
+            print(f"rank {rank} GPT {recipe} TP2 vs TP1: loss {loss_diff:.1e}, worst grad "
+                  f"{grad_diff:.1e} (FP8 vs fp32 loss at TP1: {vs_fp32:.1e})")
+            assert loss_diff < 1e-5 and grad_diff < 1e-3, (recipe, loss_diff, grad_diff)
+            assert vs_fp32 > 10 * loss_diff
         for name, diffs in r.items():
             print(f"rank {rank} {name}: max rel diff vs TP1 (out, dx, dw) {diffs}")
             assert max(diffs) < 1e-5, (rank, name, diffs)

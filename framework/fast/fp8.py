@@ -16,6 +16,10 @@ Scales are powers of two, the largest that keep |x| * scale <= the format's max.
 the dequantisation are then exact, so an FP8 value depends only on x and the amax: the Triton
 cast (GPU) and the torch reference (`quantise_ref`, CPU) give the same bits, and a layer split
 over TP ranks gives the same FP8 values as the whole layer once the amax is reduced over TP.
+(A power-of-two scale moves values between binades without changing their relative rounding,
+so per-row scales differ from one per tensor only where a tensor's values span more than the
+format's range: the small ones of a row fall into subnormals or to zero under the tensor's scale.
+The recipes' other difference is the gradients' format.)
 
 Layout: `torch._scaled_mm(a, b)` wants `a` row-major [m, k] and `b` column-major [k, n]. Every
 operand is therefore made as a row-major [rows, k] FP8 tensor quantised along its last dim (k =
