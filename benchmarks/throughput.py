@@ -14,6 +14,13 @@ table gives tok/s, MFU (6 x matmul params + 12 x layers x hidden x seq per token
 TFLOP/s bf16; benchmarks/shapes.py), peak memory and the ratio to the best HF + compile result.
 OOM counts as "did not fit". For the like-for-like table (both sides' settings checked equal,
 each at its best micro-batch) use benchmarks/speed_table.py.
+
+FP8 against bf16 (train.fp8), no HF runs:
+
+    python benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+        --runs default:16,fp8:16,fp8_rowwise:16 --steps 15
+    python benchmarks/throughput.py --model gpt2_large --hf-micro-batches "" \
+        --runs default:24,fp8:24 --steps 15
 """
 import argparse
 import json
@@ -129,6 +136,9 @@ CANDIDATES = {
                        ["model.cudnn_attention=false"]),
     "rope_unfused": ("ours, RoPE (megatron-core's unfused kernels)",
                      ["model.position_embedding_type=rope", "model.rope_fusion=false"]),
+    # FP8 GEMMs in the transformer layers' linears (train.fp8)
+    "fp8": ("ours + FP8 tensorwise (train.fp8=tensorwise)", ["train.fp8=tensorwise"]),
+    "fp8_rowwise": ("ours + FP8 rowwise (train.fp8=rowwise)", ["train.fp8=rowwise"]),
 }
 
 
@@ -242,19 +252,24 @@ def main():
         rows.append((label, mb, res, err))
         print(rows[-1], flush=True)
     best = max((r[2]["tok_s"] for r in rows if r[2] and "compile" in r[0]), default=None)
+    # ours with the defaults at each micro-batch: the baseline of the last column
+    default = {mb: res["tok_s"] for label, mb, res, _ in rows
+               if res and label == CANDIDATES["default"][0]}
     print(f"\n{a.model}, seq {shape.seq}, dropout {a.dropout:g} (both sides), bf16, AdamW, "
           f"one {card}")
-    print("| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile |")
-    print("|---|---|---|---|---|---|")
+    print("| candidate | micro-batch | tok/s | MFU | peak GB | vs best HF+compile "
+          "| vs ours (default), same micro-batch |")
+    print("|---|---|---|---|---|---|---|")
     for label, mb, res, err in rows:
         if res is None:
             last = err.strip().splitlines()[-1] if err and err.strip() else ""
-            print(f"| {label} | {mb} | did not run: {last} | | | |")
+            print(f"| {label} | {mb} | did not run: {last} | | | | |")
             continue
         mfu = res["tok_s"] * fpt / 989e12
         ratio = f"{res['tok_s'] / best:.2f}x" if best else "n/a"
+        vs_default = f"{res['tok_s'] / default[mb]:.3f}x" if mb in default else "n/a"
         print(f"| {label} | {mb} | {res['tok_s']:.0f} | {100 * mfu:.1f}% | "
-              f"{res['peak_gb']:.1f} | {ratio} |")
+              f"{res['peak_gb']:.1f} | {ratio} | {vs_default} |")
 
 
 if __name__ == "__main__":

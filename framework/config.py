@@ -500,6 +500,13 @@ class TrainConfig:
     # steps). Needs optimizer.fused_step and no fp16 loss scaler; otherwise steps stay
     # synchronous.
     defer_step_stats: bool = True
+    # FP8 GEMMs in the transformer layers' linears (QKV, attention projection, fc1, fc2), forward
+    # and backward, on GPUs with FP8 (compute capability 8.9+; framework/fast/fp8.py). null/false
+    # = off; tensorwise (= true) = one dynamic scale per tensor, e4m3 activations and weights,
+    # e5m2 gradients; rowwise = one scale per row along each GEMM's reduction dim, all e4m3.
+    # Weights stay bf16 (fp32 main params and grads); embeddings, the output layer, norms and
+    # attention stay bf16. Needs bf16 and model.type=gpt.
+    fp8: Optional[str] = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
@@ -518,6 +525,16 @@ class TrainConfig:
                  "train.eval_interval and train.eval_iters must be >= 0")
         _require(not (self.fp16 and self.bf16),
                  "train.fp16=true and train.bf16=true cannot both be set")
+        # Hydra hands a boolean to this string field as "True" / "False"
+        if isinstance(self.fp8, str) and self.fp8.lower() in ("false", "none", "off", ""):
+            self.fp8 = None
+        elif isinstance(self.fp8, str) and self.fp8.lower() == "true":
+            self.fp8 = "tensorwise"
+        _require(self.fp8 in (None, "tensorwise", "rowwise"),
+                 f"train.fp8={self.fp8!r} is not one of [null, 'tensorwise', 'rowwise']")
+        _require(not self.fp8 or (not self.fp16 and self.bf16 is not False),
+                 f"train.fp8={self.fp8} needs bf16 (FP8 GEMMs between bf16 layers): unset "
+                 f"train.fp16 / train.bf16=false")
 
 
 @dataclass
@@ -590,6 +607,8 @@ class Config:
                      f"model.decoder_seq_length={m.decoder_seq_length} must be divisible by "
                      f"parallel.tensor_model_parallel_size={tp} when parallel.sequence_parallel")
         self._check_masked_lm()
+        if t.fp8:
+            self._check_fp8()
         _require(t.global_batch_size % t.micro_batch_size == 0,
                  f"train.global_batch_size={t.global_batch_size} must be divisible by "
                  f"train.micro_batch_size={t.micro_batch_size}")
@@ -602,6 +621,21 @@ class Config:
             _require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
                      "data=embedded uses its own tokenizer; unset tokenizer.path/vocab_file or "
                      "pick data=indexed")
+
+    def _check_fp8(self) -> None:
+        """torch's FP8 GEMM needs every reduction dim and output width to be a multiple of 16:
+        the linears' input and output widths on each TP rank, and the tokens per micro-batch."""
+        m, tp, t = self.model, self.parallel.tensor_model_parallel_size, self.train
+        _require(m.type == "gpt", f"train.fp8 is supported for model.type=gpt (got {m.type})")
+        head = m.kv_channels or m.hidden_size // m.num_attention_heads
+        groups = m.num_query_groups or m.num_attention_heads
+        widths = {"model.hidden_size": m.hidden_size,
+                  "model.ffn_hidden_size / TP": m.ffn // tp,
+                  "attention width (heads x head dim) / TP": m.num_attention_heads * head // tp,
+                  "QKV width / TP": (m.num_attention_heads + 2 * groups) * head // tp,
+                  "train.micro_batch_size x model.seq_length": t.micro_batch_size * m.seq_length}
+        for name, v in widths.items():
+            _require(v % 16 == 0, f"train.fp8 needs {name} to be a multiple of 16 (got {v})")
 
     def _check_masked_lm(self) -> None:
         m, p, d = self.model, self.parallel, self.data

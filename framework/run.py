@@ -70,6 +70,14 @@ def run(cfg: Config) -> None:
             raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
                               "frontend (nvidia-cudnn-frontend, a Linux x86_64 dependency); "
                               "null uses it where it can")
+    if cfg.train.fp8:
+        from framework.fast.fp8 import device_supports_fp8
+
+        ok, why = device_supports_fp8() if device == "cuda" else (False, "it runs on the CPU")
+        if not ok:
+            raise ConfigError(f"train.fp8={cfg.train.fp8} needs a GPU with FP8 GEMMs (compute "
+                              f"capability 8.9+: Ada, Hopper or newer), but {why}; unset "
+                              f"train.fp8")
     from framework.training.resilience import preflight
 
     preflight(cfg)  # checkpoints, tokenizer, data files: one line from here, before any worker
@@ -276,7 +284,8 @@ def worker(cfg: Config) -> None:
         torch_device = torch.device(device, torch.cuda.current_device() if on_gpu else None) \
             if on_gpu else torch.device("cpu")
         model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=bf16,
-                            fp16=cfg.train.fp16, device=torch_device, wrap_ddp=on_gpu)
+                            fp16=cfg.train.fp16, device=torch_device, wrap_ddp=on_gpu,
+                            fp8=cfg.train.fp8)
         if cfg.checkpoint.load_hf and resume_it is None:
             from framework.interop import load_hf_into_model
 

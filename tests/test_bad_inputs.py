@@ -71,6 +71,7 @@ def _cases(d):
         (["parallel.sequence_parallel=true"], "sequence_parallel"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
         (["model.cudnn_attention=true"], "model.cudnn_attention=true"),
+        (["train.fp8=tensorwise"], "train.fp8=tensorwise needs a GPU with FP8"),
         # data files (checked in the parent, also for a multi-worker layout)
         ([*idx, f"data.path=[{d}/nobin]"], f"{d}/nobin.bin"),
         ([*idx, f"data.path=[{d}/noidx]"], f"{d}/noidx.idx"),

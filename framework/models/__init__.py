@@ -7,7 +7,7 @@ placement, `Float16Module` and megatron-core's `DistributedDataParallel`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -44,8 +44,10 @@ def build_model(
     fp16: bool,
     device: torch.device,
     wrap_ddp: bool,
+    fp8: Optional[str] = None,
 ) -> List[torch.nn.Module]:
-    """Build this rank's model chunks (one per virtual pipeline stage)."""
+    """Build this rank's model chunks (one per virtual pipeline stage). `fp8`: a `train.fp8`
+    recipe for the transformer layers' linears (GPT), or None."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.module import Float16Module
 
@@ -59,7 +61,7 @@ def build_model(
     if model_cfg.rope_fusion and device.type == "cuda":
         install_fused_rope()
     tcfg = transformer_config(model_cfg, parallel_cfg, bf16=bf16, fp16=fp16,
-                              on_gpu=device.type == "cuda")
+                              on_gpu=device.type == "cuda", fp8=fp8)
     builder = MODEL_BUILDERS[model_cfg.type]
     vpp = parallel_cfg.vpp
     chunks = []

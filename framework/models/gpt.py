@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from framework.config import ModelConfig, ParallelConfig
 from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
-from framework.models.layers import BiasAddLinear, SDPAttention, norm_class
+from framework.models.layers import (BiasAddLinear, Fp8BiasAddLinear, Fp8ColumnParallelLinear,
+                                     Fp8RowParallelLinear, SDPAttention, norm_class)
 from framework.models.mlp import ActRecomputeMLP, ExtendedTransformerConfig
 
 
@@ -28,9 +29,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool, fp16: bool,
-                       on_gpu: bool):
+                       on_gpu: bool, fp8: Optional[str] = None):
     """Map our sub-configs onto megatron-core's TransformerConfig (same field names), plus our
-    own recompute option (framework/models/mlp.py)."""
+    own recompute option (framework/models/mlp.py) and FP8 recipe (`fp8`, `train.fp8`)."""
     # mcore's fused activation kernels (torch.compile'd), GPU only. Its bias+GeLU kernel
     # (fusions/fused_bias_gelu.py) computes the tanh approximation although it is selected by
     # activation_func=F.gelu: it serves "gelu_tanh" with biases, and exact "gelu" runs unfused so
@@ -55,6 +56,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         recompute = None
     return ExtendedTransformerConfig(
         recompute_mlp_act=mlp_act,
+        fp8_gemm=fp8,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -101,8 +103,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     )
 
 
-def gpt_layer_spec(model: ModelConfig):
-    """One transformer layer: mcore modules, with our core attention and norm."""
+def gpt_layer_spec(model: ModelConfig, fp8: Optional[str] = None):
+    """One transformer layer: mcore modules, with our core attention and norm; with `fp8` (a
+    `train.fp8` recipe) the QKV, attention-projection, fc1 and fc2 linears run FP8 GEMMs."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -113,6 +116,10 @@ def gpt_layer_spec(model: ModelConfig):
     from megatron.core.transformer.transformer_layer import (TransformerLayer,
                                                              TransformerLayerSubmodules)
 
+    if fp8:
+        qkv = Fp8BiasAddLinear if model.fused_bias_add else Fp8ColumnParallelLinear
+    else:
+        qkv = BiasAddLinear if model.fused_bias_add else ColumnParallelLinear
     # mcore calls the core-attention builder directly (a class or any callable), not build_module
     core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi",
                               flex_kernel_options=model.flex_kernel_options,
@@ -126,9 +133,9 @@ def gpt_layer_spec(model: ModelConfig):
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=BiasAddLinear if model.fused_bias_add else ColumnParallelLinear,
+                    linear_qkv=qkv,
                     core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=Fp8RowParallelLinear if fp8 else RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
@@ -147,7 +154,8 @@ def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
                                                              get_num_layers_to_build)
 
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[gpt_layer_spec(model)] * n,
+    spec = gpt_layer_spec(model, fp8=getattr(tcfg, "fp8_gemm", None))
+    return TransformerBlockSubmodules(layer_specs=[spec] * n,
                                      layer_norm=norm_class(model))
 
 

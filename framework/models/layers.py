@@ -10,6 +10,8 @@
   bias.
 * `MLPOutputLinear` and `fix_checkpoint_without_output`: selective recompute of "mlp" (with
   biased linears) and of "layernorm" (without TE), which megatron-core 0.16 alone cannot run.
+* `Fp8Linear` and its four classes: mcore's column- / row-parallel linears with FP8 GEMMs in
+  training (`train.fp8`, framework/fast/fp8.py).
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
   refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
   `finalize_model_grads` all-reduces their grads over the TP group.
@@ -32,6 +34,7 @@ from megatron.core.utils import divide
 from framework.fast.bias import bias_add
 from framework.fast.cudnn_attention import (CudnnUnavailable, cudnn_causal_attention,
                                             supported as cudnn_supported)
+from framework.fast.fp8 import fp8_linear, shapes_supported
 from framework.fast.norm import fused_norm, supported as fused_norm_supported
 from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
                                                  alibi_bias, alibi_q_columns,
@@ -297,6 +300,48 @@ class BiasAddLinear(tensor_parallel.ColumnParallelLinear):
             # training: the Triton kernel; evaluation and decoding: torch's add (shorter launch)
             return (bias_add(output, bias) if self.training else output + bias), None
         return output, bias
+
+
+class Fp8Linear:
+    """Mixin for megatron-core's ColumnParallelLinear / RowParallelLinear (and our subclasses):
+    with `config.fp8_gemm` set ("tensorwise" or "rowwise", from `train.fp8`), the layer's GEMMs
+    run in FP8 in training, forward and backward (framework/fast/fp8.py), keeping mcore's TP /
+    sequence-parallel communication and its fused accumulation of the weight gradient into
+    `main_grad`. Parameters, state dict and checkpoints are those of the mcore layer. Evaluation,
+    frozen weights and shapes torch's FP8 GEMM cannot take (a dim not a multiple of 16) run
+    mcore's bf16 path."""
+
+    fp8_mode = "column"
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        recipe = getattr(self.config, "fp8_gemm", None)
+        seq_par = kwargs.get("sequence_parallel", False)
+        tokens = input.numel() // input.shape[-1]
+        if seq_par:
+            tokens *= self.tp_group.size()
+        if (recipe is None or not self.training or not weight.requires_grad
+                or kwargs.get("grad_output_buffer") is not None
+                or not shapes_supported(tokens, weight.shape[1], weight.shape[0])):
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return fp8_linear(input, weight, kwargs.get("bias"), recipe, self.fp8_mode,
+                          kwargs.get("gradient_accumulation_fusion", False),
+                          kwargs.get("allreduce_dgrad", False), seq_par, self.tp_group)
+
+
+class Fp8ColumnParallelLinear(Fp8Linear, tensor_parallel.ColumnParallelLinear):
+    fp8_mode = "column"
+
+
+class Fp8BiasAddLinear(Fp8Linear, BiasAddLinear):
+    fp8_mode = "column"
+
+
+class Fp8RowParallelLinear(Fp8Linear, tensor_parallel.RowParallelLinear):
+    fp8_mode = "row"
+
+
+class Fp8MLPOutputLinear(Fp8Linear, MLPOutputLinear):
+    fp8_mode = "row"
 
 
 def fix_checkpoint_without_output() -> None:

@@ -22,7 +22,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from framework.models.layers import MLPOutputLinear
+from framework.models.layers import Fp8ColumnParallelLinear, Fp8MLPOutputLinear, MLPOutputLinear
 
 
 @dataclass
@@ -31,6 +31,9 @@ class ExtendedTransformerConfig(TransformerConfig):
 
     # recompute the dense MLP's activation before fc2's backward instead of keeping it
     recompute_mlp_act: bool = False
+    # FP8 GEMMs in the transformer layers' linears (`train.fp8`): None, "tensorwise" or
+    # "rowwise" (framework/fast/fp8.py). Not mcore's `fp8`, which means Transformer Engine.
+    fp8_gemm: Optional[str] = None
 
 
 class _ActivationStep:
@@ -58,8 +61,10 @@ class ActRecomputeMLP(MLP):
 
     def __init__(self, config, submodules: Optional[MLPSubmodules] = None, **kwargs):
         if submodules is None:
-            submodules = MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
-                                       linear_fc2=MLPOutputLinear)
+            fp8 = getattr(config, "fp8_gemm", None)
+            submodules = MLPSubmodules(
+                linear_fc1=Fp8ColumnParallelLinear if fp8 else tensor_parallel.ColumnParallelLinear,
+                linear_fc2=Fp8MLPOutputLinear if fp8 else MLPOutputLinear)
         kwargs.setdefault("ffn_hidden_size", config.ffn_hidden_size)
         kwargs.setdefault("tp_group",
                           parallel_state.get_tensor_model_parallel_group(check_initialized=False))

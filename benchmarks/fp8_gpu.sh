@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU part of `train.fp8` on one H100/H200, in three stages of a few minutes each (one device
+# call each), everything printed kept under $OUT (or benchmarks/results/):
+#   bash benchmarks/fp8_gpu.sh tests   # tests/test_gpu_fp8.py + benchmarks/fp8_linear.py
+#   bash benchmarks/fp8_gpu.sh speed   # throughput.py: gpt2-xl mb16 (bf16, tensorwise, rowwise),
+#                                      #   gpt2-large mb24 (bf16, tensorwise)
+#   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise, PNG + JSON
+# Wheels: those of ../shared/tools/device-wheels.sh in .whl/ (FP8 itself needs none; torchao, for
+# fp8_linear.py's comparison only, is picked up from .whl_extra/ when present).
+set -o pipefail
+stage=${1:?usage: fp8_gpu.sh tests|speed|loss}
+for d in .whl .whl_extra; do
+  if [ -d $d ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site $d/*.whl || exit
+  fi
+done
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 WANDB_MODE=offline
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+{ date -u; nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } \
+  2>&1 | tee "$out/fp8_$stage.log"
+case $stage in
+  tests)
+    python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py 2>&1 | tee -a "$out/fp8_$stage.log"
+    cp tests/gpu_results/parity.log "$out/fp8_parity.log" 2>/dev/null
+    ao=$(python3 -c "import torchao" 2>/dev/null && echo --torchao)
+    python3 benchmarks/fp8_linear.py --model gpt2_xl --tokens 16384 $ao 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  speed)
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs default:16,fp8:16,fp8_rowwise:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    python3 benchmarks/throughput.py --model gpt2_large --hf-micro-batches "" \
+      --runs default:24,fp8:24 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  loss)
+    python3 benchmarks/fp8_loss.py --steps 500 --recipes tensorwise --out "$out" 2>&1 \
+      | tee -a "$out/fp8_$stage.log"
+    ;;
+esac

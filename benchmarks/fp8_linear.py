@@ -1,0 +1,134 @@
+"""One transformer linear, forward + backward, bf16 against FP8 (`train.fp8`), one GPU, one run.
+
+    python benchmarks/fp8_linear.py [--model gpt2_xl] [--tokens 16384] [--torchao] [--compile]
+
+Shapes: the four linears of one layer (QKV, attention projection, fc1, fc2) at --tokens tokens.
+Candidates, each timed with CUDA events over 30 iterations after 10 warm-up ones, the weight
+gradient accumulated into an fp32 main grad as in training (`model.fused_wgrad`):
+* bf16: the three GEMMs as megatron-core runs them with our fused wgrad (x @ w^T, dy @ w,
+  main_grad += dy^T @ x through torch.addmm with out_dtype=float32);
+* ours, tensorwise and rowwise (framework/fast/fp8.py: amax reductions, Triton casts,
+  torch._scaled_mm, main_grad += the fp32 wgrad);
+* with --torchao (torchao installed): torchao's Float8Linear, tensorwise, eager (its casts are
+  plain torch ops) and, with --compile, under torch.compile (how torchtitan runs it); its weight
+  gradient is a bf16 .grad, not accumulated into a main grad.
+Prints a table of ms per layer-linear and the ratio to bf16.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DIMS = {"gpt2_large": (1280, 20), "gpt2_xl": (1600, 25), "llama_1b": (2048, 16)}
+
+
+def shapes(model):
+    h, _ = DIMS[model]
+    return {"qkv": (h, 3 * h), "proj": (h, h), "fc1": (h, 4 * h), "fc2": (4 * h, h)}
+
+
+def time_ms(fn, warmup=10, iters=30):
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bf16_step(x, w, dy, main_grad):
+    def step():
+        torch.matmul(x, w.t())
+        torch.matmul(dy, w)
+        torch.addmm(main_grad, dy.t(), x, out_dtype=torch.float32, out=main_grad)
+    return step
+
+
+def ours_step(recipe, x, w, dy, main_grad):
+    from framework.fast.fp8 import fp8_linear
+
+    w = w.detach().requires_grad_()
+    w.main_grad = main_grad
+    xx = x.detach().requires_grad_()
+
+    def step():
+        y = fp8_linear(xx, w, None, recipe, "column", True, False, False, None)
+        y.backward(dy)
+        xx.grad = None
+    return step
+
+
+def torchao_step(x, w, dy, compile_):
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda",
+                          dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    f8 = Float8Linear.from_float(lin, config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    fn = torch.compile(f8) if compile_ else f8
+    xx = x.detach().requires_grad_()
+
+    def step():
+        fn(xx).backward(dy)
+        xx.grad = None
+        f8.weight.grad = None
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gpt2_xl", choices=sorted(DIMS))
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--torchao", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also torchao under torch.compile")
+    a = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cands = ["bf16", "ours tensorwise", "ours rowwise"]
+    if a.torchao:
+        cands += ["torchao tensorwise (eager)"] + (["torchao tensorwise (compile)"]
+                                                   if a.compile else [])
+    table = {c: {} for c in cands}
+    for name, (k, n) in shapes(a.model).items():
+        x = torch.randn(a.tokens, k, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+        dy = (torch.randn(a.tokens, n, device="cuda", generator=g) * 1e-3).bfloat16()
+        main_grad = torch.zeros(n, k, device="cuda")
+        steps = {"bf16": bf16_step(x, w, dy, main_grad),
+                 "ours tensorwise": ours_step("tensorwise", x, w, dy, main_grad),
+                 "ours rowwise": ours_step("rowwise", x, w, dy, main_grad)}
+        for c in cands:
+            if c.startswith("torchao"):
+                try:
+                    steps[c] = torchao_step(x, w, dy, "compile" in c)
+                except Exception as e:  # not installed, or it refused the shape
+                    table[c][name] = f"failed: {str(e).splitlines()[0][:80]}"
+                    continue
+            table[c][name] = time_ms(steps[c])
+        print(name, {c: table[c][name] for c in cands}, flush=True)
+    card = torch.cuda.get_device_name(0)
+    print(f"\nOne layer's linears, forward + backward, {a.model}, {a.tokens} tokens, one {card}")
+    names = list(shapes(a.model))
+    print("| candidate | " + " | ".join(f"{n} ms" for n in names) + " | total ms | speed-up vs bf16 |")
+    print("|---|" + "---|" * (len(names) + 2))
+    base = sum(table["bf16"].values())
+    for c in cands:
+        vals = table[c]
+        ok = all(isinstance(vals.get(n), float) for n in names)
+        total = sum(vals[n] for n in names) if ok else None
+        cells = [f"{vals[n]:.3f}" if isinstance(vals.get(n), float) else str(vals.get(n))
+                 for n in names]
+        print(f"| {c} | " + " | ".join(cells) + " | "
+              + (f"{total:.3f} | {base / total:.2f}x |" if ok else "n/a | n/a |"))
+
+
+if __name__ == "__main__":
+    main()

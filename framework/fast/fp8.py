@@ -1,0 +1,391 @@
+"""FP8 GEMMs for training without Transformer Engine (`train.fp8`).
+
+The two recipes are torchao's float8 training recipes, rebuilt on `torch._scaled_mm` with our own
+scaling and cast kernels so that they run eagerly (torchao's casts are plain torch ops that only
+become fast under torch.compile) and inside megatron-core's tensor-parallel linear layers:
+
+* `tensorwise`: one scale per tensor, from the tensor's current amax (dynamic scaling).
+  Activations and weights in e4m3, gradients in e5m2. cuBLAS's FP8 GEMM; fast accumulation in
+  the forward GEMM only (torchao's default).
+* `rowwise`: one scale per row of each GEMM operand, taken along the GEMM's reduction dim; e4m3
+  everywhere. The forward GEMM runs the rowwise kernel with fast accumulation; the two backward
+  GEMMs run the tensorwise kernel with unit scales and apply the row scales to its output
+  (torchao does the same: the rowwise kernel without fast accumulation is slow).
+
+Scales are powers of two, the largest that keep |x| * scale <= the format's max. x * scale and
+the dequantisation are then exact, so an FP8 value depends only on x and the amax: the Triton
+cast (GPU) and the torch reference (`quantise_ref`, CPU) give the same bits, and a layer split
+over TP ranks gives the same FP8 values as the whole layer once the amax is reduced over TP.
+(A power-of-two scale moves values between binades without changing their relative rounding,
+so per-row scales differ from one per tensor only where a tensor's values span more than the
+format's range: the small ones of a row fall into subnormals or to zero under the tensor's scale.
+The recipes' other difference is the gradients' format.)
+
+Layout: `torch._scaled_mm(a, b)` wants `a` row-major [m, k] and `b` column-major [k, n]. Every
+operand is therefore made as a row-major [rows, k] FP8 tensor quantised along its last dim (k =
+the reduction dim of its GEMM) and `b` is passed as its `.t()`:
+
+    forward  y [M, N]  = x [M, K]    . w [N, K]^T
+    dgrad    dx [M, K] = dy [M, N]   . (w^T) [K, N]^T
+    wgrad    dw [N, K] = dy^T [N, M] . (x^T) [K, M]^T
+
+so the cast kernel writes a tensor and/or its transpose in one pass. On CPU the GEMM is
+emulated (`mm8`: dequantise to fp32, fp32 matmul), which the CPU tests use; training itself
+refuses FP8 without a GPU that has it (framework/run.py).
+
+TP: a per-tensor amax is all-reduced (max) over the TP group wherever the tensor is split over
+ranks (weights; a sequence-parallel input before its FP8 all-gather; a row-parallel input; a
+column-parallel output gradient); a per-row amax wherever the row's reduction dim is split
+(`_Fp8Linear`'s comments say which).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch reference casts
+    triton = None
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+# both formats' largest finite value is 1.75 * 2**EMAX (448 and 57344)
+EMAX = {E4M3: 8, E5M2: 15}
+RECIPES = ("tensorwise", "rowwise")
+GRAD_DTYPE = {"tensorwise": E5M2, "rowwise": E4M3}
+AMAX_FLOOR = 2.0 ** -100  # an all-zero tensor gets a finite scale
+BLOCK_M, BLOCK_K = 64, 64
+
+
+# --------------------------------------------------------------------------------------------
+# scales
+# --------------------------------------------------------------------------------------------
+def pow2_scale(amax: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1/scale): the largest power of two with amax * scale <= the max of `dtype`, from
+    the bits of amax (exact; the Triton kernel computes the same integers)."""
+    bits = amax.float().clamp(min=AMAX_FLOOR).contiguous().view(torch.int32)
+    e = (bits >> 23) - 127  # amax >= 0: no sign bit
+    p = EMAX[dtype] - e - ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)  # mantissa > 1.75
+    p = p.clamp(-126, 126)
+    return ((p + 127) << 23).view(torch.float32), ((127 - p) << 23).view(torch.float32)
+
+
+def amax_of(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """max |x| over the whole tensor (dim=None) or along `dim`: one reduction kernel, no |x|
+    copy; exact in x's dtype."""
+    return torch.linalg.vector_norm(x, float("inf"), dim=dim)
+
+
+def _reduce_max(amax: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        if not amax.is_cuda:
+            amax = amax.float()  # gloo: no bf16 max
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
+# --------------------------------------------------------------------------------------------
+# casts
+# --------------------------------------------------------------------------------------------
+def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int]):
+    """The reference cast of a 2-D x: (x8, inv_scale) with x8 = fp8(x * scale). axis None: one
+    scale (amax a scalar); 1: one per row (amax [m]); 0: one per column (amax [k])."""
+    scale, inv = pow2_scale(amax, dtype)
+    s = scale if axis is None else scale[:, None] if axis == 1 else scale[None, :]
+    return (x.float() * s).to(dtype), inv
+
+
+if triton is not None:
+    @triton.jit
+    def _pow2(amax, EMAX_: tl.constexpr):
+        a = tl.maximum(amax, 7.888609052210118e-31, propagate_nan=tl.PropagateNan.ALL)  # 2**-100
+        bits = a.to(tl.int32, bitcast=True)
+        e = (bits >> 23) - 127
+        p = EMAX_ - e - ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+        p = tl.minimum(tl.maximum(p, -126), 126)
+        return ((p + 127) << 23).to(tl.float32, bitcast=True), \
+            ((127 - p) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_ptr, M, K, stride_m,
+                     EMAX_: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
+                     COLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        # one [BM, BK] tile of x [M, K]; MODE 0: one scale, 1: per row, 2: per column.
+        # ROWS writes q [M, K], COLS writes qt = q^T [K, M]
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rk = pid_k * BK + tl.arange(0, BK)
+        mm = rm < M
+        mk = rk < K
+        mask = mm[:, None] & mk[None, :]
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_m + rk[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        if MODE == 0:
+            scale, inv = _pow2(tl.load(amax_ptr).to(tl.float32), EMAX_)
+            y = x * scale
+            if pid_m == 0:
+                if pid_k == 0:
+                    tl.store(inv_ptr, inv)
+        elif MODE == 1:
+            scale, inv = _pow2(tl.load(amax_ptr + rm, mask=mm, other=1.0).to(tl.float32), EMAX_)
+            y = x * scale[:, None]
+            if pid_k == 0:
+                tl.store(inv_ptr + rm, inv, mask=mm)
+        else:
+            scale, inv = _pow2(tl.load(amax_ptr + rk, mask=mk, other=1.0).to(tl.float32), EMAX_)
+            y = x * scale[None, :]
+            if pid_m == 0:
+                tl.store(inv_ptr + rk, inv, mask=mk)
+        # round to nearest even, as torch's cast (the scaled values never exceed the max)
+        if ROWS:
+            tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
+                     y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        if COLS:
+            # transposed in fp32, then rounded: the same bits
+            tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :],
+                     tl.trans(y).to(qt_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                     mask=mk[:, None] & mm[None, :])
+
+
+def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
+         rows: bool = True, cols: bool = False):
+    """Quantise a 2-D x with the scales of `amax` (see `quantise_ref` for axis). Returns
+    (x8 [m, k] or None, x8^T [k, m] or None, inv_scale). One Triton pass on CUDA; torch's
+    reference (same bits) elsewhere."""
+    if not (triton is not None and x.is_cuda):
+        q, inv = quantise_ref(x, amax, dtype, axis)
+        return (q if rows else None), (q.t().contiguous() if cols else None), inv
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=dtype, device=x.device) if rows else None
+    qt = torch.empty((k, m), dtype=dtype, device=x.device) if cols else None
+    inv = torch.empty(() if axis is None else (m if axis == 1 else k), dtype=torch.float32,
+                      device=x.device)
+    mode = 0 if axis is None else 1 if axis == 1 else 2
+    out = q if q is not None else qt
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
+    _cast_kernel[grid](x, amax, out, qt if qt is not None else out, inv, m, k, x.stride(0),
+                       EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
+                       BM=BLOCK_M, BK=BLOCK_K, num_warps=4)
+    return q, qt, inv
+
+
+def cast_tensorwise(x: torch.Tensor, dtype: torch.dtype, group=None, rows: bool = True,
+                    cols: bool = False):
+    """One scale for the whole 2-D x, its amax all-reduced over `group` (the TP group, where
+    x is one rank's shard of a tensor split over ranks; None otherwise)."""
+    return cast(x, _reduce_max(amax_of(x), group), dtype, None, rows, cols)
+
+
+def cast_rowwise(x: torch.Tensor, dtype: torch.dtype, axis: int, group=None):
+    """axis 1: one scale per row (amax over the columns, all-reduced over `group` where the
+    columns are split over ranks) -> (x8 [m, k], inv [m]); axis 0: one scale per column ->
+    (x8^T [k, m], inv [k])."""
+    amax = _reduce_max(amax_of(x, dim=1 if axis == 1 else 0), group)
+    q, qt, inv = cast(x, amax, dtype, axis, rows=axis == 1, cols=axis == 0)
+    return (q if axis == 1 else qt), inv
+
+
+# --------------------------------------------------------------------------------------------
+# the scaled GEMM
+# --------------------------------------------------------------------------------------------
+def mm8(a8: torch.Tensor, a_inv: torch.Tensor, b8: torch.Tensor, b_inv: torch.Tensor,
+        out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None,
+        fast_accum: bool = False) -> torch.Tensor:
+    """(a8 * a_inv) @ (b8 * b_inv)^T for row-major a8 [m, k] and b8 [n, k]; a_inv is a scalar or
+    [m], b_inv a scalar or [n]. CUDA: torch._scaled_mm; CPU: the fp32 emulation."""
+    rowwise = a_inv.dim() > 0
+    if not a8.is_cuda:
+        a = a8.float() * (a_inv[:, None] if rowwise else a_inv)
+        b = b8.float() * (b_inv[:, None] if rowwise else b_inv)
+        out = a @ b.t()
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+    if not rowwise:
+        return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, bias=bias,
+                                out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if fast_accum and out_dtype == torch.bfloat16:
+        out = torch._scaled_mm(a8, b8.t(), scale_a=a_inv[:, None], scale_b=b_inv[None, :],
+                               out_dtype=out_dtype, use_fast_accum=True)
+    else:
+        # the tensorwise kernel with unit scales, then the (power-of-two, so exact) row scales
+        one = torch.ones((), dtype=torch.float32, device=a8.device)
+        out = torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=out_dtype,
+                               use_fast_accum=fast_accum)
+        out.mul_(a_inv[:, None]).mul_(b_inv[None, :])
+    return out if bias is None else out + bias
+
+
+# --------------------------------------------------------------------------------------------
+# TP communication (NCCL on GPU; gloo in the CPU tests, which lacks the *_tensor collectives)
+# --------------------------------------------------------------------------------------------
+def _gather(t: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along dim 0 (FP8 travels as bytes)."""
+    world = dist.get_world_size(group)
+    fp8 = t.dtype in (E4M3, E5M2)
+    src = (t.view(torch.uint8) if fp8 else t).contiguous()
+    if src.is_cuda:
+        out = torch.empty((world * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype,
+                          device=src.device)
+        dist.all_gather_into_tensor(out, src, group=group)
+    else:
+        parts = [torch.empty_like(src) for _ in range(world)]
+        dist.all_gather(parts, src, group=group)
+        out = torch.cat(parts)
+    return out.view(t.dtype) if fp8 else out
+
+
+def _reduce_scatter_start(t: torch.Tensor, group):
+    """Start a sum reduce-scatter along dim 0: (result, handle or None)."""
+    world = dist.get_world_size(group)
+    if t.is_cuda:
+        out = torch.empty((t.shape[0] // world,) + tuple(t.shape[1:]), dtype=t.dtype,
+                          device=t.device)
+        return out, dist.reduce_scatter_tensor(out, t.contiguous(), group=group, async_op=True)
+    dist.all_reduce(t, group=group)
+    return t.chunk(world)[dist.get_rank(group)].clone(), None
+
+
+# --------------------------------------------------------------------------------------------
+# the linear layer's autograd function
+# --------------------------------------------------------------------------------------------
+class _Fp8Linear(torch.autograd.Function):
+    """megatron-core's `LinearWithGradAccumulationAndAsyncCommunication` with FP8 GEMMs: the
+    same sequence-parallel all-gather / reduce-scatter, dgrad all-reduce and fused accumulation
+    of the weight gradient into `weight.main_grad` (fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
+                sequence_parallel, group):
+        tp = group if group is not None and dist.get_world_size(group) > 1 else None
+        sp = sequence_parallel and tp is not None
+        lead = x.shape[1:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        n = weight.shape[0]
+        ctx.recipe, ctx.mode, ctx.tp, ctx.sp, ctx.lead = recipe, mode, tp, sp, lead
+        ctx.use_bias = bias is not None
+        ctx.allreduce_dgrad = allreduce_dgrad and tp is not None
+        ctx.main_grad = weight.main_grad if wgrad_fusion and hasattr(weight, "main_grad") \
+            else None
+        ctx.wgrad_fusion = wgrad_fusion
+        ctx.out_dtype = x.dtype
+        if recipe == "tensorwise":
+            # the weight is split over TP ranks in both modes; the input is split when it is a
+            # sequence-parallel shard or a row-parallel (feature) shard, and the same on every
+            # rank otherwise (column-parallel without SP)
+            w8, w8t, w_inv = cast_tensorwise(weight, E4M3, tp, rows=True, cols=True)
+            x8, x8t, x_inv = cast_tensorwise(x2, E4M3, tp if (sp or mode == "row") else None,
+                                             rows=True, cols=not sp)
+            x8_full = _gather(x8, tp) if sp else x8
+            out = mm8(x8_full, x_inv, w8, w_inv, ctx.out_dtype, bias, fast_accum=True)
+            # FP8 copies for backward (the input's transpose; under SP its local shard, gathered
+            # again in backward), not the bf16 tensors
+            ctx.save_for_backward(x8 if sp else x8t, w8t, x_inv, w_inv, weight)
+        else:
+            # per-row scales along K: the rows' K is split over ranks for a row-parallel layer
+            kgroup = tp if mode == "row" else None
+            x8, x_inv = cast_rowwise(x2, E4M3, 1, kgroup)
+            if sp:
+                x8, x_inv = _gather(x8, tp), _gather(x_inv, tp)
+            w8, w_inv = cast_rowwise(weight, E4M3, 1, kgroup)
+            out = mm8(x8, x_inv, w8, w_inv, ctx.out_dtype, bias, fast_accum=True)
+            # backward re-quantises along other axes: keep the high-precision tensors
+            ctx.save_for_backward(x2, weight)
+        return out.view(-1, *lead, n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        tp, sp, mode = ctx.tp, ctx.sp, ctx.mode
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+        fused = ctx.wgrad_fusion and ctx.main_grad is not None
+        w_dtype = torch.float32 if fused else None
+        if ctx.recipe == "tensorwise":
+            xs, w8t, x_inv, w_inv, weight = ctx.saved_tensors
+            # dy is split over ranks (output features) for a column-parallel layer and the same
+            # on every rank for a row-parallel one
+            dy8, dy8t, dy_inv = cast_tensorwise(dy2, E5M2, tp if mode == "column" else None,
+                                                rows=True, cols=True)
+            dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
+            dx, handle = _dgrad_comm(ctx, dx)
+            x8t = _gather(xs, tp).t().contiguous() if sp else xs
+            dw = mm8(dy8t, dy_inv, x8t, x_inv, w_dtype or weight.dtype)
+        else:
+            x2, weight = ctx.saved_tensors
+            # dgrad reduces over N: split over ranks for a column-parallel layer
+            ngroup = tp if mode == "column" else None
+            dy8, dy_inv = cast_rowwise(dy2, E4M3, 1, ngroup)
+            wt8, wt_inv = cast_rowwise(weight, E4M3, 0, ngroup)
+            dx = mm8(dy8, dy_inv, wt8, wt_inv, ctx.out_dtype)
+            dx, handle = _dgrad_comm(ctx, dx)
+            # wgrad reduces over the tokens: whole on every rank (SP gathers them)
+            x_full = _gather(x2, tp) if sp else x2
+            dyt8, dyt_inv = cast_rowwise(dy2, E4M3, 0)
+            xt8, xt_inv = cast_rowwise(x_full, E4M3, 0)
+            dw = mm8(dyt8, dyt_inv, xt8, xt_inv, w_dtype or weight.dtype)
+        grad_weight = _accumulate_wgrad(ctx, weight, dw) if fused else dw
+        grad_bias = dy2.sum(0) if ctx.use_bias else None
+        if handle is not None:
+            handle.wait()
+        return dx.view(-1, *ctx.lead, dx.shape[-1]), grad_weight, grad_bias, \
+            None, None, None, None, None, None
+
+
+def _dgrad_comm(ctx, dx):
+    """Start the input gradient's TP communication: all-reduce (column-parallel without SP) or
+    reduce-scatter (SP); the weight-gradient GEMM runs meanwhile."""
+    if ctx.sp:
+        return _reduce_scatter_start(dx, ctx.tp)
+    if ctx.allreduce_dgrad:
+        return dx, dist.all_reduce(dx, group=ctx.tp, async_op=True)
+    return dx, None
+
+
+def _accumulate_wgrad(ctx, weight, dw):
+    """main_grad += dw (fp32), then what megatron-core's layer returns as the weight's grad:
+    a dummy when DDP's hook checks `grad_added_to_main_grad`, else None."""
+    main_grad = ctx.main_grad
+    weight.main_grad = main_grad
+    main_grad.add_(dw)
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    weight.grad_added_to_main_grad = True
+    return make(main_grad.shape, dtype=ctx.out_dtype, device=main_grad.device)
+
+
+def shapes_supported(tokens: int, k: int, n: int) -> bool:
+    """torch._scaled_mm needs the reduction dims and the output width to be multiples of 16;
+    the three GEMMs reduce over K, N and the tokens."""
+    return tokens % 16 == 0 and k % 16 == 0 and n % 16 == 0
+
+
+@torch.compiler.disable  # model.torch_compile: a graph break; the casts are our own kernels
+def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
+               allreduce_dgrad: bool, sequence_parallel: bool, group):
+    """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
+    "row" (megatron-core's ColumnParallelLinear / RowParallelLinear), which says which tensors
+    are split over the TP `group`; the communication arguments are mcore's."""
+    assert recipe in RECIPES, recipe
+    return _Fp8Linear.apply(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
+                            sequence_parallel, group)
+
+
+def device_supports_fp8(device=None) -> Tuple[bool, str]:
+    """(ok, why not): FP8 GEMMs need CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible"
+    cap = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if cap < (8, 9):
+        return False, f"{name} has compute capability {cap[0]}.{cap[1]}; FP8 needs 8.9 or newer"
+    if triton is None:
+        return False, "triton is not installed"
+    return True, ""

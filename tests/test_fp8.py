@@ -1,0 +1,399 @@
+"""`train.fp8` on CPU (framework/fast/fp8.py): FP8 itself needs a GPU, so the GEMMs are emulated
+(quantise to e4m3/e5m2 with torch's float8 casts, dequantise, fp32 matmul), which is also what
+the linear layers run on CPU tensors. Checked here:
+* the power-of-two scales, and the emulated GEMM against torch's own `_scaled_mm` on CPU;
+* the FP8 linear (both recipes, forward and both backward GEMMs, fused main-grad accumulation)
+  against the exact GEMM on perturbed inputs, within a rigorous elementwise bound of FP8's
+  rounding error (and not error-free: the operands really are quantised);
+* TP2 over gloo (2 processes): the amax all-reduce, and column / sequence-parallel / row
+  layers equal to the TP1 layer up to fp32 summation order (without the reduction they differ
+  by FP8 rounding);
+* the GPT model: the four linears per layer run FP8 in training only; the state dict and a
+  checkpoint are the same with the switch on or off and load across it; recompute unchanged;
+* the config field and its errors.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from framework.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from framework.fast import fp8
+
+FMAX = {fp8.E4M3: 448.0, fp8.E5M2: 57344.0}
+UNIT = {fp8.E4M3: 2.0 ** -4, fp8.E5M2: 2.0 ** -3}  # half an ulp, relative (3 / 2 mantissa bits)
+SUB = {fp8.E4M3: 2.0 ** -10, fp8.E5M2: 2.0 ** -17}  # half the subnormal spacing, absolute
+
+
+# --------------------------------------------------------------------------------------------
+# scales and the emulated GEMM
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
+def test_pow2_scale_is_the_largest_power_of_two_that_fits(dtype):
+    g = torch.Generator().manual_seed(0)
+    amax = torch.cat([torch.exp(torch.randn(2000, generator=g, dtype=torch.float64) * 20).float(),
+                      torch.tensor([0.0, 1.0, 1.75, 1.7500001, 448.0, 448.00003, 57344.0, 3e38])])
+    scale, inv = fp8.pow2_scale(amax, dtype)
+    s, a = scale.double(), amax.double()
+    assert torch.equal(scale * inv, torch.ones_like(scale))
+    assert torch.equal(torch.log2(s), torch.log2(s).round())  # powers of two
+    big = a > 2.0 ** -90
+    assert (a * s <= FMAX[dtype]).all()
+    assert (2 * a[big] * s[big] > FMAX[dtype]).all()  # the largest such
+    assert torch.isfinite(scale).all() and scale[amax.numel() - 8] > 0  # amax 0: finite
+    # the scaled amax itself is representable: no overflow to NaN/inf in the cast
+    assert torch.isfinite((amax * scale).to(dtype).float()).all()
+
+
+def test_emulated_gemm_matches_torch_scaled_mm_on_cpu():
+    """mm8's emulation (dequantise + fp32 matmul) against torch's own FP8 GEMM on CPU, for
+    one scale per tensor and for row scales (the scale layouts _scaled_mm expects)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(48, 64, generator=g) * torch.linspace(0.1, 10, 48)[:, None]
+    b = torch.randn(32, 64, generator=g) * torch.linspace(3, 0.2, 32)[:, None]
+    for bdtype in (fp8.E4M3, fp8.E5M2):
+        a8, _, ai = fp8.cast_tensorwise(a, fp8.E4M3)
+        b8, _, bi = fp8.cast_tensorwise(b, bdtype)
+        ref = torch._scaled_mm(a8, b8.t(), scale_a=ai, scale_b=bi, out_dtype=torch.float32)
+        torch.testing.assert_close(fp8.mm8(a8, ai, b8, bi, torch.float32), ref,
+                                   rtol=1e-5, atol=1e-5)
+    a8, ai = fp8.cast_rowwise(a, fp8.E4M3, 1)
+    b8, bi = fp8.cast_rowwise(b, fp8.E4M3, 1)
+    got = fp8.mm8(a8, ai, b8, bi, torch.float32)
+    try:
+        ref = torch._scaled_mm(a8, b8.t(), scale_a=ai[:, None], scale_b=bi[None, :],
+                               out_dtype=torch.float32)
+    except RuntimeError:  # this torch has no rowwise scaling on CPU: compare to dequantised
+        ref = (a8.double() * ai[:, None].double()) @ (b8.double() * bi[:, None].double()).t()
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)
+    # rows quantised along dim 0 come out transposed: x^T's rows
+    at8, ati = fp8.cast_rowwise(a, fp8.E4M3, 0)
+    assert at8.shape == (64, 48) and ati.shape == (64,)
+    ref8, _ = fp8.cast_rowwise(a.t().contiguous(), fp8.E4M3, 1)
+    assert torch.equal(at8.view(torch.uint8), ref8.view(torch.uint8))
+
+
+def _gemm_bound(a, b, a_rows_amax, b_rows_amax, da, db):
+    """Elementwise bound on |fp8(a) @ fp8(b)^T - a @ b^T| (float64): each element of a is
+    rounded with relative error <= UNIT[da] plus, below the normal range, an absolute error
+    <= SUB[da] / scale, where 1/scale <= 2 amax / FMAX (amax of its row, or of the tensor)."""
+    a, b = a.double().abs(), b.double().abs()
+    ea = UNIT[da] * a + SUB[da] * 2 * a_rows_amax.double()[:, None] / FMAX[da]
+    eb = UNIT[db] * b + SUB[db] * 2 * b_rows_amax.double()[:, None] / FMAX[db]
+    return ea @ b.t() + a @ eb.t() + ea @ eb.t() + 1e-5 * (a @ b.t()) + 1e-30
+
+
+def _perturbed_case(seed, m=96, k=80, n=48):
+    """Inputs with uneven magnitudes (rows, columns and a few outliers): random biases,
+    weights with per-row scales; nothing zero-initialised."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+    x[:, 3] *= 20
+    w = torch.randn(n, k, generator=g) * 0.05 * torch.exp(torch.randn(n, 1, generator=g))
+    w[5, 7] = 2.0
+    b = torch.randn(n, generator=g) * 0.1
+    dy = torch.randn(m, n, generator=g) * torch.exp(torch.randn(1, n, generator=g))
+    return x, w, b, dy
+
+
+def _amaxes(t, recipe, dim):
+    """Per-row amax of the GEMM operand t (rows along `dim` of t), or the tensor's amax."""
+    rows = t.shape[0] if dim == 1 else t.shape[1]
+    if recipe == "tensorwise":
+        return t.abs().max().expand(rows)
+    return t.abs().amax(dim=dim)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_linear_matches_exact_gemm_within_fp8_error(recipe):
+    x, w, b, dy = _perturbed_case(2)
+    grad_dtype = fp8.GRAD_DTYPE[recipe]
+    xx = x.clone().requires_grad_()
+    ww = w.clone().requires_grad_()
+    bb = b.clone().requires_grad_()
+    y = fp8.fp8_linear(xx, ww, bb, recipe, "column", False, False, False, None)
+    y.backward(dy)
+    e4 = fp8.E4M3
+    checks = {
+        # forward: x [M,K] . w [N,K]^T, both e4m3, rows along K
+        "forward": (y - b, x @ w.t(), _gemm_bound(x, w, _amaxes(x, recipe, 1),
+                                                  _amaxes(w, recipe, 1), e4, e4)),
+        # dgrad: dy [M,N] . (w^T) [K,N]^T
+        "dgrad": (xx.grad, dy @ w, _gemm_bound(dy, w.t(), _amaxes(dy, recipe, 1),
+                                               _amaxes(w, recipe, 0), grad_dtype, e4)),
+        # wgrad: dy^T [N,M] . (x^T) [K,M]^T
+        "wgrad": (ww.grad, dy.t() @ x, _gemm_bound(dy.t(), x.t(), _amaxes(dy, recipe, 0),
+                                                   _amaxes(x, recipe, 0), grad_dtype, e4)),
+    }
+    for name, (got, ref, bound) in checks.items():
+        err = (got.double() - ref.double()).abs()
+        worst = (err / bound).max().item()
+        rel = (err.norm() / ref.double().norm()).item()
+        print(f"{recipe} {name}: rel error {rel:.2e}, worst error / bound {worst:.2f}")
+        assert worst <= 1.0, (name, worst)
+        # quantised for real: FP8 rounding leaves an error of the order of its unit
+        assert rel > UNIT[e4] / 50, (name, rel)
+    torch.testing.assert_close(bb.grad, dy.sum(0), rtol=1e-6, atol=1e-5)
+
+
+def test_fused_wgrad_accumulates_into_main_grad():
+    """gradient_accumulation_fusion: dw is added to weight.main_grad (fp32) in place, and the
+    weight's own grad is megatron-core's: none, or a dummy once DDP's flag exists."""
+    x, w, _, dy = _perturbed_case(3)
+
+    def run(fusion, flag):
+        ww = w.clone().requires_grad_()
+        ww.main_grad = torch.full_like(w, 0.5)
+        if flag:
+            ww.grad_added_to_main_grad = False
+        fp8.fp8_linear(x.clone().requires_grad_(), ww, None, "tensorwise", "column", fusion,
+                       False, False, None).backward(dy)
+        return ww
+
+    plain = run(False, False)
+    fused = run(True, False)
+    torch.testing.assert_close(fused.main_grad - 0.5, plain.grad, rtol=1e-6, atol=1e-6)
+    assert fused.grad is None
+    flagged = run(True, True)
+    assert flagged.grad_added_to_main_grad is True and flagged.grad is not None
+    torch.testing.assert_close(flagged.main_grad, fused.main_grad, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# TP2 over gloo
+# --------------------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tp2_amax_reduction_and_layers_over_gloo(tmp_path):
+    """Two gloo ranks. With the amax reduced over TP, every FP8 operand is the same as at TP1, so
+    TP2's outputs and gradients equal TP1's up to fp32 summation order (1e-5); without it they
+    would differ by FP8 rounding (~1e-2: the shards are built with different amaxes), and under
+    SP by the other rank's scale. Then a tiny GPT with train.fp8 through megatron-core's TP
+    layers: TP2 gives TP1's loss and gradients."""
+    import torch.multiprocessing as mp
+
+    from fp8_tp2_worker import tp2_worker
+
+    mp.spawn(tp2_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        inv, want, local = r.pop("amax")
+        assert inv == want, (rank, inv, want)
+        if rank == 0:
+            assert local != want  # rank 0's own amax is smaller: the reduction mattered
+        assert r.pop("row_amax")
+        for recipe in ("tensorwise", "rowwise"):
+            # the GPT's own check: TP2's FP8 model is TP1's, far closer than FP8 is to fp32
+            loss_diff, grad_diff = r.pop(f"gpt {recipe}")
+            vs_fp32 = r.pop(f"gpt {recipe} vs fp32")
+            print(f"rank {rank} GPT {recipe} TP2 vs TP1: loss {loss_diff:.1e}, worst grad "
+                  f"{grad_diff:.1e} (FP8 vs fp32 loss at TP1: {vs_fp32:.1e})")
+            assert loss_diff < 1e-5 and grad_diff < 1e-3, (recipe, loss_diff, grad_diff)
+            assert vs_fp32 > 10 * loss_diff
+        for name, diffs in r.items():
+            print(f"rank {rank} {name}: max rel diff vs TP1 (out, dx, dw) {diffs}")
+            assert max(diffs) < 1e-5, (rank, name, diffs)
+
+
+# --------------------------------------------------------------------------------------------
+# the GPT model
+# --------------------------------------------------------------------------------------------
+VOCAB = 256
+
+
+def _tiny(**kw):
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
+                hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def mp1():
+    from test_attention_variants import model_parallel, world
+
+    with world(), model_parallel(1):
+        yield
+
+
+def _build(fp8_recipe, parallel=None, seed=0, **kw):
+    from framework.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(_tiny(**kw), parallel or ParallelConfig(), vocab_size=VOCAB, bf16=False,
+                       fp16=False, device=torch.device("cpu"), wrap_ddp=False, fp8=fp8_recipe)
+
+
+def _perturb(model, seed=5):
+    """Random biases and non-unit norm weights (nothing left at its zero/one init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "norm" in name.split(".")[-2]:
+                p.copy_((1.0 if name.endswith("weight") else 0.0)
+                        + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _loss_and_grads(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
+    pos = torch.arange(16)[None].expand(2, 16)
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens, pos, None, labels=torch.roll(tokens, -1, 1)).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_gpt_linears_run_fp8_in_training_only(mp1, monkeypatch):
+    from framework.models import layers
+
+    model = _build("tensorwise")[0]
+    _perturb(model)
+    kinds = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, layers.Fp8Linear):
+            kinds.setdefault(name.split(".")[-1], []).append(type(mod).__name__)
+    assert sorted(kinds) == ["linear_fc1", "linear_fc2", "linear_proj", "linear_qkv"]
+    assert all(len(v) == 2 for v in kinds.values())  # one per layer
+    assert not isinstance(model.output_layer, layers.Fp8Linear)
+    calls = []
+    real = layers.fp8_linear
+    monkeypatch.setattr(layers, "fp8_linear", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    loss8, grads8 = _loss_and_grads(model)
+    assert calls == ["tensorwise"] * 8  # 4 linears x 2 layers; embeddings, output layer: not
+    ref = _build(None)[0]
+    _perturb(ref)
+    ref.load_state_dict(model.state_dict())
+    loss, grads = _loss_and_grads(ref)
+    # the same model within FP8's error, but not the fp32 GEMMs
+    assert loss8 != loss and abs(loss8 - loss) < 0.02 * abs(loss)
+    for name, g in grads.items():
+        assert ((grads8[name] - g).norm() / g.norm()).item() < 0.15, name
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
+        model(tokens, torch.arange(16)[None].expand(2, 16), None)
+    assert calls == []  # evaluation runs the bf16 (here fp32) GEMMs
+
+
+def test_state_dict_and_checkpoint_unchanged_by_the_switch(mp1, tmp_path):
+    """FP8 adds no parameter, buffer or extra state: the same keys, shapes and dtypes in the
+    state dict and megatron-core's sharded state dict; a checkpoint saved with FP8 on loads with
+    it off and the other way round (weights and optimizer state)."""
+    from framework.config import OptimizerConfig
+    from framework.optimizer import build_optimizer
+    from framework.training import checkpoint as ckpt
+
+    on, off = _build("tensorwise", seed=1), _build(None, seed=2)
+
+    def layout(sd):
+        return {k: (tuple(v.shape), v.dtype) if torch.is_tensor(v) else type(v).__name__
+                for k, v in sd.items()}
+
+    assert layout(on[0].state_dict()) == layout(off[0].state_dict())
+    assert sorted(on[0].sharded_state_dict()) == sorted(off[0].sharded_state_dict())
+
+    def with_opt(model):
+        opt, sched = build_optimizer(OptimizerConfig(lr_warmup_steps=0), model, max_steps=10,
+                                     bf16=False, fp16=False, use_distributed_optimizer=False,
+                                     overlap_param_gather=False, on_gpu=False)
+        _loss_and_grads(model[0])
+        opt.step()
+        return opt, sched
+
+    for src, dst, name in ((on, off, "on_to_off"), (off, on, "off_to_on")):
+        opt, sched = with_opt(src)
+        d = str(tmp_path / name)
+        ckpt.save_checkpoint(d, 1, src, opt, sched, consumed_samples=4, config={})
+        dopt, dsched = with_opt(dst)
+        ckpt.load_checkpoint(d, dst, dopt, dsched, model_cfg=_tiny())
+        for (n, a), b in zip(src[0].state_dict().items(), dst[0].state_dict().values()):
+            if torch.is_tensor(a):
+                assert torch.equal(a, b), (name, n)
+        sa, sb = opt.state_dict()["state"], dopt.state_dict()["state"]
+        assert sa.keys() == sb.keys() and sa
+        for i in sa:
+            assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]), (name, i)
+
+
+@pytest.mark.parametrize("recompute", [
+    dict(recompute_granularity="selective", recompute_modules=["mlp_act"]),
+    dict(recompute_granularity="selective", recompute_modules=["layernorm", "mlp"]),
+    dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+])
+def test_recompute_gives_the_same_fp8_gradients(mp1, recompute):
+    """Recompute reruns the FP8 forward (the same casts: the scales come from the same
+    tensors), so loss and every gradient equal the run without it."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    from framework.patching import patched
+    from test_recompute import _cpu_rng_states
+
+    ref = _build("rowwise")[0]
+    _perturb(ref)
+    ref_loss, ref_grads = _loss_and_grads(ref)
+    with patched(tp_random, **_cpu_rng_states(tp_random)):
+        model = _build("rowwise", ParallelConfig(**recompute))[0]
+        _perturb(model)
+        loss, grads = _loss_and_grads(model)
+    assert loss == ref_loss
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+def test_config_field_and_errors():
+    assert TrainConfig().fp8 is None
+    assert TrainConfig(fp8="False").fp8 is None  # Hydra's train.fp8=false
+    assert TrainConfig(fp8="True").fp8 == "tensorwise"
+    assert TrainConfig(fp8="rowwise").fp8 == "rowwise"
+    with pytest.raises(ConfigError, match="train.fp8='columnwise' is not one of"):
+        TrainConfig(fp8="columnwise")
+    with pytest.raises(ConfigError, match="train.fp8=tensorwise needs bf16"):
+        TrainConfig(fp8="tensorwise", fp16=True)
+    with pytest.raises(ConfigError, match="model.type=gpt"):
+        Config(model=ModelConfig(name="bert", type="bert", num_layers=2, hidden_size=64,
+                                 num_attention_heads=4, seq_length=16),
+               train=TrainConfig(fp8="tensorwise"))
+    with pytest.raises(ConfigError, match="model.hidden_size to be a multiple of 16"):
+        Config(model=_tiny(hidden_size=72, num_attention_heads=4),
+               train=TrainConfig(fp8="tensorwise"))
+    with pytest.raises(ConfigError, match=r"ffn_hidden_size / TP to be a multiple of 16 \(got 8"):
+        Config(model=_tiny(ffn_hidden_size=16), parallel=ParallelConfig(
+            tensor_model_parallel_size=2), train=TrainConfig(fp8="tensorwise"))
+    Config(model=_tiny(), train=TrainConfig(fp8="tensorwise", micro_batch_size=2,
+                                            global_batch_size=4))
+
+
+def test_gpu_without_fp8_is_refused(monkeypatch):
+    """An A100-class GPU (compute capability 8.0): refused with one line before any model is
+    built; a CPU run the same (tests/test_bad_inputs.py runs it through train.py)."""
+    import importlib
+
+    run_mod = importlib.import_module("framework.run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
+    ok, why = fp8.device_supports_fp8()
+    assert not ok and "A100 has compute capability 8.0" in why
+    cfg = Config(model=_tiny(), train=TrainConfig(fp8="tensorwise", micro_batch_size=2,
+                                                  global_batch_size=4))
+    monkeypatch.setattr(run_mod, "resolve_device", lambda kind: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(run_mod, "launch", lambda *a: pytest.fail("launched"))
+    with pytest.raises(ConfigError, match="train.fp8=tensorwise needs a GPU with FP8.*A100"):
+        run_mod.run(cfg)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert fp8.device_supports_fp8() == (True, "") or fp8.triton is None
