@@ -179,8 +179,10 @@ class SDPAttention(MegatronModule):
                     k.shape[2] - sq)
         return _to_sbh(self._sdpa(q, k, v, mask, p, is_causal))
 
-    # GQA / MQA through the flash kernel's own grouped heads (SDPA's enable_gqa) where flash
-    # runs: no copies of k and v per query head forward, no reduction of their grads backward
+    # GQA / MQA as grouped KV heads inside SDPA's fused kernels (enable_gqa; torch picks flash or
+    # cuDNN): no copies of k and v per query head in the forward, and the kernel reduces their
+    # grads over each group. Only where flash would accept the inputs: otherwise SDPA would fall
+    # back to its math kernel under enable_gqa, and repeating the heads is faster.
     native_gqa = True
 
     def _sdpa(self, q, k, v, mask, p: float, is_causal: bool) -> torch.Tensor:
@@ -233,9 +235,9 @@ def _causal_bias(sq: int, sk: int, device, dtype) -> torch.Tensor:
 
 
 def _flash_gqa_ok(q, k, v, mask, p: float, is_causal: bool) -> bool:
-    """Whether torch's flash kernel takes these inputs with grouped KV heads. Other SDPA
-    backends fall back to the math kernel under enable_gqa, so GQA is passed natively only when
-    flash runs (CUDA, fp16/bf16, no mask tensor; torch's own eligibility check decides)."""
+    """Whether SDPA can run these inputs with grouped KV heads in a fused kernel: torch's own
+    flash eligibility check (CUDA, fp16/bf16, no mask tensor, head dim); with enable_gqa, inputs
+    no fused kernel takes would fall back to the math kernel."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or mask is not None:
         return False
     try:
