@@ -122,8 +122,8 @@ def hf_pair(mp1):
                       eos_token_id=EOS, pad_token_id=EOS)
     hf = GPT2LMHeadModel(hcfg).eval()
     perturb_(hf)  # non-zero biases, non-unit norms (tests/perturb.py)
-    with torch.no_grad():
-        hf.transformer.wte.weight[EOS] *= 2.0
+    with torch.no_grad():  # (x3: with these perturbed weights x2 never reaches EOS)
+        hf.transformer.wte.weight[EOS] *= 3.0
     ours = build(ModelConfig(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS,
                              seq_length=POS, hidden_dropout=0.0, attention_dropout=0.0,
                              make_vocab_size_divisible_by=16), 48)  # 8 padded ids
