@@ -789,12 +789,50 @@ def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:
     known = {f.name: f for f in fields(cls)}
     for key in node.keys():
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key}: {cls.__name__} has no such field "
-                              f"(known: {', '.join(sorted(known))})")
+            raise ConfigError(f"unknown config key {prefix}{key} ({cls.__name__} has no such "
+                              f"field){did_you_mean(f'{prefix}{key}', schema_keys(Config))}")
         ftype = known[key].type
         sub = GROUP_TYPES.get(ftype) if isinstance(ftype, str) else None
         if sub is not None and dataclasses.is_dataclass(sub) and node[key] is not None:
             check_unknown_keys(node[key], sub, f"{prefix}{key}.")
+
+
+def schema_keys(cls: type, prefix: str = "") -> List[str]:
+    """Every dotted key of a schema dataclass (nested dataclasses included, Optional unwrapped)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        out.append(prefix + f.name)
+        t = hints.get(f.name)
+        args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+        sub = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        if sub is not None:
+            out.extend(schema_keys(sub, f"{prefix}{f.name}."))
+    return out
+
+
+def did_you_mean(key: str, known: List[str]) -> str:
+    """'; did you mean a.b?' for the closest known keys (whole key, then the last part alone),
+    or ''."""
+    import difflib
+
+    def best(word: str, words: List[str], cutoff: float) -> List[str]:
+        scored = sorted(((difflib.SequenceMatcher(None, word, w).ratio(), w) for w in words),
+                        reverse=True)
+        top = scored[0][0] if scored else 0.0
+        return [w for r, w in scored[:3] if r >= cutoff and r >= top - 0.05]
+
+    close = best(key, known, 0.75)
+    if not close:
+        by_leaf: Dict[str, List[str]] = {}
+        for k in known:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        close = [k for name in best(key.rsplit(".", 1)[-1], list(by_leaf), 0.8)
+                 for k in by_leaf[name]][:3]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 GROUP_TYPES = {c.__name__: c for c in (ModelConfig, ParallelConfig, OptimizerConfig, DataConfig,
