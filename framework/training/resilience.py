@@ -517,7 +517,7 @@ def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
     bf16 = (on_gpu if cfg.train.bf16 is None else cfg.train.bf16) and not cfg.train.fp16
     try:
         transformer_config(m, p, bf16=bf16, fp16=cfg.train.fp16, on_gpu=on_gpu)
-    except (ValueError, AssertionError, TypeError) as e:
+    except (ValueError, AssertionError) as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"megatron-core refuses the model/parallel settings: {msg}") from None
     vocab = padded_vocab_size(m.vocab_size or tokenizer_vocab, m.make_vocab_size_divisible_by,
@@ -557,8 +557,8 @@ def min_memory_bytes(cfg, vocab: int, half: bool) -> tuple:
 def device_memory_bytes(device: str, world: int) -> tuple:
     """(bytes one rank can have, where); (0, '') when unknown."""
     try:
-        if device == "cuda":
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        if device == "cuda":  # this rank's GPU (the properties need no CUDA context)
+            props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
             return props.total_memory, f"of {props.name}"
         import psutil
 
