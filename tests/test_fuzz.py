@@ -313,6 +313,7 @@ def _train_subprocess(overrides, cwd):
     return r
 
 
+@pytest.mark.slow
 def test_train_overrides_subprocess(tmp_path, capsys):
     """A handful of real `train.py ... train.max_steps=1` runs, with overrides drawn from the
     same strategy (fixed seed; tiny models only, so that a run that trains is short)."""

@@ -211,6 +211,7 @@ def tracked_run(tmp_path_factory):
     return d, r
 
 
+@pytest.mark.slow
 def test_secret_run_name_tags_notes_never_written(tracked_run):
     d, r = tracked_run
     assert r.returncode == 0, r.stderr[-3000:]
