@@ -12,8 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from framework.cli import (default_checkpoint_dir, install_masked_cfg_printing, register_resolvers,
-                           report_errors)
+from framework.cli import (check_group_choices, default_checkpoint_dir,
+                           install_masked_cfg_printing, register_resolvers, report_errors,
+                           run_hydra_main)
 from framework.config import register_configs
 from framework.inference import GenerateConfig, register_generate_config
 from framework.security import check_plugin_targets
@@ -22,10 +23,12 @@ register_configs()
 register_generate_config()
 register_resolvers()
 install_masked_cfg_printing()  # `--cfg job` masks secrets
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 def to_config(dcfg: DictConfig) -> GenerateConfig:
     hc = HydraConfig.get()
+    check_group_choices(dict(hc.runtime.choices), CONF_DIR)
     cwd = hc.runtime.cwd
     check_plugin_targets(dcfg, points={})  # generation has no plugin points: no `_target_`
     # no parallel=... / parallel.x=... override: the layout comes from the checkpoint
@@ -50,4 +53,4 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main, GenerateConfig)  # Hydra's own errors too: one line, exit 2

@@ -9,18 +9,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from framework.cli import (default_checkpoint_dir, install_masked_cfg_printing, is_multirun,
-                           register_resolvers, report_errors)
+from framework.cli import (check_group_choices, default_checkpoint_dir,
+                           install_masked_cfg_printing, is_multirun, register_resolvers,
+                           report_errors, run_hydra_main)
 from framework.config import Config, check_unknown_keys, register_configs
 from framework.security import check_plugin_targets
 
 register_configs()
 register_resolvers()
 install_masked_cfg_printing()  # `--cfg job` masks secrets
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 def to_config(dcfg: DictConfig) -> Config:
     hc = HydraConfig.get()
+    check_group_choices(dict(hc.runtime.choices), CONF_DIR)
     if dcfg.checkpoint.dir is None:
         dcfg.checkpoint.dir = default_checkpoint_dir(hc.job.override_dirname, hc.runtime.cwd)
     dcfg.run_dir = hc.runtime.output_dir
@@ -41,4 +44,4 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main, Config)  # Hydra's own errors too: one line, exit 2

@@ -12,9 +12,10 @@ offline (`framework.data.sentences`). Inputs are JSON-lines files (optionally .g
 line by line, or a Hugging Face `datasets` dataset: a local `save_to_disk` directory, a local
 dataset directory, or a hub name (`--split`, default train). Several inputs are concatenated.
 
-Bad input (a missing file, a line that is not JSON or lacks a key) prints one line on stderr
-and exits with status 2; no output file is left behind (all outputs are built in a staging
-directory and moved into place only when every key succeeded).
+Bad input (a missing file, a line that is not JSON, not UTF-8 or lacks a key, bad gzip data, a
+line over --max-line-bytes, an input without any text) prints one line on stderr naming the file
+and line, and exits with status 2; no output file is left behind (all outputs are built in a
+staging directory and moved into place only when every key succeeded).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import IO, Iterator, List, Optional
+import zlib
+from typing import Iterator, List, Optional
 
 from framework.config import ConfigError, TokenizerConfig
 from framework.data.indexed import preprocess, read_index
@@ -43,27 +45,81 @@ def _looks_like_file(name: str) -> bool:
             or name.startswith(("/", "./", "../", "~")))
 
 
-def _open_text(path: str) -> IO[str]:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+# Lines are read as bytes with this bound (a file without newlines is not read whole into
+# memory) and decoded strictly, so a bad byte is reported with its line number.
+DEFAULT_MAX_LINE_BYTES = 64 * 2**20
 
 
-def _jsonl_texts(path: str, key: str) -> Iterator[str]:
-    with _open_text(path) as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or key not in record:
-                raise InputError(f"{path}:{number}: no key {key!r} in this JSON line")
-            if not isinstance(record[key], str):
-                raise InputError(f"{path}:{number}: {key!r} is a "
-                                 f"{type(record[key]).__name__}, not a string")
-            yield record[key]
+def _raw_lines(path: str, max_line_bytes: int) -> Iterator[bytes]:
+    """The lines of a JSON-lines file (or .gz), as bytes; InputError names the file and line
+    for a file that cannot be read, bad gzip data, a truncated .gz or an over-long line."""
+    number = 0
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as stream:
+            while True:
+                line = stream.readline(max_line_bytes + 1)
+                if not line:
+                    return
+                number += 1
+                if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                    raise InputError(f"{path}:{number}: line longer than --max-line-bytes="
+                                     f"{max_line_bytes}")
+                yield line
+    except InputError:
+        raise
+    except EOFError:
+        raise InputError(f"{path}: truncated gzip file (it ends inside line {number + 1})") \
+            from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise InputError(f"{path}: not a valid gzip file, at line {number + 1} ({err})") \
+            from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _decode(raw: bytes, path: str, number: int) -> str:
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:200]
+        hint = ("; it looks like UTF-16: convert it, e.g. iconv -f UTF-16 -t UTF-8"
+                if utf16 else "")
+        raise InputError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at "
+                         f"column {err.start + 1}){hint}") from None
+
+
+def _jsonl_texts(path: str, key: str,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[str]:
+    for number, raw in enumerate(_raw_lines(path, max_line_bytes), start=1):
+        line = _decode(raw, path, number)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg}, column "
+                             f"{err.colno})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+        except ValueError as err:  # an integer over Python's digit limit
+            why = (str(err).splitlines() or ["?"])[0][:120]
+            if "Exceeds the limit" in why:
+                why = f"an integer longer than {sys.get_int_max_str_digits()} digits"
+            raise InputError(f"{path}:{number}: not valid JSON ({why})") from None
+        if not isinstance(record, dict) or key not in record:
+            raise InputError(f"{path}:{number}: no key {key!r} in this JSON line")
+        text = record[key]
+        if not isinstance(text, str):
+            raise InputError(f"{path}:{number}: {key!r} is a "
+                             f"{type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(f"{path}:{number}: {key!r} holds a lone surrogate "
+                             f"(\\u{ord(text[err.start]):04x}), which is not text") from None
+        yield text
 
 
 def _load_hf(name: str, split: str):  # -> datasets.Dataset
@@ -88,11 +144,15 @@ def _load_hf(name: str, split: str):  # -> datasets.Dataset
 class _Source:
     """One --input: a JSON-lines file or a `datasets` dataset, read once per key."""
 
-    def __init__(self, name: str, split: str) -> None:
+    def __init__(self, name: str, split: str,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self.name = name
         self.dataset = None
+        self.max_line_bytes = max_line_bytes
         if os.path.isfile(name):
             return
+        if os.path.exists(name) and not os.path.isdir(name):
+            raise InputError(f"{name}: not a regular file")
         if not os.path.isdir(name) and _looks_like_file(name):
             raise InputError(f"{name}: input file does not exist")
         self.dataset = _load_hf(name, split)
@@ -102,8 +162,21 @@ class _Source:
             raise InputError(f"{self.name}: no column {key!r} (has {self.dataset.column_names})")
 
     def texts(self, key: str) -> Iterator[str]:
+        """The documents under `key`; an input without any text in them (no documents, or only
+        empty or blank ones) is an error: it would add no tokens."""
+        count = with_text = 0
+        for text in self._texts(key):
+            count += 1
+            with_text += bool(text.strip())
+            yield text
+        if not with_text:
+            what = f"{count} documents, all empty or blank" if count else "no documents"
+            raise InputError(f"{self.name}: no text under {key!r} ({what}); it would add no "
+                             f"tokens")
+
+    def _texts(self, key: str) -> Iterator[str]:
         if self.dataset is None:
-            yield from _jsonl_texts(self.name, key)
+            yield from _jsonl_texts(self.name, key, self.max_line_bytes)
             return
         for number, text in enumerate(self.dataset.select_columns([key]), start=1):
             value = text[key]
@@ -142,22 +215,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="outputs are <prefix>_<key>_document.bin/.idx")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
+    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                        help="longest JSON line accepted (default: %(default)s, 64 MiB)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> List[str]:
     """Preprocess every key; return the output prefixes. Raises InputError/ConfigError."""
-    if args.workers < 1:
-        raise InputError(f"--workers={args.workers} must be >= 1")
-    sources = [_Source(name, args.split) for name in args.input]
+    if not 1 <= args.workers <= 1024:
+        raise InputError(f"--workers={args.workers} must be in [1, 1024]")
+    if args.max_line_bytes < 1:
+        raise InputError(f"--max-line-bytes={args.max_line_bytes} must be >= 1")
+    if not os.path.basename(args.output_prefix):
+        raise InputError(f"--output-prefix={args.output_prefix!r} must end in a file name "
+                         f"prefix (outputs are <prefix>_<key>_document.bin/.idx)")
+    sources = [_Source(name, args.split, args.max_line_bytes) for name in args.input]
     for source in sources:
         for key in args.json_keys:
             source.check_key(key)
     tokenizer = _build_tokenizer(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".preprocess.", dir=out_dir)
+    try:
+        out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+        os.makedirs(out_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".preprocess.", dir=out_dir)
+    except (OSError, ValueError) as err:
+        why = getattr(err, "strerror", None) or str(err)
+        raise InputError(f"--output-prefix={args.output_prefix}: cannot write there ({why})") \
+            from None
     try:
         prefixes = []
         for key in args.json_keys:
@@ -167,6 +252,11 @@ def run(args: argparse.Namespace) -> List[str]:
             preprocess(documents, tokenizer, os.path.join(staging, name),
                        append_eod=args.append_eod, workers=args.workers, progress=progress,
                        split_sentences=args.split_sentences)
+            info = read_index(os.path.join(staging, name))
+            eods = len(info.document_indices) - 1 if args.append_eod else 0
+            if info.num_tokens - eods <= 0:  # text that tokenizes to nothing
+                raise InputError(f"{', '.join(args.input)}: the text under {key!r} gives no "
+                                 f"tokens with this tokenizer")
             prefixes.append(name)
         finals = []
         for name in prefixes:
@@ -185,6 +275,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         prefixes = run(args)
     except (InputError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # the output directory filled up, vanished, ...
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for prefix in prefixes:
         info = read_index(prefix)

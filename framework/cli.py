@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from datetime import datetime
-from typing import Callable, List, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from omegaconf import OmegaConf
 
@@ -69,22 +69,25 @@ def report_errors(fn: Callable[[], T], job_dir: Optional[str] = None) -> Optiona
     With `job_dir` (one job of a `-m` sweep) nothing exits: the outcome is written to
     `<job_dir>/job_status.json` for the sweep summary and the sweep goes on with the next job.
     """
+    global _task_started
+    _task_started = True
     if job_dir is not None:
         return _record_job(fn, job_dir)
     from omegaconf.errors import OmegaConfBaseException
 
     from framework.config import ConfigError
+    from framework.security import mask_text
 
     try:
         return fn()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {mask_text(str(e))}", file=sys.stderr, flush=True)
     except OmegaConfBaseException as e:
         msg = str(e).strip().splitlines()[0]
         cause = e.__cause__ or e.__context__
         if isinstance(cause, ConfigError):
             msg = str(cause)
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        print(f"error: {mask_text(msg)}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -113,6 +116,121 @@ def _record_job(fn: Callable[[], T], job_dir: str) -> Optional[T]:
         return None
     write_job_status(job_dir, "completed", None)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hydra's own errors as one line
+# --------------------------------------------------------------------------------------------
+_task_started = False  # set once the task function runs: later errors are the task's own
+
+
+def run_hydra_main(main: Callable[[], Any], schema: type) -> None:
+    """Call a `@hydra.main` function with the errors Hydra raises itself (an unknown group option
+    or key, a value of the wrong type, an override it cannot parse, a run directory it cannot
+    create) printed as one `error:` line with exit code 2, like our own config errors.
+    `HYDRA_FULL_ERROR=1` keeps Hydra's full report; errors of the task itself keep theirs."""
+    import hydra._internal.utils as hydra_utils
+
+    real = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's own test for it
+            return real(func)
+        try:
+            return func()
+        except Exception as ex:
+            line = None if _task_started and not _is_config_error(ex) else \
+                hydra_error_line(ex, schema)
+            if line is None:
+                def again() -> Any:
+                    raise ex
+
+                return real(again)
+            from framework.security import mask_text
+
+            print(f"error: {mask_text(line)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        main()
+    finally:
+        hydra_utils.run_and_report = real
+
+
+def _is_config_error(ex: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.config import ConfigError
+
+    return isinstance(ex, (HydraException, OmegaConfBaseException, ConfigError))
+
+
+_CONVERT = re.compile(r"Value '(.*)' of type '\w+' could not be converted to (\w+)")
+
+
+def hydra_error_line(ex: BaseException, schema: type) -> Optional[str]:
+    """One line for an error raised while Hydra composes the config (None: not such an error,
+    e.g. a bug, which keeps its traceback). `schema` is the root dataclass, for suggestions."""
+    from hydra.errors import (ConfigCompositionException, HydraException,
+                              MissingConfigException, OverrideParseException)
+    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
+                                  ValidationError)
+
+    from framework.config import ConfigError, did_you_mean, schema_keys
+
+    def first(e: BaseException) -> str:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
+
+    if isinstance(ex, ConfigError):
+        return str(ex)
+    if isinstance(ex, MissingConfigException):
+        group, _, name = (ex.missing_cfg_file or "").rpartition("/")
+        if group:
+            opts = [o for o in (ex.options or []) if not o.endswith("_schema")]
+            return (f"{group}={name}: no such {group} config; choose one of "
+                    f"{', '.join(opts) or '(none)'}")
+        return first(ex)
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse the override {ex.override!r}: {first(ex)} (Hydra's override syntax)"
+    cause = ex.__cause__
+    if isinstance(ex, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
+        key = cause.full_key or ""
+        msg = getattr(cause, "msg", None) or first(cause)
+        msg = msg.strip().splitlines()[0]
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in" in msg:
+            return f"unknown config key {key}{did_you_mean(key, schema_keys(schema))}"
+        if isinstance(cause, ValidationError):
+            override = first(ex).replace("Error merging override ", "")
+            m = _CONVERT.fullmatch(msg)
+            if m:
+                kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}
+                msg = f"{m.group(1)!r} is not {kind.get(m.group(2), m.group(2).lower())}"
+            elif "is not Optional" in msg:
+                msg = "it cannot be null"
+            return f"{override}: {msg} ({key})" if key and key not in override else \
+                f"{override}: {msg}"
+        return f"{first(ex)} ({first(cause)})"
+    if isinstance(ex, (HydraException, OmegaConfBaseException)):
+        return first(ex) + (f" ({first(cause)})" if cause is not None else "")
+    if isinstance(ex, OSError) and not _task_started:  # e.g. the run directory
+        where = f": {ex.filename}" if ex.filename else ""
+        return f"{ex.strerror or first(ex)}{where} (creating the run directory or its files)"
+    return None
+
+
+def check_group_choices(choices: Dict[str, Any], conf_dir: str) -> None:
+    """Refuse a group option that is an internal schema (`model=model_schema`)."""
+    from framework.config import ConfigError
+
+    for group, choice in choices.items():
+        if isinstance(choice, str) and choice.endswith("_schema") and \
+                os.path.isdir(os.path.join(conf_dir, group)):
+            opts = sorted(n[:-5] for n in os.listdir(os.path.join(conf_dir, group))
+                          if n.endswith(".yaml"))
+            raise ConfigError(f"{group}={choice} is the schema, not a config; choose one of "
+                              f"{', '.join(opts)}")
 
 
 def install_masked_cfg_printing() -> None:

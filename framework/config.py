@@ -29,6 +29,38 @@ def _choice(value: Any, allowed: tuple, name: str) -> None:
     _require(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
 
 
+# Integers in the config are sizes, counts and steps; megatron-core and numpy index several of
+# them with int32, and no real setting comes near this.
+INT_LIMIT = 2**31 - 1
+# max_steps x global_batch_size samples are indexed up front (framework.data checks the memory
+# that takes for the data at hand); beyond this many steps no run is real.
+MAX_STEPS_LIMIT = 10**9
+
+
+def check_numbers(obj: Any, prefix: str) -> None:
+    """Every float field of the dataclass `obj` (and of its lists) finite, every int field within
+    +-INT_LIMIT: NaN, inf and huge values are refused here, naming the field, before any check
+    that compares them (NaN compares false with everything)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        for x in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            name = f"{prefix}{f.name}={value}"
+            if isinstance(x, float):
+                _require(math.isfinite(x), f"{name} must be a finite number")
+            else:
+                _require(-INT_LIMIT <= x <= INT_LIMIT,
+                         f"{name} is out of range (at most {INT_LIMIT} in absolute value)")
+
+
+def _positive_or_unset(obj: Any, prefix: str, names: tuple, unset: str) -> None:
+    """Optional sizes: null means unset; 0 or a negative number is an error (never "unset")."""
+    for f in names:
+        v = getattr(obj, f)
+        _require(v is None or v > 0, f"{prefix}{f}={v} must be positive (or null: {unset})")
+
+
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
@@ -144,9 +176,21 @@ class ModelConfig:
     lm_head_bias: bool = True
 
     def __post_init__(self) -> None:
+        check_numbers(self, "model.")
         _require(bool(self.type), "model.type must be set (gpt, bert or t5)")
         for f in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             _require(getattr(self, f) > 0, f"model.{f} must be positive, got {getattr(self, f)}")
+        # null is the documented "unset" of these; 0 used to be taken as unset too
+        _positive_or_unset(self, "model.", ("ffn_hidden_size",), "4 x model.hidden_size")
+        _positive_or_unset(self, "model.", ("vocab_size",), "the tokenizer's vocabulary")
+        _positive_or_unset(self, "model.", ("kv_channels",),
+                           "model.hidden_size / model.num_attention_heads")
+        _positive_or_unset(self, "model.", ("max_position_embeddings",), "model.seq_length")
+        _require(self.make_vocab_size_divisible_by > 0,
+                 f"model.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} must "
+                 f"be positive")
+        for f in ("init_method_std", "layernorm_epsilon"):
+            _require(getattr(self, f) > 0, f"model.{f}={getattr(self, f)} must be positive")
         _require(
             self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
             f"model.hidden_size={self.hidden_size} must be divisible by "
@@ -200,8 +244,9 @@ class ModelConfig:
                  f"model.bias_activation_fusion=true: megatron-core has no fused kernel for "
                  f"model.activation={self.activation} (add_bias_linear="
                  f"{self.add_bias_linear}); it fuses swiglu, and gelu_tanh with biases")
-        _require(0.0 <= self.hidden_dropout < 1 and 0.0 <= self.attention_dropout < 1,
-                 "model.hidden_dropout and model.attention_dropout must be in [0, 1)")
+        for f in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, f) < 1,
+                     f"model.{f}={getattr(self, f)} must be in [0, 1)")
 
     def _check_family(self) -> None:
         """Fields that only some model families (model.type) accept."""
@@ -303,6 +348,7 @@ class ParallelConfig:
     distributed_timeout_minutes: int = 10
 
     def __post_init__(self) -> None:
+        check_numbers(self, "parallel.")
         for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             _require(getattr(self, f) >= 1, f"parallel.{f} must be >= 1, got {getattr(self, f)}")
         _require(
@@ -330,6 +376,11 @@ class ParallelConfig:
             _require(self.recompute_method in ("uniform", "block"),
                      "parallel.recompute_granularity=full needs parallel.recompute_method "
                      "(uniform or block)")
+        _positive_or_unset(self, "parallel.", ("recompute_num_layers",), "1 with full recompute")
+        # timedelta overflows past ~1.4e12 minutes; a week is already far beyond any collective
+        _require(0 < self.distributed_timeout_minutes <= 7 * 24 * 60,
+                 f"parallel.distributed_timeout_minutes={self.distributed_timeout_minutes} must "
+                 f"be in [1, {7 * 24 * 60}] (a week)")
         _require(not (self.overlap_p2p_comm is False and vpp and vpp > 1
                       and self.pipeline_model_parallel_size == 2),
                  "parallel.overlap_p2p_comm=false with interleaving at "
@@ -384,18 +435,39 @@ class OptimizerConfig:
     fused_step: bool = True
 
     def __post_init__(self) -> None:
+        check_numbers(self, "optimizer.")  # lr=inf would train and skip every step as non-finite
         _choice(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")
         _choice(self.lr_decay_style, ("linear", "cosine", "constant"), "optimizer.lr_decay_style")
         _require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr,
                  f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
-        _require(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps must be >= 0")
-        _require(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")
+        for f in ("adam_beta1", "adam_beta2", "sgd_momentum"):
+            _require(0 <= getattr(self, f) < 1, f"optimizer.{f}={getattr(self, f)} must be in "
+                                                f"[0, 1)")
+        _require(self.adam_eps > 0, f"optimizer.adam_eps={self.adam_eps} must be positive")
+        _require(self.weight_decay >= 0,
+                 f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        _require(self.lr_warmup_steps >= 0,
+                 f"optimizer.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
+        _positive_or_unset(self, "optimizer.", ("lr_decay_steps",), "train.max_steps")
+        _require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 "
+                                      f"(0 disables clipping)")
+        _require(self.loss_scale is None or self.loss_scale > 0,
+                 f"optimizer.loss_scale={self.loss_scale} must be positive (or null: dynamic)")
+        for f in ("initial_loss_scale", "min_loss_scale", "loss_scale_window"):
+            _require(getattr(self, f) > 0, f"optimizer.{f}={getattr(self, f)} must be positive")
+        _require(self.min_loss_scale <= self.initial_loss_scale,
+                 f"optimizer.min_loss_scale={self.min_loss_scale} must be <= "
+                 f"optimizer.initial_loss_scale={self.initial_loss_scale}")
+        _require(self.hysteresis >= 1, f"optimizer.hysteresis={self.hysteresis} must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------
 # data and tokenizer
 # --------------------------------------------------------------------------------------------
+EMBEDDED_DOCUMENTS_LIMIT = 200_000
+
+
 @dataclass
 class DataConfig:
     """Fields named as in GPTDatasetConfig where one exists."""
@@ -422,7 +494,14 @@ class DataConfig:
     masking_use_geometric_distribution: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        check_numbers(self, "data.")
         _choice(self.type, ("embedded", "indexed", "mock"), "data.type")
+        # the embedded corpus is generated on the first run; beyond this it takes minutes
+        _require(0 < self.num_documents <= EMBEDDED_DOCUMENTS_LIMIT,
+                 f"data.num_documents={self.num_documents} must be in [1, "
+                 f"{EMBEDDED_DOCUMENTS_LIMIT}] (more data: preprocess it and use data=indexed)")
+        _require(0 <= self.num_workers <= 64,
+                 f"data.num_workers={self.num_workers} must be in [0, 64]")
         _require(0.0 < self.masking_probability < 1.0,
                  f"data.masking_probability={self.masking_probability} must be in (0, 1)")
         _require(0.0 <= self.short_sequence_probability <= 1.0,
@@ -472,6 +551,15 @@ class ProfileConfig:
     profile_memory: bool = False
     with_stack: bool = False
 
+    def __post_init__(self) -> None:
+        check_numbers(self, "train.profile.")
+        s = list(self.steps)
+        _require(not s or (len(s) <= 2 and 1 <= s[0] <= s[-1]),
+                 f"train.profile.steps={s} must be [first, last] with 1 <= first <= last "
+                 f"(or [] for off)")
+        _require(all(r >= 0 for r in self.ranks or ()),
+                 f"train.profile.ranks={self.ranks} must be ranks (>= 0)")
+
 
 @dataclass
 class TrainConfig:
@@ -510,8 +598,14 @@ class TrainConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
+        check_numbers(self, "train.")
         _choice(self.device, ("auto", "cuda", "cpu"), "train.device")
         _choice(self.nan_policy, ("skip", "stop"), "train.nan_policy")
+        _require(self.max_steps <= MAX_STEPS_LIMIT,
+                 f"train.max_steps={self.max_steps} is beyond {MAX_STEPS_LIMIT:,} steps "
+                 f"(max_steps x global_batch_size samples are indexed before training starts)")
+        # numpy seeds are < 2**32, and each pipeline stage adds 100 x its rank
+        _require(0 <= self.seed < 2**31, f"train.seed={self.seed} must be in [0, 2**31)")
         _require(self.max_minutes is None or self.max_minutes > 0,
                  f"train.max_minutes must be positive (or null), got {self.max_minutes}")
         _require(self.max_consecutive_nan > 0,
@@ -552,6 +646,7 @@ class CheckpointConfig:
     keep_last: Optional[int] = None  # keep only the newest N committed checkpoints; None = all
 
     def __post_init__(self) -> None:
+        check_numbers(self, "checkpoint.")
         _require(self.keep_last is None or self.keep_last > 0,
                  f"checkpoint.keep_last must be positive (or null), got {self.keep_last}")
         _require(not (self.load and self.load_hf),
@@ -566,7 +661,14 @@ class LoggingConfig:
     wandb_project: str = "framework"
     wandb_name: Optional[str] = None
     wandb_mode: Optional[str] = None  # None -> $WANDB_MODE, else "online"
+    wandb_tags: List[str] = field(default_factory=list)
+    wandb_notes: Optional[str] = None
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.wandb_mode in (None, "online", "offline", "disabled", "shared"),
+                 f"logging.wandb_mode={self.wandb_mode!r} is not one of "
+                 f"[null, 'online', 'offline', 'disabled', 'shared']")
 
 
 @dataclass
@@ -698,6 +800,14 @@ class Config:
         p.data_parallel_size = dp
         self._check_batch(dp)
         if not on_gpu:
+            import os
+
+            # one process per rank, each holding torch and a model copy
+            limit = max(8, 2 * (os.cpu_count() or 1))
+            _require(world_size <= limit,
+                     f"the layout needs {world_size} worker processes (parallel.tensor_model_"
+                     f"parallel_size={p.tensor_model_parallel_size} x data-parallel size {dp}); "
+                     f"a CPU run allows at most {limit} (2 x the CPU cores, at least 8)")
             _require(p.pipeline_model_parallel_size == 1,
                      "parallel.pipeline_model_parallel_size > 1 needs GPUs (megatron-core's "
                      "pipeline schedules are CUDA-only); use train.device=cuda")
@@ -722,12 +832,50 @@ def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:
     known = {f.name: f for f in fields(cls)}
     for key in node.keys():
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key}: {cls.__name__} has no such field "
-                              f"(known: {', '.join(sorted(known))})")
+            raise ConfigError(f"unknown config key {prefix}{key} ({cls.__name__} has no such "
+                              f"field){did_you_mean(f'{prefix}{key}', schema_keys(Config))}")
         ftype = known[key].type
         sub = GROUP_TYPES.get(ftype) if isinstance(ftype, str) else None
         if sub is not None and dataclasses.is_dataclass(sub) and node[key] is not None:
             check_unknown_keys(node[key], sub, f"{prefix}{key}.")
+
+
+def schema_keys(cls: type, prefix: str = "") -> List[str]:
+    """Every dotted key of a schema dataclass (nested dataclasses included, Optional unwrapped)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        out.append(prefix + f.name)
+        t = hints.get(f.name)
+        args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+        sub = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        if sub is not None:
+            out.extend(schema_keys(sub, f"{prefix}{f.name}."))
+    return out
+
+
+def did_you_mean(key: str, known: List[str]) -> str:
+    """'; did you mean a.b?' for the closest known keys (whole key, then the last part alone),
+    or ''."""
+    import difflib
+
+    def best(word: str, words: List[str], cutoff: float) -> List[str]:
+        scored = sorted(((difflib.SequenceMatcher(None, word, w).ratio(), w) for w in words),
+                        reverse=True)
+        top = scored[0][0] if scored else 0.0
+        return [w for r, w in scored[:3] if r >= cutoff and r >= top - 0.05]
+
+    close = best(key, known, 0.75)
+    if not close:
+        by_leaf: Dict[str, List[str]] = {}
+        for k in known:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        close = [k for name in best(key.rsplit(".", 1)[-1], list(by_leaf), 0.8)
+                 for k in by_leaf[name]][:3]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 GROUP_TYPES = {c.__name__: c for c in (ModelConfig, ParallelConfig, OptimizerConfig, DataConfig,

@@ -57,6 +57,12 @@ def _free_port() -> int:
 
 def run(cfg: Config) -> None:
     """Validate against the world, then launch (or join) the workers."""
+    launch(worker, cfg, prepare(cfg))
+
+
+def prepare(cfg: Config) -> int:
+    """Every check that needs no worker (the world, the device, checkpoints, tokenizer, data
+    files, model settings, output directories); returns the world size. Nothing is built."""
     device = resolve_device(cfg.train.device)
     world = planned_world_size(cfg, device)
     cfg.resolve_world(world, on_gpu=device == "cuda")
@@ -80,8 +86,8 @@ def run(cfg: Config) -> None:
                               f"train.fp8")
     from framework.training.resilience import preflight
 
-    preflight(cfg)  # checkpoints, tokenizer, data files: one line from here, before any worker
-    launch(worker, cfg, world)
+    preflight(cfg, device)  # checkpoints, tokenizer, data, directories: one line, before workers
+    return world
 
 
 def launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:

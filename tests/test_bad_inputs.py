@@ -66,10 +66,12 @@ def _cases(d):
         (["model.num_attention_heads=3"], "model.num_attention_heads"),
         (["train.global_batch_size=20"], "train.global_batch_size=20"),
         (["+train.bogus=1"], "train.bogus"),
-        (["train.max_steps=abc"], "HYDRA:full_key: train.max_steps"),
+        (["train.max_steps=abc"], "train.max_steps=abc"),  # Hydra's own error, one line too
         (["parallel=pp2"], "parallel.pipeline_model_parallel_size"),
         (["parallel.sequence_parallel=true"], "sequence_parallel"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        # an unwritable cache directory used to hang for ever on a file lock
+        (["data.path_to_cache=/proc"], "data.path_to_cache=/proc"),
         (["model.cudnn_attention=true"], "model.cudnn_attention=true"),
         (["train.fp8=tensorwise"], "train.fp8=tensorwise needs a GPU with FP8"),
         # data files (checked in the parent, also for a multi-worker layout)
@@ -112,9 +114,6 @@ def test_bad_inputs_fail_with_one_line_and_touch_nothing(world):
     problems = []
     for (overrides, needle), r in zip(cases, results):
         errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-        if needle.startswith("HYDRA:"):  # Hydra rejects the override itself, in its own words
-            needle = needle[len("HYDRA:"):]
-            errors = [r.stderr] if needle in r.stderr else []
         if (r.returncode == 0 or "Traceback" in r.stderr or len(errors) != 1
                 or needle not in errors[0] or "iter " in r.stdout):
             problems.append(f"{overrides}: rc={r.returncode} errors={errors} "

@@ -21,6 +21,7 @@ sample layout of Megatron-LM's `MegatronPretrainingSampler`, resumable from `con
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -90,7 +91,8 @@ def _parse_blend(path: Sequence[str]) -> Blend:
     if len(items) % 2 == 1 or as_float(items[0]) is None:
         return [os.path.abspath(p) for p in items], None
     weights = [as_float(w) for w in items[0::2]]
-    if any(w is None or w < 0 for w in weights) or sum(w for w in weights if w) <= 0:
+    if any(w is None or not math.isfinite(w) or w < 0 for w in weights) \
+            or sum(w for w in weights if w) <= 0:
         raise ConfigError(f"data.path={items}: a weighted blend needs non-negative numeric "
                           f"weights (summing to > 0) at every even position")
     return [os.path.abspath(p) for p in items[1::2]], weights  # type: ignore[return-value]
@@ -132,6 +134,43 @@ def _check_split_coverage(config: Any, split: str, prefixes: List[str],
                         f"preprocess with --split-sentences (or set model.add_binary_head=false)"
                         if min_sentences > 1 else
                         f"the {name} split of {prefix} has no document with a sentence")
+
+
+def _check_index_memory(config: Any, prefixes: List[str], weights: Optional[List[float]],
+                        num_samples: Sequence[int], seq_length: Optional[int]) -> None:
+    """Refuse, naming train.max_steps, a run whose dataset indices (built up front by mcore for
+    every sample it will draw) would not fit in this machine's memory: an absurd step count
+    otherwise stalls for hours in index building, then fails. Per sample mcore keeps a
+    sample-index row and a shuffle entry (~24 bytes); per epoch of a GPT split, a document
+    index as long as the split (~20 bytes per document while it is built). `seq_length` None:
+    the samples alone (masked-LM datasets index differently)."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    share = [w / sum(weights) for w in weights] if weights else [1.0] * len(prefixes)
+    need = 0.0
+    for i, name in enumerate(s.name for s in Split):
+        n = num_samples[i]
+        bookends = config.split_matrix[i]
+        if n <= 0 or bookends is None:
+            continue
+        need += 24.0 * n * len(prefixes)
+        if seq_length is None:
+            continue
+        for prefix, w in zip(prefixes, share):
+            info = read_index(prefix)
+            seqs = info.num_sequences
+            beg, end = int(round(bookends[0] * seqs)), int(round(bookends[1] * seqs))
+            tokens = int(info.sequence_lengths[beg:end].sum(dtype="int64"))
+            if tokens > 0:
+                epochs = math.ceil((math.ceil(w * n) * seq_length + 1) / tokens)
+                need += 20.0 * epochs * (end - beg)
+    if need > total:
+        raise ConfigError(
+            f"indexing {num_samples[0]} training samples (train.max_steps x "
+            f"train.global_batch_size) over this data needs about {need / 2**30:,.0f} GiB of "
+            f"memory, more than this machine's {total / 2**30:.0f} GiB; lower train.max_steps "
+            f"(or use more data)")
 
 
 class _Builder(BlendedMegatronDatasetBuilder):
@@ -193,6 +232,7 @@ def build_datasets(
     if cfg.type == "mock":
         cls: Any = MockGPTDataset
         config = GPTDatasetConfig(**common, path_to_cache=cfg.path_to_cache)
+        _check_index_memory(config, [""], None, num_samples, None)
     else:
         if cfg.type == "embedded":
             if tokenizer.hf.get_vocab() != embedded_tokenizer().hf.get_vocab():
@@ -212,6 +252,7 @@ def build_datasets(
         config = GPTDatasetConfig(**common, blend=blend, split=cfg.split,
                                   path_to_cache=path_to_cache)
         _check_split_coverage(config, cfg.split, blend[0], num_samples)
+        _check_index_memory(config, blend[0], blend[1], num_samples, seq_length)
     # Do not build the splits nobody asked for (and cannot hang on an empty one).
     for i, n in enumerate(num_samples):
         if n == 0:
@@ -284,6 +325,7 @@ def _masked_lm_datasets(cfg: DataConfig, tokenizer: Tokenizer, model_type: str, 
         config = BERTMaskedWordPieceDatasetConfig(**common, classification_head=binary_head)
     _check_split_coverage(config, cfg.split, blend[0], num_samples,
                           min_sentences=2 if binary_head else 1)
+    _check_index_memory(config, blend[0], blend[1], num_samples, None)
     for i, n in enumerate(num_samples):
         if n == 0:
             config.split_matrix[i] = None

@@ -20,9 +20,9 @@ import tempfile
 import zlib
 from typing import Dict, Iterator, List, Tuple
 
-from filelock import FileLock
-
+from framework.config import ConfigError
 from framework.data.indexed import preprocess
+from framework.locking import file_lock
 from framework.tokenizer import embedded_mlm_tokenizer, embedded_tokenizer
 
 # Bump when the generator changes, so caches of the old corpus are not reused.
@@ -130,8 +130,12 @@ def prepare_embedded(cache_dir: str, num_documents: int, sentences: bool = False
     prefix = os.path.join(final, "arith_text_sentence" if sentences else "arith_text_document")
     if os.path.isfile(prefix + ".idx"):
         return prefix
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    with FileLock(final + ".lock"):
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the data cache directory {os.path.dirname(final)} "
+                          f"({e.strerror or e}); set data.path_to_cache") from None
+    with file_lock(final + ".lock", f"the embedded corpus {name}"):
         if os.path.isfile(prefix + ".idx"):
             return prefix
         tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(final))

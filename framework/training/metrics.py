@@ -80,9 +80,17 @@ class MetricsLogger:
         if logging_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            from framework.security import mask_secrets
+
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # the run's config, as text, masked like every string sent to a tracker
+            self.tb.add_text("config", "```\n" + json.dumps(mask_secrets(config_dict), indent=1,
+                                                             default=str) + "\n```", 0)
 
     def log(self, record: Dict[str, Any]) -> None:
+        from framework.security import mask_secrets
+
+        record = mask_secrets(record)  # strings in a record (none today) never carry secrets
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record.get("step")
@@ -121,16 +129,27 @@ def _start_wandb(cfg, config_dict, run_dir, id_dir):
     mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     import sys
 
-    from framework.security import mask_secrets
+    from framework.security import mask_secrets, mask_text
 
-    # W&B records the command line in its run metadata: hand it a masked one
+    # Everything W&B stores or sends is masked by value: the command line (its run metadata),
+    # the config, and the run name, tags and notes, from the config or from W&B's own
+    # environment variables (which are hidden from it while it starts).
+    env = {k: os.environ.pop(k) for k in ("WANDB_NAME", "WANDB_NOTES", "WANDB_TAGS")
+           if k in os.environ}
+    name = cfg.wandb_name or env.get("WANDB_NAME")
+    notes = cfg.wandb_notes or env.get("WANDB_NOTES")
+    tags = list(cfg.wandb_tags) or [t for t in env.get("WANDB_TAGS", "").split(",") if t]
     argv, sys.argv = sys.argv, [sys.argv[0]] + mask_secrets(sys.argv[1:])
     try:
-        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name,
+        run = wandb.init(project=mask_text(cfg.wandb_project),
+                         name=mask_text(name) if name else None,
+                         notes=mask_text(notes) if notes else None,
+                         tags=[mask_text(t) for t in tags] or None,
                          config=mask_secrets(config_dict), dir=run_dir, mode=mode, id=run_id,
                          resume="allow")
     finally:
         sys.argv = argv
+        os.environ.update(env)
     if id_file:
         os.makedirs(id_dir, exist_ok=True)
         with open(id_file, "w") as f:

@@ -1,0 +1,49 @@
+"""`file_lock(path, what)`: an inter-process file lock that cannot hang.
+
+filelock's `FileLock` retries for ever when the lock file cannot be created in a directory that
+exists (e.g. under /proc, or where the filesystem refuses the file): it takes that for a lock
+held by someone else. Here the wait is in short polls; after a poll that timed out, a lock file
+that does not exist means nobody holds the lock and we cannot create it, which is an error (one
+line, within `poll_s`). A lock that another process really holds is waited for, with one line
+saying so, for at most `wait_s`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Iterator
+
+from framework.config import ConfigError
+
+
+@contextlib.contextmanager
+def file_lock(path: str, what: str, *, poll_s: float = 2.0, wait_s: float = 900.0
+              ) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path)
+    start, told = time.monotonic(), False
+    while True:
+        try:
+            lock.acquire(timeout=poll_s)
+            break
+        except Timeout:
+            if not os.path.exists(path):
+                raise ConfigError(f"cannot take the file lock {path} ({what}): the lock file "
+                                  f"cannot be created in {os.path.dirname(path)}") from None
+            waited = time.monotonic() - start
+            if waited > wait_s:
+                raise ConfigError(f"gave up after {waited:.0f} s waiting for the file lock {path} "
+                                  f"({what}); if no other process is preparing it, delete "
+                                  f"the lock file") from None
+            if not told:
+                print(f"waiting for {path}: another process is preparing {what}", flush=True)
+                told = True
+        except OSError as e:  # no permission, not a directory, read-only filesystem, ...
+            raise ConfigError(f"cannot take the file lock {path} ({what}): "
+                              f"{e.strerror or e}") from None
+    try:
+        yield
+    finally:
+        lock.release()

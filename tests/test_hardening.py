@@ -1,0 +1,368 @@
+"""Issue 27 (input and config half) and issue 22 item 2: each finding reproduced, with the new
+behaviour asserted. Bad input gives one `error:` line naming the field or file, exit 2, before
+any model is built; nothing hangs; secrets never reach a tracker."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from framework.cli import register_resolvers
+from framework.config import Config, ConfigError, register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+register_configs()
+register_resolvers()
+
+
+def load(*overrides) -> Config:
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        d = compose(config_name="train", overrides=list(overrides))
+    return OmegaConf.to_object(d)
+
+
+def config_error(*overrides) -> str:
+    with pytest.raises(Exception) as e:
+        load(*overrides)
+    err = e.value
+    while not isinstance(err, ConfigError) and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    assert isinstance(err, ConfigError), repr(e.value)
+    assert "\n" not in str(err)
+    return str(err)
+
+
+def _script(name, *args, cwd, env=None, timeout=300):
+    full = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(r) -> str:
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(errors) == 1, r.stderr[-2000:]
+    return errors[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. numeric fields: finite, in range, 0 never taken as "unset"
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,field", [
+    ("optimizer.lr=inf", "optimizer.lr"),  # finding: trained, skipped every step, saved
+    ("optimizer.lr=nan", "optimizer.lr"),
+    ("optimizer.min_lr=-inf", "optimizer.min_lr"),
+    ("optimizer.adam_beta1=1.0", "optimizer.adam_beta1"),
+    ("optimizer.adam_beta2=-0.1", "optimizer.adam_beta2"),
+    ("optimizer.adam_eps=0", "optimizer.adam_eps"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
+    ("optimizer.clip_grad=inf", "optimizer.clip_grad"),
+    ("optimizer.sgd_momentum=1.5", "optimizer.sgd_momentum"),
+    ("optimizer.lr_decay_steps=0", "optimizer.lr_decay_steps"),
+    ("optimizer.initial_loss_scale=inf", "optimizer.initial_loss_scale"),
+    ("model.init_method_std=0", "model.init_method_std"),
+    ("model.init_method_std=nan", "model.init_method_std"),
+    ("model.hidden_dropout=1.0", "model.hidden_dropout"),
+    ("model.attention_dropout=-0.1", "model.attention_dropout"),
+    ("model.layernorm_epsilon=0", "model.layernorm_epsilon"),
+    ("model.ffn_hidden_size=0", "model.ffn_hidden_size"),  # finding: taken as unset
+    ("model.vocab_size=0", "model.vocab_size"),  # finding: taken as unset
+    ("model.kv_channels=0", "model.kv_channels"),
+    ("model.max_position_embeddings=0", "model.max_position_embeddings"),
+    ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by"),
+    ("model.hidden_size=3000000000", "model.hidden_size"),
+    ("model.softmax_scale=inf", "model.softmax_scale"),
+    ("train.max_steps=1000000001", "train.max_steps"),  # finding: no upper bound
+    ("train.seed=-1", "train.seed"),
+    ("train.max_minutes=inf", "train.max_minutes"),
+    ("train.profile.steps=[5,2]", "train.profile.steps"),
+    ("parallel.distributed_timeout_minutes=0", "parallel.distributed_timeout_minutes"),
+    ("parallel.recompute_num_layers=0", "parallel.recompute_num_layers"),
+    ("data.num_documents=0", "data.num_documents"),
+    ("data.masking_probability=nan", "data.masking_probability"),
+    ("logging.wandb_mode=sometimes", "logging.wandb_mode"),
+])
+def test_numeric_and_choice_fields_refused_naming_the_field(override, field):
+    assert field in config_error(override)
+
+
+def test_null_still_means_unset():
+    cfg = load("model.ffn_hidden_size=null", "model.vocab_size=null", "model.kv_channels=null")
+    assert cfg.model.ffn == 4 * cfg.model.hidden_size and cfg.model.vocab_size is None
+
+
+def test_lr_inf_train_py_refuses_before_training(tmp_path):
+    r = _script("train.py", "optimizer.lr=inf", "train.max_steps=2", cwd=tmp_path)
+    assert "optimizer.lr=inf" in _one_error_line(r)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. preflight: output directories, locks, model settings, index memory
+# --------------------------------------------------------------------------------------------
+def _prepared(tmp_path, *overrides):
+    """framework.run.prepare on a composed config (the checks train.py runs before launch)."""
+    from framework.run import prepare
+
+    cfg = load(f"checkpoint.dir={tmp_path}/ckpt", *overrides)
+    cfg.run_dir = str(tmp_path / "run")
+    return prepare(cfg)
+
+
+def test_unwritable_checkpoint_dir_is_found_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = [(f"checkpoint.dir={tmp_path}/file/ckpt", "is not a directory"),
+             ("checkpoint.dir=/proc/fw-test/ckpt", "cannot be created in /proc")]
+    os.symlink(tmp_path / "missing", tmp_path / "dangling")
+    cases.append((f"checkpoint.dir={tmp_path}/dangling/ckpt", "symbolic link"))
+    for override, why in cases:
+        with pytest.raises(ConfigError) as e:
+            _prepared(tmp_path, override)
+        assert str(e.value).startswith("checkpoint.dir=") and why in str(e.value), str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "file"]  # the probes left nothing
+
+
+def test_unwritable_cache_dir_is_one_line_not_a_hang(tmp_path):
+    from framework.data.embedded import prepare_embedded
+
+    with pytest.raises(ConfigError, match="data.path_to_cache=/proc"):
+        _prepared(tmp_path, "data.path_to_cache=/proc")
+    # the hang itself: filelock retried for ever on a lock file it could not create
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot take the file lock /proc/"):
+        prepare_embedded("/proc", 10)
+    assert time.monotonic() - start < 30
+
+
+def test_file_lock_held_elsewhere_is_waited_for_then_given_up(tmp_path, capsys):
+    from filelock import FileLock
+
+    from framework.locking import file_lock
+
+    path = str(tmp_path / "x.lock")
+    holder = FileLock(path)
+    holder.acquire()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match="gave up"):
+            with file_lock(path, "a test", poll_s=0.2, wait_s=1.0):
+                pass
+        assert time.monotonic() - start < 10
+        assert "waiting for" in capsys.readouterr().out
+    finally:
+        holder.release()
+    with file_lock(path, "a test", poll_s=0.2):  # free again: taken at once
+        pass
+
+
+def test_preflight_model_checks(tmp_path):
+    with pytest.raises(ConfigError, match="GiB"):
+        _prepared(tmp_path, "model.hidden_size=1048576", "model.num_attention_heads=16")
+    with pytest.raises(ConfigError, match="model.vocab_size=5 is smaller"):
+        _prepared(tmp_path, "model.vocab_size=5")
+    with pytest.raises(ConfigError, match="worker processes"):
+        _prepared(tmp_path, "parallel.tensor_model_parallel_size=64",
+                  "model.num_attention_heads=64", "model.hidden_size=128")
+    assert _prepared(tmp_path) == 1
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "run").exists()
+
+
+def test_absurd_max_steps_refused_before_indexing():
+    """The indices for max_steps x global_batch_size samples are refused when they cannot fit
+    in memory, instead of stalling in mcore's index building."""
+    from framework.config import DataConfig
+    from framework.data import build_datasets
+    from framework.tokenizer import embedded_tokenizer
+
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        build_datasets(DataConfig(type="mock"), embedded_tokenizer(), seq_length=64, seed=1,
+                       num_samples=(10**9 * 32, 0, 0), cache_dir=None)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. secrets masked by value in every tracker
+# --------------------------------------------------------------------------------------------
+SECRET = "s3cr3t-Value-4242"
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    pytest.importorskip("wandb")
+    d = tmp_path_factory.mktemp("tracked")
+    r = _script("train.py", "train.max_steps=2", "train.log_interval=1", "train.eval_interval=0",
+                "train.progress_bar=false", "train.device=cpu", "logging.wandb=true",
+                "logging.tensorboard=true", "logging.wandb_name=${oc.env:MY_API_TOKEN}",
+                "logging.wandb_tags=['run-${oc.env:MY_API_TOKEN}',plain]",
+                "logging.wandb_notes='notes ${oc.env:MY_API_TOKEN}'",
+                f"hydra.run.dir={d}/run", f"checkpoint.dir={d}/ckpt", cwd=d,
+                env={"MY_API_TOKEN": SECRET, "WANDB_MODE": "offline",
+                     "WANDB_NOTES": f"env {SECRET}"}, timeout=900)
+    return d, r
+
+
+@pytest.mark.slow
+def test_secret_run_name_tags_notes_never_written(tracked_run):
+    d, r = tracked_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    found, wandb_files = [], []
+    for path in Path(d).rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if SECRET.encode() in data or SECRET.encode("utf-16-le") in data:
+                found.append(str(path))
+            if path.suffix == ".wandb":
+                wandb_files.append(data)
+    assert not found, found
+    assert wandb_files and any(b"***" in w for w in wandb_files)  # the name was masked, not lost
+    events = list(Path(d).rglob("events.out.tfevents*"))
+    assert events and any(b"optimizer" in e.read_bytes() for e in events)  # config text in TB
+
+
+# --------------------------------------------------------------------------------------------
+# 4. data_tools.preprocess: empty and malformed inputs
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from framework.tokenizer import embedded_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    embedded_tokenizer().save(str(d))
+    return str(d)
+
+
+def _preprocess(capsys, inputs, out, tok, *extra):
+    from data_tools.preprocess import main
+
+    code = main(["--input", *map(str, inputs), "--tokenizer", tok, "--output-prefix", str(out),
+                 *extra])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("eod", [[], ["--append-eod"]])
+def test_preprocess_input_without_text_is_an_error(tmp_path, tok_dir, capsys, eod):
+    """Finding: no documents, or only empty ones, wrote an empty dataset with exit 0."""
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "1+1=2"}\n')
+    cases = {"none.jsonl": "", "empty.jsonl": '{"text": ""}\n{"text": ""}\n',
+             "blank.jsonl": '{"text": "  "}\n\n', "gz.jsonl.gz": None}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is None:
+            path.write_bytes(gzip.compress(b""))
+        else:
+            path.write_text(content)
+        for inputs in ([path], [good, path]):
+            code, err = _preprocess(capsys, inputs, tmp_path / "out" / "c", tok_dir, *eod)
+            assert code == 2 and f"{path}: no text" in err and "\n" not in err, err
+            assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+MALFORMED = {
+    "badjson.jsonl": (b'{"text": "1"}\n{"text": \n', ":2: not valid JSON"),
+    "nokey.jsonl": (b'{"text": "1"}\n{"body": "x"}\n', ":2: no key 'text'"),
+    "nonstring.jsonl": (b'{"text": ["1"]}\n', ":1: 'text' is a list"),
+    "deep.jsonl": (b'{"text": "1", "x": ' + b"[" * 50000 + b"]" * 50000 + b"}\n",
+                   ":1: not valid JSON (nested too deeply)"),
+    "bigint.jsonl": (b'{"text": "1", "n": ' + b"9" * 5000 + b"}\n", ":1: not valid JSON (an integer"),
+    "utf8.jsonl": (b'{"text": "1"}\n{"text": "\xc3\x28"}\n', ":2: not valid UTF-8"),
+    "utf16.jsonl": ('{"text": "1+1=2"}\n'.encode("utf-16"), ":1: not valid UTF-8 (byte 0xff"),
+    "surrogate.jsonl": (b'{"text": "1"}\n{"text": "a\\udc00"}\n', ":2: 'text' holds a lone"),
+    "huge.jsonl": (b'{"text": "1"}\n{"text": "' + b"1" * 300000 + b'"}\n', ":2: line longer"),
+    "notgzip.jsonl.gz": (b'{"text": "1"}\n', ": not a valid gzip file"),
+    "trunc.jsonl.gz": (gzip.compress(b"".join(b'{"text": "%d+%d=%d"}\n' % (i, i, 2 * i)
+                                              for i in range(3000)))[:-40], ": truncated gzip"),
+}
+
+
+def test_preprocess_malformed_inputs_one_line_each(tmp_path, tok_dir, capsys):
+    for name, (data, needle) in MALFORMED.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for workers in ("1", "2"):
+            code, err = _preprocess(capsys, [path], tmp_path / "out" / "c", tok_dir,
+                                    "--max-line-bytes", "200000", "--workers", workers)
+            assert code == 2 and err.startswith("error: ") and "\n" not in err, (name, err)
+            assert f"{path}{needle}" in err, (name, err)
+        assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_preprocess_output_prefix_that_cannot_be_created(tmp_path, tok_dir, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "1+1=2"}\n')
+    (tmp_path / "file").write_text("x")
+    for prefix in (tmp_path / "file" / "c", Path("/proc/fw-test/c"), str(tmp_path) + "/"):
+        code, err = _preprocess(capsys, [good], prefix, tok_dir)
+        assert code == 2 and "--output-prefix" in err and "\n" not in err, err
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Hydra's own errors: one line, exit 2 (issue 22 item 2); sweeps
+# --------------------------------------------------------------------------------------------
+HYDRA_CASES = [
+    ("train.py", ["model=gpt3"], ["model=gpt3", "gpt_tiny", "gpt2_small"], ["model_schema"]),
+    ("train.py", ["train.max_step=10"], ["did you mean train.max_steps?"], ["+train"]),
+    ("train.py", ["optimizer.lr=abc"], ["optimizer.lr=abc", "not a number"], []),
+    ("train.py", ["model=model_schema"], ["is the schema"], []),
+    ("train.py", ["train.max_steps=["], ["cannot parse"], []),
+    ("generate.py", ["parallel=gpt3"], ["parallel=gpt3", "tp2"], ["parallel_schema"]),
+    ("generate.py", ["max_new_token=3"], ["did you mean max_new_tokens?"], []),
+]
+
+
+def test_hydra_errors_are_one_line_exit_2(tmp_path):
+    def go(case):
+        script, args, _, _ = case
+        return _script(script, *args, "hydra.run.dir=" + str(tmp_path / "r"), cwd=tmp_path)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(go, HYDRA_CASES))
+    for (script, args, want, never), r in zip(HYDRA_CASES, results):
+        line = _one_error_line(r)
+        assert r.stderr.strip() == line, (args, r.stderr)
+        for w in want:
+            assert w in line, (args, line)
+        for n in never:
+            assert n not in line, (args, line)
+    full = _script("train.py", "model=gpt3", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "model_schema" in full.stderr
+
+
+def test_sweep_records_failed_jobs_and_goes_on(tmp_path):
+    r = _script("train.py", "-m", "optimizer.lr=inf,nan", f"hydra.sweep.dir={tmp_path}/sw",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for job, value in (("0", "inf"), ("1", "nan")):
+        status = json.loads((tmp_path / "sw" / job / "job_status.json").read_text())
+        assert status["status"] == "failed" and f"optimizer.lr={value}" in status["error"]
+    assert "2 of 2 jobs did not complete" in r.stderr
+    # a value Hydra cannot compose: refused before any job runs, in one line
+    r = _script("train.py", "-m", "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={tmp_path}/sw2",
+                cwd=tmp_path)
+    assert "optimizer.lr=abc" in _one_error_line(r)
+    assert not (tmp_path / "sw2" / "0").exists()
+
+
+@pytest.mark.gpu
+def test_preflight_memory_check_on_gpu():
+    """The memory lower bound reads the GPU's size: a model that cannot fit is refused, the
+    default one passes."""
+    from framework.training.resilience import check_model, device_memory_bytes
+
+    have, where = device_memory_bytes("cuda", 1)
+    assert have > 2**30 and where.startswith("of ")
+    check_model(load("train.device=cuda"), 1000, "cuda")
+    with pytest.raises(ConfigError, match="GiB"):
+        check_model(load("train.device=cuda", "model.hidden_size=262144",
+                         "model.num_attention_heads=16", "model.num_layers=8"), 1000, "cuda")
