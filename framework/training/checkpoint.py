@@ -9,6 +9,8 @@ Layout of `checkpoint.dir`:
 A save writes into `iter_X.tmp-<pid>`, fsyncs, renames it to `iter_X`, and only then replaces the
 tracker through a temp file. A kill at any point leaves the previous checkpoint as the latest.
 Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
+Reading (tracker, framework.json, the dist checkpoint) happens in `checkpoint_reader`, the one
+safe path every reader shares.
 """
 from __future__ import annotations
 
