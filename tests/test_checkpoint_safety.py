@@ -472,3 +472,22 @@ def test_every_checkpoint_read_goes_through_the_reader():
 def test_checkpoint_error_is_one_line():
     e = CheckpointError("a\nb\rc")
     assert "\n" not in str(e) and "\r" not in str(e) and isinstance(e, ConfigError)
+
+
+def test_resume_from_a_checkpoint_saved_before_any_step(trained, tmp_path):
+    """train.max_steps=0 saves a checkpoint before Adam has moments; resuming it used to end in
+    a KeyError traceback. Now the optimizer starts fresh (exactly its state at step 0): the
+    resumed first step has the loss of the fixture's uninterrupted first step (same config,
+    weights, data and RNG)."""
+    from framework.run import run
+
+    def losses(run_dir):
+        recs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+        return [r["loss"] for r in recs if "loss" in r and "step" in r]
+
+    run(_compose(*TINY, "train.max_steps=0", f"checkpoint.dir={tmp_path}/b",
+                 f"run_dir={tmp_path}/rb0"))
+    run(_compose(*TINY, "train.max_steps=1", "checkpoint.save=false",
+                 f"checkpoint.dir={tmp_path}/b", f"run_dir={tmp_path}/rb"))
+    uninterrupted = losses(trained[0].parent / "run")
+    assert len(uninterrupted) == 1 and losses(tmp_path / "rb") == uninterrupted

@@ -251,9 +251,18 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
         template.pop("rng_state")
     if not with_optimizer:
         template.pop("rng_state", None)
+    fresh_optimizer = with_optimizer and optimizer is not None and \
+        not _optimizer_state_stored(template, path)
+    if fresh_optimizer:
+        # saved before the optimizer's first step (train.max_steps=0, or every step skipped):
+        # Adam's moments did not exist yet, and a fresh optimizer is exactly that state
+        template.pop("optimizer")
+        if _rank() == 0:
+            print(f"note: {path} holds no optimizer state (saved before the first optimizer "
+                  f"step); the optimizer starts fresh", flush=True)
     state = read_dist(path, "load", template, allow_symlinks=allow_symlinks)
     try:
-        _apply_state(state, model, optimizer, scheduler, with_optimizer)
+        _apply_state(state, model, optimizer, scheduler, with_optimizer, fresh_optimizer)
     except Exception as e:  # plain data that is not what we stored (a tampered common.pt)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path}: the stored state does not fit the model and optimizer "
@@ -262,18 +271,34 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
     return meta
 
 
-def _apply_state(state: Dict[str, Any], model, optimizer, scheduler,
-                 with_optimizer: bool) -> None:
+def _optimizer_state_stored(template: Dict[str, Any], path: str) -> bool:
+    """Does the checkpoint hold any of the optimizer tensors the template asks for?"""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from framework.training.checkpoint_reader import read_dcp_metadata
+
+    keys = [v.key for v in nested_values(template.get("optimizer") or {})
+            if isinstance(v, ShardedTensor)]
+    if not keys:
+        return True
+    stored = read_dcp_metadata(path).state_dict_metadata
+    return any(k in stored for k in keys)
+
+
+def _apply_state(state: Dict[str, Any], model, optimizer, scheduler, with_optimizer: bool,
+                 fresh_optimizer: bool = False) -> None:
     from framework.models import unwrap
 
     for i, m in enumerate(model):
         unwrap(m).load_state_dict(state[_model_key(i, len(model))], strict=True)
-    if not with_optimizer and optimizer is not None:
+    if (not with_optimizer or fresh_optimizer) and optimizer is not None:
         # mixed-precision optimizers copied their fp32 main params from the model when built;
         # without this their first step would write the old (random) weights back
         optimizer.reload_model_params()
     if with_optimizer and optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if not fresh_optimizer:
+            optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
     if "rng_state" in state and state["rng_state"] is not None:

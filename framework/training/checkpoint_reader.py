@@ -347,8 +347,8 @@ def check_shapes(path: str, template: Dict[str, Any], md) -> None:
         parts = wrong[:3] + ([f"{len(missing)} tensors missing, e.g. {missing[0]}"]
                              if missing else [])
         more = f" (+{len(wrong) - 3} more shape mismatches)" if len(wrong) > 3 else ""
-        raise CheckpointError(f"{path} does not hold the model described by its {META} and the "
-                              f"config: " + "; ".join(parts) + more)
+        raise CheckpointError(f"{path} does not hold the model (and optimizer) described by "
+                              f"its {META} and the config: " + "; ".join(parts) + more)
 
 
 def read_dist(path: str, op: str, template: Optional[Dict[str, Any]] = None, *,
