@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the contents of a non-empty --save directory")
         sp.add_argument("--print-checkpoint-structure", action="store_true",
                         help="print tensor names, shapes and dtypes of input (and output)")
+        sp.add_argument("--allow-symlinks", action="store_true",
+                        help="follow symlinks inside an input checkpoint (refused by default: "
+                             "a checkpoint must be a closed tree)")
 
     h = sub.add_parser("hf-to-megatron", help="HF model directory -> our checkpoint")
     common(h)
@@ -206,16 +209,18 @@ def print_hf_structure(hf_dir: str, allow_pickle: bool) -> None:
         print(f"  {name:70s} {str(list(shape)):22s} {dtype}")
 
 
-def print_megatron_structure(path: str) -> None:
+def print_megatron_structure(path: str, allow_symlinks: bool = False) -> None:
     from framework.interop.megatron_files import describe, resolve_checkpoint
+    from framework.training.checkpoint_reader import read_dist
 
-    _root, it, iter_path, meta = resolve_checkpoint(path)
-    tensors, objects = describe(iter_path)
+    _root, it, iter_path, meta = resolve_checkpoint(path, allow_symlinks=allow_symlinks)
+    tensors, objects = describe(iter_path, allow_symlinks=allow_symlinks)
+    common = read_dist(iter_path, "common", allow_symlinks=allow_symlinks)
     model = meta.get("config", {}).get("model", {})
     print(f"== megatron checkpoint {iter_path} (iteration {it}, consumed_samples "
           f"{meta.get('consumed_samples')}, saved at layout {meta.get('layout')}, model "
           f"{model.get('name')}/{model.get('type')}, {len(tensors)} tensors, "
-          f"{len(objects)} objects)")
+          f"{len(objects)} objects; common state: {', '.join(sorted(map(str, common)))})")
     for key, shape, dtype in tensors:
         print(f"  {key:70s} {str(list(shape)):22s} {dtype}")
     for key in objects:
@@ -305,7 +310,8 @@ def megatron_to_hf(args) -> None:
     from framework.training.checkpoint import load_checkpoint
 
     max_shard = parse_size(args.max_shard_size)
-    root, it, iter_path, meta = resolve_checkpoint(args.load)
+    links = args.allow_symlinks
+    root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
     model_cfg = model_config_from_meta(meta, iter_path)
     source = meta.get("hf_source") or {}
     fam = interop.family_for_model(model_cfg, source.get("model_type"))
@@ -314,7 +320,8 @@ def megatron_to_hf(args) -> None:
     tokenizer = _load_tokenizer(tok_path) if tok_path else None
     vocab = _export_vocab_size(model_cfg, tokenizer)
     names = interop.vocab_tensor_names(model_cfg)
-    stored = {key: (shape, dt) for key, shape, dt in describe(iter_path)[0]}
+    stored = {key: (shape, dt)
+              for key, shape, dt in describe(iter_path, allow_symlinks=links)[0]}
     found = [n for n in names if n in stored]
     if not found:
         raise InputError(f"{iter_path}: no vocabulary tensor ({', '.join(names)}) stored")
@@ -333,7 +340,7 @@ def megatron_to_hf(args) -> None:
         chunks = build_model(model_cfg, ParallelConfig(), vocab_size=padded, bf16=False,
                              fp16=False, device=torch.device("cpu"), wrap_ddp=False)
         load_checkpoint(root, chunks, None, None, model_cfg=model_cfg, iteration=it,
-                        with_optimizer=False)
+                        with_optimizer=False, allow_symlinks=links)
         state = unwrap(chunks[0]).state_dict()
         tensors = interop.hf_state_dict_from_megatron(state, model_cfg, vocab_size=vocab,
                                                       dtype=dtype,
@@ -358,13 +365,15 @@ MODEL_SPACE_OPTIMIZER_FORMATS = (None, "fully_sharded_model_space", "fully_resha
 def reshape(args) -> None:
     from framework import interop
     from framework.config import Config, ParallelConfig
-    from framework.interop.megatron_files import (is_vocab_key, load_full,
-                                                  model_config_from_meta, resize_vocab_rows,
+    from framework.interop.megatron_files import (check_model_shapes, describe, is_vocab_key,
+                                                  load_full, model_config_from_meta,
+                                                  resize_vocab_rows,
                                                   resolve_checkpoint, write_checkpoint)
     from framework.models import padded_vocab_size
     from framework.training.checkpoint import package_versions
 
-    _root, it, iter_path, meta = resolve_checkpoint(args.load)
+    links = args.allow_symlinks
+    _root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
     model_cfg = model_config_from_meta(meta, iter_path)
     if args.make_vocab_size_divisible_by is not None:
         if args.make_vocab_size_divisible_by < 1:
@@ -387,10 +396,17 @@ def reshape(args) -> None:
         vocab = _load_tokenizer(saved_tok).vocab_size
     names = interop.vocab_tensor_names(model_cfg)
     padded = padded_vocab_size(vocab, model_cfg.make_vocab_size_divisible_by, tp)
+    stored_rows = {key: shape[0] for key, shape, _dt in describe(iter_path,
+                                                                  allow_symlinks=links)[0]}
+    found = [n for n in names if n in stored_rows]
+    if not found:
+        raise InputError(f"{iter_path}: no vocabulary tensor ({', '.join(names)}) stored")
     if args.save is None:
         return
     with staging_dir(args.save) as tmp, single_process_world():
-        common, tensors, objects = load_full(iter_path)
+        # framework.json must describe the stored tensors, or the output would not load
+        check_model_shapes(iter_path, model_cfg, stored_rows[found[0]], allow_symlinks=links)
+        common, tensors, objects = load_full(iter_path, allow_symlinks=links)
         opt_format = (common.get("optimizer") or {}).get("param_state_sharding_type") \
             if isinstance(common.get("optimizer"), dict) else None
         if args.with_optimizer and opt_format not in MODEL_SPACE_OPTIMIZER_FORMATS:
@@ -440,7 +456,7 @@ def run(args) -> None:
         if hf_input:
             print_hf_structure(args.load, args.allow_pickle)
         else:
-            print_megatron_structure(args.load)
+            print_megatron_structure(args.load, args.allow_symlinks)
     COMMANDS[args.command](args)
     if args.print_checkpoint_structure and args.save is not None:
         if args.command == "megatron-to-hf":

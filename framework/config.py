@@ -644,6 +644,9 @@ class CheckpointConfig:
     allow_pickle: bool = False  # let load_hf read pytorch_model.bin (weights_only) files
     save: bool = True
     keep_last: Optional[int] = None  # keep only the newest N committed checkpoints; None = all
+    # follow symlinks inside checkpoints read (dir, load); refused by default: a checkpoint is a
+    # closed tree, so a link cannot make the run read files from elsewhere
+    allow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         check_numbers(self, "checkpoint.")

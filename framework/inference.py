@@ -43,6 +43,8 @@ class GenerateConfig(GenerationOptions):
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # None -> the checkpoint's TP/PP (DP 1); else e.g. parallel=tp2 (DP = parallel's or 1)
     parallel: Optional[ParallelConfig] = None
+    # follow symlinks inside the checkpoint (refused by default: a checkpoint is a closed tree)
+    allow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,11 +68,10 @@ def register_generate_config() -> None:
 # --------------------------------------------------------------------------------------------
 # what a checkpoint says
 # --------------------------------------------------------------------------------------------
-def model_config_from_meta(meta: Dict[str, Any]) -> ModelConfig:
-    stored = meta.get("config", {}).get("model")
-    _require(isinstance(stored, dict), "the checkpoint's framework.json has no config.model")
-    known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in stored.items() if k in known})
+def model_config_from_meta(meta: Dict[str, Any], where: str = "the checkpoint") -> ModelConfig:
+    from framework.training.checkpoint_reader import stored_model_config
+
+    return stored_model_config(meta, where)
 
 
 def inference_parallel(meta: Dict[str, Any], override: Optional[ParallelConfig]
@@ -131,9 +132,12 @@ def load_tokenizer(tok_cfg: TokenizerConfig, load_dir: str, iteration: int,
 
 def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
                        padded_vocab: int, device: torch.device, bf16: bool,
-                       iteration: Optional[int] = None) -> List[torch.nn.Module]:
+                       iteration: Optional[int] = None,
+                       allow_symlinks: bool = False) -> List[torch.nn.Module]:
     """Build this rank's chunks (no DDP, SP and recompute off) and load the checkpoint's weights.
-    Needs megatron's parallel state initialised for `parallel_cfg`."""
+    Needs megatron's parallel state initialised for `parallel_cfg`. The checkpoint is read
+    safely (`framework.training.checkpoint_reader`): no pickled code runs, and a damaged or
+    mismatching checkpoint raises a one-line CheckpointError (a ConfigError)."""
     from framework.models import build_model
     from framework.training.checkpoint import load_checkpoint
 
@@ -144,7 +148,7 @@ def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: Para
     model = build_model(model_cfg, p, vocab_size=padded_vocab, bf16=bf16, fp16=False,
                         device=device, wrap_ddp=False)
     load_checkpoint(load_dir, model, None, None, model_cfg=model_cfg, iteration=iteration,
-                    with_optimizer=False)
+                    with_optimizer=False, allow_symlinks=allow_symlinks)
     for m in model:
         m.eval()
     return model
@@ -182,14 +186,16 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     from framework.training import checkpoint as ckpt
 
     _require(cfg.load is not None, "load=<checkpoint dir> is required")
-    it = cfg.iteration if cfg.iteration is not None else ckpt.latest_iteration(cfg.load)
+    links = cfg.allow_symlinks
+    it = cfg.iteration if cfg.iteration is not None else \
+        ckpt.latest_iteration(cfg.load, allow_symlinks=links)
     _require(it is not None, f"load={cfg.load} has no committed checkpoint (no "
                              f"{ckpt.TRACKER}); train one first (python train.py) or pass "
                              f"load=<checkpoint dir>")
     _require(os.path.isfile(os.path.join(ckpt.iter_dir(cfg.load, it), ckpt.META)),
              f"load={cfg.load} iteration={it}: {ckpt.iter_dir(cfg.load, it)} is missing")
-    meta = ckpt.read_meta(cfg.load, it)
-    model_cfg = model_config_from_meta(meta)
+    meta = ckpt.read_meta(cfg.load, it, allow_symlinks=links)
+    model_cfg = model_config_from_meta(meta, ckpt.iter_dir(cfg.load, it))
     _require(model_cfg.type == "gpt",
              f"load={cfg.load} holds a model.type={model_cfg.type} model; generation supports "
              f"GPT (causal LM) checkpoints only")
@@ -286,7 +292,7 @@ def generate_worker(job: GenerateJob) -> None:
             torch.device("cpu")
         model = load_for_inference(job.load, job.model, job.parallel,
                                    padded_vocab=job.padded_vocab, device=device, bf16=job.bf16,
-                                   iteration=job.iteration)
+                                   iteration=job.iteration, allow_symlinks=job.cfg.allow_symlinks)
         if rank == 0:
             print(f"loaded {job.load} (iteration {job.iteration}) at TP="
                   f"{job.parallel.tensor_model_parallel_size} PP="

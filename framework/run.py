@@ -258,14 +258,15 @@ def worker(cfg: Config) -> None:
     try:
         set_seeds(cfg.train.seed, device, cuda_graph=cfg.model.cuda_graph)
         rank = dist.get_rank()
-        resume_it = ckpt.latest_iteration(cfg.checkpoint.dir)
+        links = cfg.checkpoint.allow_symlinks
+        resume_it = ckpt.latest_iteration(cfg.checkpoint.dir, allow_symlinks=links)
         load_dir = cfg.checkpoint.dir if resume_it is not None else cfg.checkpoint.load
         if load_dir and resume_it is None:
-            if ckpt.latest_iteration(load_dir) is None:
+            if ckpt.latest_iteration(load_dir, allow_symlinks=links) is None:
                 _no_checkpoint(load_dir)
         tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
                                        cfg.checkpoint.load_hf if resume_it is None else None,
-                                       model_type=cfg.model.type)
+                                       model_type=cfg.model.type, allow_symlinks=links)
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_model_parallel_size)
@@ -308,7 +309,8 @@ def worker(cfg: Config) -> None:
         state = TrainState()
         if load_dir:
             meta = ckpt.load_checkpoint(load_dir, model, optimizer, scheduler,
-                                        model_cfg=cfg.model, with_optimizer=resume_it is not None)
+                                        model_cfg=cfg.model, with_optimizer=resume_it is not None,
+                                        allow_symlinks=links)
             if resume_it is not None:
                 state = TrainState(step=meta["iteration"],
                                    consumed_samples=meta["consumed_samples"],

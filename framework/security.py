@@ -5,7 +5,9 @@ secrets never written to disk, and no paths from checkpoint metadata that leave 
   `torch.load` runs with `weights_only=True` (mcore's `common.pt` and torch DCP's byte items, which
   torch itself reads with `weights_only=False`), and DCP's `.metadata` file (a plain pickle) is read
   by an unpickler that only admits the metadata classes torch writes there. Storage paths named
-  in `.metadata` must stay inside the checkpoint directory.
+  in `.metadata` must stay inside the checkpoint directory. Damaged files raise
+  `CheckpointError` (one line) instead of torch's tracebacks. Only
+  `framework.training.checkpoint_reader.read_dist` enters it: every checkpoint read goes there.
 * `check_plugin_targets(cfg)` refuses `_target_` anywhere except the documented plugin points
   (`PLUGIN_POINTS`), and there only for the allowed module prefixes.
 * `mask_secrets(obj)` replaces the values of secret-looking keys (`*_token`, `*_key`,
@@ -212,9 +214,16 @@ def _config_error():
     return ConfigError
 
 
-class UnsafeCheckpointError(_config_error()):
-    """A checkpoint file holds something other than tensors and plain data (an input error:
-    train.py/generate.py report it in one line and exit 2)."""
+class CheckpointError(_config_error()):
+    """A checkpoint that cannot be read as it is (damaged, tampered, not a closed tree): an input
+    error, which train.py, generate.py and data_tools.convert report in one line, exit 2."""
+
+    def __init__(self, msg: str) -> None:  # one line, whatever a file name holds
+        super().__init__(str(msg).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds something other than tensors and plain data."""
 
 
 # what torch's DCP FileSystemWriter pickles into `.metadata` (torch 2.4 - 2.13)
@@ -247,11 +256,28 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _restricted_pickle_load(file, **_kw):
-    meta = _MetadataUnpickler(file).load()
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    name = getattr(file, "name", None) or "checkpoint .metadata"
+    try:
+        meta = _MetadataUnpickler(file).load()
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{name}: {e}") from None
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError, RecursionError) as e:  # damaged bytes
+        raise CheckpointError(f"{name} is not readable DCP metadata, damaged or truncated "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(meta, Metadata):
+        raise CheckpointError(f"{name} holds a {type(meta).__name__}, not DCP metadata")
     for info in (getattr(meta, "storage_data", None) or {}).values():
         rel = getattr(info, "relative_path", None)
         if rel is not None:
-            safe_relpath(rel, "checkpoint .metadata storage path")
+            try:
+                safe_relpath(rel, f"{name} storage path")
+            except _config_error() as e:
+                raise CheckpointError(str(e)) from None
     return meta
 
 
@@ -297,17 +323,24 @@ def safe_checkpoint_load():
 
     def weights_only_load(f, *args, **kwargs):
         kwargs["weights_only"] = True
+        name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else (
+            getattr(f, "name", None) or "a record in a .distcp file")
         try:
             return real_load(f, *args, **kwargs)
         except pickle.UnpicklingError as e:
-            name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else (
-                getattr(f, "name", None) or "a checkpoint file")
             lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-            why = next((l for l in lines if "Unsupported global" in l or "Unpickler error" in l),
-                       lines[0] if lines else "")
+            code = next((l for l in lines if "GLOBAL" in l or "Unsupported global" in l), None)
+            if code is None:  # not a refused class: damaged bytes
+                why = next((l for l in lines if "Unsupported operand" in l),
+                           lines[-1] if lines else "")
+                raise CheckpointError(f"{name} is damaged or truncated (not a readable torch "
+                                      f"file: {why[:200]})") from None
             raise UnsafeCheckpointError(
                 f"{name}: refused to load (it holds objects other than tensors and plain "
-                f"data, which could run code when unpickled; {why[:200]})") from None
+                f"data, which could run code when unpickled; {code[:200]})") from None
+        except (RuntimeError, EOFError, ValueError) as e:  # zip / storage errors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{name} cannot be read ({first[:200]})") from None
 
     import warnings
 

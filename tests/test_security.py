@@ -63,6 +63,7 @@ def test_malicious_common_pt_refused_by_train_resume(seed_ckpt, tmp_path):
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "refused" in last and "common.pt" in last, last
+    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-3000:]
     assert not marker.exists()
 
 
@@ -72,8 +73,10 @@ def test_malicious_dcp_metadata_refused_by_generate(seed_ckpt, tmp_path):
     with open(ck / "iter_0000000" / ".metadata", "wb") as f:
         pickle.dump(Payload(marker), f)
     r = _script("generate.py", tmp_path, f"load={ck}", "device=cpu")
-    assert r.returncode != 0
-    assert "refusing to unpickle" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "refusing to unpickle" in errors[0] and ".metadata" in errors[0], errors[0]
     assert not marker.exists()
 
 

@@ -12,31 +12,32 @@ import json
 import os
 import re
 import shutil
-from dataclasses import fields
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from framework.config import ConfigError, ModelConfig
+from framework.config import ModelConfig
 from framework.interop import InteropError
 from framework.training import checkpoint as ckpt
+from framework.training import checkpoint_reader as reader
 
 RNG_KEY = "rng_state"
 
 
-def resolve_checkpoint(path: str) -> Tuple[str, int, str, Dict[str, Any]]:
+def resolve_checkpoint(path: str, *, allow_symlinks: bool = False
+                       ) -> Tuple[str, int, str, Dict[str, Any]]:
     """`path` is a checkpoint directory (with the tracker) or one `iter_XXXXXXX` inside it.
-    Returns (checkpoint dir, iteration, iteration dir, metadata)."""
+    Returns (checkpoint dir, iteration, iteration dir, metadata), all checked by
+    `checkpoint_reader` (closed tree, tracker, framework.json)."""
     if not os.path.isdir(path):
         raise InteropError(f"{path} is not a directory")
-    if os.path.isfile(os.path.join(path, ckpt.TRACKER)):
-        it = ckpt.latest_iteration(path)
-        return path, it, ckpt.iter_dir(path, it), ckpt.read_meta(path, it)
-    meta_path = os.path.join(path, ckpt.META)
-    m = re.fullmatch(r"iter_(\d+)", os.path.basename(os.path.normpath(path)))
-    if os.path.isfile(meta_path) and m:
-        with open(meta_path) as f:
-            meta = json.load(f)
+    if os.path.lexists(os.path.join(path, ckpt.TRACKER)):
+        it = ckpt.latest_iteration(path, allow_symlinks=allow_symlinks)
+        return (path, it, ckpt.iter_dir(path, it),
+                ckpt.read_meta(path, it, allow_symlinks=allow_symlinks))
+    m = re.fullmatch(r"iter_([0-9]+)", os.path.basename(os.path.normpath(path)))
+    if os.path.isfile(os.path.join(path, ckpt.META)) and m:
+        meta = reader.read_iter_meta(path, int(m.group(1)), allow_symlinks=allow_symlinks)
         root = os.path.dirname(os.path.normpath(path))
         return root, int(m.group(1)), path, meta
     raise InteropError(f"{path} is not one of our checkpoints (no {ckpt.TRACKER}, and not an "
@@ -44,54 +45,56 @@ def resolve_checkpoint(path: str) -> Tuple[str, int, str, Dict[str, Any]]:
 
 
 def model_config_from_meta(meta: Dict[str, Any], where: str) -> ModelConfig:
-    stored = meta.get("config", {}).get("model")
-    if not isinstance(stored, dict):
-        raise InteropError(f"{where}: {ckpt.META} has no config.model")
-    known = {f.name for f in fields(ModelConfig)}
-    try:
-        return ModelConfig(**{k: v for k, v in stored.items() if k in known})
-    except (ConfigError, TypeError) as e:
-        raise InteropError(f"{where}: config.model is not valid ({e})") from None
+    return reader.stored_model_config(meta, where)
 
 
-def sharded_metadata(iter_path: str) -> Dict[str, Any]:
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    try:
-        return load_sharded_metadata(iter_path)
-    except Exception as e:  # mcore raises CheckpointingException / FileNotFoundError / ...
-        raise InteropError(f"{iter_path}: cannot read the dist checkpoint metadata "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                           ) from None
+def sharded_metadata(iter_path: str, *, allow_symlinks: bool = False) -> Dict[str, Any]:
+    return reader.read_dist(iter_path, "sharded_metadata", allow_symlinks=allow_symlinks)
 
 
-def describe(iter_path: str) -> Tuple[List[Tuple[str, tuple, str]], List[str]]:
+def describe(iter_path: str, *, allow_symlinks: bool = False
+             ) -> Tuple[List[Tuple[str, tuple, str]], List[str]]:
     """([(tensor key, global shape, dtype)], [object keys]) of a checkpoint, sorted."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    md = sharded_metadata(iter_path)
+    md = sharded_metadata(iter_path, allow_symlinks=allow_symlinks)
     tensors = sorted((v.key, tuple(v.global_shape), str(v.dtype).replace("torch.", ""))
                      for v in md.values() if isinstance(v, ShardedTensor))
     objects = sorted({v.key for v in md.values() if not isinstance(v, ShardedTensor)})
     return tensors, objects
 
 
-def load_full(iter_path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
+def load_full(iter_path: str, *, allow_symlinks: bool = False
+              ) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
     """(common state, {key: full tensor}, {object unique key: (ShardedObject, value)}).
 
     Per-rank RNG states are left out: they belong to the layout that wrote them."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    md = sharded_metadata(iter_path)
+    md = sharded_metadata(iter_path, allow_symlinks=allow_symlinks)
     template = {k: v for k, v in md.items()
                 if isinstance(v, ShardedTensor) or v.key != RNG_KEY}
-    with ckpt._cpu_safe():
-        loaded = dist_checkpointing.load(dict(template), iter_path)
-        common = dist_checkpointing.load_common_state_dict(iter_path)
+    loaded = reader.read_dist(iter_path, "load", dict(template), allow_symlinks=allow_symlinks)
+    common = reader.read_dist(iter_path, "common", allow_symlinks=allow_symlinks)
     tensors = {k: loaded[k] for k, v in template.items() if isinstance(v, ShardedTensor)}
     objects = {k: (v, loaded[k]) for k, v in template.items() if not isinstance(v, ShardedTensor)}
     return common, tensors, objects
+
+
+def check_model_shapes(iter_path: str, model_cfg: ModelConfig, vocab_rows: int, *,
+                       allow_symlinks: bool = False) -> None:
+    """The stored tensors are those of the model that framework.json describes: the model is
+    built at TP1/PP1 on the meta device (no memory, no init cost) and every tensor's global
+    shape compared. Needs a one-process megatron parallel state."""
+    from framework.config import ParallelConfig
+    from framework.models import build_model
+
+    with torch.device("meta"):
+        chunks = build_model(model_cfg, ParallelConfig(), vocab_size=vocab_rows, bf16=False,
+                             fp16=False, device=torch.device("meta"), wrap_ddp=False)
+    template = ckpt._sharded_state(chunks, None, with_optimizer=False, is_loading=True)
+    template.pop(RNG_KEY, None)
+    reader.check_shapes(iter_path, template, reader.read_dcp_metadata(iter_path))
 
 
 def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],

@@ -9,10 +9,11 @@ Layout of `checkpoint.dir`:
 A save writes into `iter_X.tmp-<pid>`, fsyncs, renames it to `iter_X`, and only then replaces the
 tracker through a temp file. A kill at any point leaves the previous checkpoint as the latest.
 Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
+Reading (tracker, framework.json, the dist checkpoint) happens in `checkpoint_reader`, the one
+safe path every reader shares.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -26,42 +27,14 @@ import torch.distributed as dist
 
 from framework.config import ConfigError, ModelConfig
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from framework.training.checkpoint_reader import (  # noqa: F401  (re-exported)
+    META, TRACKER, CheckpointError, cpu_safe, iter_dir, latest_iteration, read_dist, read_meta)
+
+_cpu_safe = cpu_safe  # the save path and interop use it too
 
 
 class CheckpointSaveError(ConfigError):
     """A save failed (e.g. disk full); reported as one line, the previous checkpoint intact."""
-
-META = "framework.json"
-
-
-def iter_dir(ckpt_dir: str, iteration: int) -> str:
-    return os.path.join(ckpt_dir, f"iter_{iteration:07d}")
-
-
-def latest_iteration(ckpt_dir: Optional[str]) -> Optional[int]:
-    """The committed iteration named by the tracker, or None when there is none."""
-    if not ckpt_dir:
-        return None
-    path = os.path.join(ckpt_dir, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise ConfigError(f"{path}: tracker does not hold an iteration number ({text[:40]!r})")
-    it = int(text)
-    if not os.path.isfile(os.path.join(iter_dir(ckpt_dir, it), META)):
-        raise ConfigError(f"{path} names iteration {it}, but {iter_dir(ckpt_dir, it)} is missing "
-                          f"or incomplete")
-    return it
-
-
-def read_meta(ckpt_dir: str, iteration: Optional[int] = None) -> Dict[str, Any]:
-    it = latest_iteration(ckpt_dir) if iteration is None else iteration
-    if it is None:
-        raise ConfigError(f"{ckpt_dir}: no committed checkpoint (no {TRACKER})")
-    with open(os.path.join(iter_dir(ckpt_dir, it), META)) as f:
-        return json.load(f)
 
 
 ARCH_FIELDS = ("type", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -147,24 +120,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _cpu_safe():
-    """Let mcore's torch_dist save/load run on a CPU-only torch build.
-
-    mcore 0.16's dist_checkpointing puts two small status tensors on
-    `torch.cuda.current_device()` and calls `torch.cuda.synchronize()` after host copies, which
-    raise without CUDA. For the duration of the call those two functions point at the CPU. On a
-    machine with CUDA nothing is changed.
-    """
-    if torch.cuda.is_available():
-        yield
-        return
-    from framework.patching import patched
-
-    with patched(torch.cuda, synchronize=lambda *a, **k: None, current_device=lambda: "cpu"):
-        yield
 
 
 _RESULTS_MANAGER: list = []  # the writer-results manager started here (a reference keeps it up)
@@ -275,16 +230,19 @@ def _write_tracker(ckpt_dir: str, iteration: int) -> None:
 
 
 def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: ModelConfig,
-                    iteration: Optional[int] = None, with_optimizer: bool = True
-                    ) -> Dict[str, Any]:
-    """Load model (and optimizer, scheduler, RNG) state. Returns the stored metadata."""
-    from megatron.core import dist_checkpointing
+                    iteration: Optional[int] = None, with_optimizer: bool = True,
+                    allow_symlinks: bool = False) -> Dict[str, Any]:
+    """Load model (and optimizer, scheduler, RNG) state. Returns the stored metadata.
 
-    it = latest_iteration(ckpt_dir) if iteration is None else iteration
+    Reads through `checkpoint_reader` (no pickled code runs; a damaged, tampered or
+    mismatching checkpoint is one CheckpointError line); symlinks inside the checkpoint are
+    refused unless `allow_symlinks`."""
+    it = latest_iteration(ckpt_dir, allow_symlinks=allow_symlinks) if iteration is None \
+        else iteration
     if it is None:
         raise ConfigError(f"checkpoint directory {ckpt_dir} has no committed checkpoint "
                           f"(no {TRACKER})")
-    meta = read_meta(ckpt_dir, it)
+    meta = read_meta(ckpt_dir, it, allow_symlinks=allow_symlinks)
     check_compatible(meta, model_cfg, iter_dir(ckpt_dir, it))
     path = iter_dir(ckpt_dir, it)
     template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
@@ -293,26 +251,58 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
         template.pop("rng_state")
     if not with_optimizer:
         template.pop("rng_state", None)
-    from framework.security import safe_checkpoint_load
+    fresh_optimizer = with_optimizer and optimizer is not None and \
+        not _optimizer_state_stored(template, path)
+    if fresh_optimizer:
+        # saved before the optimizer's first step (train.max_steps=0, or every step skipped):
+        # Adam's moments did not exist yet, and a fresh optimizer is exactly that state
+        template.pop("optimizer")
+        if _rank() == 0:
+            print(f"note: {path} holds no optimizer state (saved before the first optimizer "
+                  f"step); the optimizer starts fresh", flush=True)
+    state = read_dist(path, "load", template, allow_symlinks=allow_symlinks)
+    try:
+        _apply_state(state, model, optimizer, scheduler, with_optimizer, fresh_optimizer)
+    except Exception as e:  # plain data that is not what we stored (a tampered common.pt)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: the stored state does not fit the model and optimizer "
+                              f"({type(e).__name__}: {first})") from e
+    meta["restored_rng"] = "rng_state" in state
+    return meta
 
-    with _cpu_safe(), safe_checkpoint_load():  # no pickle from checkpoint files
-        state = dist_checkpointing.load(template, path)
+
+def _optimizer_state_stored(template: Dict[str, Any], path: str) -> bool:
+    """Does the checkpoint hold any of the optimizer tensors the template asks for?"""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from framework.training.checkpoint_reader import read_dcp_metadata
+
+    keys = [v.key for v in nested_values(template.get("optimizer") or {})
+            if isinstance(v, ShardedTensor)]
+    if not keys:
+        return True
+    stored = read_dcp_metadata(path).state_dict_metadata
+    return any(k in stored for k in keys)
+
+
+def _apply_state(state: Dict[str, Any], model, optimizer, scheduler, with_optimizer: bool,
+                 fresh_optimizer: bool = False) -> None:
     from framework.models import unwrap
 
     for i, m in enumerate(model):
         unwrap(m).load_state_dict(state[_model_key(i, len(model))], strict=True)
-    if not with_optimizer and optimizer is not None:
+    if (not with_optimizer or fresh_optimizer) and optimizer is not None:
         # mixed-precision optimizers copied their fp32 main params from the model when built;
         # without this their first step would write the old (random) weights back
         optimizer.reload_model_params()
     if with_optimizer and optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if not fresh_optimizer:
+            optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
     if "rng_state" in state and state["rng_state"] is not None:
         _set_rng_state(state["rng_state"])
-    meta["restored_rng"] = "rng_state" in state
-    return meta
 
 
 def current_layout() -> Dict[str, int]:

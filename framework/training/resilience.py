@@ -418,17 +418,20 @@ def preflight(cfg, device: str = "cpu") -> None:
     from framework.training.data import load_run_tokenizer
 
     c = cfg.checkpoint
-    resume_it = ckpt.latest_iteration(c.dir)  # a bad tracker in checkpoint.dir is an error
+    links = c.allow_symlinks
+    # a bad tracker, a damaged framework.json or a symlink in the checkpoint is an error here
+    resume_it = ckpt.latest_iteration(c.dir, allow_symlinks=links)
     load_dir = c.dir if resume_it is not None else c.load
     if load_dir:
-        if ckpt.latest_iteration(load_dir) is None:
+        it = ckpt.latest_iteration(load_dir, allow_symlinks=links)
+        if it is None:
             raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
                               f"(no {load_dir}/{ckpt.TRACKER})")
-        it = ckpt.latest_iteration(load_dir)
-        ckpt.check_compatible(ckpt.read_meta(load_dir, it), cfg.model, ckpt.iter_dir(load_dir, it))
+        ckpt.check_compatible(ckpt.read_meta(load_dir, it, allow_symlinks=links), cfg.model,
+                              ckpt.iter_dir(load_dir, it))
     tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
                                    c.load_hf if resume_it is None else None,
-                                   model_type=cfg.model.type)
+                                   model_type=cfg.model.type, allow_symlinks=links)
     if cfg.model.type in ("bert", "t5"):  # a missing [MASK]/[CLS]/sentinel: one line, here
         from framework.data import masked_lm_tokenizer
 
