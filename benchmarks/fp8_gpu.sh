@@ -24,7 +24,7 @@ mkdir -p "$out"
 case $stage in
   tests)
     python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py 2>&1 | tee -a "$out/fp8_$stage.log"
-    cp tests/gpu_results/parity.log "$out/fp8_parity.log" 2>/dev/null
+    cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
     ao=$(python3 -c "import torchao" 2>/dev/null && echo --torchao)
     python3 benchmarks/fp8_linear.py --model gpt2_xl --tokens 16384 $ao 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;

@@ -28,17 +28,17 @@ def shared_once(key, build):
 
 
 def log_parity(line: str) -> None:
-    """Print a result line and append it to tests/gpu_results/parity.log (kept by
+    """Print a result line and append it to results/gpu/parity.log (kept by
     tests/run_gpu_suite.sh)."""
     print(line)
-    os.makedirs(os.path.join(ROOT, "tests", "gpu_results"), exist_ok=True)
-    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
+    os.makedirs(os.path.join(ROOT, "results", "gpu"), exist_ok=True)
+    with open(os.path.join(ROOT, "results", "gpu", "parity.log"), "a") as f:
         f.write(line + "\n")
 
 
 def compare(ref, got, rtol, label):
     """Per-step losses of a layout against the reference: max relative difference <= rtol, and
-    the reference learns. The line also goes to tests/gpu_results/parity.log."""
+    the reference learns. The line also goes to results/gpu/parity.log."""
     steps = sorted(ref)
     assert sorted(got) == steps
     worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in steps)

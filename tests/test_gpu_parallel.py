@@ -4,7 +4,7 @@ Each case runs the real entry point (`python train.py ...`) on gpt_tiny with the
 logging every step, and compares the per-step losses in metrics.jsonl with a single-GPU run of
 the same config. fp32 cases must agree to 2e-3 relative per step; the bf16 case to 3e-2
 (bf16 reduction order differs between layouts). The results are written to
-tests/gpu_results/ by tests/run_gpu_suite.sh.
+results/gpu/ by tests/run_gpu_suite.sh.
 """
 import json
 import os
@@ -158,6 +158,6 @@ def test_save_at_tp2_pp2_then_resume(tmp_path):
     assert sorted(resumed) == list(range(16, STEPS + 1))
     diffs = [abs(resumed[s] - full[s]) for s in resumed]
     line = f"tp2_pp2 resume at 15: steps 16-{STEPS} max abs diff {max(diffs):.3e}"
-    with open(os.path.join(ROOT, "tests", "gpu_results", "parity.log"), "a") as f:
+    with open(os.path.join(ROOT, "results", "gpu", "parity.log"), "a") as f:
         f.write(line + "\n")
     assert max(diffs) < 1e-5, line
