@@ -31,6 +31,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from framework.fast.alibi import alibi_bias
+
 _GRAPHS: Dict[Tuple, tuple] = {}
 _HANDLES: Dict[int, int] = {}
 _BIAS: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -214,8 +216,6 @@ def alibi_bias_1hss(slopes: torch.Tensor, s: int, dtype: torch.dtype) -> torch.T
     rest), cached per slopes tensor (by address: no device-to-host read of its values), length
     and dtype, so all layers sharing the slopes share one copy. The cache keeps the slopes
     tensor alive, so its address is not reused for other values."""
-    from framework.models.attention_variants import alibi_bias  # (imports this module)
-
     key = (slopes.data_ptr(), slopes.numel(), s, dtype, slopes.device)
     if key not in _BIAS:
         # the reference bias with 0 above the diagonal, where the causal band masks instead

@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from framework.errors import ConfigError
+
 # Chunk size target: one chunk's logits, in the compute dtype, take at most this many bytes.
 # On CUDA (compiled kernels) that and the chunk's logit gradient, also in the compute dtype, is
 # all that is materialised: no fp32 copy. (H200, GPT-2 vocab, 8192 tokens, bf16: fwd+bwd
@@ -314,8 +316,6 @@ def _fused_ce_gpt_model():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            from framework.config import ConfigError
-
             c = self.config
             bad = [name for name, on in (
                 ("multi-token prediction (mtp_num_layers)",

@@ -6,6 +6,7 @@ a Python loop with one kernel per tensor, and an l2 norm that converts every per
 Python float (one host-device synchronisation per parameter tensor, 436 per step for gpt2-large).
 These versions launch a handful of multi-tensor kernels and never synchronise. The main-to-model
 param copy after each step, a Python loop of per-tensor copies for bf16, becomes one foreach copy.
+`framework.mcore_patches.install_foreach_optimizer_kernels` puts them in mcore's optimizer.
 """
 from __future__ import annotations
 
@@ -53,25 +54,6 @@ def foreach_copy_this_to_that(this: List[torch.Tensor], that: List[torch.Tensor]
     step) without its bf16 fallback of one Python-level copy per tensor (437 for gpt2-large)."""
     if this:
         torch._foreach_copy_(that, this)
-
-
-def install() -> bool:
-    """Point megatron-core's optimizer modules at these kernels when it fell back to its local,
-    per-tensor loops (no apex, no TE). Returns True when installed."""
-    from megatron.core import utils as mutils
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer import optimizer as moptim
-
-    if clip_grads.multi_tensor_applier is not mutils.local_multi_tensor_applier and \
-            clip_grads.multi_tensor_applier is not foreach_multi_tensor_applier:
-        return False  # apex or TE kernels are in use: keep them
-    clip_grads.multi_tensor_applier = foreach_multi_tensor_applier
-    clip_grads.l2_norm_impl = foreach_l2norm
-    clip_grads.multi_tensor_scale_impl = foreach_scale
-    moptim.multi_tensor_applier = foreach_multi_tensor_applier
-    moptim.multi_tensor_scale_impl = foreach_scale
-    moptim._multi_tensor_copy_this_to_that = foreach_copy_this_to_that
-    return True
 
 
 def fuse_adam(optimizer) -> int:

@@ -7,9 +7,9 @@ kernel reads x and the angles and writes the rotated x; backward is the same ker
 the transpose. cos/sin are computed in fp32 in registers (mcore rounds them to the activation
 dtype first, so results differ by bf16 rounding).
 
-`install_fused_rope()` plugs `fused_rope` in where mcore looks for TE's fused kernel
-(`rope_utils.fused_apply_rotary_pos_emb`, used when `config.apply_rope_fusion`); `build_model`
-calls it for `model.rope_fusion` on GPU. Layout: t [s, b, n, d] (any strides with a unit last
+`framework.mcore_patches.install_fused_rope()` plugs `fused_rope` in where mcore looks for TE's
+fused kernel (`rope_utils.fused_apply_rotary_pos_emb`, used when `config.apply_rope_fusion`);
+`build_model` calls it for `model.rope_fusion` on GPU. Layout: t [s, b, n, d] (any strides with a unit last
 stride), freqs [s, 1, 1, rot_dim] (rot_dim <= d, the rest of d passes through), non-interleaved
 halves. Other cases (interleaved, CPU, other freqs shapes) take mcore's unfused function.
 """
@@ -108,12 +108,3 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
 
         return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
     return _FusedRope.apply(t, freqs)
-
-
-def install_fused_rope() -> None:
-    """Make `fused_rope` megatron-core's fused RoPE when Transformer Engine's is absent, so
-    `TransformerConfig(apply_rope_fusion=True)` validates and uses it; idempotent."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = fused_rope

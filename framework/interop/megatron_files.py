@@ -16,10 +16,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from framework.config import ModelConfig
-from framework.interop import InteropError
-from framework.training import checkpoint as ckpt
-from framework.training import checkpoint_reader as reader
+from framework.checkpoint import reader
+from framework.checkpoint.commit import commit, stage
+from framework.checkpoint.state import sharded_state
+from framework.config import ModelConfig, ParallelConfig
+from framework.errors import InteropError
+from framework.models.build import build_model
 
 RNG_KEY = "rng_state"
 
@@ -28,20 +30,20 @@ def resolve_checkpoint(path: str, *, allow_symlinks: bool = False
                        ) -> Tuple[str, int, str, Dict[str, Any]]:
     """`path` is a checkpoint directory (with the tracker) or one `iter_XXXXXXX` inside it.
     Returns (checkpoint dir, iteration, iteration dir, metadata), all checked by
-    `checkpoint_reader` (closed tree, tracker, framework.json)."""
+    `framework.checkpoint.reader` (closed tree, tracker, framework.json)."""
     if not os.path.isdir(path):
         raise InteropError(f"{path} is not a directory")
-    if os.path.lexists(os.path.join(path, ckpt.TRACKER)):
-        it = ckpt.latest_iteration(path, allow_symlinks=allow_symlinks)
-        return (path, it, ckpt.iter_dir(path, it),
-                ckpt.read_meta(path, it, allow_symlinks=allow_symlinks))
+    if os.path.lexists(os.path.join(path, reader.TRACKER)):
+        it = reader.latest_iteration(path, allow_symlinks=allow_symlinks)
+        return (path, it, reader.iter_dir(path, it),
+                reader.read_meta(path, it, allow_symlinks=allow_symlinks))
     m = re.fullmatch(r"iter_([0-9]+)", os.path.basename(os.path.normpath(path)))
-    if os.path.isfile(os.path.join(path, ckpt.META)) and m:
+    if os.path.isfile(os.path.join(path, reader.META)) and m:
         meta = reader.read_iter_meta(path, int(m.group(1)), allow_symlinks=allow_symlinks)
         root = os.path.dirname(os.path.normpath(path))
         return root, int(m.group(1)), path, meta
-    raise InteropError(f"{path} is not one of our checkpoints (no {ckpt.TRACKER}, and not an "
-                       f"iter_XXXXXXX directory with {ckpt.META})")
+    raise InteropError(f"{path} is not one of our checkpoints (no {reader.TRACKER}, and not an "
+                       f"iter_XXXXXXX directory with {reader.META})")
 
 
 def model_config_from_meta(meta: Dict[str, Any], where: str) -> ModelConfig:
@@ -86,13 +88,10 @@ def check_model_shapes(iter_path: str, model_cfg: ModelConfig, vocab_rows: int, 
     """The stored tensors are those of the model that framework.json describes: the model is
     built at TP1/PP1 on the meta device (no memory, no init cost) and every tensor's global
     shape compared. Needs a one-process megatron parallel state."""
-    from framework.config import ParallelConfig
-    from framework.models import build_model
-
     with torch.device("meta"):
         chunks = build_model(model_cfg, ParallelConfig(), vocab_size=vocab_rows, bf16=False,
                              fp16=False, device=torch.device("meta"), wrap_ddp=False)
-    template = ckpt._sharded_state(chunks, None, with_optimizer=False, is_loading=True)
+    template = sharded_state(chunks, None, with_optimizer=False, is_loading=True)
     template.pop(RNG_KEY, None)
     reader.check_shapes(iter_path, template, reader.read_dcp_metadata(iter_path))
 
@@ -102,17 +101,13 @@ def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],
                      meta: Dict[str, Any], tokenizer_dir: Optional[str] = None) -> str:
     """Write unsharded tensors (+ objects, common state) as a committed checkpoint.
 
-    Same commit protocol as `save_checkpoint`: write `iter_X.tmp`, fsync, rename, then the
-    tracker. Must run in a single-process torch.distributed world.
+    The commit protocol of every checkpoint writer (`framework.checkpoint.commit`). Must run in
+    a single-process torch.distributed world.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    final = ckpt.iter_dir(ckpt_dir, iteration)
-    tmp = f"{final}.tmp"
-    os.makedirs(ckpt_dir, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = stage(ckpt_dir, iteration)
     sd = dict(common)
     # Where a tensor sits in the nested dict does not matter to the file: loading matches by
     # ShardedTensor key. They go under one top-level entry that load_checkpoint ignores.
@@ -122,19 +117,13 @@ def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],
     sd["whole_objects"] = {
         k: ShardedObject(o.key, value, o.global_shape, o.global_offset, replica_id=0)
         for k, (o, value) in objects.items()}
-    with ckpt._cpu_safe():
+    with reader.cpu_safe():
         dist_checkpointing.save(sd, tmp)
-    with open(os.path.join(tmp, ckpt.META), "w") as f:
+    with open(os.path.join(tmp, reader.META), "w") as f:
         json.dump(meta, f, indent=1, default=str)
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
-    ckpt._fsync_tree(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    ckpt._fsync_dir(ckpt_dir)
-    ckpt._write_tracker(ckpt_dir, iteration)
-    return final
+    return commit(tmp, ckpt_dir, iteration)
 
 
 def resize_vocab_rows(t: torch.Tensor, rows: int, vocab_size: int, key: str) -> torch.Tensor:

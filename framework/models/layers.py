@@ -1,47 +1,83 @@
-"""Layers megatron-core 0.16 lacks without Transformer Engine or apex.
+"""The layers our model families share, for megatron-core 0.16 without Transformer Engine or apex.
+Shapes follow mcore: activations are [s, b, h] and q/k/v are [s, b, n, d].
 
+Attention
 * `SDPAttention`: a core attention on `torch.nn.functional.scaled_dot_product_attention`
   (flash / cuDNN / memory-efficient backends on GPU, the math path on CPU). It implements
   megatron-core's `CoreAttention` protocol (megatron/core/transformer/attention.py), so it plugs
   into a layer spec's `core_attention` slot. With `alibi=True` it adds ALiBi biases
-  (framework/models/attention_variants.py): in training and prefill as extra q/k head dims that
-  SDPA's fused causal kernels carry (`alibi_kernel="augmented"`, the GPU default) or through
-  FlexAttention (`"flex"`); with padding masks, a KV cache or on CPU (by default) as a dense SDPA
-  bias.
-* `MLPOutputLinear` and `fix_checkpoint_without_output`: selective recompute of "mlp" (with
-  biased linears) and of "layernorm" (without TE), which megatron-core 0.16 alone cannot run.
+  (framework/fast/alibi.py): in training and prefill as extra q/k head dims that SDPA's fused
+  causal kernels carry (`alibi_kernel="augmented"`), through cuDNN's own ALiBi mask (`"cudnn"`,
+  framework/fast/cudnn_attention.py) or FlexAttention (`"flex"`); with padding masks, a KV cache
+  or on CPU (by default) as a dense SDPA bias.
+* `SelfAttention`: MQA/GQA with fewer KV groups than TP ranks. mcore replicates each KV head over
+  tp/groups ranks by all-gathering the fused QKV output (`Attention.get_query_key_value_tensors`);
+  that all-gather allocates on CUDA. This keeps mcore's path on GPU and takes an equivalent
+  torch.distributed path on CPU, whose backward all-reduces, so the gradient of a replicated KV
+  head is the sum over the ranks that use it (`GatherLastDim`).
+* `RotaryEmbeddingOnDevice`: mcore's `RotaryEmbedding.get_emb` moves its inverse frequencies to
+  `torch.cuda.current_device()` on the first forward whenever they live on the CPU
+  (megatron/core/models/common/embeddings/rotary_pos_embedding.py). This leaves them where the
+  model was built (mcore already creates them on the GPU when `use_cpu_initialization` is off),
+  so RoPE also runs on CPU (`keep_rotary_on_device`).
+
+Linears
+* `MLPOutputLinear`: selective recompute of "mlp" with biased linears, which megatron-core 0.16
+  alone cannot run.
+* `BiasAddLinear`: the QKV projection's bias add as one Triton kernel (framework/fast/bias.py).
 * `Fp8Linear` and its four classes: mcore's column- / row-parallel linears with FP8 GEMMs in
   training (`train.fp8`, framework/fast/fp8.py).
+
+MLP
+* `ActRecomputeMLP`: selective recompute of a dense MLP's activation ("mlp_act" in
+  `parallel.recompute_modules`). linear_fc2 keeps its input, the activation output
+  act(fc1 output + bias), [s, b, ffn/TP], for its weight gradient. With "mlp_act" that tensor's
+  memory is freed after the forward and refilled right before fc2's backward by recomputing the
+  activation from fc1's output (kept anyway), at the cost of one elementwise kernel per layer. It
+  is megatron-core's "moe_act" mechanism (`tensor_parallel.CheckpointWithoutOutput`,
+  transformer/moe/experts.py) applied to the dense MLP, which mcore 0.16 offers no such option
+  for. mcore's TransformerConfig rejects module names it does not know, so
+  `framework.models.transformer.transformer_config` removes "mlp_act" from the list mcore sees and
+  sets `ExtendedTransformerConfig.recompute_mlp_act` instead, which `ActRecomputeMLP` reads the
+  way mcore's modules read `recompute_modules`.
+
+Norms
 * `Norm`: LayerNorm / RMSNorm that works with sequence parallelism. mcore's `WrappedTorchNorm`
   refuses `sequence_parallel=True`; this one marks its parameters `sequence_parallel` so that
-  `finalize_model_grads` all-reduces their grads over the TP group.
+  `finalize_model_grads` all-reduces their grads over the TP group. `FusedNorm` runs the Triton
+  kernels of framework/fast/norm.py in training.
 
-Both keep the shape conventions of mcore: activations are [s, b, h] and q/k/v are [s, b, n, d].
+The megatron-core module globals we replace are in framework/mcore_patches.py.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.attention import SelfAttention as _McoreSelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from framework.fast.alibi import (alibi_augment, alibi_augment_supported, alibi_bias,
+                                  alibi_q_columns, alibi_slopes_for_rank, flex_alibi,
+                                  flex_supported)
 from framework.fast.bias import bias_add
 from framework.fast.cudnn_attention import (CudnnUnavailable, cudnn_causal_attention,
                                             supported as cudnn_supported)
 from framework.fast.fp8 import fp8_linear, shapes_supported
 from framework.fast.norm import fused_norm, supported as fused_norm_supported
-from framework.models.attention_variants import (alibi_augment, alibi_augment_supported,
-                                                 alibi_bias, alibi_q_columns,
-                                                 alibi_slopes_for_rank, flex_alibi,
-                                                 flex_supported, tp_rank_and_size)
 
 
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
 class SDPAttention(MegatronModule):
     """Core attention through `F.scaled_dot_product_attention`.
 
@@ -257,6 +293,90 @@ def _repeat_groups(t: torch.Tensor, rep: int) -> torch.Tensor:
     return t[:, :, None].expand(b, g, rep, s, d).reshape(b, g * rep, s, d)
 
 
+class GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim; backward sums the gradient over ranks and keeps this rank's
+    slice (a reduce-scatter built from all-reduce, which gloo supports)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
+
+
+class SelfAttention(_McoreSelfAttention):
+    """mcore SelfAttention; with num_query_groups < tp off the GPU, QKV is assembled through
+    torch.distributed (mcore's all-gather allocates on CUDA). Same layout as mcore: the fused
+    output is interleaved per group [q.. k v | q.. k v | ...]; rank r uses group r // (tp/g) and
+    query heads [r*n/tp, (r+1)*n/tp)."""
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
+                                    output_gate=False, split_qkv=True):
+        groups, tp = self.config.num_query_groups, self.world_size
+        if groups >= tp or hidden_states.is_cuda or output_gate or not split_qkv:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states,
+                                                       output_gate=output_gate,
+                                                       split_qkv=split_qkv)
+        mixed, _ = self.linear_qkv(hidden_states)
+        full = GatherLastDim.apply(mixed, self.tp_group)
+        rank = self.tp_group.rank()
+        ranks_per_group = tp // groups
+        size = full.shape[-1] // groups
+        g = rank // ranks_per_group
+        blob = full[..., g * size:(g + 1) * size]
+        hn = self.hidden_size_per_attention_head
+        q_per_group = self.config.num_attention_heads // groups
+        query, key, value = torch.split(blob, [q_per_group * hn, hn, hn], dim=-1)
+        s, b = blob.shape[0], blob.shape[1]
+        query = query.reshape(s, b, q_per_group, hn)
+        n = q_per_group // ranks_per_group
+        j = rank % ranks_per_group
+        query = query[:, :, j * n:(j + 1) * n, :]
+        key, value = key.reshape(s, b, 1, hn), value.reshape(s, b, 1, hn)
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return query, key, value
+
+
+def tp_rank_and_size(pg_collection=None) -> Tuple[int, int]:
+    if pg_collection is not None and hasattr(pg_collection, "tp"):
+        return pg_collection.tp.rank(), pg_collection.tp.size()
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+class RotaryEmbeddingOnDevice(RotaryEmbedding):
+    """mcore's RotaryEmbedding without the move of `inv_freq` to CUDA in `get_emb`: the
+    frequencies stay on the device the model was built on."""
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        if self.rotary_interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).reshape(freqs.shape[0], -1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb[:, None, None, :]
+
+
+def keep_rotary_on_device(model: torch.nn.Module) -> None:
+    """Make a GPTModel's RotaryEmbedding device-agnostic (see module docstring)."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is not None and type(rope) is RotaryEmbedding:
+        rope.__class__ = RotaryEmbeddingOnDevice
+
+
+# --------------------------------------------------------------------------------------------
+# linears
+# --------------------------------------------------------------------------------------------
 class MLPOutputLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's RowParallelLinear as an MLP's linear_fc2, safe under selective recompute of
     "mlp" with biased linears.
@@ -346,64 +466,72 @@ class Fp8MLPOutputLinear(Fp8Linear, MLPOutputLinear):
     fp8_mode = "row"
 
 
-def fix_checkpoint_without_output() -> None:
-    """Make megatron-core's selective recompute of "layernorm" run without Transformer Engine
-    (`build_model` calls it).
+# --------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------
+class _ActivationStep:
+    """Stands in for an MLP in mcore's `MLP.forward` so that only its activation step runs:
+    linear_fc1 hands over the given fc1 output and bias, linear_fc2 returns its input. mcore's own
+    dispatch (fused bias-GeLU / GeGLU / SwiGLU, GLU, plain activation) thus picks the kernels, as
+    in the forward without recompute."""
 
-    mcore 0.16's TransformerLayer builds `tensor_parallel.CheckpointWithoutOutput()` for it, whose
-    default fp8=False is read as "fp8 on" (`self.fp8 = fp8 is not None`), so its forward calls
-    TE's FP8GlobalStateManager, a name that only exists when TE is installed (a GPU run without
-    TE stopped with NameError). Without TE, the class is replaced by a subclass that passes
-    fp8=None unless fp8 is really requested; everything else is mcore's. Idempotent; nothing
-    changes when TE is installed."""
-    from megatron.core import tensor_parallel
-    from megatron.core.tensor_parallel import random as tp_random
-
-    base = tensor_parallel.CheckpointWithoutOutput
-    if tp_random.HAVE_TE or getattr(base, "fp8_none_unless_requested", False):
-        return
-
-    class CheckpointWithoutOutputNoTE(base):
-        fp8_none_unless_requested = True
-
-        def __init__(self, fp8=None):
-            super().__init__(fp8=fp8 or None)
-
-    tensor_parallel.CheckpointWithoutOutput = CheckpointWithoutOutputNoTE
+    def __init__(self, mlp: MLP, bias):
+        self.config = mlp.config
+        self.activation_func = mlp.activation_func
+        self.linear_fc1 = lambda x: (x, bias)
+        self.linear_fc2 = lambda y: (y, None)
 
 
-class AddmmWgrad:
-    """Stands in for apex's `fused_weight_gradient_mlp_cuda` in megatron-core's linear layers
-    (`gradient_accumulation_fusion`): main_grad += grad_output^T @ input, accumulated in fp32
-    straight from the bf16/fp16 GEMM (torch.addmm with out_dtype), with no bf16 weight gradient
-    and no separate add."""
+class ActRecomputeMLP(MLP):
+    """megatron-core's MLP that, with `config.recompute_mlp_act`, in training with grad enabled,
+    does not keep its activation output (see the module docstring). Otherwise it is mcore's MLP
+    unchanged (same parameters, same state dict).
 
-    @staticmethod
-    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
-                              main_grad: torch.Tensor) -> None:
-        if total_input.dtype == torch.float32:
-            main_grad.addmm_(grad_output.t(), total_input)
-        else:
-            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32,
-                        out=main_grad)
+    A layer spec names the class itself, not a ModuleSpec: mcore 0.16's TransformerLayer passes
+    `tp_group` only to a ModuleSpec of exactly `MLP` and logs "Unknown MLP type" for any other
+    (once per layer). So the class takes the TP group the layer's default process groups hold
+    (megatron's global one, as for every layer we build), and its linears default to ours."""
 
-    @staticmethod
-    def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
-                              main_grad: torch.Tensor) -> None:
-        main_grad.addmm_(grad_output.t(), total_input)
+    def __init__(self, config, submodules: Optional[MLPSubmodules] = None, **kwargs):
+        if submodules is None:
+            fp8 = getattr(config, "fp8_gemm", None)
+            submodules = MLPSubmodules(
+                linear_fc1=Fp8ColumnParallelLinear if fp8 else tensor_parallel.ColumnParallelLinear,
+                linear_fc2=Fp8MLPOutputLinear if fp8 else MLPOutputLinear)
+        kwargs.setdefault("ffn_hidden_size", config.ffn_hidden_size)
+        kwargs.setdefault("tp_group",
+                          parallel_state.get_tensor_model_parallel_group(check_initialized=False))
+        super().__init__(config, submodules, **kwargs)
+        # (framework.mcore_patches makes mcore's CheckpointWithoutOutput usable without TE;
+        # build_model installs it before any layer is built)
+        self.recompute_act = bool(getattr(config, "recompute_mlp_act", False))
+
+    def _activation(self, fc1_output, bias):
+        return MLP.forward(_ActivationStep(self, bias), fc1_output)[0]
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if not (self.recompute_act and self.training and torch.is_grad_enabled()
+                and per_token_scale is None):
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        return self._forward_recompute_act(hidden_states)
+
+    # eager also inside a torch.compile'd layer (model.torch_compile): CheckpointWithoutOutput
+    # works by side effects on real tensors (the activation's storage resized to 0, a hook on
+    # fc2's output), kept out of dynamo's tracing; mcore's jit-fused activations still compile
+    @torch.compiler.disable
+    def _forward_recompute_act(self, hidden_states):
+        fc1_output, bias = self.linear_fc1(hidden_states)
+        ckpt = tensor_parallel.CheckpointWithoutOutput()
+        act = ckpt.checkpoint(self._activation, fc1_output, bias)
+        output, output_bias = self.linear_fc2(act)
+        # frees act's storage; refilled by a hook when the gradient reaches fc2's output
+        ckpt.discard_output_and_register_recompute(output)
+        return output, output_bias
 
 
-def install_fused_wgrad() -> None:
-    """Let megatron-core's `gradient_accumulation_fusion` run without apex, through
-    `AddmmWgrad` (`build_model` calls it for `model.fused_wgrad` on GPU). Keeps apex's kernel
-    when it is installed; idempotent."""
-    from megatron.core.tensor_parallel import layers as tp_layers
-
-    if not tp_layers._grad_accum_fusion_available:
-        tp_layers.fused_weight_gradient_mlp_cuda = AddmmWgrad
-        tp_layers._grad_accum_fusion_available = True
-
-
+# --------------------------------------------------------------------------------------------
+# norms
+# --------------------------------------------------------------------------------------------
 class Norm(torch.nn.Module):
     """LayerNorm or RMSNorm (per `config.normalization`) that supports sequence parallelism.
 

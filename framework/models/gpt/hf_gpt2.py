@@ -14,14 +14,13 @@ mask buffers (`attn.bias`, `attn.masked_bias`) of older files are ignored.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import torch
+from framework.errors import InteropError
+from framework.models.hf_rules import Rule, qkv_rows_to_hf, qkv_rows_to_ours, transpose
 
-from framework.config import ModelConfig
-from framework.interop import InteropError
-from framework.interop.rules import Rule, transpose
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
 
 HF_MODEL_TYPE = "gpt2"
 MODEL_TYPE = "gpt"  # our ModelConfig.type
@@ -42,8 +41,8 @@ _NAMES = {(12, 768): "gpt2_small", (24, 1024): "gpt2_medium", (36, 1280): "gpt2_
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
-def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConfig:
-    """HF GPT2Config (as a dict) -> ModelConfig. `overrides` replace fields afterwards."""
+def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """HF GPT2Config (as a dict) -> our ModelConfig fields."""
     bad = []
     act = hf.get("activation_function", "gelu_new")
     if act not in _ACT_IN:
@@ -62,7 +61,7 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
         n_pos, vocab = int(hf["n_positions"]), int(hf["vocab_size"])
     except (KeyError, TypeError, ValueError) as e:
         raise InteropError(f"gpt2 config lacks a valid {e}") from None
-    cfg = ModelConfig(
+    return dict(
         name=_NAMES.get((n_layer, n_embd), "gpt2_hf"),
         type=MODEL_TYPE,
         num_layers=n_layer,
@@ -82,7 +81,6 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", True)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
     )
-    return replace(cfg, **overrides) if overrides else cfg
 
 
 def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
@@ -144,39 +142,12 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
 # --------------------------------------------------------------------------------------------
 # tensors
 # --------------------------------------------------------------------------------------------
-def _heads(cfg: ModelConfig):
-    heads = cfg.num_attention_heads
-    groups = cfg.num_query_groups or heads
-    dim = cfg.kv_channels or cfg.hidden_size // heads
-    return heads, groups, dim
-
-
-def _qkv_rows_to_ours(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """[q; k; v] rows -> per group [q heads of the group, k, v] rows (weights or biases)."""
-    heads, groups, dim = _heads(cfg)
-    rest = tuple(t.shape[1:])
-    q, k, v = t.split([heads * dim, groups * dim, groups * dim], dim=0)
-    per = heads // groups
-    q = q.reshape((groups, per * dim) + rest)
-    k = k.reshape((groups, dim) + rest)
-    v = v.reshape((groups, dim) + rest)
-    return torch.cat([q, k, v], dim=1).reshape((-1,) + rest)
-
-
-def _qkv_rows_to_hf(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    heads, groups, dim = _heads(cfg)
-    rest = tuple(t.shape[1:])
-    per = heads // groups
-    q, k, v = t.reshape((groups, (per + 2) * dim) + rest).split([per * dim, dim, dim], dim=1)
-    return torch.cat([x.reshape((-1,) + rest) for x in (q, k, v)], dim=0)
-
-
 def _qkv_w_to_ours(t, cfg):
-    return _qkv_rows_to_ours(t.t(), cfg)
+    return qkv_rows_to_ours(t.t(), cfg)
 
 
 def _qkv_w_to_hf(t, cfg):
-    return _qkv_rows_to_hf(t, cfg).t()
+    return qkv_rows_to_hf(t, cfg).t()
 
 
 def rules(cfg: ModelConfig) -> List[Rule]:
@@ -189,7 +160,7 @@ def rules(cfg: ModelConfig) -> List[Rule]:
         Rule(L + "self_attention.linear_qkv.weight", H + "attn.c_attn.weight",
              _qkv_w_to_ours, _qkv_w_to_hf),
         Rule(L + "self_attention.linear_qkv.bias", H + "attn.c_attn.bias",
-             _qkv_rows_to_ours, _qkv_rows_to_hf),
+             qkv_rows_to_ours, qkv_rows_to_hf),
         Rule(L + "self_attention.linear_proj.weight", H + "attn.c_proj.weight",
              transpose, transpose),
         Rule(L + "self_attention.linear_proj.bias", H + "attn.c_proj.bias"),

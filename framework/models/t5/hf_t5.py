@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
-from framework.config import ModelConfig
-from framework.interop import InteropError
-from framework.interop.rules import Rule
+from framework.errors import InteropError
+from framework.models.hf_rules import Rule
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
 
 HF_MODEL_TYPE = "t5"
 MODEL_TYPE = "t5"
@@ -65,7 +67,8 @@ def _tied(hf: Dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
-def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConfig:
+def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """HF T5Config (as a dict) -> our ModelConfig fields."""
     bad = []
     proj = hf.get("feed_forward_proj", "relu")
     if proj not in _ACT_IN:
@@ -83,7 +86,7 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
         raise InteropError(f"t5 config lacks a valid {e}") from None
     seq = int(hf.get("n_positions") or 512)
     dropout = float(hf.get("dropout_rate", 0.1))
-    cfg = ModelConfig(
+    return dict(
         name="t5_hf",
         type=MODEL_TYPE,
         num_layers=dec,
@@ -109,10 +112,9 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
         scale_decoder_output=_scale_decoder_outputs(hf),
         lm_head_bias=False,
     )
-    return replace(cfg, **overrides) if overrides else cfg
 
 
-def resolve_with_tensors(cfg: ModelConfig, names) -> ModelConfig:
+def resolve_with_tensors(cfg: "ModelConfig", names) -> "ModelConfig":
     """T5 v1.1 / mT5 (no output scaling): the LM head is untied iff the files have an
     lm_head.weight (transformers 5 unties it then, whatever tie_word_embeddings says). T5 v1.0
     (scaled) is always tied; an lm_head.weight there is a copy of shared.weight."""

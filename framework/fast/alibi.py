@@ -1,22 +1,15 @@
-"""Position encodings and attention layouts on top of megatron-core 0.16.
+"""ALiBi (Press et al., "Train Short, Test Long"): no position table; each head h adds
+`slope_h * (k_pos - q_pos)` to its attention scores. The arithmetic and the ways a kernel runs it:
 
-* ALiBi (Press et al., "Train Short, Test Long"): no position table; each head h adds
-  `slope_h * (k_pos - q_pos)` to its attention scores. `alibi_slopes` builds the paper's slopes
-  (geometric for a power-of-two head count; otherwise the slopes of the closest lower power of two
-  followed by every other slope of the next power of two). Under tensor parallelism rank r holds
-  query heads [r*n/tp, (r+1)*n/tp) and uses only their slopes (`alibi_slopes_for_rank`).
-  `SDPAttention` applies it: on GPU through FlexAttention (`flex_alibi`, a `score_mod` plus a
-  causal block mask), elsewhere through SDPA with a dense float bias (`alibi_bias`).
-* RoPE on CPU: mcore's `RotaryEmbedding.get_emb` moves its inverse frequencies to
-  `torch.cuda.current_device()` on the first forward whenever they live on the CPU
-  (megatron/core/models/common/embeddings/rotary_pos_embedding.py). `RotaryEmbeddingOnDevice`
-  leaves them where the model was built (mcore already creates them on the GPU when
-  `use_cpu_initialization` is off), so RoPE also runs on CPU.
-* MQA/GQA with fewer KV groups than TP ranks: mcore replicates each KV head over tp/groups ranks by
-  all-gathering the fused QKV output (`Attention.get_query_key_value_tensors`); that all-gather
-  allocates on CUDA. `SelfAttention` keeps mcore's path on GPU and takes an equivalent
-  torch.distributed path on CPU, whose backward all-reduces, so the gradient of a replicated
-  KV head is the sum over the ranks that use it.
+* `alibi_slopes` builds the paper's slopes (geometric for a power-of-two head count; otherwise the
+  slopes of the closest lower power of two followed by every other slope of the next power of
+  two). Under tensor parallelism rank r holds query heads [r*n/tp, (r+1)*n/tp) and uses only their
+  slopes (`alibi_slopes_for_rank`).
+* `alibi_bias`: the dense float bias for SDPA (the reference; padding masks, KV-cache decoding).
+* `flex_alibi`: FlexAttention with a `score_mod` and a causal block mask (GPU).
+* `alibi_augment`: ALiBi as extra q/k head dims, so SDPA's fused causal kernels run it.
+
+`framework.models.layers.SDPAttention` chooses among them (`model.alibi_kernel`).
 """
 from __future__ import annotations
 
@@ -24,9 +17,6 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.transformer.attention import SelfAttention as _McoreSelfAttention
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,90 +186,3 @@ def alibi_augment(q: torch.Tensor, k: torch.Tensor, q_columns: torch.Tensor):
     q2 = torch.cat([q, q_columns[None, :, None, :].expand(b, n, sq, width)], dim=-1)
     k2 = torch.cat([k, kx[None, None].expand(b, k.shape[1], sk, width)], dim=-1)
     return q2, k2
-
-
-# --------------------------------------------------------------------------------------------
-# RoPE on any device
-# --------------------------------------------------------------------------------------------
-class RotaryEmbeddingOnDevice(RotaryEmbedding):
-    """mcore's RotaryEmbedding without the move of `inv_freq` to CUDA in `get_emb`: the
-    frequencies stay on the device the model was built on."""
-
-    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
-        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
-        if self.rotary_interleaved:
-            emb = torch.stack((freqs, freqs), dim=-1).reshape(freqs.shape[0], -1)
-        else:
-            emb = torch.cat((freqs, freqs), dim=-1)
-        return emb[:, None, None, :]
-
-
-def keep_rotary_on_device(model: torch.nn.Module) -> None:
-    """Make a GPTModel's RotaryEmbedding device-agnostic (see module docstring)."""
-    rope = getattr(model, "rotary_pos_emb", None)
-    if rope is not None and type(rope) is RotaryEmbedding:
-        rope.__class__ = RotaryEmbeddingOnDevice
-
-
-# --------------------------------------------------------------------------------------------
-# KV heads replicated over TP ranks (num_query_groups < tp) on CPU
-# --------------------------------------------------------------------------------------------
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dim; backward sums the gradient over ranks and keeps this rank's
-    slice (a reduce-scatter built from all-reduce, which gloo supports)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(group.size())]
-        torch.distributed.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
-
-
-class SelfAttention(_McoreSelfAttention):
-    """mcore SelfAttention; with num_query_groups < tp off the GPU, QKV is assembled through
-    torch.distributed (mcore's all-gather allocates on CUDA). Same layout as mcore: the fused
-    output is interleaved per group [q.. k v | q.. k v | ...]; rank r uses group r // (tp/g) and
-    query heads [r*n/tp, (r+1)*n/tp)."""
-
-    def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
-                                    output_gate=False, split_qkv=True):
-        groups, tp = self.config.num_query_groups, self.world_size
-        if groups >= tp or hidden_states.is_cuda or output_gate or not split_qkv:
-            return super().get_query_key_value_tensors(hidden_states, key_value_states,
-                                                       output_gate=output_gate,
-                                                       split_qkv=split_qkv)
-        mixed, _ = self.linear_qkv(hidden_states)
-        full = _GatherLastDim.apply(mixed, self.tp_group)
-        rank = self.tp_group.rank()
-        ranks_per_group = tp // groups
-        size = full.shape[-1] // groups
-        g = rank // ranks_per_group
-        blob = full[..., g * size:(g + 1) * size]
-        hn = self.hidden_size_per_attention_head
-        q_per_group = self.config.num_attention_heads // groups
-        query, key, value = torch.split(blob, [q_per_group * hn, hn, hn], dim=-1)
-        s, b = blob.shape[0], blob.shape[1]
-        query = query.reshape(s, b, q_per_group, hn)
-        n = q_per_group // ranks_per_group
-        j = rank % ranks_per_group
-        query = query[:, :, j * n:(j + 1) * n, :]
-        key, value = key.reshape(s, b, 1, hn), value.reshape(s, b, 1, hn)
-        if self.q_layernorm is not None:
-            query = self.q_layernorm(query)
-        if self.k_layernorm is not None:
-            key = self.k_layernorm(key)
-        return query, key, value
-
-
-def tp_rank_and_size(pg_collection=None) -> Tuple[int, int]:
-    if pg_collection is not None and hasattr(pg_collection, "tp"):
-        return pg_collection.tp.rank(), pg_collection.tp.size()
-    return (parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_world_size())

@@ -1,6 +1,7 @@
 """BERT: megatron-core's `BertModel` with our layer spec (SDPA attention, SP-capable norm).
 
-The layer is GPT's (`gpt_layer_spec`) with bidirectional self-attention (`AttnMaskType.padding`):
+The layer is the shared one (`framework.models.transformer.layer_spec`) with bidirectional
+self-attention (`AttnMaskType.padding`):
 the mask is [b, 1, 1, s] over padded keys, built by `BertModel` from the batch's padding mask.
 
 Two things in mcore 0.16's `BertModel` need Transformer Engine or apex, so `Bert` works around
@@ -15,34 +16,18 @@ them without changing mcore:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron.core.models.bert import bert_lm_head
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
 
-from framework.config import ModelConfig
-from framework.models.attention_variants import keep_rotary_on_device
-from framework.models.gpt import gpt_layer_spec, lm_kwargs
-from framework.models.layers import Norm, norm_class
+from framework.models.layers import Norm, keep_rotary_on_device, norm_class
+from framework.models.transformer import block_spec, lm_kwargs
 from framework.patching import patched
 
-
-def bert_layer_spec(model: ModelConfig):
-    """GPT's layer with bidirectional (padding-mask) self-attention."""
-    spec = gpt_layer_spec(model)
-    spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
-    return spec
-
-
-def bert_block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
-    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
-                                                             get_num_layers_to_build)
-
-    n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[bert_layer_spec(model)] * n,
-                                     layer_norm=norm_class(model))
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
 
 
 class Bert(BertModel):
@@ -61,13 +46,13 @@ class Bert(BertModel):
         return "b1ss" if core is DotProductAttention else "b11s"
 
 
-def build_bert(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
+def build_bert(model: "ModelConfig", tcfg, *, vocab_size: int, pre_process: bool,
                post_process: bool, vp_stage: Optional[int]):
     bert = Bert(
         config=tcfg,
         norm=norm_class(model),
         num_tokentypes=2 if model.add_binary_head else 0,
-        transformer_layer_spec=bert_block_spec(model, tcfg, vp_stage),
+        transformer_layer_spec=block_spec(model, tcfg, vp_stage, mask="padding"),
         **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,
                     post_process=post_process),
         position_embedding_type=model.position_embedding_type,

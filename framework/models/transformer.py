@@ -1,17 +1,34 @@
-"""GPT: megatron-core's `GPTModel` with our layer spec (SDPA attention, SP-capable norm)."""
+"""What every model family builds from: megatron-core's `TransformerConfig` from our model and
+parallel configs (`transformer_config`), the transformer layer built of our shared layers
+(`layer_spec`, `block_spec`) and the language-model arguments mcore's models share (`lm_kwargs`).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from framework.config import ModelConfig, ParallelConfig
-from framework.models.attention_variants import SelfAttention, keep_rotary_on_device
-from framework.models.layers import (BiasAddLinear, Fp8BiasAddLinear, Fp8ColumnParallelLinear,
-                                     Fp8RowParallelLinear, SDPAttention, norm_class)
-from framework.models.mlp import ActRecomputeMLP, ExtendedTransformerConfig
+from framework.models.layers import (ActRecomputeMLP, BiasAddLinear, Fp8BiasAddLinear,
+                                     Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPAttention,
+                                     SelfAttention, norm_class)
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig, ParallelConfig
+
+
+@dataclass
+class ExtendedTransformerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus our recompute option mcore does not know."""
+
+    # recompute the dense MLP's activation before fc2's backward instead of keeping it
+    recompute_mlp_act: bool = False
+    # FP8 GEMMs in the transformer layers' linears (`train.fp8`): None, "tensorwise" or
+    # "rowwise" (framework/fast/fp8.py). Not mcore's `fp8`, which means Transformer Engine.
+    fp8_gemm: Optional[str] = None
 
 
 def _has_fused_wgrad() -> bool:
@@ -31,7 +48,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool, fp16: bool,
                        on_gpu: bool, fp8: Optional[str] = None):
     """Map our sub-configs onto megatron-core's TransformerConfig (same field names), plus our
-    own recompute option (framework/models/mlp.py) and FP8 recipe (`fp8`, `train.fp8`)."""
+    own recompute option (`ActRecomputeMLP` in framework/models/layers.py) and FP8 recipe (`fp8`,
+    `train.fp8`). Every family builds its model from this config."""
     # mcore's fused activation kernels (torch.compile'd), GPU only. Its bias+GeLU kernel
     # (fusions/fused_bias_gelu.py) computes the tanh approximation although it is selected by
     # activation_func=F.gelu: it serves "gelu_tanh" with biases, and exact "gelu" runs unfused so
@@ -103,9 +121,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     )
 
 
-def gpt_layer_spec(model: ModelConfig, fp8: Optional[str] = None):
-    """One transformer layer: mcore modules, with our core attention and norm; with `fp8` (a
-    `train.fp8` recipe) the QKV, attention-projection, fc1 and fc2 linears run FP8 GEMMs."""
+def layer_spec(model: ModelConfig, fp8: Optional[str] = None, mask: str = "causal"):
+    """One transformer layer: mcore modules, with our core attention and norm; self-attention
+    with a `causal` or `padding` (bidirectional) mask; with `fp8` (a `train.fp8` recipe) the QKV,
+    attention-projection, fc1 and fc2 linears run FP8 GEMMs."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -131,7 +150,7 @@ def gpt_layer_spec(model: ModelConfig, fp8: Optional[str] = None):
             input_layernorm=norm_class(model),
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                params={"attn_mask_type": getattr(AttnMaskType, mask)},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,
                     core_attention=core_attention,
@@ -149,42 +168,21 @@ def gpt_layer_spec(model: ModelConfig, fp8: Optional[str] = None):
     )
 
 
-def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int]):
+def block_spec(model: ModelConfig, tcfg, vp_stage: Optional[int], mask: str = "causal"):
+    """This pipeline stage's layers (`layer_spec`) and the final norm."""
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
-    spec = gpt_layer_spec(model, fp8=getattr(tcfg, "fp8_gemm", None))
+    spec = layer_spec(model, fp8=getattr(tcfg, "fp8_gemm", None), mask=mask)
     return TransformerBlockSubmodules(layer_specs=[spec] * n,
                                      layer_norm=norm_class(model))
 
 
 def lm_kwargs(model: ModelConfig, *, vocab_size: int, pre_process: bool,
               post_process: bool) -> dict:
-    """The constructor arguments our GPT, BERT and T5 builders pass alike to mcore's models."""
+    """The constructor arguments every family's builder passes alike to mcore's language models."""
     return dict(vocab_size=vocab_size, max_sequence_length=model.max_positions,
                 pre_process=pre_process, post_process=post_process, parallel_output=True,
                 share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
                 rotary_percent=model.rotary_percent)
-
-
-def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
-              post_process: bool, vp_stage: Optional[int]):
-    from megatron.core.models.gpt import GPTModel
-
-    if model.fused_cross_entropy:
-        from framework.fast.fused_ce import FusedCEGPTModel as GPTModel  # noqa: F811
-
-    gpt = GPTModel(
-        config=tcfg,
-        transformer_layer_spec=block_spec(model, tcfg, vp_stage),
-        **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,
-                    post_process=post_process),
-        # ALiBi has no position table: the bias is applied in SDPAttention
-        position_embedding_type=("none" if model.position_embedding_type == "alibi"
-                                 else model.position_embedding_type),
-        rotary_base=model.rotary_base,
-        vp_stage=vp_stage,
-    )
-    keep_rotary_on_device(gpt)
-    return gpt

@@ -1,4 +1,5 @@
-"""Checkpoints: megatron-core `dist_checkpointing` (torch_dist), committed atomically.
+"""What a checkpoint holds, and saving / loading it: megatron-core `dist_checkpointing`
+(torch_dist) of the model chunks, the optimizer and every rank's RNG, plus `framework.json`.
 
 Layout of `checkpoint.dir`:
     iter_0000100/                   one committed checkpoint (mcore dist checkpoint)
@@ -6,11 +7,11 @@ Layout of `checkpoint.dir`:
         tokenizer/                  the tokenizer, so generate.py and resumes need no argument
     latest_checkpointed_iteration.txt   Megatron's tracker name; written last, by rename
 
-A save writes into `iter_X.tmp-<pid>`, fsyncs, renames it to `iter_X`, and only then replaces the
-tracker through a temp file. A kill at any point leaves the previous checkpoint as the latest.
-Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
-Reading (tracker, framework.json, the dist checkpoint) happens in `checkpoint_reader`, the one
-safe path every reader shares.
+A save is written into a staging directory and committed by `framework.checkpoint.commit`
+(fsync, rename, then the tracker): a kill at any point leaves the previous checkpoint as the
+latest. Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
+Reading (tracker, framework.json, the dist checkpoint) happens in `framework.checkpoint.reader`,
+the one safe path every reader shares.
 """
 from __future__ import annotations
 
@@ -18,19 +19,18 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from framework.config import ConfigError, ModelConfig
-
-from framework.training.checkpoint_reader import (  # noqa: F401  (re-exported)
-    META, TRACKER, CheckpointError, cpu_safe, iter_dir, latest_iteration, read_dist, read_meta)
-
-_cpu_safe = cpu_safe  # the save path and interop use it too
+from framework.checkpoint.commit import commit, stage, staging_dir
+from framework.checkpoint.reader import (META, TRACKER, cpu_safe, iter_dir, latest_iteration,
+                                         read_dcp_metadata, read_dist, read_meta)
+from framework.config import ModelConfig
+from framework.errors import CheckpointError, ConfigError
+from framework.models.wrappers import unwrap
 
 
 class CheckpointSaveError(ConfigError):
@@ -79,12 +79,12 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool,
-                   is_loading: bool) -> Dict[str, Any]:
+def sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool,
+                  is_loading: bool) -> Dict[str, Any]:
+    """The dist-checkpointing state dict of model chunks (and optimizer) and every rank's RNG;
+    also the template a load fills (`is_loading`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from framework.models import unwrap
 
     sd: Dict[str, Any] = {}
     for i, m in enumerate(model):
@@ -104,22 +104,6 @@ def _sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool
     sd["rng_state"] = ShardedObject("rng_state", _rng_state() if not is_loading else None,
                                     shape, (pp, tp, dpr), replica_id=0)
     return sd
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _RESULTS_MANAGER: list = []  # the writer-results manager started here (a reference keeps it up)
@@ -178,21 +162,17 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
     from megatron.core import dist_checkpointing
 
     final = iter_dir(ckpt_dir, iteration)
-    tmp = f"{final}.tmp"
+    tmp = staging_dir(ckpt_dir, iteration)
     if _rank() == 0:
-        from framework.training.resilience import remove_stale_tmp
-
-        os.makedirs(ckpt_dir, exist_ok=True)
-        remove_stale_tmp(ckpt_dir)  # left by a save that was killed
-        os.makedirs(tmp)
+        stage(ckpt_dir, iteration)  # (removes what a killed save left behind)
     _barrier()
-    sd = _sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
+    sd = sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sd["iteration"] = iteration
     sd["consumed_samples"] = consumed_samples
     try:
         _signal_safe_writer_results()
-        with _cpu_safe():
+        with cpu_safe():
             dist_checkpointing.save(sd, tmp)
         _barrier()
         if _rank() == 0:
@@ -203,12 +183,7 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
                 json.dump(meta, f, indent=1, default=str)
             if tokenizer is not None:
                 tokenizer.save(os.path.join(tmp, "tokenizer"))
-            _fsync_tree(tmp)
-            if os.path.exists(final):  # re-saving the same iteration: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(ckpt_dir)
-            _write_tracker(ckpt_dir, iteration)
+            commit(tmp, ckpt_dir, iteration)
     except OSError as e:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -216,17 +191,6 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
                                   f"previous checkpoint in {ckpt_dir} is untouched") from None
     _barrier()
     return final
-
-
-def _write_tracker(ckpt_dir: str, iteration: int) -> None:
-    path = os.path.join(ckpt_dir, TRACKER)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(ckpt_dir)
 
 
 def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: ModelConfig,
@@ -245,7 +209,7 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
     meta = read_meta(ckpt_dir, it, allow_symlinks=allow_symlinks)
     check_compatible(meta, model_cfg, iter_dir(ckpt_dir, it))
     path = iter_dir(ckpt_dir, it)
-    template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
+    template = sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
     same_layout = meta.get("layout") == current_layout()
     if not same_layout:
         template.pop("rng_state")
@@ -276,8 +240,6 @@ def _optimizer_state_stored(template: Dict[str, Any], path: str) -> bool:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from framework.training.checkpoint_reader import read_dcp_metadata
-
     keys = [v.key for v in nested_values(template.get("optimizer") or {})
             if isinstance(v, ShardedTensor)]
     if not keys:
@@ -288,8 +250,6 @@ def _optimizer_state_stored(template: Dict[str, Any], path: str) -> bool:
 
 def _apply_state(state: Dict[str, Any], model, optimizer, scheduler, with_optimizer: bool,
                  fresh_optimizer: bool = False) -> None:
-    from framework.models import unwrap
-
     for i, m in enumerate(model):
         unwrap(m).load_state_dict(state[_model_key(i, len(model))], strict=True)
     if (not with_optimizer or fresh_optimizer) and optimizer is not None:
@@ -324,6 +284,3 @@ def package_versions() -> Dict[str, str]:
             pass
     return out
 
-
-def config_to_dict(cfg) -> Dict[str, Any]:
-    return asdict(cfg)

@@ -7,7 +7,7 @@ The two are the same network (Shoeybi et al.'s pre-LN BERT), so the mapping is n
   `encoder.ln` -> `encoder.final_layernorm`.
 * HF has separate `query`/`key`/`value` Linears (rows = outputs); megatron-core's `linear_qkv`
   interleaves them per query group (for each group: its query heads, its key, its value; see
-  gpt2._qkv_rows_to_ours). One rule maps the three HF tensors to one of ours.
+  framework.models.hf_rules.qkv_rows_to_ours). One rule maps the three HF tensors to one of ours.
 * LM head: HF `cls.predictions.transform.{dense,LayerNorm}` -> `lm_head.{dense,layer_norm}`; the
   decoder is tied to the word embeddings (our last pipeline stage holds a copy, `output_layer.
   weight`), its bias `cls.predictions.bias` -> `output_layer.bias` (vocabulary rows, padded).
@@ -27,15 +27,15 @@ HF files saved from the base `MegatronBertModel` have no `bert.` prefix; both ar
 from __future__ import annotations
 
 import re
-from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from framework.config import ModelConfig
-from framework.interop import InteropError
-from framework.interop.gpt2 import _qkv_rows_to_hf, _qkv_rows_to_ours
-from framework.interop.rules import Rule
+from framework.errors import InteropError
+from framework.models.hf_rules import Rule, qkv_rows_to_hf, qkv_rows_to_ours
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
 
 HF_MODEL_TYPE = "megatron-bert"
 MODEL_TYPE = "bert"  # our ModelConfig.type
@@ -50,8 +50,8 @@ _NAMES = {(12, 768): "bert_base", (24, 1024): "bert_large"}
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
-def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConfig:
-    """HF MegatronBertConfig (as a dict) -> ModelConfig. `overrides` replace fields afterwards."""
+def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """HF MegatronBertConfig (as a dict) -> our ModelConfig fields."""
     bad = []
     act = hf.get("hidden_act", "gelu")
     if act not in _ACT_IN:
@@ -78,7 +78,7 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
     except (KeyError, TypeError, ValueError) as e:
         raise InteropError(f"megatron-bert config lacks a valid {e}") from None
     inner = hf.get("intermediate_size")
-    cfg = ModelConfig(
+    return dict(
         name=_NAMES.get((layers, hidden), "megatron_bert_hf"),
         type=MODEL_TYPE,
         num_layers=layers,
@@ -99,7 +99,6 @@ def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConf
         init_method_std=float(hf.get("initializer_range", 0.02)),
         add_binary_head=True,
     )
-    return replace(cfg, **overrides) if overrides else cfg
 
 
 def _check_expressible(cfg: ModelConfig) -> None:
@@ -166,11 +165,11 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
 # --------------------------------------------------------------------------------------------
 def _qkv_to_ours(t: Tuple[torch.Tensor, ...], cfg: ModelConfig) -> torch.Tensor:
     """(query, key, value) Linear weights or biases -> megatron-core's interleaved linear_qkv."""
-    return _qkv_rows_to_ours(torch.cat(list(t), dim=0), cfg)
+    return qkv_rows_to_ours(torch.cat(list(t), dim=0), cfg)
 
 
 def _qkv_to_hf(t: torch.Tensor, cfg: ModelConfig) -> Tuple[torch.Tensor, ...]:
-    full = _qkv_rows_to_hf(t, cfg)
+    full = qkv_rows_to_hf(t, cfg)
     return tuple(full.chunk(3, dim=0))  # MHA only (checked): q, k, v have equal rows
 
 

@@ -1,8 +1,8 @@
 """The one way checkpoint files are read.
 
-Every reader of a checkpoint goes through this module: resume (`checkpoint.load_checkpoint`),
-generate.py and `framework.inference.load_for_inference`, and every `data_tools.convert`
-subcommand (`framework.interop.megatron_files`). Nothing else in the code base calls
+Every reader of a checkpoint goes through this module: resume (`framework.checkpoint.state.
+load_checkpoint`), generate.py and `framework.inference.load_for_inference`, and every
+`data_tools.convert` subcommand (`framework.interop.megatron_files`). Nothing else in the code base calls
 megatron-core's `dist_checkpointing.load*`, torch DCP's `read_metadata` or `torch.load` on a
 checkpoint file (tests/test_checkpoint_safety.py checks the source tree for it).
 
@@ -19,7 +19,7 @@ checkpoint file (tests/test_checkpoint_safety.py checks the source tree for it).
   the files it names (sizes: a truncated `.distcp` is found here) and, when loading into a
   model, every stored tensor's shape against the model built from the config (a
   `framework.json` that disagrees with the tensors), and then runs megatron-core's reader inside
-  `framework.security.safe_checkpoint_load` (no pickled code runs). Whatever goes wrong comes
+  `framework.security.unpickling.safe_checkpoint_load` (no pickled code runs). Whatever goes wrong comes
   out as one `CheckpointError` line naming the checkpoint.
 """
 from __future__ import annotations
@@ -35,7 +35,10 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
-from framework.security import CheckpointError
+from framework.config import ModelConfig
+from framework.errors import CheckpointError, ConfigError
+from framework.patching import patched
+from framework.security.unpickling import safe_checkpoint_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "framework.json"
@@ -208,8 +211,6 @@ def stored_model_config(meta: Dict[str, Any], where: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.config import ConfigError, ModelConfig
-
     stored = meta.get("config", {}).get("model")
     if not isinstance(stored, dict):
         raise CheckpointError(f"{where}: {META} has no config.model")
@@ -239,8 +240,6 @@ def cpu_safe() -> Iterator[None]:
     if torch.cuda.is_available():
         yield
         return
-    from framework.patching import patched
-
     with patched(torch.cuda, synchronize=lambda *a, **k: None, current_device=lambda: "cpu"):
         yield
 
@@ -293,8 +292,6 @@ def read_dcp_metadata(path: str):
     """torch DCP's `.metadata` of the checkpoint at `path`, through the restricted unpickler,
     checked against the files it names (present, regular, long enough)."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
-
-    from framework.security import safe_checkpoint_load
 
     with safe_checkpoint_load():
         md = FileSystemReader(path).read_metadata()
@@ -359,8 +356,6 @@ def read_dist(path: str, op: str, template: Optional[Dict[str, Any]] = None, *,
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
     from torch.distributed.checkpoint.api import CheckpointException
-
-    from framework.security import safe_checkpoint_load
 
     readers: Dict[str, Callable[[], Any]] = {
         "load": lambda: dist_checkpointing.load(template, path),

@@ -6,12 +6,14 @@ of its own when the config says tie_word_embeddings=false (google's mT5 configs)
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from framework.config import ModelConfig
-from framework.interop import InteropError
-from framework.interop import t5 as _t5
-from framework.interop.rules import Rule
+from framework.errors import InteropError
+from framework.models.hf_rules import Rule
+from framework.models.t5 import hf_t5 as _t5
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
 
 HF_MODEL_TYPE = "mt5"
 MODEL_TYPE = "t5"
@@ -20,11 +22,10 @@ HF_BASE_PREFIX = _t5.HF_BASE_PREFIX
 HF_IGNORED = _t5.HF_IGNORED
 
 
-def hf_config_to_model_config(hf: Dict[str, Any], **overrides: Any) -> ModelConfig:
+def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     hf = {**hf, "feed_forward_proj": hf.get("feed_forward_proj", "gated-gelu"),
           "scale_decoder_outputs": False}  # MT5ForConditionalGeneration never scales
-    overrides.setdefault("name", "mt5_hf")
-    return _t5.hf_config_to_model_config(hf, **overrides)
+    return {**_t5.hf_config_to_fields(hf), "name": "mt5_hf"}
 
 
 def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
@@ -40,7 +41,7 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
     return out
 
 
-def resolve_with_tensors(cfg: ModelConfig, names) -> ModelConfig:
+def resolve_with_tensors(cfg: "ModelConfig", names) -> "ModelConfig":
     return _t5.resolve_with_tensors(cfg, names)
 
 

@@ -1,6 +1,6 @@
 """The generic half of a conversion: name rules, vocabulary padding, TP slicing, layer numbering.
 
-A model family (e.g. `framework.interop.gpt2`) lists `Rule`s, one per tensor, each pairing a
+A model family's HF mapping (e.g. `framework.models.gpt.hf_gpt2`) lists `Rule`s, one per tensor, each pairing a
 megatron-core parameter name with a Hugging Face tensor name and a pair of pure functions that
 turn one layout into the other on *full* (unsharded, TP=1) tensors. Everything that does not
 depend on the family lives here:
@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from framework.config import ModelConfig
-from framework.interop import InteropError
+from framework.errors import InteropError
 
-Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
+
+Transform = Callable[[torch.Tensor, "ModelConfig"], torch.Tensor]
 
 
 def same(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -34,6 +36,35 @@ def same(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 def transpose(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return t.t()
+
+
+# megatron-core's fused QKV layout: HF's stacked [q; k; v] rows <-> interleaved per query group
+def _heads(cfg: "ModelConfig"):
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    dim = cfg.kv_channels or cfg.hidden_size // heads
+    return heads, groups, dim
+
+
+def qkv_rows_to_ours(t: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+    """[q; k; v] rows -> per group [q heads of the group, k, v] rows (weights or biases)."""
+    heads, groups, dim = _heads(cfg)
+    rest = tuple(t.shape[1:])
+    q, k, v = t.split([heads * dim, groups * dim, groups * dim], dim=0)
+    per = heads // groups
+    q = q.reshape((groups, per * dim) + rest)
+    k = k.reshape((groups, dim) + rest)
+    v = v.reshape((groups, dim) + rest)
+    return torch.cat([q, k, v], dim=1).reshape((-1,) + rest)
+
+
+def qkv_rows_to_hf(t: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+    """Per group [q heads of the group, k, v] rows -> [q; k; v] rows (the inverse)."""
+    heads, groups, dim = _heads(cfg)
+    rest = tuple(t.shape[1:])
+    per = heads // groups
+    q, k, v = t.reshape((groups, (per + 2) * dim) + rest).split([per * dim, dim, dim], dim=1)
+    return torch.cat([x.reshape((-1,) + rest) for x in (q, k, v)], dim=0)
 
 
 @dataclass(frozen=True)

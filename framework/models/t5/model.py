@@ -30,7 +30,7 @@ from __future__ import annotations
 from functools import partial
 
 import copy
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -39,11 +39,12 @@ from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.attention import CrossAttention as _McoreCrossAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from framework.config import ModelConfig
-from framework.models.attention_variants import _GatherLastDim, keep_rotary_on_device
-from framework.models.gpt import gpt_layer_spec, lm_kwargs
-from framework.models.layers import SDPAttention, norm_class
+from framework.models.layers import GatherLastDim, SDPAttention, keep_rotary_on_device, norm_class
+from framework.models.transformer import layer_spec, lm_kwargs
 from framework.patching import patched
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
 
 
 class CrossAttention(_McoreCrossAttention):
@@ -73,7 +74,7 @@ class CrossAttention(_McoreCrossAttention):
         mixed_kv, _ = self.linear_kv(key_value_states)
         if self.replicated_kv:
             # [sk, b, 2*g*hn / tp] -> all groups [sk, b, 2*g*hn] -> this rank's group
-            full = _GatherLastDim.apply(mixed_kv, self.tp_group)
+            full = GatherLastDim.apply(mixed_kv, self.tp_group)
             tp, groups = self.world_size, self.config.num_query_groups
             g = self.tp_group.rank() // (tp // groups)
             mixed_kv = full[..., g * 2 * hn:(g + 1) * 2 * hn]
@@ -129,26 +130,24 @@ class T5(T5Model):
         return sd
 
 
-def _core_attention(model: ModelConfig):
+def _core_attention(model: "ModelConfig"):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     return (partial(SDPAttention, cudnn=model.cudnn_attention)
             if model.attention_backend == "sdpa" else DotProductAttention)
 
 
-def t5_encoder_layer_spec(model: ModelConfig):
-    spec = gpt_layer_spec(model)
-    spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
-    return spec
+def t5_encoder_layer_spec(model: "ModelConfig"):
+    return layer_spec(model, mask="padding")
 
 
-def t5_decoder_layer_spec(model: ModelConfig):
+def t5_decoder_layer_spec(model: "ModelConfig"):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import CrossAttentionSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    spec = gpt_layer_spec(model)  # causal self-attention, MLP, norms
+    spec = layer_spec(model)  # causal self-attention, MLP, norms
     spec.submodules.pre_cross_attn_layernorm = norm_class(model)
     spec.submodules.cross_attention = ModuleSpec(
         module=CrossAttention,
@@ -164,7 +163,7 @@ def t5_decoder_layer_spec(model: ModelConfig):
     return spec
 
 
-def build_t5(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
+def build_t5(model: "ModelConfig", tcfg, *, vocab_size: int, pre_process: bool,
              post_process: bool, vp_stage: Optional[int]):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 

@@ -1,0 +1,31 @@
+"""`checkpoint.keep_last`: prune old committed checkpoints after a newer one is committed."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import List, Optional
+
+from framework.checkpoint.reader import latest_iteration
+
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int]) -> List[str]:
+    """Keep the newest `keep_last` committed checkpoints (and always the tracker's). Rank 0,
+    after the tracker names the newest one."""
+    if keep_last is None or not os.path.isdir(ckpt_dir):
+        return []
+    latest = latest_iteration(ckpt_dir)
+    if latest is None:
+        return []
+    iters = sorted(int(m.group(1)) for m in map(_ITER.match, os.listdir(ckpt_dir)) if m)
+    keep = set(i for i in iters if i <= latest)
+    keep = set(sorted(keep)[-keep_last:]) | {latest}
+    removed = []
+    for it in iters:
+        if it not in keep and it < latest:
+            path = os.path.join(ckpt_dir, f"iter_{it:07d}")
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -1,0 +1,36 @@
+"""GPT: megatron-core's `GPTModel` with our causal layer spec (SDPA attention, SP-capable norm).
+
+With `model.fused_cross_entropy` (null = on for GPT) the output layer and the vocab-parallel
+cross-entropy are fused and chunked over tokens (framework/fast/fused_ce.py).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from framework.models.layers import keep_rotary_on_device
+from framework.models.transformer import block_spec, lm_kwargs
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
+
+
+def build_gpt(model: "ModelConfig", tcfg, *, vocab_size: int, pre_process: bool,
+              post_process: bool, vp_stage: Optional[int]):
+    from megatron.core.models.gpt import GPTModel
+
+    if model.fused_cross_entropy:
+        from framework.fast.fused_ce import FusedCEGPTModel as GPTModel  # noqa: F811
+
+    gpt = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=block_spec(model, tcfg, vp_stage),
+        **lm_kwargs(model, vocab_size=vocab_size, pre_process=pre_process,
+                    post_process=post_process),
+        # ALiBi has no position table: the bias is applied in SDPAttention
+        position_embedding_type=("none" if model.position_embedding_type == "alibi"
+                                 else model.position_embedding_type),
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+    )
+    keep_rotary_on_device(gpt)
+    return gpt

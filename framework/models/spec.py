@@ -1,0 +1,100 @@
+"""`ModelSpec`: everything the framework needs to know about one model family (`model.type`),
+registered once in framework/models/registry.py.
+
+A family lives in one folder, `framework/models/<family>/`, whose `__init__.py` defines `SPEC`.
+The spec holds two halves:
+
+* what the config layer needs when a `ModelConfig` or `Config` is built (so it imports neither
+  torch nor megatron-core): the position embeddings and family-only options the family accepts,
+  its capabilities, its config checks and its FLOP formula;
+* `load`, a function that imports the rest and returns `ModelParts`: the builder of one model
+  chunk (layer spec included), the default train step (batch, forward, loss), the datasets it
+  trains on, its tokenizer needs and its Hugging Face weight mappings. `ModelSpec.parts()` calls
+  it once.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Mapping, Tuple
+
+
+def _no_check(_cfg: Any) -> None:
+    return None
+
+
+def _no_tokenizer_check(_tokenizer: Any, _cfg: Any) -> None:
+    return None
+
+
+def dense_flops_per_token(model_cfg: Any, vocab: int) -> float:
+    """Megatron's model FLOPs per token of a dense layer stack (Narayanan et al., 2021),
+    forward and backward, no recompute: 72 l h^2 (1 + s / (6 h) + V / (12 l h))."""
+    l, h, s = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.seq_length
+    return 72.0 * l * h * h * (1.0 + s / (6.0 * h) + vocab / (12.0 * l * h))
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The half of a family that imports torch and megatron-core (see the module docstring)."""
+
+    # one chunk: build(model_cfg, transformer_config, *, vocab_size, pre_process, post_process,
+    # vp_stage) -> torch.nn.Module (an mcore language model with our layer spec)
+    build: Callable[..., Any]
+    # the default train step class (`train.step._target_` replaces it): get_batch, forward_step,
+    # loss_func (framework.training.step.TrainStep)
+    train_step: type
+    # datasets(data_cfg, tokenizer, model_cfg, *, seed, num_samples, cache_dir)
+    #   -> (train, valid, test), each a dataset or None
+    datasets: Callable[..., Tuple[Any, Any, Any]]
+    # the tokenizer of `data=embedded` (a character tokenizer of the arithmetic corpus)
+    embedded_tokenizer: Callable[[], Any]
+    # check_tokenizer(tokenizer, cfg): a ConfigError (one line) when the tokenizer lacks what the
+    # family needs (special tokens)
+    check_tokenizer: Callable[[Any, Any], None] = _no_tokenizer_check
+    # Hugging Face model_type -> the module that maps its weights (framework.interop)
+    hf: Mapping[str, ModuleType] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model family. See the module docstring; framework/models/gpt/ is the example."""
+
+    name: str  # the model.type value
+    load: Callable[[], ModelParts]
+    title: str = ""  # in messages ("GPT"); default: the name
+    # accepted model.position_embedding_type values
+    position_embeddings: Tuple[str, ...] = ("learned_absolute", "rope", "none")
+    # the family-only ModelConfig fields (config.FAMILY_OPTIONS) this family accepts
+    options: Tuple[str, ...] = ()
+    # accepted data.type values
+    data_types: Tuple[str, ...] = ("embedded", "indexed", "mock")
+    # check_model(model_cfg): rules on ModelConfig fields, run when a ModelConfig is built
+    check_model: Callable[[Any], None] = _no_check
+    # check_run(cfg): rules across config groups, run when a Config is built
+    check_run: Callable[[Any], None] = _no_check
+    # model FLOPs per input token, forward and backward (the log line's TFLOP/s and MFU)
+    flops_per_token: Callable[[Any, int], float] = dense_flops_per_token
+    encoder_decoder: bool = False  # an encoder stack of model.encoder_num_layers as well
+    fp8: bool = False  # train.fp8 supported
+    generation: bool = False  # generate.py / framework.generation supported (causal LM)
+    hf_types: Tuple[str, ...] = ()  # the Hugging Face model_types of `parts().hf`
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+    def parts(self) -> ModelParts:
+        """The family's heavy half, imported on first use."""
+        return _load(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(spec: ModelSpec) -> ModelParts:
+    parts = spec.load()
+    if sorted(parts.hf) != sorted(spec.hf_types):
+        raise ValueError(f"model family {spec.name}: hf_types {sorted(spec.hf_types)} do not "
+                         f"match its Hugging Face mappings {sorted(parts.hf)}")
+    return parts
+

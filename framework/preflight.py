@@ -1,0 +1,175 @@
+"""Checks of a run's inputs before any worker starts, in the launching process, so that bad input
+is one line from the parent (not a failure inside every self-launched worker) and nothing on disk
+is touched: the model settings megatron-core would refuse, the tokenizer against the model
+family, the data files, memory, and every directory the run writes. `framework.plan` runs them.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+
+from framework.errors import ConfigError
+
+
+def preflight(cfg, device: str = "cpu") -> None:
+    """Check checkpoints, tokenizer, data files, the model settings and every directory the run
+    writes in the launching process, so that bad input is one line from the parent (not a failure
+    inside every self-launched worker) and nothing on disk is touched. The workers repeat the
+    cheap parts; the token-id scan is cached."""
+    from framework.training import checkpoint as ckpt
+    from framework.training.data import load_run_tokenizer
+
+    c = cfg.checkpoint
+    links = c.allow_symlinks
+    # a bad tracker, a damaged framework.json or a symlink in the checkpoint is an error here
+    resume_it = ckpt.latest_iteration(c.dir, allow_symlinks=links)
+    load_dir = c.dir if resume_it is not None else c.load
+    if load_dir:
+        it = ckpt.latest_iteration(load_dir, allow_symlinks=links)
+        if it is None:
+            raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
+                              f"(no {load_dir}/{ckpt.TRACKER})")
+        ckpt.check_compatible(ckpt.read_meta(load_dir, it, allow_symlinks=links), cfg.model,
+                              ckpt.iter_dir(load_dir, it))
+    tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
+                                   c.load_hf if resume_it is None else None,
+                                   model_type=cfg.model.type, allow_symlinks=links)
+    if cfg.model.type in ("bert", "t5"):  # a missing [MASK]/[CLS]/sentinel: one line, here
+        from framework.data import masked_lm_tokenizer
+
+        masked_lm_tokenizer(tokenizer, cfg.model.type, seq_length=cfg.model.seq_length,
+                            masking_probability=cfg.data.masking_probability)
+    check_model(cfg, tokenizer.vocab_size, device)
+    if cfg.data.type == "indexed":
+        from framework.data import _index_cache_dir, _parse_blend, check_indexed
+
+        prefixes, _weights = _parse_blend(cfg.data.path)
+        for prefix in prefixes:  # the files first, before a cache folder is made beside them
+            check_indexed(prefix)
+        cache = _index_cache_dir(cfg.data, prefixes[0])
+        for prefix in prefixes:
+            check_indexed(prefix, tokenizer.vocab_size, cache_dir=cache)
+    check_output_dirs(cfg)  # last: nothing above leaves anything behind when it fails
+
+
+def output_dirs(cfg) -> List[tuple]:
+    """(directory, what) for every directory the run writes into."""
+    from framework.data import default_cache_root
+
+    dirs = [(cfg.run_dir, "the run directory (hydra.run.dir)")]
+    if cfg.checkpoint.save or cfg.logging.wandb:  # W&B keeps its run id beside the checkpoints
+        dirs.append((cfg.checkpoint.dir, "checkpoint.dir"))
+    if cfg.data.path_to_cache is not None:
+        dirs.append((cfg.data.path_to_cache, "data.path_to_cache"))
+    elif cfg.data.type == "embedded":
+        dirs.append((default_cache_root(), "the data cache (data.path_to_cache unset)"))
+    return dirs
+
+
+def check_output_dirs(cfg) -> None:
+    for path, what in output_dirs(cfg):
+        if path is None:
+            continue
+        problem = unwritable_dir(path)
+        if problem:
+            raise ConfigError(f"{what}={path}: {problem}")
+
+
+def unwritable_dir(path: str) -> Optional[str]:
+    """None when `path` is a writable directory or can be created as one; else why not. Probes by
+    creating (and removing) a temporary file or directory: permission bits do not tell (root,
+    read-only mounts, /proc), and nothing is left behind."""
+    import tempfile
+
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        if os.path.islink(probe):
+            return f"{probe} is a symbolic link to a missing target"
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is not a directory"
+    try:
+        if probe == path:
+            fd, name = tempfile.mkstemp(prefix=".fw-write-test-", dir=path)
+            os.close(fd)
+            os.unlink(name)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".fw-write-test-", dir=probe))
+    except OSError as e:
+        where = "is not writable" if probe == path else f"cannot be created in {probe}"
+        return f"{where} ({e.strerror or e})"
+    return None
+
+
+def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
+    """Settings only megatron-core checks (its TransformerConfig, built here without a model),
+    the model family, the vocabulary against the tokenizer, and memory: the weights and gradients
+    alone, plus one micro-batch's layer inputs, must fit the device."""
+    from framework.models import MODEL_BUILDERS, padded_vocab_size
+    from framework.models.gpt import transformer_config
+
+    m, p = cfg.model, cfg.parallel
+    if m.type not in MODEL_BUILDERS:
+        raise ConfigError(f"model.type={m.type!r} is not one of {sorted(MODEL_BUILDERS)}")
+    if m.vocab_size is not None and m.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab} tokens); leave it null to use that")
+    on_gpu = device == "cuda"
+    bf16 = (on_gpu if cfg.train.bf16 is None else cfg.train.bf16) and not cfg.train.fp16
+    try:
+        transformer_config(m, p, bf16=bf16, fp16=cfg.train.fp16, on_gpu=on_gpu)
+    except (ValueError, AssertionError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"megatron-core refuses the model/parallel settings: {msg}") from None
+    vocab = padded_vocab_size(m.vocab_size or tokenizer_vocab, m.make_vocab_size_divisible_by,
+                              p.tensor_model_parallel_size)
+    need, params = min_memory_bytes(cfg, vocab, bf16 or cfg.train.fp16)
+    have, where = device_memory_bytes(device, p.model_parallel_size * (p.data_parallel_size or 1))
+    if have and need > have:
+        raise ConfigError(
+            f"the model needs at least {need / 2**30:.1f} GiB per rank ({params / 1e9:.2f}B "
+            f"parameters: weights and gradients / (TP x PP), plus one micro-batch of "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} layer inputs), more than the "
+            f"{have / 2**30:.1f} GiB {where}; use smaller model sizes or micro-batch, or more "
+            f"TP/PP")
+
+
+def min_memory_bytes(cfg, vocab: int, half: bool) -> tuple:
+    """(bytes, parameters): a lower bound of one rank's training memory. Weights and their
+    gradients (2 + 2 bytes each in bf16/fp16, 4 + 4 in fp32) split over TP x PP, plus the input
+    of every layer of one micro-batch (split over TP only with sequence parallelism). Optimizer
+    state, master weights and the other activations come on top, so a config above it cannot
+    run."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    h, kv = m.hidden_size, m.kv_channels or m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    attn = h * kv * (m.num_attention_heads + 2 * groups) + m.num_attention_heads * kv * h
+    mlp = h * m.ffn * (3 if m.activation in ("swiglu", "geglu_tanh") else 2)
+    layers = m.num_layers + (m.enc_layers if m.type == "t5" else 0)
+    params = layers * (attn + mlp) + vocab * h
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    elt = 2 if half else 4
+    weights = params * 2 * elt / (tp * pp)
+    seq = m.seq_length + (m.decoder_seq_length or 0)
+    acts = t.micro_batch_size * seq * h * (layers / pp) * elt / (tp if p.sequence_parallel else 1)
+    return weights + acts, params
+
+
+def device_memory_bytes(device: str, world: int) -> tuple:
+    """(bytes one rank can have, where); (0, '') when unknown."""
+    try:
+        if device == "cuda":  # this rank's GPU (the properties need no CUDA context)
+            props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
+            return props.total_memory, f"of {props.name}"
+        import psutil
+
+        total = psutil.virtual_memory().total
+        return total / world, f"of host memory per worker ({total / 2**30:.0f} GiB / {world})"
+    except Exception:  # no such information here: skip the check
+        return 0, ""
