@@ -17,7 +17,7 @@ from framework.cli import (check_group_choices, default_checkpoint_dir,
                            run_hydra_main)
 from framework.config import register_configs
 from framework.inference import GenerateConfig, register_generate_config
-from framework.security import check_plugin_targets
+from framework.security.plugins import check_plugin_targets
 
 register_configs()
 register_generate_config()

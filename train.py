@@ -1,7 +1,8 @@
 """Train a Megatron model: `python train.py [model=...] [parallel=...] [key=value ...]`.
 
 Hydra composes conf/train.yaml; the result is type-checked against framework.config's
-dataclasses, then `framework.run` launches the workers (or joins torchrun/SLURM's).
+dataclasses, then `framework.run` plans the run and launches the workers (or joins
+torchrun/SLURM's).
 """
 import os
 
@@ -13,7 +14,7 @@ from framework.cli import (check_group_choices, default_checkpoint_dir,
                            install_masked_cfg_printing, is_multirun, register_resolvers,
                            report_errors, run_hydra_main)
 from framework.config import Config, check_unknown_keys, register_configs
-from framework.security import check_plugin_targets
+from framework.security.plugins import check_plugin_targets
 
 register_configs()
 register_resolvers()
@@ -36,7 +37,7 @@ def to_config(dcfg: DictConfig) -> Config:
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")
 def main(dcfg: DictConfig) -> None:
-    from framework.run import run  # (not `framework.run`: the submodule shadows it once imported)
+    from framework import run
 
     # in a sweep (-m) a failed job is recorded in its directory and the next job runs
     job_dir = HydraConfig.get().runtime.output_dir if is_multirun() else None

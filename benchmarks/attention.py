@@ -10,7 +10,7 @@ decoding). Prints a table with the card's name; times are medians of CUDA-event 
 
 FlexAttention's Triton kernels are also timed under several `kernel_options` (block sizes, warps,
 TMA) and with inductor's autotuning (`--autotune`), so the default in
-framework/models/attention_variants.py (FLEX_KERNEL_OPTIONS) and `model.flex_kernel_options`
+framework/fast/alibi.py (FLEX_KERNEL_OPTIONS) and `model.flex_kernel_options`
 can be chosen from measurements. The last line names the fastest ALiBi setting and its ratio to
 causal SDPA.
 """
@@ -59,7 +59,7 @@ def kernel_ms(fn, iters=20):
 
 
 def main():
-    from framework.models.attention_variants import alibi_bias, alibi_slopes, flex_alibi
+    from framework.fast.alibi import alibi_bias, alibi_slopes, flex_alibi
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -92,7 +92,7 @@ def main():
     dense = alibi_bias(slopes, s, s, dev, dtype)
 
     def flex_causal():
-        from framework.models.attention_variants import (FLEX_KERNEL_OPTIONS, _flex,
+        from framework.fast.alibi import (FLEX_KERNEL_OPTIONS, _flex,
                                                          causal_block_mask)
 
         return _flex()(q, k, v, block_mask=causal_block_mask(s, s, dev), scale=scale,
@@ -113,7 +113,7 @@ def main():
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from framework.models.attention_variants import alibi_augment, alibi_q_columns
+    from framework.fast.alibi import alibi_augment, alibi_q_columns
 
     qcols = alibi_q_columns(slopes, scale, d, dtype)
 
@@ -165,7 +165,7 @@ def main():
     if args.autotune:
         from torch.nn.attention.flex_attention import flex_attention
 
-        from framework.models.attention_variants import FLEX_KERNEL_OPTIONS, causal_block_mask
+        from framework.fast.alibi import FLEX_KERNEL_OPTIONS, causal_block_mask
 
         tuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
 

@@ -57,7 +57,7 @@ def model_config(tiny: bool):
 
 def build_ours(cfg, device, bf16: bool, seed: int):
     from framework.config import ParallelConfig
-    from framework.models import build_model, padded_vocab_size
+    from framework.models.build import build_model, padded_vocab_size
 
     torch.manual_seed(seed)
     if device.type == "cuda":

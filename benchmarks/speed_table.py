@@ -335,7 +335,7 @@ def commit() -> str:
 def header(plan: Plan, env: str, steps: int) -> List[str]:
     shape = get_shape(plan.model)
     cfg = plan.ours_cfg
-    from framework.models import padded_vocab_size
+    from framework.models.build import padded_vocab_size
 
     padded = padded_vocab_size(shape.vocab, cfg.model.make_vocab_size_divisible_by, 1)
     o = plan.ours_settings

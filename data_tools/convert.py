@@ -152,17 +152,15 @@ def publish(tmp: str, save: str) -> None:
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def single_process_world() -> Iterator[None]:
-    import socket
-
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from framework.distributed import free_port
+
     made_pg = made_mp = False
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         # the models live on the CPU; with CUDA present, mcore's checkpointing still puts small
         # status tensors on the GPU, which the NCCL half of the backend carries
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
@@ -210,8 +208,8 @@ def print_hf_structure(hf_dir: str, allow_pickle: bool) -> None:
 
 
 def print_megatron_structure(path: str, allow_symlinks: bool = False) -> None:
+    from framework.checkpoint.reader import read_dist
     from framework.interop.megatron_files import describe, resolve_checkpoint
-    from framework.training.checkpoint_reader import read_dist
 
     _root, it, iter_path, meta = resolve_checkpoint(path, allow_symlinks=allow_symlinks)
     tensors, objects = describe(iter_path, allow_symlinks=allow_symlinks)
@@ -243,18 +241,20 @@ def hf_to_megatron(args) -> None:
 
     # the cheap refusals first: unsupported type, pickles (before torch / megatron imports)
     hf_cfg = read_hf_config(args.load)
-    fam = interop.family(hf_cfg.get("model_type"))
+    interop.check_supported(hf_cfg.get("model_type"))
     weights = HFWeights(args.load, allow_pickle=args.allow_pickle)
 
     import torch
 
+    from framework.checkpoint import save_checkpoint
     from framework.config import Config, ParallelConfig
-    from framework.models import build_model, padded_vocab_size
-    from framework.training.checkpoint import save_checkpoint
+    from framework.models.build import build_model, padded_vocab_size
+
+    fam = interop.family(hf_cfg.get("model_type"))
 
     if args.make_vocab_size_divisible_by < 1:
         raise InputError("--make-vocab-size-divisible-by must be >= 1")
-    model_cfg = interop.with_hf_tensors(fam, fam.hf_config_to_model_config(
+    model_cfg = interop.with_hf_tensors(fam, interop.hf_config_to_model_config(
         hf_cfg, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by), weights)
     tp, pp = args.target_tp, args.target_pp
     parallel = ParallelConfig(name=f"tp{tp}_pp{pp}", tensor_model_parallel_size=tp,
@@ -302,17 +302,17 @@ def megatron_to_hf(args) -> None:
     import torch
 
     from framework import interop
+    from framework.checkpoint import load_checkpoint, stored_model_config
     from framework.config import ParallelConfig
     from framework.interop.hf_files import parse_size
-    from framework.interop.megatron_files import (describe, model_config_from_meta,
-                                                  resolve_checkpoint)
-    from framework.models import build_model, unwrap
-    from framework.training.checkpoint import load_checkpoint
+    from framework.interop.megatron_files import describe, resolve_checkpoint
+    from framework.models.build import build_model
+    from framework.models.wrappers import unwrap
 
     max_shard = parse_size(args.max_shard_size)
     links = args.allow_symlinks
     root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
-    model_cfg = model_config_from_meta(meta, iter_path)
+    model_cfg = stored_model_config(meta, iter_path)
     source = meta.get("hf_source") or {}
     fam = interop.family_for_model(model_cfg, source.get("model_type"))
     saved_tok = os.path.join(iter_path, "tokenizer")
@@ -364,17 +364,16 @@ MODEL_SPACE_OPTIMIZER_FORMATS = (None, "fully_sharded_model_space", "fully_resha
 
 def reshape(args) -> None:
     from framework import interop
+    from framework.checkpoint import package_versions, stored_model_config
     from framework.config import Config, ParallelConfig
     from framework.interop.megatron_files import (check_model_shapes, describe, is_vocab_key,
-                                                  load_full, model_config_from_meta,
-                                                  resize_vocab_rows,
+                                                  load_full, resize_vocab_rows,
                                                   resolve_checkpoint, write_checkpoint)
-    from framework.models import padded_vocab_size
-    from framework.training.checkpoint import package_versions
+    from framework.models.build import padded_vocab_size
 
     links = args.allow_symlinks
     _root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
-    model_cfg = model_config_from_meta(meta, iter_path)
+    model_cfg = stored_model_config(meta, iter_path)
     if args.make_vocab_size_divisible_by is not None:
         if args.make_vocab_size_divisible_by < 1:
             raise InputError("--make-vocab-size-divisible-by must be >= 1")

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from framework.training.step import GPTTrainStep, avg_losses_across_data_parallel_group
+from framework.models.gpt.step import GPTTrainStep
+from framework.training.step import avg_losses_across_data_parallel_group
 
 
 def resolve_keytoken_ids(keywords: Sequence[str], tokenizer: Optional[str] = None,

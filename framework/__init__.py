@@ -9,7 +9,8 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def run(cfg):
-    """Launch (or join) the workers and train. See framework.run."""
-    from framework.run import run as _run
+    """Plan the run, launch (or join) the workers and train (framework/runner.py). Imported on
+    call: `import framework` stays free of torch and megatron-core."""
+    from framework.runner import run as _run
 
     return _run(cfg)

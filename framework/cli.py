@@ -40,7 +40,7 @@ def register_resolvers() -> None:
 
 def default_checkpoint_dir(override_dirname: str, cwd: str) -> str:
     """checkpoints/<overrides>: the same command resumes, a different one does not."""
-    from framework.security import is_secret_name, mask_text
+    from framework.security.masking import is_secret_name, mask_text
 
     # a secret given as an override must not become part of a directory name
     parts = []
@@ -76,7 +76,7 @@ def report_errors(fn: Callable[[], T], job_dir: Optional[str] = None) -> Optiona
     from omegaconf.errors import OmegaConfBaseException
 
     from framework.config import ConfigError
-    from framework.security import mask_text
+    from framework.security.masking import mask_text
 
     try:
         return fn()
@@ -97,7 +97,7 @@ def _record_job(fn: Callable[[], T], job_dir: str) -> Optional[T]:
     from omegaconf.errors import OmegaConfBaseException
 
     from framework.config import ConfigError
-    from framework.security import mask_text
+    from framework.security.masking import mask_text
     from framework.sweep import write_job_status
 
     try:
@@ -146,7 +146,7 @@ def run_hydra_main(main: Callable[[], Any], schema: type) -> None:
                     raise ex
 
                 return real(again)
-            from framework.security import mask_text
+            from framework.security.masking import mask_text
 
             print(f"error: {mask_text(line)}", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -245,7 +245,7 @@ def install_masked_cfg_printing() -> None:
     real = Hydra.show_cfg
 
     def show_cfg(self, config_name, overrides: List[str], *args, **kwargs):
-        from framework.security import mask_hydra_output
+        from framework.security.masking import mask_hydra_output
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):

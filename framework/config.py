@@ -15,18 +15,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-
-class ConfigError(ValueError):
-    """A config problem. Its message is one line that names the fields involved."""
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def _choice(value: Any, allowed: tuple, name: str) -> None:
-    _require(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+from framework.errors import ConfigError, choice, require  # noqa: F401  (ConfigError: re-exported)
+from framework.models import registry
 
 
 # Integers in the config are sizes, counts and steps; megatron-core and numpy index several of
@@ -48,9 +38,9 @@ def check_numbers(obj: Any, prefix: str) -> None:
                 continue
             name = f"{prefix}{f.name}={value}"
             if isinstance(x, float):
-                _require(math.isfinite(x), f"{name} must be a finite number")
+                require(math.isfinite(x), f"{name} must be a finite number")
             else:
-                _require(-INT_LIMIT <= x <= INT_LIMIT,
+                require(-INT_LIMIT <= x <= INT_LIMIT,
                          f"{name} is out of range (at most {INT_LIMIT} in absolute value)")
 
 
@@ -58,7 +48,7 @@ def _positive_or_unset(obj: Any, prefix: str, names: tuple, unset: str) -> None:
     """Optional sizes: null means unset; 0 or a negative number is an error (never "unset")."""
     for f in names:
         v = getattr(obj, f)
-        _require(v is None or v > 0, f"{prefix}{f}={v} must be positive (or null: {unset})")
+        require(v is None or v > 0, f"{prefix}{f}={v} must be positive (or null: {unset})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +59,7 @@ class ModelConfig:
     """Architecture. Fields named as in megatron-core's TransformerConfig / GPTModel."""
 
     name: str = "gpt_tiny"
-    type: str = "gpt"  # model family: key into framework.models.MODEL_BUILDERS
+    type: str = "gpt"  # model family: a name in framework.models.registry.FAMILIES
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -103,7 +93,7 @@ class ModelConfig:
     attention_backend: str = "sdpa"
     # ALiBi on GPU runs through FlexAttention; these are its Triton `kernel_options` (block sizes,
     # num_warps/num_stages, fwd_/bwd_ prefixed variants, USE_TMA, ...), merged over the defaults
-    # in framework/models/attention_variants.py (FLEX_KERNEL_OPTIONS). benchmarks/attention.py
+    # in framework/fast/alibi.py (FLEX_KERNEL_OPTIONS). benchmarks/attention.py
     # compares settings on one card.
     flex_kernel_options: Dict[str, Any] = field(default_factory=dict)
     # How ALiBi reaches the attention kernel in training / prefill (causal, no padding mask):
@@ -177,122 +167,98 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self, "model.")
-        _require(bool(self.type), "model.type must be set (gpt, bert or t5)")
+        require(bool(self.type), f"model.type must be set (one of {registry.names()})")
         for f in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-            _require(getattr(self, f) > 0, f"model.{f} must be positive, got {getattr(self, f)}")
+            require(getattr(self, f) > 0, f"model.{f} must be positive, got {getattr(self, f)}")
         # null is the documented "unset" of these; 0 used to be taken as unset too
         _positive_or_unset(self, "model.", ("ffn_hidden_size",), "4 x model.hidden_size")
         _positive_or_unset(self, "model.", ("vocab_size",), "the tokenizer's vocabulary")
         _positive_or_unset(self, "model.", ("kv_channels",),
                            "model.hidden_size / model.num_attention_heads")
         _positive_or_unset(self, "model.", ("max_position_embeddings",), "model.seq_length")
-        _require(self.make_vocab_size_divisible_by > 0,
+        require(self.make_vocab_size_divisible_by > 0,
                  f"model.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} must "
                  f"be positive")
         for f in ("init_method_std", "layernorm_epsilon"):
-            _require(getattr(self, f) > 0, f"model.{f}={getattr(self, f)} must be positive")
-        _require(
+            require(getattr(self, f) > 0, f"model.{f}={getattr(self, f)} must be positive")
+        require(
             self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
             f"model.hidden_size={self.hidden_size} must be divisible by "
             f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
         )
         if self.attention_head_type is not None:
-            _choice(self.attention_head_type, ("multiquery", "multihead"),
+            choice(self.attention_head_type, ("multiquery", "multihead"),
                     "model.attention_head_type")
             want = 1 if self.attention_head_type == "multiquery" else self.num_attention_heads
-            _require(self.num_query_groups in (None, want),
+            require(self.num_query_groups in (None, want),
                      f"model.attention_head_type={self.attention_head_type} conflicts with "
                      f"model.num_query_groups={self.num_query_groups} (it means {want})")
             # written back only when set by the user (the schema default is None)
             self.num_query_groups = want if want != self.num_attention_heads else None
         if self.num_query_groups is not None:
-            _require(
+            require(
                 self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
                 f"model.num_query_groups={self.num_query_groups} must divide "
                 f"model.num_attention_heads={self.num_attention_heads}",
             )
-        _require(
+        require(
             self.position_embedding_type != "learned_absolute"
             or self.max_positions >= self.seq_length,
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
-        _choice(self.alibi_kernel, ("auto", "augmented", "cudnn", "flex", "dense"),
+        choice(self.alibi_kernel, ("auto", "augmented", "cudnn", "flex", "dense"),
                 "model.alibi_kernel")
-        _choice(self.position_embedding_type,
+        choice(self.position_embedding_type,
                 ("learned_absolute", "rope", "alibi", "none", "relative"),
                 "model.position_embedding_type")
         self._check_family()
-        _require(0.0 < self.rotary_percent <= 1.0,
+        require(0.0 < self.rotary_percent <= 1.0,
                  f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
-        _require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
+        require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
         if self.position_embedding_type == "rope":
             head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
             rot = int(head_dim * self.rotary_percent)
-            _require(rot > 0 and rot % 2 == 0,
+            require(rot > 0 and rot % 2 == 0,
                      f"model.rotary_percent={self.rotary_percent} x head dim {head_dim} gives "
                      f"{rot} rotary channels; it must be a positive even number")
-        _require(self.position_embedding_type != "alibi" or self.attention_backend == "sdpa",
+        require(self.position_embedding_type != "alibi" or self.attention_backend == "sdpa",
                  "model.position_embedding_type=alibi needs model.attention_backend=sdpa "
                  f"(got {self.attention_backend!r}: mcore's local attention has no ALiBi)")
-        _choice(self.normalization, ("LayerNorm", "RMSNorm"), "model.normalization")
-        _choice(self.activation, ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu"),
+        choice(self.normalization, ("LayerNorm", "RMSNorm"), "model.normalization")
+        choice(self.activation, ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu"),
                 "model.activation")
-        _choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
-        _require(not self.bias_activation_fusion or self.activation == "swiglu"
+        choice(self.attention_backend, ("sdpa", "local"), "model.attention_backend")
+        require(not self.bias_activation_fusion or self.activation == "swiglu"
                  or (self.activation == "gelu_tanh" and self.add_bias_linear),
                  f"model.bias_activation_fusion=true: megatron-core has no fused kernel for "
                  f"model.activation={self.activation} (add_bias_linear="
                  f"{self.add_bias_linear}); it fuses swiglu, and gelu_tanh with biases")
         for f in ("hidden_dropout", "attention_dropout"):
-            _require(0.0 <= getattr(self, f) < 1,
+            require(0.0 <= getattr(self, f) < 1,
                      f"model.{f}={getattr(self, f)} must be in [0, 1)")
 
     def _check_family(self) -> None:
-        """Fields that only some model families (model.type) accept."""
+        """What the model family (model.type) accepts: its position embeddings, the family-only
+        options (FAMILY_OPTIONS) it declares, and its own rules (ModelSpec.check_model)."""
         t = self.type
-        allowed = {"gpt": ("learned_absolute", "rope", "alibi", "none"),
-                   "bert": ("learned_absolute", "rope"),
-                   "t5": ("relative", "learned_absolute", "rope")}.get(t)
-        if allowed is not None:
-            _require(self.position_embedding_type in allowed,
-                     f"model.position_embedding_type={self.position_embedding_type} is not "
-                     f"supported for model.type={t} (use one of {list(allowed)})")
-        _require(not self.fused_cross_entropy or t == "gpt",
-                 f"model.fused_cross_entropy=true is a GPT option (model.type={t})")
-        if self.fused_cross_entropy is None:
-            self.fused_cross_entropy = t == "gpt"
-        _require(not self.add_binary_head or t == "bert",
-                 f"model.add_binary_head=true is a BERT option (model.type={t})")
-        _require(self.softmax_scale is None or self.softmax_scale > 0,
-                 f"model.softmax_scale={self.softmax_scale} must be positive (or null)")
-        _require(t == "t5" or (not self.scale_decoder_output and self.lm_head_bias),
-                 f"model.scale_decoder_output / model.lm_head_bias=false are T5 options "
-                 f"(model.type={t})")
-        if t == "t5":
-            _require(self.decoder_seq_length is not None and self.decoder_seq_length > 0,
-                     f"model.decoder_seq_length must be a positive number for model.type=t5, "
-                     f"got {self.decoder_seq_length}")
-            _require(self.encoder_num_layers is None or self.encoder_num_layers > 0,
-                     f"model.encoder_num_layers={self.encoder_num_layers} must be positive")
-            _require(self.position_embedding_type != "learned_absolute"
-                     or self.max_positions >= self.decoder_seq_length,
-                     f"model.decoder_seq_length={self.decoder_seq_length} exceeds "
-                     f"model.max_position_embeddings={self.max_positions}")
-            _require(self.position_embedding_type != "relative" or self.attention_backend == "sdpa",
-                     "model.position_embedding_type=relative needs model.attention_backend=sdpa "
-                     "(mcore's local attention takes no attention bias)")
-            _require(self.relative_attention_num_buckets > 0
-                     and self.relative_attention_max_distance > 0,
-                     "model.relative_attention_num_buckets and "
-                     "model.relative_attention_max_distance must be positive")
-        else:
-            _require(self.decoder_seq_length is None and self.encoder_num_layers is None,
-                     f"model.decoder_seq_length / model.encoder_num_layers are T5 options "
-                     f"(model.type={t})")
-        if t == "bert":
-            _require(self.seq_length > 3, f"model.seq_length={self.seq_length} must be > 3 for "
-                                          f"BERT ([CLS] A [SEP] B [SEP])")
+        spec = registry.family(t)
+        allowed = spec.position_embeddings
+        require(self.position_embedding_type in allowed,
+                f"model.position_embedding_type={self.position_embedding_type} is not "
+                f"supported for model.type={t} (use one of {list(allowed)})")
+        for name, unset in FAMILY_OPTIONS.items():
+            value = getattr(self, name)
+            if name in spec.options or value in unset:
+                continue
+            owners = "/".join(registry.family(n).label for n in registry.names()
+                              if name in registry.family(n).options) or "no family's"
+            require(False, f"model.{name}={_show(value)} is a {owners} option (model.type={t})")
+        if self.fused_cross_entropy is None:  # on where the family offers it
+            self.fused_cross_entropy = "fused_cross_entropy" in spec.options
+        require(self.softmax_scale is None or self.softmax_scale > 0,
+                f"model.softmax_scale={self.softmax_scale} must be positive (or null)")
+        spec.check_model(self)
 
     @property
     def enc_layers(self) -> int:
@@ -308,6 +274,22 @@ class ModelConfig:
     @property
     def max_positions(self) -> int:
         return self.max_position_embeddings or self.seq_length
+
+
+# ModelConfig fields that only some model families use (ModelSpec.options), with the values that
+# mean "unset": a family that does not list a field refuses any other value.
+FAMILY_OPTIONS: Dict[str, tuple] = {
+    "fused_cross_entropy": (None, False),
+    "add_binary_head": (False,),
+    "scale_decoder_output": (False,),
+    "lm_head_bias": (True,),
+    "decoder_seq_length": (None,),
+    "encoder_num_layers": (None,),
+}
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +315,7 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     # None | "selective" | "full"
     recompute_granularity: Optional[str] = None
-    # selective only, any of RECOMPUTE_MODULES. mlp_act (ours, framework/models/mlp.py): the
+    # selective only, any of RECOMPUTE_MODULES. mlp_act (ours, framework/models/layers.py): the
     # MLP's activation output is not kept for fc2's backward but recomputed from fc1's output
     # (saves one [s, b, ffn/TP] tensor per layer for one elementwise kernel; within "mlp")
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
@@ -350,43 +332,43 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check_numbers(self, "parallel.")
         for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            _require(getattr(self, f) >= 1, f"parallel.{f} must be >= 1, got {getattr(self, f)}")
-        _require(
+            require(getattr(self, f) >= 1, f"parallel.{f} must be >= 1, got {getattr(self, f)}")
+        require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1",
         )
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
-            _require(vpp >= 1, f"parallel.virtual_pipeline_model_parallel_size={vpp} must be >= 1")
-            _require(
+            require(vpp >= 1, f"parallel.virtual_pipeline_model_parallel_size={vpp} must be >= 1")
+            require(
                 vpp == 1 or self.pipeline_model_parallel_size > 1,
                 "parallel.virtual_pipeline_model_parallel_size > 1 needs "
                 "parallel.pipeline_model_parallel_size > 1",
             )
         if self.data_parallel_size is not None:
-            _require(self.data_parallel_size >= 1,
+            require(self.data_parallel_size >= 1,
                      f"parallel.data_parallel_size={self.data_parallel_size} must be >= 1")
         if self.recompute_granularity is not None:
-            _choice(self.recompute_granularity, ("selective", "full"),
+            choice(self.recompute_granularity, ("selective", "full"),
                     "parallel.recompute_granularity")
         bad = [m for m in self.recompute_modules or () if m not in RECOMPUTE_MODULES]
-        _require(not bad, f"parallel.recompute_modules={list(self.recompute_modules)}: {bad} "
+        require(not bad, f"parallel.recompute_modules={list(self.recompute_modules)}: {bad} "
                           f"not among {list(RECOMPUTE_MODULES)}")
         if self.recompute_granularity == "full":
-            _require(self.recompute_method in ("uniform", "block"),
+            require(self.recompute_method in ("uniform", "block"),
                      "parallel.recompute_granularity=full needs parallel.recompute_method "
                      "(uniform or block)")
         _positive_or_unset(self, "parallel.", ("recompute_num_layers",), "1 with full recompute")
         # timedelta overflows past ~1.4e12 minutes; a week is already far beyond any collective
-        _require(0 < self.distributed_timeout_minutes <= 7 * 24 * 60,
+        require(0 < self.distributed_timeout_minutes <= 7 * 24 * 60,
                  f"parallel.distributed_timeout_minutes={self.distributed_timeout_minutes} must "
                  f"be in [1, {7 * 24 * 60}] (a week)")
-        _require(not (self.overlap_p2p_comm is False and vpp and vpp > 1
+        require(not (self.overlap_p2p_comm is False and vpp and vpp > 1
                       and self.pipeline_model_parallel_size == 2),
                  "parallel.overlap_p2p_comm=false with interleaving at "
                  "pipeline_model_parallel_size=2 gives wrong gradients (batched p2p to one "
                  "peer in both directions pairs up out of order); leave it unset")
-        _require(not self.overlap_param_gather or self.use_distributed_optimizer,
+        require(not self.overlap_param_gather or self.use_distributed_optimizer,
                  "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
 
     @property
@@ -436,30 +418,30 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self, "optimizer.")  # lr=inf would train and skip every step as non-finite
-        _choice(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")
-        _choice(self.lr_decay_style, ("linear", "cosine", "constant"), "optimizer.lr_decay_style")
-        _require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr,
+        choice(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")
+        choice(self.lr_decay_style, ("linear", "cosine", "constant"), "optimizer.lr_decay_style")
+        require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr,
                  f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
         for f in ("adam_beta1", "adam_beta2", "sgd_momentum"):
-            _require(0 <= getattr(self, f) < 1, f"optimizer.{f}={getattr(self, f)} must be in "
+            require(0 <= getattr(self, f) < 1, f"optimizer.{f}={getattr(self, f)} must be in "
                                                 f"[0, 1)")
-        _require(self.adam_eps > 0, f"optimizer.adam_eps={self.adam_eps} must be positive")
-        _require(self.weight_decay >= 0,
+        require(self.adam_eps > 0, f"optimizer.adam_eps={self.adam_eps} must be positive")
+        require(self.weight_decay >= 0,
                  f"optimizer.weight_decay={self.weight_decay} must be >= 0")
-        _require(self.lr_warmup_steps >= 0,
+        require(self.lr_warmup_steps >= 0,
                  f"optimizer.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
         _positive_or_unset(self, "optimizer.", ("lr_decay_steps",), "train.max_steps")
-        _require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 "
+        require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 "
                                       f"(0 disables clipping)")
-        _require(self.loss_scale is None or self.loss_scale > 0,
+        require(self.loss_scale is None or self.loss_scale > 0,
                  f"optimizer.loss_scale={self.loss_scale} must be positive (or null: dynamic)")
         for f in ("initial_loss_scale", "min_loss_scale", "loss_scale_window"):
-            _require(getattr(self, f) > 0, f"optimizer.{f}={getattr(self, f)} must be positive")
-        _require(self.min_loss_scale <= self.initial_loss_scale,
+            require(getattr(self, f) > 0, f"optimizer.{f}={getattr(self, f)} must be positive")
+        require(self.min_loss_scale <= self.initial_loss_scale,
                  f"optimizer.min_loss_scale={self.min_loss_scale} must be <= "
                  f"optimizer.initial_loss_scale={self.initial_loss_scale}")
-        _require(self.hysteresis >= 1, f"optimizer.hysteresis={self.hysteresis} must be >= 1")
+        require(self.hysteresis >= 1, f"optimizer.hysteresis={self.hysteresis} must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,28 +477,28 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self, "data.")
-        _choice(self.type, ("embedded", "indexed", "mock"), "data.type")
+        choice(self.type, ("embedded", "indexed", "mock"), "data.type")
         # the embedded corpus is generated on the first run; beyond this it takes minutes
-        _require(0 < self.num_documents <= EMBEDDED_DOCUMENTS_LIMIT,
+        require(0 < self.num_documents <= EMBEDDED_DOCUMENTS_LIMIT,
                  f"data.num_documents={self.num_documents} must be in [1, "
                  f"{EMBEDDED_DOCUMENTS_LIMIT}] (more data: preprocess it and use data=indexed)")
-        _require(0 <= self.num_workers <= 64,
+        require(0 <= self.num_workers <= 64,
                  f"data.num_workers={self.num_workers} must be in [0, 64]")
-        _require(0.0 < self.masking_probability < 1.0,
+        require(0.0 < self.masking_probability < 1.0,
                  f"data.masking_probability={self.masking_probability} must be in (0, 1)")
-        _require(0.0 <= self.short_sequence_probability <= 1.0,
+        require(0.0 <= self.short_sequence_probability <= 1.0,
                  f"data.short_sequence_probability={self.short_sequence_probability} must be in "
                  f"[0, 1]")
-        _require(self.masking_max_ngram is None or self.masking_max_ngram > 0,
+        require(self.masking_max_ngram is None or self.masking_max_ngram > 0,
                  f"data.masking_max_ngram={self.masking_max_ngram} must be positive")
-        _require(not (self.masking_use_geometric_distribution and self.masking_do_permutation),
+        require(not (self.masking_use_geometric_distribution and self.masking_do_permutation),
                  "data.masking_use_geometric_distribution and data.masking_do_permutation "
                  "cannot both be true")
         if self.type == "indexed":
-            _require(len(self.path) > 0, "data=indexed needs data.path=[prefix] (or a blend "
+            require(len(self.path) > 0, "data=indexed needs data.path=[prefix] (or a blend "
                                          "[weight, prefix, ...])")
         parts = self.split.replace("/", ",").split(",")
-        _require(
+        require(
             len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
             and sum(float(p) for p in parts) > 0,
             f"data.split={self.split!r} must be three non-negative numbers like '949,50,1'",
@@ -532,9 +514,9 @@ class TokenizerConfig:
     merge_file: Optional[str] = None  # GPT-2 BPE merges.txt
 
     def __post_init__(self) -> None:
-        _require((self.vocab_file is None) == (self.merge_file is None),
+        require((self.vocab_file is None) == (self.merge_file is None),
                  "tokenizer.vocab_file and tokenizer.merge_file must be given together")
-        _require(self.path is None or self.vocab_file is None,
+        require(self.path is None or self.vocab_file is None,
                  "give either tokenizer.path or tokenizer.vocab_file/merge_file, not both")
 
 
@@ -554,10 +536,10 @@ class ProfileConfig:
     def __post_init__(self) -> None:
         check_numbers(self, "train.profile.")
         s = list(self.steps)
-        _require(not s or (len(s) <= 2 and 1 <= s[0] <= s[-1]),
+        require(not s or (len(s) <= 2 and 1 <= s[0] <= s[-1]),
                  f"train.profile.steps={s} must be [first, last] with 1 <= first <= last "
                  f"(or [] for off)")
-        _require(all(r >= 0 for r in self.ranks or ()),
+        require(all(r >= 0 for r in self.ranks or ()),
                  f"train.profile.ranks={self.ranks} must be ranks (>= 0)")
 
 
@@ -577,7 +559,7 @@ class TrainConfig:
     progress_bar: bool = True
     # Plugin point: the train-step class (see framework.training.step). Only `_target_` here.
     step: dict = field(default_factory=dict)
-    # resilience (framework.training.resilience)
+    # resilience (framework.training.stop, framework.training.nan_guard)
     max_minutes: Optional[float] = None  # wall-clock budget: save a checkpoint and exit 0
     nan_policy: str = "skip"  # non-finite loss/grad norm: skip the update | stop the run
     max_consecutive_nan: int = 10  # stop after this many non-finite steps in a row
@@ -599,34 +581,34 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self, "train.")
-        _choice(self.device, ("auto", "cuda", "cpu"), "train.device")
-        _choice(self.nan_policy, ("skip", "stop"), "train.nan_policy")
-        _require(self.max_steps <= MAX_STEPS_LIMIT,
+        choice(self.device, ("auto", "cuda", "cpu"), "train.device")
+        choice(self.nan_policy, ("skip", "stop"), "train.nan_policy")
+        require(self.max_steps <= MAX_STEPS_LIMIT,
                  f"train.max_steps={self.max_steps} is beyond {MAX_STEPS_LIMIT:,} steps "
                  f"(max_steps x global_batch_size samples are indexed before training starts)")
         # numpy seeds are < 2**32, and each pipeline stage adds 100 x its rank
-        _require(0 <= self.seed < 2**31, f"train.seed={self.seed} must be in [0, 2**31)")
-        _require(self.max_minutes is None or self.max_minutes > 0,
+        require(0 <= self.seed < 2**31, f"train.seed={self.seed} must be in [0, 2**31)")
+        require(self.max_minutes is None or self.max_minutes > 0,
                  f"train.max_minutes must be positive (or null), got {self.max_minutes}")
-        _require(self.max_consecutive_nan > 0,
+        require(self.max_consecutive_nan > 0,
                  f"train.max_consecutive_nan must be positive, got {self.max_consecutive_nan}")
-        _require(self.spike_factor is None or self.spike_factor > 1,
+        require(self.spike_factor is None or self.spike_factor > 1,
                  f"train.spike_factor must be > 1 (or null), got {self.spike_factor}")
-        _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         for f in ("micro_batch_size", "global_batch_size", "log_interval"):
-            _require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")
-        _require(self.eval_interval >= 0 and self.eval_iters >= 0,
+            require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")
+        require(self.eval_interval >= 0 and self.eval_iters >= 0,
                  "train.eval_interval and train.eval_iters must be >= 0")
-        _require(not (self.fp16 and self.bf16),
+        require(not (self.fp16 and self.bf16),
                  "train.fp16=true and train.bf16=true cannot both be set")
         # Hydra hands a boolean to this string field as "True" / "False"
         if isinstance(self.fp8, str) and self.fp8.lower() in ("false", "none", "off", ""):
             self.fp8 = None
         elif isinstance(self.fp8, str) and self.fp8.lower() == "true":
             self.fp8 = "tensorwise"
-        _require(self.fp8 in (None, "tensorwise", "rowwise"),
+        require(self.fp8 in (None, "tensorwise", "rowwise"),
                  f"train.fp8={self.fp8!r} is not one of [null, 'tensorwise', 'rowwise']")
-        _require(not self.fp8 or (not self.fp16 and self.bf16 is not False),
+        require(not self.fp8 or (not self.fp16 and self.bf16 is not False),
                  f"train.fp8={self.fp8} needs bf16 (FP8 GEMMs between bf16 layers): unset "
                  f"train.fp16 / train.bf16=false")
 
@@ -650,11 +632,11 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self, "checkpoint.")
-        _require(self.keep_last is None or self.keep_last > 0,
+        require(self.keep_last is None or self.keep_last > 0,
                  f"checkpoint.keep_last must be positive (or null), got {self.keep_last}")
-        _require(not (self.load and self.load_hf),
+        require(not (self.load and self.load_hf),
                  "give checkpoint.load or checkpoint.load_hf, not both")
-        _require(self.save_interval > 0,
+        require(self.save_interval > 0,
                  f"checkpoint.save_interval must be positive, got {self.save_interval}")
 
 
@@ -669,7 +651,7 @@ class LoggingConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.wandb_mode in (None, "online", "offline", "disabled", "shared"),
+        require(self.wandb_mode in (None, "online", "offline", "disabled", "shared"),
                  f"logging.wandb_mode={self.wandb_mode!r} is not one of "
                  f"[null, 'online', 'offline', 'disabled', 'shared']")
 
@@ -689,41 +671,45 @@ class Config:
     def __post_init__(self) -> None:
         m, p, t = self.model, self.parallel, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        _require(m.num_attention_heads % tp == 0,
+        require(m.num_attention_heads % tp == 0,
                  f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
                  f"parallel.tensor_model_parallel_size={tp}")
         groups = m.num_query_groups or m.num_attention_heads
-        _require(groups % tp == 0 or tp % groups == 0,
+        require(groups % tp == 0 or tp % groups == 0,
                  f"model.num_query_groups={groups} and parallel.tensor_model_parallel_size={tp}: "
                  f"one must divide the other")
-        _require(m.ffn % tp == 0,
+        require(m.ffn % tp == 0,
                  f"model.ffn_hidden_size={m.ffn} must be divisible by "
                  f"parallel.tensor_model_parallel_size={tp}")
         vpp = p.vpp or 1
-        _require(m.num_layers % (pp * vpp) == 0,
+        require(m.num_layers % (pp * vpp) == 0,
                  f"model.num_layers={m.num_layers} must be divisible by "
                  f"parallel.pipeline_model_parallel_size={pp} x "
                  f"parallel.virtual_pipeline_model_parallel_size={vpp}")
         if p.sequence_parallel:
-            _require(m.seq_length % tp == 0,
+            require(m.seq_length % tp == 0,
                      f"model.seq_length={m.seq_length} must be divisible by "
                      f"parallel.tensor_model_parallel_size={tp} when parallel.sequence_parallel")
-            _require(m.decoder_seq_length is None or m.decoder_seq_length % tp == 0,
+            require(m.decoder_seq_length is None or m.decoder_seq_length % tp == 0,
                      f"model.decoder_seq_length={m.decoder_seq_length} must be divisible by "
                      f"parallel.tensor_model_parallel_size={tp} when parallel.sequence_parallel")
-        self._check_masked_lm()
+        spec = registry.family(m.type)
+        require(self.data.type in spec.data_types,
+                f"data={self.data.type} is not supported for model.type={m.type} (use "
+                f"{' or '.join('data=' + d for d in spec.data_types)})")
+        spec.check_run(self)
         if t.fp8:
             self._check_fp8()
-        _require(t.global_batch_size % t.micro_batch_size == 0,
+        require(t.global_batch_size % t.micro_batch_size == 0,
                  f"train.global_batch_size={t.global_batch_size} must be divisible by "
                  f"train.micro_batch_size={t.micro_batch_size}")
         if p.data_parallel_size is not None:
             self._check_batch(p.data_parallel_size)
         if self.data.type == "embedded":
-            _require(self.checkpoint.load_hf is None,
+            require(self.checkpoint.load_hf is None,
                      "checkpoint.load_hf needs data=indexed or data=mock: the embedded corpus is "
                      "tokenized with its own character tokenizer, not the model's")
-            _require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
+            require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
                      "data=embedded uses its own tokenizer; unset tokenizer.path/vocab_file or "
                      "pick data=indexed")
 
@@ -731,7 +717,9 @@ class Config:
         """torch's FP8 GEMM needs every reduction dim and output width to be a multiple of 16:
         the linears' input and output widths on each TP rank, and the tokens per micro-batch."""
         m, tp, t = self.model, self.parallel.tensor_model_parallel_size, self.train
-        _require(m.type == "gpt", f"train.fp8 is supported for model.type=gpt (got {m.type})")
+        supported = registry.with_capability("fp8")
+        require(m.type in supported, f"train.fp8 is supported for model.type="
+                                     f"{'/'.join(supported)} (got {m.type})")
         head = m.kv_channels or m.hidden_size // m.num_attention_heads
         groups = m.num_query_groups or m.num_attention_heads
         widths = {"model.hidden_size": m.hidden_size,
@@ -740,49 +728,18 @@ class Config:
                   "QKV width / TP": (m.num_attention_heads + 2 * groups) * head // tp,
                   "train.micro_batch_size x model.seq_length": t.micro_batch_size * m.seq_length}
         for name, v in widths.items():
-            _require(v % 16 == 0, f"train.fp8 needs {name} to be a multiple of 16 (got {v})")
-
-    def _check_masked_lm(self) -> None:
-        m, p, d = self.model, self.parallel, self.data
-        if m.type not in ("bert", "t5"):
-            return
-        _require(d.type != "mock", f"data=mock makes GPT samples only; model.type={m.type} needs "
-                                   f"data=embedded or data=indexed (sentence-split .bin/.idx)")
-        _require(self.checkpoint.load_hf is None or m.type == "bert",
-                 f"checkpoint.load_hf imports GPT-2 and Megatron-BERT weights; not supported for "
-                 f"model.type={m.type}")
-        if m.type == "t5":
-            # megatron-core 0.16 removed encoder-decoder pipelining: ModelType.encoder_and_decoder
-            # raises (megatron/core/enums.py) and the schedules send one tensor per stage
-            # (pipeline_parallel/schedules.py get_tensor_shapes), not encoder + decoder states.
-            _require(p.pipeline_model_parallel_size == 1,
-                     "parallel.pipeline_model_parallel_size>1 is not supported for model.type=t5: "
-                     "megatron-core 0.16 has no encoder-decoder pipeline schedule "
-                     "(ModelType.encoder_and_decoder was removed); use TP/DP/SP")
-            groups = m.num_query_groups or m.num_attention_heads
-            tp = p.tensor_model_parallel_size
-            head = m.kv_channels or m.hidden_size // m.num_attention_heads
-            _require(groups >= tp or (2 * groups * head) % tp == 0,
-                     f"model.num_query_groups={groups} < parallel.tensor_model_parallel_size={tp}: "
-                     f"the cross-attention key/value width 2 x groups x head dim = "
-                     f"{2 * groups * head} must be divisible by TP")
-            # one sentinel per masked span; the decoder holds <s> + (sentinel + span) per span
-            spans = math.ceil(d.masking_probability * (m.seq_length - 2))
-            _require(m.decoder_seq_length >= spans + 2,
-                     f"model.decoder_seq_length={m.decoder_seq_length} is too short for "
-                     f"data.masking_probability={d.masking_probability} x model.seq_length="
-                     f"{m.seq_length} (needs at least {spans + 2})")
+            require(v % 16 == 0, f"train.fp8 needs {name} to be a multiple of 16 (got {v})")
 
     def _check_batch(self, dp: int) -> None:
         t = self.train
-        _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={t.global_batch_size} must be divisible by "
                  f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
         vpp = self.parallel.vpp
         if vpp:
             n_micro = t.global_batch_size // (t.micro_batch_size * dp)
             pp = self.parallel.pipeline_model_parallel_size
-            _require(n_micro % pp == 0,
+            require(n_micro % pp == 0,
                      f"interleaved pipelining needs the number of micro-batches ({n_micro} = "
                      f"train.global_batch_size / (train.micro_batch_size x DP)) to be a multiple "
                      f"of parallel.pipeline_model_parallel_size={pp}")
@@ -791,13 +748,13 @@ class Config:
         """Fix data_parallel_size from the world size and check every world-dependent rule."""
         p = self.parallel
         mp = p.model_parallel_size
-        _require(world_size % mp == 0,
+        require(world_size % mp == 0,
                  f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size"
                  f"={p.tensor_model_parallel_size} x parallel.pipeline_model_parallel_size="
                  f"{p.pipeline_model_parallel_size}")
         dp = world_size // mp
         if p.data_parallel_size is not None:
-            _require(p.data_parallel_size == dp,
+            require(p.data_parallel_size == dp,
                      f"parallel.data_parallel_size={p.data_parallel_size} but world size "
                      f"{world_size} / (TP x PP = {mp}) = {dp}")
         p.data_parallel_size = dp
@@ -807,24 +764,20 @@ class Config:
 
             # one process per rank, each holding torch and a model copy
             limit = max(8, 2 * (os.cpu_count() or 1))
-            _require(world_size <= limit,
+            require(world_size <= limit,
                      f"the layout needs {world_size} worker processes (parallel.tensor_model_"
                      f"parallel_size={p.tensor_model_parallel_size} x data-parallel size {dp}); "
                      f"a CPU run allows at most {limit} (2 x the CPU cores, at least 8)")
-            _require(p.pipeline_model_parallel_size == 1,
+            require(p.pipeline_model_parallel_size == 1,
                      "parallel.pipeline_model_parallel_size > 1 needs GPUs (megatron-core's "
                      "pipeline schedules are CUDA-only); use train.device=cuda")
-            _require(not p.use_distributed_optimizer,
+            require(not p.use_distributed_optimizer,
                      "parallel.use_distributed_optimizer=true needs GPUs (megatron-core's "
                      "distributed optimizer is CUDA-only)")
-            _require(not p.sequence_parallel,
+            require(not p.sequence_parallel,
                      "parallel.sequence_parallel=true needs GPUs (gloo has no reduce-scatter)")
-            _require(not self.train.bf16 and not self.train.fp16,
+            require(not self.train.bf16 and not self.train.fp16,
                      "train.bf16/train.fp16 need GPUs; CPU runs train in fp32")
-
-
-def field_names(cls) -> List[str]:
-    return [f.name for f in fields(cls)]
 
 
 def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:

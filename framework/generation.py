@@ -41,8 +41,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from framework.config import ConfigError
+from framework.errors import require
 from framework.fast import lean_decode
+from framework.models.wrappers import unwrap
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 
@@ -50,18 +51,13 @@ NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 # --------------------------------------------------------------------------------------------
 # options
 # --------------------------------------------------------------------------------------------
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 def normalize_early_stopping(value: Union[bool, str]) -> Union[bool, str]:
     """False | True | "never" (Hugging Face's values); strings "false"/"true" are accepted."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
     mapping = {"false": False, "true": True, "never": "never"}
-    _require(text in mapping, f"early_stopping={value!r} is not one of [false, true, never]")
+    require(text in mapping, f"early_stopping={value!r} is not one of [false, true, never]")
     return mapping[text]
 
 
@@ -93,20 +89,20 @@ class GenerationOptions:
     seed: Optional[int] = 1234
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        _require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
-        _require(0.0 <= self.top_p <= 1.0, f"top_p={self.top_p} must be in [0, 1] (0 = off)")
-        _require(0.0 <= self.top_p_decay <= 1.0,
+        require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
+        require(0.0 <= self.top_p <= 1.0, f"top_p={self.top_p} must be in [0, 1] (0 = off)")
+        require(0.0 <= self.top_p_decay <= 1.0,
                  f"top_p_decay={self.top_p_decay} must be in [0, 1] (0 = no decay)")
-        _require(0.0 <= self.top_p_bound <= 1.0,
+        require(0.0 <= self.top_p_bound <= 1.0,
                  f"top_p_bound={self.top_p_bound} must be in [0, 1]")
-        _require(self.temperature > 0.0 and math.isfinite(self.temperature),
+        require(self.temperature > 0.0 and math.isfinite(self.temperature),
                  f"temperature={self.temperature} must be a positive number")
-        _require(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
-        _require(math.isfinite(self.length_penalty),
+        require(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
+        require(math.isfinite(self.length_penalty),
                  f"length_penalty={self.length_penalty} must be finite")
         normalize_early_stopping(self.early_stopping)
-        _require(
+        require(
             self.num_beams == 1 or (self.top_k == 0 and self.top_p == 0.0
                                     and self.temperature == 1.0),
             f"num_beams={self.num_beams} is (deterministic) beam search; it cannot be combined "
@@ -197,12 +193,6 @@ def _chunks(model) -> List[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    from framework.models import unwrap
-
-    return unwrap(module)
-
-
 @contextmanager
 def generation_mode(model) -> Iterator[None]:
     """eval(), no_grad and sequence parallelism off for the duration; all restored after.
@@ -227,7 +217,7 @@ def generation_mode(model) -> Iterator[None]:
                 seen_cfgs.add(id(cfg))
                 cfg.sequence_parallel = False
                 changed.append((cfg, "sequence_parallel"))
-    cfg0 = _unwrap(chunks[0]).config
+    cfg0 = unwrap(chunks[0]).config
     if changed:
         _log_once("generation: sequence parallelism is switched off while generating")
     if getattr(cfg0, "recompute_granularity", None):
@@ -260,7 +250,7 @@ def _gather_vocab_on_cpu(chunks) -> Iterator[None]:
     if ps is not None and ps.get_tensor_model_parallel_world_size() > 1:
         group = ps.get_tensor_model_parallel_group()
         for c in chunks:
-            layer = getattr(_unwrap(c), "output_layer", None)
+            layer = getattr(unwrap(c), "output_layer", None)
             if layer is None or next(c.parameters()).is_cuda:
                 continue
 
@@ -287,9 +277,9 @@ def _prepare_batch(input_ids, attention_mask, pad_id: int, device) -> Tuple[torc
     """Left-aligned (left-padded) tokens [b, s] and a bool mask of real tokens."""
     if not isinstance(input_ids, torch.Tensor):
         rows = [list(map(int, r)) for r in input_ids]
-        _require(len(rows) > 0, "no prompts to generate from (empty batch)")
+        require(len(rows) > 0, "no prompts to generate from (empty batch)")
         for i, r in enumerate(rows):
-            _require(len(r) > 0, f"prompt {i} has no tokens")
+            require(len(r) > 0, f"prompt {i} has no tokens")
         s = max(len(r) for r in rows)
         tokens = torch.full((len(rows), s), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), s), dtype=torch.bool)
@@ -297,15 +287,15 @@ def _prepare_batch(input_ids, attention_mask, pad_id: int, device) -> Tuple[torc
             tokens[i, s - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, s - len(r):] = True
         return tokens.to(device), mask.to(device)
-    _require(input_ids.dim() == 2 and input_ids.shape[0] > 0 and input_ids.shape[1] > 0,
+    require(input_ids.dim() == 2 and input_ids.shape[0] > 0 and input_ids.shape[1] > 0,
              f"input_ids must be a non-empty [batch, seq] tensor, got shape "
              f"{tuple(input_ids.shape)}")
     tokens = input_ids.to(device=device, dtype=torch.long)
     if attention_mask is None:
         return tokens, torch.ones_like(tokens, dtype=torch.bool)
     mask = attention_mask.to(device).bool()
-    _require(mask.shape == tokens.shape, "attention_mask must have the shape of input_ids")
-    _require(bool(mask.any(dim=1).all()), "a prompt has no tokens (attention_mask all zero)")
+    require(mask.shape == tokens.shape, "attention_mask must have the shape of input_ids")
+    require(bool(mask.any(dim=1).all()), "a prompt has no tokens (attention_mask all zero)")
     # move real tokens to the right end of each row (right- or mixed padding -> left padding)
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
     return tokens.gather(1, order), mask.gather(1, order)
@@ -322,7 +312,7 @@ class _Decoder:
     def __init__(self, model, tokens: torch.Tensor, real: torch.Tensor, max_len: int,
                  use_cache: bool, lean: bool = True, static: bool = False):
         self.chunks = _chunks(model)
-        self.modules = [_unwrap(c) for c in self.chunks]
+        self.modules = [unwrap(c) for c in self.chunks]
         self.config = self.modules[0].config
         self.tokens, self.real = tokens, real
         self.positions = (real.long().cumsum(1) - 1).clamp(min=0)
@@ -646,8 +636,8 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     tokens, real = _prepare_batch(input_ids, attention_mask, pad, device)
     batch, s = tokens.shape
-    context = _unwrap(chunks[0]).max_sequence_length
-    _require(s <= context, f"the prompt is {s} tokens long but the model's context is {context} "
+    context = unwrap(chunks[0]).max_sequence_length
+    require(s <= context, f"the prompt is {s} tokens long but the model's context is {context} "
                            f"positions")
     max_new = min(opts.max_new_tokens, context - s + 1)
     if max_new < opts.max_new_tokens:

@@ -6,7 +6,8 @@
 * `GenerateConfig` is the schema of conf/generate.yaml: the decoding options of
   `framework.generation.GenerationOptions` plus where the model, tokenizer and prompts come from.
 * `run_generate(cfg)` checks everything it can before any process group or model exists
-  (prompts, their lengths, the layout), then starts the workers through `framework.run.launch`.
+  (prompts, their lengths, the layout), then starts the workers through
+  `framework.launch.launch`.
   Each data-parallel rank serves its share of the prompts; rank 0 prints and writes the results.
 """
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from framework.config import ConfigError, ModelConfig, ParallelConfig, TokenizerConfig
-from framework.generation import GenerationOptions
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from framework.checkpoint import reader
+from framework.checkpoint.state import load_checkpoint
+from framework.config import ModelConfig, ParallelConfig, TokenizerConfig
+from framework.distributed import init_distributed, set_seeds, teardown
+from framework.errors import ConfigError, require
+from framework.generation import GenerationOptions, generate
+from framework.launch import launch, resolve_device
+from framework.models.registry import family, with_capability
+from framework.tokenizer import TokenizerSource, choose_tokenizer
 
 
 @dataclass
@@ -48,11 +51,11 @@ class GenerateConfig(GenerationOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.prompts is None or len(self.prompts) > 0,
+        require(self.prompts is None or len(self.prompts) > 0,
                  "prompts=[] is empty: give at least one prompt, e.g. prompts='[\"12+35=\"]'")
-        _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        _require(self.num_heldout >= 1, f"num_heldout={self.num_heldout} must be >= 1")
-        _require(self.device in ("auto", "cuda", "cpu"),
+        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        require(self.num_heldout >= 1, f"num_heldout={self.num_heldout} must be >= 1")
+        require(self.device in ("auto", "cuda", "cpu"),
                  f"device={self.device!r} is not one of ['auto', 'cuda', 'cpu']")
 
     def options(self) -> Dict[str, Any]:
@@ -68,25 +71,13 @@ def register_generate_config() -> None:
 # --------------------------------------------------------------------------------------------
 # what a checkpoint says
 # --------------------------------------------------------------------------------------------
-def model_config_from_meta(meta: Dict[str, Any], where: str = "the checkpoint") -> ModelConfig:
-    from framework.training.checkpoint_reader import stored_model_config
-
-    return stored_model_config(meta, where)
-
-
-def inference_parallel(meta: Dict[str, Any], override: Optional[ParallelConfig]
-                       ) -> Tuple[ParallelConfig, List[str]]:
-    """The layout to generate with, and log lines about what was switched off."""
+def inference_layout(parallel: ParallelConfig) -> Tuple[ParallelConfig, List[str]]:
+    """A copy of `parallel` as generation runs it, and log lines about what was switched off:
+    no sequence parallelism (a one-token decode step cannot be split along the sequence), no
+    recompute (no backward pass), one chunk per pipeline stage, no gradient or optimizer
+    options."""
+    p = ParallelConfig(**asdict(parallel))
     notes = []
-    if override is not None:
-        p = ParallelConfig(**asdict(override))
-    else:
-        stored = meta.get("config", {}).get("parallel", {})
-        p = ParallelConfig(
-            name="from-checkpoint",
-            tensor_model_parallel_size=stored.get("tensor_model_parallel_size", 1),
-            pipeline_model_parallel_size=stored.get("pipeline_model_parallel_size", 1),
-            distributed_backend=stored.get("distributed_backend", "nccl"))
     if p.sequence_parallel:
         notes.append("generation: sequence parallelism is switched off (a one-token decode step "
                      "cannot be split along the sequence)")
@@ -99,35 +90,48 @@ def inference_parallel(meta: Dict[str, Any], override: Optional[ParallelConfig]
         notes.append("generation: virtual pipeline stages are not used (one chunk per stage)")
     p.virtual_pipeline_model_parallel_size = None
     p.use_distributed_optimizer = p.overlap_grad_reduce = p.overlap_param_gather = False
+    return p, notes
+
+
+def inference_parallel(meta: Dict[str, Any], override: Optional[ParallelConfig]
+                       ) -> Tuple[ParallelConfig, List[str]]:
+    """The layout to generate with (`override`, else the checkpoint's TP/PP with DP 1), and log
+    lines about what was switched off."""
+    if override is not None:
+        p = override
+    else:
+        stored = meta.get("config", {}).get("parallel", {})
+        p = ParallelConfig(
+            name="from-checkpoint",
+            tensor_model_parallel_size=stored.get("tensor_model_parallel_size", 1),
+            pipeline_model_parallel_size=stored.get("pipeline_model_parallel_size", 1),
+            distributed_backend=stored.get("distributed_backend", "nccl"))
+    p, notes = inference_layout(p)
     p.data_parallel_size = p.data_parallel_size or 1
     return p, notes
 
 
 def checkpoint_vocab(meta: Dict[str, Any], model_cfg: ModelConfig, tokenizer) -> Tuple[int, int]:
     """(real, padded) vocabulary size of the checkpoint: padded with the TP it was trained at."""
-    from framework.models import padded_vocab_size
+    from framework.models.build import padded_vocab_size  # (megatron-core: imported on use)
 
     real = model_cfg.vocab_size or tokenizer.vocab_size
     train_tp = meta.get("config", {}).get("parallel", {}).get("tensor_model_parallel_size", 1)
     return real, padded_vocab_size(real, model_cfg.make_vocab_size_divisible_by, train_tp)
 
 
-def load_tokenizer(tok_cfg: TokenizerConfig, load_dir: str, iteration: int,
-                   data_type: Optional[str]):
+def choose_checkpoint_tokenizer(tok_cfg: TokenizerConfig, load_dir: str, iteration: int,
+                                model_cfg: ModelConfig, data_type: Optional[str]
+                                ) -> TokenizerSource:
     """tokenizer.path / vocab_file+merge_file, else the checkpoint's tokenizer/, else (for a
-    data=embedded run) the embedded character tokenizer."""
-    from framework.tokenizer import build_tokenizer, embedded_tokenizer
-    from framework.training.checkpoint import iter_dir
-
-    if tok_cfg.path is not None or tok_cfg.vocab_file is not None:
-        return build_tokenizer(tok_cfg)
-    saved = os.path.join(iter_dir(load_dir, iteration), "tokenizer")
-    if os.path.isdir(saved):
-        return build_tokenizer(tok_cfg, default_dir=saved)
-    if data_type == "embedded":
-        return embedded_tokenizer()
-    raise ConfigError(f"{iter_dir(load_dir, iteration)} has no tokenizer/ directory: set "
-                      f"tokenizer.path or tokenizer.vocab_file + tokenizer.merge_file")
+    data=embedded run) the model family's embedded tokenizer (`framework.tokenizer.
+    choose_tokenizer`, the rule train.py follows too)."""
+    where = reader.iter_dir(load_dir, iteration)
+    embedded = family(model_cfg.type).parts().embedded_tokenizer \
+        if data_type == "embedded" else None
+    return choose_tokenizer(tok_cfg, checkpoint_iter_dir=where, embedded=embedded,
+                            missing=f"{where} has no tokenizer/ directory: set tokenizer.path or "
+                                    f"tokenizer.vocab_file + tokenizer.merge_file")
 
 
 def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
@@ -136,13 +140,11 @@ def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: Para
                        allow_symlinks: bool = False) -> List[torch.nn.Module]:
     """Build this rank's chunks (no DDP, SP and recompute off) and load the checkpoint's weights.
     Needs megatron's parallel state initialised for `parallel_cfg`. The checkpoint is read
-    safely (`framework.training.checkpoint_reader`): no pickled code runs, and a damaged or
+    safely (`framework.checkpoint.reader`): no pickled code runs, and a damaged or
     mismatching checkpoint raises a one-line CheckpointError (a ConfigError)."""
-    from framework.models import build_model
-    from framework.training.checkpoint import load_checkpoint
+    from framework.models.build import build_model  # (megatron-core: imported on use)
 
-    p = ParallelConfig(**{**asdict(parallel_cfg), "sequence_parallel": False,
-                          "recompute_granularity": None, "recompute_method": None})
+    p, _notes = inference_layout(parallel_cfg)
     # training-only speed options off: the decoder's shapes change every step
     model_cfg = replace(model_cfg, cuda_graph=False, torch_compile=False)
     model = build_model(model_cfg, p, vocab_size=padded_vocab, bf16=bf16, fp16=False,
@@ -172,6 +174,7 @@ class GenerateJob:
     prompt_ids: List[List[int]]
     answers: Optional[List[str]]
     data_type: Optional[str]
+    tokenizer: TokenizerSource
     vocab_size: int
     padded_vocab: int
     eos_id: int
@@ -182,53 +185,51 @@ class GenerateJob:
 
 def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     """Resolve the checkpoint, layout, tokenizer and prompts; every check before any model work."""
-    from framework.run import resolve_device
-    from framework.training import checkpoint as ckpt
-
-    _require(cfg.load is not None, "load=<checkpoint dir> is required")
+    require(cfg.load is not None, "load=<checkpoint dir> is required")
     links = cfg.allow_symlinks
     it = cfg.iteration if cfg.iteration is not None else \
-        ckpt.latest_iteration(cfg.load, allow_symlinks=links)
-    _require(it is not None, f"load={cfg.load} has no committed checkpoint (no "
-                             f"{ckpt.TRACKER}); train one first (python train.py) or pass "
+        reader.latest_iteration(cfg.load, allow_symlinks=links)
+    require(it is not None, f"load={cfg.load} has no committed checkpoint (no "
+                             f"{reader.TRACKER}); train one first (python train.py) or pass "
                              f"load=<checkpoint dir>")
-    _require(os.path.isfile(os.path.join(ckpt.iter_dir(cfg.load, it), ckpt.META)),
-             f"load={cfg.load} iteration={it}: {ckpt.iter_dir(cfg.load, it)} is missing")
-    meta = ckpt.read_meta(cfg.load, it, allow_symlinks=links)
-    model_cfg = model_config_from_meta(meta, ckpt.iter_dir(cfg.load, it))
-    _require(model_cfg.type == "gpt",
+    require(os.path.isfile(os.path.join(reader.iter_dir(cfg.load, it), reader.META)),
+             f"load={cfg.load} iteration={it}: {reader.iter_dir(cfg.load, it)} is missing")
+    meta = reader.read_meta(cfg.load, it, allow_symlinks=links)
+    model_cfg = reader.stored_model_config(meta, reader.iter_dir(cfg.load, it))
+    require(family(model_cfg.type).generation,
              f"load={cfg.load} holds a model.type={model_cfg.type} model; generation supports "
-             f"GPT (causal LM) checkpoints only")
+             f"causal LM checkpoints only (model.type={'/'.join(with_capability('generation'))})")
     parallel, notes = inference_parallel(meta, cfg.parallel)
     device = resolve_device(cfg.device)
     on_gpu = device == "cuda"
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    _require(model_cfg.num_attention_heads % tp == 0,
+    require(model_cfg.num_attention_heads % tp == 0,
              f"model.num_attention_heads={model_cfg.num_attention_heads} (from the checkpoint) is "
              f"not divisible by parallel.tensor_model_parallel_size={tp}")
-    _require(model_cfg.num_layers % pp == 0,
+    require(model_cfg.num_layers % pp == 0,
              f"model.num_layers={model_cfg.num_layers} (from the checkpoint) is not divisible by "
              f"parallel.pipeline_model_parallel_size={pp}")
-    _require(on_gpu or pp == 1 or not model_cfg.share_embeddings_and_output_weights,
+    require(on_gpu or pp == 1 or not model_cfg.share_embeddings_and_output_weights,
              f"parallel.pipeline_model_parallel_size={pp} needs GPUs for a model with tied "
              f"embeddings (megatron-core moves the tied output weight to CUDA); on CPU pick a "
              f"layout without PP, e.g. parallel=single or parallel=tp2")
     world = parallel.model_parallel_size * parallel.data_parallel_size
-    _require(not on_gpu or "WORLD_SIZE" in os.environ or world <= torch.cuda.device_count(),
+    require(not on_gpu or "WORLD_SIZE" in os.environ or world <= torch.cuda.device_count(),
              f"the layout needs {world} GPUs (TP x PP x DP) but {torch.cuda.device_count()} "
              f"are visible")
     bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
-    _require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32")
+    require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32")
 
     data_type = meta.get("config", {}).get("data", {}).get("type")
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.load, it, data_type)
+    source = choose_checkpoint_tokenizer(cfg.tokenizer, cfg.load, it, model_cfg, data_type)
+    tokenizer = source.load()
     vocab, padded = checkpoint_vocab(meta, model_cfg, tokenizer)
-    _require(padded % tp == 0,
+    require(padded % tp == 0,
              f"the checkpoint's padded vocabulary ({padded}) is not divisible by "
              f"parallel.tensor_model_parallel_size={tp}")
     answers = None
     if cfg.prompts is None:
-        _require(data_type == "embedded",
+        require(data_type == "embedded",
                  "no prompts given: pass prompts='[\"first\", \"second\"]' (held-out evaluation "
                  "runs without prompts only for checkpoints trained on data=embedded)")
         from framework.data.embedded import heldout_problems
@@ -241,9 +242,9 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     context = model_cfg.max_positions
     for i, text in enumerate(prompts):
         ids = ([tokenizer.bos] if cfg.add_bos else []) + tokenizer.encode(text)
-        _require(len(ids) > 0, f"prompt {i} ({text!r}) has no tokens (set add_bos=true to start "
+        require(len(ids) > 0, f"prompt {i} ({text!r}) has no tokens (set add_bos=true to start "
                                f"from BOS alone)")
-        _require(len(ids) <= context,
+        require(len(ids) <= context,
                  f"prompt {i} is {len(ids)} tokens long but the model's context is {context} "
                  f"positions (model.max_position_embeddings / seq_length)")
         prompt_ids.append(ids)
@@ -255,14 +256,13 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
                      f"context")
     return GenerateJob(cfg=cfg, parallel=parallel, model=model_cfg, load=cfg.load, iteration=it,
                        device=device, bf16=bf16, prompts=prompts, prompt_ids=prompt_ids,
-                       answers=answers, data_type=data_type, vocab_size=vocab, padded_vocab=padded,
+                       answers=answers, data_type=data_type, tokenizer=source,
+                       vocab_size=vocab, padded_vocab=padded,
                        eos_id=tokenizer.eod, pad_id=tokenizer.pad, max_new_tokens=max_new,
                        notes=notes)
 
 
 def run_generate(cfg: GenerateConfig) -> None:
-    from framework.run import launch
-
     job = prepare_job(cfg)
     world = job.parallel.model_parallel_size * job.parallel.data_parallel_size
     launch(generate_worker, job, world)
@@ -272,11 +272,8 @@ def generate_worker(job: GenerateJob) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from framework.generation import generate
-    from framework.run import init_distributed, set_seeds, teardown
-
     on_gpu = job.device == "cuda"
-    init_distributed(job, job.device)  # reads job.parallel
+    init_distributed(job.parallel, job.device)
     try:
         rank = dist.get_rank()
         if dist.get_world_size() != job.parallel.model_parallel_size * \
@@ -329,7 +326,7 @@ def generate_worker(job: GenerateJob) -> None:
 
 
 def _report(job: GenerateJob, results: Dict[int, Dict[str, Any]]) -> None:
-    tokenizer = load_tokenizer(job.cfg.tokenizer, job.load, job.iteration, job.data_type)
+    tokenizer = job.tokenizer.load()
     records = []
     for i, prompt in enumerate(job.prompts):
         rec = results[i]

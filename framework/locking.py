@@ -14,7 +14,7 @@ import os
 import time
 from typing import Iterator
 
-from framework.config import ConfigError
+from framework.errors import ConfigError
 
 
 @contextlib.contextmanager

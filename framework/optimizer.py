@@ -7,18 +7,26 @@ CPU: mcore's optimizers hard-code CUDA tensors for the grad norm and loss scale,
 subclasses mcore's `FP32Optimizer` and replaces only those pieces. Param groups, the state dict
 and the sharded (reshardable) checkpoint format stay mcore's. `optimizer.fused_step` selects
 torch's fused CPU kernel there too (the same skip-on-`found_inf` semantics as on the GPU).
+
+The step itself (finiteness checks before the update, or all of it on the device) is in
+`framework.optimizer_step`.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List
 
 import torch
 import torch.distributed as dist
 
-from framework.config import OptimizerConfig
+from framework import mcore_patches
+from framework.fast.multi_tensor import fuse_adam
+from framework.optimizer_step import grad_norm_tensor
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import OptimizerConfig
 
 
-def mcore_optimizer_config(cfg: OptimizerConfig, *, bf16: bool, fp16: bool,
+def mcore_optimizer_config(cfg: "OptimizerConfig", *, bf16: bool, fp16: bool,
                            use_distributed_optimizer: bool, overlap_param_gather: bool):
     from megatron.core.optimizer import OptimizerConfig as MCoreOptimizerConfig
 
@@ -34,7 +42,7 @@ def mcore_optimizer_config(cfg: OptimizerConfig, *, bf16: bool, fp16: bool,
     )
 
 
-def build_optimizer(cfg: OptimizerConfig, model: List[torch.nn.Module], *, max_steps: int,
+def build_optimizer(cfg: "OptimizerConfig", model: List[torch.nn.Module], *, max_steps: int,
                     bf16: bool, fp16: bool, use_distributed_optimizer: bool,
                     overlap_param_gather: bool, on_gpu: bool):
     """Return (optimizer, scheduler)."""
@@ -47,13 +55,9 @@ def build_optimizer(cfg: OptimizerConfig, model: List[torch.nn.Module], *, max_s
         from megatron.core.optimizer import get_megatron_optimizer
 
         if cfg.fused_step:
-            from framework.fast import multi_tensor
-
-            multi_tensor.install()
+            mcore_patches.install_foreach_optimizer_kernels()
         optimizer = get_megatron_optimizer(mcfg, model)
         if cfg.fused_step and cfg.optimizer == "adam":
-            from framework.fast.multi_tensor import fuse_adam
-
             fuse_adam(optimizer)
     else:
         optimizer = CpuOptimizer.build(mcfg, model, fused=cfg.fused_step)
@@ -85,8 +89,6 @@ class CpuOptimizer:
                 self.is_stub_optimizer = False
 
             def get_grad_norm(self) -> float:
-                from framework.training.resilience import grad_norm_tensor
-
                 return float(grad_norm_tensor(self))
 
             def clip_grad_norm(self, clip_grad: float) -> float:
@@ -148,9 +150,3 @@ def allreduce_grads_cpu(model: List[torch.nn.Module]) -> None:
         g.copy_(flat[off:off + g.numel()].view_as(g))
         off += g.numel()
 
-
-def optimizer_step(optimizer, scheduler) -> Tuple[bool, float, int]:
-    ok, grad_norm, num_zeros = optimizer.step()
-    if ok:
-        scheduler.step(increment=1)
-    return ok, grad_norm, num_zeros

@@ -1,54 +1,35 @@
 """Checks of a run's inputs before any worker starts, in the launching process, so that bad input
 is one line from the parent (not a failure inside every self-launched worker) and nothing on disk
-is touched: the model settings megatron-core would refuse, the tokenizer against the model
-family, the data files, memory, and every directory the run writes. `framework.plan` runs them.
+is touched: the tokenizer against the model family, the model settings megatron-core would
+refuse, memory, the data files, and every directory the run writes. `framework.plan.make_plan`
+runs them (`check_inputs`) once it has chosen the checkpoint and the tokenizer.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import List, Optional
 
 import torch
 
+from framework.data.builder import default_cache_root, index_cache_dir, parse_blend
+from framework.data.indexed import check_indexed
 from framework.errors import ConfigError
+from framework.models.build import padded_vocab_size
+from framework.models.registry import family
+from framework.models.transformer import transformer_config
 
 
-def preflight(cfg, device: str = "cpu") -> None:
-    """Check checkpoints, tokenizer, data files, the model settings and every directory the run
-    writes in the launching process, so that bad input is one line from the parent (not a failure
-    inside every self-launched worker) and nothing on disk is touched. The workers repeat the
-    cheap parts; the token-id scan is cached."""
-    from framework.training import checkpoint as ckpt
-    from framework.training.data import load_run_tokenizer
-
-    c = cfg.checkpoint
-    links = c.allow_symlinks
-    # a bad tracker, a damaged framework.json or a symlink in the checkpoint is an error here
-    resume_it = ckpt.latest_iteration(c.dir, allow_symlinks=links)
-    load_dir = c.dir if resume_it is not None else c.load
-    if load_dir:
-        it = ckpt.latest_iteration(load_dir, allow_symlinks=links)
-        if it is None:
-            raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
-                              f"(no {load_dir}/{ckpt.TRACKER})")
-        ckpt.check_compatible(ckpt.read_meta(load_dir, it, allow_symlinks=links), cfg.model,
-                              ckpt.iter_dir(load_dir, it))
-    tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
-                                   c.load_hf if resume_it is None else None,
-                                   model_type=cfg.model.type, allow_symlinks=links)
-    if cfg.model.type in ("bert", "t5"):  # a missing [MASK]/[CLS]/sentinel: one line, here
-        from framework.data import masked_lm_tokenizer
-
-        masked_lm_tokenizer(tokenizer, cfg.model.type, seq_length=cfg.model.seq_length,
-                            masking_probability=cfg.data.masking_probability)
+def check_inputs(cfg, tokenizer, device: str) -> None:
+    """The tokenizer has what the model family needs (e.g. [MASK], sentinels), the model settings
+    and memory (`check_model`), the data files, and every output directory: one line each."""
+    family(cfg.model.type).parts().check_tokenizer(tokenizer, cfg)
     check_model(cfg, tokenizer.vocab_size, device)
     if cfg.data.type == "indexed":
-        from framework.data import _index_cache_dir, _parse_blend, check_indexed
-
-        prefixes, _weights = _parse_blend(cfg.data.path)
+        prefixes, _weights = parse_blend(cfg.data.path)
         for prefix in prefixes:  # the files first, before a cache folder is made beside them
             check_indexed(prefix)
-        cache = _index_cache_dir(cfg.data, prefixes[0])
+        cache = index_cache_dir(cfg.data, prefixes[0])
         for prefix in prefixes:
             check_indexed(prefix, tokenizer.vocab_size, cache_dir=cache)
     check_output_dirs(cfg)  # last: nothing above leaves anything behind when it fails
@@ -56,8 +37,6 @@ def preflight(cfg, device: str = "cpu") -> None:
 
 def output_dirs(cfg) -> List[tuple]:
     """(directory, what) for every directory the run writes into."""
-    from framework.data import default_cache_root
-
     dirs = [(cfg.run_dir, "the run directory (hydra.run.dir)")]
     if cfg.checkpoint.save or cfg.logging.wandb:  # W&B keeps its run id beside the checkpoints
         dirs.append((cfg.checkpoint.dir, "checkpoint.dir"))
@@ -81,8 +60,6 @@ def unwritable_dir(path: str) -> Optional[str]:
     """None when `path` is a writable directory or can be created as one; else why not. Probes by
     creating (and removing) a temporary file or directory: permission bits do not tell (root,
     read-only mounts, /proc), and nothing is left behind."""
-    import tempfile
-
     path = os.path.abspath(path)
     probe = path
     while not os.path.exists(probe):
@@ -111,12 +88,8 @@ def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
     """Settings only megatron-core checks (its TransformerConfig, built here without a model),
     the model family, the vocabulary against the tokenizer, and memory: the weights and gradients
     alone, plus one micro-batch's layer inputs, must fit the device."""
-    from framework.models import MODEL_BUILDERS, padded_vocab_size
-    from framework.models.gpt import transformer_config
-
     m, p = cfg.model, cfg.parallel
-    if m.type not in MODEL_BUILDERS:
-        raise ConfigError(f"model.type={m.type!r} is not one of {sorted(MODEL_BUILDERS)}")
+    family(m.type)  # registered (a ConfigError lists the families otherwise)
     if m.vocab_size is not None and m.vocab_size < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer_vocab} tokens); leave it null to use that")
@@ -151,7 +124,8 @@ def min_memory_bytes(cfg, vocab: int, half: bool) -> tuple:
     groups = m.num_query_groups or m.num_attention_heads
     attn = h * kv * (m.num_attention_heads + 2 * groups) + m.num_attention_heads * kv * h
     mlp = h * m.ffn * (3 if m.activation in ("swiglu", "geglu_tanh") else 2)
-    layers = m.num_layers + (m.enc_layers if m.type == "t5" else 0)
+    encoder = family(m.type).encoder_decoder
+    layers = m.num_layers + (m.enc_layers if encoder else 0)
     params = layers * (attn + mlp) + vocab * h
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     elt = 2 if half else 4

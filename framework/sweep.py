@@ -138,7 +138,7 @@ class SweepCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.types import RunMode
 
-        from framework.security import mask_secrets
+        from framework.security.masking import mask_secrets
 
         self._mask_hydra_files(config)
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -168,7 +168,7 @@ class SweepCallback(Callback):
 
     @staticmethod
     def _mask_hydra_files(config: DictConfig) -> None:
-        from framework.security import mask_hydra_dir
+        from framework.security.masking import mask_hydra_dir
 
         sub = config.hydra.output_subdir
         if sub is None:

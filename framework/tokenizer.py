@@ -4,6 +4,9 @@
   (`eod`, `bos`, `pad`, `vocab_size`).
 * `build_tokenizer(cfg)` loads one from a `TokenizerConfig`: an HF name or local directory, a
   GPT-2 BPE vocab/merges pair, or the tokenizer saved beside a checkpoint.
+* `choose_tokenizer(...)` is the one rule by which every command finds its tokenizer (config,
+  else the checkpoint's, else a Hugging Face model directory's, else the model family's embedded
+  one); it returns a `TokenizerSource`, which each process loads.
 * `embedded_tokenizer()` is a character-level tokenizer for the embedded arithmetic corpus,
   built offline with the `tokenizers` library.
 * `MegatronTokenizerAdapter` gives megatron-core's datasets the attributes they read from
@@ -21,13 +24,17 @@ import json
 import os
 import re
 from collections import OrderedDict
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _RawTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from framework.config import ConfigError, TokenizerConfig
+from framework.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import TokenizerConfig
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -128,7 +135,7 @@ def _is_bare_gpt2_dir(path: str) -> bool:
             and not has("tokenizer_config.json"))
 
 
-def build_tokenizer(cfg: TokenizerConfig, *, default_dir: Optional[str] = None) -> Tokenizer:
+def build_tokenizer(cfg: "TokenizerConfig", *, default_dir: Optional[str] = None) -> Tokenizer:
     """Load the tokenizer `cfg` names.
 
     `cfg.path`: an HF hub name or a local directory; `cfg.vocab_file` + `cfg.merge_file`: GPT-2
@@ -162,14 +169,56 @@ def build_tokenizer(cfg: TokenizerConfig, *, default_dir: Optional[str] = None) 
         raise ConfigError("no tokenizer given: set tokenizer.path or "
                           "tokenizer.vocab_file/tokenizer.merge_file")
     if _is_bare_gpt2_dir(path):
-        return build_tokenizer(TokenizerConfig(vocab_file=os.path.join(path, "vocab.json"),
-                                               merge_file=os.path.join(path, "merges.txt")))
+        return build_tokenizer(replace(cfg, path=None, vocab_file=os.path.join(path, "vocab.json"),
+                                       merge_file=os.path.join(path, "merges.txt")))
     try:
         hf = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # OSError, ValueError, JSON errors, hub errors offline, ...
         raise ConfigError(f"{field}={path!r}: cannot load a tokenizer ({_first_line(err)})"
                           ) from None
     return Tokenizer(hf)
+
+
+# Files whose presence makes a directory (a Hugging Face model given to checkpoint.load_hf) a
+# tokenizer directory.
+HF_DIR_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where a run's tokenizer comes from, decided once (`choose_tokenizer`) and loaded by each
+    process that needs it (`load()`); it pickles, so a launching process hands it to workers."""
+
+    cfg: Any  # the TokenizerConfig: tokenizer.path, or vocab_file + merge_file
+    saved_dir: Optional[str] = None  # a checkpoint's tokenizer/ (when cfg names none)
+    embedded: Optional[Callable[[], "Tokenizer"]] = None  # the model family's embedded tokenizer
+
+    def load(self) -> "Tokenizer":
+        if self.embedded is not None:
+            return self.embedded()
+        return build_tokenizer(self.cfg, default_dir=self.saved_dir)
+
+
+def choose_tokenizer(tok_cfg: "TokenizerConfig", *, checkpoint_iter_dir: Optional[str] = None,
+                     hf_dir: Optional[str] = None,
+                     embedded: Optional[Callable[[], "Tokenizer"]] = None,
+                     missing: str = "no tokenizer: set tokenizer.path or tokenizer.vocab_file + "
+                                    "tokenizer.merge_file") -> TokenizerSource:
+    """The tokenizer rule of every command (train.py, generate.py): `tokenizer.path` /
+    `tokenizer.vocab_file` + `merge_file` first; else the tokenizer saved in the checkpoint
+    iteration being loaded (`checkpoint_iter_dir`/tokenizer); else a Hugging Face model
+    directory's (`hf_dir`, checkpoint.load_hf); else `embedded`; else ConfigError(`missing`)."""
+    if tok_cfg.path or tok_cfg.vocab_file:
+        return TokenizerSource(tok_cfg)
+    if checkpoint_iter_dir:
+        saved = os.path.join(checkpoint_iter_dir, "tokenizer")
+        if os.path.isdir(saved):
+            return TokenizerSource(tok_cfg, saved_dir=saved)
+    if hf_dir and any(os.path.isfile(os.path.join(hf_dir, f)) for f in HF_DIR_TOKENIZER_FILES):
+        return TokenizerSource(replace(tok_cfg, path=hf_dir))
+    if embedded is not None:
+        return TokenizerSource(tok_cfg, embedded=embedded)
+    raise ConfigError(missing)
 
 
 def embedded_tokenizer() -> Tokenizer:

@@ -94,7 +94,7 @@ def _gpt_tp2_vs_tp1(rank):
     at TP2: one forward/backward on the same tokens. Returns {name: (loss rel diff, worst
     gradient rel diff)}, plus the FP8-vs-fp32 loss difference at TP1 for scale."""
     from framework.config import ModelConfig, ParallelConfig
-    from framework.models import build_model
+    from framework.models.build import build_model
     from test_attention_variants import _shard, model_parallel
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,

@@ -1,5 +1,5 @@
 """A train-step plugin for tests: the loss of one chosen global batch is NaN."""
-from framework.training.step import GPTTrainStep
+from framework.models.gpt.step import GPTTrainStep
 
 
 class NanAtStep(GPTTrainStep):

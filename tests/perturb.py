@@ -74,7 +74,7 @@ def perturb_checkpoint(ckpt_dir: str, seed: int = 0, bias_std: float = BIAS_STD,
     it). Tensors are named by their checkpoint keys, which hold the module path."""
     from data_tools.convert import single_process_world
     from framework.interop import megatron_files as mf
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
 
     import os
     import shutil

@@ -74,8 +74,9 @@ def main():
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from framework.models import build_model, unwrap
-    from framework.training.step import TRAIN_STEPS
+    from framework.models.build import build_model
+    from framework.models.wrappers import unwrap
+    from framework.models.registry import family
 
     model_cfg = ModelConfig(name="t", type=kind, num_layers=4, hidden_size=64,
                             num_attention_heads=4, seq_length=32, hidden_dropout=0.0,
@@ -102,7 +103,7 @@ def main():
     batches = bert_batches if kind == "bert" else gpt_batches
     iters = [batches(S, mb, nmb) for _ in model]
     out = get_forward_backward_func()(
-        forward_step_func=TRAIN_STEPS[kind](torch.device("cpu")).forward_step,
+        forward_step_func=family(kind).parts().train_step(torch.device("cpu")).forward_step,
         data_iterator=iters if len(model) > 1 else iters[0],
         model=model if len(model) > 1 else model[0], num_microbatches=nmb, seq_length=S,
         micro_batch_size=mb, forward_only=False)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from framework.config import Config, ConfigError, ModelConfig, ParallelConfig
-from framework.models.attention_variants import alibi_bias, alibi_slopes, alibi_slopes_for_rank
+from framework.fast.alibi import alibi_bias, alibi_slopes, alibi_slopes_for_rank
 from perturb import perturb_
 
 CPU = torch.device("cpu")
@@ -59,7 +59,7 @@ def tiny(**kw) -> ModelConfig:
 
 
 def build(cfg, tp=1, seed=0, device=CPU, perturb=True):
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -114,7 +114,7 @@ def _reference(q, k, v, slopes, scale, pad_mask=None):
 def test_alibi_attention_matches_float64_reference(mp1, heads, groups, sq, sk, kernel):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from framework.models.gpt import transformer_config
+    from framework.models.transformer import transformer_config
     from framework.models.layers import SDPAttention
 
     cfg = tiny(hidden_size=heads * 8, num_attention_heads=heads, num_query_groups=groups,
@@ -150,7 +150,7 @@ def test_alibi_attention_matches_float64_reference(mp1, heads, groups, sq, sk, k
 def test_alibi_augmented_columns_are_exact(dtype):
     """The extra q/k columns are exact in the input dtype and their dot product is
     slope * j / scale to about fp32 precision for every key position up to 65535."""
-    from framework.models.attention_variants import (_alibi_k_columns, alibi_augment_width,
+    from framework.fast.alibi import (_alibi_k_columns, alibi_augment_width,
                                                      alibi_q_columns)
 
     slopes = alibi_slopes(20).float()  # not a power of two: slopes are not powers of two
@@ -170,7 +170,7 @@ def test_alibi_augmented_columns_are_exact(dtype):
 
 
 def test_alibi_augmented_rejects_too_many_keys():
-    from framework.models.attention_variants import alibi_augment, alibi_q_columns
+    from framework.fast.alibi import alibi_augment, alibi_q_columns
 
     qc = alibi_q_columns(alibi_slopes(2).float(), 0.5, 8, torch.float32)
     with pytest.raises(ValueError, match="65536 keys"):
@@ -205,7 +205,7 @@ def test_alibi_generation_cache_matches_recompute(mp1):
 def test_rope_runs_on_cpu(mp1):
     """mcore's RotaryEmbedding would move its frequencies to CUDA; ours keep them on the CPU,
     and positions matter (a permutation-invariant model would score both orders alike)."""
-    from framework.models.attention_variants import RotaryEmbeddingOnDevice
+    from framework.models.layers import RotaryEmbeddingOnDevice
 
     model = build(tiny(position_embedding_type="rope", rotary_percent=0.5))
     assert isinstance(model.rotary_pos_emb, RotaryEmbeddingOnDevice)
@@ -388,7 +388,7 @@ def test_augmented_alibi_matches_dense_cuda(mp1, dtype, kernel):
         pytest.skip("nvidia-cudnn-frontend is not installed")
     from megatron.core.transformer.enums import AttnMaskType
 
-    from framework.models.gpt import transformer_config
+    from framework.models.transformer import transformer_config
     from framework.models.layers import SDPAttention
 
     torch.manual_seed(0)
@@ -433,7 +433,7 @@ def test_cudnn_alibi_bias_form_and_dropout(mp1):
     reproducible from torch's CUDA seed, drops about p of the probabilities, and backward uses
     the forward's mask (the gradient of sum(out * w) w.r.t. v is P_dropped^T w)."""
     from framework.fast import cudnn_attention
-    from framework.models.attention_variants import alibi_slopes_for_rank
+    from framework.fast.alibi import alibi_slopes_for_rank
 
     if not cudnn_attention.available():
         pytest.skip("nvidia-cudnn-frontend is not installed")
@@ -483,7 +483,7 @@ def test_cudnn_alibi_bias_form_and_dropout(mp1):
 
 @pytest.mark.gpu
 def test_flex_alibi_matches_reference():
-    from framework.models.attention_variants import flex_alibi
+    from framework.fast.alibi import flex_alibi
 
     torch.manual_seed(0)
     dev = torch.device("cuda")

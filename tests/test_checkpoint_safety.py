@@ -26,7 +26,7 @@ import torch
 
 from framework.cli import register_resolvers, report_errors
 from framework.config import ConfigError, register_configs
-from framework.security import CheckpointError, UnsafeCheckpointError
+from framework.errors import CheckpointError, UnsafeCheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IT = "iter_0000001"
@@ -62,7 +62,7 @@ def _compose(*overrides):
 def trained(tmp_path_factory):
     """A committed checkpoint (iteration 1, optimizer state and tokenizer) and the config that
     resumes it without training further."""
-    from framework.run import run
+    from framework.runner import run
 
     d = tmp_path_factory.mktemp("trained")
     run(_compose(*TINY, "train.max_steps=1", "checkpoint.save_interval=1",
@@ -94,7 +94,7 @@ def _enter(entry, ck, out, resume_cfg, extra=()):
     from data_tools import convert
 
     if entry == "resume":
-        from framework.run import run
+        from framework.runner import run
 
         cfg = copy.deepcopy(resume_cfg)
         cfg.checkpoint.dir = str(ck)
@@ -185,7 +185,7 @@ def _json(ck, fn):
 
 
 def _dcp_metadata(ck, fn):
-    from framework.security import _restricted_pickle_load
+    from framework.security.unpickling import _restricted_pickle_load
 
     with open(_f(ck, ".metadata"), "rb") as fh:
         md = _restricted_pickle_load(fh)
@@ -324,12 +324,13 @@ def _python_api(ck):
     """framework.inference.load_for_inference, as a library user calls it."""
     from data_tools.convert import single_process_world
     from framework.config import ParallelConfig
-    from framework.inference import checkpoint_vocab, load_for_inference, model_config_from_meta
+    from framework.checkpoint import stored_model_config
+    from framework.inference import checkpoint_vocab, load_for_inference
     from framework.tokenizer import embedded_tokenizer
-    from framework.training.checkpoint import read_meta
+    from framework.checkpoint import read_meta
 
     meta = read_meta(str(ck))
-    model_cfg = model_config_from_meta(meta)
+    model_cfg = stored_model_config(meta)
     _vocab, padded = checkpoint_vocab(meta, model_cfg, embedded_tokenizer())
     with single_process_world():
         load_for_inference(str(ck), model_cfg, ParallelConfig(), padded_vocab=padded,
@@ -389,7 +390,7 @@ def test_symlinks_followed_only_when_allowed(trained, tmp_path, capfd, entry):
 # the reader's own rules, without a model
 # --------------------------------------------------------------------------------------------
 def test_tracker_holds_ascii_digits_only(tmp_path):
-    from framework.training.checkpoint_reader import latest_iteration
+    from framework.checkpoint.reader import latest_iteration
 
     (tmp_path / "iter_0000012").mkdir()
     (tmp_path / "iter_0000012" / "framework.json").write_text("{}")
@@ -404,7 +405,7 @@ def test_tracker_holds_ascii_digits_only(tmp_path):
 
 
 def test_closed_tree_rules(tmp_path):
-    from framework.training.checkpoint_reader import check_closed_tree
+    from framework.checkpoint.reader import check_closed_tree
 
     root = tmp_path / "iter_0000001"
     (root / "tokenizer").mkdir(parents=True)
@@ -433,7 +434,7 @@ def _dotted(node) -> str:
 
 
 def test_every_checkpoint_read_goes_through_the_reader():
-    """Nothing outside framework/training/checkpoint_reader.py calls megatron-core's or torch
+    """Nothing outside framework/checkpoint/reader.py calls megatron-core's or torch
     DCP's readers, unpickles, or torch.loads a file; the one exception is hf_files.py's
     torch.load(weights_only=True) of Hugging Face .bin files (behind --allow-pickle)."""
     import ast
@@ -441,8 +442,8 @@ def test_every_checkpoint_read_goes_through_the_reader():
     names = {"load_sharded_metadata", "load_common_state_dict", "load_tensors_metadata",
              "read_metadata", "FileSystemReader", "Unpickler", "safe_checkpoint_load"}
     dotted = ("dist_checkpointing.load", "pickle.load", "pickle.loads", "torch.load")
-    allowed = {os.path.join("framework", "training", "checkpoint_reader.py"),
-               os.path.join("framework", "security.py")}
+    allowed = {os.path.join("framework", "checkpoint", "reader.py"),
+               os.path.join("framework", "security", "unpickling.py")}
     found = []
     for top in ("framework", "data_tools", "examples", "benchmarks", "train.py", "generate.py"):
         paths = [os.path.join(ROOT, top)] if top.endswith(".py") else [
@@ -466,7 +467,8 @@ def test_every_checkpoint_read_goes_through_the_reader():
                 else:
                     continue
                 found += [f"{rel}:{node.lineno}: {h}" for h in hit]
-    assert not found, "checkpoint reads outside checkpoint_reader:\n" + "\n".join(found)
+    assert not found, ("checkpoint reads outside framework/checkpoint/reader.py:\n"
+                       + "\n".join(found))
 
 
 def test_checkpoint_error_is_one_line():
@@ -479,7 +481,7 @@ def test_resume_from_a_checkpoint_saved_before_any_step(trained, tmp_path):
     a KeyError traceback. Now the optimizer starts fresh (exactly its state at step 0): the
     resumed first step has the loss of the fixture's uninterrupted first step (same config,
     weights, data and RNG)."""
-    from framework.run import run
+    from framework.runner import run
 
     def losses(run_dir):
         recs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]

@@ -82,15 +82,16 @@ def work(tmp_path_factory):
 # helpers: run our model on CPU
 # --------------------------------------------------------------------------------------------
 def _meta_model_cfg(ckpt_dir):
-    from framework.interop.megatron_files import model_config_from_meta, resolve_checkpoint
+    from framework.checkpoint import stored_model_config
+    from framework.interop.megatron_files import resolve_checkpoint
 
     _root, _it, path, meta = resolve_checkpoint(str(ckpt_dir))
-    return model_config_from_meta(meta, path), meta
+    return stored_model_config(meta, path), meta
 
 
 def _build(model_cfg, padded, tp=1, pp=1):
     from framework.config import ParallelConfig
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     chunks = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp,
                                                    pipeline_model_parallel_size=pp),
@@ -118,7 +119,7 @@ def _full_logits(chunk, tokens):
 
 
 def _tp1_logits(ckpt_dir, tokens, padded):
-    from framework.training.checkpoint import load_checkpoint
+    from framework.checkpoint import load_checkpoint
 
     model_cfg, _meta = _meta_model_cfg(ckpt_dir)
     with convert.single_process_world():
@@ -206,13 +207,13 @@ def test_reshape_tp2_tp1_tp2_keeps_logits(work):
 
 def test_reshape_with_optimizer_round_trips_the_state(work, capsys):
     """A TP1 checkpoint with AdamW state -> TP2 padding -> TP1 again, loaded with optimizer."""
-    from framework.models import padded_vocab_size
+    from framework.models.build import padded_vocab_size
 
     assert (padded_vocab_size(V, DIV, 1), padded_vocab_size(V, DIV, 2)) == (P1, P2)
     from framework.config import OptimizerConfig
-    from framework.models import unwrap
+    from framework.models.wrappers import unwrap
     from framework.optimizer import build_optimizer
-    from framework.training.checkpoint import load_checkpoint, save_checkpoint
+    from framework.checkpoint import load_checkpoint, save_checkpoint
 
     d = work["dir"]
     model_cfg, meta = _meta_model_cfg(d / "tp1")
@@ -326,7 +327,7 @@ def _dist_worker(rank, port, d):
 
     from framework import interop
     from framework.tokenizer import embedded_tokenizer
-    from framework.training.checkpoint import load_checkpoint, save_checkpoint
+    from framework.checkpoint import load_checkpoint, save_checkpoint
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
@@ -492,14 +493,15 @@ def test_unsupported_model_type_lists_supported(tmp_path, capsys):
 def test_qkv_layout_is_megatrons_per_group_interleave():
     """Rows of HF [q; k; v] land where SelfAttention.get_query_key_value_tensors reads them."""
     from framework.config import ModelConfig
-    from framework.interop import gpt2
+    from framework.models import hf_rules
+    from framework.models.gpt import hf_gpt2
 
     heads, groups, dim, hidden = 6, 2, 4, 24
     cfg = ModelConfig(num_layers=1, hidden_size=hidden, num_attention_heads=heads,
                       num_query_groups=groups)
     rows = (heads + 2 * groups) * dim
     hf = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, 3).contiguous()
-    ours = gpt2._qkv_rows_to_ours(hf, cfg)
+    ours = hf_rules.qkv_rows_to_ours(hf, cfg)
     # mcore: view [groups, (heads/groups + 2) * dim] and split [q heads/groups * dim, k, v]
     per = heads // groups
     q, k, v = ours[:, 0].view(groups, (per + 2) * dim).split([per * dim, dim, dim], dim=1)
@@ -508,9 +510,9 @@ def test_qkv_layout_is_megatrons_per_group_interleave():
                                                                   dtype=torch.float32))
     assert torch.equal(v.reshape(-1), (heads + groups) * dim
                        + torch.arange(groups * dim, dtype=torch.float32))
-    assert torch.equal(gpt2._qkv_rows_to_hf(ours, cfg), hf)
+    assert torch.equal(hf_rules.qkv_rows_to_hf(ours, cfg), hf)
     w = torch.randn(hidden, rows)  # Conv1D [in, out]
-    assert torch.equal(gpt2._qkv_w_to_hf(gpt2._qkv_w_to_ours(w, cfg), cfg), w)
+    assert torch.equal(hf_gpt2._qkv_w_to_hf(hf_gpt2._qkv_w_to_ours(w, cfg), cfg), w)
 
 
 def test_shipped_gpt2_configs_are_true_gpt2():
@@ -538,7 +540,7 @@ def test_gelu_tanh_activation():
     import torch.nn.functional as F
 
     from framework.config import ConfigError, ModelConfig, ParallelConfig
-    from framework.models.gpt import transformer_config
+    from framework.models.transformer import transformer_config
 
     x = torch.linspace(-4, 4, 101)
     cpu = transformer_config(ModelConfig(activation="gelu_tanh"), ParallelConfig(), bf16=False,
@@ -577,7 +579,7 @@ def test_gpu_load_hf_into_model_fp32_and_bf16(tmp_path):
 
     from framework import interop
     from framework.config import ParallelConfig
-    from framework.models import build_model, padded_vocab_size
+    from framework.models.build import build_model, padded_vocab_size
 
     model = _hf_gpt2(tmp_path / "hf").cuda()
     tokens = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
@@ -604,7 +606,7 @@ def test_gpu_load_hf_into_model_fp32_and_bf16(tmp_path):
             "--make-vocab-size-divisible-by", DIV)
         from framework.config import OptimizerConfig
         from framework.optimizer import build_optimizer
-        from framework.training.checkpoint import load_checkpoint
+        from framework.checkpoint import load_checkpoint
 
         chunks = build_model(model_cfg, ParallelConfig(), bf16=True, fp16=False,
                              vocab_size=padded_vocab_size(V, DIV, 1), wrap_ddp=True,

@@ -87,7 +87,7 @@ def _bert_logits(chunk, ref):
 
 
 def _tp1_logits(ckpt_dir, ref, padded=P1):
-    from framework.training.checkpoint import load_checkpoint
+    from framework.checkpoint import load_checkpoint
 
     model_cfg, _meta = _meta_model_cfg(ckpt_dir)
     with convert.single_process_world():
@@ -241,7 +241,7 @@ def _dist_worker(rank, port, d):
     from megatron.core import parallel_state as ps
 
     from framework import interop
-    from framework.training.checkpoint import load_checkpoint
+    from framework.checkpoint import load_checkpoint
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)

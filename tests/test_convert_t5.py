@@ -92,15 +92,16 @@ def work(works, request):
 
 
 def _meta_model_cfg(ckpt_dir):
-    from framework.interop.megatron_files import model_config_from_meta, resolve_checkpoint
+    from framework.checkpoint import stored_model_config
+    from framework.interop.megatron_files import resolve_checkpoint
 
     _root, _it, path, meta = resolve_checkpoint(str(ckpt_dir))
-    return model_config_from_meta(meta, path), meta
+    return stored_model_config(meta, path), meta
 
 
 def _build(model_cfg, padded, tp=1):
     from framework.config import ParallelConfig
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     chunks = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp),
                          vocab_size=padded, bf16=False, fp16=False, device=torch.device("cpu"),
@@ -127,7 +128,7 @@ def _full_logits(chunk, enc, dec, keep):
 
 
 def _tp1_logits(ckpt_dir, work, padded):
-    from framework.training.checkpoint import load_checkpoint
+    from framework.checkpoint import load_checkpoint
 
     model_cfg, _meta = _meta_model_cfg(ckpt_dir)
     with convert.single_process_world():
@@ -239,7 +240,7 @@ def _dist_worker(rank, port, dirs):
 
 def _dist_check(d):
     from framework import interop
-    from framework.training.checkpoint import load_checkpoint
+    from framework.checkpoint import load_checkpoint
 
     ref = torch.load(os.path.join(d, "ref.pt"))
     model_cfg, _meta = _meta_model_cfg(os.path.join(d, "tp1"))

@@ -59,7 +59,7 @@ def test_fuse_adam_leaves_cpu_params_alone():
 def test_addmm_wgrad_accumulates_and_installs_into_mcore():
     from megatron.core.tensor_parallel import layers as tp_layers
 
-    from framework.models.layers import AddmmWgrad, install_fused_wgrad
+    from framework.mcore_patches import AddmmWgrad, install_fused_wgrad
 
     x, dy, acc = torch.randn(16, 4), torch.randn(16, 6), torch.randn(6, 4)
     want = acc + dy.t() @ x

@@ -222,7 +222,7 @@ def mp1():
 
 
 def _build(fp8_recipe, parallel=None, seed=0, **kw):
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     torch.manual_seed(seed)
     return build_model(_tiny(**kw), parallel or ParallelConfig(), vocab_size=VOCAB, bf16=False,
@@ -291,7 +291,7 @@ def test_state_dict_and_checkpoint_unchanged_by_the_switch(mp1, tmp_path):
     it off and the other way round (weights and optimizer state)."""
     from framework.config import OptimizerConfig
     from framework.optimizer import build_optimizer
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
 
     on, off = _build("tensorwise", seed=1), _build(None, seed=2)
 
@@ -379,9 +379,7 @@ def test_config_field_and_errors():
 def test_gpu_without_fp8_is_refused(monkeypatch):
     """An A100-class GPU (compute capability 8.0): refused with one line before any model is
     built; a CPU run the same (tests/test_bad_inputs.py runs it through train.py)."""
-    import importlib
-
-    run_mod = importlib.import_module("framework.run")
+    from framework import plan, runner
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
@@ -390,10 +388,10 @@ def test_gpu_without_fp8_is_refused(monkeypatch):
     assert not ok and "A100 has compute capability 8.0" in why
     cfg = Config(model=_tiny(), train=TrainConfig(fp8="tensorwise", micro_batch_size=2,
                                                   global_batch_size=4))
-    monkeypatch.setattr(run_mod, "resolve_device", lambda kind: "cuda")
+    monkeypatch.setattr(plan, "resolve_device", lambda kind: "cuda")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(run_mod, "launch", lambda *a: pytest.fail("launched"))
+    monkeypatch.setattr(runner, "launch", lambda *a: pytest.fail("launched"))
     with pytest.raises(ConfigError, match="train.fp8=tensorwise needs a GPU with FP8.*A100"):
-        run_mod.run(cfg)
+        runner.run(cfg)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert fp8.device_supports_fp8() == (True, "") or fp8.triton is None

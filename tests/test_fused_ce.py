@@ -149,7 +149,7 @@ def mp1():
 
 def _build(fused, tied):
     from framework.config import ModelConfig, ParallelConfig
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                       hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05,

@@ -3,7 +3,7 @@ or a hang, only a clean result or one `error:` line (exit 2).
 
 * `train.py` overrides, in process: Hydra composes the config from conf/ exactly as
   `@hydra.main` does (compose API for the group options, cached per set of them; Hydra's own
-  override application for the values), then `train.to_config` and `framework.run.prepare`
+  override application for the values), then `train.to_config` and `framework.plan.make_plan`
   (every check before a worker starts: world, device, tokenizer, model settings against
   megatron-core, memory, output directories). Each case ends in a config or one error line,
   classified as train.py would print it (`framework.cli.hydra_error_line` for Hydra's errors,
@@ -208,7 +208,7 @@ def train_outcome(groups: dict, values: list, tmp: str):
     import train
     from framework.cli import hydra_error_line
     from framework.config import Config, ConfigError
-    from framework.run import prepare
+    from framework.plan import make_plan as prepare
 
     try:  # what Hydra does before calling the task: compose, then apply the value overrides
         cfg = _compose(groups, tmp)

@@ -49,7 +49,7 @@ def mp1():
 
 
 def build(model_cfg, vocab, parallel=None, seed=0):
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     torch.manual_seed(seed)
     model = build_model(model_cfg, parallel or ParallelConfig(), vocab_size=vocab, bf16=False,
@@ -77,7 +77,7 @@ HF_CASES = [
 def copy_hf_gpt2(hf, chunk):
     """GPT2LMHeadModel weights -> our GPTModel (TP1): Conv1D weights transposed, fused QKV
     reordered from [q | k | v] to megatron's per-head [q_h k_h v_h] groups."""
-    from framework.models import unwrap
+    from framework.models.wrappers import unwrap
 
     sd, d = hf.state_dict(), H // HEADS
 
@@ -324,7 +324,7 @@ def checkpoint(mp1, tmp_path_factory):
     and untied embeddings (PP runs on CPU only without tying), and their TP1 outputs."""
     from framework.generation import generate
     from framework.tokenizer import embedded_tokenizer
-    from framework.training.checkpoint import save_checkpoint
+    from framework.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("gen")
     tok = embedded_tokenizer()
@@ -354,7 +354,7 @@ def test_lean_decode_equals_megatron_modules(mp1, extra):
     logprobs (fp32, prompts of different lengths, so padding masks are exercised)."""
     from framework.fast.lean_decode import supported
     from framework.generation import generate
-    from framework.models import unwrap
+    from framework.models.wrappers import unwrap
 
     model = build(ModelConfig(**{**TINY, **extra}), 24, seed=3)
     assert supported(unwrap(model[0]))
@@ -376,11 +376,11 @@ def test_lean_decode_equals_megatron_modules(mp1, extra):
 
 
 def _load(ckpt, parallel):
-    from framework.inference import model_config_from_meta
-    from framework.models import build_model
-    from framework.training.checkpoint import load_checkpoint, read_meta
+    from framework.checkpoint import stored_model_config
+    from framework.models.build import build_model
+    from framework.checkpoint import load_checkpoint, read_meta
 
-    mcfg = model_config_from_meta(read_meta(ckpt))
+    mcfg = stored_model_config(read_meta(ckpt))
     model = build_model(mcfg, parallel, vocab_size=24, bf16=False, fp16=False, device=CPU,
                         wrap_ddp=False)
     load_checkpoint(ckpt, model, None, None, model_cfg=mcfg, with_optimizer=False)
@@ -390,7 +390,7 @@ def _load(ckpt, parallel):
 def _parallel_worker(rank, port, ckpt, out):
     """TP2 (with sequence parallelism on, as in training), PP2, PP2 x VPP2, then DP2."""
     from framework.generation import gather_across_data_parallel_groups, generate
-    from framework.models import unwrap
+    from framework.models.wrappers import unwrap
 
     def run(model):
         return [generate(model, CK_PROMPTS, eos_id=0, vocab_size=19, max_new_tokens=8,
@@ -459,7 +459,7 @@ def test_generate_py_end_to_end(checkpoint, tmp_path):
     from framework.data.embedded import heldout_problems
     from framework.generation import generate
     from framework.tokenizer import embedded_tokenizer
-    from framework.training.checkpoint import load_checkpoint
+    from framework.checkpoint import load_checkpoint
 
     (tmp_path / "checkpoints").mkdir()
     os.symlink(checkpoint, tmp_path / "checkpoints" / "default")
@@ -528,7 +528,7 @@ def test_gpu_rope_cache_and_bf16(mp1):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from framework.generation import generate
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                       seq_length=64, hidden_dropout=0.0, attention_dropout=0.0,
@@ -622,7 +622,7 @@ def test_gpu_decode_cuda_graph_matches_eager(mp1):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from framework.generation import generate
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     gpu = torch.device("cuda", 0)
     prompts = CK_PROMPTS + [[7, 3]]

@@ -193,7 +193,7 @@ def test_train_steps_never_wait_for_the_gpu(tmp_path, defer):
 def test_fused_wgrad_matches_separate_add_cuda():
     """model.fused_wgrad: AddmmWgrad accumulates grad_output^T @ input into an fp32 main grad at
     least as accurately as mcore's bf16 GEMM + fp32 add."""
-    from framework.models.layers import AddmmWgrad
+    from framework.mcore_patches import AddmmWgrad
 
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(8192, 1280, device="cuda", generator=g).bfloat16()

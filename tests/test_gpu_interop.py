@@ -29,7 +29,7 @@ def _padded_output_rows(ckpt_dir: str) -> torch.Tensor:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from framework.interop.megatron_files import resolve_checkpoint, sharded_metadata
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
 
     _, _, iter_path, _ = resolve_checkpoint(ckpt_dir)
     md = sharded_metadata(iter_path)
@@ -38,7 +38,7 @@ def _padded_output_rows(ckpt_dir: str) -> torch.Tensor:
     assert len(keys) == 1, keys
     from data_tools.convert import single_process_world
 
-    with single_process_world(), ckpt._cpu_safe():
+    with single_process_world(), ckpt.reader.cpu_safe():
         loaded = dist_checkpointing.load({keys[0]: md[keys[0]]}, iter_path)
     return loaded[keys[0]]
 

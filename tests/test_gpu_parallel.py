@@ -96,7 +96,7 @@ CASES = [
     ("mlp_recompute", ["parallel=single", "parallel.data_parallel_size=1",
                        "parallel.recompute_granularity=selective",
                        "parallel.recompute_modules=[mlp]"], 1),
-    # ours: the MLP activation recomputed before fc2's backward (framework/models/mlp.py), with
+    # ours: the MLP activation recomputed before fc2's backward (framework/models/layers.py), with
     # the norms, and inside the per-layer CUDA graphs
     ("mlp_act_recompute", ["parallel=single", "parallel.data_parallel_size=1",
                            "parallel.recompute_granularity=selective",

@@ -65,7 +65,7 @@ def _cfg(**kw):
 
 def _build(cfg, parallel=None, bf16=False, ddp=False):
     from framework.config import ParallelConfig
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     torch.manual_seed(0)
     return build_model(cfg, parallel or ParallelConfig(), vocab_size=VOCAB, bf16=bf16,
@@ -79,7 +79,7 @@ def _batch():
 
 
 def _loss_and_grads(model, ddp=False):
-    from framework.models import unwrap
+    from framework.models.wrappers import unwrap
 
     ids, labels, pos = _batch()
     model.train()
@@ -97,7 +97,7 @@ def _loss_and_grads(model, ddp=False):
 def _pair(ref_cfg, fast_cfg, parallel=None, bf16=False, ddp=False):
     """Loss and grads of the reference and the fast model, both from the reference's weights
     after perturbing them."""
-    from framework.models import unwrap
+    from framework.models.wrappers import unwrap
 
     ref = _build(ref_cfg, parallel, bf16, ddp)
     perturb_(unwrap(ref), seed=7)
@@ -197,10 +197,11 @@ def test_bf16_alibi_kernels_perturbed(mp1, kernel):
 def gen_work(tmp_path_factory, mp1):
     from data_tools import convert
     from framework.config import ParallelConfig
-    from framework.inference import load_for_inference, model_config_from_meta
-    from framework.models import padded_vocab_size
+    from framework.checkpoint import stored_model_config
+    from framework.inference import load_for_inference
+    from framework.models.build import padded_vocab_size
     from framework.tokenizer import embedded_tokenizer
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
     from test_real_weights import CASES, PROMPTS, V, hf_generate, hf_gpt2
 
     d = tmp_path_factory.mktemp("gpu_real_weights")
@@ -213,7 +214,7 @@ def gen_work(tmp_path_factory, mp1):
     hf_gpu = hf.cuda()
     load = str(d / "ckpt")
     meta = ckpt.read_meta(load, 0)
-    model_cfg = model_config_from_meta(meta)
+    model_cfg = stored_model_config(meta)
     padded = padded_vocab_size(V, model_cfg.make_vocab_size_divisible_by, 1)
     model = load_for_inference(load, model_cfg, ParallelConfig(), padded_vocab=padded,
                                device=torch.device("cuda"), bf16=False)
@@ -269,7 +270,7 @@ def test_swiglu_fusion_perturbed(mp1, bias):
 def test_native_gqa_flash_perturbed(mp1):
     """GQA through the flash kernel's grouped heads (SDPA enable_gqa) against repeated KV heads,
     bf16 (flash needs it), RoPE, 8 heads over 2 KV groups; and the grouped path really runs."""
-    from framework.models import unwrap
+    from framework.models.wrappers import unwrap
     from framework.models.layers import SDPAttention, _flash_gqa_ok
 
     q = torch.randn(2, 8, 64, 32, device="cuda", dtype=torch.bfloat16)

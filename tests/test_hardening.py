@@ -112,12 +112,13 @@ def test_lr_inf_train_py_refuses_before_training(tmp_path):
 # 2. preflight: output directories, locks, model settings, index memory
 # --------------------------------------------------------------------------------------------
 def _prepared(tmp_path, *overrides):
-    """framework.run.prepare on a composed config (the checks train.py runs before launch)."""
-    from framework.run import prepare
+    """framework.plan.make_plan on a composed config (the checks train.py runs before launch);
+    returns the world size."""
+    from framework.plan import make_plan as prepare
 
     cfg = load(f"checkpoint.dir={tmp_path}/ckpt", *overrides)
     cfg.run_dir = str(tmp_path / "run")
-    return prepare(cfg)
+    return prepare(cfg).world_size
 
 
 def test_unwritable_checkpoint_dir_is_found_before_training(tmp_path):
@@ -358,7 +359,7 @@ def test_sweep_records_failed_jobs_and_goes_on(tmp_path):
 def test_preflight_memory_check_on_gpu():
     """The memory lower bound reads the GPU's size: a model that cannot fit is refused, the
     default one passes."""
-    from framework.training.resilience import check_model, device_memory_bytes
+    from framework.preflight import check_model, device_memory_bytes
 
     have, where = device_memory_bytes("cuda", 1)
     assert have > 2**30 and where.startswith("of ")

@@ -160,15 +160,16 @@ def test_generate_py_defaults_match_hf(work, case, extra, tmp_path):
 def ours(work):
     """The converted checkpoint loaded in this process as generate.py loads it (TP1, fp32)."""
     from data_tools.convert import single_process_world
-    from framework.inference import load_for_inference, model_config_from_meta
-    from framework.training import checkpoint as ckpt
+    from framework.checkpoint import stored_model_config
+    from framework.inference import load_for_inference
+    from framework import checkpoint as ckpt
 
     load = str(work["dir"] / "ckpt")
     meta = ckpt.read_meta(load, ckpt.latest_iteration(load))
-    model_cfg = model_config_from_meta(meta)
+    model_cfg = stored_model_config(meta)
     assert model_cfg.fused_bias_add  # the default QKV layer, where the decode bug lived
     from framework.config import ParallelConfig
-    from framework.models import padded_vocab_size
+    from framework.models.build import padded_vocab_size
 
     padded = padded_vocab_size(V, model_cfg.make_vocab_size_divisible_by, 1)
     with single_process_world():
@@ -209,7 +210,7 @@ def test_perturb_checkpoint_rewrites_every_model_tensor(work, tmp_path):
 
     from data_tools.convert import single_process_world
     from framework.interop import megatron_files as mf
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
     from perturb import perturb_checkpoint
 
     d = tmp_path / "ckpt"

@@ -31,7 +31,7 @@ def _cpu_rng_states(tp_random):
 
 def _loss_and_grads(parallel, **model_kw):
     """Loss and gradients of one forward/backward of a tiny GPT (seed 0) on fixed tokens."""
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny(**model_kw), parallel, vocab_size=VOCAB, bf16=False, fp16=False,
@@ -98,7 +98,7 @@ MLP_ACT = ParallelConfig(recompute_granularity="selective", recompute_modules=["
 
 def _train_steps(parallel, steps=3, device="cpu", bf16=False, **model_kw):
     """Losses and every step's gradients of `steps` plain SGD steps of a tiny GPT (seed 0)."""
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -188,8 +188,8 @@ def test_mlp_act_does_not_keep_the_activation(mp1, activation, bias):
     [s, b, ffn] with mlp_act, and the backward (which refills it) gives the same gradients."""
     from megatron.core.tensor_parallel import random as tp_random
 
-    from framework.models import build_model
-    from framework.models.mlp import ActRecomputeMLP
+    from framework.models.build import build_model
+    from framework.models.layers import ActRecomputeMLP
 
     torch.manual_seed(0)
     cfg = tiny(activation=activation, add_bias_linear=bias)
@@ -221,7 +221,7 @@ def test_mlp_act_does_not_keep_the_activation(mp1, activation, bias):
 
 def test_mlp_act_is_off_outside_training(mp1):
     """In eval mode or without grad the MLP runs mcore's forward: nothing to recompute."""
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny(), MLP_ACT, vocab_size=VOCAB, bf16=False, fp16=False,
@@ -243,7 +243,7 @@ def test_mlp_act_is_off_outside_training(mp1):
 ])
 def test_mlp_act_config_mapping(modules, mcore_granularity, mcore_modules, flag):
     """mcore sees the modules it knows (it rejects "mlp_act"); our MLP gets the flag."""
-    from framework.models.gpt import transformer_config
+    from framework.models.transformer import transformer_config
 
     tcfg = transformer_config(tiny(), ParallelConfig(recompute_granularity="selective",
                                                      recompute_modules=modules),
@@ -261,8 +261,8 @@ def test_mlp_act_config_mapping(modules, mcore_granularity, mcore_modules, flag)
 @pytest.mark.parametrize("model_type", ["bert", "t5"])
 def test_mlp_act_reaches_bert_and_t5(mp1, model_type):
     """BERT and T5 layers (GPT's layer spec) get the recomputing MLP too, encoder and decoder."""
-    from framework.models import build_model
-    from framework.models.mlp import ActRecomputeMLP
+    from framework.models.build import build_model
+    from framework.models.layers import ActRecomputeMLP
 
     kw = dict(type=model_type, num_layers=2, hidden_size=32, num_attention_heads=4,
               seq_length=32)
@@ -303,13 +303,13 @@ def test_mlp_act_recompute_matches_bf16_fused_gelu_cuda(mp1):
     and losses and gradients over three steps match the run without recompute."""
     from megatron.core.transformer import mlp as mcore_mlp
 
-    from framework.models import gpt
+    from framework.models import transformer
 
     # gradient_accumulation_fusion writes main_grad, which only DDP gives the parameters
     kw = dict(activation="gelu_tanh", add_bias_linear=True, fused_wgrad=False)
     calls = {}
     with patched(mcore_mlp, **_counting(mcore_mlp, "bias_gelu_impl", calls)), \
-            patched(gpt, _has_fused_wgrad=lambda: False):
+            patched(transformer, _has_fused_wgrad=lambda: False):
         ref_losses, ref_grads = _train_steps(ParallelConfig(), device="cuda", bf16=True, **kw)
         n_ref = calls.pop("bias_gelu_impl", 0)
         losses, grads = _train_steps(MLP_ACT, device="cuda", bf16=True, **kw)

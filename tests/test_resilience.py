@@ -13,9 +13,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from framework.checkpoint.commit import remove_stale_tmp
+from framework.checkpoint.retention import prune_checkpoints
 from framework.config import CheckpointConfig, ConfigError, ModelConfig, OptimizerConfig, \
     ParallelConfig, TrainConfig
-from framework.training import resilience as res
+from framework.optimizer_step import (deferred_optimizer_step, deferred_step_supported,
+                                      guarded_optimizer_step)
+from framework.training.nan_guard import NanGuard, NonFiniteError, SpikeDetector
+from framework.training.stop import StopRequest
+from framework.training.watchdog import Watchdog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["train.progress_bar=false", "train.log_interval=1", "train.micro_batch_size=8",
@@ -37,27 +43,27 @@ def test_config_fields_validate():
 
 
 def test_nan_guard_skip_then_stop_and_spikes():
-    g = res.NanGuard("skip", max_consecutive=3)
+    g = NanGuard("skip", max_consecutive=3)
     assert g.check(1, False, 2.0, 1.0) is None
     assert "iteration 2" in g.check(2, True, float("nan"), None)
     assert "grad norm inf" in g.check(3, True, 2.0, float("inf"))
     assert g.check(4, False, 2.0, 1.0) is None  # the run of NaNs is broken: counter resets
     g.check(5, True, float("nan"), None)
     g.check(6, True, float("nan"), None)
-    with pytest.raises(res.NonFiniteError, match="iteration 7: 3 consecutive"):
+    with pytest.raises(NonFiniteError, match="iteration 7: 3 consecutive"):
         g.check(7, True, float("nan"), None)
-    with pytest.raises(res.NonFiniteError, match="iteration 9 .*nan_policy=stop"):
-        res.NanGuard("stop").check(9, True, float("inf"), None)
-    s = res.SpikeDetector(3.0, warmup=3)
+    with pytest.raises(NonFiniteError, match="iteration 9 .*nan_policy=stop"):
+        NanGuard("stop").check(9, True, float("inf"), None)
+    s = SpikeDetector(3.0, warmup=3)
     assert [s.check(i, 1.0) for i in range(1, 6)] == [None] * 5
     assert "spike at iteration 6" in s.check(6, 10.0)
     assert s.check(7, 1.0) is None and s.spikes == 1
-    assert res.SpikeDetector(None).check(1, 1e9) is None
+    assert SpikeDetector(None).check(1, 1e9) is None
 
 
 def test_stop_request_signals_and_budget():
     prev = signal.getsignal(signal.SIGUSR1)
-    r = res.StopRequest().install()
+    r = StopRequest().install()
     try:
         assert r.agreed() is None
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -66,13 +72,13 @@ def test_stop_request_signals_and_budget():
     finally:
         r.uninstall()
     assert signal.getsignal(signal.SIGUSR1) == prev
-    assert res.StopRequest(max_minutes=1e-6, start=time.time() - 1).agreed() == "time"
-    assert res.StopRequest(max_minutes=10).agreed() is None
+    assert StopRequest(max_minutes=1e-6, start=time.time() - 1).agreed() == "time"
+    assert StopRequest(max_minutes=10).agreed() is None
 
 
 def test_watchdog_names_rank_step_and_phase():
     got = []
-    w = res.Watchdog(0.3, rank=3, on_timeout=got.append, poll_s=0.05).start()
+    w = Watchdog(0.3, rank=3, on_timeout=got.append, poll_s=0.05).start()
     w.mark(17, "stop-flag all-reduce")
     deadline = time.time() + 5
     while not got and time.time() < deadline:
@@ -80,7 +86,7 @@ def test_watchdog_names_rank_step_and_phase():
     w.stop()
     assert got and "rank 3" in got[0] and "iteration 17" in got[0] and "all-reduce" in got[0]
     quiet = []
-    w = res.Watchdog(0.5, rank=0, on_timeout=quiet.append, poll_s=0.05).start()
+    w = Watchdog(0.5, rank=0, on_timeout=quiet.append, poll_s=0.05).start()
     for i in range(10):  # progress keeps it quiet
         w.mark(i, "train step")
         time.sleep(0.05)
@@ -99,15 +105,15 @@ def test_retention_and_stale_tmp(tmp_path):
         _fake_ckpt(tmp_path, it)
     (tmp_path / "iter_0000010.tmp").mkdir()  # a killed save
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("6")  # 8: renamed, not tracked
-    assert res.prune_checkpoints(str(tmp_path), None) == []
-    removed = res.prune_checkpoints(str(tmp_path), 2)
+    assert prune_checkpoints(str(tmp_path), None) == []
+    removed = prune_checkpoints(str(tmp_path), 2)
     assert sorted(os.path.basename(p) for p in removed) == ["iter_0000002"]
     assert sorted(os.listdir(tmp_path)) == ["iter_0000004", "iter_0000006", "iter_0000008",
                                             "iter_0000010.tmp",
                                             "latest_checkpointed_iteration.txt"]
-    res.prune_checkpoints(str(tmp_path), 1)
+    prune_checkpoints(str(tmp_path), 1)
     assert (tmp_path / "iter_0000006").is_dir() and not (tmp_path / "iter_0000004").exists()
-    res.remove_stale_tmp(str(tmp_path))
+    remove_stale_tmp(str(tmp_path))
     assert not (tmp_path / "iter_0000010.tmp").exists()
 
 
@@ -135,7 +141,7 @@ def mp1():
 
 
 def _build(seed=0):
-    from framework.models import build_model
+    from framework.models.build import build_model
     from framework.optimizer import build_optimizer
 
     torch.manual_seed(seed)
@@ -165,27 +171,27 @@ def test_guarded_step_skips_nonfinite_before_the_update(mp1):
     model, opt, sched = _build()
     before = _params(model)
     loss = _backward(model, poison=True)
-    ok, norm, non_finite = res.guarded_optimizer_step(opt, loss)
+    ok, norm, non_finite = guarded_optimizer_step(opt, loss)
     assert (ok, non_finite) == (False, True) and norm != norm  # NaN norm reported
     assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
     opt.zero_grad()
-    ok, norm, non_finite = res.guarded_optimizer_step(opt, float("inf"))
+    ok, norm, non_finite = guarded_optimizer_step(opt, float("inf"))
     assert (ok, norm, non_finite) == (False, None, True)
     _backward(model)
-    ok, norm, non_finite = res.guarded_optimizer_step(opt, 1.0)
+    ok, norm, non_finite = guarded_optimizer_step(opt, 1.0)
     assert ok and not non_finite and norm > 0
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(model)))
 
 
 def _save(d, it, model, opt, sched):
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
 
     return ckpt.save_checkpoint(str(d), it, model, opt, sched, consumed_samples=16 * it,
                                 config={"model": {}})
 
 
 def _load(d, seed=1):
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
 
     model, opt, sched = _build(seed)
     meta = ckpt.load_checkpoint(str(d), model, opt, sched, model_cfg=MODEL)
@@ -195,11 +201,11 @@ def _load(d, seed=1):
 def test_failed_or_killed_saves_leave_the_previous_checkpoint(mp1, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
-    from framework.training import checkpoint as ckpt
+    from framework import checkpoint as ckpt
 
     model, opt, sched = _build()
     _backward(model)
-    res.guarded_optimizer_step(opt, 1.0)
+    guarded_optimizer_step(opt, 1.0)
     _save(tmp_path, 2, model, opt, sched)
     good = _params(model)
     real_save = dist_checkpointing.save
@@ -245,7 +251,7 @@ def test_failed_or_killed_saves_leave_the_previous_checkpoint(mp1, tmp_path, mon
     # 4. a later good save commits; retention keeps the newest one only
     monkeypatch.undo()
     _save(tmp_path, 8, model, opt, sched)
-    res.prune_checkpoints(str(tmp_path), 1)
+    prune_checkpoints(str(tmp_path), 1)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000008", "latest_checkpointed_iteration.txt"]
     assert _load(tmp_path)[0]["iteration"] == 8
 
@@ -367,7 +373,7 @@ def test_deferred_step_is_the_guarded_step_on_the_device(mp1):
     """Same norm, same clipped update, same skip of a non-finite step (weights, Adam moments
     and step count untouched), with the outcome left on the device."""
     (m1, o1, _), (m2, o2, _) = _build(), _build()
-    assert res.deferred_step_supported(o1)  # fused CPU AdamW, no loss scaler
+    assert deferred_step_supported(o1)  # fused CPU AdamW, no loss scaler
     for poison in (False, True, False):
         torch.manual_seed(7)
         loss1 = _backward(m1, poison)
@@ -375,8 +381,8 @@ def test_deferred_step_is_the_guarded_step_on_the_device(mp1):
         loss2 = _backward(m2, poison)
         state_before = _opt_state(o2)
         params_before = _params(m2)
-        ok, norm, non_finite = res.guarded_optimizer_step(o1, loss1)
-        out = res.deferred_optimizer_step(o2, torch.tensor(loss2))
+        ok, norm, non_finite = guarded_optimizer_step(o1, loss1)
+        out = deferred_optimizer_step(o2, torch.tensor(loss2))
         assert out.dtype == torch.float64 and out.shape == (3,)
         assert (bool(out[0]), bool(out[2])) == (ok, non_finite) == (not poison, poison)
         if poison:
@@ -398,12 +404,12 @@ def test_deferred_step_falls_back_where_the_host_must_decide():
         config = type("C", (), {"use_precision_aware_optimizer_no_fp8_or_ds_fp8": False})()
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
 
-    assert res.deferred_step_supported(Opt())
+    assert deferred_step_supported(Opt())
     Opt.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # foreach kernels
-    assert not res.deferred_step_supported(Opt())
+    assert not deferred_step_supported(Opt())
     Opt.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
     Opt.grad_scaler = object()  # fp16: the scaler's overflow flag is read on the host
-    assert not res.deferred_step_supported(Opt())
+    assert not deferred_step_supported(Opt())
 
 
 def test_deferred_stats_give_the_synchronous_run(tmp_path):

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from framework.config import ConfigError
-from framework.security import (UnsafeCheckpointError, check_plugin_targets, is_secret_name,
-                                mask_hydra_output, mask_secrets, safe_checkpoint_load,
-                                safe_relpath, _restricted_pickle_load)
+from framework.errors import UnsafeCheckpointError
+from framework.security.masking import is_secret_name, mask_hydra_output, mask_secrets
+from framework.security.plugins import check_plugin_targets
+from framework.security.unpickling import (_restricted_pickle_load, safe_checkpoint_load,
+                                           safe_relpath)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["train.progress_bar=false", "train.micro_batch_size=8", "train.global_batch_size=16",

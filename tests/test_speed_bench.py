@@ -78,7 +78,7 @@ def mp1():
 def test_tiny_models_and_settings_match(mp1, fam):
     """Our overrides and the HF config give the same model size, and the settings read from our
     composed config and from HF's built model + fused AdamW agree (dropout 0.1 for GPT-2)."""
-    from framework.models import build_model
+    from framework.models.build import build_model
 
     shape = TINY_SHAPES[fam]
     dropout = 0.1 if shape.family == "gpt2" else 0.0

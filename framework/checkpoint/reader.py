@@ -204,7 +204,7 @@ def check_meta(meta: Any, where: str, iteration: Optional[int] = None) -> None:
     stored_model_config(meta, where)
 
 
-def stored_model_config(meta: Dict[str, Any], where: str):
+def stored_model_config(meta: Dict[str, Any], where: str = "the checkpoint"):
     """The ModelConfig in framework.json, typed and validated like a config from train.py."""
     from dataclasses import fields
 

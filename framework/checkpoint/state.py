@@ -198,7 +198,7 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
                     allow_symlinks: bool = False) -> Dict[str, Any]:
     """Load model (and optimizer, scheduler, RNG) state. Returns the stored metadata.
 
-    Reads through `checkpoint_reader` (no pickled code runs; a damaged, tampered or
+    Reads through `framework.checkpoint.reader` (no pickled code runs; a damaged, tampered or
     mismatching checkpoint is one CheckpointError line); symlinks inside the checkpoint are
     refused unless `allow_symlinks`."""
     it = latest_iteration(ckpt_dir, allow_symlinks=allow_symlinks) if iteration is None \

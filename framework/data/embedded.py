@@ -20,7 +20,7 @@ import tempfile
 import zlib
 from typing import Dict, Iterator, List, Tuple
 
-from framework.config import ConfigError
+from framework.errors import ConfigError
 from framework.data.indexed import preprocess
 from framework.locking import file_lock
 from framework.tokenizer import embedded_mlm_tokenizer, embedded_tokenizer

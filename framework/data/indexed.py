@@ -35,7 +35,7 @@ import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from framework.config import ConfigError
+from framework.errors import ConfigError
 from framework.tokenizer import Tokenizer
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"

@@ -31,7 +31,7 @@ the reduction dim of its GEMM) and `b` is passed as its `.t()`:
 
 so the cast kernel writes a tensor and/or its transpose in one pass. On CPU the GEMM is
 emulated (`mm8`: dequantise to fp32, fp32 matmul), which the CPU tests use; training itself
-refuses FP8 without a GPU that has it (framework/run.py).
+refuses FP8 without a GPU that has it (framework/plan.py).
 
 TP: a per-tensor amax is all-reduced (max) over the TP group wherever the tensor is split over
 ranks (weights; a sequence-parallel input before its FP8 all-gather; a row-parallel input; a

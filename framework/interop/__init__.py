@@ -1,15 +1,17 @@
 """Hugging Face <-> megatron-core weight interoperability.
 
-A model family is one small module with a config mapping and a name mapping:
+Each model family maps its Hugging Face model types in its own folder
+(framework/models/<family>/hf_*.py, listed in its `ModelSpec`): one small module with a config
+mapping and a name mapping:
 
     HF_MODEL_TYPE, MODEL_TYPE, HF_ARCHITECTURE, HF_BASE_PREFIX, HF_IGNORED
-    hf_config_to_model_config(hf: dict, **overrides) -> ModelConfig
+    hf_config_to_fields(hf: dict) -> dict                                 (ModelConfig fields)
     model_config_to_hf_config(cfg, *, vocab_size, base=None) -> dict      (config.json)
-    rules(cfg) -> List[Rule]                                               (see interop.rules)
+    rules(cfg) -> List[Rule]                                   (see framework.models.hf_rules)
     optional_hf_tensors(cfg) -> List[str]
+    resolve_with_tensors(cfg, names) -> ModelConfig                       (optional)
 
-`FAMILIES` maps an HF `model_type` to that module (imported on first use). To add one, write the
-module and add its line here.
+`family(hf_model_type)` finds the module through the registry (framework/models/registry.py).
 
 Public API used by train.py and data_tools/convert.py:
     load_hf_into_model(hf_dir, model_chunks, model_cfg, *, allow_pickle=False)
@@ -20,32 +22,24 @@ Public API used by train.py and data_tools/convert.py:
 """
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any, Dict, List, Optional
 
-from framework.config import ConfigError, ModelConfig
+from framework.config import ModelConfig
+from framework.errors import InteropError
+from framework.models import registry
+from framework.models.hf_rules import export_from_state, import_into_chunks, iter_hf_names
+from framework.models.wrappers import unwrap
 
-
-class InteropError(ConfigError):
-    """Bad input to a conversion (files, names, shapes, unsupported architecture); one line."""
-
-
-FAMILIES: Dict[str, str] = {
-    "gpt2": "framework.interop.gpt2",
-    "megatron-bert": "framework.interop.megatron_bert",
-    "t5": "framework.interop.t5",
-    "mt5": "framework.interop.mt5",
-}
 PLANNED: tuple = ()  # model types we intend to add; listed in the unsupported-type error
 
-__all__ = ["FAMILIES", "InteropError", "family", "family_for_model", "supported",
+__all__ = ["InteropError", "check_supported", "family", "family_for_model", "supported",
            "hf_config_to_model_config", "model_config_to_hf_config", "load_hf_into_model",
            "hf_state_dict_from_megatron", "save_hf_checkpoint", "vocab_tensor_names"]
 
 
 def supported() -> List[str]:
-    return sorted(FAMILIES)
+    return registry.hf_types()
 
 
 def _as_dict(hf_config: Any) -> Dict[str, Any]:
@@ -57,15 +51,22 @@ def _as_dict(hf_config: Any) -> Dict[str, Any]:
                        f"{type(hf_config).__name__}")
 
 
-def family(hf_model_type: Optional[str]) -> ModuleType:
-    """The family module for an HF `model_type`; a one-line error listing the supported ones."""
-    if hf_model_type not in FAMILIES:
+def check_supported(hf_model_type: Optional[str]) -> None:
+    """A one-line error listing the supported types unless a family maps `hf_model_type`
+    (reads the registry only: imports nothing heavy)."""
+    if registry.hf_owner(hf_model_type) is None:
         what = "has no model_type" if hf_model_type is None else \
             f"model_type {hf_model_type!r} is not supported"
         raise InteropError(f"the Hugging Face config {what}; supported: "
                            f"{', '.join(supported())} (planned: "
-                           f"{', '.join(t for t in PLANNED if t not in FAMILIES) or 'none'})")
-    return importlib.import_module(FAMILIES[hf_model_type])
+                           f"{', '.join(t for t in PLANNED if t not in supported()) or 'none'})")
+
+
+def family(hf_model_type: Optional[str]) -> ModuleType:
+    """The mapping module for an HF `model_type`; a one-line error listing the supported ones."""
+    check_supported(hf_model_type)
+    spec, hf_type = registry.hf_owner(hf_model_type)
+    return spec.parts().hf[hf_type]
 
 
 def family_for_model(model_cfg: ModelConfig, hf_model_type: Optional[str] = None) -> ModuleType:
@@ -77,7 +78,7 @@ def family_for_model(model_cfg: ModelConfig, hf_model_type: Optional[str] = None
             raise InteropError(f"HF {hf_model_type} models are our model.type="
                                f"{fam.MODEL_TYPE!r}, not {model_cfg.type!r}")
         return fam
-    matches = [t for t in FAMILIES if family(t).MODEL_TYPE == model_cfg.type]
+    matches = list(registry.family(model_cfg.type).hf_types)
     if model_cfg.type in matches:  # several (t5, mt5): the one named as our model type
         matches = [model_cfg.type]
     if len(matches) != 1:
@@ -91,7 +92,7 @@ def hf_config_to_model_config(hf_config: Any, **overrides: Any) -> ModelConfig:
     """HF config (dict or PretrainedConfig) -> our ModelConfig; `overrides` replace fields
     (e.g. make_vocab_size_divisible_by=128, seq_length=512)."""
     d = _as_dict(hf_config)
-    return family(d.get("model_type")).hf_config_to_model_config(d, **overrides)
+    return ModelConfig(**{**family(d.get("model_type")).hf_config_to_fields(d), **overrides})
 
 
 def model_config_to_hf_config(model_cfg: ModelConfig, *, vocab_size: int,
@@ -120,7 +121,8 @@ def _arch(cfg: ModelConfig) -> Dict[str, Any]:
         "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
         "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
         "add_binary_head": cfg.add_binary_head,
-        "encoder_num_layers": cfg.enc_layers if cfg.type == "t5" else None,
+        "encoder_num_layers": cfg.enc_layers if registry.family(cfg.type).encoder_decoder
+        else None,
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets
         if cfg.position_embedding_type == "relative" else None,
         "relative_attention_max_distance": cfg.relative_attention_max_distance
@@ -149,8 +151,6 @@ def check_same_architecture(hf_cfg: ModelConfig, model_cfg: ModelConfig, where: 
 
 def _resolver(weights, fam, model_cfg: ModelConfig):
     """Check the HF tensor names against the family's rules; return name -> file name."""
-    from framework.interop.rules import iter_hf_names
-
     prefix = fam.HF_BASE_PREFIX
     expected = set(iter_hf_names(fam.rules(model_cfg), model_cfg.num_layers))
     optional = set(fam.optional_hf_tensors(model_cfg))
@@ -194,13 +194,11 @@ def load_hf_into_model(hf_dir: str, model_chunks, model_cfg: ModelConfig, *,
     from megatron.core import parallel_state as ps
 
     from framework.interop.hf_files import HFWeights, read_hf_config
-    from framework.interop.rules import import_into_chunks
-    from framework.models import unwrap
 
     hf = read_hf_config(hf_dir)
     fam = family(hf.get("model_type"))
     weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
-    hf_model_cfg = with_hf_tensors(fam, fam.hf_config_to_model_config(hf), weights)
+    hf_model_cfg = with_hf_tensors(fam, hf_config_to_model_config(hf), weights)
     check_same_architecture(hf_model_cfg, model_cfg, f"the Hugging Face model in {hf_dir}")
     where = _resolver(weights, fam, model_cfg)
     chunks = [unwrap(m) for m in model_chunks]
@@ -217,8 +215,6 @@ def hf_state_dict_from_megatron(state: Dict[str, Any], model_cfg: ModelConfig, *
                                 hf_model_type: Optional[str] = None) -> Dict[str, Any]:
     """A full (TP=1, PP=1) state dict of our model -> the HF tensors (padding stripped)."""
     import torch
-
-    from framework.interop.rules import export_from_state
 
     fam = family_for_model(model_cfg, hf_model_type)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -17,7 +17,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from framework.interop import InteropError
+from framework.errors import InteropError
 
 if TYPE_CHECKING:  # torch is imported lazily: refusing bad input needs none of it
     import torch

@@ -46,10 +46,6 @@ def resolve_checkpoint(path: str, *, allow_symlinks: bool = False
                        f"iter_XXXXXXX directory with {reader.META})")
 
 
-def model_config_from_meta(meta: Dict[str, Any], where: str) -> ModelConfig:
-    return reader.stored_model_config(meta, where)
-
-
 def sharded_metadata(iter_path: str, *, allow_symlinks: bool = False) -> Dict[str, Any]:
     return reader.read_dist(iter_path, "sharded_metadata", allow_symlinks=allow_symlinks)
 

@@ -28,11 +28,17 @@ def _no_tokenizer_check(_tokenizer: Any, _cfg: Any) -> None:
     return None
 
 
-def dense_flops_per_token(model_cfg: Any, vocab: int) -> float:
+def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int) -> float:
     """Megatron's model FLOPs per token of a dense layer stack (Narayanan et al., 2021),
     forward and backward, no recompute: 72 l h^2 (1 + s / (6 h) + V / (12 l h))."""
-    l, h, s = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.seq_length
-    return 72.0 * l * h * h * (1.0 + s / (6.0 * h) + vocab / (12.0 * l * h))
+    l, h, s, v = num_layers, hidden, seq, vocab
+    return 72.0 * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h))
+
+
+def dense_flops_per_token(model_cfg: Any, vocab: int) -> float:
+    """`flops_per_token` of a model config (GPT, and BERT: an encoder stack of the same shape)."""
+    return flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, model_cfg.seq_length,
+                           vocab)
 
 
 @dataclass(frozen=True)

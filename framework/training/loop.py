@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from framework.config import CheckpointConfig, TrainConfig
 from framework.optimizer import allreduce_grads_cpu
-from framework.training import resilience as res
+from framework.optimizer_step import (deferred_optimizer_step, deferred_step_supported,
+                                      guarded_optimizer_step)
+from framework.training.host_copy import HostCopy
 from framework.training.metrics import MetricsLogger, Timer, format_line, memory_gb, peak_tflops
+from framework.training.nan_guard import NanGuard, SpikeDetector
+from framework.training.stop import StopRequest, describe_stop, report_clean_stop
+from framework.training.watchdog import Watchdog
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import CheckpointConfig, TrainConfig
 
 
 @dataclass
@@ -70,7 +77,7 @@ class _StepStats:
 
     def __init__(self, step: int, values: torch.Tensor, keys: List[str]):
         self.step, self.keys = step, keys
-        self.values = res.HostCopy(values)
+        self.values = HostCopy(values)
 
     def read(self) -> Dict[str, Any]:
         v = self.values.read()
@@ -82,7 +89,7 @@ class _StepStats:
 
 class Trainer:
     def __init__(self, model: List[torch.nn.Module], optimizer, scheduler, train_step, data,
-                 train_cfg: TrainConfig, ckpt_cfg: CheckpointConfig, runtime: Runtime,
+                 train_cfg: "TrainConfig", ckpt_cfg: "CheckpointConfig", runtime: Runtime,
                  logger: Optional[MetricsLogger], save_fn: Callable[[TrainState], None]):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.step_impl, self.data, self.cfg, self.ckpt_cfg = train_step, data, train_cfg, ckpt_cfg
@@ -98,13 +105,13 @@ class Trainer:
         else:
             self.fwd_bwd = forward_backward_cpu
         self.peak = peak_tflops(runtime.device)
-        self.stop = res.StopRequest(train_cfg.max_minutes, device=runtime.device)
-        self.nan_guard = res.NanGuard(train_cfg.nan_policy, train_cfg.max_consecutive_nan)
-        self.spikes = res.SpikeDetector(train_cfg.spike_factor)
-        self.watchdog: Optional[res.Watchdog] = None  # set by the caller (run.worker)
-        self.profiler = None  # training.profiling.StepProfiler, set by the caller (run.worker)
+        self.stop = StopRequest(train_cfg.max_minutes, device=runtime.device)
+        self.nan_guard = NanGuard(train_cfg.nan_policy, train_cfg.max_consecutive_nan)
+        self.spikes = SpikeDetector(train_cfg.spike_factor)
+        self.watchdog: Optional[Watchdog] = None  # set by the caller (framework.runner)
+        self.profiler = None  # training.profiling.StepProfiler, set by the caller (framework.runner)
         # train.defer_step_stats: each step's stats are read back one step late (see _StepStats)
-        self.defer = train_cfg.defer_step_stats and res.deferred_step_supported(optimizer)
+        self.defer = train_cfg.defer_step_stats and deferred_step_supported(optimizer)
         self._pending: Optional[_StepStats] = None
 
     # ---- one global batch -----------------------------------------------------------------
@@ -135,14 +142,14 @@ class Trainer:
             # nothing, and a skipped previous step is known before this step's update
             done = self.flush()
             with record_function("phase/optimizer"):
-                stats = res.deferred_optimizer_step(self.optimizer, vals[0])
+                stats = deferred_optimizer_step(self.optimizer, vals[0])
                 self.scheduler.step(increment=1)  # taken back in flush() if the step was skipped
             self._pending = _StepStats(step, torch.cat([vals.double(), stats]), keys)
             return done
         loss, extra = _on_host(vals, keys)
         # the finiteness checks come before the update (a NaN step never touches the weights)
         with record_function("phase/optimizer"):
-            ok, grad_norm, non_finite = res.guarded_optimizer_step(self.optimizer, loss)
+            ok, grad_norm, non_finite = guarded_optimizer_step(self.optimizer, loss)
             if ok:
                 self.scheduler.step(increment=1)
         return [{"step": step, "loss": loss, "ok": ok, "grad_norm": grad_norm,
@@ -268,13 +275,13 @@ class Trainer:
         if stop is not None:
             if rt.is_logging_rank:
                 _write(bar, f"stopping at iteration {state.step}: "
-                            f"{res.describe_stop(stop, cfg.max_minutes)}; saving a checkpoint")
+                            f"{describe_stop(stop, cfg.max_minutes)}; saving a checkpoint")
             if self.ckpt_cfg.save and last_saved != state.step:
                 self._mark(state.step, "checkpoint save", patience=6.0)
                 self.save_fn(state)
             if bar is not None:
                 bar.close()
-            res.report_clean_stop(state.step, stop,
+            report_clean_stop(state.step, stop,
                                   dist.get_rank() if dist.is_initialized() else 0)
             return state
         if cfg.eval_interval and state.step % cfg.eval_interval != 0:

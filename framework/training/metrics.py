@@ -1,9 +1,9 @@
 """Throughput, MFU, the log line, metrics.jsonl and optional trackers (W&B, TensorBoard).
 
-MFU follows Megatron's model-FLOPs count for a GPT layer stack (Narayanan et al., 2021):
-    FLOPs per token = 72 * l * h^2 * (1 + s / (6 h) + V / (12 l h))
-(forward + backward, no recompute counted), divided by the card's dense bf16 peak
-(989 TFLOP/s for H100 and H200; `PEAK_TFLOPS`).
+MFU divides the model family's FLOPs per token (`ModelSpec.flops_per_token`; for a dense layer
+stack Megatron's count, Narayanan et al., 2021:
+    FLOPs per token = 72 * l * h^2 * (1 + s / (6 h) + V / (12 l h)),
+forward + backward, no recompute counted) by the card's dense bf16 peak (`PEAK_TFLOPS`).
 """
 from __future__ import annotations
 
@@ -14,34 +14,16 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from framework.models.registry import family
+from framework.models.spec import flops_per_token  # noqa: F401  (the dense formula, re-exported)
+from framework.security.masking import mask_secrets, mask_text
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int) -> float:
-    l, h, s, v = num_layers, hidden, seq, vocab
-    return 72.0 * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h))
-
-
 def model_flops_per_token(model_cfg, vocab: int) -> float:
-    """Model FLOPs per (input) token for the model family.
-
-    GPT and BERT (an encoder stack of the same shape): `flops_per_token`. T5, per encoder token:
-    the encoder stack at the encoder length s_e, plus the decoder per decoder token scaled by
-    s_d / s_e, a decoder layer costing a self-attention layer plus cross-attention (forward:
-    4h^2 per decoder token for its Q and output projections, 4h^2 x s_e/s_d for K and V over the
-    encoder tokens, 4 h s_e for scores and values; x3 with the backward), and the output layer
-    on the decoder tokens.
-    """
-    h = model_cfg.hidden_size
-    if model_cfg.type != "t5":
-        return flops_per_token(model_cfg.num_layers, h, model_cfg.seq_length, vocab)
-    se, sd = model_cfg.seq_length, model_cfg.decoder_seq_length
-    enc = 72.0 * model_cfg.enc_layers * h * h * (1.0 + se / (6.0 * h))
-    # forward+backward = 3x forward; forward of one matmul = 2 flops per weight
-    cross = 3.0 * (2.0 * 2 * h * h + 2.0 * 2 * h * h * se / sd + 2.0 * 2 * h * se)
-    dec = 72.0 * model_cfg.num_layers * h * h * (1.0 + sd / (6.0 * h)) \
-        + model_cfg.num_layers * cross + 6.0 * h * vocab
-    return enc + dec * sd / se
+    """Model FLOPs per (input) token of the model family, forward and backward."""
+    return family(model_cfg.type).flops_per_token(model_cfg, vocab)
 
 
 def peak_tflops(device: torch.device) -> Optional[float]:
@@ -80,16 +62,12 @@ class MetricsLogger:
         if logging_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            from framework.security import mask_secrets
-
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             # the run's config, as text, masked like every string sent to a tracker
             self.tb.add_text("config", "```\n" + json.dumps(mask_secrets(config_dict), indent=1,
                                                              default=str) + "\n```", 0)
 
     def log(self, record: Dict[str, Any]) -> None:
-        from framework.security import mask_secrets
-
         record = mask_secrets(record)  # strings in a record (none today) never carry secrets
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -128,8 +106,6 @@ def _start_wandb(cfg, config_dict, run_dir, id_dir):
             run_id = None
     mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     import sys
-
-    from framework.security import mask_secrets, mask_text
 
     # Everything W&B stores or sends is masked by value: the command line (its run metadata),
     # the config, and the run name, tags and notes, from the config or from W&B's own

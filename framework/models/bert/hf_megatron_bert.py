@@ -1,5 +1,5 @@
 """Megatron-BERT (HF `model_type: megatron-bert`, `MegatronBertForPreTraining`) <-> our `bert`
-model (megatron-core BertModel, framework/models/bert.py).
+model (megatron-core BertModel, framework/models/bert/model.py).
 
 The two are the same network (Shoeybi et al.'s pre-LN BERT), so the mapping is names and layouts:
 * No embedding LayerNorm on either side: word + position + token-type embeddings, then the layers.

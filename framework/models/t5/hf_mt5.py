@@ -1,6 +1,6 @@
 """mT5 (HF `model_type: mt5`, `MT5ForConditionalGeneration`) <-> our `t5` model.
 
-The same tensors and rules as T5 (framework.interop.t5) with T5 v1.1's choices: gated-GeLU FFN
+The same tensors and rules as T5 (framework.models.t5.hf_t5) with T5 v1.1's choices: gated-GeLU FFN
 (`activation: geglu_tanh`), no scaling of the decoder output before the LM head, and an LM head
 of its own when the config says tie_word_embeddings=false (google's mT5 configs).
 """

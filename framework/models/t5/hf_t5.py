@@ -13,7 +13,7 @@ What differs between the two and how it is closed (ModelConfig options, defaults
   `lm_head_bias: false`.
 * q/k/v are separate HF tensors; ours are mcore's per-head interleaved `linear_qkv` (self) and
   per-head [k v] `linear_kv` (cross).
-* T5 v1.1 (and mT5, framework.interop.mt5): gated FFN (`feed_forward_proj: gated-gelu` ->
+* T5 v1.1 (and mT5, framework.models.t5.hf_mt5): gated FFN (`feed_forward_proj: gated-gelu` ->
   `activation: geglu_tanh`, `gated-silu` -> `swiglu`; wi_0 is the activated half, [wi_0; wi_1]
   is mcore's GLU `linear_fc1`, sliced per half for TP), no output scaling, and an untied LM head
   when the files carry `lm_head.weight` (`resolve_with_tensors`: transformers 5 writes

@@ -1,0 +1,65 @@
+"""This process's place in the distributed world: process groups, seeds, a free port."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ParallelConfig
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(p: "ParallelConfig", device: str) -> None:
+    """The process group (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups."""
+    from megatron.core import parallel_state as ps
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # NCCL: a timed-out collective raises (naming the op) instead of hanging forever
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=p.distributed_backend if device == "cuda" else "gloo",
+            timeout=timedelta(minutes=p.distributed_timeout_minutes))
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.vpp,
+    )
+
+
+def set_seeds(seed: int, device: str, cuda_graph: bool = False) -> None:
+    """Megatron's scheme: distinct per pipeline stage; TP ranks differ through mcore's tracker
+    (graph-safe generator states when layers are captured as CUDA graphs)."""
+    from megatron.core import parallel_state as ps
+
+    s = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    if device == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(s, use_cudagraphable_rng=cuda_graph,
+                                        force_reset_rng=cuda_graph)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if dist.is_initialized():
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -1,0 +1,125 @@
+"""Launching workers: `launch(worker_fn, arg, world)` runs `worker_fn(arg)` on every rank.
+
+* No WORLD_SIZE in the environment (a plain `python train.py`): start `world` workers with
+  torch's elastic launcher API and wait for them. One worker runs in-process.
+* Under torchrun (WORLD_SIZE set) or SLURM (SLURM_PROCID/SLURM_NTASKS): use that environment.
+
+Stop signals reach the workers, which save a checkpoint and exit 0 (framework.training.stop); a
+worker's one-line error (exit 2) becomes one line of the parent's (`WorkerFailed`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+from framework.distributed import free_port
+from framework.errors import ConfigError
+from framework.training.stop import STOP_FILE_ENV, exit_if_stopped
+
+
+def resolve_device(kind: str) -> str:
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return kind
+
+
+def launched_externally() -> bool:
+    return "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
+
+
+def launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
+    """Run `worker_fn(arg)` on every rank: join torchrun/SLURM, run in-process for one rank, or
+    start `world` workers (`worker_fn` and `arg` must pickle: a module-level function)."""
+    if launched_externally():
+        _slurm_env()
+        worker_fn(arg)
+    elif world == 1:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        try:
+            worker_fn(arg)
+        finally:
+            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(k, None)
+    else:
+        _elastic_launch(worker_fn, arg, world)
+
+
+def _slurm_env() -> None:
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        raise ConfigError("under SLURM, set MASTER_ADDR and MASTER_PORT (e.g. from "
+                          "`scontrol show hostnames $SLURM_JOB_NODELIST | head -n1`)")
+
+
+def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # the agent forwards these to the workers (SIGTERM by default; add SIGUSR1), which save a
+    # checkpoint and exit 0; rank 0 leaves a note in the stop file so we know it was clean
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    fd, stop_file = tempfile.mkstemp(prefix="fw-stop-")
+    os.close(fd)
+    os.environ[STOP_FILE_ENV] = stop_file
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"fw{os.getpid()}",
+                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                      max_restarts=0, monitor_interval=0.5, start_method="spawn")
+    try:
+        elastic_launch(lc, _worker_entry)(worker_fn, arg)
+    except SignalException as e:
+        note = open(stop_file).read().split()
+        if not note:
+            raise RuntimeError(f"stopped by {signal_name(e.sigval)} before the workers saved a "
+                               f"checkpoint") from None
+        print(f"stopped by {signal_name(e.sigval)}: the workers saved a checkpoint at iteration "
+              f"{note[0]} and exited", flush=True)
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()))
+        msg = first.message
+        if isinstance(msg, dict):  # elastic's error record: {'message': ..., 'extraInfo': ...}
+            msg = msg.get("message", "")
+        msg = str(msg).strip().splitlines()[-1] if msg else ""
+        if first.exitcode == 2:  # _worker_entry printed the one-line error itself
+            msg = "stopped on the error printed above"
+        elif "To enable traceback" in msg:  # elastic's text when the worker left no record
+            msg = ""
+        raise WorkerFailed(f"worker failed (rank {first.local_rank}, exit {first.exitcode}): "
+                           f"{msg or 'see the log above'}") from None
+    finally:
+        os.environ.pop(STOP_FILE_ENV, None)
+        os.unlink(stop_file)
+
+
+class WorkerFailed(ConfigError):
+    """A self-launched worker failed; reported as one line (its own output is above)."""
+
+
+def signal_name(sig) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _worker_entry(worker_fn: Callable[[Any], None], arg: Any) -> None:
+    try:
+        worker_fn(arg)
+    except ConfigError as e:
+        # one line, no traceback from the worker; the parent reports the exit code
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    exit_if_stopped()  # stopped by a signal: the agent is shutting down, leave without it

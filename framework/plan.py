@@ -1,0 +1,116 @@
+"""The plan of a training run: what is decided once, in the launching process, before any worker
+starts, and handed to every worker (`RunPlan`): the device and precision, the world size, where
+the weights come from (resume, `checkpoint.load` or `checkpoint.load_hf`), the tokenizer and the
+vocabulary. `make_plan` also runs every check that needs no worker (framework/preflight.py), so
+bad input is one line from the parent and nothing is built.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from framework.checkpoint.reader import TRACKER, iter_dir, latest_iteration, read_meta
+from framework.checkpoint.state import check_compatible
+from framework.config import Config
+from framework.errors import ConfigError
+from framework.fast import cudnn_attention
+from framework.fast.fp8 import device_supports_fp8
+from framework.launch import launched_externally, resolve_device
+from framework.models.build import padded_vocab_size
+from framework.models.registry import family
+from framework.preflight import check_inputs
+from framework.tokenizer import TokenizerSource, choose_tokenizer
+
+
+@dataclass
+class RunPlan:
+    """A training run's decisions, made once (`make_plan`); pickled to self-launched workers."""
+
+    cfg: Config
+    device: str  # "cuda" | "cpu"
+    world_size: int
+    bf16: bool
+    resume_iteration: Optional[int]  # the committed iteration of checkpoint.dir resumed, if any
+    load_dir: Optional[str]  # where the weights come from: checkpoint.dir (resume) or .load
+    load_hf: Optional[str]  # a Hugging Face model to initialise from (not when resuming)
+    tokenizer: TokenizerSource
+    vocab_size: int  # model.vocab_size or the tokenizer's
+    padded_vocab_size: int
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_iteration is not None
+
+
+def planned_world_size(cfg: Config, device: str) -> int:
+    """World size for a self-launch: every visible GPU (or TP x PP x DP if DP is fixed)."""
+    if launched_externally():
+        return int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
+    mp = cfg.parallel.model_parallel_size
+    if cfg.parallel.data_parallel_size is not None:
+        return mp * cfg.parallel.data_parallel_size
+    if device == "cuda":
+        n = torch.cuda.device_count()
+        return (n // mp) * mp if n >= mp else mp
+    return mp
+
+
+def make_plan(cfg: Config) -> RunPlan:
+    """Every decision and check that needs no worker (the world, the device, checkpoints,
+    tokenizer, data files, model settings, output directories). Nothing is built."""
+    device = resolve_device(cfg.train.device)
+    world = planned_world_size(cfg, device)
+    cfg.resolve_world(world, on_gpu=device == "cuda")
+    if device == "cuda" and not launched_externally() and world > torch.cuda.device_count():
+        raise ConfigError(f"the layout needs {world} GPUs (TP x PP x DP) but "
+                          f"{torch.cuda.device_count()} are visible")
+    _check_device_features(cfg, device)
+    c = cfg.checkpoint
+    links = c.allow_symlinks
+    # a bad tracker, a damaged framework.json or a symlink in the checkpoint is an error here
+    resume_it = latest_iteration(c.dir, allow_symlinks=links)
+    load_dir = c.dir if resume_it is not None else c.load
+    load_it = resume_it
+    if load_dir and load_it is None:
+        load_it = latest_iteration(load_dir, allow_symlinks=links)
+        if load_it is None:
+            raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
+                              f"(no {load_dir}/{TRACKER})")
+    if load_dir:
+        check_compatible(read_meta(load_dir, load_it, allow_symlinks=links), cfg.model,
+                         iter_dir(load_dir, load_it))
+    load_hf = c.load_hf if resume_it is None else None
+    parts = family(cfg.model.type).parts()
+    source = choose_tokenizer(
+        cfg.tokenizer, checkpoint_iter_dir=iter_dir(load_dir, load_it) if load_dir else None,
+        hf_dir=load_hf, embedded=parts.embedded_tokenizer if cfg.data.type != "indexed" else None,
+        missing="data=indexed needs a tokenizer: set tokenizer.path or tokenizer.vocab_file + "
+                "tokenizer.merge_file")
+    tokenizer = source.load()
+    check_inputs(cfg, tokenizer, device)  # tokenizer, model, data, directories: one line each
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
+                               cfg.parallel.tensor_model_parallel_size)
+    bf16 = (device == "cuda" if cfg.train.bf16 is None else cfg.train.bf16) \
+        and not cfg.train.fp16
+    return RunPlan(cfg=cfg, device=device, world_size=world, bf16=bf16,
+                   resume_iteration=resume_it, load_dir=load_dir, load_hf=load_hf,
+                   tokenizer=source, vocab_size=vocab, padded_vocab_size=padded)
+
+
+def _check_device_features(cfg: Config, device: str) -> None:
+    """Options that need something of the device: the cuDNN frontend, FP8 GEMMs."""
+    if cfg.model.cudnn_attention:
+        if device != "cuda" or not cudnn_attention.available():
+            raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
+                              "frontend (nvidia-cudnn-frontend, a Linux x86_64 dependency); "
+                              "null uses it where it can")
+    if cfg.train.fp8:
+        ok, why = device_supports_fp8() if device == "cuda" else (False, "it runs on the CPU")
+        if not ok:
+            raise ConfigError(f"train.fp8={cfg.train.fp8} needs a GPU with FP8 GEMMs (compute "
+                              f"capability 8.9+: Ada, Hopper or newer), but {why}; unset "
+                              f"train.fp8")

@@ -1,0 +1,136 @@
+"""`framework.run(cfg)`: plan the run, launch (or join) the workers, and train on every rank.
+
+`run` makes the plan in the launching process (framework/plan.py: every decision and check that
+needs no worker) and hands it to `train_worker` on every rank (framework/launch.py), which builds
+the model, optimizer and data of the model family and runs the training loop.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from framework.checkpoint.reader import iter_dir
+from framework.checkpoint.retention import prune_checkpoints
+from framework.checkpoint.state import load_checkpoint, save_checkpoint
+from framework.config import Config
+from framework.distributed import init_distributed, set_seeds, teardown
+from framework.interop import load_hf_into_model
+from framework.launch import launch
+from framework.models.build import build_model
+from framework.models.registry import family
+from framework.optimizer import build_optimizer
+from framework.plan import RunPlan, make_plan
+from framework.security.masking import mask_secrets
+from framework.training.data import build_train_data
+from framework.training.loop import Runtime, Trainer, TrainState
+from framework.training.metrics import MetricsLogger, model_flops_per_token
+from framework.training.profiling import build_profiler
+from framework.training.step import build_train_step
+from framework.training.watchdog import Watchdog
+
+
+def run(cfg: Config) -> None:
+    """Plan the run (one line and exit 2 for bad input, before any worker), then launch (or join)
+    the workers."""
+    plan = make_plan(cfg)
+    launch(train_worker, plan, plan.world_size)
+
+
+def train_worker(plan: RunPlan) -> None:
+    from megatron.core import parallel_state as ps
+
+    cfg = plan.cfg
+    on_gpu = plan.device == "cuda"
+    init_distributed(cfg.parallel, plan.device)
+    try:
+        set_seeds(cfg.train.seed, plan.device, cuda_graph=cfg.model.cuda_graph)
+        rank = dist.get_rank()
+        links = cfg.checkpoint.allow_symlinks
+        parts = family(cfg.model.type).parts()
+        tokenizer = plan.tokenizer.load()
+        vocab, padded = plan.vocab_size, plan.padded_vocab_size
+        if rank == 0:
+            print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
+                  f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
+                  f"TP={cfg.parallel.tensor_model_parallel_size}))", flush=True)
+            if (cfg.parallel.recompute_granularity == "selective"
+                    and cfg.model.attention_backend == "sdpa"
+                    and set(cfg.parallel.recompute_modules) == {"core_attn"}):
+                print("note: recompute_modules=[core_attn] saves no memory with "
+                      "attention_backend=sdpa (flash / cuDNN kernels keep no seq x seq scores) "
+                      "and costs time (the attention runs again in the backward); recompute "
+                      "'layernorm', or full recompute of some layers (recompute_method=block), "
+                      "trades memory for time", flush=True)
+        data = build_train_data(cfg.data, tokenizer, cfg.train, cfg.model, parts,
+                                dp_rank=ps.get_data_parallel_rank(),
+                                dp_size=ps.get_data_parallel_world_size())
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu \
+            else torch.device("cpu")
+        model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=plan.bf16,
+                            fp16=cfg.train.fp16, device=device, wrap_ddp=on_gpu,
+                            fp8=cfg.train.fp8)
+        if plan.load_hf:
+            # before the optimizer is built, so mixed-precision main params copy these weights
+            load_hf_into_model(plan.load_hf, model, cfg.model,
+                               allow_pickle=cfg.checkpoint.allow_pickle)
+            if rank == 0:
+                print(f"initialised weights from Hugging Face model {plan.load_hf}", flush=True)
+        optimizer, scheduler = build_optimizer(
+            cfg.optimizer, model, max_steps=cfg.train.max_steps, bf16=plan.bf16,
+            fp16=cfg.train.fp16, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_param_gather=cfg.parallel.overlap_param_gather, on_gpu=on_gpu)
+        state = TrainState()
+        if plan.load_dir:
+            meta = load_checkpoint(plan.load_dir, model, optimizer, scheduler,
+                                   model_cfg=cfg.model, with_optimizer=plan.resuming,
+                                   allow_symlinks=links)
+            if plan.resuming:
+                state = TrainState(step=meta["iteration"],
+                                   consumed_samples=meta["consumed_samples"],
+                                   skipped_iters=meta.get("skipped_iters", 0),
+                                   nan_iters=meta.get("nan_iters", 0))
+            if rank == 0:
+                what = "resumed" if plan.resuming else "initialised weights"
+                print(f"{what} from {iter_dir(plan.load_dir, meta['iteration'])} "
+                      f"(step {state.step}, {state.consumed_samples} samples)", flush=True)
+        is_last = ps.is_pipeline_last_stage()
+        is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
+                      and ps.get_data_parallel_rank() == 0)
+        config_dict = mask_secrets(asdict(cfg))  # what is logged and stored: no secrets
+        logger = MetricsLogger(cfg.run_dir, cfg.logging, config_dict,
+                               resume_id_dir=cfg.checkpoint.dir) if is_logging else None
+        runtime = Runtime(
+            device=device, dp_size=ps.get_data_parallel_world_size(),
+            world_size=dist.get_world_size(), is_logging_rank=is_logging, is_last_stage=is_last,
+            seq_length=cfg.model.seq_length,
+            flops_per_token=model_flops_per_token(cfg.model, padded))
+
+        def save(st: TrainState) -> None:
+            path = save_checkpoint(
+                cfg.checkpoint.dir, st.step, model, optimizer, scheduler,
+                consumed_samples=st.consumed_samples, config=config_dict, tokenizer=tokenizer,
+                extra={"skipped_iters": st.skipped_iters, "nan_iters": st.nan_iters})
+            if rank == 0:
+                print(f"saved checkpoint {path}", flush=True)
+                for old in prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last):
+                    print(f"removed old checkpoint {old} (checkpoint.keep_last="
+                          f"{cfg.checkpoint.keep_last})", flush=True)
+
+        step_impl = build_train_step(parts.train_step, cfg.train.step, device)
+        trainer = Trainer(model, optimizer, scheduler, step_impl, data, cfg.train,
+                          cfg.checkpoint, runtime, logger, save)
+        # reports rank/step/phase if a collective hangs past the timeout (+ a grace minute)
+        watchdog = Watchdog(60.0 * (cfg.parallel.distributed_timeout_minutes + 1), rank).start()
+        trainer.watchdog = watchdog
+        trainer.profiler = build_profiler(cfg.train.profile, cfg.run_dir, rank, device,
+                                          max_steps=cfg.train.max_steps)
+        try:
+            trainer.fit(state)
+        finally:
+            watchdog.stop()
+        if logger is not None:
+            logger.close()
+    finally:
+        teardown()
