@@ -4,8 +4,8 @@
 
 1. LayerNorm and RMSNorm, forward + backward, bf16 input and weights (what `Norm` runs for every
    transformer layer): torch's native kernels against our Triton kernels (framework/fast/norm.py,
-   `model.fused_norm`). (torch.compile of the same function took 3.2x native's time on an H100
-   in session 5 and is no longer a candidate.)
+   `model.fused_norm`). (torch.compile of the same function was slower than native and is not
+   a candidate.)
 2. The QKV projection's bias add on its [s, b, 3h] output: torch's broadcast add (mcore) against
    our Triton kernel (framework/fast/bias.py, `model.fused_bias_add`).
 3. Weight-gradient accumulation into an fp32 main grad (megatron-core DDP's `main_grad`): a bf16

@@ -105,15 +105,14 @@ class ModelConfig:
     # dense = an SDPA float bias (the reference); auto (default) = cudnn at TP1 when the
     # frontend imports and model.cudnn_attention is not false, else augmented, on GPU; dense on
     # CPU. Padding masks, evaluation and KV-cache decoding use the dense bias or flex.
-    # benchmarks/attention.py compares them (B8 H20 S1024 D64 bf16, fwd+bwd, H200, kernel time
-    # vs causal SDPA): cuDNN ALiBi 1.07x, flex 1.49x, augmented 1.95x.
+    # benchmarks/attention.py compares them on one card (times in benchmarks/RESULTS.md); the
+    # auto order is the measured one, fastest first.
     alibi_kernel: str = "auto"
     # cuDNN's fused attention through the cuDNN frontend (framework/fast/cudnn_attention.py),
     # in training: q/k/v read in mcore's layout, GQA native. null (default) = for ALiBi at TP1
-    # (cuDNN's own ALiBi mask: 1.07x causal SDPA's kernel time vs 1.95x for the extra head
-    # dims, H200) when nvidia-cudnn-frontend imports; true = also for plain causal attention
-    # (measured no faster than torch SDPA there: 80.3k vs 79.8k tok/s, gpt2-large, H200), and
-    # required; false = never. Evaluation, generation and CUDA-graph capture use torch SDPA.
+    # (cuDNN's own ALiBi mask, faster than the extra head dims) when nvidia-cudnn-frontend
+    # imports; true = also for plain causal attention (where it is no faster than torch SDPA),
+    # and required; false = never. Evaluation, generation and CUDA-graph capture use torch SDPA.
     cudnn_attention: Optional[bool] = None
     # GPT: fused, chunked output layer + vocab-parallel cross-entropy that never holds the fp32
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.
@@ -125,19 +124,21 @@ class ModelConfig:
     # GPU: weight gradients accumulate straight into megatron-core's fp32 main grads from the
     # GEMM (mcore's gradient_accumulation_fusion; without apex through torch.addmm with
     # out_dtype, framework/models/layers.py AddmmWgrad) instead of a bf16 wgrad plus a separate
-    # fp32 add per weight: ~60x closer to the exact gradient and 1-9% faster per wgrad GEMM
-    # (benchmarks/kernels.py, H100). false = mcore's unfused path (apex's kernel, when
-    # installed, is used either way).
+    # fp32 add per weight: closer to the exact gradient (one rounding instead of two) and no
+    # separate add kernel (benchmarks/kernels.py). false = mcore's unfused path (apex's kernel,
+    # when installed, is used either way).
     fused_wgrad: bool = True
     # GPU, RoPE: one Triton kernel per direction (framework/fast/rope.py) in place of
     # megatron-core's ~10 unfused elementwise kernels (TE's fused RoPE slot); false = mcore's
     rope_fusion: bool = True
     # GPU training: LayerNorm / RMSNorm as one Triton kernel per direction (framework/fast/norm.py,
     # weight/bias grads reduced inside the backward kernel) in place of torch's native kernels
-    # (0.65x their kernel time on an H200); false = torch's F.layer_norm / F.rms_norm
+    # (forward, input gradient and a separate weight-gradient reduction; benchmarks/kernels.py);
+    # false = torch's F.layer_norm / F.rms_norm
     fused_norm: bool = True
     # GPU training: the QKV projection's bias add as one Triton kernel (framework/fast/bias.py)
-    # in place of torch's broadcast add (same arithmetic, ~2.5x faster); false = mcore's add
+    # in place of torch's generic broadcast add (same arithmetic, one read and one write of the
+    # output); false = mcore's add
     fused_bias_add: bool = True
     # GPU: megatron-core's fused activation kernels (bias + tanh-GeLU for gelu_tanh with biases;
     # SwiGLU forward and backward for swiglu, keeping only fc1's output for the backward).
@@ -170,7 +171,7 @@ class ModelConfig:
         require(bool(self.type), f"model.type must be set (one of {registry.names()})")
         for f in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             require(getattr(self, f) > 0, f"model.{f} must be positive, got {getattr(self, f)}")
-        # null is the documented "unset" of these; 0 used to be taken as unset too
+        # null is the documented "unset" of these; 0 is an error, never "unset"
         _positive_or_unset(self, "model.", ("ffn_hidden_size",), "4 x model.hidden_size")
         _positive_or_unset(self, "model.", ("vocab_size",), "the tokenizer's vocabulary")
         _positive_or_unset(self, "model.", ("kv_channels",),

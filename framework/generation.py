@@ -80,8 +80,8 @@ class GenerationOptions:
     lean_decode: bool = True
     # GPU: decode steps (greedy / sampling, one pipeline stage) with static shapes, captured as
     # a CUDA graph once and replayed for every token (framework/fast/lean_decode.py,
-    # StaticDecoder). None = on for a CUDA model without tensor or pipeline parallelism (the
-    # case tested on a GPU; 7.2x Hugging Face generate at batch 1 on an H200, see
+    # StaticDecoder): no per-kernel launch cost left on the host. None = on for a CUDA model
+    # without tensor or pipeline parallelism (the case tested on a GPU; speeds in
     # benchmarks/RESULTS.md); true also under TP; false = eager steps. On CPU, true runs the
     # same static step eagerly.
     decode_cuda_graph: Optional[bool] = None

@@ -130,9 +130,9 @@ def _manager_ignores_stop_signals(parent: int) -> None:
 def _signal_safe_writer_results() -> None:
     """mcore's torch_dist writer sends its results through a `multiprocessing` Manager queue
     that it starts on the first save and keeps. A stop signal sent to the whole process group
-    (Ctrl-C in a terminal, `timeout`, SLURM's scancel or preemption) also killed that manager
-    process, so the emergency save that the signal asks for failed with "Broken pipe" whenever
-    a checkpoint had been saved before. Start that queue's manager here instead, immune to
+    (Ctrl-C in a terminal, `timeout`, SLURM's scancel or preemption) also kills that manager
+    process, and the emergency save that the signal asks for then fails ("Broken pipe")
+    whenever a checkpoint was saved before. So that queue's manager is started here, immune to
     those signals and gone with its parent."""
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager

@@ -29,9 +29,8 @@ its gradient, in the input dtype (on CUDA, where the elementwise steps are compi
 adds fp32 temporaries of the chunk).
 
 Cost: one extra logits GEMM (recomputation) in backward, 4 GEMMs of N*V*H instead of 3, paid
-back by the fused elementwise work: GPT-2 vocab, 8192 tokens, bf16 on one H200: 5.3 ms fwd+bwd
-with 2048-token chunks (the default is 2624) and nothing held between forward and backward,
-against 9.5 ms and 1.5 GiB for mcore's path.
+back by the fused elementwise work and by holding nothing between forward and backward
+(`benchmarks/throughput.py` measures it in training; results in benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -45,8 +44,8 @@ from framework.errors import ConfigError
 
 # Chunk size target: one chunk's logits, in the compute dtype, take at most this many bytes.
 # On CUDA (compiled kernels) that and the chunk's logit gradient, also in the compute dtype, is
-# all that is materialised: no fp32 copy. (H200, GPT-2 vocab, 8192 tokens, bf16: fwd+bwd
-# 5.9 / 5.3 / 5.0 / 4.7 ms at 1280 / 2048 / 4096 / 8192-token chunks, mcore 9.5 ms.)
+# all that is materialised: no fp32 copy. Larger chunks run slightly faster and take more
+# memory; this size keeps the chunk small next to the activations.
 CHUNK_BYTES = 256 * 1024 * 1024
 
 

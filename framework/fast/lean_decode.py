@@ -2,9 +2,8 @@
 
 A one-token decode step through megatron-core's modules is dominated by Python: every linear
 layer goes through an autograd Function even under no_grad, attention re-checks its inference
-bookkeeping, and deprecation warnings are issued per layer and token. At gpt2-large's 36 layers
-that is ~41 ms per token on an H100 host at batch 1, where the kernels need a few ms
-(benchmarks/RESULTS.md).
+bookkeeping, and deprecation warnings are issued per layer and token. At gpt2-large's depth the
+host time per token is many times the kernels' (benchmarks/RESULTS.md).
 
 `forward_chunk` runs the same arithmetic on the same parameters and the same KV-cache buffers,
 calling the modules' weights directly: the same matmuls (`torch.matmul(x, w.t())` then `+ bias`,

@@ -149,8 +149,8 @@ class SDPAttention(MegatronModule):
             slopes = self.alibi_slopes
             plain_causal = (attention_mask is None and attention_bias is None
                             and mask_type == AttnMaskType.causal and sq == k.shape[2])
-            # fp32 on CUDA: the extra columns' products are not exact in the kernels' arithmetic
-            # (a GPU fp32 check missed its tolerance), so FlexAttention runs it there
+            # fp32 on CUDA: the fused kernels do not keep the extra columns' products exact (the
+            # GPU test's tolerance), so FlexAttention runs it there
             kernel = self.alibi_kernel
             if kernel == "auto":  # GPU: the fastest measured; CPU: the reference
                 kernel = ("dense" if not q.is_cuda else
@@ -165,7 +165,7 @@ class SDPAttention(MegatronModule):
                          and not (q.is_cuda and q.dtype == torch.float32))
             if augmented:
                 # ALiBi as extra q/k head dims: SDPA's fused causal kernels (also with dropout).
-                # v keeps head dim d (padding it to q's width measured 1.4x slower on an H200)
+                # v keeps head dim d (padding it to q's width made the kernel slower)
                 key = (q.dtype, q.device)
                 if key not in self._alibi_q_columns:
                     self._alibi_q_columns[key] = alibi_q_columns(slopes, self.softmax_scale,
@@ -205,7 +205,7 @@ class SDPAttention(MegatronModule):
                 mask = mask | ~mask.any(dim=-1, keepdim=True)
         elif mask_type == AttnMaskType.causal:
             if sq == k.shape[2]:
-                if self.cudnn:  # opt-in: torch SDPA measured as fast here (RESULTS.md)
+                if self.cudnn:  # opt-in: torch SDPA is as fast here (benchmarks/RESULTS.md)
                     out = self._cudnn(q, k, v, p, None, "causal")
                     if out is not None:
                         return out
@@ -386,8 +386,7 @@ class MLPOutputLinear(tensor_parallel.RowParallelLinear):
     fc2 skips its bias add and returns the bias Parameter itself, so the Function marks the
     Parameter as its own output. In backward the recompute returns the same Parameter, which now
     carries the Function's grad_fn, and backward re-enters the Function without end: on a GPU
-    each round recomputes the MLP until memory runs out (gpt2-large on an H200 stopped at
-    139 GB); on CPU it never returns. When the MLP is recomputed, this layer returns a copy of
+    each round recomputes the MLP until memory runs out; on CPU it never returns. When the MLP is recomputed, this layer returns a copy of
     the bias instead: the Function owns the copy and the recompute reaches the Parameter through
     it. Otherwise it is mcore's layer unchanged."""
 
@@ -402,7 +401,7 @@ class MLPOutputLinear(tensor_parallel.RowParallelLinear):
 class BiasAddLinear(tensor_parallel.ColumnParallelLinear):
     """megatron-core's ColumnParallelLinear whose own bias add (QKV's: not deferred to a later
     fusion) runs after the GEMM as one Triton kernel on GPU (framework/fast/bias.py) instead of
-    torch's broadcast add (2.5x this kernel's time on an H200). Same arithmetic (fp32 add,
+    torch's generic broadcast add. Same arithmetic (fp32 add,
     one rounding), so the results are identical; CPU tensors, evaluation and generation take
     torch's add."""
 
