@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.shapes import SHAPES, get_shape  # noqa: E402
+from framework.distributed import free_port  # noqa: E402
 
 OPT_DEFAULTS = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
                     clip_grad=1.0, lr_warmup_steps=10)
@@ -102,14 +103,6 @@ def launch_env(port: int) -> dict:
     the trainer itself, not a launcher that leaves its worker running on the GPU."""
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
