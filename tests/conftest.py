@@ -1,10 +1,16 @@
 import os
 import sys
 
-import pytest
-import torch
+# One intra-op thread per process, set before torch is first imported (here, and inherited by
+# every process a test starts): the models are tiny, and on a 2-core machine two threads per
+# process spin against each other and against the second process of a TP2/DP2 run, which made
+# steps several times slower. FW_TEST_THREADS=N sets another number.
+os.environ["OMP_NUM_THREADS"] = os.environ.get("FW_TEST_THREADS", "1")
 
-from helpers import ROOT
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import ROOT  # noqa: E402
 
 sys.path.insert(0, ROOT)
 os.environ.setdefault("WANDB_MODE", "offline")

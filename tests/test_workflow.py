@@ -8,14 +8,14 @@ import os
 
 import pytest
 
-from helpers import TRAIN, run, run_train
+from helpers import FAST as CPU, TRAIN, run, run_train
 
-SHORT = ["train.max_steps=2", "train.eval_interval=2"]
+FAST = [*CPU, "train.max_steps=2", "train.eval_interval=2"]
 SECRET = "secret-xyz"
 
 
 def _run(cwd, args, env=None, expect=0):
-    return run_train(*SHORT, *args, cwd=cwd, name=None, env=dict(os.environ, **(env or {})),
+    return run_train(*args, cwd=cwd, name=None, fast=False, env=dict(os.environ, **(env or {})),
                      umask=0o022, expect=expect)
 
 
@@ -67,7 +67,7 @@ def _records(path):
 def sweep(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sweep")
     r = _run(cwd, ["-m", "optimizer.lr=1e-3,3e-4", "parallel=single,pp2", "model=gpt_tiny",
-                   "checkpoint.save=false", f"hydra.sweep.dir={cwd}/sw"])
+                   *FAST, "checkpoint.save=false", f"hydra.sweep.dir={cwd}/sw"])
     return cwd, r
 
 
@@ -96,7 +96,7 @@ def test_sweep_runs_every_job_and_summarizes(sweep):
 
 
 def test_single_run_config_error_still_exits_2(tmp_path):
-    r = _run(tmp_path, ["parallel=pp2", f"hydra.run.dir={tmp_path}/r"], expect=2)
+    r = _run(tmp_path, [*FAST, "parallel=pp2", f"hydra.run.dir={tmp_path}/r"], expect=2)
     assert r.stderr.strip().splitlines()[-1].startswith("error: parallel.pipeline_model")
 
 
@@ -104,7 +104,7 @@ def test_trackers_custom_step_profile_secrets_and_resume(sweep, tmp_path):
     """One run exercises W&B offline + TensorBoard, the keytoken step, the profiler and
     secret masking; a second run resumes into the same W&B run."""
     ck = tmp_path / "ck"
-    args = ["logging.wandb=true", "logging.tensorboard=true", f"checkpoint.dir={ck}",
+    args = [*FAST, "logging.wandb=true", "logging.tensorboard=true", f"checkpoint.dir={ck}",
             "train.step._target_=examples.keytoken_weighted_loss.KeytokenWeightedStep",
             "+train.step.alpha=0.25", f"+train.step.hf_token={SECRET}",
             "train.profile.steps=[2,2]"]

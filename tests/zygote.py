@@ -5,8 +5,9 @@ megatron-core, transformers and wandb. This server imports them once, then, per 
 from stdin (one JSON line), forks a child that becomes that process: its own argv, working
 directory, environment (PYTHONWARNINGS applied), umask, optionally its own session,
 stdout/stderr written to the given files (stdin is /dev/null), and the script or module run as
-`__main__`. The child exits through the interpreter's normal exit (atexit handlers, exit code
-from SystemExit, traceback and exit 1 on an uncaught exception). The server reaps its children
+`__main__`. The child exits as the interpreter does (exit code from SystemExit, traceback and
+exit 1 on an uncaught exception, non-daemon threads joined, atexit handlers run, files flushed)
+but without tearing down every module, which would copy most of the server's memory. The server reaps its children
 and writes each exit status (as subprocess reports it: negative for a signal) and CPU time to
 the request's `rc` file. It stops when stdin closes.
 
@@ -17,6 +18,7 @@ Started by tests/helpers.py only where CUDA is absent (a CUDA context does not s
 import json
 import os
 import select
+import signal
 import sys
 
 from helpers import ROOT  # tests/, this script's folder, is sys.path[0]
@@ -50,9 +52,7 @@ def _preload():
 
 
 def _child(req, proto):
-    """In the forked child: become the requested process, then leave through SystemExit."""
-    import runpy
-
+    """In the forked child: become the requested process, run it, exit (never returns)."""
     proto.close()
     if req.get("new_session"):
         os.setsid()
@@ -81,6 +81,27 @@ def _child(req, proto):
     argv = req["argv"]
     here = os.path.dirname(os.path.abspath(__file__))
     path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    try:
+        _run(argv, path, extra)
+        code = 0
+    except SystemExit as e:  # as the interpreter reads it
+        code = e.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        code = code or 0
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        code = -signal.SIGINT
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    _leave(code)
+
+
+def _run(argv, path, extra):
+    import runpy
+
     if argv[0] == "-m":  # python -m mod args: sys.path[0] is the working directory
         sys.argv = [argv[1], *argv[2:]]  # runpy puts the module's file in argv[0]
         sys.path[:] = [os.getcwd(), *extra, *path]
@@ -93,7 +114,37 @@ def _child(req, proto):
         sys.argv = list(argv)
         sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *extra, *path]
         runpy.run_path(argv[0], run_name="__main__")
-    sys.exit(0)
+
+
+def _leave(code):
+    """The interpreter's exit without its final teardown of every module, which in a forked
+    child writes to (and so copies) most of the server's memory: wait for non-daemon threads,
+    run the atexit handlers, flush every file object the child opened and C's stdio, exit."""
+    import atexit
+    import ctypes
+    import gc
+    import io
+    import threading
+
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for obj in gc.get_objects():  # what the child made: the server's objects are frozen
+        if isinstance(obj, io.IOBase):
+            try:
+                if not obj.closed:
+                    obj.flush()
+            except Exception:
+                pass
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    ctypes.CDLL(None).fflush(None)
+    if code < 0:  # died of a signal, as an uncaught KeyboardInterrupt does
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code & 0xFF)
 
 
 def _status(status):
@@ -117,6 +168,10 @@ def serve():
     _preload()
     sys.stdout.flush()
     sys.stderr.flush()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the children's collections skip (and so do not copy) the server's objects
     import resource
 
     me = resource.getrusage(resource.RUSAGE_SELF)
@@ -143,7 +198,7 @@ def serve():
             req = json.loads(line)
             pid = os.fork()
             if pid == 0:
-                _child(req, proto)  # leaves through SystemExit, never returns
+                _child(req, proto)  # exits, never returns
             rc_files[pid] = req["rc"]
             proto.write(json.dumps({"pid": pid}) + "\n")
 
