@@ -53,8 +53,9 @@ if os.environ.get("FW_TEST_TIMES"):
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
-        t0, c0 = time.time(), _cpu()
+        t0, c0, f0 = time.time(), _cpu(), len(helpers.FRESH_STARTS)
         yield
         with open(os.environ["FW_TEST_TIMES"], "a") as f:
             f.write(json.dumps({"test": item.nodeid, "wall": round(time.time() - t0, 2),
-                                "cpu": round(_cpu() - c0, 2)}) + "\n")
+                                "cpu": round(_cpu() - c0, 2),
+                                "fresh": helpers.FRESH_STARTS[f0:]}) + "\n")

@@ -12,6 +12,7 @@ import atexit
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,14 +35,16 @@ def free_port() -> int:
 # --------------------------------------------------------------------------------------------
 # processes
 # --------------------------------------------------------------------------------------------
-# environment variables that modules the server has imported read at import time (the server
-# applies OMP_NUM_THREADS, PYTHONPATH and PYTHONWARNINGS itself): a change needs a fresh process
-_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "MKL_",
-                   "TRITON_", "PYTHON")
-_APPLIED = ("OMP_NUM_THREADS", "PYTHONPATH", "PYTHONWARNINGS")
+# environment variables that the modules the server has imported read at import time (the
+# server applies OMP_NUM_THREADS, PYTHONPATH, PYTHONWARNINGS and TRANSFORMERS_VERBOSITY itself):
+# a process asked for with another value of one of these is a fresh interpreter
+_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL",
+                   "MKL_", "TRITON_", "PYTHON")
+_APPLIED = ("OMP_NUM_THREADS", "PYTHONPATH", "PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
+FRESH_STARTS = []  # (argv[0], the variables that made a process fresh) for the timing report
 
 
-def _zygote_wanted(env) -> bool:
+def _zygote_wanted(argv, env) -> bool:
     if os.environ.get("FW_TEST_ZYGOTE", "1") == "0" or not hasattr(os, "fork"):
         return False
     import torch
@@ -49,8 +52,11 @@ def _zygote_wanted(env) -> bool:
     if torch.cuda.is_available():
         return False
     base = _ZYGOTE.env if _ZYGOTE is not None else os.environ
-    changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)}
-    return not any(k.startswith(_READ_AT_IMPORT) and k not in _APPLIED for k in changed)
+    changed = sorted(k for k in set(env) | set(base) if env.get(k) != base.get(k)
+                     and k.startswith(_READ_AT_IMPORT) and k not in _APPLIED)
+    if changed:
+        FRESH_STARTS.append((argv[0], changed))
+    return not changed
 
 
 class _Zygote:
@@ -90,6 +96,7 @@ class _Zygote:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the processes' output files
 
 
 _ZYGOTE = None
@@ -112,7 +119,7 @@ class Proc:
     def __init__(self, argv, cwd, env, new_session=False, umask=None, fresh=False):
         self.args = [sys.executable, *argv]
         self.returncode = None
-        if fresh or not _zygote_wanted(env):
+        if fresh or not _zygote_wanted(argv, env):
             self._popen = subprocess.Popen(self.args, cwd=cwd, env=env, text=True,
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            start_new_session=new_session,
@@ -262,14 +269,17 @@ def spawn(fn, args=(), nprocs=2, timeout=600, env=None):
     (forked from the warm server where there is one); fails with the ranks' output if any rank
     fails. `fn` must be a module-level function of an importable module (e.g. a test file)."""
     tmp = tempfile.mkdtemp(prefix="fw-spawn-")
-    procs = []
-    for rank in range(nprocs):
-        blob = os.path.join(tmp, f"rank{rank}.pkl")
-        with open(blob, "wb") as f:
-            pickle.dump((fn, rank, tuple(args)), f)
-        code = _CALL.format(path=[p for p in sys.path if p], blob=blob)
-        procs.append(start("-c", code, cwd=os.getcwd(), env=env))
-    _join(procs, timeout)
+    try:
+        procs = []
+        for rank in range(nprocs):
+            blob = os.path.join(tmp, f"rank{rank}.pkl")
+            with open(blob, "wb") as f:
+                pickle.dump((fn, rank, tuple(args)), f)
+            code = _CALL.format(path=[p for p in sys.path if p], blob=blob)
+            procs.append(start("-c", code, cwd=os.getcwd(), env=env))
+        _join(procs, timeout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def launch_ranks(nprocs, *argv, timeout=600, env=None, cwd=ROOT):

@@ -74,6 +74,11 @@ def _child(req, proto):
         os.dup2(f, fd)
         os.close(f)
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if os.environ.get("TRANSFORMERS_VERBOSITY"):  # read when transformers is imported
+        import transformers
+
+        transformers.utils.logging.set_verbosity(
+            transformers.utils.logging.log_levels[os.environ["TRANSFORMERS_VERBOSITY"]])
     if os.environ.get("PYTHONWARNINGS"):  # read at start-up by a fresh interpreter
         import warnings
 
@@ -105,6 +110,7 @@ def _run(argv, path, extra):
     if argv[0] == "-m":  # python -m mod args: sys.path[0] is the working directory
         sys.argv = [argv[1], *argv[2:]]  # runpy puts the module's file in argv[0]
         sys.path[:] = [os.getcwd(), *extra, *path]
+        sys.modules.pop(argv[1], None)  # preloaded here; a fresh interpreter runs it unimported
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     elif argv[0] == "-c":  # python -c code args
         sys.argv = ["-c", *argv[2:]]
