@@ -3,16 +3,22 @@
 Each `python train.py` a test starts used to spend most of its time importing torch,
 megatron-core, transformers and wandb. This server imports them once, then, per request read
 from stdin (one JSON line), forks a child that becomes that process: its own argv, working
-directory, environment (PYTHONWARNINGS applied), umask, optionally its own session,
-stdout/stderr written to the given files (stdin is /dev/null), and the script or module run as
-`__main__`. The child exits as the interpreter does (exit code from SystemExit, traceback and
-exit 1 on an uncaught exception, non-daemon threads joined, atexit handlers run, files flushed)
-but without tearing down every module, which would copy most of the server's memory. The server reaps its children
-and writes each exit status (as subprocess reports it: negative for a signal) and CPU time to
-the request's `rc` file. It stops when stdin closes.
+directory, environment, umask, optionally its own session, stdout/stderr written to the given
+files (stdin is /dev/null), and the script or module run as `__main__`. The child exits as the
+interpreter does (exit code from SystemExit, traceback and exit 1 on an uncaught exception,
+non-daemon threads joined, atexit handlers run, files flushed) but without tearing down every
+module, which would copy most of the server's memory. The server reaps its children and writes
+each exit status (as subprocess reports it: negative for a signal) and CPU time to the request's
+`rc` file. It stops when stdin closes.
 
-What the imports print (warnings raised at import time) is printed once, here, not by each
-child: a test about that output starts a fresh interpreter instead (helpers: `fresh=True`).
+Where a child differs from a fresh interpreter:
+- what the imports print (warnings raised at import time) was printed once, here: a test about
+  that output starts a fresh interpreter (helpers: `fresh=True`);
+- environment variables read at import time keep the server's values, except OMP_NUM_THREADS,
+  PYTHONPATH, PYTHONWARNINGS and TRANSFORMERS_VERBOSITY, applied here; helpers.py starts a fresh
+  interpreter for a process asked for with another HF_*, TRANSFORMERS_*, TORCH_LOGS, MKL_*,
+  TRITON_* or PYTHON* value;
+- every child has the server's hash seed.
 Started by tests/helpers.py only where CUDA is absent (a CUDA context does not survive fork).
 """
 import json
