@@ -289,7 +289,7 @@ def _check_dist_config(path: str, allow_symlinks: bool) -> None:
         _check_entry(file, allow_symlinks, want_dir=False)
 
 
-def read_dcp_metadata(path: str):
+def _read_dcp_metadata(path: str):
     """torch DCP's `.metadata` of the checkpoint at `path`, through the restricted unpickler,
     checked against the files it names (present, regular, long enough)."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -355,7 +355,8 @@ def read_dist(path: str, op: str, template: Optional[Dict[str, Any]] = None, *,
               allow_symlinks: bool = False) -> Any:
     """Read the dist checkpoint in the iteration directory `path`; the only caller of
     megatron-core's readers. `op`: "load" (into `template`, a sharded state dict),
-    "sharded_metadata" (keys, shapes, dtypes) or "common" (common.pt)."""
+    "sharded_metadata" (mcore's view: keys, shapes, dtypes), "common" (common.pt) or
+    "metadata" (torch DCP's checked `.metadata` index)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
     from torch.distributed.checkpoint.api import CheckpointException
@@ -372,7 +373,9 @@ def read_dist(path: str, op: str, template: Optional[Dict[str, Any]] = None, *,
             raise CheckpointError(f"{path} is not a directory")
         check_closed_tree(path, allow_symlinks=allow_symlinks)
         _check_dist_config(path, allow_symlinks)
-        md = read_dcp_metadata(path)
+        md = _read_dcp_metadata(path)
+        if op == "metadata":
+            return md
         if op == "load":
             check_shapes(path, template, md)
         with cpu_safe(), safe_checkpoint_load(), warnings.catch_warnings():
