@@ -15,12 +15,13 @@ checkpoint file (tests/test_checkpoint_safety.py checks the source tree for it).
 * `read_meta` parses `framework.json` and checks the fields every reader relies on, including
   the stored model config (typed like the config it came from).
 * `read_dist` is the gate for the files that hold pickles (`.metadata`, `common.pt`, the DCP
-  byte items in `.distcp`): it checks the tree, `metadata.json`, the `.metadata` index against
-  the files it names (sizes: a truncated `.distcp` is found here) and, when loading into a
-  model, every stored tensor's shape against the model built from the config (a
-  `framework.json` that disagrees with the tensors), and then runs megatron-core's reader inside
-  `framework.security.safe_checkpoint_load` (no pickled code runs). Whatever goes wrong comes
-  out as one `CheckpointError` line naming the checkpoint.
+  byte items in `.distcp`), whatever is read from them (a load into a model, mcore's sharded
+  metadata, the common state, DCP's index). It checks the tree, `metadata.json`, the
+  `.metadata` index against the files it names (sizes: a truncated `.distcp` is found here)
+  and, when loading into a model, every stored tensor's shape against the model built from the
+  config (a `framework.json` that disagrees with the tensors); then it runs megatron-core's
+  reader inside `framework.security.safe_checkpoint_load` (no pickled code runs). Whatever goes
+  wrong comes out as one `CheckpointError` line naming the checkpoint.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _check_entry(path: str, allow_symlinks: bool, want_dir: Optional[bool] = None) -> os.stat_result:
+def _check_entry(path: str, allow_symlinks: bool,
+                 want_dir: Optional[bool] = None) -> os.stat_result:
     """lstat `path`; refuse a symlink (unless allowed) and anything but files and directories."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
