@@ -1,13 +1,23 @@
 import os
 import sys
 
-import pytest
-import torch
+# One intra-op thread per process, set before torch is first imported (here, and inherited by
+# every process a test starts): the models are tiny, and on a 2-core machine two threads per
+# process spin against each other and against the second process of a TP2/DP2 run, which made
+# steps several times slower. FW_TEST_THREADS=N sets another number.
+os.environ["OMP_NUM_THREADS"] = os.environ.get("FW_TEST_THREADS", "1")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import ROOT  # noqa: E402
+
 sys.path.insert(0, ROOT)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no test downloads: everything is built locally (a hub lookup would only slow a test down)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,3 +34,28 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def root():
     return ROOT
+
+
+# FW_TEST_TIMES=<file>: one JSON line per test with its wall time and the CPU time of this process
+# and every process it ran (what a dedicated machine would spend; wall time on a shared one is
+# mostly waiting), for comparing the suite's cost between commits.
+if os.environ.get("FW_TEST_TIMES"):
+    import json
+    import resource
+    import time
+
+    import helpers
+
+    def _cpu():
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+            resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime + helpers.FORKED_CPU
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        t0, c0, f0 = time.time(), _cpu(), len(helpers.FRESH_STARTS)
+        yield
+        with open(os.environ["FW_TEST_TIMES"], "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "wall": round(time.time() - t0, 2),
+                                "cpu": round(_cpu() - c0, 2),
+                                "fresh": helpers.FRESH_STARTS[f0:]}) + "\n")

@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # tests/, this script's folder, is sys.path[0]
+
 sys.path.insert(0, ROOT)
 
 from framework.training import loop  # noqa: E402

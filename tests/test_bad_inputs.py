@@ -3,13 +3,12 @@
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_train
+
 BASE = ["train.progress_bar=false", "train.device=cpu", "train.micro_batch_size=8",
         "train.global_batch_size=16", "train.eval_interval=0"]
 
@@ -51,11 +50,8 @@ def world(tmp_path_factory):
         f.seek(20)
         f.write((65000).to_bytes(2, "little"))
     (d / "empty_ckpt").mkdir()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *BASE,
-                        "train.max_steps=0", f"checkpoint.dir={d}/seed",
-                        f"hydra.run.dir={d}/seedrun"], cwd=d, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_train(*BASE, "train.max_steps=0", f"checkpoint.dir={d}/seed", cwd=d, name="seedrun",
+              fast=False)
     return d
 
 
@@ -96,11 +92,10 @@ def _cases(d):
 
 
 def _run(d, i, overrides):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *BASE, "train.max_steps=2",
-           f"hydra.run.dir={d}/runs/{i}", *overrides]
     if not any(o.startswith("checkpoint.dir=") for o in overrides):
-        cmd.append(f"checkpoint.dir={d}/runs/ck{i}")
-    return subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=600)
+        overrides = [*overrides, f"checkpoint.dir={d}/runs/ck{i}"]
+    return run_train(*BASE, "train.max_steps=2", *overrides, cwd=d, name=f"runs/{i}",
+                     fast=False, expect=None)
 
 
 def test_bad_inputs_fail_with_one_line_and_touch_nothing(world):

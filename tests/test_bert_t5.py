@@ -11,8 +11,8 @@ from framework.config import ConfigError
 from framework.data.sentences import split_sentences
 from framework.tokenizer import (MaskedLMTokenizerAdapter, Tokenizer, embedded_mlm_tokenizer,
                                  embedded_tokenizer)
+from helpers import losses, run_train
 from tests.test_config import load
-from tests.test_train_e2e import losses, train
 from perturb import perturb_checkpoint
 
 
@@ -257,15 +257,16 @@ def test_learns_and_tp2_gloo_matches_tp1(tmp_path, model, extra):
     loss falls at TP1 and TP2 (gloo) reproduces TP1's first steps."""
     common = [f"model={model}", *extra, "optimizer.lr_warmup_steps=2",
               "optimizer.lr_decay_steps=12"]
-    train(tmp_path, *common, "train.max_steps=0", "train.eval_interval=0",
-          f"checkpoint.dir={tmp_path}/seed", name="seed")
+    run_train(*common, "train.max_steps=0", "train.eval_interval=0",
+              f"checkpoint.dir={tmp_path}/seed", cwd=tmp_path, name="seed")
     perturb_checkpoint(str(tmp_path / "seed"))  # non-zero biases, non-unit norms
     meta = json.loads((tmp_path / "seed" / "iter_0000000" / "framework.json").read_text())
     assert meta["config"]["model"]["type"] == model.split("_")[0]
     run = [*common, "checkpoint.save=false", f"checkpoint.load={tmp_path}/seed"]
-    tp1, _ = train(tmp_path, *run, "train.max_steps=12", "train.eval_interval=12", name="tp1")
-    tp2, _ = train(tmp_path, *run, "train.max_steps=4", "train.eval_interval=0",
-                   "parallel=tp2", name="tp2")
+    tp1 = run_train(*run, "train.max_steps=12", "train.eval_interval=12", cwd=tmp_path,
+                    name="tp1").records
+    tp2 = run_train(*run, "train.max_steps=4", "train.eval_interval=0", "parallel=tp2",
+                    cwd=tmp_path, name="tp2").records
     a, b = losses(tp1), losses(tp2)
     assert a[12] < a[1] - 0.3, a
     assert any("eval_loss" in r for r in tp1)

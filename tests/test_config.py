@@ -1,8 +1,6 @@
 """Every shipped config composes and validates; every validation rule fires with its fields."""
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -10,8 +8,9 @@ from omegaconf import OmegaConf
 
 from framework.cli import register_resolvers
 from framework.config import Config, ConfigError, register_configs
+from helpers import ROOT, run_train
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONF = os.path.join(ROOT, "conf")
 register_configs()
 register_resolvers()
 
@@ -107,9 +106,7 @@ def test_cpu_refuses_gpu_only_layouts(layout, word):
 
 
 def _train(*args, cwd):
-    root = os.path.dirname(CONF)
-    return subprocess.run([sys.executable, os.path.join(root, "train.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return run_train(*args, cwd=cwd, name=None, fast=False, expect=None, timeout=120)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from data_tools import convert
 from perturb import perturb_
+from helpers import ROOT, free_port, run, run_train, spawn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, LAYERS, HIDDEN, HEADS, FFN, NPOS, EPS = 101, 4, 48, 6, 80, 40, 2e-5
 # make_vocab_size_divisible_by. The vocab is padded to a multiple of lcm(DIV, TP): 5 makes the
 # padding differ between TP1 (105) and TP2 (110), so vocab resizing is exercised.
@@ -34,12 +31,6 @@ TOL = 1e-4
 def cli(*argv) -> None:
     rc = convert.main([str(a) for a in argv])
     assert rc == 0, f"convert {' '.join(map(str, argv))} exited {rc}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hf_gpt2(path, seed=0):
@@ -308,12 +299,11 @@ def test_train_py_starts_from_a_converted_checkpoint(work, tmp_path):
             f"model.seq_length={NPOS}", f"model.max_position_embeddings={NPOS}",
             f"model.vocab_size={V}", f"model.make_vocab_size_divisible_by={DIV}",
             "model.activation=gelu_tanh", f"model.layernorm_epsilon={EPS}"]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *arch, "train.max_steps=1",
-           "train.eval_interval=0", "train.micro_batch_size=2", "train.global_batch_size=2",
-           "train.progress_bar=false", "train.device=cpu", "checkpoint.save=false",
-           f"checkpoint.load={work['dir'] / 'tp1'}", f"hydra.run.dir={tmp_path}/run"]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run_train(*arch, "train.max_steps=1", "train.eval_interval=0",
+                  "train.micro_batch_size=2", "train.global_batch_size=2",
+                  "train.progress_bar=false", "train.device=cpu", "checkpoint.save=false",
+                  f"checkpoint.load={work['dir'] / 'tp1'}", cwd=tmp_path, fast=False,
+                  timeout=300)
     assert f"initialised weights from {work['dir'] / 'tp1' / 'iter_0000000'}" in r.stdout
 
 
@@ -400,9 +390,7 @@ def _dist_worker(rank, port, d):
 
 @pytest.fixture(scope="module")
 def dist_run(work):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_dist_worker, args=(_free_port(), str(work["dir"])), nprocs=2, join=True)
+    spawn(_dist_worker, (free_port(), str(work["dir"])))
     return work
 
 
@@ -479,9 +467,8 @@ def test_unsupported_model_type_lists_supported(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "'llama' is not supported" in err and "gpt2" in err
     # the real command line: exit status 2, one line on stderr, no traceback
-    r = subprocess.run([sys.executable, "-m", "data_tools.convert", "hf-to-megatron", "--load",
-                        str(src), "--save", str(tmp_path / "out")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = run("-m", "data_tools.convert", "hf-to-megatron", "--load", src, "--save",
+            tmp_path / "out", cwd=ROOT, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [err.strip()]
     assert not (tmp_path / "out").exists()
@@ -570,57 +557,3 @@ def test_parse_size_and_config_refusals():
         interop.hf_config_to_model_config({**base, "scale_attn_by_inverse_layer_idx": True})
     with pytest.raises(ConfigError, match="supported: gpt2"):
         interop.hf_config_to_model_config({**base, "model_type": "bert"})
-
-
-@pytest.mark.gpu
-def test_gpu_load_hf_into_model_fp32_and_bf16(tmp_path):
-    """On a GPU: fp32 (with mcore's fused bias+tanh-GeLU) matches HF to 1e-4; bf16 is close."""
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from framework import interop
-    from framework.config import ParallelConfig
-    from framework.models.build import build_model, padded_vocab_size
-
-    model = _hf_gpt2(tmp_path / "hf").cuda()
-    tokens = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
-    with torch.no_grad():
-        ref = model(tokens).logits.float()
-    model_cfg = interop.hf_config_to_model_config(
-        json.load(open(tmp_path / "hf" / "config.json")), make_vocab_size_divisible_by=DIV)
-    pos = torch.arange(tokens.shape[1], device="cuda").expand_as(tokens)
-    diffs = {}
-    with convert.single_process_world():
-        model_parallel_cuda_manual_seed(0)
-        for bf16 in (False, True):
-            chunks = build_model(model_cfg, ParallelConfig(), bf16=bf16, fp16=False,
-                                 vocab_size=padded_vocab_size(V, DIV, 1), wrap_ddp=False,
-                                 device=torch.device("cuda", torch.cuda.current_device()))
-            interop.load_hf_into_model(str(tmp_path / "hf"), chunks, model_cfg)
-            chunks[0].eval()
-            with torch.no_grad():
-                got = chunks[0](tokens, pos, None)[..., :V].float()
-            diffs[bf16] = (got - ref).abs().max().item()
-        # checkpoint.load order (run.py): optimizer built first, then weights loaded; the fp32
-        # main params must follow the loaded weights
-        cli("hf-to-megatron", "--load", tmp_path / "hf", "--save", tmp_path / "ck",
-            "--make-vocab-size-divisible-by", DIV)
-        from framework.config import OptimizerConfig
-        from framework.optimizer import build_optimizer
-        from framework.checkpoint import load_checkpoint
-
-        chunks = build_model(model_cfg, ParallelConfig(), bf16=True, fp16=False,
-                             vocab_size=padded_vocab_size(V, DIV, 1), wrap_ddp=True,
-                             device=torch.device("cuda", torch.cuda.current_device()))
-        opt, _sched = build_optimizer(OptimizerConfig(), chunks, max_steps=10, bf16=True,
-                                      fp16=False, use_distributed_optimizer=False,
-                                      overlap_param_gather=False, on_gpu=True)
-        load_checkpoint(str(tmp_path / "ck"), chunks, opt, None, model_cfg=model_cfg,
-                        with_optimizer=False)
-        opts = getattr(opt, "chained_optimizers", [opt])
-        model_params = [p for o in opts for g in o.float16_groups for p in g]
-        main_params = [p for o in opts for g in o.fp32_from_float16_groups for p in g]
-        assert model_params and all(torch.equal(m.bfloat16(), p)
-                                    for m, p in zip(main_params, model_params))
-    print(f"max |logits - HF|: fp32 {diffs[False]:.2e}, bf16 {diffs[True]:.2e}")
-    assert diffs[False] <= TOL
-    assert diffs[True] <= 0.1 * ref.abs().max().item()

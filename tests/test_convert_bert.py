@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from data_tools import convert
-from test_convert import _build, _free_port, _meta_model_cfg, _safetensors, cli
+from helpers import free_port, spawn
+from test_convert import _build, _meta_model_cfg, _safetensors, cli
 from perturb import perturb_
 
 V, LAYERS, HIDDEN, HEADS, FFN, NPOS, EPS = 101, 2, 48, 6, 80, 40, 3e-6
@@ -283,6 +284,4 @@ def _dist_worker(rank, port, d):
 
 
 def test_tp2_and_pp2_logits_match_hf(work):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_dist_worker, args=(_free_port(), str(work["dir"])), nprocs=2, join=True)
+    spawn(_dist_worker, (free_port(), str(work["dir"])))

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from data_tools import convert
-from tests.test_convert import _free_port, _safetensors, cli
+from helpers import free_port, spawn
+from tests.test_convert import _safetensors, cli
 from perturb import perturb_
 
 V, D, HEADS, DKV, FFN, ENC, DEC = 101, 32, 4, 8, 48, 2, 3
@@ -261,7 +262,5 @@ def _dist_check(d):
 
 
 def test_tp2_logits_match_hf(works):
-    import torch.multiprocessing as mp
-
     dirs = [str(works[k]["dir"]) for k in KINDS]
-    mp.spawn(_dist_worker, args=(_free_port(), dirs), nprocs=2, join=True)
+    spawn(_dist_worker, (free_port(), dirs))

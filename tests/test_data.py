@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -33,6 +31,7 @@ from framework.tokenizer import (
     build_tokenizer,
     embedded_tokenizer,
 )
+from helpers import start
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -230,12 +229,10 @@ def cli_runs(gpt2, gpt2_dir, tmp_path_factory) -> Dict[str, tuple]:
     procs = {}
     for name, (inputs, tokenizer_args, workers) in runs.items():
         out_dir = tmp / name
-        procs[name] = (subprocess.Popen(
-            [sys.executable, "-m", "data_tools.preprocess", "--input", *inputs,
-             "--json-keys", "text", "title", *tokenizer_args, "--append-eod",
-             "--workers", str(workers), "--output-prefix", str(out_dir / "c")],
-            cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True), out_dir)
+        procs[name] = (start(
+            "-m", "data_tools.preprocess", "--input", *inputs, "--json-keys", "text", "title",
+            *tokenizer_args, "--append-eod", "--workers", str(workers), "--output-prefix",
+            str(out_dir / "c"), cwd=REPO, env=_cli_env()), out_dir)
     results = {}
     for name, (proc, out_dir) in procs.items():
         out, err = proc.communicate(timeout=600)

@@ -85,16 +85,14 @@ def _interpret_triton(code: str):
     CPU wheel of torch does not bring it; the GPU suite runs the same kernels compiled)."""
     import importlib.util
     import os
-    import subprocess
-    import sys
+
+    from helpers import ROOT, run
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton to run this on CPU)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=600)
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    r = run("-c", code, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
 

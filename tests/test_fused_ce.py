@@ -3,16 +3,15 @@ loss and gradients == a float64 reference for any per-token upstream gradient an
 TP2 (gloo, with and without sequence parallelism) == TP1; the GPT model subclass == GPTModel
 (tied and untied output weight, logits without labels); `train.py` losses unchanged."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from framework.fast.fused_ce import LinearCrossEntropy, default_chunk_tokens, linear_cross_entropy
 from perturb import perturb_
+from helpers import free_port, run_train, spawn
 
 S, B, H, V = 7, 3, 16, 40  # 21 tokens
 
@@ -88,12 +87,6 @@ def test_default_chunk_size():
 # --------------------------------------------------------------------------------------------
 # TP2 == TP1 over gloo
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_worker(rank, port):
     # a plain 2-rank group as the TP group: what parallel_state would build at TP2 on 2 ranks,
     # without importing megatron-core in the workers (seconds each on a small CPU)
@@ -127,7 +120,7 @@ def _tp_worker(rank, port):
 
 
 def test_tp2_and_sequence_parallel_match_tp1_gloo():
-    mp.spawn(_tp_worker, args=(_free_port(),), nprocs=2, join=True)
+    spawn(_tp_worker, (free_port(),))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +130,7 @@ def test_tp2_and_sequence_parallel_match_tp1_gloo():
 def mp1():
     from megatron.core import parallel_state as ps
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     try:
@@ -202,12 +195,9 @@ def test_fused_ce_is_gpt_only():
 # train.py end to end
 # --------------------------------------------------------------------------------------------
 def test_train_losses_unchanged(tmp_path):
-    from tests.test_train_e2e import losses, train
-
     common = ["train.max_steps=5", "train.eval_interval=0", "checkpoint.save=false"]
-    a, _ = train(tmp_path, *common, name="mcore")
-    b, _ = train(tmp_path, *common, "model.fused_cross_entropy=true", name="fused")
-    la, lb = losses(a), losses(b)
+    la = run_train(*common, cwd=tmp_path, name="mcore").losses
+    lb = run_train(*common, "model.fused_cross_entropy=true", cwd=tmp_path, name="fused").losses
     assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5]
     for s in la:
         assert abs(la[s] - lb[s]) < 1e-5, (s, la[s], lb[s])

@@ -7,17 +7,13 @@ BERT: TP2, PP2 (1F1B), TP2+SP, DP2 + distributed optimizer. T5: TP2, TP2+SP, DP2
 optimizer, and TP2 with MQA (num_query_groups=1: KV heads replicated over TP, cross-attention
 included). T5 has no pipeline parallelism (megatron-core 0.16 has no encoder-decoder schedule).
 """
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from perturb import perturb_checkpoint
 from gpu_shared import compare, shared_once
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_train
 STEPS = 30
 COMMON = ["data=embedded", f"train.max_steps={STEPS}", "train.log_interval=1",
           "train.eval_interval=0", "train.global_batch_size=32", "train.micro_batch_size=4",
@@ -29,14 +25,9 @@ pytestmark = pytest.mark.gpu
 
 
 def train(tmp_path, name, model, *overrides, ngpu=1):
-    run = tmp_path / name
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(ngpu)))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *MODELS[model], *COMMON,
-           f"checkpoint.dir={run}/ckpt", f"hydra.run.dir={run}/out", *overrides]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    recs = [json.loads(l) for l in open(run / "out" / "metrics.jsonl")]
-    return {d["step"]: d["loss"] for d in recs if "loss" in d}
+    return run_train(*MODELS[model], *COMMON, f"checkpoint.dir={tmp_path / name}/ckpt",
+                     *overrides, cwd=tmp_path, name=f"{name}/out", fast=False, env=env).losses
 
 
 def _reference(model):

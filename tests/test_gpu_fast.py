@@ -9,13 +9,12 @@
 """
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 from perturb import perturb_checkpoint
-from gpu_shared import ROOT, log_parity, shared_once
+from gpu_shared import log_parity, shared_once
+from helpers import ROOT, run, run_train
 
 pytestmark = pytest.mark.gpu
 
@@ -104,16 +103,9 @@ REFERENCE = ["model.attention_backend=local", "optimizer.fused_step=false",
 
 
 def _train(d, name, *overrides):
-    import json
-
-    run = pathlib.Path(d) / name
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
-                        f"checkpoint.dir={run}/ckpt", f"hydra.run.dir={run}/out", *overrides],
-                       cwd=d, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    recs = [json.loads(x) for x in open(run / "out" / "metrics.jsonl")]
-    return {d["step"]: d["loss"] for d in recs if "loss" in d}
+    return run_train(*COMMON, f"checkpoint.dir={pathlib.Path(d) / name}/ckpt", *overrides,
+                     cwd=d, name=f"{name}/out", fast=False, timeout=900,
+                     env=dict(os.environ, CUDA_VISIBLE_DEVICES="0")).losses
 
 
 def test_fast_path_200_step_curve_matches_reference_bf16(tmp_path):
@@ -154,12 +146,8 @@ def test_fast_path_200_step_curve_matches_reference_bf16(tmp_path):
 
 
 def _train_seed(d, *overrides):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON, *overrides,
-                        "train.max_steps=0", f"checkpoint.dir={d}/ckpt",
-                        f"hydra.run.dir={d}/out"], cwd=d, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_train(*COMMON, *overrides, "train.max_steps=0", f"checkpoint.dir={d}/ckpt", cwd=d,
+              name="out", fast=False, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
     perturb_checkpoint(f"{d}/ckpt")  # non-zero biases, non-unit norms: tests/perturb.py
     return f"checkpoint.load={d}/ckpt"
 
@@ -169,16 +157,15 @@ def test_train_steps_never_wait_for_the_gpu(tmp_path, defer):
     """With train.defer_step_stats (the default) a train step makes no host-device
     synchronisation between log steps, so the host runs ahead and the GPU never idles waiting for
     it; with it off, the control case, the synchronising calls are found (so the check works)."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_sync_check.py"),
-                        "model=gpt_tiny", "data=embedded", "train.max_steps=12",
-                        "train.log_interval=6", "train.eval_interval=0", "train.bf16=true",
-                        "train.micro_batch_size=8", "train.global_batch_size=8",
-                        "train.progress_bar=false", "checkpoint.save=false",
-                        f"train.defer_step_stats={str(defer).lower()}",
-                        "parallel=single", "parallel.data_parallel_size=1",
-                        f"checkpoint.dir={tmp_path}/ckpt", f"hydra.run.dir={tmp_path}/out"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+    r = run(os.path.join(ROOT, "tests", "gpu_sync_check.py"),
+            "model=gpt_tiny", "data=embedded", "train.max_steps=12",
+            "train.log_interval=6", "train.eval_interval=0", "train.bf16=true",
+            "train.micro_batch_size=8", "train.global_batch_size=8",
+            "train.progress_bar=false", "checkpoint.save=false",
+            f"train.defer_step_stats={str(defer).lower()}",
+            "parallel=single", "parallel.data_parallel_size=1",
+            f"checkpoint.dir={tmp_path}/ckpt", f"hydra.run.dir={tmp_path}/out",
+            cwd=tmp_path, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     summary = r.stdout[r.stdout.index("SYNC CHECK:"):]
     assert "SYNC CHECK: 10 steps checked" in summary, summary[-4000:]

@@ -6,17 +6,15 @@ the same config. fp32 cases must agree to 2e-3 relative per step; the bf16 case 
 (bf16 reduction order differs between layouts). The results are written to
 results/gpu/ by tests/run_gpu_suite.sh.
 """
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from perturb import perturb_checkpoint
 from gpu_shared import compare, shared_once
+from helpers import ROOT, losses, read_metrics, run_train, start_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
 COMMON = ["model=gpt_tiny", "data=embedded", f"train.max_steps={STEPS}", "train.log_interval=1",
           "train.eval_interval=0", "train.global_batch_size=32", "train.micro_batch_size=4",
@@ -29,10 +27,8 @@ def start(tmp_path, name, *overrides, ngpu=1):
     """Launch `train.py` in the background (runs on the same GPUs may overlap: gpt_tiny is tiny)."""
     run = tmp_path / name
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(ngpu)))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
-           f"checkpoint.dir={run}/ckpt", f"hydra.run.dir={run}/out", *overrides]
-    return run, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+    return run, start_train(*COMMON, f"checkpoint.dir={run}/ckpt", *overrides, cwd=tmp_path,
+                            name=f"{name}/out", fast=False, env=env)
 
 
 def finish(started, check=True):
@@ -41,8 +37,7 @@ def finish(started, check=True):
     r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    recs = [json.loads(l) for l in open(run / "out" / "metrics.jsonl")]
-    return {d["step"]: d["loss"] for d in recs if "loss" in d}, r
+    return losses(read_metrics(run / "out" / "metrics.jsonl")), r
 
 
 def train(tmp_path, name, *overrides, ngpu=1, check=True):
@@ -50,12 +45,9 @@ def train(tmp_path, name, *overrides, ngpu=1, check=True):
 
 
 def _seed(d):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
-                        "train.max_steps=0", f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out",
-                        "parallel.data_parallel_size=1"], cwd=d, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_train(*COMMON, "train.max_steps=0", f"checkpoint.dir={d}/ckpt",
+              "parallel.data_parallel_size=1", cwd=d, name="out", fast=False,
+              env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
     perturb_checkpoint(f"{d}/ckpt")  # non-zero biases, non-unit norms: tests/perturb.py
     return f"checkpoint.load={d}/ckpt"
 

@@ -16,22 +16,16 @@ cache; seeded sampling equals HF's on the GPU (both draw from a CUDA generator w
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
+from helpers import free_port
 from perturb import assert_perturbed, perturb_
 
 pytestmark = pytest.mark.gpu
 
 VOCAB, SEQ, BATCH = 512, 256, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def mp1():
 
     made = not dist.is_initialized()
     if made:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("cpu:gloo,cuda:nccl", rank=0, world_size=1)
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     model_parallel_cuda_manual_seed(0)

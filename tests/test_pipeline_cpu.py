@@ -8,29 +8,18 @@ interleaving with overlapped (unbatched) p2p, as Megatron-LM does by default.
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import ROOT, launch_ranks
 
 
 def run_layout(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={_port()}", os.path.join(ROOT, "tests", "pipeline_cpu_worker.py"),
-           *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    """tests/pipeline_cpu_worker.py on `nproc` ranks (as torchrun starts them)."""
+    out = launch_ranks(nproc, os.path.join(ROOT, "tests", "pipeline_cpu_worker.py"), *args,
+                       timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 
 

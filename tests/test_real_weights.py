@@ -16,16 +16,13 @@ The GPU versions (CUDA-graph replay, bf16 and fp32) are in tests/test_gpu_real_w
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import GENERATE, run
 from perturb import assert_perturbed, perturb_
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, LAYERS, HIDDEN, HEADS, NPOS = 40, 2, 48, 4, 64
 EOS, PAD = 0, 1  # the embedded character tokenizer's EOD and pad ids
 PROMPTS = ["12+35=", "7*8=", "100-1=", "5+5="]
@@ -141,10 +138,9 @@ def test_generate_py_defaults_match_hf(work, case, extra, tmp_path):
     HF's log-probabilities."""
     out = tmp_path / "out.jsonl"
     prompts = json.dumps(PROMPTS)
-    r = subprocess.run([sys.executable, "generate.py", f"load={work['dir'] / 'ckpt'}",
-                        f"prompts={prompts}", f"max_new_tokens={NEW}", "return_logprobs=true",
-                        f"output_file={out}", *extra],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run(GENERATE, f"load={work['dir'] / 'ckpt'}", f"prompts={prompts}",
+            f"max_new_tokens={NEW}", "return_logprobs=true", f"output_file={out}", *extra,
+            timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     new, logprobs = work["refs"][case]

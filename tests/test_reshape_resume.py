@@ -2,29 +2,20 @@
 train at TP2 and save, `data_tools.convert reshape --with-optimizer` to TP1, resume there with
 `train.py`, and compare the resumed losses with the same run continued at TP2 without any
 reshape. The layouts differ only in reduction order, so the losses agree to fp32 rounding."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from data_tools import convert
+from helpers import run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_AT = 6, 3
 
 
 def _train(cwd, name, ckpt_dir, *overrides):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "train.device=cpu",
-           "train.progress_bar=false", "train.log_interval=1", "train.eval_interval=0",
-           "train.micro_batch_size=4", "train.global_batch_size=8", f"train.max_steps={STEPS}",
-           "optimizer.lr_warmup_steps=1", f"checkpoint.dir={ckpt_dir}",
-           f"hydra.run.dir={cwd}/{name}", *overrides]
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    recs = [json.loads(x) for x in open(os.path.join(cwd, name, "metrics.jsonl"))]
-    return {x["step"]: x["loss"] for x in recs if "loss" in x}, r.stdout
+    r = run_train("train.eval_interval=0", "train.micro_batch_size=4",
+                  "train.global_batch_size=8", f"train.max_steps={STEPS}",
+                  "optimizer.lr_warmup_steps=1", f"checkpoint.dir={ckpt_dir}", *overrides,
+                  cwd=cwd, name=name)
+    return r.losses, r.stdout
 
 
 @pytest.mark.slow

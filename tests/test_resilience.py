@@ -3,9 +3,7 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 
@@ -22,10 +20,9 @@ from framework.optimizer_step import (deferred_optimizer_step, deferred_step_sup
 from framework.training.nan_guard import NanGuard, NonFiniteError, SpikeDetector
 from framework.training.stop import StopRequest
 from framework.training.watchdog import Watchdog
+from helpers import free_port, run_train, start_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["train.progress_bar=false", "train.log_interval=1", "train.micro_batch_size=8",
-        "train.global_batch_size=16", "train.eval_interval=0", "train.device=cpu"]
+NO_EVAL = ["train.eval_interval=0"]
 MODEL = ModelConfig(hidden_dropout=0.0, attention_dropout=0.0)
 
 
@@ -120,17 +117,11 @@ def test_retention_and_stale_tmp(tmp_path):
 # --------------------------------------------------------------------------------------------
 # in-process: one gloo rank, a real model, optimizer and checkpoints
 # --------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mp1():
     from megatron.core import parallel_state as ps
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
     try:
@@ -259,19 +250,8 @@ def test_failed_or_killed_saves_leave_the_previous_checkpoint(mp1, tmp_path, mon
 # --------------------------------------------------------------------------------------------
 # the real train.py
 # --------------------------------------------------------------------------------------------
-def _cmd(tmp, name, *overrides):
-    return [sys.executable, os.path.join(ROOT, "train.py"), *FAST,
-            f"hydra.run.dir={tmp}/{name}", *overrides]
-
-
-def _losses(tmp, name):
-    recs = [json.loads(l) for l in open(os.path.join(tmp, name, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-
-def _start(cmd, cwd):
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def _start(tmp, name, *overrides):
+    return start_train(*NO_EVAL, *overrides, cwd=tmp, name=name, new_session=True)
 
 
 def _wait_for_step(proc, metrics, step, timeout=300):
@@ -292,22 +272,20 @@ def _wait_for_step(proc, metrics, step, timeout=300):
 def test_kill9_then_resume_is_bit_identical(tmp_path):
     common = ["train.max_steps=8", "checkpoint.save_interval=2", "optimizer.lr_decay_steps=8",
               "model.hidden_dropout=0.1", "checkpoint.keep_last=2"]
-    full = subprocess.run(_cmd(tmp_path, "full", f"checkpoint.dir={tmp_path}/a", *common),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
+    full = run_train(*NO_EVAL, f"checkpoint.dir={tmp_path}/a", *common, cwd=tmp_path,
+                     name="full")
     # a step at random in 3..6 (after at least one checkpoint), then SIGKILL the whole group
     kill_at = 3 + int.from_bytes(os.urandom(1), "little") % 4
-    p = _start(_cmd(tmp_path, "killed", f"checkpoint.dir={tmp_path}/b", *common), tmp_path)
+    p = _start(tmp_path, "killed", f"checkpoint.dir={tmp_path}/b", *common)
     _wait_for_step(p, str(tmp_path / "killed" / "metrics.jsonl"), kill_at)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     tracked = int((tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text())
     assert tracked >= 2 and (tmp_path / "b" / f"iter_{tracked:07d}" / "framework.json").is_file()
-    rest = subprocess.run(_cmd(tmp_path, "rest", f"checkpoint.dir={tmp_path}/b", *common),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert rest.returncode == 0, rest.stderr[-3000:]
+    rest = run_train(*NO_EVAL, f"checkpoint.dir={tmp_path}/b", *common, cwd=tmp_path,
+                     name="rest")
     assert f"resumed from" in rest.stdout and f"(step {tracked}," in rest.stdout
-    lf, lr = _losses(tmp_path, "full"), _losses(tmp_path, "rest")
+    lf, lr = full.losses, rest.losses
     assert sorted(lr) == list(range(tracked + 1, 9)), (kill_at, tracked, lr)
     assert [lf[s] for s in sorted(lr)] == [lr[s] for s in sorted(lr)], kill_at  # exact
     left = sorted(os.listdir(tmp_path / "b"))
@@ -323,8 +301,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path, layout, group):
     Ctrl-C, `timeout` and SLURM do: every helper process gets it too; mcore's checkpoint-writer
     manager used to die with it, and the stop's save then failed with "Broken pipe")."""
     ck = tmp_path / "ck"
-    p = _start(_cmd(tmp_path, "run", f"checkpoint.dir={ck}", "train.max_steps=500",
-                    f"checkpoint.save_interval={2 if group else 1000}", *layout), tmp_path)
+    p = _start(tmp_path, "run", f"checkpoint.dir={ck}", "train.max_steps=500",
+               f"checkpoint.save_interval={2 if group else 1000}", *layout)
     _wait_for_step(p, str(tmp_path / "run" / "metrics.jsonl"), 3 if group else 2)
     t0 = time.time()
     if group:  # after the save at step 2
@@ -351,10 +329,9 @@ def test_sigterm_saves_and_exits_zero(tmp_path, layout, group):
 
 def test_max_minutes_budget_saves_and_exits_zero(tmp_path):
     ck = tmp_path / "ck"
-    r = subprocess.run(_cmd(tmp_path, "run", f"checkpoint.dir={ck}", "train.max_steps=100000",
-                            "checkpoint.save_interval=100000", "train.max_minutes=0.01"),
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(*NO_EVAL, f"checkpoint.dir={ck}", "train.max_steps=100000",
+                  "checkpoint.save_interval=100000", "train.max_minutes=0.01", cwd=tmp_path,
+                  timeout=300)
     assert "train.max_minutes=0.01 reached" in r.stdout
     step = int((ck / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= step < 100000
@@ -416,17 +393,14 @@ def test_deferred_stats_give_the_synchronous_run(tmp_path):
     """train.py with the stats read one step late (the default) logs the same losses, grad norms,
     learning rates and skip counts as synchronous steps, through a NaN step and a checkpoint
     between log steps, and warns about the NaN step by its own number."""
-    common = [*FAST, "train.log_interval=4", "train.micro_batch_size=16", "train.max_steps=10",
+    common = [*NO_EVAL, "train.log_interval=4", "train.micro_batch_size=16", "train.max_steps=10",
               "checkpoint.save_interval=3", "train.step._target_=tests.nan_step.NanAtStep",
               "+train.step.at=6", "+train.step._allowed_prefixes_=[tests.]"]
     runs = {}
     for defer in ("true", "false"):
         out = tmp_path / defer
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common,
-                            f"train.defer_step_stats={defer}", f"checkpoint.dir={out}/ckpt",
-                            f"hydra.run.dir={out}/run"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        r = run_train(*common, f"train.defer_step_stats={defer}", f"checkpoint.dir={out}/ckpt",
+                      cwd=tmp_path, name=f"{defer}/run")
         assert "non-finite loss nan at iteration 6; update skipped" in r.stdout, r.stdout[-2000:]
         recs = [json.loads(x) for x in open(out / "run" / "metrics.jsonl") if '"loss"' in x]
         runs[defer] = [(d["step"], d["loss"], d["grad_norm"], d["lr"], d["skipped_iters"],

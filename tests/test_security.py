@@ -5,8 +5,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,8 +16,8 @@ from framework.security.masking import is_secret_name, mask_hydra_output, mask_s
 from framework.security.plugins import check_plugin_targets
 from framework.security.unpickling import (_restricted_pickle_load, safe_checkpoint_load,
                                            safe_relpath)
+from helpers import GENERATE, ROOT, run, run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["train.progress_bar=false", "train.micro_batch_size=8", "train.global_batch_size=16",
         "train.device=cpu"]
 
@@ -34,17 +32,10 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _script(name, cwd, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def seed_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("seed")
-    r = _script("train.py", d, *FAST, "train.max_steps=0", f"checkpoint.dir={d}/ck",
-                f"hydra.run.dir={d}/run")
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_train(*FAST, "train.max_steps=0", f"checkpoint.dir={d}/ck", cwd=d, fast=False)
     return d / "ck"
 
 
@@ -60,9 +51,8 @@ def test_malicious_common_pt_refused_by_train_resume(seed_ckpt, tmp_path):
     sd = torch.load(common, weights_only=True)
     sd["scheduler"] = Payload(marker)
     torch.save(sd, common)
-    r = _script("train.py", tmp_path, *FAST, "train.max_steps=1", f"checkpoint.dir={ck}",
-                f"hydra.run.dir={tmp_path}/run")
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run_train(*FAST, "train.max_steps=1", f"checkpoint.dir={ck}", cwd=tmp_path, fast=False,
+                  expect=2)
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "refused" in last and "common.pt" in last, last
     assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-3000:]
@@ -74,7 +64,7 @@ def test_malicious_dcp_metadata_refused_by_generate(seed_ckpt, tmp_path):
     marker = tmp_path / "PWNED"
     with open(ck / "iter_0000000" / ".metadata", "wb") as f:
         pickle.dump(Payload(marker), f)
-    r = _script("generate.py", tmp_path, f"load={ck}", "device=cpu")
+    r = run(GENERATE, f"load={ck}", "device=cpu", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -141,14 +131,11 @@ def test_target_only_at_plugin_points():
 
 def test_train_refuses_target_os_system(tmp_path):
     marker = tmp_path / "PWNED"
-    r = _script("train.py", tmp_path, *FAST,
-                f"+data.hook={{_target_:os.system,command:'touch {marker}'}}",
-                f"hydra.run.dir={tmp_path}/run")
-    assert r.returncode == 2
+    r = run_train(*FAST, f"+data.hook={{_target_:os.system,command:'touch {marker}'}}",
+                  cwd=tmp_path, fast=False, expect=2)
     assert "data.hook._target_='os.system'" in r.stderr and "plugin points" in r.stderr
-    r = _script("train.py", tmp_path, *FAST, "train.step._target_=os.system",
-                f"hydra.run.dir={tmp_path}/run")
-    assert r.returncode == 2 and "outside the allowed plugin prefixes" in r.stderr
+    r = run_train(*FAST, "train.step._target_=os.system", cwd=tmp_path, fast=False, expect=2)
+    assert "outside the allowed plugin prefixes" in r.stderr
     assert not marker.exists()
 
 
@@ -195,16 +182,9 @@ def test_wandb_run_id_from_checkpoint_cannot_be_a_path():
 
 
 def test_generate_py_masks_cfg_and_refuses_targets(tmp_path):
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, MY_API_TOKEN="secret-xyz")
-    r = subprocess.run([sys.executable, os.path.join(root, "generate.py"), "--cfg", "job",
-                        "+hf_token=secret-xyz"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = run(GENERATE, "--cfg", "job", "+hf_token=secret-xyz", cwd=tmp_path, env=env,
+            timeout=120)
     assert "hf_token" in r.stdout and "secret-xyz" not in r.stdout + r.stderr
-    r = subprocess.run([sys.executable, os.path.join(root, "generate.py"),
-                        "+evil._target_=os.system"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
+    r = run(GENERATE, "+evil._target_=os.system", cwd=tmp_path, timeout=120)
     assert r.returncode != 0 and "_target_" in r.stderr and "Traceback" not in r.stderr

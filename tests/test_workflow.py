@@ -5,26 +5,18 @@ import csv
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["train.progress_bar=false", "train.log_interval=1", "train.micro_batch_size=8",
-        "train.global_batch_size=16", "train.eval_iters=2", "train.device=cpu",
-        "train.max_steps=2", "train.eval_interval=2"]
+from helpers import FAST as CPU, TRAIN, run, run_train
+
+FAST = [*CPU, "train.max_steps=2", "train.eval_interval=2"]
 SECRET = "secret-xyz"
 
 
 def _run(cwd, args, env=None, expect=0):
-    e = dict(os.environ)
-    e.update(env or {})
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=600, env=e, umask=0o022)
-    if expect is not None:
-        assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return run_train(*args, cwd=cwd, name=None, fast=False, env=dict(os.environ, **(env or {})),
+                     umask=0o022, expect=expect)
 
 
 def _wandb_records(path):
@@ -186,11 +178,10 @@ def test_trackers_custom_step_profile_secrets_and_resume(sweep, tmp_path):
 
 
 def test_cfg_job_masks_secrets(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--cfg", "job",
-                        "train.step._target_=examples.keytoken_weighted_loss.KeytokenWeightedStep",
-                        f"+train.step.hf_token={SECRET}", f"logging.wandb_name=x-{SECRET}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "WANDB_API_KEY": SECRET})
+    r = run(TRAIN, "--cfg", "job",
+            "train.step._target_=examples.keytoken_weighted_loss.KeytokenWeightedStep",
+            f"+train.step.hf_token={SECRET}", f"logging.wandb_name=x-{SECRET}", cwd=tmp_path,
+            timeout=120, env={**os.environ, "WANDB_API_KEY": SECRET})
     assert r.returncode == 0, r.stderr
     assert "hf_token: '***'" in r.stdout and "KeytokenWeightedStep" in r.stdout
     assert SECRET not in r.stdout + r.stderr
@@ -238,9 +229,8 @@ def test_run_dir_is_the_same_on_every_rank(monkeypatch):
 def test_slurm_launcher_config_composes(tmp_path):
     """conf/hydra/launcher/slurm.yaml on top of hydra-submitit-launcher (extra `sweeps`)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--cfg", "hydra",
-                        "hydra/launcher=slurm", "hydra.launcher.partition=gpu"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = run(TRAIN, "--cfg", "hydra", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+            cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "SlurmLauncher" in r.stdout and "partition: gpu" in r.stdout
     assert "tasks_per_node: 8" in r.stdout and "MASTER_ADDR" in r.stdout

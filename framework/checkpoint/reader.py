@@ -15,12 +15,13 @@ checkpoint file (tests/test_checkpoint_safety.py checks the source tree for it).
 * `read_meta` parses `framework.json` and checks the fields every reader relies on, including
   the stored model config (typed like the config it came from).
 * `read_dist` is the gate for the files that hold pickles (`.metadata`, `common.pt`, the DCP
-  byte items in `.distcp`): it checks the tree, `metadata.json`, the `.metadata` index against
-  the files it names (sizes: a truncated `.distcp` is found here) and, when loading into a
-  model, every stored tensor's shape against the model built from the config (a
-  `framework.json` that disagrees with the tensors), and then runs megatron-core's reader inside
-  `framework.security.unpickling.safe_checkpoint_load` (no pickled code runs). Whatever goes wrong comes
-  out as one `CheckpointError` line naming the checkpoint.
+  byte items in `.distcp`), whatever is read from them (a load into a model, mcore's sharded
+  metadata, the common state, DCP's index). It checks the tree, `metadata.json`, the
+  `.metadata` index against the files it names (sizes: a truncated `.distcp` is found here)
+  and, when loading into a model, every stored tensor's shape against the model built from the
+  config (a `framework.json` that disagrees with the tensors); then it runs megatron-core's
+  reader inside `framework.security.unpickling.safe_checkpoint_load` (no pickled code runs).
+  Whatever goes wrong comes out as one `CheckpointError` line naming the checkpoint.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _check_entry(path: str, allow_symlinks: bool, want_dir: Optional[bool] = None) -> os.stat_result:
+def _check_entry(path: str, allow_symlinks: bool,
+                 want_dir: Optional[bool] = None) -> os.stat_result:
     """lstat `path`; refuse a symlink (unless allowed) and anything but files and directories."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
@@ -288,7 +290,7 @@ def _check_dist_config(path: str, allow_symlinks: bool) -> None:
         _check_entry(file, allow_symlinks, want_dir=False)
 
 
-def read_dcp_metadata(path: str):
+def _read_dcp_metadata(path: str):
     """torch DCP's `.metadata` of the checkpoint at `path`, through the restricted unpickler,
     checked against the files it names (present, regular, long enough)."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -352,7 +354,8 @@ def read_dist(path: str, op: str, template: Optional[Dict[str, Any]] = None, *,
               allow_symlinks: bool = False) -> Any:
     """Read the dist checkpoint in the iteration directory `path`; the only caller of
     megatron-core's readers. `op`: "load" (into `template`, a sharded state dict),
-    "sharded_metadata" (keys, shapes, dtypes) or "common" (common.pt)."""
+    "sharded_metadata" (mcore's view: keys, shapes, dtypes), "common" (common.pt) or
+    "metadata" (torch DCP's checked `.metadata` index)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
     from torch.distributed.checkpoint.api import CheckpointException
@@ -367,7 +370,9 @@ def read_dist(path: str, op: str, template: Optional[Dict[str, Any]] = None, *,
             raise CheckpointError(f"{path} is not a directory")
         check_closed_tree(path, allow_symlinks=allow_symlinks)
         _check_dist_config(path, allow_symlinks)
-        md = read_dcp_metadata(path)
+        md = _read_dcp_metadata(path)
+        if op == "metadata":
+            return md
         if op == "load":
             check_shapes(path, template, md)
         with cpu_safe(), safe_checkpoint_load(), warnings.catch_warnings():

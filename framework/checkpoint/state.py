@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from framework.checkpoint.commit import commit, stage, staging_dir
 from framework.checkpoint.reader import (META, TRACKER, cpu_safe, iter_dir, latest_iteration,
-                                         read_dcp_metadata, read_dist, read_meta)
+                                         read_dist, read_meta)
 from framework.config import ModelConfig
 from framework.errors import CheckpointError, ConfigError
 from framework.models.wrappers import unwrap
@@ -216,7 +216,7 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
     if not with_optimizer:
         template.pop("rng_state", None)
     fresh_optimizer = with_optimizer and optimizer is not None and \
-        not _optimizer_state_stored(template, path)
+        not _optimizer_state_stored(template, path, allow_symlinks)
     if fresh_optimizer:
         # saved before the optimizer's first step (train.max_steps=0, or every step skipped):
         # Adam's moments did not exist yet, and a fresh optimizer is exactly that state
@@ -235,7 +235,7 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
     return meta
 
 
-def _optimizer_state_stored(template: Dict[str, Any], path: str) -> bool:
+def _optimizer_state_stored(template: Dict[str, Any], path: str, allow_symlinks: bool) -> bool:
     """Does the checkpoint hold any of the optimizer tensors the template asks for?"""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -244,7 +244,7 @@ def _optimizer_state_stored(template: Dict[str, Any], path: str) -> bool:
             if isinstance(v, ShardedTensor)]
     if not keys:
         return True
-    stored = read_dcp_metadata(path).state_dict_metadata
+    stored = read_dist(path, "metadata", allow_symlinks=allow_symlinks).state_dict_metadata
     return any(k in stored for k in keys)
 
 

@@ -89,7 +89,8 @@ def check_model_shapes(iter_path: str, model_cfg: ModelConfig, vocab_rows: int, 
                              fp16=False, device=torch.device("meta"), wrap_ddp=False)
     template = sharded_state(chunks, None, with_optimizer=False, is_loading=True)
     template.pop(RNG_KEY, None)
-    reader.check_shapes(iter_path, template, reader.read_dcp_metadata(iter_path))
+    reader.check_shapes(iter_path, template,
+                        reader.read_dist(iter_path, "metadata", allow_symlinks=allow_symlinks))
 
 
 def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],

@@ -1,0 +1,309 @@
+"""What the test files share: the repository root, the one way to run `train.py` (and the other
+entry points) as a process, metrics readers, free ports, and two-process launches.
+
+Processes come from a warm server (tests/zygote.py) that has imported torch, megatron-core and
+the framework once and forks each process from there: the same program, arguments, working
+directory, environment, exit code and output as `subprocess`, without paying the imports again
+(they dominated the CPU suite's time). Where CUDA is visible (the GPU suite), or with
+FW_TEST_ZYGOTE=0, or with `fresh=True` (a test about start-up itself), each process is a fresh
+interpreter (`subprocess.Popen`).
+"""
+import atexit
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+GENERATE = os.path.join(ROOT, "generate.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+# --------------------------------------------------------------------------------------------
+# environment variables that the modules the server has imported read at import time (the
+# server applies OMP_NUM_THREADS, PYTHONPATH, PYTHONWARNINGS and TRANSFORMERS_VERBOSITY itself):
+# a process asked for with another value of one of these is a fresh interpreter
+_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL",
+                   "MKL_", "TRITON_", "PYTHON")
+_APPLIED = ("OMP_NUM_THREADS", "PYTHONPATH", "PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
+FRESH_STARTS = []  # (argv[0], the variables that made a process fresh) for the timing report
+
+
+def _zygote_wanted(argv, env) -> bool:
+    if os.environ.get("FW_TEST_ZYGOTE", "1") == "0" or not hasattr(os, "fork"):
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    base = _ZYGOTE.env if _ZYGOTE is not None else os.environ
+    changed = sorted(k for k in set(env) | set(base) if env.get(k) != base.get(k)
+                     and k.startswith(_READ_AT_IMPORT) and k not in _APPLIED)
+    if changed:
+        FRESH_STARTS.append((argv[0], changed))
+    return not changed
+
+
+class _Zygote:
+    """Client of tests/zygote.py: one per test process (each pytest-xdist worker has its own)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="fw-zygote-")
+        self.count = 0
+        self.lock = threading.Lock()  # tests may start processes from several threads
+        self.log = open(os.path.join(self.dir, "zygote.log"), "w+")
+        self.env = dict(os.environ)
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, cwd=ROOT)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            self.log.seek(0)
+            raise RuntimeError("tests/zygote.py did not start:\n" + self.log.read()[-3000:])
+        global FORKED_CPU
+        FORKED_CPU += json.loads(ready)["cpu"]  # its imports, paid once
+        atexit.register(self.close)
+
+    def start(self, argv, cwd, env, new_session, umask):
+        with self.lock:
+            self.count += 1
+            base = os.path.join(self.dir, f"p{self.count}")
+            req = dict(argv=argv, cwd=str(cwd), env=env, new_session=new_session, umask=umask,
+                       stdout=base + ".out", stderr=base + ".err", rc=base + ".rc")
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError("tests/zygote.py has stopped")
+        return json.loads(reply)["pid"], req
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the processes' output files
+
+
+_ZYGOTE = None
+_ZYGOTE_LOCK = threading.Lock()
+FORKED_CPU = 0.0  # CPU seconds of the finished forked processes (their own rusage is elsewhere)
+
+
+def _zygote():
+    global _ZYGOTE
+    with _ZYGOTE_LOCK:
+        if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
+            _ZYGOTE = _Zygote()
+        return _ZYGOTE
+
+
+class Proc:
+    """A started process, as `subprocess.Popen` with stdout/stderr piped and text=True: pid,
+    args, returncode, poll(), wait(), communicate(), send_signal(), kill()."""
+
+    def __init__(self, argv, cwd, env, new_session=False, umask=None, fresh=False):
+        self.args = [sys.executable, *argv]
+        self.returncode = None
+        if fresh or not _zygote_wanted(argv, env):
+            self._popen = subprocess.Popen(self.args, cwd=cwd, env=env, text=True,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           start_new_session=new_session,
+                                           umask=-1 if umask is None else umask)
+            self.pid = self._popen.pid
+        else:
+            self._popen = None
+            self.pid, self._req = _zygote().start(argv, cwd, env, new_session, umask)
+
+    def poll(self):
+        global FORKED_CPU
+        if self._popen is not None:
+            self.returncode = self._popen.poll()
+        elif self.returncode is None and os.path.exists(self._req["rc"]):
+            rc, cpu = open(self._req["rc"]).read().split()
+            self.returncode = int(rc)
+            FORKED_CPU += float(cpu)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            if self._popen is not None:
+                self._popen.wait(timeout=None if end is None else max(0, end - time.monotonic()))
+            else:
+                time.sleep(0.02)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        if self._popen is not None:
+            out, err = self._popen.communicate(timeout=timeout)
+            self.returncode = self._popen.returncode
+            return out, err
+        self.wait(timeout)
+        read = lambda p: open(p, encoding="utf-8", errors="replace").read()  # noqa: E731
+        return read(self._req["stdout"]), read(self._req["stderr"])
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def start(*argv, cwd=ROOT, env=None, new_session=False, umask=None, fresh=False) -> Proc:
+    """Start `python *argv` (a script path, or "-m", module, or "-c", code, then arguments).
+    `env` is the whole environment (default: this one)."""
+    env = dict(os.environ if env is None else env)
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return Proc([str(a) for a in argv], cwd, env, new_session, umask, fresh)
+
+
+def run(*argv, cwd=ROOT, env=None, timeout=600, umask=None, fresh=False):
+    """`python *argv` to completion: a subprocess.CompletedProcess (text stdout, stderr)."""
+    p = start(*argv, cwd=cwd, env=env, umask=umask, fresh=fresh)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+# --------------------------------------------------------------------------------------------
+# train.py
+# --------------------------------------------------------------------------------------------
+# a small, quick CPU run; tests add or override what they check
+FAST = ["train.device=cpu", "train.progress_bar=false", "train.log_interval=1",
+        "train.micro_batch_size=8", "train.global_batch_size=16", "train.eval_iters=2"]
+
+
+class TrainRun(subprocess.CompletedProcess):
+    """A finished train.py: returncode, stdout, stderr, run_dir, records (metrics.jsonl)."""
+
+    def __init__(self, args, returncode, stdout, stderr, run_dir):
+        super().__init__(args, returncode, stdout, stderr)
+        self.run_dir = run_dir
+
+    @property
+    def records(self):
+        return read_metrics(os.path.join(self.run_dir, "metrics.jsonl"))
+
+    @property
+    def losses(self):
+        return losses(self.records)
+
+
+def _train_argv(overrides, cwd, name, fast):
+    overrides = [str(o) for o in overrides]
+    flags = [o for o in overrides if o in ("-m", "--multirun")]  # before any override
+    rest = [o for o in overrides if o not in flags]
+    argv = [TRAIN, *flags, *(FAST if fast else []), *rest]
+    run_dir = None
+    if name is not None:
+        run_dir = os.path.join(str(cwd), name)
+        argv.append(f"hydra.run.dir={run_dir}")
+    return argv, run_dir
+
+
+def run_train(*overrides, cwd, name="run", fast=True, expect=0, env=None, timeout=600,
+              umask=None, fresh=False) -> TrainRun:
+    """`python train.py [FAST] *overrides hydra.run.dir=<cwd>/<name>` in `cwd`; asserts the exit
+    code is `expect` (None: any). `fast=False` leaves FAST out; `name=None` leaves
+    hydra.run.dir to the overrides (or Hydra's default)."""
+    argv, run_dir = _train_argv(overrides, cwd, name, fast)
+    r = run(*argv, cwd=cwd, env=env, timeout=timeout, umask=umask, fresh=fresh)
+    if expect is not None:
+        assert r.returncode == expect, (f"exit {r.returncode}, expected {expect}\n"
+                                        + r.stdout[-3000:] + r.stderr[-5000:])
+    return TrainRun(r.args, r.returncode, r.stdout, r.stderr, run_dir)
+
+
+def start_train(*overrides, cwd, name="run", fast=True, env=None, new_session=False,
+                fresh=False) -> Proc:
+    """run_train's command, started in the background (a Popen-like Proc); its run dir is
+    <cwd>/<name> as `proc.run_dir`."""
+    argv, run_dir = _train_argv(overrides, cwd, name, fast)
+    p = start(*argv, cwd=cwd, env=env, new_session=new_session, fresh=fresh)
+    p.run_dir = run_dir
+    return p
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def losses(records):
+    """{step: loss} of the training records."""
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+# --------------------------------------------------------------------------------------------
+# two or more ranks of a test function, or of a worker script
+# --------------------------------------------------------------------------------------------
+_CALL = """import pickle, sys
+sys.path[:0] = {path!r}
+fn, rank, args = pickle.load(open({blob!r}, "rb"))
+fn(rank, *args)
+"""
+
+
+def spawn(fn, args=(), nprocs=2, timeout=600, env=None):
+    """As `torch.multiprocessing.spawn(fn, args, nprocs)`: fn(rank, *args) in `nprocs` processes
+    (forked from the warm server where there is one); fails with the ranks' output if any rank
+    fails. `fn` must be a module-level function of an importable module (e.g. a test file)."""
+    tmp = tempfile.mkdtemp(prefix="fw-spawn-")
+    try:
+        procs = []
+        for rank in range(nprocs):
+            blob = os.path.join(tmp, f"rank{rank}.pkl")
+            with open(blob, "wb") as f:
+                pickle.dump((fn, rank, tuple(args)), f)
+            code = _CALL.format(path=[p for p in sys.path if p], blob=blob)
+            procs.append(start("-c", code, cwd=os.getcwd(), env=env))
+        _join(procs, timeout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def launch_ranks(nprocs, *argv, timeout=600, env=None, cwd=ROOT):
+    """`torchrun --nproc-per-node=nprocs *argv` without the agent: each rank gets RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Returns rank 0's stdout."""
+    base = dict(os.environ if env is None else env, MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()), WORLD_SIZE=str(nprocs),
+                LOCAL_WORLD_SIZE=str(nprocs))
+    procs = [start(*argv, cwd=cwd, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(nprocs)]
+    return _join(procs, timeout)[0][0]
+
+
+def _join(procs, timeout):
+    end, late = time.monotonic() + timeout, False
+    while any(p.poll() is None for p in procs):
+        late = late or time.monotonic() > end
+        if late or any(p.returncode not in (None, 0) for p in procs):
+            for p in procs:  # one rank failed or hangs: the others would wait forever
+                p.kill()
+        time.sleep(0.05)
+    outs = [p.communicate() for p in procs]
+    if late or any(p.returncode != 0 for p in procs):
+        report = "\n".join(f"--- rank {i}: exit {p.returncode}\n{o[0][-2000:]}{o[1][-4000:]}"
+                           for i, (p, o) in enumerate(zip(procs, outs)))
+        raise AssertionError(("timed out" if late else "a rank failed") + "\n" + report)
+    return outs
