@@ -136,7 +136,7 @@ class ModelConfig:
     # GEMM (mcore's gradient_accumulation_fusion; without apex through torch.addmm with
     # out_dtype, framework/models/layers.py AddmmWgrad) instead of a bf16 wgrad plus a separate
     # fp32 add per weight: ~60x closer to the exact gradient and 1-9% faster per wgrad GEMM
-    # (benchmarks/kernels.py, H100). false = mcore's unfused path (apex's kernel, when
+    # (benchmarks/norm_kernels.py, H100). false = mcore's unfused path (apex's kernel, when
     # installed, is used either way).
     fused_wgrad: bool = True
     # GPU, RoPE: one Triton kernel per direction (framework/fast/rope.py) in place of

@@ -3,7 +3,7 @@
 megatron-core's linear layers add a bias that is not deferred to a later fusion (the QKV
 projection's) as `output + bias` after the GEMM. torch runs that broadcast add through its
 generic strided elementwise kernel: 0.231 ms for gpt2-large's QKV output at micro-batch 24 on
-an H200, 2.5x this kernel's 0.093 ms and 3% of the training step (benchmarks/kernels.py and
+an H200, 2.5x this kernel's 0.093 ms and 3% of the training step (benchmarks/norm_kernels.py and
 the profile in benchmarks/RESULTS.md). This kernel reads the output once and writes it once with
 vectorised loads. Backward is torch's: the gradient passes through and the bias gradient is a
 row sum, as in mcore.

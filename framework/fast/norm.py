@@ -2,7 +2,7 @@
 
 torch's native LayerNorm runs three kernels (forward, input gradient, and a separate gamma/beta
 reduction that alone costs more than the forward) and took 1.54x these kernels' time on an H200
-(gpt2-large, 24576 tokens x 1280, benchmarks/kernels.py; profile in benchmarks/RESULTS.md).
+(gpt2-large, 24576 tokens x 1280, benchmarks/norm_kernels.py; profile in benchmarks/RESULTS.md).
 Here the forward is one kernel (fp32 statistics in registers, the mean and 1/std kept for
 backward), and the backward is one kernel that writes the input gradient and accumulates the
 weight and bias gradients per program in fp32, plus a small sum over the programs' partials.
