@@ -194,7 +194,7 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
              f"load={cfg.load} holds a model.type={model_cfg.type} model; generation supports "
              f"GPT (causal LM) checkpoints only")
     parallel, notes = inference_parallel(meta, cfg.parallel)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     on_gpu = device == "cuda"
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     _require(model_cfg.num_attention_heads % tp == 0,
@@ -205,14 +205,15 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
              f"parallel.pipeline_model_parallel_size={pp}")
     _require(on_gpu or pp == 1 or not model_cfg.share_embeddings_and_output_weights,
              f"parallel.pipeline_model_parallel_size={pp} needs GPUs for a model with tied "
-             f"embeddings (megatron-core moves the tied output weight to CUDA); on CPU pick a "
-             f"layout without PP, e.g. parallel=single or parallel=tp2")
+             f"embeddings (megatron-core moves the tied output weight to CUDA); on a CPU a "
+             f"layout without PP works: `parallel=tp2` or `parallel=single`")
     world = parallel.model_parallel_size * parallel.data_parallel_size
     _require(not on_gpu or "WORLD_SIZE" in os.environ or world <= torch.cuda.device_count(),
              f"the layout needs {world} GPUs (TP x PP x DP) but {torch.cuda.device_count()} "
              f"are visible")
     bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
-    _require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32")
+    _require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32: "
+                                 "`bf16=false` (or leave bf16 unset) works here")
 
     data_type = meta.get("config", {}).get("data", {}).get("type")
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.load, it, data_type)

@@ -13,6 +13,7 @@ the training text, and `heldout_problems(n)` returns (prompt, answer) pairs from
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -68,14 +69,14 @@ def heldout_problems(n: int) -> List[Tuple[str, str]]:
     distribution, so the first `n` are a sample of what the model was trained on.
     """
     rng = random.Random(CORPUS_SEED + 1)
-    keyed = []
+    keyed = []  # (log(u) / weight, problem): the order of u ** (1 / weight), without underflow
     for op in OP_WEIGHTS:
         buckets = _buckets(op)
         for bucket in buckets:
             weight = OP_WEIGHTS[op] / len(buckets) / len(bucket)
             for problem in bucket:
                 if is_heldout(problem):
-                    keyed.append((rng.random() ** (1.0 / weight), problem))
+                    keyed.append((math.log(1.0 - rng.random()) / weight, problem))
     if not 0 <= n <= len(keyed):
         raise ValueError(f"heldout_problems: n={n} is not in [0, {len(keyed)}]")
     keyed.sort(key=lambda item: -item[0])
