@@ -243,11 +243,17 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
                  f"positions (model.max_position_embeddings / seq_length)")
         prompt_ids.append(ids)
     longest = max(len(ids) for ids in prompt_ids)
-    max_new = min(cfg.max_new_tokens, context - longest + 1)
-    if max_new < cfg.max_new_tokens:
-        notes.append(f"generation: max_new_tokens={cfg.max_new_tokens} capped to {max_new}: the "
-                     f"longest prompt ({longest} tokens) fills the rest of the {context}-position "
-                     f"context")
+    room = context - longest + 1
+    if cfg.max_new_tokens is not None:
+        max_new = min(cfg.max_new_tokens, room)
+        if max_new < cfg.max_new_tokens:
+            notes.append(f"generation: max_new_tokens={cfg.max_new_tokens} capped to {max_new}: "
+                         f"the longest prompt ({longest} tokens) fills the rest of the "
+                         f"{context}-position context")
+    elif answers is not None:  # held-out arithmetic: the longest answer and its newline
+        max_new = min(room, max(len(tokenizer.encode(a)) for a in answers) + 1)
+    else:  # null: until EOS or the end of the context
+        max_new = room
     return GenerateJob(cfg=cfg, parallel=parallel, model=model_cfg, load=cfg.load, iteration=it,
                        device=device, bf16=bf16, prompts=prompts, prompt_ids=prompt_ids,
                        answers=answers, data_type=data_type, vocab_size=vocab, padded_vocab=padded,

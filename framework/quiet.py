@@ -24,6 +24,14 @@ QUIET_WARNINGS = (
     # TE/apex are optional accelerators here; megatron-core falls back to torch on purpose
     (r".*Transformer Engine and Apex are not installed.*", ""),
     (r".*Apex is not installed.*", ""),
+    # megatron-core's checkpoint loader calls torch APIs that torch has deprecated (its own
+    # dist_checkpointing code, on every load)
+    (r".*`load_state_dict` is deprecated.*", r"megatron\.core\.dist_checkpointing\..*"),
+    (r".*deprecating ShardedTensor.*", r"torch\.distributed\.checkpoint\..*"),
+    # megatron-core internals that torch or megatron-core itself deprecate, seen on import/build
+    (r".*torch\.jit\.script_method.* is deprecated.*", r"torch\.jit\..*"),
+    (r".*imports from `dynamic_context\.py` will be removed.*", r"megatron\.core\..*"),
+    (r".*tp_group is None, using default tp group.*", r"megatron\.core\..*"),
 )
 
 

@@ -325,6 +325,11 @@ def _train_rank(cfg: Config) -> None:
                 what = "resumed" if resume_it is not None else "initialised weights"
                 echo(f"{what} from {ckpt.iter_dir(load_dir, meta['iteration'])} "
                      f"(step {state.step}, {state.consumed_samples} samples)")
+                planned = cfg.optimizer.lr_decay_steps or max(cfg.train.max_steps, 1)
+                if resume_it is not None and scheduler.lr_decay_steps != planned:
+                    echo(f"note: the learning-rate schedule is the checkpoint's: it decays over "
+                         f"{scheduler.lr_decay_steps} steps, then stays at optimizer.min_lr="
+                         f"{cfg.optimizer.min_lr:g} (train.max_steps does not stretch it)")
         is_last = ps.is_pipeline_last_stage()
         is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
                       and ps.get_data_parallel_rank() == 0)

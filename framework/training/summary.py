@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from typing import Any, Dict, List, Optional
 
@@ -43,12 +44,15 @@ def command(overrides: Optional[List[str]], **changes: Any) -> str:
 
 
 def fresh_dir(ckpt_dir: str) -> str:
-    """A sibling of `ckpt_dir` that does not exist yet (`<dir>-2`, `<dir>-3`, ...)."""
-    base = os.path.abspath(ckpt_dir).rstrip(os.sep)
+    """A sibling of `ckpt_dir` that does not exist yet (`<dir>-2`, `<dir>-3`, ...; `fresh-<n>`
+    when the name has characters a Hydra override value would need quoted, such as `=` or `,`)."""
+    parent, name = os.path.split(os.path.abspath(ckpt_dir).rstrip(os.sep))
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        name = "fresh"
     n = 2
-    while os.path.exists(f"{base}-{n}"):
+    while os.path.exists(os.path.join(parent, f"{name}-{n}")):
         n += 1
-    return show_path(f"{base}-{n}")
+    return show_path(os.path.join(parent, f"{name}-{n}"))
 
 
 def check_finished(cfg: Config, overrides: Optional[List[str]], show: bool = True) -> bool:
