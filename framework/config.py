@@ -662,12 +662,15 @@ class Config:
         p, t, m = self.parallel, self.train, self.model
         gpu_only = []
         if p.pipeline_model_parallel_size > 1:
-            gpu_only.append(f"pipeline parallelism (PP={p.pipeline_model_parallel_size}: "
-                            f"megatron-core's pipeline schedules are CUDA-only)")
+            gpu_only.append(f"pipeline parallelism (parallel.pipeline_model_parallel_size="
+                            f"{p.pipeline_model_parallel_size}: megatron-core's pipeline "
+                            f"schedules are CUDA-only)")
         if p.sequence_parallel:
-            gpu_only.append("sequence parallelism (gloo has no reduce-scatter)")
+            gpu_only.append("sequence parallelism (parallel.sequence_parallel=true: gloo has no "
+                            "reduce-scatter)")
         if p.use_distributed_optimizer:
-            gpu_only.append("the distributed optimizer (CUDA-only in megatron-core)")
+            gpu_only.append("the distributed optimizer (parallel.use_distributed_optimizer=true: "
+                            "CUDA-only in megatron-core)")
         if gpu_only:
             tp = p.tensor_model_parallel_size
             works = {1: ["parallel=single"], 2: ["parallel=tp2"]}.get(

@@ -254,10 +254,13 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
         max_new = min(room, max(len(tokenizer.encode(a)) for a in answers) + 1)
     else:  # null: until EOS or the end of the context
         max_new = room
+    # data=embedded trains each answer up to its newline and nothing after it (the loss is on
+    # answers only), so a completion ends at the end of its line
+    eos = tokenizer.encode("\n")[0] if data_type == "embedded" else tokenizer.eod
     return GenerateJob(cfg=cfg, parallel=parallel, model=model_cfg, load=cfg.load, iteration=it,
                        device=device, bf16=bf16, prompts=prompts, prompt_ids=prompt_ids,
                        answers=answers, data_type=data_type, vocab_size=vocab, padded_vocab=padded,
-                       eos_id=tokenizer.eod, pad_id=tokenizer.pad, max_new_tokens=max_new,
+                       eos_id=eos, pad_id=tokenizer.pad, max_new_tokens=max_new,
                        notes=notes)
 
 

@@ -108,7 +108,11 @@ def test_fewer_steps_than_the_checkpoint_is_one_error_and_both_ways_on_work(firs
 
     # train longer: the same checkpoint directory goes on from step 4, logged to TensorBoard
     r = _train(cwd, longer, run_dir="longer")
+    for noise in NOISE:  # loading a checkpoint is quiet too
+        assert noise not in r.stdout + r.stderr, (noise, r.stdout[-3000:] + r.stderr[-3000:])
     assert f"resumed from {cwd}/checkpoints/{CKPT_NAME}/iter_0000004 (step 4" in r.stdout
+    assert "note: the learning-rate schedule is the checkpoint's: it decays over 4 steps" \
+        in r.stdout
     assert re.findall(r"^iter +(\d+)/8", r.stdout, re.M) == ["6", "8"]
     assert os.listdir(cwd / "checkpoints") == [CKPT_NAME]
     assert (cwd / "checkpoints" / CKPT_NAME / "latest_checkpointed_iteration.txt").read_text() \
@@ -169,8 +173,8 @@ def test_train_cpu_errors_lead_to_a_run(tmp_path):
         "train.py", tmp_path,
         ["parallel=tp2_pp2", "model=gpt2_large", "train.bf16=true", "train.device=cuda"],
         ["train.device=cuda but no CUDA device is visible; `train.device=auto`",
-         "parallel=tp2_pp2 needs GPUs for pipeline parallelism (PP=2: megatron-core's pipeline "
-         "schedules are CUDA-only), and this run is on the CPU",
+         "parallel=tp2_pp2 needs GPUs for pipeline parallelism (parallel.pipeline_model_parallel"
+         "_size=2: megatron-core's pipeline schedules are CUDA-only), and this run is on the CPU",
          "train.bf16=true needs a GPU; a CPU run trains in fp32: `train.bf16=false` works here"],
         extra=[*FAST, "train.max_steps=1", "checkpoint.save=false", "train.eval_interval=0",
                f"hydra.run.dir={tmp_path}/run"])
