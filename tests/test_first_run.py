@@ -292,4 +292,5 @@ def test_default_job_learns_arithmetic(tmp_path):
     assert int(m.group(1)) >= MIN_HELDOUT_CORRECT, r.stdout
 
 
-MIN_HELDOUT_CORRECT = 100  # of 200; set from the measured default run (README)
+# of 200: the default run scored 187 (README); the issue asks for at least 100 (50%)
+MIN_HELDOUT_CORRECT = 140
