@@ -171,14 +171,17 @@ def test_train_cpu_errors_lead_to_a_run(tmp_path):
     """The README's headline command (TP2 x PP2, gpt2-large) and friends on a CPU machine."""
     r, args = _follow(
         "train.py", tmp_path,
-        ["parallel=tp2_pp2", "model=gpt2_large", "train.bf16=true", "train.device=cuda"],
+        ["parallel=tp2_pp2", "model=gpt2_large", "train.bf16=true", "train.device=cuda",
+         "model.cudnn_attention=true"],
         ["train.device=cuda but no CUDA device is visible; `train.device=auto`",
          "parallel=tp2_pp2 needs GPUs for pipeline parallelism (parallel.pipeline_model_parallel"
          "_size=2: megatron-core's pipeline schedules are CUDA-only), and this run is on the CPU",
-         "train.bf16=true needs a GPU; a CPU run trains in fp32: `train.bf16=false` works here"],
+         "train.bf16=true needs a GPU; a CPU run trains in fp32: `train.bf16=false` works here",
+         "model.cudnn_attention=true needs a CUDA device"],
         extra=[*FAST, "train.max_steps=1", "checkpoint.save=false", "train.eval_interval=0",
                f"hydra.run.dir={tmp_path}/run"])
     assert "parallel=tp2" in args and "model=gpt_tiny" in args
+    assert "model.cudnn_attention=null" in args
     assert re.search(r"^iter +1/1", r.stdout, re.M)
 
 
