@@ -1,15 +1,14 @@
 """A Hydra-configured training framework on NVIDIA megatron-core."""
 import os as _os
-import warnings as _warnings
 
-# megatron-core warns at import that TE/apex are absent; we know, and fall back on purpose.
-_warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-_warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+from framework.quiet import quiet_third_party as _quiet
+
+_quiet()  # megatron-core's irrelevant INFO records and warnings (framework/quiet.py)
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run(cfg):
+def run(cfg, overrides=None):
     """Launch (or join) the workers and train. See framework.run."""
     from framework.run import run as _run
 
-    return _run(cfg)
+    return _run(cfg, overrides)

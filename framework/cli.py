@@ -38,8 +38,42 @@ def register_resolvers() -> None:
                                         lambda: ".hydra" if _rank() == 0 else None)
 
 
+# Overrides that leave the checkpoint directory name alone: how long a run goes, how it reports,
+# where and how often it saves, and the device. The same run continues under them (e.g.
+# `train.max_steps=4000 logging=wandb` resumes checkpoints/default). A key matches itself and
+# every key below it (`train.profile` covers `train.profile.steps`). Every other override (model,
+# parallel, optimizer, data, seed, batch sizes, checkpoint.load...) names a different run.
+RUN_CONTROL_KEYS = (
+    "train.max_steps", "train.max_minutes", "train.log_interval", "train.eval_interval",
+    "train.eval_iters", "train.progress_bar", "train.profile", "train.spike_factor",
+    "train.defer_step_stats", "train.device", "logging", "checkpoint.dir", "checkpoint.save",
+    "checkpoint.save_interval", "checkpoint.keep_last", "checkpoint.allow_pickle",
+    "checkpoint.allow_symlinks",
+    "data.num_workers", "data.path_to_cache",
+)
+# ...except in a sweep (-m), where jobs of different lengths must not continue one another
+SWEEP_NAMED_KEYS = ("train.max_steps",)
+
+
+def _override_key(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def _is_run_control(key: str, multirun: bool) -> bool:
+    if multirun and key in SWEEP_NAMED_KEYS:
+        return False
+    return any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS)
+
+
+def checkpoint_overrides(task_overrides: List[str], multirun: bool = False) -> str:
+    """The part of the command line that names the checkpoint directory: the overrides that
+    change what is computed, sorted, joined by "," (Hydra's override_dirname format)."""
+    lines = sorted(o for o in task_overrides if not _is_run_control(_override_key(o), multirun))
+    return ",".join(lines)
+
+
 def default_checkpoint_dir(override_dirname: str, cwd: str) -> str:
-    """checkpoints/<overrides>: the same command resumes, a different one does not."""
+    """checkpoints/<overrides> (`checkpoint_overrides`): the same run resumes, another does not."""
     from framework.security import is_secret_name, mask_text
 
     # a secret given as an override must not become part of a directory name

@@ -811,16 +811,36 @@ class Config:
                      f"the layout needs {world_size} worker processes (parallel.tensor_model_"
                      f"parallel_size={p.tensor_model_parallel_size} x data-parallel size {dp}); "
                      f"a CPU run allows at most {limit} (2 x the CPU cores, at least 8)")
-            _require(p.pipeline_model_parallel_size == 1,
-                     "parallel.pipeline_model_parallel_size > 1 needs GPUs (megatron-core's "
-                     "pipeline schedules are CUDA-only); use train.device=cuda")
-            _require(not p.use_distributed_optimizer,
-                     "parallel.use_distributed_optimizer=true needs GPUs (megatron-core's "
-                     "distributed optimizer is CUDA-only)")
-            _require(not p.sequence_parallel,
-                     "parallel.sequence_parallel=true needs GPUs (gloo has no reduce-scatter)")
-            _require(not self.train.bf16 and not self.train.fp16,
-                     "train.bf16/train.fp16 need GPUs; CPU runs train in fp32")
+            self._check_cpu()
+
+    def _check_cpu(self) -> None:
+        """What a CPU run cannot do, in one line that names what does run on a CPU."""
+        p, t, m = self.parallel, self.train, self.model
+        gpu_only = []
+        if p.pipeline_model_parallel_size > 1:
+            gpu_only.append(f"pipeline parallelism (parallel.pipeline_model_parallel_size="
+                            f"{p.pipeline_model_parallel_size}: megatron-core's pipeline "
+                            f"schedules are CUDA-only)")
+        if p.sequence_parallel:
+            gpu_only.append("sequence parallelism (parallel.sequence_parallel=true: gloo has no "
+                            "reduce-scatter)")
+        if p.use_distributed_optimizer:
+            gpu_only.append("the distributed optimizer (parallel.use_distributed_optimizer=true: "
+                            "CUDA-only in megatron-core)")
+        if gpu_only:
+            tp = p.tensor_model_parallel_size
+            works = {1: ["parallel=single"], 2: ["parallel=tp2"]}.get(
+                tp, ["parallel=single", f"parallel.tensor_model_parallel_size={tp}"])
+            if m.hidden_size > 256 and m.type in ("gpt", "bert", "t5"):
+                works.append(f"model={m.type}_tiny")  # a model that trains in minutes on a CPU
+            raise ConfigError(
+                f"parallel={p.name} needs GPUs for {' and '.join(gpu_only)}, and this run is on "
+                f"the CPU (no CUDA device, or train.device=cpu). Tensor and data parallelism run "
+                f"on a CPU over gloo: `{' '.join(works)}` works here")
+        for flag in ("bf16", "fp16"):
+            _require(not getattr(t, flag),
+                     f"train.{flag}=true needs a GPU; a CPU run trains in fp32: "
+                     f"`train.{flag}=false` works here")
 
 
 def field_names(cls) -> List[str]:

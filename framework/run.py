@@ -12,7 +12,7 @@ import socket
 import sys
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
@@ -24,9 +24,10 @@ from framework.config import Config, ConfigError
 # --------------------------------------------------------------------------------------------
 # devices and launch
 # --------------------------------------------------------------------------------------------
-def resolve_device(kind: str) -> str:
+def resolve_device(kind: str, key: str = "train.device") -> str:
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible")
+        raise ConfigError(f"{key}=cuda but no CUDA device is visible; `{key}=auto` (the default) "
+                          f"runs on the CPU here")
     if kind == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return kind
@@ -55,9 +56,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cfg: Config) -> None:
-    """Validate against the world, then launch (or join) the workers."""
-    launch(worker, cfg, prepare(cfg))
+def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
+    """Validate against the world, then launch (or join) the workers. `overrides` (the command
+    line's, from train.py) make the printed resume / train-longer commands exact."""
+    world = prepare(cfg)
+    from framework.cli import _rank
+    from framework.training.console import run_log
+    from framework.training.summary import check_finished, print_summary
+
+    with run_log(cfg.run_dir):
+        # a checkpoint already at train.max_steps: say so (exit 0); past it: an error (exit 2)
+        if check_finished(cfg, overrides, show=_rank() == 0):
+            return
+        launch(worker, cfg, world)
+        if _rank() == 0:
+            print_summary(cfg, overrides)
 
 
 def prepare(cfg: Config) -> int:
@@ -75,7 +88,7 @@ def prepare(cfg: Config) -> int:
         if device != "cuda" or not cudnn_attention.available():
             raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
                               "frontend (nvidia-cudnn-frontend, a Linux x86_64 dependency); "
-                              "null uses it where it can")
+                              "`model.cudnn_attention=null` uses it where it can and works here")
     if cfg.train.fp8:
         from framework.fast.fp8 import device_supports_fp8
 
@@ -145,8 +158,10 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
         if not note:
             raise RuntimeError(f"stopped by {signal_name(e.sigval)} before the workers saved a "
                                f"checkpoint") from None
-        print(f"stopped by {signal_name(e.sigval)}: the workers saved a checkpoint at iteration "
-              f"{note[0]} and exited", flush=True)
+        from framework.training.console import echo
+
+        echo(f"stopped by {signal_name(e.sigval)}: the workers saved a checkpoint at iteration "
+             f"{note[0]} and exited")
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
         msg = first.message
@@ -237,6 +252,14 @@ def teardown() -> None:
 
 
 def worker(cfg: Config) -> None:
+    """One rank's training; its console lines also go to <run dir>/train.log."""
+    from framework.training.console import run_log
+
+    with run_log(cfg.run_dir):
+        _train_rank(cfg)
+
+
+def _train_rank(cfg: Config) -> None:
     from megatron.core import parallel_state as ps
 
     from framework.models import build_model, padded_vocab_size
@@ -249,6 +272,7 @@ def worker(cfg: Config) -> None:
     from framework.training.step import build_train_step
     from framework.security import mask_secrets
     from framework.training.profiling import build_profiler
+    from framework.training.console import echo
 
     device = resolve_device(cfg.train.device)
     on_gpu = device == "cuda"
@@ -271,17 +295,17 @@ def worker(cfg: Config) -> None:
         padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_model_parallel_size)
         if rank == 0:
-            print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
-                  f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
-                  f"TP={cfg.parallel.tensor_model_parallel_size}))", flush=True)
+            echo(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
+                 f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
+                 f"TP={cfg.parallel.tensor_model_parallel_size}))")
             if (cfg.parallel.recompute_granularity == "selective"
                     and cfg.model.attention_backend == "sdpa"
                     and set(cfg.parallel.recompute_modules) == {"core_attn"}):
-                print("note: recompute_modules=[core_attn] saves no memory with "
-                      "attention_backend=sdpa (flash / cuDNN kernels keep no seq x seq scores) "
-                      "and costs time (gpt2-large on an H200: same peak memory, 11% slower); "
-                      "recompute 'layernorm', or full recompute of some layers "
-                      "(recompute_method=block), trades memory for time", flush=True)
+                echo("note: recompute_modules=[core_attn] saves no memory with "
+                     "attention_backend=sdpa (flash / cuDNN kernels keep no seq x seq scores) "
+                     "and costs time (gpt2-large on an H200: same peak memory, 11% slower); "
+                     "recompute 'layernorm', or full recompute of some layers "
+                     "(recompute_method=block), trades memory for time")
         data = build_train_data(cfg.data, tokenizer, cfg.train, seq_length=cfg.model.seq_length,
                                 dp_rank=ps.get_data_parallel_rank(),
                                 dp_size=ps.get_data_parallel_world_size(),
@@ -300,8 +324,7 @@ def worker(cfg: Config) -> None:
             load_hf_into_model(cfg.checkpoint.load_hf, model, cfg.model,
                                allow_pickle=cfg.checkpoint.allow_pickle)
             if rank == 0:
-                print(f"initialised weights from Hugging Face model {cfg.checkpoint.load_hf}",
-                      flush=True)
+                echo(f"initialised weights from Hugging Face model {cfg.checkpoint.load_hf}")
         optimizer, scheduler = build_optimizer(
             cfg.optimizer, model, max_steps=cfg.train.max_steps, bf16=bf16, fp16=cfg.train.fp16,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
@@ -318,8 +341,13 @@ def worker(cfg: Config) -> None:
                                    nan_iters=meta.get("nan_iters", 0))
             if rank == 0:
                 what = "resumed" if resume_it is not None else "initialised weights"
-                print(f"{what} from {ckpt.iter_dir(load_dir, meta['iteration'])} "
-                      f"(step {state.step}, {state.consumed_samples} samples)", flush=True)
+                echo(f"{what} from {ckpt.iter_dir(load_dir, meta['iteration'])} "
+                     f"(step {state.step}, {state.consumed_samples} samples)")
+                planned = cfg.optimizer.lr_decay_steps or max(cfg.train.max_steps, 1)
+                if resume_it is not None and scheduler.lr_decay_steps != planned:
+                    echo(f"note: the learning-rate schedule is the checkpoint's: it decays over "
+                         f"{scheduler.lr_decay_steps} steps, then stays at optimizer.min_lr="
+                         f"{cfg.optimizer.min_lr:g} (train.max_steps does not stretch it)")
         is_last = ps.is_pipeline_last_stage()
         is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
                       and ps.get_data_parallel_rank() == 0)
@@ -338,10 +366,10 @@ def worker(cfg: Config) -> None:
                 consumed_samples=st.consumed_samples, config=config_dict, tokenizer=tokenizer,
                 extra={"skipped_iters": st.skipped_iters, "nan_iters": st.nan_iters})
             if rank == 0:
-                print(f"saved checkpoint {path}", flush=True)
+                echo(f"saved checkpoint {path}")
                 for old in prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last):
-                    print(f"removed old checkpoint {old} (checkpoint.keep_last="
-                          f"{cfg.checkpoint.keep_last})", flush=True)
+                    echo(f"removed old checkpoint {old} (checkpoint.keep_last="
+                         f"{cfg.checkpoint.keep_last})")
 
         step_impl = build_train_step(cfg.model.type, cfg.train.step, torch_device)
         trainer = Trainer(model, optimizer, scheduler, step_impl, data, cfg.train,

@@ -97,7 +97,8 @@ def test_sweep_runs_every_job_and_summarizes(sweep):
 
 def test_single_run_config_error_still_exits_2(tmp_path):
     r = _run(tmp_path, [*FAST, "parallel=pp2", f"hydra.run.dir={tmp_path}/r"], expect=2)
-    assert r.stderr.strip().splitlines()[-1].startswith("error: parallel.pipeline_model")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: parallel=pp2 needs GPUs for "
+                                                        "pipeline parallelism")
 
 
 def test_trackers_custom_step_profile_secrets_and_resume(sweep, tmp_path):

@@ -33,7 +33,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import Split
 
 from framework.config import ConfigError, DataConfig
-from framework.data.embedded import prepare_embedded
+from framework.data.embedded import AnswerLoss, prepare_embedded
 from framework.data.indexed import check_indexed, read_index
 from framework.tokenizer import (MaskedLMTokenizerAdapter, MegatronTokenizerAdapter, Tokenizer,
                                  embedded_mlm_tokenizer, embedded_tokenizer)
@@ -239,7 +239,9 @@ def build_datasets(
                 raise ConfigError("data=embedded needs the embedded tokenizer "
                                   "(framework.tokenizer.embedded_tokenizer()), got "
                                   f"{tokenizer!r}")
-            prefix = prepare_embedded(cache_dir or default_cache_root(), cfg.num_documents)
+            # packed to the sequence length: every sample starts with a whole problem
+            prefix = prepare_embedded(cache_dir or default_cache_root(), cfg.num_documents,
+                                      seq_length=seq_length)
             blend: Blend = ([prefix], None)
         else:
             blend = _parse_blend(cfg.path)
@@ -258,6 +260,9 @@ def build_datasets(
         if n == 0:
             config.split_matrix[i] = None
     train, valid, test = _Builder(cls, list(num_samples), lambda: True, config).build()
+    if cfg.type == "embedded":  # the loss is on the answers (framework.data.embedded)
+        train, valid, test = (None if ds is None else AnswerLoss(ds, tokenizer)
+                              for ds in (train, valid, test))
     return train, valid, test
 
 

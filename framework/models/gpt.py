@@ -100,6 +100,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         batch_p2p_comm=not parallel.p2p_overlap,
         persist_layer_norm=False,
         cuda_graph_impl="local" if on_gpu and model.cuda_graph else "none",
+        # the whole layer; mcore's default spelling ("full") warns that it is deprecated
+        cuda_graph_scope=[],
     )
 
 

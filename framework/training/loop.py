@@ -17,6 +17,7 @@ from torch.profiler import record_function
 from framework.config import CheckpointConfig, TrainConfig
 from framework.optimizer import allreduce_grads_cpu
 from framework.training import resilience as res
+from framework.training.console import echo
 from framework.training.metrics import MetricsLogger, Timer, format_line, memory_gb, peak_tflops
 
 
@@ -313,6 +314,8 @@ class Trainer:
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
             "ms_per_iter": 1000 * dt, "tokens_per_sec_per_gpu": tps, "tflops_per_gpu": tflops,
+            # the whole job's rates (what a CPU run reports: its processes share the cores)
+            "tokens_per_sec": tps * self.rt.world_size, "tflops": tflops * self.rt.world_size,
             "mfu": None if self.peak is None else tflops / self.peak,
             "skipped_iters": state.skipped_iters, "nan_iters": state.nan_iters,
             "mem_gb": memory_gb(self.rt.device),
@@ -323,7 +326,7 @@ class Trainer:
             if self.optimizer.config.fp16 else None,
         }
         rec.update(out["extra"])
-        line = format_line(rec, self.cfg.max_steps)
+        line = format_line(rec, self.cfg.max_steps, on_gpu=self.on_gpu)
         for k, v in out["extra"].items():
             line += f" | {k.replace('_', ' ')} {v:.4f}"
         _write(bar, line)
@@ -368,7 +371,5 @@ def _progress(enabled: bool, start: int, total: int):
 
 
 def _write(bar, line: str) -> None:
-    if bar is not None:
-        bar.write(line)
-    else:
-        print(line, flush=True)
+    """A console line (above the progress bar, if any), also appended to the run's train.log."""
+    echo(line)
