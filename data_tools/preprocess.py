@@ -29,6 +29,8 @@ import tempfile
 import zlib
 from typing import Iterator, List, Optional
 
+import numpy
+
 from framework.config import ConfigError, TokenizerConfig
 
 # framework.data.indexed (megatron-core) and framework.tokenizer (transformers) are imported where
@@ -269,7 +271,8 @@ def run(args: argparse.Namespace) -> List[str]:
                        append_eod=args.append_eod, workers=args.workers, progress=progress,
                        split_sentences=args.split_sentences)
             info = read_index(os.path.join(staging, name))
-            eods = len(info.document_indices) - 1 if args.append_eod else 0
+            # one EOD ends each document that has a sequence (empty documents have none)
+            eods = int((numpy.diff(info.document_indices) > 0).sum()) if args.append_eod else 0
             if info.num_tokens - eods <= 0:  # text that tokenizes to nothing
                 raise InputError(f"{', '.join(args.input)}: the text under {key!r} gives no "
                                  f"tokens with this tokenizer")

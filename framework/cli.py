@@ -46,7 +46,8 @@ def register_resolvers() -> None:
 RUN_CONTROL_KEYS = (
     "train.max_steps", "train.max_minutes", "train.log_interval", "train.eval_interval",
     "train.eval_iters", "train.progress_bar", "train.profile", "train.spike_factor",
-    "train.defer_step_stats", "train.device", "logging", "checkpoint.dir", "checkpoint.save",
+    "train.defer_step_stats", "train.watchdog_seconds", "train.device", "logging",
+    "checkpoint.dir", "checkpoint.save",
     "checkpoint.save_interval", "checkpoint.keep_last", "checkpoint.allow_pickle",
     "checkpoint.allow_symlinks",
     "data.num_workers", "data.path_to_cache",

@@ -582,6 +582,12 @@ class TrainConfig:
     nan_policy: str = "skip"  # non-finite loss/grad norm: skip the update | stop the run
     max_consecutive_nan: int = 10  # stop after this many non-finite steps in a row
     spike_factor: Optional[float] = None  # warn when loss > factor x running mean; None = off
+    # Hang watchdog: a rank whose step phase (forward/backward, optimizer, eval, stop-flag
+    # all-reduce, ...) makes no progress for this many seconds prints its rank, iteration and
+    # phase and exits (status 3), which ends the whole run; a checkpoint save may take 6x as
+    # long. null = parallel.distributed_timeout_minutes + 1 minute (NCCL's own timeout fires
+    # first there). Shorter than the slowest real step would stop a healthy run.
+    watchdog_seconds: Optional[float] = None
     # The host reads each step's loss and grad norm one step late (and at every log, eval, save
     # and stop), so it never waits for the GPU between steps; the finiteness check and the skip
     # of a non-finite step happen on the device. Same losses and updates as false (synchronous
@@ -612,6 +618,9 @@ class TrainConfig:
                  f"train.max_consecutive_nan must be positive, got {self.max_consecutive_nan}")
         _require(self.spike_factor is None or self.spike_factor > 1,
                  f"train.spike_factor must be > 1 (or null), got {self.spike_factor}")
+        _require(self.watchdog_seconds is None or self.watchdog_seconds > 0,
+                 f"train.watchdog_seconds must be positive (or null), got "
+                 f"{self.watchdog_seconds}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         for f in ("micro_batch_size", "global_batch_size", "log_interval"):
             _require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")

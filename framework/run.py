@@ -60,7 +60,10 @@ def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
     """Validate against the world, then launch (or join) the workers. `overrides` (the command
     line's, from train.py) make the printed resume / train-longer commands exact."""
     world = prepare(cfg)
+    # after a stop signal the workers save before they exit: give them the time the watchdog
+    # gives a save, not torch elastic's 30 s before it kills them
     from framework.cli import _rank
+    from framework.training.resilience import SAVE_PATIENCE
     from framework.training.console import run_log
     from framework.training.summary import check_finished, print_summary
 
@@ -68,7 +71,7 @@ def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
         # a checkpoint already at train.max_steps: say so (exit 0); past it: an error (exit 2)
         if check_finished(cfg, overrides, show=_rank() == 0):
             return
-        launch(worker, cfg, world)
+        launch(worker, cfg, world, shutdown_s=SAVE_PATIENCE * watchdog_seconds(cfg))
         if _rank() == 0:
             print_summary(cfg, overrides)
 
@@ -103,9 +106,11 @@ def prepare(cfg: Config) -> int:
     return world
 
 
-def launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
+def launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
+           shutdown_s: float = 30.0) -> None:
     """Run `worker_fn(arg)` on every rank: join torchrun/SLURM, run in-process for one rank, or
-    start `world` workers (`worker_fn` and `arg` must pickle: a module-level function)."""
+    start `world` workers (`worker_fn` and `arg` must pickle: a module-level function).
+    `shutdown_s`: how long the workers have to exit after a stop signal before they are killed."""
     if launched_externally():
         _slurm_env()
         worker_fn(arg)
@@ -118,7 +123,7 @@ def launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
             for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 os.environ.pop(k, None)
     else:
-        _elastic_launch(worker_fn, arg, world)
+        _elastic_launch(worker_fn, arg, world, shutdown_s)
 
 
 def _slurm_env() -> None:
@@ -132,7 +137,8 @@ def _slurm_env() -> None:
                           "`scontrol show hostnames $SLURM_JOB_NODELIST | head -n1`)")
 
 
-def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
+def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
+                    shutdown_s: float = 30.0) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -150,7 +156,8 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
     os.environ[STOP_FILE_ENV] = stop_file
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"fw{os.getpid()}",
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-                      max_restarts=0, monitor_interval=0.5, start_method="spawn")
+                      max_restarts=0, monitor_interval=0.5, start_method="spawn",
+                      shutdown_timeout=max(1, int(shutdown_s)))
     try:
         elastic_launch(lc, _worker_entry)(worker_fn, arg)
     except SignalException as e:
@@ -170,6 +177,8 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
         msg = str(msg).strip().splitlines()[-1] if msg else ""
         if first.exitcode == 2:  # _worker_entry printed the one-line error itself
             msg = "stopped on the error printed above"
+        elif first.exitcode == 3:  # resilience.Watchdog: a hang, named in its error line
+            msg = "its watchdog found no progress (rank, iteration and phase: the error above)"
         elif "To enable traceback" in msg:  # elastic's text when the worker left no record
             msg = ""
         raise WorkerFailed(f"worker failed (rank {first.local_rank}, exit {first.exitcode}): "
@@ -374,8 +383,9 @@ def _train_rank(cfg: Config) -> None:
         step_impl = build_train_step(cfg.model.type, cfg.train.step, torch_device)
         trainer = Trainer(model, optimizer, scheduler, step_impl, data, cfg.train,
                           cfg.checkpoint, runtime, logger, save)
-        # reports rank/step/phase if a collective hangs past the timeout (+ a grace minute)
-        watchdog = Watchdog(60.0 * (cfg.parallel.distributed_timeout_minutes + 1), rank).start()
+        # reports rank/step/phase if a phase makes no progress for train.watchdog_seconds
+        # (default: the collective timeout + a grace minute), then ends the process
+        watchdog = Watchdog(watchdog_seconds(cfg), rank).start()
         trainer.watchdog = watchdog
         trainer.profiler = build_profiler(cfg.train.profile, cfg.run_dir, rank, torch_device,
                                           max_steps=cfg.train.max_steps)
@@ -387,6 +397,13 @@ def _train_rank(cfg: Config) -> None:
             logger.close()
     finally:
         teardown()
+
+
+def watchdog_seconds(cfg: Config) -> float:
+    """train.watchdog_seconds, or the collective timeout plus a grace minute."""
+    if cfg.train.watchdog_seconds is not None:
+        return float(cfg.train.watchdog_seconds)
+    return 60.0 * (cfg.parallel.distributed_timeout_minutes + 1)
 
 
 def _no_checkpoint(path: str) -> None:

@@ -94,7 +94,9 @@ def _read_all(prefix: str) -> List[List[int]]:
 
 
 def _expected(tokenizer: Tokenizer, texts: List[str], append_eod: bool) -> List[List[int]]:
-    return [tokenizer.encode(t) + ([tokenizer.eod] if append_eod else []) for t in texts]
+    """One sequence per document with tokens; a document without any has none (Megatron-LM)."""
+    return [ids + ([tokenizer.eod] if append_eod else [])
+            for ids in map(tokenizer.encode, texts) if ids]
 
 
 def _write_jsonl(path: Path, records: List[dict]) -> Path:

@@ -127,10 +127,13 @@ class Trainer:
                 if hasattr(m, "zero_grad_buffer"):
                     m.zero_grad_buffer()
             self.optimizer.zero_grad()
+        self._mark(step, "forward/backward")
         with record_function("phase/forward_backward"):
             losses = self._run(iterators, forward_only=False)
+        self._mark(step, "loss all-reduce")
         with record_function("phase/reduce_loss"):
             vals, keys = self._reduce_losses_tensor(losses)
+        self._mark(step, "optimizer step (grad norm all-reduce, update)")
         if self.defer:
             # the previous step's stats were copied while this step ran: reading them waits for
             # nothing, and a skipped previous step is known before this step's update
@@ -224,7 +227,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         stop, last = None, None  # last: the newest finished step's stats
         while state.step < cfg.max_steps:
-            self._mark(state.step + 1, "train step (forward/backward, optimizer)")
+            self._mark(state.step + 1, "train step (zero grad)")
             if self.profiler is not None:
                 self.profiler.step_begin(state.step + 1)
             done = self.train_step(iterators, state.step + 1)
@@ -255,7 +258,7 @@ class Trainer:
                 self._log_eval(state, bar)
                 timer.lap()
             if save_now:
-                self._mark(state.step, "checkpoint save", patience=6.0)
+                self._mark(state.step, "checkpoint save", patience=res.SAVE_PATIENCE)
                 self.save_fn(state)
                 last_saved = state.step
                 timer.lap()
@@ -271,7 +274,7 @@ class Trainer:
                 _write(bar, f"stopping at iteration {state.step}: "
                             f"{res.describe_stop(stop, cfg.max_minutes)}; saving a checkpoint")
             if self.ckpt_cfg.save and last_saved != state.step:
-                self._mark(state.step, "checkpoint save", patience=6.0)
+                self._mark(state.step, "checkpoint save", patience=res.SAVE_PATIENCE)
                 self.save_fn(state)
             if bar is not None:
                 bar.close()
@@ -281,7 +284,7 @@ class Trainer:
         if cfg.eval_interval and state.step % cfg.eval_interval != 0:
             self._log_eval(state, bar)
         if self.ckpt_cfg.save and (last_saved != state.step or cfg.max_steps == 0):
-            self._mark(state.step, "checkpoint save", patience=6.0)
+            self._mark(state.step, "checkpoint save", patience=res.SAVE_PATIENCE)
             self.save_fn(state)
         if bar is not None:
             bar.close()

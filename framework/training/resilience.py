@@ -32,6 +32,7 @@ import torch.distributed as dist
 from framework.config import ConfigError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SAVE_PATIENCE = 6.0  # a checkpoint save may take this many watchdog timeouts
 STOP_FILE_ENV = "FW_STOP_FILE"  # set by the self-launching parent: rank 0 reports a clean stop
 
 
@@ -87,7 +88,8 @@ class StopRequest:
         reason = self.local_reason()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return reason
-        code = {None: 0, "time": 1}.get(reason, 2)
+        # 0: go on, 1: time, 2 + n: signal n (the other ranks can name it)
+        code = {None: 0, "time": 1}.get(reason, 2 + (self.signum or 0))
         flag = torch.full((1,), code, dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if deferred and self.device.type == "cuda":
@@ -99,7 +101,12 @@ class StopRequest:
             return None
         if reason is not None:
             return reason
-        return "signal on another rank" if got == 2 else "time"
+        if got == 1:
+            return "time"
+        try:
+            return f"{signal.Signals(got - 2).name} on another rank"
+        except ValueError:
+            return "signal on another rank"
 
 
 class HostCopy:
@@ -354,7 +361,8 @@ class Watchdog:
                 self.on_timeout(
                     f"rank {self.rank}: no progress for {stuck:.0f} s in {self.phase} at "
                     f"iteration {self.step} (a collective is probably waiting for a rank that "
-                    f"died or hangs; parallel.distributed_timeout_minutes sets this limit)")
+                    f"died or hangs; train.watchdog_seconds sets this limit, by default "
+                    f"parallel.distributed_timeout_minutes + 1 minute)")
                 return
 
 
