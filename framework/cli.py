@@ -22,11 +22,35 @@ def _rank() -> int:
 
 def _run_dir(root: str) -> str:
     """One run directory for every rank: under torchrun/SLURM the job id names it, because
-    `${now:}` resolves differently on each rank (hydra issue 2070)."""
+    `${now:}` resolves differently on each rank (hydra issue 2070). A multi-node torchrun without
+    --rdzv-id has the run id "none": the ranks then agree on the time through torchrun's store."""
     job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
     if job and job != "none":
         return os.path.join(root, f"job-{job}")
-    return os.path.join(root, datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    return os.path.join(root, _agreed_time() or datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+def _agreed_time() -> Optional[str]:
+    """Under torchrun, the time of the first rank to ask, kept in the elastic agent's store
+    (which exists before the workers start; MASTER_ADDR/MASTER_PORT name it). None elsewhere,
+    or when the store cannot be reached (each rank then uses its own clock, as before)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            "MASTER_PORT" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    try:
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                         int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=60))
+        # one key per restart of the workers: a restarted run gets a directory of its own
+        key = f"fw_run_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        mine = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+        return store.compare_set(key, "", mine).decode()  # set if absent; the stored value
+    except Exception:  # noqa: BLE001 - a missing store only costs the agreement
+        return None
 
 
 def register_resolvers() -> None:

@@ -132,9 +132,17 @@ def _slurm_env() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        raise ConfigError("under SLURM, set MASTER_ADDR and MASTER_PORT (e.g. from "
-                          "`scontrol show hostnames $SLURM_JOB_NODELIST | head -n1`)")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"under SLURM, set MASTER_ADDR and MASTER_PORT ({' and '.join(missing)} "
+                          f"unset or empty; e.g. the first host of `scontrol show hostnames "
+                          f"$SLURM_JOB_NODELIST` and a port from $SLURM_JOB_ID, as "
+                          f"conf/hydra/launcher/slurm.yaml's setup does)")
+    if os.environ["RANK"] == "0":
+        print(f"joining SLURM job {os.environ.get('SLURM_JOB_ID', '?')}: "
+              f"{os.environ['WORLD_SIZE']} tasks on {os.environ.get('SLURM_NNODES', '?')} "
+              f"node(s), rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+              flush=True)
 
 
 def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
