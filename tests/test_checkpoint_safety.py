@@ -31,9 +31,11 @@ from framework.security import CheckpointError, UnsafeCheckpointError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IT = "iter_0000001"
 TRACKER = "latest_checkpointed_iteration.txt"
-TINY = ["model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2",
-        "model.seq_length=16", "train.micro_batch_size=4", "train.global_batch_size=4",
-        "train.device=cpu", "train.progress_bar=false", "train.eval_interval=0"]
+# learned positions: the checkpoint also goes through `convert megatron-to-hf` (GPT-2)
+TINY = ["model.position_embedding_type=learned_absolute", "model.num_layers=1",
+        "model.hidden_size=16", "model.num_attention_heads=2", "model.seq_length=16",
+        "train.micro_batch_size=4", "train.global_batch_size=4", "train.device=cpu",
+        "train.progress_bar=false", "train.eval_interval=0"]
 CASE_TIMEOUT_S = 120  # a case still running after this counts as a hang
 
 register_configs()

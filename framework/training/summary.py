@@ -61,7 +61,7 @@ def check_finished(cfg: Config, overrides: Optional[List[str]], show: bool = Tru
     train."""
     from framework.training import checkpoint as ckpt
 
-    it = ckpt.latest_iteration(cfg.checkpoint.dir)
+    it = ckpt.latest_iteration(cfg.checkpoint.dir, allow_symlinks=cfg.checkpoint.allow_symlinks)
     steps = cfg.train.max_steps
     if it is None or it < steps or (it == 0 and steps == 0):
         return False
@@ -96,7 +96,8 @@ def print_summary(cfg: Config, overrides: Optional[List[str]]) -> None:
     recs = _records(metrics)
     train = [r for r in recs if r.get("loss") is not None]
     evals = [r for r in recs if r.get("eval_loss") is not None]
-    it = ckpt.latest_iteration(cfg.checkpoint.dir) if cfg.checkpoint.save else None
+    it = (ckpt.latest_iteration(cfg.checkpoint.dir, allow_symlinks=cfg.checkpoint.allow_symlinks)
+          if cfg.checkpoint.save else None)
     step = max([r["step"] for r in recs if "step" in r] + [it or 0])
     head = f"done: step {step}/{cfg.train.max_steps}"
     if train:
