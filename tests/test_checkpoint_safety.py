@@ -63,14 +63,16 @@ def _compose(*overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A committed checkpoint (iteration 1, optimizer state and tokenizer) and the config that
-    resumes it without training further."""
+    resumes it (one more step)."""
     from framework.run import run
 
     d = tmp_path_factory.mktemp("trained")
     run(_compose(*TINY, "train.max_steps=1", "checkpoint.save_interval=1",
                  f"checkpoint.dir={d}/ck", f"run_dir={d}/run"))
     assert (d / "ck" / IT / "framework.json").is_file()
-    resume_cfg = _compose(*TINY, "train.max_steps=1", "checkpoint.save=false",
+    # one step past the checkpoint: at its step the run would stop at "nothing to train"
+    # without loading it (tracker only), and the loaders would go untested
+    resume_cfg = _compose(*TINY, "train.max_steps=2", "checkpoint.save=false",
                           f"checkpoint.dir={d}/unused", f"run_dir={d}/run2")
     return d / "ck", resume_cfg
 
