@@ -262,7 +262,10 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
         max_new = room
     # data=embedded trains each answer up to its newline and nothing after it (the loss is on
     # answers only), so a completion ends at the end of its line
-    eos = tokenizer.encode("\n")[0] if data_type == "embedded" else tokenizer.eod
+    # (not a checkpoint imported from Hugging Face: `convert` stores a default config, whose data
+    # group says embedded, but those weights were never trained on that corpus)
+    trained_embedded = data_type == "embedded" and "hf_source" not in meta
+    eos = tokenizer.encode("\n")[0] if trained_embedded else tokenizer.eod
     return GenerateJob(cfg=cfg, parallel=parallel, model=model_cfg, load=cfg.load, iteration=it,
                        device=device, bf16=bf16, prompts=prompts, prompt_ids=prompt_ids,
                        answers=answers, data_type=data_type, vocab_size=vocab, padded_vocab=padded,
