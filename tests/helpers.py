@@ -319,3 +319,34 @@ def _join(procs, timeout):
                            for i, (p, o) in enumerate(zip(procs, outs)))
         raise AssertionError(("timed out" if late else "a rank failed") + "\n" + report)
     return outs
+
+
+# --------------------------------------------------------------------------------------------
+# configs composed as train.py composes them
+# --------------------------------------------------------------------------------------------
+def load_config(*overrides):
+    """The typed Config of `train.py <overrides>` (the caller has registered the schemas and
+    resolvers: framework.config.register_configs, framework.cli.register_resolvers)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
+        d = compose(config_name="train", overrides=list(overrides))
+    return OmegaConf.to_object(d)
+
+
+def config_error(*overrides) -> str:
+    """The one-line ConfigError that composing `overrides` raises (found through the causes
+    Hydra wraps it in)."""
+    import pytest
+
+    from framework.config import ConfigError
+
+    with pytest.raises(Exception) as e:
+        load_config(*overrides)
+    err = e.value
+    while not isinstance(err, ConfigError) and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    assert isinstance(err, ConfigError), repr(e.value)
+    assert "\n" not in str(err)
+    return str(err)
