@@ -14,7 +14,6 @@ import torch
 from framework.config import ModelConfig, ParallelConfig
 from framework.models.bert import build_bert
 from framework.models.gpt import build_gpt, transformer_config
-from framework.fast.rope import install_fused_rope
 from framework.models.layers import fix_checkpoint_without_output, install_fused_wgrad
 from framework.models.t5 import build_t5
 
@@ -58,8 +57,6 @@ def build_model(
     fix_checkpoint_without_output()
     if model_cfg.fused_wgrad and device.type == "cuda":
         install_fused_wgrad()
-    if model_cfg.rope_fusion and device.type == "cuda":
-        install_fused_rope()
     tcfg = transformer_config(model_cfg, parallel_cfg, bf16=bf16, fp16=fp16,
                               on_gpu=device.type == "cuda", fp8=fp8)
     builder = MODEL_BUILDERS[model_cfg.type]
