@@ -164,7 +164,10 @@ def ours_overrides(shape: Shape, dropout: float) -> List[str]:
     if shape.position == "rope":
         o.append(f"model.rotary_base={int(shape.rope_theta)}")
     o += [f"model.share_embeddings_and_output_weights={b(shape.tied)}",
-          f"model.hidden_dropout={dropout:g}", f"model.attention_dropout={dropout:g}"]
+          f"model.hidden_dropout={dropout:g}", f"model.attention_dropout={dropout:g}",
+          # the benchmark's own lr (conf/optimizer/adam.yaml's is tuned for the default job);
+          # hf_baseline.py's default is the same, and speed does not depend on it
+          "optimizer.lr=1e-3"]
     return o
 
 

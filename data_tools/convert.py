@@ -52,8 +52,11 @@ class InputError(Exception):
 # arguments
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from data_tools.preprocess import DefaultsHelp
+
     p = argparse.ArgumentParser(prog="python -m data_tools.convert",
-                                description="Convert HF <-> megatron checkpoints, or reshape.")
+                                description="Convert HF <-> megatron checkpoints, or reshape.",
+                                formatter_class=DefaultsHelp)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -67,33 +70,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="follow symlinks inside an input checkpoint (refused by default: "
                              "a checkpoint must be a closed tree)")
 
-    h = sub.add_parser("hf-to-megatron", help="HF model directory -> our checkpoint")
+    h = sub.add_parser("hf-to-megatron", help="HF model directory -> our checkpoint",
+                       formatter_class=DefaultsHelp)
     common(h)
-    h.add_argument("--target-tp", type=int, default=1)
-    h.add_argument("--target-pp", type=int, default=1)
+    h.add_argument("--target-tp", type=int, default=1,
+                   help="tensor-parallel size the checkpoint is padded and recorded for (it "
+                        "loads at any TP)")
+    h.add_argument("--target-pp", type=int, default=1,
+                   help="pipeline-parallel size recorded in the checkpoint (it loads at any PP)")
     h.add_argument("--target-dtype", choices=sorted(DTYPES),
                    help="dtype of the saved weights (default: the HF weights' dtype)")
-    h.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    h.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of lcm(this, --target-tp)")
     h.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin pickles (read with weights_only=True)")
     h.add_argument("--tokenizer", help="tokenizer to save with the checkpoint (default: the "
                                        "one in --load, if any)")
 
-    m = sub.add_parser("megatron-to-hf", help="our checkpoint -> HF save_pretrained layout")
+    m = sub.add_parser("megatron-to-hf", help="our checkpoint -> HF save_pretrained layout",
+                       formatter_class=DefaultsHelp)
     common(m)
-    m.add_argument("--max-shard-size", default="5GB", help="e.g. 200MB, 5GB (default 5GB)")
+    m.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file before the weights are sharded, e.g. 200MB")
     m.add_argument("--tokenizer", help="tokenizer to write (default: the checkpoint's own)")
     m.add_argument("--target-dtype", choices=sorted(DTYPES),
                    help="dtype of the written weights (default: the checkpoint's dtype)")
 
-    r = sub.add_parser("reshape", help="our checkpoint -> our checkpoint for another TP/PP")
+    r = sub.add_parser("reshape", help="our checkpoint -> our checkpoint for another TP/PP",
+                       formatter_class=DefaultsHelp)
     common(r)
-    r.add_argument("--target-tp", type=int, required=True)
-    r.add_argument("--target-pp", type=int, required=True)
+    r.add_argument("--target-tp", type=int, required=True,
+                   help="tensor-parallel size of the output checkpoint")
+    r.add_argument("--target-pp", type=int, required=True,
+                   help="pipeline-parallel size of the output checkpoint")
     r.add_argument("--with-optimizer", action="store_true",
                    help="keep optimizer and scheduler state (default: weights only)")
     r.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                   help="default: the checkpoint's own")
+                   help="pad the vocabulary to a multiple of lcm(this, --target-tp) (default: the "
+                        "checkpoint's own)")
     return p
 
 

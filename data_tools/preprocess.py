@@ -29,9 +29,12 @@ import tempfile
 import zlib
 from typing import Iterator, List, Optional
 
+import numpy
+
 from framework.config import ConfigError, TokenizerConfig
-from framework.data.indexed import preprocess, read_index
-from framework.tokenizer import Tokenizer, build_tokenizer
+
+# framework.data.indexed (megatron-core) and framework.tokenizer (transformers) are imported where
+# they are used, so `--help` and argument errors answer at once
 
 EXIT_BAD_INPUT = 2
 
@@ -186,7 +189,9 @@ class _Source:
             yield value
 
 
-def _build_tokenizer(args: argparse.Namespace) -> Tokenizer:
+def _build_tokenizer(args: argparse.Namespace):  # -> framework.tokenizer.Tokenizer
+    from framework.tokenizer import build_tokenizer
+
     if (args.tokenizer is None) == (args.vocab_file is None and args.merge_file is None):
         raise ConfigError("give --tokenizer, or --vocab-file with --merge-file")
     cfg = TokenizerConfig(path=args.tokenizer, vocab_file=args.vocab_file,
@@ -194,9 +199,20 @@ def _build_tokenizer(args: argparse.Namespace) -> Tokenizer:
     return build_tokenizer(cfg)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" for options that have a default (not for None, False or required
+    ones, which would only say "None")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m data_tools.preprocess", description=__doc__.split("\n\n")[0])
+        prog="python -m data_tools.preprocess", description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelp)
     parser.add_argument("--input", nargs="+", required=True,
                         help="JSON-lines files, a local dataset dir or a datasets hub name")
     parser.add_argument("--json-keys", nargs="+", default=["text"],
@@ -222,6 +238,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> List[str]:
     """Preprocess every key; return the output prefixes. Raises InputError/ConfigError."""
+    from framework.data.indexed import preprocess, read_index
+
     if not 1 <= args.workers <= 1024:
         raise InputError(f"--workers={args.workers} must be in [1, 1024]")
     if args.max_line_bytes < 1:
@@ -253,7 +271,8 @@ def run(args: argparse.Namespace) -> List[str]:
                        append_eod=args.append_eod, workers=args.workers, progress=progress,
                        split_sentences=args.split_sentences)
             info = read_index(os.path.join(staging, name))
-            eods = len(info.document_indices) - 1 if args.append_eod else 0
+            # one EOD ends each document that has a sequence (empty documents have none)
+            eods = int((numpy.diff(info.document_indices) > 0).sum()) if args.append_eod else 0
             if info.num_tokens - eods <= 0:  # text that tokenizes to nothing
                 raise InputError(f"{', '.join(args.input)}: the text under {key!r} gives no "
                                  f"tokens with this tokenizer")
@@ -280,6 +299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from framework.data.indexed import read_index
+
     for prefix in prefixes:
         info = read_index(prefix)
         print(f"wrote {prefix}.bin/.idx: {len(info.document_indices) - 1} documents, "

@@ -10,23 +10,42 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from omegaconf import OmegaConf
 
+from framework.launch_env import env_rank
+
 T = TypeVar("T")
-
-
-def _rank() -> int:
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
 
 
 def _run_dir(root: str) -> str:
     """One run directory for every rank: under torchrun/SLURM the job id names it, because
-    `${now:}` resolves differently on each rank (hydra issue 2070)."""
+    `${now:}` resolves differently on each rank (hydra issue 2070). A multi-node torchrun without
+    --rdzv-id has the run id "none": the ranks then agree on the time through torchrun's store."""
     job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
     if job and job != "none":
         return os.path.join(root, f"job-{job}")
-    return os.path.join(root, datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    return os.path.join(root, _agreed_time() or datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+def _agreed_time() -> Optional[str]:
+    """Under torchrun, the time of the first rank to ask, kept in the elastic agent's store
+    (which exists before the workers start; MASTER_ADDR/MASTER_PORT name it). None elsewhere,
+    or when the store cannot be reached (each rank then uses its own clock, as before)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            "MASTER_PORT" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    try:
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                         int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=60))
+        # one key per restart of the workers: a restarted run gets a directory of its own
+        key = f"fw_run_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        mine = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+        return store.compare_set(key, "", mine).decode()  # set if absent; the stored value
+    except Exception:  # noqa: BLE001 - a missing store only costs the agreement
+        return None
 
 
 def register_resolvers() -> None:
@@ -35,11 +54,46 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("fw_output_subdir"):
         # only rank 0 writes .hydra/
         OmegaConf.register_new_resolver("fw_output_subdir",
-                                        lambda: ".hydra" if _rank() == 0 else None)
+                                        lambda: ".hydra" if env_rank() == 0 else None)
+
+
+# Overrides that leave the checkpoint directory name alone: how long a run goes, how it reports,
+# where and how often it saves, and the device. The same run continues under them (e.g.
+# `train.max_steps=4000 logging=wandb` resumes checkpoints/default). A key matches itself and
+# every key below it (`train.profile` covers `train.profile.steps`). Every other override (model,
+# parallel, optimizer, data, seed, batch sizes, checkpoint.load...) names a different run.
+RUN_CONTROL_KEYS = (
+    "train.max_steps", "train.max_minutes", "train.log_interval", "train.eval_interval",
+    "train.eval_iters", "train.progress_bar", "train.profile", "train.spike_factor",
+    "train.defer_step_stats", "train.watchdog_seconds", "train.device", "logging",
+    "checkpoint.dir", "checkpoint.save",
+    "checkpoint.save_interval", "checkpoint.keep_last", "checkpoint.allow_pickle",
+    "checkpoint.allow_symlinks",
+    "data.num_workers", "data.path_to_cache",
+)
+# ...except in a sweep (-m), where jobs of different lengths must not continue one another
+SWEEP_NAMED_KEYS = ("train.max_steps",)
+
+
+def _override_key(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def _is_run_control(key: str, multirun: bool) -> bool:
+    if multirun and key in SWEEP_NAMED_KEYS:
+        return False
+    return any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS)
+
+
+def checkpoint_overrides(task_overrides: List[str], multirun: bool = False) -> str:
+    """The part of the command line that names the checkpoint directory: the overrides that
+    change what is computed, sorted, joined by "," (Hydra's override_dirname format)."""
+    lines = sorted(o for o in task_overrides if not _is_run_control(_override_key(o), multirun))
+    return ",".join(lines)
 
 
 def default_checkpoint_dir(override_dirname: str, cwd: str) -> str:
-    """checkpoints/<overrides>: the same command resumes, a different one does not."""
+    """checkpoints/<overrides> (`checkpoint_overrides`): the same run resumes, another does not."""
     from framework.security.masking import is_secret_name, mask_text
 
     # a secret given as an override must not become part of a directory name

@@ -125,15 +125,15 @@ class ModelConfig:
     # GEMM (mcore's gradient_accumulation_fusion; without apex through torch.addmm with
     # out_dtype, framework/models/layers.py AddmmWgrad) instead of a bf16 wgrad plus a separate
     # fp32 add per weight: closer to the exact gradient (one rounding instead of two) and no
-    # separate add kernel (benchmarks/kernels.py). false = mcore's unfused path (apex's kernel,
-    # when installed, is used either way).
+    # separate add kernel (benchmarks/norm_kernels.py). false = mcore's unfused path (apex's
+    # kernel, when installed, is used either way).
     fused_wgrad: bool = True
     # GPU, RoPE: one Triton kernel per direction (framework/fast/rope.py) in place of
     # megatron-core's ~10 unfused elementwise kernels (TE's fused RoPE slot); false = mcore's
     rope_fusion: bool = True
     # GPU training: LayerNorm / RMSNorm as one Triton kernel per direction (framework/fast/norm.py,
     # weight/bias grads reduced inside the backward kernel) in place of torch's native kernels
-    # (forward, input gradient and a separate weight-gradient reduction; benchmarks/kernels.py);
+    # (forward, input gradient and a separate weight-gradient reduction; benchmarks/norm_kernels.py);
     # false = torch's F.layer_norm / F.rms_norm
     fused_norm: bool = True
     # GPU training: the QKV projection's bias add as one Triton kernel (framework/fast/bias.py)
@@ -565,6 +565,12 @@ class TrainConfig:
     nan_policy: str = "skip"  # non-finite loss/grad norm: skip the update | stop the run
     max_consecutive_nan: int = 10  # stop after this many non-finite steps in a row
     spike_factor: Optional[float] = None  # warn when loss > factor x running mean; None = off
+    # Hang watchdog: a rank whose step phase (forward/backward, optimizer, eval, stop-flag
+    # all-reduce, ...) makes no progress for this many seconds prints its rank, iteration and
+    # phase and exits (status 3), which ends the whole run; a checkpoint save may take 6x as
+    # long. null = parallel.distributed_timeout_minutes + 1 minute (NCCL's own timeout fires
+    # first there). Shorter than the slowest real step would stop a healthy run.
+    watchdog_seconds: Optional[float] = None
     # The host reads each step's loss and grad norm one step late (and at every log, eval, save
     # and stop), so it never waits for the GPU between steps; the finiteness check and the skip
     # of a non-finite step happen on the device. Same losses and updates as false (synchronous
@@ -595,6 +601,9 @@ class TrainConfig:
                  f"train.max_consecutive_nan must be positive, got {self.max_consecutive_nan}")
         require(self.spike_factor is None or self.spike_factor > 1,
                  f"train.spike_factor must be > 1 (or null), got {self.spike_factor}")
+        require(self.watchdog_seconds is None or self.watchdog_seconds > 0,
+                f"train.watchdog_seconds must be positive (or null), got "
+                f"{self.watchdog_seconds}")
         require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         for f in ("micro_batch_size", "global_batch_size", "log_interval"):
             require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")
@@ -769,16 +778,37 @@ class Config:
                      f"the layout needs {world_size} worker processes (parallel.tensor_model_"
                      f"parallel_size={p.tensor_model_parallel_size} x data-parallel size {dp}); "
                      f"a CPU run allows at most {limit} (2 x the CPU cores, at least 8)")
-            require(p.pipeline_model_parallel_size == 1,
-                     "parallel.pipeline_model_parallel_size > 1 needs GPUs (megatron-core's "
-                     "pipeline schedules are CUDA-only); use train.device=cuda")
-            require(not p.use_distributed_optimizer,
-                     "parallel.use_distributed_optimizer=true needs GPUs (megatron-core's "
-                     "distributed optimizer is CUDA-only)")
-            require(not p.sequence_parallel,
-                     "parallel.sequence_parallel=true needs GPUs (gloo has no reduce-scatter)")
-            require(not self.train.bf16 and not self.train.fp16,
-                     "train.bf16/train.fp16 need GPUs; CPU runs train in fp32")
+            self._check_cpu()
+
+    def _check_cpu(self) -> None:
+        """What a CPU run cannot do, in one line that names what does run on a CPU."""
+        p, t, m = self.parallel, self.train, self.model
+        gpu_only = []
+        if p.pipeline_model_parallel_size > 1:
+            gpu_only.append(f"pipeline parallelism (parallel.pipeline_model_parallel_size="
+                            f"{p.pipeline_model_parallel_size}: megatron-core's pipeline "
+                            f"schedules are CUDA-only)")
+        if p.sequence_parallel:
+            gpu_only.append("sequence parallelism (parallel.sequence_parallel=true: gloo has no "
+                            "reduce-scatter)")
+        if p.use_distributed_optimizer:
+            gpu_only.append("the distributed optimizer (parallel.use_distributed_optimizer=true: "
+                            "CUDA-only in megatron-core)")
+        if gpu_only:
+            tp = p.tensor_model_parallel_size
+            works = {1: ["parallel=single"], 2: ["parallel=tp2"]}.get(
+                tp, ["parallel=single", f"parallel.tensor_model_parallel_size={tp}"])
+            tiny = registry.family(m.type).cpu_model  # a model that trains in minutes on a CPU
+            if m.hidden_size > 256 and tiny:
+                works.append(f"model={tiny}")
+            raise ConfigError(
+                f"parallel={p.name} needs GPUs for {' and '.join(gpu_only)}, and this run is on "
+                f"the CPU (no CUDA device, or train.device=cpu). Tensor and data parallelism run "
+                f"on a CPU over gloo: `{' '.join(works)}` works here")
+        for flag in ("bf16", "fp16"):
+            require(not getattr(t, flag),
+                    f"train.{flag}=true needs a GPU; a CPU run trains in fp32: "
+                    f"`train.{flag}=false` works here")
 
 
 def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:

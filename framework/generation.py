@@ -65,7 +65,7 @@ def normalize_early_stopping(value: Union[bool, str]) -> Union[bool, str]:
 class GenerationOptions:
     """Decoding options (also the top-level fields of conf/generate.yaml)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: Optional[int] = 64  # None: as many as the model's context holds
     top_k: int = 0
     top_p: float = 0.0
     top_p_decay: float = 0.0  # 0 = no decay (Megatron); else top_p *= decay after each token
@@ -89,7 +89,8 @@ class GenerationOptions:
     seed: Optional[int] = 1234
 
     def __post_init__(self) -> None:
-        require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        require(self.max_new_tokens is None or self.max_new_tokens >= 1,
+                f"max_new_tokens={self.max_new_tokens} must be >= 1 (or null: fill the context)")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
         require(0.0 <= self.top_p <= 1.0, f"top_p={self.top_p} must be in [0, 1] (0 = off)")
         require(0.0 <= self.top_p_decay <= 1.0,
@@ -639,11 +640,12 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
     context = unwrap(chunks[0]).max_sequence_length
     require(s <= context, f"the prompt is {s} tokens long but the model's context is {context} "
                            f"positions")
-    max_new = min(opts.max_new_tokens, context - s + 1)
-    if max_new < opts.max_new_tokens:
+    max_new = context - s + 1 if opts.max_new_tokens is None else \
+        min(opts.max_new_tokens, context - s + 1)
+    if opts.max_new_tokens is not None and max_new < opts.max_new_tokens:
         warnings.warn(f"max_new_tokens={opts.max_new_tokens} cut to {max_new}: the prompt ({s} "
                       f"tokens) leaves room for {max_new} in the model's context of {context}")
-        opts.max_new_tokens = max_new
+    opts.max_new_tokens = max_new
     if generator is None and opts.do_sample:
         generator = torch.Generator(device=device)
         if opts.seed is not None:

@@ -200,7 +200,7 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
              f"load={cfg.load} holds a model.type={model_cfg.type} model; generation supports "
              f"causal LM checkpoints only (model.type={'/'.join(with_capability('generation'))})")
     parallel, notes = inference_parallel(meta, cfg.parallel)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     on_gpu = device == "cuda"
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     require(model_cfg.num_attention_heads % tp == 0,
@@ -211,14 +211,15 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
              f"parallel.pipeline_model_parallel_size={pp}")
     require(on_gpu or pp == 1 or not model_cfg.share_embeddings_and_output_weights,
              f"parallel.pipeline_model_parallel_size={pp} needs GPUs for a model with tied "
-             f"embeddings (megatron-core moves the tied output weight to CUDA); on CPU pick a "
-             f"layout without PP, e.g. parallel=single or parallel=tp2")
+             f"embeddings (megatron-core moves the tied output weight to CUDA); on a CPU a "
+             f"layout without PP works: `parallel=tp2` or `parallel=single`")
     world = parallel.model_parallel_size * parallel.data_parallel_size
     require(not on_gpu or "WORLD_SIZE" in os.environ or world <= torch.cuda.device_count(),
              f"the layout needs {world} GPUs (TP x PP x DP) but {torch.cuda.device_count()} "
              f"are visible")
     bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
-    require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32")
+    require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32: "
+                                "`bf16=false` (or leave bf16 unset) works here")
 
     data_type = meta.get("config", {}).get("data", {}).get("type")
     source = choose_checkpoint_tokenizer(cfg.tokenizer, cfg.load, it, model_cfg, data_type)
@@ -249,16 +250,28 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
                  f"positions (model.max_position_embeddings / seq_length)")
         prompt_ids.append(ids)
     longest = max(len(ids) for ids in prompt_ids)
-    max_new = min(cfg.max_new_tokens, context - longest + 1)
-    if max_new < cfg.max_new_tokens:
-        notes.append(f"generation: max_new_tokens={cfg.max_new_tokens} capped to {max_new}: the "
-                     f"longest prompt ({longest} tokens) fills the rest of the {context}-position "
-                     f"context")
+    room = context - longest + 1
+    if cfg.max_new_tokens is not None:
+        max_new = min(cfg.max_new_tokens, room)
+        if max_new < cfg.max_new_tokens:
+            notes.append(f"generation: max_new_tokens={cfg.max_new_tokens} capped to {max_new}: "
+                         f"the longest prompt ({longest} tokens) fills the rest of the "
+                         f"{context}-position context")
+    elif answers is not None:  # held-out arithmetic: the longest answer and its newline
+        max_new = min(room, max(len(tokenizer.encode(a)) for a in answers) + 1)
+    else:  # null: until EOS or the end of the context
+        max_new = room
+    # data=embedded trains each answer up to its newline and nothing after it (the loss is on
+    # answers only), so a completion ends at the end of its line
+    # (not a checkpoint imported from Hugging Face: `convert` stores a default config, whose data
+    # group says embedded, but those weights were never trained on that corpus)
+    trained_embedded = data_type == "embedded" and "hf_source" not in meta
+    eos = tokenizer.encode("\n")[0] if trained_embedded else tokenizer.eod
     return GenerateJob(cfg=cfg, parallel=parallel, model=model_cfg, load=cfg.load, iteration=it,
                        device=device, bf16=bf16, prompts=prompts, prompt_ids=prompt_ids,
                        answers=answers, data_type=data_type, tokenizer=source,
                        vocab_size=vocab, padded_vocab=padded,
-                       eos_id=tokenizer.eod, pad_id=tokenizer.pad, max_new_tokens=max_new,
+                       eos_id=eos, pad_id=tokenizer.pad, max_new_tokens=max_new,
                        notes=notes)
 
 

@@ -19,12 +19,15 @@ import torch
 
 from framework.distributed import free_port
 from framework.errors import ConfigError
+from framework.training.console import echo
 from framework.training.stop import STOP_FILE_ENV, exit_if_stopped
 
 
-def resolve_device(kind: str) -> str:
+def resolve_device(kind: str, key: str = "train.device") -> str:
+    """"auto" -> cuda when a GPU is visible, else cpu; `key` names the setting in errors."""
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible")
+        raise ConfigError(f"{key}=cuda but no CUDA device is visible; `{key}=auto` (the default) "
+                          f"runs on the CPU here")
     if kind == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return kind
@@ -34,9 +37,11 @@ def launched_externally() -> bool:
     return "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
 
 
-def launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
+def launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
+           shutdown_s: float = 30.0) -> None:
     """Run `worker_fn(arg)` on every rank: join torchrun/SLURM, run in-process for one rank, or
-    start `world` workers (`worker_fn` and `arg` must pickle: a module-level function)."""
+    start `world` workers (`worker_fn` and `arg` must pickle: a module-level function).
+    `shutdown_s`: how long the workers have to exit after a stop signal before they are killed."""
     if launched_externally():
         _slurm_env()
         worker_fn(arg)
@@ -49,7 +54,7 @@ def launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
             for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 os.environ.pop(k, None)
     else:
-        _elastic_launch(worker_fn, arg, world)
+        _elastic_launch(worker_fn, arg, world, shutdown_s)
 
 
 def _slurm_env() -> None:
@@ -58,12 +63,21 @@ def _slurm_env() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        raise ConfigError("under SLURM, set MASTER_ADDR and MASTER_PORT (e.g. from "
-                          "`scontrol show hostnames $SLURM_JOB_NODELIST | head -n1`)")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"under SLURM, set MASTER_ADDR and MASTER_PORT ({' and '.join(missing)} "
+                          f"unset or empty; e.g. the first host of `scontrol show hostnames "
+                          f"$SLURM_JOB_NODELIST` and a port from $SLURM_JOB_ID, as "
+                          f"conf/hydra/launcher/slurm.yaml's setup does)")
+    if os.environ["RANK"] == "0":
+        print(f"joining SLURM job {os.environ.get('SLURM_JOB_ID', '?')}: "
+              f"{os.environ['WORLD_SIZE']} tasks on {os.environ.get('SLURM_NNODES', '?')} "
+              f"node(s), rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+              flush=True)
 
 
-def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> None:
+def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
+                    shutdown_s: float = 30.0) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -76,7 +90,8 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
     os.environ[STOP_FILE_ENV] = stop_file
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"fw{os.getpid()}",
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
-                      max_restarts=0, monitor_interval=0.5, start_method="spawn")
+                      max_restarts=0, monitor_interval=0.5, start_method="spawn",
+                      shutdown_timeout=max(1, int(shutdown_s)))
     try:
         elastic_launch(lc, _worker_entry)(worker_fn, arg)
     except SignalException as e:
@@ -84,8 +99,8 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
         if not note:
             raise RuntimeError(f"stopped by {signal_name(e.sigval)} before the workers saved a "
                                f"checkpoint") from None
-        print(f"stopped by {signal_name(e.sigval)}: the workers saved a checkpoint at iteration "
-              f"{note[0]} and exited", flush=True)
+        echo(f"stopped by {signal_name(e.sigval)}: the workers saved a checkpoint at iteration "
+             f"{note[0]} and exited")
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
         msg = first.message
@@ -94,6 +109,8 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int) -> N
         msg = str(msg).strip().splitlines()[-1] if msg else ""
         if first.exitcode == 2:  # _worker_entry printed the one-line error itself
             msg = "stopped on the error printed above"
+        elif first.exitcode == 3:  # training.watchdog: a hang, named in its error line
+            msg = "its watchdog found no progress (rank, iteration and phase: the error above)"
         elif "To enable traceback" in msg:  # elastic's text when the worker left no record
             msg = ""
         raise WorkerFailed(f"worker failed (rank {first.local_rank}, exit {first.exitcode}): "

@@ -1,11 +1,13 @@
 """The megatron-core module globals we replace, each where mcore 0.16 without Transformer Engine
 or apex has a missing or slow piece. All are idempotent and leave mcore alone when TE or apex
-provides the piece. `framework.models.build.build_model` and `framework.optimizer.build_optimizer`
+provides the piece. `framework.models.build.build_model`,
+`framework.models.transformer.transformer_config` and `framework.optimizer.build_optimizer`
 install them; the kernels themselves are in framework/fast/.
 
 * `fix_checkpoint_without_output`: selective recompute of "layernorm" without TE.
 * `install_fused_wgrad` (`AddmmWgrad`): `gradient_accumulation_fusion` without apex.
-* `install_fused_rope`: our Triton RoPE in mcore's fused-RoPE slot.
+* `install_fused_rope`: our Triton RoPE in mcore's fused-RoPE slot (`transformer_config`
+  installs it before mcore validates `apply_rope_fusion`).
 * `install_foreach_optimizer_kernels`: foreach grad-norm / scale / copy kernels in mcore's
   optimizer instead of its per-tensor loops.
 

@@ -107,7 +107,7 @@ def _check_device_features(cfg: Config, device: str) -> None:
         if device != "cuda" or not cudnn_attention.available():
             raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
                               "frontend (nvidia-cudnn-frontend, a Linux x86_64 dependency); "
-                              "null uses it where it can")
+                              "`model.cudnn_attention=null` uses it where it can and works here")
     if cfg.train.fp8:
         ok, why = device_supports_fp8() if device == "cuda" else (False, "it runs on the CPU")
         if not ok:

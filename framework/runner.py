@@ -7,6 +7,7 @@ the model, optimizer and data of the model family and runs the training loop.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,27 +19,46 @@ from framework.config import Config
 from framework.distributed import init_distributed, set_seeds, teardown
 from framework.interop import load_hf_into_model
 from framework.launch import launch
+from framework.launch_env import env_rank
 from framework.models.build import build_model
 from framework.models.registry import family
 from framework.optimizer import build_optimizer
 from framework.plan import RunPlan, make_plan
 from framework.security.masking import mask_secrets
+from framework.training.console import echo, run_log
 from framework.training.data import build_train_data
 from framework.training.loop import Runtime, Trainer, TrainState
 from framework.training.metrics import MetricsLogger, model_flops_per_token
 from framework.training.profiling import build_profiler
 from framework.training.step import build_train_step
-from framework.training.watchdog import Watchdog
+from framework.training.summary import check_finished, print_summary
+from framework.training.watchdog import SAVE_PATIENCE, Watchdog, watchdog_seconds
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
     """Plan the run (one line and exit 2 for bad input, before any worker), then launch (or join)
-    the workers."""
+    the workers. `overrides` (the command line's, from train.py) make the printed resume /
+    train-longer commands exact."""
     plan = make_plan(cfg)
-    launch(train_worker, plan, plan.world_size)
+    with run_log(cfg.run_dir):
+        # a checkpoint already at train.max_steps: say so (exit 0); past it: an error (exit 2)
+        if check_finished(cfg, overrides, show=env_rank() == 0):
+            return
+        # after a stop signal the workers save before they exit: give them the time the
+        # watchdog gives a save, not torch elastic's 30 s before it kills them
+        launch(train_worker, plan, plan.world_size,
+               shutdown_s=SAVE_PATIENCE * watchdog_seconds(cfg))
+        if env_rank() == 0:
+            print_summary(cfg, overrides)
 
 
 def train_worker(plan: RunPlan) -> None:
+    """One rank's training; its console lines also go to <run dir>/train.log."""
+    with run_log(plan.cfg.run_dir):
+        _train_rank(plan)
+
+
+def _train_rank(plan: RunPlan) -> None:
     from megatron.core import parallel_state as ps
 
     cfg = plan.cfg
@@ -52,17 +72,17 @@ def train_worker(plan: RunPlan) -> None:
         tokenizer = plan.tokenizer.load()
         vocab, padded = plan.vocab_size, plan.padded_vocab_size
         if rank == 0:
-            print(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
-                  f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
-                  f"TP={cfg.parallel.tensor_model_parallel_size}))", flush=True)
+            echo(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
+                 f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
+                 f"TP={cfg.parallel.tensor_model_parallel_size}))")
             if (cfg.parallel.recompute_granularity == "selective"
                     and cfg.model.attention_backend == "sdpa"
                     and set(cfg.parallel.recompute_modules) == {"core_attn"}):
-                print("note: recompute_modules=[core_attn] saves no memory with "
-                      "attention_backend=sdpa (flash / cuDNN kernels keep no seq x seq scores) "
-                      "and costs time (the attention runs again in the backward); recompute "
-                      "'layernorm', or full recompute of some layers (recompute_method=block), "
-                      "trades memory for time", flush=True)
+                echo("note: recompute_modules=[core_attn] saves no memory with "
+                     "attention_backend=sdpa (flash / cuDNN kernels keep no seq x seq scores) "
+                     "and costs time (the attention runs again in the backward); recompute "
+                     "'layernorm', or full recompute of some layers (recompute_method=block), "
+                     "trades memory for time")
         data = build_train_data(cfg.data, tokenizer, cfg.train, cfg.model, parts,
                                 dp_rank=ps.get_data_parallel_rank(),
                                 dp_size=ps.get_data_parallel_world_size())
@@ -76,7 +96,7 @@ def train_worker(plan: RunPlan) -> None:
             load_hf_into_model(plan.load_hf, model, cfg.model,
                                allow_pickle=cfg.checkpoint.allow_pickle)
             if rank == 0:
-                print(f"initialised weights from Hugging Face model {plan.load_hf}", flush=True)
+                echo(f"initialised weights from Hugging Face model {plan.load_hf}")
         optimizer, scheduler = build_optimizer(
             cfg.optimizer, model, max_steps=cfg.train.max_steps, bf16=plan.bf16,
             fp16=cfg.train.fp16, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
@@ -93,8 +113,13 @@ def train_worker(plan: RunPlan) -> None:
                                    nan_iters=meta.get("nan_iters", 0))
             if rank == 0:
                 what = "resumed" if plan.resuming else "initialised weights"
-                print(f"{what} from {iter_dir(plan.load_dir, meta['iteration'])} "
-                      f"(step {state.step}, {state.consumed_samples} samples)", flush=True)
+                echo(f"{what} from {iter_dir(plan.load_dir, meta['iteration'])} "
+                     f"(step {state.step}, {state.consumed_samples} samples)")
+                planned = cfg.optimizer.lr_decay_steps or max(cfg.train.max_steps, 1)
+                if plan.resuming and scheduler.lr_decay_steps != planned:
+                    echo(f"note: the learning-rate schedule is the checkpoint's: it decays over "
+                         f"{scheduler.lr_decay_steps} steps, then stays at optimizer.min_lr="
+                         f"{cfg.optimizer.min_lr:g} (train.max_steps does not stretch it)")
         is_last = ps.is_pipeline_last_stage()
         is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
                       and ps.get_data_parallel_rank() == 0)
@@ -113,16 +138,17 @@ def train_worker(plan: RunPlan) -> None:
                 consumed_samples=st.consumed_samples, config=config_dict, tokenizer=tokenizer,
                 extra={"skipped_iters": st.skipped_iters, "nan_iters": st.nan_iters})
             if rank == 0:
-                print(f"saved checkpoint {path}", flush=True)
+                echo(f"saved checkpoint {path}")
                 for old in prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last):
-                    print(f"removed old checkpoint {old} (checkpoint.keep_last="
-                          f"{cfg.checkpoint.keep_last})", flush=True)
+                    echo(f"removed old checkpoint {old} (checkpoint.keep_last="
+                         f"{cfg.checkpoint.keep_last})")
 
         step_impl = build_train_step(parts.train_step, cfg.train.step, device)
         trainer = Trainer(model, optimizer, scheduler, step_impl, data, cfg.train,
                           cfg.checkpoint, runtime, logger, save)
-        # reports rank/step/phase if a collective hangs past the timeout (+ a grace minute)
-        watchdog = Watchdog(60.0 * (cfg.parallel.distributed_timeout_minutes + 1), rank).start()
+        # reports rank/step/phase if a phase makes no progress for train.watchdog_seconds
+        # (default: the collective timeout + a grace minute), then ends the process
+        watchdog = Watchdog(watchdog_seconds(cfg), rank).start()
         trainer.watchdog = watchdog
         trainer.profiler = build_profiler(cfg.train.profile, cfg.run_dir, rank, device,
                                           max_steps=cfg.train.max_steps)

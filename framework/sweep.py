@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from framework.launch_env import env_rank
+
 STATUS_FILE = "job_status.json"
 SUMMARY_FILE = "sweep_summary.csv"
 COLUMNS = ["job", "overrides", "train_loss", "eval_loss", "tokens_per_sec_per_gpu", "steps",
@@ -28,7 +30,11 @@ COLUMNS = ["job", "overrides", "train_loss", "eval_loss", "tokens_per_sec_per_gp
 
 def write_job_status(job_dir: str, status: str, error: Optional[str],
                      overrides: Optional[List[str]] = None) -> None:
-    """Create or update `<job_dir>/job_status.json` (fields given here win over stored ones)."""
+    """Create or update `<job_dir>/job_status.json` (fields given here win over stored ones).
+    Where every rank runs the job (SLURM: one task per rank), rank 0 alone keeps the record; a
+    failure elsewhere reaches rank 0 as a failed collective (its own error is in its log)."""
+    if env_rank() != 0:
+        return
     os.makedirs(job_dir, exist_ok=True)
     path = os.path.join(job_dir, STATUS_FILE)
     rec: Dict[str, Any] = read_json(path) or {}
@@ -37,7 +43,7 @@ def write_job_status(job_dir: str, status: str, error: Optional[str],
         rec["error"] = error
     if overrides is not None:
         rec["overrides"] = overrides
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(rec, f)
     os.replace(tmp, path)

@@ -27,9 +27,21 @@ GENERATE = os.path.join(ROOT, "generate.py")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list:
+    """n distinct ports free now (held open together, so none repeats); a test that opens
+    several process groups one after another takes one each, not `port + i`, which another
+    process may hold."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,3 +319,34 @@ def _join(procs, timeout):
                            for i, (p, o) in enumerate(zip(procs, outs)))
         raise AssertionError(("timed out" if late else "a rank failed") + "\n" + report)
     return outs
+
+
+# --------------------------------------------------------------------------------------------
+# configs composed as train.py composes them
+# --------------------------------------------------------------------------------------------
+def load_config(*overrides):
+    """The typed Config of `train.py <overrides>` (the caller has registered the schemas and
+    resolvers: framework.config.register_configs, framework.cli.register_resolvers)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
+        d = compose(config_name="train", overrides=list(overrides))
+    return OmegaConf.to_object(d)
+
+
+def config_error(*overrides) -> str:
+    """The one-line ConfigError that composing `overrides` raises (found through the causes
+    Hydra wraps it in)."""
+    import pytest
+
+    from framework.config import ConfigError
+
+    with pytest.raises(Exception) as e:
+        load_config(*overrides)
+    err = e.value
+    while not isinstance(err, ConfigError) and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    assert isinstance(err, ConfigError), repr(e.value)
+    assert "\n" not in str(err)
+    return str(err)

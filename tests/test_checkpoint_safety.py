@@ -31,9 +31,11 @@ from framework.errors import CheckpointError, UnsafeCheckpointError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IT = "iter_0000001"
 TRACKER = "latest_checkpointed_iteration.txt"
-TINY = ["model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2",
-        "model.seq_length=16", "train.micro_batch_size=4", "train.global_batch_size=4",
-        "train.device=cpu", "train.progress_bar=false", "train.eval_interval=0"]
+# learned positions: the checkpoint also goes through `convert megatron-to-hf` (GPT-2)
+TINY = ["model.position_embedding_type=learned_absolute", "model.num_layers=1",
+        "model.hidden_size=16", "model.num_attention_heads=2", "model.seq_length=16",
+        "train.micro_batch_size=4", "train.global_batch_size=4", "train.device=cpu",
+        "train.progress_bar=false", "train.eval_interval=0"]
 CASE_TIMEOUT_S = 120  # a case still running after this counts as a hang
 
 register_configs()
@@ -61,14 +63,16 @@ def _compose(*overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A committed checkpoint (iteration 1, optimizer state and tokenizer) and the config that
-    resumes it without training further."""
+    resumes it (one more step)."""
     from framework.runner import run
 
     d = tmp_path_factory.mktemp("trained")
     run(_compose(*TINY, "train.max_steps=1", "checkpoint.save_interval=1",
                  f"checkpoint.dir={d}/ck", f"run_dir={d}/run"))
     assert (d / "ck" / IT / "framework.json").is_file()
-    resume_cfg = _compose(*TINY, "train.max_steps=1", "checkpoint.save=false",
+    # one step past the checkpoint: at its step the run would stop at "nothing to train"
+    # without loading it (tracker only), and the loaders would go untested
+    resume_cfg = _compose(*TINY, "train.max_steps=2", "checkpoint.save=false",
                           f"checkpoint.dir={d}/unused", f"run_dir={d}/run2")
     return d / "ck", resume_cfg
 

@@ -3,22 +3,17 @@ import glob
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from framework.cli import register_resolvers
 from framework.config import Config, ConfigError, register_configs
-from helpers import ROOT, run_train
+from helpers import ROOT, load_config, run_train
 
 CONF = os.path.join(ROOT, "conf")
 register_configs()
 register_resolvers()
 
 
-def load(*overrides) -> Config:
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        d = compose(config_name="train", overrides=list(overrides))
-    return OmegaConf.to_object(d)
+load = load_config
 
 
 def options(group):

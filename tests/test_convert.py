@@ -298,7 +298,8 @@ def test_train_py_starts_from_a_converted_checkpoint(work, tmp_path):
             f"model.num_attention_heads={HEADS}", f"model.ffn_hidden_size={FFN}",
             f"model.seq_length={NPOS}", f"model.max_position_embeddings={NPOS}",
             f"model.vocab_size={V}", f"model.make_vocab_size_divisible_by={DIV}",
-            "model.activation=gelu_tanh", f"model.layernorm_epsilon={EPS}"]
+            "model.activation=gelu_tanh", f"model.layernorm_epsilon={EPS}",
+            "model.position_embedding_type=learned_absolute"]
     r = run_train(*arch, "train.max_steps=1", "train.eval_interval=0",
                   "train.micro_batch_size=2", "train.global_batch_size=2",
                   "train.progress_bar=false", "train.device=cpu", "checkpoint.save=false",

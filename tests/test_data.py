@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -91,7 +94,9 @@ def _read_all(prefix: str) -> List[List[int]]:
 
 
 def _expected(tokenizer: Tokenizer, texts: List[str], append_eod: bool) -> List[List[int]]:
-    return [tokenizer.encode(t) + ([tokenizer.eod] if append_eod else []) for t in texts]
+    """One sequence per document with tokens; a document without any has none (Megatron-LM)."""
+    return [ids + ([tokenizer.eod] if append_eod else [])
+            for ids in map(tokenizer.encode, texts) if ids]
 
 
 def _write_jsonl(path: Path, records: List[dict]) -> Path:
@@ -448,7 +453,9 @@ def test_build_datasets_embedded(embedded, gpt2, corpus_dir):
 
 
 def test_build_datasets_reset_and_mask(embedded, corpus_dir):
-    cfg = DataConfig(type="embedded", num_documents=400, split="1,0,0", reset_position_ids=True,
+    # unpacked documents (data=embedded packs one per sample), read as indexed data
+    prefix = prepare_embedded(corpus_dir, 400)
+    cfg = DataConfig(type="indexed", path=[prefix], split="1,0,0", reset_position_ids=True,
                      eod_mask_loss=True)
     train, _, _ = build_datasets(cfg, embedded, seq_length=64, seed=3,
                                  num_samples=(50, 0, 0), cache_dir=corpus_dir)
@@ -584,3 +591,28 @@ def test_micro_batches_resume(embedded, corpus_dir):
             for want, have in zip(want_gb, got_gb):
                 assert want.keys() == have.keys()
                 assert all(torch.equal(want[k], have[k]) for k in want)
+
+
+def test_embedded_gpt_samples_start_with_a_problem_and_train_on_answers(embedded, corpus_dir):
+    """data=embedded packs whole lines into documents of seq_length tokens, so each sample
+    starts with a problem at position 0 (as a generation prompt does), and its loss mask keeps
+    the answers (digits after `=` and the newline) only."""
+    from framework.data.embedded import packed_documents
+
+    docs = list(packed_documents(50, 64))
+    assert all(len(d) == 63 and d.endswith("\n") for d in docs)
+    cfg = DataConfig(type="embedded", num_documents=400, split="90,10,0")
+    train, valid, _ = build_datasets(cfg, embedded, seq_length=64, seed=3,
+                                     num_samples=(40, 8, 0), cache_dir=corpus_dir)
+    for ds in (train, valid):
+        for i in range(8):
+            s = ds[i]
+            _check_sample(s, 64)
+            chars = ["\n" if t == embedded.eod else embedded.decode([t])
+                     for t in s["tokens"].tolist()]
+            text = "".join(chars)
+            assert re.match(r"\d+[-+*]\d+=\d+\n", text), text
+            # the label of position j is an answer token when the line up to j has its "="
+            want = [float("=" in text[:j + 1].rsplit("\n", 1)[-1]) for j in range(64)]
+            assert s["loss_mask"].tolist() == want, text
+            assert s["loss_mask"].sum() > 10

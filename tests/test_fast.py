@@ -154,3 +154,35 @@ for dt in (torch.float32, torch.bfloat16):
 print("ok")
 ''')
     assert "ok" in out
+
+
+def test_gpu_config_of_every_rope_preset_builds_without_te():
+    """On a GPU, `transformer_config` asks mcore for RoPE fusion, which mcore validates against
+    Transformer Engine's kernel when the config is built. Without TE ours must already be
+    installed by then: the preflight check builds a config before any model does, and once
+    refused every RoPE model on a GPU (the default gpt_tiny included). A fresh interpreter, so
+    that no earlier test has installed the kernel."""
+    code = """
+import glob, os
+from framework.config import register_configs
+from framework.cli import register_resolvers
+from framework.models.transformer import transformer_config
+from tests.helpers import load_config
+register_configs(); register_resolvers()
+names = [os.path.basename(p)[:-5] for p in glob.glob("conf/model/*.yaml")]
+built = 0
+for name in sorted(names):
+    cfg = load_config(f"model={name}")
+    if cfg.model.type != "gpt" or cfg.model.position_embedding_type != "rope":
+        continue
+    tc = transformer_config(cfg.model, cfg.parallel, bf16=True, fp16=False, on_gpu=True)
+    assert tc.apply_rope_fusion, name
+    built += 1
+print("built", built)
+"""
+    import subprocess, sys, os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) >= 1, r.stdout

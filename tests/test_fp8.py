@@ -12,6 +12,7 @@ the linear layers run on CPU tensors. Checked here:
   checkpoint are the same with the switch on or off and load across it; recompute unchanged;
 * the config field and its errors.
 """
+import dataclasses
 import os
 import socket
 
@@ -313,7 +314,8 @@ def test_state_dict_and_checkpoint_unchanged_by_the_switch(mp1, tmp_path):
     for src, dst, name in ((on, off, "on_to_off"), (off, on, "off_to_on")):
         opt, sched = with_opt(src)
         d = str(tmp_path / name)
-        ckpt.save_checkpoint(d, 1, src, opt, sched, consumed_samples=4, config={})
+        ckpt.save_checkpoint(d, 1, src, opt, sched, consumed_samples=4,
+                             config={"model": dataclasses.asdict(_tiny())})
         dopt, dsched = with_opt(dst)
         ckpt.load_checkpoint(d, dst, dopt, dsched, model_cfg=_tiny())
         for (n, a), b in zip(src[0].state_dict().items(), dst[0].state_dict().values()):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from framework.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
 from perturb import perturb_
-from helpers import GENERATE, ROOT, free_port, run, spawn
+from helpers import GENERATE, ROOT, free_port, free_ports, run, spawn
 
 CPU = torch.device("cpu")
 
@@ -378,7 +378,7 @@ def _load(ckpt, parallel):
     return model
 
 
-def _parallel_worker(rank, port, ckpt, out):
+def _parallel_worker(rank, ports, ckpt, out):
     """TP2 (with sequence parallelism on, as in training), PP2, PP2 x VPP2, then DP2."""
     from framework.generation import gather_across_data_parallel_groups, generate
     from framework.models.wrappers import unwrap
@@ -388,7 +388,7 @@ def _parallel_worker(rank, port, ckpt, out):
                          return_logprobs=True, **kw) for kw in GEN_CASES]
 
     results = {}
-    with megatron(rank, 2, tp=2, port=port):
+    with megatron(rank, 2, tp=2, port=ports[0]):
         model = _load(ckpt, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
         model[0].train()
         results["tp2"] = run(model)
@@ -403,19 +403,19 @@ def _parallel_worker(rank, port, ckpt, out):
                                and unwrap(model[0]).output_layer.sequence_parallel
                                and model[0].training)
     for vpp in (None, 2):
-        with megatron(rank, 2, pp=2, vpp=vpp, port=port + (vpp or 1)):
+        with megatron(rank, 2, pp=2, vpp=vpp, port=ports[vpp or 1]):
             model = _load(ckpt + "_pp", ParallelConfig(pipeline_model_parallel_size=2,
                                                        virtual_pipeline_model_parallel_size=vpp))
             assert len(model) == (vpp or 1)
             results[f"pp2_vpp{vpp}"] = run(model)
-    with megatron(rank, 2, tp=1, port=port + 3):  # DP2
+    with megatron(rank, 2, tp=1, port=ports[3]):  # DP2
         part = torch.arange(2 + rank * 3, dtype=torch.float)[:, None].expand(-1, 3) + 10 * rank
         results["gathered"] = gather_across_data_parallel_groups(part)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_tp_pp_vpp_match_single(checkpoint, tmp_path):
-    spawn(_parallel_worker, (free_port(), str(checkpoint), str(tmp_path)))
+    spawn(_parallel_worker, (free_ports(4), str(checkpoint), str(tmp_path)))
     refs = torch.load(checkpoint.parent / "tp1.pt")
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
@@ -464,16 +464,18 @@ def test_generate_py_end_to_end(checkpoint, tmp_path):
     load_checkpoint(str(checkpoint), model, None, None, model_cfg=ModelConfig(**TINY),
                     with_optimizer=False)
     ids = [tok.encode(p) for p, _ in problems]
-    tokens, logprobs = generate(model, ids, eos_id=tok.eod, vocab_size=19, return_logprobs=True,
+    eos = tok.encode("\n")[0]  # a data=embedded checkpoint's completions end with their line
+    tokens, logprobs = generate(model, ids, eos_id=eos, vocab_size=19, return_logprobs=True,
                                 **opts)
     s = max(map(len, ids))
     for i, x in enumerate(recs):
         assert set(x) == {"prompt", "completion", "tokens", "logprobs", "answer"}
         ref = tokens[i, s:].tolist()
-        ref = ref[:ref.index(tok.eod) + 1] if tok.eod in ref else ref
+        ref = ref[:ref.index(eos) + 1] if eos in ref else ref
         assert x["tokens"] == ref and x["logprobs"] == pytest.approx(
             logprobs[i, :len(ref)].tolist(), abs=1e-5)
-        assert x["completion"] == tok.decode(x["tokens"], skip_special_tokens=True)
+        assert x["completion"] == tok.decode([t for t in x["tokens"] if t != eos],
+                                             skip_special_tokens=True)
     # bad input: one line on stderr, exit code 2, before any model work
     r = _generate_py(tmp_path, "num_beams=2", "top_k=3")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: "), r.stderr[-3000:]

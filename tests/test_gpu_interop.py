@@ -117,7 +117,8 @@ def test_tiny_hf_to_tp2_train_then_export_cpu(tmp_path):
 
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=101,
                      bos_token_id=0, eos_token_id=0)
-    arch = ["model=gpt_tiny", "model.num_layers=2", "model.hidden_size=64",
+    arch = ["model=gpt_tiny", "model.position_embedding_type=learned_absolute",
+            "model.num_layers=2", "model.hidden_size=64",
             "model.num_attention_heads=4", "model.ffn_hidden_size=null",
             "model.max_position_embeddings=128", "model.vocab_size=101",
             "model.activation=gelu_tanh", "model.layernorm_epsilon=1e-5"]

@@ -13,33 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from framework.cli import register_resolvers
-from framework.config import Config, ConfigError, register_configs
+from framework.config import ConfigError, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+from helpers import config_error, load_config  # noqa: E402
+
 register_configs()
 register_resolvers()
 
 
-def load(*overrides) -> Config:
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        d = compose(config_name="train", overrides=list(overrides))
-    return OmegaConf.to_object(d)
-
-
-def config_error(*overrides) -> str:
-    with pytest.raises(Exception) as e:
-        load(*overrides)
-    err = e.value
-    while not isinstance(err, ConfigError) and (err.__cause__ or err.__context__):
-        err = err.__cause__ or err.__context__
-    assert isinstance(err, ConfigError), repr(e.value)
-    assert "\n" not in str(err)
-    return str(err)
+load = load_config
 
 
 def _script(name, *args, cwd, env=None, timeout=300):

@@ -66,7 +66,8 @@ def _records(path):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sweep")
-    r = _run(cwd, ["-m", "optimizer.lr=1e-3,3e-4", "parallel=single,pp2", "model=gpt_tiny",
+    # the tp2 jobs are model-parallel (each starts 2 workers over gloo); pp2 fails on a CPU
+    r = _run(cwd, ["-m", "optimizer.lr=1e-3,3e-4", "parallel=tp2,pp2", "model=gpt_tiny",
                    *FAST, "checkpoint.save=false", f"hydra.sweep.dir={cwd}/sw"])
     return cwd, r
 
@@ -77,7 +78,7 @@ def test_sweep_runs_every_job_and_summarizes(sweep):
     assert [x["job"] for x in rows] == ["0", "1", "2", "3"]
     by = {(x["overrides"].split()[0], x["overrides"].split()[1]): x for x in rows}
     for lr in ("optimizer.lr=0.001", "optimizer.lr=0.0003"):  # as Hydra spells them
-        ok, bad = by[(lr, "parallel=single")], by[(lr, "parallel=pp2")]
+        ok, bad = by[(lr, "parallel=tp2")], by[(lr, "parallel=pp2")]
         assert ok["status"] == "completed" and float(ok["train_loss"]) > 0
         assert float(ok["eval_loss"]) > 0 and float(ok["tokens_per_sec_per_gpu"]) > 0
         assert ok["steps"] == "2"
@@ -90,6 +91,11 @@ def test_sweep_runs_every_job_and_summarizes(sweep):
     lr0 = [x["lr"] for x in _records(cwd / "sw" / "0" / "metrics.jsonl") if "lr" in x]
     lr2 = [x["lr"] for x in _records(cwd / "sw" / "2" / "metrics.jsonl") if "lr" in x]
     assert lr0[0] == pytest.approx(1e-3) and lr2[0] == pytest.approx(3e-4)
+    # both tp2 jobs ran at TP=2 and trained: their lr took effect (different eval losses)
+    assert r.stdout.count("lcm(make_vocab_size_divisible_by=8, TP=2)") == 2
+    evals = [by[(lr, "parallel=tp2")]["eval_loss"] for lr in ("optimizer.lr=0.001",
+                                                               "optimizer.lr=0.0003")]
+    assert evals[0] != evals[1], evals
     # the table on stdout shows what differs between jobs
     assert "train loss" in r.stdout and "parallel=pp2" in r.stdout and "failed" in r.stdout
     assert "2 of 4 jobs did not complete" in r.stderr
@@ -97,7 +103,8 @@ def test_sweep_runs_every_job_and_summarizes(sweep):
 
 def test_single_run_config_error_still_exits_2(tmp_path):
     r = _run(tmp_path, [*FAST, "parallel=pp2", f"hydra.run.dir={tmp_path}/r"], expect=2)
-    assert r.stderr.strip().splitlines()[-1].startswith("error: parallel.pipeline_model")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: parallel=pp2 needs GPUs for "
+                                                        "pipeline parallelism")
 
 
 def test_trackers_custom_step_profile_secrets_and_resume(sweep, tmp_path):
@@ -115,7 +122,8 @@ def test_trackers_custom_step_profile_secrets_and_resume(sweep, tmp_path):
     train = [x for x in recs if "loss" in x]
 
     # custom step: the loss weighs samples by their "=" count, so it is visibly larger than the
-    # plain loss of the same initial model on the same batch (sweep job 0, same seed and lr)
+    # plain loss of the same initial model on the same batch (sweep job 0, same seed and lr;
+    # job 0 ran at TP2, whose loss equals TP1's)
     base = [x for x in _records(sweep[0] / "sw" / "0" / "metrics.jsonl") if "loss" in x]
     assert train[0]["loss"] > 1.3 * base[0]["loss"], (train[0], base[0])
 

@@ -18,7 +18,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 
 from framework.data.builder import (build, check_index_memory, check_split_coverage,
                                     default_cache_root, indexed_blend)
-from framework.data.embedded import prepare_embedded
+from framework.data.embedded import AnswerLoss, prepare_embedded
 from framework.errors import ConfigError
 from framework.tokenizer import MegatronTokenizerAdapter, Tokenizer, embedded_tokenizer
 
@@ -65,7 +65,9 @@ def build_datasets(
                 raise ConfigError("data=embedded needs the embedded tokenizer "
                                   "(framework.tokenizer.embedded_tokenizer()), got "
                                   f"{tokenizer!r}")
-            prefix = prepare_embedded(cache_dir or default_cache_root(), cfg.num_documents)
+            # packed to the sequence length: every sample starts with a whole problem
+            prefix = prepare_embedded(cache_dir or default_cache_root(), cfg.num_documents,
+                                      seq_length=seq_length)
         else:
             prefix = None
         blend, path_to_cache = indexed_blend(cfg, prefix, tokenizer.vocab_size)
@@ -74,7 +76,11 @@ def build_datasets(
                                   path_to_cache=path_to_cache)
         check_split_coverage(config, cfg.split, blend[0], num_samples)
         check_index_memory(config, blend[0], blend[1], num_samples, seq_length)
-    return build(cls, config, num_samples)
+    train, valid, test = build(cls, config, num_samples)
+    if cfg.type == "embedded":  # the loss is on the answers (framework.data.embedded)
+        train, valid, test = (None if ds is None else AnswerLoss(ds, tokenizer)
+                              for ds in (train, valid, test))
+    return train, valid, test
 
 
 

@@ -59,12 +59,15 @@ class _Encoder:
         self.split_sentences = split_sentences
 
     def __call__(self, text: str) -> Tuple[numpy.ndarray, List[int], int]:
+        """(token ids, sequence lengths, UTF-8 bytes read). A document without any tokens (empty,
+        or whitespace the tokenizer drops) has no sequence and no EOD: as in Megatron-LM's
+        tools/preprocess_data.py, it stays a document boundary only."""
         nbytes = len(text.encode("utf-8"))
         if not self.split_sentences:
             ids = self.tokenizer.encode(text)
-            if self.append_eod:
+            if ids and self.append_eod:
                 ids.append(self.tokenizer.eod)
-            return numpy.asarray(ids, dtype=self.dtype), [len(ids)], nbytes
+            return numpy.asarray(ids, dtype=self.dtype), [len(ids)] if ids else [], nbytes
         from framework.data.sentences import split_sentences
 
         pieces = [ids for ids in (self.tokenizer.encode(s) for s in split_sentences(text)) if ids]
@@ -102,10 +105,22 @@ def _encoded(documents: Iterable[str], encoder: _Encoder, workers: int
         yield pool.imap(_encode_in_worker, documents, chunksize=64)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _temp_path(final: str) -> str:
+    """A new empty file beside `final`, with the mode open() would give it (mkstemp makes 0600,
+    which os.replace would carry over to the final name)."""
     directory, name = os.path.split(os.path.abspath(final))
     fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return path
 
 
@@ -123,12 +138,14 @@ def preprocess(
 
     With `split_sentences` (BERT/T5 data) each sentence of a document is one sequence of the
     indexed dataset (`framework.data.sentences.split_sentences`) and the document index records
-    where documents end; documents without any tokens are dropped.
+    where documents end. A document without any tokens is a document with no sequence (and no
+    EOD), byte for byte what Megatron-LM's tools/preprocess_data.py writes.
 
     Tokens are stored in the smallest dtype that holds the vocabulary
     (`DType.optimal_dtype`: uint16 below 65500 ids, else int32). With `workers > 1` documents
     are tokenized in a process pool, in order. Both files are built under temporary names and
-    moved into place (`.bin` first, `.idx` last) only once complete.
+    moved into place (`.bin` first, `.idx` last) only once complete; their mode follows the
+    umask (0644 under umask 022), as files opened with open() get.
     """
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
@@ -143,9 +160,7 @@ def preprocess(
         start, nbytes = time.perf_counter(), 0
         with bar, _encoded(documents, encoder, workers) as encoded:
             for ids, lengths, size in encoded:
-                if split_sentences and not lengths:
-                    continue
-                builder.add_document(ids, lengths)
+                builder.add_document(ids, lengths)  # no lengths: an empty document
                 nbytes += size
                 bar.update(1)
                 if progress and bar.n % 1000 == 0:
@@ -206,6 +221,9 @@ def read_index(prefix: str) -> IndexInfo:
     need = _HEADER.size + num_seq * (4 + 8) + num_doc * 8
     if size < need:
         raise ConfigError(f"{idx_path} is truncated: {size} bytes, its header needs {need}")
+    if size not in (need, need + num_seq):  # + one mode byte per sequence: multimodal data
+        raise ConfigError(f"{idx_path} has {size} bytes but its header describes {need} "
+                          f"(a damaged header or trailing data)")
     mm = numpy.memmap(idx_path, dtype=numpy.uint8, mode="r")
     offset = _HEADER.size
     lengths = numpy.frombuffer(mm, dtype=numpy.int32, count=num_seq, offset=offset)
@@ -213,8 +231,9 @@ def read_index(prefix: str) -> IndexInfo:
     pointers = numpy.frombuffer(mm, dtype=numpy.int64, count=num_seq, offset=offset)
     offset += pointers.nbytes
     doc_idx = numpy.frombuffer(mm, dtype=numpy.int64, count=num_doc, offset=offset)
-    if num_doc == 0 or doc_idx[0] != 0 or doc_idx[-1] != num_seq:
-        raise ConfigError(f"{idx_path}: corrupt document index (must run from 0 to the "
+    if num_doc == 0 or doc_idx[0] != 0 or doc_idx[-1] != num_seq \
+            or (num_doc > 1 and bool((numpy.diff(doc_idx) < 0).any())):
+        raise ConfigError(f"{idx_path}: corrupt document index (must rise from 0 to the "
                           f"sequence count {num_seq})")
     return IndexInfo(prefix, DType.dtype_from_code(code), lengths, pointers, doc_idx)
 

@@ -3,7 +3,7 @@
 megatron-core's linear layers add a bias that is not deferred to a later fusion (the QKV
 projection's) as `output + bias` after the GEMM. torch runs that broadcast add through its
 generic strided elementwise kernel, a visible part of the training step in profiles
-(benchmarks/kernels.py and the profile in benchmarks/RESULTS.md). This kernel reads the output
+(benchmarks/norm_kernels.py and the profile in benchmarks/RESULTS.md). This kernel reads the output
 once and writes it once with vectorised loads. Backward is torch's: the gradient passes through and the bias gradient is a
 row sum, as in mcore.
 """

@@ -1,7 +1,7 @@
 """Triton LayerNorm / RMSNorm, forward and backward, for GPUs without apex or TE.
 
 torch's native LayerNorm runs three kernels (forward, input gradient, and a separate gamma/beta
-reduction that alone costs more than the forward; benchmarks/kernels.py compares them, the
+reduction that alone costs more than the forward; benchmarks/norm_kernels.py compares them, the
 results are in benchmarks/RESULTS.md).
 Here the forward is one kernel (fp32 statistics in registers, the mean and 1/std kept for
 backward), and the backward is one kernel that writes the input gradient and accumulates the

@@ -86,6 +86,9 @@ class ModelSpec:
     fp8: bool = False  # train.fp8 supported
     generation: bool = False  # generate.py / framework.generation supported (causal LM)
     hf_types: Tuple[str, ...] = ()  # the Hugging Face model_types of `parts().hf`
+    # a conf/model/ config of this family that trains in minutes on a CPU (named in CPU
+    # remedies), or "" if none
+    cpu_model: str = ""
 
     @property
     def label(self) -> str:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from framework import mcore_patches
 from framework.models.layers import (ActRecomputeMLP, BiasAddLinear, Fp8BiasAddLinear,
                                      Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPAttention,
                                      SelfAttention, norm_class)
@@ -72,6 +73,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     modules = [m for m in modules if m != "mlp_act"]
     if recompute == "selective" and not modules:
         recompute = None
+    rope_fusion = on_gpu and model.rope_fusion and model.position_embedding_type == "rope"
+    if rope_fusion:
+        # mcore validates apply_rope_fusion against TE's kernel at construction; without TE ours
+        # must be in place first, for every caller (the preflight check builds a config too)
+        mcore_patches.install_fused_rope()
     return ExtendedTransformerConfig(
         recompute_mlp_act=mlp_act,
         fp8_gemm=fp8,
@@ -111,13 +117,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=on_gpu and (model.fused_wgrad or _has_fused_wgrad()),
-        apply_rope_fusion=(on_gpu and model.rope_fusion
-                           and model.position_embedding_type == "rope"),
+        apply_rope_fusion=rope_fusion,
         deallocate_pipeline_outputs=True,
         overlap_p2p_comm=parallel.p2p_overlap,
         batch_p2p_comm=not parallel.p2p_overlap,
         persist_layer_norm=False,
         cuda_graph_impl="local" if on_gpu and model.cuda_graph else "none",
+        # the whole layer; mcore's default spelling ("full") warns that it is deprecated
+        cuda_graph_scope=[],
     )
 
 

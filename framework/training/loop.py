@@ -17,11 +17,12 @@ from torch.profiler import record_function
 from framework.optimizer import allreduce_grads_cpu
 from framework.optimizer_step import (deferred_optimizer_step, deferred_step_supported,
                                       guarded_optimizer_step)
+from framework.training.console import echo
 from framework.training.host_copy import HostCopy
 from framework.training.metrics import MetricsLogger, Timer, format_line, memory_gb, peak_tflops
 from framework.training.nan_guard import NanGuard, SpikeDetector
 from framework.training.stop import StopRequest, describe_stop, report_clean_stop
-from framework.training.watchdog import Watchdog
+from framework.training.watchdog import SAVE_PATIENCE, Watchdog
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import CheckpointConfig, TrainConfig
@@ -133,10 +134,13 @@ class Trainer:
                 if hasattr(m, "zero_grad_buffer"):
                     m.zero_grad_buffer()
             self.optimizer.zero_grad()
+        self._mark(step, "forward/backward")
         with record_function("phase/forward_backward"):
             losses = self._run(iterators, forward_only=False)
+        self._mark(step, "loss all-reduce")
         with record_function("phase/reduce_loss"):
             vals, keys = self._reduce_losses_tensor(losses)
+        self._mark(step, "optimizer step (grad norm all-reduce, update)")
         if self.defer:
             # the previous step's stats were copied while this step ran: reading them waits for
             # nothing, and a skipped previous step is known before this step's update
@@ -230,7 +234,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         stop, last = None, None  # last: the newest finished step's stats
         while state.step < cfg.max_steps:
-            self._mark(state.step + 1, "train step (forward/backward, optimizer)")
+            self._mark(state.step + 1, "train step (zero grad)")
             if self.profiler is not None:
                 self.profiler.step_begin(state.step + 1)
             done = self.train_step(iterators, state.step + 1)
@@ -261,7 +265,7 @@ class Trainer:
                 self._log_eval(state, bar)
                 timer.lap()
             if save_now:
-                self._mark(state.step, "checkpoint save", patience=6.0)
+                self._mark(state.step, "checkpoint save", patience=SAVE_PATIENCE)
                 self.save_fn(state)
                 last_saved = state.step
                 timer.lap()
@@ -277,7 +281,7 @@ class Trainer:
                 _write(bar, f"stopping at iteration {state.step}: "
                             f"{describe_stop(stop, cfg.max_minutes)}; saving a checkpoint")
             if self.ckpt_cfg.save and last_saved != state.step:
-                self._mark(state.step, "checkpoint save", patience=6.0)
+                self._mark(state.step, "checkpoint save", patience=SAVE_PATIENCE)
                 self.save_fn(state)
             if bar is not None:
                 bar.close()
@@ -287,7 +291,7 @@ class Trainer:
         if cfg.eval_interval and state.step % cfg.eval_interval != 0:
             self._log_eval(state, bar)
         if self.ckpt_cfg.save and (last_saved != state.step or cfg.max_steps == 0):
-            self._mark(state.step, "checkpoint save", patience=6.0)
+            self._mark(state.step, "checkpoint save", patience=SAVE_PATIENCE)
             self.save_fn(state)
         if bar is not None:
             bar.close()
@@ -320,6 +324,8 @@ class Trainer:
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
             "ms_per_iter": 1000 * dt, "tokens_per_sec_per_gpu": tps, "tflops_per_gpu": tflops,
+            # the whole job's rates (what a CPU run reports: its processes share the cores)
+            "tokens_per_sec": tps * self.rt.world_size, "tflops": tflops * self.rt.world_size,
             "mfu": None if self.peak is None else tflops / self.peak,
             "skipped_iters": state.skipped_iters, "nan_iters": state.nan_iters,
             "mem_gb": memory_gb(self.rt.device),
@@ -330,7 +336,7 @@ class Trainer:
             if self.optimizer.config.fp16 else None,
         }
         rec.update(out["extra"])
-        line = format_line(rec, self.cfg.max_steps)
+        line = format_line(rec, self.cfg.max_steps, on_gpu=self.on_gpu)
         for k, v in out["extra"].items():
             line += f" | {k.replace('_', ' ')} {v:.4f}"
         _write(bar, line)
@@ -375,7 +381,5 @@ def _progress(enabled: bool, start: int, total: int):
 
 
 def _write(bar, line: str) -> None:
-    if bar is not None:
-        bar.write(line)
-    else:
-        print(line, flush=True)
+    """A console line (above the progress bar, if any), also appended to the run's train.log."""
+    echo(line)

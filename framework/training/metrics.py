@@ -17,6 +17,7 @@ import torch
 from framework.models.registry import family
 from framework.models.spec import flops_per_token  # noqa: F401  (the dense formula, re-exported)
 from framework.security.masking import mask_secrets, mask_text
+from framework.training.console import echo
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -101,8 +102,8 @@ def _start_wandb(cfg, config_dict, run_dir, id_dir):
     if id_file and os.path.isfile(id_file):
         run_id = open(id_file).read().strip()
         if not valid_wandb_id(run_id):  # it names a directory W&B creates: no paths
-            print(f"warning: ignoring {id_file}: {run_id[:40]!r} is not a W&B run id; "
-                  f"starting a new W&B run", flush=True)
+            echo(f"warning: ignoring {id_file}: {run_id[:40]!r} is not a W&B run id; "
+                 f"starting a new W&B run")
             run_id = None
     mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     import sys
@@ -133,14 +134,20 @@ def _start_wandb(cfg, config_dict, run_dir, id_dir):
     return run
 
 
-def format_line(r: Dict[str, Any], max_steps: int) -> str:
+def format_line(r: Dict[str, Any], max_steps: int, on_gpu: bool = True) -> str:
+    """The log line. Rates are per GPU on GPUs (tok/s/gpu, TFLOP/s/gpu, MFU); on a CPU they are
+    the whole job's (tok/s, GFLOP/s: the processes share the cores) and there is no MFU."""
+    if on_gpu:
+        rates = [f"{r['tokens_per_sec_per_gpu']:.0f} tok/s/gpu",
+                 f"{r['tflops_per_gpu']:.1f} TFLOP/s/gpu",
+                 f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU n/a"]
+    else:
+        rates = [f"{r['tokens_per_sec']:.0f} tok/s", f"{1000 * r['tflops']:.2f} GFLOP/s"]
     parts = [
         f"iter {r['step']:>6d}/{max_steps}",
         f"samples {r['consumed_samples']}",
         f"{r['ms_per_iter']:.1f} ms/it",
-        f"{r['tokens_per_sec_per_gpu']:.0f} tok/s/gpu",
-        f"{r['tflops_per_gpu']:.1f} TFLOP/s/gpu",
-        f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU n/a",
+        *rates,
         f"lr {r['lr']:.3e}",
         f"loss {r['loss']:.4f}",
         f"grad_norm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "grad_norm n/a",

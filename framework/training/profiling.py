@@ -56,7 +56,9 @@ class StepProfiler:
                                  f"rank{self.rank}_steps{self.first}-{self.last}.json")
         self.prof.export_chrome_trace(self.path)
         self.prof = None
-        print(f"rank {self.rank}: wrote profiler trace {self.path}", flush=True)
+        from framework.training.console import echo
+
+        echo(f"rank {self.rank}: wrote profiler trace {self.path}")
         return self.path
 
 

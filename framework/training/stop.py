@@ -67,7 +67,8 @@ class StopRequest:
         reason = self.local_reason()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return reason
-        code = {None: 0, "time": 1}.get(reason, 2)
+        # 0: go on, 1: time, 2 + n: signal n (the other ranks can name it)
+        code = {None: 0, "time": 1}.get(reason, 2 + (self.signum or 0))
         flag = torch.full((1,), code, dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if deferred and self.device.type == "cuda":
@@ -79,7 +80,12 @@ class StopRequest:
             return None
         if reason is not None:
             return reason
-        return "signal on another rank" if got == 2 else "time"
+        if got == 1:
+            return "time"
+        try:
+            return f"{signal.Signals(got - 2).name} on another rank"
+        except ValueError:
+            return "signal on another rank"
 
 
 def describe_stop(reason: str, max_minutes: Optional[float]) -> str:

@@ -1,5 +1,6 @@
 """`Watchdog`: a thread that reports which rank is stuck in which phase of which step when nothing
-moves for longer than the collective timeout, then ends the process."""
+moves for longer than `train.watchdog_seconds` (by default the collective timeout plus a grace
+minute), then ends the process (exit 3)."""
 from __future__ import annotations
 
 import faulthandler
@@ -7,7 +8,19 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import Config
+
+SAVE_PATIENCE = 6.0  # a checkpoint save may take this many watchdog timeouts
+
+
+def watchdog_seconds(cfg: "Config") -> float:
+    """train.watchdog_seconds, or the collective timeout plus a grace minute."""
+    if cfg.train.watchdog_seconds is not None:
+        return float(cfg.train.watchdog_seconds)
+    return 60.0 * (cfg.parallel.distributed_timeout_minutes + 1)
 
 
 class Watchdog:
@@ -39,7 +52,8 @@ class Watchdog:
                 self.on_timeout(
                     f"rank {self.rank}: no progress for {stuck:.0f} s in {self.phase} at "
                     f"iteration {self.step} (a collective is probably waiting for a rank that "
-                    f"died or hangs; parallel.distributed_timeout_minutes sets this limit)")
+                    f"died or hangs; train.watchdog_seconds sets this limit, by default "
+                    f"parallel.distributed_timeout_minutes + 1 minute)")
                 return
 
 

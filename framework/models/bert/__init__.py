@@ -25,6 +25,7 @@ def _load() -> ModelParts:
 
 SPEC = ModelSpec(
     name="bert",
+    cpu_model="bert_tiny",
     title="BERT",
     load=_load,
     position_embeddings=("learned_absolute", "rope"),

@@ -23,6 +23,7 @@ def _load() -> ModelParts:
 
 SPEC = ModelSpec(
     name="gpt",
+    cpu_model="gpt_tiny",
     title="GPT",
     load=_load,
     position_embeddings=("learned_absolute", "rope", "alibi", "none"),

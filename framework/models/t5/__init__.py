@@ -24,6 +24,7 @@ def _load() -> ModelParts:
 
 SPEC = ModelSpec(
     name="t5",
+    cpu_model="t5_tiny",
     title="T5",
     load=_load,
     position_embeddings=("relative", "learned_absolute", "rope"),

@@ -1,6 +1,6 @@
 """Norm and weight-gradient kernels, side by side on one GPU in one run.
 
-    python benchmarks/kernels.py [--tokens 24576 --hidden 1280 --ffn 5120]
+    python benchmarks/norm_kernels.py [--tokens 24576 --hidden 1280 --ffn 5120]
 
 1. LayerNorm and RMSNorm, forward + backward, bf16 input and weights (what `Norm` runs for every
    transformer layer): torch's native kernels against our Triton kernels (framework/fast/norm.py,
