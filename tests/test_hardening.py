@@ -339,16 +339,3 @@ def test_sweep_records_failed_jobs_and_goes_on(tmp_path):
     assert "optimizer.lr=abc" in _one_error_line(r)
     assert not (tmp_path / "sw2" / "0").exists()
 
-
-@pytest.mark.gpu
-def test_preflight_memory_check_on_gpu():
-    """The memory lower bound reads the GPU's size: a model that cannot fit is refused, the
-    default one passes."""
-    from framework.preflight import check_model, device_memory_bytes
-
-    have, where = device_memory_bytes("cuda", 1)
-    assert have > 2**30 and where.startswith("of ")
-    check_model(load("train.device=cuda"), 1000, "cuda")
-    with pytest.raises(ConfigError, match="GiB"):
-        check_model(load("train.device=cuda", "model.hidden_size=262144",
-                         "model.num_attention_heads=16", "model.num_layers=8"), 1000, "cuda")
