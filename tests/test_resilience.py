@@ -230,7 +230,9 @@ def test_failed_or_killed_saves_leave_the_previous_checkpoint(mp1, tmp_path, mon
 
     # 3. killed after the rename, before the tracker: iteration 2 is still the latest
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
-    monkeypatch.setattr(ckpt, "_write_tracker", lambda *a: (_ for _ in ()).throw(Killed()))
+    from framework.checkpoint import commit
+
+    monkeypatch.setattr(commit, "write_tracker", lambda *a: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         _save(tmp_path, 6, model, opt, sched)
     assert (tmp_path / "iter_0000006").is_dir() and ckpt.latest_iteration(str(tmp_path)) == 2
