@@ -5,6 +5,8 @@
   six stops gives the uninterrupted run's losses bit for bit.
 * A worker stalled inside a collective: the watchdog names rank, iteration and phase within
   `train.watchdog_seconds` and the whole run exits non-zero, leaving no process behind.
+* A worker killed by a signal it cannot handle (SIGKILL): the run exits non-zero within seconds,
+  naming the rank, leaving no process behind.
 
 Pipeline parallelism is refused on CPU (megatron-core's schedules need CUDA), so these run at TP2.
 """
