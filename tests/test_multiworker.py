@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
