@@ -428,17 +428,17 @@ def preflight(cfg, device: str = "cpu") -> None:
     c = cfg.checkpoint
     links = c.allow_symlinks
     # a bad tracker, a damaged framework.json or a symlink in the checkpoint is an error here
-    resume_it = ckpt.latest_iteration(c.dir, allow_symlinks=links)
-    load_dir = c.dir if resume_it is not None else c.load
+    load_dir, it, resuming = ckpt.load_target(c)
+    resume_it = it if resuming else None
     if load_dir:
-        it = ckpt.latest_iteration(load_dir, allow_symlinks=links)
-        if it is None:
-            raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
-                              f"(no {load_dir}/{ckpt.TRACKER})")
-        ckpt.check_compatible(ckpt.read_meta(load_dir, it, allow_symlinks=links), cfg.model,
-                              ckpt.iter_dir(load_dir, it))
+        meta = ckpt.read_meta(load_dir, it, allow_symlinks=links)
+        ckpt.check_compatible(meta, cfg.model, ckpt.iter_dir(load_dir, it))
+        # present, sizes match the manifest: a missing or truncated file is one line here; the
+        # workers check the checksums too (checkpoint.verify), sharing the reading
+        ckpt.verify_checkpoint(ckpt.iter_dir(load_dir, it), it, meta, checksums=False,
+                               allow_symlinks=links, search_checksums=c.verify, collective=False)
     tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
-                                   c.load_hf if resume_it is None else None,
+                                   c.load_hf if resume_it is None else None, iteration=it,
                                    model_type=cfg.model.type, allow_symlinks=links)
     if cfg.model.type in ("bert", "t5"):  # a missing [MASK]/[CLS]/sentinel: one line, here
         from framework.data import masked_lm_tokenizer
