@@ -59,7 +59,16 @@ def _free_port() -> int:
 def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
     """Validate against the world, then launch (or join) the workers. `overrides` (the command
     line's, from train.py) make the printed resume / train-longer commands exact."""
-    world = prepare(cfg)
+    from framework.training.resilience import VERIFIED_ENV
+
+    try:
+        world = prepare(cfg)
+        _run_prepared(cfg, overrides, world)
+    finally:
+        os.environ.pop(VERIFIED_ENV, None)
+
+
+def _run_prepared(cfg: Config, overrides: Optional[List[str]], world: int) -> None:
     # after a stop signal the workers save before they exit: give them the time the watchdog
     # gives a save, not torch elastic's 30 s before it kills them
     from framework.cli import _rank
@@ -346,10 +355,14 @@ def _train_rank(cfg: Config) -> None:
             overlap_param_gather=cfg.parallel.overlap_param_gather, on_gpu=on_gpu)
         state = TrainState()
         if load_dir:
+            from framework.training.resilience import VERIFIED_ENV
+
+            # the launching process has checked the checksums already (preflight): sizes here
+            verified = os.environ.get(VERIFIED_ENV) == ckpt.iter_dir(load_dir, load_it)
             meta = ckpt.load_checkpoint(load_dir, model, optimizer, scheduler,
                                         model_cfg=cfg.model, with_optimizer=resume_it is not None,
                                         allow_symlinks=links, iteration=load_it,
-                                        verify=cfg.checkpoint.verify)
+                                        verify=cfg.checkpoint.verify and not verified)
             if resume_it is not None:
                 state = TrainState(step=meta["iteration"],
                                    consumed_samples=meta["consumed_samples"],

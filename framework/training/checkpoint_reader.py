@@ -605,7 +605,8 @@ def verify_checkpoint(path: str, iteration: int, meta: Optional[Dict[str, Any]] 
         problems = sorted({p for ps, _ in gathered for p in ps})
         has_manifest = any(h for _, h in gathered)
     if not problems:
-        if not has_manifest and rank == 0 and path not in _LEGACY_NOTED:
+        if not has_manifest and rank == 0 and path not in _LEGACY_NOTED \
+                and os.environ.get("FW_VERIFIED_CHECKPOINT") != path:  # preflight's said it
             _LEGACY_NOTED.add(path)
             print(f"note: {path} has no {MANIFEST} (written before checksummed checkpoints); "
                   f"loading it unverified", flush=True)

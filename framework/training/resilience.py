@@ -379,6 +379,11 @@ _ITER = re.compile(r"^iter_(\d+)$")
 _TMP = re.compile(r"^iter_\d+\.tmp")
 
 
+# set by preflight to the checkpoint whose checksums it verified; the workers it launches (they
+# inherit the environment) then check sizes only
+VERIFIED_ENV = "FW_VERIFIED_CHECKPOINT"
+
+
 def remove_stale_tmp(ckpt_dir: str) -> List[str]:
     """Delete `iter_*.tmp*` directories (left by a save that was killed). Rank 0, before a save."""
     removed = []
@@ -433,10 +438,18 @@ def preflight(cfg, device: str = "cpu") -> None:
     if load_dir:
         meta = ckpt.read_meta(load_dir, it, allow_symlinks=links)
         ckpt.check_compatible(meta, cfg.model, ckpt.iter_dir(load_dir, it))
-        # present, sizes match the manifest: a missing or truncated file is one line here; the
-        # workers check the checksums too (checkpoint.verify), sharing the reading
-        ckpt.verify_checkpoint(ckpt.iter_dir(load_dir, it), it, meta, checksums=False,
-                               allow_symlinks=links, search_checksums=c.verify, collective=False)
+        # the files against the manifest, one line here before any worker starts. A self-launch
+        # (or one process) checks the checksums here and its workers only the sizes; under
+        # torchrun/SLURM every rank runs this, so here sizes only and the ranks share the
+        # checksums when they load
+        from framework.run import launched_externally
+
+        path = ckpt.iter_dir(load_dir, it)
+        full = c.verify and not launched_externally()
+        ckpt.verify_checkpoint(path, it, meta, checksums=full, allow_symlinks=links,
+                               search_checksums=c.verify, collective=False)
+        if full:
+            os.environ[VERIFIED_ENV] = path
     tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
                                    c.load_hf if resume_it is None else None, iteration=it,
                                    model_type=cfg.model.type, allow_symlinks=links)
