@@ -285,9 +285,10 @@ def test_tp2_manifest_covers_all_ranks(tmp_path):
 # the error is raised where the bytes are written (in the writer's forked processes, which
 # inherit the patch), so it travels the real way back (a queue, torch DCP's wrapper)
 FULL_DISK = """
-import errno, os, runpy, sys
+import errno, functools, os, runpy, sys
 from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 real = fa._write_item
+@functools.wraps(real)  # mcore reads its signature
 def full(transforms, stream, *a, **k):
     name = str(getattr(stream, "name", ""))
     if "iter_0000004" in name:

@@ -240,7 +240,9 @@ def _oserror_in(e: BaseException) -> Optional[OSError]:
         if isinstance(failures, dict):
             for f in failures.values():
                 todo += list(f) if isinstance(f, tuple) else [f]
-    return None
+    # an error that crossed a process boundary as text only: "[Errno 28] No space left ..."
+    m = re.search(r"\[Errno (\d+)\] ([^:'\]]+)", str(e))
+    return OSError(int(m.group(1)), m.group(2).strip()) if m else None
 
 
 def _save_error(e: BaseException, final: str, ckpt_dir: str) -> "CheckpointSaveError":
@@ -285,11 +287,15 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sd["iteration"] = iteration
     sd["consumed_samples"] = consumed_samples
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         _signal_safe_writer_results()
         with _cpu_safe():
             dist_checkpointing.save(sd, tmp)
-    except Exception as e:  # a full disk arrives wrapped (torch DCP, mcore's writer processes)
+    # a full disk arrives wrapped: mcore's writer processes send the OSError back as the cause of
+    # a RuntimeError, which torch DCP wraps in a CheckpointException (a BaseException)
+    except (Exception, CheckpointException) as e:
         if _oserror_in(e) is None:
             raise
         # every rank gets the error: torch DCP gathers each rank's write result
