@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-symlinks", action="store_true",
                         help="follow symlinks inside an input checkpoint (refused by default: "
                              "a checkpoint must be a closed tree)")
+        sp.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="our checkpoints: check file sizes against manifest.json but not "
+                             "the checksums (faster for huge checkpoints; misses bit flips)")
 
     h = sub.add_parser("hf-to-megatron", help="HF model directory -> our checkpoint",
                        formatter_class=DefaultsHelp)
@@ -223,11 +226,13 @@ def print_hf_structure(hf_dir: str, allow_pickle: bool) -> None:
         print(f"  {name:70s} {str(list(shape)):22s} {dtype}")
 
 
-def print_megatron_structure(path: str, allow_symlinks: bool = False) -> None:
+def print_megatron_structure(path: str, allow_symlinks: bool = False,
+                             verify: bool = True) -> None:
     from framework.interop.megatron_files import describe, resolve_checkpoint
     from framework.training.checkpoint_reader import read_dist
 
-    _root, it, iter_path, meta = resolve_checkpoint(path, allow_symlinks=allow_symlinks)
+    _root, it, iter_path, meta = resolve_checkpoint(path, allow_symlinks=allow_symlinks,
+                                                    verify=verify)
     tensors, objects = describe(iter_path, allow_symlinks=allow_symlinks)
     common = read_dist(iter_path, "common", allow_symlinks=allow_symlinks)
     model = meta.get("config", {}).get("model", {})
@@ -325,7 +330,8 @@ def megatron_to_hf(args) -> None:
 
     max_shard = parse_size(args.max_shard_size)
     links = args.allow_symlinks
-    root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
+    root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links,
+                                                   verify=args.verify)
     model_cfg = model_config_from_meta(meta, iter_path)
     source = meta.get("hf_source") or {}
     fam = interop.family_for_model(model_cfg, source.get("model_type"))
@@ -354,7 +360,8 @@ def megatron_to_hf(args) -> None:
         chunks = build_model(model_cfg, ParallelConfig(), vocab_size=padded, bf16=False,
                              fp16=False, device=torch.device("cpu"), wrap_ddp=False)
         load_checkpoint(root, chunks, None, None, model_cfg=model_cfg, iteration=it,
-                        with_optimizer=False, allow_symlinks=links)
+                        with_optimizer=False, allow_symlinks=links,
+                        verify=None)  # resolve_checkpoint verified the files
         state = unwrap(chunks[0]).state_dict()
         tensors = interop.hf_state_dict_from_megatron(state, model_cfg, vocab_size=vocab,
                                                       dtype=dtype,
@@ -387,7 +394,8 @@ def reshape(args) -> None:
     from framework.training.checkpoint import package_versions
 
     links = args.allow_symlinks
-    _root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
+    _root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links,
+                                                    verify=args.verify)
     model_cfg = model_config_from_meta(meta, iter_path)
     if args.make_vocab_size_divisible_by is not None:
         if args.make_vocab_size_divisible_by < 1:
@@ -470,7 +478,7 @@ def run(args) -> None:
         if hf_input:
             print_hf_structure(args.load, args.allow_pickle)
         else:
-            print_megatron_structure(args.load, args.allow_symlinks)
+            print_megatron_structure(args.load, args.allow_symlinks, args.verify)
     COMMANDS[args.command](args)
     if args.print_checkpoint_structure and args.save is not None:
         if args.command == "megatron-to-hf":

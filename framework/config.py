@@ -656,9 +656,17 @@ class CheckpointConfig:
     # follow symlinks inside checkpoints read (dir, load); refused by default: a checkpoint is a
     # closed tree, so a link cannot make the run read files from elsewhere
     allow_symlinks: bool = False
+    # load this committed iteration instead of the tracker's (of `dir` when resuming, else of
+    # `load`): e.g. the earlier checkpoint that a failed verification names
+    load_iteration: Optional[int] = None
+    # check the xxh3_64 checksums in each checkpoint's manifest.json when loading (sizes are
+    # always checked); false skips reading every byte twice for huge checkpoints
+    verify: bool = True
 
     def __post_init__(self) -> None:
         check_numbers(self, "checkpoint.")
+        _require(self.load_iteration is None or self.load_iteration >= 0,
+                 f"checkpoint.load_iteration must be >= 0 (or null), got {self.load_iteration}")
         _require(self.keep_last is None or self.keep_last > 0,
                  f"checkpoint.keep_last must be positive (or null), got {self.keep_last}")
         _require(not (self.load and self.load_hf),

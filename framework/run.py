@@ -60,7 +60,16 @@ def _free_port() -> int:
 def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
     """Validate against the world, then launch (or join) the workers. `overrides` (the command
     line's, from train.py) make the printed resume / train-longer commands exact."""
-    world = prepare(cfg)
+    from framework.training.resilience import VERIFIED_ENV
+
+    try:
+        world = prepare(cfg)
+        _run_prepared(cfg, overrides, world)
+    finally:
+        os.environ.pop(VERIFIED_ENV, None)
+
+
+def _run_prepared(cfg: Config, overrides: Optional[List[str]], world: int) -> None:
     # after a stop signal the workers save before they exit: give them the time the watchdog
     # gives a save, not torch elastic's 30 s before it kills them
     from framework.cli import _rank
@@ -320,14 +329,12 @@ def _train_rank(cfg: Config) -> None:
         set_seeds(cfg.train.seed, device, cuda_graph=cfg.model.cuda_graph)
         rank = dist.get_rank()
         links = cfg.checkpoint.allow_symlinks
-        resume_it = ckpt.latest_iteration(cfg.checkpoint.dir, allow_symlinks=links)
-        load_dir = cfg.checkpoint.dir if resume_it is not None else cfg.checkpoint.load
-        if load_dir and resume_it is None:
-            if ckpt.latest_iteration(load_dir, allow_symlinks=links) is None:
-                _no_checkpoint(load_dir)
+        load_dir, load_it, resuming = ckpt.load_target(cfg.checkpoint)
+        resume_it = load_it if resuming else None
         tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
                                        cfg.checkpoint.load_hf if resume_it is None else None,
-                                       model_type=cfg.model.type, allow_symlinks=links)
+                                       model_type=cfg.model.type, allow_symlinks=links,
+                                       iteration=load_it)
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                    cfg.parallel.tensor_model_parallel_size)
@@ -368,9 +375,14 @@ def _train_rank(cfg: Config) -> None:
             overlap_param_gather=cfg.parallel.overlap_param_gather, on_gpu=on_gpu)
         state = TrainState()
         if load_dir:
+            from framework.training.resilience import VERIFIED_ENV
+
+            # the launching process has checked the checksums already (preflight): sizes here
+            verified = os.environ.get(VERIFIED_ENV) == ckpt.iter_dir(load_dir, load_it)
             meta = ckpt.load_checkpoint(load_dir, model, optimizer, scheduler,
                                         model_cfg=cfg.model, with_optimizer=resume_it is not None,
-                                        allow_symlinks=links)
+                                        allow_symlinks=links, iteration=load_it,
+                                        verify=cfg.checkpoint.verify and not verified)
             if resume_it is not None:
                 state = TrainState(step=meta["iteration"],
                                    consumed_samples=meta["consumed_samples"],
@@ -380,6 +392,10 @@ def _train_rank(cfg: Config) -> None:
                 what = "resumed" if resume_it is not None else "initialised weights"
                 echo(f"{what} from {ckpt.iter_dir(load_dir, meta['iteration'])} "
                      f"(step {state.step}, {state.consumed_samples} samples)")
+                if cfg.checkpoint.load_iteration is not None and resume_it is not None:
+                    echo(f"note: checkpoint.load_iteration={load_it} chose this checkpoint; the "
+                         f"next saves replace any later ones in {load_dir}; rerun without it "
+                         f"to continue from the latest")
                 planned = cfg.optimizer.lr_decay_steps or max(cfg.train.max_steps, 1)
                 if resume_it is not None and scheduler.lr_decay_steps != planned:
                     echo(f"note: the learning-rate schedule is the checkpoint's: it decays over "
@@ -433,7 +449,3 @@ def watchdog_seconds(cfg: Config) -> float:
         return float(cfg.train.watchdog_seconds)
     return 60.0 * (cfg.parallel.distributed_timeout_minutes + 1)
 
-
-def _no_checkpoint(path: str) -> None:
-    raise ConfigError(f"checkpoint.load={path} has no committed checkpoint "
-                      f"(no {path}/latest_checkpointed_iteration.txt)")

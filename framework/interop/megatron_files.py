@@ -24,24 +24,32 @@ from framework.training import checkpoint_reader as reader
 RNG_KEY = "rng_state"
 
 
-def resolve_checkpoint(path: str, *, allow_symlinks: bool = False
+def resolve_checkpoint(path: str, *, allow_symlinks: bool = False, verify: Optional[bool] = True
                        ) -> Tuple[str, int, str, Dict[str, Any]]:
     """`path` is a checkpoint directory (with the tracker) or one `iter_XXXXXXX` inside it.
     Returns (checkpoint dir, iteration, iteration dir, metadata), all checked by
-    `checkpoint_reader` (closed tree, tracker, framework.json)."""
+    `checkpoint_reader` (closed tree, tracker, framework.json) and its files against the
+    manifest (sizes; checksums unless `verify=False`; nothing with `verify=None`). A failed
+    check names the earlier checkpoint that verifies, as the `--load` that converts it."""
     if not os.path.isdir(path):
         raise InteropError(f"{path} is not a directory")
     if os.path.lexists(os.path.join(path, ckpt.TRACKER)):
         it = ckpt.latest_iteration(path, allow_symlinks=allow_symlinks)
-        return (path, it, ckpt.iter_dir(path, it),
-                ckpt.read_meta(path, it, allow_symlinks=allow_symlinks))
-    m = re.fullmatch(r"iter_([0-9]+)", os.path.basename(os.path.normpath(path)))
-    if os.path.isfile(os.path.join(path, ckpt.META)) and m:
-        meta = reader.read_iter_meta(path, int(m.group(1)), allow_symlinks=allow_symlinks)
+        root, iter_path = path, ckpt.iter_dir(path, it)
+        meta = ckpt.read_meta(path, it, allow_symlinks=allow_symlinks)
+    else:
+        m = re.fullmatch(r"iter_([0-9]+)", os.path.basename(os.path.normpath(path)))
+        if not (os.path.isfile(os.path.join(path, ckpt.META)) and m):
+            raise InteropError(f"{path} is not one of our checkpoints (no {ckpt.TRACKER}, and "
+                               f"not an iter_XXXXXXX directory with {ckpt.META})")
+        it, iter_path = int(m.group(1)), path
+        meta = reader.read_iter_meta(path, it, allow_symlinks=allow_symlinks)
         root = os.path.dirname(os.path.normpath(path))
-        return root, int(m.group(1)), path, meta
-    raise InteropError(f"{path} is not one of our checkpoints (no {ckpt.TRACKER}, and not an "
-                       f"iter_XXXXXXX directory with {ckpt.META})")
+    if verify is not None:
+        reader.verify_checkpoint(iter_path, it, meta, checksums=verify,
+                                 allow_symlinks=allow_symlinks, collective=False,
+                                 how_to_load=lambda _it, p: f"--load {p}")
+    return root, it, iter_path, meta
 
 
 def model_config_from_meta(meta: Dict[str, Any], where: str) -> ModelConfig:
@@ -103,8 +111,8 @@ def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],
                      meta: Dict[str, Any], tokenizer_dir: Optional[str] = None) -> str:
     """Write unsharded tensors (+ objects, common state) as a committed checkpoint.
 
-    Same commit protocol as `save_checkpoint`: write `iter_X.tmp`, fsync, rename, then the
-    tracker. Must run in a single-process torch.distributed world.
+    Same commit protocol as `save_checkpoint`: write `iter_X.tmp` (manifest.json last), fsync,
+    rename, then the tracker. Must run in a single-process torch.distributed world.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
@@ -126,9 +134,10 @@ def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],
     with ckpt._cpu_safe():
         dist_checkpointing.save(sd, tmp)
     with open(os.path.join(tmp, ckpt.META), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
+        json.dump({**meta, "manifest": ckpt.MANIFEST}, f, indent=1, default=str)
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+    ckpt.write_manifest(tmp)  # last file inside: it covers all the others
     ckpt._fsync_tree(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)

@@ -4,22 +4,31 @@ Layout of `checkpoint.dir`:
     iter_0000100/                   one committed checkpoint (mcore dist checkpoint)
         framework.json              iteration, consumed samples, resolved config, package versions
         tokenizer/                  the tokenizer, so generate.py and resumes need no argument
+        manifest.json               every other file's size and xxh3_64 checksum
     latest_checkpointed_iteration.txt   Megatron's tracker name; written last, by rename
 
-A save writes into `iter_X.tmp-<pid>`, fsyncs, renames it to `iter_X`, and only then replaces the
+A save writes into `iter_X.tmp`, fsyncs, renames it to `iter_X`, and only then replaces the
 tracker through a temp file. A kill at any point leaves the previous checkpoint as the latest.
+The manifest is written inside `iter_X.tmp` before the rename, so every committed checkpoint
+has one: each rank hashes the `.distcp` files it wrote (`__<rank>_*.distcp`, still in its page
+cache), rank 0 gathers those digests, hashes the rest (`.metadata`, `common.pt`, framework.json,
+the tokenizer) and writes the manifest. Loading verifies it (`checkpoint_reader.verify_checkpoint`).
+A save that fails with an OSError (a full disk, a quota) removes `iter_X.tmp` and raises one
+CheckpointSaveError line on every rank; the tracker still names the previous checkpoint.
 Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
 Reading (tracker, framework.json, the dist checkpoint) happens in `checkpoint_reader`, the one
 safe path every reader shares.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,8 +36,10 @@ import torch.distributed as dist
 
 from framework.config import ConfigError, ModelConfig
 
+from framework.training.checkpoint_reader import file_digest, manifest_document
 from framework.training.checkpoint_reader import (  # noqa: F401  (re-exported)
-    META, TRACKER, CheckpointError, cpu_safe, iter_dir, latest_iteration, read_dist, read_meta)
+    MANIFEST, META, TRACKER, CheckpointError, cpu_safe, iter_dir, latest_iteration, read_dist,
+    read_meta, verify_checkpoint)
 
 _cpu_safe = cpu_safe  # the save path and interop use it too
 
@@ -172,6 +183,83 @@ def _barrier() -> None:
         dist.barrier()
 
 
+_OWN_SHARD = re.compile(r"__([0-9]+)_[0-9]+\.distcp")
+
+
+def _hash_own_shards(path: str, rank: int) -> Dict[str, Tuple[int, str]]:
+    """{file name: (size, digest)} of the `.distcp` files this rank wrote into `path`."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        m = _OWN_SHARD.fullmatch(name)
+        if m and int(m.group(1)) == rank:
+            out[name] = file_digest(os.path.join(path, name))
+    return out
+
+
+def write_manifest(path: str, known: Optional[Dict[str, Tuple[int, str]]] = None) -> int:
+    """Write `path`/manifest.json covering every file under `path`; `known` digests (computed
+    by the ranks that wrote those files) are used as they are, the rest hashed here. Returns the
+    number of bytes covered."""
+    known = dict(known or {})
+    files: Dict[str, Tuple[int, str]] = {}
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path).replace(os.sep, "/")
+            if rel == MANIFEST:
+                continue
+            if rel in known and known[rel][0] == os.path.getsize(full):
+                files[rel] = known.pop(rel)
+            else:
+                files[rel] = file_digest(full)
+    if known:  # a rank hashed a file that is not there: the save is not what it wrote
+        raise OSError(errno.EIO, f"{len(known)} written files vanished before the commit, "
+                                 f"e.g. {sorted(known)[0]}")
+    data = json.dumps(manifest_document(files), indent=1).encode()
+    with open(os.path.join(path, MANIFEST), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return sum(size for size, _ in files.values())
+
+
+def _oserror_in(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`: itself, a cause or context, or inside torch DCP's per-rank
+    wrapper (mcore's writer processes send theirs back as the cause of a RuntimeError)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen or not isinstance(x, BaseException):
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():
+                todo += list(f) if isinstance(f, tuple) else [f]
+    # an error that crossed a process boundary as text only: "[Errno 28] No space left ..."
+    m = re.search(r"\[Errno (\d+)\] ([^:'\]]+)", str(e))
+    return OSError(int(m.group(1)), m.group(2).strip()) if m else None
+
+
+def _save_error(e: BaseException, final: str, ckpt_dir: str) -> "CheckpointSaveError":
+    os_err = _oserror_in(e)
+    what = (os_err.strerror or str(os_err)) if os_err is not None else _first_line(e)
+    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what += f": the disk holding {ckpt_dir} is full; free space there (or set " \
+                f"checkpoint.keep_last) and rerun to resume"
+    return CheckpointSaveError(f"saving checkpoint {final} failed ({what}); the previous "
+                               f"checkpoint in {ckpt_dir} is untouched and still the latest")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, *,
                     consumed_samples: int, config: Dict[str, Any], tokenizer=None,
                     extra: Optional[Dict[str, Any]] = None) -> str:
@@ -179,43 +267,95 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
 
     final = iter_dir(ckpt_dir, iteration)
     tmp = f"{final}.tmp"
-    if _rank() == 0:
+    rank = _rank()
+    if rank == 0:
         from framework.training.resilience import remove_stale_tmp
 
-        os.makedirs(ckpt_dir, exist_ok=True)
-        remove_stale_tmp(ckpt_dir)  # left by a save that was killed
-        os.makedirs(tmp)
-    _barrier()
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            remove_stale_tmp(ckpt_dir)  # left by a save that was killed
+            os.makedirs(tmp)
+            failed = None
+        except OSError as e:
+            failed = str(_save_error(e, final, ckpt_dir))
+    else:
+        failed = None
+    failed = _agree(failed)
+    if failed:
+        raise CheckpointSaveError(failed)
     sd = _sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sd["iteration"] = iteration
     sd["consumed_samples"] = consumed_samples
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         _signal_safe_writer_results()
         with _cpu_safe():
             dist_checkpointing.save(sd, tmp)
-        _barrier()
-        if _rank() == 0:
+    # a full disk arrives wrapped: mcore's writer processes send the OSError back as the cause of
+    # a RuntimeError, which torch DCP wraps in a CheckpointException (a BaseException)
+    except (Exception, CheckpointException) as e:
+        if _oserror_in(e) is None:
+            raise
+        # every rank gets the error: torch DCP gathers each rank's write result
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(e, final, ckpt_dir) from None
+    _barrier()
+    # each rank hashes what it wrote (a failure travels with the digests, so no rank waits)
+    try:
+        own: Any = _hash_own_shards(tmp, rank)
+    except OSError as e:
+        own = str(_save_error(e, final, ckpt_dir))
+    parts = _gather(own)
+    failed = None
+    if rank == 0:
+        try:
+            bad = [p for p in parts if isinstance(p, str)]
+            if bad:
+                raise CheckpointSaveError(bad[0])
+            known = {k: v for p in parts for k, v in p.items()}
             meta = {"iteration": iteration, "consumed_samples": consumed_samples,
                     "config": config, "versions": package_versions(),
-                    "layout": current_layout(), **(extra or {})}
+                    "layout": current_layout(), "manifest": MANIFEST, **(extra or {})}
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=1, default=str)
             if tokenizer is not None:
                 tokenizer.save(os.path.join(tmp, "tokenizer"))
+            write_manifest(tmp, known)  # last file inside: it covers all the others
             _fsync_tree(tmp)
             if os.path.exists(final):  # re-saving the same iteration: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(ckpt_dir)
             _write_tracker(ckpt_dir, iteration)
-    except OSError as e:
-        if _rank() == 0:
+        except (OSError, CheckpointSaveError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointSaveError(f"saving checkpoint {final} failed ({e.strerror or e}); the "
-                                  f"previous checkpoint in {ckpt_dir} is untouched") from None
-    _barrier()
+            failed = str(e) if isinstance(e, CheckpointSaveError) \
+                else str(_save_error(e, final, ckpt_dir))
+    failed = _agree(failed)
+    if failed:
+        raise CheckpointSaveError(failed)
     return final
+
+
+def _gather(obj: Any) -> List[Any]:
+    """Every rank's `obj` on rank 0 (others get [])."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def _agree(failed: Optional[str]) -> Optional[str]:
+    """Rank 0's outcome (None, or the one-line error) on every rank; a barrier too."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failed
+    box = [failed]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _write_tracker(ckpt_dir: str, iteration: int) -> None:
@@ -229,14 +369,51 @@ def _write_tracker(ckpt_dir: str, iteration: int) -> None:
     _fsync_dir(ckpt_dir)
 
 
+def load_target(c, allow_symlinks: Optional[bool] = None
+                ) -> Tuple[Optional[str], Optional[int], bool]:
+    """(directory, iteration, resuming) of the checkpoint a run with checkpoint config `c` loads:
+    `c.dir`'s latest when it has one (a resume), else `c.load`'s, else (None, None, False).
+    `c.load_iteration` picks another committed iteration of that directory."""
+    from framework.training.checkpoint_reader import iteration_path
+
+    links = c.allow_symlinks if allow_symlinks is None else allow_symlinks
+    resume_it = latest_iteration(c.dir, allow_symlinks=links)
+    resuming = resume_it is not None
+    load_dir = c.dir if resuming else c.load
+    want = c.load_iteration
+    if not load_dir:
+        if want is not None:
+            raise ConfigError(f"checkpoint.load_iteration={want}: there is no checkpoint to load "
+                              f"(checkpoint.dir has none yet and checkpoint.load is unset)")
+        return None, None, False
+    it = resume_it if resuming else (
+        latest_iteration(load_dir, allow_symlinks=links) if want is None else want)
+    if it is None:
+        raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
+                          f"(no {load_dir}/{TRACKER})")
+    if want is not None:
+        it = want
+        where = "checkpoint.dir" if resuming else "checkpoint.load"
+        if not os.path.isfile(os.path.join(iter_dir(load_dir, it), META)):
+            raise ConfigError(f"checkpoint.load_iteration={it}: {iter_dir(load_dir, it)} is not "
+                              f"a committed checkpoint of {where}={load_dir} (no {META})")
+        iteration_path(load_dir, it, allow_symlinks=links)
+    return load_dir, it, resuming
+
+
 def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: ModelConfig,
                     iteration: Optional[int] = None, with_optimizer: bool = True,
-                    allow_symlinks: bool = False) -> Dict[str, Any]:
+                    allow_symlinks: bool = False, verify: Optional[bool] = True,
+                    how_to_load: Optional[Callable[[int, str], str]] = None) -> Dict[str, Any]:
     """Load model (and optimizer, scheduler, RNG) state. Returns the stored metadata.
 
     Reads through `checkpoint_reader` (no pickled code runs; a damaged, tampered or
     mismatching checkpoint is one CheckpointError line); symlinks inside the checkpoint are
-    refused unless `allow_symlinks`."""
+    refused unless `allow_symlinks`. The files are first checked against the manifest: sizes,
+    and checksums unless `verify=False` (`verify=None`: the caller has verified them). Every
+    rank calls this (the ranks share the hashing). `how_to_load(iteration, path)` names the
+    option that loads another iteration, for the error line (default: train.py's
+    checkpoint.load_iteration)."""
     it = latest_iteration(ckpt_dir, allow_symlinks=allow_symlinks) if iteration is None \
         else iteration
     if it is None:
@@ -245,6 +422,9 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
     meta = read_meta(ckpt_dir, it, allow_symlinks=allow_symlinks)
     check_compatible(meta, model_cfg, iter_dir(ckpt_dir, it))
     path = iter_dir(ckpt_dir, it)
+    if verify is not None:
+        verify_checkpoint(path, it, meta, checksums=verify, allow_symlinks=allow_symlinks,
+                          how_to_load=how_to_load)
     template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
     same_layout = meta.get("layout") == current_layout()
     if not same_layout:

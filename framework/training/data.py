@@ -10,7 +10,7 @@ from framework.config import DataConfig, TokenizerConfig, TrainConfig
 
 def load_run_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig, load_dir: Optional[str],
                        hf_dir: Optional[str] = None, model_type: str = "gpt",
-                       allow_symlinks: bool = False):
+                       allow_symlinks: bool = False, iteration: Optional[int] = None):
     """Config first; else the checkpoint's (or HF model dir's) tokenizer; else the embedded one
     (for BERT/T5 the embedded masked-LM tokenizer)."""
     from framework.tokenizer import build_tokenizer, embedded_mlm_tokenizer, embedded_tokenizer
@@ -19,7 +19,8 @@ def load_run_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig, load_dir:
     if tok_cfg.path or tok_cfg.vocab_file:
         return build_tokenizer(tok_cfg)
     if load_dir:
-        it = ckpt.latest_iteration(load_dir, allow_symlinks=allow_symlinks)
+        it = iteration if iteration is not None else \
+            ckpt.latest_iteration(load_dir, allow_symlinks=allow_symlinks)
         saved = os.path.join(ckpt.iter_dir(load_dir, it), "tokenizer") if it is not None else None
         if saved and os.path.isdir(saved):
             return build_tokenizer(tok_cfg, default_dir=saved)

@@ -410,6 +410,11 @@ _ITER = re.compile(r"^iter_(\d+)$")
 _TMP = re.compile(r"^iter_\d+\.tmp")
 
 
+# set by preflight to the checkpoint whose checksums it verified; the workers it launches (they
+# inherit the environment) then check sizes only
+VERIFIED_ENV = "FW_VERIFIED_CHECKPOINT"
+
+
 def remove_stale_tmp(ckpt_dir: str) -> List[str]:
     """Delete `iter_*.tmp*` directories (left by a save that was killed). Rank 0, before a save."""
     removed = []
@@ -459,17 +464,25 @@ def preflight(cfg, device: str = "cpu") -> None:
     c = cfg.checkpoint
     links = c.allow_symlinks
     # a bad tracker, a damaged framework.json or a symlink in the checkpoint is an error here
-    resume_it = ckpt.latest_iteration(c.dir, allow_symlinks=links)
-    load_dir = c.dir if resume_it is not None else c.load
+    load_dir, it, resuming = ckpt.load_target(c)
+    resume_it = it if resuming else None
     if load_dir:
-        it = ckpt.latest_iteration(load_dir, allow_symlinks=links)
-        if it is None:
-            raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
-                              f"(no {load_dir}/{ckpt.TRACKER})")
-        ckpt.check_compatible(ckpt.read_meta(load_dir, it, allow_symlinks=links), cfg.model,
-                              ckpt.iter_dir(load_dir, it))
+        meta = ckpt.read_meta(load_dir, it, allow_symlinks=links)
+        ckpt.check_compatible(meta, cfg.model, ckpt.iter_dir(load_dir, it))
+        # the files against the manifest, one line here before any worker starts. A self-launch
+        # (or one process) checks the checksums here and its workers only the sizes; under
+        # torchrun/SLURM every rank runs this, so here sizes only and the ranks share the
+        # checksums when they load
+        from framework.run import launched_externally
+
+        path = ckpt.iter_dir(load_dir, it)
+        full = c.verify and not launched_externally()
+        ckpt.verify_checkpoint(path, it, meta, checksums=full, allow_symlinks=links,
+                               search_checksums=c.verify, collective=False)
+        if full:
+            os.environ[VERIFIED_ENV] = path
     tokenizer = load_run_tokenizer(cfg.data, cfg.tokenizer, load_dir,
-                                   c.load_hf if resume_it is None else None,
+                                   c.load_hf if resume_it is None else None, iteration=it,
                                    model_type=cfg.model.type, allow_symlinks=links)
     if cfg.model.type in ("bert", "t5"):  # a missing [MASK]/[CLS]/sentinel: one line, here
         from framework.data import masked_lm_tokenizer
