@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", help="tokenizer to write (default: the checkpoint's own)")
     m.add_argument("--target-dtype", choices=sorted(DTYPES),
                    help="dtype of the written weights (default: the checkpoint's dtype)")
+    m.add_argument("--hf-model-type",
+                   help="HF model_type to write, e.g. mistral (default: the type the checkpoint "
+                        "was imported from, else the one family whose shape it has)")
 
     r = sub.add_parser("reshape", help="our checkpoint -> our checkpoint for another TP/PP",
                        formatter_class=DefaultsHelp)
@@ -328,7 +331,9 @@ def megatron_to_hf(args) -> None:
     root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
     model_cfg = model_config_from_meta(meta, iter_path)
     source = meta.get("hf_source") or {}
-    fam = interop.family_for_model(model_cfg, source.get("model_type"))
+    fam = interop.family_for_model(model_cfg, args.hf_model_type or source.get("model_type"))
+    if args.hf_model_type and args.hf_model_type != source.get("model_type"):
+        source = {}  # the recorded HF config belongs to another model type
     saved_tok = os.path.join(iter_path, "tokenizer")
     tok_path = args.tokenizer or (saved_tok if os.path.isdir(saved_tok) else None)
     tokenizer = _load_tokenizer(tok_path) if tok_path else None
