@@ -298,6 +298,11 @@ def hf_to_megatron(args) -> None:
                         extra={"hf_source": {"model_type": fam.HF_MODEL_TYPE,
                                              "path": os.path.abspath(args.load),
                                              "format": info["format"], "config": hf_cfg}})
+        if tok_path and os.path.isdir(tok_path):  # the HF files as they are (chat template too)
+            from framework.interop.hf_files import copy_tokenizer_files
+            from framework.training.checkpoint import iter_dir
+
+            copy_tokenizer_files(tok_path, os.path.join(iter_dir(tmp, 0), "tokenizer"))
         publish(tmp, args.save)
     print(f"wrote {args.save}: {fam.HF_MODEL_TYPE} -> model.type={model_cfg.type}, "
           f"{info['tensors']} tensors, {_dtype_name(dtype)}, vocab {model_cfg.vocab_size} "

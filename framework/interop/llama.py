@@ -223,6 +223,9 @@ def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size:
     )
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    if model_type == "qwen2" and cfg.kv_channels in (None, cfg.hidden_size // heads) \
+            and "head_dim" not in (base or {}):
+        del out["head_dim"]  # Qwen2Config has no head_dim field (HF derives it)
     if not base:
         out.setdefault("sliding_window", None)
         if model_type == "qwen2":
