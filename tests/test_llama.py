@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from data_tools import convert
-from helpers import GENERATE, free_port, losses, read_metrics, run, run_train, spawn
+from helpers import GENERATE, free_port, losses, run, run_train, spawn
 from perturb import assert_perturbed, perturb_
 
 TOL = 1e-4
@@ -549,11 +549,11 @@ def test_finetune_from_hf_with_load_hf_loss_falls(tmp_path):
                             "--output-prefix", str(tmp_path / "data")]) == 0
     r = run_train("model=llama_tiny", f"checkpoint.load_hf={hf_dir}", "data=indexed",
                   f"data.path=[{tmp_path / 'data_text_document'}]", f"tokenizer.path={hf_dir}",
-                  "data.split='100,0,0'", "train.max_steps=50", "train.eval_interval=1000",
+                  "data.split='90,10,0'", "train.max_steps=50", "train.eval_interval=1000",
                   "optimizer.lr=3e-3", f"checkpoint.dir={tmp_path / 'ck'}",
                   "checkpoint.save_interval=50", cwd=tmp_path, timeout=600)
     assert "initialised weights from Hugging Face model" in r.stdout + r.stderr
-    loss = losses(read_metrics(r.run_dir / "metrics.jsonl"))
+    loss = losses(r.records)
     steps = sorted(loss)
     assert len(steps) == 50
     first = sum(loss[s] for s in steps[:5]) / 5
