@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", help="tokenizer to write (default: the checkpoint's own)")
     m.add_argument("--target-dtype", choices=sorted(DTYPES),
                    help="dtype of the written weights (default: the checkpoint's dtype)")
+    m.add_argument("--hf-model-type",
+                   help="HF model_type to write, e.g. mistral (default: the type the checkpoint "
+                        "was imported from, else the one family whose shape it has)")
 
     r = sub.add_parser("reshape", help="our checkpoint -> our checkpoint for another TP/PP",
                        formatter_class=DefaultsHelp)
@@ -300,6 +303,11 @@ def hf_to_megatron(args) -> None:
                         extra={"hf_source": {"model_type": fam.HF_MODEL_TYPE,
                                              "path": os.path.abspath(args.load),
                                              "format": info["format"], "config": hf_cfg}})
+        if tok_path and os.path.isdir(tok_path):  # the HF files as they are (chat template too)
+            from framework.interop.hf_files import copy_tokenizer_files
+            from framework.training.checkpoint import iter_dir
+
+            copy_tokenizer_files(tok_path, os.path.join(iter_dir(tmp, 0), "tokenizer"))
         publish(tmp, args.save)
     print(f"wrote {args.save}: {fam.HF_MODEL_TYPE} -> model.type={model_cfg.type}, "
           f"{info['tensors']} tensors, {_dtype_name(dtype)}, vocab {model_cfg.vocab_size} "
@@ -334,7 +342,9 @@ def megatron_to_hf(args) -> None:
                                                    verify=args.verify)
     model_cfg = model_config_from_meta(meta, iter_path)
     source = meta.get("hf_source") or {}
-    fam = interop.family_for_model(model_cfg, source.get("model_type"))
+    fam = interop.family_for_model(model_cfg, args.hf_model_type or source.get("model_type"))
+    if args.hf_model_type and args.hf_model_type != source.get("model_type"):
+        source = {}  # the recorded HF config belongs to another model type
     saved_tok = os.path.join(iter_path, "tokenizer")
     tok_path = args.tokenizer or (saved_tok if os.path.isdir(saved_tok) else None)
     tokenizer = _load_tokenizer(tok_path) if tok_path else None

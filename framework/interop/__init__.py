@@ -36,6 +36,9 @@ FAMILIES: Dict[str, str] = {
     "megatron-bert": "framework.interop.megatron_bert",
     "t5": "framework.interop.t5",
     "mt5": "framework.interop.mt5",
+    "llama": "framework.interop.llama",
+    "qwen2": "framework.interop.qwen2",
+    "mistral": "framework.interop.mistral",
 }
 PLANNED: tuple = ()  # model types we intend to add; listed in the unsupported-type error
 
@@ -80,6 +83,10 @@ def family_for_model(model_cfg: ModelConfig, hf_model_type: Optional[str] = None
     matches = [t for t in FAMILIES if family(t).MODEL_TYPE == model_cfg.type]
     if model_cfg.type in matches:  # several (t5, mt5): the one named as our model type
         matches = [model_cfg.type]
+    if len(matches) > 1:  # several (gpt2, llama, qwen2, mistral): those that accept the shape
+        # (none: the first, gpt2, whose export then names what it cannot express)
+        matches = [t for t in matches
+                   if getattr(family(t), "accepts", lambda cfg: True)(model_cfg)] or matches[:1]
     if len(matches) != 1:
         raise InteropError(f"no single Hugging Face family for model.type={model_cfg.type!r} "
                            f"(candidates: {matches or 'none'}; supported: "
@@ -127,6 +134,16 @@ def _arch(cfg: ModelConfig) -> Dict[str, Any]:
         if cfg.position_embedding_type == "relative" else None,
         "softmax_scale": cfg.softmax_scale, "scale_decoder_output": cfg.scale_decoder_output,
         "lm_head_bias": cfg.lm_head_bias,
+        "add_qkv_bias": cfg.add_qkv_bias,
+        **({"rotary_base": cfg.rotary_base, "rotary_percent": cfg.rotary_percent,
+            "rope_scaling": cfg.rope_scaling}
+           if cfg.position_embedding_type == "rope" else {}),
+        **({"rope_scaling_factor": cfg.rope_scaling_factor,
+            "rope_scaling_low_freq_factor": cfg.rope_scaling_low_freq_factor,
+            "rope_scaling_high_freq_factor": cfg.rope_scaling_high_freq_factor,
+            "rope_scaling_original_max_position_embeddings":
+                cfg.rope_scaling_original_max_position_embeddings}
+           if cfg.position_embedding_type == "rope" and cfg.rope_scaling else {}),
     }
 
 
@@ -227,8 +244,10 @@ def hf_state_dict_from_megatron(state: Dict[str, Any], model_cfg: ModelConfig, *
 
 def vocab_tensor_names(model_cfg: ModelConfig) -> List[str]:
     """Our parameter names whose dim 0 is the (padded) vocabulary."""
-    fam = family_for_model(model_cfg)
-    return sorted({r.ours for r in fam.rules(model_cfg) if r.vocab and not r.per_layer})
+    fams = [family(t) for t in FAMILIES if family(t).MODEL_TYPE == model_cfg.type] \
+        or [family_for_model(model_cfg)]
+    return sorted({r.ours for fam in fams for r in fam.rules(model_cfg)
+                   if r.vocab and not r.per_layer})
 
 
 def save_hf_checkpoint(save_dir: str, tensors: Dict[str, Any], hf_config: Dict[str, Any], *,

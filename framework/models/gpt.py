@@ -195,4 +195,8 @@ def build_gpt(model: ModelConfig, tcfg, *, vocab_size: int, pre_process: bool,
         vp_stage=vp_stage,
     )
     keep_rotary_on_device(gpt)
+    if model.rope_scaling:  # Llama-3 scaling with HF's four parameters (mcore fixes three)
+        from framework.models.rope_scaling import apply_rope_scaling
+
+        apply_rope_scaling(gpt, model)
     return gpt
