@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-symlinks", action="store_true",
                         help="follow symlinks inside an input checkpoint (refused by default: "
                              "a checkpoint must be a closed tree)")
+        sp.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="our checkpoints: check file sizes against manifest.json but not "
+                             "the checksums (faster for huge checkpoints; misses bit flips)")
 
     h = sub.add_parser("hf-to-megatron", help="HF model directory -> our checkpoint",
                        formatter_class=DefaultsHelp)
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", help="tokenizer to write (default: the checkpoint's own)")
     m.add_argument("--target-dtype", choices=sorted(DTYPES),
                    help="dtype of the written weights (default: the checkpoint's dtype)")
+    m.add_argument("--hf-model-type",
+                   help="HF model_type to write, e.g. mistral (default: the type the checkpoint "
+                        "was imported from, else the one family whose shape it has)")
 
     r = sub.add_parser("reshape", help="our checkpoint -> our checkpoint for another TP/PP",
                        formatter_class=DefaultsHelp)
@@ -221,11 +227,13 @@ def print_hf_structure(hf_dir: str, allow_pickle: bool) -> None:
         print(f"  {name:70s} {str(list(shape)):22s} {dtype}")
 
 
-def print_megatron_structure(path: str, allow_symlinks: bool = False) -> None:
+def print_megatron_structure(path: str, allow_symlinks: bool = False,
+                             verify: bool = True) -> None:
     from framework.checkpoint.reader import read_dist
     from framework.interop.megatron_files import describe, resolve_checkpoint
 
-    _root, it, iter_path, meta = resolve_checkpoint(path, allow_symlinks=allow_symlinks)
+    _root, it, iter_path, meta = resolve_checkpoint(path, allow_symlinks=allow_symlinks,
+                                                    verify=verify)
     tensors, objects = describe(iter_path, allow_symlinks=allow_symlinks)
     common = read_dist(iter_path, "common", allow_symlinks=allow_symlinks)
     model = meta.get("config", {}).get("model", {})
@@ -295,6 +303,11 @@ def hf_to_megatron(args) -> None:
                         extra={"hf_source": {"model_type": fam.HF_MODEL_TYPE,
                                              "path": os.path.abspath(args.load),
                                              "format": info["format"], "config": hf_cfg}})
+        if tok_path and os.path.isdir(tok_path):  # the HF files as they are (chat template too)
+            from framework.checkpoint import iter_dir
+            from framework.interop.hf_files import copy_tokenizer_files
+
+            copy_tokenizer_files(tok_path, os.path.join(iter_dir(tmp, 0), "tokenizer"))
         publish(tmp, args.save)
     print(f"wrote {args.save}: {fam.HF_MODEL_TYPE} -> model.type={model_cfg.type}, "
           f"{info['tensors']} tensors, {_dtype_name(dtype)}, vocab {model_cfg.vocab_size} "
@@ -325,10 +338,13 @@ def megatron_to_hf(args) -> None:
 
     max_shard = parse_size(args.max_shard_size)
     links = args.allow_symlinks
-    root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
+    root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links,
+                                                   verify=args.verify)
     model_cfg = stored_model_config(meta, iter_path)
     source = meta.get("hf_source") or {}
-    fam = interop.family_for_model(model_cfg, source.get("model_type"))
+    fam = interop.family_for_model(model_cfg, args.hf_model_type or source.get("model_type"))
+    if args.hf_model_type and args.hf_model_type != source.get("model_type"):
+        source = {}  # the recorded HF config belongs to another model type
     saved_tok = os.path.join(iter_path, "tokenizer")
     tok_path = args.tokenizer or (saved_tok if os.path.isdir(saved_tok) else None)
     tokenizer = _load_tokenizer(tok_path) if tok_path else None
@@ -354,7 +370,8 @@ def megatron_to_hf(args) -> None:
         chunks = build_model(model_cfg, ParallelConfig(), vocab_size=padded, bf16=False,
                              fp16=False, device=torch.device("cpu"), wrap_ddp=False)
         load_checkpoint(root, chunks, None, None, model_cfg=model_cfg, iteration=it,
-                        with_optimizer=False, allow_symlinks=links)
+                        with_optimizer=False, allow_symlinks=links,
+                        verify=None)  # resolve_checkpoint verified the files
         state = unwrap(chunks[0]).state_dict()
         tensors = interop.hf_state_dict_from_megatron(state, model_cfg, vocab_size=vocab,
                                                       dtype=dtype,
@@ -386,7 +403,8 @@ def reshape(args) -> None:
     from framework.models.build import padded_vocab_size
 
     links = args.allow_symlinks
-    _root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links)
+    _root, it, iter_path, meta = resolve_checkpoint(args.load, allow_symlinks=links,
+                                                    verify=args.verify)
     model_cfg = stored_model_config(meta, iter_path)
     if args.make_vocab_size_divisible_by is not None:
         if args.make_vocab_size_divisible_by < 1:
@@ -469,7 +487,7 @@ def run(args) -> None:
         if hf_input:
             print_hf_structure(args.load, args.allow_pickle)
         else:
-            print_megatron_structure(args.load, args.allow_symlinks)
+            print_megatron_structure(args.load, args.allow_symlinks, args.verify)
     COMMANDS[args.command](args)
     if args.print_checkpoint_structure and args.save is not None:
         if args.command == "megatron-to-hf":

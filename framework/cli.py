@@ -68,7 +68,7 @@ RUN_CONTROL_KEYS = (
     "train.defer_step_stats", "train.watchdog_seconds", "train.device", "logging",
     "checkpoint.dir", "checkpoint.save",
     "checkpoint.save_interval", "checkpoint.keep_last", "checkpoint.allow_pickle",
-    "checkpoint.allow_symlinks",
+    "checkpoint.allow_symlinks", "checkpoint.load_iteration", "checkpoint.verify",
     "data.num_workers", "data.path_to_cache",
 )
 # ...except in a sweep (-m), where jobs of different lengths must not continue one another

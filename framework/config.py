@@ -86,6 +86,15 @@ class ModelConfig:
     position_embedding_type: str = "learned_absolute"
     rotary_percent: float = 1.0
     rotary_base: int = 10000
+    # Llama-3 RoPE frequency scaling (HF rope_parameters rope_type "llama3"). rope_scaling and
+    # rope_scaling_factor are megatron-core's GPTModel names; mcore fixes the other three at
+    # Llama 3.1's values (1, 4, 8192), so they are ours and the frequencies are computed in
+    # framework/models/rope_scaling.py from all four (HF's general llama3 parameters).
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
     share_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     apply_residual_connection_post_layernorm: bool = False
@@ -217,6 +226,18 @@ class ModelConfig:
         require(0.0 < self.rotary_percent <= 1.0,
                  f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
         require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
+        if self.rope_scaling:
+            require(self.position_embedding_type == "rope",
+                    f"model.rope_scaling=true needs model.position_embedding_type=rope (got "
+                    f"{self.position_embedding_type})")
+            require(self.rope_scaling_factor > 0 and self.rope_scaling_low_freq_factor > 0
+                    and self.rope_scaling_original_max_position_embeddings > 0,
+                    "model.rope_scaling_factor, model.rope_scaling_low_freq_factor and "
+                    "model.rope_scaling_original_max_position_embeddings must be positive")
+            require(self.rope_scaling_high_freq_factor > self.rope_scaling_low_freq_factor,
+                    f"model.rope_scaling_high_freq_factor={self.rope_scaling_high_freq_factor} "
+                    f"must exceed model.rope_scaling_low_freq_factor="
+                    f"{self.rope_scaling_low_freq_factor}")
         if self.position_embedding_type == "rope":
             head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
             rot = int(head_dim * self.rotary_percent)
@@ -639,9 +660,17 @@ class CheckpointConfig:
     # follow symlinks inside checkpoints read (dir, load); refused by default: a checkpoint is a
     # closed tree, so a link cannot make the run read files from elsewhere
     allow_symlinks: bool = False
+    # load this committed iteration instead of the tracker's (of `dir` when resuming, else of
+    # `load`): e.g. the earlier checkpoint that a failed verification names
+    load_iteration: Optional[int] = None
+    # check the xxh3_64 checksums in each checkpoint's manifest.json when loading (sizes are
+    # always checked); false skips reading every byte twice for huge checkpoints
+    verify: bool = True
 
     def __post_init__(self) -> None:
         check_numbers(self, "checkpoint.")
+        require(self.load_iteration is None or self.load_iteration >= 0,
+                f"checkpoint.load_iteration must be >= 0 (or null), got {self.load_iteration}")
         require(self.keep_last is None or self.keep_last > 0,
                  f"checkpoint.keep_last must be positive (or null), got {self.keep_last}")
         require(not (self.load and self.load_hf),

@@ -48,6 +48,7 @@ class GenerateConfig(GenerationOptions):
     parallel: Optional[ParallelConfig] = None
     # follow symlinks inside the checkpoint (refused by default: a checkpoint is a closed tree)
     allow_symlinks: bool = False
+    verify: bool = True  # check the checksums in the checkpoint's manifest.json (sizes: always)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -136,8 +137,8 @@ def choose_checkpoint_tokenizer(tok_cfg: TokenizerConfig, load_dir: str, iterati
 
 def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
                        padded_vocab: int, device: torch.device, bf16: bool,
-                       iteration: Optional[int] = None,
-                       allow_symlinks: bool = False) -> List[torch.nn.Module]:
+                       iteration: Optional[int] = None, allow_symlinks: bool = False,
+                       verify: bool = True) -> List[torch.nn.Module]:
     """Build this rank's chunks (no DDP, SP and recompute off) and load the checkpoint's weights.
     Needs megatron's parallel state initialised for `parallel_cfg`. The checkpoint is read
     safely (`framework.checkpoint.reader`): no pickled code runs, and a damaged or
@@ -150,7 +151,8 @@ def load_for_inference(load_dir: str, model_cfg: ModelConfig, parallel_cfg: Para
     model = build_model(model_cfg, p, vocab_size=padded_vocab, bf16=bf16, fp16=False,
                         device=device, wrap_ddp=False)
     load_checkpoint(load_dir, model, None, None, model_cfg=model_cfg, iteration=iteration,
-                    with_optimizer=False, allow_symlinks=allow_symlinks)
+                    with_optimizer=False, allow_symlinks=allow_symlinks, verify=verify,
+                    how_to_load=lambda it, _path: f"iteration={it}")
     for m in model:
         m.eval()
     return model
@@ -302,7 +304,8 @@ def generate_worker(job: GenerateJob) -> None:
             torch.device("cpu")
         model = load_for_inference(job.load, job.model, job.parallel,
                                    padded_vocab=job.padded_vocab, device=device, bf16=job.bf16,
-                                   iteration=job.iteration, allow_symlinks=job.cfg.allow_symlinks)
+                                   iteration=job.iteration, allow_symlinks=job.cfg.allow_symlinks,
+                                   verify=job.cfg.verify)
         if rank == 0:
             print(f"loaded {job.load} (iteration {job.iteration}) at TP="
                   f"{job.parallel.tensor_model_parallel_size} PP="

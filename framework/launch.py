@@ -20,7 +20,7 @@ import torch
 from framework.distributed import free_port
 from framework.errors import ConfigError
 from framework.training.console import echo
-from framework.training.stop import STOP_FILE_ENV, exit_if_stopped
+from framework.training.stop import STOP_FILE_ENV, release_after_stop
 
 
 def resolve_device(kind: str, key: str = "train.device") -> str:
@@ -83,15 +83,21 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # the agent forwards these to the workers (SIGTERM by default; add SIGUSR1), which save a
-    # checkpoint and exit 0; rank 0 leaves a note in the stop file so we know it was clean
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    # checkpoint and exit 0; rank 0 leaves a note in the stop file so we know it was clean.
+    # newer torch (2.13 here) takes them from LaunchConfig.signals_to_handle and overwrites the
+    # variable with it (SIGUSR1 then killed this process); older torch reads only the variable
+    signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = signals
+    _start_resource_tracker_immune_to(signal.SIGUSR1)
     fd, stop_file = tempfile.mkstemp(prefix="fw-stop-")
     os.close(fd)
     os.environ[STOP_FILE_ENV] = stop_file
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"fw{os.getpid()}",
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
                       max_restarts=0, monitor_interval=0.5, start_method="spawn",
-                      shutdown_timeout=max(1, int(shutdown_s)))
+                      shutdown_timeout=max(1, int(shutdown_s)),
+                      **({"signals_to_handle": signals}
+                         if "signals_to_handle" in LaunchConfig.__dataclass_fields__ else {}))
     try:
         elastic_launch(lc, _worker_entry)(worker_fn, arg)
     except SignalException as e:
@@ -120,6 +126,21 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
         os.unlink(stop_file)
 
 
+def _start_resource_tracker_immune_to(sig) -> None:
+    """Start multiprocessing's resource tracker (the helper process that the agent's and the
+    workers' queues and events register with) with `sig` blocked, which it inherits and keeps.
+    It ignores SIGINT and SIGTERM itself, but a SIGUSR1 sent to the process group killed it; its
+    replacement, started at the next semaphore's release, did not know that semaphore and printed
+    a KeyError traceback for each. Does nothing if this process already runs one."""
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class WorkerFailed(ConfigError):
     """A self-launched worker failed; reported as one line (its own output is above)."""
 
@@ -139,4 +160,4 @@ def _worker_entry(worker_fn: Callable[[Any], None], arg: Any) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)
-    exit_if_stopped()  # stopped by a signal: the agent is shutting down, leave without it
+    release_after_stop()  # a deliberate stop: returning ends this process, agent polling or not

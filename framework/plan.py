@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 
-from framework.checkpoint.reader import TRACKER, iter_dir, latest_iteration, read_meta
-from framework.checkpoint.state import check_compatible
+from framework.checkpoint.manifest import VERIFIED_ENV, verify_checkpoint
+from framework.checkpoint.reader import iter_dir, read_meta
+from framework.checkpoint.state import check_compatible, load_target
 from framework.config import Config
 from framework.errors import ConfigError
 from framework.fast import cudnn_attention
@@ -35,6 +36,7 @@ class RunPlan:
     bf16: bool
     resume_iteration: Optional[int]  # the committed iteration of checkpoint.dir resumed, if any
     load_dir: Optional[str]  # where the weights come from: checkpoint.dir (resume) or .load
+    load_iteration: Optional[int]  # the committed iteration of load_dir loaded (if load_dir)
     load_hf: Optional[str]  # a Hugging Face model to initialise from (not when resuming)
     tokenizer: TokenizerSource
     vocab_size: int  # model.vocab_size or the tokenizer's
@@ -71,17 +73,21 @@ def make_plan(cfg: Config) -> RunPlan:
     c = cfg.checkpoint
     links = c.allow_symlinks
     # a bad tracker, a damaged framework.json or a symlink in the checkpoint is an error here
-    resume_it = latest_iteration(c.dir, allow_symlinks=links)
-    load_dir = c.dir if resume_it is not None else c.load
-    load_it = resume_it
-    if load_dir and load_it is None:
-        load_it = latest_iteration(load_dir, allow_symlinks=links)
-        if load_it is None:
-            raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
-                              f"(no {load_dir}/{TRACKER})")
+    load_dir, load_it, resuming = load_target(c)
+    resume_it = load_it if resuming else None
     if load_dir:
-        check_compatible(read_meta(load_dir, load_it, allow_symlinks=links), cfg.model,
-                         iter_dir(load_dir, load_it))
+        meta = read_meta(load_dir, load_it, allow_symlinks=links)
+        check_compatible(meta, cfg.model, iter_dir(load_dir, load_it))
+        # the files against the manifest, one line here before any worker starts. A self-launch
+        # (or one process) checks the checksums here and its workers only the sizes; under
+        # torchrun/SLURM every rank plans, so here sizes only and the ranks share the
+        # checksums when they load
+        path = iter_dir(load_dir, load_it)
+        full = c.verify and not launched_externally()
+        verify_checkpoint(path, load_it, meta, checksums=full, allow_symlinks=links,
+                          search_checksums=c.verify, collective=False)
+        if full:
+            os.environ[VERIFIED_ENV] = path
     load_hf = c.load_hf if resume_it is None else None
     parts = family(cfg.model.type).parts()
     source = choose_tokenizer(
@@ -97,7 +103,8 @@ def make_plan(cfg: Config) -> RunPlan:
     bf16 = (device == "cuda" if cfg.train.bf16 is None else cfg.train.bf16) \
         and not cfg.train.fp16
     return RunPlan(cfg=cfg, device=device, world_size=world, bf16=bf16,
-                   resume_iteration=resume_it, load_dir=load_dir, load_hf=load_hf,
+                   resume_iteration=resume_it, load_dir=load_dir, load_iteration=load_it,
+                   load_hf=load_hf,
                    tokenizer=source, vocab_size=vocab, padded_vocab_size=padded)
 
 

@@ -6,12 +6,14 @@ the model, optimizer and data of the model family and runs the training loop.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
+from framework.checkpoint.manifest import VERIFIED_ENV
 from framework.checkpoint.reader import iter_dir
 from framework.checkpoint.retention import prune_checkpoints
 from framework.checkpoint.state import load_checkpoint, save_checkpoint
@@ -39,7 +41,15 @@ def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
     """Plan the run (one line and exit 2 for bad input, before any worker), then launch (or join)
     the workers. `overrides` (the command line's, from train.py) make the printed resume /
     train-longer commands exact."""
-    plan = make_plan(cfg)
+    try:
+        plan = make_plan(cfg)
+        _run_planned(plan, overrides)
+    finally:
+        os.environ.pop(VERIFIED_ENV, None)
+
+
+def _run_planned(plan: RunPlan, overrides: Optional[List[str]]) -> None:
+    cfg = plan.cfg
     with run_log(cfg.run_dir):
         # a checkpoint already at train.max_steps: say so (exit 0); past it: an error (exit 2)
         if check_finished(cfg, overrides, show=env_rank() == 0):
@@ -103,9 +113,13 @@ def _train_rank(plan: RunPlan) -> None:
             overlap_param_gather=cfg.parallel.overlap_param_gather, on_gpu=on_gpu)
         state = TrainState()
         if plan.load_dir:
+            # the launching process has checked the checksums already (the plan): sizes here
+            verified = os.environ.get(VERIFIED_ENV) == iter_dir(plan.load_dir,
+                                                                plan.load_iteration)
             meta = load_checkpoint(plan.load_dir, model, optimizer, scheduler,
                                    model_cfg=cfg.model, with_optimizer=plan.resuming,
-                                   allow_symlinks=links)
+                                   allow_symlinks=links, iteration=plan.load_iteration,
+                                   verify=cfg.checkpoint.verify and not verified)
             if plan.resuming:
                 state = TrainState(step=meta["iteration"],
                                    consumed_samples=meta["consumed_samples"],
@@ -115,6 +129,10 @@ def _train_rank(plan: RunPlan) -> None:
                 what = "resumed" if plan.resuming else "initialised weights"
                 echo(f"{what} from {iter_dir(plan.load_dir, meta['iteration'])} "
                      f"(step {state.step}, {state.consumed_samples} samples)")
+                if cfg.checkpoint.load_iteration is not None and plan.resuming:
+                    echo(f"note: checkpoint.load_iteration={plan.load_iteration} chose this "
+                         f"checkpoint; the next saves replace any later ones in "
+                         f"{plan.load_dir}; rerun without it to continue from the latest")
                 planned = cfg.optimizer.lr_decay_steps or max(cfg.train.max_steps, 1)
                 if plan.resuming and scheduler.lr_decay_steps != planned:
                     echo(f"note: the learning-rate schedule is the checkpoint's: it decays over "

@@ -78,8 +78,16 @@ def trained(tmp_path_factory):
 
 
 def _copy(trained, tmp_path):
+    """A copy without manifest.json (as a checkpoint written before manifests, or by whoever
+    tampered with it and dropped the manifest): the reader's own checks are what is tested here
+    (a manifest is no defence against tampering; tests/test_integrity.py covers it)."""
     ck = tmp_path / "ck"
     shutil.copytree(trained[0], ck, symlinks=True)
+    path = ck / IT
+    os.remove(path / "manifest.json")
+    meta = json.loads((path / "framework.json").read_text())
+    meta.pop("manifest")
+    (path / "framework.json").write_text(json.dumps(meta, indent=1))
     return ck
 
 

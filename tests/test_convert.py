@@ -461,12 +461,12 @@ def test_pickle_weights_need_allow_pickle(work, tmp_path, capsys):
 
 
 def test_unsupported_model_type_lists_supported(tmp_path, capsys):
-    src = tmp_path / "llama"
+    src = tmp_path / "falcon"  # (llama was the example until it became supported)
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (src / "config.json").write_text(json.dumps({"model_type": "falcon"}))
     rc = convert.main(["hf-to-megatron", "--load", str(src), "--save", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 2 and "'llama' is not supported" in err and "gpt2" in err
+    assert rc == 2 and "'falcon' is not supported" in err and "gpt2" in err and "llama" in err
     # the real command line: exit status 2, one line on stderr, no traceback
     r = run("-m", "data_tools.convert", "hf-to-megatron", "--load", src, "--save",
             tmp_path / "out", cwd=ROOT, timeout=300)

@@ -214,12 +214,12 @@ def test_refusals(work, tmp_path, capsys):
     # loading into a model without the binary head would drop the token types: refused
     with pytest.raises(ConfigError, match="add_binary_head: hf=True config=False"):
         interop.load_hf_into_model(str(work["hf"]), [], replace(model_cfg, add_binary_head=False))
-    src = tmp_path / "llama"
+    src = tmp_path / "falcon"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (src / "config.json").write_text(json.dumps({"model_type": "falcon"}))
     rc = convert.main(["hf-to-megatron", "--load", str(src), "--save", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 2 and "'llama' is not supported" in err
+    assert rc == 2 and "'falcon' is not supported" in err
     supported = err.split("supported: ", 1)[1].split(" (planned", 1)[0]
     assert "gpt2" in supported and "megatron-bert" in supported
     assert "megatron-bert" not in err.split("(planned", 1)[1]

@@ -22,6 +22,9 @@ checkpoint file (tests/test_checkpoint_safety.py checks the source tree for it).
   config (a `framework.json` that disagrees with the tensors); then it runs megatron-core's
   reader inside `framework.security.unpickling.safe_checkpoint_load` (no pickled code runs).
   Whatever goes wrong comes out as one `CheckpointError` line naming the checkpoint.
+
+The files are checked against the checkpoint's `manifest.json` first, by
+`framework.checkpoint.manifest.verify_checkpoint`.
 """
 from __future__ import annotations
 

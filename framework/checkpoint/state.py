@@ -5,29 +5,41 @@ Layout of `checkpoint.dir`:
     iter_0000100/                   one committed checkpoint (mcore dist checkpoint)
         framework.json              iteration, consumed samples, resolved config, package versions
         tokenizer/                  the tokenizer, so generate.py and resumes need no argument
+        manifest.json               every other file's size and xxh3_64 checksum
     latest_checkpointed_iteration.txt   Megatron's tracker name; written last, by rename
 
 A save is written into a staging directory and committed by `framework.checkpoint.commit`
 (fsync, rename, then the tracker): a kill at any point leaves the previous checkpoint as the
-latest. Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
+latest. The manifest (`framework.checkpoint.manifest`) is written inside the staging directory
+before the rename, so every committed checkpoint has one: each rank hashes the `.distcp` files
+it wrote (`__<rank>_*.distcp`, still in its page cache), rank 0 gathers those digests, hashes
+the rest (`.metadata`, `common.pt`, framework.json, the tokenizer) and writes the manifest.
+Loading verifies it (`framework.checkpoint.manifest.verify_checkpoint`). A save that fails with
+an OSError (a full disk, a quota) removes the staging directory and raises one
+CheckpointSaveError line on every rank; the tracker still names the previous checkpoint.
+Because the format is mcore's sharded format, a checkpoint loads at any TP/PP/DP layout.
 Reading (tracker, framework.json, the dist checkpoint) happens in `framework.checkpoint.reader`,
 the one safe path every reader shares.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from framework.checkpoint.commit import commit, stage, staging_dir
-from framework.checkpoint.reader import (META, TRACKER, cpu_safe, iter_dir, latest_iteration,
-                                         read_dist, read_meta)
+from framework.checkpoint.manifest import (MANIFEST, hash_own_shards, verify_checkpoint,
+                                           write_manifest)
+from framework.checkpoint.reader import (META, TRACKER, cpu_safe, iter_dir, iteration_path,
+                                         latest_iteration, read_dist, read_meta)
 from framework.config import ModelConfig
 from framework.errors import CheckpointError, ConfigError
 from framework.models.wrappers import unwrap
@@ -156,6 +168,42 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _oserror_in(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`: itself, a cause or context, or inside torch DCP's per-rank
+    wrapper (mcore's writer processes send theirs back as the cause of a RuntimeError)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen or not isinstance(x, BaseException):
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():
+                todo += list(f) if isinstance(f, tuple) else [f]
+    # an error that crossed a process boundary as text only: "[Errno 28] No space left ..."
+    m = re.search(r"\[Errno (\d+)\] ([^:'\]]+)", str(e))
+    return OSError(int(m.group(1)), m.group(2).strip()) if m else None
+
+
+def _save_error(e: BaseException, final: str, ckpt_dir: str) -> "CheckpointSaveError":
+    os_err = _oserror_in(e)
+    what = (os_err.strerror or str(os_err)) if os_err is not None else _first_line(e)
+    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what += f": the disk holding {ckpt_dir} is full; free space there (or set " \
+                f"checkpoint.keep_last) and rerun to resume"
+    return CheckpointSaveError(f"saving checkpoint {final} failed ({what}); the previous "
+                               f"checkpoint in {ckpt_dir} is untouched and still the latest")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, *,
                     consumed_samples: int, config: Dict[str, Any], tokenizer=None,
                     extra: Optional[Dict[str, Any]] = None) -> str:
@@ -163,44 +211,131 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
 
     final = iter_dir(ckpt_dir, iteration)
     tmp = staging_dir(ckpt_dir, iteration)
-    if _rank() == 0:
-        stage(ckpt_dir, iteration)  # (removes what a killed save left behind)
-    _barrier()
+    rank = _rank()
+    if rank == 0:
+        try:
+            stage(ckpt_dir, iteration)  # (removes what a killed save left behind)
+            failed = None
+        except OSError as e:
+            failed = str(_save_error(e, final, ckpt_dir))
+    else:
+        failed = None
+    failed = _agree(failed)
+    if failed:
+        raise CheckpointSaveError(failed)
     sd = sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sd["iteration"] = iteration
     sd["consumed_samples"] = consumed_samples
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         _signal_safe_writer_results()
         with cpu_safe():
             dist_checkpointing.save(sd, tmp)
-        _barrier()
-        if _rank() == 0:
+    # a full disk arrives wrapped: mcore's writer processes send the OSError back as the cause of
+    # a RuntimeError, which torch DCP wraps in a CheckpointException (a BaseException)
+    except (Exception, CheckpointException) as e:
+        if _oserror_in(e) is None:
+            raise
+        # every rank gets the error: torch DCP gathers each rank's write result
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(e, final, ckpt_dir) from None
+    _barrier()
+    # each rank hashes what it wrote (a failure travels with the digests, so no rank waits)
+    try:
+        own: Any = hash_own_shards(tmp, rank)
+    except OSError as e:
+        own = str(_save_error(e, final, ckpt_dir))
+    parts = _gather(own)
+    failed = None
+    if rank == 0:
+        try:
+            bad = [p for p in parts if isinstance(p, str)]
+            if bad:
+                raise CheckpointSaveError(bad[0])
+            known = {k: v for p in parts for k, v in p.items()}
             meta = {"iteration": iteration, "consumed_samples": consumed_samples,
                     "config": config, "versions": package_versions(),
-                    "layout": current_layout(), **(extra or {})}
+                    "layout": current_layout(), "manifest": MANIFEST, **(extra or {})}
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=1, default=str)
             if tokenizer is not None:
                 tokenizer.save(os.path.join(tmp, "tokenizer"))
+            write_manifest(tmp, known)  # last file inside: it covers all the others
             commit(tmp, ckpt_dir, iteration)
-    except OSError as e:
-        if _rank() == 0:
+        except (OSError, CheckpointSaveError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointSaveError(f"saving checkpoint {final} failed ({e.strerror or e}); the "
-                                  f"previous checkpoint in {ckpt_dir} is untouched") from None
-    _barrier()
+            failed = str(e) if isinstance(e, CheckpointSaveError) \
+                else str(_save_error(e, final, ckpt_dir))
+    failed = _agree(failed)
+    if failed:
+        raise CheckpointSaveError(failed)
     return final
+
+
+def _gather(obj: Any) -> List[Any]:
+    """Every rank's `obj` on rank 0 (others get [])."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def _agree(failed: Optional[str]) -> Optional[str]:
+    """Rank 0's outcome (None, or the one-line error) on every rank; a barrier too."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failed
+    box = [failed]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_target(c, allow_symlinks: Optional[bool] = None
+                ) -> Tuple[Optional[str], Optional[int], bool]:
+    """(directory, iteration, resuming) of the checkpoint a run with checkpoint config `c` loads:
+    `c.dir`'s latest when it has one (a resume), else `c.load`'s, else (None, None, False).
+    `c.load_iteration` picks another committed iteration of that directory."""
+    links = c.allow_symlinks if allow_symlinks is None else allow_symlinks
+    resume_it = latest_iteration(c.dir, allow_symlinks=links)
+    resuming = resume_it is not None
+    load_dir = c.dir if resuming else c.load
+    want = c.load_iteration
+    if not load_dir:
+        if want is not None:
+            raise ConfigError(f"checkpoint.load_iteration={want}: there is no checkpoint to load "
+                              f"(checkpoint.dir has none yet and checkpoint.load is unset)")
+        return None, None, False
+    it = resume_it if resuming else (
+        latest_iteration(load_dir, allow_symlinks=links) if want is None else want)
+    if it is None:
+        raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
+                          f"(no {load_dir}/{TRACKER})")
+    if want is not None:
+        it = want
+        where = "checkpoint.dir" if resuming else "checkpoint.load"
+        if not os.path.isfile(os.path.join(iter_dir(load_dir, it), META)):
+            raise ConfigError(f"checkpoint.load_iteration={it}: {iter_dir(load_dir, it)} is not "
+                              f"a committed checkpoint of {where}={load_dir} (no {META})")
+        iteration_path(load_dir, it, allow_symlinks=links)
+    return load_dir, it, resuming
 
 
 def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: ModelConfig,
                     iteration: Optional[int] = None, with_optimizer: bool = True,
-                    allow_symlinks: bool = False) -> Dict[str, Any]:
+                    allow_symlinks: bool = False, verify: Optional[bool] = True,
+                    how_to_load: Optional[Callable[[int, str], str]] = None) -> Dict[str, Any]:
     """Load model (and optimizer, scheduler, RNG) state. Returns the stored metadata.
 
     Reads through `framework.checkpoint.reader` (no pickled code runs; a damaged, tampered or
     mismatching checkpoint is one CheckpointError line); symlinks inside the checkpoint are
-    refused unless `allow_symlinks`."""
+    refused unless `allow_symlinks`. The files are first checked against the manifest: sizes,
+    and checksums unless `verify=False` (`verify=None`: the caller has verified them). Every
+    rank calls this (the ranks share the hashing). `how_to_load(iteration, path)` names the
+    option that loads another iteration, for the error line (default: train.py's
+    checkpoint.load_iteration)."""
     it = latest_iteration(ckpt_dir, allow_symlinks=allow_symlinks) if iteration is None \
         else iteration
     if it is None:
@@ -209,6 +344,9 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
     meta = read_meta(ckpt_dir, it, allow_symlinks=allow_symlinks)
     check_compatible(meta, model_cfg, iter_dir(ckpt_dir, it))
     path = iter_dir(ckpt_dir, it)
+    if verify is not None:
+        verify_checkpoint(path, it, meta, checksums=verify, allow_symlinks=allow_symlinks,
+                          how_to_load=how_to_load)
     template = sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
     same_layout = meta.get("layout") == current_layout()
     if not same_layout:

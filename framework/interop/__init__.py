@@ -10,6 +10,7 @@ mapping and a name mapping:
     rules(cfg) -> List[Rule]                                   (see framework.models.hf_rules)
     optional_hf_tensors(cfg) -> List[str]
     resolve_with_tensors(cfg, names) -> ModelConfig                       (optional)
+    accepts(cfg) -> bool     (optional: exported by shape when several types share a family)
 
 `family(hf_model_type)` finds the module through the registry (framework/models/registry.py).
 
@@ -81,6 +82,10 @@ def family_for_model(model_cfg: ModelConfig, hf_model_type: Optional[str] = None
     matches = list(registry.family(model_cfg.type).hf_types)
     if model_cfg.type in matches:  # several (t5, mt5): the one named as our model type
         matches = [model_cfg.type]
+    if len(matches) > 1:  # several (gpt2, llama, qwen2, mistral): those that accept the shape
+        # (none: the first, gpt2, whose export then names what it cannot express)
+        matches = [t for t in matches
+                   if getattr(family(t), "accepts", lambda cfg: True)(model_cfg)] or matches[:1]
     if len(matches) != 1:
         raise InteropError(f"no single Hugging Face family for model.type={model_cfg.type!r} "
                            f"(candidates: {matches or 'none'}; supported: "
@@ -129,6 +134,16 @@ def _arch(cfg: ModelConfig) -> Dict[str, Any]:
         if cfg.position_embedding_type == "relative" else None,
         "softmax_scale": cfg.softmax_scale, "scale_decoder_output": cfg.scale_decoder_output,
         "lm_head_bias": cfg.lm_head_bias,
+        "add_qkv_bias": cfg.add_qkv_bias,
+        **({"rotary_base": cfg.rotary_base, "rotary_percent": cfg.rotary_percent,
+            "rope_scaling": cfg.rope_scaling}
+           if cfg.position_embedding_type == "rope" else {}),
+        **({"rope_scaling_factor": cfg.rope_scaling_factor,
+            "rope_scaling_low_freq_factor": cfg.rope_scaling_low_freq_factor,
+            "rope_scaling_high_freq_factor": cfg.rope_scaling_high_freq_factor,
+            "rope_scaling_original_max_position_embeddings":
+                cfg.rope_scaling_original_max_position_embeddings}
+           if cfg.position_embedding_type == "rope" and cfg.rope_scaling else {}),
     }
 
 
@@ -223,8 +238,10 @@ def hf_state_dict_from_megatron(state: Dict[str, Any], model_cfg: ModelConfig, *
 
 def vocab_tensor_names(model_cfg: ModelConfig) -> List[str]:
     """Our parameter names whose dim 0 is the (padded) vocabulary."""
-    fam = family_for_model(model_cfg)
-    return sorted({r.ours for r in fam.rules(model_cfg) if r.vocab and not r.per_layer})
+    fams = [family(t) for t in registry.family(model_cfg.type).hf_types] \
+        or [family_for_model(model_cfg)]
+    return sorted({r.ours for fam in fams for r in fam.rules(model_cfg)
+                   if r.vocab and not r.per_layer})
 
 
 def save_hf_checkpoint(save_dir: str, tensors: Dict[str, Any], hf_config: Dict[str, Any], *,

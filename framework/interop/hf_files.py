@@ -221,6 +221,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json")
 
 
+# files of an HF tokenizer directory copied verbatim (byte for byte) by copy_tokenizer_files
+TOKENIZER_COPY = TOKENIZER_FILES + ("chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(src: str, dst: str) -> List[str]:
+    """Make `dst` hold exactly `src`'s tokenizer files, byte for byte (save_pretrained would
+    rewrite tokenizer_config.json: transformers 5 moves the chat template into its own file).
+    Returns the names copied; `dst` is left alone when `src` has none."""
+    import shutil
+
+    names = [f for f in TOKENIZER_COPY if os.path.isfile(os.path.join(src, f))]
+    if not names:
+        return []
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.makedirs(dst)
+    for f in names:
+        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    return names
+
+
 def has_tokenizer(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
                                        for f in TOKENIZER_FILES)

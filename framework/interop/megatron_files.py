@@ -18,6 +18,7 @@ import torch
 
 from framework.checkpoint import reader
 from framework.checkpoint.commit import commit, stage
+from framework.checkpoint.manifest import MANIFEST, verify_checkpoint, write_manifest
 from framework.checkpoint.state import sharded_state
 from framework.config import ModelConfig, ParallelConfig
 from framework.errors import InteropError
@@ -26,24 +27,32 @@ from framework.models.build import build_model
 RNG_KEY = "rng_state"
 
 
-def resolve_checkpoint(path: str, *, allow_symlinks: bool = False
+def resolve_checkpoint(path: str, *, allow_symlinks: bool = False, verify: Optional[bool] = True
                        ) -> Tuple[str, int, str, Dict[str, Any]]:
     """`path` is a checkpoint directory (with the tracker) or one `iter_XXXXXXX` inside it.
     Returns (checkpoint dir, iteration, iteration dir, metadata), all checked by
-    `framework.checkpoint.reader` (closed tree, tracker, framework.json)."""
+    `framework.checkpoint.reader` (closed tree, tracker, framework.json) and its files against
+    the manifest (`framework.checkpoint.manifest`; sizes; checksums unless `verify=False`;
+    nothing with `verify=None`). A failed check names the earlier checkpoint that verifies, as
+    the `--load` that converts it."""
     if not os.path.isdir(path):
         raise InteropError(f"{path} is not a directory")
     if os.path.lexists(os.path.join(path, reader.TRACKER)):
         it = reader.latest_iteration(path, allow_symlinks=allow_symlinks)
-        return (path, it, reader.iter_dir(path, it),
-                reader.read_meta(path, it, allow_symlinks=allow_symlinks))
-    m = re.fullmatch(r"iter_([0-9]+)", os.path.basename(os.path.normpath(path)))
-    if os.path.isfile(os.path.join(path, reader.META)) and m:
-        meta = reader.read_iter_meta(path, int(m.group(1)), allow_symlinks=allow_symlinks)
+        root, iter_path = path, reader.iter_dir(path, it)
+        meta = reader.read_meta(path, it, allow_symlinks=allow_symlinks)
+    else:
+        m = re.fullmatch(r"iter_([0-9]+)", os.path.basename(os.path.normpath(path)))
+        if not (os.path.isfile(os.path.join(path, reader.META)) and m):
+            raise InteropError(f"{path} is not one of our checkpoints (no {reader.TRACKER}, and "
+                               f"not an iter_XXXXXXX directory with {reader.META})")
+        it, iter_path = int(m.group(1)), path
+        meta = reader.read_iter_meta(path, it, allow_symlinks=allow_symlinks)
         root = os.path.dirname(os.path.normpath(path))
-        return root, int(m.group(1)), path, meta
-    raise InteropError(f"{path} is not one of our checkpoints (no {reader.TRACKER}, and not an "
-                       f"iter_XXXXXXX directory with {reader.META})")
+    if verify is not None:
+        verify_checkpoint(iter_path, it, meta, checksums=verify, allow_symlinks=allow_symlinks,
+                          collective=False, how_to_load=lambda _it, p: f"--load {p}")
+    return root, it, iter_path, meta
 
 
 def sharded_metadata(iter_path: str, *, allow_symlinks: bool = False) -> Dict[str, Any]:
@@ -98,8 +107,9 @@ def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],
                      meta: Dict[str, Any], tokenizer_dir: Optional[str] = None) -> str:
     """Write unsharded tensors (+ objects, common state) as a committed checkpoint.
 
-    The commit protocol of every checkpoint writer (`framework.checkpoint.commit`). Must run in
-    a single-process torch.distributed world.
+    The commit protocol of every checkpoint writer (`framework.checkpoint.commit`), with
+    manifest.json written last inside the staging directory. Must run in a single-process
+    torch.distributed world.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
@@ -117,9 +127,10 @@ def write_checkpoint(ckpt_dir: str, iteration: int, common: Dict[str, Any],
     with reader.cpu_safe():
         dist_checkpointing.save(sd, tmp)
     with open(os.path.join(tmp, reader.META), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
+        json.dump({**meta, "manifest": MANIFEST}, f, indent=1, default=str)
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+    write_manifest(tmp)  # last file inside: it covers all the others
     return commit(tmp, ckpt_dir, iteration)
 
 

@@ -94,7 +94,7 @@ def describe_stop(reason: str, max_minutes: Optional[float]) -> str:
     return f"{reason} received"
 
 
-_stopped: List[str] = []  # the reason of a stop agreed in this process (see exit_if_stopped)
+_stopped: List[str] = []  # the reason of a stop agreed in this process (see release_after_stop)
 
 
 def report_clean_stop(step: int, reason: str, rank: int) -> None:
@@ -106,19 +106,50 @@ def report_clean_stop(step: int, reason: str, rank: int) -> None:
             f.write(f"{step} {reason}\n")
 
 
-def exit_if_stopped() -> None:
-    """In an elastic worker after a deliberate stop: exit 0 now.
+def release_after_stop() -> None:
+    """In a self-launched (torch elastic) worker after a deliberate stop, just before the worker
+    function returns: make that return end the process, whatever the agent is doing.
 
-    torch elastic's worker wrapper waits, after the function returns, for an event that the agent
-    sets only while polling; an agent shutting down on SIGTERM is not polling, so the worker would
-    sit there until the agent's SIGKILL 30 s later (orphaning mcore's checkpoint-writer manager
-    process). Run the multiprocessing exit handlers (they stop such helpers) and leave.
-    """
-    if not _stopped or _stopped[-1] == "time":  # a budget stop returns through the agent
+    torch elastic's worker wrapper (`_wrap`) puts the function's return value in a queue, then
+    waits for an event that the agent sets only from its monitor loop, once it has every rank's
+    return value. Two cases:
+    * the stop came through the agent (the parent or its process group was signalled): the agent
+      is shutting down, not polling, so it never sets that event; a worker waiting for it would
+      be killed `shutdown_s` later, orphaning mcore's checkpoint-writer manager process;
+    * the stop came from one worker (a signal to that worker alone, agreed by the stop-flag
+      all-reduce) or from the time budget: the agent is polling and must get every return value.
+      Leaving with `os._exit` before the wrapper has put it (what this function replaced) left
+      the agent polling forever: exit code 0 with no return value is neither done nor failed.
+    Setting the event here serves both: each worker's wrapper puts its value, does not wait, and
+    the process exits normally. Only workers that have stopped wait on that event, so no rank is
+    released early. Without the wrapper (another torch), leave after a grace period instead."""
+    if not _stopped:
         return
+    event = _elastic_finished_event()
+    if event is not None:
+        event.set()
+        return
+    threading.Thread(target=_exit_later, args=(10.0,), name="fw-exit-after-stop",
+                     daemon=True).start()
+
+
+def _elastic_finished_event():
+    """The `queue_finished_reading_event` of torch elastic's `_wrap` below us, or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_code.co_name == "_wrap" and frame.f_globals.get("__name__", "")
+                == "torch.distributed.elastic.multiprocessing.api"):
+            event = frame.f_locals.get("queue_finished_reading_event")
+            return event if hasattr(event, "set") else None
+        frame = frame.f_back
+    return None
+
+
+def _exit_later(delay: float) -> None:
+    time.sleep(delay)
     import multiprocessing.util
 
     sys.stdout.flush()
     sys.stderr.flush()
-    multiprocessing.util._exit_function()
+    multiprocessing.util._exit_function()  # stops helper processes (mcore's writer manager)
     os._exit(0)

@@ -37,7 +37,10 @@ def show_path(path: str) -> str:
 def command(overrides: Optional[List[str]], **changes: Any) -> str:
     """`python train.py <overrides>` with `changes` (dotted keys spelled with "__") set, and
     secrets masked."""
-    items = list(overrides or [])
+    # a one-off choice of the checkpoint to start from: the printed commands continue from the
+    # latest one
+    items = [o for o in (overrides or [])
+             if o.split("=", 1)[0].lstrip("+~") != "checkpoint.load_iteration"]
     for key, value in changes.items():
         key = key.replace("__", ".")
         items = [o for o in items if o.split("=", 1)[0].lstrip("+~") != key]
@@ -63,6 +66,8 @@ def check_finished(cfg: "Config", overrides: Optional[List[str]], show: bool = T
     `train.max_steps`; raises ConfigError when it is past it; False when there is something to
     train."""
     it = latest_iteration(cfg.checkpoint.dir, allow_symlinks=cfg.checkpoint.allow_symlinks)
+    if it is not None and cfg.checkpoint.load_iteration is not None:
+        it = cfg.checkpoint.load_iteration  # the run resumes from there
     steps = cfg.train.max_steps
     if it is None or it < steps or (it == 0 and steps == 0):
         return False

@@ -181,6 +181,12 @@ def rules(cfg: ModelConfig) -> List[Rule]:
     return out
 
 
+def accepts(cfg: ModelConfig) -> bool:
+    """Whether our model has GPT-2's shape (export without a recorded HF source)."""
+    return (cfg.type == MODEL_TYPE and cfg.normalization == "LayerNorm"
+            and cfg.position_embedding_type == "learned_absolute")
+
+
 def optional_hf_tensors(cfg: ModelConfig) -> List[str]:
     """HF tensors that may be present and are not needed (the tied LM head of older files)."""
     return ["lm_head.weight"] if cfg.share_embeddings_and_output_weights else []

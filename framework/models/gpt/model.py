@@ -1,12 +1,15 @@
 """GPT: megatron-core's `GPTModel` with our causal layer spec (SDPA attention, SP-capable norm).
 
 With `model.fused_cross_entropy` (null = on for GPT) the output layer and the vocab-parallel
-cross-entropy are fused and chunked over tokens (framework/fast/fused_ce.py).
+cross-entropy are fused and chunked over tokens (framework/fast/fused_ce.py). With
+`model.rope_scaling` the rotary frequencies are Llama-3's, from HF's four parameters
+(rope_scaling.py).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from framework.models.gpt.rope_scaling import apply_rope_scaling
 from framework.models.layers import keep_rotary_on_device
 from framework.models.transformer import block_spec, lm_kwargs
 
@@ -33,4 +36,6 @@ def build_gpt(model: "ModelConfig", tcfg, *, vocab_size: int, pre_process: bool,
         vp_stage=vp_stage,
     )
     keep_rotary_on_device(gpt)
+    if model.rope_scaling:  # Llama-3 scaling with HF's four parameters (mcore fixes three)
+        apply_rope_scaling(gpt, model)
     return gpt

@@ -1,0 +1,315 @@
+"""Llama-style decoders (HF `model_type` llama, qwen2, mistral) <-> our `gpt` model (mcore GPTModel).
+
+All three are one architecture in megatron-core terms: pre-norm RMSNorm, SwiGLU MLP, RoPE, GQA, no
+linear biases, tied or untied embeddings. What tells them apart is config, not structure:
+* Qwen2: biases on q/k/v only (HF hard-codes them) -> `add_qkv_bias: true` with
+  `add_bias_linear: false`. Optional sliding-window layers (`use_sliding_window`).
+* Mistral: `sliding_window` (4096 in v0.1, null from v0.3).
+* Llama: `attention_bias` / `mlp_bias` (both false in every published Llama; refused when true),
+  Llama-3 RoPE scaling (`rope_type: llama3` -> model.rope_scaling*, framework/models/gpt/rope_scaling.py).
+
+Sliding-window attention is not supported: our core attention is causal SDPA over the whole
+sequence (megatron-core 0.16 takes `window_size` only through Transformer Engine). A model with a
+window W imports with `seq_length = min(max_position_embeddings, W)`: for sequences up to W tokens
+a sliding window changes nothing, so the model is exact there; beyond W it attends further back
+than HF would.
+
+Layouts (HF nn.Linear weights are [out, in], as mcore's):
+* q_proj/k_proj/v_proj -> `linear_qkv`, interleaved per query group as mcore splits it (for each
+  group: its query heads, then its key head, then its value head), weights and Qwen2's biases.
+* gate_proj/up_proj -> `linear_fc1` = [gate; up] (mcore's SwiGLU: silu(first half) * second half),
+  cut per half for TP (`Rule.glu`).
+* o_proj -> linear_proj, down_proj -> linear_fc2, input_layernorm / post_attention_layernorm ->
+  input_layernorm / pre_mlp_layernorm, model.norm -> decoder.final_layernorm, lm_head ->
+  output_layer (tied: a copy of embed_tokens on the last pipeline stage).
+HF's rotate-half RoPE is mcore's non-interleaved RoPE, so q/k rows need no permutation (unlike
+Meta's original checkpoints, which HF's own conversion script permutes).
+
+This module serves llama; framework/models/gpt/hf_qwen2.py and hf_mistral.py bind the same functions to
+their model types.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+import torch
+
+from framework.errors import InteropError
+from framework.models.hf_rules import Rule
+
+if TYPE_CHECKING:  # annotations only
+    from framework.config import ModelConfig
+
+HF_MODEL_TYPE = "llama"
+MODEL_TYPE = "gpt"
+HF_ARCHITECTURE = "LlamaForCausalLM"
+HF_BASE_PREFIX = "model."
+# rotary caches some old files carry (HF recomputes them)
+HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "mistral": "MistralForCausalLM"}
+_QKV_BIAS = {"llama": False, "qwen2": True, "mistral": False}
+# HF rope_type values: "default" (plain RoPE) and "llama3" are expressible
+_ROPE_TYPES = (None, "default", "llama3")
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+def _rope(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """theta and scaling from either spelling: transformers 5 `rope_parameters` (theta inside)
+    or the older top-level `rope_theta` + `rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    if isinstance(scaling, dict) and not params.get("rope_type"):
+        params.update(scaling)
+    if "rope_theta" not in params:
+        params["rope_theta"] = hf.get("rope_theta", 10000.0)
+    if "type" in params and "rope_type" not in params:  # very old spelling
+        params["rope_type"] = params["type"]
+    return params
+
+
+def _sliding_window(hf: Dict[str, Any], model_type: str) -> Optional[int]:
+    if model_type == "qwen2":
+        layer_types = hf.get("layer_types") or []
+        if not hf.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
+            return None
+    if model_type == "llama":
+        return None
+    window = hf.get("sliding_window")
+    return int(window) if window else None
+
+
+def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
+    """HF config (as a dict) of `model_type` -> our ModelConfig fields."""
+    bad = []
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        bad.append(f"hidden_act={act!r} (SwiGLU needs silu)")
+    if model_type == "llama":
+        if hf.get("attention_bias", False):
+            bad.append("attention_bias=true (o_proj bias)")
+        if hf.get("mlp_bias", False):
+            bad.append("mlp_bias=true")
+    rope = _rope(hf)
+    rope_type = rope.get("rope_type")
+    if rope_type not in _ROPE_TYPES:
+        bad.append(f"rope_type={rope_type!r} (supported: default, llama3)")
+    theta = float(rope["rope_theta"])
+    if theta != int(theta):
+        bad.append(f"rope_theta={theta} (model.rotary_base is an integer)")
+    if bad:
+        raise InteropError(f"this {model_type} config cannot be expressed as our GPT model: "
+                           + "; ".join(bad))
+    try:
+        layers, hidden = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
+        heads, vocab = int(hf["num_attention_heads"]), int(hf["vocab_size"])
+        ffn, n_pos = int(hf["intermediate_size"]), int(hf["max_position_embeddings"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InteropError(f"{model_type} config lacks a valid {e}") from None
+    groups = int(hf.get("num_key_value_heads") or heads)
+    head_dim = hf.get("head_dim")
+    kv_channels = int(head_dim) if head_dim and int(head_dim) * heads != hidden else None
+    if kv_channels is None and hidden % heads:
+        raise InteropError(f"{model_type} config: hidden_size={hidden} is not a multiple of "
+                           f"num_attention_heads={heads} and head_dim is not given")
+    window = _sliding_window(hf, model_type)
+    scaling = rope_type == "llama3"
+    extra: Dict[str, Any] = {}
+    if scaling:
+        try:
+            extra = dict(
+                rope_scaling_factor=float(rope["factor"]),
+                rope_scaling_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_scaling_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_scaling_original_max_position_embeddings=int(
+                    rope["original_max_position_embeddings"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InteropError(f"{model_type} config: rope_type llama3 lacks a valid {e}") from None
+    return dict(
+        name=f"{model_type}_hf",
+        type=MODEL_TYPE,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups if groups != heads else None,
+        ffn_hidden_size=ffn,
+        kv_channels=kv_channels,
+        seq_length=min(n_pos, window) if window else n_pos,
+        max_position_embeddings=n_pos,
+        vocab_size=vocab,
+        hidden_dropout=0.0,
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        activation="swiglu",
+        add_bias_linear=False,
+        add_qkv_bias=_QKV_BIAS[model_type],
+        position_embedding_type="rope",
+        rotary_percent=float(rope.get("partial_rotary_factor", 1.0)),
+        rotary_base=int(theta),
+        rope_scaling=scaling,
+        **extra,
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
+    return _hf_config_to_fields(hf, HF_MODEL_TYPE)
+
+
+def accepts(cfg: ModelConfig, model_type: str = HF_MODEL_TYPE) -> bool:
+    """Whether our model has this family's shape (export without a recorded HF source)."""
+    return (cfg.type == MODEL_TYPE and cfg.normalization == "RMSNorm"
+            and cfg.activation == "swiglu" and cfg.position_embedding_type == "rope"
+            and not cfg.add_bias_linear and cfg.add_qkv_bias == _QKV_BIAS[model_type])
+
+
+def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size: int,
+                               base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    heads = cfg.num_attention_heads
+    checks = [
+        (cfg.type == MODEL_TYPE, f"model.type={cfg.type!r} (needs {MODEL_TYPE!r})"),
+        (cfg.normalization == "RMSNorm", f"model.normalization={cfg.normalization!r}"),
+        (cfg.activation == "swiglu", f"model.activation={cfg.activation!r}"),
+        (cfg.position_embedding_type == "rope",
+         f"model.position_embedding_type={cfg.position_embedding_type!r}"),
+        (not cfg.add_bias_linear, "model.add_bias_linear=true"),
+        (cfg.add_qkv_bias == _QKV_BIAS[model_type],
+         f"model.add_qkv_bias={cfg.add_qkv_bias} ({model_type} has "
+         f"{'' if _QKV_BIAS[model_type] else 'no '}q/k/v biases)"),
+        (not cfg.apply_residual_connection_post_layernorm,
+         "model.apply_residual_connection_post_layernorm=true"),
+        (cfg.softmax_scale is None, f"model.softmax_scale={cfg.softmax_scale}"),
+    ]
+    bad = [msg for ok, msg in checks if not ok]
+    if bad:
+        raise InteropError(f"this model cannot be expressed as HF {model_type}: "
+                           + "; ".join(bad))
+    out: Dict[str, Any] = dict(base or {}) if (base or {}).get("model_type") == model_type \
+        else {}
+    for key in ("rope_theta", "rope_scaling", "rope_parameters", "architectures"):
+        out.pop(key, None)
+    rope: Dict[str, Any] = {"rope_type": "llama3" if cfg.rope_scaling else "default",
+                            "rope_theta": float(cfg.rotary_base)}
+    if cfg.rope_scaling:
+        rope.update(factor=cfg.rope_scaling_factor,
+                    low_freq_factor=cfg.rope_scaling_low_freq_factor,
+                    high_freq_factor=cfg.rope_scaling_high_freq_factor,
+                    original_max_position_embeddings=
+                    cfg.rope_scaling_original_max_position_embeddings)
+    if cfg.rotary_percent != 1.0:
+        rope["partial_rotary_factor"] = cfg.rotary_percent
+    out.update(
+        model_type=model_type,
+        architectures=[ARCHITECTURES[model_type]],
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.num_query_groups or heads,
+        head_dim=cfg.kv_channels or cfg.hidden_size // heads,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_positions,
+        rms_norm_eps=cfg.layernorm_epsilon,
+        initializer_range=cfg.init_method_std,
+        attention_dropout=cfg.attention_dropout,
+        tie_word_embeddings=cfg.share_embeddings_and_output_weights,
+        rope_parameters=rope,
+    )
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if model_type == "qwen2" and cfg.kv_channels in (None, cfg.hidden_size // heads) \
+            and "head_dim" not in (base or {}):
+        del out["head_dim"]  # Qwen2Config has no head_dim field (HF derives it)
+    if not base:
+        out.setdefault("sliding_window", None)
+        if model_type == "qwen2":
+            out["use_sliding_window"] = False
+        for key in ("bos_token_id", "eos_token_id"):
+            out.setdefault(key, None)
+    return out
+
+
+def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
+                              base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    return _model_config_to_hf_config(cfg, HF_MODEL_TYPE, vocab_size=vocab_size, base=base)
+
+
+# --------------------------------------------------------------------------------------------
+# tensors
+# --------------------------------------------------------------------------------------------
+def _heads(cfg: ModelConfig):
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    dim = cfg.kv_channels or cfg.hidden_size // heads
+    return heads, groups, dim
+
+
+def _qkv_to_ours(parts, cfg: ModelConfig) -> torch.Tensor:
+    """(q, k, v) rows (weights [rows, in] or biases [rows]) -> mcore's per-group interleave."""
+    heads, groups, dim = _heads(cfg)
+    q, k, v = parts
+    rest = tuple(q.shape[1:])
+    per = heads // groups
+    q = q.reshape((groups, per * dim) + rest)
+    k = k.reshape((groups, dim) + rest)
+    v = v.reshape((groups, dim) + rest)
+    return torch.cat([q, k, v], dim=1).reshape((-1,) + rest)
+
+
+def _qkv_to_hf(t: torch.Tensor, cfg: ModelConfig):
+    heads, groups, dim = _heads(cfg)
+    rest = tuple(t.shape[1:])
+    per = heads // groups
+    q, k, v = t.reshape((groups, (per + 2) * dim) + rest).split([per * dim, dim, dim], dim=1)
+    return tuple(x.reshape((-1,) + rest) for x in (q, k, v))
+
+
+def _cat(parts, cfg: ModelConfig) -> torch.Tensor:
+    return torch.cat(parts, dim=0)
+
+
+def _halves(t: torch.Tensor, cfg: ModelConfig):
+    return tuple(t.chunk(2, dim=0))
+
+
+def _rules(cfg: ModelConfig, qkv_bias: bool) -> List[Rule]:
+    p, L, H = HF_BASE_PREFIX, "decoder.layers.{i}.", HF_BASE_PREFIX + "layers.{i}."
+    att = H + "self_attn."
+    out = [
+        Rule("embedding.word_embeddings.weight", p + "embed_tokens.weight", vocab=True),
+        Rule(L + "input_layernorm.weight", H + "input_layernorm.weight"),
+        Rule(L + "self_attention.linear_qkv.weight",
+             tuple(att + x + ".weight" for x in ("q_proj", "k_proj", "v_proj")),
+             _qkv_to_ours, _qkv_to_hf),
+        Rule(L + "self_attention.linear_proj.weight", att + "o_proj.weight"),
+        Rule(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
+        Rule(L + "mlp.linear_fc1.weight",
+             (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), _cat, _halves, glu=True),
+        Rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
+        Rule("decoder.final_layernorm.weight", p + "norm.weight"),
+    ]
+    if qkv_bias:
+        out.append(Rule(L + "self_attention.linear_qkv.bias",
+                        tuple(att + x + ".bias" for x in ("q_proj", "k_proj", "v_proj")),
+                        _qkv_to_ours, _qkv_to_hf))
+    if cfg.share_embeddings_and_output_weights:
+        out.append(Rule("output_layer.weight", p + "embed_tokens.weight", vocab=True,
+                        export=False))
+    else:
+        out.append(Rule("output_layer.weight", "lm_head.weight", vocab=True))
+    return out
+
+
+def rules(cfg: ModelConfig) -> List[Rule]:
+    return _rules(cfg, cfg.add_qkv_bias)
+
+
+def optional_hf_tensors(cfg: ModelConfig) -> List[str]:
+    """A tied model's file may still carry lm_head.weight (a copy of embed_tokens)."""
+    return ["lm_head.weight"] if cfg.share_embeddings_and_output_weights else []
