@@ -305,9 +305,12 @@ def hf_to_megatron(args) -> None:
                                              "format": info["format"], "config": hf_cfg}})
         if tok_path and os.path.isdir(tok_path):  # the HF files as they are (chat template too)
             from framework.checkpoint import iter_dir
+            from framework.checkpoint.manifest import rewrite_manifest
             from framework.interop.hf_files import copy_tokenizer_files
 
-            copy_tokenizer_files(tok_path, os.path.join(iter_dir(tmp, 0), "tokenizer"))
+            if copy_tokenizer_files(tok_path, os.path.join(iter_dir(tmp, 0), "tokenizer")):
+                # the manifest must cover the copied files, not those tokenizer.save wrote
+                rewrite_manifest(iter_dir(tmp, 0), "tokenizer")
         publish(tmp, args.save)
     print(f"wrote {args.save}: {fam.HF_MODEL_TYPE} -> model.type={model_cfg.type}, "
           f"{info['tensors']} tensors, {_dtype_name(dtype)}, vocab {model_cfg.vocab_size} "

@@ -89,7 +89,7 @@ class ModelConfig:
     # Llama-3 RoPE frequency scaling (HF rope_parameters rope_type "llama3"). rope_scaling and
     # rope_scaling_factor are megatron-core's GPTModel names; mcore fixes the other three at
     # Llama 3.1's values (1, 4, 8192), so they are ours and the frequencies are computed in
-    # framework/models/rope_scaling.py from all four (HF's general llama3 parameters).
+    # framework/models/gpt/rope_scaling.py from all four (HF's general llama3 parameters).
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     rope_scaling_low_freq_factor: float = 1.0

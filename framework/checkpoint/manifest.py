@@ -297,3 +297,14 @@ def write_manifest(path: str, known: Optional[Dict[str, Tuple[int, str]]] = None
         f.flush()
         os.fsync(f.fileno())
     return sum(size for size, _ in files.values())
+
+
+def rewrite_manifest(path: str, changed: str) -> int:
+    """Rewrite `path`/manifest.json after the files under `changed` (a directory relative to
+    `path`, e.g. "tokenizer") were replaced, before the checkpoint is published: the other files
+    keep their recorded digests, those under `changed` are hashed again. Returns the bytes
+    covered."""
+    old = read_manifest(path) or {}
+    keep = {rel: v for rel, v in old.items()
+            if rel != changed and not rel.startswith(changed.rstrip("/") + "/")}
+    return write_manifest(path, keep)
