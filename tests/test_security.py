@@ -1,6 +1,7 @@
 """Safe by default: malicious checkpoint pickles are refused (the payload never runs), `_target_`
 only at plugin points, secrets masked, no escaping paths from checkpoint metadata."""
 import io
+import json
 import os
 import pickle
 import re
@@ -40,7 +41,15 @@ def seed_ckpt(tmp_path_factory):
 
 
 def _copy(src, dst):
+    """A copy without manifest.json (as a checkpoint written before manifests, or by whoever
+    tampered with it and dropped the manifest): the unpickling guard is what is tested here, not
+    the manifest (tests/test_integrity.py covers that)."""
     shutil.copytree(src, dst)
+    path = dst / "iter_0000000"
+    os.remove(path / "manifest.json")
+    meta = json.loads((path / "framework.json").read_text())
+    meta.pop("manifest")
+    (path / "framework.json").write_text(json.dumps(meta, indent=1))
     return dst
 
 
