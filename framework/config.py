@@ -60,6 +60,12 @@ class ModelConfig:
 
     name: str = "gpt_tiny"
     type: str = "gpt"  # model family: a name in framework.models.registry.FAMILIES
+    # The preset's learning rate (and floor), used when optimizer.lr (optimizer.min_lr) is null:
+    # a tiny CPU model and a 1.5B model do not share one good learning rate. Not architecture,
+    # and never compared on resume. Every preset in conf/model sets it; 1e-3 is for configs built
+    # in code (Config(), HF imports).
+    default_lr: Optional[float] = 1e-3
+    default_min_lr: Optional[float] = None
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -416,8 +422,10 @@ class OptimizerConfig:
     """Fields named as in megatron.core.optimizer.OptimizerConfig and OptimizerParamScheduler."""
 
     optimizer: str = "adam"
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    # null: the model preset's default_lr / default_min_lr (min_lr: else 0.1 x lr, as in
+    # Megatron-LM's GPT recipes); resolved once the whole config is known (Config.__post_init__)
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -442,9 +450,8 @@ class OptimizerConfig:
         check_numbers(self, "optimizer.")  # lr=inf would train and skip every step as non-finite
         choice(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")
         choice(self.lr_decay_style, ("linear", "cosine", "constant"), "optimizer.lr_decay_style")
-        require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
-        require(0 <= self.min_lr <= self.lr,
-                 f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+        if self.lr is not None:
+            self._check_lr()
         for f in ("adam_beta1", "adam_beta2", "sgd_momentum"):
             require(0 <= getattr(self, f) < 1, f"optimizer.{f}={getattr(self, f)} must be in "
                                                 f"[0, 1)")
@@ -465,11 +472,31 @@ class OptimizerConfig:
                  f"optimizer.initial_loss_scale={self.initial_loss_scale}")
         require(self.hysteresis >= 1, f"optimizer.hysteresis={self.hysteresis} must be >= 1")
 
+    def _check_lr(self) -> None:
+        require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
+        if self.min_lr is not None:
+            require(0 <= self.min_lr <= self.lr,
+                     f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+
+    def resolve_lr(self, model: "ModelConfig") -> None:
+        """Fill a null lr / min_lr from the model preset (see the field comments)."""
+        from_model = self.lr is None
+        if from_model:
+            require(model.default_lr is not None,
+                     f"optimizer.lr is null and model={model.name} has no default_lr: give "
+                     f"optimizer.lr=<value>")
+            self.lr = float(model.default_lr)
+        if self.min_lr is None:
+            floor = model.default_min_lr if from_model else None
+            self.min_lr = float(floor) if floor is not None else float(f"{self.lr / 10:.6g}")
+        self._check_lr()
+
 
 # --------------------------------------------------------------------------------------------
 # data and tokenizer
 # --------------------------------------------------------------------------------------------
 EMBEDDED_DOCUMENTS_LIMIT = 200_000
+
 
 
 @dataclass
@@ -709,6 +736,7 @@ class Config:
 
     def __post_init__(self) -> None:
         m, p, t = self.model, self.parallel, self.train
+        self.optimizer.resolve_lr(m)
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         require(m.num_attention_heads % tp == 0,
                  f"model.num_attention_heads={m.num_attention_heads} must be divisible by "

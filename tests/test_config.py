@@ -6,7 +6,7 @@ import pytest
 
 from framework.cli import register_resolvers
 from framework.config import Config, ConfigError, register_configs
-from helpers import ROOT, load_config, run_train
+from helpers import ROOT, config_error, load_config, run_train
 
 CONF = os.path.join(ROOT, "conf")
 register_configs()
@@ -124,3 +124,31 @@ def test_cfg_job_prints_config(tmp_path):
     r = _train("--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "num_attention_heads" in r.stdout and "tensor_model_parallel_size" in r.stdout
+
+
+def test_learning_rate_comes_from_the_model_preset_unless_given():
+    """optimizer.lr/min_lr null -> the preset's default_lr/default_min_lr (min_lr: lr/10 if the
+    preset gives none); an explicit value wins; every preset has a learning rate (one shared
+    default once gave gpt2_large the tiny default job's 3e-3)."""
+    import glob
+    import os
+
+    from helpers import ROOT, load_config
+
+    c = load_config()
+    assert (c.model.name, c.optimizer.lr, c.optimizer.min_lr) == ("gpt_tiny", 3e-3, 1e-4)
+    c = load_config("model=gpt2_large")
+    assert (c.optimizer.lr, c.optimizer.min_lr) == (2.5e-4, 2.5e-5)
+    c = load_config("model=gpt2_large", "optimizer.lr=1e-3")
+    assert (c.optimizer.lr, c.optimizer.min_lr) == (1e-3, 1e-4)
+    c = load_config("model=gpt2_large", "optimizer.min_lr=0")
+    assert (c.optimizer.lr, c.optimizer.min_lr) == (2.5e-4, 0.0)
+    assert load_config("optimizer=sgd").optimizer.lr == 0.1
+    for path in glob.glob(os.path.join(ROOT, "conf", "model", "*.yaml")):
+        name = os.path.basename(path)[:-5]
+        assert "\ndefault_lr:" in open(path).read(), name  # not the dataclass's fallback
+        c = load_config(f"model={name}")
+        assert c.optimizer.lr is not None and 0 < c.optimizer.min_lr < c.optimizer.lr, name
+        if not name.endswith("_tiny"):
+            assert c.optimizer.lr <= 1e-3, (name, c.optimizer.lr)
+    assert "no default_lr" in config_error("model.default_lr=null")

@@ -216,7 +216,7 @@ def test_reshape_with_optimizer_round_trips_the_state(work, capsys):
         chunks = _build(model_cfg, P1)
         load_checkpoint(str(d / "tp1"), chunks, None, None, model_cfg=model_cfg,
                         with_optimizer=False)
-        opt, sched = build_optimizer(OptimizerConfig(), chunks, **opt_kw)
+        opt, sched = build_optimizer(OptimizerConfig(lr=1e-3, min_lr=1e-4), chunks, **opt_kw)
         chunks[0](tokens, pos, None, labels=tokens).mean().backward()
         assert opt.step()[0]
         sched.step(increment=1)
@@ -240,7 +240,7 @@ def test_reshape_with_optimizer_round_trips_the_state(work, capsys):
     assert keys and not [k for k in keys if k.startswith("optimizer.")]
     with convert.single_process_world():
         chunks = _build(model_cfg, P1)
-        opt, sched = build_optimizer(OptimizerConfig(), chunks, **opt_kw)
+        opt, sched = build_optimizer(OptimizerConfig(lr=1e-3, min_lr=1e-4), chunks, **opt_kw)
         meta2 = load_checkpoint(str(d / "opt_tp1"), chunks, opt, sched, model_cfg=model_cfg)
         assert meta2["iteration"] == 7 and meta2["consumed_samples"] == 14
         assert sched.num_steps == 1

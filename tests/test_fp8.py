@@ -304,7 +304,7 @@ def test_state_dict_and_checkpoint_unchanged_by_the_switch(mp1, tmp_path):
     assert sorted(on[0].sharded_state_dict()) == sorted(off[0].sharded_state_dict())
 
     def with_opt(model):
-        opt, sched = build_optimizer(OptimizerConfig(lr_warmup_steps=0), model, max_steps=10,
+        opt, sched = build_optimizer(OptimizerConfig(lr=1e-3, min_lr=1e-4, lr_warmup_steps=0), model, max_steps=10,
                                      bf16=False, fp16=False, use_distributed_optimizer=False,
                                      overlap_param_gather=False, on_gpu=False)
         _loss_and_grads(model[0])

@@ -187,7 +187,7 @@ def test_gpu_load_hf_into_model_fp32_and_bf16(tmp_path):
         chunks = build_model(model_cfg, ParallelConfig(), bf16=True, fp16=False,
                              vocab_size=padded_vocab_size(V, DIV, 1), wrap_ddp=True,
                              device=torch.device("cuda", torch.cuda.current_device()))
-        opt, _sched = build_optimizer(OptimizerConfig(), chunks, max_steps=10, bf16=True,
+        opt, _sched = build_optimizer(OptimizerConfig(lr=1e-3, min_lr=1e-4), chunks, max_steps=10, bf16=True,
                                       fp16=False, use_distributed_optimizer=False,
                                       overlap_param_gather=False, on_gpu=True)
         load_checkpoint(str(tmp_path / "ck"), chunks, opt, None, model_cfg=model_cfg,

@@ -138,7 +138,7 @@ def _build(seed=0):
     torch.manual_seed(seed)
     model = build_model(MODEL, ParallelConfig(), vocab_size=128, bf16=False, fp16=False,
                         device=torch.device("cpu"), wrap_ddp=False)
-    opt, sched = build_optimizer(OptimizerConfig(lr_warmup_steps=0), model, max_steps=10,
+    opt, sched = build_optimizer(OptimizerConfig(lr=1e-3, min_lr=1e-4, lr_warmup_steps=0), model, max_steps=10,
                                  bf16=False, fp16=False, use_distributed_optimizer=False,
                                  overlap_param_gather=False, on_gpu=False)
     return model, opt, sched
