@@ -51,7 +51,8 @@ def hf_train_export(tmp_path, *, hf_cfg, model_overrides, target_tp, target_pp, 
     output rows, train losses)."""
     from transformers import GPT2LMHeadModel
 
-    from framework.config import DataConfig, TrainConfig
+    from framework.config import DataConfig, ModelConfig, TrainConfig
+    from framework.models.registry import family
     from framework.tokenizer import embedded_tokenizer
     from framework.training.data import build_train_data
 
@@ -87,7 +88,8 @@ def hf_train_export(tmp_path, *, hf_cfg, model_overrides, target_tp, target_pp, 
     data = build_train_data(DataConfig(), embedded_tokenizer(),
                             TrainConfig(max_steps=STEPS, micro_batch_size=MB,
                                         global_batch_size=MB, eval_interval=STEPS, eval_iters=1),
-                            seq_length=seq, dp_rank=0, dp_size=1)
+                            ModelConfig(seq_length=seq), family("gpt").parts(),
+                            dp_rank=0, dp_size=1)
     batch = next(data.valid_iterators(1)[0])
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
