@@ -182,9 +182,8 @@ for name in sorted(names):
     built += 1
 print("built", built)
 """
-    import subprocess, sys, os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                       timeout=300)
+    from helpers import run
+
+    r = run("-c", code, timeout=300, fresh=True)  # fresh: not a fork of a warmed-up process
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split()[-1]) >= 1, r.stdout
