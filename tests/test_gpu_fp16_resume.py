@@ -104,3 +104,34 @@ def test_fp16_resume_keeps_the_loss_scaler_state(tmp_path):
     print(f"\nfp16 resume at step {stop}: scaler {_scaler(f'{tmp_path}/b', stop)} -> "
           f"{_scaler(f'{tmp_path}/b', N)} at {N}, equal to the uninterrupted run's; "
           f"loss scales {scales}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_resume_from_a_checkpoint_saved_before_the_first_step(tmp_path):
+    """A bf16 checkpoint written at train.max_steps=0 holds the fp32 main params but no Adam
+    moments yet; resuming it (same checkpoint.dir, more steps) trains exactly like one run."""
+    common = ["train.device=cuda", "train.progress_bar=false", "train.log_interval=1",
+              "train.eval_interval=0", "train.micro_batch_size=8", "train.global_batch_size=16",
+              "optimizer.lr_decay_steps=4", "checkpoint.save_interval=100",
+              "parallel.data_parallel_size=1"]
+
+    def run(name, ck, steps):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common,
+                            f"train.max_steps={steps}", f"hydra.run.dir={tmp_path}/{name}",
+                            f"checkpoint.dir={ck}"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    run("seed", f"{tmp_path}/b", 0)
+    rest = run("rest", f"{tmp_path}/b", 4)
+    assert "holds no Adam moments" in rest.stdout + rest.stderr
+    run("full", f"{tmp_path}/a", 4)
+    def losses(name):
+        recs = [json.loads(l) for l in open(os.path.join(tmp_path, name, "metrics.jsonl"))]
+        return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+    got, ref = losses("rest"), losses("full")
+    assert sorted(got) == [1, 2, 3, 4]
+    assert got == ref  # exact

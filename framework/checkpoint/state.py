@@ -355,6 +355,11 @@ def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, *, model_cfg: Mo
         template.pop("rng_state", None)
     fresh_optimizer = with_optimizer and optimizer is not None and \
         not _optimizer_state_stored(template, path, allow_symlinks)
+    if with_optimizer and optimizer is not None and not fresh_optimizer and \
+            _drop_unstored_moments(template["optimizer"], path, allow_symlinks) and _rank() == 0:
+        print(f"note: {path} holds no Adam moments (every step before it was skipped, e.g. "
+              f"fp16 loss-scale overflows); they start fresh, the rest of the optimizer state "
+              f"is loaded", flush=True)
     if fresh_optimizer:
         # saved before the optimizer's first step (train.max_steps=0, or every step skipped):
         # Adam's moments did not exist yet, and a fresh optimizer is exactly that state
@@ -384,6 +389,46 @@ def _optimizer_state_stored(template: Dict[str, Any], path: str, allow_symlinks:
         return True
     stored = read_dist(path, "metadata", allow_symlinks=allow_symlinks).state_dict_metadata
     return any(k in stored for k in keys)
+
+
+def _drop_unstored_moments(opt_template: Any, path: str, allow_symlinks: bool) -> bool:
+    """Empty each per-parameter `state` of `opt_template` (a torch optimizer state dict inside
+    megatron-core's sharded optimizer template) when the checkpoint stores none of its tensors.
+
+    A mixed-precision optimizer saves its fp32 main params and loss scaler from the start, but
+    Adam's moments only exist after the first optimizer step that was not skipped: an fp16 run
+    stopped while the loss scale is still backing off has the first and not the second. Loading
+    an empty `state` leaves Adam to create its moments lazily at its first real step, as the
+    uninterrupted run did. A `state` with only some of its tensors stored is left as it is (the
+    shape check then names what is missing). Returns whether anything was dropped."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = None
+    dropped = False
+
+    def walk(d: Any) -> None:
+        nonlocal stored, dropped
+        if isinstance(d, dict):
+            st = d.get("state")
+            if "param_groups" in d and isinstance(st, dict) and st:
+                keys = [v.key for v in nested_values(st) if isinstance(v, ShardedTensor)]
+                if keys:
+                    if stored is None:
+                        stored = read_dist(path, "metadata",
+                                           allow_symlinks=allow_symlinks).state_dict_metadata
+                    if not any(k in stored for k in keys):
+                        d["state"] = {}
+                        dropped = True
+                        return
+            for v in d.values():
+                walk(v)
+        elif isinstance(d, (list, tuple)):
+            for v in d:
+                walk(v)
+
+    walk(opt_template)
+    return dropped
 
 
 def _apply_state(state: Dict[str, Any], model, optimizer, scheduler, with_optimizer: bool,
