@@ -351,54 +351,43 @@ def sentinel_ids(tokenizer: Tokenizer) -> List[int]:
     return [vocab[n] for n in names if n in vocab]
 
 
+def require_token(tokenizer: Tokenizer, what: str, value: Optional[int], family: str,
+                  why: str) -> int:
+    """`value` (a special token's id), or a one-line ConfigError naming the token."""
+    if value is None:
+        name = tokenizer.hf.name_or_path or "embedded"
+        raise ConfigError(f"tokenizer {name!r} has no {what} token, which model.type={family} "
+                          f"needs ({why})")
+    return int(value)
+
+
 class MaskedLMTokenizerAdapter(MegatronTokenizerAdapter):
     """What megatron-core's `BERTMaskedWordPieceDataset` / `T5MaskedWordPieceDataset` read.
 
     BERT needs `cls`, `sep`, `mask` and `inv_vocab` (WordPiece `##` continuation pieces are
     masked with their word); T5 needs `mask`, `bos` (the decoder start; HF T5 has none and starts
-    the decoder with its pad id), `eos` and at least `min_sentinels` sentinel ids
-    (`additional_special_tokens_ids`). A missing token is a one-line ConfigError naming it.
+    the decoder with its pad id), `eos` and sentinel ids (`additional_special_tokens_ids`). Each
+    family resolves its ids in its own `data.py` (`require_token`: a missing token is a one-line
+    ConfigError naming it).
 
     `pad` always raises, so mcore pads with -1, a value no token has: its padding masks
     (`padding_mask`, `enc_mask`, `dec_mask`) then never confuse padding with a real token (mcore
     compares ids with the pad id after masking, when random replacement tokens may equal it).
     """
 
-    def __init__(self, tokenizer: Tokenizer, model_type: str, min_sentinels: int = 0) -> None:
+    def __init__(self, tokenizer: Tokenizer, family: str, *, cls: Optional[int],
+                 sep: Optional[int], mask: int, bos: Optional[int],
+                 sentinels: Sequence[int] = ()) -> None:
+        """The ids come resolved by the family (framework/models/<family>/data.py); `family`
+        is only part of the dataset cache key."""
         super().__init__(tokenizer)
         hf = tokenizer.hf
-        name = hf.name_or_path or "embedded"
-        self.model_type = model_type
-
-        def need(what: str, value: Optional[int], why: str) -> int:
-            if value is None:
-                raise ConfigError(f"tokenizer {name!r} has no {what} token, which "
-                                  f"model.type={model_type} needs ({why})")
-            return int(value)
-
-        if model_type == "bert":
-            self._cls = need("CLS", hf.cls_token_id, "it starts every sample")
-            self._sep = need("SEP", hf.sep_token_id, "it ends each segment")
-            self._mask = need("MASK", hf.mask_token_id, "masked-LM input")
-            self._bos = tokenizer.bos
-            self._sentinels: List[int] = []
-        else:
-            self._cls = hf.cls_token_id  # only compared with token ids by mcore
-            self._sep = hf.sep_token_id
-            self._sentinels = sentinel_ids(tokenizer)
-            if len(self._sentinels) < max(1, min_sentinels):
-                raise ConfigError(
-                    f"tokenizer {name!r} has {len(self._sentinels)} sentinel tokens "
-                    f"(<extra_id_N>), model.type=t5 needs at least {max(1, min_sentinels)} "
-                    f"(one per masked span: data.masking_probability x model.seq_length)")
-            # the id that replaces masked tokens before spans become sentinels (never emitted)
-            self._mask = hf.mask_token_id if hf.mask_token_id is not None else self._sentinels[0]
-            bos = hf.bos_token_id if hf.bos_token_id is not None else hf.pad_token_id
-            self._bos = need("BOS (or PAD)", bos, "the decoder start token")
+        self._cls, self._sep, self._mask, self._bos = cls, sep, mask, bos
+        self._sentinels: List[int] = list(sentinels)
         # in id order: mcore draws random replacement tokens by position in inv_vocab's keys, and
         # a fast tokenizer's get_vocab() order differs between processes (a Rust HashMap)
         self._inv_vocab = {i: t for t, i in sorted(hf.get_vocab().items(), key=lambda kv: kv[1])}
-        self.unique_identifiers["mlm"] = [model_type, self._cls, self._sep, self._mask,
+        self.unique_identifiers["mlm"] = [family, self._cls, self._sep, self._mask,
                                           self._bos, len(self._sentinels)]
 
     @property

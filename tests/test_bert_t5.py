@@ -9,7 +9,9 @@ import torch
 
 from framework.config import ConfigError
 from framework.data.sentences import split_sentences
-from framework.tokenizer import (MaskedLMTokenizerAdapter, Tokenizer, embedded_mlm_tokenizer,
+from framework.models.bert.data import adapter as bert_adapter
+from framework.models.t5.data import adapter_for_spans as t5_adapter
+from framework.tokenizer import (Tokenizer, embedded_mlm_tokenizer,
                                  embedded_tokenizer)
 from helpers import losses, run_train
 from tests.test_config import load
@@ -90,20 +92,20 @@ def test_embedded_sentence_corpus(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_embedded_mlm_tokenizer_adapter():
     tok = embedded_mlm_tokenizer()
-    bert = MaskedLMTokenizerAdapter(tok, "bert")
+    bert = bert_adapter(tok)
     assert (bert.cls, bert.sep, bert.mask, tok.pad) == (1, 2, 3, 0)
     assert list(bert.inv_vocab) == list(range(tok.vocab_size))  # id order (mcore draws by index)
     with pytest.raises(AttributeError):
         bert.pad  # mcore pads with -1: padding never looks like a token
-    t5 = MaskedLMTokenizerAdapter(tok, "t5", min_sentinels=10)
+    t5 = t5_adapter(tok, 10)
     assert t5.bos == 5 and t5.eos == 4
     assert tok.decode(t5.additional_special_tokens_ids[:2]) == "<extra_id_0><extra_id_1>"
     with pytest.raises(ConfigError, match="needs at least 100"):
-        MaskedLMTokenizerAdapter(tok, "t5", min_sentinels=100)
+        t5_adapter(tok, 100)
     with pytest.raises(ConfigError, match="no CLS token.*model.type=bert"):
-        MaskedLMTokenizerAdapter(embedded_tokenizer(), "bert")
+        bert_adapter(embedded_tokenizer())
     with pytest.raises(ConfigError, match="0 sentinel tokens"):
-        MaskedLMTokenizerAdapter(embedded_tokenizer(), "t5")
+        t5_adapter(embedded_tokenizer(), 0)
 
 
 def test_hf_wordpiece_and_t5_style_tokenizers(tmp_path):
@@ -125,7 +127,7 @@ def test_hf_wordpiece_and_t5_style_tokenizers(tmp_path):
     from framework.tokenizer import build_tokenizer
 
     bert = build_tokenizer(TokenizerConfig(path=str(tmp_path / "bert")))
-    a = MaskedLMTokenizerAdapter(bert, "bert")
+    a = bert_adapter(bert)
     assert (a.cls, a.sep, a.mask) == (3, 4, 5)
     assert a.inv_vocab[9] == "##s"  # whole-word masking sees the continuation piece
     assert bert.encode("the cats sat.") == [6, 7, 9, 8, 10]
@@ -137,11 +139,11 @@ def test_hf_wordpiece_and_t5_style_tokenizers(tmp_path):
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     t5 = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>",
                                            eos_token="</s>", unk_token="<unk>"))
-    b = MaskedLMTokenizerAdapter(t5, "t5", min_sentinels=3)
+    b = t5_adapter(t5, 3)
     assert b.additional_special_tokens_ids == [7, 6, 5]
     assert b.bos == 0 and b.eos == 1  # the decoder starts with the pad id, as in HF T5
     with pytest.raises(ConfigError, match="no CLS"):
-        MaskedLMTokenizerAdapter(t5, "bert")
+        bert_adapter(t5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,12 +5,20 @@ pretrain_bert.py choices), with sentence pairs for the binary head. The tokenize
 from __future__ import annotations
 
 from framework.data.masked_lm import build_masked_lm_datasets
-from framework.tokenizer import MaskedLMTokenizerAdapter
+from framework.tokenizer import MaskedLMTokenizerAdapter, require_token
 
 
 def adapter(tokenizer) -> MaskedLMTokenizerAdapter:
     """The adapter mcore's BERT dataset reads; a ConfigError names a missing token."""
-    return MaskedLMTokenizerAdapter(tokenizer, "bert")
+    hf = tokenizer.hf
+
+    def need(what, value, why):
+        return require_token(tokenizer, what, value, "bert", why)
+
+    return MaskedLMTokenizerAdapter(
+        tokenizer, "bert", cls=need("CLS", hf.cls_token_id, "it starts every sample"),
+        sep=need("SEP", hf.sep_token_id, "it ends each segment"),
+        mask=need("MASK", hf.mask_token_id, "masked-LM input"), bos=tokenizer.bos)
 
 
 def check_tokenizer(tokenizer, cfg) -> None:

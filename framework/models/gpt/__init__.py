@@ -6,7 +6,7 @@
 * `data.py`: megatron-core's GPT datasets; any tokenizer (the character tokenizer on
   `data=embedded`);
 * `hf_gpt2.py`: Hugging Face GPT-2 weights and config;
-* `hf_llama.py` (with `hf_qwen2.py`, `hf_mistral.py`): Hugging Face Llama, Qwen2 and Mistral,
+* `hf_llama.py` (its `variant` for qwen2 and mistral): Hugging Face Llama, Qwen2 and Mistral,
   Llama-style decoders that are this family in megatron-core terms (RMSNorm, SwiGLU, RoPE, GQA);
   `rope_scaling.py`: Llama-3 RoPE frequency scaling (`model.rope_scaling*`);
 * config: no checks beyond the shared ones; FLOPs: Megatron's dense count.
@@ -17,14 +17,13 @@ from framework.models.spec import ModelParts, ModelSpec
 
 
 def _load() -> ModelParts:
-    from framework.models.gpt import (data, hf_gpt2, hf_llama, hf_mistral, hf_qwen2, model,
-                                      step)
+    from framework.models.gpt import data, hf_gpt2, hf_llama, model, step
     from framework.tokenizer import embedded_tokenizer
 
     return ModelParts(build=model.build_gpt, train_step=step.GPTTrainStep, datasets=data.datasets,
                       embedded_tokenizer=embedded_tokenizer,
-                      hf={"gpt2": hf_gpt2, "llama": hf_llama, "qwen2": hf_qwen2,
-                          "mistral": hf_mistral})
+                      hf={"gpt2": hf_gpt2, "llama": hf_llama, "qwen2": hf_llama.variant("qwen2"),
+                          "mistral": hf_llama.variant("mistral")})
 
 
 SPEC = ModelSpec(

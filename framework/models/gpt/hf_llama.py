@@ -25,12 +25,13 @@ Layouts (HF nn.Linear weights are [out, in], as mcore's):
 HF's rotate-half RoPE is mcore's non-interleaved RoPE, so q/k rows need no permutation (unlike
 Meta's original checkpoints, which HF's own conversion script permutes).
 
-This module serves llama; framework/models/gpt/hf_qwen2.py and hf_mistral.py bind the same functions to
-their model types.
+This module serves llama; `variant("qwen2")` and `variant("mistral")` bind the same functions to
+those model types (module objects of the same interface, framework/models/gpt/__init__.py).
 """
 from __future__ import annotations
 
 import re
+import types
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
@@ -313,3 +314,23 @@ def rules(cfg: ModelConfig) -> List[Rule]:
 def optional_hf_tensors(cfg: ModelConfig) -> List[str]:
     """A tied model's file may still carry lm_head.weight (a copy of embed_tokens)."""
     return ["lm_head.weight"] if cfg.share_embeddings_and_output_weights else []
+
+
+def variant(model_type: str) -> types.ModuleType:
+    """This module's interface bound to another HF `model_type` of the family (qwen2, mistral):
+    a module object with the same names, so the interop layer treats it like `hf_llama`.
+
+    A Mistral is never chosen by shape alone: it is a Llama shape, exported as llama unless the
+    checkpoint records a mistral source (or megatron-to-hf --hf-model-type mistral)."""
+    mod = types.ModuleType(f"{__name__}[{model_type}]", f"HF model_type {model_type!r} "
+                           f"({ARCHITECTURES[model_type]}) <-> gpt: the mapping of {__name__}")
+    mod.__dict__.update(
+        HF_MODEL_TYPE=model_type, HF_ARCHITECTURE=ARCHITECTURES[model_type],
+        MODEL_TYPE=MODEL_TYPE, HF_BASE_PREFIX=HF_BASE_PREFIX, HF_IGNORED=HF_IGNORED,
+        rules=rules, optional_hf_tensors=optional_hf_tensors,
+        hf_config_to_fields=lambda hf: _hf_config_to_fields(hf, model_type),
+        model_config_to_hf_config=lambda cfg, *, vocab_size, base=None:
+            _model_config_to_hf_config(cfg, model_type, vocab_size=vocab_size, base=base),
+        accepts=(lambda cfg: False) if model_type == "mistral"
+            else (lambda cfg: accepts(cfg, model_type)))
+    return mod

@@ -8,14 +8,33 @@ from __future__ import annotations
 import math
 
 from framework.data.masked_lm import build_masked_lm_datasets
-from framework.tokenizer import MaskedLMTokenizerAdapter
+from framework.errors import ConfigError
+from framework.tokenizer import MaskedLMTokenizerAdapter, require_token, sentinel_ids
 
 
 def adapter(tokenizer, model_cfg, data_cfg) -> MaskedLMTokenizerAdapter:
     """The adapter mcore's T5 dataset reads: one sentinel per masked span at most; a ConfigError
     names a missing token."""
     spans = math.ceil(data_cfg.masking_probability * max(model_cfg.seq_length - 2, 1))
-    return MaskedLMTokenizerAdapter(tokenizer, "t5", min_sentinels=spans)
+    return adapter_for_spans(tokenizer, spans)
+
+
+def adapter_for_spans(tokenizer, spans: int) -> MaskedLMTokenizerAdapter:
+    """`adapter` for at most `spans` masked spans per sample."""
+    hf = tokenizer.hf
+    sentinels = sentinel_ids(tokenizer)
+    if len(sentinels) < max(1, spans):
+        raise ConfigError(
+            f"tokenizer {hf.name_or_path or 'embedded'!r} has {len(sentinels)} sentinel tokens "
+            f"(<extra_id_N>), model.type=t5 needs at least {max(1, spans)} (one per masked "
+            f"span: data.masking_probability x model.seq_length)")
+    bos = hf.bos_token_id if hf.bos_token_id is not None else hf.pad_token_id
+    return MaskedLMTokenizerAdapter(
+        tokenizer, "t5", cls=hf.cls_token_id, sep=hf.sep_token_id,  # only compared with ids
+        # the id that replaces masked tokens before spans become sentinels (never emitted)
+        mask=hf.mask_token_id if hf.mask_token_id is not None else sentinels[0],
+        bos=require_token(tokenizer, "BOS (or PAD)", bos, "t5", "the decoder start token"),
+        sentinels=sentinels)
 
 
 def check_tokenizer(tokenizer, cfg) -> None:
