@@ -129,3 +129,25 @@ def test_the_toy_family_trains_through_framework_run(toy, tmp_path):
     assert len(losses) == 3 and all(0 < x < 20 for x in losses), losses
     meta = json.loads((tmp_path / "ckpt" / "iter_0000003" / "framework.json").read_text())
     assert meta["config"]["model"]["type"] == "toy"
+
+
+def test_train_mfu_counts_the_same_flops_as_the_benchmarks():
+    """train.py's MFU (the family's FLOPs per token) and benchmarks/shapes.py's count agree on
+    Llama, Qwen2 and GPT-2 presets (they differed by ~14% on Llama 3.2 1B: SwiGLU's third
+    matrix and GQA were not counted), and GPT-2 shapes still get Megatron's formula."""
+    from benchmarks import shapes
+    from framework.models.registry import family
+    from framework.models.spec import flops_per_token
+    from tests.test_config import load
+
+    for preset, shape in [("llama3_2_1b", "llama3_1b"), ("qwen2_5_1_5b", "qwen2_5_1_5b"),
+                          ("gpt2_large", "gpt2_large")]:
+        cfg = load(f"model={preset}", "train.device=cpu")
+        sh = shapes.get_shape(shape)
+        m = cfg.model
+        assert (m.num_layers, m.hidden_size, m.seq_length) == (sh.layers, sh.hidden, sh.seq)
+        got = family("gpt").flops_per_token(m, sh.vocab)
+        assert got == pytest.approx(sh.flops_per_token(), rel=1e-12), preset
+    gpt2 = load("model=gpt2_large", "train.device=cpu").model
+    assert family("gpt").flops_per_token(gpt2, 50304) == pytest.approx(
+        flops_per_token(gpt2.num_layers, gpt2.hidden_size, gpt2.seq_length, 50304), rel=1e-12)

@@ -36,9 +36,25 @@ def flops_per_token(num_layers: int, hidden: int, seq: int, vocab: int) -> float
 
 
 def dense_flops_per_token(model_cfg: Any, vocab: int) -> float:
-    """`flops_per_token` of a model config (GPT, and BERT: an encoder stack of the same shape)."""
-    return flops_per_token(model_cfg.num_layers, model_cfg.hidden_size, model_cfg.seq_length,
-                           vocab)
+    """Model FLOPs per token of a dense decoder or encoder stack (GPT, Llama-style, BERT),
+    forward and backward, no recompute: 6 x the weights each token multiplies (every layer's
+    QKV with its query groups, the attention projection, the MLP with 2 or 3 matrices for plain
+    or gated activations, and the output layer) + 12 x layers x attention width x sequence (the
+    scores and the weighted values over the full square, as Megatron and PaLM count them).
+
+    For a GPT-2 shape (MHA, FFN 4h, ungated) this is `flops_per_token`, Megatron's formula;
+    for Llama shapes it counts SwiGLU's third matrix and GQA's narrower K/V, which that formula
+    does not. benchmarks/shapes.py's `Shape.flops_per_token` is the same count."""
+    m = model_cfg
+    h, heads = m.hidden_size, m.num_attention_heads
+    hd = m.kv_channels or h // heads
+    groups = m.num_query_groups or heads
+    ffn = m.ffn_hidden_size or 4 * h
+    q = heads * hd
+    attn = h * q + 2 * h * groups * hd + q * h
+    mlp = (3 if m.activation in ("swiglu", "geglu_tanh") else 2) * h * ffn
+    matmul = m.num_layers * (attn + mlp) + vocab * h
+    return 6.0 * matmul + 12.0 * m.num_layers * q * m.seq_length
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Throughput, MFU, the log line, metrics.jsonl and optional trackers (W&B, TensorBoard).
 
 MFU divides the model family's FLOPs per token (`ModelSpec.flops_per_token`; for a dense layer
-stack Megatron's count, Narayanan et al., 2021:
-    FLOPs per token = 72 * l * h^2 * (1 + s / (6 h) + V / (12 l h)),
-forward + backward, no recompute counted) by the card's dense bf16 peak (`PEAK_TFLOPS`).
+stack `framework.models.spec.dense_flops_per_token`: 6 x the weights a token multiplies + 12 x
+layers x attention width x sequence, which is Megatron's 72 l h^2 (1 + s/6h + V/12lh) for GPT-2
+shapes and also counts SwiGLU and GQA right; forward + backward, no recompute counted) by the
+card's dense bf16 peak (`PEAK_TFLOPS`).
 """
 from __future__ import annotations
 
