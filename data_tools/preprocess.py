@@ -223,6 +223,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
     parser.add_argument("--append-eod", action="store_true",
                         help="append the EOD (EOS) id to every document")
+    parser.add_argument("--prepend-bos", action="store_true",
+                        help="start every document with the tokenizer's BOS id (Llama-style "
+                             "pretraining data; the tokenizer must have a BOS token)")
     parser.add_argument("--split-sentences", action="store_true",
                         help="one item per sentence (documents become lists of sentences; "
                              "for BERT/T5 data)")
@@ -252,6 +255,9 @@ def run(args: argparse.Namespace) -> List[str]:
         for key in args.json_keys:
             source.check_key(key)
     tokenizer = _build_tokenizer(args)
+    if getattr(args, "prepend_bos", False) and tokenizer.hf.bos_token_id is None:
+        raise InputError(f"--prepend-bos: tokenizer {tokenizer.hf.name_or_path or 'embedded'!r} "
+                         f"has no BOS token")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
         out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -269,6 +275,7 @@ def run(args: argparse.Namespace) -> List[str]:
             documents = (text for source in sources for text in source.texts(key))
             preprocess(documents, tokenizer, os.path.join(staging, name),
                        append_eod=args.append_eod, workers=args.workers, progress=progress,
+                       prepend_bos=getattr(args, "prepend_bos", False),
                        split_sentences=args.split_sentences)
             info = read_index(os.path.join(staging, name))
             # one EOD ends each document that has a sequence (empty documents have none)

@@ -121,6 +121,35 @@ def test_whitespace_that_tokenizes_is_a_sequence(tmp_path, embedded_dir, eod):
     assert [ds[i].tolist() for i in range(len(ds))] == seqs and len(seqs) == 3
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["document", "sentence"])
+def test_prepend_bos_starts_each_document_with_bos(tmp_path, wordpiece_dir, split, capsys):
+    """--prepend-bos: BOS first in every document that has tokens (its first sentence when
+    split), EOD last; empty documents stay boundaries. A tokenizer without BOS is refused."""
+    from framework.tokenizer import embedded_mlm_tokenizer
+
+    d = tmp_path / "mlm"
+    tok = embedded_mlm_tokenizer()
+    tok.save(str(d))
+    bos, eod = tok.hf.bos_token_id, tok.eod
+    assert bos is not None and bos != eod
+    docs = ["1+1=2. 3+4=7.", "", "7*8=56"]
+    extra = ["--prepend-bos", "--append-eod"] + (["--split-sentences"] if split else [])
+    ds = IndexedDataset(_run(tmp_path, str(d), docs, *extra))
+    seqs = [ds[i].tolist() for i in range(len(ds))]
+    starts = ds.document_indices.tolist()
+    firsts = [seqs[starts[k]] for k in range(len(docs)) if starts[k + 1] > starts[k]]
+    assert len(firsts) == 2 and all(s[0] == bos for s in firsts)
+    assert sum(s.count(bos) for s in seqs) == 2 and seqs[-1][-1] == eod
+    plain = IndexedDataset(_run(tmp_path, str(d), docs, *extra[1:], name="plain"))
+    assert int(ds.sequence_lengths.sum()) == int(plain.sequence_lengths.sum()) + 2
+    src = tmp_path / "nobos.jsonl"
+    src.write_text(json.dumps({"text": "the cat"}) + "\n")
+    code = preprocess_main(["--input", str(src), "--tokenizer", wordpiece_dir,
+                            "--output-prefix", str(tmp_path / "nobos"), "--prepend-bos"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--prepend-bos" in err[0] and "no BOS" in err[0]
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_output_files_follow_the_umask(tmp_path, embedded_dir, umask, mode):
     old = os.umask(umask)

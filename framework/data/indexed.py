@@ -52,9 +52,10 @@ class _Encoder:
     sentence-split layout: a document is a list of sentences, the EOD ends its last one)."""
 
     def __init__(self, tokenizer: Tokenizer, append_eod: bool, dtype: type,
-                 split_sentences: bool = False) -> None:
+                 split_sentences: bool = False, prepend_bos: bool = False) -> None:
         self.tokenizer = tokenizer
         self.append_eod = append_eod
+        self.prepend_bos = prepend_bos
         self.dtype = dtype
         self.split_sentences = split_sentences
 
@@ -65,12 +66,16 @@ class _Encoder:
         nbytes = len(text.encode("utf-8"))
         if not self.split_sentences:
             ids = self.tokenizer.encode(text)
+            if ids and self.prepend_bos:
+                ids.insert(0, self.tokenizer.bos)
             if ids and self.append_eod:
                 ids.append(self.tokenizer.eod)
             return numpy.asarray(ids, dtype=self.dtype), [len(ids)] if ids else [], nbytes
         from framework.data.sentences import split_sentences
 
         pieces = [ids for ids in (self.tokenizer.encode(s) for s in split_sentences(text)) if ids]
+        if pieces and self.prepend_bos:
+            pieces[0].insert(0, self.tokenizer.bos)
         if pieces and self.append_eod:
             pieces[-1].append(self.tokenizer.eod)
         flat = [i for ids in pieces for i in ids]
@@ -133,8 +138,12 @@ def preprocess(
     workers: int = 1,
     progress: bool = True,
     split_sentences: bool = False,
+    prepend_bos: bool = False,
 ) -> None:
     """Tokenize `documents` into `<output_prefix>.bin/.idx` (one mcore document each).
+
+    `prepend_bos` starts every document that has tokens with the tokenizer's BOS id (what HF
+    Llama tokenizers add by default); `append_eod` ends it with the EOD (EOS) id.
 
     With `split_sentences` (BERT/T5 data) each sentence of a document is one sequence of the
     indexed dataset (`framework.data.sentences.split_sentences`) and the document index records
@@ -150,7 +159,7 @@ def preprocess(
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    encoder = _Encoder(tokenizer, append_eod, dtype, split_sentences)
+    encoder = _Encoder(tokenizer, append_eod, dtype, split_sentences, prepend_bos)
     tmp_bin, tmp_idx = _temp_path(output_prefix + ".bin"), _temp_path(output_prefix + ".idx")
     builder: Optional[IndexedDatasetBuilder] = None
     try:
