@@ -426,6 +426,67 @@ def _dist_worker(rank, port, d, vocabs):
         dist.destroy_process_group()
 
 
+def _tp2pp2_worker(rank, port, d, vocabs):
+    """TP2 x PP2 over 4 gloo processes: ranks 0,1 hold stage 0's TP halves, 2,3 stage 1's."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from framework import interop
+    from framework.checkpoint import save_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=4)
+    try:
+        torch.Tensor.cuda = lambda self, *a, **k: self  # the tied-embedding all-reduce on CPU
+        ps.initialize_model_parallel(2, 2)
+        stage = ps.get_pipeline_model_parallel_rank()
+        for kind in DIST_KINDS:
+            ref = torch.load(os.path.join(d, kind, "ref.pt"))
+            tokens = ref["tokens"]
+            model_cfg, meta = _meta_model_cfg(os.path.join(d, kind, "tp1"))
+            chunks = _build(model_cfg, _padded(vocabs[kind], 2), tp=2, pp=2)
+            interop.load_hf_into_model(os.path.join(d, kind, "hf"), chunks, model_cfg)
+            chunk = chunks[0]
+            pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+            with torch.no_grad():
+                if stage == 0:  # the full hidden state (no sequence parallel) to my TP peer
+                    dist.send(chunk(tokens, pos, None).contiguous(), dst=rank + 2)
+                else:
+                    hidden = torch.empty(tokens.shape[1], tokens.shape[0], model_cfg.hidden_size)
+                    dist.recv(hidden, src=rank - 2)
+                    chunk.set_input_tensor(hidden)
+                    out = chunk(tokens, pos, None)
+                    group = ps.get_tensor_model_parallel_group()
+                    parts = [torch.empty_like(out) for _ in range(2)]
+                    dist.all_gather(parts, out.contiguous(), group=group)
+                    got = torch.cat(parts, dim=-1)[..., :vocabs[kind]]
+                    diff = (got - ref["logits"]).abs().max().item()
+                    assert diff <= TOL, (kind, diff)
+            save_checkpoint(os.path.join(d, kind, "true_tp2pp2"), 0, chunks, None, None,
+                            consumed_samples=0, config=meta["config"],
+                            extra={"hf_source": meta["hf_source"]})
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tp2_pp2_together_match_hf_and_export_bit_identical(work):
+    """Four processes: HF weights loaded straight into a TP2 x PP2 model give HF's logits, and
+    the checkpoint it saves exports bit-identical to the HF files."""
+    spawn(_tp2pp2_worker, (free_port(), str(work["dir"]), dict(work["vocab"])), nprocs=4)
+    for kind in DIST_KINDS:
+        d = work["dir"] / kind
+        meta = json.load(open(d / "true_tp2pp2" / "iter_0000000" / "framework.json"))
+        assert (meta["layout"]["tp"], meta["layout"]["pp"]) == (2, 2)
+        cli("megatron-to-hf", "--load", d / "true_tp2pp2", "--save", d / "true_tp2pp2_hf")
+        ta, tb = _safetensors(d / "hf"), _safetensors(d / "true_tp2pp2_hf")
+        assert sorted(ta) == sorted(tb)
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (kind, k)
+
+
 @pytest.fixture(scope="module")
 def dist_run(work):
     spawn(_dist_worker, (free_port(), str(work["dir"]), dict(work["vocab"])))
