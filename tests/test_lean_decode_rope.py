@@ -15,8 +15,9 @@ Models:
 * HF llama_odd (5 heads in 1 group, head_dim 16 != hidden/heads, theta 50000, Llama-3
   scaling with HF's four parameters, untied) and HF qwen2 (q/k/v biases, tied), from
   tests/test_llama.py, converted with data_tools.convert: all our paths equal HF `generate`.
-* TP2 over gloo (two processes): HF qwen2 loaded at TP2 (2 KV groups, one per rank): lean,
-  static, megatron-core and no-cache paths equal HF `generate` and each other.
+* TP2 and PP2 over gloo (two processes): HF qwen2 loaded at TP2 (2 KV groups, one per rank)
+  and HF llama_odd at PP2 (one layer per stage): the lean, static (TP2), megatron-core and
+  no-cache paths equal HF `generate` and each other.
 """
 from __future__ import annotations
 
@@ -232,9 +233,11 @@ def test_converted_hf_generate_equals_hf(hf_work, kind, case, path, lean_calls):
 
 
 # --------------------------------------------------------------------------------------------
-# TP2 over gloo
+# TP2 and PP2 over gloo
 # --------------------------------------------------------------------------------------------
-def _tp2_worker(rank, port, d, vocab, ids, eod, pad, out):
+def _tp2_pp2_worker(rank, ports, d, jobs, out):
+    """TP2 on jobs["tp2"] (qwen2), then PP2 on jobs["pp2"] (llama_odd: untied, 1 layer per
+    stage); each job: (HF kind, vocab, prompt ids, eod, pad)."""
     from framework import interop
     from framework.fast import lean_decode
     from framework.generation import generate
@@ -254,39 +257,56 @@ def _tp2_worker(rank, port, d, vocab, ids, eod, pad, out):
 
     lean_decode.forward_chunk, lean_decode.forward_static = counted_chunk, counted_static
     results = {}
-    with megatron(rank, 2, tp=2, port=port):
-        model_cfg, _meta = _meta_model_cfg(os.path.join(d, "tp1"))
-        model = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=2),
-                            vocab_size=_padded(vocab, 2), bf16=False, fp16=False, device=CPU,
-                            wrap_ddp=False)
-        interop.load_hf_into_model(os.path.join(d, "hf"), model, model_cfg)
-        results["supported"] = lean_decode.supported(unwrap(model[0]))
-        for case, (ours, _theirs) in HF_CASES.items():
-            for path, kw in PATHS.items():
-                if path == "static" and ours.get("num_beams", 1) > 1:
-                    continue
-                results[(case, path)] = generate(
-                    model, ids, eos_id=eod, pad_id=pad, vocab_size=vocab, max_new_tokens=NEW,
-                    return_logprobs=True, **kw, **ours)
-    results["calls"] = calls
+    for (layout, (kind, vocab, ids, eod, pad)), port in zip(sorted(jobs.items()), ports):
+        tp, pp = (2, 1) if layout == "tp2" else (1, 2)
+        with megatron(rank, 2, tp=tp, pp=pp, port=port):
+            model_cfg, _meta = _meta_model_cfg(os.path.join(d, kind, "tp1"))
+            model = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp,
+                                                          pipeline_model_parallel_size=pp),
+                                vocab_size=_padded(vocab, tp), bf16=False, fp16=False,
+                                device=CPU, wrap_ddp=False)
+            interop.load_hf_into_model(os.path.join(d, kind, "hf"), model, model_cfg)
+            results[layout, "supported"] = lean_decode.supported(unwrap(model[0]))
+            for case, (ours, _theirs) in HF_CASES.items():
+                for path, kw in PATHS.items():
+                    if path == "static" and (ours.get("num_beams", 1) > 1 or pp > 1):
+                        continue  # the static step: greedy / sampling, one stage
+                    before = dict(calls)
+                    results[layout, case, path] = generate(
+                        model, ids, eos_id=eod, pad_id=pad, vocab_size=vocab,
+                        max_new_tokens=NEW, return_logprobs=True, **kw, **ours)
+                    results[layout, case, path, "calls"] = {
+                        k: calls[k] - before[k] for k in calls}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_tp2_equals_hf_and_megatron(hf_work, tmp_path):
-    w = hf_work["qwen2"]
-    tok = w["tok"]
-    spawn(_tp2_worker, (free_port(), str(hf_work["dir"] / "qwen2"), w["vocab"], w["ids"],
-                        tok.eod, tok.pad, str(tmp_path)))
-    s = max(map(len, w["ids"]))
+def test_tp2_and_pp2_equal_hf_and_megatron(hf_work, tmp_path):
+    jobs = {}
+    for layout, kind in (("tp2", "qwen2"), ("pp2", "llama_odd")):
+        w = hf_work[kind]
+        jobs[layout] = (kind, w["vocab"], w["ids"], w["tok"].eod, w["tok"].pad)
+    spawn(_tp2_pp2_worker, ([free_port(), free_port()], str(hf_work["dir"]), jobs,
+                            str(tmp_path)))
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
-        assert res["supported"] and res["calls"]["chunk"] > 0 and res["calls"]["static"] > 0
-        for case in HF_CASES:
-            lean_t, lean_lp = res[(case, "lean")]
-            assert _trim(lean_t[:, s:].tolist(), tok.eod) == w["refs"][case], case
-            for path in PATHS:
-                if (case, path) not in res:
-                    continue
-                t, lp = res[(case, path)]
-                assert torch.equal(t, lean_t), (case, path)
-                torch.testing.assert_close(lp, lean_lp, rtol=0, atol=1e-5)
+        for layout, (kind, _vocab, ids, eod, _pad) in jobs.items():
+            s = max(map(len, ids))
+            assert res[layout, "supported"], layout
+            for case in HF_CASES:
+                lean_t, lean_lp = res[layout, case, "lean"]
+                # every rank gets the tokens (shared from the last stage)
+                assert _trim(lean_t[:, s:].tolist(), eod) == hf_work[kind]["refs"][case], \
+                    (layout, case)
+                for path in PATHS:
+                    if (layout, case, path) not in res:
+                        continue
+                    t, lp = res[layout, case, path]
+                    calls = res[layout, case, path, "calls"]
+                    if path == "lean":
+                        assert calls["chunk"] > 0, (layout, case)
+                    elif path == "static":
+                        assert calls["static"] > 0, (layout, case)
+                    else:
+                        assert calls == {"chunk": 0, "static": 0}, (layout, case, path)
+                    assert torch.equal(t, lean_t), (layout, case, path)
+                    torch.testing.assert_close(lp, lean_lp, rtol=0, atol=1e-5)
