@@ -141,6 +141,37 @@ def test_step_logits_equal_megatron_and_full_recompute(models, name, lean_calls)
     torch.testing.assert_close(static, mcore, rtol=0, atol=2e-5)
 
 
+def test_fused_rope_layout(mp1, lean_calls):
+    """With `apply_rope_fusion` (a GPU option) the lean step hands mcore's
+    `apply_rotary_pos_emb` one angle row per (position, row): t as [s * b, 1, n, d]. On CPU our
+    fused entry point (framework/fast/rope.py) falls back to mcore's unfused function, so this
+    checks that layout against mcore's own fused-path call (tests/test_gpu_lean_decode_rope.py
+    runs the Triton kernel)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from framework import mcore_patches
+    from framework.fast.lean_decode import _rope
+    from framework.generation import _Decoder
+    from framework.models.wrappers import unwrap
+
+    mcore_patches.install_fused_rope()
+    assert rope_utils.fused_apply_rotary_pos_emb is not None
+    model = build(ModelConfig(**{**BASE, **MODELS["llama_gqa_odd"]}), PADDED, seed=7)
+    mod = unwrap(model[0])
+    mod.config.apply_rope_fusion = True
+    dec = _Decoder(model, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+                   max_len=4, use_cache=True)
+    assert _rope(mod, dec.ctx).fused
+    forced = torch.randint(3, VOCAB, (len(BATCH), STEPS),
+                           generator=torch.Generator().manual_seed(2))
+    lean, took_lean = forced_logits(model, BATCH, forced, use_cache=True)
+    static, _ = forced_logits(model, BATCH, forced, use_cache=True, static=True)
+    mcore, _ = forced_logits(model, BATCH, forced, use_cache=True, lean=False)
+    assert took_lean and lean_calls["chunk"] == STEPS - 1 and lean_calls["static"] == STEPS - 1
+    torch.testing.assert_close(lean, mcore, rtol=0, atol=2e-5)
+    torch.testing.assert_close(static, mcore, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("case", list(GEN_CASES))
 @pytest.mark.parametrize("name", list(MODELS))
 def test_generate_equals_megatron_and_full_recompute(models, name, case, lean_calls):
