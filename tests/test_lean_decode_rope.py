@@ -12,6 +12,8 @@ Models:
 * llama_gqa_odd: 9 heads in 3 KV groups, RMSNorm, SwiGLU, no biases, untied, rotary_base
   50000, Llama-3 rope scaling (original context 16, so the scaling acts at these positions);
 * qwen_like: 6 heads in 2 groups, q/k/v biases (`add_qkv_bias`), RMSNorm, SwiGLU, rope 1e6;
+* with megatron-core's `rotary_interleaved`, and with `apply_rope_fusion` (on CPU mcore's fused
+  entry point falls back to its unfused function: this checks the lean path's layout for it);
 * HF llama_odd (5 heads in 1 group, head_dim 16 != hidden/heads, theta 50000, Llama-3
   scaling with HF's four parameters, untied) and HF qwen2 (q/k/v biases, tied), from
   tests/test_llama.py, converted with data_tools.convert: all our paths equal HF `generate`.
@@ -170,6 +172,28 @@ def test_fused_rope_layout(mp1, lean_calls):
     assert took_lean and lean_calls["chunk"] == STEPS - 1 and lean_calls["static"] == STEPS - 1
     torch.testing.assert_close(lean, mcore, rtol=0, atol=2e-5)
     torch.testing.assert_close(static, mcore, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt_rope", "llama_gqa_odd"])
+def test_interleaved_rope(mp1, name, lean_calls):
+    """megatron-core's `rotary_interleaved` (pairs (0, 1), (2, 3), ... rotated; not a field of
+    our ModelConfig, so set on the built model: the shared TransformerConfig and the
+    RotaryEmbedding, as GPTModel would have built them)."""
+    from framework.models.wrappers import unwrap
+
+    model = build(ModelConfig(**{**BASE, **MODELS[name]}), PADDED, seed=8)
+    mod = unwrap(model[0])
+    mod.config.rotary_interleaved = True
+    mod.rotary_pos_emb.rotary_interleaved = True
+    forced = torch.randint(3, VOCAB, (len(BATCH), STEPS),
+                           generator=torch.Generator().manual_seed(3))
+    lean, took_lean = forced_logits(model, BATCH, forced, use_cache=True)
+    static, _ = forced_logits(model, BATCH, forced, use_cache=True, static=True)
+    mcore, _ = forced_logits(model, BATCH, forced, use_cache=True, lean=False)
+    full, _ = forced_logits(model, BATCH, forced, use_cache=False)
+    assert took_lean and lean_calls["chunk"] == STEPS - 1 and lean_calls["static"] == STEPS - 1
+    for other in (mcore, full, static):
+        torch.testing.assert_close(lean, other, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("case", list(GEN_CASES))

@@ -18,8 +18,9 @@ Rotary embeddings (`_Rope`): the angles are the model's own `rotary_pos_emb` tab
 0..max_len-1, i.e. whatever that module holds (rotary_percent, rotary_base, interleaving, our
 Llama-3 `inv_freq` from framework/models/gpt/rope_scaling.py); q and k are rotated as mcore's
 `apply_rotary_pos_emb` does: with `apply_rope_fusion` through that very function (the fused
-kernel mcore would call), otherwise with mcore's unfused formula on cos/sin tables precomputed
-once per generation in the activation dtype (mcore casts them to it too). Each row is rotated at
+kernel mcore would call), otherwise with mcore's unfused formula (the same products) on cos/sin
+tables precomputed once per generation in the activation dtype (mcore casts them to it too).
+A group's query heads and key head are rotated in one call. Each row is rotated at
 its own position (the generator's `positions`: real tokens counted from 0 in a left-padded
 batch); mcore's path rotates all rows at the shared cache offset, which gives the same attention
 scores (RoPE scores depend on q - k positions only) up to rounding. mcore keeps raw keys in the
@@ -100,10 +101,17 @@ def _rope_supported(mod, cfg) -> bool:
 class _Rope:
     """Rotary embedding of one model chunk for one KV cache of `max_len` positions.
 
-    `angles` [max_len, rot] is the chunk's own `rotary_pos_emb(max_len)` (the call and so the
-    cached tensor mcore's GPTModel uses in inference), whatever frequencies the module holds.
-    `at(positions)` gathers one step's values (device-side, so it can be captured in a CUDA
-    graph); `apply(t, values)` rotates t [s, b, n, d] as mcore's `apply_rotary_pos_emb`."""
+    `angles` [max_len, rot] is the chunk's own `rotary_pos_emb(max_len)` (the call, and so the
+    cached tensor, that mcore's GPTModel makes in inference), whatever frequencies the module
+    holds. `at(positions)` gathers one step's values by a device-side index (capturable in a
+    CUDA graph); `apply(t, values)` rotates t [s, b, ..., d] as mcore's `apply_rotary_pos_emb`:
+    * with `apply_rope_fusion`, through that function itself (the fused kernel mcore calls), t
+      seen as [s * b, 1, heads, d] with one angle row per (position, row);
+    * otherwise mcore's unfused `t * cos + rotate_half(t) * sin` with cos / sin of the angles
+      cast to t's dtype, tabulated once. rotate_half(t) * sin is computed as
+      swap(t) * signed_sin, where swap exchanges the halves (or the pairs, interleaved) and
+      signed_sin carries rotate_half's minus signs: the same products (IEEE negation is exact),
+      in one roll instead of chunk / neg / cat."""
 
     def __init__(self, mod, max_len: int, dtype: torch.dtype):
         self.config = mod.config
@@ -113,36 +121,44 @@ class _Rope:
         self.angles = emb[:, 0, 0, :]
         self.rot = self.angles.shape[-1]
         if not self.fused:
-            # mcore's unfused path: cos/sin of the angles (times mscale 1) in t's dtype
             self.cos = torch.cos(self.angles).to(dtype)
-            self.sin = torch.sin(self.angles).to(dtype)
+            sign = torch.ones(self.rot, dtype=dtype, device=self.angles.device)
+            if self.interleaved:  # rotate_half: [-x1, x0, -x3, x2, ...]
+                sign[0::2] = -1
+            else:  # rotate_half: [-x2, x1] (halves)
+                sign[:self.rot // 2] = -1
+            self.sin = torch.sin(self.angles).to(dtype) * sign
         self.cp_group = getattr(getattr(mod, "pg_collection", None), "cp", None)
 
     def at(self, positions: torch.Tensor):
-        """Per-row values for positions [b, s], laid out as t [s, b, n, d] needs them."""
+        """Per-row values for positions [b, s], in t's [s, b] order."""
         b, s = positions.shape
         idx = positions.t().reshape(-1)
-        if self.fused:  # angles, one "sequence position" per (s, b) row: [s * b, 1, 1, rot]
+        if self.fused:  # [s * b, 1, 1, rot]
             return self.angles.index_select(0, idx).view(s * b, 1, 1, self.rot)
-        return (self.cos.index_select(0, idx).view(s, b, 1, self.rot),
-                self.sin.index_select(0, idx).view(s, b, 1, self.rot))
+        return (self.cos.index_select(0, idx).view(s, b, self.rot),
+                self.sin.index_select(0, idx).view(s, b, self.rot))
+
+    def _swap(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            return x.unflatten(-1, (self.rot // 2, 2)).flip(-1).flatten(-2)
+        return x.roll(self.rot // 2, dims=-1)
 
     def apply(self, t: torch.Tensor, values) -> torch.Tensor:
-        from megatron.core.models.common.embeddings.rope_utils import (_rotate_half,
-                                                                       apply_rotary_pos_emb)
-
         if self.fused:
-            # mcore's function (its fused kernel) with one angle row per (s, b): t as
-            # [s * b, 1, n, d] in its [seq, batch, heads, dim] layout
+            from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
             s, b = t.shape[0], t.shape[1]
-            out = apply_rotary_pos_emb(t.reshape(s * b, 1, t.shape[2], t.shape[3]), values,
+            out = apply_rotary_pos_emb(t.reshape(s * b, 1, -1, t.shape[-1]), values,
                                        config=self.config, cp_group=self.cp_group)
             return out.view(t.shape)
-        # mcore's `_apply_rotary_pos_emb_bshd` with its cos/sin taken from the tables
         cos, sin = values
-        x, rest = t[..., :self.rot], t[..., self.rot:]
-        x = (x * cos) + (_rotate_half(x, self.interleaved) * sin)
-        return torch.cat((x, rest), dim=-1)
+        shape = cos.shape[:2] + (1,) * (t.dim() - 3) + (self.rot,)
+        cos, sin = cos.view(shape), sin.view(shape)
+        if self.rot == t.shape[-1]:
+            return (t * cos) + (self._swap(t) * sin)
+        x = t[..., :self.rot]  # rotary_percent < 1: the rest passes through
+        return torch.cat(((x * cos) + (self._swap(x) * sin), t[..., self.rot:]), dim=-1)
 
 
 def _rope(mod, ctx) -> Optional[_Rope]:
@@ -238,30 +254,32 @@ def _mlp(mlp, x: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     return _row(mlp.linear_fc2, inter, tp_group, tp)
 
 
-def _qkv(att, x: torch.Tensor):
+def _qkv(att, x: torch.Tensor, rope=None):
     """mcore's fused QKV projection and its per-group split: q [s, b, heads, d], k and v
-    [s, b, groups, d] (this rank's part)."""
+    [s, b, groups, d] (this rank's part). `rope` (`_Rope`, this step's values): q and k rotated,
+    all of a group's q heads and its k head in one rotation."""
     s, b = x.shape[0], x.shape[1]
     mixed = _column(att.linear_qkv, x)
     groups = att.num_query_groups_per_partition
     d = att.hidden_size_per_attention_head
-    heads = att.num_attention_heads_per_partition
-    mixed = mixed.view(s, b, groups, (heads // groups + 2) * d)
-    q, k, v = torch.split(mixed, [heads // groups * d, d, d], dim=3)
-    return q.reshape(s, b, heads, d), k, v
+    per = att.num_attention_heads_per_partition // groups
+    # per group: `per` query heads, then its key head, then its value head
+    mixed = mixed.view(s, b, groups, per + 2, d)
+    qk, v = mixed[:, :, :, :per + 1], mixed[:, :, :, per + 1]
+    if rope is not None:
+        qk = rope[0].apply(qk, rope[1])
+    return qk[:, :, :, :per].reshape(s, b, groups * per, d), qk[:, :, :, per], v
 
 
 def _attention(att, x: torch.Tensor, mask, ctx, tp_group, tp: int, rope=None):
     """`rope`: (the chunk's `_Rope`, this step's values, positions [b, s]) or None."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    q, k, v = _qkv(att, x)
+    q, k, v = _qkv(att, x, None if rope is None else rope[:2])
     s, b = x.shape[0], x.shape[1]
     start, b0 = ctx.sequence_len_offset, ctx.batch_size_offset
     if rope is not None:
-        rp, values, positions = rope
-        _rotate_cached_keys(att, rp, ctx, positions, start)  # the prefill's raw keys, once
-        q, k = rp.apply(q, values), rp.apply(k, values)
+        _rotate_cached_keys(att, rope[0], ctx, rope[2], start)  # the prefill's raw keys, once
         _rotated_upto(ctx)[att.layer_number] = start + s
     # the KV cache megatron-core's prefill filled: [max_len, max_batch, groups, d]
     kmem, vmem = ctx.key_value_memory_dict[att.layer_number]
@@ -323,10 +341,7 @@ def _attention_static(att, x: torch.Tensor, key_mask: torch.Tensor, write_at: to
     (`_Rope`, this step's values gathered by the device-side positions) or None."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    q, k, v = _qkv(att, x)
-    if rope is not None:
-        rp, values = rope
-        q, k = rp.apply(q, values), rp.apply(k, values)
+    q, k, v = _qkv(att, x, rope)
     kmem, vmem = ctx.key_value_memory_dict[att.layer_number]
     kmem.index_copy_(0, write_at, k)
     vmem.index_copy_(0, write_at, v)
