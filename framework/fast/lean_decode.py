@@ -167,7 +167,8 @@ def _rope(mod, ctx) -> Optional[_Rope]:
         return None
     store = ctx.__dict__.setdefault("lean_decode_rope", {})
     if id(mod) not in store:
-        dtype = mod.decoder.layers[0].self_attention.linear_qkv.weight.dtype
+        dtype = next((layer.self_attention.linear_qkv.weight.dtype
+                      for layer in mod.decoder.layers), torch.float32)  # q / k's dtype
         store[id(mod)] = _Rope(mod, ctx.max_sequence_length, dtype)
     return store[id(mod)]
 
@@ -178,11 +179,11 @@ def _rotated_upto(ctx) -> dict:
 
 
 def _rotate_cached_keys(att, rope: _Rope, ctx, positions: torch.Tensor, start: int) -> None:
-    """Rotate, in place, the raw keys that megatron-core's prefill left in the cache at positions
+    """Rotate, in place, the raw keys that megatron-core's prefill left at cache indices
     [done, start) of this layer (done: what an earlier lean step already rotated). `positions`
-    [b, s] are the per-row positions of the tokens at cache index `start`...: in a left-padded
-    row the key at index j sits at position positions[:, 0] - (start - j); pads (below 0) are
-    masked and are rotated at 0."""
+    [b, s]: the per-row positions of this step's tokens, the first at cache index `start`. A row
+    is left-padded, so its key at index j sits at position positions[:, 0] - (start - j); pads
+    (below 0) are masked and are rotated as position 0."""
     done_map = _rotated_upto(ctx)
     done = done_map.get(att.layer_number, 0)
     if done < start:
