@@ -363,7 +363,7 @@ def test_lean_decode_equals_megatron_modules(mp1, extra):
         assert torch.equal(static[0], ref[0]), kw
         torch.testing.assert_close(static[1], ref[1], rtol=0, atol=1e-5)
     rope = build(ModelConfig(**{**TINY, "position_embedding_type": "rope"}), 24)
-    assert not supported(unwrap(rope[0]))  # RoPE keeps megatron-core's path
+    assert supported(unwrap(rope[0]))  # RoPE takes the lean path (tests/test_lean_decode_rope.py)
 
 
 def _load(ckpt, parallel):
