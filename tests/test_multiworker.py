@@ -24,7 +24,9 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads
         "model.seq_length=32", "model.hidden_dropout=0.1", "train.micro_batch_size=4",
         "train.global_batch_size=8", "train.progress_bar=false", "train.log_interval=1",
         "train.eval_interval=0", "train.device=cpu", "parallel=tp2"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+# workers spawned, as in users' runs (conftest.py forks them elsewhere in the CPU suite)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+           FW_WORKER_START_METHOD="spawn")
 
 
 def _cmd(tmp, name, *overrides):
