@@ -96,6 +96,7 @@ def _two_nodes(cwd, overrides, rdzv_id=None, name="nodes"):
     return outs
 
 
+@pytest.mark.slow  # two torchrun agents, eight fresh workers
 def test_two_nodes_torchrun_match_single_process(reaper):
     tmp = reaper
     _train(tmp, "train.max_steps=0", f"checkpoint.dir={tmp}/seed", name="seed")
@@ -143,6 +144,7 @@ def _slurm_local(cwd, *args):
                      fast=False, expect=None, timeout=900, env=_env(PYTHONPATH=ROOT))
 
 
+@pytest.mark.slow  # two sweep jobs of two SLURM tasks each, fresh interpreters
 def test_slurm_config_runs_on_submitit_local(reaper):
     """Two jobs (lr 1e-3, 3e-3), each TP2 over two SLURM "nodes" of one task: the tasks join
     through slurm.yaml's setup (MASTER_ADDR from `scontrol show hostnames`, MASTER_PORT from the

@@ -18,6 +18,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+# several minutes of spawned TP2 workers (40 steps with six stops and resumes, a watchdog
+# timeout): the slow tier. The README command keeps test_resilience's SIGTERM of a TP2 run
+# (parent and process group) and the watchdog's unit test.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
