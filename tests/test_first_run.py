@@ -284,6 +284,19 @@ def test_readme_paths_match_the_run_and_sweep_dirs():
     assert "`outputs/<date>/<time>/`" in readme
 
 
+def test_ci_runs_the_readme_set_up_then_the_slow_tier():
+    """.ci/run runs the README's two set-up commands as written, then the slow tier."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"## Set up.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+    assert len(commands) == 2 and "pytest" in commands[1], commands
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run"))
+          if line.strip() and not line.startswith("#")]
+    at = ci.index(commands[0])
+    assert ci[at + 1] == commands[1], ci
+    assert 'python -m pytest -q -m "slow and not gpu"' in ci[at + 2:], ci
+
+
 # --------------------------------------------------------------------------------------------
 # 4. the default job learns (the README's numbers)
 # --------------------------------------------------------------------------------------------
