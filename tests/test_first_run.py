@@ -183,8 +183,7 @@ def test_train_cpu_errors_lead_to_a_run(tmp_path):
          "_size=2: megatron-core's pipeline schedules are CUDA-only), and this run is on the CPU",
          "train.bf16=true needs a GPU; a CPU run trains in fp32: `train.bf16=false` works here",
          "model.cudnn_attention=true needs a CUDA device"],
-        extra=[*FAST, "train.max_steps=1", "checkpoint.save=false", "train.eval_interval=0",
-               ])
+        extra=[*FAST, "train.max_steps=1", "checkpoint.save=false", "train.eval_interval=0"])
     assert "parallel=tp2" in args and "model=gpt_tiny" in args
     assert "model.cudnn_attention=null" in args
     assert re.search(r"^iter +1/1", r.stdout, re.M)
