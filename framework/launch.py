@@ -94,7 +94,7 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
     os.environ[STOP_FILE_ENV] = stop_file
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"fw{os.getpid()}",
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
-                      max_restarts=0, monitor_interval=0.5, start_method="spawn",
+                      max_restarts=0, monitor_interval=0.5, start_method=_start_method(),
                       shutdown_timeout=max(1, int(shutdown_s)),
                       **({"signals_to_handle": signals}
                          if "signals_to_handle" in LaunchConfig.__dataclass_fields__ else {}))
@@ -124,6 +124,17 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
     finally:
         os.environ.pop(STOP_FILE_ENV, None)
         os.unlink(stop_file)
+
+
+def _start_method() -> str:
+    """How the workers start: "spawn" (a fresh interpreter each; the default, and what every
+    user run does). The CPU test suite sets FW_WORKER_START_METHOD=fork where a test is about
+    what the workers compute, not how they start: a forked worker inherits the parent's imports
+    (torch, megatron-core) instead of paying ~10 s of CPU to import them again."""
+    method = os.environ.get("FW_WORKER_START_METHOD", "spawn")
+    if method not in ("spawn", "fork", "forkserver"):
+        raise ConfigError(f"FW_WORKER_START_METHOD={method}: one of spawn, fork, forkserver")
+    return method
 
 
 def _start_resource_tracker_immune_to(sig) -> None:

@@ -18,6 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # no test downloads: everything is built locally (a hub lookup would only slow a test down)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# A run of several workers (TP2, DP2, a TP2 sweep job) forks them from train.py's process, which
+# has imported torch and megatron-core already, instead of spawning fresh interpreters that
+# import them again (~10 s of CPU per worker, most of a short TP2 run's cost). Only off GPU
+# machines (a CUDA context does not survive fork). The spawn start method that users get stays
+# tested where the start itself is the subject: test_resilience's SIGTERM of a TP2 process group
+# and test_multiworker's stops and hangs set FW_WORKER_START_METHOD=spawn.
+if not torch.cuda.is_available():
+    os.environ.setdefault("FW_WORKER_START_METHOD", "fork")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,8 +18,6 @@ import pickle
 import re
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ import torch
 from framework.cli import register_resolvers, report_errors
 from framework.config import ConfigError, register_configs
 from framework.errors import CheckpointError, UnsafeCheckpointError
+from helpers import run as run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IT = "iter_0000001"
@@ -374,9 +373,8 @@ def test_convert_subprocess_refuses_malicious_metadata(trained, tmp_path):
     ck = _copy(trained, tmp_path)
     marker = tmp_path / "PWNED"
     _evil_metadata(ck, marker)
-    r = subprocess.run([sys.executable, "-m", "data_tools.convert", "megatron-to-hf", "--load",
-                        str(ck), "--save", str(tmp_path / "hf")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+    r = run_process("-m", "data_tools.convert", "megatron-to-hf", "--load", str(ck), "--save",
+                    str(tmp_path / "hf"), cwd=ROOT, timeout=600)
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]

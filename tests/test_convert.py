@@ -291,7 +291,6 @@ def test_base_model_layout_with_mask_buffers_and_bf16(work, tmp_path, capsys):
     assert json.load(open(tmp_path / "back" / "config.json"))["dtype"] == "bfloat16"
 
 
-@pytest.mark.slow
 def test_train_py_starts_from_a_converted_checkpoint(work, tmp_path):
     """The real entry point loads it (architecture check, vocab padding, weights)."""
     arch = [f"model.num_layers={LAYERS}", f"model.hidden_size={HIDDEN}",

@@ -8,17 +8,20 @@
 (2 and 5, Hydra's own errors and the test-suite time, are covered elsewhere.)
 
 One tiny run is trained once per module and copied where a test changes it.
+
+Processes start through tests/helpers.py. Where a test reads everything a process prints (the
+module's run, the resumed "train longer" run, generate.py's defaults, the first error of each
+chain of remedies) it is a fresh interpreter, so that import-time output would show; elsewhere
+it is forked from the warm server.
 """
 import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import GENERATE, ROOT, run, run_train
 # what the module's run uses; the batch sizes name its checkpoint directory
 FAST = ["train.progress_bar=false", "train.micro_batch_size=8", "train.global_batch_size=16",
         "train.eval_iters=2", "train.log_interval=2", "train.eval_interval=2",
@@ -33,16 +36,16 @@ def _env(**extra):
     return env
 
 
-def _run(script, cwd, args, expect=0, **env):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=900, env=_env(**env))
+def _generate(cwd, args, expect=0, fresh=False):
+    r = run(GENERATE, *args, cwd=cwd, timeout=900, env=_env(), fresh=fresh)
     if expect is not None:
         assert r.returncode == expect, (args, r.stdout[-3000:], r.stderr[-3000:])
     return r
 
 
-def _train(cwd, args, expect=0, run_dir="run"):
-    return _run("train.py", cwd, [*args, f"hydra.run.dir={cwd}/{run_dir}"], expect)
+def _train(cwd, args, expect=0, run_dir="run", fresh=False):
+    return run_train(*args, cwd=cwd, name=run_dir, fast=False, expect=expect, env=_env(),
+                     timeout=900, fresh=fresh)
 
 
 def _set(args, overrides):
@@ -72,7 +75,7 @@ def _remedies(line):
 def first(tmp_path_factory):
     """`python train.py <FAST>` as a user would run it (default checkpoint naming)."""
     cwd = tmp_path_factory.mktemp("first")
-    r = _train(cwd, FAST)
+    r = _train(cwd, FAST, fresh=True)  # its whole output is checked below
     return cwd, r
 
 
@@ -107,7 +110,7 @@ def test_fewer_steps_than_the_checkpoint_is_one_error_and_both_ways_on_work(firs
     longer, fresh = _remedies(line)
 
     # train longer: the same checkpoint directory goes on from step 4, logged to TensorBoard
-    r = _train(cwd, longer, run_dir="longer")
+    r = _train(cwd, longer, run_dir="longer", fresh=True)
     for noise in NOISE:  # loading a checkpoint is quiet too
         assert noise not in r.stdout + r.stderr, (noise, r.stdout[-3000:] + r.stderr[-3000:])
     assert f"resumed from {cwd}/checkpoints/{CKPT_NAME}/iter_0000004 (step 4" in r.stdout
@@ -147,11 +150,13 @@ def test_checkpoint_dir_ignores_overrides_that_only_control_the_run():
 # --------------------------------------------------------------------------------------------
 # 3. CPU guidance: every remedy a message names works (followed here until the run starts)
 # --------------------------------------------------------------------------------------------
-def _follow(script, cwd, args, expected, extra=()):
-    """Run; on each one-line error apply the backticked remedy it names; return the messages."""
+def _follow(run_script, cwd, args, expected, extra=()):
+    """Run; on each one-line error apply the backticked remedy it names; return the messages.
+    The first run is a fresh interpreter (nothing but the error line on stderr, imports
+    included), the others are forked."""
     seen = []
-    for _ in range(len(expected) + 1):
-        r = _run(script, cwd, [*args, *extra], expect=None)
+    for i in range(len(expected) + 1):
+        r = run_script(cwd, [*args, *extra], expect=None, fresh=i == 0)
         if r.returncode == 0:
             break
         assert r.returncode == 2, (args, r.stdout[-2000:], r.stderr[-3000:])
@@ -170,7 +175,7 @@ def _follow(script, cwd, args, expected, extra=()):
 def test_train_cpu_errors_lead_to_a_run(tmp_path):
     """The README's headline command (TP2 x PP2, gpt2-large) and friends on a CPU machine."""
     r, args = _follow(
-        "train.py", tmp_path,
+        lambda cwd, a, **kw: _train(cwd, a, run_dir="run", **kw), tmp_path,
         ["parallel=tp2_pp2", "model=gpt2_large", "train.bf16=true", "train.device=cuda",
          "model.cudnn_attention=true"],
         ["train.device=cuda but no CUDA device is visible; `train.device=auto`",
@@ -178,8 +183,7 @@ def test_train_cpu_errors_lead_to_a_run(tmp_path):
          "_size=2: megatron-core's pipeline schedules are CUDA-only), and this run is on the CPU",
          "train.bf16=true needs a GPU; a CPU run trains in fp32: `train.bf16=false` works here",
          "model.cudnn_attention=true needs a CUDA device"],
-        extra=[*FAST, "train.max_steps=1", "checkpoint.save=false", "train.eval_interval=0",
-               f"hydra.run.dir={tmp_path}/run"])
+        extra=[*FAST, "train.max_steps=1", "checkpoint.save=false", "train.eval_interval=0"])
     assert "parallel=tp2" in args and "model=gpt_tiny" in args
     assert "model.cudnn_attention=null" in args
     assert re.search(r"^iter +1/1", r.stdout, re.M)
@@ -204,7 +208,7 @@ def test_every_gpu_only_layout_names_a_cpu_layout(layout, fix):
 def test_generate_cpu_errors_lead_to_a_run(first, tmp_path):
     ckpt = first[0] / "checkpoints" / CKPT_NAME
     r, args = _follow(
-        "generate.py", tmp_path, ["parallel=pp2", "bf16=true", "device=cuda"],
+        _generate, tmp_path, ["parallel=pp2", "bf16=true", "device=cuda"],
         ["device=cuda but no CUDA device is visible; `device=auto`",
          "on a CPU a layout without PP works: `parallel=tp2`",
          "bf16=true needs a GPU; CPU generation runs in fp32: `bf16=false`"],
@@ -218,7 +222,7 @@ def test_generate_cpu_errors_lead_to_a_run(first, tmp_path):
 def test_generate_defaults_print_no_warning(first, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     os.symlink(first[0] / "checkpoints" / CKPT_NAME, tmp_path / "checkpoints" / "default")
-    r = _run("generate.py", tmp_path, [])  # what the README says to run after train.py
+    r = _generate(tmp_path, [], fresh=True)  # what the README says to run after train.py
     out = r.stdout + r.stderr
     assert "held-out arithmetic accuracy: " in r.stdout and "/200 = " in r.stdout
     assert "capped" not in out and "cut to" not in out and "arn" not in out, out[-3000:]
@@ -255,11 +259,9 @@ def test_data_tools_help_is_fast_with_defaults_and_texts():
     # --help imports neither megatron-core nor transformers (it answered in 5.5 s before)
     code = ("import sys, data_tools.preprocess, data_tools.convert; "
             "print(sorted(m for m in ('megatron', 'transformers', 'torch') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=_env())
+    r = run("-c", code, timeout=300, env=_env(), fresh=True)  # fresh: nothing imported yet
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
-    r = subprocess.run([sys.executable, "-m", "data_tools.preprocess", "--help"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=_env())
+    r = run("-m", "data_tools.preprocess", "--help", timeout=300, env=_env(), fresh=True)
     assert r.returncode == 0 and "(default: ['text'])" in r.stdout and "(default: 1)" in r.stdout
     assert "(default: None)" not in r.stdout
 
@@ -281,15 +283,28 @@ def test_readme_paths_match_the_run_and_sweep_dirs():
     assert "`outputs/<date>/<time>/`" in readme
 
 
+def test_ci_runs_the_readme_set_up_then_the_slow_tier():
+    """.ci/run runs the README's two set-up commands as written, then the slow tier."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"## Set up.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+    assert len(commands) == 2 and "pytest" in commands[1], commands
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run"))
+          if line.strip() and not line.startswith("#")]
+    at = ci.index(commands[0])
+    assert ci[at + 1] == commands[1], ci
+    assert 'python -m pytest -q -m "slow and not gpu"' in ci[at + 2:], ci
+
+
 # --------------------------------------------------------------------------------------------
 # 4. the default job learns (the README's numbers)
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_job_learns_arithmetic(tmp_path):
     """`python train.py` then `python generate.py`, exactly as the README says."""
-    r = _run("train.py", tmp_path, ["train.progress_bar=false"])
+    r = _train(tmp_path, ["train.progress_bar=false"], run_dir=None)
     assert "done: step" in r.stdout
-    r = _run("generate.py", tmp_path, [])
+    r = _generate(tmp_path, [])
     m = re.search(r"held-out arithmetic accuracy: (\d+)/200", r.stdout)
     assert m, r.stdout
     assert int(m.group(1)) >= MIN_HELDOUT_CORRECT, r.stdout

@@ -14,7 +14,6 @@ the linear layers run on CPU tensors. Checked here:
 """
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from framework.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from framework.fast import fp8
+from helpers import free_port, spawn
 
 FMAX = {fp8.E4M3: 448.0, fp8.E5M2: 57344.0}
 UNIT = {fp8.E4M3: 2.0 ** -4, fp8.E5M2: 2.0 ** -3}  # half an ulp, relative (3 / 2 mantissa bits)
@@ -165,23 +165,15 @@ def test_fused_wgrad_accumulates_into_main_grad():
 # --------------------------------------------------------------------------------------------
 # TP2 over gloo
 # --------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_amax_reduction_and_layers_over_gloo(tmp_path):
     """Two gloo ranks. With the amax reduced over TP, every FP8 operand is the same as at TP1, so
     TP2's outputs and gradients equal TP1's up to fp32 summation order (1e-5); without it they
     would differ by FP8 rounding (~1e-2: the shards are built with different amaxes), and under
     SP by the other rank's scale. Then a tiny GPT with train.fp8 through megatron-core's TP
     layers: TP2 gives TP1's loss and gradients."""
-    import torch.multiprocessing as mp
-
     from fp8_tp2_worker import tp2_worker
 
-    mp.spawn(tp2_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(tp2_worker, args=(free_port(), str(tmp_path)), nprocs=2)  # forked from the warm server
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         inv, want, local = r.pop("amax")

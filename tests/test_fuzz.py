@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, is_dataclass
@@ -39,6 +38,8 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from helpers import run_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -304,13 +305,12 @@ def test_train_known_cases_in_process(fuzz_tmp):
 
 def _train_subprocess(overrides, cwd):
     base = ["train.max_steps=1", "train.progress_bar=false", "train.eval_interval=0",
-            "train.device=cpu", f"hydra.run.dir={cwd}/run", f"checkpoint.dir={cwd}/ckpt"]
+            "train.device=cpu", f"checkpoint.dir={cwd}/ckpt"]
     try:
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, *overrides],
-                           cwd=cwd, capture_output=True, text=True, timeout=600)
+        return run_train(*base, *overrides, cwd=cwd, name="run", fast=False, expect=None,
+                         timeout=600)
     except subprocess.TimeoutExpired:
         return None
-    return r
 
 
 @pytest.mark.slow

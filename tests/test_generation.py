@@ -250,7 +250,8 @@ def test_first_token_distribution(rope_model, kw):
     prompt = [5, 9, 11, 2]
     n = 4000
     out = generate(rope_model, [prompt] * n, max_new_tokens=1, seed=11, **kw)
-    logits = forward_logits(rope_model, torch.tensor([prompt]))[0, -1]
+    with torch.no_grad():  # forward_logits keeps autograd on (for training scripts)
+        logits = forward_logits(rope_model, torch.tensor([prompt]))[0, -1]
     expected = filter_logits(logits[None] / kw.get("temperature", 1.0), kw.get("top_k", 0),
                              kw.get("top_p", 0.0)).softmax(-1)[0]
     support = expected > 0

@@ -9,15 +9,13 @@
 * 20 train steps of gpt_tiny through train.py, FP8 (each recipe) against bf16 from the same
   weights: losses within 3% per step, and FP8 learns.
 """
-import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
-from gpu_shared import ROOT, log_parity, shared_once
+from gpu_shared import log_parity, shared_once
+from helpers import run_train
 
 from framework.fast import fp8
 
@@ -163,23 +161,14 @@ COMMON = ["model=gpt_tiny", "data=embedded", f"train.max_steps={STEPS}", "train.
 
 def _train(d, name, *overrides):
     run = pathlib.Path(d) / name
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
-                        "checkpoint.save=false", f"checkpoint.dir={run}/ckpt",
-                        f"hydra.run.dir={run}/out", *overrides],
-                       cwd=d, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    recs = [json.loads(x) for x in open(run / "out" / "metrics.jsonl")]
-    return {d["step"]: d["loss"] for d in recs if "loss" in d}
+    return run_train(*COMMON, "checkpoint.save=false", f"checkpoint.dir={run}/ckpt", *overrides,
+                     cwd=d, name=f"{name}/out", fast=False, timeout=900,
+                     env=dict(os.environ, CUDA_VISIBLE_DEVICES="0")).losses
 
 
 def _seed(d):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON,
-                        "train.max_steps=0", f"checkpoint.dir={d}/ckpt",
-                        f"hydra.run.dir={d}/out"], cwd=d, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_train(*COMMON, "train.max_steps=0", f"checkpoint.dir={d}/ckpt", cwd=d, name="out",
+              fast=False, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
     return f"checkpoint.load={d}/ckpt"
 
 

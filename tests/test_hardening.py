@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +16,7 @@ from framework.cli import register_resolvers
 from framework.config import ConfigError, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-from helpers import config_error, load_config  # noqa: E402
+from helpers import config_error, load_config, run, run_train  # noqa: E402
 
 register_configs()
 register_resolvers()
@@ -27,10 +25,13 @@ register_resolvers()
 load = load_config
 
 
-def _script(name, *args, cwd, env=None, timeout=300):
+def _script(name, *args, cwd, env=None, timeout=300, fresh=False):
+    """`python <name> *args` (train.py through helpers.run_train); exit code not checked."""
     full = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, env=full,
-                          capture_output=True, text=True, timeout=timeout)
+    if name == "train.py":
+        return run_train(*args, cwd=cwd, name=None, fast=False, expect=None, env=full,
+                         timeout=timeout, fresh=fresh)
+    return run(str(ROOT / name), *args, cwd=cwd, env=full, timeout=timeout, fresh=fresh)
 
 
 def _one_error_line(r) -> str:
@@ -308,9 +309,10 @@ HYDRA_CASES = [
 
 
 def test_hydra_errors_are_one_line_exit_2(tmp_path):
-    def go(case):
+    def go(case):  # fresh interpreters: stderr must be the one line, imports included
         script, args, _, _ = case
-        return _script(script, *args, "hydra.run.dir=" + str(tmp_path / "r"), cwd=tmp_path)
+        return _script(script, *args, "hydra.run.dir=" + str(tmp_path / "r"), cwd=tmp_path,
+                       fresh=True)
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(go, HYDRA_CASES))
@@ -321,7 +323,8 @@ def test_hydra_errors_are_one_line_exit_2(tmp_path):
             assert w in line, (args, line)
         for n in never:
             assert n not in line, (args, line)
-    full = _script("train.py", "model=gpt3", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    full = _script("train.py", "model=gpt3", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"},
+                   fresh=True)
     assert full.returncode != 0 and "Traceback" in full.stderr and "model_schema" in full.stderr
 
 

@@ -15,7 +15,6 @@ import csv
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,9 +22,9 @@ import psutil
 import pytest
 import yaml
 
+from helpers import ROOT, TRAIN, free_port, losses, read_metrics, run_train
 from perturb import perturb_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["train.progress_bar=false", "train.log_interval=1", "train.micro_batch_size=4",
         "train.global_batch_size=16", "train.eval_iters=2", "train.device=cpu", "model=gpt_tiny"]
 # warmup 0 and a fixed decay: every step updates, and runs of 2 and 4 steps share one schedule
@@ -65,34 +64,24 @@ def reaper(tmp_path):
 
 
 def _train(cwd, *overrides, name):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *FAST, f"hydra.run.dir={cwd}/{name}",
-           *overrides]
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=_env())
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return _losses(os.path.join(cwd, name, "metrics.jsonl"))
+    return run_train(*FAST, *overrides, cwd=cwd, name=name, fast=False, env=_env()).losses
 
 
 def _losses(path):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return losses(read_metrics(path))
 
 
 def _two_nodes(cwd, overrides, rdzv_id=None, name="nodes"):
     """Two torchrun agents (node ranks 0 and 1) of one c10d rendezvous on localhost, 2 workers
     each; returns their outputs."""
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--nproc-per-node", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "0",
                *(["--rdzv-id", rdzv_id] if rdzv_id else []),
-               os.path.join(ROOT, "train.py"), *FAST, *overrides]
+               TRAIN, *FAST, *overrides]
         log = open(cwd / f"{name}{node}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
@@ -107,6 +96,7 @@ def _two_nodes(cwd, overrides, rdzv_id=None, name="nodes"):
     return outs
 
 
+@pytest.mark.slow  # two torchrun agents, eight fresh workers
 def test_two_nodes_torchrun_match_single_process(reaper):
     tmp = reaper
     _train(tmp, "train.max_steps=0", f"checkpoint.dir={tmp}/seed", name="seed")
@@ -149,13 +139,12 @@ def _slurm_local(cwd, *args):
     """`train.py -m hydra/launcher=slurm_local ...`; the tasks import this checkout."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                         reason="hydra-submitit-launcher (extras `test`, `sweeps`) not installed")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "-m", "hydra/launcher=slurm_local",
-           "hydra.launcher.timeout_min=10", *FAST, "train.max_steps=2", "checkpoint.save=false",
-           *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env=_env(PYTHONPATH=ROOT))
+    return run_train("-m", "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=10", *FAST,
+                     "train.max_steps=2", "checkpoint.save=false", *args, cwd=cwd, name=None,
+                     fast=False, expect=None, timeout=900, env=_env(PYTHONPATH=ROOT))
 
 
+@pytest.mark.slow  # two sweep jobs of two SLURM tasks each, fresh interpreters
 def test_slurm_config_runs_on_submitit_local(reaper):
     """Two jobs (lr 1e-3, 3e-3), each TP2 over two SLURM "nodes" of one task: the tasks join
     through slurm.yaml's setup (MASTER_ADDR from `scontrol show hostnames`, MASTER_PORT from the

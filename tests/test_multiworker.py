@@ -18,13 +18,21 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+# several minutes of spawned TP2 workers (40 steps with six stops and resumes, a watchdog
+# timeout): the slow tier. The README command keeps test_resilience's SIGTERM of a TP2 run
+# (parent and process group) and the watchdog's unit test.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
         "model.seq_length=32", "model.hidden_dropout=0.1", "train.micro_batch_size=4",
         "train.global_batch_size=8", "train.progress_bar=false", "train.log_interval=1",
         "train.eval_interval=0", "train.device=cpu", "parallel=tp2"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+# workers spawned, as in users' runs (conftest.py forks them elsewhere in the CPU suite)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+           FW_WORKER_START_METHOD="spawn")
 
 
 def _cmd(tmp, name, *overrides):

@@ -252,8 +252,8 @@ def test_failed_or_killed_saves_leave_the_previous_checkpoint(mp1, tmp_path, mon
 # --------------------------------------------------------------------------------------------
 # the real train.py
 # --------------------------------------------------------------------------------------------
-def _start(tmp, name, *overrides):
-    return start_train(*NO_EVAL, *overrides, cwd=tmp, name=name, new_session=True)
+def _start(tmp, name, *overrides, env=None):
+    return start_train(*NO_EVAL, *overrides, cwd=tmp, name=name, new_session=True, env=env)
 
 
 def _wait_for_step(proc, metrics, step, timeout=300):
@@ -303,8 +303,10 @@ def test_sigterm_saves_and_exits_zero(tmp_path, layout, group):
     Ctrl-C, `timeout` and SLURM do: every helper process gets it too; mcore's checkpoint-writer
     manager used to die with it, and the stop's save then failed with "Broken pipe")."""
     ck = tmp_path / "ck"
+    # the TP2 group case starts its workers as users' runs do (spawned, not forked: conftest.py)
+    env = dict(os.environ, FW_WORKER_START_METHOD="spawn") if layout and group else None
     p = _start(tmp_path, "run", f"checkpoint.dir={ck}", "train.max_steps=500",
-               f"checkpoint.save_interval={2 if group else 1000}", *layout)
+               f"checkpoint.save_interval={2 if group else 1000}", *layout, env=env)
     _wait_for_step(p, str(tmp_path / "run" / "metrics.jsonl"), 3 if group else 2)
     t0 = time.time()
     if group:  # after the save at step 2

@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tomllib
 
 import pytest
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from benchmarks import speed_table, torchtitan_baseline
 from benchmarks.shapes import (SHAPES, compare_settings, compose_ours, get_shape, hf_model,
                                hf_optimizer, hf_settings, lr_at, ours_overrides, ours_settings)
+from helpers import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPT = dict(lr=1e-3, min_lr=1e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, clip_grad=1.0,
@@ -181,11 +181,10 @@ def test_queue_oom_budget_and_resume(monkeypatch, tmp_path, capsys):
 
 def test_hf_baseline_trains_on_cpu():
     shape = TINY_SHAPES["qwen2"]
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "hf_baseline.py"), "--model",
-           "qwen2_5_1_5b", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
-           "--ffn", "160", "--vocab", "256", "--seq", "32", "--device", "cpu",
-           "--micro-batch", "2", "--steps", "2", "--log-interval", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = run(os.path.join(ROOT, "benchmarks", "hf_baseline.py"), "--model", "qwen2_5_1_5b",
+            "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "160",
+            "--vocab", "256", "--seq", "32", "--device", "cpu", "--micro-batch", "2", "--steps",
+            "2", "--log-interval", "1", cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["steps"] == 3 and len(res["window_ms"]) == 3 and res["tok_s"] > 0
