@@ -184,7 +184,12 @@ def ours(model, mb, steps, extra, profile_dir=None, dropout=0.0, timeout=900, sh
         if keep_config:
             from omegaconf import OmegaConf
 
-            ran_config = OmegaConf.load(f"{d}/out/.hydra/config.yaml")
+            from framework.config import Config
+
+            # through the schema, as train.py does, so null fields (optimizer.min_lr, ...)
+            # resolve to what the run used
+            ran_config = OmegaConf.to_object(OmegaConf.merge(
+                OmegaConf.structured(Config), OmegaConf.load(f"{d}/out/.hydra/config.yaml")))
         if profile_dir:
             from benchmarks.profile_summary import summarize
 
