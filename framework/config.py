@@ -134,7 +134,9 @@ class ModelConfig:
     # None -> on for GPT (the fast path; false = megatron-core's output layer + cross-entropy)
     fused_cross_entropy: Optional[bool] = None
     # GPU: wrap each transformer layer in torch.compile (fuses the norm / bias / GeLU / residual
-    # elementwise work between the matmuls); ignored on CPU
+    # elementwise work between the matmuls); ignored on CPU. Off by default: with the fused
+    # kernels below on, it measured no faster at the gpt2-large and Llama-1B shapes
+    # (benchmarks/RESULTS.md, 2026-12-04)
     torch_compile: bool = False
     # GPU: weight gradients accumulate straight into megatron-core's fp32 main grads from the
     # GEMM (mcore's gradient_accumulation_fusion; without apex through torch.addmm with
