@@ -5,10 +5,13 @@
 #   bash benchmarks/fp8_gpu.sh speed   # throughput.py: gpt2-xl mb16 (bf16, tensorwise, rowwise),
 #                                      #   gpt2-large mb24 (bf16, tensorwise)
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise, PNG + JSON
+#   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
+#                                      #   each, kernel tables under $OUT/profiles (where FP8's
+#                                      #   end-to-end time goes)
 # Wheels: those of ../shared/tools/device-wheels.sh in .whl/ (FP8 itself needs none; torchao, for
 # fp8_linear.py's comparison only, is picked up from .whl_extra/ when present).
 set -o pipefail
-stage=${1:?usage: fp8_gpu.sh tests|speed|loss}
+stage=${1:?usage: fp8_gpu.sh tests|speed|loss|profile}
 for d in .whl .whl_extra; do
   if [ -d $d ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -33,6 +36,10 @@ case $stage in
       --runs default:16,fp8:16,fp8_rowwise:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     python3 benchmarks/throughput.py --model gpt2_large --hf-micro-batches "" \
       --runs default:24,fp8:24 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  profile)
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs default:16,fp8:16 --steps 10 --profile-dir "$out/profiles" 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   loss)
     python3 benchmarks/fp8_loss.py --steps 500 --recipes tensorwise --out "$out" 2>&1 \
