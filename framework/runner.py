@@ -68,6 +68,11 @@ def train_worker(plan: RunPlan) -> None:
         _train_rank(plan)
 
 
+# model switches that only choose GPU kernels; a CPU run that was asked for one says it goes
+# without it rather than ignore it silently
+GPU_ONLY_SWITCHES = ("torch_compile", "cuda_graph", "bias_activation_fusion")
+
+
 def _train_rank(plan: RunPlan) -> None:
     from megatron.core import parallel_state as ps
 
@@ -85,6 +90,11 @@ def _train_rank(plan: RunPlan) -> None:
             echo(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
                  f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
                  f"TP={cfg.parallel.tensor_model_parallel_size}))")
+            gpu_only = [f"model.{k}=true" for k in GPU_ONLY_SWITCHES
+                        if getattr(cfg.model, k) is True]
+            if gpu_only and not on_gpu:
+                echo(f"note: {', '.join(gpu_only)}: GPU-only, so this CPU run goes without "
+                     f"(the same model and loss; only the kernels differ)")
             if (cfg.parallel.recompute_granularity == "selective"
                     and cfg.model.attention_backend == "sdpa"
                     and set(cfg.parallel.recompute_modules) == {"core_attn"}):
