@@ -13,12 +13,16 @@ depend on the family lives here:
   stripped on export. Pad rows are zero; they are never a real token.
 * Tensor parallelism: a full tensor is cut the way megatron-core cuts it, along the parameter's
   `partition_dim` into TP equal parts (parameters carry `tensor_model_parallel`/`partition_dim`).
+* The layouts several families share (fused QKV, GLU halves, the tied or untied output layer) and
+  the config mapping's common steps (refusals in one message, the export checks shared by
+  families, keeping the imported HF config's other fields).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional,
+                    Tuple)
 
 import torch
 
@@ -46,11 +50,12 @@ def _heads(cfg: "ModelConfig"):
     return heads, groups, dim
 
 
-def qkv_rows_to_ours(t: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
-    """[q; k; v] rows -> per group [q heads of the group, k, v] rows (weights or biases)."""
+def qkv_parts_to_ours(parts: Tuple[torch.Tensor, ...], cfg: "ModelConfig") -> torch.Tensor:
+    """Separate (q, k, v) rows (weights [rows, in] or biases [rows]) -> per group [q heads of the
+    group, k, v] rows."""
     heads, groups, dim = _heads(cfg)
-    rest = tuple(t.shape[1:])
-    q, k, v = t.split([heads * dim, groups * dim, groups * dim], dim=0)
+    q, k, v = parts
+    rest = tuple(q.shape[1:])
     per = heads // groups
     q = q.reshape((groups, per * dim) + rest)
     k = k.reshape((groups, dim) + rest)
@@ -58,13 +63,33 @@ def qkv_rows_to_ours(t: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
     return torch.cat([q, k, v], dim=1).reshape((-1,) + rest)
 
 
-def qkv_rows_to_hf(t: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
-    """Per group [q heads of the group, k, v] rows -> [q; k; v] rows (the inverse)."""
+def qkv_parts_to_hf(t: torch.Tensor, cfg: "ModelConfig") -> Tuple[torch.Tensor, ...]:
+    """Per group [q heads of the group, k, v] rows -> separate (q, k, v) rows (the inverse)."""
     heads, groups, dim = _heads(cfg)
     rest = tuple(t.shape[1:])
     per = heads // groups
     q, k, v = t.reshape((groups, (per + 2) * dim) + rest).split([per * dim, dim, dim], dim=1)
-    return torch.cat([x.reshape((-1,) + rest) for x in (q, k, v)], dim=0)
+    return tuple(x.reshape((-1,) + rest) for x in (q, k, v))
+
+
+def qkv_rows_to_ours(t: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+    """[q; k; v] rows -> per group [q heads of the group, k, v] rows (weights or biases)."""
+    heads, groups, dim = _heads(cfg)
+    return qkv_parts_to_ours(t.split([heads * dim, groups * dim, groups * dim], dim=0), cfg)
+
+
+def qkv_rows_to_hf(t: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+    """Per group [q heads of the group, k, v] rows -> [q; k; v] rows (the inverse)."""
+    return torch.cat(qkv_parts_to_hf(t, cfg), dim=0)
+
+
+# a gated (GLU) linear_fc1 is [gate; up] rows; HF keeps the two halves as separate tensors
+def glu_to_ours(parts: Tuple[torch.Tensor, ...], cfg: "ModelConfig") -> torch.Tensor:
+    return torch.cat(list(parts), dim=0)
+
+
+def glu_to_hf(t: torch.Tensor, cfg: "ModelConfig") -> Tuple[torch.Tensor, ...]:
+    return tuple(t.chunk(2, dim=0))
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,62 @@ class Rule:
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.ours
+
+
+def output_layer_rule(hf_embedding: str, tied: bool) -> Rule:
+    """Our `output_layer.weight`. Tied: the last pipeline stage's copy of the word embeddings
+    (`hf_embedding`), which has no tensor of its own in HF (import only); untied: HF's
+    `lm_head.weight`."""
+    if tied:
+        return Rule("output_layer.weight", hf_embedding, vocab=True, export=False)
+    return Rule("output_layer.weight", "lm_head.weight", vocab=True)
+
+
+# --------------------------------------------------------------------------------------------
+# config mapping: what every family's `hf_config_to_fields` / `model_config_to_hf_config` does
+# --------------------------------------------------------------------------------------------
+Check = Tuple[bool, str]  # (holds, what to report when it does not)
+
+
+def refuse(problems: List[str], what: str) -> None:
+    """One InteropError `what: problem; problem` naming every problem at once; nothing when
+    there are none."""
+    if problems:
+        raise InteropError(f"{what}: " + "; ".join(problems))
+
+
+def require(checks: Iterable[Check], what: str) -> None:
+    """`refuse` with the messages of the checks that fail."""
+    refuse([msg for ok, msg in checks if not ok], what)
+
+
+def family_checks(cfg: "ModelConfig", model_type: str, normalization: str,
+                  position_embedding_type: str) -> List[Check]:
+    """Our model has the family's type, norm and position embedding (export checks)."""
+    return [
+        (cfg.type == model_type, f"model.type={cfg.type!r} (needs {model_type!r})"),
+        (cfg.normalization == normalization, f"model.normalization={cfg.normalization!r}"),
+        (cfg.position_embedding_type == position_embedding_type,
+         f"model.position_embedding_type={cfg.position_embedding_type!r}"),
+    ]
+
+
+def mha_checks(cfg: "ModelConfig") -> List[Check]:
+    """Plain multi-head attention with head dim hidden_size / heads (an HF config without
+    num_key_value_heads or head_dim)."""
+    heads = cfg.num_attention_heads
+    return [
+        (cfg.num_query_groups in (None, heads), f"model.num_query_groups={cfg.num_query_groups}"),
+        (cfg.kv_channels in (None, cfg.hidden_size // heads)
+         and cfg.hidden_size % heads == 0, f"model.kv_channels={cfg.kv_channels}"),
+    ]
+
+
+def kept_hf_config(base: Optional[Dict[str, Any]], model_type: str) -> Dict[str, Any]:
+    """A copy of `base`, the HF config a model was imported from, when it is of `model_type`
+    (its non-architecture fields, e.g. token ids and task fields, are kept on export); else
+    an empty one."""
+    return dict(base or {}) if (base or {}).get("model_type") == model_type else {}
 
 
 def expand(rules: Iterable[Rule], num_layers: int) -> List[Tuple[str, str, Rule]]:

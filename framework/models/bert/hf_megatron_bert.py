@@ -7,7 +7,7 @@ The two are the same network (Shoeybi et al.'s pre-LN BERT), so the mapping is n
   `encoder.ln` -> `encoder.final_layernorm`.
 * HF has separate `query`/`key`/`value` Linears (rows = outputs); megatron-core's `linear_qkv`
   interleaves them per query group (for each group: its query heads, its key, its value; see
-  framework.models.hf_rules.qkv_rows_to_ours). One rule maps the three HF tensors to one of ours.
+  framework.models.hf_rules.qkv_parts_to_ours). One rule maps the three HF tensors to one of ours.
 * LM head: HF `cls.predictions.transform.{dense,LayerNorm}` -> `lm_head.{dense,layer_norm}`; the
   decoder is tied to the word embeddings (our last pipeline stage holds a copy, `output_layer.
   weight`), its bias `cls.predictions.bias` -> `output_layer.bias` (vocabulary rows, padded).
@@ -27,12 +27,12 @@ HF files saved from the base `MegatronBertModel` have no `bert.` prefix; both ar
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from framework.errors import InteropError
-from framework.models.hf_rules import Rule, qkv_rows_to_hf, qkv_rows_to_ours
+from framework.models.hf_rules import (Rule, family_checks, kept_hf_config, mha_checks,
+                                       output_layer_rule, qkv_parts_to_hf, qkv_parts_to_ours,
+                                       refuse, require)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -68,9 +68,7 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
         bad.append("add_cross_attention=true")
     if not hf.get("tie_word_embeddings", True):
         bad.append("tie_word_embeddings=false")
-    if bad:
-        raise InteropError("this megatron-bert config cannot be expressed as our BERT model: "
-                           + "; ".join(bad))
+    refuse(bad, "this megatron-bert config cannot be expressed as our BERT model")
     try:
         layers, hidden = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
         heads, n_pos = int(hf["num_attention_heads"]), int(hf["max_position_embeddings"])
@@ -102,27 +100,18 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _check_expressible(cfg: ModelConfig) -> None:
-    heads = cfg.num_attention_heads
-    checks = [
-        (cfg.type == MODEL_TYPE, f"model.type={cfg.type!r} (needs {MODEL_TYPE!r})"),
-        (cfg.normalization == "LayerNorm", f"model.normalization={cfg.normalization!r}"),
-        (cfg.position_embedding_type == "learned_absolute",
-         f"model.position_embedding_type={cfg.position_embedding_type!r}"),
+    require([
+        *family_checks(cfg, MODEL_TYPE, "LayerNorm", "learned_absolute"),
         (cfg.activation in _ACT_IN.values(), f"model.activation={cfg.activation!r}"),
         (cfg.add_bias_linear, "model.add_bias_linear=false"),
-        (cfg.num_query_groups in (None, heads), f"model.num_query_groups={cfg.num_query_groups}"),
-        (cfg.kv_channels in (None, cfg.hidden_size // heads)
-         and cfg.hidden_size % heads == 0, f"model.kv_channels={cfg.kv_channels}"),
+        *mha_checks(cfg),
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
         (cfg.share_embeddings_and_output_weights,
          "model.share_embeddings_and_output_weights=false"),
         (cfg.add_binary_head, "model.add_binary_head=false (HF megatron-bert always has token "
                               "types and a pooler)"),
-    ]
-    bad = [msg for ok, msg in checks if not ok]
-    if bad:
-        raise InteropError("this model cannot be expressed as HF megatron-bert: " + "; ".join(bad))
+    ], "this model cannot be expressed as HF megatron-bert")
 
 
 def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
@@ -133,8 +122,7 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
     task fields) are kept.
     """
     _check_expressible(cfg)
-    out: Dict[str, Any] = dict(base or {}) if (base or {}).get("model_type") == HF_MODEL_TYPE \
-        else {}
+    out = kept_hf_config(base, HF_MODEL_TYPE)
     out.update(
         model_type=HF_MODEL_TYPE,
         architectures=[HF_ARCHITECTURE],
@@ -163,16 +151,6 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
 # --------------------------------------------------------------------------------------------
 # tensors
 # --------------------------------------------------------------------------------------------
-def _qkv_to_ours(t: Tuple[torch.Tensor, ...], cfg: ModelConfig) -> torch.Tensor:
-    """(query, key, value) Linear weights or biases -> megatron-core's interleaved linear_qkv."""
-    return qkv_rows_to_ours(torch.cat(list(t), dim=0), cfg)
-
-
-def _qkv_to_hf(t: torch.Tensor, cfg: ModelConfig) -> Tuple[torch.Tensor, ...]:
-    full = qkv_rows_to_hf(t, cfg)
-    return tuple(full.chunk(3, dim=0))  # MHA only (checked): q, k, v have equal rows
-
-
 def rules(cfg: ModelConfig) -> List[Rule]:
     p, L, H = HF_BASE_PREFIX, "encoder.layers.{i}.", HF_BASE_PREFIX + "encoder.layer.{i}."
 
@@ -187,11 +165,11 @@ def rules(cfg: ModelConfig) -> List[Rule]:
         Rule("embedding.position_embeddings.weight", p + "embeddings.position_embeddings.weight"),
         *wb(L + "input_layernorm", H + "attention.ln"),
         Rule(L + "self_attention.linear_qkv.weight",
-             tuple(qkv + x + ".weight" for x in ("query", "key", "value")), _qkv_to_ours,
-             _qkv_to_hf),
+             tuple(qkv + x + ".weight" for x in ("query", "key", "value")), qkv_parts_to_ours,
+             qkv_parts_to_hf),
         Rule(L + "self_attention.linear_qkv.bias",
-             tuple(qkv + x + ".bias" for x in ("query", "key", "value")), _qkv_to_ours,
-             _qkv_to_hf),
+             tuple(qkv + x + ".bias" for x in ("query", "key", "value")), qkv_parts_to_ours,
+             qkv_parts_to_hf),
         *wb(L + "self_attention.linear_proj", H + "attention.output.dense"),
         *wb(L + "pre_mlp_layernorm", H + "ln"),
         *wb(L + "mlp.linear_fc1", H + "intermediate.dense"),
@@ -200,9 +178,7 @@ def rules(cfg: ModelConfig) -> List[Rule]:
         *wb("lm_head.dense", "cls.predictions.transform.dense"),
         *wb("lm_head.layer_norm", "cls.predictions.transform.LayerNorm"),
         Rule("output_layer.bias", "cls.predictions.bias", vocab=True),
-        # the last pipeline stage's copy of the tied embedding; no tensor of its own in HF
-        Rule("output_layer.weight", p + "embeddings.word_embeddings.weight", vocab=True,
-             export=False),
+        output_layer_rule(p + "embeddings.word_embeddings.weight", tied=True),
     ]
     if cfg.add_binary_head:
         out += [

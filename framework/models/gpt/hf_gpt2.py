@@ -17,7 +17,9 @@ import re
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from framework.errors import InteropError
-from framework.models.hf_rules import Rule, qkv_rows_to_hf, qkv_rows_to_ours, transpose
+from framework.models.hf_rules import (Rule, family_checks, kept_hf_config, mha_checks,
+                                       output_layer_rule, qkv_rows_to_hf, qkv_rows_to_ours,
+                                       refuse, require, transpose)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -53,9 +55,7 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
         bad.append("scale_attn_by_inverse_layer_idx=true")
     if hf.get("add_cross_attention", False):
         bad.append("add_cross_attention=true")
-    if bad:
-        raise InteropError("this gpt2 config cannot be expressed as our GPT model: "
-                           + "; ".join(bad))
+    refuse(bad, "this gpt2 config cannot be expressed as our GPT model")
     try:
         n_layer, n_embd, n_head = int(hf["n_layer"]), int(hf["n_embd"]), int(hf["n_head"])
         n_pos, vocab = int(hf["n_positions"]), int(hf["vocab_size"])
@@ -90,26 +90,15 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
     `base`: the HF config this model was imported from; its non-architecture fields (token ids,
     embd_pdrop, task fields, the spelling of the tanh GeLU) are kept.
     """
-    bad = []
-    heads = cfg.num_attention_heads
-    checks = [
-        (cfg.type == MODEL_TYPE, f"model.type={cfg.type!r} (needs {MODEL_TYPE!r})"),
-        (cfg.normalization == "LayerNorm", f"model.normalization={cfg.normalization!r}"),
-        (cfg.position_embedding_type == "learned_absolute",
-         f"model.position_embedding_type={cfg.position_embedding_type!r}"),
+    require([
+        *family_checks(cfg, MODEL_TYPE, "LayerNorm", "learned_absolute"),
         (cfg.activation in _ACT_OUT, f"model.activation={cfg.activation!r}"),
         (cfg.add_bias_linear, "model.add_bias_linear=false"),
-        (cfg.num_query_groups in (None, heads), f"model.num_query_groups={cfg.num_query_groups}"),
-        (cfg.kv_channels in (None, cfg.hidden_size // heads)
-         and cfg.hidden_size % heads == 0, f"model.kv_channels={cfg.kv_channels}"),
+        *mha_checks(cfg),
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
-    ]
-    bad = [msg for ok, msg in checks if not ok]
-    if bad:
-        raise InteropError("this model cannot be expressed as HF gpt2: " + "; ".join(bad))
-    out: Dict[str, Any] = dict(base or {}) if (base or {}).get("model_type") == HF_MODEL_TYPE \
-        else {}
+    ], "this model cannot be expressed as HF gpt2")
+    out = kept_hf_config(base, HF_MODEL_TYPE)
     act = out.get("activation_function")
     if _ACT_IN.get(act) != cfg.activation:
         act = _ACT_OUT[cfg.activation]
@@ -120,7 +109,7 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
         n_positions=cfg.max_positions,
         n_embd=cfg.hidden_size,
         n_layer=cfg.num_layers,
-        n_head=heads,
+        n_head=cfg.num_attention_heads,
         n_inner=cfg.ffn_hidden_size,
         activation_function=act,
         resid_pdrop=cfg.hidden_dropout,
@@ -173,11 +162,7 @@ def rules(cfg: ModelConfig) -> List[Rule]:
         Rule("decoder.final_layernorm.weight", p + "ln_f.weight"),
         Rule("decoder.final_layernorm.bias", p + "ln_f.bias"),
     ]
-    if cfg.share_embeddings_and_output_weights:
-        # the last pipeline stage's copy of the tied embedding; no tensor of its own in HF
-        out.append(Rule("output_layer.weight", p + "wte.weight", vocab=True, export=False))
-    else:
-        out.append(Rule("output_layer.weight", "lm_head.weight", vocab=True))
+    out.append(output_layer_rule(p + "wte.weight", cfg.share_embeddings_and_output_weights))
     return out
 
 

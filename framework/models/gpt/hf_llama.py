@@ -34,10 +34,10 @@ import re
 import types
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import torch
-
 from framework.errors import InteropError
-from framework.models.hf_rules import Rule
+from framework.models.hf_rules import (Rule, glu_to_hf, glu_to_ours, kept_hf_config,
+                                       output_layer_rule, qkv_parts_to_hf, qkv_parts_to_ours,
+                                       refuse, require)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -101,9 +101,7 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     theta = float(rope["rope_theta"])
     if theta != int(theta):
         bad.append(f"rope_theta={theta} (model.rotary_base is an integer)")
-    if bad:
-        raise InteropError(f"this {model_type} config cannot be expressed as our GPT model: "
-                           + "; ".join(bad))
+    refuse(bad, f"this {model_type} config cannot be expressed as our GPT model")
     try:
         layers, hidden = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
         heads, vocab = int(hf["num_attention_heads"]), int(hf["vocab_size"])
@@ -172,7 +170,9 @@ def accepts(cfg: ModelConfig, model_type: str = HF_MODEL_TYPE) -> bool:
 def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size: int,
                                base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     heads = cfg.num_attention_heads
-    checks = [
+    # spelled out, not hf_rules.family_checks: here the activation is reported before the
+    # position embedding
+    require([
         (cfg.type == MODEL_TYPE, f"model.type={cfg.type!r} (needs {MODEL_TYPE!r})"),
         (cfg.normalization == "RMSNorm", f"model.normalization={cfg.normalization!r}"),
         (cfg.activation == "swiglu", f"model.activation={cfg.activation!r}"),
@@ -185,13 +185,8 @@ def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size:
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
         (cfg.softmax_scale is None, f"model.softmax_scale={cfg.softmax_scale}"),
-    ]
-    bad = [msg for ok, msg in checks if not ok]
-    if bad:
-        raise InteropError(f"this model cannot be expressed as HF {model_type}: "
-                           + "; ".join(bad))
-    out: Dict[str, Any] = dict(base or {}) if (base or {}).get("model_type") == model_type \
-        else {}
+    ], f"this model cannot be expressed as HF {model_type}")
+    out = kept_hf_config(base, model_type)
     for key in ("rope_theta", "rope_scaling", "rope_parameters", "architectures"):
         out.pop(key, None)
     rope: Dict[str, Any] = {"rope_type": "llama3" if cfg.rope_scaling else "default",
@@ -244,41 +239,6 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
 # --------------------------------------------------------------------------------------------
 # tensors
 # --------------------------------------------------------------------------------------------
-def _heads(cfg: ModelConfig):
-    heads = cfg.num_attention_heads
-    groups = cfg.num_query_groups or heads
-    dim = cfg.kv_channels or cfg.hidden_size // heads
-    return heads, groups, dim
-
-
-def _qkv_to_ours(parts, cfg: ModelConfig) -> torch.Tensor:
-    """(q, k, v) rows (weights [rows, in] or biases [rows]) -> mcore's per-group interleave."""
-    heads, groups, dim = _heads(cfg)
-    q, k, v = parts
-    rest = tuple(q.shape[1:])
-    per = heads // groups
-    q = q.reshape((groups, per * dim) + rest)
-    k = k.reshape((groups, dim) + rest)
-    v = v.reshape((groups, dim) + rest)
-    return torch.cat([q, k, v], dim=1).reshape((-1,) + rest)
-
-
-def _qkv_to_hf(t: torch.Tensor, cfg: ModelConfig):
-    heads, groups, dim = _heads(cfg)
-    rest = tuple(t.shape[1:])
-    per = heads // groups
-    q, k, v = t.reshape((groups, (per + 2) * dim) + rest).split([per * dim, dim, dim], dim=1)
-    return tuple(x.reshape((-1,) + rest) for x in (q, k, v))
-
-
-def _cat(parts, cfg: ModelConfig) -> torch.Tensor:
-    return torch.cat(parts, dim=0)
-
-
-def _halves(t: torch.Tensor, cfg: ModelConfig):
-    return tuple(t.chunk(2, dim=0))
-
-
 def _rules(cfg: ModelConfig, qkv_bias: bool) -> List[Rule]:
     p, L, H = HF_BASE_PREFIX, "decoder.layers.{i}.", HF_BASE_PREFIX + "layers.{i}."
     att = H + "self_attn."
@@ -287,23 +247,21 @@ def _rules(cfg: ModelConfig, qkv_bias: bool) -> List[Rule]:
         Rule(L + "input_layernorm.weight", H + "input_layernorm.weight"),
         Rule(L + "self_attention.linear_qkv.weight",
              tuple(att + x + ".weight" for x in ("q_proj", "k_proj", "v_proj")),
-             _qkv_to_ours, _qkv_to_hf),
+             qkv_parts_to_ours, qkv_parts_to_hf),
         Rule(L + "self_attention.linear_proj.weight", att + "o_proj.weight"),
         Rule(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
         Rule(L + "mlp.linear_fc1.weight",
-             (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), _cat, _halves, glu=True),
+             (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), glu_to_ours, glu_to_hf,
+             glu=True),
         Rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
         Rule("decoder.final_layernorm.weight", p + "norm.weight"),
     ]
     if qkv_bias:
         out.append(Rule(L + "self_attention.linear_qkv.bias",
                         tuple(att + x + ".bias" for x in ("q_proj", "k_proj", "v_proj")),
-                        _qkv_to_ours, _qkv_to_hf))
-    if cfg.share_embeddings_and_output_weights:
-        out.append(Rule("output_layer.weight", p + "embed_tokens.weight", vocab=True,
-                        export=False))
-    else:
-        out.append(Rule("output_layer.weight", "lm_head.weight", vocab=True))
+                        qkv_parts_to_ours, qkv_parts_to_hf))
+    out.append(output_layer_rule(p + "embed_tokens.weight",
+                                 cfg.share_embeddings_and_output_weights))
     return out
 
 

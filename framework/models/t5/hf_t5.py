@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import torch
 
 from framework.errors import InteropError
-from framework.models.hf_rules import Rule
+from framework.models.hf_rules import (Rule, family_checks, glu_to_hf, glu_to_ours,
+                                       kept_hf_config, refuse, require)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -75,9 +76,7 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
         bad.append(f"feed_forward_proj={proj!r} (supported: {sorted(_ACT_IN)})")
     if hf.get("is_decoder", False):
         bad.append("is_decoder=true")
-    if bad:
-        raise InteropError("this t5 config cannot be expressed as our T5 model: "
-                           + "; ".join(bad))
+    refuse(bad, "this t5 config cannot be expressed as our T5 model")
     try:
         d_model, heads, d_kv = int(hf["d_model"]), int(hf["num_heads"]), int(hf["d_kv"])
         d_ff, enc, vocab = int(hf["d_ff"]), int(hf["num_layers"]), int(hf["vocab_size"])
@@ -126,11 +125,8 @@ def resolve_with_tensors(cfg: "ModelConfig", names) -> "ModelConfig":
 def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
                               base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     heads = cfg.num_attention_heads
-    checks = [
-        (cfg.type == MODEL_TYPE, f"model.type={cfg.type!r} (needs {MODEL_TYPE!r})"),
-        (cfg.normalization == "RMSNorm", f"model.normalization={cfg.normalization!r}"),
-        (cfg.position_embedding_type == "relative",
-         f"model.position_embedding_type={cfg.position_embedding_type!r}"),
+    require([
+        *family_checks(cfg, MODEL_TYPE, "RMSNorm", "relative"),
         (cfg.activation in _ACT_OUT, f"model.activation={cfg.activation!r}"),
         (not cfg.add_bias_linear, "model.add_bias_linear=true"),
         (not cfg.add_qkv_bias, "model.add_qkv_bias=true"),
@@ -142,12 +138,8 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
         (not cfg.lm_head_bias, "model.lm_head_bias=true"),
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
-    ]
-    bad = [msg for ok, msg in checks if not ok]
-    if bad:
-        raise InteropError("this model cannot be expressed as HF t5: " + "; ".join(bad))
-    out: Dict[str, Any] = dict(base or {}) if (base or {}).get("model_type") == HF_MODEL_TYPE \
-        else {}
+    ], "this model cannot be expressed as HF t5")
+    out = kept_hf_config(base, HF_MODEL_TYPE)
     out.update(
         model_type=HF_MODEL_TYPE,
         architectures=[HF_ARCHITECTURE],
@@ -211,21 +203,13 @@ def _attn(ours: str, hf: str, names=("q", "k", "v")) -> Rule:
                 _qkv_to_hf if len(names) == 3 else _kv_to_hf)
 
 
-def _cat(ts, cfg):
-    return torch.cat(list(ts), dim=0)
-
-
-def _halves(t, cfg):
-    return tuple(t.chunk(2, dim=0))
-
-
 def _mlp(L: str, H: str, cfg: ModelConfig) -> List[Rule]:
     """relu: wi -> linear_fc1; gated: [wi_0 (activated gate); wi_1] -> linear_fc1 (mcore's GLU
     computes act(first half) * second half)."""
     if cfg.activation in _GATED:
         fc1 = Rule(L + "mlp.linear_fc1.weight", (H + "DenseReluDense.wi_0.weight",
                                                  H + "DenseReluDense.wi_1.weight"),
-                   _cat, _halves, glu=True)
+                   glu_to_ours, glu_to_hf, glu=True)
     else:
         fc1 = Rule(L + "mlp.linear_fc1.weight", H + "DenseReluDense.wi.weight")
     return [fc1, Rule(L + "mlp.linear_fc2.weight", H + "DenseReluDense.wo.weight")]
