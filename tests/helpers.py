@@ -9,6 +9,7 @@ FW_TEST_ZYGOTE=0, or with `fresh=True` (a test about start-up itself), each proc
 interpreter (`subprocess.Popen`).
 """
 import atexit
+import contextlib
 import json
 import os
 import pickle
@@ -350,3 +351,167 @@ def config_error(*overrides) -> str:
     assert isinstance(err, ConfigError), repr(e.value)
     assert "\n" not in str(err)
     return str(err)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints converted from HF (data_tools.convert), run on CPU in fp32
+# --------------------------------------------------------------------------------------------
+def checkpoint_model_cfg(ckpt_dir):
+    """(ModelConfig, meta) that a checkpoint folder (or one iteration of it) stores."""
+    from framework.checkpoint import stored_model_config
+    from framework.interop.megatron_files import resolve_checkpoint
+
+    _root, _it, path, meta = resolve_checkpoint(str(ckpt_dir))
+    return stored_model_config(meta, path), meta
+
+
+def build_cpu(model_cfg, padded, tp=1, pp=1):
+    """The model chunks of `model_cfg` (vocab padded to `padded`) at TP `tp` x PP `pp`: CPU,
+    fp32, no DDP, in eval mode. The caller has initialised the model-parallel state."""
+    import torch
+
+    from framework.config import ParallelConfig
+    from framework.models.build import build_model
+
+    chunks = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp,
+                                                   pipeline_model_parallel_size=pp),
+                         vocab_size=padded, bf16=False, fp16=False, device=torch.device("cpu"),
+                         wrap_ddp=False)
+    for c in chunks:
+        c.eval()
+    return chunks
+
+
+def load_weights(ckpt_dir, chunks, model_cfg):
+    """The model weights of checkpoint `ckpt_dir` into `chunks` (no optimizer state)."""
+    from framework.checkpoint import load_checkpoint
+
+    load_checkpoint(str(ckpt_dir), chunks, None, None, model_cfg=model_cfg, with_optimizer=False)
+
+
+def gather_vocab(logits, vocab):
+    """`logits` [..., V/tp] with the tensor-parallel vocab shards gathered (a collective: every
+    TP rank calls it) and the padding stripped to `vocab`."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :vocab]
+
+
+def gpt_logits(chunk, tokens, vocab):
+    """A GPT model chunk's logits [b, s, vocab] for `tokens` [b, s] (positions 0..s-1), without
+    autograd: TP vocab shards gathered, padding stripped."""
+    import torch
+
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        out = chunk(tokens, pos, None)
+    return gather_vocab(out, vocab)
+
+
+def tp1_output(ckpt_dir, padded, forward, **cfg_changes):
+    """`forward(chunk)` of the checkpoint in `ckpt_dir` loaded into a TP1 model of vocab
+    `padded` (its stored model config with `cfg_changes`), in a one-process world of its own."""
+    from dataclasses import replace
+
+    from data_tools import convert
+
+    model_cfg, _meta = checkpoint_model_cfg(ckpt_dir)
+    if cfg_changes:
+        model_cfg = replace(model_cfg, **cfg_changes)
+    with convert.single_process_world():
+        chunks = build_cpu(model_cfg, padded)
+        load_weights(ckpt_dir, chunks, model_cfg)
+        return forward(chunks[0])
+
+
+def pipeline2_forward(chunk, first, peer, hidden_shape, *inputs, **kw):
+    """One forward step of a two-stage pipeline by hand (megatron-core's schedules need CUDA),
+    without autograd: the first stage sends `chunk(*inputs, **kw)` (its hidden state,
+    `hidden_shape`) to rank `peer` and returns None; the last stage receives it from `peer` as
+    its input tensor and returns `chunk(*inputs, **kw)`."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        if first:
+            dist.send(chunk(*inputs, **kw).contiguous(), dst=peer)
+            return None
+        hidden = torch.empty(*hidden_shape)
+        dist.recv(hidden, src=peer)
+        chunk.set_input_tensor(hidden)
+        return chunk(*inputs, **kw)
+
+
+@contextlib.contextmanager
+def gloo_rank(rank, port, world_size=2):
+    """Rank `rank` of a CPU gloo world of `world_size` processes (a `spawn`ed test worker; CUDA
+    hidden, also on a machine with GPUs); on the way out, the model-parallel state and the
+    process group are destroyed."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def read_safetensors(path):
+    """{name: tensor} of every *.safetensors file in the folder `path`."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def assert_same_tensors(a, b, what=None):
+    """HF folders `a` and `b` hold the same tensor names, each bit-identical with its dtype;
+    returns b's tensors."""
+    import torch
+
+    ta, tb = read_safetensors(a), read_safetensors(b)
+    assert sorted(ta) == sorted(tb), what
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), \
+            k if what is None else (what, k)
+    return tb
+
+
+def assert_same_hf(a, b, config_keys):
+    """assert_same_tensors, and config.json agrees at `config_keys`; returns b's (tensors,
+    config)."""
+    tb = assert_same_tensors(a, b)
+    ca, cb = (json.load(open(os.path.join(p, "config.json"))) for p in (a, b))
+    for k in config_keys:
+        assert ca.get(k) == cb.get(k), (k, ca.get(k), cb.get(k))
+    return tb, cb
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------
+def left_padded(prompts, pad):
+    """(ids, attention mask) [n, longest] of token-id lists, left-padded with `pad`."""
+    import torch
+
+    s = max(map(len, prompts))
+    ids = torch.full((len(prompts), s), pad)
+    mask = torch.zeros((len(prompts), s), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, s - len(p):] = torch.tensor(p)
+        mask[i, s - len(p):] = 1
+    return ids, mask

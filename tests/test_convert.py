@@ -18,7 +18,9 @@ import torch
 
 from data_tools import convert
 from perturb import perturb_
-from helpers import ROOT, free_port, run, run_train, spawn
+from helpers import (ROOT, assert_same_hf, build_cpu, checkpoint_model_cfg, free_port, gloo_rank,
+                     gpt_logits, load_weights, pipeline2_forward, read_safetensors, run,
+                     run_train, spawn, tp1_output)
 
 V, LAYERS, HIDDEN, HEADS, FFN, NPOS, EPS = 101, 4, 48, 6, 80, 40, 2e-5
 # make_vocab_size_divisible_by. The vocab is padded to a multiple of lcm(DIV, TP): 5 makes the
@@ -72,74 +74,13 @@ def work(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # helpers: run our model on CPU
 # --------------------------------------------------------------------------------------------
-def _meta_model_cfg(ckpt_dir):
-    from framework.checkpoint import stored_model_config
-    from framework.interop.megatron_files import resolve_checkpoint
-
-    _root, _it, path, meta = resolve_checkpoint(str(ckpt_dir))
-    return stored_model_config(meta, path), meta
-
-
-def _build(model_cfg, padded, tp=1, pp=1):
-    from framework.config import ParallelConfig
-    from framework.models.build import build_model
-
-    chunks = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp,
-                                                   pipeline_model_parallel_size=pp),
-                         vocab_size=padded, bf16=False, fp16=False, device=torch.device("cpu"),
-                         wrap_ddp=False)
-    for c in chunks:
-        c.eval()
-    return chunks
-
-
-def _full_logits(chunk, tokens):
-    """Logits [b, s, V]: TP vocab shards gathered, padding stripped."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-    with torch.no_grad():
-        out = chunk(tokens, pos, None)
-    group = ps.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, out.contiguous(), group=group)
-        out = torch.cat(parts, dim=-1)
-    return out[..., :V]
-
-
 def _tp1_logits(ckpt_dir, tokens, padded):
-    from framework.checkpoint import load_checkpoint
-
-    model_cfg, _meta = _meta_model_cfg(ckpt_dir)
-    with convert.single_process_world():
-        chunks = _build(model_cfg, padded)
-        load_checkpoint(str(ckpt_dir), chunks, None, None, model_cfg=model_cfg,
-                        with_optimizer=False)
-        return _full_logits(chunks[0], tokens)
+    return tp1_output(ckpt_dir, padded, lambda chunk: gpt_logits(chunk, tokens, V))
 
 
-def _safetensors(path):
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
-
-
-def _assert_same_hf(a, b):
-    ta, tb = _safetensors(a), _safetensors(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
-    ca, cb = (json.load(open(os.path.join(p, "config.json"))) for p in (a, b))
-    for k in ("model_type", "n_layer", "n_embd", "n_head", "n_inner", "n_positions",
-              "vocab_size", "activation_function", "layer_norm_epsilon", "tie_word_embeddings",
-              "bos_token_id", "eos_token_id"):
-        assert ca.get(k) == cb.get(k), k
+HF_CONFIG_KEYS = ("model_type", "n_layer", "n_embd", "n_head", "n_inner", "n_positions",
+                  "vocab_size", "activation_function", "layer_norm_epsilon",
+                  "tie_word_embeddings", "bos_token_id", "eos_token_id")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,13 +89,13 @@ def _assert_same_hf(a, b):
 def test_hf_to_megatron_tp1_logits_match_hf(work):
     got = _tp1_logits(work["dir"] / "tp1", work["tokens"], P1)
     assert (got - work["logits"]).abs().max().item() <= TOL
-    _model_cfg, meta = _meta_model_cfg(work["dir"] / "tp1")
+    _model_cfg, meta = checkpoint_model_cfg(work["dir"] / "tp1")
     assert meta["config"]["model"]["activation"] == "gelu_tanh"
     assert meta["config"]["model"]["vocab_size"] == V
     assert meta["iteration"] == 0 and meta["consumed_samples"] == 0
     assert (work["dir"] / "tp1" / "latest_checkpointed_iteration.txt").read_text() == "0"
     assert (work["dir"] / "tp1" / "iter_0000000" / "tokenizer" / "tokenizer.json").is_file()
-    tp2_meta = _meta_model_cfg(work["dir"] / "tp2")[1]
+    tp2_meta = checkpoint_model_cfg(work["dir"] / "tp2")[1]
     assert tp2_meta["config"]["parallel"]["tensor_model_parallel_size"] == 2
 
 
@@ -171,7 +112,7 @@ def test_roundtrip_is_bit_identical_and_loads_in_transformers(work, capsys):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     assert not list(out.glob("*.bin"))
-    _assert_same_hf(work["hf"], out)
+    assert_same_hf(work["hf"], out, HF_CONFIG_KEYS)
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
         assert torch.equal(model(work["tokens"]).logits, work["logits"])
@@ -180,7 +121,7 @@ def test_roundtrip_is_bit_identical_and_loads_in_transformers(work, capsys):
     out2 = work["dir"] / "back2"
     cli("megatron-to-hf", "--load", work["dir"] / "tp2_tp1_tp2", "--save", out2)
     assert (out2 / "model.safetensors").is_file()
-    _assert_same_hf(work["hf"], out2)
+    assert_same_hf(work["hf"], out2, HF_CONFIG_KEYS)
 
 
 def test_reshape_tp2_tp1_tp2_keeps_logits(work):
@@ -207,15 +148,14 @@ def test_reshape_with_optimizer_round_trips_the_state(work, capsys):
     from framework.checkpoint import load_checkpoint, save_checkpoint
 
     d = work["dir"]
-    model_cfg, meta = _meta_model_cfg(d / "tp1")
+    model_cfg, meta = checkpoint_model_cfg(d / "tp1")
     opt_kw = dict(max_steps=10, bf16=False, fp16=False, use_distributed_optimizer=False,
                   overlap_param_gather=False, on_gpu=False)
     tokens = work["tokens"]
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
     with convert.single_process_world():
-        chunks = _build(model_cfg, P1)
-        load_checkpoint(str(d / "tp1"), chunks, None, None, model_cfg=model_cfg,
-                        with_optimizer=False)
+        chunks = build_cpu(model_cfg, P1)
+        load_weights(d / "tp1", chunks, model_cfg)
         opt, sched = build_optimizer(OptimizerConfig(lr=1e-3, min_lr=1e-4), chunks, **opt_kw)
         chunks[0](tokens, pos, None, labels=tokens).mean().backward()
         assert opt.step()[0]
@@ -239,7 +179,7 @@ def test_reshape_with_optimizer_round_trips_the_state(work, capsys):
     keys = [k for k, _s, _d in describe(str(d / "opt_weights" / "iter_0000007"))[0]]
     assert keys and not [k for k in keys if k.startswith("optimizer.")]
     with convert.single_process_world():
-        chunks = _build(model_cfg, P1)
+        chunks = build_cpu(model_cfg, P1)
         opt, sched = build_optimizer(OptimizerConfig(lr=1e-3, min_lr=1e-4), chunks, **opt_kw)
         meta2 = load_checkpoint(str(d / "opt_tp1"), chunks, opt, sched, model_cfg=model_cfg)
         assert meta2["iteration"] == 7 and meta2["consumed_samples"] == 14
@@ -257,7 +197,7 @@ def test_load_hf_into_model_refuses_a_different_architecture(work):
     from framework import interop
     from framework.config import ConfigError
 
-    model_cfg, _ = _meta_model_cfg(work["dir"] / "tp1")
+    model_cfg, _ = checkpoint_model_cfg(work["dir"] / "tp1")
     with pytest.raises(ConfigError, match="activation: hf='gelu_tanh' config='gelu'"):
         interop.load_hf_into_model(str(work["hf"]), [], replace(model_cfg, activation="gelu"))
 
@@ -284,7 +224,7 @@ def test_base_model_layout_with_mask_buffers_and_bf16(work, tmp_path, capsys):
     assert rows["embedding.word_embeddings.weight"].split() == [f"[{P1},", "48]", "bfloat16"]
     assert "float32" not in ours
     cli("megatron-to-hf", "--load", tmp_path / "bf16", "--save", tmp_path / "back")
-    got, ref = _safetensors(tmp_path / "back"), load_file(work["hf"] / "model.safetensors")
+    got, ref = read_safetensors(tmp_path / "back"), load_file(work["hf"] / "model.safetensors")
     assert sorted(got) == sorted(ref)
     for k in ref:
         assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k].bfloat16()), k
@@ -311,32 +251,28 @@ def test_train_py_starts_from_a_converted_checkpoint(work, tmp_path):
 # two processes: TP2, then PP2 (gloo)
 # --------------------------------------------------------------------------------------------
 def _dist_worker(rank, port, d):
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU test, also on a machine with GPUs
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from framework import interop
     from framework.tokenizer import embedded_tokenizer
-    from framework.checkpoint import load_checkpoint, save_checkpoint
+    from framework.checkpoint import save_checkpoint
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    ref = torch.load(os.path.join(d, "ref.pt"))
-    tokens, hf_logits = ref["tokens"], ref["logits"]
-    model_cfg, meta = _meta_model_cfg(os.path.join(d, "tp1"))
-    try:
+    with gloo_rank(rank, port):  # a CPU test, also on a machine with GPUs
+        ref = torch.load(os.path.join(d, "ref.pt"))
+        tokens, hf_logits = ref["tokens"], ref["logits"]
+        model_cfg, meta = checkpoint_model_cfg(os.path.join(d, "tp1"))
         # ---- TP2 ----
         ps.initialize_model_parallel(2, 1)
         got = {}
         for name in ("tp2", "tp2_tp1_tp2", "tp1"):  # tp1: TP1-padded (105 rows) loaded into 110
-            chunks = _build(model_cfg, P2, tp=2)
-            load_checkpoint(os.path.join(d, name), chunks, None, None, model_cfg=model_cfg,
-                            with_optimizer=False)
-            got[name] = _full_logits(chunks[0], tokens)
-        chunks = _build(model_cfg, P2, tp=2)
+            chunks = build_cpu(model_cfg, P2, tp=2)
+            load_weights(os.path.join(d, name), chunks, model_cfg)
+            got[name] = gpt_logits(chunks[0], tokens, V)
+        chunks = build_cpu(model_cfg, P2, tp=2)
         info = interop.load_hf_into_model(os.path.join(d, "hf"), chunks, model_cfg)
         assert info["tensors"] > 0
-        got["hf"] = _full_logits(chunks[0], tokens)
+        got["hf"] = gpt_logits(chunks[0], tokens, V)
         for name, logits in got.items():
             assert (logits - hf_logits).abs().max().item() <= TOL, name
         assert torch.equal(got["tp2"], got["tp2_tp1_tp2"]) and torch.equal(got["tp2"], got["hf"])
@@ -351,26 +287,22 @@ def _dist_worker(rank, port, d):
         ps.initialize_model_parallel(1, 2)
         outs = {}
         for name in ("pp2", "hf"):
-            chunks = _build(model_cfg, P1, pp=2)
+            chunks = build_cpu(model_cfg, P1, pp=2)
             if name == "hf":
                 interop.load_hf_into_model(os.path.join(d, "hf"), chunks, model_cfg)
             else:
-                load_checkpoint(os.path.join(d, name), chunks, None, None, model_cfg=model_cfg,
-                                with_optimizer=False)
+                load_weights(os.path.join(d, name), chunks, model_cfg)
             chunk = chunks[0]
             pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+            out = pipeline2_forward(chunk, rank == 0, 1 - rank,
+                                    (tokens.shape[1], tokens.shape[0], HIDDEN), tokens, pos, None)
             with torch.no_grad():
                 if rank == 0:
-                    hidden = chunk(tokens, pos, None)  # [s, b, h]
-                    dist.send(hidden.contiguous(), dst=1)
                     # the last stage holds a copy of the tied embedding: same values
                     w = chunk.embedding.word_embeddings.weight.contiguous()
                     dist.send(w, dst=1)
                 else:
-                    hidden = torch.empty(tokens.shape[1], tokens.shape[0], HIDDEN)
-                    dist.recv(hidden, src=0)
-                    chunk.set_input_tensor(hidden)
-                    outs[name] = chunk(tokens, pos, None)[..., :V]
+                    outs[name] = out[..., :V]
                     w = torch.empty_like(chunk.output_layer.weight)
                     dist.recv(w, src=0)
                     assert torch.equal(w, chunk.output_layer.weight), name
@@ -383,9 +315,6 @@ def _dist_worker(rank, port, d):
             for name, logits in outs.items():
                 assert (logits - hf_logits).abs().max().item() <= TOL, name
             assert torch.equal(outs["pp2"], outs["hf"])
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +335,7 @@ def test_checkpoints_saved_at_tp2_and_pp2_export_and_reshape(dist_run):
     d = dist_run["dir"]
     for name in ("true_tp2", "true_pp2"):
         cli("megatron-to-hf", "--load", d / name, "--save", d / f"{name}_hf")
-        _assert_same_hf(dist_run["hf"], d / f"{name}_hf")
+        assert_same_hf(dist_run["hf"], d / f"{name}_hf", HF_CONFIG_KEYS)
     cli("reshape", "--load", d / "true_tp2", "--save", d / "true_tp2_tp1", "--target-tp", 1,
         "--target-pp", 1)
     a = _tp1_logits(d / "tp1", dist_run["tokens"], P1)

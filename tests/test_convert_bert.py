@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from data_tools import convert
-from helpers import free_port, spawn
-from test_convert import _build, _meta_model_cfg, _safetensors, cli
+from helpers import (assert_same_hf, build_cpu, checkpoint_model_cfg, free_port, gather_vocab,
+                     gloo_rank, load_weights, pipeline2_forward, spawn, tp1_output)
+from test_convert import cli
 from perturb import perturb_
 
 V, LAYERS, HIDDEN, HEADS, FFN, NPOS, EPS = 101, 2, 48, 6, 80, 40, 3e-6
@@ -74,28 +75,13 @@ def work(tmp_path_factory):
 
 def _bert_logits(chunk, ref):
     """(MLM logits [b, s, V] with TP vocab shards gathered and padding stripped, binary logits)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     with torch.no_grad():
         logits, binary = chunk(ref["tokens"], ref["mask"], tokentype_ids=ref["types"])
-    group = ps.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, logits.contiguous(), group=group)
-        logits = torch.cat(parts, dim=-1)
-    return logits[..., :V], binary
+    return gather_vocab(logits, V), binary
 
 
 def _tp1_logits(ckpt_dir, ref, padded=P1):
-    from framework.checkpoint import load_checkpoint
-
-    model_cfg, _meta = _meta_model_cfg(ckpt_dir)
-    with convert.single_process_world():
-        chunks = _build(model_cfg, padded)
-        load_checkpoint(str(ckpt_dir), chunks, None, None, model_cfg=model_cfg,
-                        with_optimizer=False)
-        return _bert_logits(chunks[0], ref)
+    return tp1_output(ckpt_dir, padded, lambda chunk: _bert_logits(chunk, ref))
 
 
 def _close(got, ref, what):
@@ -104,16 +90,9 @@ def _close(got, ref, what):
     assert binary is not None and (binary - ref["binary"]).abs().max().item() <= TOL, what
 
 
-def _assert_same_hf(a, b):
-    ta, tb = _safetensors(a), _safetensors(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
-    ca, cb = (json.load(open(os.path.join(p, "config.json"))) for p in (a, b))
-    for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
-              "intermediate_size", "max_position_embeddings", "vocab_size", "hidden_act",
-              "layer_norm_eps", "type_vocab_size", "tie_word_embeddings", "pad_token_id"):
-        assert ca.get(k) == cb.get(k), k
+HF_CONFIG_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                  "intermediate_size", "max_position_embeddings", "vocab_size", "hidden_act",
+                  "layer_norm_eps", "type_vocab_size", "tie_word_embeddings", "pad_token_id")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +100,7 @@ def _assert_same_hf(a, b):
 # --------------------------------------------------------------------------------------------
 def test_hf_to_megatron_tp1_logits_match_hf(work):
     _close(_tp1_logits(work["dir"] / "tp1", work), work, "tp1")
-    _model_cfg, meta = _meta_model_cfg(work["dir"] / "tp1")
+    _model_cfg, meta = checkpoint_model_cfg(work["dir"] / "tp1")
     m = meta["config"]["model"]
     assert (m["type"], m["activation"], m["add_binary_head"]) == ("bert", "gelu", True)
     assert m["layernorm_epsilon"] == EPS and m["vocab_size"] == V
@@ -142,7 +121,7 @@ def test_roundtrip_is_bit_identical_and_loads_in_transformers(work, capsys):
     assert "output_layer.bias" in printed and f"[{P1}]" in printed
     assert "bert.encoder.layer.1.attention.self.query.weight" in printed
     assert "cls.predictions.bias" in printed and f"[{V}]" in printed
-    _assert_same_hf(work["hf"], out)
+    assert_same_hf(work["hf"], out, HF_CONFIG_KEYS)
     cfg = json.load(open(out / "config.json"))
     assert cfg["architectures"] == ["MegatronBertForPreTraining"]
     model = AutoModelForPreTraining.from_pretrained(str(out)).eval()
@@ -155,7 +134,7 @@ def test_roundtrip_is_bit_identical_and_loads_in_transformers(work, capsys):
     # from a TP2 conversion (P2 padding rows, TP-sharded QKV) as well
     out2 = work["dir"] / "back_tp2"
     cli("megatron-to-hf", "--load", work["dir"] / "tp2", "--save", out2)
-    _assert_same_hf(work["hf"], out2)
+    assert_same_hf(work["hf"], out2, HF_CONFIG_KEYS)
 
 
 def test_reshape_tp2_to_tp1_keeps_logits(work, capsys):
@@ -237,28 +216,22 @@ def test_train_config_accepts_load_hf_for_bert():
 # two processes: TP2, then PP2 (gloo)
 # --------------------------------------------------------------------------------------------
 def _dist_worker(rank, port, d):
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from framework import interop
-    from framework.checkpoint import load_checkpoint
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    ref = torch.load(os.path.join(d, "ref.pt"))
-    model_cfg, _meta = _meta_model_cfg(os.path.join(d, "tp1"))
-    try:
+    with gloo_rank(rank, port):
+        ref = torch.load(os.path.join(d, "ref.pt"))
+        model_cfg, _meta = checkpoint_model_cfg(os.path.join(d, "tp1"))
         # ---- TP2: from the TP2 conversion, the TP1 one (105 rows into 110), and HF directly
         ps.initialize_model_parallel(2, 1)
         got = {}
         for name in ("tp2", "tp1", "hf"):
-            chunks = _build(model_cfg, P2, tp=2)
+            chunks = build_cpu(model_cfg, P2, tp=2)
             if name == "hf":
                 interop.load_hf_into_model(os.path.join(d, "hf"), chunks, model_cfg)
             else:
-                load_checkpoint(os.path.join(d, name), chunks, None, None, model_cfg=model_cfg,
-                                with_optimizer=False)
+                load_weights(os.path.join(d, name), chunks, model_cfg)
             got[name] = _bert_logits(chunks[0], ref)
             _close(got[name], ref, f"TP2 {name}")
         assert torch.equal(got["tp2"][0], got["hf"][0])
@@ -266,21 +239,13 @@ def _dist_worker(rank, port, d):
         # ---- PP2 (one layer per stage), HF weights loaded directly
         torch.Tensor.cuda = lambda self, *a, **k: self  # mcore's tied-embedding all-reduce
         ps.initialize_model_parallel(1, 2)
-        chunk = _build(model_cfg, P1, pp=2)[0]
+        chunk = build_cpu(model_cfg, P1, pp=2)[0]
         interop.load_hf_into_model(os.path.join(d, "hf"), [chunk], model_cfg)
-        with torch.no_grad():
-            if rank == 0:
-                hidden = chunk(ref["tokens"], ref["mask"], tokentype_ids=ref["types"])
-                dist.send(hidden.contiguous(), dst=1)
-            else:
-                hidden = torch.empty(S, B, HIDDEN)
-                dist.recv(hidden, src=0)
-                chunk.set_input_tensor(hidden)
-                logits, binary = chunk(ref["tokens"], ref["mask"], tokentype_ids=ref["types"])
-                _close((logits[..., :V], binary), ref, "PP2 hf")
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
+        out = pipeline2_forward(chunk, rank == 0, 1 - rank, (S, B, HIDDEN), ref["tokens"],
+                                ref["mask"], tokentype_ids=ref["types"])
+        if rank == 1:
+            logits, binary = out
+            _close((logits[..., :V], binary), ref, "PP2 hf")
 
 
 def test_tp2_and_pp2_logits_match_hf(work):

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from data_tools import convert
-from helpers import free_port, spawn
-from tests.test_convert import _safetensors, cli
+from helpers import (assert_same_hf, build_cpu, checkpoint_model_cfg, free_port, gather_vocab,
+                     gloo_rank, load_weights, spawn, tp1_output)
+from tests.test_convert import cli
 from perturb import perturb_
 
 V, D, HEADS, DKV, FFN, ENC, DEC = 101, 32, 4, 8, 48, 2, 3
@@ -92,57 +93,29 @@ def work(works, request):
     return works[request.param]
 
 
-def _meta_model_cfg(ckpt_dir):
-    from framework.checkpoint import stored_model_config
-    from framework.interop.megatron_files import resolve_checkpoint
-
-    _root, _it, path, meta = resolve_checkpoint(str(ckpt_dir))
-    return stored_model_config(meta, path), meta
-
-
-def _build(model_cfg, padded, tp=1):
-    from framework.config import ParallelConfig
-    from framework.models.build import build_model
-
-    chunks = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp),
-                         vocab_size=padded, bf16=False, fp16=False, device=torch.device("cpu"),
-                         wrap_ddp=False)
-    for c in chunks:
-        c.eval()
-    return chunks
-
-
-def _full_logits(chunk, enc, dec, keep):
+def _t5_logits(chunk, enc, dec, keep):
     """Decoder logits [b, s_dec, V]: TP vocab shards gathered, padding stripped."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     pad = keep[:, None, None, :] == 0  # [b,1,1,s_enc], True = masked
     with torch.no_grad():
         out = chunk(enc, dec, pad, None, pad)
-    group = ps.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, out.contiguous(), group=group)
-        out = torch.cat(parts, dim=-1)
-    return out[..., :V]
+    return gather_vocab(out, V)
 
 
 def _tp1_logits(ckpt_dir, work, padded):
-    from framework.checkpoint import load_checkpoint
+    return tp1_output(ckpt_dir, padded,
+                      lambda chunk: _t5_logits(chunk, work["enc"], work["dec"], work["keep"]))
 
-    model_cfg, _meta = _meta_model_cfg(ckpt_dir)
-    with convert.single_process_world():
-        chunks = _build(model_cfg, padded)
-        load_checkpoint(str(ckpt_dir), chunks, None, None, model_cfg=model_cfg,
-                        with_optimizer=False)
-        return _full_logits(chunks[0], work["enc"], work["dec"], work["keep"])
+
+HF_CONFIG_KEYS = ("model_type", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+                  "num_heads", "vocab_size", "relative_attention_num_buckets",
+                  "relative_attention_max_distance", "layer_norm_epsilon", "feed_forward_proj",
+                  "decoder_start_token_id", "pad_token_id", "eos_token_id")
 
 
 def test_hf_to_megatron_tp1_logits_match_hf(work):
     got = _tp1_logits(work["dir"] / "tp1", work, P1)
     assert (got - work["logits"]).abs().max().item() <= TOL
-    model_cfg, meta = _meta_model_cfg(work["dir"] / "tp1")
+    model_cfg, meta = checkpoint_model_cfg(work["dir"] / "tp1")
     assert model_cfg.type == "t5" and model_cfg.softmax_scale == 1.0
     assert not model_cfg.lm_head_bias
     assert (model_cfg.num_layers, model_cfg.encoder_num_layers) == (DEC, ENC)
@@ -159,16 +132,7 @@ def test_roundtrip_is_bit_identical_and_loads_in_transformers(work):
     for name in ("tp1", "tp2"):
         out = work["dir"] / f"back_{name}"
         cli("megatron-to-hf", "--load", work["dir"] / name, "--save", out)
-        a, b = _safetensors(work["hf"]), _safetensors(out)
-        assert sorted(a) == sorted(b)
-        for k in a:
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        ca, cb = (json.load(open(os.path.join(p, "config.json"))) for p in (work["hf"], out))
-        for k in ("model_type", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
-                  "num_heads", "vocab_size", "relative_attention_num_buckets",
-                  "relative_attention_max_distance", "layer_norm_epsilon", "feed_forward_proj",
-                  "decoder_start_token_id", "pad_token_id", "eos_token_id"):
-            assert ca.get(k) == cb.get(k), k
+        b, cb = assert_same_hf(work["hf"], out, HF_CONFIG_KEYS)
         # transformers 5 writes tie_word_embeddings=true for every (m)T5 config; the files say
         # whether the head is tied (lm_head.weight), T5's scale_decoder_outputs the scaling
         assert ("lm_head.weight" in b) == (work["kind"] == "mt5")
@@ -214,7 +178,7 @@ def test_untied_head_is_read_from_the_files(works, tmp_path):
     json.dump({**c, "tie_word_embeddings": True}, open(hf / "config.json", "w"))
     cli("hf-to-megatron", "--load", hf, "--save", tmp_path / "ours",
         "--make-vocab-size-divisible-by", DIV)
-    model_cfg, _meta = _meta_model_cfg(tmp_path / "ours")
+    model_cfg, _meta = checkpoint_model_cfg(tmp_path / "ours")
     assert not model_cfg.share_embeddings_and_output_weights
     got = _tp1_logits(tmp_path / "ours", src, P1)
     assert (got - src["logits"]).abs().max().item() <= TOL
@@ -224,38 +188,29 @@ def test_untied_head_is_read_from_the_files(works, tmp_path):
 # two processes: TP2 (gloo)
 # --------------------------------------------------------------------------------------------
 def _dist_worker(rank, port, dirs):
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    try:
+    with gloo_rank(rank, port):
         ps.initialize_model_parallel(2, 1)
         for d in dirs:
             _dist_check(d)
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def _dist_check(d):
     from framework import interop
-    from framework.checkpoint import load_checkpoint
 
     ref = torch.load(os.path.join(d, "ref.pt"))
-    model_cfg, _meta = _meta_model_cfg(os.path.join(d, "tp1"))
+    model_cfg, _meta = checkpoint_model_cfg(os.path.join(d, "tp1"))
     args = (ref["enc"], ref["dec"], ref["keep"])
     got = {}
     for name in ("tp2", "tp1"):  # tp1: TP1-padded (105 rows) loaded into 110
-        chunks = _build(model_cfg, P2, tp=2)
-        load_checkpoint(os.path.join(d, name), chunks, None, None, model_cfg=model_cfg,
-                        with_optimizer=False)
-        got[name] = _full_logits(chunks[0], *args)
-    chunks = _build(model_cfg, P2, tp=2)  # HF weights straight into TP2 (GLU halves sliced)
+        chunks = build_cpu(model_cfg, P2, tp=2)
+        load_weights(os.path.join(d, name), chunks, model_cfg)
+        got[name] = _t5_logits(chunks[0], *args)
+    chunks = build_cpu(model_cfg, P2, tp=2)  # HF weights straight into TP2 (GLU halves sliced)
     info = interop.load_hf_into_model(os.path.join(d, "hf"), chunks, model_cfg)
     assert info["tensors"] > 0
-    got["hf"] = _full_logits(chunks[0], *args)
+    got["hf"] = _t5_logits(chunks[0], *args)
     for name, logits in got.items():
         assert (logits - ref["logits"]).abs().max().item() <= TOL, (d, name)
     assert torch.equal(got["tp2"], got["hf"])

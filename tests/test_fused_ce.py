@@ -126,20 +126,6 @@ def test_tp2_and_sequence_parallel_match_tp1_gloo():
 # --------------------------------------------------------------------------------------------
 # the GPT model subclass == GPTModel
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mp1():
-    from megatron.core import parallel_state as ps
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    try:
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
 def _build(fused, tied):
     from framework.config import ModelConfig, ParallelConfig
     from framework.models.build import build_model

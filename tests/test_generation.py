@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from framework.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
 from perturb import perturb_
-from helpers import GENERATE, ROOT, free_port, free_ports, run, spawn
+from helpers import GENERATE, ROOT, free_port, free_ports, left_padded, run, spawn
 
 CPU = torch.device("cpu")
 
@@ -119,22 +119,12 @@ def hf_pair(mp1):
                              seq_length=POS, hidden_dropout=0.0, attention_dropout=0.0,
                              make_vocab_size_divisible_by=16), 48)  # 8 padded ids
     copy_hf_gpt2(hf, ours[0])
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded(PROMPTS, EOS)
     single = torch.tensor([PROMPTS[0]])
     refs = [(hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **kw),
              hf.generate(single, attention_mask=torch.ones_like(single), max_new_tokens=12,
                          do_sample=False, **kw)) for kw in HF_CASES]
     return refs, ours
-
-
-def left_padded(prompts, pad=EOS):
-    s = max(map(len, prompts))
-    ids = torch.full((len(prompts), s), pad)
-    mask = torch.zeros((len(prompts), s), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, s - len(p):] = torch.tensor(p)
-        mask[i, s - len(p):] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("kw", HF_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())
@@ -144,7 +134,7 @@ def test_matches_hf_generate(hf_pair, kw):
 
     refs, ours = hf_pair
     ref, ref1 = refs[HF_CASES.index(kw)]
-    ids, mask = left_padded(PROMPTS)
+    ids, mask = left_padded(PROMPTS, EOS)
     got = generate(ours, ids, mask, eos_id=EOS, vocab_size=V, max_new_tokens=12, **kw)
     assert torch.equal(got, ref), (got[:, ids.shape[1]:], ref[:, ids.shape[1]:])
     # one prompt alone (no padding), as a token list, without the KV cache

@@ -20,8 +20,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import checkpoint_model_cfg
 from test_gpu_real_weights import mp1  # noqa: F401  (fixture: gloo + NCCL world of one)
-from test_llama import NEW, PROMPTS, _meta_model_cfg, _padded, cli, make_hf
+from test_llama import NEW, PROMPTS, _padded, cli, make_hf
 
 pytestmark = pytest.mark.gpu
 
@@ -63,7 +64,7 @@ def work(tmp_path_factory, mp1):  # noqa: F811
                                                         "tokenizer")))
         ids = [tok.encode(p) for p in PROMPTS]
         refs = {case: _hf_reference(hf, ids, tok, **kw) for case, kw in CASES.items()}
-        model_cfg, _meta = _meta_model_cfg(d / kind / "ckpt")
+        model_cfg, _meta = checkpoint_model_cfg(d / kind / "ckpt")
         models = {}
         for fusion in (True, False):
             models[fusion] = load_for_inference(

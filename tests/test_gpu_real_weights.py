@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from helpers import free_port
+from helpers import free_port, left_padded
 from perturb import assert_perturbed, perturb_
 
 pytestmark = pytest.mark.gpu
@@ -223,7 +223,7 @@ GPU_PATHS = {"graph": dict(decode_cuda_graph=True), "lean": dict(decode_cuda_gra
 @pytest.mark.parametrize("case", ["greedy", "beam4_lp0.9", "beam4_lp1.3_early", "top_k_sample"])
 def test_gpu_decode_paths_match_hf(gen_work, case, path):
     from framework.generation import generate
-    from test_real_weights import CASES, EOS, NEW, PAD, V, hf_generate, left_padded
+    from test_real_weights import CASES, EOS, NEW, PAD, V, hf_generate
 
     opts, theirs = CASES[case]
     opts = dict(opts)
@@ -231,7 +231,7 @@ def test_gpu_decode_paths_match_hf(gen_work, case, path):
         pytest.skip("CUDA-graph decode serves greedy and sampling")
     seed = opts.pop("seed", None)
     if seed is not None:  # HF on the GPU draws from the CUDA generator seeded by manual_seed
-        ids, mask = left_padded(gen_work["ids"])
+        ids, mask = left_padded(gen_work["ids"], PAD)
         torch.manual_seed(seed)
         out = gen_work["hf_gpu"].generate(ids.cuda(), attention_mask=mask.cuda(),
                                           max_new_tokens=NEW, eos_token_id=EOS,
@@ -241,7 +241,7 @@ def test_gpu_decode_paths_match_hf(gen_work, case, path):
     else:
         ref, ref_lp = gen_work["refs"][case]
         gen = None
-    ids, mask = left_padded(gen_work["ids"])
+    ids, mask = left_padded(gen_work["ids"], PAD)
     got, lp = generate(gen_work["model"], ids.cuda(), mask.cuda(), eos_id=EOS, pad_id=PAD,
                        vocab_size=V, max_new_tokens=NEW, return_logprobs=True, generator=gen,
                        **GPU_PATHS[path], **opts)

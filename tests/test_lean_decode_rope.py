@@ -29,10 +29,10 @@ import pytest
 import torch
 
 from framework.config import ModelConfig, ParallelConfig
-from helpers import free_port, spawn
+from helpers import checkpoint_model_cfg, free_port, spawn
 from perturb import assert_perturbed
 from test_generation import build, megatron
-from test_llama import NEW, PROMPTS, _hf_generate, _meta_model_cfg, _padded, cli, make_hf
+from test_llama import NEW, PROMPTS, _hf_generate, _padded, cli, make_hf
 
 CPU = torch.device("cpu")
 VOCAB, PADDED = 61, 64
@@ -78,9 +78,10 @@ def models(mp1):
     return out
 
 
-@pytest.fixture
-def lean_calls(monkeypatch):
-    """Counts of the lean functions' calls: proof that decode steps took the lean path."""
+def count_lean_calls(set_attr=setattr):
+    """Counts of the lean functions' calls from now on (`set_attr` swaps in the counting
+    wrappers: monkeypatch.setattr in a test, setattr in a worker process): proof that decode
+    steps took the lean path."""
     from framework.fast import lean_decode
 
     calls = {"chunk": 0, "static": 0}
@@ -94,9 +95,14 @@ def lean_calls(monkeypatch):
         calls["static"] += 1
         return static(*a, **k)
 
-    monkeypatch.setattr(lean_decode, "forward_chunk", counted_chunk)
-    monkeypatch.setattr(lean_decode, "forward_static", counted_static)
+    set_attr(lean_decode, "forward_chunk", counted_chunk)
+    set_attr(lean_decode, "forward_static", counted_static)
     return calls
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    return count_lean_calls(monkeypatch.setattr)
 
 
 def forced_logits(model, prompts, forced, **decoder_kw):
@@ -249,7 +255,7 @@ def hf_work(tmp_path_factory, mp1):
     for seed, kind in enumerate(HF_KINDS):
         hf, vocab = make_hf(str(d / kind / "hf"), kind, 21 + seed)
         cli("hf-to-megatron", "--load", d / kind / "hf", "--save", d / kind / "tp1")
-        model_cfg, _meta = _meta_model_cfg(d / kind / "tp1")
+        model_cfg, _meta = checkpoint_model_cfg(d / kind / "tp1")
         model = load_for_inference(str(d / kind / "tp1"), model_cfg, ParallelConfig(),
                                    padded_vocab=_padded(vocab, 1), device=CPU, bf16=False)
         tok = build_tokenizer(TokenizerConfig(path=str(d / kind / "tp1" / "iter_0000000" /
@@ -299,23 +305,12 @@ def _tp2_pp2_worker(rank, ports, d, jobs, out):
     from framework.models.build import build_model
     from framework.models.wrappers import unwrap
 
-    calls = {"chunk": 0, "static": 0}
-    chunk, static = lean_decode.forward_chunk, lean_decode.forward_static
-
-    def counted_chunk(*a, **k):
-        calls["chunk"] += 1
-        return chunk(*a, **k)
-
-    def counted_static(*a, **k):
-        calls["static"] += 1
-        return static(*a, **k)
-
-    lean_decode.forward_chunk, lean_decode.forward_static = counted_chunk, counted_static
+    calls = count_lean_calls()
     results = {}
     for (layout, (kind, vocab, ids, eod, pad)), port in zip(sorted(jobs.items()), ports):
         tp, pp = (2, 1) if layout == "tp2" else (1, 2)
         with megatron(rank, 2, tp=tp, pp=pp, port=port):
-            model_cfg, _meta = _meta_model_cfg(os.path.join(d, kind, "tp1"))
+            model_cfg, _meta = checkpoint_model_cfg(os.path.join(d, kind, "tp1"))
             model = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp,
                                                           pipeline_model_parallel_size=pp),
                                 vocab_size=_padded(vocab, tp), bf16=False, fp16=False,

@@ -31,7 +31,9 @@ import pytest
 import torch
 
 from data_tools import convert
-from helpers import GENERATE, free_port, losses, run, run_train, spawn
+from helpers import (GENERATE, assert_same_hf, assert_same_tensors, build_cpu,
+                     checkpoint_model_cfg, free_port, gather_vocab, gloo_rank, gpt_logits,
+                     left_padded, losses, pipeline2_forward, run, run_train, spawn, tp1_output)
 from perturb import assert_perturbed, perturb_
 
 TOL = 1e-4
@@ -180,70 +182,15 @@ def work(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # helpers: our model on CPU
 # --------------------------------------------------------------------------------------------
-def _meta_model_cfg(ckpt_dir):
-    from framework.checkpoint import stored_model_config
-    from framework.interop.megatron_files import resolve_checkpoint
-
-    _root, _it, path, meta = resolve_checkpoint(str(ckpt_dir))
-    return stored_model_config(meta, path), meta
-
-
 def _padded(vocab, tp):
     from framework.models.build import padded_vocab_size
 
     return padded_vocab_size(vocab, DIV, tp)
 
 
-def _build(model_cfg, padded, tp=1, pp=1):
-    from framework.config import ParallelConfig
-    from framework.models.build import build_model
-
-    chunks = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp,
-                                                   pipeline_model_parallel_size=pp),
-                         vocab_size=padded, bf16=False, fp16=False, device=torch.device("cpu"),
-                         wrap_ddp=False)
-    for c in chunks:
-        c.eval()
-    return chunks
-
-
-def _full_logits(chunk, tokens, vocab):
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-    with torch.no_grad():
-        out = chunk(tokens, pos, None)
-    group = ps.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, out.contiguous(), group=group)
-        out = torch.cat(parts, dim=-1)
-    return out[..., :vocab]
-
-
 def _tp1_logits(ckpt_dir, tokens, vocab, **cfg_changes):
-    from dataclasses import replace
-
-    from framework.checkpoint import load_checkpoint
-
-    model_cfg, _meta = _meta_model_cfg(ckpt_dir)
-    model_cfg = replace(model_cfg, **cfg_changes)
-    with convert.single_process_world():
-        chunks = _build(model_cfg, _padded(vocab, 1))
-        load_checkpoint(str(ckpt_dir), chunks, None, None, model_cfg=model_cfg,
-                        with_optimizer=False)
-        return _full_logits(chunks[0], tokens, vocab)
-
-
-def _safetensors(path):
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
+    return tp1_output(ckpt_dir, _padded(vocab, 1),
+                      lambda chunk: gpt_logits(chunk, tokens, vocab), **cfg_changes)
 
 
 CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
@@ -253,13 +200,7 @@ CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
 
 
 def _assert_same_hf(a, b):
-    ta, tb = _safetensors(a), _safetensors(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
-    ca, cb = (json.load(open(os.path.join(p, "config.json"))) for p in (a, b))
-    for k in CONFIG_KEYS:
-        assert ca.get(k) == cb.get(k), (k, ca.get(k), cb.get(k))
+    assert_same_hf(a, b, CONFIG_KEYS)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
 
@@ -273,7 +214,7 @@ def test_logits_match_hf(work, kind):
     diff = (got - work["logits"][kind]).abs().max().item()
     print(f"\n{kind}: max abs logit diff vs HF {diff:.3g}")
     assert diff <= TOL, diff
-    model_cfg, meta = _meta_model_cfg(work["dir"] / kind / "tp1")
+    model_cfg, meta = checkpoint_model_cfg(work["dir"] / kind / "tp1")
     assert meta["hf_source"]["model_type"] == kind.split("_")[0]
     assert model_cfg.normalization == "RMSNorm" and model_cfg.activation == "swiglu"
     assert model_cfg.add_qkv_bias == (kind == "qwen2")
@@ -373,23 +314,19 @@ DIST_KINDS = ["llama_tied", "qwen2"]
 
 
 def _dist_worker(rank, port, d, vocabs):
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from framework import interop
     from framework.checkpoint import save_checkpoint
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    try:
+    with gloo_rank(rank, port):
         ps.initialize_model_parallel(2, 1)
         for kind in DIST_KINDS:
             ref = torch.load(os.path.join(d, kind, "ref.pt"))
-            model_cfg, meta = _meta_model_cfg(os.path.join(d, kind, "tp1"))
-            chunks = _build(model_cfg, _padded(vocabs[kind], 2), tp=2)
+            model_cfg, meta = checkpoint_model_cfg(os.path.join(d, kind, "tp1"))
+            chunks = build_cpu(model_cfg, _padded(vocabs[kind], 2), tp=2)
             interop.load_hf_into_model(os.path.join(d, kind, "hf"), chunks, model_cfg)
-            got = _full_logits(chunks[0], ref["tokens"], vocabs[kind])
+            got = gpt_logits(chunks[0], ref["tokens"], vocabs[kind])
             diff = (got - ref["logits"]).abs().max().item()
             assert diff <= TOL, (kind, diff)
             save_checkpoint(os.path.join(d, kind, "true_tp2"), 0, chunks, None, None,
@@ -403,72 +340,51 @@ def _dist_worker(rank, port, d, vocabs):
         for kind in DIST_KINDS:
             ref = torch.load(os.path.join(d, kind, "ref.pt"))
             tokens = ref["tokens"]
-            model_cfg, meta = _meta_model_cfg(os.path.join(d, kind, "tp1"))
-            chunks = _build(model_cfg, _padded(vocabs[kind], 1), pp=2)
+            model_cfg, meta = checkpoint_model_cfg(os.path.join(d, kind, "tp1"))
+            chunks = build_cpu(model_cfg, _padded(vocabs[kind], 1), pp=2)
             interop.load_hf_into_model(os.path.join(d, kind, "hf"), chunks, model_cfg)
-            chunk = chunks[0]
             pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-            with torch.no_grad():
-                if rank == 0:
-                    dist.send(chunk(tokens, pos, None).contiguous(), dst=1)
-                else:
-                    hidden = torch.empty(tokens.shape[1], tokens.shape[0], model_cfg.hidden_size)
-                    dist.recv(hidden, src=0)
-                    chunk.set_input_tensor(hidden)
-                    out = chunk(tokens, pos, None)[..., :vocabs[kind]]
-                    diff = (out - ref["logits"]).abs().max().item()
-                    assert diff <= TOL, (kind, diff)
+            out = pipeline2_forward(chunks[0], rank == 0, 1 - rank,
+                                    (tokens.shape[1], tokens.shape[0], model_cfg.hidden_size),
+                                    tokens, pos, None)
+            if rank == 1:
+                diff = (out[..., :vocabs[kind]] - ref["logits"]).abs().max().item()
+                assert diff <= TOL, (kind, diff)
             save_checkpoint(os.path.join(d, kind, "true_pp2"), 0, chunks, None, None,
                             consumed_samples=0, config=meta["config"],
                             extra={"hf_source": meta["hf_source"]})
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def _tp2pp2_worker(rank, port, d, vocabs):
     """TP2 x PP2 over 4 gloo processes: ranks 0,1 hold stage 0's TP halves, 2,3 stage 1's."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from framework import interop
     from framework.checkpoint import save_checkpoint
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=4)
-    try:
+    with gloo_rank(rank, port, world_size=4):
         torch.Tensor.cuda = lambda self, *a, **k: self  # the tied-embedding all-reduce on CPU
         ps.initialize_model_parallel(2, 2)
         stage = ps.get_pipeline_model_parallel_rank()
         for kind in DIST_KINDS:
             ref = torch.load(os.path.join(d, kind, "ref.pt"))
             tokens = ref["tokens"]
-            model_cfg, meta = _meta_model_cfg(os.path.join(d, kind, "tp1"))
-            chunks = _build(model_cfg, _padded(vocabs[kind], 2), tp=2, pp=2)
+            model_cfg, meta = checkpoint_model_cfg(os.path.join(d, kind, "tp1"))
+            chunks = build_cpu(model_cfg, _padded(vocabs[kind], 2), tp=2, pp=2)
             interop.load_hf_into_model(os.path.join(d, kind, "hf"), chunks, model_cfg)
-            chunk = chunks[0]
             pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-            with torch.no_grad():
-                if stage == 0:  # the full hidden state (no sequence parallel) to my TP peer
-                    dist.send(chunk(tokens, pos, None).contiguous(), dst=rank + 2)
-                else:
-                    hidden = torch.empty(tokens.shape[1], tokens.shape[0], model_cfg.hidden_size)
-                    dist.recv(hidden, src=rank - 2)
-                    chunk.set_input_tensor(hidden)
-                    out = chunk(tokens, pos, None)
-                    group = ps.get_tensor_model_parallel_group()
-                    parts = [torch.empty_like(out) for _ in range(2)]
-                    dist.all_gather(parts, out.contiguous(), group=group)
-                    got = torch.cat(parts, dim=-1)[..., :vocabs[kind]]
-                    diff = (got - ref["logits"]).abs().max().item()
-                    assert diff <= TOL, (kind, diff)
+            # stage 0 sends the full hidden state (no sequence parallel) to its TP peer in stage 1
+            out = pipeline2_forward(chunks[0], stage == 0, rank + 2 if stage == 0 else rank - 2,
+                                    (tokens.shape[1], tokens.shape[0], model_cfg.hidden_size),
+                                    tokens, pos, None)
+            if stage == 1:
+                assert ps.get_tensor_model_parallel_world_size() == 2
+                got = gather_vocab(out, vocabs[kind])
+                diff = (got - ref["logits"]).abs().max().item()
+                assert diff <= TOL, (kind, diff)
             save_checkpoint(os.path.join(d, kind, "true_tp2pp2"), 0, chunks, None, None,
                             consumed_samples=0, config=meta["config"],
                             extra={"hf_source": meta["hf_source"]})
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -481,10 +397,7 @@ def test_tp2_pp2_together_match_hf_and_export_bit_identical(work):
         meta = json.load(open(d / "true_tp2pp2" / "iter_0000000" / "framework.json"))
         assert (meta["layout"]["tp"], meta["layout"]["pp"]) == (2, 2)
         cli("megatron-to-hf", "--load", d / "true_tp2pp2", "--save", d / "true_tp2pp2_hf")
-        ta, tb = _safetensors(d / "hf"), _safetensors(d / "true_tp2pp2_hf")
-        assert sorted(ta) == sorted(tb)
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), (kind, k)
+        assert_same_tensors(d / "hf", d / "true_tp2pp2_hf", kind)
 
 
 @pytest.fixture(scope="module")
@@ -501,23 +414,15 @@ def test_tp2_and_pp2_match_hf_and_export_bit_identical(dist_run, kind):
         assert meta["layout"]["tp" if layout == "true_tp2" else "pp"] == 2
         cli("megatron-to-hf", "--load", d / layout, "--save", d / f"{layout}_hf")
         # the checkpoint saved by training has no tokenizer: compare the weights and config
-        ta, tb = _safetensors(d / "hf"), _safetensors(d / f"{layout}_hf")
-        assert sorted(ta) == sorted(tb)
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), (layout, k)
+        assert_same_tensors(d / "hf", d / f"{layout}_hf", layout)
 
 
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
 def _hf_generate(model, tok, prompts, **kw):
-    ids_list = [tok.encode(p) for p in prompts]
-    s = max(map(len, ids_list))
-    ids = torch.full((len(ids_list), s), tok.pad)
-    mask = torch.zeros((len(ids_list), s), dtype=torch.long)
-    for i, p in enumerate(ids_list):
-        ids[i, s - len(p):] = torch.tensor(p)
-        mask[i, s - len(p):] = 1
+    ids, mask = left_padded([tok.encode(p) for p in prompts], tok.pad)
+    s = ids.shape[1]
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=tok.eod,
                          pad_token_id=tok.pad, do_sample=False, **kw)
     rows = []

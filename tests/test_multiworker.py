@@ -93,6 +93,19 @@ def _worker_pid(parent: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under {parent}")
 
 
+def _finish(p, timeout, failure):
+    """(stderr, seconds) of run `p` waited for up to `timeout` s; past that its process group is
+    killed and the test fails with `failure`."""
+    t0 = time.time()
+    try:
+        _out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise AssertionError(failure)
+    return err, time.time() - t0
+
+
 def _nothing_left(pgid: int) -> None:
     for _ in range(100):  # mcore's writer-results manager exits once its parent is gone
         left = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True)
@@ -177,14 +190,7 @@ def test_worker_stalled_in_a_collective_is_named_and_the_run_fails(tmp_path):
                     "train.step._target_=tests.hang_step.StallInCollective", "+train.step.at=5",  # micro-batch 5: step 3
                     "+train.step._allowed_prefixes_=[tests.]"), tmp_path)
     _wait_for_step(p, str(tmp_path / "run" / "metrics.jsonl"), 2)
-    t0 = time.time()
-    try:
-        out, err = p.communicate(timeout=timeout + 150)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        raise AssertionError("the stalled run did not end")
-    elapsed = time.time() - t0
+    err, elapsed = _finish(p, timeout + 150, "the stalled run did not end")
     print(f"\nstalled at step 3: exit {p.returncode} {elapsed:.0f} s after step 2 was logged; "
           f"stderr:\n" + "\n".join(l for l in err.splitlines() if l.startswith("error")))
     assert p.returncode not in (0, None), err[-3000:]
@@ -206,14 +212,7 @@ def test_worker_killed_by_an_unhandled_signal_fails_the_run_promptly(tmp_path):
                     "train.max_steps=1000", f"train.watchdog_seconds={timeout}"), tmp_path)
     _wait_for_step(p, str(tmp_path / "run" / "metrics.jsonl"), 2)
     os.kill(_worker_pid(p.pid, 1), signal.SIGKILL)
-    t0 = time.time()
-    try:
-        out, err = p.communicate(timeout=timeout + 60)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        raise AssertionError("the run outlived its killed worker")
-    elapsed = time.time() - t0
+    err, elapsed = _finish(p, timeout + 60, "the run outlived its killed worker")
     print(f"\nworker killed: exit {p.returncode} after {elapsed:.1f} s")
     assert p.returncode not in (0, None), err[-3000:]
     assert "worker failed (rank 1, exit -9)" in err, err[-3000:]

@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from helpers import GENERATE, run
+from helpers import GENERATE, left_padded, run
 from perturb import assert_perturbed, perturb_
 
 V, LAYERS, HIDDEN, HEADS, NPOS = 40, 2, 48, 4, 64
@@ -67,20 +67,10 @@ def hf_gpt2(path):
     return model
 
 
-def left_padded(ids_list):
-    s = max(map(len, ids_list))
-    ids = torch.full((len(ids_list), s), PAD)
-    mask = torch.zeros((len(ids_list), s), dtype=torch.long)
-    for i, p in enumerate(ids_list):
-        ids[i, s - len(p):] = torch.tensor(p)
-        mask[i, s - len(p):] = 1
-    return ids, mask
-
-
 def hf_generate(hf, ids_list, seed=None, **kw):
     """HF's new tokens (EOS kept, PAD after it) and the log-probabilities of the chosen tokens
     under the raw logits (ours: log-softmax before temperature/truncation, 0 after EOS)."""
-    ids, mask = left_padded(ids_list)
+    ids, mask = left_padded(ids_list, PAD)
     if seed is not None:
         torch.manual_seed(seed)
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=EOS,
@@ -183,7 +173,7 @@ def test_every_decode_path_matches_hf(work, ours, case, path):
     if path == "static" and opts.get("num_beams", 1) > 1:
         pytest.skip("the static decode step serves greedy and sampling (beam search reorders "
                     "the cache)")
-    ids, mask = left_padded(work["ids"])
+    ids, mask = left_padded(work["ids"], PAD)
     opts = dict(opts)
     seed = opts.pop("seed", None)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

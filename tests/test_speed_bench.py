@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import tomllib
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from benchmarks import speed_table, torchtitan_baseline
 from benchmarks.shapes import (SHAPES, compare_settings, compose_ours, get_shape, hf_model,
@@ -52,26 +50,6 @@ def test_shape_counts_match_hf_and_megatron_formula():
             assert shape.flops_per_token() == pytest.approx(want, rel=1e-12), name
     # issue 29's MFU for the 1B shape: 58.0k tok/s -> 48.2%
     assert 58.0e3 * SHAPES["llama3_1b"].flops_per_token() / 989e12 == pytest.approx(0.482, abs=1e-3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mp1():
-    from megatron.core import parallel_state as ps
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    try:
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("fam", sorted(TINY_SHAPES))
