@@ -49,7 +49,6 @@ TABLE_HEAD = ("| dropout | system | micro-batch | tok/s | MFU | peak GB | spread
               "vs best HF + compile |")
 # ours + one switch, for `--ours-variants` (the label says what differs from the defaults)
 OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
-                 "no_compile": ["model.torch_compile=false"],
                  "unfused_wgrad": ["model.fused_wgrad=false"],
                  "cuda_graph": ["model.cuda_graph=true"]}
 

@@ -90,9 +90,9 @@ def _train_rank(plan: RunPlan) -> None:
             echo(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
                  f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
                  f"TP={cfg.parallel.tensor_model_parallel_size}))")
-            gpu_only = [f"model.{k}=true" for k in GPU_ONLY_SWITCHES
-                        if getattr(cfg.model, k) is True]
-            if gpu_only and not on_gpu:
+            gpu_only = [] if on_gpu else [f"model.{k}=true" for k in GPU_ONLY_SWITCHES
+                                          if getattr(cfg.model, k) is True]
+            if gpu_only:
                 echo(f"note: {', '.join(gpu_only)}: GPU-only, so this CPU run goes without "
                      f"(the same model and loss; only the kernels differ)")
             if (cfg.parallel.recompute_granularity == "selective"

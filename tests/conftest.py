@@ -48,19 +48,10 @@ def root():
 def mp1():
     """A gloo world of one process with megatron-core's model-parallel state at TP1, for the
     tests of one module (a module may define a fixture of its own of this name instead)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from helpers import gloo_world
 
-    from helpers import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    try:
+    with gloo_world(tp=1):
         yield
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 # FW_TEST_TIMES=<file>: one JSON line per test with its wall time and the CPU time of this process

@@ -450,21 +450,31 @@ def pipeline2_forward(chunk, first, peer, hidden_shape, *inputs, **kw):
 
 
 @contextlib.contextmanager
-def gloo_rank(rank, port, world_size=2):
-    """Rank `rank` of a CPU gloo world of `world_size` processes (a `spawn`ed test worker; CUDA
-    hidden, also on a machine with GPUs); on the way out, the model-parallel state and the
-    process group are destroyed."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+def gloo_world(rank=0, world_size=1, tp=None, pp=1, vpp=None, port=None):
+    """Rank `rank` of a CPU gloo world of `world_size` processes (MASTER_ADDR/MASTER_PORT set,
+    `port` or a free one); with `tp`, megatron-core's model-parallel state at TP `tp`, PP `pp`
+    (virtual `vpp`) too. On the way out, the model-parallel state and the group are destroyed."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
+        if tp is not None:
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp,
+                                         virtual_pipeline_model_parallel_size=vpp)
         yield
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def gloo_rank(rank, port, world_size=2):
+    """`gloo_world` for a `spawn`ed test worker, with CUDA hidden (a CPU test, also on a machine
+    with GPUs); the worker initialises the model-parallel state it needs."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return gloo_world(rank, world_size, port=port)
 
 
 def read_safetensors(path):

@@ -4,38 +4,21 @@ The GPU checks (PP2 / TP2 over NCCL, RoPE, bf16, decode CUDA graphs) are in
 tests/test_gpu_generation.py."""
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import asdict
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from framework.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
 from perturb import perturb_
-from helpers import GENERATE, ROOT, free_port, free_ports, left_padded, run, spawn
+from helpers import GENERATE, ROOT, free_ports, gloo_world, left_padded, run, spawn
 
 CPU = torch.device("cpu")
 
 
-@contextmanager
-def megatron(rank=0, world=1, tp=1, pp=1, vpp=None, port=None):
-    from megatron.core import parallel_state as ps
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp)
-    try:
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def mp1():
-    with megatron():
+    with gloo_world(tp=1):
         yield
 
 
@@ -379,7 +362,7 @@ def _parallel_worker(rank, ports, ckpt, out):
                          return_logprobs=True, **kw) for kw in GEN_CASES]
 
     results = {}
-    with megatron(rank, 2, tp=2, port=ports[0]):
+    with gloo_world(rank, 2, tp=2, port=ports[0]):
         model = _load(ckpt, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
         model[0].train()
         results["tp2"] = run(model)
@@ -394,12 +377,12 @@ def _parallel_worker(rank, ports, ckpt, out):
                                and unwrap(model[0]).output_layer.sequence_parallel
                                and model[0].training)
     for vpp in (None, 2):
-        with megatron(rank, 2, pp=2, vpp=vpp, port=ports[vpp or 1]):
+        with gloo_world(rank, 2, tp=1, pp=2, vpp=vpp, port=ports[vpp or 1]):
             model = _load(ckpt + "_pp", ParallelConfig(pipeline_model_parallel_size=2,
                                                        virtual_pipeline_model_parallel_size=vpp))
             assert len(model) == (vpp or 1)
             results[f"pp2_vpp{vpp}"] = run(model)
-    with megatron(rank, 2, tp=1, port=ports[3]):  # DP2
+    with gloo_world(rank, 2, tp=1, port=ports[3]):  # DP2
         part = torch.arange(2 + rank * 3, dtype=torch.float)[:, None].expand(-1, 3) + 10 * rank
         results["gathered"] = gather_across_data_parallel_groups(part)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))

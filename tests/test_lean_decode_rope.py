@@ -29,9 +29,9 @@ import pytest
 import torch
 
 from framework.config import ModelConfig, ParallelConfig
-from helpers import checkpoint_model_cfg, free_port, spawn
+from helpers import checkpoint_model_cfg, free_port, gloo_world, spawn
 from perturb import assert_perturbed
-from test_generation import build, megatron
+from test_generation import build
 from test_llama import NEW, PROMPTS, _hf_generate, _padded, cli, make_hf
 
 CPU = torch.device("cpu")
@@ -60,12 +60,6 @@ MODELS = {
 }
 GEN_CASES = {"greedy": dict(), "beam3": dict(num_beams=3, length_penalty=0.8),
              "beam2_early": dict(num_beams=2, length_penalty=1.2, early_stopping=True)}
-
-
-@pytest.fixture(scope="module")
-def mp1():
-    with megatron():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +303,7 @@ def _tp2_pp2_worker(rank, ports, d, jobs, out):
     results = {}
     for (layout, (kind, vocab, ids, eod, pad)), port in zip(sorted(jobs.items()), ports):
         tp, pp = (2, 1) if layout == "tp2" else (1, 2)
-        with megatron(rank, 2, tp=tp, pp=pp, port=port):
+        with gloo_world(rank, 2, tp=tp, pp=pp, port=port):
             model_cfg, _meta = checkpoint_model_cfg(os.path.join(d, kind, "tp1"))
             model = build_model(model_cfg, ParallelConfig(tensor_model_parallel_size=tp,
                                                           pipeline_model_parallel_size=pp),

@@ -5,11 +5,9 @@ import os
 import signal
 import subprocess
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from framework.checkpoint.commit import remove_stale_tmp
 from framework.checkpoint.retention import prune_checkpoints
@@ -20,7 +18,7 @@ from framework.optimizer_step import (deferred_optimizer_step, deferred_step_sup
 from framework.training.nan_guard import NanGuard, NonFiniteError, SpikeDetector
 from framework.training.stop import StopRequest
 from framework.training.watchdog import Watchdog
-from helpers import free_port, run_train, start_train
+from helpers import run_train, start_train
 
 NO_EVAL = ["train.eval_interval=0"]
 MODEL = ModelConfig(hidden_dropout=0.0, attention_dropout=0.0)
@@ -117,20 +115,6 @@ def test_retention_and_stale_tmp(tmp_path):
 # --------------------------------------------------------------------------------------------
 # in-process: one gloo rank, a real model, optimizer and checkpoints
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mp1():
-    from megatron.core import parallel_state as ps
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.initialize_model_parallel(1, 1)
-    try:
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
 def _build(seed=0):
     from framework.models.build import build_model
     from framework.optimizer import build_optimizer
