@@ -13,6 +13,16 @@ gradient accumulated into an fp32 main grad as in training (`model.fused_wgrad`)
   plain torch ops) and, with --compile, under torch.compile (how torchtitan runs it); its weight
   gradient is a bf16 .grad, not accumulated into a main grad.
 Prints a table of ms per layer-linear and the ratio to bf16.
+
+With --parts, also where the FP8 layer's time goes, per shape:
+* `kernels`: the GPU kernel time of one forward + backward (torch.profiler, kernels summed),
+  against the wall time above: a wall time well above the kernel time means the host (Python,
+  launches) is the limit, not the GPU;
+* `graphed`: the same step captured in one CUDA graph (no host work per kernel);
+* `gemms only`: the three `torch._scaled_mm` calls alone on operands cast once outside the loop
+  (the FP8 GEMM floor), with the weight gradient's output in fp32 (as `train.fp8` runs it) and in
+  bf16;
+* the top kernels of the FP8 step.
 """
 import argparse
 import os
@@ -28,6 +38,61 @@ DIMS = {"gpt2_large": (1280, 20), "gpt2_xl": (1600, 25), "llama_1b": (2048, 16)}
 def shapes(model):
     h, _ = DIMS[model]
     return {"qkv": (h, 3 * h), "proj": (h, h), "fc1": (h, 4 * h), "fc2": (4 * h, h)}
+
+
+def kernel_ms(fn, iters=10):
+    """GPU kernel time per call of fn: the kernels' durations in a torch.profiler trace, summed
+    (overlap between streams is counted twice; these steps run on one stream)."""
+    import json
+    import tempfile
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    per = defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            per[e["name"][:90]] += e.get("dur", 0.0) / 1000 / iters
+    return sum(per.values()), sorted(per.items(), key=lambda kv: -kv[1])
+
+
+def graphed(fn):
+    """fn captured in one CUDA graph (warmed up on a side stream first, as torch asks)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def gemms_only(x, w, dy, main_grad, wgrad_dtype):
+    """The FP8 layer's three GEMMs on operands cast once, outside the timed step."""
+    from framework.fast.fp8 import E4M3, E5M2, cast_tensorwise, mm8
+
+    x8, x8t, x_inv = cast_tensorwise(x, E4M3, rows=True, cols=True)
+    w8, w8t, w_inv = cast_tensorwise(w, E4M3, rows=True, cols=True)
+    dy8, dy8t, dy_inv = cast_tensorwise(dy, E5M2, rows=True, cols=True)
+
+    def step():
+        mm8(x8, x_inv, w8, w_inv, torch.bfloat16, fast_accum=True)
+        mm8(dy8, dy_inv, w8t, w_inv, torch.bfloat16)
+        dw = mm8(dy8t, dy_inv, x8t, x_inv, wgrad_dtype)
+        main_grad.add_(dw)
+    return step
 
 
 def time_ms(fn, warmup=10, iters=30):
@@ -90,6 +155,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--torchao", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also torchao under torch.compile")
+    ap.add_argument("--parts", action="store_true",
+                    help="also kernel time, CUDA-graphed and GEMM-only rows, top kernels")
     a = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     cands = ["bf16", "ours tensorwise", "ours rowwise"]
@@ -97,6 +164,7 @@ def main():
         cands += ["torchao tensorwise (eager)"] + (["torchao tensorwise (compile)"]
                                                    if a.compile else [])
     table = {c: {} for c in cands}
+    parts = {}
     for name, (k, n) in shapes(a.model).items():
         x = torch.randn(a.tokens, k, device="cuda", generator=g).bfloat16()
         w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
@@ -114,6 +182,8 @@ def main():
                     continue
             table[c][name] = time_ms(steps[c])
         print(name, {c: table[c][name] for c in cands}, flush=True)
+        if a.parts:
+            parts[name] = shape_parts(x, w, dy, main_grad, steps)
     card = torch.cuda.get_device_name(0)
     print(f"\nOne layer's linears, forward + backward, {a.model}, {a.tokens} tokens, one {card}")
     names = list(shapes(a.model))
@@ -128,6 +198,45 @@ def main():
                  for n in names]
         print(f"| {c} | " + " | ".join(cells) + " | "
               + (f"{total:.3f} | {base / total:.2f}x |" if ok else "n/a | n/a |"))
+    if parts:
+        print_parts(parts, names, table)
+
+
+def shape_parts(x, w, dy, main_grad, steps):
+    """The --parts measurements of one shape (see the module docstring)."""
+    out = {}
+    for c in ("bf16", "ours tensorwise"):
+        out[f"{c}: kernels"], top = kernel_ms(steps[c])
+        if c == "ours tensorwise":
+            out["top"] = top[:12]
+        try:
+            out[f"{c}: graphed"] = time_ms(graphed(steps[c]))
+        except Exception as e:  # capture refused: say why
+            out[f"{c}: graphed"] = f"failed: {str(e).splitlines()[0][:60]}"
+    for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        out[f"FP8 GEMMs only, wgrad out {tag}"] = time_ms(
+            gemms_only(x, w, dy, main_grad, dt))
+    return out
+
+
+def print_parts(parts, names, table):
+    rows = ["bf16: kernels", "bf16: graphed", "ours tensorwise: kernels",
+            "ours tensorwise: graphed", "FP8 GEMMs only, wgrad out fp32",
+            "FP8 GEMMs only, wgrad out bf16"]
+    print("\nWhere the time goes (ms per layer-linear; wall = the table above, kernels = GPU "
+          "kernel time summed under torch.profiler, graphed = one CUDA graph per step)")
+    print("| row | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for c in ("bf16", "ours tensorwise"):
+        print(f"| {c}: wall | " + " | ".join(f"{table[c][n]:.3f}" for n in names) + " |")
+    for r in rows:
+        cells = [parts[n][r] for n in names]
+        print(f"| {r} | " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v)
+                                        for v in cells) + " |")
+    for n in names:
+        print(f"\ntop kernels, ours tensorwise, {n} (ms per forward + backward):")
+        for k, ms in parts[n]["top"]:
+            print(f"  {ms:7.3f}  {k}")
 
 
 if __name__ == "__main__":
