@@ -22,7 +22,10 @@ With --parts, also where the FP8 layer's time goes, per shape:
 * `gemms only`: the three `torch._scaled_mm` calls alone on operands cast once outside the loop
   (the FP8 GEMM floor), with the weight gradient's output in fp32 (as `train.fp8` runs it) and in
   bf16;
-* the top kernels of the FP8 step.
+* the top kernels of the FP8 step;
+* `host`: each piece's host (CPU) time per call, from tiny tensors (64 x 64) whose GPU work is
+  negligible, so that the loop is bound by the host: what a layer costs the CPU however fast
+  the GPU is.
 """
 import argparse
 import os
@@ -95,6 +98,59 @@ def gemms_only(x, w, dy, main_grad, wgrad_dtype):
     return step
 
 
+def host_us(fn, iters=300):
+    """Host time per call of fn (tiny GPU work: the loop waits on the CPU, not the GPU)."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def host_table():
+    """Host microseconds per call of each piece of the FP8 linear, at 64 x 64 x 64."""
+    from framework.fast import fp8
+
+    x = torch.randn(64, 64, device="cuda").bfloat16()
+    w = (torch.randn(64, 64, device="cuda") * 0.02).bfloat16()
+    dy = (torch.randn(64, 64, device="cuda") * 1e-3).bfloat16()
+    main_grad = torch.zeros(64, 64, device="cuda")
+    amax = fp8.amax_of(x)
+    x8, x8t, inv = fp8.cast(x, amax, fp8.E4M3, None, rows=True, cols=True)
+    xx = x.detach().requires_grad_()
+    ww = w.detach().requires_grad_()
+    ww.main_grad = main_grad
+
+    def apply_raw():
+        fp8._Fp8Linear.apply(xx, ww, None, "tensorwise", "column", True, False, False,
+                             None).backward(dy)
+    rows = {
+        "bf16 linear fwd+bwd (mcore's three GEMMs)": bf16_step(x, w, dy, main_grad),
+        "fp8_linear fwd+bwd (as train.fp8 calls it)": ours_step("tensorwise", x, w, dy,
+                                                                main_grad),
+        "_Fp8Linear.apply fwd+bwd (no compiler.disable wrapper)": apply_raw,
+        "amax_of (Triton partials)": lambda: fp8.amax_of(x),
+        "torch amax (vector_norm inf)": lambda: torch.linalg.vector_norm(x, float("inf")),
+        "cast, rows + cols (one Triton launch)": lambda: fp8.cast(x, amax, fp8.E4M3, None,
+                                                                  rows=True, cols=True),
+        "cast_tensorwise (amax + cast)": lambda: fp8.cast_tensorwise(x, fp8.E4M3, rows=True,
+                                                                     cols=True),
+        "torch._scaled_mm": lambda: fp8.mm8(x8, inv, x8, inv, torch.bfloat16, fast_accum=True),
+        "torch.matmul bf16": lambda: torch.matmul(x, w.t()),
+        "torch.empty": lambda: torch.empty((64, 64), device="cuda"),
+    }
+    print("\nHost time per call (us), 64 x 64 tensors (GPU work negligible: the CPU is the limit)")
+    print("| piece | host us |")
+    print("|---|---|")
+    for name, fn in rows.items():
+        print(f"| {name} | {host_us(fn):.1f} |", flush=True)
+
+
 def time_ms(fn, warmup=10, iters=30):
     for _ in range(warmup):
         fn()
@@ -156,8 +212,11 @@ def main():
     ap.add_argument("--torchao", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also torchao under torch.compile")
     ap.add_argument("--parts", action="store_true",
-                    help="also kernel time, CUDA-graphed and GEMM-only rows, top kernels")
+                    help="also kernel time, CUDA-graphed and GEMM-only rows, top kernels, host time")
+    ap.add_argument("--host-only", action="store_true", help="only the host-time table")
     a = ap.parse_args()
+    if a.host_only:
+        return host_table()
     g = torch.Generator(device="cuda").manual_seed(0)
     cands = ["bf16", "ours tensorwise", "ours rowwise"]
     if a.torchao:
@@ -200,6 +259,8 @@ def main():
               + (f"{total:.3f} | {base / total:.2f}x |" if ok else "n/a | n/a |"))
     if parts:
         print_parts(parts, names, table)
+    if a.parts:
+        host_table()
 
 
 def shape_parts(x, w, dy, main_grad, steps):
@@ -213,6 +274,12 @@ def shape_parts(x, w, dy, main_grad, steps):
             out[f"{c}: graphed"] = time_ms(graphed(steps[c]))
         except Exception as e:  # capture refused: say why
             out[f"{c}: graphed"] = f"failed: {str(e).splitlines()[0][:60]}"
+    from framework.fast.fp8 import amax_of
+
+    for t, tag in ((x, "x"), (dy, "dy")):  # the whole-tensor amax, two ways
+        out[f"amax of {tag}: torch reduction"] = time_ms(
+            lambda: torch.linalg.vector_norm(t, float("inf")))
+        out[f"amax of {tag}: amax_of (Triton partials)"] = time_ms(lambda: amax_of(t))
     for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         out[f"FP8 GEMMs only, wgrad out {tag}"] = time_ms(
             gemms_only(x, w, dy, main_grad, dt))
@@ -222,7 +289,9 @@ def shape_parts(x, w, dy, main_grad, steps):
 def print_parts(parts, names, table):
     rows = ["bf16: kernels", "bf16: graphed", "ours tensorwise: kernels",
             "ours tensorwise: graphed", "FP8 GEMMs only, wgrad out fp32",
-            "FP8 GEMMs only, wgrad out bf16"]
+            "FP8 GEMMs only, wgrad out bf16", "amax of x: torch reduction",
+            "amax of x: amax_of (Triton partials)", "amax of dy: torch reduction",
+            "amax of dy: amax_of (Triton partials)"]
     print("\nWhere the time goes (ms per layer-linear; wall = the table above, kernels = GPU "
           "kernel time summed under torch.profiler, graphed = one CUDA graph per step)")
     print("| row | " + " | ".join(names) + " |")

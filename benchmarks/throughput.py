@@ -139,6 +139,8 @@ CANDIDATES = {
     # FP8 GEMMs in the transformer layers' linears (train.fp8)
     "fp8": ("ours + FP8 tensorwise (train.fp8=tensorwise)", ["train.fp8=tensorwise"]),
     "fp8_rowwise": ("ours + FP8 rowwise (train.fp8=rowwise)", ["train.fp8=rowwise"]),
+    "fp8_cuda_graph": ("ours + FP8 tensorwise + CUDA graphs per layer",
+                       ["train.fp8=tensorwise", "model.cuda_graph=true"]),
 }
 
 

@@ -58,6 +58,24 @@ def test_triton_cast_matches_reference_bits(dtype):
     assert torch.equal(_bits(q.cpu()), _bits(rq)) and torch.equal(inv.cpu(), rinv)
 
 
+def test_triton_amax_equals_torch_amax():
+    """amax_of's partial maxima (one Triton pass) have the exact max |x| as their max, for sizes
+    below, at and above one block and the partials cap; zeros and one outlier included."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for n in (1, 100, fp8.AMAX_BLOCK, fp8.AMAX_BLOCK + 1, 3 * fp8.AMAX_BLOCK - 5,
+              fp8.AMAX_BLOCK * fp8.AMAX_PARTS * 3 + 17):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(n, device="cuda", generator=g).to(dtype)
+            x[n // 2] = -1e4  # the amax, negative
+            parts = fp8.amax_of(x)
+            assert parts.dim() == 1 and parts.numel() <= fp8.AMAX_PARTS
+            assert parts.numel() & (parts.numel() - 1) == 0  # a power of two
+            ref = torch.linalg.vector_norm(x, float("inf")).float()
+            assert torch.equal(fp8.whole_amax(parts), ref), (n, dtype)
+    z = torch.zeros(5000, device="cuda", dtype=torch.bfloat16)
+    assert float(fp8.whole_amax(fp8.amax_of(z))) == 0.0
+
+
 def test_scaled_mm_matches_emulation():
     g = torch.Generator(device="cuda").manual_seed(1)
     a = torch.randn(2048, 1600, device="cuda", generator=g).bfloat16()

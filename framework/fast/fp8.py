@@ -59,6 +59,8 @@ RECIPES = ("tensorwise", "rowwise")
 GRAD_DTYPE = {"tensorwise": E5M2, "rowwise": E4M3}
 AMAX_FLOOR = 2.0 ** -100  # an all-zero tensor gets a finite scale
 BLOCK_M, BLOCK_K = 64, 64
+# amax_of: elements per step of one Triton program, and the most programs (partial maxima)
+AMAX_BLOCK, AMAX_PARTS = 8192, 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,12 +78,35 @@ def pow2_scale(amax: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, to
 
 def amax_of(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
     """max |x| over the whole tensor (dim=None) or along `dim`: one reduction kernel, no |x|
-    copy; exact in x's dtype."""
+    copy; exact.
+
+    Whole tensor on CUDA: the partial maxima of one Triton pass ([P] fp32, P a power of two
+    <= AMAX_PARTS), whose max is the amax. They are not reduced further: the cast kernel reads
+    all P (from L2), and a TP all-reduce (max) of them elementwise keeps their max the global
+    one. (One launch, no second reduction kernel; `benchmarks/fp8_linear.py --parts` times it
+    against torch's reduction.)"""
+    if dim is None and triton is not None and x.is_cuda and x.is_contiguous():
+        n = x.numel()
+        blocks = max(1, triton.cdiv(n, AMAX_BLOCK))
+        parts = min(AMAX_PARTS, triton.next_power_of_2(blocks))
+        out = torch.empty(parts, dtype=torch.float32, device=x.device)
+        _amax_kernel[(parts,)](x, out, n, parts, triton.cdiv(blocks, parts), BLOCK=AMAX_BLOCK,
+                               num_warps=8)
+        return out
     return torch.linalg.vector_norm(x, float("inf"), dim=dim)
 
 
-def _reduce_max(amax: torch.Tensor, group) -> torch.Tensor:
+def whole_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The amax of a whole tensor from `amax_of`'s result (a scalar or partial maxima)."""
+    return amax.max() if amax.dim() > 0 else amax
+
+
+def _reduce_max(amax: torch.Tensor, group, partials: bool = False) -> torch.Tensor:
+    """All-reduce (max) an amax over `group`. `partials`: amax is `amax_of`'s partial maxima
+    of a whole tensor, taken to one value first (ranks' shards may differ in size)."""
     if group is not None:
+        if partials:
+            amax = whole_amax(amax)
         if not amax.is_cuda:
             amax = amax.float()  # gloo: no bf16 max
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
@@ -93,8 +118,8 @@ def _reduce_max(amax: torch.Tensor, group) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int]):
     """The reference cast of a 2-D x: (x8, inv_scale) with x8 = fp8(x * scale). axis None: one
-    scale (amax a scalar); 1: one per row (amax [m]); 0: one per column (amax [k])."""
-    scale, inv = pow2_scale(amax, dtype)
+    scale (amax a scalar, or `amax_of`'s partial maxima); 1: one per row (amax [m]); 0: one per column (amax [k])."""
+    scale, inv = pow2_scale(whole_amax(amax) if axis is None else amax, dtype)
     s = scale if axis is None else scale[:, None] if axis == 1 else scale[None, :]
     return (x.float() * s).to(dtype), inv
 
@@ -111,11 +136,23 @@ if triton is not None:
             ((127 - p) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _amax_kernel(x_ptr, out_ptr, N, P, ITERS, BLOCK: tl.constexpr):
+        # program p of P: max |x| over the blocks p, p + P, p + 2P, ... of the flat x -> out[p]
+        pid = tl.program_id(0)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, ITERS):
+            offs = (pid + i * P).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out_ptr + pid, tl.max(acc, axis=0))
+
+    @triton.jit
     def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_ptr, M, K, stride_m,
                      EMAX_: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        # one [BM, BK] tile of x [M, K]; MODE 0: one scale, 1: per row, 2: per column.
-        # ROWS writes q [M, K], COLS writes qt = q^T [K, M]
+                     COLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     NPARTS: tl.constexpr):
+        # one [BM, BK] tile of x [M, K]; MODE 0: one scale (amax_ptr: NPARTS partial maxima),
+        # 1: per row, 2: per column. ROWS writes q [M, K], COLS writes qt = q^T [K, M]
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -126,7 +163,8 @@ if triton is not None:
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_m + rk[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         if MODE == 0:
-            scale, inv = _pow2(tl.load(amax_ptr).to(tl.float32), EMAX_)
+            parts = tl.load(amax_ptr + tl.arange(0, NPARTS)).to(tl.float32)
+            scale, inv = _pow2(tl.max(parts, axis=0), EMAX_)
             y = x * scale
             if pid_m == 0:
                 if pid_k == 0:
@@ -171,7 +209,8 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
     _cast_kernel[grid](x, amax, out, qt if qt is not None else out, inv, m, k, x.stride(0),
                        EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
-                       BM=BLOCK_M, BK=BLOCK_K, num_warps=4)
+                       BM=BLOCK_M, BK=BLOCK_K, NPARTS=amax.numel() if axis is None else 1,
+                       num_warps=4)
     return q, qt, inv
 
 
@@ -179,7 +218,7 @@ def cast_tensorwise(x: torch.Tensor, dtype: torch.dtype, group=None, rows: bool 
                     cols: bool = False):
     """One scale for the whole 2-D x, its amax all-reduced over `group` (the TP group, where
     x is one rank's shard of a tensor split over ranks; None otherwise)."""
-    return cast(x, _reduce_max(amax_of(x), group), dtype, None, rows, cols)
+    return cast(x, _reduce_max(amax_of(x), group, partials=True), dtype, None, rows, cols)
 
 
 def cast_rowwise(x: torch.Tensor, dtype: torch.dtype, axis: int, group=None):
@@ -367,15 +406,25 @@ def shapes_supported(tokens: int, k: int, n: int) -> bool:
     return tokens % 16 == 0 and k % 16 == 0 and n % 16 == 0
 
 
-@torch.compiler.disable  # model.torch_compile: a graph break; the casts are our own kernels
 def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
                allreduce_dgrad: bool, sequence_parallel: bool, group):
     """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
     "row" (megatron-core's ColumnParallelLinear / RowParallelLinear), which says which tensors
     are split over the TP `group`; the communication arguments are mcore's."""
     assert recipe in RECIPES, recipe
+    if torch.compiler.is_compiling():
+        # model.torch_compile: a graph break (the casts are our own kernels). Only there: the
+        # disable wrapper costs host time on every eager call, and eager FP8 layers are bound
+        # by the host (benchmarks/fp8_linear.py --host-only)
+        return _fp8_linear_eager(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
+                                 sequence_parallel, group)
     return _Fp8Linear.apply(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
                             sequence_parallel, group)
+
+
+@torch.compiler.disable
+def _fp8_linear_eager(*args):
+    return _Fp8Linear.apply(*args)
 
 
 def device_supports_fp8(device=None) -> Tuple[bool, str]:
