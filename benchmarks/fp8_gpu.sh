@@ -2,7 +2,8 @@
 # The GPU part of `train.fp8` on one H100/H200, in three stages of a few minutes each (one device
 # call each), everything printed kept under $OUT (or benchmarks/results/):
 #   bash benchmarks/fp8_gpu.sh tests   # tests/test_gpu_fp8.py + benchmarks/fp8_linear.py
-#   bash benchmarks/fp8_gpu.sh speed   # throughput.py: gpt2-xl mb16 (bf16, tensorwise, rowwise),
+#   bash benchmarks/fp8_gpu.sh speed   # throughput.py: gpt2-xl mb16 (bf16 eager and graphed, tensorwise
+#                                      #   graphed and eager, rowwise),
 #                                      #   gpt2-large mb24 (bf16, tensorwise)
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise, PNG + JSON
 #   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
@@ -33,13 +34,13 @@ case $stage in
     ;;
   speed)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
-      --runs default:16,fp8:16,fp8_rowwise:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+      --runs default:16,cuda_graph:16,fp8:16,fp8_eager:16,fp8_rowwise:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     python3 benchmarks/throughput.py --model gpt2_large --hf-micro-batches "" \
       --runs default:24,fp8:24 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
-      --runs default:16,fp8:16 --steps 10 --profile-dir "$out/profiles" 2>&1 | tee -a "$out/fp8_$stage.log"
+      --runs default:16,fp8_eager:16 --steps 10 --profile-dir "$out/profiles" 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   loss)
     python3 benchmarks/fp8_loss.py --steps 500 --recipes tensorwise --out "$out" 2>&1 \

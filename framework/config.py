@@ -163,8 +163,11 @@ class ModelConfig:
     bias_activation_fusion: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
-    # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU.
-    cuda_graph: bool = False
+    # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU (a note).
+    # null = on with train.fp8 at TP1 / PP1 without activation recompute (the FP8 layers' amax,
+    # cast and FP8-GEMM launches make an eager step host-bound; the combination is GPU-tested
+    # there), off otherwise
+    cuda_graph: Optional[bool] = None
     # BERT (mcore BertModel): the sentence-order head (+ 2 token types) and its loss
     add_binary_head: bool = False
     # T5 (mcore T5Model): num_layers is the decoder's; the encoder has encoder_num_layers
@@ -740,6 +743,8 @@ class Config:
         m, p, t = self.model, self.parallel, self.train
         self.optimizer.resolve_lr(m)
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if m.cuda_graph is None:
+            m.cuda_graph = bool(t.fp8) and tp == 1 and pp == 1 and p.recompute_granularity is None
         require(m.num_attention_heads % tp == 0,
                  f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
                  f"parallel.tensor_model_parallel_size={tp}")

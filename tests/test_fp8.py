@@ -370,6 +370,20 @@ def test_config_field_and_errors():
                                             global_batch_size=4))
 
 
+def test_cuda_graph_default_follows_fp8():
+    """model.cuda_graph=null: on with train.fp8 at TP1 / PP1 without recompute (where the
+    combination is GPU-tested), off otherwise; an explicit value always stands."""
+    fp8_on = TrainConfig(fp8="tensorwise", micro_batch_size=2, global_batch_size=4)
+    assert Config(model=_tiny()).model.cuda_graph is False
+    assert Config(model=_tiny(), train=fp8_on).model.cuda_graph is True
+    assert Config(model=_tiny(cuda_graph=False), train=fp8_on).model.cuda_graph is False
+    assert Config(model=_tiny(cuda_graph=True)).model.cuda_graph is True
+    tp2 = ParallelConfig(tensor_model_parallel_size=2)
+    assert Config(model=_tiny(), parallel=tp2, train=fp8_on).model.cuda_graph is False
+    recompute = ParallelConfig(recompute_granularity="selective")
+    assert Config(model=_tiny(), parallel=recompute, train=fp8_on).model.cuda_graph is False
+
+
 def test_gpu_without_fp8_is_refused(monkeypatch):
     """An A100-class GPU (compute capability 8.0): refused with one line before any model is
     built; a CPU run the same (tests/test_bad_inputs.py runs it through train.py)."""
