@@ -50,7 +50,8 @@ TABLE_HEAD = ("| dropout | system | micro-batch | tok/s | MFU | peak GB | spread
 # ours + one switch, for `--ours-variants` (the label says what differs from the defaults)
 OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
                  "unfused_wgrad": ["model.fused_wgrad=false"],
-                 "cuda_graph": ["model.cuda_graph=true"]}
+                 "cuda_graph": ["model.cuda_graph=true"],
+                 "no_swiglu_kernel": ["model.swiglu_kernel=false"]}
 
 
 @dataclass

@@ -161,6 +161,11 @@ class ModelConfig:
     # SwiGLU forward and backward for swiglu, keeping only fc1's output for the backward).
     # null = on where mcore has one, on GPU; false = the unfused reference (what CPUs run)
     bias_activation_fusion: Optional[bool] = None
+    # GPU, swiglu without linear biases: SwiGLU as one Triton kernel per direction
+    # (framework/fast/swiglu.py) in place of mcore's fused one, whose backward joins the two
+    # halves' gradients with a cat. null = on where it applies (bias_activation_fusion on, GPU,
+    # triton installed); false = mcore's fused SwiGLU
+    swiglu_kernel: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU (a note).
@@ -267,6 +272,13 @@ class ModelConfig:
                  f"model.bias_activation_fusion=true: megatron-core has no fused kernel for "
                  f"model.activation={self.activation} (add_bias_linear="
                  f"{self.add_bias_linear}); it fuses swiglu, and gelu_tanh with biases")
+        require(not self.swiglu_kernel or (self.activation == "swiglu"
+                                           and not self.add_bias_linear
+                                           and self.bias_activation_fusion is not False),
+                 f"model.swiglu_kernel=true needs model.activation=swiglu without linear biases "
+                 f"and model.bias_activation_fusion not false (got activation="
+                 f"{self.activation}, add_bias_linear={self.add_bias_linear}, "
+                 f"bias_activation_fusion={self.bias_activation_fusion})")
         for f in ("hidden_dropout", "attention_dropout"):
             require(0.0 <= getattr(self, f) < 1,
                      f"model.{f}={getattr(self, f)} must be in [0, 1)")

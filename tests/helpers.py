@@ -525,3 +525,20 @@ def left_padded(prompts, pad):
         ids[i, s - len(p):] = torch.tensor(p)
         mask[i, s - len(p):] = 1
     return ids, mask
+
+
+def interpret_triton(code: str):
+    """Run `code` in a fresh interpreter with Triton's CPU interpreter (TRITON_INTERPRET=1):
+    the Triton kernels' arithmetic checked without a GPU. Skipped where Triton is missing (the
+    CPU wheel of torch does not bring it; the GPU suite runs the same kernels compiled)."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton to run this on CPU)")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    r = run("-c", code, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout

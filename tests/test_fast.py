@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from framework.fast import multi_tensor as mt
+from helpers import interpret_triton
 
 
 def _tensors(seed=0):
@@ -81,29 +82,11 @@ def test_addmm_wgrad_accumulates_and_installs_into_mcore():
             tp_layers.fused_weight_gradient_mlp_cuda = before[1]
 
 
-def _interpret_triton(code: str):
-    """Run `code` in a fresh interpreter with Triton's CPU interpreter (TRITON_INTERPRET=1):
-    the Triton kernels' arithmetic checked without a GPU. Skipped where Triton is missing (the
-    CPU wheel of torch does not bring it; the GPU suite runs the same kernels compiled)."""
-    import importlib.util
-    import os
-
-    from helpers import ROOT, run
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install triton to run this on CPU)")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    r = run("-c", code, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
-
-
 def test_triton_norm_kernels_match_float64_interpreted():
     """framework/fast/norm.py's LayerNorm and RMSNorm kernels (forward, input, weight and bias
     grads; rows that do not fill a tile, hidden sizes that are not powers of two, several
     programs accumulating weight-grad partials) against torch in float64."""
-    out = _interpret_triton('''
+    out = interpret_triton('''
 import torch, torch.nn.functional as F
 from framework.fast.norm import _FusedNorm
 torch.manual_seed(0)
@@ -135,7 +118,7 @@ def test_triton_bias_add_matches_torch_interpreted():
     """framework/fast/bias.py: the same values as torch's broadcast add (fp32 add, one rounding:
     bit for bit in fp32, within the interpreter's rounding in bf16), and the bias gradient as a
     row sum."""
-    out = _interpret_triton('''
+    out = interpret_triton('''
 import torch
 from framework.fast.bias import _BiasAdd
 torch.manual_seed(0)

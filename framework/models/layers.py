@@ -73,6 +73,7 @@ from framework.fast.cudnn_attention import (CudnnUnavailable, cudnn_causal_atten
                                             supported as cudnn_supported)
 from framework.fast.fp8 import fp8_linear, shapes_supported
 from framework.fast.norm import fused_norm, supported as fused_norm_supported
+from framework.fast.swiglu import swiglu
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,15 +505,23 @@ class ActRecomputeMLP(MLP):
         # (framework.mcore_patches makes mcore's CheckpointWithoutOutput usable without TE;
         # build_model installs it before any layer is built)
         self.recompute_act = bool(getattr(config, "recompute_mlp_act", False))
+        # model.swiglu_kernel: our SwiGLU kernels in place of mcore's fused one (no bias here;
+        # the config decides, framework/models/transformer.py)
+        self.swiglu_kernel = bool(getattr(config, "swiglu_kernel", False))
 
     def _activation(self, fc1_output, bias):
+        if self.swiglu_kernel and bias is None:
+            return swiglu(fc1_output)
         return MLP.forward(_ActivationStep(self, bias), fc1_output)[0]
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        if not (self.recompute_act and self.training and torch.is_grad_enabled()
-                and per_token_scale is None):
-            return super().forward(hidden_states, per_token_scale, **kwargs)
-        return self._forward_recompute_act(hidden_states)
+        if per_token_scale is None and self.recompute_act and self.training \
+                and torch.is_grad_enabled():
+            return self._forward_recompute_act(hidden_states)
+        if per_token_scale is None and self.swiglu_kernel:
+            fc1_output, bias = self.linear_fc1(hidden_states)
+            return self.linear_fc2(self._activation(fc1_output, bias))
+        return super().forward(hidden_states, per_token_scale, **kwargs)
 
     # eager also inside a torch.compile'd layer (model.torch_compile): CheckpointWithoutOutput
     # works by side effects on real tensors (the activation's storage resized to 0, a hook on

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from framework import mcore_patches
+from framework.fast.swiglu import triton as swiglu_triton
 from framework.models.layers import (ActRecomputeMLP, BiasAddLinear, Fp8BiasAddLinear,
                                      Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPAttention,
                                      SelfAttention, norm_class)
@@ -30,6 +31,8 @@ class ExtendedTransformerConfig(TransformerConfig):
     # FP8 GEMMs in the transformer layers' linears (`train.fp8`): None, "tensorwise" or
     # "rowwise" (framework/fast/fp8.py). Not mcore's `fp8`, which means Transformer Engine.
     fp8_gemm: Optional[str] = None
+    # SwiGLU through framework/fast/swiglu.py's Triton kernels (`model.swiglu_kernel`)
+    swiglu_kernel: bool = False
 
 
 def _has_fused_wgrad() -> bool:
@@ -60,6 +63,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     fuse = on_gpu and model.bias_activation_fusion is not False
     fuse_gelu = fuse and model.add_bias_linear and model.activation == "gelu_tanh"
     fuse_swiglu = fuse and model.activation == "swiglu"
+    swiglu_kernel = (fuse_swiglu and not model.add_bias_linear
+                     and model.swiglu_kernel is not False and swiglu_triton is not None)
     activation = F.gelu if fuse_gelu else {"gelu": F.gelu, "gelu_tanh": gelu_tanh,
                                            "swiglu": F.silu, "geglu_tanh": gelu_tanh,
                                            "relu": F.relu}[model.activation]
@@ -81,6 +86,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     return ExtendedTransformerConfig(
         recompute_mlp_act=mlp_act,
         fp8_gemm=fp8,
+        swiglu_kernel=swiglu_kernel,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
