@@ -225,7 +225,8 @@ def main():
     ap.add_argument("--torchao", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also torchao under torch.compile")
     ap.add_argument("--parts", action="store_true",
-                    help="also kernel time, CUDA-graphed and GEMM-only rows, top kernels, host time")
+                    help="also kernel time, CUDA-graphed and GEMM-only rows, top kernels, "
+                         "host time")
     ap.add_argument("--host-only", action="store_true", help="only the host-time table")
     a = ap.parse_args()
     if a.host_only:

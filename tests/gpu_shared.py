@@ -47,3 +47,32 @@ def compare(ref, got, rtol, label):
     log_parity(line)
     assert worst <= rtol, line
     assert ref[steps[-1]] < ref[steps[0]] - 0.3  # it learns
+
+
+# 20 steps of gpt_tiny on the embedded corpus, one GPU: the short training runs that compare a
+# GPU switch with its reference from the same initial weights (test_gpu_fp8, test_gpu_swiglu)
+TINY_STEPS = 20
+TINY_RUN = ["model=gpt_tiny", "data=embedded", f"train.max_steps={TINY_STEPS}",
+            "train.log_interval=1", "train.eval_interval=0", "train.global_batch_size=16",
+            "train.micro_batch_size=8", "train.progress_bar=false", "optimizer.lr_warmup_steps=5",
+            "train.bf16=true", "parallel=single", "parallel.data_parallel_size=1"]
+
+
+def tiny_losses(d, name, *overrides):
+    """Per-step losses of TINY_RUN + overrides on GPU 0, run under <d>/<name>."""
+    from helpers import run_train
+
+    run = os.path.join(str(d), name)
+    return run_train(*TINY_RUN, "checkpoint.save=false", f"checkpoint.dir={run}/ckpt",
+                     *overrides, cwd=d, name=f"{name}/out", fast=False, timeout=900,
+                     env=dict(os.environ, CUDA_VISIBLE_DEVICES="0")).losses
+
+
+def tiny_seed(d, *overrides):
+    """Save TINY_RUN's initial weights (+ overrides) under d; returns the override that loads
+    them, so that the runs compared start from the same weights."""
+    from helpers import run_train
+
+    run_train(*TINY_RUN, *overrides, "train.max_steps=0", f"checkpoint.dir={d}/ckpt", cwd=d,
+              name="out", fast=False, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+    return f"checkpoint.load={d}/ckpt"

@@ -9,13 +9,9 @@
 * 20 train steps of gpt_tiny through train.py, FP8 (each recipe) against bf16 from the same
   weights: losses within 3% per step, and FP8 learns.
 """
-import os
-import pathlib
-
 import pytest
 import torch
-from gpu_shared import log_parity, shared_once
-from helpers import run_train
+from gpu_shared import TINY_STEPS, log_parity, shared_once, tiny_losses, tiny_seed
 
 from framework.fast import fp8
 
@@ -170,24 +166,7 @@ def test_fp8_linear_vs_bf16_on_perturbed_weights(recipe):
         assert e8 > e16  # it really ran in FP8
 
 
-STEPS = 20
-COMMON = ["model=gpt_tiny", "data=embedded", f"train.max_steps={STEPS}", "train.log_interval=1",
-          "train.eval_interval=0", "train.global_batch_size=16", "train.micro_batch_size=8",
-          "train.progress_bar=false", "optimizer.lr_warmup_steps=5", "train.bf16=true",
-          "parallel=single", "parallel.data_parallel_size=1"]
-
-
-def _train(d, name, *overrides):
-    run = pathlib.Path(d) / name
-    return run_train(*COMMON, "checkpoint.save=false", f"checkpoint.dir={run}/ckpt", *overrides,
-                     cwd=d, name=f"{name}/out", fast=False, timeout=900,
-                     env=dict(os.environ, CUDA_VISIBLE_DEVICES="0")).losses
-
-
-def _seed(d):
-    run_train(*COMMON, "train.max_steps=0", f"checkpoint.dir={d}/ckpt", cwd=d, name="out",
-              fast=False, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
-    return f"checkpoint.load={d}/ckpt"
+STEPS = TINY_STEPS
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
@@ -195,11 +174,11 @@ def test_fp8_trains_like_bf16_20_steps(tmp_path, recipe):
     """20 steps of gpt_tiny (the embedded corpus) from the same weights, FP8 against bf16: each
     step's loss within 3% (FP8's rounding is 16x bf16's, so the 1% of the bf16 kernel checks is
     too tight) and FP8 learns."""
-    seed = shared_once("fp8_seed", _seed)
+    seed = shared_once("fp8_seed", tiny_seed)
     ref = shared_once("fp8_bf16_curve", lambda d: {str(k): v for k, v in
-                                                   _train(d, "bf16", seed).items()})
+                                                   tiny_losses(d, "bf16", seed).items()})
     ref = {int(k): v for k, v in ref.items()}
-    got = _train(tmp_path, recipe, seed, f"train.fp8={recipe}")
+    got = tiny_losses(tmp_path, recipe, seed, f"train.fp8={recipe}")
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
     log_parity(f"fp8 {recipe} vs bf16, {STEPS} steps gpt_tiny: worst rel loss diff {worst:.2e}; "
@@ -213,11 +192,11 @@ def test_fp8_under_cuda_graphs_trains_like_eager_fp8(tmp_path):
     take away the FP8 layers' host cost): the captured casts, amax passes and FP8 GEMMs read the
     live weights and write the live main grads, so 20 steps from the same weights give eager
     FP8's losses (within 1% per step: replayed kernels, bf16 run-to-run noise) and learn."""
-    seed = shared_once("fp8_seed", _seed)
+    seed = shared_once("fp8_seed", tiny_seed)
     no_dropout = ["model.hidden_dropout=0", "model.attention_dropout=0"]  # same RNG use
-    eager = _train(tmp_path, "eager", seed, "train.fp8=tensorwise", *no_dropout)
-    graphed = _train(tmp_path, "graphed", seed, "train.fp8=tensorwise", "model.cuda_graph=true",
-                     *no_dropout)
+    eager = tiny_losses(tmp_path, "eager", seed, "train.fp8=tensorwise", *no_dropout)
+    graphed = tiny_losses(tmp_path, "graphed", seed, "train.fp8=tensorwise",
+                          "model.cuda_graph=true", *no_dropout)
     assert sorted(graphed) == sorted(eager) == list(range(1, STEPS + 1))
     worst = max(abs(graphed[s] - eager[s]) / eager[s] for s in eager)
     log_parity(f"fp8 tensorwise + cuda_graph vs eager fp8, {STEPS} steps gpt_tiny: worst rel loss "

@@ -5,13 +5,9 @@
 * 20 train steps of a swiglu gpt_tiny, kernel on (the default) against mcore's fused SwiGLU
   (`model.swiglu_kernel=false`) from the same weights: losses within 1% per step.
 """
-import os
-import pathlib
-
 import pytest
 import torch
-from gpu_shared import log_parity, shared_once
-from helpers import run_train
+from gpu_shared import TINY_STEPS, log_parity, shared_once, tiny_losses, tiny_seed
 
 from framework.fast import swiglu as sw
 
@@ -53,31 +49,15 @@ def test_kernels_match_float64(shape, dtype, tol):
         assert v < tol, (k, v)
 
 
-STEPS = 20
-COMMON = ["model=gpt_tiny", "data=embedded", f"train.max_steps={STEPS}", "train.log_interval=1",
-          "train.eval_interval=0", "train.global_batch_size=16", "train.micro_batch_size=8",
-          "train.progress_bar=false", "optimizer.lr_warmup_steps=5", "train.bf16=true",
-          "parallel=single", "parallel.data_parallel_size=1", "model.activation=swiglu",
-          "model.add_bias_linear=false", "model.hidden_dropout=0", "model.attention_dropout=0"]
-
-
-def _train(d, name, *overrides):
-    run = pathlib.Path(d) / name
-    return run_train(*COMMON, "checkpoint.save=false", f"checkpoint.dir={run}/ckpt", *overrides,
-                     cwd=d, name=f"{name}/out", fast=False, timeout=900,
-                     env=dict(os.environ, CUDA_VISIBLE_DEVICES="0")).losses
-
-
-def _seed(d):
-    run_train(*COMMON, "train.max_steps=0", f"checkpoint.dir={d}/ckpt", cwd=d, name="out",
-              fast=False, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
-    return f"checkpoint.load={d}/ckpt"
+STEPS = TINY_STEPS
+SWIGLU = ["model.activation=swiglu", "model.add_bias_linear=false", "model.hidden_dropout=0",
+          "model.attention_dropout=0"]
 
 
 def test_swiglu_kernel_trains_like_mcores_fused_swiglu(tmp_path):
-    seed = shared_once("swiglu_seed", _seed)
-    ref = _train(tmp_path, "mcore", seed, "model.swiglu_kernel=false")
-    got = _train(tmp_path, "kernel", seed)  # the default
+    seed = shared_once("swiglu_seed", lambda d: tiny_seed(d, *SWIGLU))
+    ref = tiny_losses(tmp_path, "mcore", *SWIGLU, seed, "model.swiglu_kernel=false")
+    got = tiny_losses(tmp_path, "kernel", *SWIGLU, seed)  # the default
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
     log_parity(f"swiglu kernel vs mcore fused swiglu, {STEPS} steps gpt_tiny: worst rel loss "

@@ -118,7 +118,8 @@ def _reduce_max(amax: torch.Tensor, group, partials: bool = False) -> torch.Tens
 # --------------------------------------------------------------------------------------------
 def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int]):
     """The reference cast of a 2-D x: (x8, inv_scale) with x8 = fp8(x * scale). axis None: one
-    scale (amax a scalar, or `amax_of`'s partial maxima); 1: one per row (amax [m]); 0: one per column (amax [k])."""
+    scale (amax a scalar, or `amax_of`'s partial maxima); 1: one per row (amax [m]); 0: one per
+    column (amax [k])."""
     scale, inv = pow2_scale(whole_amax(amax) if axis is None else amax, dtype)
     s = scale if axis is None else scale[:, None] if axis == 1 else scale[None, :]
     return (x.float() * s).to(dtype), inv
