@@ -164,14 +164,14 @@ class ModelConfig:
     # GPU, swiglu without linear biases: SwiGLU as one Triton kernel per direction
     # (framework/fast/swiglu.py) in place of mcore's fused one, whose backward joins the two
     # halves' gradients with a cat. null = on where it applies (bias_activation_fusion on, GPU,
-    # triton installed); false = mcore's fused SwiGLU
+    # triton installed, not model.torch_compile); false = mcore's fused SwiGLU
     swiglu_kernel: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU (a note).
-    # null = on with train.fp8 at TP1 / PP1 without activation recompute (the FP8 layers' amax,
-    # cast and FP8-GEMM launches make an eager step host-bound; the combination is GPU-tested
-    # there), off otherwise
+    # null = on with train.fp8 on one GPU without activation recompute or torch.compile (the FP8
+    # layers' amax, cast and FP8-GEMM launches make an eager step host-bound; the combination is
+    # GPU-tested there), off otherwise; resolved once the world size is known
     cuda_graph: Optional[bool] = None
     # BERT (mcore BertModel): the sentence-order head (+ 2 token types) and its loss
     add_binary_head: bool = False
@@ -755,8 +755,6 @@ class Config:
         m, p, t = self.model, self.parallel, self.train
         self.optimizer.resolve_lr(m)
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if m.cuda_graph is None:
-            m.cuda_graph = bool(t.fp8) and tp == 1 and pp == 1 and p.recompute_granularity is None
         require(m.num_attention_heads % tp == 0,
                  f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
                  f"parallel.tensor_model_parallel_size={tp}")
@@ -845,6 +843,12 @@ class Config:
                      f"{world_size} / (TP x PP = {mp}) = {dp}")
         p.data_parallel_size = dp
         self._check_batch(dp)
+        m = self.model
+        if m.cuda_graph is None:
+            # on only where the combination is GPU-tested: train.fp8 on one GPU (TP = PP = DP =
+            # 1), without activation recompute or torch.compile
+            m.cuda_graph = bool(on_gpu and self.train.fp8 and world_size == 1
+                                and p.recompute_granularity is None and not m.torch_compile)
         if not on_gpu:
             import os
 

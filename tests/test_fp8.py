@@ -13,11 +13,9 @@ the linear layers run on CPU tensors. Checked here:
 * the config field and its errors.
 """
 import dataclasses
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from framework.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from framework.fast import fp8
@@ -371,17 +369,60 @@ def test_config_field_and_errors():
 
 
 def test_cuda_graph_default_follows_fp8():
-    """model.cuda_graph=null: on with train.fp8 at TP1 / PP1 without recompute (where the
-    combination is GPU-tested), off otherwise; an explicit value always stands."""
+    """model.cuda_graph=null, resolved with the world size: on with train.fp8 on one GPU without
+    recompute or torch.compile (where the combination is GPU-tested), off otherwise; an explicit
+    value always stands."""
     fp8_on = TrainConfig(fp8="tensorwise", micro_batch_size=2, global_batch_size=4)
-    assert Config(model=_tiny()).model.cuda_graph is False
-    assert Config(model=_tiny(), train=fp8_on).model.cuda_graph is True
-    assert Config(model=_tiny(cuda_graph=False), train=fp8_on).model.cuda_graph is False
-    assert Config(model=_tiny(cuda_graph=True)).model.cuda_graph is True
-    tp2 = ParallelConfig(tensor_model_parallel_size=2)
-    assert Config(model=_tiny(), parallel=tp2, train=fp8_on).model.cuda_graph is False
-    recompute = ParallelConfig(recompute_granularity="selective")
-    assert Config(model=_tiny(), parallel=recompute, train=fp8_on).model.cuda_graph is False
+
+    def resolved(model, world=1, on_gpu=True, parallel=None, train=fp8_on):
+        cfg = Config(model=model, parallel=parallel or ParallelConfig(),
+                     train=dataclasses.replace(train))
+        assert cfg.model.cuda_graph is model.cuda_graph  # nothing decided before the world
+        cfg.resolve_world(world, on_gpu=on_gpu)
+        return cfg.model.cuda_graph
+
+    assert resolved(_tiny()) is True
+    assert resolved(_tiny(), train=TrainConfig()) is False  # no FP8
+    assert resolved(_tiny(cuda_graph=False)) is False
+    assert resolved(_tiny(cuda_graph=True), train=TrainConfig()) is True
+    assert resolved(_tiny(), world=2) is False  # DP 2
+    assert resolved(_tiny(), world=2, parallel=ParallelConfig(tensor_model_parallel_size=2)) \
+        is False
+    assert resolved(_tiny(), parallel=ParallelConfig(recompute_granularity="selective")) is False
+    assert resolved(_tiny(torch_compile=True)) is False
+
+
+def test_rng_tracker_states_saved_as_tensors_and_loaded_in_the_trackers_form(tmp_path,
+                                                                             monkeypatch):
+    """Under model.cuda_graph the RNG tracker holds graph-safe generators: a checkpoint stores
+    them as byte tensors (every load here is weights-only, which refuses a generator) and a
+    load hands them back in the form the tracker uses."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from framework.checkpoint import state
+
+    g = torch.Generator().manual_seed(7)
+    saved = state._tracker_states_as_tensors({"model-parallel-rng": g,
+                                              "data": torch.get_rng_state()})
+    assert all(isinstance(v, torch.Tensor) for v in saved.values())
+    assert torch.equal(saved["model-parallel-rng"], g.get_state())
+    torch.save(saved, tmp_path / "rng.pt")
+    back = torch.load(tmp_path / "rng.pt", weights_only=True)
+    with pytest.raises(Exception):  # what the tensors replace: a generator does not load
+        torch.save({"g": g}, tmp_path / "gen.pt")
+        torch.load(tmp_path / "gen.pt", weights_only=True)
+
+    class Tracker:
+        def __init__(self, graphable):
+            self.use_cudagraphable_rng = graphable
+    assert state._tracker_states_for(Tracker(False), back).keys() == back.keys()
+    assert all(torch.equal(back[k], v)
+               for k, v in state._tracker_states_for(Tracker(False), back).items())
+    calls = []
+    monkeypatch.setattr(mrandom, "convert_cuda_rng_state",  # the CUDA-only conversion
+                        lambda v, to_graphable=False: calls.append(to_graphable) or v)
+    state._tracker_states_for(Tracker(True), back)
+    assert calls == [True, True]
 
 
 def test_gpu_without_fp8_is_refused(monkeypatch):

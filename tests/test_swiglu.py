@@ -70,20 +70,22 @@ def test_config_errors_name_the_field():
     ModelConfig(activation="gelu", swiglu_kernel=False)
 
 
-@pytest.mark.parametrize("on_gpu,kernel,bias,fusion,want", [
-    (True, None, False, None, True),    # the default on GPU
-    (True, False, False, None, False),  # mcore's fused SwiGLU
-    (True, None, True, None, False),    # biases: mcore's bias + SwiGLU kernel
-    (True, None, False, False, False),  # the unfused reference
-    (False, None, False, None, False),  # CPU
+@pytest.mark.parametrize("on_gpu,kernel,bias,fusion,compiled,want", [
+    (True, None, False, None, False, True),    # the default on GPU
+    (True, False, False, None, False, False),  # mcore's fused SwiGLU
+    (True, None, True, None, False, False),    # biases: mcore's bias + SwiGLU kernel
+    (True, None, False, False, False, False),  # the unfused reference
+    (True, None, False, None, True, False),    # torch.compile'd layers: mcore's, compiled inline
+    (True, True, False, None, True, True),     # ... unless asked for (a graph break)
+    (False, None, False, None, False, False),  # CPU
 ])
-def test_switch_resolution(monkeypatch, on_gpu, kernel, bias, fusion, want):
+def test_switch_resolution(monkeypatch, on_gpu, kernel, bias, fusion, compiled, want):
     from framework.models import transformer
 
     monkeypatch.setattr(transformer, "swiglu_triton", object())  # as if triton were installed
     model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
                         activation="swiglu", add_bias_linear=bias, swiglu_kernel=kernel,
-                        bias_activation_fusion=fusion)
+                        bias_activation_fusion=fusion, torch_compile=compiled)
     cfg = transformer.transformer_config(model, ParallelConfig(), bf16=False, fp16=False,
                                          on_gpu=on_gpu)
     assert cfg.swiglu_kernel is want

@@ -78,7 +78,8 @@ def pow2_scale(amax: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, to
 
 def amax_of(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
     """max |x| over the whole tensor (dim=None) or along `dim`: one reduction kernel, no |x|
-    copy; exact.
+    copy; exact for finite x. (A NaN in x is dropped by the Triton pass and kept by torch's
+    reduction; either way it reaches the FP8 tensor as NaN, and so the loss.)
 
     Whole tensor on CUDA: the partial maxima of one Triton pass ([P] fp32, P a power of two
     <= AMAX_PARTS), whose max is the amax. They are not reduced further: the cast kernel reads

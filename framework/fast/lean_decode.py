@@ -237,11 +237,16 @@ def _mlp(mlp, x: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     from megatron.core.fusions.fused_bias_gelu import bias_gelu
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 
+    from framework.fast.swiglu import swiglu
+
     cfg = mlp.config
     inter = torch.matmul(x, mlp.linear_fc1.weight.t())
     bias = mlp.linear_fc1.bias
     if cfg.bias_activation_fusion and cfg.gated_linear_unit:  # SwiGLU (checked in `supported`)
-        inter = bias_swiglu_impl(inter, bias)
+        # the kernel the model's own forward uses (model.swiglu_kernel), so that prefill,
+        # use_cache=False and these decode steps compute the same numbers
+        inter = swiglu(inter) if getattr(mlp, "swiglu_kernel", False) and bias is None \
+            else bias_swiglu_impl(inter, bias)
     elif cfg.bias_activation_fusion:  # F.gelu, not gated (checked in `supported`)
         inter = bias_gelu(bias, inter)
     else:

@@ -63,8 +63,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     fuse = on_gpu and model.bias_activation_fusion is not False
     fuse_gelu = fuse and model.add_bias_linear and model.activation == "gelu_tanh"
     fuse_swiglu = fuse and model.activation == "swiglu"
-    swiglu_kernel = (fuse_swiglu and not model.add_bias_linear
-                     and model.swiglu_kernel is not False and swiglu_triton is not None)
+    # null: not under model.torch_compile, where the kernel would break each layer's graph and
+    # mcore's SwiGLU compiles inline
+    swiglu_kernel = (fuse_swiglu and not model.add_bias_linear and swiglu_triton is not None
+                     and (model.swiglu_kernel or (model.swiglu_kernel is None
+                                                  and not model.torch_compile)))
     activation = F.gelu if fuse_gelu else {"gelu": F.gelu, "gelu_tanh": gelu_tanh,
                                            "swiglu": F.silu, "geglu_tanh": gelu_tanh,
                                            "relu": F.relu}[model.activation]
