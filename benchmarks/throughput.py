@@ -137,7 +137,7 @@ CANDIDATES = {
     "rope_unfused": ("ours, RoPE (megatron-core's unfused kernels)",
                      ["model.position_embedding_type=rope", "model.rope_fusion=false"]),
     # FP8 GEMMs in the transformer layers' linears (train.fp8)
-    # (model.cuda_graph=null turns per-layer CUDA graphs on with FP8 at TP1/PP1: the default)
+    # (model.cuda_graph=null turns per-layer CUDA graphs on with FP8 on one GPU: the default)
     "fp8": ("ours + FP8 tensorwise (train.fp8=tensorwise; per-layer CUDA graphs, its default)",
             ["train.fp8=tensorwise"]),
     "fp8_rowwise": ("ours + FP8 rowwise (train.fp8=rowwise; per-layer CUDA graphs)",
