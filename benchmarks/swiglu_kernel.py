@@ -5,8 +5,9 @@ one GPU, one run.
 
 fc1's output x [tokens, 2 * ffn] in bf16, dy [tokens, ffn]; each candidate timed with CUDA events
 over 30 iterations after 10 warm-up ones (forward, then backward through autograd). Also the
-GB/s of the minimum traffic (forward: read x, write y; backward: read x and dy, write dx) and
-each candidate's max relative error against float64.
+GB/s of the minimum traffic (forward: read x, write y; backward: read x and dy, write dx),
+each candidate's max abs error against the fp32 reference (torch's swiglu on x and dy cast to
+fp32) and its max relative error against float64.
 """
 import argparse
 import os
@@ -36,8 +37,8 @@ def main():
     print(f"SwiGLU forward + backward, bf16, ffn {a.ffn}, one {card}, torch {torch.__version__}, "
           f"triton {triton.__version__}")
     print("| tokens | candidate | fwd ms | fwd+bwd ms | vs megatron-core | fwd+bwd GB/s | "
-          "max rel err y / dx |")
-    print("|---|---|---|---|---|---|---|")
+          "max abs err vs fp32 y / dx | max rel err vs fp64 y / dx |")
+    print("|---|---|---|---|---|---|---|---|")
     g = torch.Generator(device="cuda").manual_seed(0)
     for tokens in [int(t) for t in a.tokens.split(",")]:
         x = (torch.randn(tokens, 2 * a.ffn, device="cuda", generator=g) * 2).bfloat16()
@@ -45,6 +46,9 @@ def main():
         xs = x[:512].double().requires_grad_()  # errors on a slice (float64 is slow)
         ref = swiglu_ref(xs)
         ref.backward(dy[:512].double())
+        x32 = x[:512].float().requires_grad_()
+        ref32 = swiglu_ref(x32)
+        ref32.backward(dy[:512].float())
         gbytes = (x.numel() * 2 * 3 + dy.numel() * 2 * 2) / 1e9  # x: read twice, dx; y, dy
         base = None
         for name, fn in cands.items():
@@ -63,8 +67,11 @@ def main():
             ye.backward(dy[:512])
             err_y = float((ye.double() - ref).abs().max() / ref.abs().max())
             err_dx = float((xe.grad.double() - xs.grad).abs().max() / xs.grad.abs().max())
+            abs_y = float((ye.float() - ref32).abs().max())
+            abs_dx = float((xe.grad.float() - x32.grad).abs().max())
             print(f"| {tokens} | {name} | {f_ms:.3f} | {s_ms:.3f} | {base / s_ms:.2f}x | "
-                  f"{gbytes / s_ms * 1e3:.0f} | {err_y:.1e} / {err_dx:.1e} |", flush=True)
+                  f"{gbytes / s_ms * 1e3:.0f} | {abs_y:.1e} / {abs_dx:.1e} | "
+                  f"{err_y:.1e} / {err_dx:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 * the compiled Triton kernels, forward and backward, against float64 at a slice of the
   Llama-3.2-1B MLP (4096 tokens x 2 x 8192) in bf16 and at odd sizes in fp32, on perturbed
   inputs, next to megatron-core's fused SwiGLU's own error;
-* 20 train steps of a swiglu gpt_tiny, kernel on (the default) against mcore's fused SwiGLU
+* 20 train steps of a swiglu gpt_tiny, kernel on (`model.swiglu_kernel=true`) against mcore's fused SwiGLU
   (`model.swiglu_kernel=false`) from the same weights: losses within 1% per step.
 """
 import pytest
@@ -57,7 +57,7 @@ SWIGLU = ["model.activation=swiglu", "model.add_bias_linear=false", "model.hidde
 def test_swiglu_kernel_trains_like_mcores_fused_swiglu(tmp_path):
     seed = shared_once("swiglu_seed", lambda d: tiny_seed(d, *SWIGLU))
     ref = tiny_losses(tmp_path, "mcore", *SWIGLU, seed, "model.swiglu_kernel=false")
-    got = tiny_losses(tmp_path, "kernel", *SWIGLU, seed)  # the default
+    got = tiny_losses(tmp_path, "kernel", *SWIGLU, seed, "model.swiglu_kernel=true")
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
     log_parity(f"swiglu kernel vs mcore fused swiglu, {STEPS} steps gpt_tiny: worst rel loss "

@@ -15,13 +15,17 @@ from helpers import interpret_triton
 
 def test_triton_swiglu_matches_float64_interpreted():
     """Forward and backward through the autograd function (2-D and 3-D inputs, feature counts
-    that do not fill a block, a non-contiguous input) against torch's swiglu in float64."""
+    that do not fill a block, odd ones, a non-contiguous input) against torch's swiglu in
+    float64. Tolerances are max abs error over max |reference|: 1e-5 in fp32 (the kernel computes
+    in fp32), 1e-2 in bf16 and 2e-3 in fp16 (one rounding of the output; bf16's unit roundoff is
+    2^-8, fp16's 2^-11)."""
     out = interpret_triton('''
 import torch
 from framework.fast.swiglu import _SwiGLU, swiglu_ref
 torch.manual_seed(0)
 cases = [((5, 2 * 96), torch.float32, 1e-5), ((3, 4, 2 * 1100), torch.float32, 1e-5),
-         ((7, 2 * 300), torch.bfloat16, 1e-2)]
+         ((7, 2 * 300), torch.bfloat16, 1e-2), ((2, 3, 2 * 77), torch.bfloat16, 1e-2),
+         ((4, 2 * 33), torch.float16, 2e-3)]
 for shape, dt, tol in cases:
     x = (torch.randn(shape) * 3).to(dt).requires_grad_()
     y = _SwiGLU.apply(x)
@@ -43,6 +47,55 @@ xd = base[:, : 2 * 160].double().requires_grad_()
 swiglu_ref(xd).sum().backward()
 assert torch.allclose(y.double(), swiglu_ref(xd), atol=1e-5)
 assert torch.allclose(x.grad.double(), xd.grad, atol=1e-5)
+print("ok")
+''')
+    assert "ok" in out
+
+
+def test_triton_swiglu_in_the_mlp_with_and_without_act_recompute_interpreted():
+    """The MLP's two routes to the kernel, forced on CPU (interpreted Triton): three SGD steps
+    of a tiny swiglu GPT match the torch path to fp32 rounding, and with mlp_act recompute
+    (the kernel's output discarded, recomputed before fc2's backward) they are bit-identical to
+    the kernel without recompute."""
+    out = interpret_triton('''
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+import torch
+from megatron.core.tensor_parallel import random as tp_random
+from framework.config import ParallelConfig
+from framework.fast import swiglu as sw
+from framework.models import layers
+from framework.patching import patched
+from test_attention_variants import model_parallel, world
+from test_recompute import MLP_ACT, _cpu_rng_states, _train_steps
+
+calls = []
+base_init = layers.ActRecomputeMLP.__init__
+
+def init(self, *a, **k):  # the switch as on a GPU
+    base_init(self, *a, **k)
+    self.swiglu_kernel = True
+
+def kernel(x):  # the Triton autograd function also for CPU tensors
+    calls.append(tuple(x.shape))
+    return sw._SwiGLU.apply(x)
+
+kw = dict(activation="swiglu", add_bias_linear=False)
+with world(), model_parallel(1), patched(tp_random, **_cpu_rng_states(tp_random)):
+    ref_losses, ref_grads = _train_steps(ParallelConfig(), **kw)
+    with patched(layers.ActRecomputeMLP, __init__=init), patched(layers, swiglu=kernel):
+        losses, grads = _train_steps(ParallelConfig(), **kw)
+        assert len(calls) == 6, calls  # 2 layers x 3 steps
+        rc_losses, rc_grads = _train_steps(MLP_ACT, **kw)
+        assert len(calls) == 6 + 12, calls  # forward and recompute per layer and step
+for a, b in zip(losses, ref_losses):
+    assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
+for got, want in zip(grads, ref_grads):
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+assert rc_losses == losses
+for got, want in zip(rc_grads, grads):
+    assert all(torch.equal(got[n], want[n]) for n in want)
 print("ok")
 ''')
     assert "ok" in out

@@ -97,8 +97,10 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def supported(x: torch.Tensor) -> bool:
-    """The kernel's domain: a CUDA tensor with an even last dim, triton installed."""
-    return triton is not None and x.is_cuda and x.shape[-1] % 2 == 0
+    """The kernel's domain: a CUDA tensor of a float dtype the kernels store (fp32, bf16, fp16)
+    with an even last dim, triton installed."""
+    return (triton is not None and x.is_cuda and x.shape[-1] % 2 == 0
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
