@@ -315,14 +315,16 @@ MIN_HELDOUT_CORRECT = 140
 
 
 def test_gpu_only_switches_on_a_cpu_run_are_named_not_ignored(tmp_path):
-    """model.torch_compile / cuda_graph / bias_activation_fusion=true choose GPU kernels only; a
-    CPU run asked for them says in one line that it goes without, and trains."""
+    """model.torch_compile / cuda_graph / bias_activation_fusion / swiglu_kernel=true choose GPU
+    kernels only; a CPU run asked for them says in one line that it goes without, and trains."""
     r = run_train("model.torch_compile=true", "model.cuda_graph=true", "model.activation=swiglu",
-                  "model.bias_activation_fusion=true", "train.max_steps=1",
+                  "model.bias_activation_fusion=true", "model.add_bias_linear=false",
+                  "model.swiglu_kernel=true", "train.max_steps=1",
                   "train.eval_interval=0", "checkpoint.save=false", cwd=tmp_path)
     notes = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("note: model.")]
     assert notes == ["note: model.torch_compile=true, model.cuda_graph=true, "
-                     "model.bias_activation_fusion=true: GPU-only, so this CPU run goes without "
+                     "model.bias_activation_fusion=true, model.swiglu_kernel=true: GPU-only, so "
+                     "this CPU run goes without "
                      "(the same model and loss; only the kernels differ)"], r.stdout + r.stderr
     plain = run_train("train.max_steps=1", "train.eval_interval=0", "checkpoint.save=false",
                       cwd=tmp_path, name="plain")
