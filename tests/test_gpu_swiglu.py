@@ -2,8 +2,9 @@
 * the compiled Triton kernels, forward and backward, against float64 at a slice of the
   Llama-3.2-1B MLP (4096 tokens x 2 x 8192) in bf16 and at odd sizes in fp32, on perturbed
   inputs, next to megatron-core's fused SwiGLU's own error;
-* 20 train steps of a swiglu gpt_tiny, kernel on (`model.swiglu_kernel=true`) against mcore's fused SwiGLU
-  (`model.swiglu_kernel=false`) from the same weights: losses within 1% per step.
+* 20 train steps of a swiglu gpt_tiny, kernel on (`model.swiglu_kernel=true`) against
+  mcore's fused SwiGLU (`model.swiglu_kernel=false`) from the same weights: losses within 1%
+  per step.
 """
 import pytest
 import torch
