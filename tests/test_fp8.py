@@ -402,8 +402,7 @@ def test_rng_tracker_states_saved_as_tensors_and_loaded_in_the_trackers_form(tmp
     from framework.checkpoint import state
 
     g = torch.Generator().manual_seed(7)
-    saved = state._tracker_states_as_tensors({"model-parallel-rng": g,
-                                              "data": torch.get_rng_state()})
+    saved = state._tracker_states({"model-parallel-rng": g, "data": torch.get_rng_state()})
     assert all(isinstance(v, torch.Tensor) for v in saved.values())
     assert torch.equal(saved["model-parallel-rng"], g.get_state())
     torch.save(saved, tmp_path / "rng.pt")
@@ -412,16 +411,12 @@ def test_rng_tracker_states_saved_as_tensors_and_loaded_in_the_trackers_form(tmp
         torch.save({"g": g}, tmp_path / "gen.pt")
         torch.load(tmp_path / "gen.pt", weights_only=True)
 
-    class Tracker:
-        def __init__(self, graphable):
-            self.use_cudagraphable_rng = graphable
-    assert state._tracker_states_for(Tracker(False), back).keys() == back.keys()
-    assert all(torch.equal(back[k], v)
-               for k, v in state._tracker_states_for(Tracker(False), back).items())
+    assert state._tracker_states(back).keys() == back.keys()
+    assert all(torch.equal(back[k], v) for k, v in state._tracker_states(back).items())
     calls = []
     monkeypatch.setattr(mrandom, "convert_cuda_rng_state",  # the CUDA-only conversion
                         lambda v, to_graphable=False: calls.append(to_graphable) or v)
-    state._tracker_states_for(Tracker(True), back)
+    state._tracker_states(back, graphable=True)
     assert calls == [True, True]
 
 

@@ -106,6 +106,21 @@ def test_fp16_resume_keeps_the_loss_scaler_state(tmp_path):
           f"loss scales {scales}")
 
 
+def _run(tmp_path, common, name, ck, steps):
+    """train.py with `common` for `steps` steps, checkpoints in `ck`, run dir <tmp>/<name>."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common,
+                        f"train.max_steps={steps}", f"hydra.run.dir={tmp_path}/{name}",
+                        f"checkpoint.dir={ck}"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(tmp_path, name):
+    recs = [json.loads(l) for l in open(os.path.join(tmp_path, name, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_resume_from_a_checkpoint_saved_before_the_first_step(tmp_path):
@@ -116,23 +131,11 @@ def test_bf16_resume_from_a_checkpoint_saved_before_the_first_step(tmp_path):
               "optimizer.lr_decay_steps=4", "checkpoint.save_interval=100",
               "parallel.data_parallel_size=1"]
 
-    def run(name, ck, steps):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common,
-                            f"train.max_steps={steps}", f"hydra.run.dir={tmp_path}/{name}",
-                            f"checkpoint.dir={ck}"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r
-
-    run("seed", f"{tmp_path}/b", 0)
-    rest = run("rest", f"{tmp_path}/b", 4)
+    _run(tmp_path, common, "seed", f"{tmp_path}/b", 0)
+    rest = _run(tmp_path, common, "rest", f"{tmp_path}/b", 4)
     assert "holds no Adam moments" in rest.stdout + rest.stderr
-    run("full", f"{tmp_path}/a", 4)
-    def losses(name):
-        recs = [json.loads(l) for l in open(os.path.join(tmp_path, name, "metrics.jsonl"))]
-        return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-    got, ref = losses("rest"), losses("full")
+    _run(tmp_path, common, "full", f"{tmp_path}/a", 4)
+    got, ref = _losses(tmp_path, "rest"), _losses(tmp_path, "full")
     assert sorted(got) == [1, 2, 3, 4]
     assert got == ref  # exact
 
@@ -149,19 +152,9 @@ def test_resume_under_cuda_graphs_is_exact(tmp_path):
               "parallel.data_parallel_size=1", "model.cuda_graph=true", "train.bf16=true",
               "model.hidden_dropout=0.1"]
 
-    def run(name, ck, steps):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common,
-                            f"train.max_steps={steps}", f"hydra.run.dir={tmp_path}/{name}",
-                            f"checkpoint.dir={ck}"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-
-    def losses(name):
-        recs = [json.loads(l) for l in open(os.path.join(tmp_path, name, "metrics.jsonl"))]
-        return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
-    run("full", f"{tmp_path}/a", 8)
-    run("first", f"{tmp_path}/b", 4)
-    run("rest", f"{tmp_path}/b", 8)
-    assert sorted(losses("rest")) == [5, 6, 7, 8]
-    assert losses("rest") == {s: v for s, v in losses("full").items() if s > 4}  # exact
+    _run(tmp_path, common, "full", f"{tmp_path}/a", 8)
+    _run(tmp_path, common, "first", f"{tmp_path}/b", 4)
+    _run(tmp_path, common, "rest", f"{tmp_path}/b", 8)
+    rest = _losses(tmp_path, "rest")
+    assert sorted(rest) == [5, 6, 7, 8]
+    assert rest == {s: v for s, v in _losses(tmp_path, "full").items() if s > 4}  # exact

@@ -76,26 +76,17 @@ def _rng_state() -> Dict[str, Any]:
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = _tracker_states_as_tensors(
-            tensor_parallel.get_cuda_rng_tracker().get_states())
+        state["tracker"] = _tracker_states(tensor_parallel.get_cuda_rng_tracker().get_states())
     return state
 
 
-def _tracker_states_as_tensors(states: Dict[str, Any]) -> Dict[str, Any]:
-    """The RNG tracker's states as byte tensors. Under model.cuda_graph the tracker holds
-    graph-safe `torch.Generator`s, which a weights-only load (every load here) refuses; the
-    tensor form is the same state and loads into an eager or a graphed run alike."""
+def _tracker_states(states: Dict[str, Any], graphable: bool = False) -> Dict[str, Any]:
+    """The RNG tracker's states as byte tensors (graphable=False: what a checkpoint stores), or
+    as graph-safe generators (graphable=True: what a tracker made for model.cuda_graph holds).
+    A weights-only load, as every load here is, refuses generators; the tensor form is the same
+    state and loads into an eager or a graphed run alike."""
     from megatron.core.tensor_parallel.random import convert_cuda_rng_state
 
-    return {k: convert_cuda_rng_state(v, to_graphable=False) for k, v in states.items()}
-
-
-def _tracker_states_for(tracker, states: Dict[str, Any]) -> Dict[str, Any]:
-    """Saved tracker states in the form `tracker` holds: graph-safe generators when it was made
-    for CUDA graphs (model.cuda_graph), byte tensors otherwise."""
-    from megatron.core.tensor_parallel.random import convert_cuda_rng_state
-
-    graphable = bool(getattr(tracker, "use_cudagraphable_rng", False))
     return {k: convert_cuda_rng_state(v, to_graphable=graphable) for k, v in states.items()}
 
 
@@ -108,7 +99,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
         tracker = tensor_parallel.get_cuda_rng_tracker()
-        tracker.set_states(_tracker_states_for(tracker, state["tracker"]))
+        tracker.set_states(_tracker_states(
+            state["tracker"], bool(getattr(tracker, "use_cudagraphable_rng", False))))
 
 
 def sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool,

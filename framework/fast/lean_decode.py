@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from framework.fast.swiglu import swiglu
+
 
 def supported(mod) -> bool:
     """True when `mod` (an unwrapped model chunk) is a GPT model this path reproduces."""
@@ -236,8 +238,6 @@ def _add_bias_residual(x: torch.Tensor, bias: Optional[torch.Tensor],
 def _mlp(mlp, x: torch.Tensor, tp_group, tp: int) -> torch.Tensor:
     from megatron.core.fusions.fused_bias_gelu import bias_gelu
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
-
-    from framework.fast.swiglu import swiglu
 
     cfg = mlp.config
     inter = torch.matmul(x, mlp.linear_fc1.weight.t())
