@@ -10,6 +10,8 @@ install them; the kernels themselves are in framework/fast/.
   installs it before mcore validates `apply_rope_fusion`).
 * `install_foreach_optimizer_kernels`: foreach grad-norm / scale / copy kernels in mcore's
   optimizer instead of its per-tensor loops.
+* `install_rng_neutral_graph_capture`: mcore's per-layer CUDA-graph capture (`model.cuda_graph`)
+  leaves the RNG states as it found them, so that a resumed run draws like an uninterrupted one.
 
 Patches that hold only for one call (a norm class for one constructor, a CUDA-only helper during
 one forward) use `framework.patching.patched` where they are needed.
@@ -108,3 +110,44 @@ def install_foreach_optimizer_kernels() -> bool:
     moptim.multi_tensor_scale_impl = foreach_scale
     moptim._multi_tensor_copy_this_to_that = foreach_copy_this_to_that
     return True
+
+
+def install_rng_neutral_graph_capture() -> None:
+    """Make megatron-core's CUDA-graph capture (`model.cuda_graph`) leave every CUDA RNG state as
+    it found it (`build_model` calls it when the switch is on); idempotent.
+
+    mcore captures the per-layer graphs at the end of a process's first forward-backward
+    (`create_cudagraphs`, called by the schedule), after running each layer's forward and
+    backward a few more times as warm-up and once under capture. With dropout on, those runs
+    draw from the default CUDA generator and the RNG tracker's generators. An uninterrupted run
+    captures after step 1, a resumed one after its first step: the two then draw from different
+    offsets from the resumed run's second step on, and a resume is no longer exact (the GPU test
+    `test_resume_under_cuda_graphs_is_exact` saw it). The states are restored in place: the
+    graph-safe generators are the objects the captured graphs read at replay."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer import cuda_graphs
+
+    record = cuda_graphs._CudagraphGlobalRecord
+    if getattr(record.create_cudagraphs, "rng_neutral", False):
+        return
+    capture = record.create_cudagraphs.__func__
+
+    def create_cudagraphs(cls):
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        states = dict(tracker.get_states())
+        saved = {k: v.get_state() if isinstance(v, torch.Generator) else v
+                 for k, v in states.items()}
+        cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
+        try:
+            return capture(cls)
+        finally:
+            for k, v in states.items():
+                if isinstance(v, torch.Generator):
+                    v.set_state(saved[k])
+            tracker.set_states({k: states[k] if isinstance(states[k], torch.Generator)
+                                else saved[k] for k in states})
+            torch.cuda.set_rng_state(cuda_state)
+            torch.set_rng_state(cpu_state)
+
+    create_cudagraphs.rng_neutral = True
+    record.create_cudagraphs = classmethod(create_cudagraphs)

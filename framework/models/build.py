@@ -54,6 +54,8 @@ def build_model(
     mcore_patches.fix_checkpoint_without_output()
     if model_cfg.fused_wgrad and device.type == "cuda":
         mcore_patches.install_fused_wgrad()
+    if model_cfg.cuda_graph and device.type == "cuda":
+        mcore_patches.install_rng_neutral_graph_capture()
     tcfg = transformer_config(model_cfg, parallel_cfg, bf16=bf16, fp16=fp16,
                               on_gpu=device.type == "cuda", fp8=fp8)
     vpp = parallel_cfg.vpp
