@@ -3,9 +3,10 @@
 # call each), everything printed kept under $OUT (or benchmarks/results/):
 #   bash benchmarks/fp8_gpu.sh tests   # tests/test_gpu_fp8.py + benchmarks/fp8_linear.py
 #   bash benchmarks/fp8_gpu.sh speed   # throughput.py: gpt2-xl mb16 (bf16 eager and graphed, tensorwise
-#                                      #   graphed and eager, rowwise),
-#                                      #   gpt2-large mb24 (bf16, tensorwise)
-#   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise, PNG + JSON
+#                                      #   graphed and eager, delayed, rowwise),
+#                                      #   gpt2-large mb24 (bf16, tensorwise, delayed)
+#   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise and delayed,
+#                                      #   PNG + JSON
 #   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
 #                                      #   each, kernel tables under $OUT/profiles (where FP8's
 #                                      #   end-to-end time goes)
@@ -34,16 +35,16 @@ case $stage in
     ;;
   speed)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
-      --runs default:16,cuda_graph:16,fp8:16,fp8_eager:16,fp8_rowwise:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+      --runs default:16,cuda_graph:16,fp8:16,fp8_delayed:16,fp8_eager:16,fp8_rowwise:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     python3 benchmarks/throughput.py --model gpt2_large --hf-micro-batches "" \
-      --runs default:24,fp8:24 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+      --runs default:24,fp8:24,fp8_delayed:24 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
       --runs default:16,fp8_eager:16 --steps 10 --profile-dir "$out/profiles" 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   loss)
-    python3 benchmarks/fp8_loss.py --steps 500 --recipes tensorwise --out "$out" 2>&1 \
+    python3 benchmarks/fp8_loss.py --steps 500 --recipes tensorwise,delayed --out "$out" 2>&1 \
       | tee -a "$out/fp8_$stage.log"
     ;;
 esac

@@ -645,7 +645,9 @@ class TrainConfig:
     # FP8 GEMMs in the transformer layers' linears (QKV, attention projection, fc1, fc2), forward
     # and backward, on GPUs with FP8 (compute capability 8.9+; framework/fast/fp8.py). null/false
     # = off; tensorwise (= true) = one dynamic scale per tensor, e4m3 activations and weights,
-    # e5m2 gradients; rowwise = one scale per row along each GEMM's reduction dim, all e4m3.
+    # e5m2 gradients; delayed = tensorwise with each scale from the tensor's amax over the last
+    # 16 steps (no amax pass before each cast; values beyond the max saturate); rowwise = one
+    # scale per row along each GEMM's reduction dim, all e4m3.
     # Weights stay bf16 (fp32 main params and grads); embeddings, the output layer, norms and
     # attention stay bf16. Needs bf16 and model.type=gpt.
     fp8: Optional[str] = None
@@ -681,8 +683,9 @@ class TrainConfig:
             self.fp8 = None
         elif isinstance(self.fp8, str) and self.fp8.lower() == "true":
             self.fp8 = "tensorwise"
-        require(self.fp8 in (None, "tensorwise", "rowwise"),
-                 f"train.fp8={self.fp8!r} is not one of [null, 'tensorwise', 'rowwise']")
+        require(self.fp8 in (None, "tensorwise", "delayed", "rowwise"),
+                 f"train.fp8={self.fp8!r} is not one of [null, 'tensorwise', 'delayed', "
+                 f"'rowwise']")
         require(not self.fp8 or (not self.fp16 and self.bf16 is not False),
                  f"train.fp8={self.fp8} needs bf16 (FP8 GEMMs between bf16 layers): unset "
                  f"train.fp16 / train.bf16=false")

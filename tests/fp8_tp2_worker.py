@@ -1,6 +1,7 @@
 """Rank `rank` of the TP2 check in tests/test_fp8.py (started by torch.multiprocessing over
 gloo): the amax all-reduce, the FP8 linear at TP2 (column, column + sequence parallel, row)
-against TP1, both recipes, and a tiny GPT with train.fp8 at TP2 (megatron-core's TP layers with
+against TP1, every recipe (`delayed` on its second step, its scales then taken from the
+amax history that `Fp8History.step` all-reduced over TP), and a tiny GPT with train.fp8 at TP2 (megatron-core's TP layers with
 our FP8 linears) against the same model at TP1. Writes its results to <out_dir>/rank<rank>.pt."""
 import os
 
@@ -42,10 +43,30 @@ def tp2_worker(rank, port, out_dir):
         dy[..., n // 2:] *= 4
         b = torch.randn(n, generator=g)
 
+        def lin(xx, ww, bb, recipe, mode, allreduce, sp, grp, dyy):
+            """fp8_linear forward + backward; `delayed` runs HISTORY + 2 times, the history
+            rolled (and all-reduced over `grp`) after each, and gives the last run: by then
+            the first cast's fill (all-reduced in place) is forgotten, and the scales come
+            from the rolls alone."""
+            if recipe != "delayed":
+                y = f.fp8_linear(xx, ww, bb, recipe, mode, False, allreduce, sp, grp)
+                y.backward(dyy)
+                return y
+            holder = type("Layer", (), {})()
+            hist = f.Fp8History([holder], torch.device("cpu"), grp)
+            for _ in range(f.HISTORY + 2):
+                for t in (xx, ww, bb):
+                    if t is not None:
+                        t.grad = None
+                y = f.fp8_linear(xx, ww, bb, recipe, mode, False, allreduce, sp, grp,
+                                 holder.fp8_meta)
+                y.backward(dyy)
+                hist.step()
+            return y
+
         def tp1(recipe):
             xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-            y = f.fp8_linear(xx, ww, None, recipe, "column", False, False, False, None)
-            y.backward(dy)
+            y = lin(xx, ww, None, recipe, "column", False, False, None, dy)
             return y.detach(), xx.grad, ww.grad
 
         rows = slice(rank * n // 2, (rank + 1) * n // 2)
@@ -55,20 +76,17 @@ def tp2_worker(rank, port, out_dir):
             y1, dx1, dw1 = tp1(recipe)
             # column-parallel, no SP: x whole on each rank, w's rows split, dgrad all-reduced
             xx, ww = x.clone().requires_grad_(), w[rows].clone().requires_grad_()
-            y = f.fp8_linear(xx, ww, None, recipe, "column", False, True, False, group)
-            y.backward(dy[..., rows])
+            y = lin(xx, ww, None, recipe, "column", True, False, group, dy[..., rows])
             results[f"{recipe} column"] = _diffs((y, y1[..., rows]), (xx.grad, dx1),
                                                  (ww.grad, dw1[rows]))
             # column-parallel + SP: x's sequence split, gathered (as FP8) inside
             xx, ww = x[toks].clone().requires_grad_(), w[rows].clone().requires_grad_()
-            y = f.fp8_linear(xx, ww, None, recipe, "column", False, False, True, group)
-            y.backward(dy[..., rows])
+            y = lin(xx, ww, None, recipe, "column", False, True, group, dy[..., rows])
             results[f"{recipe} column+sp"] = _diffs((y, y1[..., rows]), (xx.grad, dx1[toks]),
                                                     (ww.grad, dw1[rows]))
             # row-parallel: x's features and w's columns split, outputs summed over ranks
             xx, ww = x[..., cols].clone().requires_grad_(), w[:, cols].clone().requires_grad_()
-            y = f.fp8_linear(xx, ww, None, recipe, "row", False, False, False, group)
-            y.backward(dy)
+            y = lin(xx, ww, None, recipe, "row", False, False, group, dy)
             ysum = y.detach().clone()
             dist.all_reduce(ysum)
             results[f"{recipe} row"] = _diffs((ysum, y1), (xx.grad, dx1[..., cols]),
@@ -111,13 +129,18 @@ def _gpt_tp2_vs_tp1(rank):
                            fp8=recipe)[0]
 
     def step(model):
-        model.zero_grad(set_to_none=True)
-        loss = model(tokens, pos, None, labels=labels).mean()
-        loss.backward()
+        # delayed: HISTORY + 2 steps, the histories rolled (all-reduced over TP) after each;
+        # the compared last step scales from the rolled amaxes alone
+        for _ in range(f.HISTORY + 2 if getattr(model, "fp8_history", None) is not None else 1):
+            model.zero_grad(set_to_none=True)
+            loss = model(tokens, pos, None, labels=labels).mean()
+            loss.backward()
+            if getattr(model, "fp8_history", None) is not None:
+                model.fp8_history.step()
         return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
     out = {}
-    for recipe in (None, "tensorwise", "rowwise"):
+    for recipe in (None, "tensorwise", "delayed", "rowwise"):
         with model_parallel(1):
             ref = build(1, recipe)
             full = {n: p.detach().clone() for n, p in ref.named_parameters()}

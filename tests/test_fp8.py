@@ -137,6 +137,110 @@ def test_fp8_linear_matches_exact_gemm_within_fp8_error(recipe):
     torch.testing.assert_close(bb.grad, dy.sum(0), rtol=1e-6, atol=1e-5)
 
 
+def _delayed_layer():
+    holder = type("Layer", (), {})()
+    return fp8.Fp8History([holder], torch.device("cpu")), holder.fp8_meta
+
+
+def _run_linear(x, w, b, dy, recipe, meta=None):
+    xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+    y = fp8.fp8_linear(xx, ww, bb, recipe, "column", False, False, False, None, meta)
+    y.backward(dy)
+    return [y.detach(), xx.grad, ww.grad, bb.grad]
+
+
+def test_delayed_scaling_history_saturation_and_roll():
+    """train.fp8=delayed: the first step scales like tensorwise (current amaxes) and fills each
+    tensor's history; the roll pushes the step's amaxes in and clears the step slot; a later step
+    scales by the history's max (a 3x larger input saturates at the format's max, a 3x smaller
+    one keeps the old scale) and records its own amax; HISTORY steps later an amax is gone."""
+    x, w, b, dy = _perturbed_case(2)
+    hist, meta = _delayed_layer()
+    h = fp8.HISTORY
+    got = _run_linear(x, w, b, dy, "delayed", meta)
+    for a, r in zip(got, _run_linear(x, w, b, dy, "tensorwise")):
+        assert torch.equal(a, r)  # the same bits: no history yet, so the current amax
+    amax = {fp8.X: x.abs().max(), fp8.W: w.abs().max(), fp8.DY: dy.abs().max()}
+    for role, a in amax.items():
+        assert torch.equal(meta.rows[role], a.expand(h + 1))
+    hist.step()
+    for role, a in amax.items():
+        assert torch.equal(meta.rows[role, :h], a.expand(h)) and meta.rows[role, h] == 0
+    for factor in (3.0, 1 / 3):
+        xs = x * factor
+        y = _run_linear(xs, w, b, dy, "delayed", meta)[0]
+        q, inv = fp8.quantise_ref(xs, amax[fp8.X], fp8.E4M3, None, saturate=True)
+        wq, winv = fp8.quantise_ref(w, amax[fp8.W], fp8.E4M3, None)
+        assert torch.equal(y, fp8.mm8(q, inv, wq, winv, y.dtype, b))
+        assert (q.float().abs() == 448).any() == (factor > 1)  # saturated: 3x the history's max
+        assert meta.rows[fp8.X, h] == xs.abs().max()  # this step's amax, recorded
+        meta.rows[:, h] = 0.0
+    for _ in range(h - 1):
+        hist.step()
+        assert meta.rows[fp8.X, :h].max() == amax[fp8.X]
+    hist.step()
+    assert meta.rows[fp8.X, :h].max() == 0  # HISTORY steps of nothing recorded: forgotten
+    # checkpoints: the buffer, back into a chunk of the same shape only
+    saved = hist.state()
+    other, ometa = _delayed_layer()
+    assert not any(ometa.primed)
+    assert other.load(saved) and all(ometa.primed) and torch.equal(other.buf, hist.buf)
+    assert not other.load(torch.zeros(2, 3, h + 1))
+
+
+def test_delayed_history_records_finite_amax_only():
+    """A NaN in a tensor reaches its FP8 copy (and the loss, which the NaN guard skips) and an
+    inf saturates like any value beyond the max, but neither reaches the history, whose spoiled
+    scale would outlive the step."""
+    hist, meta = _delayed_layer()
+    meta.rows[fp8.X, :fp8.HISTORY] = 4.0
+    t = torch.tensor([[1.0, -7.0, float("inf")], [float("nan"), 2.0, 0.5]])
+    q, _, _ = fp8.cast(t, meta.rows[fp8.X, :fp8.HISTORY], fp8.E4M3, None,
+                       amax_out=meta.rows[fp8.X, fp8.HISTORY:])
+    assert meta.rows[fp8.X, fp8.HISTORY] == 7.0
+    assert q.float()[0, 2] == 448 and q.float()[1, 0].isnan()
+
+
+def test_delayed_cast_kernel_interpreted():
+    """The Triton cast's delayed form under Triton's CPU interpreter: it equals the plain cast
+    of the input clamped to the format's range (saturation; bits and transpose), and it maxes the
+    tensor's finite amax into the step slot across tiles (an inf and a NaN left out). The
+    interpreter's own float8 rounding differs from the GPU's, so bits against torch's reference
+    are the GPU test's (test_gpu_fp8)."""
+    from helpers import interpret_triton
+
+    out = interpret_triton("""
+import torch
+from framework.fast import fp8
+g = torch.Generator().manual_seed(0)
+x = torch.randn(70, 136, generator=g) * 3
+x[5, 9], x[66, 130], x[40, 100] = float("inf"), float("nan"), -50.0
+grid = ((70 + fp8.BLOCK_M - 1) // fp8.BLOCK_M, (136 + fp8.BLOCK_K - 1) // fp8.BLOCK_K)
+
+def run(t, hist, delayed, dtype):
+    q, qt = torch.empty(70, 136, dtype=dtype), torch.empty(136, 70, dtype=dtype)
+    inv = torch.empty(())
+    fp8._cast_kernel[grid](t, hist, q, qt, inv, hist[fp8.HISTORY:], 70, 136, t.stride(0),
+                           EMAX_=fp8.EMAX[dtype], MODE=0, ROWS=True, COLS=True,
+                           BM=fp8.BLOCK_M, BK=fp8.BLOCK_K, NPARTS=fp8.HISTORY, DELAYED=delayed)
+    return q.view(torch.uint8), qt.view(torch.uint8), inv
+
+for dtype in (fp8.E4M3, fp8.E5M2):
+    hist = torch.zeros(fp8.HISTORY + 1)
+    hist[3] = 12.0  # the history's max: 50 and inf saturate
+    q, qt, inv = run(x, hist, True, dtype)
+    assert hist[fp8.HISTORY] == 50.0, hist
+    lim = torch.finfo(dtype).max * inv
+    clamped = torch.where(x.isnan(), x, x.clamp(-lim, lim))
+    q2, qt2, inv2 = run(clamped, hist.clone(), False, dtype)
+    assert torch.equal(q, q2) and torch.equal(qt, qt2) and inv == inv2
+    assert torch.equal(qt, q.t().contiguous())
+    assert inv == fp8.pow2_scale(torch.tensor(12.0), dtype)[1]
+print("ok")
+""")
+    assert "ok" in out
+
+
 def test_fused_wgrad_accumulates_into_main_grad():
     """gradient_accumulation_fusion: dw is added to weight.main_grad (fp32) in place, and the
     weight's own grad is megatron-core's: none, or a dummy once DDP's flag exists."""
@@ -179,7 +283,7 @@ def test_tp2_amax_reduction_and_layers_over_gloo(tmp_path):
         if rank == 0:
             assert local != want  # rank 0's own amax is smaller: the reduction mattered
         assert r.pop("row_amax")
-        for recipe in ("tensorwise", "rowwise"):
+        for recipe in ("tensorwise", "delayed", "rowwise"):
             # the GPT's own check: TP2's FP8 model is TP1's, far closer than FP8 is to fp32
             loss_diff, grad_diff = r.pop(f"gpt {recipe}")
             vs_fp32 = r.pop(f"gpt {recipe} vs fp32")

@@ -80,6 +80,28 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
+def _rank_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
+    """What each rank keeps of its own: the RNG states, and with `train.fp8=delayed` its chunks'
+    FP8 amax histories (a resumed run then scales like the uninterrupted one; loaded at the same
+    layout only, like the RNG; elsewhere the histories start from the first casts again)."""
+    state = _rng_state()
+    hist = [getattr(unwrap(m), "fp8_history", None) for m in model]
+    if any(h is not None for h in hist):
+        state["fp8_amax"] = [None if h is None else h.state() for h in hist]
+    return state
+
+
+def _load_fp8_histories(model: List[torch.nn.Module], saved: Any) -> None:
+    """Restore `_rank_state`'s FP8 amax histories where this run has them (train.fp8=delayed)
+    and they fit; a run without them (FP8 off, another recipe) ignores them."""
+    if not isinstance(saved, list):
+        return
+    for m, t in zip(model, saved):
+        h = getattr(unwrap(m), "fp8_history", None)
+        if h is not None and t is not None:
+            h.load(t)
+
+
 def _tracker_states(states: Dict[str, Any], graphable: bool = False) -> Dict[str, Any]:
     """The RNG tracker's states as byte tensors (graphable=False: what a checkpoint stores), or
     as graph-safe generators (graphable=True: what a tracker made for model.cuda_graph holds).
@@ -125,7 +147,7 @@ def sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool,
                    ps.get_data_parallel_rank())
     shape = (ps.get_pipeline_model_parallel_world_size(),
              ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size())
-    sd["rng_state"] = ShardedObject("rng_state", _rng_state() if not is_loading else None,
+    sd["rng_state"] = ShardedObject("rng_state", None if is_loading else _rank_state(model),
                                     shape, (pp, tp, dpr), replica_id=0)
     return sd
 
@@ -458,6 +480,7 @@ def _apply_state(state: Dict[str, Any], model, optimizer, scheduler, with_optimi
             scheduler.load_state_dict(state["scheduler"])
     if "rng_state" in state and state["rng_state"] is not None:
         _set_rng_state(state["rng_state"])
+        _load_fp8_histories(model, state["rng_state"].get("fp8_amax"))
 
 
 def current_layout() -> Dict[str, int]:

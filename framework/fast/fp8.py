@@ -7,6 +7,13 @@ become fast under torch.compile) and inside megatron-core's tensor-parallel line
 * `tensorwise`: one scale per tensor, from the tensor's current amax (dynamic scaling).
   Activations and weights in e4m3, gradients in e5m2. cuBLAS's FP8 GEMM; fast accumulation in
   the forward GEMM only (torchao's default).
+* `delayed`: tensorwise, with each tensor's scale taken from the max of its amaxes over the last
+  `HISTORY` steps (Transformer Engine's default recipe) instead of its current amax. The cast
+  then needs no amax pass before it: the cast kernel records the tensor's amax as it casts (for
+  the next steps) and saturates values beyond the format's max. A tensor's first cast (no
+  history yet) takes its current amax. The histories live in one buffer per model chunk
+  (`Fp8History`), rolled once per step by the training loop and kept in checkpoints with the RNG
+  states (not in the model's state dict, which stays the bf16 model's).
 * `rowwise`: one scale per row of each GEMM operand, taken along the GEMM's reduction dim; e4m3
   everywhere. The forward GEMM runs the rowwise kernel with fast accumulation; the two backward
   GEMMs run the tensorwise kernel with unit scales and apply the row scales to its output
@@ -55,8 +62,11 @@ E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 # both formats' largest finite value is 1.75 * 2**EMAX (448 and 57344)
 EMAX = {E4M3: 8, E5M2: 15}
-RECIPES = ("tensorwise", "rowwise")
-GRAD_DTYPE = {"tensorwise": E5M2, "rowwise": E4M3}
+RECIPES = ("tensorwise", "delayed", "rowwise")
+GRAD_DTYPE = {"tensorwise": E5M2, "delayed": E5M2, "rowwise": E4M3}
+# delayed: steps of amax history per tensor (a power of two: the cast kernel loads them all)
+HISTORY = 16
+X, W, DY = 0, 1, 2  # a linear's three cast tensors: rows of its history
 AMAX_FLOOR = 2.0 ** -100  # an all-zero tensor gets a finite scale
 BLOCK_M, BLOCK_K = 64, 64
 # amax_of: elements per step of one Triton program, and the most programs (partial maxima)
@@ -117,13 +127,26 @@ def _reduce_max(amax: torch.Tensor, group, partials: bool = False) -> torch.Tens
 # --------------------------------------------------------------------------------------------
 # casts
 # --------------------------------------------------------------------------------------------
-def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int]):
+def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
+                 saturate: bool = False):
     """The reference cast of a 2-D x: (x8, inv_scale) with x8 = fp8(x * scale). axis None: one
     scale (amax a scalar, or `amax_of`'s partial maxima); 1: one per row (amax [m]); 0: one per
-    column (amax [k])."""
+    column (amax [k]). `saturate`: values beyond the format's max (an amax from earlier steps)
+    become +-max."""
     scale, inv = pow2_scale(whole_amax(amax) if axis is None else amax, dtype)
     s = scale if axis is None else scale[:, None] if axis == 1 else scale[None, :]
-    return (x.float() * s).to(dtype), inv
+    y = x.float() * s
+    if saturate:
+        fmax = torch.finfo(dtype).max
+        y = torch.where(y.isnan(), y, y.clamp(-fmax, fmax))
+    return y.to(dtype), inv
+
+
+def finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite values of x (what a delayed history records: one inf or NaN
+    would otherwise spoil the scales of the next HISTORY steps, not just this step's loss)."""
+    a = x.detach().abs().float()
+    return torch.where(a.isfinite(), a, 0.0).max() if a.numel() else a.new_zeros(())
 
 
 if triton is not None:
@@ -149,12 +172,14 @@ if triton is not None:
         tl.store(out_ptr + pid, tl.max(acc, axis=0))
 
     @triton.jit
-    def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_ptr, M, K, stride_m,
+    def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_ptr, amax_out_ptr, M, K, stride_m,
                      EMAX_: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
                      COLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     NPARTS: tl.constexpr):
+                     NPARTS: tl.constexpr, DELAYED: tl.constexpr):
         # one [BM, BK] tile of x [M, K]; MODE 0: one scale (amax_ptr: NPARTS partial maxima),
-        # 1: per row, 2: per column. ROWS writes q [M, K], COLS writes qt = q^T [K, M]
+        # 1: per row, 2: per column. ROWS writes q [M, K], COLS writes qt = q^T [K, M].
+        # DELAYED (MODE 0; amax_ptr: an amax history): saturate at the format's max, and max the
+        # tile's finite amax into amax_out_ptr
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -181,7 +206,14 @@ if triton is not None:
             y = x * scale[None, :]
             if pid_m == 0:
                 tl.store(inv_ptr + rk, inv, mask=mk)
-        # round to nearest even, as torch's cast (the scaled values never exceed the max)
+        if DELAYED:
+            a = tl.abs(x)
+            tl.atomic_max(amax_out_ptr, tl.max(tl.max(tl.where(a < float("inf"), a, 0.0),
+                                                      axis=1), axis=0))
+            fmax = 1.75 * (2.0 ** EMAX_)
+            y = tl.minimum(tl.maximum(y, -fmax, propagate_nan=tl.PropagateNan.ALL), fmax,
+                           propagate_nan=tl.PropagateNan.ALL)
+        # round to nearest even, as torch's cast (current scales: no value exceeds the max)
         if ROWS:
             tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
                      y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
@@ -193,12 +225,15 @@ if triton is not None:
 
 
 def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
-         rows: bool = True, cols: bool = False):
+         rows: bool = True, cols: bool = False, amax_out: Optional[torch.Tensor] = None):
     """Quantise a 2-D x with the scales of `amax` (see `quantise_ref` for axis). Returns
     (x8 [m, k] or None, x8^T [k, m] or None, inv_scale). One Triton pass on CUDA; torch's
-    reference (same bits) elsewhere."""
+    reference (same bits) elsewhere. `amax_out` (one scale, `amax` a delayed history): the
+    values saturate, and x's finite amax is maxed into amax_out ([1] fp32)."""
     if not (triton is not None and x.is_cuda):
-        q, inv = quantise_ref(x, amax, dtype, axis)
+        q, inv = quantise_ref(x, amax, dtype, axis, saturate=amax_out is not None)
+        if amax_out is not None:
+            torch.maximum(amax_out, finite_amax(x), out=amax_out)
         return (q if rows else None), (q.t().contiguous() if cols else None), inv
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
@@ -209,10 +244,13 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
     mode = 0 if axis is None else 1 if axis == 1 else 2
     out = q if q is not None else qt
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
-    _cast_kernel[grid](x, amax, out, qt if qt is not None else out, inv, m, k, x.stride(0),
+    delayed = amax_out is not None
+    assert not delayed or axis is None
+    _cast_kernel[grid](x, amax, out, qt if qt is not None else out, inv,
+                       amax_out if delayed else inv, m, k, x.stride(0),
                        EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
                        BM=BLOCK_M, BK=BLOCK_K, NPARTS=amax.numel() if axis is None else 1,
-                       num_warps=4)
+                       DELAYED=delayed, num_warps=4)
     return q, qt, inv
 
 
@@ -221,6 +259,72 @@ def cast_tensorwise(x: torch.Tensor, dtype: torch.dtype, group=None, rows: bool 
     """One scale for the whole 2-D x, its amax all-reduced over `group` (the TP group, where
     x is one rank's shard of a tensor split over ranks; None otherwise)."""
     return cast(x, _reduce_max(amax_of(x), group, partials=True), dtype, None, rows, cols)
+
+
+class Fp8Meta:
+    """One FP8 linear's amax histories (recipe `delayed`): `rows` [3, HISTORY + 1] fp32, a view
+    of its chunk's `Fp8History` buffer; row X, W or DY holds that tensor's amax of the last
+    HISTORY steps (newest first) and, in its last column, the max of this step's casts so far.
+    `primed[r]`: row r has a history (False until the tensor's first cast)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self.primed = [False, False, False]
+
+
+def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, group=None,
+                 rows: bool = True, cols: bool = False):
+    """One scale for the whole 2-D x from the max of its amax history (`meta.rows[role]`), with
+    x's own amax recorded for the next steps. A first cast (no history) scales by x's current
+    amax, all-reduced over `group` as `cast_tensorwise` does, and fills the history with it.
+    (Later amaxes are all-reduced once per step, in `Fp8History.step`.)"""
+    hist = meta.rows[role]
+    if not meta.primed[role]:
+        amax = _reduce_max(amax_of(x), group, partials=True)
+        hist.copy_(whole_amax(amax).float().expand(HISTORY + 1))
+        meta.primed[role] = True
+        return cast(x, amax, dtype, None, rows, cols)
+    return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:])
+
+
+class Fp8History:
+    """The amax histories of one model chunk's FP8 linears (recipe `delayed`): one device buffer
+    [linears, 3, HISTORY + 1], each linear's `fp8_meta` a view of it, so that the per-step roll
+    is a few kernels for the whole chunk. `step()` (the training loop, after each step's
+    forward and backward) all-reduces this step's amaxes over the TP group (every rank then
+    scales a split tensor alike), pushes them into the history and clears them. `state()` /
+    `load()`: the buffer as checkpoints keep it (with the RNG states, per rank)."""
+
+    def __init__(self, modules, device: torch.device, group=None):
+        self.buf = torch.zeros(len(modules), 3, HISTORY + 1, dtype=torch.float32, device=device)
+        self.metas = [Fp8Meta(self.buf[i]) for i in range(len(modules))]
+        for mod, meta in zip(modules, self.metas):
+            mod.fp8_meta = meta
+        self.group = group if group is not None and dist.is_initialized() and \
+            dist.get_world_size(group) > 1 else None
+
+    def step(self) -> None:
+        if not any(any(m.primed) for m in self.metas):
+            return
+        cur = self.buf[..., HISTORY].contiguous()
+        if self.group is not None:
+            dist.all_reduce(cur, op=dist.ReduceOp.MAX, group=self.group)
+        self.buf[..., 1:HISTORY] = self.buf[..., :HISTORY - 1].clone()
+        self.buf[..., 0] = cur
+        self.buf[..., HISTORY] = 0.0
+
+    def state(self) -> torch.Tensor:
+        return self.buf.detach().cpu().clone()
+
+    def load(self, saved) -> bool:
+        """Restore a saved buffer of the same shape (then every history is primed); False, and
+        nothing changes, when it does not fit (another model, recipe or history length)."""
+        if not isinstance(saved, torch.Tensor) or saved.shape != self.buf.shape:
+            return False
+        self.buf.copy_(saved.to(self.buf.device, torch.float32))
+        for m in self.metas:
+            m.primed = [True, True, True]
+        return True
 
 
 def cast_rowwise(x: torch.Tensor, dtype: torch.dtype, axis: int, group=None):
@@ -303,7 +407,7 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                sequence_parallel, group):
+                sequence_parallel, group, meta):
         tp = group if group is not None and dist.get_world_size(group) > 1 else None
         sp = sequence_parallel and tp is not None
         lead = x.shape[1:-1]
@@ -316,13 +420,19 @@ class _Fp8Linear(torch.autograd.Function):
             else None
         ctx.wgrad_fusion = wgrad_fusion
         ctx.out_dtype = x.dtype
-        if recipe == "tensorwise":
+        ctx.meta = meta
+        if recipe in ("tensorwise", "delayed"):
             # the weight is split over TP ranks in both modes; the input is split when it is a
             # sequence-parallel shard or a row-parallel (feature) shard, and the same on every
             # rank otherwise (column-parallel without SP)
-            w8, w8t, w_inv = cast_tensorwise(weight, E4M3, tp, rows=True, cols=True)
-            x8, x8t, x_inv = cast_tensorwise(x2, E4M3, tp if (sp or mode == "row") else None,
-                                             rows=True, cols=not sp)
+            xgroup = tp if (sp or mode == "row") else None
+            if recipe == "delayed":
+                w8, w8t, w_inv = cast_delayed(weight, E4M3, meta, W, tp, rows=True, cols=True)
+                x8, x8t, x_inv = cast_delayed(x2, E4M3, meta, X, xgroup, rows=True,
+                                              cols=not sp)
+            else:
+                w8, w8t, w_inv = cast_tensorwise(weight, E4M3, tp, rows=True, cols=True)
+                x8, x8t, x_inv = cast_tensorwise(x2, E4M3, xgroup, rows=True, cols=not sp)
             x8_full = _gather(x8, tp) if sp else x8
             out = mm8(x8_full, x_inv, w8, w_inv, ctx.out_dtype, bias, fast_accum=True)
             # FP8 copies for backward (the input's transpose; under SP its local shard, gathered
@@ -348,12 +458,16 @@ class _Fp8Linear(torch.autograd.Function):
             dy2 = dy2.contiguous()
         fused = ctx.wgrad_fusion and ctx.main_grad is not None
         w_dtype = torch.float32 if fused else None
-        if ctx.recipe == "tensorwise":
+        if ctx.recipe in ("tensorwise", "delayed"):
             xs, w8t, x_inv, w_inv, weight = ctx.saved_tensors
             # dy is split over ranks (output features) for a column-parallel layer and the same
             # on every rank for a row-parallel one
-            dy8, dy8t, dy_inv = cast_tensorwise(dy2, E5M2, tp if mode == "column" else None,
-                                                rows=True, cols=True)
+            dygroup = tp if mode == "column" else None
+            if ctx.recipe == "delayed":
+                dy8, dy8t, dy_inv = cast_delayed(dy2, E5M2, ctx.meta, DY, dygroup, rows=True,
+                                                 cols=True)
+            else:
+                dy8, dy8t, dy_inv = cast_tensorwise(dy2, E5M2, dygroup, rows=True, cols=True)
             dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
             dx, handle = _dgrad_comm(ctx, dx)
             x8t = _gather(xs, tp).t().contiguous() if sp else xs
@@ -376,7 +490,7 @@ class _Fp8Linear(torch.autograd.Function):
         if handle is not None:
             handle.wait()
         return dx.view(-1, *ctx.lead, dx.shape[-1]), grad_weight, grad_bias, \
-            None, None, None, None, None, None
+            None, None, None, None, None, None, None
 
 
 def _dgrad_comm(ctx, dx):
@@ -409,19 +523,22 @@ def shapes_supported(tokens: int, k: int, n: int) -> bool:
 
 
 def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
-               allreduce_dgrad: bool, sequence_parallel: bool, group):
+               allreduce_dgrad: bool, sequence_parallel: bool, group,
+               meta: Optional[Fp8Meta] = None):
     """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
     "row" (megatron-core's ColumnParallelLinear / RowParallelLinear), which says which tensors
-    are split over the TP `group`; the communication arguments are mcore's."""
+    are split over the TP `group`; the communication arguments are mcore's. `meta`: the
+    layer's amax histories (recipe "delayed")."""
     assert recipe in RECIPES, recipe
+    assert (recipe == "delayed") == (meta is not None), "recipe delayed needs the layer's meta"
     if torch.compiler.is_compiling():
         # model.torch_compile: a graph break (the casts are our own kernels). Only there: the
         # disable wrapper costs host time on every eager call, and eager FP8 layers are bound
         # by the host (benchmarks/fp8_linear.py --host-only)
         return _fp8_linear_eager(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                                 sequence_parallel, group)
+                                 sequence_parallel, group, meta)
     return _Fp8Linear.apply(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                            sequence_parallel, group)
+                            sequence_parallel, group, meta)
 
 
 @torch.compiler.disable

@@ -78,4 +78,12 @@ def build_model(
         if model_cfg.torch_compile and device.type == "cuda":
             for layer in getattr(getattr(m, "decoder", None), "layers", []):
                 layer.compile()
+    if fp8 == "delayed":
+        # one amax-history buffer per chunk (framework/fast/fp8.py), outside the state dict
+        from framework.fast.fp8 import Fp8History
+        from framework.models.layers import Fp8Linear
+
+        for m in chunks:
+            m.fp8_history = Fp8History([x for x in m.modules() if isinstance(x, Fp8Linear)],
+                                       device, ps.get_tensor_model_parallel_group())
     return wrap(chunks, tcfg, parallel_cfg, half=bf16 or fp16, ddp=wrap_ddp)

@@ -426,7 +426,8 @@ class BiasAddLinear(tensor_parallel.ColumnParallelLinear):
 
 class Fp8Linear:
     """Mixin for megatron-core's ColumnParallelLinear / RowParallelLinear (and our subclasses):
-    with `config.fp8_gemm` set ("tensorwise" or "rowwise", from `train.fp8`), the layer's GEMMs
+    with `config.fp8_gemm` set ("tensorwise", "delayed" or "rowwise", from `train.fp8`; for
+    "delayed", `build_model` gives each layer its `fp8_meta`), the layer's GEMMs
     run in FP8 in training, forward and backward (framework/fast/fp8.py), keeping mcore's TP /
     sequence-parallel communication and its fused accumulation of the weight gradient into
     `main_grad`. Parameters, state dict and checkpoints are those of the mcore layer. Evaluation,
@@ -447,7 +448,8 @@ class Fp8Linear:
             return super()._forward_impl(input, weight, *args, **kwargs)
         return fp8_linear(input, weight, kwargs.get("bias"), recipe, self.fp8_mode,
                           kwargs.get("gradient_accumulation_fusion", False),
-                          kwargs.get("allreduce_dgrad", False), seq_par, self.tp_group)
+                          kwargs.get("allreduce_dgrad", False), seq_par, self.tp_group,
+                          getattr(self, "fp8_meta", None))
 
 
 class Fp8ColumnParallelLinear(Fp8Linear, tensor_parallel.ColumnParallelLinear):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from framework.models.wrappers import unwrap
 from framework.optimizer import allreduce_grads_cpu
 from framework.optimizer_step import (deferred_optimizer_step, deferred_step_supported,
                                       guarded_optimizer_step)
@@ -114,6 +115,8 @@ class Trainer:
         # train.defer_step_stats: each step's stats are read back one step late (see _StepStats)
         self.defer = train_cfg.defer_step_stats and deferred_step_supported(optimizer)
         self._pending: Optional[_StepStats] = None
+        self.fp8_histories = [h for h in (getattr(unwrap(m), "fp8_history", None) for m in model)
+                              if h is not None]
 
     # ---- one global batch -----------------------------------------------------------------
     def _run(self, iterators, forward_only: bool) -> List[Dict[str, torch.Tensor]]:
@@ -137,6 +140,8 @@ class Trainer:
         self._mark(step, "forward/backward")
         with record_function("phase/forward_backward"):
             losses = self._run(iterators, forward_only=False)
+            for h in self.fp8_histories:  # train.fp8=delayed: this step's amaxes into history
+                h.step()
         self._mark(step, "loss all-reduce")
         with record_function("phase/reduce_loss"):
             vals, keys = self._reduce_losses_tensor(losses)
