@@ -18,6 +18,8 @@ one forward) use `framework.patching.patched` where they are needed.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from framework.fast.multi_tensor import (foreach_copy_this_to_that, foreach_l2norm,
@@ -112,6 +114,37 @@ def install_foreach_optimizer_kernels() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def rng_states_kept():
+    """Put every RNG state training draws from back as it was on exit: Python's, numpy's, torch's
+    CPU generator, the default CUDA generator and megatron-core's RNG tracker (its graph-safe
+    generators restored in place: they are the objects captured CUDA graphs read at replay)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    states = dict(tracker.get_states())
+    saved = {k: v.get_state() if isinstance(v, torch.Generator) else v
+             for k, v in states.items()}
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        for k, v in states.items():
+            if isinstance(v, torch.Generator):
+                v.set_state(saved[k])
+        tracker.set_states({k: states[k] if isinstance(states[k], torch.Generator) else saved[k]
+                            for k in states})
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+        torch.set_rng_state(cpu)
+        np.random.set_state(npy)
+        random.setstate(py)
+
+
 def install_rng_neutral_graph_capture() -> None:
     """Make megatron-core's CUDA-graph capture (`model.cuda_graph`) leave every CUDA RNG state as
     it found it (`build_model` calls it when the switch is on); idempotent.
@@ -123,8 +156,9 @@ def install_rng_neutral_graph_capture() -> None:
     captures after step 1, a resumed one after its first step: the two then draw from different
     offsets from the resumed run's second step on, and a resume is no longer exact (the GPU test
     `test_resume_under_cuda_graphs_is_exact` saw it). The states are restored in place: the
-    graph-safe generators are the objects the captured graphs read at replay."""
-    from megatron.core import tensor_parallel
+    graph-safe generators are the objects the captured graphs read at replay.
+    (`framework.training.loop.Trainer` also runs that first pass before the first counted step,
+    so that every counted step is a graphed one.)"""
     from megatron.core.transformer import cuda_graphs
 
     record = cuda_graphs._CudagraphGlobalRecord
@@ -133,21 +167,8 @@ def install_rng_neutral_graph_capture() -> None:
     capture = record.create_cudagraphs.__func__
 
     def create_cudagraphs(cls):
-        tracker = tensor_parallel.get_cuda_rng_tracker()
-        states = dict(tracker.get_states())
-        saved = {k: v.get_state() if isinstance(v, torch.Generator) else v
-                 for k, v in states.items()}
-        cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
-        try:
+        with rng_states_kept():
             return capture(cls)
-        finally:
-            for k, v in states.items():
-                if isinstance(v, torch.Generator):
-                    v.set_state(saved[k])
-            tracker.set_states({k: states[k] if isinstance(states[k], torch.Generator)
-                                else saved[k] for k in states})
-            torch.cuda.set_rng_state(cuda_state)
-            torch.set_rng_state(cpu_state)
 
     create_cudagraphs.rng_neutral = True
     record.create_cudagraphs = classmethod(create_cudagraphs)

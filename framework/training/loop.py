@@ -221,6 +221,8 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         iterators = (self.data.train_iterators(len(self.model), state.consumed_samples)
                      if state.step < cfg.max_steps else None)
+        if iterators is not None and self._graphed():
+            self._capture_graphs(state)
         bar = _progress(rt.is_logging_rank and cfg.progress_bar, state.step, cfg.max_steps)
         timer, window, acc_loss, last_saved = Timer(), 0, 0.0, state.step
         gbs_tokens = cfg.global_batch_size * rt.seq_length
@@ -230,6 +232,32 @@ class Trainer:
                              gbs_tokens)
         finally:
             self.stop.uninstall()
+
+    def _graphed(self) -> bool:
+        """model.cuda_graph: megatron-core's per-layer CUDA graphs are on."""
+        return self.on_gpu and any(getattr(getattr(unwrap(m), "config", None),
+                                           "cuda_graph_impl", "none") == "local"
+                                   for m in self.model)
+
+    def _capture_graphs(self, state: TrainState) -> None:
+        """model.cuda_graph: megatron-core records its per-layer graphs during a process's first
+        forward-backward and captures them at its end. That pass runs here, on the batch the
+        first counted step will train on (read through iterators of its own), with every RNG
+        state put back afterwards and no update: the gradients are zeroed when the step starts,
+        and FP8 delayed histories only take the max of the same amaxes again. So every counted
+        step is a graphed one, in a fresh run and a resumed one alike; an eager first step
+        rounds differently from a graphed one, and a run resumed from step k would otherwise
+        leave the uninterrupted run's losses from step k + 2 on."""
+        from framework.mcore_patches import rng_states_kept
+
+        self._mark(state.step + 1, "CUDA-graph capture (a forward/backward, no update)")
+        with record_function("phase/cuda_graph_capture"), rng_states_kept():
+            for m in self.model:
+                m.train()
+                if hasattr(m, "zero_grad_buffer"):
+                    m.zero_grad_buffer()
+            self._run(self.data.train_iterators(len(self.model), state.consumed_samples),
+                      forward_only=False)
 
     def _mark(self, step: int, phase: str, patience: float = 1.0) -> None:
         if self.watchdog is not None:
