@@ -9,6 +9,8 @@ gradient accumulated into an fp32 main grad as in training (`model.fused_wgrad`)
   main_grad += dy^T @ x through torch.addmm with out_dtype=float32);
 * ours, tensorwise and rowwise (framework/fast/fp8.py: amax reductions, Triton casts,
   torch._scaled_mm, main_grad += the fp32 wgrad);
+* ours, tensorwise and delayed, with the weight-gradient GEMM writing main_grad (what training
+  runs with one micro-batch per step; delayed: no amax pass before each cast);
 * with --torchao (torchao installed): torchao's Float8Linear, tensorwise, eager (its casts are
   plain torch ops) and, with --compile, under torch.compile (how torchtitan runs it); its weight
   gradient is a bf16 .grad, not accumulated into a main grad.
@@ -185,15 +187,23 @@ def bf16_step(x, w, dy, main_grad):
     return step
 
 
-def ours_step(recipe, x, w, dy, main_grad):
-    from framework.fast.fp8 import fp8_linear
+def ours_step(recipe, x, w, dy, main_grad, overwrite=False):
+    """`train.fp8`'s linear; recipe "delayed" with an amax history of its own (primed by the
+    first call; not rolled, which costs nothing per layer); `overwrite`: the weight-gradient
+    GEMM writes main_grad (one micro-batch per step) instead of adding its product."""
+    from framework.fast.fp8 import Fp8History, fp8_linear
 
     w = w.detach().requires_grad_()
     w.main_grad = main_grad
     xx = x.detach().requires_grad_()
+    meta = None
+    if recipe == "delayed":
+        holder = type("Layer", (), {})()
+        Fp8History([holder], x.device)
+        meta = holder.fp8_meta
 
     def step():
-        y = fp8_linear(xx, w, None, recipe, "column", True, False, False, None)
+        y = fp8_linear(xx, w, None, recipe, "column", True, False, False, None, meta, overwrite)
         y.backward(dy)
         xx.grad = None
     return step
@@ -232,7 +242,8 @@ def main():
     if a.host_only:
         return host_table()
     g = torch.Generator(device="cuda").manual_seed(0)
-    cands = ["bf16", "ours tensorwise", "ours rowwise"]
+    cands = ["bf16", "ours tensorwise", "ours tensorwise, wgrad written",
+             "ours delayed, wgrad written", "ours rowwise"]
     if a.torchao:
         cands += ["torchao tensorwise (eager)"] + (["torchao tensorwise (compile)"]
                                                    if a.compile else [])
@@ -245,6 +256,10 @@ def main():
         main_grad = torch.zeros(n, k, device="cuda")
         steps = {"bf16": bf16_step(x, w, dy, main_grad),
                  "ours tensorwise": ours_step("tensorwise", x, w, dy, main_grad),
+                 "ours tensorwise, wgrad written": ours_step("tensorwise", x, w, dy, main_grad,
+                                                             overwrite=True),
+                 "ours delayed, wgrad written": ours_step("delayed", x, w, dy, main_grad,
+                                                          overwrite=True),
                  "ours rowwise": ours_step("rowwise", x, w, dy, main_grad)}
         for c in cands:
             if c.startswith("torchao"):
@@ -280,7 +295,8 @@ def main():
 def shape_parts(x, w, dy, main_grad, steps):
     """The --parts measurements of one shape (see the module docstring)."""
     out = {}
-    for c in ("bf16", "ours tensorwise"):
+    for c in ("bf16", "ours tensorwise", "ours tensorwise, wgrad written",
+              "ours delayed, wgrad written"):
         out[f"{c}: kernels"], top = kernel_ms(steps[c])
         if c == "ours tensorwise":
             out["top"] = top[:12]
@@ -302,7 +318,9 @@ def shape_parts(x, w, dy, main_grad, steps):
 
 def print_parts(parts, names, table):
     rows = ["bf16: kernels", "bf16: graphed", "ours tensorwise: kernels",
-            "ours tensorwise: graphed", "FP8 GEMMs only, wgrad out fp32",
+            "ours tensorwise: graphed", "ours tensorwise, wgrad written: kernels",
+            "ours tensorwise, wgrad written: graphed", "ours delayed, wgrad written: kernels",
+            "ours delayed, wgrad written: graphed", "FP8 GEMMs only, wgrad out fp32",
             "FP8 GEMMs only, wgrad out bf16", "amax of x: torch reduction",
             "amax of x: amax_of (Triton partials)", "amax of dy: torch reduction",
             "amax of dy: amax_of (Triton partials)"]
@@ -310,7 +328,8 @@ def print_parts(parts, names, table):
           "kernel time summed under torch.profiler, graphed = one CUDA graph per step)")
     print("| row | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for c in ("bf16", "ours tensorwise"):
+    for c in ("bf16", "ours tensorwise", "ours tensorwise, wgrad written",
+              "ours delayed, wgrad written"):
         print(f"| {c}: wall | " + " | ".join(f"{table[c][n]:.3f}" for n in names) + " |")
     for r in rows:
         cells = [parts[n][r] for n in names]

@@ -108,9 +108,11 @@ def _train_rank(plan: RunPlan) -> None:
                                 dp_size=ps.get_data_parallel_world_size())
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu \
             else torch.device("cpu")
+        one_micro = cfg.train.global_batch_size == \
+            cfg.train.micro_batch_size * ps.get_data_parallel_world_size()
         model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=plan.bf16,
                             fp16=cfg.train.fp16, device=device, wrap_ddp=on_gpu,
-                            fp8=cfg.train.fp8)
+                            fp8=cfg.train.fp8, fp8_wgrad_overwrite=one_micro)
         if plan.load_hf:
             # before the optimizer is built, so mixed-precision main params copy these weights
             load_hf_into_model(plan.load_hf, model, cfg.model,

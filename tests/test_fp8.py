@@ -264,6 +264,50 @@ def test_fused_wgrad_accumulates_into_main_grad():
     torch.testing.assert_close(flagged.main_grad, fused.main_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "rowwise"])
+def test_wgrad_overwrite_writes_main_grad(recipe):
+    """fp8_wgrad_overwrite (one micro-batch per step): the weight-gradient GEMM writes
+    main_grad, whatever it held, with the bits the add path gives from a zeroed main_grad;
+    rowwise, which scales the GEMM's output afterwards, keeps adding."""
+    x, w, _, dy = _perturbed_case(3)
+
+    def run(start, overwrite):
+        ww = w.clone().requires_grad_()
+        ww.main_grad = torch.full_like(w, start)
+        ww.grad_added_to_main_grad = False
+        meta = _delayed_layer()[1] if recipe == "delayed" else None
+        fp8.fp8_linear(x.clone().requires_grad_(), ww, None, recipe, "column", True, False,
+                       False, None, meta, overwrite).backward(dy)
+        assert ww.grad_added_to_main_grad is True
+        return ww.main_grad
+
+    zero_add = run(0.0, False)
+    if recipe == "rowwise":
+        torch.testing.assert_close(run(0.5, True) - 0.5, zero_add, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(run(0.5, True), zero_add)
+        assert torch.equal(run(0.0, True), zero_add)
+    assert zero_add.abs().sum() > 0
+
+
+def test_build_model_marks_fp8_linears_for_overwrite(mp1):
+    """build_model(fp8_wgrad_overwrite=True) reaches every FP8 linear of tensorwise/delayed
+    models (runner.py passes it for one micro-batch per step); rowwise and False leave them."""
+    from framework.models import layers
+    from framework.models.build import build_model
+
+    def marks(recipe, flag):
+        torch.manual_seed(0)
+        m = build_model(_tiny(), ParallelConfig(), vocab_size=VOCAB, bf16=False, fp16=False,
+                        device=torch.device("cpu"), wrap_ddp=False, fp8=recipe,
+                        fp8_wgrad_overwrite=flag)[0]
+        return [getattr(x, "fp8_wgrad_overwrite", False) for x in m.modules()
+                if isinstance(x, layers.Fp8Linear)]
+
+    assert marks("tensorwise", True) == [True] * 8 and marks("delayed", True) == [True] * 8
+    assert not any(marks("rowwise", True) + marks("tensorwise", False))
+
+
 # --------------------------------------------------------------------------------------------
 # TP2 over gloo
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,32 @@ def test_delayed_cast_matches_reference_bits(dtype):
         assert (rq.float()[m // 2, 7] == -torch.finfo(dtype).max) == (hmax < 111.0), (m, k)
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_wgrad_written_equals_wgrad_added_to_zero(recipe):
+    """The weight-gradient GEMM writing main_grad (`torch._scaled_mm(out=)`, one micro-batch per
+    step) gives the bits of its fp32 product added to a zeroed main_grad, at gpt2-xl's fc1."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(4096, 1600, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(6400, 1600, device="cuda", generator=g) * 0.02).bfloat16()
+    dy = (torch.randn(4096, 6400, device="cuda", generator=g) * 1e-3).bfloat16()
+
+    def main_grad(start, overwrite):
+        ww = w.clone().requires_grad_()
+        ww.main_grad = torch.full(w.shape, start, device="cuda")
+        meta = None
+        if recipe == "delayed":
+            holder = type("Layer", (), {})()
+            fp8.Fp8History([holder], torch.device("cuda"))
+            meta = holder.fp8_meta
+        fp8.fp8_linear(x.clone().requires_grad_(), ww, None, recipe, "column", True, False,
+                       False, None, meta, overwrite).backward(dy)
+        return ww.main_grad
+
+    added = main_grad(0.0, False)
+    assert torch.equal(main_grad(7.0, True), added)
+    assert added.abs().sum() > 0
+
+
 def test_triton_amax_equals_torch_amax():
     """amax_of's partial maxima (one Triton pass) have the exact max |x| as their max, for sizes
     below, at and above one block and the partials cap; zeros and one outlier included."""

@@ -341,18 +341,23 @@ def cast_rowwise(x: torch.Tensor, dtype: torch.dtype, axis: int, group=None):
 # --------------------------------------------------------------------------------------------
 def mm8(a8: torch.Tensor, a_inv: torch.Tensor, b8: torch.Tensor, b_inv: torch.Tensor,
         out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None,
-        fast_accum: bool = False) -> torch.Tensor:
+        fast_accum: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(a8 * a_inv) @ (b8 * b_inv)^T for row-major a8 [m, k] and b8 [n, k]; a_inv is a scalar or
-    [m], b_inv a scalar or [n]. CUDA: torch._scaled_mm; CPU: the fp32 emulation."""
+    [m], b_inv a scalar or [n]. CUDA: torch._scaled_mm; CPU: the fp32 emulation. `out` (one
+    scale per operand): a contiguous [m, n] tensor of out_dtype the product is written into."""
     rowwise = a_inv.dim() > 0
+    assert out is None or not rowwise
     if not a8.is_cuda:
         a = a8.float() * (a_inv[:, None] if rowwise else a_inv)
         b = b8.float() * (b_inv[:, None] if rowwise else b_inv)
-        out = a @ b.t()
+        res = a @ b.t()
         if bias is not None:
-            out = out + bias.float()
-        return out.to(out_dtype)
+            res = res + bias.float()
+        return res.to(out_dtype) if out is None else out.copy_(res)
     if not rowwise:
+        if out is not None:
+            return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, bias=bias,
+                                    out_dtype=out_dtype, use_fast_accum=fast_accum, out=out)
         return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, bias=bias,
                                 out_dtype=out_dtype, use_fast_accum=fast_accum)
     if fast_accum and out_dtype == torch.bfloat16:
@@ -407,7 +412,7 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                sequence_parallel, group, meta):
+                sequence_parallel, group, meta, wgrad_overwrite):
         tp = group if group is not None and dist.get_world_size(group) > 1 else None
         sp = sequence_parallel and tp is not None
         lead = x.shape[1:-1]
@@ -419,6 +424,7 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.main_grad = weight.main_grad if wgrad_fusion and hasattr(weight, "main_grad") \
             else None
         ctx.wgrad_fusion = wgrad_fusion
+        ctx.wgrad_overwrite = wgrad_overwrite
         ctx.out_dtype = x.dtype
         ctx.meta = meta
         if recipe in ("tensorwise", "delayed"):
@@ -471,7 +477,13 @@ class _Fp8Linear(torch.autograd.Function):
             dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
             dx, handle = _dgrad_comm(ctx, dx)
             x8t = _gather(xs, tp).t().contiguous() if sp else xs
-            dw = mm8(dy8t, dy_inv, x8t, x_inv, w_dtype or weight.dtype)
+            if fused and ctx.wgrad_overwrite:
+                # this step's only accumulation into main_grad (zeroed at the step's start):
+                # the GEMM writes it, no fp32 product to add
+                mm8(dy8t, dy_inv, x8t, x_inv, torch.float32, out=ctx.main_grad)
+                dw = None
+            else:
+                dw = mm8(dy8t, dy_inv, x8t, x_inv, w_dtype or weight.dtype)
         else:
             x2, weight = ctx.saved_tensors
             # dgrad reduces over N: split over ranks for a column-parallel layer
@@ -490,7 +502,7 @@ class _Fp8Linear(torch.autograd.Function):
         if handle is not None:
             handle.wait()
         return dx.view(-1, *ctx.lead, dx.shape[-1]), grad_weight, grad_bias, \
-            None, None, None, None, None, None, None
+            None, None, None, None, None, None, None, None
 
 
 def _dgrad_comm(ctx, dx):
@@ -504,11 +516,13 @@ def _dgrad_comm(ctx, dx):
 
 
 def _accumulate_wgrad(ctx, weight, dw):
-    """main_grad += dw (fp32), then what megatron-core's layer returns as the weight's grad:
-    a dummy when DDP's hook checks `grad_added_to_main_grad`, else None."""
+    """main_grad += dw (fp32; dw None: the GEMM wrote main_grad itself), then what
+    megatron-core's layer returns as the weight's grad: a dummy when DDP's hook checks
+    `grad_added_to_main_grad`, else None."""
     main_grad = ctx.main_grad
     weight.main_grad = main_grad
-    main_grad.add_(dw)
+    if dw is not None:
+        main_grad.add_(dw)
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
@@ -524,11 +538,14 @@ def shapes_supported(tokens: int, k: int, n: int) -> bool:
 
 def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
                allreduce_dgrad: bool, sequence_parallel: bool, group,
-               meta: Optional[Fp8Meta] = None):
+               meta: Optional[Fp8Meta] = None, wgrad_overwrite: bool = False):
     """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
     "row" (megatron-core's ColumnParallelLinear / RowParallelLinear), which says which tensors
     are split over the TP `group`; the communication arguments are mcore's. `meta`: the
-    layer's amax histories (recipe "delayed")."""
+    layer's amax histories (recipe "delayed"). `wgrad_overwrite` (with `wgrad_fusion`, one
+    scale per tensor): the weight-gradient GEMM writes `weight.main_grad` instead of adding to
+    it; only right where this backward is the step's only one for the weight (one micro-batch
+    per step, main_grad zeroed at its start: `build_model`'s `fp8_wgrad_overwrite`)."""
     assert recipe in RECIPES, recipe
     assert (recipe == "delayed") == (meta is not None), "recipe delayed needs the layer's meta"
     if torch.compiler.is_compiling():
@@ -536,9 +553,9 @@ def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
         # disable wrapper costs host time on every eager call, and eager FP8 layers are bound
         # by the host (benchmarks/fp8_linear.py --host-only)
         return _fp8_linear_eager(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                                 sequence_parallel, group, meta)
+                                 sequence_parallel, group, meta, wgrad_overwrite)
     return _Fp8Linear.apply(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                            sequence_parallel, group, meta)
+                            sequence_parallel, group, meta, wgrad_overwrite)
 
 
 @torch.compiler.disable

@@ -43,9 +43,12 @@ def build_model(
     device: torch.device,
     wrap_ddp: bool,
     fp8: Optional[str] = None,
+    fp8_wgrad_overwrite: bool = False,
 ) -> List[torch.nn.Module]:
     """Build this rank's model chunks (one per virtual pipeline stage). `fp8`: a `train.fp8`
-    recipe for the transformer layers' linears, or None."""
+    recipe for the transformer layers' linears, or None. `fp8_wgrad_overwrite`: each step runs
+    one micro-batch per rank, so a tensorwise/delayed FP8 linear's weight-gradient GEMM may
+    write `main_grad` (zeroed at each step's start) instead of adding its product to it."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.enums import ModelType
@@ -78,6 +81,13 @@ def build_model(
         if model_cfg.torch_compile and device.type == "cuda":
             for layer in getattr(getattr(m, "decoder", None), "layers", []):
                 layer.compile()
+    if fp8 in ("tensorwise", "delayed") and fp8_wgrad_overwrite:
+        from framework.models.layers import Fp8Linear
+
+        for m in chunks:
+            for x in m.modules():
+                if isinstance(x, Fp8Linear):
+                    x.fp8_wgrad_overwrite = True
     if fp8 == "delayed":
         # one amax-history buffer per chunk (framework/fast/fp8.py), outside the state dict
         from framework.fast.fp8 import Fp8History

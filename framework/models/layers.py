@@ -449,7 +449,8 @@ class Fp8Linear:
         return fp8_linear(input, weight, kwargs.get("bias"), recipe, self.fp8_mode,
                           kwargs.get("gradient_accumulation_fusion", False),
                           kwargs.get("allreduce_dgrad", False), seq_par, self.tp_group,
-                          getattr(self, "fp8_meta", None))
+                          getattr(self, "fp8_meta", None),
+                          getattr(self, "fp8_wgrad_overwrite", False))
 
 
 class Fp8ColumnParallelLinear(Fp8Linear, tensor_parallel.ColumnParallelLinear):
