@@ -167,6 +167,8 @@ def install_rng_neutral_graph_capture() -> None:
     capture = record.create_cudagraphs.__func__
 
     def create_cudagraphs(cls):
+        if cls.cudagraph_created or not cls.cudagraph_record:
+            return capture(cls)  # nothing to capture (mcore calls this after every schedule)
         with rng_states_kept():
             return capture(cls)
 

@@ -35,6 +35,8 @@ def test_graph_capture_leaves_rng_states_unchanged(monkeypatch):
         return "captured"
 
     monkeypatch.setattr(record, "create_cudagraphs", classmethod(capture))
+    monkeypatch.setattr(record, "cudagraph_created", False)
+    monkeypatch.setattr(record, "cudagraph_record", ["a runner's forward"])  # graphs to make
     expect = {k: torch.rand(4, generator=g.clone_state()) for k, g in gens.items()}
     cpu_next = torch.rand(2, generator=torch.Generator().set_state(torch.get_rng_state()))
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -49,3 +51,8 @@ def test_graph_capture_leaves_rng_states_unchanged(monkeypatch):
     assert torch.equal(torch.rand(2), cpu_next)
     assert random.getstate() == py_state and np.random.get_state()[1].tolist() == \
         np_state[1].tolist()
+    # mcore calls it after every schedule: with nothing recorded it is passed straight through
+    monkeypatch.setattr(record, "cudagraph_record", [])
+    before = torch.rand(4, generator=gens["model-parallel-rng"].clone_state())
+    assert record.create_cudagraphs() == "captured"
+    assert not torch.equal(torch.rand(4, generator=gens["model-parallel-rng"]), before)

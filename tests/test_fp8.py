@@ -185,7 +185,31 @@ def test_delayed_scaling_history_saturation_and_roll():
     other, ometa = _delayed_layer()
     assert not any(ometa.primed)
     assert other.load(saved) and all(ometa.primed) and torch.equal(other.buf, hist.buf)
-    assert not other.load(torch.zeros(2, 3, h + 1))
+    assert not other.load({"amax": torch.zeros(2, 3, h + 1), "primed": torch.ones(2, 3).bool()})
+    assert not other.load(torch.zeros(1, 3, h + 1))
+
+
+def test_delayed_resume_edge_cases():
+    """A checkpoint saved before any step holds all-zero histories: loaded, they are not primed,
+    and the next step casts by the current amax, as a fresh run does (not by a zero history,
+    which would saturate everything). An inf in a tensor's first cast reaches that cast (as
+    with tensorwise) but the history keeps the finite amax. A primed history of zeros scales
+    by 1."""
+    x, w, b, dy = _perturbed_case(2)
+    fresh, _ = _delayed_layer()
+    loaded, meta = _delayed_layer()
+    assert loaded.load(fresh.state()) and not any(meta.primed)
+    for a, r in zip(_run_linear(x, w, b, dy, "delayed", meta),
+                    _run_linear(x, w, b, dy, "tensorwise")):
+        assert torch.equal(a, r)
+    _, meta = _delayed_layer()
+    xi = x.clone()
+    xi[0, 0] = float("inf")
+    _run_linear(xi, w, b, dy, "delayed", meta)
+    assert torch.equal(meta.rows[fp8.X], fp8.finite_amax(xi).expand(fp8.HISTORY + 1))
+    zero = torch.zeros(fp8.HISTORY)
+    q, _, inv = fp8.cast(x, zero, fp8.E4M3, None, amax_out=torch.zeros(1))
+    assert inv == 1.0 and torch.equal(q, x.clamp(-448, 448).to(fp8.E4M3))
 
 
 def test_delayed_history_records_finite_amax_only():
@@ -236,6 +260,8 @@ for dtype in (fp8.E4M3, fp8.E5M2):
     assert torch.equal(q, q2) and torch.equal(qt, qt2) and inv == inv2
     assert torch.equal(qt, q.t().contiguous())
     assert inv == fp8.pow2_scale(torch.tensor(12.0), dtype)[1]
+    q0, _, inv0 = run(x, torch.zeros(fp8.HISTORY + 1), True, dtype)  # a history of zeros
+    assert inv0 == 1.0
 print("ok")
 """)
     assert "ok" in out
@@ -463,6 +489,35 @@ def test_state_dict_and_checkpoint_unchanged_by_the_switch(mp1, tmp_path):
         assert sa.keys() == sb.keys() and sa
         for i in sa:
             assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]), (name, i)
+
+
+def test_delayed_histories_travel_with_checkpoints(mp1, tmp_path):
+    """train.fp8=delayed: a checkpoint keeps each rank's amax histories and primed flags (next
+    to its RNG states); a delayed model loads them, a tensorwise one ignores them, and a
+    checkpoint saved with FP8 off leaves a delayed model's histories unprimed."""
+    from framework import checkpoint as ckpt
+
+    src = _build("delayed", seed=1)
+    _perturb(src[0])
+    _loss_and_grads(src[0])
+    src[0].fp8_history.step()
+    assert src[0].fp8_history.buf.abs().sum() > 0
+    d = str(tmp_path / "delayed")
+    ckpt.save_checkpoint(d, 1, src, None, None, consumed_samples=4,
+                         config={"model": dataclasses.asdict(_tiny())})
+    dst = _build("delayed", seed=2)
+    ckpt.load_checkpoint(d, dst, None, None, model_cfg=_tiny(), with_optimizer=False)
+    assert not any(any(m.primed) for m in dst[0].fp8_history.metas)  # weights only: no RNG
+    ckpt.load_checkpoint(d, dst, None, None, model_cfg=_tiny())
+    assert torch.equal(dst[0].fp8_history.buf, src[0].fp8_history.buf)
+    assert all(all(m.primed) for m in dst[0].fp8_history.metas)
+    ckpt.load_checkpoint(d, _build("tensorwise", seed=3), None, None, model_cfg=_tiny())
+    off = str(tmp_path / "off")
+    ckpt.save_checkpoint(off, 1, _build(None, seed=4), None, None, consumed_samples=4,
+                         config={"model": dataclasses.asdict(_tiny())})
+    fresh = _build("delayed", seed=5)
+    ckpt.load_checkpoint(off, fresh, None, None, model_cfg=_tiny())
+    assert not any(any(m.primed) for m in fresh[0].fp8_history.metas)
 
 
 @pytest.mark.parametrize("recompute", [

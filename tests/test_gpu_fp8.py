@@ -61,7 +61,8 @@ def test_delayed_cast_matches_reference_bits(dtype):
     """The delayed form (train.fp8=delayed): scale from an amax history, values beyond the max
     saturated, the tensor's finite amax maxed into the step slot across tiles."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    for m, k, hmax in ((1000, 1600, 2.0), (77, 130, 300.0), (8192, 6400, 40.0)):
+    # hmax 0: a history of zeros, which scales by 1
+    for m, k, hmax in ((1000, 1600, 2.0), (77, 130, 300.0), (8192, 6400, 40.0), (256, 512, 0.0)):
         x = (torch.randn(m, k, device="cuda", generator=g) * 10).bfloat16()
         x[m // 2, 7] = -111.0
         x[1, 1] = float("inf")
@@ -75,8 +76,10 @@ def test_delayed_cast_matches_reference_bits(dtype):
         assert torch.equal(_bits(q.cpu()), _bits(rq)), (m, k)
         assert torch.equal(_bits(qt.cpu()), _bits(rq.t().contiguous())), (m, k)
         assert float(hist[fp8.HISTORY]) == float(fp8.finite_amax(x)) == 111.0, (m, k)
-        # -111 saturates where the history's max is below it (the inf always does)
-        assert (rq.float()[m // 2, 7] == -torch.finfo(dtype).max) == (hmax < 111.0), (m, k)
+        # -111 saturates where its scaled value is beyond the max (the inf always does)
+        fmax = torch.finfo(dtype).max
+        assert (rq.float()[m // 2, 7] == -fmax) == (111.0 / float(rinv) > fmax), (m, k)
+        assert hmax > 0 or float(rinv) == 1.0
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])

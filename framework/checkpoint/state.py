@@ -96,10 +96,12 @@ def _load_fp8_histories(model: List[torch.nn.Module], saved: Any) -> None:
     and they fit; a run without them (FP8 off, another recipe) ignores them."""
     if not isinstance(saved, list):
         return
-    for m, t in zip(model, saved):
+    for i, m in enumerate(model):
         h = getattr(unwrap(m), "fp8_history", None)
-        if h is not None and t is not None:
-            h.load(t)
+        t = saved[i] if i < len(saved) else None
+        if h is not None and not h.load(t) and _rank() == 0:
+            print(f"note: the checkpoint's FP8 amax histories do not fit model chunk {i} (another "
+                  f"model or layout); they start again from the first casts", flush=True)
 
 
 def _tracker_states(states: Dict[str, Any], graphable: bool = False) -> Dict[str, Any]:

@@ -9,9 +9,9 @@ become fast under torch.compile) and inside megatron-core's tensor-parallel line
   the forward GEMM only (torchao's default).
 * `delayed`: tensorwise, with each tensor's scale taken from the max of its amaxes over the last
   `HISTORY` steps (Transformer Engine's default recipe) instead of its current amax. The cast
-  then needs no amax pass before it: the cast kernel records the tensor's amax as it casts (for
-  the next steps) and saturates values beyond the format's max. A tensor's first cast (no
-  history yet) takes its current amax. The histories live in one buffer per model chunk
+  then needs no amax pass before it: the cast kernel records the tensor's finite amax as it
+  casts (for the next steps) and saturates values beyond the format's max; a history of zeros
+  scales by 1. A tensor's first cast (no history yet) takes its current amax. The histories live in one buffer per model chunk
   (`Fp8History`), rolled once per step by the training loop and kept in checkpoints with the RNG
   states (not in the model's state dict, which stays the bf16 model's).
 * `rowwise`: one scale per row of each GEMM operand, taken along the GEMM's reduction dim; e4m3
@@ -47,7 +47,7 @@ column-parallel output gradient); a per-row amax wherever the row's reduction di
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -133,7 +133,10 @@ def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: 
     scale (amax a scalar, or `amax_of`'s partial maxima); 1: one per row (amax [m]); 0: one per
     column (amax [k]). `saturate`: values beyond the format's max (an amax from earlier steps)
     become +-max."""
-    scale, inv = pow2_scale(whole_amax(amax) if axis is None else amax, dtype)
+    amax = whole_amax(amax) if axis is None else amax
+    if saturate:  # a history of zeros (a tensor all zero so far): scale 1, as the kernel does
+        amax = torch.where(amax > 0, amax, torch.finfo(dtype).max)
+    scale, inv = pow2_scale(amax, dtype)
     s = scale if axis is None else scale[:, None] if axis == 1 else scale[None, :]
     y = x.float() * s
     if saturate:
@@ -191,7 +194,10 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         if MODE == 0:
             parts = tl.load(amax_ptr + tl.arange(0, NPARTS)).to(tl.float32)
-            scale, inv = _pow2(tl.max(parts, axis=0), EMAX_)
+            amax = tl.max(parts, axis=0)
+            if DELAYED:  # a history of zeros (the tensor all zero so far): scale 1
+                amax = tl.where(amax > 0, amax, 1.75 * (2.0 ** EMAX_))
+            scale, inv = _pow2(amax, EMAX_)
             y = x * scale
             if pid_m == 0:
                 if pid_k == 0:
@@ -281,7 +287,11 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
     hist = meta.rows[role]
     if not meta.primed[role]:
         amax = _reduce_max(amax_of(x), group, partials=True)
-        hist.copy_(whole_amax(amax).float().expand(HISTORY + 1))
+        a = whole_amax(amax).float()
+        # this cast scales by the amax as it is (as tensorwise would); the history keeps the
+        # finite values' amax, so that an inf in this step does not spoil the next HISTORY
+        # steps (one more pass over x, on its first cast only)
+        hist.copy_(torch.where(a.isfinite(), a, finite_amax(x)).expand(HISTORY + 1))
         meta.primed[role] = True
         return cast(x, amax, dtype, None, rows, cols)
     return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:])
@@ -313,17 +323,28 @@ class Fp8History:
         self.buf[..., 0] = cur
         self.buf[..., HISTORY] = 0.0
 
-    def state(self) -> torch.Tensor:
-        return self.buf.detach().cpu().clone()
+    def clear_step(self) -> None:
+        """Forget this step's amaxes so far (`Trainer._capture_graphs`: megatron-core's
+        graph warm-up runs the layers on zero inputs, whose amaxes are not the step's)."""
+        self.buf[..., HISTORY] = 0.0
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """The buffer and which histories are primed, as checkpoints keep them."""
+        return {"amax": self.buf.detach().cpu().clone(),
+                "primed": torch.tensor([m.primed for m in self.metas], dtype=torch.bool)}
 
     def load(self, saved) -> bool:
-        """Restore a saved buffer of the same shape (then every history is primed); False, and
-        nothing changes, when it does not fit (another model, recipe or history length)."""
-        if not isinstance(saved, torch.Tensor) or saved.shape != self.buf.shape:
+        """Restore `state()`'s buffer and primed flags (a checkpoint saved before the first step
+        has none primed: the next casts take their current amaxes, as in a fresh run). False,
+        and nothing changes, when it does not fit (another model, recipe or history length)."""
+        if not (isinstance(saved, dict) and isinstance(saved.get("amax"), torch.Tensor)
+                and isinstance(saved.get("primed"), torch.Tensor)
+                and saved["amax"].shape == self.buf.shape
+                and tuple(saved["primed"].shape) == (len(self.metas), 3)):
             return False
-        self.buf.copy_(saved.to(self.buf.device, torch.float32))
-        for m in self.metas:
-            m.primed = [True, True, True]
+        self.buf.copy_(saved["amax"].to(self.buf.device, torch.float32))
+        for m, flags in zip(self.metas, saved["primed"].tolist()):
+            m.primed = [bool(f) for f in flags]
         return True
 
 

@@ -221,13 +221,13 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         iterators = (self.data.train_iterators(len(self.model), state.consumed_samples)
                      if state.step < cfg.max_steps else None)
-        if iterators is not None and self._graphed():
-            self._capture_graphs(state)
         bar = _progress(rt.is_logging_rank and cfg.progress_bar, state.step, cfg.max_steps)
         timer, window, acc_loss, last_saved = Timer(), 0, 0.0, state.step
         gbs_tokens = cfg.global_batch_size * rt.seq_length
         self.stop.install()
         try:
+            if iterators is not None and self._graphed():
+                self._capture_graphs(state)
             return self._fit(state, iterators, bar, timer, window, acc_loss, last_saved,
                              gbs_tokens)
         finally:
@@ -244,10 +244,11 @@ class Trainer:
         forward-backward and captures them at its end. That pass runs here, on the batch the
         first counted step will train on (read through iterators of its own), with every RNG
         state put back afterwards and no update: the gradients are zeroed when the step starts,
-        and FP8 delayed histories only take the max of the same amaxes again. So every counted
-        step is a graphed one, in a fresh run and a resumed one alike; an eager first step
-        rounds differently from a graphed one, and a run resumed from step k would otherwise
-        leave the uninterrupted run's losses from step k + 2 on."""
+        and FP8 delayed histories keep what the pass primed (the first counted step's batch
+        again) but not the step's amaxes, which mcore's warm-up on zero inputs also fed. So
+        every counted step is a graphed one, in a fresh run and a resumed one alike; an eager
+        first step rounds differently from a graphed one, and a run resumed from step k would
+        otherwise leave the uninterrupted run's losses from step k + 2 on."""
         from framework.mcore_patches import rng_states_kept
 
         self._mark(state.step + 1, "CUDA-graph capture (a forward/backward, no update)")
@@ -258,6 +259,8 @@ class Trainer:
                     m.zero_grad_buffer()
             self._run(self.data.train_iterators(len(self.model), state.consumed_samples),
                       forward_only=False)
+            for h in self.fp8_histories:
+                h.clear_step()
 
     def _mark(self, step: int, phase: str, patience: float = 1.0) -> None:
         if self.watchdog is not None:
