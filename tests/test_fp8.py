@@ -308,6 +308,12 @@ def test_wgrad_overwrite_writes_main_grad(recipe):
         return ww.main_grad
 
     zero_add = run(0.0, False)
+    # a second backward through the weight in the same step (DDP's flag set): it adds
+    ww = w.clone().requires_grad_()
+    ww.main_grad, ww.grad_added_to_main_grad = torch.full_like(w, 0.5), True
+    fp8.fp8_linear(x.clone().requires_grad_(), ww, None, recipe, "column", True, False, False,
+                   None, _delayed_layer()[1] if recipe == "delayed" else None, True).backward(dy)
+    torch.testing.assert_close(ww.main_grad - 0.5, zero_add, rtol=1e-6, atol=1e-6)
     if recipe == "rowwise":
         torch.testing.assert_close(run(0.5, True) - 0.5, zero_add, rtol=1e-6, atol=1e-6)
     else:

@@ -289,9 +289,10 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
         amax = _reduce_max(amax_of(x), group, partials=True)
         a = whole_amax(amax).float()
         # this cast scales by the amax as it is (as tensorwise would); the history keeps the
-        # finite values' amax, so that an inf in this step does not spoil the next HISTORY
-        # steps (one more pass over x, on its first cast only)
-        hist.copy_(torch.where(a.isfinite(), a, finite_amax(x)).expand(HISTORY + 1))
+        # finite values' amax (reduced over `group` alike), so that an inf in this step does
+        # not spoil the next HISTORY steps (one more pass over x, on its first cast only)
+        fin = _reduce_max(finite_amax(x).reshape(1), group).reshape(())
+        hist.copy_(torch.where(a.isfinite(), a, fin).expand(HISTORY + 1))
         meta.primed[role] = True
         return cast(x, amax, dtype, None, rows, cols)
     return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:])
@@ -330,8 +331,10 @@ class Fp8History:
 
     def state(self) -> Dict[str, torch.Tensor]:
         """The buffer and which histories are primed, as checkpoints keep them."""
-        return {"amax": self.buf.detach().cpu().clone(),
-                "primed": torch.tensor([m.primed for m in self.metas], dtype=torch.bool)}
+        primed = torch.zeros(len(self.metas), 3, dtype=torch.bool)
+        for i, m in enumerate(self.metas):
+            primed[i] = torch.tensor(m.primed)
+        return {"amax": self.buf.detach().cpu().clone(), "primed": primed}
 
     def load(self, saved) -> bool:
         """Restore `state()`'s buffer and primed flags (a checkpoint saved before the first step
@@ -498,9 +501,14 @@ class _Fp8Linear(torch.autograd.Function):
             dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
             dx, handle = _dgrad_comm(ctx, dx)
             x8t = _gather(xs, tp).t().contiguous() if sp else xs
-            if fused and ctx.wgrad_overwrite:
+            if fused and ctx.wgrad_overwrite and ctx.main_grad.dtype == torch.float32 and (
+                    (ctx.main_grad.is_cuda and torch.cuda.is_current_stream_capturing())
+                    or not getattr(weight, "grad_added_to_main_grad", False)):
                 # this step's only accumulation into main_grad (zeroed at the step's start):
-                # the GEMM writes it, no fp32 product to add
+                # the GEMM writes it, no fp32 product to add. Eagerly, DDP's per-step flag also
+                # tells a second backward through the weight in one step (a train.step plugin
+                # running the model twice) to add instead; a captured graph (one micro-batch
+                # per step, one backward per weight) always writes
                 mm8(dy8t, dy_inv, x8t, x_inv, torch.float32, out=ctx.main_grad)
                 dw = None
             else:

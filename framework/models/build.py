@@ -94,6 +94,7 @@ def build_model(
         from framework.models.layers import Fp8Linear
 
         for m in chunks:
-            m.fp8_history = Fp8History([x for x in m.modules() if isinstance(x, Fp8Linear)],
-                                       device, ps.get_tensor_model_parallel_group())
+            linears = [x for x in m.modules() if isinstance(x, Fp8Linear)]
+            if linears:
+                m.fp8_history = Fp8History(linears, device, ps.get_tensor_model_parallel_group())
     return wrap(chunks, tcfg, parallel_cfg, half=bf16 or fp16, ddp=wrap_ddp)
