@@ -5,6 +5,9 @@
 #   bash benchmarks/fp8_gpu.sh speed   # throughput.py: gpt2-xl mb16 (bf16 eager and graphed, tensorwise
 #                                      #   graphed and eager, delayed, rowwise),
 #                                      #   gpt2-large mb24 (bf16, tensorwise, delayed)
+#   bash benchmarks/fp8_gpu.sh margin  # gpt2-xl mb16: bf16, tensorwise, delayed, bf16 again (the
+#                                      #   bf16 row's spread inside the call), then fp8_linear.py
+#                                      #   --parts (the in-place weight-gradient A/B per linear)
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise and delayed,
 #                                      #   PNG + JSON
 #   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
@@ -13,7 +16,7 @@
 # Wheels: those of ../shared/tools/device-wheels.sh in .whl/ (FP8 itself needs none; torchao, for
 # fp8_linear.py's comparison only, is picked up from .whl_extra/ when present).
 set -o pipefail
-stage=${1:?usage: fp8_gpu.sh tests|speed|loss|profile}
+stage=${1:?usage: fp8_gpu.sh tests|speed|margin|loss|profile}
 for d in .whl .whl_extra; do
   if [ -d $d ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -38,6 +41,11 @@ case $stage in
       --runs default:16,cuda_graph:16,fp8:16,fp8_delayed:16,fp8_eager:16,fp8_rowwise:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     python3 benchmarks/throughput.py --model gpt2_large --hf-micro-batches "" \
       --runs default:24,fp8:24,fp8_delayed:24 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  margin)
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs default:16,fp8:16,fp8_delayed:16,default:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    python3 benchmarks/fp8_linear.py --model gpt2_xl --tokens 16384 --parts 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
