@@ -509,7 +509,9 @@ class _Fp8Linear(torch.autograd.Function):
                 # tells a second backward through the weight in one step (a train.step plugin
                 # running the model twice) to add instead; a captured graph (one micro-batch
                 # per step, one backward per weight) always writes
-                mm8(dy8t, dy_inv, x8t, x_inv, torch.float32, out=ctx.main_grad)
+                res = mm8(dy8t, dy_inv, x8t, x_inv, torch.float32, out=ctx.main_grad)
+                if res.data_ptr() != ctx.main_grad.data_ptr():  # an out= that did not write
+                    ctx.main_grad.copy_(res)
                 dw = None
             else:
                 dw = mm8(dy8t, dy_inv, x8t, x_inv, w_dtype or weight.dtype)
