@@ -116,33 +116,16 @@ def install_foreach_optimizer_kernels() -> bool:
 
 @contextlib.contextmanager
 def rng_states_kept():
-    """Put every RNG state training draws from back as it was on exit: Python's, numpy's, torch's
-    CPU generator, the default CUDA generator and megatron-core's RNG tracker (its graph-safe
-    generators restored in place: they are the objects captured CUDA graphs read at replay)."""
-    import random
+    """Put every RNG state training draws from back as it was on exit (the checkpoint's
+    `rng_state` / `set_rng_state`, which restores the tracker's graph-safe generators in place:
+    they are the objects captured CUDA graphs read at replay)."""
+    from framework.checkpoint.state import rng_state, set_rng_state
 
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    states = dict(tracker.get_states())
-    saved = {k: v.get_state() if isinstance(v, torch.Generator) else v
-             for k, v in states.items()}
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    saved = rng_state()
     try:
         yield
     finally:
-        for k, v in states.items():
-            if isinstance(v, torch.Generator):
-                v.set_state(saved[k])
-        tracker.set_states({k: states[k] if isinstance(states[k], torch.Generator) else saved[k]
-                            for k in states})
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
-        torch.set_rng_state(cpu)
-        np.random.set_state(npy)
-        random.setstate(py)
+        set_rng_state(saved)
 
 
 def install_rng_neutral_graph_capture() -> None:

@@ -23,6 +23,7 @@ def test_graph_capture_leaves_rng_states_unchanged(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: cuda_rng["state"].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: cuda_rng.update(state=s))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
 
     def capture(cls):  # what warm-up and capture do to the states: draw, and replace tensors
         for g in gens.values():

@@ -69,7 +69,9 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
+    """Every RNG state training draws from: Python's, numpy's, torch's CPU generator and, once
+    CUDA is up, the default CUDA generator and megatron-core's RNG tracker (as tensors)."""
     from megatron.core import tensor_parallel
 
     state = {"random": random.getstate(), "np": np.random.get_state(),
@@ -84,7 +86,7 @@ def _rank_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
     """What each rank keeps of its own: the RNG states, and with `train.fp8=delayed` its chunks'
     FP8 amax histories (a resumed run then scales like the uninterrupted one; loaded at the same
     layout only, like the RNG; elsewhere the histories start from the first casts again)."""
-    state = _rng_state()
+    state = rng_state()
     hist = [getattr(unwrap(m), "fp8_history", None) for m in model]
     if any(h is not None for h in hist):
         state["fp8_amax"] = [None if h is None else h.state() for h in hist]
@@ -114,7 +116,9 @@ def _tracker_states(states: Dict[str, Any], graphable: bool = False) -> Dict[str
     return {k: convert_cuda_rng_state(v, to_graphable=graphable) for k, v in states.items()}
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore `rng_state()`. A tracker state the tracker holds as a generator (graph-safe, for
+    model.cuda_graph) is set in place: captured CUDA graphs read those very objects."""
     from megatron.core import tensor_parallel
 
     random.setstate(state["random"])
@@ -123,8 +127,17 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
         tracker = tensor_parallel.get_cuda_rng_tracker()
-        tracker.set_states(_tracker_states(
-            state["tracker"], bool(getattr(tracker, "use_cudagraphable_rng", False))))
+        graphable = bool(getattr(tracker, "use_cudagraphable_rng", False))
+        current = tracker.get_states()
+        states = {}
+        for k, v in state["tracker"].items():
+            g = current.get(k)
+            if isinstance(g, torch.Generator) and isinstance(v, torch.Tensor):
+                g.set_state(v)
+                states[k] = g
+            else:
+                states[k] = _tracker_states({k: v}, graphable)[k]
+        tracker.set_states(states)
 
 
 def sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool,
@@ -481,7 +494,7 @@ def _apply_state(state: Dict[str, Any], model, optimizer, scheduler, with_optimi
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
     if "rng_state" in state and state["rng_state"] is not None:
-        _set_rng_state(state["rng_state"])
+        set_rng_state(state["rng_state"])
         _load_fp8_histories(model, state["rng_state"].get("fp8_amax"))
 
 

@@ -298,6 +298,15 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
     return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:])
 
 
+def _cast_per_tensor(recipe: str, x: torch.Tensor, dtype: torch.dtype, meta: Optional[Fp8Meta],
+                     role: int, group, cols: bool):
+    """The one-scale recipes' cast of x (and its transpose with `cols`): from its current amax
+    (tensorwise) or its amax history (delayed; `meta`'s row `role`)."""
+    if recipe == "delayed":
+        return cast_delayed(x, dtype, meta, role, group, rows=True, cols=cols)
+    return cast_tensorwise(x, dtype, group, rows=True, cols=cols)
+
+
 class Fp8History:
     """The amax histories of one model chunk's FP8 linears (recipe `delayed`): one device buffer
     [linears, 3, HISTORY + 1], each linear's `fp8_meta` a view of it, so that the per-step roll
@@ -456,13 +465,8 @@ class _Fp8Linear(torch.autograd.Function):
             # sequence-parallel shard or a row-parallel (feature) shard, and the same on every
             # rank otherwise (column-parallel without SP)
             xgroup = tp if (sp or mode == "row") else None
-            if recipe == "delayed":
-                w8, w8t, w_inv = cast_delayed(weight, E4M3, meta, W, tp, rows=True, cols=True)
-                x8, x8t, x_inv = cast_delayed(x2, E4M3, meta, X, xgroup, rows=True,
-                                              cols=not sp)
-            else:
-                w8, w8t, w_inv = cast_tensorwise(weight, E4M3, tp, rows=True, cols=True)
-                x8, x8t, x_inv = cast_tensorwise(x2, E4M3, xgroup, rows=True, cols=not sp)
+            w8, w8t, w_inv = _cast_per_tensor(recipe, weight, E4M3, meta, W, tp, cols=True)
+            x8, x8t, x_inv = _cast_per_tensor(recipe, x2, E4M3, meta, X, xgroup, cols=not sp)
             x8_full = _gather(x8, tp) if sp else x8
             out = mm8(x8_full, x_inv, w8, w_inv, ctx.out_dtype, bias, fast_accum=True)
             # FP8 copies for backward (the input's transpose; under SP its local shard, gathered
@@ -492,12 +496,8 @@ class _Fp8Linear(torch.autograd.Function):
             xs, w8t, x_inv, w_inv, weight = ctx.saved_tensors
             # dy is split over ranks (output features) for a column-parallel layer and the same
             # on every rank for a row-parallel one
-            dygroup = tp if mode == "column" else None
-            if ctx.recipe == "delayed":
-                dy8, dy8t, dy_inv = cast_delayed(dy2, E5M2, ctx.meta, DY, dygroup, rows=True,
-                                                 cols=True)
-            else:
-                dy8, dy8t, dy_inv = cast_tensorwise(dy2, E5M2, dygroup, rows=True, cols=True)
+            dy8, dy8t, dy_inv = _cast_per_tensor(ctx.recipe, dy2, E5M2, ctx.meta, DY,
+                                                 tp if mode == "column" else None, cols=True)
             dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
             dx, handle = _dgrad_comm(ctx, dx)
             x8t = _gather(xs, tp).t().contiguous() if sp else xs

@@ -81,20 +81,15 @@ def build_model(
         if model_cfg.torch_compile and device.type == "cuda":
             for layer in getattr(getattr(m, "decoder", None), "layers", []):
                 layer.compile()
-    if fp8 in ("tensorwise", "delayed") and fp8_wgrad_overwrite:
-        from framework.models.layers import Fp8Linear
-
-        for m in chunks:
-            for x in m.modules():
-                if isinstance(x, Fp8Linear):
-                    x.fp8_wgrad_overwrite = True
-    if fp8 == "delayed":
-        # one amax-history buffer per chunk (framework/fast/fp8.py), outside the state dict
+    if fp8:
         from framework.fast.fp8 import Fp8History
         from framework.models.layers import Fp8Linear
 
         for m in chunks:
             linears = [x for x in m.modules() if isinstance(x, Fp8Linear)]
-            if linears:
+            for x in linears:
+                x.fp8_wgrad_overwrite = fp8_wgrad_overwrite and fp8 in ("tensorwise", "delayed")
+            if fp8 == "delayed" and linears:
+                # one amax-history buffer per chunk (framework/fast/fp8.py), outside the state dict
                 m.fp8_history = Fp8History(linears, device, ps.get_tensor_model_parallel_group())
     return wrap(chunks, tcfg, parallel_cfg, half=bf16 or fp16, ddp=wrap_ddp)

@@ -132,11 +132,7 @@ class Trainer:
         (this one when steps are synchronous; the previous one, if any, when deferred)."""
         # phase/* ranges name the parts of a step in profiler traces (benchmarks/profile_summary)
         with record_function("phase/zero_grad"):
-            for m in self.model:
-                m.train()
-                if hasattr(m, "zero_grad_buffer"):
-                    m.zero_grad_buffer()
-            self.optimizer.zero_grad()
+            self._zero_grads()
         self._mark(step, "forward/backward")
         with record_function("phase/forward_backward"):
             losses = self._run(iterators, forward_only=False)
@@ -233,6 +229,14 @@ class Trainer:
         finally:
             self.stop.uninstall()
 
+    def _zero_grads(self) -> None:
+        """Training mode, and the gradients (DDP's grad buffers, the optimizer's) zeroed."""
+        for m in self.model:
+            m.train()
+            if hasattr(m, "zero_grad_buffer"):
+                m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
     def _graphed(self) -> bool:
         """model.cuda_graph: megatron-core's per-layer CUDA graphs are on."""
         return self.on_gpu and any(getattr(getattr(unwrap(m), "config", None),
@@ -253,10 +257,7 @@ class Trainer:
 
         self._mark(state.step + 1, "CUDA-graph capture (a forward/backward, no update)")
         with record_function("phase/cuda_graph_capture"), rng_states_kept():
-            for m in self.model:
-                m.train()
-                if hasattr(m, "zero_grad_buffer"):
-                    m.zero_grad_buffer()
+            self._zero_grads()
             self._run(self.data.train_iterators(len(self.model), state.consumed_samples),
                       forward_only=False)
             for h in self.fp8_histories:
