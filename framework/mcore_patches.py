@@ -116,10 +116,10 @@ def install_foreach_optimizer_kernels() -> bool:
 
 @contextlib.contextmanager
 def rng_states_kept():
-    """Put every RNG state training draws from back as it was on exit (the checkpoint's
-    `rng_state` / `set_rng_state`, which restores the tracker's graph-safe generators in place:
-    they are the objects captured CUDA graphs read at replay)."""
-    from framework.checkpoint.state import rng_state, set_rng_state
+    """Put every RNG state training draws from back as it was on exit (`rng_state` /
+    `set_rng_state`, which checkpoints use too; the tracker's graph-safe generators are restored
+    in place: they are the objects captured CUDA graphs read at replay)."""
+    from framework.distributed import rng_state, set_rng_state
 
     saved = rng_state()
     try:

@@ -608,7 +608,7 @@ def test_rng_tracker_states_saved_as_tensors_and_loaded_in_the_trackers_form(tmp
     load hands them back in the form the tracker uses."""
     from megatron.core.tensor_parallel import random as mrandom
 
-    from framework.checkpoint import state
+    from framework import distributed as state  # the RNG save/restore checkpoints use
 
     g = torch.Generator().manual_seed(7)
     saved = state._tracker_states({"model-parallel-rng": g, "data": torch.get_rng_state()})

@@ -26,12 +26,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import re
 import shutil
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -41,6 +39,7 @@ from framework.checkpoint.manifest import (MANIFEST, hash_own_shards, verify_che
 from framework.checkpoint.reader import (META, TRACKER, cpu_safe, iter_dir, iteration_path,
                                          latest_iteration, read_dist, read_meta)
 from framework.config import ModelConfig
+from framework.distributed import rng_state, set_rng_state
 from framework.errors import CheckpointError, ConfigError
 from framework.models.wrappers import unwrap
 
@@ -69,19 +68,6 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def rng_state() -> Dict[str, Any]:
-    """Every RNG state training draws from: Python's, numpy's, torch's CPU generator and, once
-    CUDA is up, the default CUDA generator and megatron-core's RNG tracker (as tensors)."""
-    from megatron.core import tensor_parallel
-
-    state = {"random": random.getstate(), "np": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = _tracker_states(tensor_parallel.get_cuda_rng_tracker().get_states())
-    return state
-
-
 def _rank_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
     """What each rank keeps of its own: the RNG states, and with `train.fp8=delayed` its chunks'
     FP8 amax histories (a resumed run then scales like the uninterrupted one; loaded at the same
@@ -104,40 +90,6 @@ def _load_fp8_histories(model: List[torch.nn.Module], saved: Any) -> None:
         if h is not None and not h.load(t) and _rank() == 0:
             print(f"note: the checkpoint's FP8 amax histories do not fit model chunk {i} (another "
                   f"model or layout); they start again from the first casts", flush=True)
-
-
-def _tracker_states(states: Dict[str, Any], graphable: bool = False) -> Dict[str, Any]:
-    """The RNG tracker's states as byte tensors (graphable=False: what a checkpoint stores), or
-    as graph-safe generators (graphable=True: what a tracker made for model.cuda_graph holds).
-    A weights-only load, as every load here is, refuses generators; the tensor form is the same
-    state and loads into an eager or a graphed run alike."""
-    from megatron.core.tensor_parallel.random import convert_cuda_rng_state
-
-    return {k: convert_cuda_rng_state(v, to_graphable=graphable) for k, v in states.items()}
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore `rng_state()`. A tracker state the tracker holds as a generator (graph-safe, for
-    model.cuda_graph) is set in place: captured CUDA graphs read those very objects."""
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["random"])
-    np.random.set_state(state["np"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-        tracker = tensor_parallel.get_cuda_rng_tracker()
-        graphable = bool(getattr(tracker, "use_cudagraphable_rng", False))
-        current = tracker.get_states()
-        states = {}
-        for k, v in state["tracker"].items():
-            g = current.get(k)
-            if isinstance(g, torch.Generator) and isinstance(v, torch.Tensor):
-                g.set_state(v)
-                states[k] = g
-            else:
-                states[k] = _tracker_states({k: v}, graphable)[k]
-        tracker.set_states(states)
 
 
 def sharded_state(model: List[torch.nn.Module], optimizer, with_optimizer: bool,
