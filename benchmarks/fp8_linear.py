@@ -130,7 +130,7 @@ def host_table():
 
     def apply_raw():
         fp8._Fp8Linear.apply(xx, ww, None, "tensorwise", "column", True, False, False,
-                             None).backward(dy)
+                             None, None, False, None, None).backward(dy)
     rows = {
         "bf16 linear fwd+bwd (mcore's three GEMMs)": bf16_step(x, w, dy, main_grad),
         "fp8_linear fwd+bwd (as train.fp8 calls it)": ours_step("tensorwise", x, w, dy,

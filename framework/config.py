@@ -166,6 +166,12 @@ class ModelConfig:
     # halves' gradients with a cat. null = on where it applies (bias_activation_fusion on, GPU,
     # triton installed, not model.torch_compile); false = mcore's fused SwiGLU
     swiglu_kernel: Optional[bool] = None
+    # GPU, train.fp8=delayed: fc2's FP8 input cast computes the MLP activation from fc1's output
+    # (bias + tanh-GeLU, or SwiGLU with model.swiglu_kernel) in the same pass, so the activation
+    # is never written and read back in bf16 (framework/fast/fp8.py). null = on where it applies
+    # (those activations fused, no recompute of the MLP, not model.torch_compile); false = the
+    # activation kernel, then the cast
+    fp8_fused_act: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU (a note).
@@ -279,6 +285,18 @@ class ModelConfig:
                  f"and model.bias_activation_fusion not false (got activation="
                  f"{self.activation}, add_bias_linear={self.add_bias_linear}, "
                  f"bias_activation_fusion={self.bias_activation_fusion})")
+        require(not self.fp8_fused_act or (
+                    (self.activation == "gelu_tanh" and self.add_bias_linear
+                     and self.bias_activation_fusion is not False)
+                    or (self.activation == "swiglu" and not self.add_bias_linear
+                        and self.swiglu_kernel is not False
+                        and self.bias_activation_fusion is not False))
+                and not self.torch_compile,
+                f"model.fp8_fused_act=true needs the fused gelu_tanh with biases or swiglu without "
+                f"(our kernel), and no model.torch_compile (got activation={self.activation}, "
+                f"add_bias_linear={self.add_bias_linear}, bias_activation_fusion="
+                f"{self.bias_activation_fusion}, swiglu_kernel={self.swiglu_kernel}, "
+                f"torch_compile={self.torch_compile})")
         for f in ("hidden_dropout", "attention_dropout"):
             require(0.0 <= getattr(self, f) < 1,
                      f"model.{f}={getattr(self, f)} must be in [0, 1)")
@@ -785,6 +803,15 @@ class Config:
                 f"data={self.data.type} is not supported for model.type={m.type} (use "
                 f"{' or '.join('data=' + d for d in spec.data_types)})")
         spec.check_run(self)
+        require(not self.model.fp8_fused_act or t.fp8 == "delayed",
+                f"model.fp8_fused_act=true needs train.fp8=delayed (the fused cast takes its "
+                f"scale from the amax history; got train.fp8={t.fp8})")
+        require(not self.model.fp8_fused_act or not (
+                    p.recompute_granularity == "full" or (p.recompute_granularity == "selective"
+                                                          and "mlp" in p.recompute_modules)),
+                f"model.fp8_fused_act=true cannot run with the MLP recomputed (parallel."
+                f"recompute_granularity={p.recompute_granularity}, recompute_modules="
+                f"{list(p.recompute_modules or [])}): unset one of them")
         if t.fp8:
             self._check_fp8()
         require(t.global_batch_size % t.micro_batch_size == 0,

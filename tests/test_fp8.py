@@ -244,9 +244,10 @@ grid = ((70 + fp8.BLOCK_M - 1) // fp8.BLOCK_M, (136 + fp8.BLOCK_K - 1) // fp8.BL
 def run(t, hist, delayed, dtype):
     q, qt = torch.empty(70, 136, dtype=dtype), torch.empty(136, 70, dtype=dtype)
     inv = torch.empty(())
-    fp8._cast_kernel[grid](t, hist, q, qt, inv, hist[fp8.HISTORY:], 70, 136, t.stride(0),
+    fp8._cast_kernel[grid](t, hist, q, qt, inv, hist[fp8.HISTORY:], inv, 70, 136, t.stride(0),
                            EMAX_=fp8.EMAX[dtype], MODE=0, ROWS=True, COLS=True,
-                           BM=fp8.BLOCK_M, BK=fp8.BLOCK_K, NPARTS=fp8.HISTORY, DELAYED=delayed)
+                           BM=fp8.BLOCK_M, BK=fp8.BLOCK_K, NPARTS=fp8.HISTORY, DELAYED=delayed,
+                           ACT=0, HAS_BIAS=False)
     return q.view(torch.uint8), qt.view(torch.uint8), inv
 
 for dtype in (fp8.E4M3, fp8.E5M2):
@@ -265,6 +266,130 @@ for dtype in (fp8.E4M3, fp8.E5M2):
 print("ok")
 """)
     assert "ok" in out
+
+
+def test_activation_cast_kernel_interpreted():
+    """The cast kernel's activation prologue (bias + tanh-GeLU, SwiGLU of [a | b]) under Triton's
+    interpreter: against the plain cast of the activation computed in fp32 by torch
+    (`act_ref`), the FP8 bits agree but for rounding ties the two fp32 activations straddle
+    (at most one FP8 step, in a few elements), in both layouts, and the recorded amax agrees."""
+    from helpers import interpret_triton
+
+    out = interpret_triton("""
+import torch
+from framework.fast import fp8
+g = torch.Generator().manual_seed(1)
+M, K = 70, 136
+grid = ((M + fp8.BLOCK_M - 1) // fp8.BLOCK_M, (K + fp8.BLOCK_K - 1) // fp8.BLOCK_K)
+
+def run(t, bias, act):
+    hist = torch.zeros(fp8.HISTORY + 1)
+    hist[0] = 3.0
+    q, qt = torch.empty(M, K, dtype=fp8.E4M3), torch.empty(K, M, dtype=fp8.E4M3)
+    inv = torch.empty(())
+    fp8._cast_kernel[grid](t, hist, q, qt, inv, hist[fp8.HISTORY:],
+                           bias if bias is not None else inv, M, K, t.stride(0),
+                           EMAX_=fp8.EMAX[fp8.E4M3], MODE=0, ROWS=True, COLS=True,
+                           BM=fp8.BLOCK_M, BK=fp8.BLOCK_K, NPARTS=fp8.HISTORY, DELAYED=True,
+                           ACT=act, HAS_BIAS=bias is not None)
+    return q.view(torch.int8).int(), qt.view(torch.int8).int(), inv, hist[fp8.HISTORY]
+
+for name, width, bias in (("gelu_tanh", K, torch.randn(K, generator=g)),
+                          ("swiglu", 2 * K, None)):
+    h = torch.randn(M, width, generator=g) * 2
+    q, qt, inv, amax = run(h, bias, fp8.ACTS.index(name) + 1)
+    a = fp8.act_ref(h, bias, name)
+    q2, qt2, inv2, amax2 = run(a, None, 0)
+    assert inv == inv2 and torch.equal(qt, q.t().contiguous())
+    diff = (q - q2).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (name, diff.max(), diff.sum())
+    assert abs(amax - amax2) <= 1e-5 * amax2, (name, amax, amax2)
+    assert a.min() < -0.1 and q.float().std() > 10  # a real activation, quantised
+print("ok")
+""")
+    assert "ok" in out
+
+
+@pytest.mark.parametrize("act", fp8.ACTS)
+def test_fused_activation_linear_equals_activation_then_linear(act):
+    """fp8_linear(h, act=...) (fc2 of an MLP computing its input activation inside the FP8 cast,
+    recipe delayed) against the activation as its own autograd op followed by the FP8 linear,
+    in fp32 on CPU: the same output, gradients of h, the bias and the weight, and the same amax
+    histories, bit for bit, over a first (unprimed) and a second (primed) step."""
+    x, w, b, _ = _perturbed_case(4, m=64, k=96, n=48)
+    h = x.clone() if act == "gelu_tanh" else torch.cat([x, x.flip(1) * 0.7], dim=1)
+    bias = 0.1 * b.repeat(2)[:96] if act == "gelu_tanh" else None
+    dy = torch.randn(64, 48, generator=torch.Generator().manual_seed(9))
+    hist_ref, meta_ref = _delayed_layer()
+    hist_got, meta_got = _delayed_layer()
+    for step in range(2):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        bb = None if bias is None else bias.clone().requires_grad_()
+        a = fp8.act_ref(hh, bb, act)
+        y_ref = fp8.fp8_linear(a, ww, None, "delayed", "row", False, False, False, None,
+                               meta_ref)
+        y_ref.backward(dy)
+        ref = [y_ref.detach(), hh.grad, ww.grad] + ([bb.grad] if bb is not None else [])
+        hh2, ww2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        bb2 = None if bias is None else bias.clone().requires_grad_()
+        y = fp8.fp8_linear(hh2, ww2, None, "delayed", "row", False, False, False, None,
+                           meta_got, act=act, act_bias=bb2)
+        y.backward(dy)
+        got = [y.detach(), hh2.grad, ww2.grad] + ([bb2.grad] if bb2 is not None else [])
+        for r, g_ in zip(ref, got):
+            assert torch.equal(r, g_), step
+        assert torch.equal(hist_ref.buf, hist_got.buf)
+        hist_ref.step()
+        hist_got.step()
+        h = h * 1.5  # the second step's activations exceed the history: saturation included
+    assert meta_got.primed == [True, True, True]
+
+
+def test_mlp_casts_the_activation_in_fc2_with_delayed(mp1, monkeypatch):
+    """An MLP built with `fp8_act_cast` (what model.fp8_fused_act resolves to) hands fc1's output
+    and bias to fc2, whose FP8 path computes the activation in its cast; in evaluation it runs
+    the unfused activation. Same output and gradients as the MLP without it (fp32, CPU)."""
+    import torch.nn.functional as F
+
+    from framework.models import layers
+    from framework.models.transformer import transformer_config
+
+    cfg = transformer_config(_tiny(), ParallelConfig(), bf16=False, fp16=False, on_gpu=False,
+                             fp8="delayed")
+    cfg = dataclasses.replace(cfg, activation_func=F.gelu, bias_activation_fusion=True)
+    # mcore's jit-fused bias-GeLU is a GPU kernel: its torch arithmetic on CPU
+    monkeypatch.setattr("megatron.core.fusions.fused_bias_gelu.bias_gelu_impl",
+                        lambda h, b: fp8.act_ref(h, b, "gelu_tanh"))
+    monkeypatch.setattr("megatron.core.transformer.mlp.bias_gelu_impl",
+                        lambda h, b: fp8.act_ref(h, b, "gelu_tanh"))
+    acts = []
+    real = layers.fp8_linear
+    monkeypatch.setattr(layers, "fp8_linear",
+                        lambda *a, **k: acts.append(a[11]) or real(*a, **k))
+    out = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        mlp = layers.ActRecomputeMLP(dataclasses.replace(cfg, fp8_act_cast=fused))
+        assert mlp.fp8_act == ("gelu_tanh" if fused else None)
+        hist = fp8.Fp8History([mlp.linear_fc1, mlp.linear_fc2], torch.device("cpu"))
+        with torch.no_grad():
+            for p_ in mlp.parameters():
+                p_.add_(0.05 * torch.randn_like(p_))
+        x = torch.randn(16, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(2),
+                        requires_grad=True)
+        y, yb = mlp(x)
+        (y + yb).backward(torch.ones_like(y))
+        out[fused] = [y.detach(), x.grad] + [p_.grad for p_ in mlp.parameters()]
+        assert mlp.linear_fc2.fp8_meta.primed == [True, True, True]
+        assert hist.buf[1, fp8.X, 0] > 0
+        assert getattr(mlp.linear_fc2, "fp8_act_input", None) is None
+    assert acts == [None, None, None, "gelu_tanh"]
+    for a, b in zip(out[False], out[True]):
+        assert torch.equal(a, b)
+    mlp.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x)[0], out[True][0], rtol=0.1, atol=0.1)
+    assert len(acts) == 4  # evaluation: no FP8 call
 
 
 def test_fused_wgrad_accumulates_into_main_grad():
@@ -575,6 +700,47 @@ def test_config_field_and_errors():
             tensor_model_parallel_size=2), train=TrainConfig(fp8="tensorwise"))
     Config(model=_tiny(), train=TrainConfig(fp8="tensorwise", micro_batch_size=2,
                                             global_batch_size=4))
+
+
+def test_fp8_fused_act_resolution_and_errors():
+    """model.fp8_fused_act: null resolves on (on GPU) for train.fp8=delayed with the fused
+    bias-GeLU or our SwiGLU kernel, unless the MLP is recomputed or compiled; an explicit true
+    that cannot run is a one-line error naming the field."""
+    from framework.models.transformer import transformer_config
+
+    def act_cast(model, fp8_recipe="delayed", on_gpu=True, parallel=None):
+        return transformer_config(model, parallel or ParallelConfig(), bf16=True, fp16=False,
+                                  on_gpu=on_gpu, fp8=fp8_recipe).fp8_act_cast
+
+    gelu = _tiny(activation="gelu_tanh", add_bias_linear=True)
+    assert act_cast(gelu) is True
+    assert act_cast(gelu, "tensorwise") is False and act_cast(gelu, None) is False
+    assert act_cast(gelu, on_gpu=False) is False  # no fused activation on CPU
+    assert act_cast(_tiny(activation="gelu_tanh", add_bias_linear=True,
+                          fp8_fused_act=False)) is False
+    assert act_cast(gelu, parallel=ParallelConfig(recompute_granularity="full",
+                                                  recompute_method="uniform")) is False
+    assert act_cast(gelu, parallel=ParallelConfig(recompute_granularity="selective",
+                                                  recompute_modules=["mlp"])) is False
+    assert act_cast(gelu, parallel=ParallelConfig(recompute_granularity="selective",
+                                                  recompute_modules=["layernorm"])) is True
+    assert act_cast(_tiny(activation="gelu", add_bias_linear=True)) is False  # exact GeLU
+    with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs the fused gelu_tanh"):
+        ModelConfig(activation="gelu", fp8_fused_act=True)
+    with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs the fused"):
+        ModelConfig(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True,
+                    torch_compile=True)
+    ModelConfig(activation="swiglu", add_bias_linear=False, fp8_fused_act=True)
+    with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs train.fp8=delayed"):
+        Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
+               train=TrainConfig(fp8="tensorwise", micro_batch_size=2, global_batch_size=4))
+    with pytest.raises(ConfigError, match="model.fp8_fused_act=true cannot run with the MLP"):
+        Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
+               parallel=ParallelConfig(recompute_granularity="selective",
+                                       recompute_modules=["mlp"]),
+               train=TrainConfig(fp8="delayed", micro_batch_size=2, global_batch_size=4))
+    Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
+           train=TrainConfig(fp8="delayed", micro_batch_size=2, global_batch_size=4))
 
 
 def test_cuda_graph_default_follows_fp8():

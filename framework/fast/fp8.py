@@ -67,6 +67,10 @@ GRAD_DTYPE = {"tensorwise": E5M2, "delayed": E5M2, "rowwise": E4M3}
 # delayed: steps of amax history per tensor (a power of two: the cast kernel loads them all)
 HISTORY = 16
 X, W, DY = 0, 1, 2  # a linear's three cast tensors: rows of its history
+# MLP activations the cast kernel can compute on the way in (`act_ref`): fc2's input cast from
+# fc1's output, so the activation is never stored in bf16 (recipe delayed: the scale is known
+# before the tensor exists)
+ACTS = ("gelu_tanh", "swiglu")
 AMAX_FLOOR = 2.0 ** -100  # an all-zero tensor gets a finite scale
 BLOCK_M, BLOCK_K = 64, 64
 # amax_of: elements per step of one Triton program, and the most programs (partial maxima)
@@ -145,6 +149,40 @@ def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: 
     return y.to(dtype), inv
 
 
+def act_ref(h: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
+    """The activation `act` of fc1's output h in fp32: megatron-core's bias + tanh-GeLU
+    (fusions/fused_bias_gelu.py) or SwiGLU, silu of h's first half times its second half."""
+    h = h.float()
+    if act == "swiglu":
+        assert bias is None, "SwiGLU with a bias is not fused"
+        a, b = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(a) * b
+    if bias is not None:
+        h = h + bias.float()
+    return h * 0.5 * (1.0 + torch.tanh(0.79788456 * h * (1.0 + 0.044715 * h * h)))
+
+
+def act_backward(h: torch.Tensor, bias: Optional[torch.Tensor], act: str, da: torch.Tensor):
+    """(dh, dbias or None) for `act_ref(h, bias, act)` given its gradient da, in h's dtype. CUDA:
+    the kernels the unfused layer runs (mcore's jit-fused bias-GeLU backward, our SwiGLU
+    backward kernel); elsewhere autograd through the fp32 reference."""
+    if h.is_cuda and act == "swiglu":
+        from framework.fast.swiglu import swiglu_backward
+
+        return swiglu_backward(h, da), None
+    if h.is_cuda and bias is not None:
+        from megatron.core.fusions.fused_bias_gelu import bias_gelu_back
+
+        dh = bias_gelu_back(da, bias, h)
+        return dh, dh.sum(0)
+    with torch.enable_grad():
+        hh = h.detach().requires_grad_(True)
+        bb = None if bias is None else bias.detach().requires_grad_(True)
+        grads = torch.autograd.grad(act_ref(hh, bb, act), [hh] + ([bb] if bb is not None else []),
+                                    da.float())
+    return grads[0], (grads[1] if bias is not None else None)
+
+
 def finite_amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| over the finite values of x (what a delayed history records: one inf or NaN
     would otherwise spoil the scales of the next HISTORY steps, not just this step's loss)."""
@@ -175,14 +213,17 @@ if triton is not None:
         tl.store(out_ptr + pid, tl.max(acc, axis=0))
 
     @triton.jit
-    def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_ptr, amax_out_ptr, M, K, stride_m,
-                     EMAX_: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
+    def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_ptr, amax_out_ptr, b_ptr, M, K,
+                     stride_m, EMAX_: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
                      COLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     NPARTS: tl.constexpr, DELAYED: tl.constexpr):
+                     NPARTS: tl.constexpr, DELAYED: tl.constexpr, ACT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
         # one [BM, BK] tile of x [M, K]; MODE 0: one scale (amax_ptr: NPARTS partial maxima),
         # 1: per row, 2: per column. ROWS writes q [M, K], COLS writes qt = q^T [K, M].
         # DELAYED (MODE 0; amax_ptr: an amax history): saturate at the format's max, and max the
-        # tile's finite amax into amax_out_ptr
+        # tile's finite amax into amax_out_ptr.
+        # ACT: the tensor cast is an MLP activation of what x_ptr holds, computed here in fp32:
+        # 0 none; 1 tanh-GeLU of x (+ the bias b_ptr [K] with HAS_BIAS); 2 SwiGLU of x [M, 2K]
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -190,8 +231,14 @@ if triton is not None:
         mm = rm < M
         mk = rk < K
         mask = mm[:, None] & mk[None, :]
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_m + rk[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        xp = x_ptr + rm[:, None].to(tl.int64) * stride_m + rk[None, :]
+        x = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 2:  # silu(x[:, :K]) * x[:, K:]
+            x = x * tl.sigmoid(x) * tl.load(xp + K, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x = x + tl.load(b_ptr + rk, mask=mk, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:  # x * (1 + tanh(z)) / 2 = x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
+            x = x * tl.sigmoid(1.5957691216057308 * x * (1.0 + 0.044715 * x * x))
         if MODE == 0:
             parts = tl.load(amax_ptr + tl.arange(0, NPARTS)).to(tl.float32)
             amax = tl.max(parts, axis=0)
@@ -231,18 +278,26 @@ if triton is not None:
 
 
 def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
-         rows: bool = True, cols: bool = False, amax_out: Optional[torch.Tensor] = None):
+         rows: bool = True, cols: bool = False, amax_out: Optional[torch.Tensor] = None,
+         act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None):
     """Quantise a 2-D x with the scales of `amax` (see `quantise_ref` for axis). Returns
     (x8 [m, k] or None, x8^T [k, m] or None, inv_scale). One Triton pass on CUDA; torch's
     reference (same bits) elsewhere. `amax_out` (one scale, `amax` a delayed history): the
-    values saturate, and x's finite amax is maxed into amax_out ([1] fp32)."""
+    values saturate, and x's finite amax is maxed into amax_out ([1] fp32). `act` (with
+    `amax_out`): quantise `act_ref(x, act_bias, act)` instead of x, computed in the same pass
+    in fp32 (never stored in x's dtype)."""
+    assert act is None or (amax_out is not None and act in ACTS), act
     if not (triton is not None and x.is_cuda):
+        if act is not None:
+            x = act_ref(x, act_bias, act)
         q, inv = quantise_ref(x, amax, dtype, axis, saturate=amax_out is not None)
         if amax_out is not None:
             torch.maximum(amax_out, finite_amax(x), out=amax_out)
         return (q if rows else None), (q.t().contiguous() if cols else None), inv
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
+    if act == "swiglu":
+        k //= 2
     q = torch.empty((m, k), dtype=dtype, device=x.device) if rows else None
     qt = torch.empty((k, m), dtype=dtype, device=x.device) if cols else None
     inv = torch.empty(() if axis is None else (m if axis == 1 else k), dtype=torch.float32,
@@ -252,11 +307,13 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
     delayed = amax_out is not None
     assert not delayed or axis is None
+    has_bias = act is not None and act_bias is not None
     _cast_kernel[grid](x, amax, out, qt if qt is not None else out, inv,
-                       amax_out if delayed else inv, m, k, x.stride(0),
-                       EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
+                       amax_out if delayed else inv, act_bias if has_bias else inv, m, k,
+                       x.stride(0), EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
                        BM=BLOCK_M, BK=BLOCK_K, NPARTS=amax.numel() if axis is None else 1,
-                       DELAYED=delayed, num_warps=4)
+                       DELAYED=delayed, ACT=ACTS.index(act) + 1 if act else 0,
+                       HAS_BIAS=has_bias, num_warps=4)
     return q, qt, inv
 
 
@@ -279,12 +336,19 @@ class Fp8Meta:
 
 
 def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, group=None,
-                 rows: bool = True, cols: bool = False):
+                 rows: bool = True, cols: bool = False, act: Optional[str] = None,
+                 act_bias: Optional[torch.Tensor] = None):
     """One scale for the whole 2-D x from the max of its amax history (`meta.rows[role]`), with
     x's own amax recorded for the next steps. A first cast (no history) scales by x's current
     amax, all-reduced over `group` as `cast_tensorwise` does, and fills the history with it.
-    (Later amaxes are all-reduced once per step, in `Fp8History.step`.)"""
+    (Later amaxes are all-reduced once per step, in `Fp8History.step`.) `act`: cast the MLP
+    activation `act_ref(x, act_bias, act)` instead of x (see `cast`)."""
     hist = meta.rows[role]
+    if act is not None and meta.primed[role]:
+        return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:],
+                    act=act, act_bias=act_bias)
+    if act is not None:  # the first cast: the activation once in fp32, then as below
+        x = act_ref(x, act_bias, act)
     if not meta.primed[role]:
         amax = _reduce_max(amax_of(x), group, partials=True)
         a = whole_amax(amax).float()
@@ -445,11 +509,15 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                sequence_parallel, group, meta, wgrad_overwrite):
+                sequence_parallel, group, meta, wgrad_overwrite, act, act_bias):
         tp = group if group is not None and dist.get_world_size(group) > 1 else None
         sp = sequence_parallel and tp is not None
         lead = x.shape[1:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        # act: x is fc1's output and this layer's input is its activation (an MLP's fc2; see
+        # `fp8_linear`), which only the cast computes
+        assert act is None or (recipe == "delayed" and mode == "row" and not sp), act
+        ctx.act = act
         n = weight.shape[0]
         ctx.recipe, ctx.mode, ctx.tp, ctx.sp, ctx.lead = recipe, mode, tp, sp, lead
         ctx.use_bias = bias is not None
@@ -466,12 +534,19 @@ class _Fp8Linear(torch.autograd.Function):
             # rank otherwise (column-parallel without SP)
             xgroup = tp if (sp or mode == "row") else None
             w8, w8t, w_inv = _cast_per_tensor(recipe, weight, E4M3, meta, W, tp, cols=True)
-            x8, x8t, x_inv = _cast_per_tensor(recipe, x2, E4M3, meta, X, xgroup, cols=not sp)
+            if act is None:
+                x8, x8t, x_inv = _cast_per_tensor(recipe, x2, E4M3, meta, X, xgroup,
+                                                  cols=not sp)
+            else:
+                x8, x8t, x_inv = cast_delayed(x2, E4M3, meta, X, xgroup, cols=True, act=act,
+                                              act_bias=act_bias)
             x8_full = _gather(x8, tp) if sp else x8
             out = mm8(x8_full, x_inv, w8, w_inv, ctx.out_dtype, bias, fast_accum=True)
             # FP8 copies for backward (the input's transpose; under SP its local shard, gathered
-            # again in backward), not the bf16 tensors
-            ctx.save_for_backward(x8 if sp else x8t, w8t, x_inv, w_inv, weight)
+            # again in backward), not the bf16 tensors; with act, fc1's output for the
+            # activation's backward (what the unfused activation keeps)
+            ctx.save_for_backward(x8 if sp else x8t, w8t, x_inv, w_inv, weight,
+                                  *((x2, act_bias) if act is not None else ()))
         else:
             # per-row scales along K: the rows' K is split over ranks for a row-parallel layer
             kgroup = tp if mode == "row" else None
@@ -493,7 +568,7 @@ class _Fp8Linear(torch.autograd.Function):
         fused = ctx.wgrad_fusion and ctx.main_grad is not None
         w_dtype = torch.float32 if fused else None
         if ctx.recipe in ("tensorwise", "delayed"):
-            xs, w8t, x_inv, w_inv, weight = ctx.saved_tensors
+            xs, w8t, x_inv, w_inv, weight = ctx.saved_tensors[:5]
             # dy is split over ranks (output features) for a column-parallel layer and the same
             # on every rank for a row-parallel one
             dy8, dy8t, dy_inv = _cast_per_tensor(ctx.recipe, dy2, E5M2, ctx.meta, DY,
@@ -532,8 +607,12 @@ class _Fp8Linear(torch.autograd.Function):
         grad_bias = dy2.sum(0) if ctx.use_bias else None
         if handle is not None:
             handle.wait()
+        grad_act_bias = None
+        if ctx.act is not None:  # dx is the activation's gradient: on to fc1's output (no comm)
+            h2, act_bias = ctx.saved_tensors[5:]
+            dx, grad_act_bias = act_backward(h2, act_bias, ctx.act, dx)
         return dx.view(-1, *ctx.lead, dx.shape[-1]), grad_weight, grad_bias, \
-            None, None, None, None, None, None, None, None
+            None, None, None, None, None, None, None, None, None, grad_act_bias
 
 
 def _dgrad_comm(ctx, dx):
@@ -569,24 +648,28 @@ def shapes_supported(tokens: int, k: int, n: int) -> bool:
 
 def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
                allreduce_dgrad: bool, sequence_parallel: bool, group,
-               meta: Optional[Fp8Meta] = None, wgrad_overwrite: bool = False):
+               meta: Optional[Fp8Meta] = None, wgrad_overwrite: bool = False,
+               act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None):
     """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
     "row" (megatron-core's ColumnParallelLinear / RowParallelLinear), which says which tensors
     are split over the TP `group`; the communication arguments are mcore's. `meta`: the
     layer's amax histories (recipe "delayed"). `wgrad_overwrite` (with `wgrad_fusion`, one
     scale per tensor): the weight-gradient GEMM writes `weight.main_grad` instead of adding to
     it; only right where this backward is the step's only one for the weight (one micro-batch
-    per step, main_grad zeroed at its start: `build_model`'s `fp8_wgrad_overwrite`)."""
+    per step, main_grad zeroed at its start: `build_model`'s `fp8_wgrad_overwrite`).
+    `act` (one of ACTS; recipe delayed, an MLP's row-parallel fc2): x is fc1's output and the
+    layer computes act_ref(x, act_bias, act) @ weight^T, the activation made inside the FP8
+    cast, and its backward returns the gradients of x and act_bias."""
     assert recipe in RECIPES, recipe
     assert (recipe == "delayed") == (meta is not None), "recipe delayed needs the layer's meta"
+    args = (x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad, sequence_parallel,
+            group, meta, wgrad_overwrite, act, act_bias)
     if torch.compiler.is_compiling():
         # model.torch_compile: a graph break (the casts are our own kernels). Only there: the
         # disable wrapper costs host time on every eager call, and eager FP8 layers are bound
         # by the host (benchmarks/fp8_linear.py --host-only)
-        return _fp8_linear_eager(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                                 sequence_parallel, group, meta, wgrad_overwrite)
-    return _Fp8Linear.apply(x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                            sequence_parallel, group, meta, wgrad_overwrite)
+        return _fp8_linear_eager(*args)
+    return _Fp8Linear.apply(*args)
 
 
 @torch.compiler.disable

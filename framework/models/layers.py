@@ -442,15 +442,30 @@ class Fp8Linear:
         tokens = input.numel() // input.shape[-1]
         if seq_par:
             tokens *= self.tp_group.size()
+        # (act, bias): `input` is fc1's output, and this layer's input its activation
+        # (`ActRecomputeMLP._forward_fused_act`, recipe delayed)
+        act, act_bias = getattr(self, "fp8_act_input", None) or (None, None)
         if (recipe is None or not self.training or not weight.requires_grad
                 or kwargs.get("grad_output_buffer") is not None
                 or not shapes_supported(tokens, weight.shape[1], weight.shape[0])):
+            if act is not None:
+                input = _unfused_activation(act, input, act_bias)
             return super()._forward_impl(input, weight, *args, **kwargs)
         return fp8_linear(input, weight, kwargs.get("bias"), recipe, self.fp8_mode,
                           kwargs.get("gradient_accumulation_fusion", False),
                           kwargs.get("allreduce_dgrad", False), seq_par, self.tp_group,
                           getattr(self, "fp8_meta", None),
-                          getattr(self, "fp8_wgrad_overwrite", False))
+                          getattr(self, "fp8_wgrad_overwrite", False), act, act_bias)
+
+
+def _unfused_activation(act: str, h, bias):
+    """What the MLP runs when the FP8 cast does not take the activation: the same kernels as
+    without `fp8_act_cast` (mcore's fused bias-GeLU, our SwiGLU kernel)."""
+    if act == "swiglu":
+        return swiglu(h)
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
+
+    return bias_gelu_impl(h, bias)
 
 
 class Fp8ColumnParallelLinear(Fp8Linear, tensor_parallel.ColumnParallelLinear):
@@ -511,6 +526,16 @@ class ActRecomputeMLP(MLP):
         # model.swiglu_kernel: our SwiGLU kernels in place of mcore's fused one (no bias here;
         # the config decides, framework/models/transformer.py)
         self.swiglu_kernel = bool(getattr(config, "swiglu_kernel", False))
+        # model.fp8_fused_act (train.fp8=delayed): fc2's FP8 input cast computes the activation
+        # from fc1's output, so the activation is never stored in bf16. The activations it takes
+        # are the fused ones of this MLP: bias + tanh-GeLU, and SwiGLU without bias (our kernel)
+        self.fp8_act = None
+        if getattr(config, "fp8_act_cast", False) and isinstance(self.linear_fc2, Fp8Linear):
+            if self.swiglu_kernel:
+                self.fp8_act = "swiglu"
+            elif config.bias_activation_fusion and self.activation_func is F.gelu \
+                    and not config.gated_linear_unit and config.add_bias_linear:
+                self.fp8_act = "gelu_tanh"
 
     def _activation(self, fc1_output, bias):
         if self.swiglu_kernel and bias is None:
@@ -521,10 +546,26 @@ class ActRecomputeMLP(MLP):
         if per_token_scale is None and self.recompute_act and self.training \
                 and torch.is_grad_enabled():
             return self._forward_recompute_act(hidden_states)
+        if per_token_scale is None and self.fp8_act is not None and self.training \
+                and torch.is_grad_enabled():
+            return self._forward_fused_act(hidden_states)
         if per_token_scale is None and self.swiglu_kernel:
             fc1_output, bias = self.linear_fc1(hidden_states)
             return self.linear_fc2(self._activation(fc1_output, bias))
         return super().forward(hidden_states, per_token_scale, **kwargs)
+
+    def _forward_fused_act(self, hidden_states):
+        """fc1, then fc2 on fc1's output with the activation made in fc2's FP8 input cast
+        (`framework.fast.fp8.fp8_linear`'s `act`); fc2 falls back to the unfused activation
+        where its GEMM does not run in FP8. Same parameters and outputs as mcore's forward."""
+        fc1_output, bias = self.linear_fc1(hidden_states)
+        if (bias is None) != (self.fp8_act == "swiglu"):  # (not with the layout we were built for)
+            return self.linear_fc2(self._activation(fc1_output, bias))
+        self.linear_fc2.fp8_act_input = (self.fp8_act, bias)
+        try:
+            return self.linear_fc2(fc1_output)
+        finally:
+            self.linear_fc2.fp8_act_input = None
 
     # eager also inside a torch.compile'd layer (model.torch_compile): CheckpointWithoutOutput
     # works by side effects on real tensors (the activation's storage resized to 0, a hook on

@@ -33,6 +33,8 @@ class ExtendedTransformerConfig(TransformerConfig):
     fp8_gemm: Optional[str] = None
     # SwiGLU through framework/fast/swiglu.py's Triton kernels (`model.swiglu_kernel`)
     swiglu_kernel: bool = False
+    # fc2's FP8 input cast computes the MLP activation (`model.fp8_fused_act`, recipe delayed)
+    fp8_act_cast: bool = False
 
 
 def _has_fused_wgrad() -> bool:
@@ -81,6 +83,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     modules = [m for m in modules if m != "mlp_act"]
     if recompute == "selective" and not modules:
         recompute = None
+    # model.fp8_fused_act: the activations fused above, with the delayed recipe (whose scale
+    # is known before the activation exists), where the MLP is not recomputed (a recompute
+    # would run the unfused forward first, without grad) and not compiled
+    mlp_recomputed = recompute == "full" or (recompute == "selective" and "mlp" in modules)
+    fp8_act_cast = bool(fp8 == "delayed" and (fuse_gelu or swiglu_kernel)
+                        and model.fp8_fused_act is not False and not model.torch_compile
+                        and not mlp_recomputed)
     rope_fusion = on_gpu and model.rope_fusion and model.position_embedding_type == "rope"
     if rope_fusion:
         # mcore validates apply_rope_fusion against TE's kernel at construction; without TE ours
@@ -90,6 +99,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         recompute_mlp_act=mlp_act,
         fp8_gemm=fp8,
         swiglu_kernel=swiglu_kernel,
+        fp8_act_cast=fp8_act_cast,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
