@@ -167,9 +167,9 @@ class ModelConfig:
     # triton installed, not model.torch_compile); false = mcore's fused SwiGLU
     swiglu_kernel: Optional[bool] = None
     # GPU, train.fp8=delayed: fc2's FP8 input cast computes the MLP activation from fc1's output
-    # (bias + tanh-GeLU, or SwiGLU with model.swiglu_kernel) in the same pass, so the activation
-    # is never written and read back in bf16 (framework/fast/fp8.py). null = on where it applies
-    # (those activations fused, no recompute of the MLP, not model.torch_compile); false = the
+    # (bias + tanh-GeLU: gelu_tanh with biases) in the same pass, so the activation is never
+    # written and read back in bf16 (framework/fast/fp8.py). null = on where it applies (that
+    # activation fused, no recompute of the MLP, not model.torch_compile); false = the
     # activation kernel, then the cast
     fp8_fused_act: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
@@ -286,17 +286,13 @@ class ModelConfig:
                  f"{self.activation}, add_bias_linear={self.add_bias_linear}, "
                  f"bias_activation_fusion={self.bias_activation_fusion})")
         require(not self.fp8_fused_act or (
-                    (self.activation == "gelu_tanh" and self.add_bias_linear
-                     and self.bias_activation_fusion is not False)
-                    or (self.activation == "swiglu" and not self.add_bias_linear
-                        and self.swiglu_kernel is not False
-                        and self.bias_activation_fusion is not False))
-                and not self.torch_compile,
-                f"model.fp8_fused_act=true needs the fused gelu_tanh with biases or swiglu without "
-                f"(our kernel), and no model.torch_compile (got activation={self.activation}, "
+                    self.activation == "gelu_tanh" and self.add_bias_linear
+                    and self.bias_activation_fusion is not False and not self.torch_compile),
+                f"model.fp8_fused_act=true needs the fused gelu_tanh with biases "
+                f"(model.activation=gelu_tanh, add_bias_linear=true, bias_activation_fusion not "
+                f"false) and no model.torch_compile (got activation={self.activation}, "
                 f"add_bias_linear={self.add_bias_linear}, bias_activation_fusion="
-                f"{self.bias_activation_fusion}, swiglu_kernel={self.swiglu_kernel}, "
-                f"torch_compile={self.torch_compile})")
+                f"{self.bias_activation_fusion}, torch_compile={self.torch_compile})")
         for f in ("hidden_dropout", "attention_dropout"):
             require(0.0 <= getattr(self, f) < 1,
                      f"model.{f}={getattr(self, f)} must be in [0, 1)")

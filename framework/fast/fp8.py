@@ -69,8 +69,10 @@ HISTORY = 16
 X, W, DY = 0, 1, 2  # a linear's three cast tensors: rows of its history
 # MLP activations the cast kernel can compute on the way in (`act_ref`): fc2's input cast from
 # fc1's output, so the activation is never stored in bf16 (recipe delayed: the scale is known
-# before the tensor exists)
-ACTS = ("gelu_tanh", "swiglu")
+# before the tensor exists). Bias + tanh-GeLU only: a SwiGLU form (two loads per tile) wrote
+# wrong bytes into the transposed output on the H200 (test_gpu_fp8, 2026-12-04) and was
+# withdrawn
+ACTS = ("gelu_tanh",)
 AMAX_FLOOR = 2.0 ** -100  # an all-zero tensor gets a finite scale
 BLOCK_M, BLOCK_K = 64, 64
 # amax_of: elements per step of one Triton program, and the most programs (partial maxima)
@@ -151,12 +153,9 @@ def quantise_ref(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: 
 
 def act_ref(h: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
     """The activation `act` of fc1's output h in fp32: megatron-core's bias + tanh-GeLU
-    (fusions/fused_bias_gelu.py) or SwiGLU, silu of h's first half times its second half."""
+    (fusions/fused_bias_gelu.py)."""
+    assert act == "gelu_tanh", act
     h = h.float()
-    if act == "swiglu":
-        assert bias is None, "SwiGLU with a bias is not fused"
-        a, b = h.chunk(2, dim=-1)
-        return torch.nn.functional.silu(a) * b
     if bias is not None:
         h = h + bias.float()
     return h * 0.5 * (1.0 + torch.tanh(0.79788456 * h * (1.0 + 0.044715 * h * h)))
@@ -164,12 +163,8 @@ def act_ref(h: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Te
 
 def act_backward(h: torch.Tensor, bias: Optional[torch.Tensor], act: str, da: torch.Tensor):
     """(dh, dbias or None) for `act_ref(h, bias, act)` given its gradient da, in h's dtype. CUDA:
-    the kernels the unfused layer runs (mcore's jit-fused bias-GeLU backward, our SwiGLU
-    backward kernel); elsewhere autograd through the fp32 reference."""
-    if h.is_cuda and act == "swiglu":
-        from framework.fast.swiglu import swiglu_backward
-
-        return swiglu_backward(h, da), None
+    the kernel the unfused layer runs (mcore's jit-fused bias-GeLU backward); elsewhere autograd
+    through the fp32 reference."""
     if h.is_cuda and bias is not None:
         from megatron.core.fusions.fused_bias_gelu import bias_gelu_back
 
@@ -223,7 +218,7 @@ if triton is not None:
         # DELAYED (MODE 0; amax_ptr: an amax history): saturate at the format's max, and max the
         # tile's finite amax into amax_out_ptr.
         # ACT: the tensor cast is an MLP activation of what x_ptr holds, computed here in fp32:
-        # 0 none; 1 tanh-GeLU of x (+ the bias b_ptr [K] with HAS_BIAS); 2 SwiGLU of x [M, 2K]
+        # 0 none; 1 tanh-GeLU of x (+ the bias b_ptr [K] with HAS_BIAS)
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -233,8 +228,6 @@ if triton is not None:
         mask = mm[:, None] & mk[None, :]
         xp = x_ptr + rm[:, None].to(tl.int64) * stride_m + rk[None, :]
         x = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 2:  # silu(x[:, :K]) * x[:, K:]
-            x = x * tl.sigmoid(x) * tl.load(xp + K, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x = x + tl.load(b_ptr + rk, mask=mk, other=0.0).to(tl.float32)[None, :]
         if ACT == 1:  # x * (1 + tanh(z)) / 2 = x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
@@ -296,8 +289,6 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
         return (q if rows else None), (q.t().contiguous() if cols else None), inv
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
-    if act == "swiglu":
-        k //= 2
     q = torch.empty((m, k), dtype=dtype, device=x.device) if rows else None
     qt = torch.empty((k, m), dtype=dtype, device=x.device) if cols else None
     inv = torch.empty(() if axis is None else (m if axis == 1 else k), dtype=torch.float32,

@@ -76,12 +76,6 @@ def _launch_bwd(x2: torch.Tensor, dy2: torch.Tensor) -> torch.Tensor:
     return dx
 
 
-def swiglu_backward(x2: torch.Tensor, dy2: torch.Tensor) -> torch.Tensor:
-    """dx [rows, 2F] of swiglu given x [rows, 2F] and dy [rows, F], CUDA tensors: the backward
-    kernel alone (FP8's fused fc2 input, framework/fast/fp8.py, runs the forward in its cast)."""
-    return _launch_bwd(x2.contiguous(), dy2.contiguous())
-
-
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -459,10 +459,9 @@ class Fp8Linear:
 
 
 def _unfused_activation(act: str, h, bias):
-    """What the MLP runs when the FP8 cast does not take the activation: the same kernels as
-    without `fp8_act_cast` (mcore's fused bias-GeLU, our SwiGLU kernel)."""
-    if act == "swiglu":
-        return swiglu(h)
+    """What the MLP runs when the FP8 cast does not take the activation: the same kernel as
+    without `fp8_act_cast` (mcore's fused bias-GeLU)."""
+    assert act == "gelu_tanh", act
     from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
 
     return bias_gelu_impl(h, bias)
@@ -527,15 +526,14 @@ class ActRecomputeMLP(MLP):
         # the config decides, framework/models/transformer.py)
         self.swiglu_kernel = bool(getattr(config, "swiglu_kernel", False))
         # model.fp8_fused_act (train.fp8=delayed): fc2's FP8 input cast computes the activation
-        # from fc1's output, so the activation is never stored in bf16. The activations it takes
-        # are the fused ones of this MLP: bias + tanh-GeLU, and SwiGLU without bias (our kernel)
+        # from fc1's output, so the activation is never stored in bf16: mcore's fused bias +
+        # tanh-GeLU (bias_activation_fusion with activation_func F.gelu, framework/models/
+        # transformer.py)
         self.fp8_act = None
-        if getattr(config, "fp8_act_cast", False) and isinstance(self.linear_fc2, Fp8Linear):
-            if self.swiglu_kernel:
-                self.fp8_act = "swiglu"
-            elif config.bias_activation_fusion and self.activation_func is F.gelu \
-                    and not config.gated_linear_unit and config.add_bias_linear:
-                self.fp8_act = "gelu_tanh"
+        if getattr(config, "fp8_act_cast", False) and isinstance(self.linear_fc2, Fp8Linear) \
+                and config.bias_activation_fusion and self.activation_func is F.gelu \
+                and not config.gated_linear_unit and config.add_bias_linear:
+            self.fp8_act = "gelu_tanh"
 
     def _activation(self, fc1_output, bias):
         if self.swiglu_kernel and bias is None:
@@ -559,7 +557,7 @@ class ActRecomputeMLP(MLP):
         (`framework.fast.fp8.fp8_linear`'s `act`); fc2 falls back to the unfused activation
         where its GEMM does not run in FP8. Same parameters and outputs as mcore's forward."""
         fc1_output, bias = self.linear_fc1(hidden_states)
-        if (bias is None) != (self.fp8_act == "swiglu"):  # (not with the layout we were built for)
+        if bias is None:  # (not the layout this MLP was built for)
             return self.linear_fc2(self._activation(fc1_output, bias))
         self.linear_fc2.fp8_act_input = (self.fp8_act, bias)
         try:

@@ -83,11 +83,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     modules = [m for m in modules if m != "mlp_act"]
     if recompute == "selective" and not modules:
         recompute = None
-    # model.fp8_fused_act: the activations fused above, with the delayed recipe (whose scale
+    # model.fp8_fused_act: the fused bias + tanh-GeLU above, with the delayed recipe (whose scale
     # is known before the activation exists), where the MLP is not recomputed (a recompute
     # would run the unfused forward first, without grad) and not compiled
     mlp_recomputed = recompute == "full" or (recompute == "selective" and "mlp" in modules)
-    fp8_act_cast = bool(fp8 == "delayed" and (fuse_gelu or swiglu_kernel)
+    fp8_act_cast = bool(fp8 == "delayed" and fuse_gelu
                         and model.fp8_fused_act is not False and not model.torch_compile
                         and not mlp_recomputed)
     rope_fusion = on_gpu and model.rope_fusion and model.position_embedding_type == "rope"
