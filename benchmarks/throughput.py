@@ -140,11 +140,11 @@ CANDIDATES = {
     # (model.cuda_graph=null turns per-layer CUDA graphs on with FP8 on one GPU: the default)
     "fp8": ("ours + FP8 tensorwise (train.fp8=tensorwise; per-layer CUDA graphs, its default)",
             ["train.fp8=tensorwise"]),
-    "fp8_delayed": ("ours + FP8 delayed scaling (train.fp8=delayed; per-layer CUDA graphs; "
-                    "activation made in fc2's input cast)", ["train.fp8=delayed"]),
-    "fp8_delayed_unfused_act": ("ours + FP8 delayed, activation kernel then cast "
-                                "(model.fp8_fused_act=false)",
-                                ["train.fp8=delayed", "model.fp8_fused_act=false"]),
+    "fp8_delayed": ("ours + FP8 delayed scaling (train.fp8=delayed; per-layer CUDA graphs)",
+                    ["train.fp8=delayed"]),
+    "fp8_delayed_fused_act": ("ours + FP8 delayed, activation made in fc2's input cast "
+                              "(model.fp8_fused_act=true)",
+                              ["train.fp8=delayed", "model.fp8_fused_act=true"]),
     "fp8_rowwise": ("ours + FP8 rowwise (train.fp8=rowwise; per-layer CUDA graphs)",
                     ["train.fp8=rowwise"]),
     "fp8_eager": ("ours + FP8 tensorwise, eager (model.cuda_graph=false)",

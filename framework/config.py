@@ -168,9 +168,11 @@ class ModelConfig:
     swiglu_kernel: Optional[bool] = None
     # GPU, train.fp8=delayed: fc2's FP8 input cast computes the MLP activation from fc1's output
     # (bias + tanh-GeLU: gelu_tanh with biases) in the same pass, so the activation is never
-    # written and read back in bf16 (framework/fast/fp8.py). null = on where it applies (that
-    # activation fused, no recompute of the MLP, not model.torch_compile); false = the
-    # activation kernel, then the cast
+    # written and read back in bf16 (framework/fast/fp8.py). true = on (needs that activation
+    # fused, no recompute of the MLP, no model.torch_compile); null/false = the activation
+    # kernel, then the cast. Off by default until its 20-step GPU training comparison
+    # (tests/test_gpu_fp8.py) has passed: its kernel and layer tests have, the training one
+    # has not run in its final form (README, FP8)
     fp8_fused_act: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the

@@ -703,17 +703,19 @@ def test_config_field_and_errors():
 
 
 def test_fp8_fused_act_resolution_and_errors():
-    """model.fp8_fused_act: null resolves on (on GPU) for train.fp8=delayed with the fused
-    bias-GeLU (not SwiGLU: withdrawn), unless the MLP is recomputed or compiled; an explicit true
-    that cannot run is a one-line error naming the field."""
+    """model.fp8_fused_act=true turns it on (on GPU) for train.fp8=delayed with the fused
+    bias-GeLU (not SwiGLU: withdrawn), unless the MLP is recomputed or compiled; null (the
+    default for now) and false leave it off; an explicit true that cannot run is a one-line
+    error naming the field."""
     from framework.models.transformer import transformer_config
 
     def act_cast(model, fp8_recipe="delayed", on_gpu=True, parallel=None):
         return transformer_config(model, parallel or ParallelConfig(), bf16=True, fp16=False,
                                   on_gpu=on_gpu, fp8=fp8_recipe).fp8_act_cast
 
-    gelu = _tiny(activation="gelu_tanh", add_bias_linear=True)
+    gelu = _tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True)
     assert act_cast(gelu) is True
+    assert act_cast(_tiny(activation="gelu_tanh", add_bias_linear=True)) is False  # null: off
     assert act_cast(gelu, "tensorwise") is False and act_cast(gelu, None) is False
     assert act_cast(gelu, on_gpu=False) is False  # no fused activation on CPU
     assert act_cast(_tiny(activation="gelu_tanh", add_bias_linear=True,
@@ -725,6 +727,7 @@ def test_fp8_fused_act_resolution_and_errors():
     assert act_cast(gelu, parallel=ParallelConfig(recompute_granularity="selective",
                                                   recompute_modules=["layernorm"])) is True
     assert act_cast(_tiny(activation="gelu", add_bias_linear=True)) is False  # exact GeLU
+    assert act_cast(gelu, on_gpu=True, fp8_recipe="delayed") is True
     with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs the fused gelu_tanh"):
         ModelConfig(activation="gelu", fp8_fused_act=True)
     with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs the fused"):
@@ -733,6 +736,8 @@ def test_fp8_fused_act_resolution_and_errors():
     with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs the fused"):
         ModelConfig(activation="swiglu", add_bias_linear=False, fp8_fused_act=True)
     assert act_cast(_tiny(activation="swiglu", add_bias_linear=False)) is False
+    assert act_cast(_tiny(activation="swiglu", add_bias_linear=False, swiglu_kernel=None)) \
+        is False
     with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs train.fp8=delayed"):
         Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
                train=TrainConfig(fp8="tensorwise", micro_batch_size=2, global_batch_size=4))
