@@ -8,6 +8,9 @@
 #   bash benchmarks/fp8_gpu.sh margin  # gpt2-xl mb16: bf16, tensorwise, delayed, bf16 again (the
 #                                      #   bf16 row's spread inside the call), then fp8_linear.py
 #                                      #   --parts (the in-place weight-gradient A/B per linear)
+#   bash benchmarks/fp8_gpu.sh act     # model.fp8_fused_act: its GPU tests (kernel bits, fc2 vs
+#                                      #   float64, 20 steps fused vs unfused from one init), then
+#                                      #   gpt2-xl mb16 bf16, delayed, delayed + fused act, bf16
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise and delayed,
 #                                      #   PNG + JSON
 #   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
@@ -16,7 +19,7 @@
 # Wheels: those of ../shared/tools/device-wheels.sh in .whl/ (FP8 itself needs none; torchao, for
 # fp8_linear.py's comparison only, is picked up from .whl_extra/ when present).
 set -o pipefail
-stage=${1:?usage: fp8_gpu.sh tests|speed|margin|loss|profile}
+stage=${1:?usage: fp8_gpu.sh tests|speed|margin|act|loss|profile}
 for d in .whl .whl_extra; do
   if [ -d $d ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,6 +49,14 @@ case $stage in
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
       --runs default:16,fp8:16,fp8_delayed:16,default:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     python3 benchmarks/fp8_linear.py --model gpt2_xl --tokens 16384 --parts 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  act)
+    python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py \
+      -k "activation_cast or fused_activation" 2>&1 | tee -a "$out/fp8_$stage.log"
+    cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs default:16,fp8_delayed:16,fp8_delayed_fused_act:16,default:16 --steps 15 2>&1 \
+      | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \

@@ -806,7 +806,8 @@ class Config:
                 f"scale from the amax history; got train.fp8={t.fp8})")
         require(not self.model.fp8_fused_act or not (
                     p.recompute_granularity == "full" or (p.recompute_granularity == "selective"
-                                                          and "mlp" in p.recompute_modules)),
+                                                          and ({"mlp", "mlp_act"}
+                                                               & set(p.recompute_modules)))),
                 f"model.fp8_fused_act=true cannot run with the MLP recomputed (parallel."
                 f"recompute_granularity={p.recompute_granularity}, recompute_modules="
                 f"{list(p.recompute_modules or [])}): unset one of them")

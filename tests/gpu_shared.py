@@ -58,14 +58,20 @@ TINY_RUN = ["model=gpt_tiny", "data=embedded", f"train.max_steps={TINY_STEPS}",
             "train.bf16=true", "parallel=single", "parallel.data_parallel_size=1"]
 
 
-def tiny_losses(d, name, *overrides):
-    """Per-step losses of TINY_RUN + overrides on GPU 0, run under <d>/<name>."""
+def tiny_run(d, name, *overrides):
+    """TINY_RUN + overrides on GPU 0, run under <d>/<name>: the finished run (helpers.run_train:
+    losses, stdout, records)."""
     from helpers import run_train
 
     run = os.path.join(str(d), name)
     return run_train(*TINY_RUN, "checkpoint.save=false", f"checkpoint.dir={run}/ckpt",
                      *overrides, cwd=d, name=f"{name}/out", fast=False, timeout=900,
-                     env=dict(os.environ, CUDA_VISIBLE_DEVICES="0")).losses
+                     env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+
+
+def tiny_losses(d, name, *overrides):
+    """Per-step losses of TINY_RUN + overrides on GPU 0, run under <d>/<name>."""
+    return tiny_run(d, name, *overrides).losses
 
 
 def tiny_seed(d, *overrides):

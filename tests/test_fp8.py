@@ -305,6 +305,10 @@ for name, width, bias in (("gelu_tanh", K, torch.randn(K, generator=g)),
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (name, diff.max(), diff.sum())
     assert abs(amax - amax2) <= 1e-5 * amax2, (name, amax, amax2)
     assert a.min() < -0.1 and q.float().std() > 10  # a real activation, quantised
+# rows past the tensor's end (70 of a 128-row tile) hold gelu(bias): kept out of the amax
+h = torch.full((M, K), -12.0)
+_, _, _, amax = run(h, torch.full((K,), 3.0), 1)
+assert amax < 1e-6, amax
 print("ok")
 """)
     assert "ok" in out
@@ -726,6 +730,8 @@ def test_fp8_fused_act_resolution_and_errors():
                                                   recompute_modules=["mlp"])) is False
     assert act_cast(gelu, parallel=ParallelConfig(recompute_granularity="selective",
                                                   recompute_modules=["layernorm"])) is True
+    assert act_cast(gelu, parallel=ParallelConfig(recompute_granularity="selective",
+                                                  recompute_modules=["mlp_act"])) is False
     assert act_cast(_tiny(activation="gelu", add_bias_linear=True)) is False  # exact GeLU
     assert act_cast(gelu, on_gpu=True, fp8_recipe="delayed") is True
     with pytest.raises(ConfigError, match="model.fp8_fused_act=true needs the fused gelu_tanh"):
@@ -745,6 +751,11 @@ def test_fp8_fused_act_resolution_and_errors():
         Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
                parallel=ParallelConfig(recompute_granularity="selective",
                                        recompute_modules=["mlp"]),
+               train=TrainConfig(fp8="delayed", micro_batch_size=2, global_batch_size=4))
+    with pytest.raises(ConfigError, match=r"recompute_modules=\['mlp_act'\]"):
+        Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
+               parallel=ParallelConfig(recompute_granularity="selective",
+                                       recompute_modules=["mlp_act"]),
                train=TrainConfig(fp8="delayed", micro_batch_size=2, global_batch_size=4))
     Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
            train=TrainConfig(fp8="delayed", micro_batch_size=2, global_batch_size=4))

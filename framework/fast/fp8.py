@@ -253,7 +253,8 @@ if triton is not None:
             if pid_m == 0:
                 tl.store(inv_ptr + rk, inv, mask=mk)
         if DELAYED:
-            a = tl.abs(x)
+            # (masked: a tile's rows / columns beyond the tensor hold gelu(bias) with ACT)
+            a = tl.where(mask, tl.abs(x), 0.0)
             tl.atomic_max(amax_out_ptr, tl.max(tl.max(tl.where(a < float("inf"), a, 0.0),
                                                       axis=1), axis=0))
             fmax = 1.75 * (2.0 ** EMAX_)

@@ -85,11 +85,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         recompute = None
     # model.fp8_fused_act: the fused bias + tanh-GeLU above, with the delayed recipe (whose scale
     # is known before the activation exists), where the MLP is not recomputed (a recompute
-    # would run the unfused forward first, without grad) and not compiled
+    # would run the unfused forward first, without grad; "mlp_act" recomputes the activation
+    # itself) and not compiled
     mlp_recomputed = recompute == "full" or (recompute == "selective" and "mlp" in modules)
     # (null = off until its 20-step GPU training comparison passes: see the config field)
     fp8_act_cast = bool(fp8 == "delayed" and fuse_gelu and model.fp8_fused_act
-                        and not model.torch_compile and not mlp_recomputed)
+                        and not model.torch_compile and not mlp_recomputed and not mlp_act)
     rope_fusion = on_gpu and model.rope_fusion and model.position_embedding_type == "rope"
     if rope_fusion:
         # mcore validates apply_rope_fusion against TE's kernel at construction; without TE ours
