@@ -8,7 +8,7 @@
 #   bash benchmarks/fp8_gpu.sh margin  # gpt2-xl mb16: bf16, tensorwise, delayed, bf16 again (the
 #                                      #   bf16 row's spread inside the call), then fp8_linear.py
 #                                      #   --parts (the in-place weight-gradient A/B per linear)
-#   bash benchmarks/fp8_gpu.sh act     # model.fp8_fused_act: its GPU tests (kernel bits, fc2 vs
+#   bash benchmarks/fp8_gpu.sh act     # model.fp8_fused_act: its GPU tests (repeated transposes, bits, fc2 vs
 #                                      #   float64, 20 steps fused vs unfused from one init), then
 #                                      #   gpt2-xl mb16 bf16, delayed, delayed + fused act, bf16
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise and delayed,
@@ -52,7 +52,7 @@ case $stage in
     ;;
   act)
     python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py \
-      -k "activation_cast or fused_activation" 2>&1 | tee -a "$out/fp8_$stage.log"
+      -k "transpose or activation_cast or fused_activation" 2>&1 | tee -a "$out/fp8_$stage.log"
     cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
       --runs default:16,fp8_delayed:16,fp8_delayed_fused_act:16,default:16 --steps 15 2>&1 \
