@@ -20,6 +20,8 @@ import torch
 from gpu_shared import (TINY_STEPS, compare, log_parity, shared_once, tiny_losses, tiny_run,
                         tiny_seed)
 
+from perturb import perturb_checkpoint
+
 from framework.fast import fp8
 
 pytestmark = pytest.mark.gpu
@@ -375,13 +377,18 @@ def test_fused_activation_fc2_vs_unfused_on_perturbed_weights(act):
 
 
 def test_fused_activation_trains_like_unfused(tmp_path):
-    """20 steps of gpt_tiny with tanh-GeLU and biases, train.fp8=delayed, from the same weights
-    (two micro-batches per step): the activation made in fc2's cast against the activation
+    """20 steps of gpt_tiny with tanh-GeLU and biases, train.fp8=delayed, from the same perturbed
+    weights (two micro-batches per step): the activation made in fc2's cast against the activation
     kernel then the cast (model.fp8_fused_act=false), no update skipped, within 1% per step,
     and both learn."""
-    # initial weights saved once (the activation is part of a checkpoint's architecture)
-    seed = shared_once("fp8_seed_gelu_tanh",
-                       lambda d: tiny_seed(d, "model.activation=gelu_tanh"))
+    # initial weights saved once (the activation is part of a checkpoint's architecture) and
+    # perturbed: fc1's bias, which the fused cast adds, starts non-zero
+    def perturbed_seed(d):
+        load = tiny_seed(d, "model.activation=gelu_tanh")
+        perturb_checkpoint(f"{d}/ckpt")  # non-zero biases, non-unit norms: tests/perturb.py
+        return load
+
+    seed = shared_once("fp8_seed_gelu_tanh_perturbed", perturbed_seed)
     flags = ["train.fp8=delayed", "model.cuda_graph=false", "model.activation=gelu_tanh", seed]
     runs = {name: tiny_run(tmp_path, name, *flags, f"model.fp8_fused_act={on}")
             for name, on in (("unfused", "false"), ("fused", "true"))}

@@ -336,12 +336,9 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
     (Later amaxes are all-reduced once per step, in `Fp8History.step`.) `act`: cast the MLP
     activation `act_ref(x, act_bias, act)` instead of x (see `cast`)."""
     hist = meta.rows[role]
-    if act is not None and meta.primed[role]:
-        return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:],
-                    act=act, act_bias=act_bias)
-    if act is not None:  # the first cast: the activation once in fp32, then as below
-        x = act_ref(x, act_bias, act)
     if not meta.primed[role]:
+        if act is not None:  # the first cast: the activation once in fp32, then cast as below
+            x = act_ref(x, act_bias, act)
         amax = _reduce_max(amax_of(x), group, partials=True)
         a = whole_amax(amax).float()
         # this cast scales by the amax as it is (as tensorwise would); the history keeps the
@@ -351,7 +348,8 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
         hist.copy_(torch.where(a.isfinite(), a, fin).expand(HISTORY + 1))
         meta.primed[role] = True
         return cast(x, amax, dtype, None, rows, cols)
-    return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:])
+    return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:], act=act,
+                act_bias=act_bias)
 
 
 def _cast_per_tensor(recipe: str, x: torch.Tensor, dtype: torch.dtype, meta: Optional[Fp8Meta],

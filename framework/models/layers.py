@@ -526,14 +526,10 @@ class ActRecomputeMLP(MLP):
         # the config decides, framework/models/transformer.py)
         self.swiglu_kernel = bool(getattr(config, "swiglu_kernel", False))
         # model.fp8_fused_act (train.fp8=delayed): fc2's FP8 input cast computes the activation
-        # from fc1's output, so the activation is never stored in bf16: mcore's fused bias +
-        # tanh-GeLU (bias_activation_fusion with activation_func F.gelu, framework/models/
-        # transformer.py)
-        self.fp8_act = None
-        if getattr(config, "fp8_act_cast", False) and isinstance(self.linear_fc2, Fp8Linear) \
-                and config.bias_activation_fusion and self.activation_func is F.gelu \
-                and not config.gated_linear_unit and config.add_bias_linear:
-            self.fp8_act = "gelu_tanh"
+        # from fc1's output, so the activation is never stored in bf16. `fp8_act_cast` is set
+        # only with mcore's fused bias + tanh-GeLU (framework/models/transformer.py)
+        self.fp8_act = "gelu_tanh" if getattr(config, "fp8_act_cast", False) \
+            and isinstance(self.linear_fc2, Fp8Linear) else None
 
     def _activation(self, fc1_output, bias):
         if self.swiglu_kernel and bias is None:
@@ -557,8 +553,6 @@ class ActRecomputeMLP(MLP):
         (`framework.fast.fp8.fp8_linear`'s `act`); fc2 falls back to the unfused activation
         where its GEMM does not run in FP8. Same parameters and outputs as mcore's forward."""
         fc1_output, bias = self.linear_fc1(hidden_states)
-        if bias is None:  # (not the layout this MLP was built for)
-            return self.linear_fc2(self._activation(fc1_output, bias))
         self.linear_fc2.fp8_act_input = (self.fp8_act, bias)
         try:
             return self.linear_fc2(fc1_output)
