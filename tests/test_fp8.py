@@ -282,7 +282,7 @@ g = torch.Generator().manual_seed(1)
 M, K = 70, 136
 grid = ((M + fp8.BLOCK_M - 1) // fp8.BLOCK_M, (K + fp8.BLOCK_K - 1) // fp8.BLOCK_K)
 
-def run(t, bias, act):
+def run(t, bias, act, trans=True):
     hist = torch.zeros(fp8.HISTORY + 1)
     hist[0] = 3.0
     q, qt = torch.empty(M, K, dtype=fp8.E4M3), torch.empty(K, M, dtype=fp8.E4M3)
@@ -291,7 +291,7 @@ def run(t, bias, act):
                            bias if bias is not None else inv, M, K, t.stride(0),
                            EMAX_=fp8.EMAX[fp8.E4M3], MODE=0, ROWS=True, COLS=True,
                            BM=fp8.BLOCK_M, BK=fp8.BLOCK_K, NPARTS=fp8.HISTORY, DELAYED=True,
-                           ACT=act, HAS_BIAS=bias is not None)
+                           ACT=act, HAS_BIAS=bias is not None, TRANS=trans)
     return q.view(torch.int8).int(), qt.view(torch.int8).int(), inv, hist[fp8.HISTORY]
 
 for name, width, bias in (("gelu_tanh", K, torch.randn(K, generator=g)),
@@ -305,6 +305,9 @@ for name, width, bias in (("gelu_tanh", K, torch.randn(K, generator=g)),
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (name, diff.max(), diff.sum())
     assert abs(amax - amax2) <= 1e-5 * amax2, (name, amax, amax2)
     assert a.min() < -0.1 and q.float().std() > 10  # a real activation, quantised
+    # the transpose stored through transposed addresses (no tl.trans): the same bytes
+    q3, qt3, inv3, amax3 = run(h, bias, fp8.ACTS.index(name) + 1, trans=False)
+    assert torch.equal(q3, q) and torch.equal(qt3, qt) and inv3 == inv and amax3 == amax
 # rows past the tensor's end (70 of a 128-row tile) hold gelu(bias): kept out of the amax
 h = torch.full((M, K), -12.0)
 _, _, _, amax = run(h, torch.full((K,), 3.0), 1)

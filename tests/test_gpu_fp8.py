@@ -296,12 +296,15 @@ def test_activation_cast_matches_reference_bits(act):
         assert abs(amax - float(a.abs().max())) <= 1e-5 * amax, (amax, float(a.abs().max()))
 
 
+@pytest.mark.parametrize("trans", [True, False], ids=["tl_trans", "strided_store"])
 @pytest.mark.parametrize("act", [None, *fp8.ACTS])
-def test_delayed_cast_transpose_is_the_tiles_over_repeats(act):
+def test_delayed_cast_transpose_is_the_tiles_over_repeats(act, trans):
     """The delayed cast (with and without the activation made in it), repeated: every call's
     transposed output is its row-major output transposed, bit for bit, and holds no NaN byte.
     A rare wrong transpose (the SwiGLU form showed one; a fused-GeLU training run lost one
-    update to a non-finite grad norm) would show here, on gpt_tiny's fc2 shape and gpt2-xl's."""
+    update to a non-finite grad norm) would show here, on gpt_tiny's fc2 shape and gpt2-xl's.
+    Both ways of storing the transpose (`tl.trans` in registers, the default; the tile stored
+    through transposed addresses) are checked, and each one's time at gpt2-xl's fc2 is logged."""
     g = torch.Generator(device="cuda").manual_seed(8)
     for m, k, reps in ((512, 512, 200), (16384, 1600, 20), (16384, 6400, 10)):
         h = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
@@ -309,13 +312,25 @@ def test_delayed_cast_transpose_is_the_tiles_over_repeats(act):
         hist = torch.zeros(fp8.HISTORY + 1, device="cuda")
         hist[0] = 20.0
         bad = 0
+
+        def once():
+            return fp8.cast(h, hist[:fp8.HISTORY], fp8.E4M3, None, rows=True, cols=True,
+                            amax_out=hist[fp8.HISTORY:], act=act, act_bias=bias, _trans=trans)
+
         for _ in range(reps):
-            q, qt, _ = fp8.cast(h, hist[:fp8.HISTORY], fp8.E4M3, None, rows=True, cols=True,
-                                amax_out=hist[fp8.HISTORY:], act=act, act_bias=bias)
+            q, qt, _ = once()
             bad += int(not torch.equal(_bits(qt), _bits(q.t().contiguous())))
             bad += int(bool(qt.float().isnan().any()) or bool(q.float().isnan().any()))
-        log_parity(f"fp8 delayed cast transpose, act {act}, [{m}x{k}] x {reps}: {bad} bad")
-        assert bad == 0, (act, m, k, bad)
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(20):
+            once()
+        t1.record()
+        torch.cuda.synchronize()
+        log_parity(f"fp8 delayed cast transpose ({'tl.trans' if trans else 'strided store'}), "
+                   f"act {act}, [{m}x{k}] x {reps}: {bad} bad; "
+                   f"{t0.elapsed_time(t1) / 20 * 1e3:.1f} us per cast")
+        assert bad == 0, (act, trans, m, k, bad)
 
 
 @pytest.mark.parametrize("act", fp8.ACTS)

@@ -212,7 +212,7 @@ if triton is not None:
                      stride_m, EMAX_: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
                      COLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                      NPARTS: tl.constexpr, DELAYED: tl.constexpr, ACT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, TRANS: tl.constexpr = True):
         # one [BM, BK] tile of x [M, K]; MODE 0: one scale (amax_ptr: NPARTS partial maxima),
         # 1: per row, 2: per column. ROWS writes q [M, K], COLS writes qt = q^T [K, M].
         # DELAYED (MODE 0; amax_ptr: an amax history): saturate at the format's max, and max the
@@ -265,21 +265,26 @@ if triton is not None:
             tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
                      y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
         if COLS:
-            # transposed in fp32, then rounded: the same bits
-            tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :],
-                     tl.trans(y).to(qt_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-                     mask=mk[:, None] & mm[None, :])
+            if TRANS:  # transposed in fp32, then rounded: the same bits
+                tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :],
+                         tl.trans(y).to(qt_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                         mask=mk[:, None] & mm[None, :])
+            else:  # the same tile stored through transposed addresses (no tl.trans)
+                tl.store(qt_ptr + rk[None, :].to(tl.int64) * M + rm[:, None],
+                         y.to(qt_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
          rows: bool = True, cols: bool = False, amax_out: Optional[torch.Tensor] = None,
-         act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None):
+         act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None,
+         _trans: bool = True):
     """Quantise a 2-D x with the scales of `amax` (see `quantise_ref` for axis). Returns
     (x8 [m, k] or None, x8^T [k, m] or None, inv_scale). One Triton pass on CUDA; torch's
     reference (same bits) elsewhere. `amax_out` (one scale, `amax` a delayed history): the
     values saturate, and x's finite amax is maxed into amax_out ([1] fp32). `act` (with
     `amax_out`): quantise `act_ref(x, act_bias, act)` instead of x, computed in the same pass
-    in fp32 (never stored in x's dtype)."""
+    in fp32 (never stored in x's dtype). `_trans=False` (GPU tests): the kernel stores the
+    transposed output through transposed addresses instead of `tl.trans`."""
     assert act is None or (amax_out is not None and act in ACTS), act
     if not (triton is not None and x.is_cuda):
         if act is not None:
@@ -305,7 +310,7 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
                        x.stride(0), EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
                        BM=BLOCK_M, BK=BLOCK_K, NPARTS=amax.numel() if axis is None else 1,
                        DELAYED=delayed, ACT=ACTS.index(act) + 1 if act else 0,
-                       HAS_BIAS=has_bias, num_warps=4)
+                       HAS_BIAS=has_bias, TRANS=_trans, num_warps=4)
     return q, qt, inv
 
 
