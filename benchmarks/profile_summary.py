@@ -1,6 +1,10 @@
-"""Summarise a torch.profiler Chrome trace: GPU kernel time grouped by kernel name.
+"""Summarise a torch.profiler Chrome trace: GPU kernel time grouped by kernel name, by kind of
+work (GEMM, attention, optimizer, ...), by training phase and by the op that launched it.
 
     python benchmarks/profile_summary.py trace.json [--top 30]
+
+Steps are counted from our `train_step_*` ranges (train.py's profiler) or, in a trace of another
+trainer (torchtitan's), from torch.profiler's own `ProfilerStep#N` ranges.
 """
 import argparse
 import json
@@ -21,6 +25,11 @@ def summarize(path: str, top: int = 30, out: str = None) -> str:
             k[1] += 1
         elif e.get("cat") == "user_annotation" and e["name"].startswith("train_step_"):
             steps += 1
+    marker = "train_step_"
+    if not steps:  # another trainer's trace: torch.profiler's step ranges
+        marker = "ProfilerStep#"
+        steps = sum(1 for e in events if e.get("ph") == "X" and e.get("name", "").startswith(
+            marker) and e.get("cat") in ("user_annotation", "cpu_op"))
     steps = max(steps, 1)
     total = sum(v[0] for v in kern.values())
     lines = [f"{path}: {steps} step(s), GPU kernel time {total / 1000 / steps:.1f} ms/step",
@@ -28,6 +37,8 @@ def summarize(path: str, top: int = 30, out: str = None) -> str:
     for name, (dur, n) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{dur / 1000 / steps:9.2f} {100 * dur / max(total, 1):6.1f} "
                      f"{n // steps:6d}  {name}")
+    lines += category_table(kern, steps)
+    lines += step_idle(events, marker)
     lines += phase_table(events, steps)
     lines += launch_table(events, steps, top)
     text = "\n".join(lines)
@@ -62,6 +73,57 @@ def _overlap(merged, a, b):
             break
         total += min(y, b) - max(x, a)
     return total
+
+
+# kinds of GPU work, matched in order on the lower-cased kernel name (first match wins)
+CATEGORIES = (
+    ("attention", ("fmha", "flash", "attn", "sdpa", "cudnn")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "wgmma", "s16816",
+              "sm90_", "sm80_")),
+    ("optimizer + clip", ("adam", "multi_tensor", "foreach", "l2norm", "lpnorm")),
+    ("communication", ("nccl",)),
+    ("copy / fill", ("copy", "memcpy", "memset", "fill", "cat_", "index")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+    ("reduction", ("reduce",)),
+    ("triton (fused)", ("triton", "_kernel", "_swiglu")),  # torch.compile's and ours
+)
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in n for k in keys):
+            return cat
+    return "other"
+
+
+def category_table(kern, steps):
+    """GPU kernel time per kind of work (`CATEGORIES`), ms per step and % of kernel time: one
+    table that reads the same for our trace and another trainer's."""
+    agg = defaultdict(lambda: [0.0, 0])
+    for name, (dur, n) in kern.items():
+        a = agg[category(name)]
+        a[0] += dur
+        a[1] += n
+    total = sum(v[0] for v in agg.values()) or 1.0
+    out = ["", f"{'ms/step':>9} {'%':>6} {'calls':>6}  kind of work"]
+    for cat, (dur, n) in sorted(agg.items(), key=lambda kv: -kv[1][0]):
+        out.append(f"{dur / 1000 / steps:9.2f} {100 * dur / total:6.1f} {n // steps:6d}  {cat}")
+    return out
+
+
+def step_idle(events, marker):
+    """Per step range (`marker`): its wall span and the time no kernel ran on the GPU in it."""
+    gpu = _merge([(e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X"
+                  and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")])
+    spans = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X"
+             and e.get("cat") in ("user_annotation", "cpu_op")
+             and e.get("name", "").startswith(marker)]
+    out = [""]
+    for a, b in sorted(spans):
+        out.append(f"step range {marker}: {(b - a) / 1000:.1f} ms wall, GPU idle "
+                   f"{((b - a) - _overlap(gpu, a, b)) / 1000:.1f} ms")
+    return out
 
 
 def phase_table(events, steps):

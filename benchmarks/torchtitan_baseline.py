@@ -2,6 +2,9 @@
 
     python benchmarks/torchtitan_baseline.py --model llama3_1b --micro-batch 12 --steps 15
     python benchmarks/torchtitan_baseline.py --model llama3_1b --dry-run   # TOML + command only
+    python benchmarks/torchtitan_baseline.py --model llama3_1b --micro-batch 16 --profile-dir P
+        # also two profiled steps after the measured ones (torchtitan's own profiler), their
+        # kernel table written by benchmarks/profile_summary.py to P/torchtitan_<model>_mb<N>.txt
 
 Writes a torchtitan job TOML (benchmarks/torchtitan_spec.py's `llama3_bench` spec: the shape as
 a flavor, synthetic tokens), runs torchtitan's trainer on one GPU (`python -m torchtitan.train
@@ -67,10 +70,16 @@ def toml_text(cfg: dict) -> str:
     return "\n".join(out)
 
 
+PROFILE_WARMUP, PROFILE_ACTIVE = 2, 2
+
+
 def job_config(model: str, mb: int, steps_total: int, log_interval: int, out_dir: str,
-               opt: dict, compile_: bool = True) -> dict:
+               opt: dict, compile_: bool = True, profile: bool = False) -> dict:
+    """torchtitan's job TOML as a dict. `profile`: one more log window after `steps_total`, its
+    last PROFILE_ACTIVE steps profiled by torchtitan (after PROFILE_WARMUP profiler warm-up
+    steps), so that the measured windows carry no profiler overhead."""
     shape = get_shape(model)
-    return {
+    cfg = {
         "job": {"dump_folder": out_dir,
                 "description": f"{model} speed baseline, synthetic tokens"},
         "model": {"name": "llama3_bench", "flavor": model, "hf_assets_path": out_dir},
@@ -91,6 +100,16 @@ def job_config(model: str, mb: int, steps_total: int, log_interval: int, out_dir
                     "enable_tensorboard": False},
         "experimental": {"custom_import": "benchmarks.torchtitan_spec"},
     }
+    if profile:
+        if log_interval < PROFILE_WARMUP + PROFILE_ACTIVE:
+            raise ValueError(f"--log-interval must be at least {PROFILE_WARMUP + PROFILE_ACTIVE} "
+                             f"to profile, got {log_interval}")
+        total = steps_total + log_interval
+        cfg["training"]["steps"] = total
+        cfg["profiling"] = {"enable_profiling": True, "save_traces_folder": "profile_traces",
+                            "profile_freq": total, "profiler_warmup": PROFILE_WARMUP,
+                            "profiler_active": PROFILE_ACTIVE}
+    return cfg
 
 
 def command(toml_path: str) -> list:
@@ -110,9 +129,10 @@ _STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naife]+).*?memory:\s*([\d.]+)
                    r"tps:\s*([\d,]+)")
 
 
-def parse_log(text: str, mb: int, seq: int, log_interval: int):
+def parse_log(text: str, mb: int, seq: int, log_interval: int, last_step: int = None):
     """{'tok_s', 'ms_per_iter', 'window_ms', 'peak_gb', 'last_loss'} from the trainer's log:
-    the windows ending after the first full one (step > log_interval)."""
+    the windows ending after the first full one (step > log_interval), up to `last_step` (the
+    profiled window after it is not measured)."""
     wins = []
     for line in _ANSI.sub("", text).splitlines():
         m = _STEP.search(line)
@@ -120,7 +140,7 @@ def parse_log(text: str, mb: int, seq: int, log_interval: int):
             step, loss, mem, tps = int(m[1]), float(m[2]), float(m[3]), \
                 float(m[4].replace(",", ""))
             wins.append((step, loss, mem, tps))
-    meas = [w for w in wins if w[0] > log_interval]
+    meas = [w for w in wins if w[0] > log_interval and (last_step is None or w[0] <= last_step)]
     if not meas:
         raise ValueError(f"no torchtitan step logs after step {log_interval} "
                          f"(found steps {[w[0] for w in wins]})")
@@ -145,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=None, help="TOML and torchtitan's dump folder "
                     "(default: a temporary directory)")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--profile-dir", default=None,
+                    help="profile two steps after the measured ones; the kernel table goes here")
     ap.add_argument("--dry-run", action="store_true",
                     help="write the TOML and print the command; with torchtitan installed also "
                          "parse the TOML with its ConfigManager and check the flavor's size")
@@ -160,8 +182,11 @@ def main(argv=None) -> int:
     out_dir = a.out_dir or tempfile.mkdtemp(prefix="torchtitan_bench_")
     os.makedirs(out_dir, exist_ok=True)
     opt = {k: getattr(a, k) for k in OPT_DEFAULTS}
-    cfg = job_config(a.model, a.micro_batch, total, a.log_interval, out_dir, opt,
-                     not a.no_compile)
+    try:
+        cfg = job_config(a.model, a.micro_batch, total, a.log_interval, out_dir, opt,
+                         not a.no_compile, profile=bool(a.profile_dir))
+    except ValueError as e:
+        ap.exit(2, f"error: {e}\n")
     toml_path = os.path.join(out_dir, f"{a.model}_mb{a.micro_batch}.toml")
     with open(toml_path, "w") as f:
         f.write(toml_text(cfg))
@@ -195,10 +220,30 @@ def main(argv=None) -> int:
         print(text[-3000:], file=sys.stderr)
         print(f"error: torchtitan exited {r.returncode}: {failure(r)}", file=sys.stderr)
         return 1
-    res = parse_log(text, a.micro_batch, shape.seq, a.log_interval)
+    res = parse_log(text, a.micro_batch, shape.seq, a.log_interval, last_step=total)
     res.update(command=shown, toml=toml_path)
+    if a.profile_dir:
+        res["profile"] = summarize_trace(out_dir, a.profile_dir,
+                                         f"torchtitan_{a.model}_mb{a.micro_batch}.txt")
     print(json.dumps(res))
     return 0
+
+
+def summarize_trace(out_dir: str, profile_dir: str, name: str) -> str:
+    """The kernel table (benchmarks/profile_summary.py) of torchtitan's rank-0 trace under
+    `out_dir`, written to profile_dir/name; returns its path."""
+    import glob
+
+    from benchmarks.profile_summary import summarize
+
+    traces = sorted(glob.glob(os.path.join(out_dir, "profile_traces", "iteration_*",
+                                           "rank0_trace.json")))
+    if not traces:
+        raise SystemExit(f"error: torchtitan wrote no profile trace under {out_dir}/profile_traces")
+    os.makedirs(profile_dir, exist_ok=True)
+    path = os.path.join(profile_dir, name)
+    summarize(traces[-1], out=path)
+    return path
 
 
 def check_with_torchtitan(toml_path: str, shape) -> dict:

@@ -212,6 +212,54 @@ def test_torchtitan_toml_and_log_parser(tmp_path):
         torchtitan_baseline.parse_log(log.splitlines()[0], 12, 2048, 5)
 
 
+def test_torchtitan_profile_window_is_not_measured(tmp_path):
+    """--profile-dir: one more log window after the measured steps, whose last two steps
+    torchtitan's profiler records; the log parser stops before that window."""
+    cfg = torchtitan_baseline.job_config("llama3_1b", 16, 20, 5, str(tmp_path),
+                                         torchtitan_baseline.OPT_DEFAULTS, profile=True)
+    back = tomllib.loads(torchtitan_baseline.toml_text(cfg))
+    assert back["training"]["steps"] == 25
+    prof = back["profiling"]
+    assert prof["enable_profiling"] and prof["profile_freq"] == 25
+    assert prof["profile_freq"] - prof["profiler_warmup"] - prof["profiler_active"] >= 20
+    assert "profiling" not in torchtitan_baseline.job_config(
+        "llama3_1b", 16, 20, 5, str(tmp_path), torchtitan_baseline.OPT_DEFAULTS)
+    with pytest.raises(ValueError, match="log-interval"):
+        torchtitan_baseline.job_config("llama3_1b", 16, 20, 3, str(tmp_path),
+                                       torchtitan_baseline.OPT_DEFAULTS, profile=True)
+    log = "\n".join(f"step: {s}  loss: 5.0  memory: 40.00GiB(30.00%)  tps: {t:,}"
+                     for s, t in ((1, 900), (5, 50000), (10, 60000), (15, 60000), (20, 60000),
+                                  (25, 1000)))
+    res = torchtitan_baseline.parse_log(log, 16, 2048, 5, last_step=20)
+    assert res["tok_s"] == pytest.approx(60000) and res["steps_logged"][-1] == 25
+
+
+def test_profile_summary_reads_another_trainers_trace(tmp_path):
+    """A trace without our train_step_ ranges (torchtitan's): steps come from torch.profiler's
+    ProfilerStep# ranges, and the kernel time is grouped by kind of work."""
+    from benchmarks.profile_summary import category, summarize
+
+    ev = []
+    for i, t0 in enumerate((0, 1000)):
+        ev.append({"ph": "X", "cat": "user_annotation", "name": f"ProfilerStep#{24 + i}",
+                   "ts": t0, "dur": 1000})
+        ev += [{"ph": "X", "cat": "kernel", "name": n, "ts": t0 + a, "dur": d, "args": {}}
+               for n, a, d in (("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", 0, 600),
+                               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 600, 200),
+                               ("triton_per_fused_mul_rsqrt_0", 800, 50),
+                               ("multi_tensor_apply_kernel", 850, 50))]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    text = summarize(str(path), out=str(tmp_path / "t.txt"))
+    assert text.startswith(f"{path}: 2 step(s), GPU kernel time 0.9 ms/step")
+    assert "0.60   66.7      1  GEMM" in text and "0.20   22.2      1  attention" in text
+    assert "GPU idle 0.1 ms" in text
+    assert [category(n) for n in ("sm90_xmma_gemm_bf16bf16", "void at::native::vectorized_"
+                                  "elementwise_kernel", "fmha_cutlassF", "ncclKernel_AllReduce",
+                                  "_rmsnorm_fwd_kernel")] == \
+        ["GEMM", "elementwise", "attention", "communication", "triton (fused)"]
+
+
 def test_torchtitan_synthetic_tokens_and_flavors():
     from benchmarks.torchtitan_spec import SyntheticTokens
 
