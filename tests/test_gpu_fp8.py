@@ -63,6 +63,28 @@ def test_triton_cast_matches_reference_bits(dtype):
     assert torch.equal(_bits(q.cpu()), _bits(rq)) and torch.equal(inv.cpu(), rinv)
 
 
+@pytest.mark.parametrize("trans", [True, False], ids=["tl_trans", "strided_store"])
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cast_transpose_by_input_dtype(src, trans):
+    """The one-scale cast with both outputs, from an fp32 and a bf16 input, at gpt2-xl's fc2
+    input shape: rows and transpose against the reference bits, and no NaN byte. (The fused
+    activation's first, unprimed cast once cast its fp32 activation here, and that step's
+    weight gradient came out non-finite on an H200, 2026-12-04.)"""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for m, k in ((8192, 6400), (512, 512), (77, 130)):
+        x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(src)
+        amax = fp8.amax_of(x)
+        q, qt, inv = fp8.cast(x, amax, fp8.E4M3, None, rows=True, cols=True, _trans=trans)
+        rq, rinv = fp8.quantise_ref(x.cpu(), amax.cpu(), fp8.E4M3, None)
+        rows_ok = torch.equal(_bits(q.cpu()), _bits(rq))
+        cols_ok = torch.equal(_bits(qt.cpu()), _bits(rq.t().contiguous()))
+        nan = int(qt.float().isnan().sum())
+        log_parity(f"fp8 cast from {src} ({'tl.trans' if trans else 'strided store'}), "
+                   f"[{m}x{k}]: rows {'exact' if rows_ok else 'WRONG'}, transpose "
+                   f"{'exact' if cols_ok else 'WRONG'}, {nan} NaN bytes in the transpose")
+        assert rows_ok and cols_ok and nan == 0 and torch.equal(inv.cpu(), rinv), (src, m, k)
+
+
 @pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
 def test_delayed_cast_matches_reference_bits(dtype):
     """The delayed form (train.fp8=delayed): scale from an amax history, values beyond the max

@@ -342,8 +342,12 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
     activation `act_ref(x, act_bias, act)` instead of x (see `cast`)."""
     hist = meta.rows[role]
     if not meta.primed[role]:
-        if act is not None:  # the first cast: the activation once in fp32, then cast as below
-            x = act_ref(x, act_bias, act)
+        if act is not None:
+            # the first cast: the activation once, in fp32 rounded to x's dtype (as the unfused
+            # activation kernel writes it), then cast as below. (Cast from fp32 as it was, this
+            # step's weight gradient came out non-finite on an H200: tests/test_gpu_fp8.py's
+            # test_cast_transpose_by_input_dtype)
+            x = act_ref(x, act_bias, act).to(x.dtype)
         amax = _reduce_max(amax_of(x), group, partials=True)
         a = whole_amax(amax).float()
         # this cast scales by the amax as it is (as tensorwise would); the history keeps the
