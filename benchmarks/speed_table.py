@@ -51,7 +51,8 @@ TABLE_HEAD = ("| dropout | system | micro-batch | tok/s | MFU | peak GB | spread
 OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
                  "unfused_wgrad": ["model.fused_wgrad=false"],
                  "cuda_graph": ["model.cuda_graph=true"],
-                 "no_swiglu_kernel": ["model.swiglu_kernel=false"]}
+                 "no_swiglu_kernel": ["model.swiglu_kernel=false"],
+                 "recompute_logits": ["model.fused_ce_keep_logits=false"]}
 
 
 @dataclass

@@ -111,6 +111,8 @@ CANDIDATES = {
                     ["optimizer.fused_step=false"]),
     "compile": ("ours + torch.compile per layer", ["model.torch_compile=true"]),
     "fused_ce": ("ours + fused chunked linear-CE", ["model.fused_cross_entropy=true"]),
+    "recompute_logits": ("ours, fused CE recomputing the logits in backward "
+                         "(model.fused_ce_keep_logits=false)", ["model.fused_ce_keep_logits=false"]),
     "cuda_graph": ("ours + CUDA graphs per layer", ["model.cuda_graph=true"]),
     "unfused_wgrad": ("ours, bf16 wgrad + separate fp32 add (model.fused_wgrad=false)",
                       ["model.fused_wgrad=false"]),

@@ -133,6 +133,12 @@ class ModelConfig:
     # logits of the whole micro-batch (framework/fast/fused_ce.py); same losses and gradients.
     # None -> on for GPT (the fast path; false = megatron-core's output layer + cross-entropy)
     fused_cross_entropy: Optional[bool] = None
+    # GPT, fused cross-entropy: keep the micro-batch's logits (tokens x vocab/TP in bf16) from
+    # forward to backward instead of recomputing them chunk by chunk, so the output layer runs
+    # the 3 GEMMs of an unfused one, at full size (framework/fast/fused_ce.py). null = when they
+    # take at most 8% of the GPU's memory (an H200 keeps Llama-3.2-1B's at 16 x 2048 tokens,
+    # 8.4 GB); true = always; false = recompute (the least memory)
+    fused_ce_keep_logits: Optional[bool] = None
     # GPU: wrap each transformer layer in torch.compile (fuses the norm / bias / GeLU / residual
     # elementwise work between the matmuls); ignored on CPU. Off by default: with the fused
     # kernels below on, it measured no faster at the gpt2-large and Llama-1B shapes
@@ -317,6 +323,9 @@ class ModelConfig:
             require(False, f"model.{name}={_show(value)} is a {owners} option (model.type={t})")
         if self.fused_cross_entropy is None:  # on where the family offers it
             self.fused_cross_entropy = "fused_cross_entropy" in spec.options
+        require(not self.fused_ce_keep_logits or self.fused_cross_entropy,
+                f"model.fused_ce_keep_logits=true needs model.fused_cross_entropy (it is "
+                f"{self.fused_cross_entropy} for model.type={t})")
         require(self.softmax_scale is None or self.softmax_scale > 0,
                 f"model.softmax_scale={self.softmax_scale} must be positive (or null)")
         spec.check_model(self)

@@ -44,12 +44,13 @@ def _fused(h, w, labels, go, **kw):
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_logits"])
 @pytest.mark.parametrize("chunk", [None, 7, 5, 1, 64])  # 21 tokens: one chunk, divides, not
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_float64_reference(chunk, dtype):
+def test_matches_float64_reference(chunk, dtype, keep):
     h, w, labels, go = _data(dtype)
     ref = _reference(h, w, labels, go)
-    out = _fused(h, w, labels, go, chunk_tokens=chunk)
+    out = _fused(h, w, labels, go, chunk_tokens=chunk, keep_logits=keep)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert out[0].shape == (B, S) and out[0].dtype in (torch.float32, torch.float64)
     assert out[1].dtype == dtype and out[2].dtype == dtype
@@ -65,6 +66,44 @@ def test_bf16_close_to_reference():
     for name, a, b in zip(("loss", "grad_h", "grad_w"), out, ref):
         err = (a.double() - b).abs().max().item() / (b.abs().max().item() + 1e-6)
         assert err < 3e-2, (name, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_logits_give_the_recomputed_single_chunk_bits(dtype):
+    """keep_logits (one forward GEMM, the logits turned into their gradient in place in chunks
+    of 4, one GEMM each for grad_h and grad_w) against the recomputing path with one chunk of
+    all tokens (the same GEMMs): the same loss and gradients, bit for bit, on perturbed data;
+    and no logits are kept without a backward to come."""
+    h, w, labels, go = _data(dtype, seed=5)
+    ref = _fused(h, w, labels, go, chunk_tokens=S * B)
+    got = _fused(h, w, labels, go, chunk_tokens=4, keep_logits=True)
+    for name, a, b in zip(("loss", "grad_h", "grad_w"), got, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        linear_cross_entropy(hh, ww, labels, keep_logits=True)
+    assert any(t.shape == (S * B, V) for t in saved)  # the kept logits
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, labels, keep_logits=True)
+    assert torch.equal(loss, ref[0])
+
+
+def test_keep_logits_auto_is_off_on_cpu_and_by_size(monkeypatch):
+    from framework.fast import fused_ce
+
+    assert not fused_ce.keep_logits_auto(16 * 2048, 128256, 2, torch.device("cpu"))
+
+    class Props:
+        total_memory = 141 * 10 ** 9  # an H200's
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props)
+    cuda = torch.device("cuda", 0)
+    assert fused_ce.keep_logits_auto(16 * 2048, 128256, 2, cuda)  # 8.4 GB: kept
+    assert not fused_ce.keep_logits_auto(32 * 2048, 128256, 2, cuda)  # 16.8 GB: recomputed
+    Props.total_memory = 80 * 10 ** 9
+    assert fused_ce.keep_logits_auto(12 * 2048, 128256, 2, cuda)  # 6.3 GB of 80
+    assert not fused_ce.keep_logits_auto(16 * 2048, 128256, 2, cuda)
 
 
 def test_labels_outside_vocab_count_as_zero_logit_like_mcore():
@@ -104,17 +143,18 @@ def _tp_worker(rank, port):
         vs = V // 2
         w_local = w[rank * vs:(rank + 1) * vs]
         for sp in (False, True):
-            for chunk in (None, 5):
+            for chunk, keep in ((None, False), (5, False), (5, True)):
                 h_in = h[rank * S2 // 2:(rank + 1) * S2 // 2] if sp else h
                 loss, gh, gw = _fused(h_in, w_local, labels, go, tp_group=tp,
-                                      sequence_parallel=sp, chunk_tokens=chunk)
+                                      sequence_parallel=sp, chunk_tokens=chunk,
+                                      keep_logits=keep)
                 want_gh = ref[1][rank * S2 // 2:(rank + 1) * S2 // 2] if sp else ref[1]
                 want_gw = ref[2][rank * vs:(rank + 1) * vs]
                 for name, a, b in (("loss", loss, ref[0]), ("grad_h", gh, want_gh),
                                    ("grad_w", gw, want_gw)):
                     assert a.shape == b.shape, (name, sp, a.shape, b.shape)
                     err = (a - b).abs().max().item()
-                    assert err < 2e-5, (name, sp, chunk, err)
+                    assert err < 2e-5, (name, sp, chunk, keep, err)
     finally:
         dist.destroy_process_group()
 
@@ -140,14 +180,16 @@ def _build(fused, tied):
     return model
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_logits"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_gpt_model_matches_mcore(mp1, tied):
+def test_gpt_model_matches_mcore(mp1, tied, keep):
     from framework.fast.fused_ce import FusedCEGPTModel
 
     ref, fused = _build(False, tied), _build(True, tied)
     assert isinstance(fused, FusedCEGPTModel) and not isinstance(ref, FusedCEGPTModel)
     fused.load_state_dict(ref.state_dict())
     fused.fused_ce_chunk_tokens = 5  # 2 x 16 tokens: several chunks, the last one partial
+    fused.fused_ce_keep_logits = keep
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 64, (2, 17), generator=g)
     ids, labels = tokens[:, :-1], tokens[:, 1:]
@@ -170,11 +212,27 @@ def test_gpt_model_matches_mcore(mp1, tied):
         assert (g1[n] - g2[n]).abs().max().item() < 1e-5, n
 
 
+def test_keep_logits_reaches_the_model(mp1):
+    from framework.config import ModelConfig, ParallelConfig
+    from framework.models.build import build_model
+
+    for keep in (None, True, False):
+        cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16,
+                          fused_ce_keep_logits=keep)
+        model = build_model(cfg, ParallelConfig(), vocab_size=64, bf16=False, fp16=False,
+                            device=torch.device("cpu"), wrap_ddp=False)[0]
+        assert model.fused_ce_keep_logits is keep
+
+
 def test_fused_ce_is_gpt_only():
     from framework.config import ConfigError, ModelConfig
 
     with pytest.raises(ConfigError, match="fused_cross_entropy"):
         ModelConfig(type="bert", fused_cross_entropy=True)
+    with pytest.raises(ConfigError, match="fused_ce_keep_logits=true needs"):
+        ModelConfig(fused_cross_entropy=False, fused_ce_keep_logits=True)
+    with pytest.raises(ConfigError, match="fused_ce_keep_logits=true needs"):
+        ModelConfig(type="bert", fused_ce_keep_logits=True)
 
 
 # --------------------------------------------------------------------------------------------

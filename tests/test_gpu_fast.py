@@ -39,15 +39,57 @@ def test_fused_linear_cross_entropy_cuda():
 
     r = ref()
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        for chunk in (None, 100):
+        for chunk, keep in ((None, False), (100, False), (100, True), (None, True)):
             hh = hid.to(dev, dtype).requires_grad_()
             ww = w.to(dev, dtype).requires_grad_()
-            loss = linear_cross_entropy(hh, ww, labels.to(dev), chunk_tokens=chunk)
+            loss = linear_cross_entropy(hh, ww, labels.to(dev), chunk_tokens=chunk,
+                                        keep_logits=keep)
             (loss * go.to(dev, loss.dtype)).sum().backward()
             for name, a, bref in (("loss", loss, r[0]), ("grad_h", hh.grad, r[1]),
                                   ("grad_w", ww.grad, r[2])):
                 err = ((a.double().cpu() - bref).abs().max() / bref.abs().max()).item()
-                assert err < tol, (dtype, chunk, name, err)
+                assert err < tol, (dtype, chunk, keep, name, err)
+
+
+def test_fused_ce_kept_logits_cuda():
+    """keep_logits at a Llama-like vocab slice (8192 tokens, H 1024, V 32000, bf16, perturbed
+    data): the same loss and gradients as the recomputing path with one chunk of all tokens
+    (the same GEMMs; logged whether bit-equal), and its backward makes the logit gradient in
+    place: no second logits-sized buffer (peak growth in backward < half the logits)."""
+    from framework.fast.fused_ce import linear_cross_entropy
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator(device=dev).manual_seed(3)
+    n, h, v = 8192, 1024, 32000
+    hid = (torch.randn(n, 1, h, device=dev, generator=g)
+           * torch.exp(0.3 * torch.randn(n, 1, 1, device=dev, generator=g))).bfloat16()
+    w = (0.05 * torch.randn(v, h, device=dev, generator=g)).bfloat16()
+    labels = torch.randint(0, v, (1, n), device=dev, generator=g)
+    go = torch.rand(1, n, device=dev, generator=g) * (torch.rand(1, n, device=dev,
+                                                                  generator=g) > 0.2)
+
+    def run_once(**kw):
+        hh, ww = hid.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, ww, labels, **kw)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        (loss * go).sum().backward()
+        torch.cuda.synchronize()
+        return loss.detach(), hh.grad, ww.grad, torch.cuda.max_memory_allocated() - before
+
+    ref = run_once(chunk_tokens=n, keep_logits=False)
+    got = run_once(chunk_tokens=1024, keep_logits=True)
+    logits_bytes = n * v * 2
+    line = [f"fused CE kept logits [{n}x{v}] vs one recomputed chunk:"]
+    for name, a, b in zip(("loss", "grad_h", "grad_w"), got[:3], ref[:3]):
+        rel = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        line.append(f"{name} rel {rel:.2e}{' (bit-equal)' if torch.equal(a, b) else ''}")
+        assert rel < 1e-2, (name, rel)
+    line.append(f"backward peak growth {got[3] / 2**20:.0f} MiB (kept) vs {ref[3] / 2**20:.0f} "
+                f"MiB (recomputed), logits {logits_bytes / 2**20:.0f} MiB")
+    log_parity("; ".join(line))
+    assert got[3] < 0.5 * logits_bytes, (got[3], logits_bytes)
 
 
 def test_foreach_kernels_match_mcore_local_cuda():

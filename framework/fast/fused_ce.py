@@ -31,6 +31,14 @@ adds fp32 temporaries of the chunk).
 Cost: one extra logits GEMM (recomputation) in backward, 4 GEMMs of N*V*H instead of 3, paid
 back by the fused elementwise work and by holding nothing between forward and backward
 (`benchmarks/throughput.py` measures it in training; results in benchmarks/RESULTS.md).
+
+`keep_logits` trades that GEMM for memory: the forward computes the micro-batch's logits in one
+GEMM and keeps them (N x V/tp in the compute dtype) until backward, which turns them into the
+logit gradient in place, chunk by chunk, then runs one input-gradient and one weight-gradient
+GEMM over all tokens: the 3 GEMMs of an unfused output layer, at full size (no per-chunk
+accumulator pass over the weight gradient), and still no fp32 logits. At the Llama-3.2-1B shape
+(vocab 128256) the output layer is a fifth of the model's GEMM work, so the recomputation and
+the chunked weight gradient cost several percent of the step (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -132,11 +140,17 @@ def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor,
     return (p * go[:, None]).to(logits.dtype)
 
 
-# On CUDA the two elementwise/reduction steps run through torch.compile: one kernel reads the
+def _chunk_grad_(logits: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor,
+                 owned: torch.Tensor, go: torch.Tensor) -> None:
+    """`_chunk_grad` written over the logits themselves (kept logits: no second buffer)."""
+    logits.copy_(_chunk_grad(logits, lse, local_t, owned, go))
+
+
+# On CUDA the elementwise/reduction steps run through torch.compile: one kernel reads the
 # chunk's logits once for the stats, one turns them into the gradient, instead of ~5 full-size
 # fp32 passes each. Eager (the same functions) elsewhere or if compilation fails.
 COMPILE = os.environ.get("FRAMEWORK_FUSED_CE_COMPILE", "1") != "0"
-_EAGER = {"stats": _chunk_stats, "grad": _chunk_grad}
+_EAGER = {"stats": _chunk_stats, "grad": _chunk_grad, "grad_": _chunk_grad_}
 _COMPILED: dict = {}
 
 
@@ -175,12 +189,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         tp_group: the tensor-parallel process group (None: no tensor parallelism).
         sequence_parallel: hidden is sharded along s over tp_group.
         chunk_tokens: tokens per chunk (None: `default_chunk_tokens`).
+        keep_logits: compute all logits in one GEMM and keep them for backward (see the
+            module's docstring); chunk_tokens then only bounds the backward's temporaries.
 
     Returns: fp32 loss [s*b] in the same token order as labels.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, tp_group, sequence_parallel, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, tp_group, sequence_parallel, chunk_tokens,
+                keep_logits=False):
         tp = _group_size(tp_group)
         sequence_parallel = bool(sequence_parallel) and tp > 1
         total = _all_gather_first_dim(hidden, tp_group) if sequence_parallel else hidden
@@ -197,6 +214,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # [r * V/tp, (r + 1) * V/tp)
         vocab_start = _group_rank(tp_group) * vocab
         chunk = int(chunk_tokens or default_chunk_tokens(vocab, h2d.element_size()))
+        kept = None
         labels = labels.reshape(-1)
         local_t, owned = _local_targets(labels, vocab_start, vocab)
 
@@ -204,9 +222,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty(n_tok, dtype=acc, device=h2d.device)
         loss = torch.empty(n_tok, dtype=acc, device=h2d.device)
         stats = _kernel("stats", h2d.is_cuda)
+        if keep_logits:  # one GEMM; the stats below still go chunk by chunk over its rows
+            kept = torch.mm(h2d, weight.t())
         for start in range(0, n_tok, chunk):
             end = min(start + chunk, n_tok)
-            logits = torch.mm(h2d[start:end], weight.t())
+            logits = kept[start:end] if kept is not None else torch.mm(h2d[start:end],
+                                                                        weight.t())
             mx, sum_exp, tgt = stats(logits, local_t[start:end], owned[start:end], acc)
             del logits
             if tp > 1:
@@ -220,7 +241,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse[start:end] = chunk_lse
             loss[start:end] = chunk_lse - tgt
 
-        ctx.save_for_backward(hidden, weight, local_t, owned, lse)
+        ctx.save_for_backward(hidden, weight, local_t, owned, lse,
+                              *((kept,) if kept is not None else ()))
         ctx.tp_group = tp_group
         ctx.sequence_parallel = sequence_parallel
         ctx.chunk = chunk
@@ -229,7 +251,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, local_t, owned, lse = ctx.saved_tensors
+        hidden, weight, local_t, owned, lse = ctx.saved_tensors[:5]
+        kept = ctx.saved_tensors[5] if len(ctx.saved_tensors) > 5 else None
         tp_group, chunk = ctx.tp_group, ctx.chunk
         tp = _group_size(tp_group)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -242,6 +265,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = h2d.dtype
         acc = lse.dtype
         go = grad_loss.reshape(-1).to(acc)
+        if kept is not None:
+            # the kept logits become the logit gradient in place (chunk by chunk: the compiled
+            # kernel's temporaries stay one chunk), then one GEMM each for grad_h and grad_w
+            grad_ = _kernel("grad_", h2d.is_cuda)
+            for start in range(0, n_tok, chunk):
+                end = min(start + chunk, n_tok)
+                grad_(kept[start:end], lse[start:end], local_t[start:end], owned[start:end],
+                      go[start:end])
+            chunk = n_tok
         n_chunks = (n_tok + chunk - 1) // chunk
 
         grad_h = torch.empty_like(h2d) if need_h else None
@@ -253,10 +285,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n_tok, chunk):
             end = min(start + chunk, n_tok)
             h_c = h2d[start:end]
-            logits = torch.mm(h_c, weight.t())
-            g = grad_kernel(logits, lse[start:end], local_t[start:end], owned[start:end],
-                            go[start:end])
-            del logits
+            if kept is not None:
+                g = kept
+            else:
+                logits = torch.mm(h_c, weight.t())
+                g = grad_kernel(logits, lse[start:end], local_t[start:end], owned[start:end],
+                                go[start:end])
+                del logits
             if need_h:
                 torch.mm(g, weight, out=grad_h[start:end])
             if need_w:
@@ -276,18 +311,40 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # ColumnParallelLinear's input gradient: each rank holds the part from its vocab
                 # slice (mcore: copy_to_tensor_model_parallel_region / allreduce_dgrad)
                 dist.all_reduce(grad_h, group=tp_group)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+# keep_logits=None (auto): keep them when they take at most this fraction of the GPU's memory
+KEEP_LOGITS_FRACTION = 0.08
+
+
+def keep_logits_auto(n_tokens: int, vocab_per_partition: int, itemsize: int,
+                     device: torch.device) -> bool:
+    """The auto choice of `keep_logits`: on a GPU, when one micro-batch's logits (n_tokens x
+    V/tp x itemsize) take at most KEEP_LOGITS_FRACTION of its total memory (e.g. an H200 keeps
+    the 8.4 GB of Llama-3.2-1B's vocab at 16 x 2048 tokens, an 80 GB card up to 6.4 GB);
+    never on CPU."""
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return n_tokens * vocab_per_partition * itemsize <= KEEP_LOGITS_FRACTION * total
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          tp_group=None, sequence_parallel: bool = False,
-                         chunk_tokens: Optional[int] = None) -> torch.Tensor:
+                         chunk_tokens: Optional[int] = None,
+                         keep_logits: Optional[bool] = False) -> torch.Tensor:
     """mcore's layout: hidden [s, b, H] ([s/tp, b, H] with sequence parallelism), weight
-    [V/tp, H], labels [b, s] -> fp32 per-token loss [b, s]."""
+    [V/tp, H], labels [b, s] -> fp32 per-token loss [b, s]. `keep_logits`: see
+    `LinearCrossEntropy` (None: `keep_logits_auto`); only where a backward will run."""
     b, s = labels.shape
     labels_sb = labels.t().reshape(-1)
+    training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if keep_logits is None:
+        keep_logits = keep_logits_auto(labels.numel(), weight.shape[0], weight.element_size(),
+                                       weight.device)
     loss = LinearCrossEntropy.apply(hidden, weight, labels_sb, tp_group, sequence_parallel,
-                                    chunk_tokens)
+                                    chunk_tokens, bool(keep_logits and training))
     return loss.view(s, b).t().contiguous()
 
 
@@ -312,6 +369,8 @@ def _fused_ce_gpt_model():
         or the output layer's own."""
 
         fused_ce_chunk_tokens: Optional[int] = None  # None: default_chunk_tokens(V/tp)
+        # keep the micro-batch's logits for backward (None: keep_logits_auto)
+        fused_ce_keep_logits: Optional[bool] = None
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -339,7 +398,7 @@ def _fused_ce_gpt_model():
             return linear_cross_entropy(
                 hidden_states, weight, labels, tp_group=self.output_layer.tp_group,
                 sequence_parallel=self.output_layer.sequence_parallel,
-                chunk_tokens=self.fused_ce_chunk_tokens)
+                chunk_tokens=self.fused_ce_chunk_tokens, keep_logits=self.fused_ce_keep_logits)
 
     FusedCEGPTModel.__module__ = __name__
     FusedCEGPTModel.__qualname__ = "FusedCEGPTModel"
