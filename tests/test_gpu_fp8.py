@@ -69,7 +69,9 @@ def test_cast_transpose_by_input_dtype(src, trans):
     """The one-scale cast with both outputs, from an fp32 and a bf16 input, at gpt2-xl's fc2
     input shape: rows and transpose against the reference bits, and no NaN byte. (The fused
     activation's first, unprimed cast once cast its fp32 activation here, and that step's
-    weight gradient came out non-finite on an H200, 2026-12-04.)"""
+    weight gradient came out non-finite on an H200, 2026-12-04: the kernel's transpose from
+    fp32 was wrong in both store forms, so `cast` now transposes an fp32 input's rows with
+    torch; `_trans` then does not matter for fp32.)"""
     g = torch.Generator(device="cuda").manual_seed(11)
     for m, k in ((8192, 6400), (512, 512), (77, 130)):
         x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(src)

@@ -293,6 +293,12 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
         if amax_out is not None:
             torch.maximum(amax_out, finite_amax(x), out=amax_out)
         return (q if rows else None), (q.t().contiguous() if cols else None), inv
+    if cols and x.dtype == torch.float32:
+        # from an fp32 input the kernel's transposed output held wrong bytes on an H200 (both
+        # store forms; its rows were exact: tests/test_gpu_fp8.py,
+        # test_cast_transpose_by_input_dtype): the rows, then torch's transpose
+        q, _, inv = cast(x, amax, dtype, axis, True, False, amax_out, act, act_bias, _trans)
+        return (q if rows else None), q.t().contiguous(), inv
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
     q = torch.empty((m, k), dtype=dtype, device=x.device) if rows else None

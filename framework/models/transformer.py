@@ -88,7 +88,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
     # would run the unfused forward first, without grad; "mlp_act" recomputes the activation
     # itself) and not compiled
     mlp_recomputed = recompute == "full" or (recompute == "selective" and "mlp" in modules)
-    # (null = off until its 20-step GPU training comparison passes: see the config field)
+    # (null = off: see the config field)
     fp8_act_cast = bool(fp8 == "delayed" and fuse_gelu and model.fp8_fused_act
                         and not model.torch_compile and not mlp_recomputed and not mlp_act)
     rope_fusion = on_gpu and model.rope_fusion and model.position_embedding_type == "rope"
