@@ -52,6 +52,7 @@ OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
                  "unfused_wgrad": ["model.fused_wgrad=false"],
                  "cuda_graph": ["model.cuda_graph=true"],
                  "no_swiglu_kernel": ["model.swiglu_kernel=false"],
+                 "keep_logits": ["model.fused_ce_keep_logits=true"],
                  "recompute_logits": ["model.fused_ce_keep_logits=false"]}
 
 

@@ -111,6 +111,8 @@ CANDIDATES = {
                     ["optimizer.fused_step=false"]),
     "compile": ("ours + torch.compile per layer", ["model.torch_compile=true"]),
     "fused_ce": ("ours + fused chunked linear-CE", ["model.fused_cross_entropy=true"]),
+    "keep_logits": ("ours + fused CE keeping the logits for backward "
+                    "(model.fused_ce_keep_logits=true)", ["model.fused_ce_keep_logits=true"]),
     "recompute_logits": ("ours, fused CE recomputing the logits in backward "
                          "(model.fused_ce_keep_logits=false)", ["model.fused_ce_keep_logits=false"]),
     "cuda_graph": ("ours + CUDA graphs per layer", ["model.cuda_graph=true"]),

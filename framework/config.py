@@ -135,9 +135,10 @@ class ModelConfig:
     fused_cross_entropy: Optional[bool] = None
     # GPT, fused cross-entropy: keep the micro-batch's logits (tokens x vocab/TP in bf16) from
     # forward to backward instead of recomputing them chunk by chunk, so the output layer runs
-    # the 3 GEMMs of an unfused one, at full size (framework/fast/fused_ce.py). null = when they
-    # take at most 8% of the GPU's memory (an H200 keeps Llama-3.2-1B's at 16 x 2048 tokens,
-    # 8.4 GB); true = always; false = recompute (the least memory)
+    # the 3 GEMMs of an unfused one, at full size (framework/fast/fused_ce.py). true = keep;
+    # null/false = recompute (the least memory). null stays off until a GPU run has tested and
+    # measured it (written 2026-12-04 without a GPU); the policy meant for null then is
+    # fused_ce.keep_logits_auto: keep when they take at most 8% of the GPU's memory
     fused_ce_keep_logits: Optional[bool] = None
     # GPU: wrap each transformer layer in torch.compile (fuses the norm / bias / GeLU / residual
     # elementwise work between the matmuls); ignored on CPU. Off by default: with the fused

@@ -370,7 +370,7 @@ def _fused_ce_gpt_model():
 
         fused_ce_chunk_tokens: Optional[int] = None  # None: default_chunk_tokens(V/tp)
         # keep the micro-batch's logits for backward (None: keep_logits_auto)
-        fused_ce_keep_logits: Optional[bool] = None
+        fused_ce_keep_logits: Optional[bool] = False
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
