@@ -25,15 +25,24 @@ def summarize(path: str, top: int = 30, out: str = None) -> str:
             k[1] += 1
         elif e.get("cat") == "user_annotation" and e["name"].startswith("train_step_"):
             steps += 1
-    marker = "train_step_"
+    marker, note = "train_step_", ""
     if not steps:  # another trainer's trace: torch.profiler's step ranges
         marker = "ProfilerStep#"
-        steps = sum(1 for e in events if e.get("ph") == "X" and e.get("name", "").startswith(
-            marker) and e.get("cat") in ("user_annotation", "cpu_op"))
+        ranges = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                        if e.get("ph") == "X" and e.get("name", "").startswith(marker)
+                        and e.get("cat") in ("user_annotation", "cpu_op"))
+        steps = len(ranges)
+        # the GPU runs behind the host, so the recorded kernels include ones launched before
+        # the first range: count a kernel in the step whose range holds its launch
+        kept, left = _launched_in(events, ranges)
+        if kept is not None:
+            kern = kept
+            note = (f" (kernels launched inside the {steps} ProfilerStep ranges; {left} "
+                    f"launched outside them left out)")
     steps = max(steps, 1)
     total = sum(v[0] for v in kern.values())
-    lines = [f"{path}: {steps} step(s), GPU kernel time {total / 1000 / steps:.1f} ms/step",
-             f"{'ms/step':>9} {'%':>6} {'calls':>6}  kernel"]
+    lines = [f"{path}: {steps} step(s), GPU kernel time {total / 1000 / steps:.1f} ms/step"
+             + note, f"{'ms/step':>9} {'%':>6} {'calls':>6}  kernel"]
     for name, (dur, n) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{dur / 1000 / steps:9.2f} {100 * dur / max(total, 1):6.1f} "
                      f"{n // steps:6d}  {name}")
@@ -73,6 +82,32 @@ def _overlap(merged, a, b):
             break
         total += min(y, b) - max(x, a)
     return total
+
+
+def _launched_in(events, ranges):
+    """({kernel name: [us, calls]} of the kernels whose launch (the cuda_runtime event with
+    the same correlation id) lies in one of `ranges`, number left out), or (None, 0) when the
+    trace has no correlation ids."""
+    import bisect
+
+    launch_ts = {e["args"]["correlation"]: e["ts"] for e in events if e.get("ph") == "X"
+                 and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    if not launch_ts or not ranges:
+        return None, 0
+    starts = [a for a, _ in ranges]
+    kern, left = defaultdict(lambda: [0.0, 0]), 0
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") != "kernel":
+            continue
+        t = launch_ts.get(e.get("args", {}).get("correlation"))
+        i = bisect.bisect_right(starts, t) - 1 if t is not None else -1
+        if i < 0 or t > ranges[i][1]:
+            left += 1
+            continue
+        k = kern[e["name"][:110]]
+        k[0] += e.get("dur", 0.0)
+        k[1] += 1
+    return kern, left
 
 
 # kinds of GPU work, matched in order on the lower-cased kernel name (first match wins)

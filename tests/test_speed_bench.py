@@ -252,6 +252,21 @@ def test_profile_summary_reads_another_trainers_trace(tmp_path):
     path.write_text(json.dumps({"traceEvents": ev}))
     text = summarize(str(path), out=str(tmp_path / "t.txt"))
     assert text.startswith(f"{path}: 2 step(s), GPU kernel time 0.9 ms/step")
+    # with launch records: a kernel launched before the first step range (the GPU behind the
+    # host) is left out of the per-step times
+    late = [{"ph": "X", "cat": "kernel", "name": "nvjet_late", "ts": 10, "dur": 900,
+             "args": {"correlation": 99}},
+            {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": -50, "dur": 5,
+             "pid": 1, "tid": 1, "args": {"correlation": 99}}]
+    for i, e in enumerate([x for x in ev if x["cat"] == "kernel"]):
+        e["args"] = {"correlation": i}
+        late.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel",
+                     "ts": e["ts"] - 1 if e["ts"] >= 1 else 0, "dur": 1, "pid": 1,
+                     "tid": 1, "args": {"correlation": i}})
+    path.write_text(json.dumps({"traceEvents": ev + late}))
+    text = summarize(str(path))
+    assert text.startswith(f"{path}: 2 step(s), GPU kernel time 0.9 ms/step (kernels launched "
+                           f"inside the 2 ProfilerStep ranges; 1 launched outside them left out)")
     assert "0.60   66.7      1  GEMM" in text and "0.20   22.2      1  attention" in text
     assert "GPU idle 0.1 ms" in text
     assert [category(n) for n in ("sm90_xmma_gemm_bf16bf16", "void at::native::vectorized_"
