@@ -89,6 +89,61 @@ def test_kept_logits_give_the_recomputed_single_chunk_bits(dtype):
     assert torch.equal(loss, ref[0])
 
 
+def test_kept_logits_edge_cases(monkeypatch):
+    """keep_logits: an empty micro-batch; torch.autocast (falls back to recomputing, since the
+    kept logits would not be in the weight's dtype); a compiled in-place gradient kernel that
+    fails half way through a chunk (the chunk's logits are recomputed before the eager rerun);
+    a second backward through the graph stops with autograd's in-place error."""
+    from framework.fast import fused_ce
+
+    h, w, labels, go = _data(torch.float32, seed=6)
+    ref = _fused(h, w, labels, go, chunk_tokens=S * B)
+    # empty
+    loss, gh, gw = _fused(h[:0], w, labels[:, :0], go[:, :0], keep_logits=True)
+    assert loss.shape == (B, 0) and gh.shape == (0, B, H) and not gw.any()
+    # autocast around the forward (backward outside it, as usual): recomputes, like without
+    # keep_logits, and nothing is kept
+    outs = []
+    for keep in (False, True):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = linear_cross_entropy(hh, ww, labels, keep_logits=keep)
+        assert not any(t.shape == (S * B, V) for t in saved)
+        (loss * go.float()).sum().backward()
+        outs.append((loss.detach(), hh.grad, ww.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert (outs[1][0] - ref[0]).abs().max().item() < 0.1
+    # a failing compiled kernel: it scribbles on the chunk, marks itself failed and reruns
+    # eagerly on what it left (what _kernel's wrapper does)
+    def failing(name, cuda):
+        if name != "grad_":
+            return fused_ce._EAGER[name]
+
+        def fn(logits, *args):
+            if not fused_ce._COMPILED.get("grad_.failed"):  # the first call fails
+                logits.fill_(123.0)
+                fused_ce._COMPILED["grad_.failed"] = True
+            return fused_ce._EAGER["grad_"](logits, *args)
+        return fn
+
+    monkeypatch.setattr(fused_ce, "_kernel", failing)
+    monkeypatch.setattr(fused_ce, "_COMPILED", {})
+    got = _fused(h, w, labels, go, chunk_tokens=4, keep_logits=True)
+    for name, a, b in zip(("loss", "grad_h", "grad_w"), got, ref):
+        assert (a - b).abs().max().item() < 1e-5, name
+    monkeypatch.undo()
+    # one backward per graph
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = (linear_cross_entropy(hh, ww, labels, keep_logits=True) * go.float()).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        loss.backward()
+
+
 def test_keep_logits_auto_is_off_on_cpu_and_by_size(monkeypatch):
     from framework.fast import fused_ce
 

@@ -191,6 +191,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk_tokens: tokens per chunk (None: `default_chunk_tokens`).
         keep_logits: compute all logits in one GEMM and keep them for backward (see the
             module's docstring); chunk_tokens then only bounds the backward's temporaries.
+            The backward overwrites the kept logits, so the graph takes one backward: a second
+            (retain_graph=True) stops with autograd's "modified by an inplace operation".
 
     Returns: fp32 loss [s*b] in the same token order as labels.
     """
@@ -251,8 +253,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, local_t, owned, lse = ctx.saved_tensors[:5]
-        kept = ctx.saved_tensors[5] if len(ctx.saved_tensors) > 5 else None
+        saved = ctx.saved_tensors  # unpacked once (a saved-tensor hook may copy each time)
+        hidden, weight, local_t, owned, lse = saved[:5]
+        kept = saved[5] if len(saved) > 5 else None
         tp_group, chunk = ctx.tp_group, ctx.chunk
         tp = _group_size(tp_group)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -271,9 +274,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_ = _kernel("grad_", h2d.is_cuda)
             for start in range(0, n_tok, chunk):
                 end = min(start + chunk, n_tok)
-                grad_(kept[start:end], lse[start:end], local_t[start:end], owned[start:end],
-                      go[start:end])
-            chunk = n_tok
+                args = (lse[start:end], local_t[start:end], owned[start:end], go[start:end])
+                failed = _COMPILED.get("grad_.failed")
+                grad_(kept[start:end], *args)
+                if _COMPILED.get("grad_.failed") and not failed:
+                    # the compiled kernel failed on this chunk, which it may have half written
+                    # before the eager rerun: the chunk's logits again, then the eager kernel
+                    torch.mm(h2d[start:end], weight.t(), out=kept[start:end])
+                    _EAGER["grad_"](kept[start:end], *args)
+            chunk = max(n_tok, 1)
         n_chunks = (n_tok + chunk - 1) // chunk
 
         grad_h = torch.empty_like(h2d) if need_h else None
@@ -339,7 +348,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     `LinearCrossEntropy` (None: `keep_logits_auto`); only where a backward will run."""
     b, s = labels.shape
     labels_sb = labels.t().reshape(-1)
-    training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    # (under torch.autocast the kept logits would not be in the weight's dtype: recompute)
+    training = (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+                and not torch.is_autocast_enabled(hidden.device.type))
     if keep_logits is None:
         keep_logits = keep_logits_auto(labels.numel(), weight.shape[0], weight.element_size(),
                                        weight.device)
