@@ -349,10 +349,10 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
     hist = meta.rows[role]
     if not meta.primed[role]:
         if act is not None:
-            # the first cast: the activation once, in fp32 rounded to x's dtype (as the unfused
-            # activation kernel writes it), then cast as below. (Cast from fp32 as it was, this
-            # step's weight gradient came out non-finite on an H200: tests/test_gpu_fp8.py's
-            # test_cast_transpose_by_input_dtype)
+            # the first cast: the activation once, in fp32 rounded to x's dtype (what the
+            # unfused path's activation kernel writes), then cast as below; in bf16 the cast
+            # kernel also writes the transpose in the same pass (`cast` transposes an fp32
+            # input with torch: the kernel's fp32 transpose is wrong on an H200)
             x = act_ref(x, act_bias, act).to(x.dtype)
         amax = _reduce_max(amax_of(x), group, partials=True)
         a = whole_amax(amax).float()
