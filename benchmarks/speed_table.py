@@ -53,7 +53,10 @@ OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
                  "cuda_graph": ["model.cuda_graph=true"],
                  "no_swiglu_kernel": ["model.swiglu_kernel=false"],
                  "keep_logits": ["model.fused_ce_keep_logits=true"],
-                 "recompute_logits": ["model.fused_ce_keep_logits=false"]}
+                 "recompute_logits": ["model.fused_ce_keep_logits=false"],
+                 "qkv_rope": ["model.qkv_rope_fusion=true"],
+                 "keep_logits_qkv_rope": ["model.fused_ce_keep_logits=true",
+                                          "model.qkv_rope_fusion=true"]}
 
 
 @dataclass

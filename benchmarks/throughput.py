@@ -115,6 +115,8 @@ CANDIDATES = {
                     "(model.fused_ce_keep_logits=true)", ["model.fused_ce_keep_logits=true"]),
     "recompute_logits": ("ours, fused CE recomputing the logits in backward "
                          "(model.fused_ce_keep_logits=false)", ["model.fused_ce_keep_logits=false"]),
+    "qkv_rope": ("ours + RoPE in the QKV split (model.qkv_rope_fusion=true)",
+                 ["model.qkv_rope_fusion=true"]),
     "cuda_graph": ("ours + CUDA graphs per layer", ["model.cuda_graph=true"]),
     "unfused_wgrad": ("ours, bf16 wgrad + separate fp32 add (model.fused_wgrad=false)",
                       ["model.fused_wgrad=false"]),

@@ -184,3 +184,32 @@ def test_fused_rope_matches_megatron_core(dtype):
         g_ref, = torch.autograd.grad((ref * w).sum(), qkv)
         torch.testing.assert_close(g_got.double(), g_ref.double(), **tol)
         assert g_got[..., :d].abs().max() == 0 and g_got[..., 2 * d:].abs().max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qpg", [1, 4])
+def test_fused_qkv_rope_is_split_then_fused_rope_cuda(qpg):
+    """`fused_qkv_rope` (model.qkv_rope_fusion) compiled on the GPU, at the Llama-3.2-1B
+    attention shape (8 KV groups of 4 query heads, d 64, seq 2048) and MHA: bit-identical q, k, v
+    and mixed-QKV gradient to mcore's split followed by `fused_rope` on q and k."""
+    from framework.fast.rope import fused_qkv_rope, fused_qkv_rope_supported, fused_rope
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    s, b, g, d = 2048, 2, 8, 64
+    inv = 1.0 / (500000 ** (torch.arange(0, d, 2, device=dev).float() / d))
+    ang = torch.outer(torch.arange(s, device=dev).float(), inv)
+    freqs = torch.cat([ang, ang], -1)[:, None, None, :]
+    mixed = torch.randn(s, b, g, (qpg + 2) * d, device=dev, dtype=torch.bfloat16)
+    assert fused_qkv_rope_supported(mixed, freqs, freqs, qpg)
+    m1 = mixed.clone().requires_grad_()
+    m2 = mixed.clone().requires_grad_()
+    got = fused_qkv_rope(m1, freqs, freqs, qpg)
+    q, k, v = torch.split(m2, [qpg * d, d, d], dim=3)
+    want = (fused_rope(q.reshape(s, b, g * qpg, d), freqs), fused_rope(k, freqs), v)
+    for a, r in zip(got, want):
+        assert a.shape == r.shape and torch.equal(a, r)
+    grads = [torch.randn_like(t) for t in got]
+    torch.autograd.backward(list(got), grads)
+    torch.autograd.backward(list(want), grads)
+    assert torch.equal(m1.grad, m2.grad)

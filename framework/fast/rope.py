@@ -15,6 +15,8 @@ halves. Other cases (interleaved, CPU, other freqs shapes) take mcore's unfused 
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 try:
@@ -29,18 +31,21 @@ ROWS = 16  # (s, b, n) rows per program
 if triton is not None:
     @triton.jit
     def _rope_kernel(x_ptr, f_ptr, o_ptr, total_rows, per_pos, heads,
-                     sx_s, sx_b, sx_n, sf_s, so_s, so_b, so_n,
+                     sx_s, sx_b, sx_n, sf_s, so_s, so_b, so_n, hpg_x, sx_g, hpg_o, so_g,
                      HALF: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr,
                      PBLOCK: tl.constexpr, ROWS_: tl.constexpr, BACKWARD: tl.constexpr):
-        # int64 offsets: position x stride can pass 2^31 for long sequences and wide layers
+        # int64 offsets: position x stride can pass 2^31 for long sequences and wide layers.
+        # Head ni of x is head ni % hpg_x of group ni // hpg_x (stride sx_g), and likewise for
+        # the output (hpg_o, so_g): the query heads of mcore's fused QKV output sit in groups
+        # [q.. k v | q.. k v | ...]; a plain [s, b, n, d] tensor has one group (hpg = n)
         rows = (tl.program_id(0) * ROWS_ + tl.arange(0, ROWS_)).to(tl.int64)
         rmask = rows < total_rows
         pos = rows // per_pos
         rem = rows % per_pos
         bi = rem // heads
         ni = rem % heads
-        xrow = (pos * sx_s + bi * sx_b + ni * sx_n)[:, None]
-        orow = (pos * so_s + bi * so_b + ni * so_n)[:, None]
+        xrow = (pos * sx_s + bi * sx_b + (ni // hpg_x) * sx_g + (ni % hpg_x) * sx_n)[:, None]
+        orow = (pos * so_s + bi * so_b + (ni // hpg_o) * so_g + (ni % hpg_o) * so_n)[:, None]
         frow = (pos * sf_s)[:, None]
         i = tl.arange(0, BLOCK)[None, :]
         m = rmask[:, None] & (i < HALF)
@@ -64,15 +69,25 @@ if triton is not None:
                      tl.load(x_ptr + xrow + 2 * HALF + j, mask=mp, other=0.0), mask=mp)
 
 
-def _launch(x: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, freqs: torch.Tensor, backward: bool,
+            out: Optional[torch.Tensor] = None, groups: Optional[Tuple[int, int, int]] = None,
+            out_groups: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """Rotate x [s, b, n, d] (unit last stride) by freqs [s, 1, 1, rot] into `out` (a new
+    contiguous tensor by default; any strides with a unit last one). `groups` = (heads per
+    group, group stride, head stride): x's head i is head i % hpg of group i // hpg, so x may be
+    the query heads of a fused QKV output seen as [s, b, n, d] through those strides (its own
+    stride(2) is then unused); `out_groups` the same for `out`."""
     s, b, n, d = x.shape
     rot = freqs.shape[-1]
-    out = torch.empty((s, b, n, d), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((s, b, n, d), dtype=x.dtype, device=x.device)
+    hpg_x, sx_g, sx_n = groups or (n, 0, x.stride(2))
+    hpg_o, so_g, so_n = out_groups or (n, 0, out.stride(2))
     rows = s * b * n
     half, pass_ = rot // 2, d - rot
     _rope_kernel[(triton.cdiv(rows, ROWS),)](
-        x, freqs, out, rows, b * n, n, x.stride(0), x.stride(1), x.stride(2), freqs.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
+        x, freqs, out, rows, b * n, n, x.stride(0), x.stride(1), sx_n, freqs.stride(0),
+        out.stride(0), out.stride(1), so_n, hpg_x, sx_g, hpg_o, so_g,
         HALF=half, BLOCK=triton.next_power_of_2(half), PASS=pass_,
         PBLOCK=triton.next_power_of_2(max(pass_, 1)), ROWS_=ROWS, BACKWARD=backward)
     return out
@@ -108,3 +123,83 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
 
         return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
     return _FusedRope.apply(t, freqs)
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE on megatron-core's fused QKV output
+# --------------------------------------------------------------------------------------------
+def _query_view(t: torch.Tensor, qpg: int, d: int) -> torch.Tensor:
+    """The query heads of a contiguous fused QKV tensor [s, b, g, (qpg + 2) * d] seen as
+    [s, b, g * qpg, d]; stride(2) is a placeholder: `_launch`'s groups give the real layout."""
+    s, b, g, _ = t.shape
+    return t.as_strided((s, b, g * qpg, d), (t.stride(0), t.stride(1), d, 1))
+
+
+class _FusedQKVRope(torch.autograd.Function):
+    """(q, k, v) from mcore's fused QKV projection output, with RoPE on q and k.
+
+    mcore splits mixed [s, b, g, (qpg + 2) * d] into views, copies the query heads into a
+    contiguous [s, b, g * qpg, d] (they are not one stride apart), rotates q and k in two more
+    kernels, and in backward rotates the two gradients back and concatenates the three into the
+    mixed gradient (one more pass). Here the forward reads the query and key heads where they
+    lie and writes them rotated (two kernels; v one copy), and the backward writes the rotated-
+    back gradients straight into the mixed gradient. Same rotation kernel and arithmetic as
+    `fused_rope`, so q and k are bit-identical to mcore's split followed by `fused_rope`."""
+
+    @staticmethod
+    def forward(ctx, mixed, q_freqs, k_freqs, qpg):
+        s, b, g, w = mixed.shape
+        d = w // (qpg + 2)
+        mixed = mixed.contiguous()
+        q = _launch(_query_view(mixed, qpg, d), q_freqs, False, groups=(qpg, w, d))
+        k = _launch(mixed[..., qpg * d:(qpg + 1) * d], k_freqs, False)
+        v = mixed[..., (qpg + 1) * d:].contiguous()
+        ctx.save_for_backward(q_freqs, k_freqs)
+        ctx.qpg, ctx.shape = qpg, (s, b, g, w)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        q_freqs, k_freqs = ctx.saved_tensors
+        qpg, (s, b, g, w) = ctx.qpg, ctx.shape
+        d = w // (qpg + 2)
+        dtype = next(t.dtype for t in (dq, dk, dv) if t is not None)
+        device = next(t.device for t in (dq, dk, dv) if t is not None)
+        dmixed = torch.empty((s, b, g, w), dtype=dtype, device=device)
+        if dq is None:
+            dmixed[..., :qpg * d].zero_()
+        else:
+            _launch(dq if dq.stride(-1) == 1 else dq.contiguous(), q_freqs, True,
+                    out=_query_view(dmixed, qpg, d), out_groups=(qpg, w, d))
+        k_slot = dmixed[..., qpg * d:(qpg + 1) * d]
+        if dk is None:
+            k_slot.zero_()
+        else:
+            _launch(dk if dk.stride(-1) == 1 else dk.contiguous(), k_freqs, True, out=k_slot)
+        v_slot = dmixed[..., (qpg + 1) * d:]
+        if dv is None:
+            v_slot.zero_()
+        else:
+            v_slot.copy_(dv)
+        return dmixed, None, None, None
+
+
+def fused_qkv_rope_supported(mixed: torch.Tensor, q_freqs: torch.Tensor,
+                             k_freqs: torch.Tensor, qpg: int) -> bool:
+    """Whether `fused_qkv_rope` serves these tensors: CUDA with Triton, mixed [s, b, g, w] with w
+    a multiple of qpg + 2, and non-interleaved angles [s, 1, 1, rot] that `fused_rope` takes."""
+    if not (triton is not None and mixed.is_cuda and mixed.dim() == 4 and qpg >= 1
+            and mixed.shape[-1] % (qpg + 2) == 0):
+        return False
+    d = mixed.shape[-1] // (qpg + 2)
+    probe = mixed[..., :d]  # the shape every rotated head has
+    return fused_supported(probe, q_freqs) and fused_supported(probe, k_freqs)
+
+
+def fused_qkv_rope(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,
+                   qpg: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [s, b, g * qpg, d], k [s, b, g, d], v [s, b, g, d]) from mcore's fused QKV output
+    mixed [s, b, g, (qpg + 2) * d] (per group: qpg query heads, one key, one value head), q
+    rotated by q_freqs and k by k_freqs ([s, 1, 1, rot], non-interleaved halves); needs
+    `fused_qkv_rope_supported` (CUDA; the CPU tests run it under Triton's interpreter)."""
+    return _FusedQKVRope.apply(mixed, q_freqs, k_freqs, qpg)

@@ -60,6 +60,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.attention import SelfAttention as _McoreSelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -73,6 +74,7 @@ from framework.fast.cudnn_attention import (CudnnUnavailable, cudnn_causal_atten
                                             supported as cudnn_supported)
 from framework.fast.fp8 import fp8_linear, shapes_supported
 from framework.fast.norm import fused_norm, supported as fused_norm_supported
+from framework.fast.rope import fused_qkv_rope, fused_qkv_rope_supported
 from framework.fast.swiglu import swiglu
 
 
@@ -318,8 +320,67 @@ class SelfAttention(_McoreSelfAttention):
     output is interleaved per group [q.. k v | q.. k v | ...]; rank r uses group r // (tp/g) and
     query heads [r*n/tp, (r+1)*n/tp)."""
 
+    # the rotary angles `forward` hands to `get_query_key_value_tensors` while mcore's forward
+    # runs without them (model.qkv_rope_fusion); None otherwise
+    _qkv_rope = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        """mcore's forward; with `config.qkv_rope_fusion` in training, q and k are rotated as they
+        are split out of the fused QKV output (`framework.fast.rope.fused_qkv_rope`), and mcore's
+        forward runs with no rotary angles, so it does not rotate them again."""
+        freqs = self._fusable_rope(hidden_states, args, kwargs)
+        if freqs is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        self._qkv_rope = freqs
+        try:
+            return super().forward(hidden_states, *args, **dict(kwargs, rotary_pos_emb=None))
+        finally:
+            self._qkv_rope = None
+
+    def _fusable_rope(self, hidden_states, args, kwargs):
+        """(q angles, k angles) where the fused QKV RoPE can take this call's rotation, else None:
+        training on CUDA without a KV cache or packed sequences, plain (non-interleaved,
+        unscaled) RoPE in every layer, every query group on this rank, no q/k norms or output
+        gate; mcore's own path otherwise."""
+        c = self.config
+        emb = kwargs.get("rotary_pos_emb")
+        if not getattr(c, "qkv_rope_fusion", False) or args or emb is None \
+                or not self.training:
+            return None
+        if any(kwargs.get(k) is not None for k in (
+                "inference_context", "inference_params", "packed_seq_params", "rotary_pos_cos",
+                "rotary_pos_sin", "rotary_pos_cos_sin")):
+            return None
+        if (c.rotary_interleaved or c.multi_latent_attention or c.no_rope_freq
+                or c.attention_output_gate or c.mrope_section is not None or c.test_mode
+                or hasattr(c, "yarn_rotary_scaling_factor")
+                or c.num_query_groups < self.world_size
+                or not isinstance(self.q_layernorm, (type(None), IdentityOp))
+                or not isinstance(self.k_layernorm, (type(None), IdentityOp))):
+            return None
+        q_emb, k_emb = emb if isinstance(emb, tuple) else (emb, emb)
+        if q_emb is None or k_emb is None:
+            return None
+        return q_emb, k_emb
+
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
                                     output_gate=False, split_qkv=True):
+        if self._qkv_rope is not None and split_qkv and not output_gate:
+            mixed, _ = self.linear_qkv(hidden_states)
+            qpg = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            mixed = mixed.view(*mixed.shape[:-1], self.num_query_groups_per_partition, -1)
+            q_emb, k_emb = self._qkv_rope
+            if fused_qkv_rope_supported(mixed, q_emb, k_emb, qpg):
+                return fused_qkv_rope(mixed, q_emb, k_emb, qpg)
+            # (a layout the kernel does not take: split as mcore does, rotate unfused)
+            query, key, value = torch.split(
+                mixed, [qpg * self.hidden_size_per_attention_head,
+                        self.hidden_size_per_attention_head,
+                        self.hidden_size_per_attention_head], dim=3)
+            query = query.reshape(*query.shape[:2], -1, self.hidden_size_per_attention_head)
+            cp = self.pg_collection.cp
+            return (_unfused_rope(query, q_emb, self.config, cp),
+                    _unfused_rope(key, k_emb, self.config, cp), value)
         groups, tp = self.config.num_query_groups, self.world_size
         if groups >= tp or hidden_states.is_cuda or output_gate or not split_qkv:
             return super().get_query_key_value_tensors(hidden_states, key_value_states,
@@ -346,6 +407,14 @@ class SelfAttention(_McoreSelfAttention):
         if self.k_layernorm is not None:
             key = self.k_layernorm(key)
         return query, key, value
+
+
+def _unfused_rope(t, freqs, config, cp_group):
+    """mcore's RoPE of t [s, b, n, d] by freqs, as its forward applies it (fused or not, per
+    `config.apply_rope_fusion`)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(t, freqs, config=config, cp_group=cp_group)
 
 
 def tp_rank_and_size(pg_collection=None) -> Tuple[int, int]:
