@@ -140,6 +140,11 @@ class ModelConfig:
     # measured it (written 2026-12-04 without a GPU); the policy meant for null then is
     # fused_ce.keep_logits_auto: keep when they take at most 8% of the GPU's memory
     fused_ce_keep_logits: Optional[bool] = None
+    # GPT, fused cross-entropy: tokens per chunk of the output layer (its logits and their
+    # gradient exist one chunk at a time). null = as many as fit 256 MB of logits in the
+    # compute dtype (1024 at vocab 128256 in bf16). Larger chunks cost that much more memory and
+    # give the chunk's input-gradient GEMM more tiles to spread over the GPU
+    fused_ce_chunk_tokens: Optional[int] = None
     # GPU: wrap each transformer layer in torch.compile (fuses the norm / bias / GeLU / residual
     # elementwise work between the matmuls); ignored on CPU. Off by default: with the fused
     # kernels below on, it measured no faster at the gpt2-large and Llama-1B shapes
@@ -155,6 +160,12 @@ class ModelConfig:
     # GPU, RoPE: one Triton kernel per direction (framework/fast/rope.py) in place of
     # megatron-core's ~10 unfused elementwise kernels (TE's fused RoPE slot); false = mcore's
     rope_fusion: bool = True
+    # GPU training, RoPE (with rope_fusion): q and k rotated as they are split out of the fused
+    # QKV projection's output (framework/fast/rope.py fused_qkv_rope), which saves the copy of
+    # the query heads and the concatenation of the three gradients. null/false = mcore's split,
+    # then the rotation; null stays off until a GPU run has tested and measured it (written
+    # 2026-12-04 without a GPU)
+    qkv_rope_fusion: Optional[bool] = None
     # GPU training: LayerNorm / RMSNorm as one Triton kernel per direction (framework/fast/norm.py,
     # weight/bias grads reduced inside the backward kernel) in place of torch's native kernels
     # (forward, input gradient and a separate weight-gradient reduction; benchmarks/norm_kernels.py);
@@ -261,6 +272,9 @@ class ModelConfig:
             require(self.position_embedding_type == "rope",
                     f"model.rope_scaling=true needs model.position_embedding_type=rope (got "
                     f"{self.position_embedding_type})")
+            # applied by the GPT builder (framework/models/gpt/rope_scaling.py) only
+            require(self.type == "gpt", f"model.rope_scaling=true is applied to GPT models only "
+                                        f"(model.type={self.type} would train without it)")
             require(self.rope_scaling_factor > 0 and self.rope_scaling_low_freq_factor > 0
                     and self.rope_scaling_original_max_position_embeddings > 0,
                     "model.rope_scaling_factor, model.rope_scaling_low_freq_factor and "
@@ -269,8 +283,14 @@ class ModelConfig:
                     f"model.rope_scaling_high_freq_factor={self.rope_scaling_high_freq_factor} "
                     f"must exceed model.rope_scaling_low_freq_factor="
                     f"{self.rope_scaling_low_freq_factor}")
+        # megatron-core's BertModel / T5Model build their RotaryEmbedding with the default base
+        require(self.rotary_base == 10000 or (self.position_embedding_type == "rope"
+                                              and self.type == "gpt"),
+                f"model.rotary_base={self.rotary_base} is used by GPT models with "
+                f"model.position_embedding_type=rope only (got model.type={self.type}, "
+                f"position_embedding_type={self.position_embedding_type}): leave it 10000")
         if self.position_embedding_type == "rope":
-            head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+            head_dim = self.head_dim
             rot = int(head_dim * self.rotary_percent)
             require(rot > 0 and rot % 2 == 0,
                      f"model.rotary_percent={self.rotary_percent} x head dim {head_dim} gives "
@@ -305,6 +325,52 @@ class ModelConfig:
         for f in ("hidden_dropout", "attention_dropout"):
             require(0.0 <= getattr(self, f) < 1,
                      f"model.{f}={getattr(self, f)} must be in [0, 1)")
+        require(not self.qkv_rope_fusion or (self.position_embedding_type == "rope"
+                                             and self.rope_fusion),
+                f"model.qkv_rope_fusion=true needs RoPE with model.rope_fusion (got "
+                f"position_embedding_type={self.position_embedding_type}, rope_fusion="
+                f"{self.rope_fusion})")
+        require(self.fused_ce_chunk_tokens is None or (
+                    isinstance(self.fused_ce_chunk_tokens, int)
+                    and not isinstance(self.fused_ce_chunk_tokens, bool)
+                    and self.fused_ce_chunk_tokens > 0),
+                f"model.fused_ce_chunk_tokens={self.fused_ce_chunk_tokens} must be a positive "
+                f"number of tokens (or null)")
+        self._check_attention_kernels()
+
+    def _check_attention_kernels(self) -> None:
+        """The attention-kernel switches reach a kernel that this model's training runs: where
+        they do not, SDPAttention (framework/models/layers.py) would fall back without a word."""
+        head, alibi = self.head_dim, self.position_embedding_type == "alibi"
+        # (dense, the reference, is what attention without ALiBi runs anyway)
+        require(alibi or self.alibi_kernel in ("auto", "dense"),
+                f"model.alibi_kernel={self.alibi_kernel} needs model.position_embedding_type=alibi "
+                f"(got {self.position_embedding_type}): leave it auto")
+        require(alibi or not self.flex_kernel_options,
+                f"model.flex_kernel_options={self.flex_kernel_options} needs "
+                f"model.position_embedding_type=alibi (got {self.position_embedding_type})")
+        require(self.alibi_kernel != "flex" or (self.attention_dropout == 0 and head >= 16
+                                                and head & (head - 1) == 0),
+                f"model.alibi_kernel=flex runs without dropout, at a head dim that is a power of "
+                f"two >= 16 (got model.attention_dropout={self.attention_dropout}, head dim "
+                f"{head}); otherwise training takes the dense bias: use alibi_kernel=auto")
+        require(not (self.alibi_kernel == "cudnn" and self.cudnn_attention is False),
+                "model.alibi_kernel=cudnn contradicts model.cudnn_attention=false (cuDNN never): "
+                "unset one of them")
+        if not self.cudnn_attention:
+            return
+        for ok, why in (
+                (self.attention_backend == "sdpa",
+                 f"model.attention_backend={self.attention_backend} (mcore's attention)"),
+                (self.type != "bert", "model.type=bert (bidirectional attention with a padding "
+                                      "mask; the cuDNN path runs causal attention)"),
+                (self.position_embedding_type != "relative",
+                 "model.position_embedding_type=relative (the cuDNN path takes no position bias)"),
+                (head % 8 == 0 and head <= 128,
+                 f"head dim {head} (cuDNN takes multiples of 8 up to 128)"),
+                (self.cuda_graph is not True,
+                 "model.cuda_graph=true (graph capture runs torch SDPA)")):
+            require(ok, f"model.cudnn_attention=true has no effect with {why}: leave it null")
 
     def _check_family(self) -> None:
         """What the model family (model.type) accepts: its position embeddings, the family-only
@@ -327,9 +393,19 @@ class ModelConfig:
         require(not self.fused_ce_keep_logits or self.fused_cross_entropy,
                 f"model.fused_ce_keep_logits=true needs model.fused_cross_entropy (it is "
                 f"{self.fused_cross_entropy} for model.type={t})")
+        require(self.fused_ce_chunk_tokens is None or self.fused_cross_entropy,
+                f"model.fused_ce_chunk_tokens={self.fused_ce_chunk_tokens} needs "
+                f"model.fused_cross_entropy (it is {self.fused_cross_entropy} for model.type={t})")
+        require(not (self.torch_compile and t == "bert"),
+                f"model.torch_compile=true has no effect for model.type={t} (build_model compiles "
+                f"the layers of a `decoder` stack; BERT's is mcore's `encoder`): leave it false")
         require(self.softmax_scale is None or self.softmax_scale > 0,
                 f"model.softmax_scale={self.softmax_scale} must be positive (or null)")
         spec.check_model(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def enc_layers(self) -> int:
@@ -422,6 +498,10 @@ class ParallelConfig:
         if self.recompute_granularity is not None:
             choice(self.recompute_granularity, ("selective", "full"),
                     "parallel.recompute_granularity")
+        choice(self.recompute_method, (None, "uniform", "block"), "parallel.recompute_method")
+        # torch.distributed's built-in backends (a CPU run takes gloo whatever this says)
+        choice(self.distributed_backend, ("nccl", "gloo", "ucc", "mpi"),
+               "parallel.distributed_backend")
         bad = [m for m in self.recompute_modules or () if m not in RECOMPUTE_MODULES]
         require(not bad, f"parallel.recompute_modules={list(self.recompute_modules)}: {bad} "
                           f"not among {list(RECOMPUTE_MODULES)}")
@@ -546,7 +626,7 @@ EMBEDDED_DOCUMENTS_LIMIT = 200_000
 class DataConfig:
     """Fields named as in GPTDatasetConfig where one exists."""
 
-    type: str = "embedded"  # embedded | indexed | mock
+    type: str = "embedded"  # embedded | indexed | mock | random
     # Megatron blend: [prefix] or [weight, prefix, weight, prefix, ...]
     path: List[str] = field(default_factory=list)
     split: str = "949,50,1"
@@ -569,7 +649,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self, "data.")
-        choice(self.type, ("embedded", "indexed", "mock"), "data.type")
+        choice(self.type, ("embedded", "indexed", "mock", "random"), "data.type")
         # the embedded corpus is generated on the first run; beyond this it takes minutes
         require(0 < self.num_documents <= EMBEDDED_DOCUMENTS_LIMIT,
                  f"data.num_documents={self.num_documents} must be in [1, "
@@ -823,6 +903,7 @@ class Config:
                 f"{list(p.recompute_modules or [])}): unset one of them")
         if t.fp8:
             self._check_fp8()
+        self._check_unused()
         require(t.global_batch_size % t.micro_batch_size == 0,
                  f"train.global_batch_size={t.global_batch_size} must be divisible by "
                  f"train.micro_batch_size={t.micro_batch_size}")
@@ -835,6 +916,27 @@ class Config:
             require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
                      "data=embedded uses its own tokenizer; unset tokenizer.path/vocab_file or "
                      "pick data=indexed")
+
+    def _check_unused(self) -> None:
+        """Settings this run would accept and then not use (transformer_config passes each
+        recompute field only with its granularity; the profiler stops at train.max_steps)."""
+        p, t = self.parallel, self.train
+        for f, value in (("recompute_method", p.recompute_method),
+                         ("recompute_num_layers", p.recompute_num_layers)):
+            require(value is None or p.recompute_granularity == "full",
+                    f"parallel.{f}={value} applies to parallel.recompute_granularity=full only "
+                    f"(got {p.recompute_granularity})")
+        modules = list(p.recompute_modules or [])
+        require(modules == ["core_attn"] or p.recompute_granularity == "selective",
+                f"parallel.recompute_modules={modules} applies to "
+                f"parallel.recompute_granularity=selective only (got {p.recompute_granularity})")
+        require(modules or p.recompute_granularity != "selective",
+                "parallel.recompute_granularity=selective needs parallel.recompute_modules "
+                f"(one or more of {list(RECOMPUTE_MODULES)})")
+        steps = list(t.profile.steps)
+        require(not steps or steps[0] <= t.max_steps,
+                f"train.profile.steps={steps} starts after train.max_steps={t.max_steps}: no "
+                f"step would be profiled")
 
     def _check_fp8(self) -> None:
         """torch's FP8 GEMM needs every reduction dim and output width to be a multiple of 16:
@@ -886,8 +988,19 @@ class Config:
         if m.cuda_graph is None:
             # on only where the combination is GPU-tested: train.fp8 on one GPU (TP = PP = DP =
             # 1), without activation recompute or torch.compile
+            # (nor with model.cudnn_attention=true, which graph capture would leave unused)
             m.cuda_graph = bool(on_gpu and self.train.fp8 and world_size == 1
-                                and p.recompute_granularity is None and not m.torch_compile)
+                                and p.recompute_granularity is None and not m.torch_compile
+                                and not m.cudnn_attention)
+        # (on a CPU the plan names the missing CUDA device instead)
+        require(not (on_gpu and m.cudnn_attention and self.train.bf16 is False
+                     and not self.train.fp16),
+                "model.cudnn_attention=true has no effect in fp32 (train.bf16=false; cuDNN's "
+                "attention takes bf16/fp16): leave it null")
+        ranks = self.train.profile.ranks or []
+        require(not self.train.profile.steps or not ranks or min(ranks) < world_size,
+                f"train.profile.ranks={list(ranks)}: no such rank in a world of {world_size} "
+                f"(ranks 0..{world_size - 1}), so nothing would be profiled")
         if not on_gpu:
             import os
 
@@ -928,6 +1041,12 @@ class Config:
             require(not getattr(t, flag),
                     f"train.{flag}=true needs a GPU; a CPU run trains in fp32: "
                     f"`train.{flag}=false` works here")
+        require(not p.overlap_grad_reduce,
+                "parallel.overlap_grad_reduce=true needs GPUs (megatron-core's DDP wrapper, which "
+                "a CPU run goes without): `parallel.overlap_grad_reduce=false` works here")
+        require(m.alibi_kernel not in ("cudnn", "flex"),
+                f"model.alibi_kernel={m.alibi_kernel} needs a GPU (a CPU run would take another "
+                f"ALiBi kernel): `model.alibi_kernel=auto` works here")
 
 
 def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:
@@ -1002,6 +1121,22 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
+    cs.store(name="config_schema", node=_schema(Config))
     for group, cls in GROUPS.items():
-        cs.store(group=group, name=f"{group}_schema", node=cls)
+        cs.store(group=group, name=f"{group}_schema", node=_schema(cls))
+
+
+# free-form dict fields: their keys are the user's (FlexAttention's kernel options), so an
+# override `model.flex_kernel_options={BLOCK_M: 64}` must add keys that no schema declares
+OPEN_DICTS = ("flex_kernel_options",)
+
+
+def _schema(cls: type) -> Any:
+    """The structured config of `cls`, strict (struct mode) except for its OPEN_DICTS fields."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(cls)
+    model = node.model if cls is Config else node if cls is ModelConfig else None
+    for name in OPEN_DICTS if model is not None else ():
+        OmegaConf.set_struct(model[name], False)
+    return node

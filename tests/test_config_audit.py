@@ -1,0 +1,191 @@
+"""Config audit: a field that a run would accept and then not use (for its model type, device or
+layout), a value no code path knows, or a contradictory pair is one ConfigError line naming the
+field, before anything is built. One test per finding; each composes configs as train.py does."""
+import pytest
+
+from framework.cli import register_resolvers
+from framework.config import ConfigError, register_configs
+from helpers import config_error, load_config
+
+register_configs()
+register_resolvers()
+
+
+def world_error(cfg, world_size: int, on_gpu: bool) -> str:
+    """The one-line ConfigError of `cfg.resolve_world(world_size, on_gpu)` (what make_plan runs
+    before any worker starts)."""
+    with pytest.raises(ConfigError) as e:
+        cfg.resolve_world(world_size, on_gpu=on_gpu)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# ---- model.cudnn_attention=true where SDPAttention never reaches cuDNN -------------------------
+def test_cudnn_attention_with_local_attention_is_an_error():
+    msg = config_error("model.cudnn_attention=true", "model.attention_backend=local")
+    assert "model.cudnn_attention=true" in msg and "model.attention_backend=local" in msg
+
+
+def test_cudnn_attention_on_bert_is_an_error():
+    msg = config_error("model=bert_tiny", "model.cudnn_attention=true")
+    assert "model.cudnn_attention=true" in msg and "model.type=bert" in msg
+
+
+def test_cudnn_attention_with_relative_position_bias_is_an_error():
+    msg = config_error("model=t5_tiny", "model.cudnn_attention=true")
+    assert "model.cudnn_attention=true" in msg and "relative" in msg
+    # T5's causal decoder self-attention takes it without the bias
+    load_config("model=t5_tiny", "model.position_embedding_type=rope",
+                "model.cudnn_attention=true")
+
+
+def test_cudnn_attention_head_dim_outside_cudnn_is_an_error():
+    msg = config_error("model.cudnn_attention=true", "model.kv_channels=12")
+    assert "model.cudnn_attention=true" in msg and "head dim 12" in msg
+    assert "head dim 256" in config_error("model.cudnn_attention=true", "model.kv_channels=256")
+
+
+def test_cudnn_attention_with_cuda_graph_true_is_an_error():
+    msg = config_error("model.cudnn_attention=true", "model.cuda_graph=true")
+    assert "model.cudnn_attention=true" in msg and "model.cuda_graph=true" in msg
+
+
+def test_cuda_graph_null_stays_off_with_cudnn_attention():
+    """cuda_graph=null turns graphs on with train.fp8 on one GPU; an explicit
+    cudnn_attention=true would then never run, so null resolves off there."""
+    fp8 = ("train.fp8=tensorwise", "train.micro_batch_size=16", "train.global_batch_size=16")
+    cfg = load_config(*fp8, "model.cudnn_attention=true")
+    cfg.resolve_world(1, on_gpu=True)
+    assert cfg.model.cuda_graph is False
+    cfg = load_config(*fp8)
+    cfg.resolve_world(1, on_gpu=True)
+    assert cfg.model.cuda_graph is True
+
+
+def test_cudnn_attention_in_fp32_on_gpu_is_an_error():
+    cfg = load_config("model.cudnn_attention=true", "train.bf16=false")
+    msg = world_error(cfg, 1, on_gpu=True)
+    assert "model.cudnn_attention=true" in msg and "train.bf16=false" in msg
+    load_config("model.cudnn_attention=true").resolve_world(1, on_gpu=True)
+
+
+# ---- ALiBi kernel settings -----------------------------------------------------------------
+def test_alibi_kernel_without_alibi_is_an_error():
+    msg = config_error("model.alibi_kernel=cudnn")
+    assert "model.alibi_kernel=cudnn" in msg and "position_embedding_type=alibi" in msg
+    load_config("model.alibi_kernel=dense")  # the reference: what non-ALiBi attention runs
+
+
+def test_flex_kernel_options_without_alibi_is_an_error():
+    msg = config_error("model.flex_kernel_options={BLOCK_M:64}")
+    assert "model.flex_kernel_options" in msg and "position_embedding_type=alibi" in msg
+
+
+def test_flex_kernel_options_override_as_the_readme_writes_it():
+    """`model.flex_kernel_options={...}` (README) used to fail as an unknown config key."""
+    cfg = load_config("model.position_embedding_type=alibi",
+                      "model.flex_kernel_options={BLOCK_M:64,num_warps:4}")
+    assert cfg.model.flex_kernel_options == {"BLOCK_M": 64, "num_warps": 4}
+    with pytest.raises(Exception, match="bogus"):  # the rest of the model group stays strict
+        load_config("model.bogus=1")
+
+
+def test_alibi_flex_with_dropout_or_odd_head_dim_is_an_error():
+    alibi = ("model.position_embedding_type=alibi", "model.alibi_kernel=flex")
+    msg = config_error(*alibi, "model.attention_dropout=0.1")
+    assert "model.alibi_kernel=flex" in msg and "model.attention_dropout=0.1" in msg
+    assert "head dim 24" in config_error(*alibi, "model.kv_channels=24")
+    load_config(*alibi)
+
+
+def test_alibi_cudnn_contradicts_cudnn_attention_false():
+    msg = config_error("model.position_embedding_type=alibi", "model.alibi_kernel=cudnn",
+                       "model.cudnn_attention=false")
+    assert "model.alibi_kernel=cudnn" in msg and "model.cudnn_attention=false" in msg
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flex"])
+def test_gpu_alibi_kernels_on_cpu_are_an_error(kernel):
+    cfg = load_config("model.position_embedding_type=alibi", f"model.alibi_kernel={kernel}")
+    msg = world_error(cfg, 1, on_gpu=False)
+    assert f"model.alibi_kernel={kernel}" in msg and "`model.alibi_kernel=auto`" in msg
+    cfg.resolve_world(1, on_gpu=True)
+
+
+# ---- switches a model family never reads -----------------------------------------------------
+def test_torch_compile_on_bert_is_an_error():
+    msg = config_error("model=bert_tiny", "model.torch_compile=true")
+    assert "model.torch_compile=true" in msg and "model.type=bert" in msg
+    load_config("model=t5_tiny", "model.torch_compile=true")
+
+
+@pytest.mark.parametrize("model", ["bert_tiny", "t5_tiny"])
+def test_rope_scaling_outside_gpt_is_an_error(model):
+    msg = config_error(f"model={model}", "model.position_embedding_type=rope",
+                       "model.rope_scaling=true")
+    assert "model.rope_scaling=true" in msg and model.split("_")[0] in msg
+
+
+def test_rotary_base_outside_gpt_rope_is_an_error():
+    msg = config_error("model=bert_tiny", "model.position_embedding_type=rope",
+                       "model.rotary_base=500000")
+    assert "model.rotary_base=500000" in msg and "model.type=bert" in msg
+    msg = config_error("model=gpt2_small", "model.rotary_base=500000")
+    assert "model.rotary_base=500000" in msg and "learned_absolute" in msg
+    load_config("model.rotary_base=500000")  # gpt_tiny: GPT with RoPE
+
+
+# ---- recompute fields ------------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["parallel.recompute_method=uniform",
+                                      "parallel.recompute_num_layers=2"])
+def test_recompute_method_and_layers_need_full_granularity(override):
+    for granularity in ([], ["parallel.recompute_granularity=selective"]):
+        msg = config_error(override, *granularity)
+        assert override in msg and "recompute_granularity=full" in msg
+
+
+def test_recompute_method_unknown_value_is_an_error():
+    assert "parallel.recompute_method='blocks'" in config_error(
+        "parallel.recompute_method=blocks")
+
+
+def test_recompute_modules_need_selective_granularity():
+    msg = config_error("parallel.recompute_modules=[mlp_act]")
+    assert "parallel.recompute_modules=['mlp_act']" in msg and "selective" in msg
+    load_config("parallel.recompute_granularity=selective", "parallel.recompute_modules=[mlp_act]")
+
+
+def test_selective_recompute_with_no_modules_is_an_error():
+    msg = config_error("parallel.recompute_granularity=selective", "parallel.recompute_modules=[]")
+    assert "parallel.recompute_granularity=selective" in msg
+    assert "parallel.recompute_modules" in msg
+
+
+# ---- parallel / run fields -------------------------------------------------------------------
+def test_distributed_backend_unknown_value_is_an_error():
+    assert "parallel.distributed_backend='ncll'" in config_error(
+        "parallel.distributed_backend=ncll")
+    load_config("parallel.distributed_backend=gloo")
+
+
+def test_overlap_grad_reduce_on_cpu_is_an_error():
+    cfg = load_config("parallel.overlap_grad_reduce=true")
+    msg = world_error(cfg, 1, on_gpu=False)
+    assert "parallel.overlap_grad_reduce=true" in msg
+    assert "`parallel.overlap_grad_reduce=false`" in msg
+    cfg.resolve_world(1, on_gpu=True)
+
+
+def test_profile_steps_after_max_steps_is_an_error():
+    msg = config_error("train.max_steps=10", "train.profile.steps=[11,12]")
+    assert "train.profile.steps=[11, 12]" in msg and "train.max_steps=10" in msg
+    load_config("train.max_steps=10", "train.profile.steps=[9,12]")
+
+
+def test_profile_ranks_outside_the_world_is_an_error():
+    two = ("train.micro_batch_size=16", "train.global_batch_size=32")  # DP 2
+    cfg = load_config(*two, "train.profile.steps=[1,2]", "train.profile.ranks=[2,3]")
+    msg = world_error(cfg, 2, on_gpu=True)
+    assert "train.profile.ranks=[2, 3]" in msg
+    cfg = load_config(*two, "train.profile.steps=[1,2]", "train.profile.ranks=[1,3]")
+    cfg.resolve_world(2, on_gpu=True)
