@@ -70,7 +70,8 @@ def train_worker(plan: RunPlan) -> None:
 
 # model switches that only choose GPU kernels; a CPU run that was asked for one says it goes
 # without it rather than ignore it silently
-GPU_ONLY_SWITCHES = ("torch_compile", "cuda_graph", "bias_activation_fusion", "swiglu_kernel")
+GPU_ONLY_SWITCHES = ("torch_compile", "cuda_graph", "bias_activation_fusion", "swiglu_kernel",
+                     "qkv_rope_fusion")
 
 
 def _train_rank(plan: RunPlan) -> None:

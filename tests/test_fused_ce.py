@@ -273,10 +273,11 @@ def test_keep_logits_reaches_the_model(mp1):
 
     for keep, want in ((None, False), (True, True), (False, False)):
         cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16,
-                          fused_ce_keep_logits=keep)
+                          fused_ce_keep_logits=keep, fused_ce_chunk_tokens=96 if keep else None)
         model = build_model(cfg, ParallelConfig(), vocab_size=64, bf16=False, fp16=False,
                             device=torch.device("cpu"), wrap_ddp=False)[0]
         assert model.fused_ce_keep_logits is want
+        assert model.fused_ce_chunk_tokens == (96 if keep else None)
 
 
 def test_fused_ce_is_gpt_only():
@@ -288,6 +289,11 @@ def test_fused_ce_is_gpt_only():
         ModelConfig(fused_cross_entropy=False, fused_ce_keep_logits=True)
     with pytest.raises(ConfigError, match="fused_ce_keep_logits=true needs"):
         ModelConfig(type="bert", fused_ce_keep_logits=True)
+    with pytest.raises(ConfigError, match="model.fused_ce_chunk_tokens=64 needs"):
+        ModelConfig(fused_cross_entropy=False, fused_ce_chunk_tokens=64)
+    for bad in (0, -8):
+        with pytest.raises(ConfigError, match=f"model.fused_ce_chunk_tokens={bad} must be"):
+            ModelConfig(fused_ce_chunk_tokens=bad)
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,3 +172,26 @@ def test_the_switch_stays_out_of_evaluation_and_decoding():
         attn.config.qkv_rope_fusion = False
         attn.train()
         assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) is None
+
+
+def test_config_switch():
+    """model.qkv_rope_fusion: null stays off; true needs RoPE and rope_fusion (one-line error
+    naming the field); on GPU it reaches the transformer config, on CPU it does not."""
+    import pytest
+
+    from framework.config import ModelConfig
+    from framework.errors import ConfigError
+    from framework.models.transformer import transformer_config
+
+    rope = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
+                position_embedding_type="rope")
+    with pytest.raises(ConfigError, match="model.qkv_rope_fusion=true needs RoPE"):
+        ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
+                    qkv_rope_fusion=True)
+    with pytest.raises(ConfigError, match="model.qkv_rope_fusion=true needs RoPE"):
+        ModelConfig(**rope, rope_fusion=False, qkv_rope_fusion=True)
+    for value, on_gpu, want in ((None, True, False), (False, True, False), (True, True, True),
+                                (True, False, False)):
+        m = ModelConfig(**rope, qkv_rope_fusion=value)
+        c = transformer_config(m, ParallelConfig(), bf16=False, fp16=False, on_gpu=on_gpu)
+        assert c.qkv_rope_fusion is want, (value, on_gpu)

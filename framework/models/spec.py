@@ -91,7 +91,7 @@ class ModelSpec:
     # the family-only ModelConfig fields (config.FAMILY_OPTIONS) this family accepts
     options: Tuple[str, ...] = ()
     # accepted data.type values
-    data_types: Tuple[str, ...] = ("embedded", "indexed", "mock")
+    data_types: Tuple[str, ...] = ("embedded", "indexed", "mock", "random")
     # check_model(model_cfg): rules on ModelConfig fields, run when a ModelConfig is built
     check_model: Callable[[Any], None] = _no_check
     # check_run(cfg): rules across config groups, run when a Config is built

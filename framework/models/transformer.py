@@ -106,7 +106,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         swiglu_kernel=swiglu_kernel,
         fp8_act_cast=fp8_act_cast,
         # (GPU, RoPE: the fused QKV path falls back to mcore's split + rotation elsewhere)
-        qkv_rope_fusion=bool(rope_fusion and getattr(model, "qkv_rope_fusion", False)),
+        qkv_rope_fusion=bool(rope_fusion and model.qkv_rope_fusion),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,

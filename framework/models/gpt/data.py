@@ -7,4 +7,5 @@ from framework.data.gpt import build_datasets
 
 def datasets(data_cfg, tokenizer, model_cfg, *, seed, num_samples, cache_dir):
     return build_datasets(data_cfg, tokenizer, seq_length=model_cfg.seq_length, seed=seed,
-                          num_samples=num_samples, cache_dir=cache_dir)
+                          num_samples=num_samples, cache_dir=cache_dir,
+                          vocab_size=model_cfg.vocab_size or tokenizer.vocab_size)
