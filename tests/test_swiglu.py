@@ -183,3 +183,22 @@ def test_mlp_with_the_switch_keeps_state_dict_and_outputs(mp1, monkeypatch):
     assert len(calls) == 2 and calls[0][-1] == 2 * 96  # one per layer, on fc1's output
     assert torch.equal(outs[0][0], outs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def test_swiglu_kernel_on_a_gpu_without_triton_is_an_error(monkeypatch):
+    """model.swiglu_kernel=true on a CUDA device where Triton is missing: a one-line error
+    before any model is built (the switch would otherwise stay off without a word)."""
+    import importlib.util
+
+    from framework import plan
+    from framework.config import register_configs
+    from helpers import load_config
+
+    register_configs()
+    cfg = load_config("model=llama_tiny", "model.swiglu_kernel=true")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(ConfigError, match="model.swiglu_kernel=true needs Triton on the GPU"):
+        plan._check_device_features(cfg, "cuda")
+    plan._check_device_features(cfg, "cpu")  # the CPU run notes it instead
