@@ -14,11 +14,16 @@ The recipe HF users run (transformers' Trainer does the same with `bf16=True`):
   warmup, then cosine to min_lr); defaults = our `conf/optimizer/adam.yaml`, and
   `benchmarks/speed_table.py` passes our composed values explicitly.
 
+Data: 4 batches of token ids drawn uniformly over [0, real vocab) from a seeded generator, cycled
+(`token_batches`; our side's `data=random` draws the same distribution).
+
 Timing as our side's `train.py` logs: windows of `--log-interval` steps, the host waiting for the
 GPU only at each window's end; the first window (compilation, autotuning) is warm-up; tok/s is
 tokens over the measured windows' total time. Prints one JSON line (last line of stdout): tok/s,
-ms per step, per-window ms, peak allocated memory, and the settings read back from the built model
-and optimizer (`benchmarks/shapes.py: hf_settings`).
+ms per step, per-window ms, peak allocated memory since the process started (as our side's
+`train.py` reports it: warm-up and compilation included), torch.compile's graph breaks and
+graphs (`dynamo_stats`), and the settings read back from the built model and optimizer
+(`benchmarks/shapes.py: hf_settings`).
 """
 import argparse
 import json
@@ -30,11 +35,46 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.shapes import (SHAPES, check_dropout, get_shape, hf_model,  # noqa: E402
-                               hf_optimizer, hf_settings)
+                               hf_optimizer, hf_settings, random_ids)
 
 # our conf/optimizer/adam.yaml (speed_table.py passes the composed values explicitly)
 OPT_DEFAULTS = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
                     clip_grad=1.0, lr_warmup_steps=10, lr_decay_style="cosine")
+AUTOCAST = "bfloat16"  # the dtype the forward runs under (torch.autocast)
+N_BATCHES, DATA_SEED = 4, 0
+
+
+def data_vocab(shape) -> int:
+    """The ids are drawn over the real vocab, also under --pad-vocab (padded rows are never a
+    target, as on our side)."""
+    return shape.vocab
+
+
+def data_setting(shape) -> str:
+    """hf_settings' `data` field: what `token_batches` draws for `shape`."""
+    return random_ids(data_vocab(shape))
+
+
+def token_batches(shape, micro_batch: int, device):
+    """N_BATCHES distinct [micro_batch, seq] batches of ids drawn uniformly over
+    [0, data_vocab(shape)) from a generator seeded with DATA_SEED (not zeros: METHOD.md), to be
+    cycled (no host RNG per step)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(DATA_SEED)
+    return [torch.randint(0, data_vocab(shape), (micro_batch, shape.seq), device=device,
+                          generator=g) for _ in range(N_BATCHES)]
+
+
+def dynamo_stats(counters) -> dict:
+    """torch.compile's graph breaks (count and the most frequent reasons) and the number of
+    distinct graphs it compiled, from torch._dynamo.utils.counters: a break splits the
+    compiled model and runs Python between the pieces, so it is part of the HF timing."""
+    breaks = counters.get("graph_break", {})
+    top = sorted(breaks.items(), key=lambda kv: -kv[1])[:5]
+    return {"graph_breaks": int(sum(breaks.values())),
+            "graph_break_reasons": {str(k)[:200]: int(v) for k, v in top},
+            "unique_graphs": int(counters.get("stats", {}).get("unique_graphs", 0))}
 
 
 def parse(argv=None):
@@ -93,7 +133,8 @@ def main(argv=None) -> None:
         model = hf_model(shape, a.dropout, vocab)
     model.train()
     optimizer, sched = hf_optimizer(model, opt, total)
-    settings = hf_settings(model, optimizer, opt, shape.seq, a.micro_batch, total)
+    settings = hf_settings(model, optimizer, opt, shape.seq, a.micro_batch, total,
+                           data=data_setting(shape), autocast=AUTOCAST)
     n_params = sum(p.numel() for p in model.parameters())
     import transformers
 
@@ -104,11 +145,8 @@ def main(argv=None) -> None:
         print(json.dumps(info))
         return
     fwd = torch.compile(model) if a.compile else model
-    g = torch.Generator(device=dev).manual_seed(0)
-    # a few distinct batches (not zeros: METHOD.md), cycled
-    batches = [torch.randint(0, shape.vocab, (a.micro_batch, shape.seq), device=dev, generator=g)
-               for _ in range(4)]
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    batches = token_batches(shape, a.micro_batch, dev)
+    amp = torch.autocast(dev.type, dtype=getattr(torch, AUTOCAST))
     params = [p for p in model.parameters()]
 
     def step(i):
@@ -125,9 +163,8 @@ def main(argv=None) -> None:
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     win_ms, i, loss = [], 0, None
-    for w in range(a.warmup_windows + windows):
-        if w == a.warmup_windows and dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    # no reset of the peak after warm-up: peak since process start, as our side reports it
+    for _window in range(a.warmup_windows + windows):
         t = time.perf_counter()
         for _ in range(a.log_interval):
             loss = step(i)
@@ -138,9 +175,14 @@ def main(argv=None) -> None:
     meas = win_ms[a.warmup_windows:]
     ms = sum(meas) / len(meas)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    print(json.dumps(dict(info, tok_s=a.micro_batch * shape.seq / (ms / 1000), ms_per_iter=ms,
-                          window_ms=[round(x, 2) for x in win_ms], peak_gb=peak,
-                          last_loss=loss_val, steps=i)))
+    res = dict(info, tok_s=a.micro_batch * shape.seq / (ms / 1000), ms_per_iter=ms,
+               window_ms=[round(x, 2) for x in win_ms], peak_gb=peak, peak_kind="allocated",
+               last_loss=loss_val, steps=i)
+    if a.compile:
+        from torch._dynamo.utils import counters
+
+        res.update(dynamo_stats(counters))
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

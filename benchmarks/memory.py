@@ -3,9 +3,9 @@
     python benchmarks/memory.py [--model gpt2_large] [--recompute norecompute,selective,...]
                                 [--distopt dp1,dp2,dp4] [--steps 6]
 
-Each run is the real `train.py` on mock data (bf16, AdamW), launched by benchmarks/parallel.py's
-`run`. Reported per run: peak and static memory (params + grads + optimizer state, allocated
-between steps) of the logging rank, and
+Each run is the real `train.py` on `data=random` (bf16, AdamW), launched by
+benchmarks/parallel.py's `run`. Reported per run: peak and static memory (params + grads +
+optimizer state, allocated between steps) of the logging rank, and
 * activation memory = peak - static, and its change against no recompute, with the step-time
   ratio (the issue's target: >= 50% less at <= 5% slower); `local_*` rows (mcore's local
   attention, which holds the [s, s] scores) compare with `local_norecompute`;

@@ -2,8 +2,9 @@
 
     python benchmarks/parallel.py [--model gpt2_large] [--runs dp1,dp4,guide] [--steps 10]
 
-Each run is the real `train.py` on mock data (bf16, AdamW). Reported: s/iteration, tokens/s per
-GPU, MFU, peak memory and static memory (params + grads + optimizer state, allocated between
+Each run is the real `train.py` on `data=random` (seeded token ids drawn uniformly over the
+model's vocab, as in every speed benchmark here; bf16, AdamW). Reported: s/iteration, tokens/s
+per GPU, MFU, peak memory and static memory (params + grads + optimizer state, allocated between
 steps) of the logging rank, and derived figures:
 * DP scaling efficiency = (tok/s/GPU at DP=d) / (tok/s/GPU at DP=1);
 * distributed optimizer bytes/parameter = static memory / parameters per rank, against the
@@ -17,6 +18,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = "data=random"  # as benchmarks/throughput.py's runs
 DIMS = {"gpt2_small": (12, 768), "gpt2_medium": (24, 1024), "gpt2_large": (36, 1280),
         "gpt2_xl": (48, 1600)}
 # name: (label, GPUs, micro-batch, global batch, overrides)
@@ -88,7 +90,7 @@ def params_per_rank_gpt(layers, hidden, vocab=50304, seq=1024, tp=1):
 def run(model, name, steps):
     label, ngpu, mb, gbs, extra = RUNS[name]
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"model={model}", "data=mock",
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"model={model}", DATA,
                f"train.max_steps={steps + 3}", "train.log_interval=1", "train.eval_interval=0",
                f"train.micro_batch_size={mb}", f"train.global_batch_size={gbs}",
                "train.progress_bar=false", "checkpoint.save=false",

@@ -9,8 +9,10 @@ One `Shape` names a decoder's dimensions once; from it come
 * the settings each side actually ran with, as one flat dict per side (`ours_settings` from our
   composed config, `hf_settings` from the built HF model and optimizer), which
   `compare_settings` checks field by field before any timing counts: same dimensions, dropout,
-  optimizer, clipping, LR schedule and batch. What legitimately differs (the precision recipe,
-  vocab padding, kernels) is listed by `implementation_notes`, printed, and not compared.
+  optimizer, clipping, LR schedule, batch, precision (compute and master-weight dtypes, FP8) and
+  data (the distribution the token ids are drawn from). What legitimately differs (how the
+  precision is implemented, vocab padding, kernels, batch reuse) is listed in `NOT_COMPARED`,
+  printed, and not compared.
 
 Public dimensions: GPT-2 (OpenAI's release), Llama-3.2-1B / 3B and Qwen2.5-1.5B (their
 published config.json). Qwen2.5-1.5B ties its embeddings (`tie_word_embeddings: true`, 1.54B
@@ -191,6 +193,42 @@ def compose_ours(overrides: List[str]):
     return OmegaConf.to_object(d)
 
 
+def random_ids(vocab: Optional[int]) -> str:
+    """The `data` field of a run on token ids drawn uniformly over [0, vocab) from a seeded
+    generator (every side's benchmark data; None: the tokenizer's vocabulary)."""
+    return f"uniform random ids over [0, {vocab if vocab else 'tokenizer vocab'}), seeded"
+
+
+def ours_data(cfg) -> str:
+    """The `data` field of our run: data=random draws ids uniformly over [0, model.vocab_size)
+    (framework/data/gpt.py RandomTokens, seeded by train.seed); any other data type says what
+    it is, so that it differs from the baselines' random ids."""
+    t = cfg.data.type
+    if t == "random":
+        return random_ids(cfg.model.vocab_size)
+    if t == "mock":
+        return "megatron-core MockGPTDataset (a fixed cycle of ids)"
+    return f"data.type={t}" + (f" {list(cfg.data.path)}" if cfg.data.path else "")
+
+
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def short_dtype(dtype: Any) -> str:
+    """'bf16' for torch.bfloat16 or 'bfloat16' (the settings' spelling of a dtype)."""
+    name = str(dtype).replace("torch.", "")
+    return _DTYPES.get(name, name)
+
+
+def ours_precision(train) -> Dict[str, str]:
+    """Our precision fields on a GPU, where the benchmarks run (train.bf16=null is bf16 there):
+    the dtype the GEMMs read the weights in, the dtype of the master weights the optimizer
+    updates (megatron-core keeps fp32 main params under bf16/fp16; fp32 training updates the
+    fp32 params themselves), and the FP8 recipe of the layers' linears."""
+    compute = "fp16" if train.fp16 else "fp32" if train.bf16 is False else "bf16"
+    return {"compute_dtype": compute, "master_dtype": "fp32", "fp8": train.fp8 or "none"}
+
+
 def optimizer_settings(opt) -> Dict[str, Any]:
     """The optimizer/schedule fields both sides must share, from our OptimizerConfig."""
     return {"optimizer": "AdamW" if opt.optimizer == "adam" else opt.optimizer,
@@ -216,10 +254,13 @@ def ours_settings(cfg) -> Dict[str, Any]:
         "linear_bias": linear_bias, "qkv_bias": linear_bias or bool(m.add_qkv_bias),
         "hidden_dropout": float(m.hidden_dropout), "attention_dropout": float(m.attention_dropout),
         "micro_batch": cfg.train.micro_batch_size, "global_batch": cfg.train.global_batch_size,
-        "max_steps": cfg.train.max_steps, "data": "synthetic tokens" if cfg.data.type == "mock"
-        else cfg.data.type, "recompute": cfg.parallel.recompute_granularity or "none",
+        "max_steps": cfg.train.max_steps, "data": ours_data(cfg),
+        "recompute": cfg.parallel.recompute_granularity or "none",
+        # framework/optimizer.py: null decays over train.max_steps
+        "lr_decay_steps": cfg.optimizer.lr_decay_steps or decay_steps(cfg.train.max_steps),
     }
     s.update(optimizer_settings(cfg.optimizer))
+    s.update(ours_precision(cfg.train))
     return s
 
 
@@ -292,30 +333,38 @@ def hf_optimizer(model, opt: Dict[str, Any], max_steps: int):
     return o, sched
 
 
+def decay_steps(max_steps: int) -> int:
+    """The LR decay length of a run of `max_steps` steps without optimizer.lr_decay_steps (ours:
+    framework/optimizer.py; HF: `lr_at`)."""
+    return max(max_steps, 1)
+
+
 def lr_at(step: int, opt: Dict[str, Any], max_steps: int) -> float:
     """megatron-core's OptimizerParamScheduler lr after `step` steps (init_lr 0), with the
     warmup clamp framework/optimizer.py applies."""
     import math
 
     max_lr, min_lr = opt["lr"], opt["min_lr"]
-    decay_steps = max(max_steps, 1)
-    warmup = min(opt["lr_warmup_steps"], max(decay_steps - 1, 0))
+    n_decay = decay_steps(max_steps)
+    warmup = min(opt["lr_warmup_steps"], max(n_decay - 1, 0))
     if warmup > 0 and step <= warmup:
         return max_lr * step / warmup
     if opt["lr_decay_style"] == "constant":
         return max_lr
-    if step > decay_steps:
+    if step > n_decay:
         return min_lr
-    ratio = (step - warmup) / (decay_steps - warmup)
+    ratio = (step - warmup) / (n_decay - warmup)
     coeff = 1.0 - ratio if opt["lr_decay_style"] == "linear" else 0.5 * (
         math.cos(math.pi * ratio) + 1.0)
     return min_lr + coeff * (max_lr - min_lr)
 
 
 def hf_settings(model, optimizer, opt: Dict[str, Any], seq: int, micro_batch: int,
-                max_steps: int) -> Dict[str, Any]:
+                max_steps: int, *, data: str, autocast: str) -> Dict[str, Any]:
     """The comparable settings of a built HF model and its built optimizer, read from those
-    objects (`opt` supplies only what the training loop applies: clipping and the schedule)."""
+    objects (`opt` supplies only what the training loop applies: clipping and the schedule;
+    `data` what its batches draw (hf_baseline.data_setting), `autocast` the dtype its forward
+    runs under)."""
     c = model.config
     emb = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is emb
@@ -355,7 +404,10 @@ def hf_settings(model, optimizer, opt: Dict[str, Any], seq: int, micro_batch: in
             f"{len(no_decay)} tensors")
     return dict(
         dims, vocab=c.vocab_size, seq=seq, tied=tied, micro_batch=micro_batch,
-        global_batch=micro_batch, max_steps=max_steps, data="synthetic tokens", recompute="none",
+        global_batch=micro_batch, max_steps=max_steps, data=data, recompute="none",
+        # fp32 params (the optimizer updates them) read in the autocast dtype by the GEMMs
+        compute_dtype=short_dtype(autocast), master_dtype=short_dtype(emb.dtype), fp8="none",
+        lr_decay_steps=decay_steps(max_steps),
         optimizer=type(optimizer).__name__ if d.get("decoupled_weight_decay", True) else "Adam",
         lr=float(groups[0].get("initial_lr", d["lr"])), min_lr=opt["min_lr"],
         betas=list(d["betas"]), eps=d["eps"], weight_decay=decays[-1], no_weight_decay=rule,
@@ -369,14 +421,19 @@ def hf_settings(model, optimizer, opt: Dict[str, Any], seq: int, micro_batch: in
 # Settings that may differ, with why (printed in the table header; not compared).
 NOT_COMPARED = ("vocab padding: ours pads the embedding/output rows to a multiple of 128 "
                 "(megatron-core's make_vocab_size_divisible_by), HF keeps the real vocab",
-                "precision: ours keeps bf16 weights for compute (megatron-core Float16Module) "
-                "and fp32 main params and fp32 grads in the optimizer; HF keeps fp32 params "
-                "and grads and runs under torch.autocast(bf16)",
-                "kernels: each side's own attention, norm and cross-entropy kernels")
+                "how the precision is applied (compute and master-weight dtypes and FP8 are "
+                "compared): ours keeps bf16 copies of the weights for compute (megatron-core "
+                "Float16Module) and fp32 main params and fp32 grads in the optimizer; HF keeps "
+                "fp32 params and grads and casts under torch.autocast(bf16)",
+                "kernels: each side's own attention, norm and cross-entropy kernels",
+                "batch reuse (the id distribution is compared): ours draws every sample afresh "
+                "from (seed, index); HF cycles 4 fixed batches drawn from one seeded generator "
+                "(no host RNG per step)")
 
 
-def compare_settings(ours: Dict[str, Any], hf: Dict[str, Any]) -> List[str]:
-    """Fields whose values differ between the two sides ('' list when like for like)."""
+def compare_settings(ours: Dict[str, Any], hf: Dict[str, Any], them: str = "HF") -> List[str]:
+    """Fields whose values differ between the two sides ('' list when like for like); `them`
+    names the other side in the messages."""
     diffs = []
     for k in sorted(set(ours) | set(hf)):
         a, b = ours.get(k, "<missing>"), hf.get(k, "<missing>")
@@ -386,7 +443,7 @@ def compare_settings(ours: Dict[str, Any], hf: Dict[str, Any]) -> List[str]:
         else:
             same = a == b
         if not same:
-            diffs.append(f"{k}: ours {a!r} vs HF {b!r}")
+            diffs.append(f"{k}: ours {a!r} vs {them} {b!r}")
     return diffs
 
 
@@ -395,7 +452,8 @@ def settings_line(s: Dict[str, Any]) -> str:
     return (f"seq {s['seq']}, dropout {s['hidden_dropout']:g} (residual/embedding) and "
             f"{s['attention_dropout']:g} (attention), {s['optimizer']} fused={s['fused']} "
             f"lr {s['lr']:g} (warmup {s['lr_warmup_steps']}, {s['lr_decay_style']} to "
-            f"{s['min_lr']:g}) betas {tuple(s['betas'])} eps {s['eps']:g} weight decay "
-            f"{s['weight_decay']:g} (none on {s['no_weight_decay']}), grad clip "
-            f"{s['clip_grad']:g}, global batch = micro-batch (no accumulation), "
-            f"recompute {s['recompute']}, {s['data']}")
+            f"{s['min_lr']:g} over {s['lr_decay_steps']} steps) betas {tuple(s['betas'])} eps "
+            f"{s['eps']:g} weight decay {s['weight_decay']:g} (none on {s['no_weight_decay']}), "
+            f"grad clip {s['clip_grad']:g}, global batch = micro-batch (no accumulation), "
+            f"recompute {s['recompute']}, {s['compute_dtype']} compute with "
+            f"{s['master_dtype']} master weights, FP8 {s['fp8']}, data: {s['data']}")

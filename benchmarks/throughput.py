@@ -6,9 +6,10 @@
 `--model` is a shape of benchmarks/shapes.py: gpt2_small/medium/large/xl, llama3_1b, llama3_3b,
 qwen2_5_1_5b(_untied). Every candidate runs as its own process, one after another, on GPU 0,
 with the same model dimensions, sequence length and `--dropout` on both sides. Ours runs the real
-`train.py` on mock data (the shape spelled out as overrides), logging every 5 steps (a log step is
-where the host waits for the GPU, as in users' runs), and reports total tokens over total time of
-the log windows after a warm-up window, from its metrics.jsonl. The HF baseline
+`train.py` on `data=random` (seeded token ids drawn uniformly over the model's vocab, as the HF
+and torchtitan baselines draw them; the shape spelled out as overrides), logging every 5 steps (a
+log step is where the host waits for the GPU, as in users' runs), and reports total tokens over
+total time of the log windows after a warm-up window, from its metrics.jsonl. The HF baseline
 (benchmarks/hf_baseline.py) times the same windows the same way, with our optimizer settings. The
 table gives tok/s, MFU (6 x matmul params + 12 x layers x hidden x seq per token, against 989
 TFLOP/s bf16; benchmarks/shapes.py), peak memory and the ratio to the best HF + compile result.
@@ -159,6 +160,7 @@ CANDIDATES = {
 
 
 LOG = 5  # our runs log (and so synchronise the host with the GPU) every LOG steps, as users do
+DATA = "data=random"  # our speed runs' data (benchmarks/shapes.py ours_data describes it)
 
 
 def _safe_name(text: str) -> str:
@@ -172,7 +174,9 @@ def ours_overrides_for(model, mb, steps, dropout, extra=(), profile=False, shape
     windows = -(-steps // LOG)
     measured_end = LOG * (1 + windows)
     prof = [f"train.profile.steps=[{measured_end + 3},{measured_end + 4}]"] if profile else []
-    return [*ours_overrides(shape, dropout), "data=mock",
+    # the baselines' data: ids uniform over the model's vocab (not data=mock's fixed cycle of a
+    # few ids)
+    return [*ours_overrides(shape, dropout), DATA,
             f"train.max_steps={measured_end + (LOG if profile else 0)}",
             f"train.log_interval={LOG}", "train.eval_interval=0",
             f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",

@@ -16,13 +16,16 @@ full one are measured, and tok/s is tokens over their total time (the
 harmonic mean of the windows' tps, each window holding the same tokens). Peak memory is
 torchtitan's max *reserved* GiB.
 
-Settings, mirrored from ours where torchtitan has the knob: AdamW fused, lr / betas / eps /
-weight decay / grad clip / warmup as given (our conf/optimizer/adam.yaml by default), cosine
-decay to min_lr, fp32 params under autocast bf16 (one GPU: torchtitan's AMP path), no activation
-checkpointing, per-TransformerBlock torch.compile plus the compiled loss (torchtitan's
-`compile.enable`). Where it has none: its llama3 model has an untied output layer, and it puts
-weight decay on every parameter. The last stdout line is JSON (tok/s, per-window ms, peak GB,
-the command that ran, the TOML path).
+Settings, mirrored from ours where torchtitan has the knob: AdamW fused (`--no-fused`: foreach),
+lr / betas / eps / weight decay / grad clip / warmup / decay style (linear or cosine: torchtitan
+has no constant decay, so that is refused) as given (our conf/optimizer/adam.yaml by default),
+decay to min_lr at the last step, fp32 params under autocast bf16 (one GPU: torchtitan's AMP
+path), no activation checkpointing, per-TransformerBlock torch.compile plus the compiled loss
+(torchtitan's `compile.enable`), seeded uniformly random token ids over the real vocab
+(benchmarks/torchtitan_spec.py). Where it has none: its llama3 model has an untied output layer,
+and it puts weight decay on every parameter (`OWN_WAY`). The last stdout line is JSON (tok/s,
+per-window ms, peak GB, the command that ran, the TOML path, and `settings`: the TOML's key
+fields under benchmarks/shapes.py's names, `tt_settings`).
 
 Needs torchtitan 0.2.2 and what it imports beyond the GPU image (benchmarks/device_wheels.txt).
 """
@@ -38,12 +41,17 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.shapes import SHAPES, get_shape  # noqa: E402
+from benchmarks.shapes import SHAPES, get_shape, short_dtype  # noqa: E402
 from framework.distributed import free_port  # noqa: E402
 
 OPT_DEFAULTS = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                    clip_grad=1.0, lr_warmup_steps=10)
+                    clip_grad=1.0, lr_warmup_steps=10, lr_decay_style="cosine", fused=True)
 TT_SHAPES = [n for n, s in SHAPES.items() if s.family == "llama"]
+# our optimizer.lr_decay_style values that torchtitan's lr_scheduler.decay_type also has
+TT_DECAY_TYPES = ("linear", "cosine")
+# settings torchtitan has its own way (its llama3 model is untied, its AdamW decays every
+# parameter): reported beside ours, not counted as a difference
+OWN_WAY = ("tied", "no_weight_decay")
 
 
 def toml_text(cfg: dict) -> str:
@@ -79,14 +87,19 @@ def job_config(model: str, mb: int, steps_total: int, log_interval: int, out_dir
     last PROFILE_ACTIVE steps profiled by torchtitan (after PROFILE_WARMUP profiler warm-up
     steps), so that the measured windows carry no profiler overhead."""
     shape = get_shape(model)
+    if opt["lr_decay_style"] not in TT_DECAY_TYPES:
+        raise ValueError(f"lr_decay_style={opt['lr_decay_style']!r}: torchtitan_baseline runs "
+                         f"{' or '.join(TT_DECAY_TYPES)} only (torchtitan has no constant decay)")
     cfg = {
         "job": {"dump_folder": out_dir,
                 "description": f"{model} speed baseline, synthetic tokens"},
         "model": {"name": "llama3_bench", "flavor": model, "hf_assets_path": out_dir},
         "optimizer": {"name": "AdamW", "lr": float(opt["lr"]), "beta1": float(opt["beta1"]),
                       "beta2": float(opt["beta2"]), "eps": float(opt["eps"]),
-                      "weight_decay": float(opt["weight_decay"]), "implementation": "fused"},
-        "lr_scheduler": {"warmup_steps": int(opt["lr_warmup_steps"]), "decay_type": "cosine",
+                      "weight_decay": float(opt["weight_decay"]),
+                      "implementation": "fused" if opt["fused"] else "foreach"},
+        "lr_scheduler": {"warmup_steps": int(opt["lr_warmup_steps"]),
+                         "decay_type": opt["lr_decay_style"],
                          "min_lr_factor": float(opt["min_lr"]) / float(opt["lr"])},
         "training": {"local_batch_size": mb, "seq_len": shape.seq,
                      "max_norm": float(opt["clip_grad"]), "steps": steps_total,
@@ -110,6 +123,33 @@ def job_config(model: str, mb: int, steps_total: int, log_interval: int, out_dir
                             "profile_freq": total, "profiler_warmup": PROFILE_WARMUP,
                             "profiler_active": PROFILE_ACTIVE}
     return cfg
+
+
+def tt_settings(cfg: dict) -> dict:
+    """The settings torchtitan runs with, read back from its job TOML (`job_config`'s dict),
+    under benchmarks/shapes.py's field names so that speed_table.py sets them beside ours."""
+    from benchmarks.torchtitan_spec import data_setting
+
+    o, sched, t = cfg["optimizer"], cfg["lr_scheduler"], cfg["training"]
+    comp = cfg["compile"]
+    return {
+        "lr": o["lr"], "min_lr": o["lr"] * sched["min_lr_factor"],
+        "betas": [o["beta1"], o["beta2"]], "eps": o["eps"], "weight_decay": o["weight_decay"],
+        "no_weight_decay": "nothing", "clip_grad": t["max_norm"],
+        "lr_warmup_steps": sched["warmup_steps"], "lr_decay_style": sched["decay_type"],
+        # no decay_ratio: the decay runs from the end of warmup to the last step
+        "lr_decay_steps": t["steps"], "fused": o["implementation"] == "fused",
+        # one rank, no gradient accumulation
+        "micro_batch": t["local_batch_size"], "global_batch": t["local_batch_size"],
+        "seq": t["seq_len"], "max_steps": t["steps"],
+        "compile": (f"per block ({', '.join(comp['components'])})" if comp["enable"]
+                    else "off"),
+        # one GPU: fp32 params (`dtype`) under autocast to mixed_precision_param
+        "compute_dtype": short_dtype(t["mixed_precision_param"]),
+        "master_dtype": short_dtype(t["dtype"]), "fp8": "none",
+        "recompute": cfg["activation_checkpoint"]["mode"], "tied": False,
+        "data": data_setting(get_shape(cfg["model"]["flavor"])),
+    }
 
 
 def command(toml_path: str) -> list:
@@ -161,7 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--log-interval", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     for k, v in OPT_DEFAULTS.items():
-        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+        if not isinstance(v, bool):
+            ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    ap.add_argument("--no-fused", action="store_true", help="foreach AdamW instead of fused")
     ap.add_argument("--out-dir", default=None, help="TOML and torchtitan's dump folder "
                     "(default: a temporary directory)")
     ap.add_argument("--timeout", type=float, default=900.0)
@@ -181,7 +223,8 @@ def main(argv=None) -> int:
     total = a.log_interval * (1 + windows)
     out_dir = a.out_dir or tempfile.mkdtemp(prefix="torchtitan_bench_")
     os.makedirs(out_dir, exist_ok=True)
-    opt = {k: getattr(a, k) for k in OPT_DEFAULTS}
+    opt = {k: getattr(a, k) for k in OPT_DEFAULTS if k != "fused"}
+    opt["fused"] = not a.no_fused
     try:
         cfg = job_config(a.model, a.micro_batch, total, a.log_interval, out_dir, opt,
                          not a.no_compile, profile=bool(a.profile_dir))
@@ -200,7 +243,7 @@ def main(argv=None) -> int:
     print(f"torchtitan command: {shown}", flush=True)
     if a.dry_run:
         print(open(toml_path).read())
-        info = {"command": shown, "toml": toml_path}
+        info = {"command": shown, "toml": toml_path, "settings": tt_settings(cfg)}
         try:
             import torchtitan  # noqa: F401
         except ImportError:
@@ -221,7 +264,7 @@ def main(argv=None) -> int:
         print(f"error: torchtitan exited {r.returncode}: {failure(r)}", file=sys.stderr)
         return 1
     res = parse_log(text, a.micro_batch, shape.seq, a.log_interval, last_step=total)
-    res.update(command=shown, toml=toml_path)
+    res.update(command=shown, toml=toml_path, settings=tt_settings(cfg))
     if a.profile_dir:
         res["profile"] = summarize_trace(out_dir, a.profile_dir,
                                          f"torchtitan_{a.model}_mb{a.micro_batch}.txt")

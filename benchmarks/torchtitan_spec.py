@@ -5,8 +5,9 @@ benchmarks.torchtitan_spec` (with the project root on PYTHONPATH). It is torchti
 `llama3` spec (model, parallelize with per-block compile, optimizer, LR schedule, loss) with
 * flavors named after benchmarks/shapes.py's Llama shapes (`llama3_1b`, `llama3_3b`), whose
   FFN width comes out exactly as the shape's;
-* synthetic tokens instead of a tokenizer and a Hugging Face dataset (the GPU machine has no
-  network; our side and the HF baseline also train on synthetic tokens);
+* seeded uniformly random token ids over the shape's vocab instead of a tokenizer and a Hugging
+  Face dataset (the GPU machine has no network; our side, `data=random`, and the HF baseline
+  draw the same distribution);
 * no validator and no checkpoint adapter (nothing is saved).
 torchtitan's llama3 model has an untied output layer; the shapes' `tied` is not applied.
 """
@@ -16,7 +17,7 @@ import dataclasses
 
 import torch
 
-from benchmarks.shapes import SHAPES, Shape
+from benchmarks.shapes import SHAPES, Shape, random_ids
 
 SPEC_NAME = "llama3_bench"
 
@@ -39,9 +40,16 @@ def flavors():
             if s.family == "llama" and not s.qkv_bias and not s.linear_bias}
 
 
+def data_setting(shape: Shape) -> str:
+    """The settings' `data` field of this spec's loader: SyntheticTokens over the flavor's
+    vocab_size, which `model_args` sets to shape.vocab."""
+    return random_ids(shape.vocab)
+
+
 class SyntheticTokens:
-    """Endless batches of random token ids: ({'input': [b, s]}, labels [b, s]) on the CPU, as
-    torchtitan's dataloaders yield them; a few fixed batches cycled (no host RNG per step)."""
+    """Endless batches of token ids drawn uniformly over [0, vocab) from a generator seeded with
+    `seed`: ({'input': [b, s]}, labels [b, s]) on the CPU, as torchtitan's dataloaders yield
+    them; `n` fixed batches cycled (no host RNG per step)."""
 
     def __init__(self, vocab: int, batch: int, seq: int, seed: int = 0, n: int = 4):
         g = torch.Generator().manual_seed(seed)
