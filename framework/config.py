@@ -267,6 +267,9 @@ class ModelConfig:
         self._check_family()
         require(0.0 < self.rotary_percent <= 1.0,
                  f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
+        require(self.rotary_percent == 1.0 or self.position_embedding_type == "rope",
+                f"model.rotary_percent={self.rotary_percent} applies to "
+                f"model.position_embedding_type=rope only (got {self.position_embedding_type})")
         require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
         if self.rope_scaling:
             require(self.position_embedding_type == "rope",
@@ -396,9 +399,6 @@ class ModelConfig:
         require(self.fused_ce_chunk_tokens is None or self.fused_cross_entropy,
                 f"model.fused_ce_chunk_tokens={self.fused_ce_chunk_tokens} needs "
                 f"model.fused_cross_entropy (it is {self.fused_cross_entropy} for model.type={t})")
-        require(not (self.torch_compile and t == "bert"),
-                f"model.torch_compile=true has no effect for model.type={t} (build_model compiles "
-                f"the layers of a `decoder` stack; BERT's is mcore's `encoder`): leave it false")
         require(self.softmax_scale is None or self.softmax_scale > 0,
                 f"model.softmax_scale={self.softmax_scale} must be positive (or null)")
         spec.check_model(self)
@@ -521,6 +521,10 @@ class ParallelConfig:
                  "peer in both directions pairs up out of order); leave it unset")
         require(not self.overlap_param_gather or self.use_distributed_optimizer,
                  "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+        require(not self.overlap_p2p_comm or self.pipeline_model_parallel_size > 1,
+                "parallel.overlap_p2p_comm=true overlaps pipeline sends and receives: it needs "
+                f"parallel.pipeline_model_parallel_size > 1 (got "
+                f"{self.pipeline_model_parallel_size})")
 
     @property
     def p2p_overlap(self) -> bool:

@@ -113,10 +113,22 @@ def test_gpu_alibi_kernels_on_cpu_are_an_error(kernel):
 
 
 # ---- switches a model family never reads -----------------------------------------------------
-def test_torch_compile_on_bert_is_an_error():
-    msg = config_error("model=bert_tiny", "model.torch_compile=true")
-    assert "model.torch_compile=true" in msg and "model.type=bert" in msg
+def test_torch_compile_reaches_bert_and_t5():
+    # build_model compiles the layers of every stack (encoder and decoder), so encoder models
+    # take the switch too (tests/test_gpu_bert_t5.py trains them compiled)
+    load_config("model=bert_tiny", "model.torch_compile=true")
     load_config("model=t5_tiny", "model.torch_compile=true")
+
+
+def test_rotary_percent_without_rope_is_an_error():
+    msg = config_error("model=gpt_tiny", "model.position_embedding_type=learned_absolute",
+                       "model.rotary_percent=0.5")
+    assert "model.rotary_percent=0.5" in msg and "rope" in msg
+
+
+def test_overlap_p2p_comm_without_pipeline_is_an_error():
+    msg = config_error("model=gpt_tiny", "parallel.overlap_p2p_comm=true")
+    assert "parallel.overlap_p2p_comm=true" in msg and "pipeline_model_parallel_size" in msg
 
 
 @pytest.mark.parametrize("model", ["bert_tiny", "t5_tiny"])

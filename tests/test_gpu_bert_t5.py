@@ -56,6 +56,11 @@ CASES = [
     ("t5", "tp2_sp", ["parallel=tp2_sp", "parallel.data_parallel_size=1"], 2),
     ("t5", "dp2_distopt", ["parallel=dp_distopt", "parallel.data_parallel_size=2"], 2),
     ("t5_mqa", "tp2", ["parallel=tp2", "parallel.data_parallel_size=1"], 2),
+    # model.torch_compile compiles the encoder stack's layers too (and T5's decoder)
+    ("bert", "compile", ["parallel=single", "parallel.data_parallel_size=1",
+                         "model.torch_compile=true"], 1),
+    ("t5", "compile", ["parallel=single", "parallel.data_parallel_size=1",
+                       "model.torch_compile=true"], 1),
 ]
 
 

@@ -79,8 +79,10 @@ def build_model(
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
         m.to(device)
         if model_cfg.torch_compile and device.type == "cuda":
-            for layer in getattr(getattr(m, "decoder", None), "layers", []):
-                layer.compile()
+            # every transformer stack: GPT's and T5's decoder, BERT's and T5's encoder
+            for stack in ("encoder", "decoder"):
+                for layer in getattr(getattr(m, stack, None), "layers", []):
+                    layer.compile()
     if fp8:
         from framework.fast.fp8 import Fp8History
         from framework.models.layers import Fp8Linear
