@@ -289,6 +289,9 @@ def run_cand(c: Cand, plan: Plan, timeout: float) -> Dict:
                            keep_config=True)
         if res is not None:
             ran = ours_settings(res.pop("config"))
+            groups = res.pop("fused_adam_groups", None)
+            if groups is not None:  # what the optimizer really ran, not the config flag
+                ran["fused"] = groups[0] == groups[1] and groups[1] > 0
             diffs = compare_settings(with_mb(plan.ours_settings, c.mb), ran)
         rec["cmd"] = " ".join(["python train.py", *tp.ours_overrides_for(
             c.model, c.mb, c.steps, c.dropout, extra)])

@@ -26,6 +26,7 @@ FP8 against bf16 (train.fp8), no HF runs:
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,7 +229,17 @@ def ours(model, mb, steps, extra, profile_dir=None, dropout=0.0, timeout=900, sh
            "peak_gb": max(x["mem_gb"] or 0.0 for x in recs), "last_loss": recs[-1]["loss"]}
     if keep_config:
         res["config"] = ran_config
+    fused = fused_adam_groups(r.stdout)
+    if fused:
+        res["fused_adam_groups"] = fused
     return res, ""
+
+
+def fused_adam_groups(stdout: str):
+    """[param groups on torch's fused AdamW kernel, param groups] from train.py's log line (GPU
+    runs with optimizer.fused_step), or None where it printed none."""
+    m = re.search(r"fused AdamW kernel in (\d+) of (\d+) param groups", stdout)
+    return [int(m.group(1)), int(m.group(2))] if m else None
 
 
 def main():

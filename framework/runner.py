@@ -124,6 +124,10 @@ def _train_rank(plan: RunPlan) -> None:
             cfg.optimizer, model, max_steps=cfg.train.max_steps, bf16=plan.bf16,
             fp16=cfg.train.fp16, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             overlap_param_gather=cfg.parallel.overlap_param_gather, on_gpu=on_gpu)
+        fused = getattr(optimizer, "fused_adam_groups", None)
+        if fused is not None and rank == 0:
+            # what benchmarks/ read back as the optimizer that really ran
+            echo(f"optimizer: torch's fused AdamW kernel in {fused[0]} of {fused[1]} param groups")
         state = TrainState()
         if plan.load_dir:
             # the launching process has checked the checksums already (the plan): sizes here

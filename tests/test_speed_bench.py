@@ -519,3 +519,25 @@ def test_session_scripts_parse():
         r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", f)],
                            capture_output=True, text=True)
         assert r.returncode == 0, (f, r.stderr)
+
+
+def test_fused_optimizer_is_read_from_the_run():
+    """The `fused` setting of our side comes from train.py's optimizer line (the groups torch's
+    fused AdamW kernel really took), and mcore's optimizer counts its Adam param groups."""
+    import torch
+
+    from benchmarks.throughput import fused_adam_groups
+    from framework.fast.multi_tensor import adam_param_groups, fuse_adam
+
+    assert fused_adam_groups("x\noptimizer: torch's fused AdamW kernel in 2 of 3 param groups\n") \
+        == [2, 3]
+    assert fused_adam_groups("no such line") is None
+
+    class Wrapped:  # an mcore optimizer holds the torch one as .optimizer
+        def __init__(self, opt):
+            self.optimizer = opt
+
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    opt = Wrapped(torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}]))
+    assert adam_param_groups(opt) == 2
+    assert fuse_adam(opt) == 0  # CPU tensors stay on foreach

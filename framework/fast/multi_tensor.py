@@ -56,6 +56,13 @@ def foreach_copy_this_to_that(this: List[torch.Tensor], that: List[torch.Tensor]
         torch._foreach_copy_(that, this)
 
 
+def adam_param_groups(optimizer) -> int:
+    """The number of torch Adam/AdamW param groups inside an mcore optimizer."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return sum(len(o.optimizer.param_groups) for o in inner
+               if isinstance(getattr(o, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW)))
+
+
 def fuse_adam(optimizer) -> int:
     """Switch every torch Adam/AdamW inside an mcore optimizer to torch's fused CUDA kernel
     (one kernel for the whole update instead of foreach's several passes). Returns the number of
