@@ -61,6 +61,8 @@ OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
                  "keep_logits": ["model.fused_ce_keep_logits=true"],
                  "recompute_logits": ["model.fused_ce_keep_logits=false"],
                  "qkv_rope": ["model.qkv_rope_fusion=true"],
+                 "ce_chunk4k": ["model.fused_ce_chunk_tokens=4096"],
+                 "ce_chunk8k": ["model.fused_ce_chunk_tokens=8192"],
                  "keep_logits_qkv_rope": ["model.fused_ce_keep_logits=true",
                                           "model.qkv_rope_fusion=true"]}
 

@@ -119,6 +119,8 @@ CANDIDATES = {
                          "(model.fused_ce_keep_logits=false)", ["model.fused_ce_keep_logits=false"]),
     "qkv_rope": ("ours + RoPE in the QKV split (model.qkv_rope_fusion=true)",
                  ["model.qkv_rope_fusion=true"]),
+    "ce_chunk4k": ("ours, fused CE in chunks of 4096 tokens (model.fused_ce_chunk_tokens=4096)",
+                   ["model.fused_ce_chunk_tokens=4096"]),
     "cuda_graph": ("ours + CUDA graphs per layer", ["model.cuda_graph=true"]),
     "unfused_wgrad": ("ours, bf16 wgrad + separate fp32 add (model.fused_wgrad=false)",
                       ["model.fused_wgrad=false"]),
