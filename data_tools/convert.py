@@ -291,27 +291,31 @@ def hf_to_megatron(args) -> None:
     padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
     if args.save is None:
         return
-    with staging_dir(args.save) as tmp, single_process_world():
-        chunks = build_model(model_cfg, ParallelConfig(), vocab_size=padded, bf16=False,
-                             fp16=False, device=torch.device("cpu"), wrap_ddp=False)
-        info = interop.load_hf_into_model(args.load, chunks, model_cfg,
-                                          allow_pickle=args.allow_pickle)
-        for c in chunks:
-            c.to(dtype)
-        save_checkpoint(tmp, 0, chunks, None, None, consumed_samples=0, config=asdict(config),
-                        tokenizer=tokenizer,
-                        extra={"hf_source": {"model_type": fam.HF_MODEL_TYPE,
-                                             "path": os.path.abspath(args.load),
-                                             "format": info["format"], "config": hf_cfg}})
-        if tok_path and os.path.isdir(tok_path):  # the HF files as they are (chat template too)
-            from framework.checkpoint import iter_dir
-            from framework.checkpoint.manifest import rewrite_manifest
-            from framework.interop.hf_files import copy_tokenizer_files
+    with single_process_world():
+        # every tensor's shape against config.json on a meta-device model, before the model is
+        # built (and initialised) at full size
+        interop.check_hf_shapes(weights, fam, model_cfg, padded)
+        with staging_dir(args.save) as tmp:
+            chunks = build_model(model_cfg, ParallelConfig(), vocab_size=padded, bf16=False,
+                                 fp16=False, device=torch.device("cpu"), wrap_ddp=False)
+            info = interop.load_hf_into_model(args.load, chunks, model_cfg,
+                                              allow_pickle=args.allow_pickle)
+            for c in chunks:
+                c.to(dtype)
+            save_checkpoint(tmp, 0, chunks, None, None, consumed_samples=0,
+                            config=asdict(config), tokenizer=tokenizer,
+                            extra={"hf_source": {"model_type": fam.HF_MODEL_TYPE,
+                                                 "path": os.path.abspath(args.load),
+                                                 "format": info["format"], "config": hf_cfg}})
+            if tok_path and os.path.isdir(tok_path):  # the HF files as they are (chat template)
+                from framework.checkpoint import iter_dir
+                from framework.checkpoint.manifest import rewrite_manifest
+                from framework.interop.hf_files import copy_tokenizer_files
 
-            if copy_tokenizer_files(tok_path, os.path.join(iter_dir(tmp, 0), "tokenizer")):
-                # the manifest must cover the copied files, not those tokenizer.save wrote
-                rewrite_manifest(iter_dir(tmp, 0), "tokenizer")
-        publish(tmp, args.save)
+                if copy_tokenizer_files(tok_path, os.path.join(iter_dir(tmp, 0), "tokenizer")):
+                    # the manifest must cover the copied files, not those tokenizer.save wrote
+                    rewrite_manifest(iter_dir(tmp, 0), "tokenizer")
+            publish(tmp, args.save)
     print(f"wrote {args.save}: {fam.HF_MODEL_TYPE} -> model.type={model_cfg.type}, "
           f"{info['tensors']} tensors, {_dtype_name(dtype)}, vocab {model_cfg.vocab_size} "
           f"padded to {padded} for TP={tp} (make_vocab_size_divisible_by="
@@ -326,6 +330,26 @@ def _export_vocab_size(model_cfg, tokenizer) -> int:
         return tokenizer.vocab_size
     raise InputError("the checkpoint's config has no model.vocab_size and it has no saved "
                      "tokenizer; pass --tokenizer to give the vocabulary")
+
+
+def _check_export_tokenizer(name: str, tokenizer, model_cfg, saved_tok: str,
+                            padded: int) -> None:
+    """--tokenizer fits the checkpoint's vocabulary (before any model is built): not more
+    tokens than model.vocab_size (its ids would have no trained row), the size of the
+    checkpoint's own tokenizer when the vocabulary is the tokenizer's, within the stored rows."""
+    n = tokenizer.vocab_size
+    if model_cfg.vocab_size is not None and n > model_cfg.vocab_size:
+        raise InputError(f"--tokenizer {name} has {n} tokens but the checkpoint's vocabulary "
+                         f"is {model_cfg.vocab_size} (model.vocab_size)")
+    if model_cfg.vocab_size is None and os.path.isdir(saved_tok):
+        own = _load_tokenizer(saved_tok).vocab_size
+        if n != own:
+            raise InputError(f"--tokenizer {name} has {n} tokens but the checkpoint was "
+                             f"trained with a tokenizer of {own} (its tokenizer/); leave "
+                             f"--tokenizer out to export that one")
+    if n > padded:
+        raise InputError(f"--tokenizer {name} has {n} tokens but the checkpoint's vocabulary "
+                         f"tensors have {padded} rows")
 
 
 def megatron_to_hf(args) -> None:
@@ -359,6 +383,8 @@ def megatron_to_hf(args) -> None:
     if not found:
         raise InputError(f"{iter_path}: no vocabulary tensor ({', '.join(names)}) stored")
     padded, stored_dtype = stored[found[0]][0][0], getattr(torch, stored[found[0]][1])
+    if args.tokenizer:
+        _check_export_tokenizer(args.tokenizer, tokenizer, model_cfg, saved_tok, padded)
     dtype = _torch_dtype(args.target_dtype) or stored_dtype
     hf_cfg = fam.model_config_to_hf_config(model_cfg, vocab_size=vocab,
                                            base=source.get("config"))
@@ -483,6 +509,10 @@ def run(args) -> None:
                          "inspect --load)")
     if not os.path.isdir(args.load):
         raise InputError(f"--load {args.load} is not a directory")
+    for option in ("target_tp", "target_pp"):
+        value = getattr(args, option, 1)
+        if value < 1:
+            raise InputError(f"--{option.replace('_', '-')} {value} must be >= 1")
     if args.save is not None:
         check_save_dir(args.save, args.load, args.overwrite)
     hf_input = args.command == "hf-to-megatron"

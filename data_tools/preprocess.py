@@ -247,6 +247,16 @@ def run(args: argparse.Namespace) -> List[str]:
         raise InputError(f"--workers={args.workers} must be in [1, 1024]")
     if args.max_line_bytes < 1:
         raise InputError(f"--max-line-bytes={args.max_line_bytes} must be >= 1")
+    seen = set()
+    for key in args.json_keys:
+        # each key names an output, <prefix>_<key>_document: one file name, written once
+        if key in seen:
+            raise InputError(f"--json-keys: {key!r} is given twice (each key writes one output, "
+                             f"<prefix>_{key}_document)")
+        seen.add(key)
+        if os.sep in key or (os.altsep and os.altsep in key):
+            raise InputError(f"--json-keys: {key!r} cannot name an output file "
+                             f"(<prefix>_<key>_document) because it holds {os.sep!r}")
     if not os.path.basename(args.output_prefix):
         raise InputError(f"--output-prefix={args.output_prefix!r} must end in a file name "
                          f"prefix (outputs are <prefix>_<key>_document.bin/.idx)")

@@ -46,6 +46,7 @@ from framework.fast import lean_decode
 from framework.models.wrappers import unwrap
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
+MAX_SEED = 2**32 - 1  # numpy.random.seed's bound (generate.py seeds every generator with it)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,12 +98,21 @@ class GenerationOptions:
                  f"top_p_decay={self.top_p_decay} must be in [0, 1] (0 = no decay)")
         require(0.0 <= self.top_p_bound <= 1.0,
                  f"top_p_bound={self.top_p_bound} must be in [0, 1]")
+        # top_p = max(top_p * decay, bound) after each token: a bound above top_p would raise
+        # it, and from top_p=0 (greedy) switch to sampling after the first token
+        require(self.top_p_decay == 0.0 or self.top_p_bound <= self.top_p,
+                 f"top_p_bound={self.top_p_bound} is above top_p={self.top_p}: with "
+                 f"top_p_decay={self.top_p_decay} top_p would rise to the bound (from top_p=0, "
+                 f"greedy decoding would turn into sampling); give top_p_bound <= top_p")
         require(self.temperature > 0.0 and math.isfinite(self.temperature),
                  f"temperature={self.temperature} must be a positive number")
         require(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
         require(math.isfinite(self.length_penalty),
                  f"length_penalty={self.length_penalty} must be finite")
         normalize_early_stopping(self.early_stopping)
+        # generate.py seeds Python's, NumPy's and torch's generators with it (NumPy: < 2**32)
+        require(self.seed is None or 0 <= self.seed <= MAX_SEED,
+                f"seed={self.seed} must be in [0, {MAX_SEED}] (or null)")
         require(
             self.num_beams == 1 or (self.top_k == 0 and self.top_p == 0.0
                                     and self.temperature == 1.0),

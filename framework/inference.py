@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -24,7 +26,7 @@ from framework.checkpoint.state import load_checkpoint
 from framework.config import ModelConfig, ParallelConfig, TokenizerConfig
 from framework.distributed import init_distributed, set_seeds, teardown
 from framework.errors import ConfigError, require
-from framework.generation import GenerationOptions, generate
+from framework.generation import MAX_SEED, GenerationOptions, generate
 from framework.launch import launch, resolve_device
 from framework.models.registry import family, with_capability
 from framework.tokenizer import TokenizerSource, choose_tokenizer
@@ -223,10 +225,18 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32: "
                                 "`bf16=false` (or leave bf16 unset) works here")
 
+    require(cfg.seed is None or cfg.seed + 100 * (pp - 1) <= MAX_SEED,
+             f"seed={cfg.seed} must be at most {MAX_SEED - 100 * (pp - 1)} at "
+             f"parallel.pipeline_model_parallel_size={pp} (each stage seeds with seed + 100 x "
+             f"its rank)")
+    if cfg.output_file is not None:
+        check_output_file(cfg.output_file)
+
     data_type = meta.get("config", {}).get("data", {}).get("type")
     source = choose_checkpoint_tokenizer(cfg.tokenizer, cfg.load, it, model_cfg, data_type)
     tokenizer = source.load()
     vocab, padded = checkpoint_vocab(meta, model_cfg, tokenizer)
+    check_tokenizer_fits(cfg, it, model_cfg, data_type, tokenizer, padded)
     require(padded % tp == 0,
              f"the checkpoint's padded vocabulary ({padded}) is not divisible by "
              f"parallel.tensor_model_parallel_size={tp}")
@@ -237,13 +247,20 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
                  "runs without prompts only for checkpoints trained on data=embedded)")
         from framework.data.embedded import heldout_problems
 
-        pairs = heldout_problems(cfg.num_heldout)
+        try:
+            pairs = heldout_problems(cfg.num_heldout)
+        except ValueError as e:  # more than there are
+            there = re.search(r"\[0, (\d+)\]", str(e))
+            raise ConfigError(f"num_heldout={cfg.num_heldout} is more than the held-out "
+                              f"arithmetic problems there are"
+                              f"{f' ({there.group(1)})' if there else ''}") from None
         prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
     else:
         prompts = [str(p) for p in cfg.prompts]
     prompt_ids = []
     context = model_cfg.max_positions
     for i, text in enumerate(prompts):
+        check_utf8(text, f"prompt {i}")
         ids = ([tokenizer.bos] if cfg.add_bos else []) + tokenizer.encode(text)
         require(len(ids) > 0, f"prompt {i} ({text!r}) has no tokens (set add_bos=true to start "
                                f"from BOS alone)")
@@ -268,13 +285,97 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     # (not a checkpoint imported from Hugging Face: `convert` stores a default config, whose data
     # group says embedded, but those weights were never trained on that corpus)
     trained_embedded = data_type == "embedded" and "hf_source" not in meta
-    eos = tokenizer.encode("\n")[0] if trained_embedded else tokenizer.eod
+    newline = tokenizer.encode("\n") if trained_embedded else [tokenizer.eod]
+    require(len(newline) > 0,
+             f"the tokenizer ({_tokenizer_name(cfg)}) has no token for a newline, which ends a "
+             f"completion of this data=embedded checkpoint; use the checkpoint's own tokenizer")
+    eos = newline[0]
     return GenerateJob(cfg=cfg, parallel=parallel, model=model_cfg, load=cfg.load, iteration=it,
                        device=device, bf16=bf16, prompts=prompts, prompt_ids=prompt_ids,
                        answers=answers, data_type=data_type, tokenizer=source,
                        vocab_size=vocab, padded_vocab=padded,
                        eos_id=eos, pad_id=tokenizer.pad, max_new_tokens=max_new,
                        notes=notes)
+
+
+def _tokenizer_name(cfg: GenerateConfig) -> str:
+    t = cfg.tokenizer
+    if t.path:
+        return f"tokenizer.path={t.path}"
+    if t.vocab_file or t.merge_file:
+        return f"tokenizer.vocab_file={t.vocab_file} + tokenizer.merge_file={t.merge_file}"
+    return "the checkpoint's own"
+
+
+def check_utf8(text: str, what: str) -> None:
+    """A prompt from the command line is decoded with Python's surrogateescape: bytes that are
+    not UTF-8 arrive as lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what_char = (f"byte 0x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff
+                     else f"lone surrogate \\u{code:04x}")
+        raise ConfigError(f"{what} is not valid UTF-8 text ({what_char} at character "
+                          f"{e.start + 1}); pass prompts as UTF-8") from None
+
+
+def check_output_file(path: str) -> None:
+    """output_file can be written: not a directory, and its directory (or the nearest existing
+    one above it, where it will be made) accepts a new file. Checked before any model work."""
+    require(not os.path.isdir(path), f"output_file={path} is a directory; give a file name, "
+                                     f"e.g. output_file=results.jsonl")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    require(os.path.isdir(parent), f"output_file={path}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".generate-probe-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"output_file={path}: cannot write in {parent} "
+                          f"({e.strerror or e})") from None
+
+
+def _stored_vocab_rows(load: str, it: int, allow_symlinks: bool) -> Optional[int]:
+    """Rows of the stored word embeddings (the padded vocabulary), from the checkpoint's
+    metadata; None when it has no such tensor."""
+    md = reader.read_dist(reader.iter_dir(load, it), "metadata", allow_symlinks=allow_symlinks)
+    have = md.state_dict_metadata.get("embedding.word_embeddings.weight")
+    size = getattr(have, "size", None)
+    return int(size[0]) if size else None
+
+
+def check_tokenizer_fits(cfg: GenerateConfig, it: int, model_cfg: ModelConfig,
+                         data_type: Optional[str], tokenizer, padded: int) -> None:
+    """The tokenizer is the one the checkpoint was trained with, as far as can be told before
+    loading: megatron-core loads the vocabulary tensors whatever their rows (a padded vocabulary
+    may change), so a tokenizer of another size would load and decode garbage (ids past the
+    trained rows, or rows cut off)."""
+    name = _tokenizer_name(cfg)
+    given = bool(cfg.tokenizer.path or cfg.tokenizer.vocab_file or cfg.tokenizer.merge_file)
+    if given and model_cfg.vocab_size is not None:
+        require(tokenizer.vocab_size <= model_cfg.vocab_size,
+                 f"{name} has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary is "
+                 f"{model_cfg.vocab_size} (model.vocab_size): its ids would reach rows the model "
+                 f"never trained; use the checkpoint's own tokenizer")
+    elif given:
+        try:
+            own = choose_checkpoint_tokenizer(TokenizerConfig(), cfg.load, it, model_cfg,
+                                              data_type).load()
+        except ConfigError:  # no tokenizer saved with it: the stored rows below decide
+            own = None
+        if own is not None:
+            require(tokenizer.vocab_size == own.vocab_size,
+                     f"{name} has {tokenizer.vocab_size} tokens but the checkpoint was trained "
+                     f"with a tokenizer of {own.vocab_size}; leave tokenizer unset to use the "
+                     f"checkpoint's own")
+    rows = _stored_vocab_rows(cfg.load, it, cfg.allow_symlinks)
+    require(rows is None or rows == padded,
+             f"the checkpoint's word embeddings have {rows} rows but the tokenizer ({name}, "
+             f"{tokenizer.vocab_size} tokens) pads to {padded}: it is not the tokenizer the "
+             f"checkpoint was trained with")
 
 
 def run_generate(cfg: GenerateConfig) -> None:
@@ -366,8 +467,29 @@ def _report(job: GenerateJob, results: Dict[int, Dict[str, Any]]) -> None:
         print(f"held-out arithmetic accuracy: {correct}/{len(records)} = "
               f"{100.0 * correct / len(records):.1f}%", flush=True)
     if job.cfg.output_file:
-        os.makedirs(os.path.dirname(os.path.abspath(job.cfg.output_file)), exist_ok=True)
-        with open(job.cfg.output_file, "w", encoding="utf-8") as f:
+        write_jsonl(job.cfg.output_file, records)
+        print(f"wrote {len(records)} results to {job.cfg.output_file}", flush=True)
+
+
+def write_jsonl(path: str, records: List[Dict[str, Any]]) -> None:
+    """Write `records` to `path` through a temporary file beside it, renamed over `path` once
+    complete: a failed write leaves neither a partial file nor a damaged earlier one."""
+    tmp = None
+    try:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        print(f"wrote {len(records)} results to {job.cfg.output_file}", flush=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; as open() would: the umask
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise ConfigError(f"output_file={path}: cannot write it ({e.strerror or e})") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)

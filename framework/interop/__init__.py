@@ -27,14 +27,16 @@ from types import ModuleType
 from typing import Any, Dict, List, Optional
 
 from framework.config import ModelConfig
-from framework.errors import InteropError
+from framework.errors import ConfigError, InteropError
 from framework.models import registry
-from framework.models.hf_rules import export_from_state, import_into_chunks, iter_hf_names
+from framework.models.hf_rules import (expand, export_from_state, import_into_chunks,
+                                        iter_hf_names)
 from framework.models.wrappers import unwrap
 
 PLANNED: tuple = ()  # model types we intend to add; listed in the unsupported-type error
 
 __all__ = ["InteropError", "check_supported", "family", "family_for_model", "supported",
+           "check_hf_shapes",
            "hf_config_to_model_config", "model_config_to_hf_config", "load_hf_into_model",
            "hf_state_dict_from_megatron", "save_hf_checkpoint", "vocab_tensor_names"]
 
@@ -194,6 +196,76 @@ def _resolver(weights, fam, model_cfg: ModelConfig):
     return where
 
 
+def _check_vocab_rows(weights, fam, model_cfg: ModelConfig, where: Dict[str, str]) -> None:
+    """The HF tensors whose dim 0 is the vocabulary have config.json's vocab_size rows (the
+    import pads them to the model's padded vocabulary, so a config/weights mismatch would
+    otherwise load: zero rows taken for real tokens, or real tokens taken for padding)."""
+    for _ours, hf, rule in expand(fam.rules(model_cfg), model_cfg.num_layers):
+        if not rule.vocab or not isinstance(hf, str) or hf not in where:
+            continue
+        rows = weights.shape(where[hf])[0]
+        if rows != model_cfg.vocab_size:
+            raise InteropError(f"{weights.dir}: {where[hf]} has {rows} vocabulary rows but "
+                               f"config.json says vocab_size={model_cfg.vocab_size}")
+
+
+def _import(chunks, fam, model_cfg: ModelConfig, where: Dict[str, str], get, *, tp_rank: int,
+            tp_size: int, hf_dir: str) -> int:
+    """`import_into_chunks`; a tensor whose shape the family's reshapes cannot take (e.g. k/v
+    rows for another num_key_value_heads than config.json's) is an InteropError naming it."""
+    asked: List[str] = []
+
+    def fetch(name: str):
+        asked.append(name)
+        return get(where[name])
+
+    try:
+        return import_into_chunks(chunks, fam.rules(model_cfg), model_cfg, fetch,
+                                  tp_rank=tp_rank, tp_size=tp_size)
+    except ConfigError:  # InteropError and the like: one line already
+        raise
+    except (RuntimeError, ValueError) as e:
+        if not asked:
+            raise
+        group = [asked[-1]]
+        for _ours, hf, _rule in expand(fam.rules(model_cfg), model_cfg.num_layers):
+            if isinstance(hf, tuple) and asked[-1] in hf:
+                group = list(hf)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InteropError(f"{hf_dir}: " + ", ".join(
+            f"{where[n]} {list(_shape_of(get, where[n]))}" for n in group)
+            + f" do not fit the model that config.json describes ({why})") from None
+
+
+def _shape_of(get, name: str) -> tuple:
+    return tuple(get(name).shape)
+
+
+def check_hf_shapes(weights, fam: ModuleType, model_cfg: ModelConfig, padded_vocab: int) -> None:
+    """Before the model is built for real: every tensor of the HF files (`weights`, an
+    HFWeights) has the shape that config.json (`model_cfg`) gives it. The model is built on the
+    meta device (no memory, no init) and the import run on meta tensors of the files' shapes
+    (their headers only), so a mismatch is the one-line InteropError of the real import,
+    without the cost of building a full-size model first. Needs a one-process megatron parallel
+    state (TP1, PP1)."""
+    import torch
+
+    from framework.interop.megatron_files import build_on_meta
+
+    where = _resolver(weights, fam, model_cfg)
+    _check_vocab_rows(weights, fam, model_cfg, where)
+    try:
+        chunks = build_on_meta(model_cfg, padded_vocab)
+    except NotImplementedError:  # an operation without a meta kernel: the real import checks
+        return                   # the same shapes, after the build
+
+    def meta(name: str):
+        return torch.empty(weights.shape(name), dtype=torch.float32, device="meta")
+
+    _import([unwrap(m) for m in chunks], fam, model_cfg, where, meta, tp_rank=0, tp_size=1,
+            hf_dir=weights.dir)
+
+
 def load_hf_into_model(hf_dir: str, model_chunks, model_cfg: ModelConfig, *,
                        allow_pickle: bool = False) -> Dict[str, Any]:
     """Copy the weights of the HF model in `hf_dir` into this rank's already-built model chunks.
@@ -216,11 +288,11 @@ def load_hf_into_model(hf_dir: str, model_chunks, model_cfg: ModelConfig, *,
     hf_model_cfg = with_hf_tensors(fam, hf_config_to_model_config(hf), weights)
     check_same_architecture(hf_model_cfg, model_cfg, f"the Hugging Face model in {hf_dir}")
     where = _resolver(weights, fam, model_cfg)
+    _check_vocab_rows(weights, fam, hf_model_cfg, where)
     chunks = [unwrap(m) for m in model_chunks]
-    n = import_into_chunks(
-        chunks, fam.rules(model_cfg), model_cfg, lambda name: weights.get(where[name]),
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        tp_size=ps.get_tensor_model_parallel_world_size())
+    n = _import(chunks, fam, model_cfg, where, weights.get,
+                tp_rank=ps.get_tensor_model_parallel_rank(),
+                tp_size=ps.get_tensor_model_parallel_world_size(), hf_dir=hf_dir)
     return {"model_type": fam.HF_MODEL_TYPE, "format": weights.format, "tensors": n,
             "vocab_size": hf_model_cfg.vocab_size}
 

@@ -64,6 +64,8 @@ class HFWeights:
         self._handles: Dict[str, Any] = {}
         self._loaded: Dict[str, Dict[str, "torch.Tensor"]] = {}
         join = lambda name: os.path.join(hf_dir, name)  # noqa: E731
+        self._indexed = os.path.isfile(join(SAFE_INDEX)) or (
+            allow_pickle and os.path.isfile(join(PICKLE_INDEX)))
         if os.path.isfile(join(SAFE_INDEX)):
             self.format, self._where = "safetensors", _index_files(join(SAFE_INDEX))
         elif os.path.isfile(join(SAFE_SINGLE)):
@@ -121,20 +123,45 @@ class HFWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def _from_file(self, name: str, what: str):
+        """`what` ("get_tensor" or "get_slice") of `name` in the safetensors file the index
+        places it in; InteropError (one line, file and tensor) when the file does not hold it
+        or cannot give it."""
+        fname = self._where[name]
+        handle = self._safe(fname)
+        try:
+            return getattr(handle, what)(name)
+        except Exception as e:  # safetensors' SafetensorError: not in the file, bad data, ...
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            index = "; the weight index places it in this file" if self._indexed else ""
+            raise InteropError(f"{os.path.join(self.dir, fname)}: cannot read tensor {name} "
+                               f"({why}){index}") from None
+
     def get(self, name: str) -> "torch.Tensor":
         if name not in self._where:
             raise InteropError(f"{self.dir} has no tensor {name}")
         fname = self._where[name]
         if self.format == "safetensors":
-            return self._safe(fname).get_tensor(name)
+            return self._from_file(name, "get_tensor")
+        if name not in self._pickle(fname):
+            raise InteropError(f"{os.path.join(self.dir, fname)} has no tensor {name}; the "
+                               f"weight index places it in this file")
         return self._pickle(fname)[name]
+
+    def shape(self, name: str) -> tuple:
+        """The shape of tensor `name` (from the safetensors header: no data read)."""
+        if name not in self._where:
+            raise InteropError(f"{self.dir} has no tensor {name}")
+        if self.format == "safetensors":
+            return tuple(self._from_file(name, "get_slice").get_shape())
+        return tuple(self.get(name).shape)
 
     def describe(self) -> List[tuple]:
         """(name, shape, dtype) of every tensor, in file order."""
         out = []
         for name in self.keys():
             if self.format == "safetensors":
-                sl = self._safe(self._where[name]).get_slice(name)
+                sl = self._from_file(name, "get_slice")
                 dt = str(sl.get_dtype())
                 out.append((name, tuple(sl.get_shape()), _SAFE_DTYPES.get(dt, dt)))
             else:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -88,14 +89,23 @@ def load_full(iter_path: str, *, allow_symlinks: bool = False
     return common, tensors, objects
 
 
+def build_on_meta(model_cfg: ModelConfig, vocab_rows: int) -> List[torch.nn.Module]:
+    """The model at TP1/PP1 on the meta device (no memory, no init cost), for shape checks.
+    Needs a one-process megatron parallel state. Llama-3 RoPE scaling is left out: it only
+    rescales the rotary frequencies (no parameter, no stored tensor), and it copies them to the
+    device of mcore's CPU buffer, which a meta tensor cannot be copied to."""
+    cfg = replace(model_cfg, rope_scaling=False) if model_cfg.rope_scaling else model_cfg
+    with torch.device("meta"):
+        return build_model(cfg, ParallelConfig(), vocab_size=vocab_rows, bf16=False,
+                           fp16=False, device=torch.device("meta"), wrap_ddp=False)
+
+
 def check_model_shapes(iter_path: str, model_cfg: ModelConfig, vocab_rows: int, *,
                        allow_symlinks: bool = False) -> None:
     """The stored tensors are those of the model that framework.json describes: the model is
-    built at TP1/PP1 on the meta device (no memory, no init cost) and every tensor's global
-    shape compared. Needs a one-process megatron parallel state."""
-    with torch.device("meta"):
-        chunks = build_model(model_cfg, ParallelConfig(), vocab_size=vocab_rows, bf16=False,
-                             fp16=False, device=torch.device("meta"), wrap_ddp=False)
+    built at TP1/PP1 on the meta device (`build_on_meta`) and every tensor's global shape
+    compared. Needs a one-process megatron parallel state."""
+    chunks = build_on_meta(model_cfg, vocab_rows)
     template = sharded_state(chunks, None, with_optimizer=False, is_loading=True)
     template.pop(RNG_KEY, None)
     reader.check_shapes(iter_path, template,
