@@ -133,6 +133,33 @@ def output_layer_rule(hf_embedding: str, tied: bool) -> Rule:
 Check = Tuple[bool, str]  # (holds, what to report when it does not)
 
 
+def hf_ints(hf: Dict[str, Any], keys: Iterable[str], what: str) -> List[int]:
+    """The integer fields `keys` of an HF config dict, in order; a missing, null or non-integer
+    one is an InteropError naming the key and what it holds (e.g. "gpt2 config: n_layer is
+    null, not an integer")."""
+    out = []
+    for key in keys:
+        value = hf.get(key)
+        try:
+            if value is None or isinstance(value, bool) or int(value) != float(value):
+                raise ValueError
+            out.append(int(value))
+        except (TypeError, ValueError):
+            held = "missing" if key not in hf else f"{json_value(value)}"
+            raise InteropError(f"{what} config: {key} is {held}, not an integer") from None
+    return out
+
+
+def json_value(value: Any) -> str:
+    """How config.json spells a value (null, true, "text", 1.5)."""
+    import json
+
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def refuse(problems: List[str], what: str) -> None:
     """One InteropError `what: problem; problem` naming every problem at once; nothing when
     there are none."""

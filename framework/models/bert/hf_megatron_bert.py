@@ -29,8 +29,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from framework.errors import InteropError
-from framework.models.hf_rules import (Rule, family_checks, kept_hf_config, mha_checks,
+from framework.models.hf_rules import (Rule, family_checks, hf_ints, kept_hf_config, mha_checks,
                                        output_layer_rule, qkv_parts_to_hf, qkv_parts_to_ours,
                                        refuse, require)
 
@@ -69,12 +68,9 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     if not hf.get("tie_word_embeddings", True):
         bad.append("tie_word_embeddings=false")
     refuse(bad, "this megatron-bert config cannot be expressed as our BERT model")
-    try:
-        layers, hidden = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
-        heads, n_pos = int(hf["num_attention_heads"]), int(hf["max_position_embeddings"])
-        vocab = int(hf["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InteropError(f"megatron-bert config lacks a valid {e}") from None
+    layers, hidden, heads, n_pos, vocab = hf_ints(
+        hf, ("num_hidden_layers", "hidden_size", "num_attention_heads",
+             "max_position_embeddings", "vocab_size"), "megatron-bert")
     inner = hf.get("intermediate_size")
     return dict(
         name=_NAMES.get((layers, hidden), "megatron_bert_hf"),

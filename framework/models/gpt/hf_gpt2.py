@@ -16,10 +16,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from framework.errors import InteropError
-from framework.models.hf_rules import (Rule, family_checks, kept_hf_config, mha_checks,
-                                       output_layer_rule, qkv_rows_to_hf, qkv_rows_to_ours,
-                                       refuse, require, transpose)
+from framework.models.hf_rules import (Rule, family_checks, hf_ints, kept_hf_config, mha_checks,
+                                       output_layer_rule, qkv_rows_to_hf, qkv_rows_to_ours, refuse,
+                                       require, transpose)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -56,11 +55,8 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     if hf.get("add_cross_attention", False):
         bad.append("add_cross_attention=true")
     refuse(bad, "this gpt2 config cannot be expressed as our GPT model")
-    try:
-        n_layer, n_embd, n_head = int(hf["n_layer"]), int(hf["n_embd"]), int(hf["n_head"])
-        n_pos, vocab = int(hf["n_positions"]), int(hf["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InteropError(f"gpt2 config lacks a valid {e}") from None
+    n_layer, n_embd, n_head, n_pos, vocab = hf_ints(
+        hf, ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"), "gpt2")
     return dict(
         name=_NAMES.get((n_layer, n_embd), "gpt2_hf"),
         type=MODEL_TYPE,

@@ -35,7 +35,7 @@ import types
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from framework.errors import InteropError
-from framework.models.hf_rules import (Rule, glu_to_hf, glu_to_ours, kept_hf_config,
+from framework.models.hf_rules import (Rule, glu_to_hf, glu_to_ours, hf_ints, kept_hf_config,
                                        output_layer_rule, qkv_parts_to_hf, qkv_parts_to_ours,
                                        refuse, require)
 
@@ -102,12 +102,9 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     if theta != int(theta):
         bad.append(f"rope_theta={theta} (model.rotary_base is an integer)")
     refuse(bad, f"this {model_type} config cannot be expressed as our GPT model")
-    try:
-        layers, hidden = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
-        heads, vocab = int(hf["num_attention_heads"]), int(hf["vocab_size"])
-        ffn, n_pos = int(hf["intermediate_size"]), int(hf["max_position_embeddings"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InteropError(f"{model_type} config lacks a valid {e}") from None
+    layers, hidden, heads, vocab, ffn, n_pos = hf_ints(
+        hf, ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
+             "intermediate_size", "max_position_embeddings"), model_type)
     groups = int(hf.get("num_key_value_heads") or heads)
     head_dim = hf.get("head_dim")
     kv_channels = int(head_dim) if head_dim and int(head_dim) * heads != hidden else None

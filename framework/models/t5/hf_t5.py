@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
-from framework.errors import InteropError
-from framework.models.hf_rules import (Rule, family_checks, glu_to_hf, glu_to_ours,
+from framework.models.hf_rules import (Rule, family_checks, glu_to_hf, glu_to_ours, hf_ints,
                                        kept_hf_config, refuse, require)
 
 if TYPE_CHECKING:  # annotations only
@@ -77,12 +76,10 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     if hf.get("is_decoder", False):
         bad.append("is_decoder=true")
     refuse(bad, "this t5 config cannot be expressed as our T5 model")
-    try:
-        d_model, heads, d_kv = int(hf["d_model"]), int(hf["num_heads"]), int(hf["d_kv"])
-        d_ff, enc, vocab = int(hf["d_ff"]), int(hf["num_layers"]), int(hf["vocab_size"])
-        dec = int(hf.get("num_decoder_layers") or enc)
-    except (KeyError, TypeError, ValueError) as e:
-        raise InteropError(f"t5 config lacks a valid {e}") from None
+    d_model, heads, d_kv, d_ff, enc, vocab = hf_ints(
+        hf, ("d_model", "num_heads", "d_kv", "d_ff", "num_layers", "vocab_size"), "t5")
+    dec = hf_ints(hf, ("num_decoder_layers",), "t5")[0] if hf.get("num_decoder_layers") \
+        is not None else enc
     seq = int(hf.get("n_positions") or 512)
     dropout = float(hf.get("dropout_rate", 0.1))
     return dict(
