@@ -47,6 +47,10 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rows", default=str(rope.ROWS))
     a = ap.parse_args()
+    rows_list = [int(x) for x in a.rows.split(",")]
+    bad = [r for r in rows_list if r < 1 or r & (r - 1)]
+    if bad:
+        sys.exit(f"--rows {a.rows}: {bad} not a power of two (tl.arange's block)")
     card = torch.cuda.get_device_name(0)
     print(f"RoPE on the fused QKV output, forward + backward, bf16, micro-batch {a.micro_batch}, "
           f"seq {a.seq}, one {card}, torch {torch.__version__}, triton {triton.__version__}")
@@ -63,12 +67,14 @@ def main():
         freqs = torch.cat([ang, ang], -1)[:, None, None, :]
         mixed = torch.randn(s, b, groups, (qpg + 2) * d, device="cuda", generator=g).bfloat16()
         outs = split(mixed, qpg, d)
-        grads = [torch.randn(t.shape, device="cuda", generator=g).bfloat16() for t in outs]
+        # in the layout SDPA's backward hands them over: [b, n, s, d] storage seen as [s, b, n, d]
+        grads = [torch.randn(t.shape[1], t.shape[2], t.shape[0], t.shape[3], device="cuda",
+                             generator=g).bfloat16().permute(2, 0, 1, 3) for t in outs]
         gbytes = 2 * 2 * mixed.numel() * 2 / 1e9  # forward and backward: read + write, bf16
         cands = [("mcore split + unfused RoPE", None, lambda m: (
                     lambda q, k, v: (_apply_rotary_pos_emb_bshd(q, freqs),
                                      _apply_rotary_pos_emb_bshd(k, freqs), v))(*split(m, qpg, d)))]
-        for r in [int(x) for x in a.rows.split(",")]:
+        for r in rows_list:
             cands.append(("mcore split + fused_rope (default)", r, lambda m: (
                 lambda q, k, v: (rope.fused_rope(q, freqs), rope.fused_rope(k, freqs), v))(
                     *split(m, qpg, d))))

@@ -140,6 +140,18 @@ def test_rope_fusion_perturbed(mp1):
                   "rope_fusion GQA fp32", 1e-5, 1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_qkv_rope_fusion_perturbed(mp1, compiled):
+    """model.qkv_rope_fusion against mcore's split + rotation (rope_fusion on both sides), GQA
+    with a QKV bias, eager and under model.torch_compile (which traces the kernel's autograd
+    function: the kernel is handed the whole QKV tensor it addresses)."""
+    kw = dict(position_embedding_type="rope", num_query_groups=2, normalization="RMSNorm",
+              activation="swiglu", add_bias_linear=False, add_qkv_bias=True,
+              torch_compile=compiled)
+    _assert_close(_pair(_cfg(qkv_rope_fusion=False, **kw), _cfg(qkv_rope_fusion=True, **kw)),
+                  f"qkv_rope_fusion GQA fp32 compiled={compiled}", 1e-5, 1e-4)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_fused_cross_entropy_perturbed(mp1, tied):
     kw = dict(share_embeddings_and_output_weights=tied)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -71,13 +72,15 @@ if triton is not None:
 
 def _launch(x: torch.Tensor, freqs: torch.Tensor, backward: bool,
             out: Optional[torch.Tensor] = None, groups: Optional[Tuple[int, int, int]] = None,
-            out_groups: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+            out_groups: Optional[Tuple[int, int, int]] = None,
+            shape: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """Rotate x [s, b, n, d] (unit last stride) by freqs [s, 1, 1, rot] into `out` (a new
     contiguous tensor by default; any strides with a unit last one). `groups` = (heads per
-    group, group stride, head stride): x's head i is head i % hpg of group i // hpg, so x may be
-    the query heads of a fused QKV output seen as [s, b, n, d] through those strides (its own
-    stride(2) is then unused); `out_groups` the same for `out`."""
-    s, b, n, d = x.shape
+    group, group stride, head stride): x's head i is head i % hpg of group i // hpg, and
+    `shape` the [s, b, n, d] so addressed, so x may be a whole fused QKV output whose query
+    heads are rotated (the kernel is handed the whole tensor it touches: torch.compile copies
+    only what a kernel's arguments declare); `out_groups` the same for `out`."""
+    s, b, n, d = shape or x.shape
     rot = freqs.shape[-1]
     if out is None:
         out = torch.empty((s, b, n, d), dtype=x.dtype, device=x.device)
@@ -100,6 +103,7 @@ class _FusedRope(torch.autograd.Function):
         return _launch(t, freqs, backward=False)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         freqs, = ctx.saved_tensors
         if grad.stride(-1) != 1:
@@ -128,13 +132,6 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
 # --------------------------------------------------------------------------------------------
 # RoPE on megatron-core's fused QKV output
 # --------------------------------------------------------------------------------------------
-def _query_view(t: torch.Tensor, qpg: int, d: int) -> torch.Tensor:
-    """The query heads of a contiguous fused QKV tensor [s, b, g, (qpg + 2) * d] seen as
-    [s, b, g * qpg, d]; stride(2) is a placeholder: `_launch`'s groups give the real layout."""
-    s, b, g, _ = t.shape
-    return t.as_strided((s, b, g * qpg, d), (t.stride(0), t.stride(1), d, 1))
-
-
 class _FusedQKVRope(torch.autograd.Function):
     """(q, k, v) from mcore's fused QKV projection output, with RoPE on q and k.
 
@@ -151,7 +148,7 @@ class _FusedQKVRope(torch.autograd.Function):
         s, b, g, w = mixed.shape
         d = w // (qpg + 2)
         mixed = mixed.contiguous()
-        q = _launch(_query_view(mixed, qpg, d), q_freqs, False, groups=(qpg, w, d))
+        q = _launch(mixed, q_freqs, False, groups=(qpg, w, d), shape=(s, b, g * qpg, d))
         k = _launch(mixed[..., qpg * d:(qpg + 1) * d], k_freqs, False)
         v = mixed[..., (qpg + 1) * d:].contiguous()
         ctx.save_for_backward(q_freqs, k_freqs)
@@ -159,6 +156,7 @@ class _FusedQKVRope(torch.autograd.Function):
         return q, k, v
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq, dk, dv):
         q_freqs, k_freqs = ctx.saved_tensors
         qpg, (s, b, g, w) = ctx.qpg, ctx.shape
@@ -169,8 +167,8 @@ class _FusedQKVRope(torch.autograd.Function):
         if dq is None:
             dmixed[..., :qpg * d].zero_()
         else:
-            _launch(dq if dq.stride(-1) == 1 else dq.contiguous(), q_freqs, True,
-                    out=_query_view(dmixed, qpg, d), out_groups=(qpg, w, d))
+            _launch(dq if dq.stride(-1) == 1 else dq.contiguous(), q_freqs, True, out=dmixed,
+                    out_groups=(qpg, w, d))
         k_slot = dmixed[..., qpg * d:(qpg + 1) * d]
         if dk is None:
             k_slot.zero_()

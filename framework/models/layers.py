@@ -365,7 +365,12 @@ class SelfAttention(_McoreSelfAttention):
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
                                     output_gate=False, split_qkv=True):
-        if self._qkv_rope is not None and split_qkv and not output_gate:
+        if self._qkv_rope is not None:
+            # (mcore's forward was handed no rotary angles: a path that returned unsplit or
+            # gated tensors here would train without RoPE; `_fusable_rope` rules both out)
+            if not split_qkv or output_gate:
+                raise RuntimeError("qkv_rope_fusion: megatron-core asked for unsplit or gated "
+                                   "QKV tensors, which the fused rotation does not produce")
             mixed, _ = self.linear_qkv(hidden_states)
             qpg = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
             mixed = mixed.view(*mixed.shape[:-1], self.num_query_groups_per_partition, -1)
