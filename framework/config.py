@@ -192,6 +192,12 @@ class ModelConfig:
     # on 2026-12-04 (README, FP8), but the fix to its first step (rounded to bf16 before the
     # cast) has run only in the layer test, and it gains 1%
     fp8_fused_act: Optional[bool] = None
+    # GPU, with fp8_fused_act: the activation's backward (megatron-core's bias-GeLU backward)
+    # also casts its result, fc1's output gradient, to FP8 in the same pass, with the bias
+    # gradient, so fc1's backward reads no bf16 gradient to cast it (framework/fast/fp8.py
+    # act_backward_cast). null/false = the activation's backward, then fc1's cast. null stays
+    # off until a GPU run has tested and measured it (written 2026-12-04 without a GPU)
+    fp8_fused_act_backward: Optional[bool] = None
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU (a note).
@@ -325,6 +331,9 @@ class ModelConfig:
                 f"false) and no model.torch_compile (got activation={self.activation}, "
                 f"add_bias_linear={self.add_bias_linear}, bias_activation_fusion="
                 f"{self.bias_activation_fusion}, torch_compile={self.torch_compile})")
+        require(not self.fp8_fused_act_backward or self.fp8_fused_act,
+                "model.fp8_fused_act_backward=true needs model.fp8_fused_act=true (it is the "
+                "backward of that fused activation)")
         for f in ("hidden_dropout", "attention_dropout"):
             require(0.0 <= getattr(self, f) < 1,
                      f"model.{f}={getattr(self, f)} must be in [0, 1)")

@@ -399,6 +399,138 @@ def test_mlp_casts_the_activation_in_fc2_with_delayed(mp1, monkeypatch):
     assert len(acts) == 4  # evaluation: no FP8 call
 
 
+def test_mlp_casts_fc1_output_gradient_in_the_activation_backward(mp1, monkeypatch):
+    """model.fp8_fused_act_backward (`fp8_act_bwd_cast`): from the second step (fc1's output
+    gradient has an amax history), fc2's activation backward also casts that gradient for fc1,
+    whose backward takes the casts instead of casting again. Three steps of the MLP, fp32 on
+    CPU (the torch form of the fused pass): outputs, gradients and amax histories bit for bit
+    those of the MLP without it; fc1 casts its own output gradient only at the first step."""
+    import torch.nn.functional as F
+
+    from framework.models import layers
+    from framework.models.transformer import transformer_config
+
+    cfg = transformer_config(_tiny(), ParallelConfig(), bf16=False, fp16=False, on_gpu=False,
+                             fp8="delayed")
+    cfg = dataclasses.replace(cfg, activation_func=F.gelu, bias_activation_fusion=True,
+                              fp8_act_cast=True)
+    monkeypatch.setattr("megatron.core.fusions.fused_bias_gelu.bias_gelu_impl",
+                        lambda h, b: fp8.act_ref(h, b, "gelu_tanh"))
+    monkeypatch.setattr("megatron.core.transformer.mlp.bias_gelu_impl",
+                        lambda h, b: fp8.act_ref(h, b, "gelu_tanh"))
+    fused_calls, dy_casts = [], []
+    real_fused, real_cast = fp8.act_backward_cast, fp8._cast_per_tensor
+    monkeypatch.setattr(fp8, "act_backward_cast",
+                        lambda *a, **k: fused_calls.append(1) or real_fused(*a, **k))
+    monkeypatch.setattr(fp8, "_cast_per_tensor", lambda recipe, x, dtype, meta, role, *a, **k: (
+        dy_casts.append(meta) if role == fp8.DY else None) or real_cast(recipe, x, dtype, meta,
+                                                                        role, *a, **k))
+    out = {}
+    for bwd in (False, True):
+        fused_calls.clear()
+        dy_casts.clear()
+        torch.manual_seed(0)
+        mlp = layers.ActRecomputeMLP(dataclasses.replace(cfg, fp8_act_bwd_cast=bwd))
+        assert mlp.fp8_act_bwd is bwd
+        hist = fp8.Fp8History([mlp.linear_fc1, mlp.linear_fc2], torch.device("cpu"))
+        with torch.no_grad():
+            for p_ in mlp.parameters():
+                p_.add_(0.05 * torch.randn_like(p_))
+        got = []
+        for step in range(3):
+            x = torch.randn(16, 2, cfg.hidden_size, requires_grad=True,
+                            generator=torch.Generator().manual_seed(2 + step)) * (1 + step)
+            x.retain_grad()
+            y, yb = mlp(x)
+            (y + yb).backward(torch.ones_like(y))
+            got += [y.detach(), x.grad] + [p_.grad.clone() for p_ in mlp.parameters()]
+            got.append(hist.buf.clone())
+            mlp.zero_grad()
+            hist.step()
+            assert mlp.linear_fc1.fp8_meta.dy_cast is None  # taken (or never made)
+        out[bwd] = got
+        fc1_meta = mlp.linear_fc1.fp8_meta
+        fc1_casts = sum(m is fc1_meta for m in dy_casts)
+        assert (len(fused_calls), fc1_casts) == ((2, 1) if bwd else (0, 3)), (bwd, fused_calls,
+                                                                            fc1_casts)
+    for a, b in zip(out[False], out[True]):
+        assert torch.equal(a, b)
+
+
+def test_take_dy_cast_only_for_the_tensor_it_was_made_from():
+    """fc1's backward takes the kept casts only for the very gradient they were made from
+    (another tensor of the same shape, e.g. with a second gradient added on the way, is cast
+    afresh), and drops them either way."""
+    _, meta = _delayed_layer()
+    dh = torch.randn(8, 4)
+    casts = ("q", "qt", "inv")
+    meta.dy_cast = (dh, casts)
+    assert fp8._take_dy_cast(meta, dh.view(8, 4)) == casts and meta.dy_cast is None
+    meta.dy_cast = (dh, casts)
+    assert fp8._take_dy_cast(meta, dh + 1) is None and meta.dy_cast is None
+    meta.dy_cast = (dh, casts)
+    assert fp8._take_dy_cast(meta, dh.t().contiguous().t()) is None  # other strides
+    assert fp8._take_dy_cast(meta, dh) is None  # nothing kept
+
+
+def test_activation_backward_cast_kernel_interpreted():
+    """The fused activation-backward cast under Triton's interpreter: dh equals megatron-core's
+    bias-GeLU backward formula (fp32, rounded to bf16) but for a rounding step in a few
+    elements; its FP8 casts are the delayed cast kernel's of that dh, bit for bit, in both
+    layouts; the bias gradient is dh's column sum; the recorded amax is dh's (rows past the
+    tensor's end left out)."""
+    from helpers import interpret_triton
+
+    out = interpret_triton("""
+import torch
+from framework.fast import fp8
+g = torch.Generator().manual_seed(3)
+M, K = 70, 136
+grid = ((M + fp8.BLOCK_M - 1) // fp8.BLOCK_M, (K + fp8.BLOCK_K - 1) // fp8.BLOCK_K)
+h = (torch.randn(M, K, generator=g) * 2).bfloat16()
+da = (torch.randn(M, K, generator=g) * 0.01).bfloat16()
+bias = (torch.randn(K, generator=g) * 0.5).bfloat16()
+for b in (bias, None):
+    meta = fp8.Fp8Meta(torch.zeros(3, fp8.HISTORY + 1))
+    meta.rows[fp8.DY, 2] = 0.004  # the history's max: larger values saturate
+    meta.primed = [True, True, True]
+    # the kernel on CPU tensors (act_backward_cast itself takes the torch path off CUDA)
+    dh = torch.empty(M, K, dtype=torch.bfloat16)
+    q, qt = torch.empty(M, K, dtype=fp8.E5M2), torch.empty(K, M, dtype=fp8.E5M2)
+    inv = torch.empty(())
+    part = torch.empty(grid[0], K)
+    hist = meta.rows[fp8.DY]
+    fp8._act_bwd_cast_kernel[grid](h, da, b if b is not None else inv, dh, hist, q, qt, inv,
+                                   hist[fp8.HISTORY:], part, M, K, h.stride(0), da.stride(0),
+                                   EMAX_=fp8.EMAX[fp8.E5M2], BM=fp8.BLOCK_M, BK=fp8.BLOCK_K,
+                                   NPARTS=fp8.HISTORY, HAS_BIAS=b is not None)
+    x = h.float() + (b.float() if b is not None else 0.0)
+    t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+    ff = 0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t)
+    ref = (ff * da.float()).bfloat16()
+    close = (dh.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-30
+    assert close.float().mean() > 0.999, close.float().mean()
+    torch.testing.assert_close(part.sum(0), dh.float().sum(0), rtol=1e-5, atol=1e-7)
+    assert hist[fp8.HISTORY] == dh.float().abs().max(), (hist[fp8.HISTORY], dh.abs().max())
+    # the same cast through the delayed cast kernel, from the kernel's own dh
+    h2 = torch.zeros(fp8.HISTORY + 1)
+    h2[:fp8.HISTORY] = hist[:fp8.HISTORY]
+    q2, qt2 = torch.empty(M, K, dtype=fp8.E5M2), torch.empty(K, M, dtype=fp8.E5M2)
+    inv2 = torch.empty(())
+    fp8._cast_kernel[grid](dh, h2, q2, qt2, inv2, h2[fp8.HISTORY:], inv2, M, K, dh.stride(0),
+                           EMAX_=fp8.EMAX[fp8.E5M2], MODE=0, ROWS=True, COLS=True,
+                           BM=fp8.BLOCK_M, BK=fp8.BLOCK_K, NPARTS=fp8.HISTORY, DELAYED=True,
+                           ACT=0, HAS_BIAS=False)
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+    assert torch.equal(qt.view(torch.uint8), qt2.view(torch.uint8))
+    assert torch.equal(qt.view(torch.uint8), q.view(torch.uint8).t().contiguous())
+    assert inv == inv2 and h2[fp8.HISTORY] == hist[fp8.HISTORY]
+    assert (q.float().abs() == 57344).any()  # saturation happened
+print("ok")
+""")
+    assert "ok" in out
+
+
 def test_fused_wgrad_accumulates_into_main_grad():
     """gradient_accumulation_fusion: dw is added to weight.main_grad (fp32) in place, and the
     weight's own grad is megatron-core's: none, or a dummy once DDP's flag exists."""
@@ -762,6 +894,27 @@ def test_fp8_fused_act_resolution_and_errors():
                train=TrainConfig(fp8="delayed", micro_batch_size=2, global_batch_size=4))
     Config(model=_tiny(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True),
            train=TrainConfig(fp8="delayed", micro_batch_size=2, global_batch_size=4))
+
+
+def test_fp8_fused_act_backward_resolution_and_errors():
+    """model.fp8_fused_act_backward=true rides on the fused activation (on where it is on, off
+    where it falls back); null and false leave it off; without fp8_fused_act it is a one-line
+    error naming both fields."""
+    from framework.models.transformer import transformer_config
+
+    def bwd_cast(model, fp8_recipe="delayed", on_gpu=True):
+        return transformer_config(model, ParallelConfig(), bf16=True, fp16=False,
+                                  on_gpu=on_gpu, fp8=fp8_recipe).fp8_act_bwd_cast
+
+    kw = dict(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act=True)
+    assert bwd_cast(_tiny(**kw, fp8_fused_act_backward=True)) is True
+    assert bwd_cast(_tiny(**kw)) is False  # null: off
+    assert bwd_cast(_tiny(**kw, fp8_fused_act_backward=False)) is False
+    assert bwd_cast(_tiny(**kw, fp8_fused_act_backward=True), on_gpu=False) is False
+    assert bwd_cast(_tiny(**kw, fp8_fused_act_backward=True), "tensorwise") is False
+    with pytest.raises(ConfigError, match="model.fp8_fused_act_backward=true needs "
+                                          "model.fp8_fused_act=true"):
+        ModelConfig(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act_backward=True)
 
 
 def test_cuda_graph_default_follows_fp8():

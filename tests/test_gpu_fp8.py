@@ -447,3 +447,71 @@ def test_fused_activation_trains_like_unfused(tmp_path):
     compare(unfused, fused, 1e-2, "fp8 delayed gelu_tanh in fc2's cast (got) vs unfused (ref), "
                                   "gpt_tiny")
     assert fused[STEPS] < fused[1] - 0.3
+
+
+def test_activation_backward_cast_matches_reference_bits():
+    """model.fp8_fused_act_backward's kernel (`act_backward_cast`): dh against megatron-core's
+    jit-fused bias-GeLU backward (the unfused path) from the same bf16 h, bias and da: equal but
+    for a bf16 rounding step in a few elements; its FP8 casts equal the reference delayed cast
+    of the kernel's own dh bit for bit (saturation included), the transpose is the rows' over
+    repeated calls, the recorded amax is dh's, and the bias gradient is dh's column sum."""
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu_back
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    # gpt2-xl's fc1 output at micro-batch 8 and 16, odd sizes, gpt_tiny's
+    for m, k, reps in ((8192, 6400, 3), (16384, 6400, 3), (77, 144, 20), (512, 512, 50)):
+        h = (torch.randn(m, k, device="cuda", generator=g) * 2).bfloat16()
+        bias = (0.5 * torch.randn(k, device="cuda", generator=g)).bfloat16()
+        da = (torch.randn(m, k, device="cuda", generator=g) * 1e-3).bfloat16()
+        meta = fp8.Fp8Meta(torch.zeros(3, fp8.HISTORY + 1, device="cuda"))
+        meta.primed = [True, True, True]
+        bad = 0
+        for _ in range(reps):
+            meta.rows[fp8.DY].zero_()
+            meta.rows[fp8.DY, 1] = 4e-4  # below dh's amax: some values saturate
+            dh, dbias, (q, qt, inv) = fp8.act_backward_cast(h, bias, "gelu_tanh", da, meta)
+            bad += int(not torch.equal(_bits(qt), _bits(q.t().contiguous())))
+        ref = bias_gelu_back(da, bias, h)
+        diff = (dh.float() - ref.float()).abs()
+        off = diff > 2 ** -7 * ref.float().abs()
+        frac = float((dh != ref).float().mean())
+        log_parity(f"fp8 activation-backward cast [{m}x{k}]: {frac:.2e} of dh differs from "
+                   f"mcore's bias_gelu_back, {int(off.sum())} by more than a bf16 step; "
+                   f"{bad} bad transposes in {reps}")
+        assert bad == 0 and int(off.sum()) == 0 and frac < 1e-2, (m, k, bad, frac)
+        rq, rinv = fp8.quantise_ref(dh.float().cpu(), meta.rows[fp8.DY, :fp8.HISTORY].cpu(),
+                                    fp8.E5M2, None, saturate=True)
+        assert torch.equal(_bits(q).cpu(), _bits(rq)) and torch.equal(inv.cpu(), rinv)
+        assert float(q.float().abs().max()) == 57344.0  # saturated values
+        amax = float(meta.rows[fp8.DY, fp8.HISTORY])
+        assert amax == float(dh.float().abs().max()), (amax, float(dh.abs().max()))
+        torch.testing.assert_close(dbias.float(), dh.float().sum(0).to(bias.dtype).float(),
+                                   rtol=1e-2, atol=1e-6)
+
+
+def test_fused_activation_backward_trains_like_unfused(tmp_path):
+    """20 steps of gpt_tiny with tanh-GeLU and biases, train.fp8=delayed and the fused
+    activation, from the same perturbed weights (two micro-batches per step): fc1's output
+    gradient cast in the activation's backward (model.fp8_fused_act_backward=true) against
+    fc1 casting it, no update skipped, within 1% per step, and both learn."""
+    def perturbed_seed(d):
+        load = tiny_seed(d, "model.activation=gelu_tanh")
+        perturb_checkpoint(f"{d}/ckpt")
+        return load
+
+    seed = shared_once("fp8_seed_gelu_tanh_perturbed", perturbed_seed)
+    flags = ["train.fp8=delayed", "model.cuda_graph=false", "model.activation=gelu_tanh",
+             "model.fp8_fused_act=true", seed]
+    runs = {name: tiny_run(tmp_path, name, *flags, f"model.fp8_fused_act_backward={on}")
+            for name, on in (("unfused", "false"), ("fused", "true"))}
+    for name, r in runs.items():
+        assert "update skipped" not in r.stdout, (name, r.stdout[-3000:])
+        assert all(rec.get("skipped_iters", 0) == 0 for rec in r.records), name
+    unfused, fused = runs["unfused"].losses, runs["fused"].losses
+    log_parity("fp8 delayed gelu_tanh, fc1's output gradient cast in the activation backward, "
+               "per-step losses, unfused: " + " ".join(f"{unfused[k]:.4f}" for k in sorted(unfused))
+               + " | fused: " + " ".join(f"{fused[k]:.4f}" for k in sorted(fused)))
+    assert sorted(fused) == list(range(1, STEPS + 1))
+    compare(unfused, fused, 1e-2, "fp8 delayed, activation backward cast (got) vs fc1's cast "
+                                  "(ref), gpt_tiny")
+    assert fused[STEPS] < fused[1] - 0.3

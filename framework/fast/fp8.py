@@ -274,6 +274,59 @@ if triton is not None:
                          y.to(qt_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
+if triton is not None:
+    @triton.jit
+    def _act_bwd_cast_kernel(h_ptr, da_ptr, b_ptr, dh_ptr, hist_ptr, q_ptr, qt_ptr, inv_ptr,
+                             amax_out_ptr, dbias_ptr, M, K, stride_h, stride_da,
+                             EMAX_: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                             NPARTS: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # one [BM, BK] tile of the MLP activation's backward, fused with the delayed cast of its
+        # result (fc1's output gradient): dh = gelu'(h + b) * da in fp32 (megatron-core's
+        # bias_gelu_back), rounded to dh's dtype and stored (autograd's gradient of fc1's
+        # output), then that rounded dh scaled by the amax history hist_ptr (NPARTS entries),
+        # saturated and cast into q [M, K] and qt = q^T [K, M]; the tile's finite amax maxed
+        # into amax_out_ptr, its column sums (the bias gradient) into dbias_ptr[pid_m, :] (fp32
+        # partials, summed in a fixed order afterwards: no atomics, so runs repeat bit for bit)
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rk = pid_k * BK + tl.arange(0, BK)
+        mm = rm < M
+        mk = rk < K
+        mask = mm[:, None] & mk[None, :]
+        x = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x = x + tl.load(b_ptr + rk, mask=mk, other=0.0).to(tl.float32)[None, :]
+        g = tl.load(da_ptr + rm[:, None].to(tl.int64) * stride_da + rk[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        # tanh(u) = 2 sigmoid(2u) - 1, u = sqrt(2/pi) x (1 + 0.044715 x^2)
+        t = 2.0 * tl.sigmoid(1.5957691216057308 * x * (1.0 + 0.044715 * x * x)) - 1.0
+        ff = 0.5 * x * ((1.0 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1.0 + t)
+        dh = (ff * g).to(dh_ptr.dtype.element_ty)
+        tl.store(dh_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], dh, mask=mask)
+        y = tl.where(mask, dh.to(tl.float32), 0.0)
+        tl.store(dbias_ptr + pid_m.to(tl.int64) * K + rk, tl.sum(y, axis=0), mask=mk)
+        parts = tl.load(hist_ptr + tl.arange(0, NPARTS)).to(tl.float32)
+        amax = tl.max(parts, axis=0)
+        amax = tl.where(amax > 0, amax, 1.75 * (2.0 ** EMAX_))  # a history of zeros: scale 1
+        scale, inv = _pow2(amax, EMAX_)
+        if pid_m == 0:
+            if pid_k == 0:
+                tl.store(inv_ptr, inv)
+        a = tl.abs(y)
+        tl.atomic_max(amax_out_ptr, tl.max(tl.max(tl.where(a < float("inf"), a, 0.0), axis=1),
+                                           axis=0))
+        fmax = 1.75 * (2.0 ** EMAX_)
+        q = tl.minimum(tl.maximum(y * scale, -fmax, propagate_nan=tl.PropagateNan.ALL), fmax,
+                       propagate_nan=tl.PropagateNan.ALL)
+        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
+                 q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :],
+                 tl.trans(q).to(qt_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=mk[:, None] & mm[None, :])
+
+
 def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
          rows: bool = True, cols: bool = False, amax_out: Optional[torch.Tensor] = None,
          act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None,
@@ -336,6 +389,9 @@ class Fp8Meta:
     def __init__(self, rows: torch.Tensor):
         self.rows = rows
         self.primed = [False, False, False]
+        # (dy, its FP8 casts) made for this layer by the next layer's backward
+        # (`act_backward_cast`), taken by this layer's backward (`_take_dy_cast`)
+        self.dy_cast = None
 
 
 def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, group=None,
@@ -365,6 +421,52 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
         return cast(x, amax, dtype, None, rows, cols)
     return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:], act=act,
                 act_bias=act_bias)
+
+
+def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
+                      da: torch.Tensor, meta: "Fp8Meta", dtype: torch.dtype = E5M2):
+    """The MLP activation's backward fused with the delayed cast of its result, fc1's output
+    gradient (`meta`: fc1's amax histories, row DY primed): (dh, dbias or None, (dh8, dh8^T,
+    inv_scale)), dh in h's dtype, with dh's amax recorded in meta for the next steps. The cast
+    equals `cast_delayed(dh, dtype, meta, DY, rows=True, cols=True)` of the dh returned. CUDA:
+    one Triton pass over h and da (no separate read of dh for the cast, nor for the bias
+    gradient); elsewhere `act_backward` then that cast."""
+    assert act == "gelu_tanh" and meta.primed[DY], (act, meta.primed)
+    hist = meta.rows[DY]
+    if not (triton is not None and h.is_cuda):
+        dh, dbias = act_backward(h, bias, act, da)
+        return dh, dbias, cast_delayed(dh, dtype, meta, DY, rows=True, cols=True)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    da = da if da.stride(-1) == 1 else da.contiguous()
+    m, k = h.shape
+    dh = torch.empty((m, k), dtype=h.dtype, device=h.device)
+    q = torch.empty((m, k), dtype=dtype, device=h.device)
+    qt = torch.empty((k, m), dtype=dtype, device=h.device)
+    inv = torch.empty((), dtype=torch.float32, device=h.device)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
+    part = torch.empty((grid[0], k), dtype=torch.float32, device=h.device)
+    _act_bwd_cast_kernel[grid](h, da, bias if bias is not None else inv, dh, hist, q, qt, inv,
+                               hist[HISTORY:], part, m, k, h.stride(0), da.stride(0),
+                               EMAX_=EMAX[dtype], BM=BLOCK_M, BK=BLOCK_K, NPARTS=HISTORY,
+                               HAS_BIAS=bias is not None, num_warps=4)
+    dbias = part.sum(0).to(bias.dtype) if bias is not None else None
+    return dh, dbias, (q, qt, inv)
+
+
+def _take_dy_cast(meta: Optional["Fp8Meta"], dy2: torch.Tensor):
+    """The FP8 casts of this layer's output gradient that the next layer's backward made
+    (`act_backward_cast`, kept in `meta.dy_cast`) when dy2 is the very tensor they were made
+    from (same storage, shape and strides: no other gradient was added to it on the way);
+    None otherwise. The kept casts are dropped either way."""
+    kept = getattr(meta, "dy_cast", None)
+    if kept is None:
+        return None
+    meta.dy_cast = None
+    src, casts = kept
+    if (src.data_ptr() == dy2.data_ptr() and src.shape == dy2.shape
+            and src.stride() == dy2.stride() and src.dtype == dy2.dtype):
+        return casts
+    return None
 
 
 def _cast_per_tensor(recipe: str, x: torch.Tensor, dtype: torch.dtype, meta: Optional[Fp8Meta],
@@ -514,7 +616,7 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                sequence_parallel, group, meta, wgrad_overwrite, act, act_bias):
+                sequence_parallel, group, meta, wgrad_overwrite, act, act_bias, act_meta):
         tp = group if group is not None and dist.get_world_size(group) > 1 else None
         sp = sequence_parallel and tp is not None
         lead = x.shape[1:-1]
@@ -523,6 +625,8 @@ class _Fp8Linear(torch.autograd.Function):
         # `fp8_linear`), which only the cast computes
         assert act is None or (recipe == "delayed" and mode == "row" and not sp), act
         ctx.act = act
+        # fc1's amax histories: its output gradient is cast in the activation's backward
+        ctx.act_meta = act_meta if act is not None else None
         n = weight.shape[0]
         ctx.recipe, ctx.mode, ctx.tp, ctx.sp, ctx.lead = recipe, mode, tp, sp, lead
         ctx.use_bias = bias is not None
@@ -575,9 +679,11 @@ class _Fp8Linear(torch.autograd.Function):
         if ctx.recipe in ("tensorwise", "delayed"):
             xs, w8t, x_inv, w_inv, weight = ctx.saved_tensors[:5]
             # dy is split over ranks (output features) for a column-parallel layer and the same
-            # on every rank for a row-parallel one
-            dy8, dy8t, dy_inv = _cast_per_tensor(ctx.recipe, dy2, E5M2, ctx.meta, DY,
-                                                 tp if mode == "column" else None, cols=True)
+            # on every rank for a row-parallel one; an MLP's fc1 may find it cast already, by
+            # fc2's activation backward
+            kept = _take_dy_cast(ctx.meta, dy2) if ctx.recipe == "delayed" else None
+            dy8, dy8t, dy_inv = kept or _cast_per_tensor(
+                ctx.recipe, dy2, E5M2, ctx.meta, DY, tp if mode == "column" else None, cols=True)
             dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
             dx, handle = _dgrad_comm(ctx, dx)
             x8t = _gather(xs, tp).t().contiguous() if sp else xs
@@ -615,9 +721,15 @@ class _Fp8Linear(torch.autograd.Function):
         grad_act_bias = None
         if ctx.act is not None:  # dx is the activation's gradient: on to fc1's output (no comm)
             h2, act_bias = ctx.saved_tensors[5:]
-            dx, grad_act_bias = act_backward(h2, act_bias, ctx.act, dx)
+            if ctx.act_meta is not None and ctx.act_meta.primed[DY]:
+                # fc1's output gradient cast to FP8 in the same pass, for fc1's backward
+                dx, grad_act_bias, casts = act_backward_cast(h2, act_bias, ctx.act, dx,
+                                                             ctx.act_meta)
+                ctx.act_meta.dy_cast = (dx, casts)
+            else:
+                dx, grad_act_bias = act_backward(h2, act_bias, ctx.act, dx)
         return dx.view(-1, *ctx.lead, dx.shape[-1]), grad_weight, grad_bias, \
-            None, None, None, None, None, None, None, None, None, grad_act_bias
+            None, None, None, None, None, None, None, None, None, grad_act_bias, None
 
 
 def _dgrad_comm(ctx, dx):
@@ -654,7 +766,8 @@ def shapes_supported(tokens: int, k: int, n: int) -> bool:
 def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
                allreduce_dgrad: bool, sequence_parallel: bool, group,
                meta: Optional[Fp8Meta] = None, wgrad_overwrite: bool = False,
-               act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None):
+               act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None,
+               act_meta: Optional[Fp8Meta] = None):
     """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
     "row" (megatron-core's ColumnParallelLinear / RowParallelLinear), which says which tensors
     are split over the TP `group`; the communication arguments are mcore's. `meta`: the
@@ -664,11 +777,14 @@ def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
     per step, main_grad zeroed at its start: `build_model`'s `fp8_wgrad_overwrite`).
     `act` (one of ACTS; recipe delayed, an MLP's row-parallel fc2): x is fc1's output and the
     layer computes act_ref(x, act_bias, act) @ weight^T, the activation made inside the FP8
-    cast, and its backward returns the gradients of x and act_bias."""
+    cast, and its backward returns the gradients of x and act_bias. `act_meta` (with `act`):
+    the amax histories of the layer that made x (fc1), whose output gradient the activation's
+    backward then also casts to FP8, once that gradient has a history (`act_backward_cast`);
+    fc1's backward takes those casts instead of casting again."""
     assert recipe in RECIPES, recipe
     assert (recipe == "delayed") == (meta is not None), "recipe delayed needs the layer's meta"
     args = (x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad, sequence_parallel,
-            group, meta, wgrad_overwrite, act, act_bias)
+            group, meta, wgrad_overwrite, act, act_bias, act_meta)
     if torch.compiler.is_compiling():
         # model.torch_compile: a graph break (the casts are our own kernels). Only there: the
         # disable wrapper costs host time on every eager call, and eager FP8 layers are bound

@@ -516,9 +516,9 @@ class Fp8Linear:
         tokens = input.numel() // input.shape[-1]
         if seq_par:
             tokens *= self.tp_group.size()
-        # (act, bias): `input` is fc1's output, and this layer's input its activation
-        # (`ActRecomputeMLP._forward_fused_act`, recipe delayed)
-        act, act_bias = getattr(self, "fp8_act_input", None) or (None, None)
+        # (act, bias, fc1's amax histories or None): `input` is fc1's output, and this layer's
+        # input its activation (`ActRecomputeMLP._forward_fused_act`, recipe delayed)
+        act, act_bias, act_meta = getattr(self, "fp8_act_input", None) or (None, None, None)
         if (recipe is None or not self.training or not weight.requires_grad
                 or kwargs.get("grad_output_buffer") is not None
                 or not shapes_supported(tokens, weight.shape[1], weight.shape[0])):
@@ -529,7 +529,8 @@ class Fp8Linear:
                           kwargs.get("gradient_accumulation_fusion", False),
                           kwargs.get("allreduce_dgrad", False), seq_par, self.tp_group,
                           getattr(self, "fp8_meta", None),
-                          getattr(self, "fp8_wgrad_overwrite", False), act, act_bias)
+                          getattr(self, "fp8_wgrad_overwrite", False), act, act_bias,
+                          act_meta)
 
 
 def _unfused_activation(act: str, h, bias):
@@ -604,6 +605,10 @@ class ActRecomputeMLP(MLP):
         # only with mcore's fused bias + tanh-GeLU (framework/models/transformer.py)
         self.fp8_act = "gelu_tanh" if getattr(config, "fp8_act_cast", False) \
             and isinstance(self.linear_fc2, Fp8Linear) else None
+        # model.fp8_fused_act_backward: the activation's backward also casts fc1's output
+        # gradient to FP8, for fc1's backward (framework/fast/fp8.py act_backward_cast)
+        self.fp8_act_bwd = self.fp8_act is not None and bool(
+            getattr(config, "fp8_act_bwd_cast", False)) and isinstance(self.linear_fc1, Fp8Linear)
 
     def _activation(self, fc1_output, bias):
         if self.swiglu_kernel and bias is None:
@@ -627,7 +632,8 @@ class ActRecomputeMLP(MLP):
         (`framework.fast.fp8.fp8_linear`'s `act`); fc2 falls back to the unfused activation
         where its GEMM does not run in FP8. Same parameters and outputs as mcore's forward."""
         fc1_output, bias = self.linear_fc1(hidden_states)
-        self.linear_fc2.fp8_act_input = (self.fp8_act, bias)
+        fc1_meta = getattr(self.linear_fc1, "fp8_meta", None) if self.fp8_act_bwd else None
+        self.linear_fc2.fp8_act_input = (self.fp8_act, bias, fc1_meta)
         try:
             return self.linear_fc2(fc1_output)
         finally:

@@ -35,6 +35,9 @@ class ExtendedTransformerConfig(TransformerConfig):
     swiglu_kernel: bool = False
     # fc2's FP8 input cast computes the MLP activation (`model.fp8_fused_act`, recipe delayed)
     fp8_act_cast: bool = False
+    # ... and its backward casts fc1's output gradient in the same pass
+    # (`model.fp8_fused_act_backward`)
+    fp8_act_bwd_cast: bool = False
     # RoPE of q and k as they are split out of the fused QKV output (`model.qkv_rope_fusion`;
     # our `SelfAttention`, framework/fast/rope.py's `fused_qkv_rope`). Not mcore's
     # `fused_single_qkv_rope`, which means Transformer Engine's kernel and asserts in inference.
@@ -105,6 +108,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         fp8_gemm=fp8,
         swiglu_kernel=swiglu_kernel,
         fp8_act_cast=fp8_act_cast,
+        fp8_act_bwd_cast=bool(fp8_act_cast and model.fp8_fused_act_backward),
         # (GPU, RoPE: the fused QKV path falls back to mcore's split + rotation elsewhere)
         qkv_rope_fusion=bool(rope_fusion and model.qkv_rope_fusion),
         num_layers=model.num_layers,
