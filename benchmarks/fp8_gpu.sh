@@ -52,11 +52,12 @@ case $stage in
     ;;
   act)
     python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py \
-      -k "transpose or activation_cast or fused_activation" 2>&1 | tee -a "$out/fp8_$stage.log"
+      -k "transpose or activation_cast or fused_activation or activation_backward" 2>&1 \
+      | tee -a "$out/fp8_$stage.log"
     cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
-      --runs default:16,fp8_delayed:16,fp8_delayed_fused_act:16,default:16 --steps 15 2>&1 \
-      | tee -a "$out/fp8_$stage.log"
+      --runs default:16,fp8_delayed:16,fp8_delayed_fused_act:16,fp8_delayed_fused_act_bwd:16,default:16 \
+      --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \

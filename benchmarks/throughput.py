@@ -155,6 +155,11 @@ CANDIDATES = {
     "fp8_delayed_fused_act": ("ours + FP8 delayed, activation made in fc2's input cast "
                               "(model.fp8_fused_act=true)",
                               ["train.fp8=delayed", "model.fp8_fused_act=true"]),
+    "fp8_delayed_fused_act_bwd": ("ours + FP8 delayed, activation made in fc2's input cast and "
+                                  "fc1's output gradient cast in its backward "
+                                  "(model.fp8_fused_act_backward=true)",
+                                  ["train.fp8=delayed", "model.fp8_fused_act=true",
+                                   "model.fp8_fused_act_backward=true"]),
     "fp8_rowwise": ("ours + FP8 rowwise (train.fp8=rowwise; per-layer CUDA graphs)",
                     ["train.fp8=rowwise"]),
     "fp8_eager": ("ours + FP8 tensorwise, eager (model.cuda_graph=false)",
