@@ -116,10 +116,11 @@ class ModelConfig:
     # TP; bf16/fp16; needs nvidia-cudnn-frontend, a Linux x86_64 dependency; otherwise as
     # augmented); augmented = extra q/k head dims carrying slope * key position, so SDPA's fused
     # causal kernels run it, dropout included (bf16/fp16 on GPU, any dtype on CPU; fp32 on GPU
-    # takes flex); flex = FlexAttention score_mod on GPU (no dropout; elsewhere the dense bias);
-    # dense = an SDPA float bias (the reference); auto (default) = cudnn at TP1 when the
-    # frontend imports and model.cudnn_attention is not false, else augmented, on GPU; dense on
-    # CPU. Padding masks, evaluation and KV-cache decoding use the dense bias or flex.
+    # takes flex); flex = FlexAttention score_mod on GPU (no dropout, a head dim that is a power
+    # of two >= 16: otherwise an error); dense = an SDPA float bias (the reference); auto
+    # (default) = cudnn at TP1 when the frontend imports and model.cudnn_attention is not
+    # false, else augmented, on GPU; dense on CPU (cudnn and flex on CPU are errors). Padding
+    # masks, evaluation and KV-cache decoding use the dense bias or flex.
     # benchmarks/attention.py compares them on one card (times in benchmarks/RESULTS.md); the
     # auto order is the measured one, fastest first.
     alibi_kernel: str = "auto"
@@ -201,9 +202,10 @@ class ModelConfig:
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU (a note).
-    # null = on with train.fp8 on one GPU without activation recompute or torch.compile (the FP8
-    # layers' amax, cast and FP8-GEMM launches make an eager step host-bound; the combination is
-    # GPU-tested there), off otherwise; resolved once the world size is known
+    # null = on with train.fp8 on one GPU without activation recompute, torch.compile or
+    # model.cudnn_attention=true (the FP8 layers' amax, cast and FP8-GEMM launches make an eager
+    # step host-bound; the combination is GPU-tested there), off otherwise; resolved once the
+    # world size is known
     cuda_graph: Optional[bool] = None
     # BERT (mcore BertModel): the sentence-order head (+ 2 token types) and its loss
     add_binary_head: bool = False
@@ -273,17 +275,11 @@ class ModelConfig:
         self._check_family()
         require(0.0 < self.rotary_percent <= 1.0,
                  f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
-        require(self.rotary_percent == 1.0 or self.position_embedding_type == "rope",
-                f"model.rotary_percent={self.rotary_percent} applies to "
-                f"model.position_embedding_type=rope only (got {self.position_embedding_type})")
         require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
         if self.rope_scaling:
             require(self.position_embedding_type == "rope",
                     f"model.rope_scaling=true needs model.position_embedding_type=rope (got "
                     f"{self.position_embedding_type})")
-            # applied by the GPT builder (framework/models/gpt/rope_scaling.py) only
-            require(self.type == "gpt", f"model.rope_scaling=true is applied to GPT models only "
-                                        f"(model.type={self.type} would train without it)")
             require(self.rope_scaling_factor > 0 and self.rope_scaling_low_freq_factor > 0
                     and self.rope_scaling_original_max_position_embeddings > 0,
                     "model.rope_scaling_factor, model.rope_scaling_low_freq_factor and "
@@ -292,12 +288,6 @@ class ModelConfig:
                     f"model.rope_scaling_high_freq_factor={self.rope_scaling_high_freq_factor} "
                     f"must exceed model.rope_scaling_low_freq_factor="
                     f"{self.rope_scaling_low_freq_factor}")
-        # megatron-core's BertModel / T5Model build their RotaryEmbedding with the default base
-        require(self.rotary_base == 10000 or (self.position_embedding_type == "rope"
-                                              and self.type == "gpt"),
-                f"model.rotary_base={self.rotary_base} is used by GPT models with "
-                f"model.position_embedding_type=rope only (got model.type={self.type}, "
-                f"position_embedding_type={self.position_embedding_type}): leave it 10000")
         if self.position_embedding_type == "rope":
             head_dim = self.head_dim
             rot = int(head_dim * self.rotary_percent)
@@ -348,6 +338,25 @@ class ModelConfig:
                     and self.fused_ce_chunk_tokens > 0),
                 f"model.fused_ce_chunk_tokens={self.fused_ce_chunk_tokens} must be a positive "
                 f"number of tokens (or null)")
+
+    def check_settings_used(self) -> None:
+        """Settings a new run would accept and then not use (a one-line error naming the field).
+        Called for configs composed for a run (`Config`), not for the model config stored in a
+        checkpoint (`framework.checkpoint.reader.stored_model_config`), so that a checkpoint
+        written before a check existed still loads."""
+        if self.rope_scaling:
+            # applied by the GPT builder (framework/models/gpt/rope_scaling.py) only
+            require(self.type == "gpt", f"model.rope_scaling=true is applied to GPT models only "
+                                        f"(model.type={self.type} would train without it)")
+        require(self.rotary_percent == 1.0 or self.position_embedding_type == "rope",
+                f"model.rotary_percent={self.rotary_percent} applies to "
+                f"model.position_embedding_type=rope only (got {self.position_embedding_type})")
+        # megatron-core's BertModel / T5Model build their RotaryEmbedding with the default base
+        require(self.rotary_base == 10000 or (self.position_embedding_type == "rope"
+                                              and self.type == "gpt"),
+                f"model.rotary_base={self.rotary_base} is used by GPT models with "
+                f"model.position_embedding_type=rope only (got model.type={self.type}, "
+                f"position_embedding_type={self.position_embedding_type}): leave it 10000")
         self._check_attention_kernels()
 
     def _check_attention_kernels(self) -> None:
@@ -682,6 +691,15 @@ class DataConfig:
         if self.type == "indexed":
             require(len(self.path) > 0, "data=indexed needs data.path=[prefix] (or a blend "
                                          "[weight, prefix, ...])")
+        if self.type == "random":
+            # RandomTokens has no documents, files or splits: each of these would go unused
+            unused = [f"data.{f}" for f, on in (
+                ("path", bool(self.path)), ("eod_mask_loss", self.eod_mask_loss),
+                ("reset_position_ids", self.reset_position_ids),
+                ("reset_attention_mask", self.reset_attention_mask),
+                ("split", self.split != "949,50,1")) if on]
+            require(not unused, f"data=random draws ids with no documents, files or splits: "
+                                f"{', '.join(unused)} would have no effect; unset them")
         parts = self.split.replace("/", ",").split(",")
         require(
             len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
@@ -875,6 +893,7 @@ class Config:
 
     def __post_init__(self) -> None:
         m, p, t = self.model, self.parallel, self.train
+        m.check_settings_used()
         self.optimizer.resolve_lr(m)
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         require(m.num_attention_heads % tp == 0,
@@ -884,6 +903,10 @@ class Config:
         require(groups % tp == 0 or tp % groups == 0,
                  f"model.num_query_groups={groups} and parallel.tensor_model_parallel_size={tp}: "
                  f"one must divide the other")
+        require(not m.qkv_rope_fusion or groups >= tp,
+                f"model.qkv_rope_fusion=true needs a whole KV group per TP rank "
+                f"(model.num_query_groups={groups} < parallel.tensor_model_parallel_size={tp}, "
+                f"where megatron-core gathers the QKV output first): leave it null")
         require(m.ffn % tp == 0,
                  f"model.ffn_hidden_size={m.ffn} must be divisible by "
                  f"parallel.tensor_model_parallel_size={tp}")
@@ -924,7 +947,7 @@ class Config:
             self._check_batch(p.data_parallel_size)
         if self.data.type == "embedded":
             require(self.checkpoint.load_hf is None,
-                     "checkpoint.load_hf needs data=indexed or data=mock: the embedded corpus is "
+                     "checkpoint.load_hf needs data=indexed, mock or random: the embedded corpus is "
                      "tokenized with its own character tokenizer, not the model's")
             require(self.tokenizer.path is None and self.tokenizer.vocab_file is None,
                      "data=embedded uses its own tokenizer; unset tokenizer.path/vocab_file or "
@@ -940,7 +963,7 @@ class Config:
                     f"parallel.{f}={value} applies to parallel.recompute_granularity=full only "
                     f"(got {p.recompute_granularity})")
         modules = list(p.recompute_modules or [])
-        require(modules == ["core_attn"] or p.recompute_granularity == "selective",
+        require(not modules or modules == ["core_attn"] or p.recompute_granularity == "selective",
                 f"parallel.recompute_modules={modules} applies to "
                 f"parallel.recompute_granularity=selective only (got {p.recompute_granularity})")
         require(modules or p.recompute_granularity != "selective",

@@ -115,13 +115,14 @@ def _check_device_features(cfg: Config, device: str) -> None:
             raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
                               "frontend (nvidia-cudnn-frontend, a Linux x86_64 dependency); "
                               "`model.cudnn_attention=null` uses it where it can and works here")
-    if cfg.model.swiglu_kernel and device == "cuda":
-        # (a CPU run notes that it goes without; on a GPU the kernel needs Triton)
+    # our Triton kernels asked for by name (a CPU run notes that it goes without them)
+    asked = [f for f in ("swiglu_kernel", "qkv_rope_fusion") if getattr(cfg.model, f) is True]
+    if asked and device == "cuda":
         import importlib.util
 
         if importlib.util.find_spec("triton") is None:
-            raise ConfigError("model.swiglu_kernel=true needs Triton on the GPU, which is not "
-                              "installed; `model.swiglu_kernel=null` uses megatron-core's SwiGLU")
+            raise ConfigError(f"model.{asked[0]}=true needs Triton on the GPU, which is not "
+                              f"installed; `model.{asked[0]}=null` uses megatron-core's kernels")
     if cfg.train.fp8:
         ok, why = device_supports_fp8() if device == "cuda" else (False, "it runs on the CPU")
         if not ok:

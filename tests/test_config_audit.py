@@ -201,3 +201,40 @@ def test_profile_ranks_outside_the_world_is_an_error():
     assert "train.profile.ranks=[2, 3]" in msg
     cfg = load_config(*two, "train.profile.steps=[1,2]", "train.profile.ranks=[1,3]")
     cfg.resolve_world(2, on_gpu=True)
+
+
+def test_a_checkpoint_saved_before_a_check_still_loads():
+    """The settings-used checks apply to configs composed for a run, not to the model config a
+    checkpoint stored: one written before a check existed (here ALiBi's flex kernel with
+    dropout, which training then ran with the dense bias) still loads; a new run with it is
+    refused."""
+    from dataclasses import asdict
+
+    from framework.checkpoint.reader import stored_model_config
+    from framework.config import ModelConfig
+
+    old = asdict(ModelConfig(position_embedding_type="alibi", attention_dropout=0.1))
+    old["alibi_kernel"] = "flex"  # refused for new runs since 2026-12-04
+    got = stored_model_config({"config": {"model": old}})
+    assert got.alibi_kernel == "flex" and got.attention_dropout == 0.1
+    msg = config_error("model=gpt_tiny", "model.position_embedding_type=alibi",
+                       "model.alibi_kernel=flex", "model.attention_dropout=0.1")
+    assert "model.alibi_kernel=flex" in msg
+
+
+def test_random_data_refuses_document_settings():
+    msg = config_error("model=gpt_tiny", "data=random", "data.eod_mask_loss=true")
+    assert "data.eod_mask_loss" in msg and "data=random" in msg
+    msg = config_error("model=gpt_tiny", "data=random", "data.path=[x]")
+    assert "data.path" in msg
+    load_config("model=gpt_tiny", "data=random")
+
+
+def test_empty_recompute_modules_without_recompute_is_fine():
+    load_config("model=gpt_tiny", "parallel.recompute_modules=[]")
+
+
+def test_qkv_rope_fusion_needs_a_kv_group_per_tp_rank():
+    msg = config_error("model=llama_tiny", "model.qkv_rope_fusion=true",
+                       "model.num_query_groups=1", "parallel=tp2")
+    assert "model.qkv_rope_fusion=true" in msg and "num_query_groups=1" in msg

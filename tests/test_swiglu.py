@@ -202,3 +202,6 @@ def test_swiglu_kernel_on_a_gpu_without_triton_is_an_error(monkeypatch):
     with pytest.raises(ConfigError, match="model.swiglu_kernel=true needs Triton on the GPU"):
         plan._check_device_features(cfg, "cuda")
     plan._check_device_features(cfg, "cpu")  # the CPU run notes it instead
+    rope = load_config("model=llama_tiny", "model.qkv_rope_fusion=true")
+    with pytest.raises(ConfigError, match="model.qkv_rope_fusion=true needs Triton on the GPU"):
+        plan._check_device_features(rope, "cuda")

@@ -105,9 +105,10 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     layers, hidden, heads, vocab, ffn, n_pos = hf_ints(
         hf, ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
              "intermediate_size", "max_position_embeddings"), model_type)
-    groups = int(hf.get("num_key_value_heads") or heads)
-    head_dim = hf.get("head_dim")
-    kv_channels = int(head_dim) if head_dim and int(head_dim) * heads != hidden else None
+    groups = hf_ints(hf, ("num_key_value_heads",), model_type)[0] \
+        if hf.get("num_key_value_heads") else heads
+    head_dim = hf_ints(hf, ("head_dim",), model_type)[0] if hf.get("head_dim") else None
+    kv_channels = head_dim if head_dim and head_dim * heads != hidden else None
     if kv_channels is None and hidden % heads:
         raise InteropError(f"{model_type} config: hidden_size={hidden} is not a multiple of "
                            f"num_attention_heads={heads} and head_dim is not given")

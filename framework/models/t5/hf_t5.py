@@ -80,7 +80,7 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
         hf, ("d_model", "num_heads", "d_kv", "d_ff", "num_layers", "vocab_size"), "t5")
     dec = hf_ints(hf, ("num_decoder_layers",), "t5")[0] if hf.get("num_decoder_layers") \
         is not None else enc
-    seq = int(hf.get("n_positions") or 512)
+    seq = hf_ints(hf, ("n_positions",), "t5")[0] if hf.get("n_positions") else 512
     dropout = float(hf.get("dropout_rate", 0.1))
     return dict(
         name="t5_hf",
