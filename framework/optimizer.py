@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from framework import mcore_patches
-from framework.fast.multi_tensor import adam_param_groups, fuse_adam
+from framework.fast.multi_tensor import fuse_adam
 from framework.optimizer_step import grad_norm_tensor
 
 if TYPE_CHECKING:  # annotations only
@@ -60,7 +60,7 @@ def build_optimizer(cfg: "OptimizerConfig", model: List[torch.nn.Module], *, max
         if cfg.fused_step and cfg.optimizer == "adam":
             # (switched, all) param groups, for the run's log line: a group with a tensor the
             # fused kernel does not take stays on torch's foreach kernels
-            optimizer.fused_adam_groups = (fuse_adam(optimizer), adam_param_groups(optimizer))
+            optimizer.fused_adam_groups = fuse_adam(optimizer)
     else:
         optimizer = CpuOptimizer.build(mcfg, model, fused=cfg.fused_step)
     decay_steps = cfg.lr_decay_steps or max(max_steps, 1)

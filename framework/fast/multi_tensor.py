@@ -56,27 +56,21 @@ def foreach_copy_this_to_that(this: List[torch.Tensor], that: List[torch.Tensor]
         torch._foreach_copy_(that, this)
 
 
-def adam_param_groups(optimizer) -> int:
-    """The number of torch Adam/AdamW param groups inside an mcore optimizer."""
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return sum(len(o.optimizer.param_groups) for o in inner
-               if isinstance(getattr(o, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW)))
-
-
-def fuse_adam(optimizer) -> int:
+def fuse_adam(optimizer) -> Tuple[int, int]:
     """Switch every torch Adam/AdamW inside an mcore optimizer to torch's fused CUDA kernel
-    (one kernel for the whole update instead of foreach's several passes). Returns the number of
-    param groups switched; leaves apex/TE optimizers and CPU params alone."""
+    (one kernel for the whole update instead of foreach's several passes). Returns (param groups
+    switched, Adam param groups); leaves apex/TE optimizers and CPU params alone."""
     inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    n = 0
+    n = total = 0
     for opt in inner:
         torch_opt = getattr(opt, "optimizer", None)
         if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in torch_opt.param_groups:
+            total += 1
             if all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                    for p in group["params"]):
                 group["fused"], group["foreach"] = True, False
                 n += 1
         torch_opt.defaults.update(fused=True, foreach=False)
-    return n
+    return n, total
