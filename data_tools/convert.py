@@ -269,13 +269,13 @@ def hf_to_megatron(args) -> None:
     import torch
 
     from framework.checkpoint import save_checkpoint
-    from framework.config import Config, ParallelConfig
+    from framework.config import MAX_VOCAB_MULTIPLE, Config, ParallelConfig
     from framework.models.build import build_model, padded_vocab_size
 
     fam = interop.family(hf_cfg.get("model_type"))
 
-    if args.make_vocab_size_divisible_by < 1:
-        raise InputError("--make-vocab-size-divisible-by must be >= 1")
+    if not 1 <= args.make_vocab_size_divisible_by <= MAX_VOCAB_MULTIPLE:
+        raise InputError(f"--make-vocab-size-divisible-by must be in [1, {MAX_VOCAB_MULTIPLE}]")
     model_cfg = interop.with_hf_tensors(fam, interop.hf_config_to_model_config(
         hf_cfg, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by), weights)
     tp, pp = args.target_tp, args.target_pp
@@ -436,8 +436,11 @@ def reshape(args) -> None:
                                                     verify=args.verify)
     model_cfg = stored_model_config(meta, iter_path)
     if args.make_vocab_size_divisible_by is not None:
-        if args.make_vocab_size_divisible_by < 1:
-            raise InputError("--make-vocab-size-divisible-by must be >= 1")
+        from framework.config import MAX_VOCAB_MULTIPLE
+
+        if not 1 <= args.make_vocab_size_divisible_by <= MAX_VOCAB_MULTIPLE:
+            raise InputError(f"--make-vocab-size-divisible-by must be in "
+                             f"[1, {MAX_VOCAB_MULTIPLE}]")
         from dataclasses import replace
 
         model_cfg = replace(model_cfg,

@@ -54,6 +54,9 @@ def _positive_or_unset(obj: Any, prefix: str, names: tuple, unset: str) -> None:
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
+# the largest multiple the vocabulary may be padded to (model.make_vocab_size_divisible_by)
+MAX_VOCAB_MULTIPLE = 65536
+
 @dataclass
 class ModelConfig:
     """Architecture. Fields named as in megatron-core's TransformerConfig / GPTModel."""
@@ -236,9 +239,10 @@ class ModelConfig:
         _positive_or_unset(self, "model.", ("kv_channels",),
                            "model.hidden_size / model.num_attention_heads")
         _positive_or_unset(self, "model.", ("max_position_embeddings",), "model.seq_length")
-        require(self.make_vocab_size_divisible_by > 0,
+        # (padding rows are real parameters: a huge multiple would allocate them all)
+        require(0 < self.make_vocab_size_divisible_by <= MAX_VOCAB_MULTIPLE,
                  f"model.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} must "
-                 f"be positive")
+                 f"be in [1, {MAX_VOCAB_MULTIPLE}]")
         for f in ("init_method_std", "layernorm_epsilon"):
             require(getattr(self, f) > 0, f"model.{f}={getattr(self, f)} must be positive")
         require(

@@ -93,6 +93,8 @@ def _train_rank(plan: RunPlan) -> None:
                  f"TP={cfg.parallel.tensor_model_parallel_size}))")
             gpu_only = [] if on_gpu else [f"model.{k}=true" for k in GPU_ONLY_SWITCHES
                                           if getattr(cfg.model, k) is True]
+            if not on_gpu and cfg.model.flex_kernel_options:  # options of a GPU kernel
+                gpu_only.append("model.flex_kernel_options")
             if gpu_only:
                 echo(f"note: {', '.join(gpu_only)}: GPU-only, so this CPU run goes without "
                      f"(the same model and loss; only the kernels differ)")

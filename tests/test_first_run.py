@@ -329,3 +329,8 @@ def test_gpu_only_switches_on_a_cpu_run_are_named_not_ignored(tmp_path):
     plain = run_train("train.max_steps=1", "train.eval_interval=0", "checkpoint.save=false",
                       cwd=tmp_path, name="plain")
     assert "GPU-only" not in plain.stdout + plain.stderr
+    # options of the flex ALiBi kernel (a GPU kernel) are named too
+    flex = run_train("model.position_embedding_type=alibi",
+                     "model.flex_kernel_options={BLOCK_M:64}", "train.max_steps=1",
+                     "train.eval_interval=0", "checkpoint.save=false", cwd=tmp_path, name="flex")
+    assert "note: model.flex_kernel_options: GPU-only" in flex.stdout + flex.stderr

@@ -425,3 +425,18 @@ def test_hf_config_integer_fields_name_the_key(family, key, value):
         convert(hf)
     msg = str(e.value)
     assert key in msg and "not an integer" in msg and "\n" not in msg, msg
+
+
+def test_vocab_multiple_is_bounded(hf_models, tmp_path, capsys):
+    """--make-vocab-size-divisible-by 1000000000 (and model.make_vocab_size_divisible_by) used to
+    be accepted, then allocate a billion padded vocabulary rows: one line with the range."""
+    from framework.config import MAX_VOCAB_MULTIPLE, ModelConfig
+    from framework.errors import ConfigError
+
+    rc, err = _convert(capsys, "hf-to-megatron", "--load", hf_models / "gpt2", "--save",
+                       tmp_path / "out", "--make-vocab-size-divisible-by", 1000000000)
+    assert rc == 2 and f"must be in [1, {MAX_VOCAB_MULTIPLE}]" in _one_line(err)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="model.make_vocab_size_divisible_by=1000000000 must be"):
+        ModelConfig(make_vocab_size_divisible_by=1000000000)
+    ModelConfig(make_vocab_size_divisible_by=MAX_VOCAB_MULTIPLE)
