@@ -3,6 +3,7 @@
 # parity.log: git-ignored scratch; to record a run, rename them <date>_<card>_<what>.log).
 # Usage (device machine, repo root, wheels from ../shared/tools/device-wheels.sh in .whl/):
 #   bash tests/run_gpu_suite.sh [pytest args]
+# The tests not yet run on a GPU: bash tests/run_gpu_suite.sh $(grep -v '^#' tests/gpu_unrun.txt)
 set -o pipefail
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
