@@ -201,7 +201,7 @@ def test_fused_qkv_rope_is_split_then_fused_rope_cuda(qpg):
     ang = torch.outer(torch.arange(s, device=dev).float(), inv)
     freqs = torch.cat([ang, ang], -1)[:, None, None, :]
     mixed = torch.randn(s, b, g, (qpg + 2) * d, device=dev, dtype=torch.bfloat16)
-    assert fused_qkv_rope_supported(mixed, freqs, freqs, qpg)
+    assert fused_qkv_rope_supported(mixed.is_cuda, s, d, freqs, freqs)
     m1 = mixed.clone().requires_grad_()
     m2 = mixed.clone().requires_grad_()
     got = fused_qkv_rope(m1, freqs, freqs, qpg)

@@ -93,15 +93,15 @@ def _train(fused: bool, kernel=None, supported=None):
     p = _force_qkv_rope(calls, kernel, supported)
     with world(), model_parallel(1):
         if not fused:
-            return _train_steps(ParallelConfig(), **GQA), calls
+            return _train_steps(ParallelConfig(), perturb=5, **GQA), calls
         with patched(layers.SelfAttention, __init__=p["init"]), \
                 patched(layers, fused_qkv_rope=p["counted"],
                         fused_qkv_rope_supported=p["supported"]):
-            return _train_steps(ParallelConfig(), **GQA), calls
+            return _train_steps(ParallelConfig(), perturb=5, **GQA), calls
 
 
 def test_attention_takes_the_rotation_from_the_split_and_not_twice():
-    """Three SGD steps of a tiny GQA RoPE GPT with the switch on and the fused function stood in
+    """Three SGD steps of a tiny GQA RoPE GPT (every parameter perturbed) with the switch on and the fused function stood in
     for by mcore's own split + rotation: bit-identical losses and gradients to mcore's path, so
     mcore's forward did not rotate q and k a second time; one call per layer and step."""
     (ref_losses, ref_grads), _ = _train(False)
@@ -113,8 +113,8 @@ def test_attention_takes_the_rotation_from_the_split_and_not_twice():
 
 
 def test_unsupported_layouts_fall_back_to_mcores_rotation():
-    """Where the kernel does not take the tensors (here: CPU), the switch splits and rotates as
-    mcore does: bit-identical to the path without it."""
+    """Where the kernel does not take the tensors (here: CPU), the switch leaves the call to
+    mcore's split and rotation: bit-identical to the path without it."""
     (ref_losses, ref_grads), _ = _train(False)
     (losses, grads), calls = _train(True, supported=lambda *a: False)
     assert calls == []
@@ -158,21 +158,25 @@ def test_the_switch_stays_out_of_evaluation_and_decoding():
         attn.config.qkv_rope_fusion = True
         emb = torch.zeros(4, 1, 1, 8)
         x = torch.zeros(4, 1, 32)
-        attn.train()
-        assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) == (emb, emb)
-        assert attn._fusable_rope(x, (), dict(rotary_pos_emb=(emb, emb))) == (emb, emb)
-        assert attn._fusable_rope(x, (None,), dict(rotary_pos_emb=emb)) is None
-        assert attn._fusable_rope(x, (), dict(rotary_pos_emb=None)) is None
-        for key in ("inference_context", "packed_seq_params", "rotary_pos_cos"):
-            assert attn._fusable_rope(x, (), {"rotary_pos_emb": emb, key: object()}) is None
-        with patched(attn.config, rotary_interleaved=True):
+        # (CPU tensors: the kernel's own support check stood in for, as on a GPU)
+        with patched(layers, fused_qkv_rope_supported=lambda *a: True):
+            attn.train()
+            assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) == (emb, emb)
+            assert attn._fusable_rope(x, (), dict(rotary_pos_emb=(emb, emb))) == (emb, emb)
+            assert attn._fusable_rope(x, (None,), dict(rotary_pos_emb=emb)) is None
+            assert attn._fusable_rope(x, (), dict(rotary_pos_emb=None)) is None
+            for key in ("inference_context", "packed_seq_params", "rotary_pos_cos"):
+                assert attn._fusable_rope(x, (), {"rotary_pos_emb": emb, key: object()}) is None
+            with patched(attn.config, rotary_interleaved=True):
+                assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) is None
+            attn.eval()
             assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) is None
-        attn.eval()
+            attn.config.qkv_rope_fusion = False
+            attn.train()
+            assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) is None
+        # where the kernel does not take the tensors (here: CPU), mcore's route
+        attn.config.qkv_rope_fusion = True
         assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) is None
-        attn.config.qkv_rope_fusion = False
-        attn.train()
-        assert attn._fusable_rope(x, (), dict(rotary_pos_emb=emb)) is None
-
 
 def test_config_switch():
     """model.qkv_rope_fusion: null stays off; true needs RoPE and rope_fusion (one-line error

@@ -35,14 +35,19 @@ def test_padding_sample_has_no_loss():
 def test_train_py_on_random_tokens(tmp_path):
     """`python train.py data=random` trains on ids over the model's vocabulary (model.vocab_size
     here, beyond the tokenizer's 19): the loss starts near ln(vocab) and stays there (nothing
-    to learn), and the run says what it trained on. With a fused-CE chunk of 8 tokens the
-    losses are those of the default chunking."""
+    to learn). With a fused-CE chunk of 8 tokens the losses are those of the default chunking,
+    from the same perturbed weights (non-zero biases, non-unit norms)."""
     import math
 
     from helpers import run_train
+    from perturb import perturb_checkpoint
 
-    common = ("model=gpt_tiny", "data=random", "model.vocab_size=500", "train.max_steps=4",
-              "train.eval_interval=0", "checkpoint.save=false")
+    model = ("model=gpt_tiny", "data=random", "model.vocab_size=500")
+    run_train(*model, "train.max_steps=0", f"checkpoint.dir={tmp_path}/seed", cwd=str(tmp_path),
+              name="seed")
+    perturb_checkpoint(f"{tmp_path}/seed")
+    common = (*model, "train.max_steps=4", "train.eval_interval=0", "checkpoint.save=false",
+              f"checkpoint.load={tmp_path}/seed")
     run = run_train(*common, cwd=str(tmp_path), name="a")
     losses = list(run.losses.values())
     assert len(losses) == 4

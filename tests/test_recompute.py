@@ -96,8 +96,9 @@ def test_mlp_recompute_with_biases_terminates_and_matches(mp1, bias):
 MLP_ACT = ParallelConfig(recompute_granularity="selective", recompute_modules=["mlp_act"])
 
 
-def _train_steps(parallel, steps=3, device="cpu", bf16=False, **model_kw):
-    """Losses and every step's gradients of `steps` plain SGD steps of a tiny GPT (seed 0)."""
+def _train_steps(parallel, steps=3, device="cpu", bf16=False, perturb=None, **model_kw):
+    """Losses and every step's gradients of `steps` plain SGD steps of a tiny GPT (seed 0);
+    `perturb`: a seed to perturb every parameter with first (tests/perturb.py)."""
     from framework.models.build import build_model
 
     dev = torch.device(device)
@@ -108,6 +109,11 @@ def _train_steps(parallel, steps=3, device="cpu", bf16=False, **model_kw):
         model_parallel_cuda_manual_seed(0)
     model = build_model(tiny(**model_kw), parallel, vocab_size=VOCAB, bf16=bf16, fp16=False,
                         device=dev, wrap_ddp=False)[0]
+    if perturb is not None:
+        from perturb import assert_perturbed, perturb_
+
+        perturb_(model, seed=perturb)
+        assert_perturbed(model)
     g = torch.Generator().manual_seed(3)
     losses, grads = [], []
     for _ in range(steps):

@@ -197,6 +197,18 @@ if triton is not None:
             ((127 - p) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _tile(M, K, BM: tl.constexpr, BK: tl.constexpr):
+        # this program's [BM, BK] tile of an [M, K] tensor: its program ids, row and column
+        # indices, their in-bounds masks and the tile's mask
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rk = pid_k * BK + tl.arange(0, BK)
+        mm = rm < M
+        mk = rk < K
+        return pid_m, pid_k, rm, rk, mm, mk, mm[:, None] & mk[None, :]
+
+    @triton.jit
     def _amax_kernel(x_ptr, out_ptr, N, P, ITERS, BLOCK: tl.constexpr):
         # program p of P: max |x| over the blocks p, p + P, p + 2P, ... of the flat x -> out[p]
         pid = tl.program_id(0)
@@ -219,13 +231,7 @@ if triton is not None:
         # tile's finite amax into amax_out_ptr.
         # ACT: the tensor cast is an MLP activation of what x_ptr holds, computed here in fp32:
         # 0 none; 1 tanh-GeLU of x (+ the bias b_ptr [K] with HAS_BIAS)
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rk = pid_k * BK + tl.arange(0, BK)
-        mm = rm < M
-        mk = rk < K
-        mask = mm[:, None] & mk[None, :]
+        pid_m, pid_k, rm, rk, mm, mk, mask = _tile(M, K, BM, BK)
         xp = x_ptr + rm[:, None].to(tl.int64) * stride_m + rk[None, :]
         x = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -287,13 +293,7 @@ if triton is not None:
         # saturated and cast into q [M, K] and qt = q^T [K, M]; the tile's finite amax maxed
         # into amax_out_ptr, its column sums (the bias gradient) into dbias_ptr[pid_m, :] (fp32
         # partials, summed in a fixed order afterwards: no atomics, so runs repeat bit for bit)
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rk = pid_k * BK + tl.arange(0, BK)
-        mm = rm < M
-        mk = rk < K
-        mask = mm[:, None] & mk[None, :]
+        pid_m, pid_k, rm, rk, mm, mk, mask = _tile(M, K, BM, BK)
         x = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         if HAS_BIAS:

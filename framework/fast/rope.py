@@ -182,16 +182,15 @@ class _FusedQKVRope(torch.autograd.Function):
         return dmixed, None, None, None
 
 
-def fused_qkv_rope_supported(mixed: torch.Tensor, q_freqs: torch.Tensor,
-                             k_freqs: torch.Tensor, qpg: int) -> bool:
-    """Whether `fused_qkv_rope` serves these tensors: CUDA with Triton, mixed [s, b, g, w] with w
-    a multiple of qpg + 2, and non-interleaved angles [s, 1, 1, rot] that `fused_rope` takes."""
-    if not (triton is not None and mixed.is_cuda and mixed.dim() == 4 and qpg >= 1
-            and mixed.shape[-1] % (qpg + 2) == 0):
-        return False
-    d = mixed.shape[-1] // (qpg + 2)
-    probe = mixed[..., :d]  # the shape every rotated head has
-    return fused_supported(probe, q_freqs) and fused_supported(probe, k_freqs)
+def fused_qkv_rope_supported(on_cuda: bool, seq: int, head_dim: int, q_freqs: torch.Tensor,
+                             k_freqs: torch.Tensor) -> bool:
+    """Whether `fused_qkv_rope` serves a fused QKV output of `seq` positions and heads of
+    `head_dim` (on CUDA, with Triton): non-interleaved angles [seq, 1, 1, rot] with an even rot
+    <= head_dim and a unit last stride, as `fused_rope` takes them."""
+    return triton is not None and on_cuda and all(
+        f.dim() == 4 and f.shape[0] == seq and f.shape[1] == 1 and f.shape[2] == 1
+        and f.shape[-1] % 2 == 0 and f.shape[-1] <= head_dim and f.stride(-1) == 1
+        for f in (q_freqs, k_freqs))
 
 
 def fused_qkv_rope(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,

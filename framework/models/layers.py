@@ -361,6 +361,11 @@ class SelfAttention(_McoreSelfAttention):
         q_emb, k_emb = emb if isinstance(emb, tuple) else (emb, emb)
         if q_emb is None or k_emb is None:
             return None
+        # the positions of the QKV output (sequence parallel: gathered by linear_qkv)
+        seq = hidden_states.shape[0] * (self.world_size if c.sequence_parallel else 1)
+        if not fused_qkv_rope_supported(hidden_states.is_cuda, seq,
+                                        self.hidden_size_per_attention_head, q_emb, k_emb):
+            return None
         return q_emb, k_emb
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
@@ -375,17 +380,7 @@ class SelfAttention(_McoreSelfAttention):
             qpg = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
             mixed = mixed.view(*mixed.shape[:-1], self.num_query_groups_per_partition, -1)
             q_emb, k_emb = self._qkv_rope
-            if fused_qkv_rope_supported(mixed, q_emb, k_emb, qpg):
-                return fused_qkv_rope(mixed, q_emb, k_emb, qpg)
-            # (a layout the kernel does not take: split as mcore does, rotate unfused)
-            query, key, value = torch.split(
-                mixed, [qpg * self.hidden_size_per_attention_head,
-                        self.hidden_size_per_attention_head,
-                        self.hidden_size_per_attention_head], dim=3)
-            query = query.reshape(*query.shape[:2], -1, self.hidden_size_per_attention_head)
-            cp = self.pg_collection.cp
-            return (_unfused_rope(query, q_emb, self.config, cp),
-                    _unfused_rope(key, k_emb, self.config, cp), value)
+            return fused_qkv_rope(mixed, q_emb, k_emb, qpg)
         groups, tp = self.config.num_query_groups, self.world_size
         if groups >= tp or hidden_states.is_cuda or output_gate or not split_qkv:
             return super().get_query_key_value_tensors(hidden_states, key_value_states,
@@ -412,14 +407,6 @@ class SelfAttention(_McoreSelfAttention):
         if self.k_layernorm is not None:
             key = self.k_layernorm(key)
         return query, key, value
-
-
-def _unfused_rope(t, freqs, config, cp_group):
-    """mcore's RoPE of t [s, b, n, d] by freqs, as its forward applies it (fused or not, per
-    `config.apply_rope_fusion`)."""
-    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
-    return apply_rotary_pos_emb(t, freqs, config=config, cp_group=cp_group)
 
 
 def tp_rank_and_size(pg_collection=None) -> Tuple[int, int]:
