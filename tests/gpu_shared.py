@@ -82,3 +82,14 @@ def tiny_seed(d, *overrides):
     run_train(*TINY_RUN, *overrides, "train.max_steps=0", f"checkpoint.dir={d}/ckpt", cwd=d,
               name="out", fast=False, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
     return f"checkpoint.load={d}/ckpt"
+
+
+def tiny_perturbed_seed(d, *overrides):
+    """tiny_seed, with every model tensor of the saved weights perturbed (non-zero biases,
+    non-unit norms: tests/perturb.py), so that the runs compared start from weights on which a
+    dropped bias or norm weight shows."""
+    from perturb import perturb_checkpoint
+
+    load = tiny_seed(d, *overrides)
+    perturb_checkpoint(f"{d}/ckpt")
+    return load

@@ -108,3 +108,63 @@ def perturb_checkpoint(ckpt_dir: str, seed: int = 0, bias_std: float = BIAS_STD,
             out[key] = new.to(t.dtype)
         mf.write_checkpoint(ckpt_dir, it, common, out, objects, meta, tokenizer_dir=tok_copy)
     shutil.rmtree(keep)
+
+
+def perturb_checkpoint_resumable(ckpt_dir: str, seed: int = 0, bias_std: float = BIAS_STD,
+                                 norm_std: float = NORM_STD,
+                                 weight_jitter: float = WEIGHT_JITTER) -> None:
+    """`perturb_checkpoint` for a checkpoint that is to be resumed (the same `checkpoint.dir`),
+    not only loaded with `checkpoint.load=`: the model tensors are perturbed alike, and the
+    per-rank RNG states are kept. (`perturb_checkpoint` drops them, as every whole-tensor
+    rewrite does, but keeps the checkpoint's layout in framework.json, so a resume at that layout
+    asks for them and fails: "Missing key in checkpoint state_dict: rng_state/...".) For a
+    checkpoint saved before the first optimizer step (`train.max_steps=0`), or one whose
+    optimizer holds no copy of the weights (fp32 training): fp32 main params stored under
+    `optimizer.` keys are kept as they are, and a resume would load those instead."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from data_tools.convert import single_process_world
+    from framework import checkpoint as ckpt
+    from framework.checkpoint import reader
+    from framework.interop import megatron_files as mf
+
+    import os
+    import shutil
+    import tempfile
+
+    it = ckpt.latest_iteration(ckpt_dir)
+    assert it is not None, f"{ckpt_dir} has no committed checkpoint"
+    meta = ckpt.read_meta(ckpt_dir, it)
+    path = ckpt.iter_dir(ckpt_dir, it)
+    gen = torch.Generator().manual_seed(seed)
+    keep = tempfile.mkdtemp()
+    tok_copy = None
+    if os.path.isdir(os.path.join(path, "tokenizer")):  # the rewrite replaces the directory
+        tok_copy = os.path.join(keep, "tokenizer")
+        shutil.copytree(os.path.join(path, "tokenizer"), tok_copy)
+    with single_process_world():
+        md = mf.sharded_metadata(path)
+        loaded = reader.read_dist(path, "load", dict(md))  # the RNG states too
+        common = reader.read_dist(path, "common")
+        out, objects = {}, {}
+        for k in sorted(md):
+            v = md[k]
+            if not isinstance(v, ShardedTensor):
+                objects[k] = (v, loaded[k])
+                continue
+            t = loaded[k]
+            if k.startswith("optimizer") or not t.is_floating_point():
+                out[k] = t
+                continue
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+            if k.endswith("bias"):
+                new = noise * bias_std
+            elif _is_norm_weight(k, t):
+                new = 1.0 + noise * norm_std
+            else:
+                new = t.float() * (1.0 + noise * weight_jitter)
+            out[k] = new.to(t.dtype)
+        assert any(o.key == mf.RNG_KEY for o, _ in objects.values()), \
+            f"{path} holds no RNG state to keep"
+        mf.write_checkpoint(ckpt_dir, it, common, out, objects, meta, tokenizer_dir=tok_copy)
+    shutil.rmtree(keep)

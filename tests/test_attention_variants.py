@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from framework.config import Config, ConfigError, ModelConfig, ParallelConfig
 from framework.fast.alibi import alibi_bias, alibi_slopes, alibi_slopes_for_rank
-from perturb import perturb_
+from perturb import perturb_, perturb_checkpoint
 from helpers import free_port, run_train, spawn
 
 CPU = torch.device("cpu")
@@ -403,12 +403,14 @@ def test_tp_and_query_groups():
 
 @pytest.mark.slow
 def test_train_py_tp2_matches_tp1_alibi_mqa(tmp_path):
-    """The real train.py: one seed checkpoint (train.max_steps=0) loaded at TP1 and at TP2
-    (dist-checkpoint resharding of the fused QKV whose single KV head both ranks replicate)."""
+    """The real train.py: one seed checkpoint (train.max_steps=0, then perturbed: non-zero
+    biases, non-unit norms) loaded at TP1 and at TP2 (dist-checkpoint resharding of the fused
+    QKV whose single KV head both ranks replicate)."""
     arch = ["model.position_embedding_type=alibi", "model.attention_head_type=multiquery",
             "model.hidden_dropout=0", "model.attention_dropout=0"]
     run_train(*arch, "train.max_steps=0", f"checkpoint.dir={tmp_path}/seed", cwd=tmp_path,
               name="seed")
+    perturb_checkpoint(str(tmp_path / "seed"))
     common = [*arch, "train.max_steps=3", "train.eval_interval=0", "checkpoint.save=false",
               f"checkpoint.load={tmp_path}/seed"]
     a = run_train(*common, cwd=tmp_path, name="tp1").losses

@@ -486,20 +486,32 @@ def test_checkpoint_error_is_one_line():
     assert "\n" not in str(e) and "\r" not in str(e) and isinstance(e, ConfigError)
 
 
-def test_resume_from_a_checkpoint_saved_before_any_step(trained, tmp_path):
+def test_resume_from_a_checkpoint_saved_before_any_step(trained, tmp_path, capfd):
     """train.max_steps=0 saves a checkpoint before Adam has moments; resuming it used to end in
-    a KeyError traceback. Now the optimizer starts fresh (exactly its state at step 0): the
-    resumed first step has the loss of the fixture's uninterrupted first step (same config,
-    weights, data and RNG)."""
+    a KeyError traceback. Now the optimizer starts fresh (exactly its state at step 0): with the
+    checkpoint's weights perturbed (non-zero biases, non-unit norms: tests/perturb.py), the
+    resumed first two steps have the losses of a run that starts from the same weights with a
+    fresh optimizer (`checkpoint.load=`: same config, weights, data and RNG). The learning-rate
+    schedule is given (optimizer.lr_decay_steps): a resumed run keeps the checkpoint's, and the
+    seed checkpoint's default would be that of its train.max_steps=0 (README, "Resume")."""
     from framework.runner import run
+    from perturb import perturb_checkpoint_resumable
 
     def losses(run_dir):
         recs = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
         return [r["loss"] for r in recs if "loss" in r and "step" in r]
 
-    run(_compose(*TINY, "train.max_steps=0", f"checkpoint.dir={tmp_path}/b",
+    sched = ("optimizer.lr_decay_steps=2",)
+    run(_compose(*TINY, *sched, "train.max_steps=0", f"checkpoint.dir={tmp_path}/b",
                  f"run_dir={tmp_path}/rb0"))
-    run(_compose(*TINY, "train.max_steps=1", "checkpoint.save=false",
-                 f"checkpoint.dir={tmp_path}/b", f"run_dir={tmp_path}/rb"))
-    uninterrupted = losses(trained[0].parent / "run")
-    assert len(uninterrupted) == 1 and losses(tmp_path / "rb") == uninterrupted
+    perturb_checkpoint_resumable(str(tmp_path / "b"))  # resumed below: RNG states kept
+    two = (*sched, "train.max_steps=2", "train.log_interval=1", "checkpoint.save=false")
+    capfd.readouterr()
+    run(_compose(*TINY, *two, f"checkpoint.dir={tmp_path}/b", f"run_dir={tmp_path}/rb"))
+    assert f"resumed from {tmp_path / 'b'}" in capfd.readouterr().out
+    run(_compose(*TINY, *two, f"checkpoint.dir={tmp_path}/fresh", f"checkpoint.load={tmp_path}/b",
+                 f"run_dir={tmp_path}/rl"))
+    fresh = losses(tmp_path / "rl")
+    assert len(fresh) == 2 and losses(tmp_path / "rb") == fresh
+    # the perturbed weights were used: not the fixture's first step from the fresh init
+    assert fresh[0] != losses(trained[0].parent / "run")[0]

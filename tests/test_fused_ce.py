@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from framework.fast.fused_ce import LinearCrossEntropy, default_chunk_tokens, linear_cross_entropy
-from perturb import perturb_
+from perturb import perturb_, perturb_checkpoint
 from helpers import free_port, run_train, spawn
 
 S, B, H, V = 7, 3, 16, 40  # 21 tokens
@@ -300,7 +300,11 @@ def test_fused_ce_is_gpt_only():
 # train.py end to end
 # --------------------------------------------------------------------------------------------
 def test_train_losses_unchanged(tmp_path):
-    common = ["train.max_steps=5", "train.eval_interval=0", "checkpoint.save=false"]
+    """From one perturbed seed checkpoint (non-zero biases, non-unit norms: tests/perturb.py)."""
+    run_train("train.max_steps=0", f"checkpoint.dir={tmp_path}/seed", cwd=tmp_path, name="seed")
+    perturb_checkpoint(str(tmp_path / "seed"))
+    common = ["train.max_steps=5", "train.eval_interval=0", "checkpoint.save=false",
+              f"checkpoint.load={tmp_path}/seed"]
     la = run_train(*common, cwd=tmp_path, name="mcore").losses
     lb = run_train(*common, "model.fused_cross_entropy=true", cwd=tmp_path, name="fused").losses
     assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5]

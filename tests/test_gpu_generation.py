@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from framework.config import ModelConfig, ParallelConfig
+from perturb import perturb_
 from test_generation import CK_PROMPTS, EOS, TINY, _generate_py, checkpoint, mp1  # noqa: F401
 
 
 @pytest.mark.gpu
 def test_gpu_rope_cache_and_bf16(mp1):
-    """RoPE runs on GPU only (mcore moves its frequencies to CUDA). fp32: the cache changes
-    nothing; bf16 (Float16Module-wrapped) runs both ways."""
+    """RoPE runs on GPU only (mcore moves its frequencies to CUDA). Perturbed weights; fp32: the
+    cache changes nothing; bf16 (Float16Module-wrapped) runs both ways."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from framework.generation import generate
@@ -30,6 +31,7 @@ def test_gpu_rope_cache_and_bf16(mp1):
         model_parallel_cuda_manual_seed(0)
         model = build_model(cfg, ParallelConfig(), vocab_size=128, bf16=bf16, fp16=False,
                             device=gpu, wrap_ddp=False)
+        perturb_(model)  # non-unit norms (tests/perturb.py)
         for kw in (dict(), dict(num_beams=3)):
             a = generate(model, prompts, eos_id=EOS, max_new_tokens=12, **kw)
             b = generate(model, prompts, eos_id=EOS, max_new_tokens=12, use_cache=False, **kw)
@@ -81,7 +83,8 @@ def test_gpu_tp2_pp2_matches_tp1(checkpoint, tmp_path):
 @pytest.mark.gpu
 def test_gpu_decode_cuda_graph_matches_eager(mp1):
     """decode_cuda_graph=true (static decode step captured once, replayed per token) gives the
-    eager tokens on a GPU: fp32 greedy and seeded sampling, padded prompts; ALiBi and GQA."""
+    eager tokens on a GPU: fp32 greedy and seeded sampling, padded prompts; ALiBi and GQA;
+    perturbed weights."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from framework.generation import generate
@@ -94,6 +97,7 @@ def test_gpu_decode_cuda_graph_matches_eager(mp1):
         model_parallel_cuda_manual_seed(0)
         model = build_model(ModelConfig(**{**TINY, **extra}), ParallelConfig(), vocab_size=24,
                             bf16=False, fp16=False, device=gpu, wrap_ddp=False)
+        perturb_(model)  # non-zero biases, non-unit norms (tests/perturb.py)
         for kw in (dict(), dict(top_k=4, top_p=0.9, seed=5)):
             ref = generate(model, prompts, max_new_tokens=12, vocab_size=19,
                            return_logprobs=True, decode_cuda_graph=False, **kw)

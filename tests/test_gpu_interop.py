@@ -1,6 +1,7 @@
-"""GPU acceptance of the interop issue: a gpt2-large-shaped Hugging Face model (random weights)
-goes to our TP2·PP2 checkpoint, trains 20 steps there through the real `train.py`, is exported
-back to Hugging Face, and the exported model's loss on the same batch matches Megatron's.
+"""GPU acceptance of the interop issue: a gpt2-large-shaped Hugging Face model (random weights,
+all perturbed: tests/perturb.py) goes to our TP2·PP2 checkpoint, trains 20 steps there through
+the real `train.py`, is exported back to Hugging Face, and the exported model's loss on the same
+batch matches Megatron's.
 
 "The same batch" is the validation batch that `train.py` evaluates after its last step
 (`eval_interval=20, eval_iters=1`: the weights it evaluates are the ones it saves). The test
@@ -46,18 +47,22 @@ def _padded_output_rows(ckpt_dir: str) -> torch.Tensor:
 
 def hf_train_export(tmp_path, *, hf_cfg, model_overrides, target_tp, target_pp, device,
                     seq=SEQ, padded=None):
-    """HF (random) -> ours at TP·PP -> STEPS steps of train.py -> HF. Returns (Megatron eval loss
-    after the last step, exported model's loss on that batch, HF hidden states x our saved padded
-    output rows, train losses)."""
+    """HF (random, every parameter perturbed) -> ours at TP·PP -> STEPS steps of train.py -> HF.
+    Returns (Megatron eval loss after the last step, exported model's loss on that batch, HF
+    hidden states x our saved padded output rows, train losses)."""
     from transformers import GPT2LMHeadModel
 
     from framework.config import DataConfig, ModelConfig, TrainConfig
     from framework.models.registry import family
     from framework.tokenizer import embedded_tokenizer
     from framework.training.data import build_train_data
+    from perturb import perturb_
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(hf_cfg).save_pretrained(tmp_path / "hf")
+    source = GPT2LMHeadModel(hf_cfg)
+    perturb_(source)  # non-zero biases, non-unit norms (tests/perturb.py)
+    source.save_pretrained(tmp_path / "hf")
+    del source
     assert convert.main(["hf-to-megatron", "--load", str(tmp_path / "hf"), "--save",
                          str(tmp_path / "conv"), "--target-tp", str(target_tp), "--target-pp",
                          str(target_pp)]) == 0

@@ -18,7 +18,9 @@ def test_mlp_act_recompute_matches_bf16_fused_gelu_cuda(mp1):
     from framework.models import transformer
 
     # gradient_accumulation_fusion writes main_grad, which only DDP gives the parameters
-    kw = dict(activation="gelu_tanh", add_bias_linear=True, fused_wgrad=False)
+    # every parameter perturbed (tests/perturb.py): fc1's bias, which the fused bias-GeLU adds
+    # again in the recompute, starts non-zero
+    kw = dict(activation="gelu_tanh", add_bias_linear=True, fused_wgrad=False, perturb=5)
     calls = {}
     with patched(mcore_mlp, **_counting(mcore_mlp, "bias_gelu_impl", calls)), \
             patched(transformer, _has_fused_wgrad=lambda: False):

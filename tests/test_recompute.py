@@ -149,12 +149,15 @@ def _counting(cls, name, counter):
     ("gelu", True, ["layernorm"], 0.1),  # with norm recompute and hidden dropout
 ])
 def test_mlp_act_recompute_matches_training(mp1, activation, bias, extra, dropout):
-    """recompute_modules=[mlp_act]: three SGD steps give exactly the losses and gradients of the
-    run without recompute, and the activation really is discarded and recomputed each step."""
+    """recompute_modules=[mlp_act]: three SGD steps from perturbed weights give exactly the
+    losses and gradients of the run without recompute, and the activation really is discarded
+    and recomputed each step."""
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as tp_random
 
-    kw = dict(activation=activation, add_bias_linear=bias, hidden_dropout=dropout)
+    # every parameter perturbed (tests/perturb.py): fc1's bias, which the recompute adds
+    # again before the activation, starts non-zero
+    kw = dict(activation=activation, add_bias_linear=bias, hidden_dropout=dropout, perturb=5)
     ref_losses, ref_grads = _train_steps(ParallelConfig(), **kw)  # no recompute
     calls = {}
     cwo = tensor_parallel.CheckpointWithoutOutput  # _recompute: mcore's, also after the fix
@@ -201,6 +204,7 @@ def test_mlp_act_does_not_keep_the_activation(mp1, activation, bias):
     cfg = tiny(activation=activation, add_bias_linear=bias)
     model = build_model(cfg, MLP_ACT, vocab_size=VOCAB, bf16=False, fp16=False,
                         device=torch.device("cpu"), wrap_ddp=False)[0].train()
+    perturb_(model)  # non-zero biases, non-unit norms (tests/perturb.py)
     mlp = model.decoder.layers[0].mlp
     assert isinstance(mlp, ActRecomputeMLP) and mlp.recompute_act
     s, b, ffn = 16, 2, cfg.ffn

@@ -337,7 +337,11 @@ def _opt_state(opt):
 def test_deferred_step_is_the_guarded_step_on_the_device(mp1):
     """Same norm, same clipped update, same skip of a non-finite step (weights, Adam moments
     and step count untouched), with the outcome left on the device."""
+    from perturb import perturb_
+
     (m1, o1, _), (m2, o2, _) = _build(), _build()
+    perturb_(m1, seed=3)  # the same non-zero biases and non-unit norms (tests/perturb.py)
+    perturb_(m2, seed=3)
     assert deferred_step_supported(o1)  # fused CPU AdamW, no loss scaler
     for poison in (False, True, False):
         torch.manual_seed(7)

@@ -54,9 +54,9 @@ print("ok")
 
 def test_triton_swiglu_in_the_mlp_with_and_without_act_recompute_interpreted():
     """The MLP's two routes to the kernel, forced on CPU (interpreted Triton): three SGD steps
-    of a tiny swiglu GPT match the torch path to fp32 rounding, and with mlp_act recompute
-    (the kernel's output discarded, recomputed before fc2's backward) they are bit-identical to
-    the kernel without recompute."""
+    of a tiny swiglu GPT (every parameter perturbed) match the torch path to fp32 rounding, and
+    with mlp_act recompute (the kernel's output discarded, recomputed before fc2's backward)
+    they are bit-identical to the kernel without recompute."""
     out = interpret_triton('''
 import os, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
@@ -80,7 +80,7 @@ def kernel(x):  # the Triton autograd function also for CPU tensors
     calls.append(tuple(x.shape))
     return sw._SwiGLU.apply(x)
 
-kw = dict(activation="swiglu", add_bias_linear=False)
+kw = dict(activation="swiglu", add_bias_linear=False, perturb=5)  # tests/perturb.py
 with world(), model_parallel(1), patched(tp_random, **_cpu_rng_states(tp_random)):
     ref_losses, ref_grads = _train_steps(ParallelConfig(), **kw)
     with patched(layers.ActRecomputeMLP, __init__=init), patched(layers, swiglu=kernel):

@@ -2,6 +2,7 @@
 import json
 
 from helpers import run_train
+from perturb import perturb_checkpoint
 
 
 def test_default_run_learns_checkpoints_and_resumes(tmp_path):
@@ -42,12 +43,19 @@ def test_resume_is_bit_identical(tmp_path):
     assert [lf[s] for s in lr] == [lr[s] for s in sorted(lr)]  # exact, with dropout on
 
 
-def test_tp2_gloo_matches_tp1(tmp_path):
-    """Both start from one seed checkpoint (train.max_steps=0), loaded at TP1 and at TP2."""
+def _perturbed_seed(tmp_path):
+    """A seed checkpoint (train.max_steps=0) with every model tensor perturbed (non-zero biases,
+    non-unit norms: tests/perturb.py); returns the override that loads it."""
     run_train("train.max_steps=0", f"checkpoint.dir={tmp_path}/seed", cwd=tmp_path, name="seed")
     assert (tmp_path / "seed" / "latest_checkpointed_iteration.txt").read_text() == "0"
+    perturb_checkpoint(str(tmp_path / "seed"))
+    return f"checkpoint.load={tmp_path}/seed"
+
+
+def test_tp2_gloo_matches_tp1(tmp_path):
+    """Both start from one perturbed seed checkpoint, loaded at TP1 and at TP2."""
     common = ["train.max_steps=5", "train.eval_interval=0", "checkpoint.save=false",
-              f"checkpoint.load={tmp_path}/seed"]
+              _perturbed_seed(tmp_path)]
     a = run_train(*common, cwd=tmp_path, name="tp1").losses
     b = run_train(*common, "parallel=tp2", cwd=tmp_path, name="tp2").losses
     assert sorted(a) == sorted(b)
@@ -56,8 +64,11 @@ def test_tp2_gloo_matches_tp1(tmp_path):
 
 
 def test_dp2_gloo_matches_dp1(tmp_path):
-    common = ["train.max_steps=4", "train.eval_interval=0", "checkpoint.save=false"]
+    """Both start from one perturbed seed checkpoint."""
+    common = ["train.max_steps=4", "train.eval_interval=0", "checkpoint.save=false",
+              _perturbed_seed(tmp_path)]
     a = run_train(*common, cwd=tmp_path, name="dp1").losses
     b = run_train(*common, "parallel.data_parallel_size=2", cwd=tmp_path, name="dp2").losses
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
         assert abs(a[s] - b[s]) < 2e-5, (s, a[s], b[s])
