@@ -90,6 +90,10 @@ class ModelConfig:
     activation: str = "gelu"
     add_bias_linear: bool = True
     add_qkv_bias: bool = False  # mcore: only used when add_bias_linear is False
+    # RMSNorm/LayerNorm (model.normalization) over each query and key head, after the QKV split
+    # and before RoPE (mcore's q_layernorm / k_layernorm; Qwen3, and a common stability fix).
+    # Weights of head_dim, shared by all heads; their gradients are summed over TP ranks.
+    qk_layernorm: bool = False
     # learned_absolute | rope | alibi (no position table: a per-head linear bias on the
     # attention scores) | none
     position_embedding_type: str = "learned_absolute"
@@ -336,6 +340,9 @@ class ModelConfig:
                 f"model.qkv_rope_fusion=true needs RoPE with model.rope_fusion (got "
                 f"position_embedding_type={self.position_embedding_type}, rope_fusion="
                 f"{self.rope_fusion})")
+        require(not (self.qkv_rope_fusion and self.qk_layernorm),
+                "model.qkv_rope_fusion=true cannot run with model.qk_layernorm=true (the fused "
+                "kernel rotates q and k before the q/k norms would apply); leave it null")
         require(self.fused_ce_chunk_tokens is None or (
                     isinstance(self.fused_ce_chunk_tokens, int)
                     and not isinstance(self.fused_ce_chunk_tokens, bool)
@@ -454,6 +461,7 @@ FAMILY_OPTIONS: Dict[str, tuple] = {
     "lm_head_bias": (True,),
     "decoder_seq_length": (None,),
     "encoder_num_layers": (None,),
+    "qk_layernorm": (False,),
 }
 
 
@@ -754,7 +762,10 @@ class ProfileConfig:
 class TrainConfig:
     max_steps: int = 300  # 0: build, save the initial weights ("seed checkpoint") and stop
     micro_batch_size: int = 16
-    global_batch_size: int = 32
+    # samples per optimizer step over all data-parallel ranks; null = micro_batch_size x the
+    # data-parallel size (no accumulation, megatron-core's rule), fixed when the world is known
+    # (resolve_world); a multiple of that accumulates gradients over micro-batches
+    global_batch_size: Optional[int] = 32
     eval_interval: int = 100
     eval_iters: int = 10
     log_interval: int = 10
@@ -814,7 +825,9 @@ class TrainConfig:
                 f"{self.watchdog_seconds}")
         require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         for f in ("micro_batch_size", "global_batch_size", "log_interval"):
-            require(getattr(self, f) > 0, f"train.{f} must be positive, got {getattr(self, f)}")
+            v = getattr(self, f)
+            require((v is None and f == "global_batch_size") or (v is not None and v > 0),
+                    f"train.{f} must be positive, got {v}")
         require(self.eval_interval >= 0 and self.eval_iters >= 0,
                  "train.eval_interval and train.eval_iters must be >= 0")
         require(not (self.fp16 and self.bf16),
@@ -883,6 +896,46 @@ class LoggingConfig:
                  f"[null, 'online', 'offline', 'disabled', 'shared']")
 
 
+def _default(cls: type, name: str) -> Any:
+    """The schema default of field `name` of dataclass `cls`."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+def _changed(obj: Any, names: tuple) -> List[tuple]:
+    """(name, value) of the fields `names` of `obj` set away from their schema default: the
+    settings-used checks leave a field at its default alone."""
+    return [(n, getattr(obj, n)) for n in names if getattr(obj, n) != _default(type(obj), n)]
+
+
+def _shown(value: Any) -> str:
+    """A value as an override writes it (null, true/false, 128 for 128.0)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "null" if value is None else _show(value)
+
+
+# optimizer fields of megatron-core's DynamicGradScaler (fp16 without optimizer.loss_scale)
+DYNAMIC_LOSS_SCALE_FIELDS = ("initial_loss_scale", "min_loss_scale", "loss_scale_window",
+                             "hysteresis")
+# data fields that only some data types read (data=random refuses its own in DataConfig):
+# path (the blend of data=indexed), split (mcore's MockGPTDataset forces 1,1,1), the embedded
+# corpus size, the index cache (data=random has no index)
+DATA_FIELD_TYPES: Dict[str, tuple] = {
+    "path": ("indexed",),
+    "split": ("embedded", "indexed"),
+    "num_documents": ("embedded",),
+    "path_to_cache": ("embedded", "indexed", "mock"),
+}
+# masked-LM data fields (megatron-core's MaskedWordPieceDatasetConfig; framework/data/masked_lm.py)
+MASKED_LM_FIELDS = ("masking_probability", "short_sequence_probability", "masking_max_ngram",
+                    "masking_do_full_word", "masking_do_permutation", "masking_use_longer_ngrams",
+                    "masking_use_geometric_distribution")
+# the masked-LM families and whether their span lengths are geometric when
+# data.masking_use_geometric_distribution is null (framework/models/{bert,t5}/data.py)
+MASKED_LM_GEOMETRIC = {"bert": False, "t5": True}
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -944,7 +997,7 @@ class Config:
         if t.fp8:
             self._check_fp8()
         self._check_unused()
-        require(t.global_batch_size % t.micro_batch_size == 0,
+        require(t.global_batch_size is None or t.global_batch_size % t.micro_batch_size == 0,
                  f"train.global_batch_size={t.global_batch_size} must be divisible by "
                  f"train.micro_batch_size={t.micro_batch_size}")
         if p.data_parallel_size is not None:
@@ -977,6 +1030,95 @@ class Config:
         require(not steps or steps[0] <= t.max_steps,
                 f"train.profile.steps={steps} starts after train.max_steps={t.max_steps}: no "
                 f"step would be profiled")
+        self._check_optimizer_used()
+        self._check_data_used()
+        self._check_run_used()
+
+    def _check_optimizer_used(self) -> None:
+        """Optimizer fields the chosen optimizer, precision and LR schedule read
+        (framework/optimizer.py, megatron-core's get_megatron_optimizer)."""
+        o, t = self.optimizer, self.train
+        name, label, unread = {"adam": ("sgd", "an SGD", ("sgd_momentum",)),
+                               "sgd": ("adam", "an Adam", ("adam_beta1", "adam_beta2",
+                                                           "adam_eps"))}[o.optimizer]
+        for f, value in _changed(o, unread):
+            raise ConfigError(f"optimizer.{f}={_shown(value)} is {label} setting and "
+                              f"optimizer.optimizer={o.optimizer} never reads it: unset it (or "
+                              f"optimizer={name})")
+        # megatron-core builds the DynamicGradScaler from these for fp16 without loss_scale only
+        for f, value in _changed(o, DYNAMIC_LOSS_SCALE_FIELDS):
+            require(t.fp16, f"optimizer.{f}={_shown(value)} tunes fp16's dynamic loss scaling: it "
+                            f"needs train.fp16=true (got train.fp16={_shown(t.fp16)})")
+            require(o.loss_scale is None,
+                    f"optimizer.{f}={_shown(value)} tunes dynamic loss scaling, which "
+                    f"optimizer.loss_scale={_shown(o.loss_scale)} (a static scale) replaces: unset one")
+        require(o.lr_decay_steps is None or o.lr_decay_style != "constant",
+                f"optimizer.lr_decay_steps={o.lr_decay_steps} has no effect with "
+                f"optimizer.lr_decay_style=constant (the LR stays at optimizer.lr after warmup): "
+                f"unset it or pick linear/cosine")
+
+    def _check_data_used(self) -> None:
+        """Data fields the data type and the model family's datasets read (framework/data/gpt.py
+        for GPT samples, framework/data/masked_lm.py for BERT/T5)."""
+        d, m = self.data, self.model
+        for f, value in _changed(d, tuple(DATA_FIELD_TYPES)):
+            types = DATA_FIELD_TYPES[f]
+            readers = " and ".join("data=" + x for x in types)
+            require(d.type in types, f"data.{f}={_shown(value)} is read by {readers} only (got "
+                                     f"data={d.type}): unset it")
+        require(not d.reset_attention_mask,
+                "data.reset_attention_mask=true has no effect: the datasets build no attention "
+                "mask (the models' attention kernels are causal over the whole sequence): unset "
+                "it (data.reset_position_ids=true resets positions at document ends)")
+        if m.type == "gpt":
+            for f, value in _changed(d, MASKED_LM_FIELDS):
+                raise ConfigError(f"data.{f}={_shown(value)} applies to masked-LM data (model.type="
+                                  f"bert/t5); model.type=gpt trains on GPT samples without it")
+        elif m.type in MASKED_LM_GEOMETRIC:
+            for f, value in _changed(d, ("reset_position_ids", "eod_mask_loss")):
+                raise ConfigError(f"data.{f}={_shown(value)} applies to GPT samples; "
+                                  f"model.type={m.type} trains on masked-LM samples without it")
+            geometric = d.masking_use_geometric_distribution
+            default = geometric is None
+            if default:
+                geometric = MASKED_LM_GEOMETRIC[m.type]
+            why = (f"null: model.type={m.type}'s default, true" if default else "true")
+            for f in ("masking_use_longer_ngrams", "masking_do_permutation"):
+                require(not (geometric and getattr(d, f)),
+                        f"data.{f}=true cannot be used with geometric span lengths "
+                        f"(data.masking_use_geometric_distribution={why}; megatron-core "
+                        f"{'ignores it' if f == 'masking_use_longer_ngrams' else 'refuses both'})"
+                        f": set data.masking_use_geometric_distribution=false or unset data.{f}")
+
+    def _check_run_used(self) -> None:
+        """Train, profile, checkpoint and logging fields that need another switch."""
+        t, c, lg = self.train, self.checkpoint, self.logging
+        if not t.profile.steps:
+            for f, value in _changed(t.profile, ("ranks", "record_shapes", "profile_memory",
+                                                 "with_stack")):
+                raise ConfigError(f"train.profile.{f}={_shown(value)} has no effect without "
+                                  f"train.profile.steps=[first, last] (profiling is off)")
+        require(t.nan_policy == "skip" or t.max_consecutive_nan == _default(TrainConfig,
+                                                                             "max_consecutive_nan"),
+                f"train.max_consecutive_nan={t.max_consecutive_nan} applies to "
+                f"train.nan_policy=skip (train.nan_policy=stop stops at the first non-finite "
+                f"step): unset one of them")
+        require(not (t.eval_interval and t.eval_iters == 0),
+                f"train.eval_iters=0 evaluates nothing every train.eval_interval="
+                f"{t.eval_interval} steps: set train.eval_interval=0 to turn evaluation off, or "
+                f"train.eval_iters >= 1")
+        require(c.save or c.keep_last is None,
+                f"checkpoint.keep_last={c.keep_last} prunes saved checkpoints and "
+                f"checkpoint.save=false saves none: unset one of them")
+        require(not c.allow_pickle or c.load_hf is not None,
+                "checkpoint.allow_pickle=true lets checkpoint.load_hf read pytorch_model.bin "
+                "files; without checkpoint.load_hf it has no effect: unset it")
+        if not lg.wandb:
+            for f, value in _changed(lg, ("wandb_project", "wandb_name", "wandb_mode",
+                                          "wandb_tags", "wandb_notes")):
+                raise ConfigError(f"logging.{f}={_shown(value)} is a W&B setting and "
+                                  f"logging.wandb=false: use logging=wandb (or "
+                                  f"logging.wandb=true), or unset it")
 
     def _check_fp8(self) -> None:
         """torch's FP8 GEMM needs every reduction dim and output width to be a multiple of 16:
@@ -997,6 +1139,8 @@ class Config:
 
     def _check_batch(self, dp: int) -> None:
         t = self.train
+        if t.global_batch_size is None:  # null: one micro-batch per data-parallel rank
+            t.global_batch_size = t.micro_batch_size * dp
         require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={t.global_batch_size} must be divisible by "
                  f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
@@ -1051,6 +1195,14 @@ class Config:
                      f"parallel_size={p.tensor_model_parallel_size} x data-parallel size {dp}); "
                      f"a CPU run allows at most {limit} (2 x the CPU cores, at least 8)")
             self._check_cpu()
+        # megatron-core scales the loss of its mixed-precision optimizers only (GPU: bf16, fp16 or
+        # the distributed optimizer); the fp32 optimizer (and every CPU run) never reads it
+        t, o = self.train, self.optimizer
+        half = t.fp16 or (on_gpu if t.bf16 is None else t.bf16)
+        require(o.loss_scale is None or (on_gpu and (half or p.use_distributed_optimizer)),
+                f"optimizer.loss_scale={_shown(o.loss_scale)} scales the loss of bf16/fp16 training; "
+                f"this run trains in fp32 ({'on the CPU' if not on_gpu else 'train.bf16=false'}), "
+                f"where nothing reads it: unset it")
 
     def _check_cpu(self) -> None:
         """What a CPU run cannot do, in one line that names what does run on a CPU."""
@@ -1081,6 +1233,9 @@ class Config:
             require(not getattr(t, flag),
                     f"train.{flag}=true needs a GPU; a CPU run trains in fp32: "
                     f"`train.{flag}=false` works here")
+        require(p.distributed_backend in ("nccl", "gloo"),
+                f"parallel.distributed_backend={p.distributed_backend} has no effect on the CPU "
+                f"(a CPU run always uses gloo): unset it")
         require(not p.overlap_grad_reduce,
                 "parallel.overlap_grad_reduce=true needs GPUs (megatron-core's DDP wrapper, which "
                 "a CPU run goes without): `parallel.overlap_grad_reduce=false` works here")

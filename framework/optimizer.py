@@ -137,16 +137,33 @@ def _init_state(opt: torch.optim.Optimizer, config=None) -> None:
 
 
 def allreduce_grads_cpu(model: List[torch.nn.Module]) -> None:
-    """CPU stand-in for mcore DDP's grad sync: average grads over the data-parallel group."""
+    """CPU stand-in for mcore DDP's grad sync and `finalize_model_grads` (GPU runs use both):
+    sum the grads of the q/k norm weights (model.qk_layernorm) over the tensor-parallel group,
+    as `finalize_model_grads` does (each TP rank holds the whole weight but only its own heads'
+    share of its gradient), then average every grad over the data-parallel group. Sequence and
+    pipeline parallelism, mcore's other finalize steps, are GPU-only."""
     from megatron.core import parallel_state as ps
 
+    tp = ps.get_tensor_model_parallel_group()
+    if tp.size() > 1:
+        qk = [p.grad for m in model for name, p in m.named_parameters()
+              if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name)]
+        _allreduce_flat(qk, tp)
     group = ps.get_data_parallel_group()
     if group.size() == 1:
         return
     grads = [p.grad for m in model for p in m.parameters() if p.grad is not None]
+    _allreduce_flat(grads, group, average=True)
+
+
+def _allreduce_flat(grads: List[torch.Tensor], group, average: bool = False) -> None:
+    """All-reduce `grads` in place as one flat buffer (sum, or mean with `average`)."""
+    if not grads:
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
-    flat /= group.size()
+    if average:
+        flat /= group.size()
     off = 0
     for g in grads:
         g.copy_(flat[off:off + g.numel()].view_as(g))

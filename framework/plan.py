@@ -89,6 +89,10 @@ def make_plan(cfg: Config) -> RunPlan:
         if full:
             os.environ[VERIFIED_ENV] = path
     load_hf = c.load_hf if resume_it is None else None
+    if load_hf:  # the directory, its files and the architecture, before any worker starts
+        from framework.interop import check_hf_source
+
+        check_hf_source(load_hf, cfg.model, allow_pickle=c.allow_pickle)
     parts = family(cfg.model.type).parts()
     source = choose_tokenizer(
         cfg.tokenizer, checkpoint_iter_dir=iter_dir(load_dir, load_it) if load_dir else None,

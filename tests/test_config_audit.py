@@ -238,3 +238,150 @@ def test_qkv_rope_fusion_needs_a_kv_group_per_tp_rank():
     msg = config_error("model=llama_tiny", "model.qkv_rope_fusion=true",
                        "model.num_query_groups=1", "parallel=tp2")
     assert "model.qkv_rope_fusion=true" in msg and "num_query_groups=1" in msg
+
+
+# ---- optimizer fields the chosen optimizer, precision or schedule never reads ----------------
+def test_settings_of_the_other_optimizer_are_an_error():
+    msg = config_error("optimizer=sgd", "optimizer.adam_beta2=0.999")
+    assert "optimizer.adam_beta2=0.999" in msg and "optimizer.optimizer=sgd" in msg
+    msg = config_error("optimizer.sgd_momentum=0.5")
+    assert "optimizer.sgd_momentum=0.5" in msg and "optimizer.optimizer=adam" in msg
+    load_config("optimizer=sgd", "optimizer.sgd_momentum=0.5")
+    load_config("optimizer.adam_beta2=0.999")
+
+
+def test_dynamic_loss_scale_fields_need_fp16_without_static_scale():
+    msg = config_error("optimizer.hysteresis=4")
+    assert "optimizer.hysteresis=4" in msg and "train.fp16=false" in msg
+    msg = config_error("train.fp16=true", "optimizer.loss_scale=128",
+                       "optimizer.loss_scale_window=50")
+    assert "optimizer.loss_scale_window=50" in msg and "optimizer.loss_scale=128" in msg
+    load_config("train.fp16=true", "optimizer.hysteresis=4", "optimizer.loss_scale_window=5")
+
+
+def test_static_loss_scale_in_an_fp32_run_is_an_error():
+    msg = world_error(load_config("optimizer.loss_scale=128"), 1, on_gpu=False)
+    assert "optimizer.loss_scale=128" in msg and "CPU" in msg
+    msg = world_error(load_config("optimizer.loss_scale=128", "train.bf16=false"), 1,
+                      on_gpu=True)
+    assert "optimizer.loss_scale=128" in msg and "train.bf16=false" in msg
+    load_config("optimizer.loss_scale=128").resolve_world(1, on_gpu=True)  # bf16: mcore scales
+
+
+def test_lr_decay_steps_with_constant_lr_is_an_error():
+    msg = config_error("optimizer.lr_decay_style=constant", "optimizer.lr_decay_steps=100")
+    assert "optimizer.lr_decay_steps=100" in msg and "constant" in msg
+    load_config("optimizer.lr_decay_style=linear", "optimizer.lr_decay_steps=100")
+
+
+# ---- data fields the data type or the model family's samples never read ----------------------
+@pytest.mark.parametrize("data,override", [
+    ("embedded", "data.path=[corpus]"),
+    ("mock", "data.split='90,10,0'"),
+    ("mock", "data.num_documents=500"),
+    ("random", "data.path_to_cache=/tmp/idx"),
+])
+def test_data_fields_other_data_types_read_are_an_error(data, override):
+    msg = config_error(f"data={data}", override)
+    key = override.split("=", 1)[0]
+    assert f"{key}=" in msg and f"data={data}" in msg
+
+
+def test_reset_attention_mask_is_an_error():
+    msg = config_error("data.reset_attention_mask=true")
+    assert "data.reset_attention_mask=true" in msg and "no effect" in msg
+    load_config("data.reset_position_ids=true")
+
+
+def test_masked_lm_data_fields_on_gpt_are_an_error():
+    msg = config_error("data.masking_probability=0.3")
+    assert "data.masking_probability=0.3" in msg and "model.type=gpt" in msg
+    load_config("model=bert_tiny", "data.masking_probability=0.3")
+
+
+def test_gpt_data_fields_on_masked_lm_models_are_an_error():
+    msg = config_error("model=t5_tiny", "data.eod_mask_loss=true")
+    assert "data.eod_mask_loss=true" in msg and "model.type=t5" in msg
+    load_config("data.eod_mask_loss=true")
+
+
+def test_geometric_spans_refuse_longer_ngrams_and_permutation():
+    # T5's spans are geometric when the field is null: megatron-core asserted in the worker
+    msg = config_error("model=t5_tiny", "data.masking_do_permutation=true")
+    assert "data.masking_do_permutation=true" in msg and "model.type=t5" in msg
+    msg = config_error("model=bert_tiny", "data.masking_use_geometric_distribution=true",
+                       "data.masking_use_longer_ngrams=true")
+    assert "data.masking_use_longer_ngrams=true" in msg
+    load_config("model=bert_tiny", "data.masking_do_permutation=true")
+    load_config("model=t5_tiny", "data.masking_use_geometric_distribution=false",
+                "data.masking_use_longer_ngrams=true")
+
+
+# ---- run settings that need another switch ---------------------------------------------------
+def test_profile_options_without_profile_steps_are_an_error():
+    msg = config_error("train.profile.with_stack=true")
+    assert "train.profile.with_stack=true" in msg and "train.profile.steps" in msg
+    assert "train.profile.ranks=[1]" in config_error("train.profile.ranks=[1]")
+    load_config("train.profile.steps=[1,2]", "train.profile.with_stack=true",
+                "train.profile.ranks=null")
+
+
+def test_max_consecutive_nan_with_stop_policy_is_an_error():
+    msg = config_error("train.nan_policy=stop", "train.max_consecutive_nan=3")
+    assert "train.max_consecutive_nan=3" in msg and "train.nan_policy=stop" in msg
+    load_config("train.nan_policy=skip", "train.max_consecutive_nan=3")
+
+
+def test_eval_iters_zero_with_evaluation_on_is_an_error():
+    msg = config_error("train.eval_iters=0")
+    assert "train.eval_iters=0" in msg and "train.eval_interval=500" in msg
+    load_config("train.eval_iters=0", "train.eval_interval=0")
+
+
+def test_keep_last_without_saving_is_an_error():
+    msg = config_error("checkpoint.save=false", "checkpoint.keep_last=2")
+    assert "checkpoint.keep_last=2" in msg and "checkpoint.save=false" in msg
+    load_config("checkpoint.keep_last=2")
+
+
+def test_allow_pickle_without_load_hf_is_an_error():
+    msg = config_error("checkpoint.allow_pickle=true")
+    assert "checkpoint.allow_pickle=true" in msg and "checkpoint.load_hf" in msg
+    load_config("data=mock", "checkpoint.load_hf=hf_dir", "checkpoint.allow_pickle=true")
+
+
+def test_wandb_settings_without_wandb_are_an_error():
+    msg = config_error("logging.wandb_project=p")
+    assert "logging.wandb_project=p" in msg and "logging.wandb=false" in msg
+    assert "logging.wandb_mode=offline" in config_error("logging=tensorboard",
+                                                        "logging.wandb_mode=offline")
+    load_config("logging=wandb", "logging.wandb_project=p", "logging.wandb_mode=offline")
+
+
+def test_distributed_backend_on_cpu_is_an_error():
+    cfg = load_config("parallel.distributed_backend=ucc")
+    msg = world_error(cfg, 1, on_gpu=False)
+    assert "parallel.distributed_backend=ucc" in msg and "gloo" in msg
+    load_config("parallel.distributed_backend=ucc").resolve_world(1, on_gpu=True)
+    load_config("parallel.distributed_backend=gloo").resolve_world(1, on_gpu=False)
+
+
+# ---- checkpoint.load_hf is checked when the run is planned, not in the worker ------------------
+def test_load_hf_is_checked_before_any_worker_starts(tmp_path):
+    """A missing directory used to surface as 'data=indexed needs a tokenizer' (or, with
+    data=mock, in the worker after the model was built); another architecture only in the
+    worker. Both are now one line from make_plan."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from framework.plan import make_plan
+
+    common = ("data=mock", "train.device=cpu", f"checkpoint.dir={tmp_path}/ckpt")
+    with pytest.raises(ConfigError) as e:
+        make_plan(load_config(*common, f"checkpoint.load_hf={tmp_path}/nope"))
+    assert f"{tmp_path}/nope is not a directory" in str(e.value) and "\n" not in str(e.value)
+    hf = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                               n_positions=64)).save_pretrained(hf)
+    with pytest.raises(ConfigError) as e:
+        make_plan(load_config(*common, "model=llama_tiny", f"checkpoint.load_hf={hf}"))
+    assert "the Hugging Face model in" in str(e.value) and "\n" not in str(e.value)

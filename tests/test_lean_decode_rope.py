@@ -12,10 +12,13 @@ Models:
 * llama_gqa_odd: 9 heads in 3 KV groups, RMSNorm, SwiGLU, no biases, untied, rotary_base
   50000, Llama-3 rope scaling (original context 16, so the scaling acts at these positions);
 * qwen_like: 6 heads in 2 groups, q/k/v biases (`add_qkv_bias`), RMSNorm, SwiGLU, rope 1e6;
+* qwen3_like: 6 heads of 16 dims (!= hidden/heads) in 2 groups, per-head q/k RMSNorm
+  (`qk_layernorm`, weights perturbed), no biases;
 * with megatron-core's `rotary_interleaved`, and with `apply_rope_fusion` (on CPU mcore's fused
   entry point falls back to its unfused function: this checks the lean path's layout for it);
 * HF llama_odd (5 heads in 1 group, head_dim 16 != hidden/heads, theta 50000, Llama-3
-  scaling with HF's four parameters, untied) and HF qwen2 (q/k/v biases, tied), from
+  scaling with HF's four parameters, untied), HF qwen2 (q/k/v biases, tied) and HF qwen3
+  (q/k norms, head_dim 16, untied), from
   tests/test_llama.py, converted with data_tools.convert: all our paths equal HF `generate`.
 * TP2 and PP2 over gloo (two processes): HF qwen2 loaded at TP2 (2 KV groups, one per rank)
   and HF llama_odd at PP2 (one layer per stage): the lean, static (TP2), megatron-core and
@@ -57,6 +60,8 @@ MODELS = {
     "qwen_like": dict(LLAMA, num_attention_heads=6, num_query_groups=2, add_qkv_bias=True,
                       ffn_hidden_size=80, rotary_base=1000000,
                       share_embeddings_and_output_weights=True),
+    "qwen3_like": dict(LLAMA, num_attention_heads=6, num_query_groups=2, kv_channels=16,
+                       qk_layernorm=True, ffn_hidden_size=80, rotary_base=1000000),
 }
 GEN_CASES = {"greedy": dict(), "beam3": dict(num_beams=3, length_penalty=0.8),
              "beam2_early": dict(num_beams=2, length_penalty=1.2, early_stopping=True)}
@@ -230,7 +235,7 @@ def test_generate_equals_megatron_and_full_recompute(models, name, case, lean_ca
 # --------------------------------------------------------------------------------------------
 # Hugging Face Llama / Qwen2, converted (tests/test_llama.py's references)
 # --------------------------------------------------------------------------------------------
-HF_KINDS = ["llama_odd", "qwen2"]
+HF_KINDS = ["llama_odd", "qwen2", "qwen3"]
 HF_CASES = {"greedy": ({}, {}),
             "beam4": (dict(num_beams=4, length_penalty=1.3, early_stopping=True),
                       dict(num_beams=4, length_penalty=1.3, early_stopping=True))}

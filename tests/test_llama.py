@@ -1,4 +1,4 @@
-"""Llama-family decoders (HF llama, qwen2, mistral) <-> our GPT model, on CPU (fp32, gloo).
+"""Llama-family decoders (HF llama, qwen2, qwen3, mistral) <-> our GPT model, on CPU (fp32, gloo).
 
 Every HF reference is a random tiny model with ALL parameters perturbed (tests/perturb.py: q/k/v
 biases N(0, 0.3), norm weights 1 + N(0, 0.1), 5% jitter on the rest), so a dropped bias or norm
@@ -8,6 +8,8 @@ weight, a swapped gate/up or a mis-ordered q/k/v shows:
     Llama-3 RoPE scaling with non-default low/high/original factors, untied embeddings;
   - llama_tied: 6 heads in 2 groups, rope_theta 500000, Llama-3 scaling (factor 8), tied;
   - qwen2: 6 heads in 2 groups, q/k/v biases, rope_theta 1e6, tied;
+  - qwen3: 6 heads in 2 groups of head_dim 16 != hidden/heads, per-head q/k RMSNorm
+    (model.qk_layernorm; its weights perturbed like every norm), no biases, untied;
   - mistral: 4 heads in 2 groups, sliding_window 4096 (longer than any sequence here), untied.
   Without the RoPE scaling the llama logits differ (the check can fail).
 * import -> export: every tensor bit-identical, sharded with model.safetensors.index.json, the
@@ -111,7 +113,7 @@ def make_tokenizer(path, style):
 # HF references
 # --------------------------------------------------------------------------------------------
 def hf_config(kind, vocab):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=128,
                   initializer_range=0.1)
@@ -133,6 +135,10 @@ def hf_config(kind, vocab):
         return Qwen2Config(**common, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
                            intermediate_size=72, rms_norm_eps=1e-6, rope_theta=1000000.0,
                            tie_word_embeddings=True)
+    if kind == "qwen3":
+        return Qwen3Config(**common, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=72, rms_norm_eps=1e-6,
+                           rope_theta=1000000.0, tie_word_embeddings=False)
     if kind == "mistral":
         return MistralConfig(**common, hidden_size=32, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=8, intermediate_size=56,
@@ -141,8 +147,9 @@ def hf_config(kind, vocab):
     raise KeyError(kind)
 
 
-KINDS = ["llama_odd", "llama_tied", "qwen2", "mistral"]
-TOKENIZER = {"llama_odd": "llama3", "llama_tied": "llama3", "qwen2": "qwen2", "mistral": "llama3"}
+KINDS = ["llama_odd", "llama_tied", "qwen2", "qwen3", "mistral"]
+TOKENIZER = {"llama_odd": "llama3", "llama_tied": "llama3", "qwen2": "qwen2", "qwen3": "qwen2",
+             "mistral": "llama3"}
 
 
 def make_hf(path, kind, seed):
@@ -218,6 +225,7 @@ def test_logits_match_hf(work, kind):
     assert meta["hf_source"]["model_type"] == kind.split("_")[0]
     assert model_cfg.normalization == "RMSNorm" and model_cfg.activation == "swiglu"
     assert model_cfg.add_qkv_bias == (kind == "qwen2")
+    assert model_cfg.qk_layernorm == (kind == "qwen3")
     assert model_cfg.rope_scaling == kind.startswith("llama")
 
 
@@ -288,6 +296,10 @@ def test_preset_shapes_export_as_the_published_models():
     published = {"llama3_2_1b": ("llama", 1_235_814_400), "llama3_2_3b": ("llama", 3_212_749_824),
                  "llama3_1_8b": ("llama", 8_030_261_248), "qwen2_5_0_5b": ("qwen2", 494_032_768),
                  "qwen2_5_1_5b": ("qwen2", 1_543_714_304),
+                 # the model cards' counts (0.6B, 1.7B, 4.0B, 8.2B): their safetensors also
+                 # store the tied lm_head (+ vocab x hidden) where the embeddings are tied
+                 "qwen3_0_6b": ("qwen3", 596_049_920), "qwen3_1_7b": ("qwen3", 1_720_574_976),
+                 "qwen3_4b": ("qwen3", 4_022_468_096), "qwen3_8b": ("qwen3", 8_190_735_360),
                  "mistral_7b": ("mistral", 7_248_023_552)}
     from framework.cli import register_resolvers
     from framework.config import register_configs
@@ -310,7 +322,7 @@ def test_preset_shapes_export_as_the_published_models():
 # --------------------------------------------------------------------------------------------
 # TP2 and PP2 (two processes, gloo)
 # --------------------------------------------------------------------------------------------
-DIST_KINDS = ["llama_tied", "qwen2"]
+DIST_KINDS = ["llama_tied", "qwen2", "qwen3"]
 
 
 def _dist_worker(rank, port, d, vocabs):
@@ -431,7 +443,7 @@ def _hf_generate(model, tok, prompts, **kw):
     return rows
 
 
-@pytest.mark.parametrize("kind", ["llama_odd", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama_odd", "qwen2", "qwen3"])
 @pytest.mark.parametrize("case,extra,theirs", [
     ("greedy", [], {}),
     ("beam4", ["num_beams=4", "length_penalty=1.3", "early_stopping=true"],

@@ -8,11 +8,12 @@ host time per token is many times the kernels' (benchmarks/RESULTS.md).
 `forward_chunk` runs the same arithmetic on the same parameters and the same KV-cache buffers,
 calling the modules' weights directly: the same matmuls (`torch.matmul(x, w.t())` then `+ bias`,
 as mcore's linear function does), the same norm modules and core attention module (ALiBi,
-GQA, masks), the same fused bias-GeLU / SwiGLU functions, the same tensor-parallel all-reduces.
+GQA, masks), the same fused bias-GeLU / SwiGLU functions, the same q/k norm modules
+(model.qk_layernorm), the same tensor-parallel all-reduces.
 It is used for decode steps after a prefill through the real modules; `supported` says which
 models it covers (GPT with the standard layer and learned-absolute, no, or rotary positions: no
-multi-latent attention, no QK norm, no MoE, no post-LN residual, no context parallelism, query
-groups divisible by TP); anything else keeps megatron-core's path.
+multi-latent attention, no q/k norm other than ours, no MoE, no post-LN residual, no context
+parallelism, query groups divisible by TP); anything else keeps megatron-core's path.
 
 Rotary embeddings (`_Rope`): the angles are the model's own `rotary_pos_emb` table for positions
 0..max_len-1, i.e. whatever that module holds (rotary_percent, rotary_base, interleaving, our
@@ -77,11 +78,31 @@ def supported(mod) -> bool:
         att = layer.self_attention
         if (not isinstance(layer, TransformerLayer) or not isinstance(layer.mlp, MLP)
                 or not isinstance(layer.cross_attention, IdentityOp)
-                or not isinstance(getattr(att, "q_layernorm", None), (type(None), IdentityOp))
-                or not isinstance(getattr(att, "k_layernorm", None), (type(None), IdentityOp))
+                or not _plain_or_our_norm(getattr(att, "q_layernorm", None))
+                or not _plain_or_our_norm(getattr(att, "k_layernorm", None))
                 or layer.self_attn_bda is None):
             return False
     return True
+
+
+def _plain_or_our_norm(module) -> bool:
+    """No q/k norm, or our `Norm` over one head (model.qk_layernorm), which `_qkv` applies as
+    megatron-core does: after the split, before RoPE."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from framework.models.layers import Norm
+
+    return module is None or isinstance(module, IdentityOp) or type(module) is Norm
+
+
+def _qk_norms(att):
+    """The layer's (q norm, k norm) modules, or None without q/k norms."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    q, k = getattr(att, "q_layernorm", None), getattr(att, "k_layernorm", None)
+    if q is None or isinstance(q, IdentityOp):
+        return None
+    return q, k
 
 
 def _rope_supported(mod, cfg) -> bool:
@@ -272,6 +293,9 @@ def _qkv(att, x: torch.Tensor, rope=None):
     # per group: `per` query heads, then its key head, then its value head
     mixed = mixed.view(s, b, groups, per + 2, d)
     qk, v = mixed[:, :, :, :per + 1], mixed[:, :, :, per + 1]
+    norms = _qk_norms(att)
+    if norms is not None:  # over each head, before RoPE (mcore's order); the cache keeps k normed
+        qk = torch.cat([norms[0](qk[:, :, :, :per]), norms[1](qk[:, :, :, per:])], dim=3)
     if rope is not None:
         qk = rope[0].apply(qk, rope[1])
     return qk[:, :, :, :per].reshape(s, b, groups * per, d), qk[:, :, :, per], v

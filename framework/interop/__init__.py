@@ -84,7 +84,7 @@ def family_for_model(model_cfg: ModelConfig, hf_model_type: Optional[str] = None
     matches = list(registry.family(model_cfg.type).hf_types)
     if model_cfg.type in matches:  # several (t5, mt5): the one named as our model type
         matches = [model_cfg.type]
-    if len(matches) > 1:  # several (gpt2, llama, qwen2, mistral): those that accept the shape
+    if len(matches) > 1:  # several (gpt2, llama, qwen2, qwen3, mistral): those that accept the shape
         # (none: the first, gpt2, whose export then names what it cannot express)
         matches = [t for t in matches
                    if getattr(family(t), "accepts", lambda cfg: True)(model_cfg)] or matches[:1]
@@ -124,6 +124,7 @@ def _arch(cfg: ModelConfig) -> Dict[str, Any]:
         if cfg.position_embedding_type == "learned_absolute" else None,
         "normalization": cfg.normalization, "layernorm_epsilon": cfg.layernorm_epsilon,
         "activation": cfg.activation, "add_bias_linear": cfg.add_bias_linear,
+        "qk_layernorm": cfg.qk_layernorm,
         "position_embedding_type": cfg.position_embedding_type,
         "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
         "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
@@ -280,6 +281,26 @@ def load_hf_into_model(hf_dir: str, model_chunks, model_cfg: ModelConfig, *,
     """
     from megatron.core import parallel_state as ps
 
+    fam, weights, hf_model_cfg, where = _open_hf_source(hf_dir, model_cfg, allow_pickle)
+    chunks = [unwrap(m) for m in model_chunks]
+    n = _import(chunks, fam, model_cfg, where, weights.get,
+                tp_rank=ps.get_tensor_model_parallel_rank(),
+                tp_size=ps.get_tensor_model_parallel_world_size(), hf_dir=hf_dir)
+    return {"model_type": fam.HF_MODEL_TYPE, "format": weights.format, "tensors": n,
+            "vocab_size": hf_model_cfg.vocab_size}
+
+
+def check_hf_source(hf_dir: str, model_cfg: ModelConfig, *, allow_pickle: bool = False) -> None:
+    """Every check `load_hf_into_model` makes before it copies a tensor (the directory, its
+    config.json, the weight files and their index, the architecture against `model_cfg`, the
+    vocabulary rows), without building a model: `checkpoint.load_hf` is checked when the run
+    is planned, before any worker starts (InteropError, one line)."""
+    _open_hf_source(hf_dir, model_cfg, allow_pickle)
+
+
+def _open_hf_source(hf_dir: str, model_cfg: ModelConfig, allow_pickle: bool):
+    """(family module, HFWeights, the HF model's ModelConfig, tensor resolver) of `hf_dir`,
+    checked against `model_cfg`."""
     from framework.interop.hf_files import HFWeights, read_hf_config
 
     hf = read_hf_config(hf_dir)
@@ -289,12 +310,7 @@ def load_hf_into_model(hf_dir: str, model_chunks, model_cfg: ModelConfig, *,
     check_same_architecture(hf_model_cfg, model_cfg, f"the Hugging Face model in {hf_dir}")
     where = _resolver(weights, fam, model_cfg)
     _check_vocab_rows(weights, fam, hf_model_cfg, where)
-    chunks = [unwrap(m) for m in model_chunks]
-    n = _import(chunks, fam, model_cfg, where, weights.get,
-                tp_rank=ps.get_tensor_model_parallel_rank(),
-                tp_size=ps.get_tensor_model_parallel_world_size(), hf_dir=hf_dir)
-    return {"model_type": fam.HF_MODEL_TYPE, "format": weights.format, "tensors": n,
-            "vocab_size": hf_model_cfg.vocab_size}
+    return fam, weights, hf_model_cfg, where
 
 
 def hf_state_dict_from_megatron(state: Dict[str, Any], model_cfg: ModelConfig, *,

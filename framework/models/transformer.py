@@ -15,8 +15,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from framework import mcore_patches
 from framework.fast.swiglu import triton as swiglu_triton
 from framework.models.layers import (ActRecomputeMLP, BiasAddLinear, Fp8BiasAddLinear,
-                                     Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPAttention,
-                                     SelfAttention, norm_class)
+                                     Fp8ColumnParallelLinear, Fp8RowParallelLinear, Norm,
+                                     SDPAttention, SelfAttention, norm_class)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig, ParallelConfig
@@ -125,6 +125,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         gated_linear_unit=model.activation in ("swiglu", "geglu_tanh"),
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        # (mcore sums the q/k norm weights' gradients over TP ranks when this is set)
+        qk_layernorm=model.qk_layernorm,
         init_method_std=model.init_method_std,
         apply_residual_connection_post_layernorm=model.apply_residual_connection_post_layernorm,
         softmax_scale=model.softmax_scale,
@@ -176,6 +178,10 @@ def layer_spec(model: ModelConfig, fp8: Optional[str] = None, mask: str = "causa
         qkv = Fp8BiasAddLinear if model.fused_bias_add else Fp8ColumnParallelLinear
     else:
         qkv = BiasAddLinear if model.fused_bias_add else ColumnParallelLinear
+    # q/k norms (model.qk_layernorm): mcore builds them over one head (hidden_size = head dim)
+    # and applies them after the QKV split, before RoPE. torch's norm (`Norm`), not the Triton
+    # kernels of `model.fused_norm`, whose GPU tests cover rows of the model's width.
+    qk_norm = Norm if model.qk_layernorm else IdentityOp
     # mcore calls the core-attention builder directly (a class or any callable), not build_module
     core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi",
                               flex_kernel_options=model.flex_kernel_options,
@@ -192,8 +198,8 @@ def layer_spec(model: ModelConfig, fp8: Optional[str] = None, mask: str = "causa
                     linear_qkv=qkv,
                     core_attention=core_attention,
                     linear_proj=Fp8RowParallelLinear if fp8 else RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -1,9 +1,14 @@
-"""Llama-style decoders (HF `model_type` llama, qwen2, mistral) <-> our `gpt` model (mcore GPTModel).
+"""Llama-style decoders (HF `model_type` llama, qwen2, qwen3, mistral) <-> our `gpt` model (mcore
+GPTModel).
 
 All three are one architecture in megatron-core terms: pre-norm RMSNorm, SwiGLU MLP, RoPE, GQA, no
 linear biases, tied or untied embeddings. What tells them apart is config, not structure:
 * Qwen2: biases on q/k/v only (HF hard-codes them) -> `add_qkv_bias: true` with
   `add_bias_linear: false`. Optional sliding-window layers (`use_sliding_window`).
+* Qwen3: no q/k/v biases; an RMSNorm over each query and key head after the projection and
+  before RoPE (`q_norm` / `k_norm`, head_dim wide) -> `model.qk_layernorm: true`, mcore's
+  `q_layernorm` / `k_layernorm`; head_dim is given (128, wider than hidden / heads at 0.6B).
+  `attention_bias: true` (biases on q/k/v and o_proj) is refused. Sliding window as Qwen2.
 * Mistral: `sliding_window` (4096 in v0.1, null from v0.3).
 * Llama: `attention_bias` / `mlp_bias` (both false in every published Llama; refused when true),
   Llama-3 RoPE scaling (`rope_type: llama3` -> model.rope_scaling*, framework/models/gpt/rope_scaling.py).
@@ -25,8 +30,8 @@ Layouts (HF nn.Linear weights are [out, in], as mcore's):
 HF's rotate-half RoPE is mcore's non-interleaved RoPE, so q/k rows need no permutation (unlike
 Meta's original checkpoints, which HF's own conversion script permutes).
 
-This module serves llama; `variant("qwen2")` and `variant("mistral")` bind the same functions to
-those model types (module objects of the same interface, framework/models/gpt/__init__.py).
+This module serves llama; `variant("qwen2")`, `variant("qwen3")` and `variant("mistral")` bind
+the same functions to those model types (module objects of the same interface, framework/models/gpt/__init__.py).
 """
 from __future__ import annotations
 
@@ -49,8 +54,10 @@ HF_BASE_PREFIX = "model."
 # rotary caches some old files carry (HF recomputes them)
 HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "mistral": "MistralForCausalLM"}
-_QKV_BIAS = {"llama": False, "qwen2": True, "mistral": False}
+                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+_QKV_BIAS = {"llama": False, "qwen2": True, "qwen3": False, "mistral": False}
+# per-head q/k RMSNorm (model.qk_layernorm)
+_QK_NORM = {"llama": False, "qwen2": False, "qwen3": True, "mistral": False}
 # HF rope_type values: "default" (plain RoPE) and "llama3" are expressible
 _ROPE_TYPES = (None, "default", "llama3")
 
@@ -73,7 +80,7 @@ def _rope(hf: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _sliding_window(hf: Dict[str, Any], model_type: str) -> Optional[int]:
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         layer_types = hf.get("layer_types") or []
         if not hf.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
             return None
@@ -89,7 +96,7 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         bad.append(f"hidden_act={act!r} (SwiGLU needs silu)")
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         if hf.get("attention_bias", False):
             bad.append("attention_bias=true (o_proj bias)")
         if hf.get("mlp_bias", False):
@@ -144,6 +151,7 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
         activation="swiglu",
         add_bias_linear=False,
         add_qkv_bias=_QKV_BIAS[model_type],
+        qk_layernorm=_QK_NORM[model_type],
         position_embedding_type="rope",
         rotary_percent=float(rope.get("partial_rotary_factor", 1.0)),
         rotary_base=int(theta),
@@ -162,7 +170,8 @@ def accepts(cfg: ModelConfig, model_type: str = HF_MODEL_TYPE) -> bool:
     """Whether our model has this family's shape (export without a recorded HF source)."""
     return (cfg.type == MODEL_TYPE and cfg.normalization == "RMSNorm"
             and cfg.activation == "swiglu" and cfg.position_embedding_type == "rope"
-            and not cfg.add_bias_linear and cfg.add_qkv_bias == _QKV_BIAS[model_type])
+            and not cfg.add_bias_linear and cfg.add_qkv_bias == _QKV_BIAS[model_type]
+            and cfg.qk_layernorm == _QK_NORM[model_type])
 
 
 def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size: int,
@@ -180,6 +189,9 @@ def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size:
         (cfg.add_qkv_bias == _QKV_BIAS[model_type],
          f"model.add_qkv_bias={cfg.add_qkv_bias} ({model_type} has "
          f"{'' if _QKV_BIAS[model_type] else 'no '}q/k/v biases)"),
+        (cfg.qk_layernorm == _QK_NORM[model_type],
+         f"model.qk_layernorm={str(cfg.qk_layernorm).lower()} ({model_type} has "
+         f"{'' if _QK_NORM[model_type] else 'no '}q/k norms)"),
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
         (cfg.softmax_scale is None, f"model.softmax_scale={cfg.softmax_scale}"),
@@ -217,12 +229,14 @@ def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size:
     )
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    if model_type == "qwen3":
+        out.update(attention_bias=False)
     if model_type == "qwen2" and cfg.kv_channels in (None, cfg.hidden_size // heads) \
             and "head_dim" not in (base or {}):
         del out["head_dim"]  # Qwen2Config has no head_dim field (HF derives it)
     if not base:
         out.setdefault("sliding_window", None)
-        if model_type == "qwen2":
+        if model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
         for key in ("bos_token_id", "eos_token_id"):
             out.setdefault(key, None)
@@ -238,6 +252,8 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
 # tensors
 # --------------------------------------------------------------------------------------------
 def _rules(cfg: ModelConfig, qkv_bias: bool) -> List[Rule]:
+    """The tensors of the family; Qwen2's q/k/v biases with `qkv_bias`, Qwen3's per-head q/k
+    norm weights with `model.qk_layernorm` (head_dim wide, the same on every TP rank)."""
     p, L, H = HF_BASE_PREFIX, "decoder.layers.{i}.", HF_BASE_PREFIX + "layers.{i}."
     att = H + "self_attn."
     out = [
@@ -258,6 +274,9 @@ def _rules(cfg: ModelConfig, qkv_bias: bool) -> List[Rule]:
         out.append(Rule(L + "self_attention.linear_qkv.bias",
                         tuple(att + x + ".bias" for x in ("q_proj", "k_proj", "v_proj")),
                         qkv_parts_to_ours, qkv_parts_to_hf))
+    if cfg.qk_layernorm:
+        out += [Rule(L + "self_attention.q_layernorm.weight", att + "q_norm.weight"),
+                Rule(L + "self_attention.k_layernorm.weight", att + "k_norm.weight")]
     out.append(output_layer_rule(p + "embed_tokens.weight",
                                  cfg.share_embeddings_and_output_weights))
     return out
@@ -273,8 +292,9 @@ def optional_hf_tensors(cfg: ModelConfig) -> List[str]:
 
 
 def variant(model_type: str) -> types.ModuleType:
-    """This module's interface bound to another HF `model_type` of the family (qwen2, mistral):
-    a module object with the same names, so the interop layer treats it like `hf_llama`.
+    """This module's interface bound to another HF `model_type` of the family (qwen2, qwen3,
+    mistral): a module object with the same names, so the interop layer treats it like
+    `hf_llama`.
 
     A Mistral is never chosen by shape alone: it is a Llama shape, exported as llama unless the
     checkpoint records a mistral source (or megatron-to-hf --hf-model-type mistral)."""
