@@ -5,7 +5,8 @@ against Hugging Face `generate`: tiny HF models with every parameter perturbed
   32), rope_theta 500000, tied embeddings;
 * llama_odd: 5 heads in 1 group, head_dim 16 != hidden / heads, rope_theta 50000, Llama-3
   scaling with non-default low/high/original factors, untied;
-* qwen2: q/k/v biases, 6 heads in 2 groups, rope_theta 1e6, tied.
+* qwen2: q/k/v biases, 6 heads in 2 groups, rope_theta 1e6, tied;
+* qwen3: per-head q/k RMSNorm (model.qk_layernorm), head_dim 16, no biases, untied.
 Every decode path (graph: `decode_cuda_graph=True`, the CUDA graph really captured; lean: eager
 lean steps; mcore: `lean_decode=False`; no_cache) gives HF's greedy tokens (HF in fp32 on the
 CPU) with logprobs within 2e-4, and HF's 4-beam tokens (not the graph path: it serves greedy and
@@ -26,7 +27,7 @@ from test_llama import NEW, PROMPTS, _padded, cli, make_hf
 
 pytestmark = pytest.mark.gpu
 
-KINDS = ["llama_tied", "llama_odd", "qwen2"]
+KINDS = ["llama_tied", "llama_odd", "qwen2", "qwen3"]
 CASES = {"greedy": {}, "beam4": dict(num_beams=4, length_penalty=1.3, early_stopping=True)}
 PATHS = {"graph": dict(decode_cuda_graph=True), "lean": dict(decode_cuda_graph=False),
          "mcore": dict(lean_decode=False), "no_cache": dict(use_cache=False)}
