@@ -239,6 +239,14 @@ def optimizer_settings(opt) -> Dict[str, Any]:
             "fused": bool(opt.fused_step)}
 
 
+def global_batch(cfg) -> int:
+    """train.global_batch_size as the run resolves it: null = micro-batch x DP (one GPU here
+    unless parallel.data_parallel_size says otherwise)."""
+    t = cfg.train
+    dp = cfg.parallel.data_parallel_size or 1
+    return t.global_batch_size if t.global_batch_size is not None else t.micro_batch_size * dp
+
+
 def ours_settings(cfg) -> Dict[str, Any]:
     """The comparable settings of one composed run config (framework.config.Config)."""
     m = cfg.model
@@ -253,7 +261,7 @@ def ours_settings(cfg) -> Dict[str, Any]:
         "rope_theta": float(m.rotary_base) if m.position_embedding_type == "rope" else 0.0,
         "linear_bias": linear_bias, "qkv_bias": linear_bias or bool(m.add_qkv_bias),
         "hidden_dropout": float(m.hidden_dropout), "attention_dropout": float(m.attention_dropout),
-        "micro_batch": cfg.train.micro_batch_size, "global_batch": cfg.train.global_batch_size,
+        "micro_batch": cfg.train.micro_batch_size, "global_batch": global_batch(cfg),
         "max_steps": cfg.train.max_steps, "data": ours_data(cfg),
         "recompute": cfg.parallel.recompute_granularity or "none",
         # framework/optimizer.py: null decays over train.max_steps

@@ -26,10 +26,12 @@ from framework.checkpoint.state import load_checkpoint
 from framework.config import ModelConfig, ParallelConfig, TokenizerConfig
 from framework.distributed import init_distributed, set_seeds, teardown
 from framework.errors import ConfigError, require
-from framework.generation import MAX_SEED, GenerationOptions, generate
+from framework.generation import MAX_SEED, GenerationOptions, generate, normalize_early_stopping
 from framework.launch import launch, resolve_device
 from framework.models.registry import family, with_capability
 from framework.tokenizer import TokenizerSource, choose_tokenizer
+
+NUM_HELDOUT = 200  # conf/generate.yaml's num_heldout
 
 
 @dataclass
@@ -42,7 +44,7 @@ class GenerateConfig(GenerationOptions):
     output_file: Optional[str] = None  # JSONL: one object per prompt
     add_bos: bool = False
     batch_size: int = 32  # prompts decoded together
-    num_heldout: int = 200  # held-out arithmetic problems when no prompts are given
+    num_heldout: int = NUM_HELDOUT  # held-out arithmetic problems when no prompts are given
     device: str = "auto"  # auto | cuda | cpu
     bf16: Optional[bool] = None  # None -> bf16 on GPU, fp32 on CPU
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -60,6 +62,45 @@ class GenerateConfig(GenerationOptions):
         require(self.num_heldout >= 1, f"num_heldout={self.num_heldout} must be >= 1")
         require(self.device in ("auto", "cuda", "cpu"),
                  f"device={self.device!r} is not one of ['auto', 'cuda', 'cpu']")
+        self.check_settings_take_effect()
+
+    def check_settings_take_effect(self) -> None:
+        """A setting moved off its default must act on this run: each one that the other
+        settings would leave unused is refused in one line. (`framework.generation.generate`
+        itself accepts these combinations; generate.py's settings are what a user typed.)"""
+        k, p = self.top_k, self.top_p
+        require(k != 1 or p == 0.0,
+                 f"top_p={p} has no effect with top_k=1 (one token is kept: greedy decoding); "
+                 f"set top_k=0 for top-p sampling, or top_p=0.0")
+        require(self.num_beams > 1 or k > 1 or p > 0.0 or self.temperature == 1.0,
+                 f"temperature={self.temperature} has no effect with greedy decoding (top_k={k}, "
+                 f"top_p={p}); sample with top_k > 1 or top_p > 0, or leave temperature=1.0")
+        require(self.top_p_decay == 0.0 or p > 0.0,
+                 f"top_p_decay={self.top_p_decay} has no effect with top_p=0.0 (it decays top_p "
+                 f"after each token); set top_p > 0 to sample, or top_p_decay=0.0")
+        require(self.top_p_bound == 0.0 or self.top_p_decay > 0.0,
+                 f"top_p_bound={self.top_p_bound} has no effect with top_p_decay=0.0 (it is the "
+                 f"floor of a decaying top_p); set top_p_decay in (0, 1], or top_p_bound=0.0")
+        require(self.num_beams > 1 or self.length_penalty == 1.0,
+                 f"length_penalty={self.length_penalty} only acts in beam search; set "
+                 f"num_beams > 1, or leave length_penalty=1.0")
+        require(self.num_beams > 1 or normalize_early_stopping(self.early_stopping) is False,
+                 f"early_stopping={str(self.early_stopping).lower()} only acts in beam search; "
+                 f"set num_beams > 1, or leave early_stopping=false")
+        if self.decode_cuda_graph:  # the static decode step: lean, cached, one beam
+            for ok, why in ((self.num_beams == 1, f"beam search (num_beams={self.num_beams}) "
+                                                   f"decodes eagerly"),
+                            (self.use_cache, "it replays KV-cache steps (use_cache=false)"),
+                            (self.lean_decode, "it captures the lean decode step "
+                                               "(lean_decode=false)")):
+                require(ok, f"decode_cuda_graph=true has no effect here: {why}; leave "
+                            f"decode_cuda_graph unset (null)")
+        require(not self.return_logprobs or self.output_file is not None,
+                 "return_logprobs=true needs output_file=<file.jsonl>: the log-probabilities "
+                 "are written there (the console shows completions only)")
+        require(self.prompts is None or self.num_heldout == NUM_HELDOUT,
+                 f"num_heldout={self.num_heldout} has no effect with prompts given (it counts "
+                 f"the held-out arithmetic problems asked without prompts); drop num_heldout")
 
     def options(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(GenerationOptions)}
@@ -92,7 +133,16 @@ def inference_layout(parallel: ParallelConfig) -> Tuple[ParallelConfig, List[str
     if p.vpp:
         notes.append("generation: virtual pipeline stages are not used (one chunk per stage)")
     p.virtual_pipeline_model_parallel_size = None
+    training = [f"parallel.{f}=true" for f in ("use_distributed_optimizer", "overlap_grad_reduce",
+                                               "overlap_param_gather") if getattr(p, f)]
+    if training:
+        notes.append(f"generation: {', '.join(training)} switched off (no gradients or "
+                     f"optimizer)")
     p.use_distributed_optimizer = p.overlap_grad_reduce = p.overlap_param_gather = False
+    if p.overlap_p2p_comm is not None:
+        notes.append(f"generation: parallel.overlap_p2p_comm={str(p.overlap_p2p_comm).lower()} "
+                     f"is not used (generation sends activations between stages itself)")
+        p.overlap_p2p_comm = None
     return p, notes
 
 
@@ -225,6 +275,10 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     require(on_gpu or not bf16, "bf16=true needs a GPU; CPU generation runs in fp32: "
                                 "`bf16=false` (or leave bf16 unset) works here")
 
+    require(not cfg.decode_cuda_graph or pp == 1,
+             f"decode_cuda_graph=true has no effect at parallel.pipeline_model_parallel_size={pp} "
+             f"(the captured decode step is one pipeline stage's); leave decode_cuda_graph unset "
+             f"(null)")
     require(cfg.seed is None or cfg.seed + 100 * (pp - 1) <= MAX_SEED,
              f"seed={cfg.seed} must be at most {MAX_SEED - 100 * (pp - 1)} at "
              f"parallel.pipeline_model_parallel_size={pp} (each stage seeds with seed + 100 x "
@@ -413,6 +467,9 @@ def generate_worker(job: GenerateJob) -> None:
                   f"{job.parallel.pipeline_model_parallel_size} DP="
                   f"{job.parallel.data_parallel_size}, {'bf16' if job.bf16 else 'fp32'}",
                   flush=True)
+            note = decode_graph_note(job.cfg, model)
+            if note:
+                print(note, flush=True)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = list(range(dp_rank, len(job.prompts), dp))  # this DP rank's prompts
         opts = job.cfg.options()
@@ -440,6 +497,20 @@ def generate_worker(job: GenerateJob) -> None:
             _report(job, results)
     finally:
         teardown()
+
+
+def decode_graph_note(cfg: GenerateConfig, model: List[torch.nn.Module]) -> Optional[str]:
+    """A line when decode_cuda_graph=true cannot act on the loaded model: the captured step is
+    the lean decode step, which only some models take (known once the model is built; the
+    settings that rule it out are refused before, in `GenerateConfig` and `prepare_job`)."""
+    from framework.fast import lean_decode
+    from framework.models.wrappers import unwrap
+
+    if cfg.decode_cuda_graph and not all(lean_decode.supported(unwrap(m)) for m in model):
+        return ("generation: decode_cuda_graph=true is not used: this model's layers are not "
+                "ones the lean decode step reproduces (framework/fast/lean_decode.py), so decode "
+                "steps run through megatron-core's modules")
+    return None
 
 
 def _report(job: GenerateJob, results: Dict[int, Dict[str, Any]]) -> None:
