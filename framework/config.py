@@ -1151,7 +1151,8 @@ class Config:
             require(n_micro % pp == 0,
                      f"interleaved pipelining needs the number of micro-batches ({n_micro} = "
                      f"train.global_batch_size / (train.micro_batch_size x DP)) to be a multiple "
-                     f"of parallel.pipeline_model_parallel_size={pp}")
+                     f"of parallel.pipeline_model_parallel_size={pp}: set train.global_batch_size "
+                     f"to a multiple of {pp * t.micro_batch_size * dp}")
 
     def resolve_world(self, world_size: int, on_gpu: bool) -> None:
         """Fix data_parallel_size from the world size and check every world-dependent rule."""

@@ -60,11 +60,24 @@ def planned_world_size(cfg: Config, device: str) -> int:
     return mp
 
 
+def _resume_global_batch(cfg: Config, meta) -> None:
+    """A resumed run with train.global_batch_size null keeps the checkpoint's global batch
+    where this layout can take it (a multiple of micro-batch x DP), so a restart on another
+    number of GPUs continues the same run; the runner notes any other change."""
+    stored = meta.get("config", {}).get("train", {}).get("global_batch_size")
+    t, dp = cfg.train, cfg.parallel.data_parallel_size
+    if isinstance(stored, int) and stored != t.global_batch_size \
+            and stored % (t.micro_batch_size * dp) == 0:
+        t.global_batch_size = stored
+        cfg._check_batch(dp)
+
+
 def make_plan(cfg: Config) -> RunPlan:
     """Every decision and check that needs no worker (the world, the device, checkpoints,
     tokenizer, data files, model settings, output directories). Nothing is built."""
     device = resolve_device(cfg.train.device)
     world = planned_world_size(cfg, device)
+    auto_batch = cfg.train.global_batch_size is None  # null: micro-batch x DP (resolve_world)
     cfg.resolve_world(world, on_gpu=device == "cuda")
     if device == "cuda" and not launched_externally() and world > torch.cuda.device_count():
         raise ConfigError(f"the layout needs {world} GPUs (TP x PP x DP) but "
@@ -78,6 +91,8 @@ def make_plan(cfg: Config) -> RunPlan:
     if load_dir:
         meta = read_meta(load_dir, load_it, allow_symlinks=links)
         check_compatible(meta, cfg.model, iter_dir(load_dir, load_it))
+        if resuming and auto_batch:
+            _resume_global_batch(cfg, meta)
         # the files against the manifest, one line here before any worker starts. A self-launch
         # (or one process) checks the checksums here and its workers only the sizes; under
         # torchrun/SLURM every rank plans, so here sizes only and the ranks share the

@@ -152,6 +152,11 @@ def _train_rank(plan: RunPlan) -> None:
                     echo(f"note: checkpoint.load_iteration={plan.load_iteration} chose this "
                          f"checkpoint; the next saves replace any later ones in "
                          f"{plan.load_dir}; rerun without it to continue from the latest")
+                stored_gbs = meta.get("config", {}).get("train", {}).get("global_batch_size")
+                if plan.resuming and stored_gbs not in (None, cfg.train.global_batch_size):
+                    echo(f"note: train.global_batch_size is {cfg.train.global_batch_size}; the "
+                         f"checkpoint trained with {stored_gbs} (each step now takes "
+                         f"{cfg.train.global_batch_size} samples)")
                 planned = cfg.optimizer.lr_decay_steps or max(cfg.train.max_steps, 1)
                 if plan.resuming and scheduler.lr_decay_steps != planned:
                     echo(f"note: the learning-rate schedule is the checkpoint's: it decays over "

@@ -95,3 +95,28 @@ def test_config_rules():
     for name in ("qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b"):
         m = load_config(f"model={name}").model
         assert m.qk_layernorm and m.head_dim == 128 and not m.add_qkv_bias, name
+
+
+def test_a_checkpoint_with_qk_norms_needs_them(seed_ckpt):
+    """The loader skips a checkpoint's extra tensors, so resuming (or loading) a q/k norm
+    checkpoint without model.qk_layernorm would drop the trained norms silently: refused."""
+    r = run_train("model=llama_tiny", "train.max_steps=1", "checkpoint.save=false",
+                  f"checkpoint.load={seed_ckpt}/seed", cwd=str(seed_ckpt), name="no_qk", expect=2)
+    assert "model.qk_layernorm: checkpoint=True config=False" in r.stderr + r.stdout
+
+
+def test_architecture_check_compares_resolved_values():
+    """HF imports store a head dim / query groups equal to the derived ones as null; the
+    presets may spell them out (qwen3_8b: kv_channels 128 = 4096 / 32)."""
+    from framework.checkpoint import check_compatible
+
+    m = load_config("model=qwen3_8b").model
+    stored = {k: getattr(m, k) for k in ("type", "num_layers", "hidden_size",
+                                         "num_attention_heads", "qk_layernorm")}
+    check_compatible({"config": {"model": dict(stored, kv_channels=None)}}, m, "ckpt")
+    with pytest.raises(Exception, match="model.kv_channels: checkpoint=64 config=128"):
+        check_compatible({"config": {"model": dict(stored, kv_channels=64)}}, m, "ckpt")
+    # written before qk_layernorm existed: no q/k norms
+    old = {k: v for k, v in stored.items() if k != "qk_layernorm"}
+    with pytest.raises(Exception, match="model.qk_layernorm: checkpoint=False config=True"):
+        check_compatible({"config": {"model": old}}, m, "ckpt")

@@ -72,3 +72,19 @@ def test_dp2_gloo_matches_dp1(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
         assert abs(a[s] - b[s]) < 2e-5, (s, a[s], b[s])
+
+
+def test_null_global_batch_is_micro_batch_x_dp_and_a_resume_keeps_the_checkpoints(tmp_path):
+    """train.global_batch_size null (the default) = micro-batch x DP; a resumed run with it null
+    keeps the checkpoint's global batch where the layout can take it."""
+    common = ["train.eval_interval=0", "train.micro_batch_size=4", "train.global_batch_size=null",
+              f"checkpoint.dir={tmp_path}/c", "checkpoint.save_interval=2"]
+    first = run_train("train.max_steps=2", "parallel.data_parallel_size=2", *common,
+                      cwd=tmp_path, name="dp2")
+    assert sorted(first.losses) == [1, 2]
+    meta = json.loads((tmp_path / "c" / "iter_0000002" / "framework.json").read_text())
+    assert meta["config"]["train"]["global_batch_size"] == 8 and meta["consumed_samples"] == 16
+    rest = run_train("train.max_steps=4", *common, cwd=tmp_path, name="dp1")
+    assert "resumed" in rest.stdout and "note: train.global_batch_size" not in rest.stdout
+    meta = json.loads((tmp_path / "c" / "iter_0000004" / "framework.json").read_text())
+    assert meta["config"]["train"]["global_batch_size"] == 8 and meta["consumed_samples"] == 32

@@ -50,16 +50,35 @@ class CheckpointSaveError(ConfigError):
 
 ARCH_FIELDS = ("type", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                "ffn_hidden_size", "kv_channels", "max_position_embeddings", "normalization",
-               "activation", "add_bias_linear", "position_embedding_type",
-               "share_embeddings_and_output_weights", "add_binary_head", "encoder_num_layers",
-               "relative_attention_num_buckets")
+               "activation", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+               "position_embedding_type", "share_embeddings_and_output_weights",
+               "add_binary_head", "encoder_num_layers", "relative_attention_num_buckets")
+# fields a checkpoint written before they existed does not store, with the value it had
+ARCH_DEFAULTS = {"qk_layernorm": False}
+
+
+def _arch_value(model: Dict[str, Any], f: str) -> Any:
+    """A field as the built model sees it: null head dim / query groups resolved, q/k/v biases
+    on wherever every linear has a bias. (Extra tensors of a checkpoint are skipped by the
+    loader, so a field that adds parameters, such as qk_layernorm, must be compared.)"""
+    v = model.get(f, ARCH_DEFAULTS.get(f))
+    heads = model.get("num_attention_heads")
+    if f == "kv_channels" and v is None and heads:
+        return model.get("hidden_size", 0) // heads
+    if f == "num_query_groups" and v is None:
+        return heads
+    if f == "add_qkv_bias":
+        return bool(v or model.get("add_bias_linear"))
+    return v
 
 
 def check_compatible(meta: Dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
     """Refuse a checkpoint whose architecture differs from the config, listing the fields."""
     stored = meta.get("config", {}).get("model", {})
-    diffs = [f"model.{f}: checkpoint={stored[f]!r} config={getattr(model_cfg, f)!r}"
-             for f in ARCH_FIELDS if f in stored and stored[f] != getattr(model_cfg, f)]
+    ours = {f: getattr(model_cfg, f) for f in ARCH_FIELDS + ("hidden_size",)}
+    diffs = [f"model.{f}: checkpoint={_arch_value(stored, f)!r} config={_arch_value(ours, f)!r}"
+             for f in ARCH_FIELDS if (f in stored or f in ARCH_DEFAULTS)
+             and _arch_value(stored, f) != _arch_value(ours, f)]
     if diffs:
         raise ConfigError(f"{where} does not match the model config: " + "; ".join(diffs))
 
