@@ -609,8 +609,11 @@ def main(argv=None) -> int:
                 print(f"error: settings differ for {m} dropout {d:g}: " + "; ".join(plan.diffs),
                       file=sys.stderr)
                 return 1
-            groups = [("ours", v, a.ours_mbs[m]) for v in a.ours_variants] + \
-                [("hf", "-", a.hf_mbs[m]), ("hf_pad", "-", a.hf_pad_mbs[m])]
+            # the pair the ratio needs first (our first variant, then HF + compile), then
+            # the other variants, so a call cut by its budget still has the ratio
+            ours = [("ours", v, a.ours_mbs[m]) for v in a.ours_variants]
+            groups = ours[:1] + [("hf", "-", a.hf_mbs[m])] + ours[1:] + \
+                [("hf_pad", "-", a.hf_pad_mbs[m])]
             if shape.family == "llama" and d == 0 and a.tt_mbs[m]:
                 check_torchtitan(plan)
                 groups.append(("torchtitan", "-", a.tt_mbs[m]))
