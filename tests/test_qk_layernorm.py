@@ -120,3 +120,17 @@ def test_architecture_check_compares_resolved_values():
     old = {k: v for k, v in stored.items() if k != "qk_layernorm"}
     with pytest.raises(Exception, match="model.qk_layernorm: checkpoint=False config=True"):
         check_compatible({"config": {"model": old}}, m, "ckpt")
+
+
+def test_qwen3_config_without_head_dim_uses_hfs_default():
+    """Qwen3Config's head_dim defaults to 128 (not hidden / heads, as Llama's and Qwen2's do)."""
+    from transformers import Qwen3Config
+
+    from framework.models.gpt.hf_llama import variant
+
+    dims = dict(num_hidden_layers=2, hidden_size=48, num_attention_heads=6,
+                num_key_value_heads=2, vocab_size=100, intermediate_size=64,
+                max_position_embeddings=128)
+    assert Qwen3Config(**dims).head_dim == 128
+    assert variant("qwen3").hf_config_to_fields(dict(dims, model_type="qwen3"))["kv_channels"] == 128
+    assert variant("qwen2").hf_config_to_fields(dict(dims, model_type="qwen2"))["kv_channels"] is None

@@ -56,6 +56,8 @@ HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
 _QKV_BIAS = {"llama": False, "qwen2": True, "qwen3": False, "mistral": False}
+# head_dim where config.json leaves it out: Qwen3Config's default (the others derive it)
+_DEFAULT_HEAD_DIM = {"qwen3": 128}
 # per-head q/k RMSNorm (model.qk_layernorm)
 _QK_NORM = {"llama": False, "qwen2": False, "qwen3": True, "mistral": False}
 # HF rope_type values: "default" (plain RoPE) and "llama3" are expressible
@@ -114,7 +116,8 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
              "intermediate_size", "max_position_embeddings"), model_type)
     groups = hf_ints(hf, ("num_key_value_heads",), model_type)[0] \
         if hf.get("num_key_value_heads") else heads
-    head_dim = hf_ints(hf, ("head_dim",), model_type)[0] if hf.get("head_dim") else None
+    head_dim = hf_ints(hf, ("head_dim",), model_type)[0] if hf.get("head_dim") else \
+        _DEFAULT_HEAD_DIM.get(model_type)
     kv_channels = head_dim if head_dim and head_dim * heads != hidden else None
     if kv_channels is None and hidden % heads:
         raise InteropError(f"{model_type} config: hidden_size={hidden} is not a multiple of "
