@@ -400,6 +400,9 @@ def env_line(env: Dict[str, str]) -> str:
 
 
 def commit() -> str:
+    """BENCH_COMMIT when set (the device copy's git metadata can be stale), else git's HEAD."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         h = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
                            capture_output=True, text=True, timeout=10)
@@ -410,7 +413,7 @@ def commit() -> str:
             return h.stdout.strip() + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return os.environ.get("BENCH_COMMIT", "unknown (no git here; set BENCH_COMMIT)")
+    return "unknown (no git here; set BENCH_COMMIT)"
 
 
 def provenance(rec: Dict, env: Dict[str, str]) -> str:

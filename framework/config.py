@@ -144,9 +144,9 @@ class ModelConfig:
     # GPT, fused cross-entropy: keep the micro-batch's logits (tokens x vocab/TP in bf16) from
     # forward to backward instead of recomputing them chunk by chunk, so the output layer runs
     # the 3 GEMMs of an unfused one, at full size (framework/fast/fused_ce.py). true = keep;
-    # null/false = recompute (the least memory). null stays off until a GPU run has tested and
-    # measured it (written 2026-12-04 without a GPU); the policy meant for null then is
-    # fused_ce.keep_logits_auto: keep when they take at most 8% of the GPU's memory
+    # false = recompute (the least memory); null (default) = fused_ce.keep_logits_auto: keep
+    # in training on a GPU when they take at most 8% of its memory (benchmarks/RESULTS.md,
+    # 2026-12-05: Llama-3.2-1B shape at mb 16 on an H200)
     fused_ce_keep_logits: Optional[bool] = None
     # GPT, fused cross-entropy: tokens per chunk of the output layer (its logits and their
     # gradient exist one chunk at a time). null = as many as fit 256 MB of logits in the

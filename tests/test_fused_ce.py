@@ -271,7 +271,7 @@ def test_keep_logits_reaches_the_model(mp1):
     from framework.config import ModelConfig, ParallelConfig
     from framework.models.build import build_model
 
-    for keep, want in ((None, False), (True, True), (False, False)):
+    for keep, want in ((None, None), (True, True), (False, False)):  # None: keep_logits_auto
         cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16,
                           fused_ce_keep_logits=keep, fused_ce_chunk_tokens=96 if keep else None)
         model = build_model(cfg, ParallelConfig(), vocab_size=64, bf16=False, fp16=False,

@@ -37,8 +37,8 @@ def build_gpt(model: "ModelConfig", tcfg, *, vocab_size: int, pre_process: bool,
     )
     keep_rotary_on_device(gpt)
     if model.fused_cross_entropy:
-        # null = off until a GPU run has measured it (then: fused_ce.keep_logits_auto)
-        gpt.fused_ce_keep_logits = bool(model.fused_ce_keep_logits)
+        # null = fused_ce.keep_logits_auto (keep where the logits take <= 8% of the GPU)
+        gpt.fused_ce_keep_logits = model.fused_ce_keep_logits
         gpt.fused_ce_chunk_tokens = model.fused_ce_chunk_tokens  # None: fused_ce's default
     if model.rope_scaling:  # Llama-3 scaling with HF's four parameters (mcore fixes three)
         apply_rope_scaling(gpt, model)
