@@ -174,7 +174,10 @@ class Proc:
 
     def send_signal(self, sig):
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it exited between the poll and the kill
+                pass
 
     def kill(self):
         self.send_signal(signal.SIGKILL)
