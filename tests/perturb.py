@@ -65,6 +65,22 @@ def assert_perturbed(modules: Union[torch.nn.Module, Iterable[torch.nn.Module]])
                 assert (p - 1).abs().max() > 0, f"{name} is still one"
 
 
+def _perturbed(key: str, t: torch.Tensor, gen: torch.Generator, bias_std: float,
+               norm_std: float, weight_jitter: float) -> torch.Tensor:
+    """One checkpoint tensor as `perturb_` would leave it (optimizer state and integer tensors
+    unchanged), named by its checkpoint key."""
+    if key.startswith("optimizer") or not t.is_floating_point():
+        return t
+    noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+    if key.endswith("bias"):
+        new = noise * bias_std
+    elif _is_norm_weight(key, t):
+        new = 1.0 + noise * norm_std
+    else:
+        new = t.float() * (1.0 + noise * weight_jitter)
+    return new.to(t.dtype)
+
+
 def perturb_checkpoint(ckpt_dir: str, seed: int = 0, bias_std: float = BIAS_STD,
                        norm_std: float = NORM_STD, weight_jitter: float = WEIGHT_JITTER) -> None:
     """Rewrite the latest checkpoint in `ckpt_dir` (one of ours, e.g. the seed checkpoint that
@@ -95,17 +111,7 @@ def perturb_checkpoint(ckpt_dir: str, seed: int = 0, bias_std: float = BIAS_STD,
         out = {}
         for key in sorted(tensors):
             t = tensors[key]
-            if key.startswith("optimizer") or not t.is_floating_point():
-                out[key] = t
-                continue
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-            if key.endswith("bias"):
-                new = noise * bias_std
-            elif _is_norm_weight(key, t):
-                new = 1.0 + noise * norm_std
-            else:
-                new = t.float() * (1.0 + noise * weight_jitter)
-            out[key] = new.to(t.dtype)
+            out[key] = _perturbed(key, t, gen, bias_std, norm_std, weight_jitter)
         mf.write_checkpoint(ckpt_dir, it, common, out, objects, meta, tokenizer_dir=tok_copy)
     shutil.rmtree(keep)
 
@@ -153,17 +159,7 @@ def perturb_checkpoint_resumable(ckpt_dir: str, seed: int = 0, bias_std: float =
                 objects[k] = (v, loaded[k])
                 continue
             t = loaded[k]
-            if k.startswith("optimizer") or not t.is_floating_point():
-                out[k] = t
-                continue
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-            if k.endswith("bias"):
-                new = noise * bias_std
-            elif _is_norm_weight(k, t):
-                new = 1.0 + noise * norm_std
-            else:
-                new = t.float() * (1.0 + noise * weight_jitter)
-            out[k] = new.to(t.dtype)
+            out[k] = _perturbed(k, t, gen, bias_std, norm_std, weight_jitter)
         assert any(o.key == mf.RNG_KEY for o, _ in objects.values()), \
             f"{path} holds no RNG state to keep"
         mf.write_checkpoint(ckpt_dir, it, common, out, objects, meta, tokenizer_dir=tok_copy)
