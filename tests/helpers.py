@@ -344,14 +344,19 @@ def config_error(*overrides) -> str:
     Hydra wraps it in)."""
     import pytest
 
-    from framework.config import ConfigError
-
     with pytest.raises(Exception) as e:
         load_config(*overrides)
-    err = e.value
+    return one_line_config_error(e.value)
+
+
+def one_line_config_error(exc: BaseException) -> str:
+    """The ConfigError in `exc`'s chain of causes (Hydra wraps it), asserted to be one line."""
+    from framework.config import ConfigError
+
+    err = exc
     while not isinstance(err, ConfigError) and (err.__cause__ or err.__context__):
         err = err.__cause__ or err.__context__
-    assert isinstance(err, ConfigError), repr(e.value)
+    assert isinstance(err, ConfigError), repr(exc)
     assert "\n" not in str(err)
     return str(err)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from framework.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
-from helpers import GENERATE, ROOT, run
+from helpers import GENERATE, ROOT, one_line_config_error, run
 
 CONF = os.path.join(ROOT, "conf")
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32,
@@ -56,12 +56,7 @@ def refused(cwd, *overrides) -> str:
     """The one-line error generate.py reports for `overrides` (composition or prepare_job)."""
     with pytest.raises(Exception) as info:
         compose(cwd, *overrides)
-    cause = info.value
-    while not isinstance(cause, ConfigError) and (cause.__cause__ or cause.__context__):
-        cause = cause.__cause__ or cause.__context__
-    assert isinstance(cause, ConfigError), repr(info.value)
-    assert "\n" not in str(cause)
-    return str(cause)
+    return one_line_config_error(info.value)
 
 
 @pytest.fixture(scope="module")
