@@ -31,6 +31,7 @@ from framework.training.console import echo, run_log
 from framework.training.data import build_train_data
 from framework.training.loop import Runtime, Trainer, TrainState
 from framework.training.metrics import MetricsLogger, model_flops_per_token
+from framework.training.oom import oom_error
 from framework.training.profiling import build_profiler
 from framework.training.step import build_train_step
 from framework.training.summary import check_finished, print_summary
@@ -196,6 +197,12 @@ def _train_rank(plan: RunPlan) -> None:
                                           max_steps=cfg.train.max_steps)
         try:
             trainer.fit(state)
+        except torch.OutOfMemoryError as e:
+            # one line naming the settings that would fit, instead of a schedule's traceback
+            raise oom_error(e, cfg, step=state.step + 1, rank=rank, padded_vocab=padded,
+                            half=plan.bf16 or cfg.train.fp16, device=device,
+                            is_last_stage=is_last,
+                            dp_size=ps.get_data_parallel_world_size()) from None
         finally:
             watchdog.stop()
         if logger is not None:
