@@ -3,7 +3,6 @@
 import os
 import textwrap
 
-
 import torch
 
 from framework.cli import register_resolvers
