@@ -31,7 +31,7 @@ from framework.training.console import echo, run_log
 from framework.training.data import build_train_data
 from framework.training.loop import Runtime, Trainer, TrainState
 from framework.training.metrics import MetricsLogger, model_flops_per_token
-from framework.training.oom import oom_error
+from framework.training.oom import kept_logits_bytes, oom_error
 from framework.training.profiling import build_profiler
 from framework.training.step import build_train_step
 from framework.training.summary import check_finished, print_summary
@@ -99,6 +99,13 @@ def _train_rank(plan: RunPlan) -> None:
             if gpu_only:
                 echo(f"note: {', '.join(gpu_only)}: GPU-only, so this CPU run goes without "
                      f"(the same model and loss; only the kernels differ)")
+            kept = kept_logits_bytes(cfg, padded, plan.bf16 or cfg.train.fp16,
+                                     torch.device("cuda", torch.cuda.current_device())
+                                     if on_gpu else torch.device("cpu"), is_last_stage=True)
+            if kept and cfg.model.fused_ce_keep_logits is None:
+                echo(f"note: the output layer keeps each micro-batch's logits for its backward "
+                     f"({kept / 2**30:.1f} GiB on the last pipeline stage; faster than "
+                     f"recomputing them); model.fused_ce_keep_logits=false recomputes them instead")
             if (cfg.parallel.recompute_granularity == "selective"
                     and cfg.model.attention_backend == "sdpa"
                     and set(cfg.parallel.recompute_modules) == {"core_attn"}):

@@ -3,6 +3,7 @@
 import os
 import textwrap
 
+import pytest
 import torch
 
 from framework.cli import register_resolvers
@@ -84,10 +85,12 @@ def test_levers_follow_the_config():
     assert full == ["more parallel.tensor_model_parallel_size / pipeline_model_parallel_size"]
 
 
-def test_train_py_reports_an_oom_in_one_line_and_keeps_its_checkpoints(tmp_path):
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "auto_keeps"])
+def test_train_py_reports_an_oom_in_one_line_and_keeps_its_checkpoints(tmp_path, keep):
     """A worker whose step 3 runs out of memory (raised by a patched train step, in a forked
     worker that inherits the patch) ends train.py with exit 2 and the one line; the step-2
-    checkpoint stays the latest and whole."""
+    checkpoint stays the latest and whole. Where the auto rule keeps the logits (patched as on a
+    GPU), the run says so at the start and the line names them first."""
     code = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {ROOT!r})
@@ -98,6 +101,9 @@ def test_train_py_reports_an_oom_in_one_line_and_keeps_its_checkpoints(tmp_path)
                 raise torch.OutOfMemoryError({TORCH_OOM!r})
             return real(self, iterators, step)
         loop.Trainer.train_step = train_step
+        if {keep!r}:  # the auto rule as on a GPU where the logits are small
+            import framework.fast.fused_ce as fused_ce
+            fused_ce.keep_logits_auto = lambda *a, **k: True
         sys.argv = [{TRAIN!r}] + sys.argv[1:]
         import runpy
         runpy.run_path({TRAIN!r}, run_name="__main__")
@@ -113,6 +119,14 @@ def test_train_py_reports_an_oom_in_one_line_and_keeps_its_checkpoints(tmp_path)
     assert lines[0].startswith("error: out of memory at step 3 on rank 0 (CUDA out of memory. "
                                "Tried to allocate 7.83 GiB.")
     assert "parallel.recompute_granularity=selective" in lines[0]
+    note = "note: the output layer keeps each micro-batch's logits for its backward"
+    if keep:
+        assert note in r.stdout, r.stdout[-3000:]
+        assert lines[0].split("to fit, try: ")[1].startswith(
+            "model.fused_ce_keep_logits=false (the output layer keeps 0.0 GiB of logits per "
+            "micro-batch, chosen by the auto rule)")
+    else:
+        assert note not in r.stdout and "fused_ce_keep_logits" not in lines[0]
     assert "Traceback" not in r.stderr
     from framework import checkpoint as ck
 
