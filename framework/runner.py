@@ -31,7 +31,7 @@ from framework.training.console import echo, run_log
 from framework.training.data import build_train_data
 from framework.training.loop import Runtime, Trainer, TrainState
 from framework.training.metrics import MetricsLogger, model_flops_per_token
-from framework.training.oom import kept_logits_bytes, oom_error
+from framework.training.oom import end_after_oom, is_oom, kept_logits_bytes, oom_error
 from framework.training.profiling import build_profiler
 from framework.training.step import build_train_step
 from framework.training.summary import check_finished, print_summary
@@ -204,12 +204,20 @@ def _train_rank(plan: RunPlan) -> None:
                                           max_steps=cfg.train.max_steps)
         try:
             trainer.fit(state)
-        except torch.OutOfMemoryError as e:
-            # one line naming the settings that would fit, instead of a schedule's traceback
-            raise oom_error(e, cfg, step=state.step + 1, rank=rank, padded_vocab=padded,
-                            half=plan.bf16 or cfg.train.fp16, device=device,
-                            is_last_stage=is_last,
-                            dp_size=ps.get_data_parallel_world_size()) from None
+        except BaseException as e:
+            if not is_oom(e):
+                raise
+            # one line naming the settings that would fit, instead of a schedule's traceback;
+            # the step and phase are the watchdog's last mark (an eval or a save comes after
+            # the step count has moved on)
+            err = oom_error(e, cfg, step=watchdog.step, phase=watchdog.phase, rank=rank,
+                            padded_vocab=padded, half=plan.bf16 or cfg.train.fp16,
+                            device=device, is_last_stage=is_last,
+                            dp_size=ps.get_data_parallel_world_size(),
+                            done_steps=state.step)
+            del e
+            end_after_oom(err, trainer.profiler, logger, dist.get_world_size())
+            raise err from None
         finally:
             watchdog.stop()
         if logger is not None:

@@ -114,6 +114,8 @@ def _accumulate_wgrad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> No
             torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
             _OUT_DTYPE_ADDMM = True
             return
+        except torch.OutOfMemoryError:
+            raise  # not a missing feature: the run reports it (framework/training/oom.py)
         except (TypeError, RuntimeError):
             _OUT_DTYPE_ADDMM = False
     acc.add_(torch.mm(g.t(), h))
@@ -166,6 +168,8 @@ def _kernel(name: str, cuda: bool):
                 return _EAGER[_name](*args)
             try:
                 return _compiled(*args)
+            except torch.OutOfMemoryError:
+                raise  # not a compiler problem: the run reports it (framework/training/oom.py)
             except Exception as e:  # no triton / compiler problem: stay correct, go eager
                 import warnings
 
