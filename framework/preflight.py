@@ -102,23 +102,30 @@ def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
         raise ConfigError(f"megatron-core refuses the model/parallel settings: {msg}") from None
     vocab = padded_vocab_size(m.vocab_size or tokenizer_vocab, m.make_vocab_size_divisible_by,
                               p.tensor_model_parallel_size)
-    need, params = min_memory_bytes(cfg, vocab, bf16 or cfg.train.fp16)
+    need, params = min_memory_bytes(cfg, vocab, bf16 or cfg.train.fp16, on_gpu)
     have, where = device_memory_bytes(device, p.model_parallel_size * (p.data_parallel_size or 1))
     if have and need > have:
         raise ConfigError(
             f"the model needs at least {need / 2**30:.1f} GiB per rank ({params / 1e9:.2f}B "
-            f"parameters: weights and gradients / (TP x PP), plus one micro-batch of "
-            f"train.micro_batch_size={cfg.train.micro_batch_size} layer inputs), more than the "
-            f"{have / 2**30:.1f} GiB {where}; use smaller model sizes or micro-batch, or more "
-            f"TP/PP")
+            f"parameters: weights, gradients{' and optimizer state' if on_gpu else ''} / "
+            f"(TP x PP), plus one micro-batch of train.micro_batch_size="
+            f"{cfg.train.micro_batch_size} layer inputs), more than the {have / 2**30:.1f} GiB "
+            f"{where}; use smaller model sizes or micro-batch, or more TP/PP"
+            f"{'' if not on_gpu or p.use_distributed_optimizer else ', or parallel.use_distributed_optimizer=true at DP > 1'}")
 
 
-def min_memory_bytes(cfg, vocab: int, half: bool) -> tuple:
-    """(bytes, parameters): a lower bound of one rank's training memory. Weights and their
-    gradients (2 + 2 bytes each in bf16/fp16, 4 + 4 in fp32) split over TP x PP, plus the input
-    of every layer of one micro-batch (split over TP only with sequence parallelism). Optimizer
-    state, master weights and the other activations come on top, so a config above it cannot
-    run."""
+def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple:
+    """(bytes, parameters): a lower bound of one rank's training memory, split over TP x PP:
+    * weights (2 bytes each in bf16/fp16, 4 in fp32) and their gradients: on a GPU,
+      megatron-core's DDP gradient buffer, which is fp32 (framework/models/wrappers.py,
+      grad_reduce_in_fp32); on a CPU, the weights' dtype;
+    * on a GPU, the optimizer's state, which megatron-core's mixed-precision optimizer keeps in
+      fp32: the fp32 main params (bf16/fp16 only) and Adam's two moments or SGD's momentum,
+      split over DP with the distributed optimizer;
+    * the input of every layer of one micro-batch (split over TP only with sequence
+      parallelism).
+    The other activations, the logits and the allocator's slack come on top, so a config above
+    it cannot run."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     h, kv = m.hidden_size, m.kv_channels or m.hidden_size // m.num_attention_heads
     groups = m.num_query_groups or m.num_attention_heads
@@ -126,10 +133,17 @@ def min_memory_bytes(cfg, vocab: int, half: bool) -> tuple:
     mlp = h * m.ffn * (3 if m.activation in ("swiglu", "geglu_tanh") else 2)
     encoder = family(m.type).encoder_decoder
     layers = m.num_layers + (m.enc_layers if encoder else 0)
-    params = layers * (attn + mlp) + vocab * h
+    tied = getattr(m, "share_embeddings_and_output_weights", True) is not False
+    params = layers * (attn + mlp) + vocab * h * (1 if tied else 2)  # untied: the output layer
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     elt = 2 if half else 4
-    weights = params * 2 * elt / (tp * pp)
+    per_param = elt + (4 if on_gpu else elt)
+    if on_gpu:
+        o = cfg.optimizer
+        moments = 2 if o.optimizer == "adam" else (1 if o.sgd_momentum else 0)
+        state = 4 * moments + (4 if half else 0)
+        per_param += state / ((p.data_parallel_size or 1) if p.use_distributed_optimizer else 1)
+    weights = params * per_param / (tp * pp)
     seq = m.seq_length + (m.decoder_seq_length or 0)
     acts = t.micro_batch_size * seq * h * (layers / pp) * elt / (tp if p.sequence_parallel else 1)
     return weights + acts, params

@@ -342,3 +342,47 @@ def test_sweep_records_failed_jobs_and_goes_on(tmp_path):
     assert "optimizer.lr=abc" in _one_error_line(r)
     assert not (tmp_path / "sw2" / "0").exists()
 
+
+
+def test_preflight_gpu_bound_counts_fp32_grads_and_optimizer_state(monkeypatch):
+    """On a GPU the lower bound holds megatron-core's fp32 gradient buffer and its optimizer's
+    fp32 state (main params + Adam moments: 18 bytes a parameter in bf16, the state split over
+    DP with the distributed optimizer), so Llama-3.1-8B on one 80 GB card is refused before any
+    GPU work instead of running out of memory at its first step."""
+    from framework import preflight
+    from framework.cli import register_resolvers
+    from framework.config import register_configs
+    from helpers import load_config
+
+    register_configs()
+    register_resolvers()
+    cfg = load_config("model=llama3_1_8b", "train.micro_batch_size=1",
+                      "train.global_batch_size=1", "parallel.data_parallel_size=1")
+    vocab = cfg.model.vocab_size
+    cpu, params = preflight.min_memory_bytes(cfg, vocab, half=True, on_gpu=False)
+    gpu, _ = preflight.min_memory_bytes(cfg, vocab, half=True, on_gpu=True)
+    assert 7.9e9 < params < 8.1e9  # Llama-3.1-8B's 8.03B
+    acts = cfg.model.seq_length * cfg.model.hidden_size * cfg.model.num_layers * 2
+    assert gpu - acts == pytest.approx(params * 18)
+    assert cpu - acts == pytest.approx(params * 4)
+    sgd = load_config("model=llama3_1_8b", "optimizer.optimizer=sgd", "train.micro_batch_size=1",
+                      "train.global_batch_size=1")
+    assert preflight.min_memory_bytes(sgd, vocab, True, True)[0] - acts == \
+        pytest.approx(params * 14)  # 2 + 4 + fp32 main params 4 + momentum 4
+    cfg.parallel.use_distributed_optimizer = True
+    cfg.parallel.data_parallel_size = 8
+    assert preflight.min_memory_bytes(cfg, vocab, True, True)[0] - acts == \
+        pytest.approx(params * (6 + 12 / 8))
+    cfg.parallel.use_distributed_optimizer = False
+    cfg.parallel.data_parallel_size = 1
+    monkeypatch.setattr(preflight, "device_memory_bytes", lambda device, world: (80 * 2**30,
+                                                                                 "of H100"))
+    with pytest.raises(ConfigError, match=r"the model needs at least 1\d\d\.\d GiB per rank .*"
+                                          r"optimizer state.*more than the 80\.0 GiB of H100"):
+        preflight.check_model(cfg, vocab, "cuda")
+    # the same model fits the bound on a 141 GB card only with the state sharded over 8 ranks
+    monkeypatch.setattr(preflight, "device_memory_bytes", lambda device, world: (141 * 10**9,
+                                                                                 "of H200"))
+    cfg.parallel.use_distributed_optimizer = True
+    cfg.parallel.data_parallel_size = 8
+    preflight.check_model(cfg, vocab, "cuda")
