@@ -108,10 +108,11 @@ def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
         raise ConfigError(
             f"the model needs at least {need / 2**30:.1f} GiB per rank ({params / 1e9:.2f}B "
             f"parameters: weights, gradients{' and optimizer state' if on_gpu else ''} / "
-            f"(TP x PP), plus one micro-batch of train.micro_batch_size="
+            f"(TP x PP){', the state also / DP' if on_gpu and p.use_distributed_optimizer else ''}"
+            f", plus one micro-batch of train.micro_batch_size="
             f"{cfg.train.micro_batch_size} layer inputs), more than the {have / 2**30:.1f} GiB "
             f"{where}; use smaller model sizes or micro-batch, or more TP/PP"
-            f"{'' if not on_gpu or p.use_distributed_optimizer else ', or parallel.use_distributed_optimizer=true at DP > 1'}")
+            f"{'' if not on_gpu or p.use_distributed_optimizer else ', or more GPUs with parallel.use_distributed_optimizer=true (the optimizer state split over DP)'}")
 
 
 def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple:
@@ -120,10 +121,11 @@ def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple
       megatron-core's DDP gradient buffer, which is fp32 (framework/models/wrappers.py,
       grad_reduce_in_fp32); on a CPU, the weights' dtype;
     * on a GPU, the optimizer's state, which megatron-core's mixed-precision optimizer keeps in
-      fp32: the fp32 main params (bf16/fp16 only) and Adam's two moments or SGD's momentum,
-      split over DP with the distributed optimizer;
+      fp32: the fp32 main params (bf16/fp16 only) and Adam's two moments or SGD's momentum
+      (allocated by the first step: not with train.max_steps=0), split over DP with the
+      distributed optimizer;
     * the input of every layer of one micro-batch (split over TP only with sequence
-      parallelism).
+      parallelism; none with train.max_steps=0).
     The other activations, the logits and the allocator's slack come on top, so a config above
     it cannot run."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -138,14 +140,16 @@ def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     elt = 2 if half else 4
     per_param = elt + (4 if on_gpu else elt)
+    stepping = t.max_steps > 0  # max_steps=0 (a seed checkpoint): no step, no moments
     if on_gpu:
         o = cfg.optimizer
         moments = 2 if o.optimizer == "adam" else (1 if o.sgd_momentum else 0)
-        state = 4 * moments + (4 if half else 0)
+        state = 4 * moments * stepping + (4 if half else 0)
         per_param += state / ((p.data_parallel_size or 1) if p.use_distributed_optimizer else 1)
     weights = params * per_param / (tp * pp)
     seq = m.seq_length + (m.decoder_seq_length or 0)
-    acts = t.micro_batch_size * seq * h * (layers / pp) * elt / (tp if p.sequence_parallel else 1)
+    acts = stepping * t.micro_batch_size * seq * h * (layers / pp) * elt / (
+        tp if p.sequence_parallel else 1)
     return weights + acts, params
 
 

@@ -375,11 +375,15 @@ def test_preflight_gpu_bound_counts_fp32_grads_and_optimizer_state(monkeypatch):
         pytest.approx(params * (6 + 12 / 8))
     cfg.parallel.use_distributed_optimizer = False
     cfg.parallel.data_parallel_size = 1
+    seed = load_config("model=llama3_1_8b", "train.max_steps=0")  # a seed checkpoint: no step
+    assert preflight.min_memory_bytes(seed, vocab, True, True)[0] == pytest.approx(params * 10)
     monkeypatch.setattr(preflight, "device_memory_bytes", lambda device, world: (80 * 2**30,
                                                                                  "of H100"))
     with pytest.raises(ConfigError, match=r"the model needs at least 1\d\d\.\d GiB per rank .*"
-                                          r"optimizer state.*more than the 80\.0 GiB of H100"):
+                                          r"optimizer state.*more than the 80\.0 GiB of H100.*"
+                                          r"use_distributed_optimizer=true"):
         preflight.check_model(cfg, vocab, "cuda")
+    preflight.check_model(seed, vocab, "cuda")  # 10 bytes a parameter: 75 GiB
     # the same model fits the bound on a 141 GB card only with the state sharded over 8 ranks
     monkeypatch.setattr(preflight, "device_memory_bytes", lambda device, world: (141 * 10**9,
                                                                                  "of H200"))
