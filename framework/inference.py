@@ -30,6 +30,7 @@ from framework.generation import MAX_SEED, GenerationOptions, generate, normaliz
 from framework.launch import launch, resolve_device
 from framework.models.registry import family, with_capability
 from framework.tokenizer import TokenizerSource, choose_tokenizer
+from framework.training.oom import end_after_oom, generation_oom_error, is_oom
 
 NUM_HELDOUT = 200  # conf/generate.yaml's num_heldout
 
@@ -477,8 +478,19 @@ def generate_worker(job: GenerateJob) -> None:
         results = {}
         for start in range(0, len(mine), job.cfg.batch_size):
             idx = mine[start:start + job.cfg.batch_size]
-            out = generate(model, [job.prompt_ids[i] for i in idx], eos_id=job.eos_id,
-                           pad_id=job.pad_id, vocab_size=job.vocab_size, **opts)
+            try:
+                out = generate(model, [job.prompt_ids[i] for i in idx], eos_id=job.eos_id,
+                               pad_id=job.pad_id, vocab_size=job.vocab_size, **opts)
+            except BaseException as e:
+                if not is_oom(e):
+                    raise
+                err = generation_oom_error(
+                    e, job.cfg, rank=rank, prompts=len(idx),
+                    longest_prompt=max(len(job.prompt_ids[i]) for i in idx),
+                    max_new_tokens=job.max_new_tokens)
+                del e
+                end_after_oom(err, None, None, dist.get_world_size())
+                raise err from None
             tokens, logprobs = out if job.cfg.return_logprobs else (out, None)
             # the prompts are left-padded to the longest one; the new tokens follow
             new = tokens[:, max(len(job.prompt_ids[i]) for i in idx):]

@@ -1,7 +1,7 @@
 """Out of GPU memory in training: one line with torch's figures, the step and phase, and this
 run's levers, each of which the config accepts (framework/training/oom.py); the checkpoints
 already written intact; with several ranks, the line printed once by the failing rank and the
-run ended promptly."""
+run ended promptly; generate.py's batches likewise."""
 import os
 import time
 
@@ -224,3 +224,33 @@ def test_one_rank_out_of_memory_ends_a_tp2_run_promptly(tmp_path):
     assert "worker failed (rank 1, exit 2): stopped on the error printed above" in r.stderr, \
         r.stderr[-3000:]
     assert elapsed < 240, elapsed
+
+
+def test_generate_py_reports_an_oom_in_one_line(tmp_path):
+    """generate.py: a batch that runs out of memory ends with one line naming the batch and the
+    levers (batch_size, beams, max_new_tokens, TP), exit 2, no traceback."""
+    from tests.helpers import ROOT, run
+
+    ckpt = tmp_path / "ckpt"
+    run_train("train.max_steps=1", f"checkpoint.dir={ckpt}", cwd=tmp_path)
+    code = (
+        "import sys, runpy, torch\n"
+        "import framework.inference as inf\n"
+        "from tests.oom_step import TORCH_OOM\n"
+        "def oom(*a, **k):\n"
+        "    raise torch.OutOfMemoryError(TORCH_OOM)\n"
+        "inf.generate = oom\n"
+        f"sys.argv = [{os.path.join(ROOT, 'generate.py')!r}] + sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    r = run("-c", code, f"load={ckpt}", "prompts=[\"12+35=\",\"7+8=\"]", "num_beams=4",
+            "max_new_tokens=8", "device=cpu", f"hydra.run.dir={tmp_path}/gen", cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error: out of memory")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("error: out of memory on rank 0 generating 2 prompts of up to ")
+    assert "Tried to allocate 7.83 GiB" in line
+    assert "batch_size=1 (this batch: 2 prompts, 8 rows with the beams)" in line
+    assert "fewer num_beams (now 4" in line and "max_new_tokens" in line
+    assert "Traceback" not in r.stderr

@@ -181,3 +181,26 @@ def end_after_oom(err: ConfigError, profiler, logger, world_size: int) -> None:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)
+
+
+def generation_oom_error(exc: BaseException, cfg, *, rank: int, prompts: int,
+                         longest_prompt: int, max_new_tokens: Optional[int]) -> ConfigError:
+    """The one-line error for running out of memory while generate.py decodes a batch of
+    `prompts` prompts (the longest `longest_prompt` tokens): torch's figures and generate.py's
+    levers (`cfg`: framework.inference.GenerateConfig), cheapest first. The KV cache and the
+    logits grow with the batch x beams and the tokens."""
+    ways = []
+    rows = prompts * max(1, cfg.num_beams)
+    if prompts > 1:
+        ways.append(f"batch_size={max(1, prompts // 2)} (this batch: {prompts} prompts, {rows} "
+                    f"rows with the beams)")
+    if cfg.num_beams > 1:
+        ways.append(f"fewer num_beams (now {cfg.num_beams}: each beam is a row)")
+    total = longest_prompt + (max_new_tokens or 0)
+    ways.append(f"a smaller max_new_tokens (the cache holds up to {total} tokens a row)"
+                if max_new_tokens else "max_new_tokens=N (null decodes until the context is "
+                                       "full, and the cache grows to it)")
+    ways.append("more TP (parallel.tensor_model_parallel_size)")
+    return ConfigError(
+        f"out of memory on rank {rank} generating {prompts} prompts of up to {longest_prompt} "
+        f"tokens: {torch_figures(_oom_in(exc))} To fit, try: {'; '.join(ways)}")
