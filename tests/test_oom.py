@@ -254,3 +254,29 @@ def test_generate_py_reports_an_oom_in_one_line(tmp_path):
     assert "batch_size=1 (this batch: 2 prompts, 8 rows with the beams)" in line
     assert "fewer num_beams (now 4" in line and "max_new_tokens" in line
     assert "Traceback" not in r.stderr
+
+
+def test_end_after_oom_closes_the_trace_and_marks_the_wandb_run_failed():
+    """One rank: the profiler's trace is written and the metrics logger closed with exit code 2
+    (W&B's finish(exit_code=2) marks the run failed), then the caller raises the error."""
+    from framework.training.metrics import MetricsLogger
+    from framework.training.oom import end_after_oom
+
+    calls = []
+
+    class Profiler:
+        def finish(self):
+            calls.append("trace")
+
+    class Wandb:
+        def finish(self, exit_code=0):
+            calls.append(("wandb", exit_code))
+
+    class File:
+        def close(self):
+            calls.append("file")
+
+    logger = MetricsLogger.__new__(MetricsLogger)
+    logger.file, logger.wandb, logger.tb = File(), Wandb(), None
+    end_after_oom(ConfigError("x"), Profiler(), logger, world_size=1)
+    assert calls == ["trace", "file", ("wandb", 2)]

@@ -81,10 +81,11 @@ class MetricsLogger:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close every sink; a non-zero `exit_code` marks the W&B run failed."""
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
         if self.tb is not None:
             self.tb.close()
 

@@ -171,7 +171,10 @@ def end_after_oom(err: ConfigError, profiler, logger, world_size: int) -> None:
     import os
     import sys
 
-    for close in (getattr(profiler, "finish", None), getattr(logger, "close", None)):
+    closes = [getattr(profiler, "finish", None)]
+    if logger is not None:  # W&B marks the run failed, as the process's exit code says
+        closes.append(lambda: logger.close(exit_code=2))
+    for close in closes:
         try:
             if close is not None:
                 close()
