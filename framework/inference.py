@@ -30,7 +30,7 @@ from framework.generation import MAX_SEED, GenerationOptions, generate, normaliz
 from framework.launch import launch, resolve_device
 from framework.models.registry import family, with_capability
 from framework.tokenizer import TokenizerSource, choose_tokenizer
-from framework.training.oom import end_after_oom, generation_oom_error, is_oom
+from framework.training.oom import generation_oom_error, reported_oom
 
 NUM_HELDOUT = 200  # conf/generate.yaml's num_heldout
 
@@ -478,22 +478,15 @@ def generate_worker(job: GenerateJob) -> None:
         results = {}
         for start in range(0, len(mine), job.cfg.batch_size):
             idx = mine[start:start + job.cfg.batch_size]
-            try:
+            longest = max(len(job.prompt_ids[i]) for i in idx)
+            with reported_oom(lambda e: generation_oom_error(
+                    e, job.cfg, rank=rank, prompts=len(idx), longest_prompt=longest,
+                    max_new_tokens=job.max_new_tokens), dist.get_world_size()):
                 out = generate(model, [job.prompt_ids[i] for i in idx], eos_id=job.eos_id,
                                pad_id=job.pad_id, vocab_size=job.vocab_size, **opts)
-            except BaseException as e:
-                if not is_oom(e):
-                    raise
-                err = generation_oom_error(
-                    e, job.cfg, rank=rank, prompts=len(idx),
-                    longest_prompt=max(len(job.prompt_ids[i]) for i in idx),
-                    max_new_tokens=job.max_new_tokens)
-                del e
-                end_after_oom(err, None, None, dist.get_world_size())
-                raise err from None
             tokens, logprobs = out if job.cfg.return_logprobs else (out, None)
             # the prompts are left-padded to the longest one; the new tokens follow
-            new = tokens[:, max(len(job.prompt_ids[i]) for i in idx):]
+            new = tokens[:, longest:]
             for row, i in enumerate(idx):
                 gen = new[row].tolist()
                 cut = gen.index(job.eos_id) + 1 if job.eos_id in gen else len(gen)

@@ -104,6 +104,9 @@ def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
                               p.tensor_model_parallel_size)
     need, params = min_memory_bytes(cfg, vocab, bf16 or cfg.train.fp16, on_gpu)
     have, where = device_memory_bytes(device, p.model_parallel_size * (p.data_parallel_size or 1))
+    shard_hint = "" if not on_gpu or p.use_distributed_optimizer else \
+        ", or more GPUs with parallel.use_distributed_optimizer=true (the optimizer state split " \
+        "over DP)"
     if have and need > have:
         raise ConfigError(
             f"the model needs at least {need / 2**30:.1f} GiB per rank ({params / 1e9:.2f}B "
@@ -111,8 +114,7 @@ def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
             f"(TP x PP){', the state also / DP' if on_gpu and p.use_distributed_optimizer else ''}"
             f", plus one micro-batch of train.micro_batch_size="
             f"{cfg.train.micro_batch_size} layer inputs), more than the {have / 2**30:.1f} GiB "
-            f"{where}; use smaller model sizes or micro-batch, or more TP/PP"
-            f"{'' if not on_gpu or p.use_distributed_optimizer else ', or more GPUs with parallel.use_distributed_optimizer=true (the optimizer state split over DP)'}")
+            f"{where}; use smaller model sizes or micro-batch, or more TP/PP{shard_hint}")
 
 
 def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple:
@@ -135,8 +137,8 @@ def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple
     mlp = h * m.ffn * (3 if m.activation in ("swiglu", "geglu_tanh") else 2)
     encoder = family(m.type).encoder_decoder
     layers = m.num_layers + (m.enc_layers if encoder else 0)
-    tied = getattr(m, "share_embeddings_and_output_weights", True) is not False
-    params = layers * (attn + mlp) + vocab * h * (1 if tied else 2)  # untied: the output layer
+    embeddings = 1 if m.share_embeddings_and_output_weights else 2  # untied: the output layer
+    params = layers * (attn + mlp) + vocab * h * embeddings
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     elt = 2 if half else 4
     per_param = elt + (4 if on_gpu else elt)

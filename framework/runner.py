@@ -31,7 +31,7 @@ from framework.training.console import echo, run_log
 from framework.training.data import build_train_data
 from framework.training.loop import Runtime, Trainer, TrainState
 from framework.training.metrics import MetricsLogger, model_flops_per_token
-from framework.training.oom import end_after_oom, is_oom, kept_logits_bytes, oom_error
+from framework.training.oom import kept_logits_bytes, oom_error, reported_oom, size_text
 from framework.training.profiling import build_profiler
 from framework.training.step import build_train_step
 from framework.training.summary import check_finished, print_summary
@@ -88,6 +88,8 @@ def _train_rank(plan: RunPlan) -> None:
         parts = family(cfg.model.type).parts()
         tokenizer = plan.tokenizer.load()
         vocab, padded = plan.vocab_size, plan.padded_vocab_size
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu \
+            else torch.device("cpu")
         if rank == 0:
             echo(f"vocab: {vocab} tokens, padded to {padded} (+{padded - vocab}: a multiple of "
                  f"lcm(make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}, "
@@ -99,13 +101,12 @@ def _train_rank(plan: RunPlan) -> None:
             if gpu_only:
                 echo(f"note: {', '.join(gpu_only)}: GPU-only, so this CPU run goes without "
                      f"(the same model and loss; only the kernels differ)")
-            kept = kept_logits_bytes(cfg, padded, plan.bf16 or cfg.train.fp16,
-                                     torch.device("cuda", torch.cuda.current_device())
-                                     if on_gpu else torch.device("cpu"), is_last_stage=True)
+            kept = kept_logits_bytes(cfg, padded, plan.bf16 or cfg.train.fp16, device,
+                                     is_last_stage=True)
             if kept and cfg.model.fused_ce_keep_logits is None:
                 echo(f"note: the output layer keeps each micro-batch's logits for its backward "
-                     f"({kept / 2**30:.1f} GiB on the last pipeline stage; faster than "
-                     f"recomputing them); model.fused_ce_keep_logits=false recomputes them instead")
+                     f"({size_text(kept)} on the last pipeline stage; faster than recomputing "
+                     f"them); model.fused_ce_keep_logits=false recomputes them instead")
             if (cfg.parallel.recompute_granularity == "selective"
                     and cfg.model.attention_backend == "sdpa"
                     and set(cfg.parallel.recompute_modules) == {"core_attn"}):
@@ -117,8 +118,6 @@ def _train_rank(plan: RunPlan) -> None:
         data = build_train_data(cfg.data, tokenizer, cfg.train, cfg.model, parts,
                                 dp_rank=ps.get_data_parallel_rank(),
                                 dp_size=ps.get_data_parallel_world_size())
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu \
-            else torch.device("cpu")
         one_micro = cfg.train.global_batch_size == \
             cfg.train.micro_batch_size * ps.get_data_parallel_world_size()
         model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=plan.bf16,
@@ -202,22 +201,18 @@ def _train_rank(plan: RunPlan) -> None:
         trainer.watchdog = watchdog
         trainer.profiler = build_profiler(cfg.train.profile, cfg.run_dir, rank, device,
                                           max_steps=cfg.train.max_steps)
+        # out of memory: one line naming the settings that would fit, instead of a schedule's
+        # traceback; the step and phase are the watchdog's last mark (an eval or a save comes
+        # after the step count has moved on)
+        def oom(e: BaseException):
+            return oom_error(e, cfg, step=watchdog.step, phase=watchdog.phase, rank=rank,
+                             padded_vocab=padded, half=plan.bf16 or cfg.train.fp16,
+                             device=device, is_last_stage=is_last,
+                             dp_size=ps.get_data_parallel_world_size(), done_steps=state.step)
+
         try:
-            trainer.fit(state)
-        except BaseException as e:
-            if not is_oom(e):
-                raise
-            # one line naming the settings that would fit, instead of a schedule's traceback;
-            # the step and phase are the watchdog's last mark (an eval or a save comes after
-            # the step count has moved on)
-            err = oom_error(e, cfg, step=watchdog.step, phase=watchdog.phase, rank=rank,
-                            padded_vocab=padded, half=plan.bf16 or cfg.train.fp16,
-                            device=device, is_last_stage=is_last,
-                            dp_size=ps.get_data_parallel_world_size(),
-                            done_steps=state.step)
-            del e
-            end_after_oom(err, trainer.profiler, logger, dist.get_world_size())
-            raise err from None
+            with reported_oom(oom, dist.get_world_size(), trainer.profiler, logger):
+                trainer.fit(state)
         finally:
             watchdog.stop()
         if logger is not None:

@@ -41,7 +41,7 @@ class _CheckpointException(BaseException):  # torch.distributed.checkpoint's for
 
 def test_is_oom_finds_it_through_wrappers():
     assert is_oom(torch.OutOfMemoryError(TORCH_OOM))
-    assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"))
+    assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED calling `cublasCreate`"))
     try:
         try:
             raise torch.OutOfMemoryError(TORCH_OOM)

@@ -343,6 +343,14 @@ def keep_logits_auto(n_tokens: int, vocab_per_partition: int, itemsize: int,
     return n_tokens * vocab_per_partition * itemsize <= KEEP_LOGITS_FRACTION * total
 
 
+def keeps_logits(keep: Optional[bool], n_tokens: int, vocab_per_partition: int, itemsize: int,
+                 device: torch.device) -> bool:
+    """`keep_logits` resolved: true/false as given, None by `keep_logits_auto`."""
+    if keep is None:
+        return keep_logits_auto(n_tokens, vocab_per_partition, itemsize, device)
+    return bool(keep)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          tp_group=None, sequence_parallel: bool = False,
                          chunk_tokens: Optional[int] = None,
@@ -355,9 +363,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # (under torch.autocast the kept logits would not be in the weight's dtype: recompute)
     training = (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
                 and not torch.is_autocast_enabled(hidden.device.type))
-    if keep_logits is None:
-        keep_logits = keep_logits_auto(labels.numel(), weight.shape[0], weight.element_size(),
-                                       weight.device)
+    keep_logits = keeps_logits(keep_logits, labels.numel(), weight.shape[0],
+                               weight.element_size(), weight.device)
     loss = LinearCrossEntropy.apply(hidden, weight, labels_sb, tp_group, sequence_parallel,
                                     chunk_tokens, bool(keep_logits and training))
     return loss.view(s, b).t().contiguous()

@@ -11,8 +11,10 @@ together with the run's own (tests/test_oom.py composes them).
 """
 from __future__ import annotations
 
+import functools
 import re
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -23,34 +25,45 @@ TRAINING_PHASES = ("forward/backward", "CUDA-graph capture", "train step")
 _OOM_TEXT = re.compile(r"out of memory|ALLOC_FAILED", re.IGNORECASE)
 
 
-def is_oom(exc: BaseException, _depth: int = 0) -> bool:
-    """Whether `exc` is, or wraps, running out of device memory: torch's OutOfMemoryError, a
-    RuntimeError that says so (cuBLAS/NCCL allocation failures, errors re-raised by
-    torch.compile), through `__cause__` / `__context__` and a distributed checkpoint's per-rank
-    `failures`."""
+def find_oom(exc: Optional[BaseException], _depth: int = 0) -> Optional[BaseException]:
+    """The exception that says the device ran out of memory, in `exc` or what it wraps: torch's
+    OutOfMemoryError or a RuntimeError that says so (cuBLAS/NCCL allocation failures, errors
+    re-raised by torch.compile), through `__cause__` / `__context__` and a distributed
+    checkpoint's per-rank `failures`; None if there is none."""
     if exc is None or _depth > 8:
-        return False
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    if isinstance(exc, RuntimeError) and _OOM_TEXT.search(str(exc)):
-        return True
+        return None
+    if isinstance(exc, torch.OutOfMemoryError) or (
+            isinstance(exc, RuntimeError) and _OOM_TEXT.search(str(exc))):
+        return exc
     failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint's CheckpointException
     if isinstance(failures, dict):
         for f in failures.values():
             inner = f[0] if isinstance(f, tuple) and f else f
-            if isinstance(inner, BaseException) and is_oom(inner, _depth + 1):
-                return True
-    return is_oom(exc.__cause__ or exc.__context__, _depth + 1)
+            found = find_oom(inner, _depth + 1) if isinstance(inner, BaseException) else None
+            if found is not None:
+                return found
+    return find_oom(exc.__cause__ or exc.__context__, _depth + 1)
 
 
-def _oom_in(exc: BaseException) -> BaseException:
-    """The exception in `exc`'s chain that carries the out-of-memory message."""
-    e, seen = exc, 0
-    while e is not None and seen < 8:
-        if isinstance(e, torch.OutOfMemoryError) or _OOM_TEXT.search(str(e)):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return exc
+def is_oom(exc: BaseException) -> bool:
+    return find_oom(exc) is not None
+
+
+@contextmanager
+def reported_oom(make_error: Callable[[BaseException], ConfigError], world_size: int,
+                 profiler=None, logger=None):
+    """Run the body; if it runs out of memory, `make_error(the OOM exception)` becomes the
+    one-line error (`end_after_oom`, then raised). Anything else passes through."""
+    try:
+        yield
+    except BaseException as e:
+        found = find_oom(e)
+        if found is None:
+            raise
+        err = make_error(found)
+        del e, found  # the failing step's tensors are referenced from its frames
+        end_after_oom(err, profiler, logger, world_size)
+        raise err from None
 
 
 def kept_logits_bytes(cfg, padded_vocab: int, half: bool, device: torch.device,
@@ -61,15 +74,14 @@ def kept_logits_bytes(cfg, padded_vocab: int, half: bool, device: torch.device,
     `fused_ce.linear_cross_entropy`: all of the micro-batch's tokens (sequence parallelism
     gathers them), the rank's vocab rows, the weight's dtype."""
     m = cfg.model
-    if not is_last_stage or not m.fused_cross_entropy or m.fused_ce_keep_logits is False:
+    if not is_last_stage or not m.fused_cross_entropy:
         return None
-    from framework.fast.fused_ce import keep_logits_auto
+    from framework.fast.fused_ce import keeps_logits
 
     tokens = cfg.train.micro_batch_size * m.seq_length
     per_rank = padded_vocab // cfg.parallel.tensor_model_parallel_size
     itemsize = 2 if half else 4
-    if m.fused_ce_keep_logits is None and not keep_logits_auto(tokens, per_rank, itemsize,
-                                                               device):
+    if not keeps_logits(m.fused_ce_keep_logits, tokens, per_rank, itemsize, device):
         return None
     return tokens * per_rank * itemsize
 
@@ -115,7 +127,7 @@ def levers(cfg, kept: Optional[int], dp_size: int, phase: str = "forward/backwar
     if tp > 1 and not p.sequence_parallel:
         out.append((["parallel.sequence_parallel=true"],
                     f"splits the norms' and dropouts' activations over the {tp} TP ranks"))
-    fp8_act = bool(getattr(m, "fp8_fused_act", False))
+    fp8_act = m.fp8_fused_act
     full = ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform"]
     if list(p.recompute_modules or []) not in ([], ["core_attn"]):
         full.append("parallel.recompute_modules=[]")
@@ -148,14 +160,14 @@ def lever_text(lever: Lever) -> str:
 def oom_error(exc: BaseException, cfg, *, step: int, phase: str, rank: int, padded_vocab: int,
               half: bool, device: torch.device, is_last_stage: bool, dp_size: int,
               done_steps: int = 0) -> ConfigError:
-    """The one-line error for running out of memory (`exc`, see `is_oom`) at `step` in `phase`
-    (the watchdog's last mark; in an evaluation its number is the eval batch, and
+    """The one-line error for running out of memory (`exc`, from `find_oom`) at `step` in
+    `phase` (the watchdog's last mark; in an evaluation its number is the eval batch, and
     `done_steps`, the training steps finished, names the step)."""
     if phase.startswith("evaluation"):
         phase, step = f"evaluation, eval batch {step}", done_steps
     kept = kept_logits_bytes(cfg, padded_vocab, half, device, is_last_stage)
-    figures = torch_figures(_oom_in(exc))
-    ways = levers(cfg, kept, dp_size, phase, str(_oom_in(exc)))
+    figures = torch_figures(exc)
+    ways = levers(cfg, kept, dp_size, phase, str(exc))
     return ConfigError(
         f"out of memory on rank {rank} at step {step} ({phase}): {figures} To fit, try: "
         f"{'; '.join(lever_text(w) for w in ways)}")
@@ -171,12 +183,11 @@ def end_after_oom(err: ConfigError, profiler, logger, world_size: int) -> None:
     import os
     import sys
 
-    closes = [getattr(profiler, "finish", None)]
-    if logger is not None:  # W&B marks the run failed, as the process's exit code says
-        closes.append(lambda: logger.close(exit_code=2))
-    for close in closes:
+    # (exit code 2: W&B marks the run failed, as the process's exit code says)
+    for close in (profiler and profiler.finish,
+                  logger and functools.partial(logger.close, exit_code=2)):
         try:
-            if close is not None:
+            if close:
                 close()
         except Exception:  # noqa: BLE001 - the error line matters more than a trace or a log
             pass
@@ -188,10 +199,10 @@ def end_after_oom(err: ConfigError, profiler, logger, world_size: int) -> None:
 
 def generation_oom_error(exc: BaseException, cfg, *, rank: int, prompts: int,
                          longest_prompt: int, max_new_tokens: Optional[int]) -> ConfigError:
-    """The one-line error for running out of memory while generate.py decodes a batch of
-    `prompts` prompts (the longest `longest_prompt` tokens): torch's figures and generate.py's
-    levers (`cfg`: framework.inference.GenerateConfig), cheapest first. The KV cache and the
-    logits grow with the batch x beams and the tokens."""
+    """The one-line error for running out of memory (`exc`, from `find_oom`) while generate.py
+    decodes a batch of `prompts` prompts (the longest `longest_prompt` tokens): torch's figures
+    and generate.py's levers (`cfg`: framework.inference.GenerateConfig), cheapest first. The KV
+    cache and the logits grow with the batch x beams and the tokens."""
     ways = []
     rows = prompts * max(1, cfg.num_beams)
     if prompts > 1:
@@ -206,4 +217,4 @@ def generation_oom_error(exc: BaseException, cfg, *, rank: int, prompts: int,
     ways.append("more TP (parallel.tensor_model_parallel_size)")
     return ConfigError(
         f"out of memory on rank {rank} generating {prompts} prompts of up to {longest_prompt} "
-        f"tokens: {torch_figures(_oom_in(exc))} To fit, try: {'; '.join(ways)}")
+        f"tokens: {torch_figures(exc)} To fit, try: {'; '.join(ways)}")
