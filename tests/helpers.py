@@ -537,8 +537,9 @@ def left_padded(prompts, pad):
 
 def interpret_triton(code: str):
     """Run `code` in a fresh interpreter with Triton's CPU interpreter (TRITON_INTERPRET=1):
-    the Triton kernels' arithmetic checked without a GPU. Skipped where Triton is missing (the
-    CPU wheel of torch does not bring it; the GPU suite runs the same kernels compiled)."""
+    the Triton kernels' arithmetic checked without a GPU. The CPU wheel of torch does not bring
+    Triton; the `test` extra does (Linux x86-64), so CI runs these. Skipped where it is missing;
+    the GPU suite runs the same kernels compiled."""
     import importlib.util
 
     import pytest
