@@ -113,6 +113,14 @@ class ModelConfig:
     apply_residual_connection_post_layernorm: bool = False
     # "sdpa" = torch scaled_dot_product_attention (fast default); "local" = mcore DotProductAttention
     attention_backend: str = "sdpa"
+    # GPT: sliding-window (local) causal attention, as Mistral v0.1 and windowed Qwen2/Qwen3
+    # layers have it: each query attends to itself and the sliding_window - 1 tokens before it
+    # (Hugging Face's rule, key index > query index - window). null = full causal attention.
+    # In training, prefill, KV-cache decoding (dynamic and CUDA-graph steps) and beam search;
+    # SDPA with a band mask (framework/models/layers.py). sliding_window_layers: the 0-based
+    # layers that use the window (HF Qwen2/Qwen3: max_window_layers and up); null = every layer
+    sliding_window: Optional[int] = None
+    sliding_window_layers: Optional[List[int]] = None
     # ALiBi on GPU runs through FlexAttention; these are its Triton `kernel_options` (block sizes,
     # num_warps/num_stages, fwd_/bwd_ prefixed variants, USE_TMA, ...), merged over the defaults
     # in framework/fast/alibi.py (FLEX_KERNEL_OPTIONS). benchmarks/attention.py
@@ -302,6 +310,7 @@ class ModelConfig:
             require(rot > 0 and rot % 2 == 0,
                      f"model.rotary_percent={self.rotary_percent} x head dim {head_dim} gives "
                      f"{rot} rotary channels; it must be a positive even number")
+        self._check_sliding_window()
         require(self.position_embedding_type != "alibi" or self.attention_backend == "sdpa",
                  "model.position_embedding_type=alibi needs model.attention_backend=sdpa "
                  f"(got {self.attention_backend!r}: mcore's local attention has no ALiBi)")
@@ -349,6 +358,37 @@ class ModelConfig:
                     and self.fused_ce_chunk_tokens > 0),
                 f"model.fused_ce_chunk_tokens={self.fused_ce_chunk_tokens} must be a positive "
                 f"number of tokens (or null)")
+
+    def _check_sliding_window(self) -> None:
+        w, layers = self.sliding_window, self.sliding_window_layers
+        require(w is None or (isinstance(w, int) and not isinstance(w, bool) and w > 0),
+                f"model.sliding_window={w} must be a positive number of tokens (or null)")
+        if layers is not None:
+            require(w is not None, f"model.sliding_window_layers={list(layers)} needs "
+                                   f"model.sliding_window")
+            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
+                   or not 0 <= i < self.num_layers]
+            require(not bad, f"model.sliding_window_layers: {bad} are not layer indices in "
+                             f"[0, {self.num_layers}) (0-based)")
+            require(len(set(layers)) == len(layers),
+                    f"model.sliding_window_layers={list(layers)} repeats a layer")
+            if sorted(layers) == list(range(self.num_layers)):  # every layer: one spelling
+                self.sliding_window_layers = None
+        if w is None:
+            return
+        require(self.attention_backend == "sdpa",
+                f"model.sliding_window={w} needs model.attention_backend=sdpa (got "
+                f"{self.attention_backend!r}: mcore's local attention has no window)")
+        require(self.position_embedding_type != "alibi",
+                f"model.sliding_window={w} cannot run with model.position_embedding_type=alibi "
+                f"(the ALiBi kernels attend over the whole causal range)")
+
+    def windowed(self, layer: int) -> Optional[int]:
+        """The window of 0-based layer `layer`, or None where it attends causally in full."""
+        if self.sliding_window is None or (self.sliding_window_layers is not None
+                                           and layer not in self.sliding_window_layers):
+            return None
+        return self.sliding_window
 
     def check_settings_used(self) -> None:
         """Settings a new run would accept and then not use (a one-line error naming the field).
@@ -401,7 +441,10 @@ class ModelConfig:
                 (head % 8 == 0 and head <= 128,
                  f"head dim {head} (cuDNN takes multiples of 8 up to 128)"),
                 (self.cuda_graph is not True,
-                 "model.cuda_graph=true (graph capture runs torch SDPA)")):
+                 "model.cuda_graph=true (graph capture runs torch SDPA)"),
+                (any(self.windowed(i) is None for i in range(self.num_layers)),
+                 f"model.sliding_window={self.sliding_window} on every layer (the cuDNN path "
+                 f"runs full causal attention; windowed layers take SDPA with a band mask)")):
             require(ok, f"model.cudnn_attention=true has no effect with {why}: leave it null")
 
     def _check_family(self) -> None:
@@ -462,6 +505,8 @@ FAMILY_OPTIONS: Dict[str, tuple] = {
     "decoder_seq_length": (None,),
     "encoder_num_layers": (None,),
     "qk_layernorm": (False,),
+    "sliding_window": (None,),
+    "sliding_window_layers": (None,),
 }
 
 

@@ -209,8 +209,33 @@ def check_meta(meta: Any, where: str, iteration: Optional[int] = None) -> None:
     stored_model_config(meta, where)
 
 
+def recorded_window(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """model.sliding_window / sliding_window_layers for a checkpoint whose config.model predates
+    them: read from its recorded Hugging Face source (`hf_source.config`, written by
+    data_tools.convert hf-to-megatron). Such an import (Mistral v0.1, windowed Qwen) capped
+    model.seq_length at the window instead of recording it; it is still the windowed model.
+    {} where the fields are stored, or no windowed source is recorded."""
+    stored = meta.get("config", {}).get("model")
+    source = meta.get("hf_source")
+    if (not isinstance(stored, dict) or "sliding_window" in stored
+            or not isinstance(source, dict) or not isinstance(source.get("config"), dict)):
+        return {}
+    from framework.errors import InteropError
+    from framework.interop import family
+
+    hf = source["config"]
+    try:
+        fields = family(source.get("model_type") or hf.get("model_type")).hf_config_to_fields(hf)
+    except (InteropError, ConfigError, KeyError, TypeError, ValueError):
+        return {}
+    if not fields.get("sliding_window"):
+        return {}
+    return {k: fields.get(k) for k in ("sliding_window", "sliding_window_layers")}
+
+
 def stored_model_config(meta: Dict[str, Any], where: str = "the checkpoint"):
-    """The ModelConfig in framework.json, typed and validated like a config from train.py."""
+    """The ModelConfig in framework.json, typed and validated like a config from train.py (with
+    `recorded_window` for an import that predates model.sliding_window)."""
     from dataclasses import fields
 
     from omegaconf import OmegaConf
@@ -219,6 +244,7 @@ def stored_model_config(meta: Dict[str, Any], where: str = "the checkpoint"):
     stored = meta.get("config", {}).get("model")
     if not isinstance(stored, dict):
         raise CheckpointError(f"{where}: {META} has no config.model")
+    stored = {**stored, **recorded_window(meta)}
     known = {f.name for f in fields(ModelConfig)}
     try:
         node = OmegaConf.merge(OmegaConf.structured(ModelConfig),

@@ -37,7 +37,8 @@ from framework.checkpoint.commit import commit, stage, staging_dir
 from framework.checkpoint.manifest import (MANIFEST, hash_own_shards, verify_checkpoint,
                                            write_manifest)
 from framework.checkpoint.reader import (META, TRACKER, cpu_safe, iter_dir, iteration_path,
-                                         latest_iteration, read_dist, read_meta)
+                                         latest_iteration, read_dist, read_meta,
+                                         recorded_window)
 from framework.config import ModelConfig
 from framework.distributed import rng_state, set_rng_state
 from framework.errors import CheckpointError, ConfigError
@@ -52,9 +53,10 @@ ARCH_FIELDS = ("type", "num_layers", "hidden_size", "num_attention_heads", "num_
                "ffn_hidden_size", "kv_channels", "max_position_embeddings", "normalization",
                "activation", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
                "position_embedding_type", "share_embeddings_and_output_weights",
-               "add_binary_head", "encoder_num_layers", "relative_attention_num_buckets")
+               "add_binary_head", "encoder_num_layers", "relative_attention_num_buckets",
+               "sliding_window", "sliding_window_layers")
 # fields a checkpoint written before they existed does not store, with the value it had
-ARCH_DEFAULTS = {"qk_layernorm": False}
+ARCH_DEFAULTS = {"qk_layernorm": False, "sliding_window": None, "sliding_window_layers": None}
 
 
 def _arch_value(model: Dict[str, Any], f: str) -> Any:
@@ -69,12 +71,14 @@ def _arch_value(model: Dict[str, Any], f: str) -> Any:
         return heads
     if f == "add_qkv_bias":
         return bool(v or model.get("add_bias_linear"))
+    if f == "sliding_window_layers" and v is not None:
+        return sorted(v)
     return v
 
 
 def check_compatible(meta: Dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
     """Refuse a checkpoint whose architecture differs from the config, listing the fields."""
-    stored = meta.get("config", {}).get("model", {})
+    stored = {**meta.get("config", {}).get("model", {}), **recorded_window(meta)}
     ours = {f: getattr(model_cfg, f) for f in ARCH_FIELDS + ("hidden_size",)}
     diffs = [f"model.{f}: checkpoint={_arch_value(stored, f)!r} config={_arch_value(ours, f)!r}"
              for f in ARCH_FIELDS if (f in stored or f in ARCH_DEFAULTS)

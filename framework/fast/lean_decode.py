@@ -31,7 +31,9 @@ key): the first lean step rotates, in place, the raw keys the prefill left in th
 generator never mixes the two within one generation).
 
 `StaticDecoder` runs the same step with static shapes (CUDA-graph capturable): positions are a
-device buffer updated per step, cos/sin are gathered from the precomputed tables by it.
+device buffer updated per step, cos/sin are gathered from the precomputed tables by it. A layer
+with a sliding window (model.sliding_window) also masks the keys at or before the device-side
+write index minus the window.
 tests/test_generation.py and tests/test_lean_decode_rope.py check logits and tokens against
 megatron-core's path (fp32, TP1 and TP2).
 """
@@ -375,7 +377,13 @@ def _attention_static(att, x: torch.Tensor, key_mask: torch.Tensor, write_at: to
     kmem, vmem = ctx.key_value_memory_dict[att.layer_number]
     kmem.index_copy_(0, write_at, k)
     vmem.index_copy_(0, write_at, v)
-    core = att.core_attention(q, kmem, vmem, key_mask, attn_mask_type=AttnMaskType.no_mask)
+    window = getattr(att.core_attention, "window", None)
+    if window is None:
+        core = att.core_attention(q, kmem, vmem, key_mask, attn_mask_type=AttnMaskType.no_mask)
+    else:  # sliding window: the keys at or before write_at - window have left it
+        gone = torch.arange(key_mask.shape[-1], device=key_mask.device) <= write_at - window
+        core = att.core_attention(q, kmem, vmem, key_mask | gone, window_in_mask=True,
+                                  attn_mask_type=AttnMaskType.no_mask)
     return _row(att.linear_proj, core, tp_group, tp), att.linear_proj.bias
 
 

@@ -52,7 +52,7 @@ The megatron-core module globals we replace are in framework/mcore_patches.py.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,14 @@ class SDPAttention(MegatronModule):
     mask applies, typically [b, 1, 1, sk] over padded keys. `attention_bias` (ALiBi, T5's
     relative position bias [1, n, sq, sk]) is added to the scores; it combines with either mask
     type. GQA/MQA key/value heads are expanded with `enable_gqa` semantics.
+
+    `sliding_window` W (on the layers `window_layers` names, 0-based; None = all): each query
+    attends to itself and the W - 1 keys before it, Hugging Face's rule (key index > query index
+    - W). Queries are the last sq of the sk keys (training, prefill through a KV cache, dynamic
+    decode steps), so a band mask over key indices applies it, combined with any other mask;
+    with sk <= W the band is the causal mask and the fused causal kernel runs as before. The
+    static (CUDA-graph) decode step writes its query at a device-side index: it masks the keys
+    that left the window itself and passes `window_in_mask=True`.
     """
 
     def __init__(
@@ -106,8 +114,13 @@ class SDPAttention(MegatronModule):
         flex_kernel_options: Optional[dict] = None,
         alibi_kernel: str = "auto",
         cudnn: Optional[bool] = None,
+        sliding_window: Optional[int] = None,
+        window_layers: Optional[Sequence[int]] = None,
     ):
         super().__init__(config=config)
+        # mcore numbers layers from 1 across pipeline stages and virtual chunks
+        self.window = sliding_window if sliding_window and (
+            window_layers is None or layer_number - 1 in window_layers) else None
         tp_rank, tp = tp_rank_and_size(pg_collection)
         self.attn_mask_type = attn_mask_type
         divide(config.num_attention_heads, tp)  # each rank holds whole heads and KV groups
@@ -139,6 +152,7 @@ class SDPAttention(MegatronModule):
         attn_mask_type: Optional[AttnMaskType] = None,
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
+        window_in_mask: bool = False,
     ) -> torch.Tensor:
         assert packed_seq_params is None, "packed sequences are not supported by SDPAttention"
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -146,6 +160,10 @@ class SDPAttention(MegatronModule):
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         p = self.dropout_p if self.training else 0.0
+        # sliding window: True = attend (causal within the window); None where it changes nothing
+        band = (_cached_band(sq, k.shape[2], self.window, q.device)
+                if self.window is not None and not window_in_mask and k.shape[2] > self.window
+                else None)
         if self.alibi:
             if self.alibi_slopes.device != q.device:
                 self.alibi_slopes = self.alibi_slopes.to(q.device)
@@ -198,6 +216,8 @@ class SDPAttention(MegatronModule):
                 mask = mask + _causal_bias(sq, k.shape[2], q.device, q.dtype)
         elif attention_mask is not None:
             mask = ~attention_mask  # SDPA: True = attend
+            if band is not None:  # before the empty-row fix below
+                mask, band = mask & band, None
             if mask_type == AttnMaskType.causal and sq > 1:
                 mask = mask & torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
                     k.shape[2] - sq)
@@ -206,7 +226,7 @@ class SDPAttention(MegatronModule):
                 # padded positions; a row with no key gives NaN in SDPA, which then spreads
                 # through 0 x NaN. Let such rows attend everywhere (their outputs are unused).
                 mask = mask | ~mask.any(dim=-1, keepdim=True)
-        elif mask_type == AttnMaskType.causal:
+        elif mask_type == AttnMaskType.causal and band is None:
             if sq == k.shape[2]:
                 if self.cudnn:  # opt-in: torch SDPA is as fast here (benchmarks/RESULTS.md)
                     out = self._cudnn(q, k, v, p, None, "causal")
@@ -216,6 +236,13 @@ class SDPAttention(MegatronModule):
             elif sq > 1:  # queries are the last sq positions (KV cache with a multi-token chunk)
                 mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril(
                     k.shape[2] - sq)
+        if band is not None:  # the band carries causality too
+            if mask is None:
+                mask = band
+            elif mask.dtype == torch.bool:
+                mask = mask & band
+            else:
+                mask = mask.masked_fill(~band, float("-inf"))
         return _to_sbh(self._sdpa(q, k, v, mask, p, is_causal))
 
     # GQA / MQA as grouped KV heads inside SDPA's fused kernels (enable_gqa; torch picks flash or
@@ -266,6 +293,33 @@ def _to_sbh(out: torch.Tensor) -> torch.Tensor:
     """Attention output [b, n, s, d] -> [s, b, n*d]."""
     b, _, s, _ = out.shape
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def window_band(sq: int, sk: int, window: int, device) -> torch.Tensor:
+    """Bool [sq, sk], True = attend: queries are the last sq of sk keys, and query i (a key
+    index) sees keys j with i - window < j <= i (Hugging Face's sliding-window rule)."""
+    i = torch.arange(sk - sq, sk, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+_BANDS: dict = {}
+
+
+def _cached_band(sq: int, sk: int, window: int, device) -> torch.Tensor:
+    """`window_band`, one tensor per shape shared by every layer (SDPA keeps its mask for the
+    backward: one [sq, sk] mask in all, not one per layer); built anew inside torch.compile and
+    CUDA-graph capture (a cached tensor from a capture's private pool must not escape it)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
+        return window_band(sq, sk, window, device)
+    key = (sq, sk, window, device)
+    band = _BANDS.get(key)
+    if band is None:
+        if len(_BANDS) >= 8:
+            _BANDS.clear()
+        band = _BANDS[key] = window_band(sq, sk, window, device)
+    return band
 
 
 def _causal_bias(sq: int, sk: int, device, dtype) -> torch.Tensor:

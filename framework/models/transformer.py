@@ -185,7 +185,9 @@ def layer_spec(model: ModelConfig, fp8: Optional[str] = None, mask: str = "causa
     # mcore calls the core-attention builder directly (a class or any callable), not build_module
     core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi",
                               flex_kernel_options=model.flex_kernel_options,
-                              alibi_kernel=model.alibi_kernel, cudnn=model.cudnn_attention)
+                              alibi_kernel=model.alibi_kernel, cudnn=model.cudnn_attention,
+                              sliding_window=model.sliding_window,
+                              window_layers=model.sliding_window_layers)
                       if model.attention_backend == "sdpa" else DotProductAttention)
     return ModuleSpec(
         module=TransformerLayer,

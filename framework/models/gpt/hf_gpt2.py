@@ -93,6 +93,8 @@ def model_config_to_hf_config(cfg: ModelConfig, *, vocab_size: int,
         *mha_checks(cfg),
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
+        (cfg.sliding_window is None,
+         f"model.sliding_window={cfg.sliding_window} (GPT-2 has no sliding window)"),
     ], "this model cannot be expressed as HF gpt2")
     out = kept_hf_config(base, HF_MODEL_TYPE)
     act = out.get("activation_function")

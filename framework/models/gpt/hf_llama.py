@@ -4,7 +4,8 @@ GPTModel).
 All three are one architecture in megatron-core terms: pre-norm RMSNorm, SwiGLU MLP, RoPE, GQA, no
 linear biases, tied or untied embeddings. What tells them apart is config, not structure:
 * Qwen2: biases on q/k/v only (HF hard-codes them) -> `add_qkv_bias: true` with
-  `add_bias_linear: false`. Optional sliding-window layers (`use_sliding_window`).
+  `add_bias_linear: false`. Optional sliding-window layers (`use_sliding_window`, the layers
+  from `max_window_layers` on, or those `layer_types` marks "sliding_attention").
 * Qwen3: no q/k/v biases; an RMSNorm over each query and key head after the projection and
   before RoPE (`q_norm` / `k_norm`, head_dim wide) -> `model.qk_layernorm: true`, mcore's
   `q_layernorm` / `k_layernorm`; head_dim is given (128, wider than hidden / heads at 0.6B).
@@ -13,11 +14,11 @@ linear biases, tied or untied embeddings. What tells them apart is config, not s
 * Llama: `attention_bias` / `mlp_bias` (both false in every published Llama; refused when true),
   Llama-3 RoPE scaling (`rope_type: llama3` -> model.rope_scaling*, framework/models/gpt/rope_scaling.py).
 
-Sliding-window attention is not supported: our core attention is causal SDPA over the whole
-sequence (megatron-core 0.16 takes `window_size` only through Transformer Engine). A model with a
-window W imports with `seq_length = min(max_position_embeddings, W)`: for sequences up to W tokens
-a sliding window changes nothing, so the model is exact there; beyond W it attends further back
-than HF would.
+Sliding windows -> `model.sliding_window` (W) and `model.sliding_window_layers` (null = every
+layer, Mistral; Qwen's windowed layers otherwise), applied by our core attention
+(framework/models/layers.py SDPAttention; megatron-core 0.16 takes `window_size` only through
+Transformer Engine). Exports write them back: Mistral windows every layer, Qwen2/Qwen3 the layers
+from `max_window_layers` on (other sets are refused), Llama has no window (refused).
 
 Layouts (HF nn.Linear weights are [out, in], as mcore's):
 * q_proj/k_proj/v_proj -> `linear_qkv`, interleaved per query group as mcore splits it (for each
@@ -81,15 +82,39 @@ def _rope(hf: Dict[str, Any]) -> Dict[str, Any]:
     return params
 
 
-def _sliding_window(hf: Dict[str, Any], model_type: str) -> Optional[int]:
-    if model_type in ("qwen2", "qwen3"):
-        layer_types = hf.get("layer_types") or []
-        if not hf.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
-            return None
+def _sliding_window(hf: Dict[str, Any], model_type: str, layers: int) -> Dict[str, Any]:
+    """The model.sliding_window / sliding_window_layers fields of an HF config, read as HF's
+    modelling code does: Mistral windows every layer when `sliding_window` is set; Qwen2/Qwen3
+    only with `use_sliding_window`, on the layers `layer_types` marks "sliding_attention" (HF 5
+    writes it), else on those from `max_window_layers` (default 28) on; Llama has none."""
+    none = dict(sliding_window=None, sliding_window_layers=None)
+    types = hf.get("layer_types")
     if model_type == "llama":
-        return None
-    window = hf.get("sliding_window")
-    return int(window) if window else None
+        return none
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        if types and "sliding_attention" in types:  # HF fails at its first forward
+            raise InteropError(f"{model_type} config: layer_types marks sliding_attention "
+                               f"layers but use_sliding_window is false (no window to use)")
+        return none
+    # MistralConfig's default is 4096 where config.json leaves the key out
+    window = hf.get("sliding_window", 4096 if model_type == "mistral" else None)
+    if window is None:
+        return none
+    window = hf_ints({"sliding_window": window}, ("sliding_window",), model_type)[0]
+    if window <= 0:
+        raise InteropError(f"{model_type} config: sliding_window={window} must be positive")
+    if model_type in ("qwen2", "qwen3"):
+        if types:
+            windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        else:
+            start = hf_ints({"max_window_layers": hf.get("max_window_layers", 28)},
+                            ("max_window_layers",), model_type)[0]
+            windowed = list(range(start, layers))
+        if not windowed:
+            return none
+        if windowed != list(range(layers)):
+            return dict(sliding_window=window, sliding_window_layers=windowed)
+    return dict(sliding_window=window, sliding_window_layers=None)
 
 
 def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
@@ -122,7 +147,7 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     if kv_channels is None and hidden % heads:
         raise InteropError(f"{model_type} config: hidden_size={hidden} is not a multiple of "
                            f"num_attention_heads={heads} and head_dim is not given")
-    window = _sliding_window(hf, model_type)
+    window = _sliding_window(hf, model_type, layers)
     scaling = rope_type == "llama3"
     extra: Dict[str, Any] = {}
     if scaling:
@@ -144,7 +169,8 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
         num_query_groups=groups if groups != heads else None,
         ffn_hidden_size=ffn,
         kv_channels=kv_channels,
-        seq_length=min(n_pos, window) if window else n_pos,
+        seq_length=n_pos,
+        **window,
         max_position_embeddings=n_pos,
         vocab_size=vocab,
         hidden_dropout=0.0,
@@ -170,11 +196,45 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def accepts(cfg: ModelConfig, model_type: str = HF_MODEL_TYPE) -> bool:
-    """Whether our model has this family's shape (export without a recorded HF source)."""
-    return (cfg.type == MODEL_TYPE and cfg.normalization == "RMSNorm"
-            and cfg.activation == "swiglu" and cfg.position_embedding_type == "rope"
-            and not cfg.add_bias_linear and cfg.add_qkv_bias == _QKV_BIAS[model_type]
-            and cfg.qk_layernorm == _QK_NORM[model_type])
+    """Whether our model has this family's shape (export without a recorded HF source). A
+    sliding window on every layer is a Mistral (chosen by shape only then); Llama has none."""
+    shape = (cfg.type == MODEL_TYPE and cfg.normalization == "RMSNorm"
+             and cfg.activation == "swiglu" and cfg.position_embedding_type == "rope"
+             and not cfg.add_bias_linear and cfg.add_qkv_bias == _QKV_BIAS[model_type]
+             and cfg.qk_layernorm == _QK_NORM[model_type])
+    if model_type == "mistral":  # otherwise a Llama shape is a Llama
+        return shape and cfg.sliding_window is not None
+    return shape and _window_problem(cfg, model_type) is None
+
+
+def _window_problem(cfg: ModelConfig, model_type: str) -> Optional[str]:
+    """Why HF `model_type` cannot express the model's sliding window, or None."""
+    w, layers = cfg.sliding_window, cfg.sliding_window_layers
+    if model_type == "mistral":
+        return None if layers is None else (
+            f"model.sliding_window_layers={list(layers)} (Mistral windows every layer)")
+    if w is None:
+        return None
+    if model_type == "llama":
+        return f"model.sliding_window={w} (Llama has no sliding window)"
+    n = cfg.num_layers
+    if layers is not None and sorted(layers) != list(range(min(layers), n)):
+        return (f"model.sliding_window_layers={list(layers)} ({model_type} windows the layers "
+                f"from max_window_layers to the last)")
+    return None
+
+
+def _window_fields(cfg: ModelConfig, model_type: str) -> Dict[str, Any]:
+    """The HF config fields of the model's sliding window (none for Llama)."""
+    w, layers, n = cfg.sliding_window, cfg.sliding_window_layers, cfg.num_layers
+    if model_type in ("llama", "mistral"):
+        return dict(sliding_window=w)
+    if w is None:
+        return dict(use_sliding_window=False, sliding_window=None)
+    start = 0 if layers is None else min(layers)
+    return dict(use_sliding_window=True, sliding_window=w, max_window_layers=start,
+                layer_types=["sliding_attention" if i >= start else "full_attention"
+                             for i in range(n)])
 
 
 def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size: int,
@@ -198,8 +258,10 @@ def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size:
         (not cfg.apply_residual_connection_post_layernorm,
          "model.apply_residual_connection_post_layernorm=true"),
         (cfg.softmax_scale is None, f"model.softmax_scale={cfg.softmax_scale}"),
+        (_window_problem(cfg, model_type) is None, _window_problem(cfg, model_type)),
     ], f"this model cannot be expressed as HF {model_type}")
     out = kept_hf_config(base, model_type)
+    kept = bool(out)  # a recorded source of this model type
     for key in ("rope_theta", "rope_scaling", "rope_parameters", "architectures"):
         out.pop(key, None)
     rope: Dict[str, Any] = {"rope_type": "llama3" if cfg.rope_scaling else "default",
@@ -237,10 +299,12 @@ def _model_config_to_hf_config(cfg: ModelConfig, model_type: str, *, vocab_size:
     if model_type == "qwen2" and cfg.kv_channels in (None, cfg.hidden_size // heads) \
             and "head_dim" not in (base or {}):
         del out["head_dim"]  # Qwen2Config has no head_dim field (HF derives it)
-    if not base:
-        out.setdefault("sliding_window", None)
-        if model_type in ("qwen2", "qwen3"):
-            out["use_sliding_window"] = False
+    # The window: ours, unless there is none and a source of this type is recorded: a checkpoint
+    # imported before model.sliding_window existed capped its sequence at the window instead of
+    # recording it (framework/checkpoint/reader.py reads the window back from that source).
+    if cfg.sliding_window is not None or not kept:
+        out.update(_window_fields(cfg, model_type))
+    if not kept:
         for key in ("bos_token_id", "eos_token_id"):
             out.setdefault(key, None)
     return out
@@ -299,8 +363,9 @@ def variant(model_type: str) -> types.ModuleType:
     mistral): a module object with the same names, so the interop layer treats it like
     `hf_llama`.
 
-    A Mistral is never chosen by shape alone: it is a Llama shape, exported as llama unless the
-    checkpoint records a mistral source (or megatron-to-hf --hf-model-type mistral)."""
+    A Mistral is chosen by shape only for a sliding window on every layer: otherwise it is a
+    Llama shape, exported as llama unless the checkpoint records a mistral source (or
+    megatron-to-hf --hf-model-type mistral)."""
     mod = types.ModuleType(f"{__name__}[{model_type}]", f"HF model_type {model_type!r} "
                            f"({ARCHITECTURES[model_type]}) <-> gpt: the mapping of {__name__}")
     mod.__dict__.update(
@@ -310,6 +375,5 @@ def variant(model_type: str) -> types.ModuleType:
         hf_config_to_fields=lambda hf: _hf_config_to_fields(hf, model_type),
         model_config_to_hf_config=lambda cfg, *, vocab_size, base=None:
             _model_config_to_hf_config(cfg, model_type, vocab_size=vocab_size, base=base),
-        accepts=(lambda cfg: False) if model_type == "mistral"
-            else (lambda cfg: accepts(cfg, model_type)))
+        accepts=lambda cfg: accepts(cfg, model_type))
     return mod
