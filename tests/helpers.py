@@ -551,3 +551,25 @@ def interpret_triton(code: str):
     r = run("-c", code, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
+
+
+def save_tiny_gpt_checkpoint(path: str, **model_kw) -> str:
+    """A tiny untrained GPT checkpoint (iteration 1) of a data=embedded run, with its tokenizer,
+    saved from the current process's world (a gloo world with megatron-core's model-parallel
+    state at TP1, e.g. the `mp1` fixture or `gloo_world(tp=1)`); returns `path`."""
+    from dataclasses import asdict
+
+    import torch
+
+    from framework.checkpoint import save_checkpoint
+    from framework.config import Config, DataConfig, ModelConfig, ParallelConfig
+    from framework.models.build import build_model
+    from framework.tokenizer import embedded_tokenizer
+
+    cfg = Config(model=ModelConfig(**model_kw), data=DataConfig(type="embedded"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ParallelConfig(), vocab_size=24, bf16=False, fp16=False,
+                        device=torch.device("cpu"), wrap_ddp=False)
+    save_checkpoint(path, 1, model, None, None, consumed_samples=0, config=asdict(cfg),
+                    tokenizer=embedded_tokenizer())
+    return path

@@ -6,13 +6,12 @@ The configs are composed in this process as generate.py composes them (Hydra on
 conf/generate.yaml, then `generate.to_config`), and the ones accepted go on through
 `framework.inference.prepare_job` against a tiny checkpoint of the embedded corpus."""
 import os
-from dataclasses import asdict
 
 import pytest
 import torch
 
-from framework.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
-from helpers import GENERATE, ROOT, one_line_config_error, run
+from framework.config import ConfigError, ModelConfig, ParallelConfig
+from helpers import GENERATE, ROOT, one_line_config_error, run, save_tiny_gpt_checkpoint
 
 CONF = os.path.join(ROOT, "conf")
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32,
@@ -62,18 +61,7 @@ def refused(cwd, *overrides) -> str:
 @pytest.fixture(scope="module")
 def ckpt(mp1, tmp_path_factory):
     """A tiny GPT checkpoint of a data=embedded run (untied embeddings: PP2 runs on a CPU)."""
-    from framework.checkpoint import save_checkpoint
-    from framework.models.build import build_model
-    from framework.tokenizer import embedded_tokenizer
-
-    path = str(tmp_path_factory.mktemp("settings") / "ckpt")
-    cfg = Config(model=ModelConfig(**TINY), data=DataConfig(type="embedded"))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, ParallelConfig(), vocab_size=24, bf16=False, fp16=False,
-                        device=torch.device("cpu"), wrap_ddp=False)
-    save_checkpoint(path, 1, model, None, None, consumed_samples=0, config=asdict(cfg),
-                    tokenizer=embedded_tokenizer())
-    return path
+    return save_tiny_gpt_checkpoint(str(tmp_path_factory.mktemp("settings") / "ckpt"), **TINY)
 
 
 # --------------------------------------------------------------------------------------------

@@ -368,27 +368,12 @@ def test_train_command(cmd, on_this_cpu):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny (untrained) GPT checkpoint of a data=embedded run, with its tokenizer."""
-    from dataclasses import asdict
+    from helpers import gloo_world, save_tiny_gpt_checkpoint
 
-    import torch
-
-    from framework.checkpoint import save_checkpoint
-    from framework.config import Config, DataConfig, ModelConfig, ParallelConfig
-    from framework.models.build import build_model
-    from framework.tokenizer import embedded_tokenizer
-    from helpers import gloo_world
-
-    path = str(tmp_path_factory.mktemp("readme") / "ckpt")
-    tiny = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=64,
-                make_vocab_size_divisible_by=8)
-    cfg = Config(model=ModelConfig(**tiny), data=DataConfig(type="embedded"))
     with gloo_world(tp=1):
-        torch.manual_seed(0)
-        model = build_model(cfg.model, ParallelConfig(), vocab_size=24, bf16=False, fp16=False,
-                            device=torch.device("cpu"), wrap_ddp=False)
-        save_checkpoint(path, 1, model, None, None, consumed_samples=0, config=asdict(cfg),
-                        tokenizer=embedded_tokenizer())
-    return path
+        return save_tiny_gpt_checkpoint(
+            str(tmp_path_factory.mktemp("readme") / "ckpt"), num_layers=2, hidden_size=32,
+            num_attention_heads=4, seq_length=64, make_vocab_size_divisible_by=8)
 
 
 def check_generate(cmd: Command, cwd: str, ckpt: str) -> None:
