@@ -409,6 +409,13 @@ class ModelConfig:
                 f"model.position_embedding_type=rope only (got model.type={self.type}, "
                 f"position_embedding_type={self.position_embedding_type}): leave it 10000")
         self._check_attention_kernels()
+        # (not for T5, whose presets set them: switching its position embedding keeps them)
+        if self.position_embedding_type != "relative" and self.type != "t5":
+            for f, value in _changed(self, ("relative_attention_num_buckets",
+                                            "relative_attention_max_distance")):
+                raise ConfigError(f"model.{f}={_shown(value)} shapes T5's relative position "
+                                  f"bias, which model.position_embedding_type="
+                                  f"{self.position_embedding_type} does not use: unset it")
 
     def _check_attention_kernels(self) -> None:
         """The attention-kernel switches reach a kernel that this model's training runs: where
@@ -600,6 +607,11 @@ class ParallelConfig:
                 "parallel.overlap_p2p_comm=true overlaps pipeline sends and receives: it needs "
                 f"parallel.pipeline_model_parallel_size > 1 (got "
                 f"{self.pipeline_model_parallel_size})")
+        # megatron-core's non-interleaved 1F1B schedule raises at the first step otherwise
+        require(not self.overlap_p2p_comm or self.vpp is not None,
+                "parallel.overlap_p2p_comm=true needs the interleaved schedule "
+                "(parallel.virtual_pipeline_model_parallel_size > 1): megatron-core's "
+                "non-interleaved one does not overlap sends and receives")
 
     @property
     def p2p_overlap(self) -> bool:
@@ -647,6 +659,13 @@ class OptimizerConfig:
     # grad-norm/scale/copy kernels instead of mcore's per-tensor fallbacks
     # (framework/fast/multi_tensor.py). It is also what lets train.defer_step_stats work.
     fused_step: bool = True
+    # Resuming a checkpoint whose optimizer settings differ from these: its optimizer and
+    # scheduler state would silently keep its own lr, min_lr, warm-up, decay, weight decay,
+    # betas, eps and momentum, so such a resume is refused (RESUMED_OPTIMIZER_FIELDS, one line
+    # naming them). true = continue with this config's values from the checkpoint's step (the
+    # moments are kept; the schedule is recomputed at that step, and a null lr_decay_steps is
+    # the new train.max_steps), as Megatron-LM's --override-opt_param-scheduler does
+    override_on_resume: bool = False
 
     def __post_init__(self) -> None:
         check_numbers(self, "optimizer.")  # lr=inf would train and skip every step as non-finite
@@ -673,6 +692,10 @@ class OptimizerConfig:
                  f"optimizer.min_loss_scale={self.min_loss_scale} must be <= "
                  f"optimizer.initial_loss_scale={self.initial_loss_scale}")
         require(self.hysteresis >= 1, f"optimizer.hysteresis={self.hysteresis} must be >= 1")
+        require(self.min_lr is None or self.lr_decay_style != "constant",
+                f"optimizer.min_lr={self.min_lr} has no effect with optimizer.lr_decay_style="
+                f"constant (the LR stays at optimizer.lr after warmup): unset it or pick "
+                f"linear/cosine")
 
     def _check_lr(self) -> None:
         require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
@@ -961,6 +984,11 @@ def _shown(value: Any) -> str:
 
 
 # optimizer fields of megatron-core's DynamicGradScaler (fp16 without optimizer.loss_scale)
+# What a resumed optimizer and scheduler take from the checkpoint (megatron-core's scheduler
+# keeps its own values; the optimizer's param groups carry betas, eps and momentum)
+RESUMED_OPTIMIZER_FIELDS = ("optimizer", "lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
+                            "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2",
+                            "adam_eps", "sgd_momentum")
 DYNAMIC_LOSS_SCALE_FIELDS = ("initial_loss_scale", "min_loss_scale", "loss_scale_window",
                              "hysteresis")
 # data fields that only some data types read (data=random refuses its own in DataConfig):
@@ -1155,6 +1183,7 @@ class Config:
         require(c.save or c.keep_last is None,
                 f"checkpoint.keep_last={c.keep_last} prunes saved checkpoints and "
                 f"checkpoint.save=false saves none: unset one of them")
+
         require(not c.allow_pickle or c.load_hf is not None,
                 "checkpoint.allow_pickle=true lets checkpoint.load_hf read pytorch_model.bin "
                 "files; without checkpoint.load_hf it has no effect: unset it")

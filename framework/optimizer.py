@@ -13,7 +13,7 @@ The step itself (finiteness checks before the update, or all of it on the device
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,17 +63,49 @@ def build_optimizer(cfg: "OptimizerConfig", model: List[torch.nn.Module], *, max
             optimizer.fused_adam_groups = fuse_adam(optimizer)
     else:
         optimizer = CpuOptimizer.build(mcfg, model, fused=cfg.fused_step)
-    decay_steps = cfg.lr_decay_steps or max(max_steps, 1)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=min(cfg.lr_warmup_steps, max(decay_steps - 1, 0)),
-        lr_decay_steps=decay_steps,
-        lr_decay_style=cfg.lr_decay_style,
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
-        wd_incr_steps=decay_steps, wd_incr_style="constant",
-    )
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, wd_incr_style="constant",
+                                        **_schedule(cfg, max_steps))
     return optimizer, scheduler
+
+
+def _schedule(cfg: "OptimizerConfig", max_steps: int) -> dict:
+    """The scheduler's settings from the config (warm-up capped to end before the decay's last
+    step, as megatron-core requires; the runner notes the cap)."""
+    decay_steps = cfg.lr_decay_steps or max(max_steps, 1)
+    return dict(max_lr=cfg.lr, min_lr=cfg.min_lr,
+                lr_warmup_steps=min(cfg.lr_warmup_steps, max(decay_steps - 1, 0)),
+                lr_decay_steps=decay_steps, lr_decay_style=cfg.lr_decay_style,
+                start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=decay_steps)
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: "OptimizerConfig", *, max_steps: int,
+                             stored: Optional[dict] = None) -> List[str]:
+    """optimizer.override_on_resume: after a resume loaded the checkpoint's optimizer and
+    scheduler state, put this config's schedule, weight decay, betas, eps and momentum in
+    their place, and set the param groups' lr and weight decay at the checkpoint's step. The
+    moments stay. Returns the changed settings as "optimizer.<field>=<value>" (`stored`: the
+    checkpoint's optimizer config, for that list)."""
+    from framework.config import RESUMED_OPTIMIZER_FIELDS
+
+    old_max, old_min = scheduler.max_lr, scheduler.min_lr
+    for name, value in _schedule(cfg, max_steps).items():
+        setattr(scheduler, name, value)
+    for group in optimizer.param_groups:
+        # megatron-core's groups carry their own max_lr / min_lr (the config's, or a multiple
+        # for a group with an lr override): the new values, the multiples kept
+        for key, old, new in (("max_lr", old_max, cfg.lr), ("min_lr", old_min, cfg.min_lr)):
+            if key in group:
+                group[key] = new if group[key] == old or not old else group[key] * new / old
+        if "betas" in group:
+            group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        if "eps" in group:
+            group["eps"] = cfg.adam_eps
+        if "momentum" in group:
+            group["momentum"] = cfg.sgd_momentum
+    scheduler.step(increment=0)  # lr and weight decay of every group at the current step
+    stored = stored or {}
+    return [f"optimizer.{f}={getattr(cfg, f)}" for f in RESUMED_OPTIMIZER_FIELDS
+            if f in stored and stored[f] != getattr(cfg, f)]
 
 
 class CpuOptimizer:

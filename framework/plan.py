@@ -72,6 +72,38 @@ def _resume_global_batch(cfg: Config, meta) -> None:
         cfg._check_batch(dp)
 
 
+def _check_resumed_optimizer(cfg: Config, meta, where: str) -> None:
+    """A resume restores the checkpoint's optimizer and scheduler state, which hold their own
+    learning-rate schedule, weight decay, betas, eps and momentum: settings that differ from the
+    checkpoint's would be silently replaced by its values. Refused in one line, unless
+    optimizer.override_on_resume applies them (not across optimizer types, whose state does not
+    carry over)."""
+    from framework.config import RESUMED_OPTIMIZER_FIELDS
+
+    stored = meta.get("config", {}).get("optimizer")
+    if not isinstance(stored, dict):
+        return
+    o = cfg.optimizer
+    diffs = [(f, stored[f], getattr(o, f)) for f in RESUMED_OPTIMIZER_FIELDS
+             if stored.get(f) is not None and stored[f] != getattr(o, f)
+             and not (f == "sgd_momentum" and o.optimizer == "adam")
+             and not (f.startswith("adam_") and o.optimizer == "sgd")]
+    if not diffs:
+        return
+    shown = "; ".join(f"optimizer.{f}: checkpoint={a!r} config={b!r}" for f, a, b in diffs)
+    if any(f == "optimizer" for f, _a, _b in diffs):
+        raise ConfigError(f"{where} was trained with optimizer.optimizer={stored['optimizer']} "
+                          f"and its optimizer state cannot resume optimizer.optimizer="
+                          f"{o.optimizer}: start a new run from its weights (checkpoint.load="
+                          f"<dir> with another checkpoint.dir)")
+    if not o.override_on_resume:
+        raise ConfigError(
+            f"{where} holds optimizer and scheduler state with other settings, which a resume "
+            f"would keep instead of this config's ({shown}): drop these overrides, set "
+            f"optimizer.override_on_resume=true to continue with the new values, or start a new "
+            f"run from its weights (checkpoint.load=<dir> with another checkpoint.dir)")
+
+
 def make_plan(cfg: Config) -> RunPlan:
     """Every decision and check that needs no worker (the world, the device, checkpoints,
     tokenizer, data files, model settings, output directories). Nothing is built."""
@@ -91,6 +123,8 @@ def make_plan(cfg: Config) -> RunPlan:
     if load_dir:
         meta = read_meta(load_dir, load_it, allow_symlinks=links)
         check_compatible(meta, cfg.model, iter_dir(load_dir, load_it))
+        if resuming:
+            _check_resumed_optimizer(cfg, meta, iter_dir(load_dir, load_it))
         if resuming and auto_batch:
             _resume_global_batch(cfg, meta)
         # the files against the manifest, one line here before any worker starts. A self-launch

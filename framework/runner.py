@@ -24,7 +24,7 @@ from framework.launch import launch
 from framework.launch_env import env_rank
 from framework.models.build import build_model
 from framework.models.registry import family
-from framework.optimizer import build_optimizer
+from framework.optimizer import apply_optimizer_settings, build_optimizer
 from framework.plan import RunPlan, make_plan
 from framework.security.masking import mask_secrets
 from framework.training.console import echo, run_log
@@ -137,6 +137,10 @@ def _train_rank(plan: RunPlan) -> None:
         if fused is not None and rank == 0:
             # what benchmarks/ read back as the optimizer that really ran
             echo(f"optimizer: torch's fused AdamW kernel in {fused[0]} of {fused[1]} param groups")
+        if rank == 0 and scheduler.lr_warmup_steps < cfg.optimizer.lr_warmup_steps:
+            echo(f"note: optimizer.lr_warmup_steps={cfg.optimizer.lr_warmup_steps} is capped at "
+                 f"{scheduler.lr_warmup_steps}: warm-up ends before the decay's last step "
+                 f"({scheduler.lr_decay_steps}, optimizer.lr_decay_steps or train.max_steps)")
         state = TrainState()
         if plan.load_dir:
             # the launching process has checked the checksums already (the plan): sizes here
@@ -146,6 +150,13 @@ def _train_rank(plan: RunPlan) -> None:
                                    model_cfg=cfg.model, with_optimizer=plan.resuming,
                                    allow_symlinks=links, iteration=plan.load_iteration,
                                    verify=cfg.checkpoint.verify and not verified)
+            if plan.resuming and cfg.optimizer.override_on_resume:
+                changed = apply_optimizer_settings(optimizer, scheduler, cfg.optimizer,
+                                                   max_steps=cfg.train.max_steps,
+                                                   stored=meta.get("config", {}).get("optimizer"))
+                if rank == 0 and changed:
+                    echo(f"note: optimizer.override_on_resume=true: continuing with "
+                         f"{', '.join(changed)} (the checkpoint's moments kept)")
             if plan.resuming:
                 state = TrainState(step=meta["iteration"],
                                    consumed_samples=meta["consumed_samples"],
@@ -166,9 +177,11 @@ def _train_rank(plan: RunPlan) -> None:
                          f"{cfg.train.global_batch_size} samples)")
                 planned = cfg.optimizer.lr_decay_steps or max(cfg.train.max_steps, 1)
                 if plan.resuming and scheduler.lr_decay_steps != planned:
+                    # (scheduler.min_lr: the checkpoint's, which it keeps)
                     echo(f"note: the learning-rate schedule is the checkpoint's: it decays over "
-                         f"{scheduler.lr_decay_steps} steps, then stays at optimizer.min_lr="
-                         f"{cfg.optimizer.min_lr:g} (train.max_steps does not stretch it)")
+                         f"{scheduler.lr_decay_steps} steps, then stays at its min_lr "
+                         f"{scheduler.min_lr:g} (train.max_steps does not stretch it; "
+                         f"optimizer.override_on_resume=true does)")
         is_last = ps.is_pipeline_last_stage()
         is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
                       and ps.get_data_parallel_rank() == 0)

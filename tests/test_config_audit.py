@@ -385,3 +385,27 @@ def test_load_hf_is_checked_before_any_worker_starts(tmp_path):
     with pytest.raises(ConfigError) as e:
         make_plan(load_config(*common, "model=llama_tiny", f"checkpoint.load_hf={hf}"))
     assert "the Hugging Face model in" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- found by the 2026-12-05 (thirteenth session) audit --------------------------------------
+def test_overlap_p2p_comm_without_interleaving_is_an_error():
+    """megatron-core's non-interleaved 1F1B schedule raised at the first step."""
+    msg = config_error("model=gpt_tiny", "parallel.pipeline_model_parallel_size=2",
+                       "parallel.overlap_p2p_comm=true")
+    assert "parallel.overlap_p2p_comm=true" in msg and "interleaved" in msg
+    load_config("model=gpt_tiny", "parallel=pp2_vpp2", "parallel.overlap_p2p_comm=true")
+
+
+def test_min_lr_with_constant_lr_is_an_error():
+    msg = config_error("optimizer.lr_decay_style=constant", "optimizer.min_lr=1e-5")
+    assert "optimizer.min_lr=1e-05" in msg and "constant" in msg
+    cfg = load_config("optimizer.lr_decay_style=constant")  # min_lr resolved, unused: fine
+    assert cfg.optimizer.min_lr is not None
+
+
+@pytest.mark.parametrize("override", ["model.relative_attention_num_buckets=16",
+                                      "model.relative_attention_max_distance=256"])
+def test_relative_attention_fields_outside_relative_bias_are_an_error(override):
+    msg = config_error("model=gpt_tiny", override)
+    assert override.split("=")[0] in msg and "relative position bias" in msg
+    load_config("model=t5_tiny", override)

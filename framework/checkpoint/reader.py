@@ -221,16 +221,13 @@ def recorded_window(meta: Dict[str, Any]) -> Dict[str, Any]:
             or not isinstance(source, dict) or not isinstance(source.get("config"), dict)):
         return {}
     from framework.errors import InteropError
-    from framework.interop import family
+    from framework.models.gpt.hf_llama import sliding_window_fields
 
-    hf = source["config"]
     try:
-        fields = family(source.get("model_type") or hf.get("model_type")).hf_config_to_fields(hf)
-    except (InteropError, ConfigError, KeyError, TypeError, ValueError):
+        fields = sliding_window_fields(source["config"])
+    except InteropError:
         return {}
-    if not fields.get("sliding_window"):
-        return {}
-    return {k: fields.get(k) for k in ("sliding_window", "sliding_window_layers")}
+    return fields if fields.get("sliding_window") else {}
 
 
 def stored_model_config(meta: Dict[str, Any], where: str = "the checkpoint"):

@@ -19,12 +19,14 @@ class TrainData:
     global_batch_size: int
     dp_rank: int
     dp_size: int
+    num_workers: int = 0  # data.num_workers: DataLoader worker processes per iterator
 
     def _iters(self, ds, n: int, consumed: int) -> List[Any]:
         return [iter(MicroBatchIterator(ds, micro_batch_size=self.micro_batch_size,
                                         global_batch_size=self.global_batch_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                        consumed_samples=consumed))
+                                        consumed_samples=consumed,
+                                        num_workers=self.num_workers))
                 for _ in range(n)]
 
     def train_iterators(self, n_chunks: int, consumed_samples: int) -> List[Any]:
@@ -47,4 +49,4 @@ def build_train_data(data_cfg: "DataConfig", tokenizer, train_cfg: "TrainConfig"
                                          num_samples=num_samples,
                                          cache_dir=data_cfg.path_to_cache)
     return TrainData(train, valid if n_eval else None, train_cfg.micro_batch_size, gbs,
-                     dp_rank, dp_size)
+                     dp_rank, dp_size, num_workers=data_cfg.num_workers)

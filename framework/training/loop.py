@@ -315,8 +315,10 @@ class Trainer:
             self._account(state, rec, bar)
         if stop is not None:
             if rt.is_logging_rank:
+                saving = ("saving a checkpoint" if self.ckpt_cfg.save
+                          else "checkpoint.save=false: nothing is saved")
                 _write(bar, f"stopping at iteration {state.step}: "
-                            f"{describe_stop(stop, cfg.max_minutes)}; saving a checkpoint")
+                            f"{describe_stop(stop, cfg.max_minutes)}; {saving}")
             if self.ckpt_cfg.save and last_saved != state.step:
                 self._mark(state.step, "checkpoint save", patience=SAVE_PATIENCE)
                 self.save_fn(state)

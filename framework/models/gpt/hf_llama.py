@@ -117,6 +117,16 @@ def _sliding_window(hf: Dict[str, Any], model_type: str, layers: int) -> Dict[st
     return dict(sliding_window=window, sliding_window_layers=None)
 
 
+def sliding_window_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """model.sliding_window / sliding_window_layers of an HF config of this family ({} for
+    another model_type, or a config without a layer count)."""
+    model_type = hf.get("model_type")
+    layers = hf.get("num_hidden_layers")
+    if model_type not in _QKV_BIAS or not isinstance(layers, int):
+        return {}
+    return _sliding_window(hf, model_type, layers)
+
+
 def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     """HF config (as a dict) of `model_type` -> our ModelConfig fields."""
     bad = []
