@@ -121,7 +121,8 @@ class ModelConfig:
     # layers that use the window (HF Qwen2/Qwen3: max_window_layers and up); null = every layer
     sliding_window: Optional[int] = None
     sliding_window_layers: Optional[List[int]] = None
-    # ALiBi on GPU runs through FlexAttention; these are its Triton `kernel_options` (block sizes,
+    # ALiBi training through FlexAttention (model.alibi_kernel=flex, or fp32 on a GPU; bf16 with
+    # another kernel refuses them): its Triton `kernel_options` (block sizes,
     # num_warps/num_stages, fwd_/bwd_ prefixed variants, USE_TMA, ...), merged over the defaults
     # in framework/fast/alibi.py (FLEX_KERNEL_OPTIONS). benchmarks/attention.py
     # compares settings on one card.
@@ -1256,6 +1257,25 @@ class Config:
                      and not self.train.fp16),
                 "model.cudnn_attention=true has no effect in fp32 (train.bf16=false; cuDNN's "
                 "attention takes bf16/fp16): leave it null")
+        # an ALiBi kernel asked for by name that SDPAttention would leave for another one
+        half = self.train.fp16 or self.train.bf16 is not False
+        if on_gpu and m.alibi_kernel in ("cudnn", "augmented"):
+            require(half, f"model.alibi_kernel={m.alibi_kernel} runs in bf16/fp16; in fp32 "
+                          f"(train.bf16=false) training takes FlexAttention or the dense bias: "
+                          f"use model.alibi_kernel=auto")
+        # FlexAttention serves ALiBi training only by name, or in fp32 (the fused kernels take
+        # bf16/fp16; decoding and padding masks take the dense bias)
+        require(not (on_gpu and m.flex_kernel_options and half and m.alibi_kernel != "flex"),
+                f"model.flex_kernel_options={m.flex_kernel_options} tune FlexAttention, which "
+                f"bf16/fp16 ALiBi training with model.alibi_kernel={m.alibi_kernel} does not "
+                f"run (it takes cuDNN or the extra head dims): set model.alibi_kernel=flex, or "
+                f"unset them")
+        if on_gpu and m.alibi_kernel == "cudnn":
+            head = m.head_dim
+            require(head % 8 == 0 and head <= 128,
+                    f"model.alibi_kernel=cudnn: cuDNN takes head dims that are multiples of 8 up "
+                    f"to 128 (got {head}); training would take another kernel: use "
+                    f"model.alibi_kernel=auto")
         ranks = self.train.profile.ranks or []
         require(not self.train.profile.steps or not ranks or min(ranks) < world_size,
                 f"train.profile.ranks={list(ranks)}: no such rank in a world of {world_size} "

@@ -168,6 +168,10 @@ def _check_device_features(cfg: Config, device: str) -> None:
             raise ConfigError("model.cudnn_attention=true needs a CUDA device and the cuDNN "
                               "frontend (nvidia-cudnn-frontend, a Linux x86_64 dependency); "
                               "`model.cudnn_attention=null` uses it where it can and works here")
+    if cfg.model.alibi_kernel == "cudnn" and device == "cuda" and not cudnn_attention.available():
+        raise ConfigError("model.alibi_kernel=cudnn needs the cuDNN frontend "
+                          "(nvidia-cudnn-frontend, a Linux x86_64 dependency), which is not "
+                          "installed: training would take another kernel; use alibi_kernel=auto")
     # our Triton kernels asked for by name (a CPU run notes that it goes without them)
     asked = [f for f in ("swiglu_kernel", "qkv_rope_fusion") if getattr(cfg.model, f) is True]
     if asked and device == "cuda":

@@ -409,3 +409,30 @@ def test_relative_attention_fields_outside_relative_bias_are_an_error(override):
     msg = config_error("model=gpt_tiny", override)
     assert override.split("=")[0] in msg and "relative position bias" in msg
     load_config("model=t5_tiny", override)
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "augmented"])
+def test_alibi_kernel_by_name_in_fp32_on_gpu_is_an_error(kernel):
+    """SDPAttention would take FlexAttention or the dense bias instead (fp32 on a GPU)."""
+    cfg = load_config("model.position_embedding_type=alibi", f"model.alibi_kernel={kernel}",
+                      "train.bf16=false")
+    msg = world_error(cfg, 1, on_gpu=True)
+    assert f"model.alibi_kernel={kernel}" in msg and "fp32" in msg
+    load_config("model.position_embedding_type=alibi", f"model.alibi_kernel={kernel}"
+                ).resolve_world(1, on_gpu=True)
+
+
+def test_alibi_kernel_cudnn_with_a_head_dim_cudnn_refuses_is_an_error():
+    cfg = load_config("model.position_embedding_type=alibi", "model.alibi_kernel=cudnn",
+                      "model.kv_channels=12")
+    msg = world_error(cfg, 1, on_gpu=True)
+    assert "model.alibi_kernel=cudnn" in msg and "(got 12)" in msg
+
+
+def test_flex_kernel_options_where_flex_does_not_run_are_an_error():
+    opts = ("model.position_embedding_type=alibi", "model.flex_kernel_options={BLOCK_M:64}")
+    msg = world_error(load_config(*opts), 1, on_gpu=True)  # bf16: cuDNN or extra head dims
+    assert "model.flex_kernel_options" in msg and "model.alibi_kernel=flex" in msg
+    load_config(*opts, "model.alibi_kernel=flex", "model.attention_dropout=0"
+                ).resolve_world(1, on_gpu=True)
+    load_config(*opts, "train.bf16=false").resolve_world(1, on_gpu=True)  # fp32: flex runs
