@@ -64,8 +64,8 @@ class ModelConfig:
     name: str = "gpt_tiny"
     type: str = "gpt"  # model family: a name in framework.models.registry.FAMILIES
     # The preset's learning rate (and floor), used when optimizer.lr (optimizer.min_lr) is null:
-    # a tiny CPU model and a 1.5B model do not share one good learning rate. Not architecture,
-    # and never compared on resume. Every preset in conf/model sets it; 1e-3 is for configs built
+    # a tiny CPU model and a 1.5B model do not share one good learning rate. Not architecture;
+    # a resume compares the resolved optimizer.lr / min_lr (framework/plan.py). Every preset in conf/model sets it; 1e-3 is for configs built
     # in code (Config(), HF imports).
     default_lr: Optional[float] = 1e-3
     default_min_lr: Optional[float] = None
@@ -990,6 +990,9 @@ def _shown(value: Any) -> str:
 RESUMED_OPTIMIZER_FIELDS = ("optimizer", "lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
                             "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2",
                             "adam_eps", "sgd_momentum")
+# ...of which the scheduler's state holds these (the optimizer's param groups the rest)
+SCHEDULED_OPTIMIZER_FIELDS = ("lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
+                              "lr_decay_style", "weight_decay")
 DYNAMIC_LOSS_SCALE_FIELDS = ("initial_loss_scale", "min_loss_scale", "loss_scale_window",
                              "hysteresis")
 # data fields that only some data types read (data=random refuses its own in DataConfig):
@@ -1148,6 +1151,12 @@ class Config:
             for f, value in _changed(d, MASKED_LM_FIELDS):
                 raise ConfigError(f"data.{f}={_shown(value)} applies to masked-LM data (model.type="
                                   f"bert/t5); model.type=gpt trains on GPT samples without it")
+            if d.type == "embedded":  # framework/data/embedded.py packed_documents, AnswerLoss
+                for f, value in _changed(d, ("reset_position_ids", "eod_mask_loss")):
+                    raise ConfigError(
+                        f"data.{f}={_shown(value)} has no effect on data=embedded: each sample "
+                        f"is one packed document ending in its end-of-document token, which the "
+                        f"answer-only loss leaves out already; use it with data=indexed/mock")
         elif m.type in MASKED_LM_GEOMETRIC:
             for f, value in _changed(d, ("reset_position_ids", "eod_mask_loss")):
                 raise ConfigError(f"data.{f}={_shown(value)} applies to GPT samples; "

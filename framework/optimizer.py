@@ -87,15 +87,16 @@ def apply_optimizer_settings(optimizer, scheduler, cfg: "OptimizerConfig", *, ma
     checkpoint's optimizer config, for that list)."""
     from framework.config import RESUMED_OPTIMIZER_FIELDS
 
-    old_max, old_min = scheduler.max_lr, scheduler.min_lr
+    old_decay = scheduler.lr_decay_steps
     for name, value in _schedule(cfg, max_steps).items():
         setattr(scheduler, name, value)
     for group in optimizer.param_groups:
-        # megatron-core's groups carry their own max_lr / min_lr (the config's, or a multiple
-        # for a group with an lr override): the new values, the multiples kept
-        for key, old, new in (("max_lr", old_max, cfg.lr), ("min_lr", old_min, cfg.min_lr)):
-            if key in group:
-                group[key] = new if group[key] == old or not old else group[key] * new / old
+        # megatron-core's groups carry their own max_lr / min_lr, which get_lr reads (the
+        # config's: this framework sets no per-group learning rates)
+        if "max_lr" in group:
+            group["max_lr"] = cfg.lr
+        if "min_lr" in group:
+            group["min_lr"] = cfg.min_lr
         if "betas" in group:
             group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
         if "eps" in group:
@@ -104,8 +105,14 @@ def apply_optimizer_settings(optimizer, scheduler, cfg: "OptimizerConfig", *, ma
             group["momentum"] = cfg.sgd_momentum
     scheduler.step(increment=0)  # lr and weight decay of every group at the current step
     stored = stored or {}
-    return [f"optimizer.{f}={getattr(cfg, f)}" for f in RESUMED_OPTIMIZER_FIELDS
-            if f in stored and stored[f] != getattr(cfg, f)]
+    unread = ("sgd_momentum",) if cfg.optimizer == "adam" else ("adam_beta1", "adam_beta2",
+                                                                "adam_eps")
+    changed = [f"optimizer.{f}={getattr(cfg, f)}" for f in RESUMED_OPTIMIZER_FIELDS
+               if f not in unread and f != "lr_decay_steps" and stored.get(f) is not None
+               and stored[f] != getattr(cfg, f)]
+    if scheduler.lr_decay_steps != old_decay:
+        changed.append(f"the decay over {scheduler.lr_decay_steps} steps (was {old_decay})")
+    return changed
 
 
 class CpuOptimizer:

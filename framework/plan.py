@@ -72,36 +72,57 @@ def _resume_global_batch(cfg: Config, meta) -> None:
         cfg._check_batch(dp)
 
 
-def _check_resumed_optimizer(cfg: Config, meta, where: str) -> None:
-    """A resume restores the checkpoint's optimizer and scheduler state, which hold their own
-    learning-rate schedule, weight decay, betas, eps and momentum: settings that differ from the
-    checkpoint's would be silently replaced by its values. Refused in one line, unless
-    optimizer.override_on_resume applies them (not across optimizer types, whose state does not
-    carry over)."""
-    from framework.config import RESUMED_OPTIMIZER_FIELDS
+def _check_resumed_optimizer(cfg: Config, meta, path: str, allow_symlinks: bool) -> None:
+    """A resume restores the checkpoint's scheduler state (its learning-rate schedule and weight
+    decay) and optimizer state (its param groups' betas, eps, momentum): settings that differ
+    from the checkpoint's would be silently replaced by its values. Refused in one line, unless
+    optimizer.override_on_resume applies them (not across optimizer types). Only what the
+    checkpoint stores is compared: a converted checkpoint without optimizer or scheduler state
+    (data_tools.convert) resumes with this config's values. optimizer.lr_decay_steps is
+    compared only when given: null keeps the checkpoint's decay (the runner notes it)."""
+    from framework.checkpoint.reader import read_dist
+    from framework.config import RESUMED_OPTIMIZER_FIELDS, SCHEDULED_OPTIMIZER_FIELDS
 
     stored = meta.get("config", {}).get("optimizer")
     if not isinstance(stored, dict):
         return
     o = cfg.optimizer
-    diffs = [(f, stored[f], getattr(o, f)) for f in RESUMED_OPTIMIZER_FIELDS
-             if stored.get(f) is not None and stored[f] != getattr(o, f)
-             and not (f == "sgd_momentum" and o.optimizer == "adam")
-             and not (f.startswith("adam_") and o.optimizer == "sgd")]
-    if not diffs:
+    has_scheduler = read_dist(path, "common", allow_symlinks=allow_symlinks).get(
+        "scheduler") is not None
+    has_state = any(k.startswith("optimizer") for k in read_dist(
+        path, "metadata", allow_symlinks=allow_symlinks).state_dict_metadata)
+    if not (has_scheduler or has_state):
         return
-    shown = "; ".join(f"optimizer.{f}: checkpoint={a!r} config={b!r}" for f, a, b in diffs)
-    if any(f == "optimizer" for f, _a, _b in diffs):
-        raise ConfigError(f"{where} was trained with optimizer.optimizer={stored['optimizer']} "
+    if has_state and stored.get("optimizer") not in (None, o.optimizer):
+        raise ConfigError(f"{path} was trained with optimizer.optimizer={stored['optimizer']} "
                           f"and its optimizer state cannot resume optimizer.optimizer="
                           f"{o.optimizer}: start a new run from its weights (checkpoint.load="
                           f"<dir> with another checkpoint.dir)")
-    if not o.override_on_resume:
+    stored_decay = stored.get("lr_decay_steps") or meta.get("config", {}).get(
+        "train", {}).get("max_steps")
+    diffs = []
+    for f in RESUMED_OPTIMIZER_FIELDS:
+        scheduled = f in SCHEDULED_OPTIMIZER_FIELDS
+        if f == "optimizer" or not (has_scheduler if scheduled else has_state):
+            continue
+        if (f == "sgd_momentum" and o.optimizer == "adam") or \
+                (f.startswith("adam_") and o.optimizer == "sgd"):
+            continue
+        ours, theirs = getattr(o, f), stored.get(f)
+        if f == "lr_decay_steps":
+            if ours is not None and stored_decay is not None and ours != stored_decay:
+                diffs.append((f, stored_decay, ours))
+        elif theirs is not None and theirs != ours:
+            diffs.append((f, theirs, ours))
+    if diffs and not o.override_on_resume:
+        shown = "; ".join(f"optimizer.{f}: checkpoint={a!r} config={b!r}" for f, a, b in diffs)
+        back = " ".join(f"optimizer.{f}={a!r}" for f, a, _b in diffs)
         raise ConfigError(
-            f"{where} holds optimizer and scheduler state with other settings, which a resume "
-            f"would keep instead of this config's ({shown}): drop these overrides, set "
-            f"optimizer.override_on_resume=true to continue with the new values, or start a new "
-            f"run from its weights (checkpoint.load=<dir> with another checkpoint.dir)")
+            f"{path} holds optimizer and scheduler state with other settings, which a resume "
+            f"would keep instead of this config's ({shown}): resume with the checkpoint's values "
+            f"({back}), set optimizer.override_on_resume=true to continue with the new ones, or "
+            f"start a new run from its weights (checkpoint.load=<dir> with another "
+            f"checkpoint.dir)")
 
 
 def make_plan(cfg: Config) -> RunPlan:
@@ -123,8 +144,6 @@ def make_plan(cfg: Config) -> RunPlan:
     if load_dir:
         meta = read_meta(load_dir, load_it, allow_symlinks=links)
         check_compatible(meta, cfg.model, iter_dir(load_dir, load_it))
-        if resuming:
-            _check_resumed_optimizer(cfg, meta, iter_dir(load_dir, load_it))
         if resuming and auto_batch:
             _resume_global_batch(cfg, meta)
         # the files against the manifest, one line here before any worker starts. A self-launch
@@ -137,6 +156,8 @@ def make_plan(cfg: Config) -> RunPlan:
                           search_checksums=c.verify, collective=False)
         if full:
             os.environ[VERIFIED_ENV] = path
+        if resuming:  # (reads common.pt and the index: after the files are verified)
+            _check_resumed_optimizer(cfg, meta, path, links)
     load_hf = c.load_hf if resume_it is None else None
     if load_hf:  # the directory, its files and the architecture, before any worker starts
         from framework.interop import check_hf_source

@@ -137,10 +137,6 @@ def _train_rank(plan: RunPlan) -> None:
         if fused is not None and rank == 0:
             # what benchmarks/ read back as the optimizer that really ran
             echo(f"optimizer: torch's fused AdamW kernel in {fused[0]} of {fused[1]} param groups")
-        if rank == 0 and scheduler.lr_warmup_steps < cfg.optimizer.lr_warmup_steps:
-            echo(f"note: optimizer.lr_warmup_steps={cfg.optimizer.lr_warmup_steps} is capped at "
-                 f"{scheduler.lr_warmup_steps}: warm-up ends before the decay's last step "
-                 f"({scheduler.lr_decay_steps}, optimizer.lr_decay_steps or train.max_steps)")
         state = TrainState()
         if plan.load_dir:
             # the launching process has checked the checksums already (the plan): sizes here
@@ -182,6 +178,15 @@ def _train_rank(plan: RunPlan) -> None:
                          f"{scheduler.lr_decay_steps} steps, then stays at its min_lr "
                          f"{scheduler.min_lr:g} (train.max_steps does not stretch it; "
                          f"optimizer.override_on_resume=true does)")
+        if rank == 0 and cfg.optimizer.override_on_resume and not plan.resuming:
+            echo("note: optimizer.override_on_resume=true has no effect: this run resumes no "
+                 "checkpoint")
+        # (from the final scheduler: after a resume it is the checkpoint's, or the override's)
+        if rank == 0 and scheduler.lr_warmup_steps < cfg.optimizer.lr_warmup_steps and \
+                not (plan.resuming and not cfg.optimizer.override_on_resume):
+            echo(f"note: optimizer.lr_warmup_steps={cfg.optimizer.lr_warmup_steps} is capped at "
+                 f"{scheduler.lr_warmup_steps}: warm-up ends before the decay's last step "
+                 f"({scheduler.lr_decay_steps}, optimizer.lr_decay_steps or train.max_steps)")
         is_last = ps.is_pipeline_last_stage()
         is_logging = (is_last and ps.get_tensor_model_parallel_rank() == 0
                       and ps.get_data_parallel_rank() == 0)

@@ -290,7 +290,7 @@ def test_data_fields_other_data_types_read_are_an_error(data, override):
 def test_reset_attention_mask_is_an_error():
     msg = config_error("data.reset_attention_mask=true")
     assert "data.reset_attention_mask=true" in msg and "no effect" in msg
-    load_config("data.reset_position_ids=true")
+    load_config("data=mock", "data.reset_position_ids=true")
 
 
 def test_masked_lm_data_fields_on_gpt_are_an_error():
@@ -302,7 +302,15 @@ def test_masked_lm_data_fields_on_gpt_are_an_error():
 def test_gpt_data_fields_on_masked_lm_models_are_an_error():
     msg = config_error("model=t5_tiny", "data.eod_mask_loss=true")
     assert "data.eod_mask_loss=true" in msg and "model.type=t5" in msg
-    load_config("data.eod_mask_loss=true")
+    load_config("data=mock", "data.eod_mask_loss=true")
+
+
+@pytest.mark.parametrize("field", ["reset_position_ids", "eod_mask_loss"])
+def test_document_fields_on_the_embedded_corpus_are_an_error(field):
+    """Each embedded sample is one packed document (framework/data/embedded.py), and the
+    answer-only loss already leaves its end-of-document token out: both change nothing."""
+    msg = config_error(f"data.{field}=true")
+    assert f"data.{field}=true" in msg and "data=embedded" in msg
 
 
 def test_geometric_spans_refuse_longer_ngrams_and_permutation():

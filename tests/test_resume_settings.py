@@ -52,6 +52,47 @@ def test_resume_with_other_optimizer_settings(tmp_path):
         assert abs(got[step] - want[step]) < 1e-12, (step, got[step], want[step])
 
 
+def test_override_on_resume_keeps_the_run_directory():
+    """It says how to resume, not what is computed: `train.max_steps=4000
+    optimizer.override_on_resume=true` continues checkpoints/default."""
+    from framework.cli import checkpoint_overrides
+
+    assert checkpoint_overrides(["train.max_steps=4000", "optimizer.override_on_resume=true"]) \
+        == ""
+    assert checkpoint_overrides(["optimizer.lr=0.01", "optimizer.override_on_resume=true"]) \
+        == "optimizer.lr=0.01"
+
+
+def test_only_what_the_checkpoint_stores_is_compared(tmp_path):
+    """A seed checkpoint (train.max_steps=0) stores the scheduler but no optimizer tensors: its
+    schedule fields are compared, the betas (a fresh optimizer takes this config's) are not."""
+    ck = f"checkpoint.dir={tmp_path}/seed"
+    run_train(*COMMON, ck, "train.max_steps=0", cwd=tmp_path, name="seed")
+    run_train(*COMMON, ck, "train.max_steps=1", "optimizer.adam_beta2=0.5", cwd=tmp_path,
+              name="betas")
+    r = run_train(*COMMON, ck, "train.max_steps=2", "optimizer.weight_decay=0.3",
+                  cwd=tmp_path, name="wd", expect=None)
+    assert r.returncode != 0 and "optimizer.weight_decay: checkpoint=0.1 config=0.3" in r.stderr
+
+
+def test_resume_with_data_workers_is_bit_identical(tmp_path):
+    """With DataLoader workers, a resumed run's steps equal the uninterrupted run's (gpt_tiny,
+    dropout on). The loader draws its workers' seed from its own generator, not from the
+    global CPU RNG that the resume restores; this test passes without that too (the dropout
+    here does not draw from that RNG), so it checks the workers' batches and the resume, not
+    the draw."""
+    common = ["train.eval_interval=0", "data.num_workers=2", "checkpoint.save_interval=2",
+              "optimizer.lr_decay_steps=4"]  # the same schedule for the 2-step first half
+    full = run_train(*common, f"checkpoint.dir={tmp_path}/a", "train.max_steps=4",
+                     cwd=tmp_path, name="full").losses
+    run_train(*common, f"checkpoint.dir={tmp_path}/b", "train.max_steps=2", cwd=tmp_path,
+              name="first")
+    rest = run_train(*common, f"checkpoint.dir={tmp_path}/b", "train.max_steps=4",
+                     cwd=tmp_path, name="rest").losses
+    assert sorted(rest) == [3, 4]
+    assert all(rest[s] == full[s] for s in (3, 4)), (rest, full)
+
+
 def test_apply_optimizer_settings_sets_the_groups(mp1):
     """The param groups' betas and eps, and lr / weight decay at the current step, after a
     scheduler state was loaded."""
@@ -69,8 +110,12 @@ def test_apply_optimizer_settings_sets_the_groups(mp1):
     new = OptimizerConfig(lr=2e-2, min_lr=2e-3, adam_beta1=0.8, adam_beta2=0.5, adam_eps=1e-6,
                           weight_decay=0.01, lr_warmup_steps=0)
     changed = apply_optimizer_settings(opt, sched, new, max_steps=100,
-                                       stored={"lr": 1e-3, "adam_beta2": 0.95, "adam_eps": 1e-8})
+                                       stored={"lr": 1e-3, "adam_beta2": 0.95, "adam_eps": 1e-8,
+                                               "sgd_momentum": 0.5})
     assert changed == ["optimizer.lr=0.02", "optimizer.adam_beta2=0.5", "optimizer.adam_eps=1e-06"]
+    assert apply_optimizer_settings(opt, sched, new, max_steps=200, stored={"lr": 2e-2}) == [
+        "the decay over 200 steps (was 100)"]
+    apply_optimizer_settings(opt, sched, new, max_steps=100)
     _o2, ref = build_optimizer(new, model, max_steps=100, bf16=False, fp16=False,
                                use_distributed_optimizer=False, overlap_param_gather=False,
                                on_gpu=False)

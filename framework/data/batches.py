@@ -97,9 +97,14 @@ class MicroBatchIterator:
 
     def _start(self) -> Iterator[Dict[str, torch.Tensor]]:
         if self.num_workers > 0:
+            # its own generator: a DataLoader draws its workers' base seed from the global CPU
+            # RNG otherwise, so a resumed run (which starts its iterator after restoring that
+            # RNG) would draw different CPU random numbers than the run it continues. The
+            # samples are deterministic either way; one pass over the indices, so no persistent
+            # workers (evaluation builds a new iterator each time)
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self._indices, num_workers=self.num_workers,
-                collate_fn=collate, persistent_workers=True)
+                collate_fn=collate, generator=torch.Generator().manual_seed(0))
             return iter(loader)
         return (collate([self.dataset[i] for i in idx]) for idx in self._indices)
 
