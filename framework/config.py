@@ -65,8 +65,8 @@ class ModelConfig:
     type: str = "gpt"  # model family: a name in framework.models.registry.FAMILIES
     # The preset's learning rate (and floor), used when optimizer.lr (optimizer.min_lr) is null:
     # a tiny CPU model and a 1.5B model do not share one good learning rate. Not architecture;
-    # a resume compares the resolved optimizer.lr / min_lr (framework/plan.py). Every preset in conf/model sets it; 1e-3 is for configs built
-    # in code (Config(), HF imports).
+    # a resume compares the resolved optimizer.lr / min_lr (framework/plan.py). Every preset in
+    # conf/model sets it; 1e-3 is for configs built in code (Config(), HF imports).
     default_lr: Optional[float] = 1e-3
     default_min_lr: Optional[float] = None
     num_layers: int = 2
@@ -373,8 +373,9 @@ class ModelConfig:
                              f"[0, {self.num_layers}) (0-based)")
             require(len(set(layers)) == len(layers),
                     f"model.sliding_window_layers={list(layers)} repeats a layer")
-            if sorted(layers) == list(range(self.num_layers)):  # every layer: one spelling
-                self.sliding_window_layers = None
+            # one spelling per model (sorted; every layer = null), so comparisons need no care
+            self.sliding_window_layers = (None if sorted(layers) == list(range(self.num_layers))
+                                          else sorted(layers))
         if w is None:
             return
         require(self.attention_backend == "sdpa",
@@ -990,6 +991,8 @@ def _shown(value: Any) -> str:
 RESUMED_OPTIMIZER_FIELDS = ("optimizer", "lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
                             "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2",
                             "adam_eps", "sgd_momentum")
+# the fields of the other optimizer, which this one never reads
+UNREAD_BY_OPTIMIZER = {"adam": ("sgd_momentum",), "sgd": ("adam_beta1", "adam_beta2", "adam_eps")}
 # ...of which the scheduler's state holds these (the optimizer's param groups the rest)
 SCHEDULED_OPTIMIZER_FIELDS = ("lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
                               "lr_decay_style", "weight_decay")
@@ -1115,9 +1118,8 @@ class Config:
         """Optimizer fields the chosen optimizer, precision and LR schedule read
         (framework/optimizer.py, megatron-core's get_megatron_optimizer)."""
         o, t = self.optimizer, self.train
-        name, label, unread = {"adam": ("sgd", "an SGD", ("sgd_momentum",)),
-                               "sgd": ("adam", "an Adam", ("adam_beta1", "adam_beta2",
-                                                           "adam_eps"))}[o.optimizer]
+        name, label = {"adam": ("sgd", "an SGD"), "sgd": ("adam", "an Adam")}[o.optimizer]
+        unread = UNREAD_BY_OPTIMIZER[o.optimizer]
         for f, value in _changed(o, unread):
             raise ConfigError(f"optimizer.{f}={_shown(value)} is {label} setting and "
                               f"optimizer.optimizer={o.optimizer} never reads it: unset it (or "
@@ -1193,7 +1195,6 @@ class Config:
         require(c.save or c.keep_last is None,
                 f"checkpoint.keep_last={c.keep_last} prunes saved checkpoints and "
                 f"checkpoint.save=false saves none: unset one of them")
-
         require(not c.allow_pickle or c.load_hf is not None,
                 "checkpoint.allow_pickle=true lets checkpoint.load_hf read pytorch_model.bin "
                 "files; without checkpoint.load_hf it has no effect: unset it")

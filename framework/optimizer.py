@@ -85,7 +85,7 @@ def apply_optimizer_settings(optimizer, scheduler, cfg: "OptimizerConfig", *, ma
     their place, and set the param groups' lr and weight decay at the checkpoint's step. The
     moments stay. Returns the changed settings as "optimizer.<field>=<value>" (`stored`: the
     checkpoint's optimizer config, for that list)."""
-    from framework.config import RESUMED_OPTIMIZER_FIELDS
+    from framework.config import RESUMED_OPTIMIZER_FIELDS, UNREAD_BY_OPTIMIZER
 
     old_decay = scheduler.lr_decay_steps
     for name, value in _schedule(cfg, max_steps).items():
@@ -105,10 +105,8 @@ def apply_optimizer_settings(optimizer, scheduler, cfg: "OptimizerConfig", *, ma
             group["momentum"] = cfg.sgd_momentum
     scheduler.step(increment=0)  # lr and weight decay of every group at the current step
     stored = stored or {}
-    unread = ("sgd_momentum",) if cfg.optimizer == "adam" else ("adam_beta1", "adam_beta2",
-                                                                "adam_eps")
     changed = [f"optimizer.{f}={getattr(cfg, f)}" for f in RESUMED_OPTIMIZER_FIELDS
-               if f not in unread and f != "lr_decay_steps" and stored.get(f) is not None
+               if f not in UNREAD_BY_OPTIMIZER[cfg.optimizer] and f != "lr_decay_steps" and stored.get(f) is not None
                and stored[f] != getattr(cfg, f)]
     if scheduler.lr_decay_steps != old_decay:
         changed.append(f"the decay over {scheduler.lr_decay_steps} steps (was {old_decay})")

@@ -81,7 +81,8 @@ def _check_resumed_optimizer(cfg: Config, meta, path: str, allow_symlinks: bool)
     (data_tools.convert) resumes with this config's values. optimizer.lr_decay_steps is
     compared only when given: null keeps the checkpoint's decay (the runner notes it)."""
     from framework.checkpoint.reader import read_dist
-    from framework.config import RESUMED_OPTIMIZER_FIELDS, SCHEDULED_OPTIMIZER_FIELDS
+    from framework.config import (RESUMED_OPTIMIZER_FIELDS, SCHEDULED_OPTIMIZER_FIELDS,
+                                  UNREAD_BY_OPTIMIZER)
 
     stored = meta.get("config", {}).get("optimizer")
     if not isinstance(stored, dict):
@@ -103,10 +104,8 @@ def _check_resumed_optimizer(cfg: Config, meta, path: str, allow_symlinks: bool)
     diffs = []
     for f in RESUMED_OPTIMIZER_FIELDS:
         scheduled = f in SCHEDULED_OPTIMIZER_FIELDS
-        if f == "optimizer" or not (has_scheduler if scheduled else has_state):
-            continue
-        if (f == "sgd_momentum" and o.optimizer == "adam") or \
-                (f.startswith("adam_") and o.optimizer == "sgd"):
+        if f == "optimizer" or f in UNREAD_BY_OPTIMIZER[o.optimizer] or \
+                not (has_scheduler if scheduled else has_state):
             continue
         ours, theirs = getattr(o, f), stored.get(f)
         if f == "lr_decay_steps":

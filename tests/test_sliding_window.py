@@ -441,7 +441,7 @@ def windowed_reference(q, k, v, window, pad=None):
     return out.permute(2, 0, 1, 3).reshape(sq, b, n * d)
 
 
-def windowed_attention(window, heads, groups, **kw):
+def windowed_attention(window, heads, groups, window_layers=None):
     from megatron.core.transformer.enums import AttnMaskType
 
     from framework.models.layers import SDPAttention
@@ -449,9 +449,9 @@ def windowed_attention(window, heads, groups, **kw):
 
     cfg = ModelConfig(num_layers=2, hidden_size=heads * 16, num_attention_heads=heads,
                       num_query_groups=groups, hidden_dropout=0.0, attention_dropout=0.0,
-                      sliding_window=window)
+                      sliding_window=window, sliding_window_layers=window_layers)
     tcfg = transformer_config(cfg, ParallelConfig(), bf16=False, fp16=False, on_gpu=False)
-    return SDPAttention(tcfg, 1, AttnMaskType.causal, "self", sliding_window=window, **kw)
+    return SDPAttention(tcfg, 1, AttnMaskType.causal, "self", window_of=cfg.windowed)
 
 
 def test_core_attention_cases_match_the_reference(mp1):

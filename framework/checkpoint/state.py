@@ -71,8 +71,6 @@ def _arch_value(model: Dict[str, Any], f: str) -> Any:
         return heads
     if f == "add_qkv_bias":
         return bool(v or model.get("add_bias_linear"))
-    if f == "sliding_window_layers" and v is not None:
-        return sorted(v)
     return v
 
 

@@ -139,8 +139,7 @@ def _arch(cfg: ModelConfig) -> Dict[str, Any]:
         "lm_head_bias": cfg.lm_head_bias,
         "add_qkv_bias": cfg.add_qkv_bias,
         "sliding_window": cfg.sliding_window,
-        "sliding_window_layers": (None if cfg.sliding_window_layers is None
-                                  else sorted(cfg.sliding_window_layers)),
+        "sliding_window_layers": cfg.sliding_window_layers,
         **({"rotary_base": cfg.rotary_base, "rotary_percent": cfg.rotary_percent,
             "rope_scaling": cfg.rope_scaling}
            if cfg.position_embedding_type == "rope" else {}),

@@ -52,7 +52,7 @@ The megatron-core module globals we replace are in framework/mcore_patches.py.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ class SDPAttention(MegatronModule):
     relative position bias [1, n, sq, sk]) is added to the scores; it combines with either mask
     type. GQA/MQA key/value heads are expanded with `enable_gqa` semantics.
 
-    `sliding_window` W (on the layers `window_layers` names, 0-based; None = all): each query
+    `window_of(layer)` (ModelConfig.windowed: the window W of 0-based layer `layer`, or None): each query
     attends to itself and the W - 1 keys before it, Hugging Face's rule (key index > query index
     - W). Queries are the last sq of the sk keys (training, prefill through a KV cache, dynamic
     decode steps), so a band mask over key indices applies it, combined with any other mask;
@@ -114,13 +114,11 @@ class SDPAttention(MegatronModule):
         flex_kernel_options: Optional[dict] = None,
         alibi_kernel: str = "auto",
         cudnn: Optional[bool] = None,
-        sliding_window: Optional[int] = None,
-        window_layers: Optional[Sequence[int]] = None,
+        window_of: Optional[Callable[[int], Optional[int]]] = None,
     ):
         super().__init__(config=config)
         # mcore numbers layers from 1 across pipeline stages and virtual chunks
-        self.window = sliding_window if sliding_window and (
-            window_layers is None or layer_number - 1 in window_layers) else None
+        self.window = window_of(layer_number - 1) if window_of is not None else None
         tp_rank, tp = tp_rank_and_size(pg_collection)
         self.attn_mask_type = attn_mask_type
         divide(config.num_attention_heads, tp)  # each rank holds whole heads and KV groups

@@ -186,8 +186,7 @@ def layer_spec(model: ModelConfig, fp8: Optional[str] = None, mask: str = "causa
     core_attention = (partial(SDPAttention, alibi=model.position_embedding_type == "alibi",
                               flex_kernel_options=model.flex_kernel_options,
                               alibi_kernel=model.alibi_kernel, cudnn=model.cudnn_attention,
-                              sliding_window=model.sliding_window,
-                              window_layers=model.sliding_window_layers)
+                              window_of=model.windowed)
                       if model.attention_backend == "sdpa" else DotProductAttention)
     return ModuleSpec(
         module=TransformerLayer,
