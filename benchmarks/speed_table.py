@@ -56,6 +56,7 @@ TABLE_HEAD = ("| dropout | system | micro-batch | tok/s | MFU | peak GB | spread
 # ours + one switch, for `--ours-variants` (the label says what differs from the defaults)
 OURS_VARIANTS = {"default": [], "compile": ["model.torch_compile=true"],
                  "unfused_wgrad": ["model.fused_wgrad=false"],
+                 "pageable": ["data.pin_memory=false"],
                  "cuda_graph": ["model.cuda_graph=true"],
                  "no_swiglu_kernel": ["model.swiglu_kernel=false"],
                  "keep_logits": ["model.fused_ce_keep_logits=true"],

@@ -127,6 +127,8 @@ CANDIDATES = {
     "torch_kernels": ("ours, torch's LayerNorm and bias add (fused_norm, fused_bias_add off)",
                       ["model.fused_norm=false", "model.fused_bias_add=false"]),
     "torch_norm": ("ours, torch's LayerNorm (model.fused_norm=false)", ["model.fused_norm=false"]),
+    "pageable": ("ours, batches in pageable host memory (data.pin_memory=false)",
+                 ["data.pin_memory=false"]),
     "sync_steps": ("ours, host reads loss and grad norm every step (train.defer_step_stats=false)",
                    ["train.defer_step_stats=false"]),
     "fast": ("ours + fused CE + CUDA graphs", ["model.fused_cross_entropy=true",

@@ -69,7 +69,7 @@ RUN_CONTROL_KEYS = (
     "checkpoint.dir", "checkpoint.save",
     "checkpoint.save_interval", "checkpoint.keep_last", "checkpoint.allow_pickle",
     "checkpoint.allow_symlinks", "checkpoint.load_iteration", "checkpoint.verify",
-    "data.num_workers", "data.path_to_cache", "optimizer.override_on_resume",
+    "data.num_workers", "data.pin_memory", "data.path_to_cache", "optimizer.override_on_resume",
 )
 # ...except in a sweep (-m), where jobs of different lengths must not continue one another
 SWEEP_NAMED_KEYS = ("train.max_steps",)

@@ -739,6 +739,10 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     num_workers: int = 0
+    # batches copied into page-locked host memory, so the host-to-GPU copy is asynchronous and
+    # the host does not wait for the previous step's GPU work at each step's first batch;
+    # null = on when training on a GPU (GPU-only: a CPU run goes without, with a note if true)
+    pin_memory: Optional[bool] = None
     # embedded corpus
     num_documents: int = 20000
     # BERT/T5 masked-LM data (mcore MaskedWordPieceDatasetConfig); None -> Megatron-LM's

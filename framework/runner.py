@@ -101,6 +101,9 @@ def _train_rank(plan: RunPlan) -> None:
             if gpu_only:
                 echo(f"note: {', '.join(gpu_only)}: GPU-only, so this CPU run goes without "
                      f"(the same model and loss; only the kernels differ)")
+            if not on_gpu and cfg.data.pin_memory:
+                echo("note: data.pin_memory=true: page-locked batches speed up copies to a GPU, "
+                     "so this CPU run goes without (the same batches)")
             kept = kept_logits_bytes(cfg, padded, plan.bf16 or cfg.train.fp16, device,
                                      is_last_stage=True)
             if kept and cfg.model.fused_ce_keep_logits is None:
@@ -117,7 +120,7 @@ def _train_rank(plan: RunPlan) -> None:
                      "trades memory for time")
         data = build_train_data(cfg.data, tokenizer, cfg.train, cfg.model, parts,
                                 dp_rank=ps.get_data_parallel_rank(),
-                                dp_size=ps.get_data_parallel_world_size())
+                                dp_size=ps.get_data_parallel_world_size(), on_gpu=on_gpu)
         one_micro = cfg.train.global_batch_size == \
             cfg.train.micro_batch_size * ps.get_data_parallel_world_size()
         model = build_model(cfg.model, cfg.parallel, vocab_size=padded, bf16=plan.bf16,

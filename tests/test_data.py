@@ -593,6 +593,34 @@ def test_micro_batches_resume(embedded, corpus_dir):
                 assert all(torch.equal(want[k], have[k]) for k in want)
 
 
+@pytest.mark.parametrize("setting, on_gpu, pinned", [
+    (None, True, True), (True, True, True), (False, True, False), (None, False, False),
+    (True, False, False)])
+def test_pin_memory_rule_and_pinned_batches(monkeypatch, setting, on_gpu, pinned):
+    """data.pin_memory: null pins on a GPU run, false never, and a CPU run never (no GPU to copy
+    to). Pinned batches come from `Tensor.pin_memory` on every tensor, with or without loader
+    workers (CPU torch cannot page-lock, so the call is recorded, not made)."""
+    from types import SimpleNamespace
+
+    from framework.config import TrainConfig
+    from framework.training.data import build_train_data
+
+    samples = [{"tokens": [i, i + 1], "labels": [i + 1, i + 2], "loss_mask": [1, 1],
+                "position_ids": [0, 1]} for i in range(8)]
+    parts = SimpleNamespace(datasets=lambda *a, **k: (samples, samples, None))
+    data = build_train_data(DataConfig(type="mock", pin_memory=setting), None,
+                            TrainConfig(micro_batch_size=2, global_batch_size=2, max_steps=4,
+                                        eval_interval=0), None, parts,
+                            dp_rank=0, dp_size=1, on_gpu=on_gpu)
+    assert data.pin_memory is pinned
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self, *a: calls.append(tuple(self.shape)) or self, raising=False)
+    batch = next(data.train_iterators(1, 0)[0])
+    assert torch.equal(batch["tokens"], torch.tensor([[0, 1], [1, 2]]))
+    assert len(calls) == (len(batch) if pinned else 0)
+
+
 def test_embedded_gpt_samples_start_with_a_problem_and_train_on_answers(embedded, corpus_dir):
     """data=embedded packs whole lines into documents of seq_length tokens, so each sample
     starts with a problem at position 0 (as a generation prompt does), and its loss mask keeps

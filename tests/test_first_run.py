@@ -334,3 +334,8 @@ def test_gpu_only_switches_on_a_cpu_run_are_named_not_ignored(tmp_path):
                      "model.flex_kernel_options={BLOCK_M:64}", "train.max_steps=1",
                      "train.eval_interval=0", "checkpoint.save=false", cwd=tmp_path, name="flex")
     assert "note: model.flex_kernel_options: GPU-only" in flex.stdout + flex.stderr
+    # page-locked batches (for copies to a GPU) too
+    pinned = run_train("data.pin_memory=true", "train.max_steps=1", "train.eval_interval=0",
+                       "checkpoint.save=false", cwd=tmp_path, name="pinned")
+    assert "note: data.pin_memory=true: page-locked batches speed up copies to a GPU, so this " \
+        "CPU run goes without" in pinned.stdout + pinned.stderr

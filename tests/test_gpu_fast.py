@@ -196,15 +196,18 @@ def _train_seed(d, *overrides):
 
 @pytest.mark.parametrize("defer", [True, False])
 def test_train_steps_never_wait_for_the_gpu(tmp_path, defer):
-    """With train.defer_step_stats (the default) a train step makes no host-device
-    synchronisation between log steps, so the host runs ahead and the GPU never idles waiting for
-    it; with it off, the control case, the synchronising calls are found (so the check works)."""
+    """With train.defer_step_stats and data.pin_memory (the defaults) a train step makes no
+    host-device synchronisation between log steps, so the host runs ahead and the GPU never idles
+    waiting for it: no synchronising call, and every batch is page-locked (a copy from pageable
+    memory waits for the GPU's queued work, unseen by CUDA's sync debug mode). With both off, the
+    control case, the synchronising calls and the pageable batches are found (so the check works)."""
     r = run(os.path.join(ROOT, "tests", "gpu_sync_check.py"),
             "model=gpt_tiny", "data=embedded", "train.max_steps=12",
             "train.log_interval=6", "train.eval_interval=0", "train.bf16=true",
             "train.micro_batch_size=8", "train.global_batch_size=8",
             "train.progress_bar=false", "checkpoint.save=false",
             f"train.defer_step_stats={str(defer).lower()}",
+            *([] if defer else ["data.pin_memory=false"]),
             "parallel=single", "parallel.data_parallel_size=1",
             f"checkpoint.dir={tmp_path}/ckpt", f"hydra.run.dir={tmp_path}/out",
             cwd=tmp_path, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
@@ -213,10 +216,14 @@ def test_train_steps_never_wait_for_the_gpu(tmp_path, defer):
     assert "SYNC CHECK: 10 steps checked" in summary, summary[-4000:]
     log_parity(f"sync check, defer_step_stats={defer}: {summary}")
     n_sync = int(summary.split(",")[1].split()[0])
+    pin = summary[summary.index("PIN CHECK:"):].split()
+    pinned, pageable = int(pin[2]), int(pin[4])
     if defer:
         assert n_sync == 0, summary[-6000:]
+        assert pinned > 0 and pageable == 0, summary[-3000:]
     else:  # ("20 synchronisations" contains "0 synchronisations": compare the number)
         assert n_sync > 0, summary[-3000:]
+        assert pageable > 0 and pinned == 0, summary[-3000:]
 
 
 def test_fused_wgrad_matches_separate_add_cuda():

@@ -51,7 +51,9 @@ class MicroBatchIterator:
     `consumed_samples=N` continues at sample N on DP rank 0. Indices wrap around the dataset
     length (mcore already sizes datasets to the samples requested, so this rarely happens).
 
-    `num_workers > 0` loads samples in torch DataLoader worker processes.
+    `num_workers > 0` loads samples in torch DataLoader worker processes. `pin_memory` returns
+    each batch in page-locked host memory: its copy to the GPU (`non_blocking=True`) is then
+    asynchronous, where a copy from pageable memory makes the host wait for the GPU's queued work.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class MicroBatchIterator:
         dp_size: int = 1,
         consumed_samples: int = 0,
         num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         if micro_batch_size <= 0 or global_batch_size % (micro_batch_size * dp_size) != 0:
             raise ConfigError(
@@ -80,6 +83,7 @@ class MicroBatchIterator:
         self.global_batch_size = global_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self._consumed = consumed_samples
         self._indices = _BatchIndices(len(dataset), micro_batch_size, dp_rank, dp_size,
                                       consumed_samples)
@@ -104,9 +108,13 @@ class MicroBatchIterator:
             # workers (evaluation builds a new iterator each time)
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self._indices, num_workers=self.num_workers,
-                collate_fn=collate, generator=torch.Generator().manual_seed(0))
+                collate_fn=collate, generator=torch.Generator().manual_seed(0),
+                pin_memory=self.pin_memory)
             return iter(loader)
-        return (collate([self.dataset[i] for i in idx]) for idx in self._indices)
+        batches = (collate([self.dataset[i] for i in idx]) for idx in self._indices)
+        if self.pin_memory:
+            return ({k: v.pin_memory() for k, v in b.items()} for b in batches)
+        return batches
 
     def __iter__(self) -> "MicroBatchIterator":
         return self

@@ -20,13 +20,15 @@ class TrainData:
     dp_rank: int
     dp_size: int
     num_workers: int = 0  # data.num_workers: DataLoader worker processes per iterator
+    pin_memory: bool = False  # batches in page-locked memory (data.pin_memory, on a GPU)
 
     def _iters(self, ds, n: int, consumed: int) -> List[Any]:
         return [iter(MicroBatchIterator(ds, micro_batch_size=self.micro_batch_size,
                                         global_batch_size=self.global_batch_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size,
                                         consumed_samples=consumed,
-                                        num_workers=self.num_workers))
+                                        num_workers=self.num_workers,
+                                        pin_memory=self.pin_memory))
                 for _ in range(n)]
 
     def train_iterators(self, n_chunks: int, consumed_samples: int) -> List[Any]:
@@ -39,9 +41,10 @@ class TrainData:
 
 def build_train_data(data_cfg: "DataConfig", tokenizer, train_cfg: "TrainConfig",
                      model_cfg: "ModelConfig", parts: "ModelParts", *, dp_rank: int,
-                     dp_size: int) -> TrainData:
+                     dp_size: int, on_gpu: bool = False) -> TrainData:
     """The datasets of the model family (`parts.datasets`), sized for `train.max_steps` and the
-    evaluation, as this data-parallel rank's iterators."""
+    evaluation, as this data-parallel rank's iterators. `on_gpu`: the batches go to a GPU, so
+    `data.pin_memory` (null = on) pins them."""
     gbs = train_cfg.global_batch_size
     n_eval = gbs * train_cfg.eval_iters if train_cfg.eval_interval else 0
     num_samples = (train_cfg.max_steps * gbs, n_eval, 0)
@@ -49,4 +52,5 @@ def build_train_data(data_cfg: "DataConfig", tokenizer, train_cfg: "TrainConfig"
                                          num_samples=num_samples,
                                          cache_dir=data_cfg.path_to_cache)
     return TrainData(train, valid if n_eval else None, train_cfg.micro_batch_size, gbs,
-                     dp_rank, dp_size, num_workers=data_cfg.num_workers)
+                     dp_rank, dp_size, num_workers=data_cfg.num_workers,
+                     pin_memory=on_gpu and data_cfg.pin_memory is not False)
