@@ -598,8 +598,9 @@ def test_micro_batches_resume(embedded, corpus_dir):
     (True, False, False)])
 def test_pin_memory_rule_and_pinned_batches(monkeypatch, setting, on_gpu, pinned):
     """data.pin_memory: null pins on a GPU run, false never, and a CPU run never (no GPU to copy
-    to). Pinned batches come from `Tensor.pin_memory` on every tensor, with or without loader
-    workers (CPU torch cannot page-lock, so the call is recorded, not made)."""
+    to). Pinned batches come from `Tensor.pin_memory` on every tensor of the in-process path
+    (CPU torch cannot page-lock, so the call is recorded, not made); the loader-worker path hands
+    the flag to torch's DataLoader (GPU test: tests/test_gpu_fast.py, data.num_workers=2)."""
     from types import SimpleNamespace
 
     from framework.config import TrainConfig

@@ -194,27 +194,28 @@ def _train_seed(d, *overrides):
     return f"checkpoint.load={d}/ckpt"
 
 
-@pytest.mark.parametrize("defer", [True, False])
-def test_train_steps_never_wait_for_the_gpu(tmp_path, defer):
+@pytest.mark.parametrize("defer, workers", [(True, 0), (False, 0), (True, 2)])
+def test_train_steps_never_wait_for_the_gpu(tmp_path, defer, workers):
     """With train.defer_step_stats and data.pin_memory (the defaults) a train step makes no
     host-device synchronisation between log steps, so the host runs ahead and the GPU never idles
     waiting for it: no synchronising call, and every batch is page-locked (a copy from pageable
     memory waits for the GPU's queued work, unseen by CUDA's sync debug mode). With both off, the
-    control case, the synchronising calls and the pageable batches are found (so the check works)."""
+    control case, the synchronising calls and the pageable batches are found (so the check works).
+    With loader workers torch's DataLoader pins the batches."""
     r = run(os.path.join(ROOT, "tests", "gpu_sync_check.py"),
             "model=gpt_tiny", "data=embedded", "train.max_steps=12",
             "train.log_interval=6", "train.eval_interval=0", "train.bf16=true",
             "train.micro_batch_size=8", "train.global_batch_size=8",
             "train.progress_bar=false", "checkpoint.save=false",
             f"train.defer_step_stats={str(defer).lower()}",
-            *([] if defer else ["data.pin_memory=false"]),
+            *([] if defer else ["data.pin_memory=false"]), f"data.num_workers={workers}",
             "parallel=single", "parallel.data_parallel_size=1",
             f"checkpoint.dir={tmp_path}/ckpt", f"hydra.run.dir={tmp_path}/out",
             cwd=tmp_path, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     summary = r.stdout[r.stdout.index("SYNC CHECK:"):]
     assert "SYNC CHECK: 10 steps checked" in summary, summary[-4000:]
-    log_parity(f"sync check, defer_step_stats={defer}: {summary}")
+    log_parity(f"sync check, defer_step_stats={defer}, workers={workers}: {summary}")
     n_sync = int(summary.split(",")[1].split()[0])
     pin = summary[summary.index("PIN CHECK:"):].split()
     pinned, pageable = int(pin[2]), int(pin[4])

@@ -142,18 +142,21 @@ def test_bf16_resume_from_a_checkpoint_saved_before_the_first_step(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fp8", [None, "delayed"])
-def test_resume_under_cuda_graphs_is_exact(tmp_path, fp8):
+@pytest.mark.parametrize("fp8, workers", [(None, 0), ("delayed", 0), (None, 2)])
+def test_resume_under_cuda_graphs_is_exact(tmp_path, fp8, workers):
     """model.cuda_graph=true keeps graph-safe generators in the RNG tracker; checkpoints store
     them as tensors (a weights-only load refuses generators) and load them back as generators,
     and the graph capture (at each process's first step) leaves the RNG states alone. 8 steps
     saved at 4 and resumed train exactly like 8 uninterrupted steps, dropout on. With
-    train.fp8=delayed the checkpoint also carries the amax histories."""
+    train.fp8=delayed the checkpoint also carries the amax histories. With loader workers, whose
+    batches a thread of torch's DataLoader page-locks (data.pin_memory), the capture pass takes
+    unpinned batches, so that thread makes no CUDA call during mcore's capture."""
     common = ["train.device=cuda", "train.progress_bar=false", "train.log_interval=1",
               "train.eval_interval=0", "train.micro_batch_size=8", "train.global_batch_size=16",
               "optimizer.lr_decay_steps=8", "checkpoint.save_interval=4",
               "parallel.data_parallel_size=1", "model.cuda_graph=true", "train.bf16=true",
-              "model.hidden_dropout=0.1"] + ([f"train.fp8={fp8}"] if fp8 else [])
+              "model.hidden_dropout=0.1", f"data.num_workers={workers}"] + \
+        ([f"train.fp8={fp8}"] if fp8 else [])
 
     _run(tmp_path, common, "full", f"{tmp_path}/a", 8)
     _run(tmp_path, common, "first", f"{tmp_path}/b", 4)

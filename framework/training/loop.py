@@ -6,6 +6,7 @@ virtual stages) over mcore-DDP-wrapped chunks. CPU: `forward_backward_cpu`, the 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
@@ -256,9 +257,13 @@ class Trainer:
         from framework.mcore_patches import rng_states_kept
 
         self._mark(state.step + 1, "CUDA-graph capture (a forward/backward, no update)")
+        # its batches unpinned: with loader workers, pinning runs in a thread of its own, whose
+        # CUDA calls during mcore's capture (global mode, at the end of this pass) would
+        # invalidate it; in-process pinning runs before the layers, but one rule serves both
+        data = dataclasses.replace(self.data, pin_memory=False)
         with record_function("phase/cuda_graph_capture"), rng_states_kept():
             self._zero_grads()
-            self._run(self.data.train_iterators(len(self.model), state.consumed_samples),
+            self._run(data.train_iterators(len(self.model), state.consumed_samples),
                       forward_only=False)
             for h in self.fp8_histories:
                 h.clear_step()
