@@ -22,12 +22,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from framework.checkpoint import reader
+from framework.checkpoint.manifest import VERIFIED_ENV, verify_checkpoint
 from framework.checkpoint.state import load_checkpoint
 from framework.config import ModelConfig, ParallelConfig, TokenizerConfig
 from framework.distributed import init_distributed, set_seeds, teardown
 from framework.errors import ConfigError, require
 from framework.generation import MAX_SEED, GenerationOptions, generate, normalize_early_stopping
-from framework.launch import launch, resolve_device
+from framework.launch import launch, launched_externally, resolve_device
 from framework.models.registry import family, with_capability
 from framework.tokenizer import TokenizerSource, choose_tokenizer
 from framework.training.oom import generation_oom_error, reported_oom
@@ -236,6 +237,7 @@ class GenerateJob:
     pad_id: int
     max_new_tokens: int
     notes: List[str]
+    verified: bool = False  # checksums checked by prepare_job: the workers check sizes only
 
 
 def prepare_job(cfg: GenerateConfig) -> GenerateJob:
@@ -250,6 +252,13 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     require(os.path.isfile(os.path.join(reader.iter_dir(cfg.load, it), reader.META)),
              f"load={cfg.load} iteration={it}: {reader.iter_dir(cfg.load, it)} is missing")
     meta = reader.read_meta(cfg.load, it, allow_symlinks=links)
+    # the files against the manifest here, before any worker builds a model (as train.py's plan
+    # does): checksums where this process launches the workers, sizes only under torchrun/SLURM,
+    # where every rank prepares and the ranks share the checksums when they load
+    verified = cfg.verify and not launched_externally()
+    verify_checkpoint(reader.iter_dir(cfg.load, it), it, meta, checksums=verified,
+                      allow_symlinks=links, search_checksums=cfg.verify, collective=False,
+                      how_to_load=lambda i, _path: f"iteration={i}")
     model_cfg = reader.stored_model_config(meta, reader.iter_dir(cfg.load, it))
     require(family(model_cfg.type).generation,
              f"load={cfg.load} holds a model.type={model_cfg.type} model; generation supports "
@@ -285,7 +294,7 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
              f"parallel.pipeline_model_parallel_size={pp} (each stage seeds with seed + 100 x "
              f"its rank)")
     if cfg.output_file is not None:
-        check_output_file(cfg.output_file)
+        check_output_file(cfg.output_file, cfg.load)
 
     data_type = meta.get("config", {}).get("data", {}).get("type")
     source = choose_checkpoint_tokenizer(cfg.tokenizer, cfg.load, it, model_cfg, data_type)
@@ -314,9 +323,18 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
         prompts = [str(p) for p in cfg.prompts]
     prompt_ids = []
     context = model_cfg.max_positions
+    # an id of its own for unknown text (a word-level vocabulary such as the embedded corpus's
+    # characters); byte-level BPE, which encodes any text, maps its unk to EOS, so not counted
+    unk = getattr(getattr(tokenizer, "hf", None), "unk_token_id", None)
+    if unk in (tokenizer.eod, tokenizer.bos, tokenizer.pad):
+        unk = None
     for i, text in enumerate(prompts):
         check_utf8(text, f"prompt {i}")
         ids = ([tokenizer.bos] if cfg.add_bos else []) + tokenizer.encode(text)
+        if unk is not None and unk in ids:
+            notes.append(f"generation: prompt {i} has {ids.count(unk)} token(s) that the tokenizer "
+                         f"({_tokenizer_name(cfg)}) does not know; the model gets its unknown "
+                         f"token there, so the completion may mean little")
         require(len(ids) > 0, f"prompt {i} ({text!r}) has no tokens (set add_bos=true to start "
                                f"from BOS alone)")
         require(len(ids) <= context,
@@ -350,7 +368,7 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
                        answers=answers, data_type=data_type, tokenizer=source,
                        vocab_size=vocab, padded_vocab=padded,
                        eos_id=eos, pad_id=tokenizer.pad, max_new_tokens=max_new,
-                       notes=notes)
+                       notes=notes, verified=verified)
 
 
 def _tokenizer_name(cfg: GenerateConfig) -> str:
@@ -375,11 +393,18 @@ def check_utf8(text: str, what: str) -> None:
                           f"{e.start + 1}); pass prompts as UTF-8") from None
 
 
-def check_output_file(path: str) -> None:
-    """output_file can be written: not a directory, and its directory (or the nearest existing
-    one above it, where it will be made) accepts a new file. Checked before any model work."""
+def check_output_file(path: str, load: Optional[str] = None) -> None:
+    """output_file can be written: not a directory, not inside the checkpoint directory `load`
+    (where it could replace one of the checkpoint's own files), and its directory (or the nearest
+    existing one above it, where it will be made) accepts a new file. Checked before any model
+    work."""
     require(not os.path.isdir(path), f"output_file={path} is a directory; give a file name, "
                                      f"e.g. output_file=results.jsonl")
+    if load is not None:
+        out, ckpt = os.path.realpath(path), os.path.realpath(load)
+        require(not out.startswith(ckpt.rstrip(os.sep) + os.sep),
+                f"output_file={path} is inside the checkpoint directory load={load}; write it "
+                f"elsewhere (a file there could replace one of the checkpoint's own)")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -436,7 +461,12 @@ def check_tokenizer_fits(cfg: GenerateConfig, it: int, model_cfg: ModelConfig,
 def run_generate(cfg: GenerateConfig) -> None:
     job = prepare_job(cfg)
     world = job.parallel.model_parallel_size * job.parallel.data_parallel_size
-    launch(generate_worker, job, world)
+    # prepare_job has checked the files (and said so of a checkpoint without a manifest)
+    os.environ[VERIFIED_ENV] = reader.iter_dir(job.load, job.iteration)
+    try:
+        launch(generate_worker, job, world)
+    finally:
+        os.environ.pop(VERIFIED_ENV, None)
 
 
 def generate_worker(job: GenerateJob) -> None:
@@ -461,7 +491,7 @@ def generate_worker(job: GenerateJob) -> None:
         model = load_for_inference(job.load, job.model, job.parallel,
                                    padded_vocab=job.padded_vocab, device=device, bf16=job.bf16,
                                    iteration=job.iteration, allow_symlinks=job.cfg.allow_symlinks,
-                                   verify=job.cfg.verify)
+                                   verify=job.cfg.verify and not job.verified)
         if rank == 0:
             print(f"loaded {job.load} (iteration {job.iteration}) at TP="
                   f"{job.parallel.tensor_model_parallel_size} PP="

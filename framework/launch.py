@@ -9,6 +9,9 @@ worker's one-line error (exit 2) becomes one line of the parent's (`WorkerFailed
 """
 from __future__ import annotations
 
+import glob
+import hashlib
+import logging
 import os
 import signal
 import sys
@@ -98,6 +101,9 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
                       shutdown_timeout=max(1, int(shutdown_s)),
                       **({"signals_to_handle": signals}
                          if "signals_to_handle" in LaunchConfig.__dataclass_fields__ else {}))
+    quiet = _WorkerExitedFilter()
+    elastic_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    elastic_log.addFilter(quiet)
     try:
         elastic_launch(lc, _worker_entry)(worker_fn, arg)
     except SignalException as e:
@@ -122,8 +128,23 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
         raise WorkerFailed(f"worker failed (rank {first.local_rank}, exit {first.exitcode}): "
                            f"{msg or 'see the log above'}") from None
     finally:
+        elastic_log.removeFilter(quiet)
         os.environ.pop(STOP_FILE_ENV, None)
+        for marker in glob.glob(glob.escape(stop_file) + ".*"):  # _first_to_report's
+            os.unlink(marker)
         os.unlink(stop_file)
+
+
+class _WorkerExitedFilter(logging.Filter):
+    """Drops torch elastic's log of a worker that exited with a code (its record carries the
+    agent's own traceback, not the worker's; the worker has printed its error and the launcher
+    names rank and exit code). A worker that raised keeps elastic's record: its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import torch.multiprocessing as tmp
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, tmp.ProcessExitedException)
 
 
 def _start_method() -> str:
@@ -163,12 +184,32 @@ def signal_name(sig) -> str:
         return f"signal {sig}"
 
 
+def _first_to_report(message: str) -> bool:
+    """True for the first self-launched worker to report `message` (ranks that fail alike say it
+    once): a marker file beside the launch's stop file, made exclusively."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if not stop_file:
+        return True
+    digest = hashlib.sha1(message.encode("utf-8", "replace")).hexdigest()[:16]
+    try:
+        os.close(os.open(f"{stop_file}.{digest}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _worker_entry(worker_fn: Callable[[Any], None], arg: Any) -> None:
     try:
         worker_fn(arg)
     except ConfigError as e:
-        # one line, no traceback from the worker; the parent reports the exit code
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # one line, no traceback from the worker; the parent reports the exit code. One write
+        # call, so the lines of ranks failing at once do not interleave
+        line = f"error: {e}"
+        if _first_to_report(line):
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
         sys.stdout.flush()
         os._exit(2)
     release_after_stop()  # a deliberate stop: returning ends this process, agent polling or not

@@ -219,3 +219,58 @@ def test_generate_py_reports_it_in_one_line(ckpt, tmp_path):
         "error: temperature=0.7 has no effect with greedy decoding (top_k=0, top_p=0.0); sample "
         "with top_k > 1 or top_p > 0, or leave temperature=1.0"]
     assert "loaded" not in r.stdout
+
+
+def test_output_file_inside_the_checkpoint_refused(here, ckpt):
+    """output_file inside load= could replace one of the checkpoint's own files (framework.json
+    of the iteration it reads): refused before any model work, whatever the spelling."""
+    from framework.checkpoint import reader
+    from framework.inference import prepare_job
+
+    it_dir = reader.iter_dir(ckpt, reader.latest_iteration(ckpt))
+    for target in (os.path.join(it_dir, reader.META), os.path.join(ckpt, "results.jsonl"),
+                   os.path.join(ckpt, "..", os.path.basename(ckpt), "x", "out.jsonl")):
+        with pytest.raises(ConfigError, match="is inside the checkpoint directory"):
+            prepare_job(compose(here, f"load={ckpt}", "device=cpu", PROMPTS,
+                                f"output_file={target}"))
+    # beside it is fine
+
+    prepare_job(compose(here, f"load={ckpt}", "device=cpu", PROMPTS,
+                        f"output_file={ckpt}-results.jsonl"))
+
+
+def test_damaged_checkpoint_refused_before_any_model_is_built(here, tmp_path):
+    """The checkpoint's files are checked against its manifest in prepare_job, as train.py's
+    plan does, so a damaged shard is one line before any worker builds a model."""
+    import shutil
+
+    from framework.checkpoint import reader
+    from framework.inference import prepare_job
+
+    src = save_tiny_gpt_checkpoint(str(tmp_path / "ckpt"), **TINY)
+    it_dir = reader.iter_dir(src, reader.latest_iteration(src))
+    shard = sorted(f for f in os.listdir(it_dir) if f.endswith(".distcp"))[0]
+    with open(os.path.join(it_dir, shard), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ConfigError, match=f"{shard}"):  # (prepare_job builds no model)
+        prepare_job(compose(here, f"load={src}", "device=cpu", PROMPTS))
+    # verify=false skips the checksums (sizes still checked): prepared
+    job = prepare_job(compose(here, f"load={src}", "device=cpu", PROMPTS, "verify=false"))
+    assert job.verified is False
+    shutil.rmtree(src)
+
+
+def test_prompt_with_unknown_tokens_noted(here, ckpt):
+    """The embedded corpus's character vocabulary has no letters: a prompt of words becomes
+    unknown tokens, which a note says (it is not refused: a prompt may mix in a few)."""
+    from framework.inference import prepare_job
+
+    job = prepare_job(compose(here, f"load={ckpt}", "device=cpu", 'prompts=["1+2=", "hello 3"]'))
+    unknown = [n for n in job.notes if "does not know" in n]
+    assert len(unknown) == 1 and unknown[0].startswith("generation: prompt 1 has 5 token(s)"), \
+        job.notes
+    assert not any("does not know" in n for n in
+                   prepare_job(compose(here, f"load={ckpt}", "device=cpu", PROMPTS)).notes)
