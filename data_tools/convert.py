@@ -9,7 +9,10 @@
         --target-tp N --target-pp M [--with-optimizer] [--make-vocab-size-divisible-by K]
 
 Every command also takes --print-checkpoint-structure (tensor names, shapes and dtypes of the
-input, and of the output when --save is given) and --overwrite.
+input, and of the output when --save is given) and --overwrite (with --save). megatron-to-hf and
+reshape, which read our checkpoints, take --allow-symlinks and --no-verify; hf-to-megatron
+refuses them (an HF directory has no manifest, and its symlinks, as in the hub cache, are
+followed). reshape --with-optimizer needs a checkpoint that holds optimizer state.
 
 * hf-to-megatron writes iteration 0 of a checkpoint that `train.py checkpoint.load=CKPT_DIR`
   (and generate.py) load at TP=N, PP=M: the model is built at TP1/PP1 in this one process, the
@@ -59,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=DefaultsHelp)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
+    def common(sp, ours: bool = True):
+        """`ours`: --load is one of our checkpoints. --allow-symlinks and --no-verify are about
+        those (closed tree, manifest.json); an HF directory has neither (the hub cache is made
+        of symlinks, followed as always), so hf-to-megatron hides them and `run` refuses them."""
         sp.add_argument("--load", required=True, help="input directory")
         sp.add_argument("--save", help="output directory (must be empty unless --overwrite)")
         sp.add_argument("--overwrite", action="store_true",
@@ -68,14 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print tensor names, shapes and dtypes of input (and output)")
         sp.add_argument("--allow-symlinks", action="store_true",
                         help="follow symlinks inside an input checkpoint (refused by default: "
-                             "a checkpoint must be a closed tree)")
+                             "a checkpoint must be a closed tree)" if ours else argparse.SUPPRESS)
         sp.add_argument("--no-verify", dest="verify", action="store_false",
                         help="our checkpoints: check file sizes against manifest.json but not "
-                             "the checksums (faster for huge checkpoints; misses bit flips)")
+                             "the checksums (faster for huge checkpoints; misses bit flips)"
+                             if ours else argparse.SUPPRESS)
 
     h = sub.add_parser("hf-to-megatron", help="HF model directory -> our checkpoint",
                        formatter_class=DefaultsHelp)
-    common(h)
+    common(h, ours=False)
     h.add_argument("--target-tp", type=int, default=1,
                    help="tensor-parallel size the checkpoint is padded and recorded for (it "
                         "loads at any TP)")
@@ -125,8 +132,16 @@ def _inside(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
+def _cannot_write(save: str, err: OSError, where: Optional[str] = None) -> InputError:
+    why = err.strerror or str(err)
+    return InputError(f"--save={save}: cannot write there ({why}"
+                      f"{f' in {where}' if where else ''})")
+
+
 def check_save_dir(save: str, load: str, overwrite: bool) -> None:
-    """Refuse (before any work) an output that would clobber data or the input."""
+    """Refuse (before any work) an output that would clobber data or the input, or that cannot
+    be written: the staging directory beside it is tried (and removed) in --save's parent, or,
+    when that does not exist yet, in its nearest existing ancestor (nothing is created there)."""
     if _inside(save, load) or _inside(load, save):
         raise InputError(f"--save {save} and --load {load} overlap; choose another --save")
     if os.path.exists(save):
@@ -135,15 +150,30 @@ def check_save_dir(save: str, load: str, overwrite: bool) -> None:
         if os.listdir(save) and not overwrite:
             raise InputError(f"--save {save} is not empty; pass --overwrite to replace its "
                              f"contents (it was left untouched)")
+    parent = os.path.dirname(os.path.abspath(save))
+    probe = parent
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    where = None if probe == parent else probe
+    if not os.path.isdir(probe):
+        raise InputError(f"--save={save}: cannot write there ({probe} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.probe-",
+                                  dir=probe))
+    except OSError as e:
+        raise _cannot_write(save, e, where) from None
 
 
 @contextlib.contextmanager
 def staging_dir(save: str) -> Iterator[str]:
     """A fresh directory beside `save`; removed unless `publish` moved it into place."""
     parent = os.path.dirname(os.path.abspath(save)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.tmp-",
-                           dir=parent)
+    try:  # check_save_dir tried this; name --save, not the staging directory, if it now fails
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.tmp-",
+                               dir=parent)
+    except OSError as e:
+        raise _cannot_write(save, e) from None
     try:
         yield tmp
     finally:
@@ -422,6 +452,26 @@ def megatron_to_hf(args) -> None:
 MODEL_SPACE_OPTIMIZER_FORMATS = (None, "fully_sharded_model_space", "fully_reshardable")
 
 
+def _check_optimizer_state(iter_path: str, stored_keys: List[str], links: bool) -> None:
+    """--with-optimizer: the checkpoint holds optimizer state (its common state, or optimizer.*
+    tensors / objects; a checkpoint saved before the first step has the first only), in a format
+    that reshards. Before anything is written."""
+    from framework.checkpoint.reader import read_dist
+
+    common = read_dist(iter_path, "common", allow_symlinks=links)
+    opt = common.get("optimizer") if isinstance(common, dict) else None
+    if opt is None and not any(k.startswith("optimizer.") for k in stored_keys):
+        raise InputError(f"--with-optimizer: {iter_path} holds no optimizer state (a checkpoint "
+                         f"written by hf-to-megatron, or by a reshape without --with-optimizer, "
+                         f"has the weights only); reshape without --with-optimizer")
+    opt_format = opt.get("param_state_sharding_type") if isinstance(opt, dict) else None
+    if opt_format not in MODEL_SPACE_OPTIMIZER_FORMATS:
+        raise InputError(f"{iter_path}: distributed-optimizer state in the "
+                         f"{opt_format!r} format is bound to its layout; save it with "
+                         f"distrib_optim_sharding_type=fully_sharded_model_space, or "
+                         f"reshape without --with-optimizer")
+
+
 def reshape(args) -> None:
     from framework import interop
     from framework.checkpoint import package_versions, stored_model_config
@@ -459,24 +509,20 @@ def reshape(args) -> None:
         vocab = _load_tokenizer(saved_tok).vocab_size
     names = interop.vocab_tensor_names(model_cfg)
     padded = padded_vocab_size(vocab, model_cfg.make_vocab_size_divisible_by, tp)
-    stored_rows = {key: shape[0] for key, shape, _dt in describe(iter_path,
-                                                                  allow_symlinks=links)[0]}
+    stored_tensors, stored_objects = describe(iter_path, allow_symlinks=links)
+    stored_rows = {key: shape[0] for key, shape, _dt in stored_tensors}
     found = [n for n in names if n in stored_rows]
     if not found:
         raise InputError(f"{iter_path}: no vocabulary tensor ({', '.join(names)}) stored")
+    if args.with_optimizer:
+        _check_optimizer_state(iter_path, [k for k, _s, _d in stored_tensors] + stored_objects,
+                               links)
     if args.save is None:
         return
     with staging_dir(args.save) as tmp, single_process_world():
         # framework.json must describe the stored tensors, or the output would not load
         check_model_shapes(iter_path, model_cfg, stored_rows[found[0]], allow_symlinks=links)
         common, tensors, objects = load_full(iter_path, allow_symlinks=links)
-        opt_format = (common.get("optimizer") or {}).get("param_state_sharding_type") \
-            if isinstance(common.get("optimizer"), dict) else None
-        if args.with_optimizer and opt_format not in MODEL_SPACE_OPTIMIZER_FORMATS:
-            raise InputError(f"{iter_path}: distributed-optimizer state in the "
-                             f"{opt_format!r} format is bound to its layout; save it with "
-                             f"distrib_optim_sharding_type=fully_sharded_model_space, or "
-                             f"reshape without --with-optimizer")
         if not args.with_optimizer:
             common = {k: v for k, v in common.items() if k not in ("optimizer", "scheduler")}
             tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
@@ -510,6 +556,16 @@ def run(args) -> None:
     if args.save is None and not args.print_checkpoint_structure:
         raise InputError("--save is required (or pass --print-checkpoint-structure alone to "
                          "inspect --load)")
+    if args.save is None and args.overwrite:
+        raise InputError("--overwrite replaces --save, which is not given (inspecting --load "
+                         "writes nothing); drop --overwrite or give --save")
+    if args.command == "hf-to-megatron":
+        for given, option in ((args.allow_symlinks, "--allow-symlinks"),
+                              (not args.verify, "--no-verify")):
+            if given:
+                raise InputError(f"{option} is for our checkpoints (megatron-to-hf, reshape); "
+                                 f"hf-to-megatron reads a Hugging Face directory, which has no "
+                                 f"manifest to verify and whose symlinks are always followed")
     if not os.path.isdir(args.load):
         raise InputError(f"--load {args.load} is not a directory")
     for option in ("target_tp", "target_pp"):

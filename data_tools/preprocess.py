@@ -15,11 +15,15 @@ dataset directory, or a hub name (`--split`, default train). Several inputs are 
 Bad input (a missing file, a line that is not JSON, not UTF-8 or lacks a key, bad gzip data, a
 line over --max-line-bytes, an input without any text) prints one line on stderr naming the file
 and line, and exits with status 2; no output file is left behind (all outputs are built in a
-staging directory and moved into place only when every key succeeded).
+staging directory and moved into place only when every key succeeded). An output path that is a
+directory is refused before any tokenizing, and if moving the outputs into place fails, the ones
+already moved are taken back and the earlier files restored. An option that no input uses is
+refused: `--split` needs a dataset with splits, `--max-line-bytes` a JSON-lines input.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import gzip
 import json
 import os
@@ -125,7 +129,8 @@ def _jsonl_texts(path: str, key: str,
         yield text
 
 
-def _load_hf(name: str, split: str):  # -> datasets.Dataset
+def _load_hf(name: str, split: Optional[str]):  # -> (datasets.Dataset, whether split chose it)
+    """`split` is None where --split was not given (then "train" where there are splits)."""
     import datasets
 
     try:
@@ -133,32 +138,46 @@ def _load_hf(name: str, split: str):  # -> datasets.Dataset
                                     or os.path.isfile(os.path.join(name, "state.json"))):
             data = datasets.load_from_disk(name)
         else:
-            data = datasets.load_dataset(name, split=split)
+            data = datasets.load_dataset(name, split=split or "train")
+            return data, True
     except Exception as err:  # hub/offline/format errors of many types
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(f"{name}: cannot load as a datasets dataset ({first})") from None
     if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise InputError(f"{name}: no split {split!r} (has {sorted(data)})")
-        data = data[split]
-    return data
+        if (split or "train") not in data:
+            raise InputError(f"{name}: no split {split or 'train'!r} (has {sorted(data)})")
+        return data[split or "train"], True
+    # a single Dataset saved with save_to_disk: it has no splits to choose from; it may record
+    # the split it was made from, which an explicit --split must then name
+    saved = None if getattr(data, "split", None) is None else str(data.split)
+    if split is not None and saved is not None and split != saved:
+        raise InputError(f"{name}: a single dataset (saved with save_to_disk) of split "
+                         f"{saved!r}, not --split={split!r}")
+    return data, split is not None and saved is not None
 
 
 class _Source:
     """One --input: a JSON-lines file or a `datasets` dataset, read once per key."""
 
-    def __init__(self, name: str, split: str,
+    def __init__(self, name: str, split: Optional[str] = None,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self.name = name
         self.dataset = None
         self.max_line_bytes = max_line_bytes
+        self.uses_split = False  # whether --split chose what this input reads
         if os.path.isfile(name):
             return
         if os.path.exists(name) and not os.path.isdir(name):
             raise InputError(f"{name}: not a regular file")
         if not os.path.isdir(name) and _looks_like_file(name):
             raise InputError(f"{name}: input file does not exist")
-        self.dataset = _load_hf(name, split)
+        self.dataset, self.uses_split = _load_hf(name, split)
+
+    def kind(self) -> str:
+        if self.dataset is None:
+            return "a JSON-lines file"
+        return "a datasets dataset" if self.uses_split else \
+            "a single dataset saved with save_to_disk, without splits"
 
     def check_key(self, key: str) -> None:
         if self.dataset is not None and key not in self.dataset.column_names:
@@ -217,7 +236,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="JSON-lines files, a local dataset dir or a datasets hub name")
     parser.add_argument("--json-keys", nargs="+", default=["text"],
                         help="keys (columns) to tokenize; one output per key")
-    parser.add_argument("--split", default="train", help="split of a datasets dataset")
+    parser.add_argument("--split", default=None,
+                        help="split of a datasets dataset (default: train); refused where no "
+                             "input has splits")
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer name or local directory")
     parser.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
     parser.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
@@ -234,9 +255,87 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="outputs are <prefix>_<key>_document.bin/.idx")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
-    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
-                        help="longest JSON line accepted (default: %(default)s, 64 MiB)")
+    parser.add_argument("--max-line-bytes", type=int, default=None,
+                        help=f"longest JSON line accepted (default: {DEFAULT_MAX_LINE_BYTES}, "
+                             f"64 MiB); only for JSON-lines inputs")
     return parser.parse_args(argv)
+
+
+def _check_outputs(args: argparse.Namespace, names: List[str]) -> None:
+    """Refuse, before any work, output paths that cannot be replaced by a file: one that is a
+    directory, or a directory to write in that is not writable."""
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    for name in names:
+        for suffix in (".bin", ".idx"):
+            final = os.path.join(out_dir, name + suffix)
+            if os.path.isdir(final):
+                raise InputError(f"{final}: an output of --output-prefix={args.output_prefix} is "
+                                 f"a directory; remove or rename it")
+    if os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InputError(f"--output-prefix={args.output_prefix}: cannot write there "
+                         f"({out_dir}: permission denied)")
+
+
+class _PublishError(InputError):
+    """Moving the outputs into place failed; `keep_staging` where earlier files could not be put
+    back and are still in the staging directory (which must then not be removed)."""
+
+    def __init__(self, message: str, keep_staging: bool) -> None:
+        super().__init__(message)
+        self.keep_staging = keep_staging
+
+
+def _publish(staging: str, out_dir: str, names: List[str]) -> List[str]:
+    """Move `<staging>/<name>.bin/.idx` to `<out_dir>/`, all or nothing: each file there is first
+    kept under the staging directory (a hard link, else renamed away), and if any move fails the
+    files already moved are removed and the kept ones put back."""
+    moves = [(os.path.join(staging, name + suffix), os.path.join(out_dir, name + suffix))
+             for name in names for suffix in (".bin", ".idx")]
+    kept_dir = os.path.join(staging, "earlier")
+    os.mkdir(kept_dir)
+    kept, moved = [], []  # (final, copy of the earlier file); finals written
+    current = out_dir
+    try:
+        for number, (_staged, final) in enumerate(moves):
+            current = final
+            if not os.path.lexists(final):
+                continue
+            if os.path.isdir(final) and not os.path.islink(final):  # made since the check
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), final)
+            copy = os.path.join(kept_dir, str(number))
+            try:
+                os.link(final, copy, follow_symlinks=False)
+            except OSError:  # no hard links here (or `final` is a symlink): rename it away
+                os.rename(final, copy)
+            kept.append((final, copy))
+        for staged, final in moves:
+            current = final
+            os.replace(staged, final)
+            moved.append(final)
+        return [os.path.join(out_dir, name) for name in names]
+    except BaseException as err:
+        kept_finals = {final for final, _ in kept}
+        for final in moved:
+            if final not in kept_finals:
+                try:
+                    os.remove(final)
+                except OSError:
+                    pass
+        lost = []
+        for final, copy in kept:
+            try:
+                os.replace(copy, final)
+            except OSError:
+                lost.append(final)
+        if not isinstance(err, OSError):
+            raise
+        why = err.strerror or str(err)
+        if lost:
+            raise _PublishError(f"{current}: cannot write this output ({why}); the earlier "
+                                f"{', '.join(lost)} could not be put back and are kept in "
+                                f"{kept_dir}", keep_staging=True) from None
+        raise _PublishError(f"{current}: cannot write this output ({why}); no output was "
+                            f"changed", keep_staging=False) from None
 
 
 def run(args: argparse.Namespace) -> List[str]:
@@ -245,8 +344,11 @@ def run(args: argparse.Namespace) -> List[str]:
 
     if not 1 <= args.workers <= 1024:
         raise InputError(f"--workers={args.workers} must be in [1, 1024]")
-    if args.max_line_bytes < 1:
-        raise InputError(f"--max-line-bytes={args.max_line_bytes} must be >= 1")
+    # None: not given (the parser's default), so not refused where no input would use it
+    split = getattr(args, "split", None)
+    max_line_bytes = getattr(args, "max_line_bytes", None)
+    if max_line_bytes is not None and max_line_bytes < 1:
+        raise InputError(f"--max-line-bytes={max_line_bytes} must be >= 1")
     seen = set()
     for key in args.json_keys:
         # each key names an output, <prefix>_<key>_document: one file name, written once
@@ -260,7 +362,17 @@ def run(args: argparse.Namespace) -> List[str]:
     if not os.path.basename(args.output_prefix):
         raise InputError(f"--output-prefix={args.output_prefix!r} must end in a file name "
                          f"prefix (outputs are <prefix>_<key>_document.bin/.idx)")
-    sources = [_Source(name, args.split, args.max_line_bytes) for name in args.input]
+    level = "sentence" if args.split_sentences else "document"
+    names = [f"{os.path.basename(args.output_prefix)}_{key}_{level}" for key in args.json_keys]
+    _check_outputs(args, names)
+    sources = [_Source(name, split, max_line_bytes or DEFAULT_MAX_LINE_BYTES)
+               for name in args.input]
+    if split is not None and not any(source.uses_split for source in sources):
+        raise InputError(f"--split={split}: no input is a datasets dataset with splits "
+                         f"({sources[0].name} is {sources[0].kind()}); leave --split out")
+    if max_line_bytes is not None and all(source.dataset is not None for source in sources):
+        raise InputError(f"--max-line-bytes={max_line_bytes}: applies to JSON-lines inputs "
+                         f"only, and {sources[0].name} is a datasets dataset; leave it out")
     for source in sources:
         for key in args.json_keys:
             source.check_key(key)
@@ -277,11 +389,9 @@ def run(args: argparse.Namespace) -> List[str]:
         why = getattr(err, "strerror", None) or str(err)
         raise InputError(f"--output-prefix={args.output_prefix}: cannot write there ({why})") \
             from None
+    keep_staging = False
     try:
-        prefixes = []
-        for key in args.json_keys:
-            level = "sentence" if args.split_sentences else "document"
-            name = f"{os.path.basename(args.output_prefix)}_{key}_{level}"
+        for key, name in zip(args.json_keys, names):
             documents = (text for source in sources for text in source.texts(key))
             preprocess(documents, tokenizer, os.path.join(staging, name),
                        append_eod=args.append_eod, workers=args.workers, progress=progress,
@@ -293,16 +403,14 @@ def run(args: argparse.Namespace) -> List[str]:
             if info.num_tokens - eods <= 0:  # text that tokenizes to nothing
                 raise InputError(f"{', '.join(args.input)}: the text under {key!r} gives no "
                                  f"tokens with this tokenizer")
-            prefixes.append(name)
-        finals = []
-        for name in prefixes:
-            final = os.path.join(out_dir, name)
-            for suffix in (".bin", ".idx"):
-                os.replace(os.path.join(staging, name + suffix), final + suffix)
-            finals.append(final)
-        return finals
+        try:
+            return _publish(staging, out_dir, names)
+        except _PublishError as err:
+            keep_staging = err.keep_staging
+            raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,122 @@
+"""data_tools.convert input handling: an unwritable --save is named as --save (not the staging
+directory), reshape --with-optimizer of a checkpoint without optimizer state is refused, and no
+option is silently ignored (--allow-symlinks / --no-verify on hf-to-megatron, --overwrite
+without --save). Each refusal is one `error:` line, exit 2, before anything is written."""
+import json
+import os
+
+import pytest
+import torch
+
+from data_tools import convert
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """`hf`: a tiny HF GPT-2; `m1`: our checkpoint of it (hf-to-megatron: weights only)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("convert_inputs")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=101,
+                               n_positions=40)).save_pretrained(d / "hf")
+    assert convert.main(["hf-to-megatron", "--load", str(d / "hf"), "--save", str(d / "m1")]) \
+        == 0
+    return d
+
+
+def _convert(capsys, *argv):
+    capsys.readouterr()
+    rc = convert.main([str(a) for a in argv])
+    return rc, capsys.readouterr()
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["hf-to-megatron", "megatron-to-hf"])
+def test_unwritable_save_names_save_not_the_staging_dir(models, tmp_path, capsys, command,
+                                                        monkeypatch):
+    """--save /proc/z5 said `error: No such file or directory: /proc/.z5.tmp-...`; --save under
+    a regular file said `File exists: <file>`. Both are now found before any loading."""
+    def no_heavy_work():
+        raise AssertionError("the model was loaded before --save was checked")
+
+    monkeypatch.setattr(convert, "single_process_world", no_heavy_work)
+    load = models / ("hf" if command == "hf-to-megatron" else "m1")
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    for save in ("/proc/z5", blocker / "out", blocker / "a" / "b"):
+        rc, out = _convert(capsys, command, "--load", load, "--save", save)
+        line = _one_line(out.err)
+        assert rc == 2 and line.startswith(f"error: --save={save}: cannot write there ("), line
+        assert ".tmp-" not in line and ".probe-" not in line, line
+    assert blocker.read_text() == "keep me" and os.listdir(tmp_path) == ["file"]
+    assert not [p for p in os.listdir("/proc") if p.startswith(".z5")]
+
+
+def test_unwritable_save_is_checked_for_reshape_and_nothing_is_left(models, tmp_path, capsys):
+    rc, out = _convert(capsys, "reshape", "--load", models / "m1", "--save", "/proc/z5",
+                       "--target-tp", 1, "--target-pp", 1)
+    assert rc == 2 and _one_line(out.err).startswith("error: --save=/proc/z5: cannot write")
+
+
+def test_reshape_with_optimizer_needs_optimizer_state(models, tmp_path, capsys):
+    """A checkpoint written by hf-to-megatron (no optimizer state) reshaped with
+    --with-optimizer said `wrote ...: ... tensors with optimizer state` and recorded
+    with_optimizer: true."""
+    out_dir = tmp_path / "r2"
+    rc, out = _convert(capsys, "reshape", "--load", models / "m1", "--save", out_dir,
+                       "--target-tp", 1, "--target-pp", 1, "--with-optimizer")
+    line = _one_line(out.err)
+    assert rc == 2 and line.startswith("error: --with-optimizer: ") and \
+        "holds no optimizer state" in line, line
+    assert "wrote" not in out.out and not out_dir.exists() and os.listdir(tmp_path) == []
+    # the same without --with-optimizer is a weights-only reshape, recorded as such
+    rc, out = _convert(capsys, "reshape", "--load", models / "m1", "--save", out_dir,
+                       "--target-tp", 1, "--target-pp", 1)
+    assert rc == 0 and "(weights only)" in out.out, out
+    meta = json.loads((out_dir / "iter_0000000" / "framework.json").read_text())
+    assert meta["with_optimizer"] is False
+
+
+@pytest.mark.parametrize("option", ["--allow-symlinks", "--no-verify"])
+def test_hf_to_megatron_refuses_options_for_our_checkpoints(models, tmp_path, capsys, option):
+    """hf-to-megatron accepted --allow-symlinks and --no-verify and did nothing with them (an
+    HF directory has no manifest, and its symlinks -- the hub cache -- are always followed)."""
+    rc, out = _convert(capsys, "hf-to-megatron", "--load", models / "hf", "--save",
+                       tmp_path / "out", option)
+    line = _one_line(out.err)
+    assert rc == 2 and line.startswith(f"error: {option} is for our checkpoints"), line
+    assert not (tmp_path / "out").exists()
+    # and hf-to-megatron's --help does not offer them; the other commands still do
+    for command, offered in (("hf-to-megatron", False), ("megatron-to-hf", True),
+                             ("reshape", True)):
+        with pytest.raises(SystemExit):
+            convert.main([command, "--help"])
+        assert (option in capsys.readouterr().out) == offered, command
+
+
+def test_hf_to_megatron_follows_symlinks_in_an_hf_directory(models, tmp_path, capsys):
+    """Why --allow-symlinks is not an hf-to-megatron option: a hub-cache snapshot is symlinks to
+    blobs, and it converts without any flag."""
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    for name in os.listdir(models / "hf"):
+        os.symlink(models / "hf" / name, snap / name)
+    rc, out = _convert(capsys, "hf-to-megatron", "--load", snap, "--save", tmp_path / "out")
+    assert rc == 0 and "wrote" in out.out, out
+
+
+def test_overwrite_without_save_is_refused(models, capsys):
+    """--overwrite with only --print-checkpoint-structure (nothing written) was ignored."""
+    for command, load in (("megatron-to-hf", "m1"), ("reshape", "m1"), ("hf-to-megatron", "hf")):
+        extra = ["--target-tp", 1, "--target-pp", 1] if command == "reshape" else []
+        rc, out = _convert(capsys, command, "--load", models / load,
+                           "--print-checkpoint-structure", "--overwrite", *extra)
+        line = _one_line(out.err)
+        assert rc == 2 and line.startswith("error: --overwrite ") and "--save" in line, line
+        assert out.out == "", command  # refused before anything is printed
