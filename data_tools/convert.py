@@ -43,6 +43,8 @@ import warnings
 from dataclasses import asdict
 from typing import Iterator, List, Optional
 
+from framework.paths import inside, unwritable_dir
+
 EXIT_BAD_INPUT = 2
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -127,41 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 # output directory: staging + publish
 # --------------------------------------------------------------------------------------------
-def _inside(a: str, b: str) -> bool:
-    a, b = os.path.realpath(a), os.path.realpath(b)
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
-
-
-def _cannot_write(save: str, err: OSError, where: Optional[str] = None) -> InputError:
-    why = err.strerror or str(err)
-    return InputError(f"--save={save}: cannot write there ({why}"
-                      f"{f' in {where}' if where else ''})")
+def _cannot_write(save: str, why: str) -> InputError:
+    return InputError(f"--save={save}: cannot write there ({why})")
 
 
 def check_save_dir(save: str, load: str, overwrite: bool) -> None:
     """Refuse (before any work) an output that would clobber data or the input, or that cannot
-    be written: the staging directory beside it is tried (and removed) in --save's parent, or,
-    when that does not exist yet, in its nearest existing ancestor (nothing is created there)."""
-    if _inside(save, load) or _inside(load, save):
+    be written: the output is staged in --save's parent (or its nearest existing ancestor, where
+    the parent is made) and then renamed into place, so that directory must take a new one."""
+    if inside(save, load) or inside(load, save):
         raise InputError(f"--save {save} and --load {load} overlap; choose another --save")
+    if os.path.islink(save):  # publishing would replace the link, not fill its target
+        raise InputError(f"--save={save} is a symbolic link; name the directory itself "
+                         f"({os.path.realpath(save)})")
+    if os.path.realpath(save) == os.getcwd():  # a directory in use cannot be renamed away
+        raise InputError(f"--save={save} is the current directory; name a new directory, "
+                         f"e.g. --save=converted")
     if os.path.exists(save):
         if not os.path.isdir(save):
             raise InputError(f"--save {save} exists and is not a directory")
         if os.listdir(save) and not overwrite:
             raise InputError(f"--save {save} is not empty; pass --overwrite to replace its "
                              f"contents (it was left untouched)")
-    parent = os.path.dirname(os.path.abspath(save))
-    probe = parent
-    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    where = None if probe == parent else probe
-    if not os.path.isdir(probe):
-        raise InputError(f"--save={save}: cannot write there ({probe} is not a directory)")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.probe-",
-                                  dir=probe))
-    except OSError as e:
-        raise _cannot_write(save, e, where) from None
+    problem = unwritable_dir(os.path.dirname(os.path.abspath(save)))
+    if problem:
+        raise _cannot_write(save, problem)
 
 
 @contextlib.contextmanager
@@ -173,7 +165,7 @@ def staging_dir(save: str) -> Iterator[str]:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.tmp-",
                                dir=parent)
     except OSError as e:
-        raise _cannot_write(save, e) from None
+        raise _cannot_write(save, e.strerror or str(e)) from None
     try:
         yield tmp
     finally:

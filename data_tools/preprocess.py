@@ -36,6 +36,7 @@ from typing import Iterator, List, Optional
 import numpy
 
 from framework.config import ConfigError, TokenizerConfig
+from framework.paths import unwritable_dir
 
 # framework.data.indexed (megatron-core) and framework.tokenizer (transformers) are imported where
 # they are used, so `--help` and argument errors answer at once
@@ -263,17 +264,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _check_outputs(args: argparse.Namespace, names: List[str]) -> None:
     """Refuse, before any work, output paths that cannot be replaced by a file: one that is a
-    directory, or a directory to write in that is not writable."""
+    directory (a symlink is replaced, as before), or a directory to write in that does not take
+    a new file."""
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     for name in names:
         for suffix in (".bin", ".idx"):
             final = os.path.join(out_dir, name + suffix)
-            if os.path.isdir(final):
+            if os.path.isdir(final) and not os.path.islink(final):
                 raise InputError(f"{final}: an output of --output-prefix={args.output_prefix} is "
                                  f"a directory; remove or rename it")
-    if os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(f"--output-prefix={args.output_prefix}: cannot write there "
-                         f"({out_dir}: permission denied)")
+    problem = unwritable_dir(out_dir)
+    if problem:
+        raise InputError(f"--output-prefix={args.output_prefix}: cannot write there ({problem})")
 
 
 class _PublishError(InputError):

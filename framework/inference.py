@@ -29,6 +29,7 @@ from framework.distributed import init_distributed, set_seeds, teardown
 from framework.errors import ConfigError, require
 from framework.generation import MAX_SEED, GenerationOptions, generate, normalize_early_stopping
 from framework.launch import launch, launched_externally, resolve_device
+from framework.paths import inside, unwritable_dir
 from framework.models.registry import family, with_capability
 from framework.tokenizer import TokenizerSource, choose_tokenizer
 from framework.training.oom import generation_oom_error, reported_oom
@@ -400,22 +401,11 @@ def check_output_file(path: str, load: Optional[str] = None) -> None:
     work."""
     require(not os.path.isdir(path), f"output_file={path} is a directory; give a file name, "
                                      f"e.g. output_file=results.jsonl")
-    if load is not None:
-        out, ckpt = os.path.realpath(path), os.path.realpath(load)
-        require(not out.startswith(ckpt.rstrip(os.sep) + os.sep),
-                f"output_file={path} is inside the checkpoint directory load={load}; write it "
-                f"elsewhere (a file there could replace one of the checkpoint's own)")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    require(os.path.isdir(parent), f"output_file={path}: {parent} is not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".generate-probe-", dir=parent)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"output_file={path}: cannot write in {parent} "
-                          f"({e.strerror or e})") from None
+    require(load is None or not inside(path, load),
+            f"output_file={path} is inside the checkpoint directory load={load}; write it "
+            f"elsewhere (a file there could replace one of the checkpoint's own)")
+    problem = unwritable_dir(os.path.dirname(os.path.abspath(path)))
+    require(problem is None, f"output_file={path}: cannot write there ({problem})")
 
 
 def _stored_vocab_rows(load: str, it: int, allow_symlinks: bool) -> Optional[int]:

@@ -136,15 +136,15 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
 
 
 class _WorkerExitedFilter(logging.Filter):
-    """Drops torch elastic's log of a worker that exited with a code (its record carries the
-    agent's own traceback, not the worker's; the worker has printed its error and the launcher
-    names rank and exit code). A worker that raised keeps elastic's record: its traceback."""
+    """Drops torch elastic's log of a worker that exited with code 2 (its one-line error) or 3
+    (the watchdog's line): the record carries the agent's own traceback, not the worker's, and
+    the worker has printed why. Any other exit, and a worker that raised, keep elastic's record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         import torch.multiprocessing as tmp
 
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, tmp.ProcessExitedException)
+        return not (isinstance(exc, tmp.ProcessExitedException) and exc.exit_code in (2, 3))
 
 
 def _start_method() -> str:

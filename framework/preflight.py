@@ -7,14 +7,14 @@ runs them (`check_inputs`) once it has chosen the checkpoint and the tokenizer.
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from framework.data.builder import default_cache_root, index_cache_dir, parse_blend
 from framework.data.indexed import check_indexed
 from framework.errors import ConfigError
+from framework.paths import unwritable_dir
 from framework.models.build import padded_vocab_size
 from framework.models.registry import family
 from framework.models.transformer import transformer_config
@@ -54,34 +54,6 @@ def check_output_dirs(cfg) -> None:
         problem = unwritable_dir(path)
         if problem:
             raise ConfigError(f"{what}={path}: {problem}")
-
-
-def unwritable_dir(path: str) -> Optional[str]:
-    """None when `path` is a writable directory or can be created as one; else why not. Probes by
-    creating (and removing) a temporary file or directory: permission bits do not tell (root,
-    read-only mounts, /proc), and nothing is left behind."""
-    path = os.path.abspath(path)
-    probe = path
-    while not os.path.exists(probe):
-        if os.path.islink(probe):
-            return f"{probe} is a symbolic link to a missing target"
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        return f"{probe} is not a directory"
-    try:
-        if probe == path:
-            fd, name = tempfile.mkstemp(prefix=".fw-write-test-", dir=path)
-            os.close(fd)
-            os.unlink(name)
-        else:
-            os.rmdir(tempfile.mkdtemp(prefix=".fw-write-test-", dir=probe))
-    except OSError as e:
-        where = "is not writable" if probe == path else f"cannot be created in {probe}"
-        return f"{where} ({e.strerror or e})"
-    return None
 
 
 def check_model(cfg, tokenizer_vocab: int, device: str) -> None:

@@ -58,10 +58,37 @@ def test_unwritable_save_names_save_not_the_staging_dir(models, tmp_path, capsys
     assert not [p for p in os.listdir("/proc") if p.startswith(".z5")]
 
 
-def test_unwritable_save_is_checked_for_reshape_and_nothing_is_left(models, tmp_path, capsys):
+def test_unwritable_save_is_checked_for_reshape(models, capsys):
     rc, out = _convert(capsys, "reshape", "--load", models / "m1", "--save", "/proc/z5",
                        "--target-tp", 1, "--target-pp", 1)
     assert rc == 2 and _one_line(out.err).startswith("error: --save=/proc/z5: cannot write")
+
+
+def test_save_that_is_a_symlink_or_the_current_directory_refused(models, tmp_path, capsys,
+                                                                 monkeypatch):
+    """A dangling --save symlink failed after the conversion, naming the staging directory; a
+    symlink to an empty directory was replaced by a real one (its target left empty, a `.old-`
+    directory left behind); --save=. failed after the conversion (`Device or resource busy`).
+    All three are refused before any loading, and nothing is changed."""
+    def no_heavy_work():
+        raise AssertionError("the model was loaded before --save was checked")
+
+    monkeypatch.setattr(convert, "single_process_world", no_heavy_work)
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    (tmp_path / "link").symlink_to(target)
+    for save in (tmp_path / "dangling", tmp_path / "link"):
+        rc, out = _convert(capsys, "hf-to-megatron", "--load", models / "hf", "--save", save)
+        assert rc == 2 and _one_line(out.err).startswith(
+            f"error: --save={save} is a symbolic link; name the directory itself"), out.err
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    rc, out = _convert(capsys, "hf-to-megatron", "--load", models / "hf", "--save", ".")
+    assert rc == 2 and _one_line(out.err).startswith("error: --save=. is the current directory")
+    assert sorted(os.listdir(tmp_path)) == ["cwd", "dangling", "link", "target"]
+    assert os.listdir(target) == [] and os.listdir(empty) == []
 
 
 def test_reshape_with_optimizer_needs_optimizer_state(models, tmp_path, capsys):

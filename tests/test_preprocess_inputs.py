@@ -91,6 +91,18 @@ def test_output_path_that_is_a_directory_refused_before_tokenizing(work, capsys,
     assert not [p for p in os.listdir(out) if p.startswith(".preprocess")]
 
 
+def test_output_that_is_a_symlink_to_a_directory_is_replaced(work, capsys):
+    """An output path that is a symlink (here to a directory) is replaced by the new file, as
+    before the directory check: only a real directory is refused; the link's target is kept."""
+    out = work / "o3"
+    out.mkdir()
+    (work / "elsewhere").mkdir()
+    (out / "p_text_document.idx").symlink_to(work / "elsewhere")
+    _first_run(work, capsys, out)
+    idx = out / "p_text_document.idx"
+    assert idx.is_file() and not idx.is_symlink() and (work / "elsewhere").is_dir()
+
+
 @pytest.mark.parametrize("earlier", ["all", "none", "text only"])
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_failed_publish_restores_the_earlier_outputs(work, capsys, monkeypatch, earlier,

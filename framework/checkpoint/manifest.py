@@ -223,8 +223,11 @@ def verify_checkpoint(path: str, iteration: int, meta: Optional[Dict[str, Any]] 
         dist.all_gather_object(gathered, (problems, has_manifest))
         problems = sorted({p for ps, _ in gathered for p in ps})
         has_manifest = any(h for _, h in gathered)
+    # who speaks: rank 0 of a collective check; of a one-process check under torchrun/SLURM
+    # (every rank plans), only the process of global rank 0
+    speaks = rank == 0 and (collective or os.environ.get("RANK", "0") == "0")
     if not problems:
-        if not has_manifest and rank == 0 and path not in _LEGACY_NOTED \
+        if not has_manifest and speaks and path not in _LEGACY_NOTED \
                 and os.environ.get(VERIFIED_ENV) != path:  # the plan has said it
             _LEGACY_NOTED.add(path)
             print(f"note: {path} has no {MANIFEST} (written before checksummed checkpoints); "
