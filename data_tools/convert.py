@@ -544,13 +544,28 @@ COMMANDS = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf,
             "reshape": reshape}
 
 
+# options about what is read (the rest describe the output, which needs --save)
+INPUT_OPTIONS = ("command", "load", "print_checkpoint_structure", "allow_symlinks", "verify",
+                 "allow_pickle")
+
+
 def run(args) -> None:
     if args.save is None and not args.print_checkpoint_structure:
         raise InputError("--save is required (or pass --print-checkpoint-structure alone to "
                          "inspect --load)")
-    if args.save is None and args.overwrite:
-        raise InputError("--overwrite replaces --save, which is not given (inspecting --load "
-                         "writes nothing); drop --overwrite or give --save")
+    if args.save is None:  # inspecting --load: every option about the output is without effect
+        # (a required option, reshape's --target-tp/--target-pp, is given whatever the intent)
+        sub = next(a for a in build_parser()._actions
+                   if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        defaults = {a.dest: a.default for a in sub._actions if not a.required}
+        unused = [key for key, value in vars(args).items()
+                  if key in defaults and key not in INPUT_OPTIONS and value != defaults[key]]
+        if unused:
+            names = ", ".join("--" + key.replace("_", "-") for key in sorted(unused))
+            raise InputError(f"{names} {'describes' if len(unused) == 1 else 'describe'} the "
+                             f"output, and --save is not given (inspecting --load writes "
+                             f"nothing); drop {'it' if len(unused) == 1 else 'them'} or give "
+                             f"--save")
     if args.command == "hf-to-megatron":
         for given, option in ((args.allow_symlinks, "--allow-symlinks"),
                               (not args.verify, "--no-verify")):

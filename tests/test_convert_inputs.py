@@ -138,12 +138,29 @@ def test_hf_to_megatron_follows_symlinks_in_an_hf_directory(models, tmp_path, ca
     assert rc == 0 and "wrote" in out.out, out
 
 
-def test_overwrite_without_save_is_refused(models, capsys):
-    """--overwrite with only --print-checkpoint-structure (nothing written) was ignored."""
+def test_output_options_without_save_are_refused(models, capsys):
+    """--overwrite, --max-shard-size, --target-dtype, --with-optimizer... with only
+    --print-checkpoint-structure (nothing written) were ignored."""
     for command, load in (("megatron-to-hf", "m1"), ("reshape", "m1"), ("hf-to-megatron", "hf")):
         extra = ["--target-tp", 1, "--target-pp", 1] if command == "reshape" else []
         rc, out = _convert(capsys, command, "--load", models / load,
                            "--print-checkpoint-structure", "--overwrite", *extra)
         line = _one_line(out.err)
-        assert rc == 2 and line.startswith("error: --overwrite ") and "--save" in line, line
+        assert rc == 2 and line.startswith("error: --overwrite describes the output, and --save "
+                                           "is not given"), line
         assert out.out == "", command  # refused before anything is printed
+    # every other option about the output too, named together; the input's options are not
+    for command, load, options in (
+            ("megatron-to-hf", "m1", ["--max-shard-size", "1GB", "--target-dtype", "bf16"]),
+            ("reshape", "m1", ["--target-tp", 1, "--target-pp", 1, "--with-optimizer"]),
+            ("hf-to-megatron", "hf", ["--target-tp", 2, "--allow-pickle"])):
+        rc, out = _convert(capsys, command, "--load", models / load,
+                           "--print-checkpoint-structure", *options)
+        line = _one_line(out.err)
+        named = [o for o in options if isinstance(o, str) and o.startswith("--")
+                 and o not in ("--allow-pickle", "--target-pp")
+                 and not (command == "reshape" and o == "--target-tp")]
+        assert rc == 2 and all(o in line for o in named) and "--allow-pickle" not in line, line
+    rc, out = _convert(capsys, "reshape", "--load", models / "m1", "--print-checkpoint-structure",
+                       "--target-tp", 2, "--target-pp", 1)  # required: not refused
+    assert rc == 0 and out.out, out.err
