@@ -22,13 +22,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from framework.checkpoint import reader
-from framework.checkpoint.manifest import VERIFIED_ENV, verify_checkpoint
+from framework.checkpoint.manifest import VERIFIED_ENV, verify_before_launch
 from framework.checkpoint.state import load_checkpoint
 from framework.config import ModelConfig, ParallelConfig, TokenizerConfig
 from framework.distributed import init_distributed, set_seeds, teardown
 from framework.errors import ConfigError, require
 from framework.generation import MAX_SEED, GenerationOptions, generate, normalize_early_stopping
-from framework.launch import launch, launched_externally, resolve_device
+from framework.launch import launch, resolve_device
 from framework.paths import inside, unwritable_dir
 from framework.models.registry import family, with_capability
 from framework.tokenizer import TokenizerSource, choose_tokenizer
@@ -253,13 +253,10 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     require(os.path.isfile(os.path.join(reader.iter_dir(cfg.load, it), reader.META)),
              f"load={cfg.load} iteration={it}: {reader.iter_dir(cfg.load, it)} is missing")
     meta = reader.read_meta(cfg.load, it, allow_symlinks=links)
-    # the files against the manifest here, before any worker builds a model (as train.py's plan
-    # does): checksums where this process launches the workers, sizes only under torchrun/SLURM,
-    # where every rank prepares and the ranks share the checksums when they load
-    verified = cfg.verify and not launched_externally()
-    verify_checkpoint(reader.iter_dir(cfg.load, it), it, meta, checksums=verified,
-                      allow_symlinks=links, search_checksums=cfg.verify, collective=False,
-                      how_to_load=lambda i, _path: f"iteration={i}")
+    # the files against the manifest, before any worker builds a model
+    verified = verify_before_launch(reader.iter_dir(cfg.load, it), it, meta, verify=cfg.verify,
+                                    allow_symlinks=links,
+                                    how_to_load=lambda i, _path: f"iteration={i}")
     model_cfg = reader.stored_model_config(meta, reader.iter_dir(cfg.load, it))
     require(family(model_cfg.type).generation,
              f"load={cfg.load} holds a model.type={model_cfg.type} model; generation supports "

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from framework.checkpoint.manifest import VERIFIED_ENV, verify_checkpoint
+from framework.checkpoint.manifest import VERIFIED_ENV, verify_before_launch
 from framework.checkpoint.reader import iter_dir, read_meta
 from framework.checkpoint.state import check_compatible, load_target
 from framework.config import Config
@@ -145,15 +145,8 @@ def make_plan(cfg: Config) -> RunPlan:
         check_compatible(meta, cfg.model, iter_dir(load_dir, load_it))
         if resuming and auto_batch:
             _resume_global_batch(cfg, meta)
-        # the files against the manifest, one line here before any worker starts. A self-launch
-        # (or one process) checks the checksums here and its workers only the sizes; under
-        # torchrun/SLURM every rank plans, so here sizes only and the ranks share the
-        # checksums when they load
         path = iter_dir(load_dir, load_it)
-        full = c.verify and not launched_externally()
-        verify_checkpoint(path, load_it, meta, checksums=full, allow_symlinks=links,
-                          search_checksums=c.verify, collective=False)
-        if full:
+        if verify_before_launch(path, load_it, meta, verify=c.verify, allow_symlinks=links):
             os.environ[VERIFIED_ENV] = path
         if resuming:  # (reads common.pt and the index: after the files are verified)
             _check_resumed_optimizer(cfg, meta, path, links)

@@ -553,6 +553,16 @@ def interpret_triton(code: str):
     return r.stdout
 
 
+def save_tiny_hf_gpt2(path) -> None:
+    """A tiny Hugging Face GPT-2 (2 layers, hidden 32, vocab 101), seeded, saved to `path`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=101,
+                               n_positions=40)).save_pretrained(path)
+
+
 def save_tiny_gpt_checkpoint(path: str, **model_kw) -> str:
     """A tiny untrained GPT checkpoint (iteration 1) of a data=embedded run, with its tokenizer,
     saved from the current process's world (a gloo world with megatron-core's model-parallel

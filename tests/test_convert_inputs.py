@@ -6,20 +6,16 @@ import json
 import os
 
 import pytest
-import torch
 
 from data_tools import convert
+from helpers import save_tiny_hf_gpt2
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """`hf`: a tiny HF GPT-2; `m1`: our checkpoint of it (hf-to-megatron: weights only)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     d = tmp_path_factory.mktemp("convert_inputs")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=101,
-                               n_positions=40)).save_pretrained(d / "hf")
+    save_tiny_hf_gpt2(d / "hf")
     assert convert.main(["hf-to-megatron", "--load", str(d / "hf"), "--save", str(d / "m1")]) \
         == 0
     return d

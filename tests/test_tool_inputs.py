@@ -13,7 +13,7 @@ import torch
 
 from framework.config import Config, ConfigError, DataConfig, ModelConfig, TokenizerConfig
 from framework.checkpoint.manifest import MANIFEST
-from helpers import GENERATE, run
+from helpers import GENERATE, run, save_tiny_hf_gpt2
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32,
             hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=8)
@@ -212,12 +212,10 @@ def test_generate_tokenizer_of_another_vocabulary_refused(ckpts, tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=101,
-                               n_positions=40)).save_pretrained(d / "gpt2")
+    save_tiny_hf_gpt2(d / "gpt2")
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=4, max_position_embeddings=64)

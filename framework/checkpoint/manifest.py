@@ -200,6 +200,21 @@ def _dist_world() -> Tuple[int, int]:
 _LEGACY_NOTED: set = set()
 
 
+def verify_before_launch(path: str, iteration: int, meta: Dict[str, Any], *, verify: bool,
+                         allow_symlinks: bool,
+                         how_to_load: Optional[Callable[[int, str], str]] = None) -> bool:
+    """The plan-time check of train.py and generate.py, one line before any worker starts: a
+    self-launch (or one process) checks the checksums here, so its workers check only the sizes;
+    under torchrun/SLURM every rank plans, so sizes only here and the ranks share the checksums
+    when they load. Returns whether the checksums were checked here."""
+    from framework.launch import launched_externally
+
+    full = verify and not launched_externally()
+    verify_checkpoint(path, iteration, meta, checksums=full, allow_symlinks=allow_symlinks,
+                      how_to_load=how_to_load, search_checksums=verify, collective=False)
+    return full
+
+
 def verify_checkpoint(path: str, iteration: int, meta: Optional[Dict[str, Any]] = None, *,
                       checksums: bool = True, allow_symlinks: bool = False,
                       how_to_load: Optional[Callable[[int, str], str]] = None,
