@@ -8,7 +8,7 @@ does. The default decode path once dropped the QKV bias of every decode step (le
 on real GPT-2 weights greedy tokens differed from Hugging Face's.
 
 `perturb_(module)` gives every bias N(0, bias_std), every norm weight 1 + N(0, norm_std) and every
-other weight a small relative jitter, in place and deterministically from `seed`. It works on our
+other weight a small relative jitter (an absolute one where an entry is exactly zero), in place and deterministically from `seed`. It works on our
 megatron-core models (any TP/PP chunk: each rank perturbs its own shards; pass the TP rank into
 `seed` where shards must differ) and on Hugging Face models alike, so a test can perturb the HF
 reference and then import it.
@@ -22,6 +22,19 @@ import torch
 BIAS_STD = 0.3
 NORM_STD = 0.1
 WEIGHT_JITTER = 0.05
+
+
+_TIED_STREAM = 0x7ED0000  # offset of the tied-embedding noise stream's seed
+
+
+def _zero_fill(w: torch.Tensor, noise: torch.Tensor, weight_jitter: float) -> torch.Tensor:
+    """fp32 values for the entries of `w` that are exactly zero (HF's padding rows: a relative
+    jitter leaves them zero, so a converter that dropped them would still match): an absolute
+    jitter on the scale of the tensor's other entries. Callers keep their own formula elsewhere."""
+    wf = w.float()
+    nonzero = wf[wf != 0]
+    scale = float(nonzero.abs().mean()) if nonzero.numel() else 0.02
+    return noise * (scale * weight_jitter)
 
 
 def _is_norm_weight(name: str, p: torch.Tensor) -> bool:
@@ -44,13 +57,24 @@ def perturb_(modules: Union[torch.nn.Module, Iterable[torch.nn.Module]], seed: i
             if id(p) in seen:  # tied weights: perturb once
                 continue
             seen.add(id(p))
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device)
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if getattr(p, "shared_embedding", False):
+                # The two copies of a tied embedding under PP live on different ranks, each of
+                # which calls perturb_ on its own chunk, where the draw above depends on what else
+                # the chunk holds. Draw their noise from a stream of its own, so both copies
+                # stay equal (TP shards still differ through the TP rank in `seed`).
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(
+                    _TIED_STREAM + seed), dtype=torch.float32)
+            noise = noise.to(p.device)
             if name.endswith("bias"):
                 p.copy_((noise * bias_std).to(p.dtype))
             elif _is_norm_weight(name, p):
                 p.copy_((1.0 + noise * norm_std).to(p.dtype))
             else:
                 p.add_((p.float() * noise * weight_jitter).to(p.dtype))
+                zero = p == 0
+                if bool(zero.any()):
+                    p.copy_(torch.where(zero, _zero_fill(p, noise, weight_jitter).to(p.dtype), p))
 
 
 def assert_perturbed(modules: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> None:
@@ -78,6 +102,9 @@ def _perturbed(key: str, t: torch.Tensor, gen: torch.Generator, bias_std: float,
         new = 1.0 + noise * norm_std
     else:
         new = t.float() * (1.0 + noise * weight_jitter)
+        zero = t == 0
+        if bool(zero.any()):
+            new = torch.where(zero, _zero_fill(t, noise, weight_jitter), new)
     return new.to(t.dtype)
 
 
