@@ -11,6 +11,11 @@
 #   bash benchmarks/fp8_gpu.sh act     # model.fp8_fused_act: its GPU tests (repeated transposes, bits, fc2 vs
 #                                      #   float64, 20 steps fused vs unfused from one init), then
 #                                      #   gpt2-xl mb16 bf16, delayed, delayed + fused act, bf16
+#   bash benchmarks/fp8_gpu.sh best    # model.fp8_fused_act_backward: its GPU tests and the fused
+#                                      #   activation's training test (unrun on 2026-12-05), then
+#                                      #   gpt2-xl mb16 bf16, the best recipe (delayed + both fused
+#                                      #   activation casts), bf16 again, then two profiled steps of
+#                                      #   the best recipe under $OUT/profiles (what is left to gain)
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise and delayed,
 #                                      #   PNG + JSON
 #   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
@@ -19,7 +24,7 @@
 # Wheels: those of ../shared/tools/device-wheels.sh in .whl/ (FP8 itself needs none; torchao, for
 # fp8_linear.py's comparison only, is picked up from .whl_extra/ when present).
 set -o pipefail
-stage=${1:?usage: fp8_gpu.sh tests|speed|margin|act|loss|profile}
+stage=${1:?usage: fp8_gpu.sh tests|speed|margin|act|best|loss|profile}
 for d in .whl .whl_extra; do
   if [ -d $d ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -58,6 +63,15 @@ case $stage in
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
       --runs default:16,fp8_delayed:16,fp8_delayed_fused_act:16,fp8_delayed_fused_act_bwd:16,default:16 \
       --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  best)
+    python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py \
+      -k "activation_backward or fused_activation_trains" 2>&1 | tee -a "$out/fp8_$stage.log"
+    cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs default:16,fp8_delayed_fused_act_bwd:16,default:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs fp8_delayed_fused_act_bwd:16 --steps 10 --profile-dir "$out/profiles" 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
