@@ -281,6 +281,15 @@ def tt_cmd(model: str, mb, steps: int, optimizer) -> List[str]:
             ] + ([] if o.fused_step else ["--no-fused"])
 
 
+
+def window_spread(wins: List[float], side: str, steps: int) -> Optional[float]:
+    """(slowest - fastest) / mean over the measured windows. Our runs report only their measured
+    windows; the baselines report every window, the warm-up (compilation) first, so only their
+    last ceil(steps / LOG) windows count."""
+    n_measured = -(-steps // tp.LOG)  # ceil
+    meas = list(wins) if side == "ours" else list(wins)[-n_measured:]
+    return (max(meas) - min(meas)) / (sum(meas) / len(meas)) if meas else None
+
 def run_cand(c: Cand, plan: Plan, timeout: float) -> Dict:
     t0 = time.time()
     rec = {"key": c.key, "model": c.model, "dropout": c.dropout, "side": c.side,
@@ -328,8 +337,7 @@ def run_cand(c: Cand, plan: Plan, timeout: float) -> Dict:
     if res is not None:
         shape = get_shape(c.model)
         wins = res.get("window_ms") or []
-        meas = wins[-(-c.steps // tp.LOG):] if c.side != "ours" else wins
-        spread = (max(meas) - min(meas)) / (sum(meas) / len(meas)) if meas else None
+        spread = window_spread(wins, c.side, c.steps)
         rec.update(tok_s=res["tok_s"], ms_per_iter=res["ms_per_iter"],
                    mfu=res["tok_s"] * shape.flops_per_token() / (PEAK_TFLOPS_BF16 * 1e12),
                    peak_gb=res.get("peak_gb"), window_ms=wins, spread=spread,

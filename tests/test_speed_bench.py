@@ -305,6 +305,40 @@ def test_hf_baseline_trains_on_cpu():
     assert "graph_breaks" not in res  # not compiled
 
 
+@pytest.mark.parametrize("fam", sorted(TINY_SHAPES))
+def test_hf_baseline_compiles_to_one_graph(fam):
+    """The compiled HF model, called as hf_baseline.py calls it (`labels=` inside), is one graph:
+    no graph break at the loss (GPT-2's unnamed loss type used to log from inside forward)."""
+    import torch._dynamo as dynamo
+
+    shape = TINY_SHAPES[fam]
+    torch.manual_seed(0)
+    model = hf_model(shape, 0.0)
+    ref = hf_model(shape, 0.0)
+    ref.load_state_dict(model.state_dict())
+    ref.loss_type = None  # transformers' fallback, which the fix names explicitly
+    x = torch.randint(0, shape.vocab, (2, 16))
+    dynamo.reset()
+    explained = dynamo.explain(model)(input_ids=x, labels=x, use_cache=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        [str(b.reason) for b in explained.break_reasons]
+    with torch.no_grad():  # the same loss as the fallback's
+        assert torch.equal(model(input_ids=x, labels=x, use_cache=False).loss,
+                           ref(input_ids=x, labels=x, use_cache=False).loss)
+
+
+def test_window_spread_counts_only_the_measured_windows():
+    from benchmarks.speed_table import window_spread
+
+    # a baseline's windows: the warm-up (compilation) first, then ceil(20 / 5) = 4 measured
+    hf = [17979.19, 424.65, 422.72, 425.93, 425.32]
+    assert window_spread(hf, "hf", 20) == pytest.approx((425.93 - 422.72) / (sum(hf[1:]) / 4))
+    assert window_spread(hf, "torchtitan", 20) == window_spread(hf, "hf", 20)
+    # ours reports only its measured windows
+    assert window_spread([10.0, 12.0], "ours", 20) == pytest.approx(2 / 11)
+    assert window_spread([], "hf", 20) is None
+
+
 def test_hf_dynamo_stats():
     from collections import Counter
 
