@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.cli import (check_group_choices, checkpoint_overrides, default_checkpoint_dir,
                            install_masked_cfg_printing, is_multirun, register_resolvers,
-                           report_errors, run_hydra_main)
+                           report_errors, run_hydra_main, task_overrides)
 from framework.config import Config, check_unknown_keys, register_configs
 from framework.security.plugins import check_plugin_targets
 
@@ -27,7 +27,7 @@ def to_config(dcfg: DictConfig) -> Config:
     check_group_choices(dict(hc.runtime.choices), CONF_DIR)
     if dcfg.checkpoint.dir is None:
         dcfg.checkpoint.dir = default_checkpoint_dir(
-            checkpoint_overrides(list(hc.overrides.task), multirun=is_multirun()), hc.runtime.cwd)
+            checkpoint_overrides(task_overrides(hc), multirun=is_multirun()), hc.runtime.cwd)
     dcfg.run_dir = hc.runtime.output_dir
     check_plugin_targets(dcfg)  # `_target_` only at plugin points, before anything is built
     check_unknown_keys(dcfg)
@@ -42,7 +42,7 @@ def main(dcfg: DictConfig) -> None:
 
     # in a sweep (-m) a failed job is recorded in its directory and the next job runs
     job_dir = HydraConfig.get().runtime.output_dir if is_multirun() else None
-    overrides = list(HydraConfig.get().overrides.task)  # for the resume command it prints
+    overrides = task_overrides(HydraConfig.get())  # for the resume command it prints
     report_errors(lambda: run(to_config(dcfg), overrides=overrides), job_dir=job_dir)
 
 

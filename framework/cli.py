@@ -85,6 +85,16 @@ def _is_run_control(key: str, multirun: bool) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS)
 
 
+def task_overrides(hydra_cfg) -> List[str]:
+    """The command line's overrides as typed. Iterating Hydra's `overrides.task` list would
+    resolve an override's value (`optimizer.lr=${optimizer.min_lr}`, `checkpoint.dir=.../${hydra:
+    job.num}`) as an interpolation of that list: an error for a key that does not exist, and a
+    printed resume command with the value of the moment instead of the user's text."""
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)]
+
+
 def checkpoint_overrides(task_overrides: List[str], multirun: bool = False) -> str:
     """The part of the command line that names the checkpoint directory: the overrides that
     change what is computed, sorted, joined by "," (Hydra's override_dirname format)."""
@@ -137,12 +147,22 @@ def report_errors(fn: Callable[[], T], job_dir: Optional[str] = None) -> Optiona
     except ConfigError as e:
         print(f"error: {mask_text(str(e))}", file=sys.stderr, flush=True)
     except OmegaConfBaseException as e:
-        msg = str(e).strip().splitlines()[0]
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, ConfigError):
-            msg = str(cause)
-        print(f"error: {mask_text(msg)}", file=sys.stderr, flush=True)
+        print(f"error: {mask_text(_omegaconf_line(e))}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _omegaconf_line(e: BaseException) -> str:
+    """One line for an OmegaConf error met while the config is read (a ConfigError behind it
+    wins), naming the key where OmegaConf knows it (an interpolation to a key that does not
+    exist names only the missing key)."""
+    from framework.config import ConfigError
+
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, ConfigError):
+        return str(cause)
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    key = getattr(e, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
 
 
 def _record_job(fn: Callable[[], T], job_dir: str) -> Optional[T]:
@@ -157,8 +177,7 @@ def _record_job(fn: Callable[[], T], job_dir: str) -> Optional[T]:
     try:
         out = fn()
     except (ConfigError, OmegaConfBaseException) as e:
-        cause = e.__cause__ or e.__context__
-        msg = str(cause if isinstance(cause, ConfigError) else e).strip().splitlines()[0]
+        msg = str(e) if isinstance(e, ConfigError) else _omegaconf_line(e)
         print(f"error: {mask_text(msg)}", file=sys.stderr, flush=True)
         write_job_status(job_dir, "failed", f"config error: {mask_text(msg)}")
         return None
@@ -268,6 +287,13 @@ def hydra_error_line(ex: BaseException, schema: type) -> Optional[str]:
         return f"{first(ex)} ({first(cause)})"
     if isinstance(ex, (HydraException, OmegaConfBaseException)):
         return first(ex) + (f" ({first(cause)})" if cause is not None else "")
+    if isinstance(ex, ValueError) and first(ex).startswith("Config group override must be"):
+        # `model=null`: Hydra's defaults list refuses it with a bare ValueError
+        nulls = [a for a in sys.argv[1:] if "=" in a and
+                 a.split("=", 1)[1].strip().lower() in ("null", "none", "~")]
+        nulls.sort(key=lambda a: "." in a.split("=", 1)[0])  # a group (`model=`) first
+        what = nulls[0] if nulls else "a config group override"
+        return f"{what}: a config group takes one of its options by name, not null"
     if isinstance(ex, OSError) and not _task_started:  # e.g. the run directory
         where = f": {ex.filename}" if ex.filename else ""
         return f"{ex.strerror or first(ex)}{where} (creating the run directory or its files)"

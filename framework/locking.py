@@ -47,3 +47,47 @@ def file_lock(path: str, what: str, *, poll_s: float = 2.0, wait_s: float = 900.
         yield
     finally:
         lock.release()
+
+
+RUN_LOCK = ".run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(ckpt_dir: str) -> Iterator[None]:
+    """Hold `<ckpt_dir>/.run.lock` for a training run that saves there. Two runs saving into one
+    checkpoint directory remove each other's staging directories and replace each other's
+    checkpoints, so a second run is refused in one line, naming the first (its pid, host and
+    start time). The lock is the kernel's (flock): it goes with the process, so a killed run
+    leaves nothing to clean up. Where the filesystem has no flock (some network mounts), the run
+    goes on without it."""
+    import fcntl
+    import socket
+
+    path = os.path.join(ckpt_dir, RUN_LOCK)
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # the plan's checks name an unwritable directory; a save would say so too
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ConfigError(
+                f"checkpoint.dir={ckpt_dir} is in use by another run ({holder}): two runs saving "
+                f"into one directory would delete each other's checkpoints; wait for it to end, "
+                f"or give this run another checkpoint.dir") from None
+        except OSError:  # no flock on this filesystem: go on unguarded
+            os.close(fd)
+            fd = -1
+            yield
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock

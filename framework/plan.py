@@ -20,6 +20,7 @@ from framework.errors import ConfigError
 from framework.fast import cudnn_attention
 from framework.fast.fp8 import device_supports_fp8
 from framework.launch import launched_externally, resolve_device
+from framework.launch_env import env_rank
 from framework.models.build import padded_vocab_size
 from framework.models.registry import family
 from framework.preflight import check_inputs
@@ -124,6 +125,31 @@ def _check_resumed_optimizer(cfg: Config, meta, path: str, allow_symlinks: bool)
             f"checkpoint.dir)")
 
 
+def _check_vocab_rows(cfg: Config, path: str, vocab: int, padded: int, resuming: bool) -> None:
+    """The checkpoint's word embedding must have the rows this config gives it. megatron-core
+    loads it with `allow_shape_mismatch`: rows it lacks come back as zeros (their logits, 0,
+    enter every softmax) and rows it has beyond the model are cut. A resume is refused;
+    `checkpoint.load` (new weights for another vocabulary, e.g. an extended tokenizer) says so."""
+    from framework.checkpoint.reader import vocab_rows
+
+    rows = vocab_rows(path)
+    if rows is None or rows == padded:
+        return
+    m = cfg.model
+    what = (f"{path} has {rows} vocabulary rows and this config {padded} ({vocab} tokens from "
+            f"{'model.vocab_size' if m.vocab_size else 'the tokenizer'}, padded to a multiple of "
+            f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} and the TP size)")
+    how = "zero-filled" if padded > rows else "cut"
+    if resuming:
+        raise ConfigError(f"{what}: resuming would load it with {abs(padded - rows)} rows {how}; "
+                          f"keep the checkpoint's tokenizer, model.vocab_size and "
+                          f"model.make_vocab_size_divisible_by (data_tools.convert reshape changes "
+                          f"a checkpoint's layout)")
+    if env_rank() == 0:
+        print(f"note: {what}: checkpoint.load gives the embedding and output layer "
+              f"{abs(padded - rows)} {how} rows", flush=True)
+
+
 def make_plan(cfg: Config) -> RunPlan:
     """Every decision and check that needs no worker (the world, the device, checkpoints,
     tokenizer, data files, model settings, output directories). Nothing is built."""
@@ -166,6 +192,8 @@ def make_plan(cfg: Config) -> RunPlan:
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                cfg.parallel.tensor_model_parallel_size)
+    if load_dir:
+        _check_vocab_rows(cfg, iter_dir(load_dir, load_it), vocab, padded, resuming)
     bf16 = (device == "cuda" if cfg.train.bf16 is None else cfg.train.bf16) \
         and not cfg.train.fp16
     return RunPlan(cfg=cfg, device=device, world_size=world, bf16=bf16,

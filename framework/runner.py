@@ -51,7 +51,7 @@ def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
 
 def _run_planned(plan: RunPlan, overrides: Optional[List[str]]) -> None:
     cfg = plan.cfg
-    with run_log(cfg.run_dir):
+    with run_log(cfg.run_dir), _checkpoint_dir_lock(cfg):
         # a checkpoint already at train.max_steps: say so (exit 0); past it: an error (exit 2)
         if check_finished(cfg, overrides, show=env_rank() == 0):
             return
@@ -61,6 +61,18 @@ def _run_planned(plan: RunPlan, overrides: Optional[List[str]]) -> None:
                shutdown_s=SAVE_PATIENCE * watchdog_seconds(cfg))
         if env_rank() == 0:
             print_summary(cfg, overrides)
+
+
+def _checkpoint_dir_lock(cfg: Config):
+    """One run at a time saves into a checkpoint directory (framework/locking.py `run_lock`),
+    held by the process that launches the workers, or by global rank 0 under torchrun/SLURM."""
+    import contextlib
+
+    from framework.locking import run_lock
+
+    if not cfg.checkpoint.save or env_rank() != 0:
+        return contextlib.nullcontext()
+    return run_lock(cfg.checkpoint.dir)
 
 
 def train_worker(plan: RunPlan) -> None:
@@ -165,6 +177,13 @@ def _train_rank(plan: RunPlan) -> None:
                 what = "resumed" if plan.resuming else "initialised weights"
                 echo(f"{what} from {iter_dir(plan.load_dir, meta['iteration'])} "
                      f"(step {state.step}, {state.consumed_samples} samples)")
+                ignored = [f"checkpoint.{k}={v}" for k, v in (
+                    ("load", cfg.checkpoint.load), ("load_hf", cfg.checkpoint.load_hf)) if v]
+                if plan.resuming and ignored:
+                    echo(f"note: {' and '.join(ignored)} not used: a checkpoint in "
+                         f"checkpoint.dir={cfg.checkpoint.dir} is resumed instead (a resume "
+                         f"comes first); give a new checkpoint.dir to start from "
+                         f"{'it' if len(ignored) == 1 else 'them'}")
                 if cfg.checkpoint.load_iteration is not None and plan.resuming:
                     echo(f"note: checkpoint.load_iteration={plan.load_iteration} chose this "
                          f"checkpoint; the next saves replace any later ones in "

@@ -135,8 +135,106 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_SWEEP_ARTIFACTS = ("multirun.yaml", SUMMARY_FILE)
+_JOB_ARTIFACTS = (STATUS_FILE, "metrics.jsonl", "train.log", ".hydra")
+
+
+def check_sweep_start(config: DictConfig) -> None:
+    """Refuse, before any job runs, a sweep that would mix or lose output: a `hydra.sweep.dir`
+    that already holds an earlier sweep's jobs (their metrics and logs would be appended to and
+    their status overwritten), a `hydra.sweep.subdir` that is the same for every job, and two jobs
+    that would share one checkpoint directory (the second would resume the first's checkpoint
+    instead of training: jobs that differ only in run-control keys such as train.log_interval,
+    a repeated value, or one explicit checkpoint.dir for all)."""
+    from framework.errors import ConfigError
+
+    sweep_dir = str(config.hydra.sweep.dir)
+    # where every rank runs the sweep (torchrun), the others may already see rank 0's new files
+    if env_rank() == 0 and os.path.isdir(sweep_dir):
+        found = [n for n in _SWEEP_ARTIFACTS if os.path.exists(os.path.join(sweep_dir, n))]
+        for name in sorted(os.listdir(sweep_dir)):
+            sub = os.path.join(sweep_dir, name)
+            if os.path.isdir(sub) and any(os.path.exists(os.path.join(sub, a))
+                                          for a in _JOB_ARTIFACTS):
+                found.append(name + "/")
+        if found:
+            raise ConfigError(
+                f"hydra.sweep.dir={sweep_dir} already holds an earlier sweep "
+                f"({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): its jobs' metrics "
+                f"and logs would be appended to and their records overwritten; give a new "
+                f"hydra.sweep.dir (jobs still resume from their checkpoint directories), or move "
+                f"that one away")
+    jobs = sweep_jobs(config)
+    raw_subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", ""))
+    if len(jobs) > 1 and "${" not in raw_subdir:
+        raise ConfigError(
+            f"hydra.sweep.subdir={raw_subdir} is the same for all {len(jobs)} jobs of this sweep, "
+            f"so they would write into one directory: use an interpolation that differs per job, "
+            f"such as ${{hydra.job.num}} (the default)")
+    seen: Dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        if any(o.replace(" ", "").lower() == "checkpoint.save=false" for o in job):
+            continue  # saves nothing for another job to resume
+        d = job_checkpoint_dir(job, str(config.hydra.runtime.cwd or os.getcwd()))
+        if d is None:
+            continue
+        if d in seen:
+            j = seen[d]
+            raise ConfigError(
+                f"jobs {j} ({' '.join(jobs[j]) or 'no overrides'}) and {i} ({' '.join(job)}) of "
+                f"this sweep would share checkpoint.dir={d}, so job {i} would resume job {j}'s "
+                f"checkpoint instead of training: sweep over settings that change the run "
+                f"(run-control keys such as train.log_interval do not name the directory), drop "
+                f"the repeated value, or give each job its own directory, e.g. "
+                f"'checkpoint.dir=checkpoints/sweep/${{hydra:job.num}}'")
+        seen[d] = i
+
+
+def sweep_jobs(config: DictConfig) -> List[List[str]]:
+    """Each job's overrides, as Hydra's basic sweeper will give them (an empty list for another
+    sweeper, which chooses its jobs as it goes)."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
+    if not target.endswith("BasicSweeper"):
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    if params:
+        args = [f"{k}={v}" for k, v in OmegaConf.to_container(params, resolve=False).items()] + \
+            args
+    parsed = OverridesParser.create().parse_overrides(args)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def job_checkpoint_dir(job: List[str], cwd: str) -> Optional[str]:
+    """The checkpoint directory a job of a sweep will use, or None where only the job itself can
+    tell (a checkpoint.dir with an interpolation)."""
+    from framework.cli import checkpoint_overrides, default_checkpoint_dir
+
+    for o in job:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "checkpoint.dir" and value.strip().lower() not in ("null", ""):
+            if "${" in value:
+                return None
+            return os.path.abspath(os.path.join(cwd, os.path.expanduser(value.strip("'\""))))
+    return os.path.abspath(default_checkpoint_dir(checkpoint_overrides(job, multirun=True), cwd))
+
+
 class SweepCallback(Callback):
     """Registered in conf/train.yaml under `hydra.callbacks`."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns a callback's exception into a warning and goes on, so refuse here
+        from framework.errors import ConfigError
+        from framework.security.masking import mask_text
+
+        try:
+            check_sweep_start(config)
+        except ConfigError as e:
+            print(f"error: {mask_text(str(e))}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._mask_hydra_files(config)
@@ -171,6 +269,7 @@ class SweepCallback(Callback):
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs did not complete", file=sys.stderr,
                   flush=True)
+            sys.exit(1)  # after the summary: a script or CI step sees that the sweep failed
 
     @staticmethod
     def _mask_hydra_files(config: DictConfig) -> None:

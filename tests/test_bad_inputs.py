@@ -63,6 +63,9 @@ def _cases(d):
         (["train.global_batch_size=20"], "train.global_batch_size=20"),
         (["+train.bogus=1"], "train.bogus"),
         (["train.max_steps=abc"], "train.max_steps=abc"),  # Hydra's own error, one line too
+        (["model=null"], "model=null: a config group takes one of its options by name"),
+        # an interpolation to a key that does not exist: one line naming the field
+        (["optimizer.lr=${nowhere.x}"], "optimizer.lr: Interpolation key 'nowhere.x' not found"),
         (["parallel=pp2"], "parallel.pipeline_model_parallel_size"),
         (["parallel.sequence_parallel=true"], "sequence_parallel"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),

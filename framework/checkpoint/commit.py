@@ -43,11 +43,20 @@ def commit(tmp: str, ckpt_dir: str, iteration: int) -> str:
     returns its path. One process (rank 0) calls it, after every rank has written."""
     final = iter_dir(ckpt_dir, iteration)
     fsync_tree(tmp)
+    old = None
     if os.path.exists(final):  # re-saving the same iteration: replace it
-        shutil.rmtree(final)
+        # two renames, then the slow delete: the window in which the tracker may name a missing
+        # directory is that of a rename, not of deleting a whole checkpoint (the old copy's name
+        # is a staging name, so a killed commit's leftover goes with the next `stage`)
+        old = f"{tmp}-replaced"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(final, old)
     os.replace(tmp, final)
     fsync_dir(ckpt_dir)
     write_tracker(ckpt_dir, iteration)
+    if old is not None:
+        shutil.rmtree(old)
     return final
 
 

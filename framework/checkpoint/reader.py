@@ -35,7 +35,7 @@ import os
 import re
 import stat
 import warnings
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -120,10 +120,34 @@ def latest_iteration(ckpt_dir: Optional[str], *, allow_symlinks: bool = False) -
     m = re.fullmatch(rb"\s*([0-9]{1,10})\s*", raw)  # ASCII digits only: '١٢'.isdigit() is True
     if m is None:
         shown = raw[:40].decode("utf-8", "backslashreplace")
-        raise CheckpointError(f"{path}: tracker does not hold an iteration number ({shown!r})")
+        have = committed_iterations(ckpt_dir)
+        fix = f"; the newest committed iteration is {have[-1]}: to go on from there, write " \
+              f"{have[-1]} into it" if have else ""
+        raise CheckpointError(f"{path}: tracker does not hold an iteration number "
+                              f"({shown!r}){fix}")
     it = int(m.group(1))
-    iteration_path(ckpt_dir, it, allow_symlinks=allow_symlinks, tracker=path)
+    try:
+        iteration_path(ckpt_dir, it, allow_symlinks=allow_symlinks, tracker=path)
+    except CheckpointError as e:
+        older = [i for i in committed_iterations(ckpt_dir) if i < it]
+        if not older or "missing or incomplete" not in str(e):
+            raise
+        raise CheckpointError(f"{e}; the newest committed iteration before it is {older[-1]}: "
+                              f"to go on from there, write {older[-1]} into {path}") from None
     return it
+
+
+def committed_iterations(ckpt_dir: Optional[str]) -> List[int]:
+    """The iterations with a committed directory (`iter_N` holding framework.json) in
+    `ckpt_dir`, sorted, whatever the tracker says."""
+    if not ckpt_dir or not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = re.fullmatch(r"iter_([0-9]{7,10})", name)
+        if m and os.path.isfile(os.path.join(ckpt_dir, name, META)):
+            out.append(int(m.group(1)))
+    return sorted(out)
 
 
 def iteration_path(ckpt_dir: str, iteration: int, *, allow_symlinks: bool = False,
@@ -350,6 +374,19 @@ def _read_dcp_metadata(path: str):
                                   f"{list(size)} but its stored pieces hold {stored} of "
                                   f"{math.prod(size)} elements")
     return md
+
+
+def vocab_rows(path: str) -> Optional[int]:
+    """The (padded) vocabulary rows of the word embedding stored in the checkpoint at `path`
+    (None where it holds no word embedding). megatron-core loads that tensor with
+    `allow_shape_mismatch`, zero-filling or cutting rows, so a changed vocabulary must be caught
+    before loading."""
+    md = _read_dcp_metadata(path)
+    for key, tmd in md.state_dict_metadata.items():
+        if key.endswith("word_embeddings.weight") and not key.startswith("optimizer") \
+                and hasattr(tmd, "size"):
+            return int(tmd.size[0])
+    return None
 
 
 def check_shapes(path: str, template: Dict[str, Any], md) -> None:

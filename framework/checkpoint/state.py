@@ -36,7 +36,8 @@ import torch.distributed as dist
 from framework.checkpoint.commit import commit, stage, staging_dir
 from framework.checkpoint.manifest import (MANIFEST, hash_own_shards, verify_checkpoint,
                                            write_manifest)
-from framework.checkpoint.reader import (META, TRACKER, cpu_safe, iter_dir, iteration_path,
+from framework.checkpoint.reader import (META, TRACKER, committed_iterations, cpu_safe, iter_dir,
+                                         iteration_path,
                                          latest_iteration, read_dist, read_meta,
                                          recorded_window)
 from framework.config import ModelConfig
@@ -322,6 +323,15 @@ def load_target(c, allow_symlinks: Optional[bool] = None
     `c.load_iteration` picks another committed iteration of that directory."""
     links = c.allow_symlinks if allow_symlinks is None else allow_symlinks
     resume_it = latest_iteration(c.dir, allow_symlinks=links)
+    if resume_it is None:
+        have = committed_iterations(c.dir)
+        if have:  # the run would start afresh and replace them as it saves
+            raise ConfigError(
+                f"checkpoint.dir={c.dir} holds committed checkpoints (iterations "
+                f"{', '.join(map(str, have[-3:]))}{' and earlier' if len(have) > 3 else ''}) but "
+                f"no {TRACKER}, so this run would start afresh and replace them: to resume the "
+                f"newest, write {have[-1]} into {os.path.join(c.dir, TRACKER)}; to start "
+                f"afresh, give another checkpoint.dir")
     resuming = resume_it is not None
     load_dir = c.dir if resuming else c.load
     want = c.load_iteration

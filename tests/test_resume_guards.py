@@ -1,0 +1,101 @@
+"""Resume and load cases that used to lose checkpoints or change the model silently: committed
+checkpoints without a tracker (the run started afresh and replaced them), a damaged tracker (the
+error now says how to go on), a changed vocabulary (megatron-core zero-fills or cuts the
+embedding's rows), and re-saving the tracker's own iteration (commit's rename order)."""
+import os
+import shutil
+
+import pytest
+
+from helpers import run_train
+
+FAST = ["train.progress_bar=false", "checkpoint.save_interval=2"]
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    run_train(*FAST, "train.max_steps=4", f"checkpoint.dir={d}/ck", cwd=d, name="base",
+              fast=False)
+    return d
+
+
+def _copy(base, name):
+    dst = base / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(base / "ck", dst)
+    return dst
+
+
+def _one_error(r):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return lines[0]
+
+
+def _tree(path):
+    return sorted(os.path.relpath(os.path.join(root, f), path)
+                  for root, _d, files in os.walk(path) for f in files)
+
+
+def test_checkpoints_without_a_tracker_are_kept_and_the_fix_is_named(base):
+    ck = _copy(base, "notracker")
+    os.remove(ck / TRACKER)
+    before = _tree(ck)
+    r = run_train(*FAST, "train.max_steps=6", f"checkpoint.dir={ck}", cwd=base, name="nt",
+                  fast=False, expect=2)
+    line = _one_error(r)
+    assert f"checkpoint.dir={ck} holds committed checkpoints (iterations 2, 4) but no " \
+           f"{TRACKER}" in line and f"write 4 into {ck}/{TRACKER}" in line, line
+    assert _tree(ck) == before
+    (ck / TRACKER).write_text("4")  # the fix it names works
+    r = run_train(*FAST, "train.max_steps=6", f"checkpoint.dir={ck}", cwd=base, name="nt2",
+                  fast=False)
+    assert f"resumed from {ck}/iter_0000004" in r.stdout
+
+
+@pytest.mark.parametrize("tracker, want", [
+    ("abc", "tracker does not hold an iteration number ('abc'); the newest committed iteration "
+            "is 4: to go on from there, write 4 into it"),
+    ("9", "names iteration 9, but {ck}/iter_0000009 is missing or incomplete (no framework.json);"
+          " the newest committed iteration before it is 4: to go on from there, write 4 into"),
+])
+def test_a_damaged_tracker_names_the_newest_committed_iteration(base, tracker, want):
+    ck = _copy(base, f"tracker_{tracker}")
+    (ck / TRACKER).write_text(tracker)
+    r = run_train(*FAST, "train.max_steps=6", f"checkpoint.dir={ck}", cwd=base, name=None,
+                  fast=False, expect=2)
+    assert want.format(ck=ck) in _one_error(r)
+
+
+def test_a_changed_vocabulary_is_refused_on_resume_and_noted_on_load(base):
+    ck = _copy(base, "vocab")
+    before = _tree(ck)
+    for override, rows in (("model.vocab_size=100", 104),
+                           ("model.make_vocab_size_divisible_by=64", 64)):
+        r = run_train(*FAST, "train.max_steps=6", f"checkpoint.dir={ck}", override, cwd=base,
+                      name=None, fast=False, expect=2)
+        line = _one_error(r)
+        assert f"{ck}/iter_0000004 has 24 vocabulary rows and this config {rows}" in line, line
+        assert f"resuming would load it with {rows - 24} rows zero-filled" in line, line
+    assert _tree(ck) == before
+    r = run_train(*FAST, "train.max_steps=1", f"checkpoint.dir={base}/fresh",
+                  f"checkpoint.load={ck}", "model.make_vocab_size_divisible_by=64", cwd=base,
+                  name="load", fast=False)
+    assert "checkpoint.load gives the embedding and output layer 40 zero-filled rows" in r.stdout
+
+
+def test_resaving_the_trackers_iteration_replaces_it_whole(tmp_path):
+    from framework.checkpoint.commit import commit, stage
+    from framework.checkpoint.reader import latest_iteration
+
+    ck = str(tmp_path / "ck")
+    for content in ("first", "second"):
+        tmp = stage(ck, 3)
+        with open(os.path.join(tmp, "framework.json"), "w") as f:
+            f.write(content)
+        commit(tmp, ck, 3)
+    assert latest_iteration(ck) == 3
+    assert open(os.path.join(ck, "iter_0000003", "framework.json")).read() == "second"
+    assert sorted(os.listdir(ck)) == ["iter_0000003", TRACKER]

@@ -1,0 +1,102 @@
+"""Runs that would mix or lose each other's output are refused in one line before any training.
+
+* A sweep (`train.py -m`, framework/sweep.py `check_sweep_start`): a reused `hydra.sweep.dir`, one
+  `hydra.sweep.subdir` for every job, and two jobs that would share one checkpoint directory.
+* Two runs saving into one checkpoint directory at once (framework/locking.py `run_lock`)."""
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from framework.sweep import job_checkpoint_dir, sweep_jobs
+from helpers import run_train
+
+FAST = ["train.max_steps=1", "train.progress_bar=false"]
+
+
+def _refused(tmp_path, *args):
+    r = run_train("-m", *FAST, *args, cwd=tmp_path, name=None, fast=False, expect=2)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, want", [
+    # run-control keys do not name the checkpoint directory: job 1 would resume job 0
+    (["train.log_interval=1,2"], "jobs 0 (train.max_steps=1 train.progress_bar=False "
+                                 "train.log_interval=1) and 1"),
+    (["train.seed=5,5"], "would share checkpoint.dir="),
+    (["train.seed=5,6", "checkpoint.dir=CK"], "would share checkpoint.dir=CK"),
+    (["train.seed=5,6", "hydra.sweep.subdir=x"], "hydra.sweep.subdir=x is the same for all 2 jobs"),
+])
+def test_sweeps_that_would_mix_jobs_are_refused_before_any_job(tmp_path, args, want):
+    args = [a.replace("CK", str(tmp_path / "ck")) for a in args]
+    line = _refused(tmp_path, *args, f"hydra.sweep.dir={tmp_path}/sw")
+    assert want.replace("CK", str(tmp_path / "ck")) in line, line
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_sweep_dir_with_an_earlier_sweep_is_refused_and_kept(tmp_path):
+    job = tmp_path / "sw" / "0"
+    job.mkdir(parents=True)
+    (job / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    line = _refused(tmp_path, "train.seed=1,2", f"hydra.sweep.dir={tmp_path}/sw")
+    assert f"hydra.sweep.dir={tmp_path}/sw already holds an earlier sweep (0/)" in line, line
+    assert (job / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
+    assert sorted(os.listdir(tmp_path / "sw")) == ["0"]
+
+
+def _config(task, sweeper="hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+    return OmegaConf.create({"hydra": {"overrides": {"task": task},
+                                       "sweeper": {"_target_": sweeper, "params": None}}})
+
+
+def test_jobs_and_their_checkpoint_dirs(tmp_path):
+    jobs = sweep_jobs(_config(["train.seed=1,2", "model=gpt_tiny,llama_tiny", "train.max_steps=3"]))
+    assert jobs == [["train.seed=1", "model=gpt_tiny", "train.max_steps=3"],
+                    ["train.seed=1", "model=llama_tiny", "train.max_steps=3"],
+                    ["train.seed=2", "model=gpt_tiny", "train.max_steps=3"],
+                    ["train.seed=2", "model=llama_tiny", "train.max_steps=3"]]
+    dirs = {job_checkpoint_dir(j, str(tmp_path)) for j in jobs}
+    assert len(dirs) == 4  # train.max_steps names the directory in a sweep; the rest differ
+    # an interpolation only the job can resolve (per-job dirs) is not judged here
+    assert job_checkpoint_dir(["checkpoint.dir=ck/${hydra:job.num}"], str(tmp_path)) is None
+    assert job_checkpoint_dir(["checkpoint.dir=ck"], str(tmp_path)) == str(tmp_path / "ck")
+    # another sweeper chooses its jobs as it goes: nothing to check up front
+    assert sweep_jobs(_config(["train.seed=1,2"], sweeper="some.OtherSweeper")) == []
+
+
+def test_a_second_run_into_a_checkpoint_dir_in_use_is_refused(tmp_path):
+    from framework.errors import ConfigError
+    from framework.locking import RUN_LOCK, run_lock
+
+    ck = tmp_path / "ck"
+    with run_lock(str(ck)):
+        assert f"pid {os.getpid()} on " in (ck / RUN_LOCK).read_text()
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            with run_lock(str(ck)):
+                pass
+        r = run_train(*FAST, f"checkpoint.dir={ck}", cwd=tmp_path, name="second", fast=False,
+                      expect=2)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: checkpoint.dir={ck} is in use by another run (pid {os.getpid()} on "), lines
+        assert sorted(os.listdir(ck)) == [RUN_LOCK]  # nothing trained or saved
+    with run_lock(str(ck)):  # released with the holder
+        pass
+    # a run that saves nothing takes no lock
+    with run_lock(str(ck)):
+        run_train(*FAST, f"checkpoint.dir={ck}", "checkpoint.save=false", cwd=tmp_path,
+                  name="nosave", fast=False, expect=0)
+
+
+def test_a_resume_says_that_checkpoint_load_is_not_used(tmp_path):
+    for name in ("seed", "run"):
+        run_train(*FAST, f"checkpoint.dir={tmp_path / name}", cwd=tmp_path, name=name, fast=False)
+    r = run_train("train.max_steps=2", "train.progress_bar=false",
+                  f"checkpoint.dir={tmp_path / 'run'}", f"checkpoint.load={tmp_path / 'seed'}",
+                  cwd=tmp_path, name="resume", fast=False)
+    assert f"resumed from {tmp_path / 'run'}/iter_0000001" in r.stdout
+    assert (f"note: checkpoint.load={tmp_path / 'seed'} not used: a checkpoint in "
+            f"checkpoint.dir={tmp_path / 'run'} is resumed instead") in r.stdout, r.stdout[-2000:]
