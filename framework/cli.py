@@ -172,7 +172,7 @@ def _record_job(fn: Callable[[], T], job_dir: str) -> Optional[T]:
 
     from framework.config import ConfigError
     from framework.security.masking import mask_text
-    from framework.sweep import write_job_status
+    from framework.job_status import write_job_status
 
     try:
         out = fn()

@@ -258,6 +258,11 @@ class ModelConfig:
                  f"be in [1, {MAX_VOCAB_MULTIPLE}]")
         for f in ("init_method_std", "layernorm_epsilon"):
             require(getattr(self, f) > 0, f"model.{f}={getattr(self, f)} must be positive")
+        # megatron-core (0.16) keeps the field in TransformerConfig but no layer reads it: a run
+        # with it on would train the pre-LN residual of the default, bit for bit
+        require(not self.apply_residual_connection_post_layernorm,
+                "model.apply_residual_connection_post_layernorm=true is not implemented by "
+                "megatron-core's transformer layer (the run would be the pre-LN default): unset it")
         require(
             self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
             f"model.hidden_size={self.hidden_size} must be divisible by "

@@ -64,12 +64,14 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
     import socket
 
     path = os.path.join(ckpt_dir, RUN_LOCK)
+    created = not os.path.isdir(ckpt_dir)
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:  # the plan's checks name an unwritable directory; a save would say so too
         yield
         return
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,10 +86,18 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
             fd = -1
             yield
             return
+        held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         yield
     finally:
+        if held:  # leave the directory as the run left it: no lock file, and not even the
+            # directory where this run made it and saved nothing (a killed run's file is reused)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(ckpt_dir)
         if fd >= 0:
             os.close(fd)  # releases the lock

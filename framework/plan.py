@@ -125,6 +125,33 @@ def _check_resumed_optimizer(cfg: Config, meta, path: str, allow_symlinks: bool)
             f"checkpoint.dir)")
 
 
+def _check_resumed_tokenizer(tokenizer, path: str, cfg: Config) -> None:
+    """A resume with tokenizer.path (or vocab/merge files) must give the tokens the ids the
+    checkpoint's own tokenizer gave them: the embedding rows are the checkpoint's, and the saves
+    of this run would store the new tokenizer beside them."""
+    from dataclasses import replace
+
+    from framework.tokenizer import build_tokenizer
+
+    saved = os.path.join(path, "tokenizer")
+    if not os.path.isdir(saved):
+        return
+    theirs = build_tokenizer(replace(cfg.tokenizer, path=None, vocab_file=None, merge_file=None),
+                             default_dir=saved)
+    ours_vocab, their_vocab = tokenizer.hf.get_vocab(), theirs.hf.get_vocab()
+    if ours_vocab == their_vocab:
+        return
+    moved = sorted(t for t in set(ours_vocab) & set(their_vocab) if ours_vocab[t] != their_vocab[t])
+    only = len(set(ours_vocab) ^ set(their_vocab))
+    what = (f"{len(moved)} tokens have other ids (e.g. {moved[0]!r}: {their_vocab[moved[0]]} in "
+            f"the checkpoint, {ours_vocab[moved[0]]} here)" if moved else
+            f"{only} tokens are in one vocabulary only")
+    given = cfg.tokenizer.path or cfg.tokenizer.vocab_file
+    raise ConfigError(f"tokenizer {given} is not the tokenizer of the checkpoint this run resumes "
+                      f"({saved}): {what}; resume without tokenizer.path (the checkpoint's is "
+                      f"used), or start a new checkpoint.dir")
+
+
 def _check_vocab_rows(cfg: Config, path: str, vocab: int, padded: int, resuming: bool) -> None:
     """The checkpoint's word embedding must have the rows this config gives it. megatron-core
     loads it with `allow_shape_mismatch`: rows it lacks come back as zeros (their logits, 0,
@@ -188,6 +215,8 @@ def make_plan(cfg: Config) -> RunPlan:
         missing="data=indexed needs a tokenizer: set tokenizer.path or tokenizer.vocab_file + "
                 "tokenizer.merge_file")
     tokenizer = source.load()
+    if resuming and source.saved_dir is None and source.embedded is None:
+        _check_resumed_tokenizer(tokenizer, iter_dir(load_dir, load_it), cfg)
     check_inputs(cfg, tokenizer, device)  # tokenizer, model, data, directories: one line each
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,

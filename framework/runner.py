@@ -63,6 +63,43 @@ def _run_planned(plan: RunPlan, overrides: Optional[List[str]]) -> None:
             print_summary(cfg, overrides)
 
 
+# settings a resume may change without changing the weights' shapes (those are refused by
+# check_compatible and the vocabulary check), listed in a note when they differ from the
+# checkpoint's: the run goes on, but not as the checkpoint's run would have
+RESUME_NOTED = {
+    "train": ("seed",),
+    "model": ("seq_length", "hidden_dropout", "attention_dropout", "layernorm_epsilon",
+              "rotary_percent", "rotary_base", "rope_scaling", "rope_scaling_factor",
+              "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+              "rope_scaling_original_max_position_embeddings", "decoder_seq_length",
+              "relative_attention_max_distance", "softmax_scale", "scale_decoder_output"),
+    "data": ("type", "path", "split", "reset_position_ids", "reset_attention_mask",
+             "eod_mask_loss", "num_documents", "masking_probability",
+             "short_sequence_probability", "masking_max_ngram", "masking_do_full_word",
+             "masking_do_permutation", "masking_use_longer_ngrams",
+             "masking_use_geometric_distribution"),
+}
+
+
+def resumed_setting_changes(stored: dict, cfg: Config) -> List[str]:
+    """`section.key=value (checkpoint: value)` for each RESUME_NOTED setting that differs from
+    the resumed checkpoint's stored config (a key the checkpoint does not store is skipped)."""
+    from framework.config import _shown
+
+    out = []
+    for section, keys in RESUME_NOTED.items():
+        theirs = stored.get(section) or {}
+        ours = getattr(cfg, section)
+        for k in keys:
+            if k in theirs and hasattr(ours, k):
+                now, then = getattr(ours, k), theirs[k]
+                if isinstance(now, (list, tuple)):
+                    now = list(now)
+                if now != then:
+                    out.append(f"{section}.{k}={_shown(now)} (checkpoint: {_shown(then)})")
+    return out
+
+
 def _checkpoint_dir_lock(cfg: Config):
     """One run at a time saves into a checkpoint directory (framework/locking.py `run_lock`),
     held by the process that launches the workers, or by global rank 0 under torchrun/SLURM."""
@@ -177,6 +214,13 @@ def _train_rank(plan: RunPlan) -> None:
                 what = "resumed" if plan.resuming else "initialised weights"
                 echo(f"{what} from {iter_dir(plan.load_dir, meta['iteration'])} "
                      f"(step {state.step}, {state.consumed_samples} samples)")
+                moved = resumed_setting_changes(meta.get("config", {}), cfg) \
+                    if plan.resuming else []
+                if moved:
+                    echo(f"note: resuming with settings the checkpoint was not trained with: "
+                         f"{'; '.join(moved)} (the data position, "
+                         f"{state.consumed_samples} samples, and the random-number states are "
+                         f"the checkpoint's)")
                 ignored = [f"checkpoint.{k}={v}" for k, v in (
                     ("load", cfg.checkpoint.load), ("load_hf", cfg.checkpoint.load_hf)) if v]
                 if plan.resuming and ignored:

@@ -20,41 +20,12 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from framework.job_status import STATUS_FILE, read_json, write_job_status  # noqa: F401
 from framework.launch_env import env_rank
 
-STATUS_FILE = "job_status.json"
 SUMMARY_FILE = "sweep_summary.csv"
 COLUMNS = ["job", "overrides", "train_loss", "eval_loss", "tokens_per_sec_per_gpu", "steps",
            "status", "error"]
-
-
-def write_job_status(job_dir: str, status: str, error: Optional[str],
-                     overrides: Optional[List[str]] = None) -> None:
-    """Create or update `<job_dir>/job_status.json` (fields given here win over stored ones).
-    Where every rank runs the job (SLURM: one task per rank), rank 0 alone keeps the record; a
-    failure elsewhere reaches rank 0 as a failed collective (its own error is in its log)."""
-    if env_rank() != 0:
-        return
-    os.makedirs(job_dir, exist_ok=True)
-    path = os.path.join(job_dir, STATUS_FILE)
-    rec: Dict[str, Any] = read_json(path) or {}
-    if status is not None:
-        rec["status"] = status
-        rec["error"] = error
-    if overrides is not None:
-        rec["overrides"] = overrides
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def job_summary(job_dir: str) -> Dict[str, Any]:

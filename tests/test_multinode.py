@@ -193,7 +193,7 @@ def test_slurm_config_with_broken_setup_fails_in_one_line(reaper):
     tmp = reaper
     r = _slurm_local(tmp, "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={tmp}/sw",
                      "hydra.launcher.setup=['export MASTER_PORT=29999']", "parallel=tp2")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the sweep's job failed
     rows = list(csv.DictReader(open(tmp / "sw" / "sweep_summary.csv")))
     assert [x["status"] for x in rows] == ["failed"], rows
     assert "under SLURM, set MASTER_ADDR and MASTER_PORT (MASTER_ADDR unset" in rows[0]["error"]

@@ -99,3 +99,47 @@ def test_resaving_the_trackers_iteration_replaces_it_whole(tmp_path):
     assert latest_iteration(ck) == 3
     assert open(os.path.join(ck, "iter_0000003", "framework.json")).read() == "second"
     assert sorted(os.listdir(ck)) == ["iter_0000003", TRACKER]
+
+
+def test_a_resume_with_another_tokenizer_is_refused(tmp_path):
+    import json
+
+    from framework.data.indexed import preprocess
+    from framework.tokenizer import embedded_tokenizer
+
+    tok = embedded_tokenizer()
+    tok.save(str(tmp_path / "tok"))
+    preprocess(["1+2=3\n" * 20] * 50, tok, str(tmp_path / "data"), progress=False)
+    data = ["data=indexed", f"data.path=[{tmp_path}/data]", "data.split='90,10,0'"]
+    ck = tmp_path / "ck"
+    run_train(*FAST, *data, f"tokenizer.path={tmp_path}/tok", "train.max_steps=2",
+              f"checkpoint.dir={ck}", cwd=tmp_path, name="a", fast=False)
+    # the same ids for the same tokens: resumes
+    run_train(*FAST, *data, f"tokenizer.path={tmp_path}/tok", "train.max_steps=3",
+              f"checkpoint.dir={ck}", cwd=tmp_path, name="b", fast=False)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tmp_path / "tok", swapped)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["+"], vocab["="] = vocab["="], vocab["+"]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    before = _tree(ck)
+    r = run_train(*FAST, *data, f"tokenizer.path={swapped}", "train.max_steps=5",
+                  f"checkpoint.dir={ck}", cwd=tmp_path, name="c", fast=False, expect=2)
+    line = _one_error(r)
+    assert f"tokenizer {swapped} is not the tokenizer of the checkpoint this run resumes" in line
+    assert "2 tokens have other ids" in line, line
+    assert _tree(ck) == before
+
+
+def test_a_resume_names_the_settings_it_changes(base):
+    ck = _copy(base, "moved")
+    r = run_train(*FAST, "train.max_steps=5", f"checkpoint.dir={ck}", cwd=base, name="same",
+                  fast=False)
+    assert "not trained with" not in r.stdout  # nothing changed: nothing to say
+    r = run_train(*FAST, "train.max_steps=6", f"checkpoint.dir={ck}", "train.seed=7",
+                  "model.hidden_dropout=0.2", cwd=base, name="moved", fast=False)
+    assert ("note: resuming with settings the checkpoint was not trained with: train.seed=7 "
+            "(checkpoint: 1234); model.hidden_dropout=0.2 (checkpoint: 0) (the data position, "
+            "160 samples, and the random-number states are the checkpoint's)") in r.stdout, \
+        r.stdout[-2000:]
