@@ -10,7 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from framework.cli import (check_group_choices, checkpoint_overrides, default_checkpoint_dir,
+from framework.cli import (check_group_choices, check_overrides_take_effect, checkpoint_overrides,
+                           default_checkpoint_dir,
                            install_masked_cfg_printing, is_multirun, register_resolvers,
                            report_errors, run_hydra_main, task_overrides)
 from framework.config import Config, check_unknown_keys, register_configs
@@ -33,6 +34,7 @@ def to_config(dcfg: DictConfig) -> Config:
     check_unknown_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, Config)
+    check_overrides_take_effect(cfg, task_overrides(hc))
     return cfg
 
 

@@ -95,6 +95,30 @@ def task_overrides(hydra_cfg) -> List[str]:
     return [str(o) for o in OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)]
 
 
+# (key, test on the typed config, why): a key given on the command line that has no effect
+# unless the test holds. (Config's own checks compare with schema defaults, and conf/train.yaml
+# sets some of these away from them, so only the command line tells what the user asked for.)
+_NEEDS = (
+    # (the config has filled a null optimizer.lr / min_lr from these by now: a preset default
+    # that was used is the value the optimizer has)
+    ("model.default_lr", lambda c: c.model.default_lr is not None
+     and c.optimizer.lr == float(c.model.default_lr), "optimizer.lr is set and takes precedence"),
+    ("model.default_min_lr", lambda c: c.model.default_min_lr is not None
+     and c.optimizer.min_lr == float(c.model.default_min_lr),
+     "optimizer.min_lr or optimizer.lr is set and takes precedence"),
+)
+
+
+def check_overrides_take_effect(cfg: Any, overrides: List[str]) -> None:
+    """Refuse a command-line key that the rest of the config makes a no-op (`_NEEDS`)."""
+    from framework.config import ConfigError
+
+    given = {_override_key(o): o for o in overrides}
+    for key, ok, why in _NEEDS:
+        if key in given and not given[key].startswith("~") and not ok(cfg):
+            raise ConfigError(f"{given[key].lstrip('+')} has no effect: {why}; unset it")
+
+
 def checkpoint_overrides(task_overrides: List[str], multirun: bool = False) -> str:
     """The part of the command line that names the checkpoint directory: the overrides that
     change what is computed, sorted, joined by "," (Hydra's override_dirname format)."""
@@ -266,7 +290,13 @@ def hydra_error_line(ex: BaseException, schema: type) -> Optional[str]:
                     f"{', '.join(opts) or '(none)'}")
         return first(ex)
     if isinstance(ex, OverrideParseException):
-        return f"cannot parse the override {ex.override!r}: {first(ex)} (Hydra's override syntax)"
+        hint = ""
+        key, eq, value = str(ex.override).partition("=")
+        if eq and "=" in value and not value[:1] in "'\"":
+            # e.g. a default checkpoint directory's name: checkpoints/optimizer.lr=1e-3
+            hint = f"; quote a value that holds '=': \"{key}='{value}'\""
+        return (f"cannot parse the override {ex.override!r}: {first(ex)} (Hydra's override "
+                f"syntax){hint}")
     cause = ex.__cause__
     if isinstance(ex, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
         key = cause.full_key or ""

@@ -64,6 +64,9 @@ def _cases(d):
         (["+train.bogus=1"], "train.bogus"),
         (["train.max_steps=abc"], "train.max_steps=abc"),  # Hydra's own error, one line too
         (["model=null"], "model=null: a config group takes one of its options by name"),
+        (["model.default_lr=1e-2", "optimizer.lr=1e-3"],
+         "model.default_lr=1e-2 has no effect: optimizer.lr is set"),
+        (["checkpoint.load=ck/train.seed=2"], "quote a value that holds '='"),
         # an interpolation to a key that does not exist: one line naming the field
         (["optimizer.lr=${nowhere.x}"], "optimizer.lr: Interpolation key 'nowhere.x' not found"),
         (["parallel=pp2"], "parallel.pipeline_model_parallel_size"),

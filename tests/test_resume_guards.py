@@ -143,3 +143,11 @@ def test_a_resume_names_the_settings_it_changes(base):
             "(checkpoint: 1234); model.hidden_dropout=0.2 (checkpoint: 0) (the data position, "
             "160 samples, and the random-number states are the checkpoint's)") in r.stdout, \
         r.stdout[-2000:]
+
+
+def test_loading_an_iteration_directory_names_the_option_that_does(base):
+    r = run_train(*FAST, "train.max_steps=1", f"checkpoint.dir={base}/fresh2",
+                  f"checkpoint.load={base}/ck/iter_0000004", cwd=base, name=None, fast=False,
+                  expect=2)
+    assert (f"for that iteration of {base}/ck, give checkpoint.load={base}/ck "
+            f"checkpoint.load_iteration=4") in _one_error(r)

@@ -343,8 +343,13 @@ def load_target(c, allow_symlinks: Optional[bool] = None
     it = resume_it if resuming else (
         latest_iteration(load_dir, allow_symlinks=links) if want is None else want)
     if it is None:
+        parent, name = os.path.split(os.path.normpath(load_dir))
+        m = re.fullmatch(r"iter_([0-9]+)", name)
+        hint = f"; for that iteration of {parent}, give checkpoint.load={parent} " \
+               f"checkpoint.load_iteration={int(m.group(1))}" \
+            if m and int(m.group(1)) in committed_iterations(parent) else ""
         raise ConfigError(f"checkpoint.load={load_dir} has no committed checkpoint "
-                          f"(no {load_dir}/{TRACKER})")
+                          f"(no {load_dir}/{TRACKER}){hint}")
     if want is not None:
         it = want
         where = "checkpoint.dir" if resuming else "checkpoint.load"
