@@ -281,7 +281,6 @@ def tt_cmd(model: str, mb, steps: int, optimizer) -> List[str]:
             ] + ([] if o.fused_step else ["--no-fused"])
 
 
-
 def window_spread(wins: List[float], side: str, steps: int) -> Optional[float]:
     """(slowest - fastest) / mean over the measured windows. Our runs report only their measured
     windows; the baselines report every window, the warm-up (compilation) first, so only their
@@ -289,6 +288,7 @@ def window_spread(wins: List[float], side: str, steps: int) -> Optional[float]:
     n_measured = -(-steps // tp.LOG)  # ceil
     meas = list(wins) if side == "ours" else list(wins)[-n_measured:]
     return (max(meas) - min(meas)) / (sum(meas) / len(meas)) if meas else None
+
 
 def run_cand(c: Cand, plan: Plan, timeout: float) -> Dict:
     t0 = time.time()

@@ -201,7 +201,8 @@ def _record_job(fn: Callable[[], T], job_dir: str) -> Optional[T]:
     try:
         out = fn()
     except (ConfigError, OmegaConfBaseException) as e:
-        msg = str(e) if isinstance(e, ConfigError) else _omegaconf_line(e)
+        msg = (str(e).strip().splitlines() or [""])[0] if isinstance(e, ConfigError) \
+            else _omegaconf_line(e)
         print(f"error: {mask_text(msg)}", file=sys.stderr, flush=True)
         write_job_status(job_dir, "failed", f"config error: {mask_text(msg)}")
         return None

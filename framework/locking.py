@@ -86,6 +86,16 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
             fd = -1
             yield
             return
+        try:  # the file may have been unlinked by a run that ended as we opened it
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            fd = -1
+            with run_lock(ckpt_dir):  # again, on the file that is there now
+                yield
+            return
         held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "

@@ -136,9 +136,16 @@ def _check_resumed_tokenizer(tokenizer, path: str, cfg: Config) -> None:
     saved = os.path.join(path, "tokenizer")
     if not os.path.isdir(saved):
         return
-    theirs = build_tokenizer(replace(cfg.tokenizer, path=None, vocab_file=None, merge_file=None),
-                             default_dir=saved)
-    ours_vocab, their_vocab = tokenizer.hf.get_vocab(), theirs.hf.get_vocab()
+    try:
+        theirs = build_tokenizer(replace(cfg.tokenizer, path=None, vocab_file=None,
+                                         merge_file=None), default_dir=saved)
+        ours_vocab, their_vocab = tokenizer.hf.get_vocab(), theirs.hf.get_vocab()
+    except Exception as e:  # noqa: BLE001 (a tokenizer class this machine cannot load)
+        if env_rank() == 0:
+            print(f"note: the checkpoint's tokenizer ({saved}) cannot be read here "
+                  f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}), "
+                  f"so tokenizer.path is not compared with it", flush=True)
+        return
     if ours_vocab == their_vocab:
         return
     moved = sorted(t for t in set(ours_vocab) & set(their_vocab) if ours_vocab[t] != their_vocab[t])

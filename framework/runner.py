@@ -43,15 +43,17 @@ def run(cfg: Config, overrides: Optional[List[str]] = None) -> None:
     the workers. `overrides` (the command line's, from train.py) make the printed resume /
     train-longer commands exact."""
     try:
-        plan = make_plan(cfg)
-        _run_planned(plan, overrides)
+        # the lock first: the plan reads (and verifies) the checkpoint another run may be writing
+        with _checkpoint_dir_lock(cfg):
+            plan = make_plan(cfg)
+            _run_planned(plan, overrides)
     finally:
         os.environ.pop(VERIFIED_ENV, None)
 
 
 def _run_planned(plan: RunPlan, overrides: Optional[List[str]]) -> None:
     cfg = plan.cfg
-    with run_log(cfg.run_dir), _checkpoint_dir_lock(cfg):
+    with run_log(cfg.run_dir):
         # a checkpoint already at train.max_steps: say so (exit 0); past it: an error (exit 2)
         if check_finished(cfg, overrides, show=env_rank() == 0):
             return
@@ -107,7 +109,7 @@ def _checkpoint_dir_lock(cfg: Config):
 
     from framework.locking import run_lock
 
-    if not cfg.checkpoint.save or env_rank() != 0:
+    if not cfg.checkpoint.save or not cfg.checkpoint.dir or env_rank() != 0:
         return contextlib.nullcontext()
     return run_lock(cfg.checkpoint.dir)
 
@@ -219,10 +221,13 @@ def _train_rank(plan: RunPlan) -> None:
                 if moved:
                     echo(f"note: resuming with settings the checkpoint was not trained with: "
                          f"{'; '.join(moved)} (the data position, "
-                         f"{state.consumed_samples} samples, and the random-number states are "
-                         f"the checkpoint's)")
+                         f"{state.consumed_samples} samples, is the checkpoint's, and so are the "
+                         f"random-number states at the same layout)")
+                # (a fine-tune resumed by its own command stored the same load: nothing new)
+                stored_ck = meta.get("config", {}).get("checkpoint") or {}
                 ignored = [f"checkpoint.{k}={v}" for k, v in (
-                    ("load", cfg.checkpoint.load), ("load_hf", cfg.checkpoint.load_hf)) if v]
+                    ("load", cfg.checkpoint.load), ("load_hf", cfg.checkpoint.load_hf))
+                    if v and stored_ck.get(k) != v]
                 if plan.resuming and ignored:
                     echo(f"note: {' and '.join(ignored)} not used: a checkpoint in "
                          f"checkpoint.dir={cfg.checkpoint.dir} is resumed instead (a resume "

@@ -121,7 +121,7 @@ def check_sweep_start(config: DictConfig) -> None:
 
     sweep_dir = str(config.hydra.sweep.dir)
     # where every rank runs the sweep (torchrun), the others may already see rank 0's new files
-    if env_rank() == 0 and os.path.isdir(sweep_dir):
+    if env_rank() == 0 and os.path.isdir(sweep_dir) and not _same_sweep(config, sweep_dir):
         found = [n for n in _SWEEP_ARTIFACTS if os.path.exists(os.path.join(sweep_dir, n))]
         for name in sorted(os.listdir(sweep_dir)):
             sub = os.path.join(sweep_dir, name)
@@ -136,6 +136,8 @@ def check_sweep_start(config: DictConfig) -> None:
                 f"hydra.sweep.dir (jobs still resume from their checkpoint directories), or move "
                 f"that one away")
     jobs = sweep_jobs(config)
+    default_dir = _raw(config, "checkpoint.dir")
+    chdir = bool(OmegaConf.select(config, "hydra.job.chdir", default=False))
     raw_subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", ""))
     if len(jobs) > 1 and "${" not in raw_subdir:
         raise ConfigError(
@@ -146,7 +148,8 @@ def check_sweep_start(config: DictConfig) -> None:
     for i, job in enumerate(jobs):
         if any(o.replace(" ", "").lower() == "checkpoint.save=false" for o in job):
             continue  # saves nothing for another job to resume
-        d = job_checkpoint_dir(job, str(config.hydra.runtime.cwd or os.getcwd()))
+        d = job_checkpoint_dir(job, str(config.hydra.runtime.cwd or os.getcwd()),
+                               default=default_dir, chdir=chdir)
         if d is None:
             continue
         if d in seen:
@@ -159,6 +162,28 @@ def check_sweep_start(config: DictConfig) -> None:
                 f"the repeated value, or give each job its own directory, e.g. "
                 f"'checkpoint.dir=checkpoints/sweep/${{hydra:job.num}}'")
         seen[d] = i
+
+
+def _raw(config: DictConfig, key: str) -> Optional[str]:
+    """A config value as written (an interpolation left as text), or None."""
+    node = OmegaConf.select(config, key.rsplit(".", 1)[0], default=None)
+    if node is None:
+        return None
+    value = OmegaConf.to_container(node, resolve=False).get(key.rsplit(".", 1)[1])
+    return None if value is None else str(value)
+
+
+def _same_sweep(config: DictConfig, sweep_dir: str) -> bool:
+    """True when `sweep_dir` holds this very sweep (the same command line): a requeued SLURM job,
+    a torchrun restart, or the command run again after a stop. Its jobs resume from their
+    checkpoints and go on in their own directories, as one resumed run does."""
+    try:
+        earlier = OmegaConf.load(os.path.join(sweep_dir, "multirun.yaml"))
+        theirs = OmegaConf.to_container(earlier.hydra.overrides.task, resolve=False)
+    except Exception:  # noqa: BLE001 (none, or not readable: not shown to be the same)
+        return False
+    ours = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    return [str(o) for o in theirs] == [str(o) for o in ours]
 
 
 def sweep_jobs(config: DictConfig) -> List[List[str]]:
@@ -175,21 +200,32 @@ def sweep_jobs(config: DictConfig) -> List[List[str]]:
     if params:
         args = [f"{k}={v}" for k, v in OmegaConf.to_container(params, resolve=False).items()] + \
             args
-    parsed = OverridesParser.create().parse_overrides(args)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception:  # noqa: BLE001 (e.g. a glob() sweep needs Hydra's config loader)
+        return []
 
 
-def job_checkpoint_dir(job: List[str], cwd: str) -> Optional[str]:
+def job_checkpoint_dir(job: List[str], cwd: str, default: Optional[str] = None,
+                       chdir: bool = False) -> Optional[str]:
     """The checkpoint directory a job of a sweep will use, or None where only the job itself can
-    tell (a checkpoint.dir with an interpolation)."""
+    tell (a checkpoint.dir with an interpolation; a relative one under hydra.job.chdir=true,
+    which each job resolves in its own directory). `default`: checkpoint.dir as the config
+    files set it (null: the name train.py builds from the job's overrides)."""
     from framework.cli import checkpoint_overrides, default_checkpoint_dir
 
+    value = default
     for o in job:
-        key, _, value = o.partition("=")
-        if key.lstrip("+") == "checkpoint.dir" and value.strip().lower() not in ("null", ""):
-            if "${" in value:
-                return None
-            return os.path.abspath(os.path.join(cwd, os.path.expanduser(value.strip("'\""))))
+        key, _, v = o.partition("=")
+        if key.lstrip("+") == "checkpoint.dir":
+            value = v
+    if value is not None and value.strip().lower() not in ("null", "none", ""):
+        value = value.strip("'\"")
+        if "${" in value or (chdir and not os.path.isabs(value)):
+            return None
+        return os.path.abspath(os.path.join(cwd, value))
+    # (the default name is built from the launch directory, hydra.runtime.cwd, even under chdir)
     return os.path.abspath(default_checkpoint_dir(checkpoint_overrides(job, multirun=True), cwd))
 
 

@@ -141,7 +141,8 @@ def test_a_resume_names_the_settings_it_changes(base):
                   "model.hidden_dropout=0.2", cwd=base, name="moved", fast=False)
     assert ("note: resuming with settings the checkpoint was not trained with: train.seed=7 "
             "(checkpoint: 1234); model.hidden_dropout=0.2 (checkpoint: 0) (the data position, "
-            "160 samples, and the random-number states are the checkpoint's)") in r.stdout, \
+            "160 samples, is the checkpoint's, and so are the random-number states at the same "
+            "layout)") in r.stdout, \
         r.stdout[-2000:]
 
 
@@ -151,3 +152,14 @@ def test_loading_an_iteration_directory_names_the_option_that_does(base):
                   expect=2)
     assert (f"for that iteration of {base}/ck, give checkpoint.load={base}/ck "
             f"checkpoint.load_iteration=4") in _one_error(r)
+
+
+def test_a_checkpoint_saved_with_the_ignored_post_ln_flag_still_loads():
+    """model.apply_residual_connection_post_layernorm is refused now (megatron-core's layer never
+    read it); a checkpoint saved while it was accepted is the pre-LN model it trained."""
+    from framework.checkpoint.reader import stored_model_config
+
+    meta = {"config": {"model": {"type": "gpt", "num_layers": 2, "hidden_size": 64,
+                                 "num_attention_heads": 4, "seq_length": 32,
+                                 "apply_residual_connection_post_layernorm": True}}}
+    assert stored_model_config(meta).apply_residual_connection_post_layernorm is False

@@ -47,6 +47,18 @@ def test_a_sweep_dir_with_an_earlier_sweep_is_refused_and_kept(tmp_path):
     assert sorted(os.listdir(tmp_path / "sw")) == ["0"]
 
 
+def test_the_same_sweep_run_again_goes_on_in_its_directory(tmp_path):
+    """A requeued SLURM job, a torchrun restart or the same command after a stop: its jobs resume
+    from their checkpoints (here: already finished) in their own directories."""
+    args = ["-m", *FAST, "train.seed=1,2", f"hydra.sweep.dir={tmp_path}/sw"]
+    run_train(*args, cwd=tmp_path, name=None, fast=False, expect=0)
+    again = run_train(*args, cwd=tmp_path, name=None, fast=False, expect=0)
+    assert again.stdout.count("nothing to train") == 2, again.stdout[-2000:]
+    # another sweep into it is still refused
+    assert "already holds an earlier sweep" in _refused(
+        tmp_path, "train.seed=3,4", f"hydra.sweep.dir={tmp_path}/sw")
+
+
 def _config(task, sweeper="hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
     return OmegaConf.create({"hydra": {"overrides": {"task": task},
                                        "sweeper": {"_target_": sweeper, "params": None}}})
@@ -100,3 +112,8 @@ def test_a_resume_says_that_checkpoint_load_is_not_used(tmp_path):
     assert f"resumed from {tmp_path / 'run'}/iter_0000001" in r.stdout
     assert (f"note: checkpoint.load={tmp_path / 'seed'} not used: a checkpoint in "
             f"checkpoint.dir={tmp_path / 'run'} is resumed instead") in r.stdout, r.stdout[-2000:]
+    # the same command again (a fine-tune resumed after a stop): its checkpoint stored that load
+    r = run_train("train.max_steps=3", "train.progress_bar=false",
+                  f"checkpoint.dir={tmp_path / 'run'}", f"checkpoint.load={tmp_path / 'seed'}",
+                  cwd=tmp_path, name="again", fast=False)
+    assert "resumed from" in r.stdout and "not used" not in r.stdout, r.stdout[-2000:]

@@ -129,6 +129,13 @@ def latest_iteration(ckpt_dir: Optional[str], *, allow_symlinks: bool = False) -
     try:
         iteration_path(ckpt_dir, it, allow_symlinks=allow_symlinks, tracker=path)
     except CheckpointError as e:
+        final = iter_dir(ckpt_dir, it)
+        for staged in (f"{final}.tmp", f"{final}.tmp-replaced"):  # a commit killed mid-rename
+            if "missing or incomplete" in str(e) and not os.path.exists(final) and \
+                    os.path.isfile(os.path.join(staged, META)):
+                raise CheckpointError(f"{e}; a save of it was killed between two renames and "
+                                      f"left it complete in {staged}: move that to {final}") \
+                    from None
         older = [i for i in committed_iterations(ckpt_dir) if i < it]
         if not older or "missing or incomplete" not in str(e):
             raise
@@ -266,6 +273,9 @@ def stored_model_config(meta: Dict[str, Any], where: str = "the checkpoint"):
     if not isinstance(stored, dict):
         raise CheckpointError(f"{where}: {META} has no config.model")
     stored = {**stored, **recorded_window(meta)}
+    # a checkpoint saved while this flag was accepted trained without it (megatron-core's layer
+    # never read it): load it as what it is, the pre-LN default
+    stored.pop("apply_residual_connection_post_layernorm", None)
     known = {f.name for f in fields(ModelConfig)}
     try:
         node = OmegaConf.merge(OmegaConf.structured(ModelConfig),

@@ -323,7 +323,7 @@ def load_target(c, allow_symlinks: Optional[bool] = None
     `c.load_iteration` picks another committed iteration of that directory."""
     links = c.allow_symlinks if allow_symlinks is None else allow_symlinks
     resume_it = latest_iteration(c.dir, allow_symlinks=links)
-    if resume_it is None:
+    if resume_it is None and c.save:
         have = committed_iterations(c.dir)
         if have:  # the run would start afresh and replace them as it saves
             raise ConfigError(
