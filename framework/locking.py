@@ -52,6 +52,36 @@ def file_lock(path: str, what: str, *, poll_s: float = 2.0, wait_s: float = 900.
 RUN_LOCK = ".run.lock"
 
 
+def _flock_or_wait_for_the_dead(fd: int, host: str, wait_s: float = 30.0) -> None:
+    """flock `fd` at once, or raise BlockingIOError. A lock whose recorded holder is a process of
+    this host that no longer exists is held by its forked children (DataLoader workers share the
+    lock) for the moments they outlive it: wait up to `wait_s` for them (a torchrun restart)."""
+    import fcntl
+    import re
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            m = re.match(r"pid (\d+) on (\S+) ", os.pread(fd, 200, 0).decode(errors="replace"))
+            if m is None or m.group(2) != host or _alive(int(m.group(1))) or \
+                    time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def run_lock(ckpt_dir: str) -> Iterator[None]:
     """Hold `<ckpt_dir>/.run.lock` for a training run that saves there. Two runs saving into one
@@ -60,7 +90,6 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
     start time). The lock is the kernel's (flock): it goes with the process, so a killed run
     leaves nothing to clean up. Where the filesystem has no flock (some network mounts), the run
     goes on without it."""
-    import fcntl
     import socket
 
     path = os.path.join(ckpt_dir, RUN_LOCK)
@@ -74,7 +103,7 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
     held = False
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_or_wait_for_the_dead(fd, socket.gethostname())
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise ConfigError(

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from framework.sweep import job_checkpoint_dir, sweep_jobs
-from helpers import run_train
+from helpers import ROOT, run_train
 
 FAST = ["train.max_steps=1", "train.progress_bar=false"]
 
@@ -117,3 +117,24 @@ def test_a_resume_says_that_checkpoint_load_is_not_used(tmp_path):
                   f"checkpoint.dir={tmp_path / 'run'}", f"checkpoint.load={tmp_path / 'seed'}",
                   cwd=tmp_path, name="again", fast=False)
     assert "resumed from" in r.stdout and "not used" not in r.stdout, r.stdout[-2000:]
+
+
+def test_a_lock_left_to_the_children_of_a_dead_run_is_waited_for(tmp_path):
+    """A killed rank 0's forked DataLoader workers share its flock for a moment: a restart on the
+    same host waits for them instead of refusing (the recorded pid is dead)."""
+    import subprocess
+    import sys
+    import time
+
+    from framework.locking import run_lock
+
+    ck = str(tmp_path / "ck")
+    code = (f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\n"
+            f"from framework.locking import run_lock\n"
+            f"with run_lock({ck!r}):\n"
+            f"    if os.fork() == 0:\n        time.sleep(2)\n        os._exit(0)\n"
+            f"    os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    start = time.monotonic()
+    with run_lock(ck):
+        assert 1.0 < time.monotonic() - start < 20
