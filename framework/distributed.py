@@ -31,9 +31,14 @@ def init_distributed(p: "ParallelConfig", device: str) -> None:
     # NCCL: a timed-out collective raises (naming the op) instead of hanging forever
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if not dist.is_initialized():
+        extra = {}
+        if device != "cuda" and os.environ.get("WORLD_SIZE", "1") == "1":
+            # one CPU rank: an in-process store, not a TCP one on a port that free_port() found
+            # free and another process may have taken since (EADDRINUSE under parallel tests)
+            extra = dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(
             backend=p.distributed_backend if device == "cuda" else "gloo",
-            timeout=timedelta(minutes=p.distributed_timeout_minutes))
+            timeout=timedelta(minutes=p.distributed_timeout_minutes), **extra)
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,

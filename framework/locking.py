@@ -93,7 +93,11 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
     import socket
 
     path = os.path.join(ckpt_dir, RUN_LOCK)
-    created = not os.path.isdir(ckpt_dir)
+    created = []  # the directories this call makes, deepest first (removed again if left empty)
+    d = os.path.abspath(ckpt_dir)
+    while d and not os.path.exists(d) and d != os.path.dirname(d):
+        created.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -135,8 +139,10 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
             # directory where this run made it and saved nothing (a killed run's file is reused)
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            if created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(ckpt_dir)
+            for made in created:  # (rmdir fails, and stops here, on one that is not empty)
+                try:
+                    os.rmdir(made)
+                except OSError:
+                    break
         if fd >= 0:
             os.close(fd)  # releases the lock

@@ -242,7 +242,7 @@ def test_output_file_inside_the_checkpoint_refused(here, ckpt):
                         f"output_file={ckpt}-results.jsonl"))
 
 
-def test_damaged_checkpoint_refused_before_any_model_is_built(here, tmp_path):
+def test_damaged_checkpoint_refused_before_any_model_is_built(mp1, here, tmp_path):
     """The checkpoint's files are checked against its manifest in prepare_job, as train.py's
     plan does, so a damaged shard is one line before any worker builds a model."""
     import shutil
