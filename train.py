@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from framework.cli import (check_group_choices, check_overrides_take_effect, checkpoint_overrides,
-                           default_checkpoint_dir,
+                           check_required_groups, default_checkpoint_dir,
                            install_masked_cfg_printing, is_multirun, register_resolvers,
                            report_errors, run_hydra_main, task_overrides)
 from framework.config import Config, check_unknown_keys, register_configs
@@ -26,6 +26,8 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 def to_config(dcfg: DictConfig) -> Config:
     hc = HydraConfig.get()
     check_group_choices(dict(hc.runtime.choices), CONF_DIR)
+    check_required_groups(dict(hc.runtime.choices), CONF_DIR,
+                          ("model", "parallel", "optimizer", "data", "logging"))
     if dcfg.checkpoint.dir is None:
         dcfg.checkpoint.dir = default_checkpoint_dir(
             checkpoint_overrides(task_overrides(hc), multirun=is_multirun()), hc.runtime.cwd)

@@ -331,6 +331,19 @@ def hydra_error_line(ex: BaseException, schema: type) -> Optional[str]:
     return None
 
 
+def check_required_groups(choices: Dict[str, Any], conf_dir: str, groups: tuple) -> None:
+    """Refuse a command line that removed a config group the run needs (`~model`): the schema's
+    bare defaults would train in its place, under the removed preset's name."""
+    from framework.config import ConfigError
+
+    for group in groups:
+        if choices.get(group) is None:
+            opts = sorted(n[:-5] for n in os.listdir(os.path.join(conf_dir, group))
+                          if n.endswith(".yaml") and not n.endswith("_schema.yaml"))
+            raise ConfigError(f"~{group} removes the {group} config group, which a run needs: "
+                              f"choose one of {', '.join(opts)} ({group}=<name>)")
+
+
 def check_group_choices(choices: Dict[str, Any], conf_dir: str) -> None:
     """Refuse a group option that is an internal schema (`model=model_schema`)."""
     from framework.config import ConfigError

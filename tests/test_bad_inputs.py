@@ -64,6 +64,7 @@ def _cases(d):
         (["+train.bogus=1"], "train.bogus"),
         (["train.max_steps=abc"], "train.max_steps=abc"),  # Hydra's own error, one line too
         (["model=null"], "model=null: a config group takes one of its options by name"),
+        (["~model"], "~model removes the model config group, which a run needs"),
         (["model.default_lr=1e-2", "optimizer.lr=1e-3"],
          "model.default_lr=1e-2 has no effect: optimizer.lr is set"),
         (["checkpoint.load=ck/train.seed=2"], "quote a value that holds '='"),
