@@ -216,20 +216,21 @@ def make_plan(cfg: Config) -> RunPlan:
 
         check_hf_source(load_hf, cfg.model, allow_pickle=c.allow_pickle)
     parts = family(cfg.model.type).parts()
+    load_path = iter_dir(load_dir, load_it) if load_dir else None
     source = choose_tokenizer(
-        cfg.tokenizer, checkpoint_iter_dir=iter_dir(load_dir, load_it) if load_dir else None,
+        cfg.tokenizer, checkpoint_iter_dir=load_path,
         hf_dir=load_hf, embedded=parts.embedded_tokenizer if cfg.data.type != "indexed" else None,
         missing="data=indexed needs a tokenizer: set tokenizer.path or tokenizer.vocab_file + "
                 "tokenizer.merge_file")
     tokenizer = source.load()
     if resuming and source.saved_dir is None and source.embedded is None:
-        _check_resumed_tokenizer(tokenizer, iter_dir(load_dir, load_it), cfg)
+        _check_resumed_tokenizer(tokenizer, load_path, cfg)
     check_inputs(cfg, tokenizer, device)  # tokenizer, model, data, directories: one line each
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                cfg.parallel.tensor_model_parallel_size)
-    if load_dir:
-        _check_vocab_rows(cfg, iter_dir(load_dir, load_it), vocab, padded, resuming)
+    if load_path:
+        _check_vocab_rows(cfg, load_path, vocab, padded, resuming)
     bf16 = (device == "cuda" if cfg.train.bf16 is None else cfg.train.bf16) \
         and not cfg.train.fp16
     return RunPlan(cfg=cfg, device=device, world_size=world, bf16=bf16,

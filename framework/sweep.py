@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from framework.cli import checkpoint_overrides, default_checkpoint_dir, task_overrides
 from framework.job_status import STATUS_FILE, read_json, write_job_status  # noqa: F401
 from framework.launch_env import env_rank
 
@@ -182,8 +183,7 @@ def _same_sweep(config: DictConfig, sweep_dir: str) -> bool:
         theirs = OmegaConf.to_container(earlier.hydra.overrides.task, resolve=False)
     except Exception:  # noqa: BLE001 (none, or not readable: not shown to be the same)
         return False
-    ours = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-    return [str(o) for o in theirs] == [str(o) for o in ours]
+    return [str(o) for o in theirs] == task_overrides(config.hydra)
 
 
 def sweep_jobs(config: DictConfig) -> List[List[str]]:
@@ -195,7 +195,7 @@ def sweep_jobs(config: DictConfig) -> List[List[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+    args = task_overrides(config.hydra)
     params = OmegaConf.select(config, "hydra.sweeper.params")
     if params:
         args = [f"{k}={v}" for k, v in OmegaConf.to_container(params, resolve=False).items()] + \
@@ -213,8 +213,6 @@ def job_checkpoint_dir(job: List[str], cwd: str, default: Optional[str] = None,
     tell (a checkpoint.dir with an interpolation; a relative one under hydra.job.chdir=true,
     which each job resolves in its own directory). `default`: checkpoint.dir as the config
     files set it (null: the name train.py builds from the job's overrides)."""
-    from framework.cli import checkpoint_overrides, default_checkpoint_dir
-
     value = default
     for o in job:
         key, _, v = o.partition("=")
@@ -255,7 +253,7 @@ class SweepCallback(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         out_dir = config.hydra.runtime.output_dir
-        overrides = mask_secrets(list(OmegaConf.to_container(config.hydra.overrides.task)))
+        overrides = mask_secrets(task_overrides(config.hydra))
         st = read_json(os.path.join(out_dir, STATUS_FILE)) or {}
         status = error = None
         if "status" not in st:  # the task did not record its outcome (it raised)
@@ -285,7 +283,7 @@ class SweepCallback(Callback):
         sub = config.hydra.output_subdir
         if sub is None:
             return
-        overrides = list(OmegaConf.to_container(config.hydra.overrides.task))
+        overrides = task_overrides(config.hydra)
         mask_hydra_dir(os.path.join(config.hydra.runtime.output_dir, str(sub)), overrides)
         from hydra.types import RunMode
 

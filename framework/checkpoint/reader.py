@@ -130,14 +130,15 @@ def latest_iteration(ckpt_dir: Optional[str], *, allow_symlinks: bool = False) -
         iteration_path(ckpt_dir, it, allow_symlinks=allow_symlinks, tracker=path)
     except CheckpointError as e:
         final = iter_dir(ckpt_dir, it)
+        if os.path.isfile(os.path.join(final, META)):  # there, but not a closed tree: as it is
+            raise
         for staged in (f"{final}.tmp", f"{final}.tmp-replaced"):  # a commit killed mid-rename
-            if "missing or incomplete" in str(e) and not os.path.exists(final) and \
-                    os.path.isfile(os.path.join(staged, META)):
+            if not os.path.exists(final) and os.path.isfile(os.path.join(staged, META)):
                 raise CheckpointError(f"{e}; a save of it was killed between two renames and "
                                       f"left it complete in {staged}: move that to {final}") \
                     from None
         older = [i for i in committed_iterations(ckpt_dir) if i < it]
-        if not older or "missing or incomplete" not in str(e):
+        if not older:
             raise
         raise CheckpointError(f"{e}; the newest committed iteration before it is {older[-1]}: "
                               f"to go on from there, write {older[-1]} into {path}") from None
