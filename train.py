@@ -8,14 +8,11 @@ import os
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from framework.cli import (check_group_choices, check_overrides_take_effect, checkpoint_overrides,
-                           check_required_groups, default_checkpoint_dir,
-                           install_masked_cfg_printing, is_multirun, register_resolvers,
-                           report_errors, run_hydra_main, task_overrides)
-from framework.config import Config, check_unknown_keys, register_configs
-from framework.security.plugins import check_plugin_targets
+from framework.cli import (config_from_hydra, install_masked_cfg_printing, is_multirun,
+                           register_resolvers, report_errors, run_hydra_main, task_overrides)
+from framework.config import Config, register_configs
 
 register_configs()
 register_resolvers()
@@ -24,20 +21,7 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 def to_config(dcfg: DictConfig) -> Config:
-    hc = HydraConfig.get()
-    check_group_choices(dict(hc.runtime.choices), CONF_DIR)
-    check_required_groups(dict(hc.runtime.choices), CONF_DIR,
-                          ("model", "parallel", "optimizer", "data", "logging"))
-    if dcfg.checkpoint.dir is None:
-        dcfg.checkpoint.dir = default_checkpoint_dir(
-            checkpoint_overrides(task_overrides(hc), multirun=is_multirun()), hc.runtime.cwd)
-    dcfg.run_dir = hc.runtime.output_dir
-    check_plugin_targets(dcfg)  # `_target_` only at plugin points, before anything is built
-    check_unknown_keys(dcfg)
-    cfg = OmegaConf.to_object(dcfg)
-    assert isinstance(cfg, Config)
-    check_overrides_take_effect(cfg, task_overrides(hc))
-    return cfg
+    return config_from_hydra(dcfg, HydraConfig.get(), CONF_DIR, multirun=is_multirun())
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")

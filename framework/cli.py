@@ -331,6 +331,31 @@ def hydra_error_line(ex: BaseException, schema: type) -> Optional[str]:
     return None
 
 
+def config_from_hydra(dcfg: Any, hydra_cfg: Any, conf_dir: str, multirun: bool) -> Any:
+    """The typed `Config` of a composed train.yaml (`dcfg`, without its `hydra` node) and the
+    Hydra config it was composed with (`hydra_cfg`: the `hydra` node, for the group choices, the
+    overrides and the directories), after every check that needs no file: the group choices,
+    `_target_` only at plugin points, no unknown keys, the dataclasses' own validation, and no
+    override that would have no effect. `train.py` calls it for its run; a sweep for each job
+    before the first one starts (framework/sweep.py)."""
+    from framework.config import check_unknown_keys
+    from framework.security.plugins import check_plugin_targets
+
+    choices = dict(hydra_cfg.runtime.choices)
+    check_group_choices(choices, conf_dir)
+    check_required_groups(choices, conf_dir, ("model", "parallel", "optimizer", "data", "logging"))
+    if dcfg.checkpoint.dir is None:
+        dcfg.checkpoint.dir = default_checkpoint_dir(
+            checkpoint_overrides(task_overrides(hydra_cfg), multirun=multirun),
+            hydra_cfg.runtime.cwd)
+    dcfg.run_dir = hydra_cfg.runtime.output_dir
+    check_plugin_targets(dcfg)  # `_target_` only at plugin points, before anything is built
+    check_unknown_keys(dcfg)
+    cfg = OmegaConf.to_object(dcfg)
+    check_overrides_take_effect(cfg, task_overrides(hydra_cfg))
+    return cfg
+
+
 def check_required_groups(choices: Dict[str, Any], conf_dir: str, groups: tuple) -> None:
     """Refuse a command line that removed a config group the run needs (`~model`): the schema's
     bare defaults would train in its place, under the removed preset's name."""

@@ -10,10 +10,12 @@ The callback also masks secrets in the files Hydra writes into `<run dir>/.hydra
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -165,6 +167,51 @@ def check_sweep_start(config: DictConfig) -> None:
         seen[d] = i
 
 
+def check_sweep_configs(config: DictConfig, conf_dir: str) -> None:
+    """Compose every job of the sweep as the launcher will, and run train.py's config checks on
+    it (`cli.config_from_hydra`: group choices, unknown keys, types, the dataclasses' validation,
+    overrides that would have no effect), before the first job starts. Hydra's basic sweeper only
+    composes each job; our checks would otherwise first run when that job starts, after the jobs
+    before it have trained. Checks that read files (checkpoints, data, tokenizers) stay with each
+    job: an earlier job may write what a later one reads."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.cli import _omegaconf_line, config_from_hydra
+    from framework.errors import ConfigError
+
+    jobs = sweep_jobs(config)
+    if len(jobs) < 2 or not GlobalHydra.instance().is_initialized():
+        return  # one job checks itself before it trains
+    loader = GlobalHydra.instance().config_loader()
+    holder = HydraConfig.instance()
+    saved = holder.cfg
+    try:
+        for i, job in enumerate(jobs):
+            try:
+                jc = loader.load_sweep_config(config, list(job))
+                with open_dict(jc):  # as Hydra's launcher numbers the job and names its dir
+                    jc.hydra.job.id = i
+                    jc.hydra.job.num = i
+                    jc.hydra.runtime.output_dir = os.path.abspath(os.path.join(
+                        str(jc.hydra.sweep.dir), str(jc.hydra.sweep.subdir)))
+                holder.set_config(jc)  # `${hydra:...}` in the job's config reads this job's
+                task = copy.deepcopy(jc)  # the task's config, as Hydra's run_job makes it
+                with read_write(task), open_dict(task):
+                    del task["hydra"]
+                config_from_hydra(task, jc.hydra, conf_dir, multirun=True)
+            except ConfigError as e:
+                raise ConfigError(f"job {i} ({' '.join(job) or 'no overrides'}) of this sweep: "
+                                  f"{e}") from None
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"job {i} ({' '.join(job) or 'no overrides'}) of this sweep: "
+                                  f"{_omegaconf_line(e)}") from None
+    finally:
+        holder.cfg = saved
+
+
 def _raw(config: DictConfig, key: str) -> Optional[str]:
     """A config value as written (an interpolation left as text), or None."""
     node = OmegaConf.select(config, key.rsplit(".", 1)[0], default=None)
@@ -217,7 +264,10 @@ def job_checkpoint_dir(job: List[str], cwd: str, default: Optional[str] = None,
     for o in job:
         key, _, v = o.partition("=")
         if key.lstrip("+") == "checkpoint.dir":
-            value = v
+            # Hydra's sweeper gives a job's values with its grammar's characters escaped
+            # (`$\{hydra\:job.num\}`); a quoted value comes as it was typed
+            v = v.strip()
+            value = v[1:-1] if v[:1] in "'\"" and v[-1:] == v[:1] else re.sub(r"\\(.)", r"\1", v)
     if value is not None and value.strip().lower() not in ("null", "none", ""):
         value = value.strip("'\"")
         if "${" in value or (chdir and not os.path.isabs(value)):
@@ -237,6 +287,8 @@ class SweepCallback(Callback):
 
         try:
             check_sweep_start(config)
+            check_sweep_configs(config, os.path.join(os.path.dirname(os.path.dirname(
+                os.path.abspath(__file__))), "conf"))
         except ConfigError as e:
             print(f"error: {mask_text(str(e))}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -37,6 +37,35 @@ def test_sweeps_that_would_mix_jobs_are_refused_before_any_job(tmp_path, args, w
     assert not (tmp_path / "sw").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("args, want", [
+    # our own checks (train.py's config_from_hydra), which Hydra's sweeper does not run: each
+    # used to fail only when its job started, after the jobs before it had trained
+    (["train.micro_batch_size=1,3", "train.global_batch_size=4"],
+     "job 1 (train.max_steps=1 train.progress_bar=False train.micro_batch_size=3 "
+     "train.global_batch_size=4) of this sweep: train.global_batch_size=4 must be divisible by "
+     "train.micro_batch_size=3"),
+    (["model=gpt_tiny,model_schema"], "job 1 (train.max_steps=1 train.progress_bar=False "
+                                      "model=model_schema) of this sweep: model=model_schema is "
+                                      "the schema"),
+    (["train.seed=1,2", "model.default_lr=0.1", "optimizer.lr=0.01"],
+     "job 0 (train.max_steps=1 train.progress_bar=False train.seed=1 model.default_lr=0.1 "
+     "optimizer.lr=0.01) of this sweep: model.default_lr=0.1 has no effect"),
+])
+def test_a_job_with_a_bad_config_stops_the_sweep_before_any_job(tmp_path, args, want):
+    line = _refused(tmp_path, *args, f"hydra.sweep.dir={tmp_path}/sw")
+    assert line.startswith("error: " + want), line
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_per_job_interpolations_are_checked_as_each_job_will_see_them(tmp_path):
+    """`${hydra:job.num}` resolves to each job's own number while the jobs are checked, and the
+    sweep then runs as before."""
+    r = run_train("-m", *FAST, "train.seed=1,2", f"hydra.sweep.dir={tmp_path}/sw",
+                  f"checkpoint.dir={tmp_path}/ck/${{hydra:job.num}}", cwd=tmp_path, name=None,
+                  fast=False, expect=0)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["0", "1"], r.stdout[-2000:]
+
+
 def test_a_sweep_dir_with_an_earlier_sweep_is_refused_and_kept(tmp_path):
     job = tmp_path / "sw" / "0"
     job.mkdir(parents=True)
@@ -74,6 +103,13 @@ def test_jobs_and_their_checkpoint_dirs(tmp_path):
     assert len(dirs) == 4  # train.max_steps names the directory in a sweep; the rest differ
     # an interpolation only the job can resolve (per-job dirs) is not judged here
     assert job_checkpoint_dir(["checkpoint.dir=ck/${hydra:job.num}"], str(tmp_path)) is None
+    # ... also as Hydra's sweeper gives it to the jobs: escaped (this was taken for one literal
+    # directory shared by every job, and the sweep refused)
+    esc = sweep_jobs(_config(["train.seed=1,2", "checkpoint.dir=a b/ck:1/${hydra:job.num}"]))
+    assert esc[0][1] == r"checkpoint.dir=a\ b/ck\:1/$\{hydra\:job.num\}", esc
+    assert job_checkpoint_dir(esc[0], str(tmp_path)) is None
+    esc = sweep_jobs(_config(["train.seed=1,2", "checkpoint.dir=a b/ck:1"]))
+    assert job_checkpoint_dir(esc[0], str(tmp_path)) == str(tmp_path / "a b" / "ck:1")
     assert job_checkpoint_dir(["checkpoint.dir=ck"], str(tmp_path)) == str(tmp_path / "ck")
     # another sweeper chooses its jobs as it goes: nothing to check up front
     assert sweep_jobs(_config(["train.seed=1,2"], sweeper="some.OtherSweeper")) == []
