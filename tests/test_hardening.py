@@ -329,13 +329,20 @@ def test_hydra_errors_are_one_line_exit_2(tmp_path):
 
 
 def test_sweep_records_failed_jobs_and_goes_on(tmp_path):
-    r = _script("train.py", "-m", "optimizer.lr=inf,nan", f"hydra.sweep.dir={tmp_path}/sw",
-                cwd=tmp_path)
+    # what only the job can find (files: here a checkpoint to load that is not there) fails
+    # that job when it starts; the next job still runs
+    r = _script("train.py", "-m", f"checkpoint.load={tmp_path}/nope0,{tmp_path}/nope1",
+                f"hydra.sweep.dir={tmp_path}/sw", cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-2000:]  # every job ran; the sweep says it failed
-    for job, value in (("0", "inf"), ("1", "nan")):
+    for job in ("0", "1"):
         status = json.loads((tmp_path / "sw" / job / "job_status.json").read_text())
-        assert status["status"] == "failed" and f"optimizer.lr={value}" in status["error"]
+        assert status["status"] == "failed" and f"nope{job}" in status["error"], status
     assert "2 of 2 jobs did not complete" in r.stderr
+    # a value our config checks refuse (not finite): refused before any job runs, in one line
+    r = _script("train.py", "-m", "optimizer.lr=inf,nan", f"hydra.sweep.dir={tmp_path}/sw3",
+                cwd=tmp_path)
+    assert "job 0 (optimizer.lr=inf) of this sweep: optimizer.lr" in _one_error_line(r)
+    assert not (tmp_path / "sw3").exists()
     # a value Hydra cannot compose: refused before any job runs, in one line
     r = _script("train.py", "-m", "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={tmp_path}/sw2",
                 cwd=tmp_path)
