@@ -16,6 +16,12 @@
 #                                      #   gpt2-xl mb16 bf16, the best recipe (delayed + both fused
 #                                      #   activation casts), bf16 again, then two profiled steps of
 #                                      #   the best recipe under $OUT/profiles (what is left to gain)
+#   bash benchmarks/fp8_gpu.sh tiles   # fp8_cast_tiles.py (the cast kernels' tiles at gpt2-xl mb16,
+#                                      #   JSON under $OUT), then gpt2-xl mb16 bf16, the best recipe
+#                                      #   at the default tiles | the best recipe with the tiles
+#                                      #   that table chose (FP8_CAST_TILES), bf16 (two
+#                                      #   throughput.py runs in one call: each ratio is against
+#                                      #   the bf16 row of its own run)
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise and delayed,
 #                                      #   PNG + JSON
 #   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
@@ -24,7 +30,7 @@
 # Wheels: those of ../shared/tools/device-wheels.sh in .whl/ (FP8 itself needs none; torchao, for
 # fp8_linear.py's comparison only, is picked up from .whl_extra/ when present).
 set -o pipefail
-stage=${1:?usage: fp8_gpu.sh tests|speed|margin|act|best|loss|profile}
+stage=${1:?usage: fp8_gpu.sh tests|speed|margin|act|best|tiles|loss|profile}
 for d in .whl .whl_extra; do
   if [ -d $d ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -72,6 +78,16 @@ case $stage in
       --runs default:16,fp8_delayed_fused_act_bwd:16,default:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
       --runs fp8_delayed_fused_act_bwd:16 --steps 10 --profile-dir "$out/profiles" 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  tiles)
+    python3 benchmarks/fp8_cast_tiles.py --model gpt2_xl --micro-batch 16 --out "$out/fp8_tiles.json" \
+      2>&1 | tee -a "$out/fp8_$stage.log"
+    tiles=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['env'])" "$out/fp8_tiles.json") || exit
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs default:16,fp8_delayed_fused_act_bwd:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    echo "FP8_CAST_TILES=$tiles" | tee -a "$out/fp8_$stage.log"
+    FP8_CAST_TILES=$tiles python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs fp8_delayed_fused_act_bwd:16,default:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \

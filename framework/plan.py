@@ -18,7 +18,7 @@ from framework.checkpoint.state import check_compatible, load_target
 from framework.config import Config
 from framework.errors import ConfigError
 from framework.fast import cudnn_attention
-from framework.fast.fp8 import device_supports_fp8
+from framework.fast.fp8 import cast_tiles, device_supports_fp8
 from framework.launch import launched_externally, resolve_device
 from framework.launch_env import env_rank
 from framework.models.build import padded_vocab_size
@@ -259,6 +259,10 @@ def _check_device_features(cfg: Config, device: str) -> None:
             raise ConfigError(f"model.{asked[0]}=true needs Triton on the GPU, which is not "
                               f"installed; `model.{asked[0]}=null` uses megatron-core's kernels")
     if cfg.train.fp8:
+        try:  # a benchmark's tile setting for the cast kernels (framework/fast/fp8.py)
+            cast_tiles()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         ok, why = device_supports_fp8() if device == "cuda" else (False, "it runs on the CPU")
         if not ok:
             raise ConfigError(f"train.fp8={cfg.train.fp8} needs a GPU with FP8 GEMMs (compute "

@@ -988,3 +988,88 @@ def test_gpu_without_fp8_is_refused(monkeypatch):
         runner.run(cfg)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert fp8.device_supports_fp8() == (True, "") or fp8.triton is None
+
+
+def test_cast_tiles_setting(tmp_path):
+    """FP8_CAST_TILES (a benchmark's A/B of the cast kernels' tiles): parsed per kernel, a bad
+    entry is one error naming the variable; with train.fp8 set it is checked before any model is
+    built (on CPU, before the FP8-needs-a-GPU refusal)."""
+    import os
+
+    import pytest
+
+    from framework.fast import fp8
+    from helpers import run_train
+
+    assert fp8.parse_tiles("cast=128x64x8, act_bwd=32x128x4") == {
+        "cast": (128, 64, 8), "act_bwd": (32, 128, 4)}
+    assert fp8.parse_tiles("") == {}
+    for bad in ("cast=128x64", "cast=100x64x4", "gemm=64x64x4", "cast=64x64x3", "cast"):
+        with pytest.raises(ValueError, match="FP8_CAST_TILES: .* is not <kernel>="):
+            fp8.parse_tiles(bad)
+    r = run_train("train.fp8=delayed", cwd=tmp_path, expect=2,
+                  env=dict(os.environ, FP8_CAST_TILES="cast=64x64x3"))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == ["error: FP8_CAST_TILES: 'cast=64x64x3' is not <kernel>=<rows>x<columns>x"
+                     "<warps> with kernel one of cast, act_bwd, rows and columns in (16, 32, 64, "
+                     "128, 256), warps in (1, 2, 4, 8, 16)"], r.stderr[-2000:]
+
+
+def test_cast_kernels_give_the_same_bits_at_every_tile_interpreted():
+    """The tile of the cast kernels (`fp8.TILES`, FP8_CAST_TILES) changes how the work is split,
+    not the result: under Triton's interpreter, on a shape no tile divides, the delayed cast with
+    the activation prologue gives the same FP8 bits in both layouts, the same scale and the same
+    recorded amax at other tiles as at the default; the activation-backward cast the same dh and
+    casts, and its bias gradient (one fp32 partial sum per row block) within fp32 rounding."""
+    from helpers import interpret_triton
+
+    out = interpret_triton("""
+import torch
+from framework.fast import fp8
+g = torch.Generator().manual_seed(3)
+M, K = 77, 144
+h = (torch.randn(M, K, generator=g) * 2).bfloat16()
+bias = (torch.randn(K, generator=g) * 0.5).bfloat16()
+da = (torch.randn(M, K, generator=g) * 0.01).bfloat16()
+h[3, 7] = float("inf")  # left out of the recorded amax at every tile
+
+def cast(tile):
+    bm, bk, _ = tile
+    hist = torch.zeros(fp8.HISTORY + 1)
+    hist[0] = 3.0
+    q, qt = torch.empty(M, K, dtype=fp8.E4M3), torch.empty(K, M, dtype=fp8.E4M3)
+    inv = torch.empty(())
+    fp8._cast_kernel[((M + bm - 1) // bm, (K + bk - 1) // bk)](
+        h, hist, q, qt, inv, hist[fp8.HISTORY:], bias, M, K, h.stride(0),
+        EMAX_=fp8.EMAX[fp8.E4M3], MODE=0, ROWS=True, COLS=True, BM=bm, BK=bk,
+        NPARTS=fp8.HISTORY, DELAYED=True, ACT=1, HAS_BIAS=True)
+    return q.view(torch.uint8), qt.view(torch.uint8), inv, hist[fp8.HISTORY].clone()
+
+def act_bwd(tile):
+    bm, bk, _ = tile
+    grid = ((M + bm - 1) // bm, (K + bk - 1) // bk)
+    hist = torch.zeros(fp8.HISTORY + 1)
+    hist[2] = 0.004
+    dh = torch.empty(M, K, dtype=torch.bfloat16)
+    q, qt = torch.empty(M, K, dtype=fp8.E5M2), torch.empty(K, M, dtype=fp8.E5M2)
+    inv = torch.empty(())
+    part = torch.empty(grid[0], K)
+    hh = h.clone()
+    hh[3, 7] = 1.0
+    fp8._act_bwd_cast_kernel[grid](hh, da, bias, dh, hist, q, qt, inv, hist[fp8.HISTORY:], part,
+                                   M, K, hh.stride(0), da.stride(0), EMAX_=fp8.EMAX[fp8.E5M2],
+                                   BM=bm, BK=bk, NPARTS=fp8.HISTORY, HAS_BIAS=True)
+    return dh, q.view(torch.uint8), qt.view(torch.uint8), inv, hist[fp8.HISTORY].clone(), \\
+        part.sum(0)
+
+ref_c, ref_b = cast(fp8.TILES["cast"]), act_bwd(fp8.TILES["act_bwd"])
+assert ref_c[3] > 0 and ref_c[3].isfinite() and ref_b[4] > 0
+for tile in ((32, 128, 4), (128, 32, 8), (16, 256, 2)):
+    got = cast(tile)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref_c)), tile
+    got = act_bwd(tile)
+    assert all(torch.equal(a, b) for a, b in zip(got[:5], ref_b[:5])), tile
+    assert torch.allclose(got[5], ref_b[5], rtol=1e-5, atol=1e-7), tile
+print("ok")
+""")
+    assert "ok" in out

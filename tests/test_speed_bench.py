@@ -574,3 +574,18 @@ def test_fused_optimizer_is_read_from_the_run():
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
     opt = Wrapped(torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}]))
     assert fuse_adam(opt) == (0, 2)  # CPU tensors stay on foreach
+
+
+def test_fp8_cast_tiles_times_the_casts_of_a_profiled_step():
+    """benchmarks/fp8_cast_tiles.py times one layer's casts as the best FP8 recipe makes them:
+    11 cast-kernel launches and 1 activation-backward launch a layer, as the gpt2-xl profile
+    counted them (528 and 48 over 48 layers, benchmarks/RESULTS.md, sixteenth session), and its
+    grid holds the default tiles it compares against."""
+    from benchmarks.fp8_cast_tiles import GRID, bytes_moved, casts
+    from framework.fast import fp8
+
+    c = casts(1600, 6400, 16384)
+    assert [k for _, k, *_ in c].count("cast") == 528 // 48
+    assert [k for _, k, *_ in c].count("act_bwd") == 48 // 48
+    assert all(t in GRID for t in fp8.TILES.values())
+    assert bytes_moved(16384, 1600, "x") == 16384 * 1600 * 4

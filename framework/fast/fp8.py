@@ -47,6 +47,7 @@ column-parallel output gradient); a per-row amax wherever the row's reduction di
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -75,6 +76,42 @@ X, W, DY = 0, 1, 2  # a linear's three cast tensors: rows of its history
 ACTS = ("gelu_tanh",)
 AMAX_FLOOR = 2.0 ** -100  # an all-zero tensor gets a finite scale
 BLOCK_M, BLOCK_K = 64, 64
+# the cast kernels' tiles, (rows, columns, warps) of one Triton program: `cast` and
+# `act_backward_cast`. Not tuned yet: benchmarks/fp8_cast_tiles.py times others on the GPU (the
+# casts' output bits do not depend on the tile). FP8_CAST_TILES="cast=128x64x8,act_bwd=64x64x4"
+# in the environment sets them for a benchmark's A/B run (`cast_tiles`).
+TILES = {"cast": (BLOCK_M, BLOCK_K, 4), "act_bwd": (BLOCK_M, BLOCK_K, 4)}
+TILE_SIZES, TILE_WARPS = (16, 32, 64, 128, 256), (1, 2, 4, 8, 16)
+
+
+def parse_tiles(text: str, what: str = "FP8_CAST_TILES") -> dict:
+    """{kernel: (rows, columns, warps)} from "cast=128x64x8,act_bwd=64x64x4" (either may be left
+    out); a bad entry is a ValueError naming `what`."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, dims = item.partition("=")
+        try:
+            tile = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            tile = ()
+        if name.strip() not in TILES or len(tile) != 3 or tile[0] not in TILE_SIZES or \
+                tile[1] not in TILE_SIZES or tile[2] not in TILE_WARPS:
+            raise ValueError(
+                f"{what}: {item!r} is not <kernel>=<rows>x<columns>x<warps> with kernel one of "
+                f"{', '.join(TILES)}, rows and columns in {TILE_SIZES}, warps in {TILE_WARPS}")
+        out[name.strip()] = tile
+    return out
+
+
+_env_tiles: Optional[dict] = None
+
+
+def cast_tiles() -> dict:
+    """TILES with FP8_CAST_TILES from the environment over them (read once a process)."""
+    global _env_tiles
+    if _env_tiles is None:
+        _env_tiles = parse_tiles(os.environ.get("FP8_CAST_TILES", ""))
+    return {**TILES, **_env_tiles}
 # amax_of: elements per step of one Triton program, and the most programs (partial maxima)
 AMAX_BLOCK, AMAX_PARTS = 8192, 1024
 
@@ -330,14 +367,16 @@ if triton is not None:
 def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
          rows: bool = True, cols: bool = False, amax_out: Optional[torch.Tensor] = None,
          act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None,
-         _trans: bool = True):
+         _trans: bool = True, tile: Optional[Tuple[int, int, int]] = None):
     """Quantise a 2-D x with the scales of `amax` (see `quantise_ref` for axis). Returns
     (x8 [m, k] or None, x8^T [k, m] or None, inv_scale). One Triton pass on CUDA; torch's
     reference (same bits) elsewhere. `amax_out` (one scale, `amax` a delayed history): the
     values saturate, and x's finite amax is maxed into amax_out ([1] fp32). `act` (with
     `amax_out`): quantise `act_ref(x, act_bias, act)` instead of x, computed in the same pass
     in fp32 (never stored in x's dtype). `_trans=False` (GPU tests): the kernel stores the
-    transposed output through transposed addresses instead of `tl.trans`."""
+    transposed output through transposed addresses instead of `tl.trans`. `tile`: the Triton
+    program's (rows, columns, warps), default `cast_tiles()["cast"]`; the bits do not depend
+    on it."""
     assert act is None or (amax_out is not None and act in ACTS), act
     if not (triton is not None and x.is_cuda):
         if act is not None:
@@ -350,7 +389,8 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
         # from an fp32 input the kernel's transposed output held wrong bytes on an H200 (both
         # store forms; its rows were exact: tests/test_gpu_fp8.py,
         # test_cast_transpose_by_input_dtype): the rows, then torch's transpose
-        q, _, inv = cast(x, amax, dtype, axis, True, False, amax_out, act, act_bias, _trans)
+        q, _, inv = cast(x, amax, dtype, axis, True, False, amax_out, act, act_bias, _trans,
+                         tile)
         return (q if rows else None), q.t().contiguous(), inv
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
@@ -360,16 +400,17 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
                       device=x.device)
     mode = 0 if axis is None else 1 if axis == 1 else 2
     out = q if q is not None else qt
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
+    bm, bk, warps = tile or cast_tiles()["cast"]
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     delayed = amax_out is not None
     assert not delayed or axis is None
     has_bias = act is not None and act_bias is not None
     _cast_kernel[grid](x, amax, out, qt if qt is not None else out, inv,
                        amax_out if delayed else inv, act_bias if has_bias else inv, m, k,
                        x.stride(0), EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
-                       BM=BLOCK_M, BK=BLOCK_K, NPARTS=amax.numel() if axis is None else 1,
+                       BM=bm, BK=bk, NPARTS=amax.numel() if axis is None else 1,
                        DELAYED=delayed, ACT=ACTS.index(act) + 1 if act else 0,
-                       HAS_BIAS=has_bias, TRANS=_trans, num_warps=4)
+                       HAS_BIAS=has_bias, TRANS=_trans, num_warps=warps)
     return q, qt, inv
 
 
@@ -424,13 +465,16 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
 
 
 def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
-                      da: torch.Tensor, meta: "Fp8Meta", dtype: torch.dtype = E5M2):
+                      da: torch.Tensor, meta: "Fp8Meta", dtype: torch.dtype = E5M2,
+                      tile: Optional[Tuple[int, int, int]] = None):
     """The MLP activation's backward fused with the delayed cast of its result, fc1's output
     gradient (`meta`: fc1's amax histories, row DY primed): (dh, dbias or None, (dh8, dh8^T,
     inv_scale)), dh in h's dtype, with dh's amax recorded in meta for the next steps. The cast
     equals `cast_delayed(dh, dtype, meta, DY, rows=True, cols=True)` of the dh returned. CUDA:
     one Triton pass over h and da (no separate read of dh for the cast, nor for the bias
-    gradient); elsewhere `act_backward` then that cast."""
+    gradient); elsewhere `act_backward` then that cast. `tile`: as `cast`'s, default
+    `cast_tiles()["act_bwd"]`; dh and its casts do not depend on it, the bias gradient's fp32
+    summation order does (one partial sum per row block)."""
     assert act == "gelu_tanh" and meta.primed[DY], (act, meta.primed)
     hist = meta.rows[DY]
     if not (triton is not None and h.is_cuda):
@@ -443,12 +487,13 @@ def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
     q = torch.empty((m, k), dtype=dtype, device=h.device)
     qt = torch.empty((k, m), dtype=dtype, device=h.device)
     inv = torch.empty((), dtype=torch.float32, device=h.device)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
+    bm, bk, warps = tile or cast_tiles()["act_bwd"]
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     part = torch.empty((grid[0], k), dtype=torch.float32, device=h.device)
     _act_bwd_cast_kernel[grid](h, da, bias if bias is not None else inv, dh, hist, q, qt, inv,
                                hist[HISTORY:], part, m, k, h.stride(0), da.stride(0),
-                               EMAX_=EMAX[dtype], BM=BLOCK_M, BK=BLOCK_K, NPARTS=HISTORY,
-                               HAS_BIAS=bias is not None, num_warps=4)
+                               EMAX_=EMAX[dtype], BM=bm, BK=bk, NPARTS=HISTORY,
+                               HAS_BIAS=bias is not None, num_warps=warps)
     dbias = part.sum(0).to(bias.dtype) if bias is not None else None
     return dh, dbias, (q, qt, inv)
 
