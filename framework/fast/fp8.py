@@ -110,8 +110,8 @@ def cast_tiles() -> dict:
     """TILES with FP8_CAST_TILES from the environment over them (read once a process)."""
     global _env_tiles
     if _env_tiles is None:
-        _env_tiles = parse_tiles(os.environ.get("FP8_CAST_TILES", ""))
-    return {**TILES, **_env_tiles}
+        _env_tiles = {**TILES, **parse_tiles(os.environ.get("FP8_CAST_TILES", ""))}
+    return _env_tiles
 # amax_of: elements per step of one Triton program, and the most programs (partial maxima)
 AMAX_BLOCK, AMAX_PARTS = 8192, 1024
 
