@@ -25,6 +25,7 @@ from framework.launch_env import env_rank
 from framework.models.build import build_model
 from framework.models.registry import family
 from framework.optimizer import apply_optimizer_settings, build_optimizer
+from framework.orphans import forks_die_with_this_process
 from framework.plan import RunPlan, make_plan
 from framework.security.masking import mask_secrets
 from framework.training.console import echo, run_log
@@ -131,6 +132,7 @@ def _train_rank(plan: RunPlan) -> None:
 
     cfg = plan.cfg
     on_gpu = plan.device == "cuda"
+    forks_die_with_this_process()  # no checkpoint writer left holding the run lock after a kill
     init_distributed(cfg.parallel, plan.device)
     try:
         set_seeds(cfg.train.seed, plan.device, cuda_graph=cfg.model.cuda_graph)

@@ -1,0 +1,61 @@
+"""A process forked by the trainer (megatron-core's checkpoint writers) dies with it
+(framework/orphans.py): after a SIGKILL of the trainer during a save, no writer is left holding
+the run lock, so the run can be resumed."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import ROOT
+
+PARENT = textwrap.dedent("""
+    import multiprocessing as mp, os, signal, sys, time
+    sys.path.insert(0, {root!r})
+    from framework.orphans import forks_die_with_this_process
+    if {install}:
+        assert forks_die_with_this_process()
+
+    def child(path):
+        # as the writer was: SIGTERM caught (the trainer's stop handler), working for a while
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+
+    p = mp.get_context("fork").Process(target=child, args=({path!r},))
+    p.start()
+    while not os.path.exists({path!r}):
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+@pytest.mark.parametrize("install", [True, False])
+def test_a_forked_child_dies_with_the_trainer(tmp_path, install):
+    path = str(tmp_path / "child.pid")
+    r = subprocess.run([sys.executable, "-c", PARENT.format(root=ROOT, install=install,
+                                                            path=path)], timeout=60)
+    assert r.returncode == -signal.SIGKILL
+    pid = int(open(path).read())
+    try:
+        deadline = time.time() + 5
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        # without the hook (the control) the child outlives its parent, as the writer did
+        assert _alive(pid) is (not install)
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
