@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from typing import Iterator
 
@@ -57,7 +58,6 @@ def _flock_or_wait_for_the_dead(fd: int, host: str, wait_s: float = 30.0) -> Non
     this host that no longer exists is held by its forked children (DataLoader workers share the
     lock) for the moments they outlive it: wait up to `wait_s` for them (a torchrun restart)."""
     import fcntl
-    import re
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -70,6 +70,29 @@ def _flock_or_wait_for_the_dead(fd: int, host: str, wait_s: float = 30.0) -> Non
                     time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def _holders(fd: int) -> list:
+    """'pid <n> (<command>)' of the other processes of this host (Linux /proc) that have the
+    file open on `fd` open too: who holds its flock."""
+    st = os.fstat(fd)
+    found = []
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            for f in os.listdir(f"/proc/{pid}/fd"):
+                t = os.stat(f"/proc/{pid}/fd/{f}")
+                if (t.st_dev, t.st_ino) == (st.st_dev, st.st_ino):
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    found.append(f"pid {pid} ({cmd[:60]}{'...' if len(cmd) > 60 else ''})")
+                    break
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -110,6 +133,14 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
             _flock_or_wait_for_the_dead(fd, socket.gethostname())
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            m = re.match(r"pid (\d+) on (\S+) ", holder)
+            if m and m.group(2) == socket.gethostname() and not _alive(int(m.group(1))):
+                # the run is gone; what it started still holds the lock (a stuck child)
+                left = _holders(fd) or ["unknown: see `fuser -v " + path + "`"]
+                raise ConfigError(
+                    f"checkpoint.dir={ckpt_dir} is still locked by processes that the run "
+                    f"{holder.split(' since ')[0]} started, which has ended: "
+                    f"{'; '.join(left[:4])}; stop them (kill -9 <pid>) and run again") from None
             raise ConfigError(
                 f"checkpoint.dir={ckpt_dir} is in use by another run ({holder}): two runs saving "
                 f"into one directory would delete each other's checkpoints; wait for it to end, "

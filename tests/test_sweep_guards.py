@@ -174,3 +174,35 @@ def test_a_lock_left_to_the_children_of_a_dead_run_is_waited_for(tmp_path):
     start = time.monotonic()
     with run_lock(ck):
         assert 1.0 < time.monotonic() - start < 20
+
+
+def test_a_lock_kept_by_a_stuck_child_of_a_dead_run_names_that_child(tmp_path, monkeypatch):
+    """A child of a dead run that keeps its flock past the wait (a stuck process): the refusal
+    names that child's pid, which the user can stop, instead of the dead run's."""
+    import signal
+    import subprocess
+    import sys
+
+    from framework import locking
+
+    monkeypatch.setattr(locking._flock_or_wait_for_the_dead, "__defaults__", (1.0,))
+    ck = str(tmp_path / "ck")
+    pid_file = tmp_path / "child.pid"
+    code = (f"import os, sys, time\nsys.path.insert(0, {ROOT!r})\n"
+            f"from framework.locking import run_lock\n"
+            f"with run_lock({ck!r}):\n"
+            f"    pid = os.fork()\n"
+            f"    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+            f"    open({str(pid_file)!r}, 'w').write(str(pid))\n"
+            f"    os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    child = int(pid_file.read_text())
+    try:
+        with pytest.raises(locking.ConfigError) as e:
+            with locking.run_lock(ck):
+                pass
+        msg = str(e.value)
+        assert f"checkpoint.dir={ck} is still locked by processes that the run pid " in msg, msg
+        assert f"pid {child} (" in msg and "kill -9 <pid>" in msg, msg
+    finally:
+        os.kill(child, signal.SIGKILL)
