@@ -197,3 +197,38 @@ def test_generate_py_masks_cfg_and_refuses_targets(tmp_path):
     assert "hf_token" in r.stdout and "secret-xyz" not in r.stdout + r.stderr
     r = run(GENERATE, "+evil._target_=os.system", cwd=tmp_path, timeout=120)
     assert r.returncode != 0 and "_target_" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("explicit_check", [True, False])
+def test_tokenizer_code_shipped_with_a_tokenizer_never_runs(tmp_path, monkeypatch,
+                                                            explicit_check):
+    """A tokenizer directory (tokenizer.path, a checkpoint's tokenizer/, preprocess's
+    --tokenizer) whose tokenizer_config.json maps AutoTokenizer to a class in a .py file beside
+    it: refused in one line naming the directory, and the file's code never runs. Without our
+    check (explicit_check=False), transformers is still told not to run it: before, it asked on
+    stdin, and a "y" ran the code."""
+    from dataclasses import replace
+
+    from framework import tokenizer as tk
+    from framework.config import TokenizerConfig
+
+    d = tmp_path / "tok"
+    tk.embedded_tokenizer().save(str(d))
+    marker = tmp_path / "PWNED"
+    (d / "evil_tok.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTok(PreTrainedTokenizerFast):\n    pass\n")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="EvilTok", auto_map={"AutoTokenizer": [None, "evil_tok.EvilTok"]},
+               trust_remote_code=True)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if not explicit_check:
+        monkeypatch.setattr(tk, "_refuse_custom_code", lambda field, path: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\n"))
+    with pytest.raises(ConfigError) as e:
+        tk.build_tokenizer(replace(TokenizerConfig(), path=str(d)))
+    assert f"tokenizer.path={str(d)!r}" in str(e.value) and "\n" not in str(e.value)
+    if explicit_check:
+        assert "custom code (auto_map:" in str(e.value), str(e.value)
+    assert not marker.exists()
