@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -398,10 +399,16 @@ def check_output_file(path: str, load: Optional[str] = None) -> None:
     work."""
     require(not os.path.isdir(path), f"output_file={path} is a directory; give a file name, "
                                      f"e.g. output_file=results.jsonl")
+    # the results replace a regular file; a symlink is written through (`write_jsonl`), so
+    # the link stays and its target is what gets replaced
+    real = os.path.realpath(path)
+    require(not os.path.exists(real) or stat.S_ISREG(os.stat(real).st_mode),
+            f"output_file={path} exists and is not a regular file (a FIFO, device or socket), "
+            f"which the results would replace; give a file name")
     require(load is None or not inside(path, load),
             f"output_file={path} is inside the checkpoint directory load={load}; write it "
             f"elsewhere (a file there could replace one of the checkpoint's own)")
-    problem = unwritable_dir(os.path.dirname(os.path.abspath(path)))
+    problem = unwritable_dir(os.path.dirname(real))
     require(problem is None, f"output_file={path}: cannot write there ({problem})")
 
 
@@ -568,8 +575,9 @@ def write_jsonl(path: str, records: List[Dict[str, Any]]) -> None:
     """Write `records` to `path` through a temporary file beside it, renamed over `path` once
     complete: a failed write leaves neither a partial file nor a damaged earlier one."""
     tmp = None
+    shown, path = path, os.path.realpath(path)  # through a symlink: the link stays
     try:
-        parent = os.path.dirname(os.path.abspath(path))
+        parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                    dir=parent)
@@ -582,7 +590,7 @@ def write_jsonl(path: str, records: List[Dict[str, Any]]) -> None:
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        raise ConfigError(f"output_file={path}: cannot write it ({e.strerror or e})") from None
+        raise ConfigError(f"output_file={shown}: cannot write it ({e.strerror or e})") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

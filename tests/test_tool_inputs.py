@@ -6,6 +6,7 @@ One test per finding; tiny checkpoints and HF models are built here (CPU, gloo).
 import json
 import os
 import shutil
+import stat
 from dataclasses import asdict
 
 import pytest
@@ -145,6 +146,32 @@ def test_generate_output_file_checked_before_model_and_written_whole(ckpts, tmp_
     monkeypatch.setattr(inference.json, "dumps", real_dumps)
     inference.write_jsonl(str(out), [{"a": 1}, {"b": 2}])
     assert out.read_text() == '{"a": 1}\n{"b": 2}\n'
+
+
+def test_generate_output_file_that_is_a_link_fifo_or_device(ckpts, tmp_path):
+    """output_file naming a symlink: written through it (the link stays, its target gets the
+    results); a FIFO or a device: refused before any model work. Before, the results file was
+    renamed over each of them, replacing the link and the FIFO (and, as root, /dev/full) with a
+    regular file."""
+    from framework import inference
+    from framework.inference import GenerateConfig, prepare_job
+
+    target = tmp_path / "target.jsonl"
+    target.write_text('{"earlier": 1}\n')
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    assert prepare_job(GenerateConfig(load=ckpts["embedded"], prompts=["1+2="],
+                                      output_file=str(link))).cfg.output_file
+    inference.write_jsonl(str(link), [{"a": 1}])
+    assert link.is_symlink() and target.read_text() == '{"a": 1}\n'
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/null"):
+        with pytest.raises(ConfigError, match=f"output_file={path} exists and is not a regular "
+                                              f"file"):
+            prepare_job(GenerateConfig(load=ckpts["embedded"], prompts=["1+2="],
+                                       output_file=str(path)))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 def test_generate_non_utf8_prompt_is_one_line(ckpts, tmp_path):
