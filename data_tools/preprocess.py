@@ -273,6 +273,14 @@ def _check_outputs(args: argparse.Namespace, names: List[str]) -> None:
             if os.path.isdir(final) and not os.path.islink(final):
                 raise InputError(f"{final}: an output of --output-prefix={args.output_prefix} is "
                                  f"a directory; remove or rename it")
+            # an input whose file is the entry this output replaces would be lost (an output
+            # that is a symlink to it, or a hard link, replaces only the link)
+            entry = os.path.join(os.path.realpath(out_dir), name + suffix)
+            for given in args.input:
+                if os.path.realpath(given) == entry:
+                    raise InputError(f"--input {given} is also an output of --output-prefix="
+                                     f"{args.output_prefix} ({final}), which would replace it; "
+                                     f"give another --output-prefix")
     problem = unwritable_dir(out_dir)
     if problem:
         raise InputError(f"--output-prefix={args.output_prefix}: cannot write there ({problem})")

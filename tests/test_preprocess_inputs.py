@@ -234,3 +234,19 @@ def test_max_line_bytes_accepted_with_a_jsonl_input(work, capsys):
     _accepted(capsys, work, [plain])  # the default is not refused on a dataset
     _refused(capsys, work, [plain], "--max-line-bytes", "0",
              needle="--max-line-bytes=0 must be >= 1")
+
+
+def test_an_input_that_an_output_would_replace_is_refused(work, capsys, no_tokenizing):
+    """--input named like one of the outputs (here a JSON-lines file called p_text_document.bin)
+    was tokenized and then replaced by the token data: the input was lost. Now refused before any
+    tokenizing; an output that is only a symlink to the input replaces the link, as before."""
+    out = work / "o5"
+    out.mkdir()
+    given = out / "p_text_document.bin"
+    _jsonl(given, 0)
+    before = given.read_bytes()
+    rc, err = _preprocess(capsys, "--input", given, "--tokenizer", work / "tok",
+                          "--output-prefix", out / "p")
+    line = _one_line(err)
+    assert rc == 2 and f"--input {given} is also an output of --output-prefix=" in line, line
+    assert given.read_bytes() == before
