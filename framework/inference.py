@@ -296,6 +296,14 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
         check_output_file(cfg.output_file, cfg.load)
 
     data_type = meta.get("config", {}).get("data", {}).get("type")
+    if "hf_source" in meta:
+        # imported from Hugging Face: `convert` stores a default config, whose data group says
+        # embedded, but those weights never saw that corpus or its tokenizer
+        data_type = None
+        require(cfg.tokenizer.path or cfg.tokenizer.vocab_file or os.path.isdir(
+                    os.path.join(reader.iter_dir(cfg.load, it), "tokenizer")),
+                f"{cfg.load} was imported from Hugging Face without its tokenizer: set "
+                f"tokenizer.path to the Hugging Face model's directory (or its tokenizer's)")
     source = choose_checkpoint_tokenizer(cfg.tokenizer, cfg.load, it, model_cfg, data_type)
     tokenizer = source.load()
     vocab, padded = checkpoint_vocab(meta, model_cfg, tokenizer)
@@ -356,7 +364,7 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     # answers only), so a completion ends at the end of its line
     # (not a checkpoint imported from Hugging Face: `convert` stores a default config, whose data
     # group says embedded, but those weights were never trained on that corpus)
-    trained_embedded = data_type == "embedded" and "hf_source" not in meta
+    trained_embedded = data_type == "embedded"  # (None for an import: see above)
     newline = tokenizer.encode("\n") if trained_embedded else [tokenizer.eod]
     require(len(newline) > 0,
              f"the tokenizer ({_tokenizer_name(cfg)}) has no token for a newline, which ends a "

@@ -486,3 +486,31 @@ def test_parse_size_and_config_refusals():
         interop.hf_config_to_model_config({**base, "scale_attn_by_inverse_layer_idx": True})
     with pytest.raises(ConfigError, match="supported: gpt2"):
         interop.hf_config_to_model_config({**base, "model_type": "bert"})
+
+
+def test_generate_on_an_import_without_a_tokenizer_asks_for_one(work, tmp_path):
+    """A checkpoint imported from a Hugging Face directory with no tokenizer files: generate.py
+    decoded it with the embedded arithmetic tokenizer (the default config `convert` stores says
+    data=embedded), silently, and ran the held-out arithmetic on it. Now it asks for
+    tokenizer.path; given one, it runs; and held-out evaluation is refused on an import."""
+    import shutil
+    from dataclasses import replace
+
+    from framework.config import ConfigError, TokenizerConfig
+    from framework.inference import GenerateConfig, prepare_job
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(work["hf"] / name, bare / name)
+    cli("hf-to-megatron", "--load", bare, "--save", tmp_path / "m",
+        "--make-vocab-size-divisible-by", DIV)
+    with pytest.raises(ConfigError, match="was imported from Hugging Face without its tokenizer: "
+                                          "set tokenizer.path"):
+        prepare_job(GenerateConfig(load=str(tmp_path / "m"), prompts=["1+2="]))
+    tok = replace(TokenizerConfig(), path=str(work["hf"]))
+    assert prepare_job(GenerateConfig(load=str(tmp_path / "m"), prompts=["1+2="],
+                                      tokenizer=tok)).prompt_ids
+    with pytest.raises(ConfigError, match="held-out evaluation runs without prompts only for "
+                                          "checkpoints trained on data=embedded"):
+        prepare_job(GenerateConfig(load=str(tmp_path / "m"), tokenizer=tok))
