@@ -470,3 +470,36 @@ def test_vocab_multiple_is_bounded(hf_models, tmp_path, capsys):
     with pytest.raises(ConfigError, match="model.make_vocab_size_divisible_by=1000000000 must be"):
         ModelConfig(make_vocab_size_divisible_by=1000000000)
     ModelConfig(make_vocab_size_divisible_by=MAX_VOCAB_MULTIPLE)
+
+
+@pytest.mark.parametrize("family, key", [("gpt2", "layer_norm_epsilon"), ("gpt2", "resid_pdrop"),
+                                         ("gpt2", "initializer_range"),
+                                         ("llama", "rms_norm_eps"), ("llama", "rope_theta"),
+                                         ("llama", "attention_dropout"),
+                                         ("t5", "dropout_rate"), ("t5", "layer_norm_epsilon"),
+                                         ("megatron-bert", "layer_norm_eps")])
+@pytest.mark.parametrize("value", [None, "abc", True])
+def test_hf_config_number_fields_name_the_key(family, key, value):
+    """A config.json number field (epsilon, dropout, init std, rope theta) that is null, text or a
+    bool: one line naming the key and what it holds (it was a ValueError or TypeError traceback
+    from float(), e.g. "could not convert string to float: 'abc'")."""
+    from framework.errors import InteropError
+    from framework.models.bert.hf_megatron_bert import hf_config_to_fields as bert
+    from framework.models.gpt.hf_gpt2 import hf_config_to_fields as gpt2
+    from framework.models.gpt.hf_llama import hf_config_to_fields as llama
+    from framework.models.t5.hf_t5 import hf_config_to_fields as t5
+
+    base = {"gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=100),
+            "llama": dict(model_type="llama", num_hidden_layers=2, hidden_size=32,
+                          num_attention_heads=4, vocab_size=100, intermediate_size=64,
+                          max_position_embeddings=64, rope_theta=10000.0),
+            "t5": dict(d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2,
+                       vocab_size=100),
+            "megatron-bert": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                  max_position_embeddings=64, vocab_size=100)}[family]
+    convert = {"gpt2": gpt2, "llama": llama, "t5": t5, "megatron-bert": bert}[family]
+    convert(dict(base, **{key: 0.5 if key != "rope_theta" else 500000.0}))  # a number converts
+    with pytest.raises(InteropError) as e:
+        convert(dict(base, **{key: value}))
+    msg = str(e.value)
+    assert f"{key} is " in msg and "not a number" in msg and "\n" not in msg, msg

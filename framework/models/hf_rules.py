@@ -150,6 +150,25 @@ def hf_ints(hf: Dict[str, Any], keys: Iterable[str], what: str) -> List[int]:
     return out
 
 
+REQUIRED = object()
+
+
+def hf_float(hf: Dict[str, Any], key: str, default: Any, what: str) -> float:
+    """The number field `key` of an HF config dict (`default` when missing; required when
+    `default` is `REQUIRED`); null, text or a boolean is an InteropError naming the key
+    and what it holds (e.g. "gpt2 config: layer_norm_epsilon is "abc", not a number")."""
+    if key not in hf and default is not REQUIRED:
+        return float(default)
+    value = hf.get(key)
+    try:
+        if value is None or isinstance(value, (bool, str)):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        held = "missing" if key not in hf else f"{json_value(value)}"
+        raise InteropError(f"{what} config: {key} is {held}, not a number") from None
+
+
 def json_value(value: Any) -> str:
     """How config.json spells a value (null, true, "text", 1.5)."""
     import json

@@ -29,9 +29,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from framework.models.hf_rules import (Rule, family_checks, hf_ints, kept_hf_config, mha_checks,
+from framework.models.hf_rules import (family_checks, hf_float, hf_ints, kept_hf_config, mha_checks,
                                        output_layer_rule, qkv_parts_to_hf, qkv_parts_to_ours,
-                                       refuse, require)
+                                       refuse, require, Rule)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -82,15 +82,15 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
         seq_length=n_pos,
         max_position_embeddings=n_pos,
         vocab_size=vocab,
-        hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
-        attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+        hidden_dropout=hf_float(hf, "hidden_dropout_prob", 0.1, "megatron-bert"),
+        attention_dropout=hf_float(hf, "attention_probs_dropout_prob", 0.1, "megatron-bert"),
         normalization="LayerNorm",
-        layernorm_epsilon=float(hf.get("layer_norm_eps", 1e-12)),
+        layernorm_epsilon=hf_float(hf, "layer_norm_eps", 1e-12, "megatron-bert"),
         activation=_ACT_IN[act],
         add_bias_linear=True,
         position_embedding_type="learned_absolute",
         share_embeddings_and_output_weights=True,
-        init_method_std=float(hf.get("initializer_range", 0.02)),
+        init_method_std=hf_float(hf, "initializer_range", 0.02, "megatron-bert"),
         add_binary_head=True,
     )
 

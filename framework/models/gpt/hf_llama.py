@@ -41,9 +41,9 @@ import types
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from framework.errors import InteropError
-from framework.models.hf_rules import (Rule, glu_to_hf, glu_to_ours, hf_ints, kept_hf_config,
-                                       output_layer_rule, qkv_parts_to_hf, qkv_parts_to_ours,
-                                       refuse, require)
+from framework.models.hf_rules import (REQUIRED, glu_to_hf, glu_to_ours, hf_float, hf_ints,
+                                       kept_hf_config, output_layer_rule, qkv_parts_to_hf,
+                                       qkv_parts_to_ours, refuse, require, Rule)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -142,7 +142,7 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
     rope_type = rope.get("rope_type")
     if rope_type not in _ROPE_TYPES:
         bad.append(f"rope_type={rope_type!r} (supported: default, llama3)")
-    theta = float(rope["rope_theta"])
+    theta = hf_float(rope, "rope_theta", REQUIRED, model_type)
     if theta != int(theta):
         bad.append(f"rope_theta={theta} (model.rotary_base is an integer)")
     refuse(bad, f"this {model_type} config cannot be expressed as our GPT model")
@@ -184,20 +184,20 @@ def _hf_config_to_fields(hf: Dict[str, Any], model_type: str) -> Dict[str, Any]:
         max_position_embeddings=n_pos,
         vocab_size=vocab,
         hidden_dropout=0.0,
-        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        attention_dropout=hf_float(hf, "attention_dropout", 0.0, model_type),
         normalization="RMSNorm",
-        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        layernorm_epsilon=hf_float(hf, "rms_norm_eps", 1e-6, model_type),
         activation="swiglu",
         add_bias_linear=False,
         add_qkv_bias=_QKV_BIAS[model_type],
         qk_layernorm=_QK_NORM[model_type],
         position_embedding_type="rope",
-        rotary_percent=float(rope.get("partial_rotary_factor", 1.0)),
+        rotary_percent=hf_float(rope, "partial_rotary_factor", 1.0, model_type),
         rotary_base=int(theta),
         rope_scaling=scaling,
         **extra,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
-        init_method_std=float(hf.get("initializer_range", 0.02)),
+        init_method_std=hf_float(hf, "initializer_range", 0.02, model_type),
     )
 
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
-from framework.models.hf_rules import (Rule, family_checks, glu_to_hf, glu_to_ours, hf_ints,
-                                       kept_hf_config, refuse, require)
+from framework.models.hf_rules import (family_checks, glu_to_hf, glu_to_ours, hf_float, hf_ints,
+                                       kept_hf_config, refuse, require, Rule)
 
 if TYPE_CHECKING:  # annotations only
     from framework.config import ModelConfig
@@ -81,7 +81,7 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
     dec = hf_ints(hf, ("num_decoder_layers",), "t5")[0] if hf.get("num_decoder_layers") \
         is not None else enc
     seq = hf_ints(hf, ("n_positions",), "t5")[0] if hf.get("n_positions") else 512
-    dropout = float(hf.get("dropout_rate", 0.1))
+    dropout = hf_float(hf, "dropout_rate", 0.1, "t5")
     return dict(
         name="t5_hf",
         type=MODEL_TYPE,
@@ -97,7 +97,7 @@ def hf_config_to_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
         hidden_dropout=dropout,
         attention_dropout=dropout,
         normalization="RMSNorm",
-        layernorm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+        layernorm_epsilon=hf_float(hf, "layer_norm_epsilon", 1e-6, "t5"),
         activation=_ACT_IN[proj],
         add_bias_linear=False,
         position_embedding_type="relative",
