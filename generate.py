@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.cli import (check_group_choices, default_checkpoint_dir,
                            install_masked_cfg_printing, register_resolvers, report_errors,
                            run_hydra_main, task_overrides)
-from framework.config import register_configs
+from framework.config import check_unknown_keys, register_configs
 from framework.inference import GenerateConfig, register_generate_config
 from framework.security.plugins import check_plugin_targets
 
@@ -31,6 +31,7 @@ def to_config(dcfg: DictConfig) -> GenerateConfig:
     check_group_choices(dict(hc.runtime.choices), CONF_DIR)
     cwd = hc.runtime.cwd
     check_plugin_targets(dcfg, points={})  # generation has no plugin points: no `_target_`
+    check_unknown_keys(dcfg, GenerateConfig)  # `+key=` bypasses Hydra's struct mode
     # no parallel=... / parallel.x=... override: the layout comes from the checkpoint
     keys = [o.split("=", 1)[0].lstrip("+~") for o in task_overrides(hc)]
     if not any(k == "parallel" or k.startswith("parallel.") for k in keys):

@@ -1358,20 +1358,27 @@ class Config:
                 f"ALiBi kernel): `model.alibi_kernel=auto` works here")
 
 
-def check_unknown_keys(node: Any, cls: type = None, prefix: str = "") -> None:
-    """Refuse keys that no schema field declares (Hydra's `+key=` bypasses struct mode)."""
+def check_unknown_keys(node: Any, cls: type = None, prefix: str = "", root: type = None) -> None:
+    """Refuse keys that no schema field declares (Hydra's `+key=` bypasses struct mode), in
+    `node` and every nested group (Optional ones included). `cls`: the schema of `node`
+    (default Config); `root`: the top schema, whose keys the "did you mean" draws from."""
     import dataclasses
+    import typing
 
     cls = cls or Config
-    known = {f.name: f for f in fields(cls)}
+    root = root or cls
+    known = {f.name for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     for key in node.keys():
         if key not in known:
             raise ConfigError(f"unknown config key {prefix}{key} ({cls.__name__} has no such "
-                              f"field){did_you_mean(f'{prefix}{key}', schema_keys(Config))}")
-        ftype = known[key].type
-        sub = GROUP_TYPES.get(ftype) if isinstance(ftype, str) else None
-        if sub is not None and dataclasses.is_dataclass(sub) and node[key] is not None:
-            check_unknown_keys(node[key], sub, f"{prefix}{key}.")
+                              f"field){did_you_mean(f'{prefix}{key}', schema_keys(root))}")
+        t = hints.get(key)
+        args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+        sub = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        value = node[key]
+        if sub is not None and value is not None and hasattr(value, "keys"):
+            check_unknown_keys(value, sub, f"{prefix}{key}.", root)
 
 
 def schema_keys(cls: type, prefix: str = "") -> List[str]:

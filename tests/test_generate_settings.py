@@ -277,3 +277,17 @@ def test_prompt_with_unknown_tokens_noted(here, ckpt):
         job.notes
     assert not any("does not know" in n for n in
                    prepare_job(compose(here, f"load={ckpt}", "device=cpu", PROMPTS)).notes)
+
+
+@pytest.mark.parametrize("override, want", [
+    ("+foo=1", "unknown config key foo (GenerateConfig has no such field)"),
+    ("+tokenizer.bogus=1", "unknown config key tokenizer.bogus (TokenizerConfig has no such "
+                           "field)"),
+    ("+parallel.bogus=1", "unknown config key parallel.bogus (ParallelConfig has no such field)"),
+    ("+max_new_token=3", "unknown config key max_new_token (GenerateConfig has no such field); "
+                         "did you mean max_new_tokens?"),
+])
+def test_unknown_keys_added_with_plus_refused(here, override, want):
+    """`+key=` bypasses Hydra's struct mode: generate.py accepted any such key and ignored it
+    (train.py already refused them)."""
+    assert refused(here, override).startswith(want)
