@@ -575,6 +575,13 @@ def run(args) -> None:
                                  f"manifest to verify and whose symlinks are always followed")
     if not os.path.isdir(args.load):
         raise InputError(f"--load {args.load} is not a directory")
+    if args.command == "hf-to-megatron" and args.allow_pickle:
+        from framework.interop.hf_files import SAFE_INDEX, SAFE_SINGLE
+
+        safe = [n for n in (SAFE_INDEX, SAFE_SINGLE) if os.path.isfile(os.path.join(args.load, n))]
+        if safe:
+            raise InputError(f"--allow-pickle has no effect: --load {args.load} has safetensors "
+                             f"weights ({safe[0]}), which are read instead of any pickle; drop it")
     for option in ("target_tp", "target_pp"):
         value = getattr(args, option, 1)
         if value < 1:

@@ -64,6 +64,8 @@ class GenerateConfig(GenerationOptions):
                  "prompts=[] is empty: give at least one prompt, e.g. prompts='[\"12+35=\"]'")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         require(self.num_heldout >= 1, f"num_heldout={self.num_heldout} must be >= 1")
+        require(self.iteration is None or self.iteration >= 0,
+                 f"iteration={self.iteration} must be >= 0 (null: the latest checkpoint)")
         require(self.device in ("auto", "cuda", "cpu"),
                  f"device={self.device!r} is not one of ['auto', 'cuda', 'cpu']")
         self.check_settings_take_effect()
@@ -307,6 +309,10 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     source = choose_checkpoint_tokenizer(cfg.tokenizer, cfg.load, it, model_cfg, data_type)
     tokenizer = source.load()
     vocab, padded = checkpoint_vocab(meta, model_cfg, tokenizer)
+    require(cfg.num_beams <= vocab,
+             f"num_beams={cfg.num_beams} is more than the {vocab} tokens of the vocabulary: "
+             f"beam search keeps at most one beam per token after the first step; use at most "
+             f"{vocab}")
     check_tokenizer_fits(cfg, it, model_cfg, data_type, tokenizer, padded)
     require(padded % tp == 0,
              f"the checkpoint's padded vocabulary ({padded}) is not divisible by "

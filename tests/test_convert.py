@@ -514,3 +514,13 @@ def test_generate_on_an_import_without_a_tokenizer_asks_for_one(work, tmp_path):
     with pytest.raises(ConfigError, match="held-out evaluation runs without prompts only for "
                                           "checkpoints trained on data=embedded"):
         prepare_job(GenerateConfig(load=str(tmp_path / "m"), tokenizer=tok))
+
+
+def test_allow_pickle_without_effect_is_refused(work, tmp_path, capsys):
+    """--allow-pickle on a directory with safetensors weights (read instead of any pickle) was
+    accepted and did nothing; now one line, nothing written."""
+    rc = convert.main(["hf-to-megatron", "--load", str(work["hf"]), "--allow-pickle", "--save",
+                       str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--allow-pickle has no effect" in err and "model.safetensors" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

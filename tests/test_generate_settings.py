@@ -291,3 +291,14 @@ def test_unknown_keys_added_with_plus_refused(here, override, want):
     """`+key=` bypasses Hydra's struct mode: generate.py accepted any such key and ignored it
     (train.py already refused them)."""
     assert refused(here, override).startswith(want)
+
+
+def test_num_beams_above_the_vocabulary_and_a_negative_iteration_refused(here, ckpt):
+    """num_beams=100000 on the 19-token embedded vocabulary ran for minutes (more beams than
+    tokens can never be filled); iteration=-1 said "iter_-000001 is missing"."""
+    from framework.inference import prepare_job
+
+    with pytest.raises(ConfigError, match="num_beams=100000 is more than the 19 tokens"):
+        prepare_job(compose(here, f"load={ckpt}", "device=cpu", PROMPTS, "num_beams=100000"))
+    assert refused(here, f"load={ckpt}", "iteration=-1") == \
+        "iteration=-1 must be >= 0 (null: the latest checkpoint)"
