@@ -136,6 +136,16 @@ def inference_layout(parallel: ParallelConfig) -> Tuple[ParallelConfig, List[str
         notes.append(f"generation: recompute_granularity={p.recompute_granularity} is switched "
                      f"off (no backward pass)")
         p.recompute_granularity, p.recompute_method = None, None
+    default = ParallelConfig()
+    recompute = [f"parallel.{f}={getattr(p, f)}" for f in ("recompute_method",
+                                                           "recompute_num_layers",
+                                                           "recompute_modules")
+                 if getattr(p, f) != getattr(default, f)]
+    if recompute:
+        notes.append(f"generation: {', '.join(recompute)} not used (no backward pass, nothing "
+                     f"to recompute)")
+        for f in ("recompute_method", "recompute_num_layers", "recompute_modules"):
+            setattr(p, f, getattr(default, f))
     if p.vpp:
         notes.append("generation: virtual pipeline stages are not used (one chunk per stage)")
     p.virtual_pipeline_model_parallel_size = None

@@ -302,3 +302,16 @@ def test_num_beams_above_the_vocabulary_and_a_negative_iteration_refused(here, c
         prepare_job(compose(here, f"load={ckpt}", "device=cpu", PROMPTS, "num_beams=100000"))
     assert refused(here, f"load={ckpt}", "iteration=-1") == \
         "iteration=-1 must be >= 0 (null: the latest checkpoint)"
+
+
+def test_recompute_settings_are_noted_as_unused():
+    """parallel.recompute_modules / recompute_num_layers given to generate.py were accepted and
+    ignored without a word (recompute_granularity already had its note)."""
+    from framework.config import ParallelConfig
+    from framework.inference import inference_layout
+
+    p, notes = inference_layout(ParallelConfig(recompute_modules=["mlp"], recompute_num_layers=2))
+    assert notes == ["generation: parallel.recompute_num_layers=2, parallel.recompute_modules="
+                     "['mlp'] not used (no backward pass, nothing to recompute)"], notes
+    assert p.recompute_modules == ParallelConfig().recompute_modules
+    assert inference_layout(ParallelConfig())[1] == []
