@@ -43,6 +43,7 @@ import warnings
 from dataclasses import asdict
 from typing import Iterator, List, Optional
 
+from data_tools import EXIT_INTERRUPTED, stop_signals_interrupt
 from framework.paths import inside, unwritable_dir
 
 EXIT_BAD_INPUT = 2
@@ -181,10 +182,15 @@ def publish(tmp: str, save: str) -> None:
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
     old = None
-    if os.path.exists(save):
-        old = f"{os.path.abspath(save)}.old-{os.getpid()}"
-        os.replace(save, old)
-    os.replace(tmp, save)
+    try:
+        if os.path.exists(save):
+            old = f"{os.path.abspath(save)}.old-{os.getpid()}"
+            os.replace(save, old)
+        os.replace(tmp, save)
+    except BaseException:  # (an interrupt between the two renames, say) put the old one back
+        if old is not None and os.path.exists(old) and not os.path.exists(save):
+            os.replace(old, save)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -616,7 +622,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     _quiet()
     try:
-        run(args)
+        with stop_signals_interrupt():
+            run(args)
+    except KeyboardInterrupt as stop:
+        why = str(stop) or "SIGINT"
+        print(f"error: interrupted ({why}); its staging files are removed, and earlier outputs "
+              f"are kept", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except (InputError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

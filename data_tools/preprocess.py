@@ -35,6 +35,7 @@ from typing import Iterator, List, Optional
 
 import numpy
 
+from data_tools import EXIT_INTERRUPTED, stop_signals_interrupt
 from framework.config import ConfigError, TokenizerConfig
 from framework.paths import unwritable_dir
 
@@ -338,6 +339,10 @@ def _publish(staging: str, out_dir: str, names: List[str]) -> List[str]:
             except OSError:
                 lost.append(final)
         if not isinstance(err, OSError):
+            if lost:  # (an interrupt, say) keep the staging directory: it holds them
+                raise _PublishError(f"interrupted while moving the outputs into place; the "
+                                    f"earlier {', '.join(lost)} could not be put back and are "
+                                    f"kept in {kept_dir}", keep_staging=True) from err
             raise
         why = err.strerror or str(err)
         if lost:
@@ -426,7 +431,13 @@ def run(args: argparse.Namespace) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        prefixes = run(args)
+        with stop_signals_interrupt():
+            prefixes = run(args)
+    except KeyboardInterrupt as stop:
+        why = str(stop) or "SIGINT"
+        print(f"error: interrupted ({why}); its staging files are removed, and earlier outputs "
+              f"are kept", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except (InputError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -524,3 +524,24 @@ def test_allow_pickle_without_effect_is_refused(work, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--allow-pickle has no effect" in err and "model.safetensors" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_an_interrupt_between_the_publish_renames_puts_the_old_save_back(tmp_path, monkeypatch):
+    """publish() moves --save aside, then the new directory into place: an interrupt (SIGTERM now
+    raises KeyboardInterrupt in the tools) between the two renames left no --save at all."""
+    save, new = tmp_path / "save", tmp_path / "new"
+    save.mkdir()
+    (save / "old.txt").write_text("old")
+    new.mkdir()
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("SIGTERM")
+        return real(src, dst)
+
+    monkeypatch.setattr(convert.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        convert.publish(str(new), str(save))
+    assert (save / "old.txt").read_text() == "old" and new.is_dir()

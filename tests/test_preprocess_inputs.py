@@ -250,3 +250,37 @@ def test_an_input_that_an_output_would_replace_is_refused(work, capsys, no_token
     line = _one_line(err)
     assert rc == 2 and f"--input {given} is also an output of --output-prefix=" in line, line
     assert given.read_bytes() == before
+
+
+def test_sigterm_removes_the_staging_files_and_keeps_earlier_outputs(work, capsys):
+    """SIGTERM (`kill`, `timeout`, a batch system's stop) killed preprocess on the spot and left
+    its hidden staging directory (a partial .bin) in the output directory. Now it stops as Ctrl-C
+    does: one line, exit 130, no staging directory, the earlier outputs as they were."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    out = work / "o6"
+    before = _first_run(work, capsys, out)
+    big = work / "big.jsonl"
+    line = json.dumps({"text": "12+34=46 " * 50}) + "\n"
+    big.write_text(line * 40000)
+    p = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", "--input", str(big),
+                          "--tokenizer", str(work / "tok"), "--output-prefix", str(out / "p"),
+                          "--workers", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and \
+            not [n for n in os.listdir(out) if n.startswith(".preprocess")]:
+        time.sleep(0.05)
+    assert p.poll() is None, "preprocess ended before it could be stopped"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err[-2000:]
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines[-1].startswith("error: interrupted (SIGTERM)") and "Traceback" not in err, err
+    assert not [n for n in os.listdir(out) if n.startswith(".preprocess")]
+    assert _snapshot(out) == before
