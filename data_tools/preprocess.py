@@ -353,6 +353,27 @@ def _publish(staging: str, out_dir: str, names: List[str]) -> List[str]:
                             f"changed", keep_staging=False) from None
 
 
+UNKNOWN_SHARE_NOTED = 0.01
+
+
+def _note_unknown_tokens(prefix: str, info, tokenizer, key: str) -> None:
+    """A note when more than 1% of the tokens written are the tokenizer's unknown token: text
+    the tokenizer does not cover (another language or script, or the wrong tokenizer). Only for
+    a tokenizer whose unknown token is an id of its own (a word- or character-level vocabulary;
+    byte-level BPE encodes any text)."""
+    hf = getattr(tokenizer, "hf", None)
+    unk = getattr(hf, "unk_token_id", None)
+    if unk is None or unk in (tokenizer.eod, tokenizer.bos, getattr(tokenizer, "pad", None)):
+        return
+    tokens = numpy.memmap(prefix + ".bin", dtype=info.dtype, mode="r")
+    count = int(numpy.count_nonzero(tokens == unk))
+    if count > UNKNOWN_SHARE_NOTED * max(1, tokens.size):
+        print(f"note: {count} of the {tokens.size} tokens under {key!r} "
+              f"({100 * count / tokens.size:.0f}%) are the tokenizer's unknown token "
+              f"{hf.unk_token!r}: the tokenizer does not cover this text (is it the right "
+              f"--tokenizer?)", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> List[str]:
     """Preprocess every key; return the output prefixes. Raises InputError/ConfigError."""
     from framework.data.indexed import preprocess, read_index
@@ -418,6 +439,7 @@ def run(args: argparse.Namespace) -> List[str]:
             if info.num_tokens - eods <= 0:  # text that tokenizes to nothing
                 raise InputError(f"{', '.join(args.input)}: the text under {key!r} gives no "
                                  f"tokens with this tokenizer")
+            _note_unknown_tokens(os.path.join(staging, name), info, tokenizer, key)
         try:
             return _publish(staging, out_dir, names)
         except _PublishError as err:

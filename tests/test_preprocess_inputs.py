@@ -284,3 +284,16 @@ def test_sigterm_removes_the_staging_files_and_keeps_earlier_outputs(work, capsy
     assert lines[-1].startswith("error: interrupted (SIGTERM)") and "Traceback" not in err, err
     assert not [n for n in os.listdir(out) if n.startswith(".preprocess")]
     assert _snapshot(out) == before
+
+
+def test_text_the_tokenizer_does_not_cover_is_noted(work, capsys):
+    """English text through the embedded arithmetic tokenizer: 85% of the tokens were <unk>,
+    silently. Now a note says so (the outputs are still written); arithmetic text gets none."""
+    (work / "eng.jsonl").write_text(json.dumps({"text": "hello world this is english"}) + "\n")
+    rc, err = _preprocess(capsys, "--input", work / "eng.jsonl", "--tokenizer", work / "tok",
+                          "--output-prefix", work / "o7" / "e")
+    assert rc == 0 and "of the 27 tokens under 'text' (85%) are the tokenizer's unknown token" \
+        in err, err
+    rc, err = _preprocess(capsys, "--input", work / "two.jsonl", "--tokenizer", work / "tok",
+                          "--output-prefix", work / "o7" / "a")
+    assert rc == 0 and "unknown token" not in err, err
