@@ -43,7 +43,8 @@ import warnings
 from dataclasses import asdict
 from typing import Iterator, List, Optional
 
-from data_tools import EXIT_INTERRUPTED, stop_signals_interrupt
+from data_tools import (EXIT_INTERRUPTED, interrupted_line, mark_published,
+                        stop_signals_interrupt)
 from framework.paths import inside, unwritable_dir
 
 EXIT_BAD_INPUT = 2
@@ -191,6 +192,7 @@ def publish(tmp: str, save: str) -> None:
         if old is not None and os.path.exists(old) and not os.path.exists(save):
             os.replace(old, save)
         raise
+    mark_published()
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -625,9 +627,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with stop_signals_interrupt():
             run(args)
     except KeyboardInterrupt as stop:
-        why = str(stop) or "SIGINT"
-        print(f"error: interrupted ({why}); its staging files are removed, and earlier outputs "
-              f"are kept", file=sys.stderr, flush=True)
+        print(interrupted_line(stop), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except (InputError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -35,7 +35,8 @@ from typing import Iterator, List, Optional
 
 import numpy
 
-from data_tools import EXIT_INTERRUPTED, stop_signals_interrupt
+from data_tools import (EXIT_INTERRUPTED, interrupted_line, mark_published,
+                        stop_signals_interrupt)
 from framework.config import ConfigError, TokenizerConfig
 from framework.paths import unwritable_dir
 
@@ -323,6 +324,7 @@ def _publish(staging: str, out_dir: str, names: List[str]) -> List[str]:
             current = final
             os.replace(staged, final)
             moved.append(final)
+        mark_published()
         return [os.path.join(out_dir, name) for name in names]
     except BaseException as err:
         kept_finals = {final for final, _ in kept}
@@ -365,8 +367,13 @@ def _note_unknown_tokens(prefix: str, info, tokenizer, key: str) -> None:
     unk = getattr(hf, "unk_token_id", None)
     if unk is None or unk in (tokenizer.eod, tokenizer.bos, getattr(tokenizer, "pad", None)):
         return
-    tokens = numpy.memmap(prefix + ".bin", dtype=info.dtype, mode="r")
-    count = int(numpy.count_nonzero(tokens == unk))
+    try:  # in chunks: a whole-corpus comparison would need a byte per token at once
+        tokens = numpy.memmap(prefix + ".bin", dtype=info.dtype, mode="r")
+        step = 1 << 26
+        count = sum(int(numpy.count_nonzero(tokens[i:i + step] == unk))
+                    for i in range(0, tokens.size, step))
+    except (OSError, ValueError, MemoryError):  # a note is not worth failing the run for
+        return
     if count > UNKNOWN_SHARE_NOTED * max(1, tokens.size):
         print(f"note: {count} of the {tokens.size} tokens under {key!r} "
               f"({100 * count / tokens.size:.0f}%) are the tokenizer's unknown token "
@@ -456,9 +463,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with stop_signals_interrupt():
             prefixes = run(args)
     except KeyboardInterrupt as stop:
-        why = str(stop) or "SIGINT"
-        print(f"error: interrupted ({why}); its staging files are removed, and earlier outputs "
-              f"are kept", file=sys.stderr, flush=True)
+        print(interrupted_line(stop), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except (InputError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

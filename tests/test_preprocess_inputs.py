@@ -255,7 +255,8 @@ def test_an_input_that_an_output_would_replace_is_refused(work, capsys, no_token
 def test_sigterm_removes_the_staging_files_and_keeps_earlier_outputs(work, capsys):
     """SIGTERM (`kill`, `timeout`, a batch system's stop) killed preprocess on the spot and left
     its hidden staging directory (a partial .bin) in the output directory. Now it stops as Ctrl-C
-    does: one line, exit 130, no staging directory, the earlier outputs as they were."""
+    does: one line, exit 130, no staging directory, the earlier outputs as they were; its pool
+    workers end without a traceback each."""
     import signal
     import subprocess
     import sys
@@ -270,7 +271,7 @@ def test_sigterm_removes_the_staging_files_and_keeps_earlier_outputs(work, capsy
     big.write_text(line * 40000)
     p = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", "--input", str(big),
                           "--tokenizer", str(work / "tok"), "--output-prefix", str(out / "p"),
-                          "--workers", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                          "--workers", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None and \
             not [n for n in os.listdir(out) if n.startswith(".preprocess")]:
@@ -297,3 +298,33 @@ def test_text_the_tokenizer_does_not_cover_is_noted(work, capsys):
     rc, err = _preprocess(capsys, "--input", work / "two.jsonl", "--tokenizer", work / "tok",
                           "--output-prefix", work / "o7" / "a")
     assert rc == 0 and "unknown token" not in err, err
+
+
+def test_a_signal_started_ignored_stays_ignored():
+    """Under `nohup` SIGHUP is ignored: the tools must not turn it into a stop (a dropped SSH
+    session would end a long preprocess that `nohup` was meant to protect)."""
+    import signal
+
+    from data_tools import stop_signals_interrupt
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+def test_an_interrupt_after_the_outputs_are_in_place_says_so():
+    """An interrupt while the tool cleans up after publishing (removing a replaced checkpoint
+    can take seconds) used to print "earlier outputs are kept", which was then false."""
+    from data_tools import interrupted_line, mark_published, stop_signals_interrupt
+
+    with stop_signals_interrupt():
+        assert "earlier outputs are kept" in interrupted_line(KeyboardInterrupt("SIGTERM"))
+        mark_published()
+        line = interrupted_line(KeyboardInterrupt("SIGTERM"))
+    assert line.startswith("error: interrupted (SIGTERM) after the outputs were in place"), line
+    with stop_signals_interrupt():  # a new run starts unpublished
+        assert "earlier outputs are kept" in interrupted_line(KeyboardInterrupt())
