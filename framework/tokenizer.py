@@ -171,7 +171,6 @@ def build_tokenizer(cfg: "TokenizerConfig", *, default_dir: Optional[str] = None
     if _is_bare_gpt2_dir(path):
         return build_tokenizer(replace(cfg, path=None, vocab_file=os.path.join(path, "vocab.json"),
                                        merge_file=os.path.join(path, "merges.txt")))
-    _refuse_custom_code(field, path)
     try:
         # never run code that comes with the tokenizer (an `auto_map` class in a checkpoint's
         # or a hub repo's tokenizer_config.json): transformers would otherwise ask on stdin
@@ -180,23 +179,6 @@ def build_tokenizer(cfg: "TokenizerConfig", *, default_dir: Optional[str] = None
         raise ConfigError(f"{field}={path!r}: cannot load a tokenizer ({_first_line(err)})"
                           ) from None
     return Tokenizer(hf)
-
-
-def _refuse_custom_code(field: str, path: str) -> None:
-    """A local tokenizer directory whose tokenizer_config.json maps AutoTokenizer to a class of
-    its own (`auto_map`: Python code shipped in the directory) is refused in one line: we load
-    tokenizers without running their code."""
-    cfg_file = os.path.join(os.path.expanduser(path), "tokenizer_config.json")
-    try:
-        with open(cfg_file) as f:
-            auto_map = json.load(f).get("auto_map")
-    except (OSError, ValueError, AttributeError):
-        return  # none, or not JSON: from_pretrained says what is wrong
-    if auto_map:
-        raise ConfigError(f"{field}={path!r}: its tokenizer_config.json maps the tokenizer to "
-                          f"custom code (auto_map: {json.dumps(auto_map)[:80]}), which this "
-                          f"framework does not run; use a tokenizer transformers implements "
-                          f"(remove auto_map)")
 
 
 # Files whose presence makes a directory (a Hugging Face model given to checkpoint.load_hf) a

@@ -199,14 +199,12 @@ def test_generate_py_masks_cfg_and_refuses_targets(tmp_path):
     assert r.returncode != 0 and "_target_" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("explicit_check", [True, False])
-def test_tokenizer_code_shipped_with_a_tokenizer_never_runs(tmp_path, monkeypatch,
-                                                            explicit_check):
+def test_tokenizer_code_shipped_with_a_tokenizer_never_runs(tmp_path, monkeypatch):
     """A tokenizer directory (tokenizer.path, a checkpoint's tokenizer/, preprocess's
     --tokenizer) whose tokenizer_config.json maps AutoTokenizer to a class in a .py file beside
-    it: refused in one line naming the directory, and the file's code never runs. Without our
-    check (explicit_check=False), transformers is still told not to run it: before, it asked on
-    stdin, and a "y" ran the code."""
+    it: one line naming the directory, and the file's code never runs (transformers is called
+    with trust_remote_code=False; before, it asked on stdin, and a "y" ran the code). The same
+    auto_map beside a tokenizer class transformers has loads, without running the file."""
     from dataclasses import replace
 
     from framework import tokenizer as tk
@@ -220,15 +218,16 @@ def test_tokenizer_code_shipped_with_a_tokenizer_never_runs(tmp_path, monkeypatc
         "from transformers import PreTrainedTokenizerFast\n"
         "class EvilTok(PreTrainedTokenizerFast):\n    pass\n")
     cfg = json.loads((d / "tokenizer_config.json").read_text())
+    builtin = cfg.get("tokenizer_class")
     cfg.update(tokenizer_class="EvilTok", auto_map={"AutoTokenizer": [None, "evil_tok.EvilTok"]},
                trust_remote_code=True)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    if not explicit_check:
-        monkeypatch.setattr(tk, "_refuse_custom_code", lambda field, path: None)
     monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\n"))
     with pytest.raises(ConfigError) as e:
         tk.build_tokenizer(replace(TokenizerConfig(), path=str(d)))
-    assert f"tokenizer.path={str(d)!r}" in str(e.value) and "\n" not in str(e.value)
-    if explicit_check:
-        assert "custom code (auto_map:" in str(e.value), str(e.value)
-    assert not marker.exists()
+    assert f"tokenizer.path={str(d)!r}: cannot load a tokenizer" in str(e.value)
+    assert "\n" not in str(e.value) and not marker.exists()
+    cfg["tokenizer_class"] = builtin
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = tk.build_tokenizer(replace(TokenizerConfig(), path=str(d)))
+    assert tok.encode("12+35=") and not marker.exists()
