@@ -128,11 +128,16 @@ GPU_ONLY_SWITCHES = ("torch_compile", "cuda_graph", "bias_activation_fusion", "s
 
 
 def _train_rank(plan: RunPlan) -> None:
+    # no checkpoint writer (a forked child) left holding the run lock after a kill -9
+    with forks_die_with_this_process():
+        _train_rank_in(plan)
+
+
+def _train_rank_in(plan: RunPlan) -> None:
     from megatron.core import parallel_state as ps
 
     cfg = plan.cfg
     on_gpu = plan.device == "cuda"
-    forks_die_with_this_process()  # no checkpoint writer left holding the run lock after a kill
     init_distributed(cfg.parallel, plan.device)
     try:
         set_seeds(cfg.train.seed, plan.device, cuda_graph=cfg.model.cuda_graph)
