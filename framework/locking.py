@@ -136,11 +136,13 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
             m = re.match(r"pid (\d+) on (\S+) ", holder)
             if m and m.group(2) == socket.gethostname() and not _alive(int(m.group(1))):
                 # the run is gone; what it started still holds the lock (a stuck child)
-                left = _holders(fd) or ["unknown: see `fuser -v " + path + "`"]
+                left = _holders(fd) or ["none found: see `fuser -v " + path + "`"]
                 raise ConfigError(
-                    f"checkpoint.dir={ckpt_dir} is still locked by processes that the run "
-                    f"{holder.split(' since ')[0]} started, which has ended: "
-                    f"{'; '.join(left[:4])}; stop them (kill -9 <pid>) and run again") from None
+                    f"checkpoint.dir={ckpt_dir} is still locked, and the run that took the lock "
+                    f"({holder.split(' since ')[0]}) is not running here (unless in another "
+                    f"container with this host name); processes with the lock file open: "
+                    f"{'; '.join(left[:4])}; if they are left over from that run, stop them "
+                    f"(kill -9 <pid>) and run again") from None
             raise ConfigError(
                 f"checkpoint.dir={ckpt_dir} is in use by another run ({holder}): two runs saving "
                 f"into one directory would delete each other's checkpoints; wait for it to end, "

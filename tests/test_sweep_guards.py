@@ -202,7 +202,8 @@ def test_a_lock_kept_by_a_stuck_child_of_a_dead_run_names_that_child(tmp_path, m
             with locking.run_lock(ck):
                 pass
         msg = str(e.value)
-        assert f"checkpoint.dir={ck} is still locked by processes that the run pid " in msg, msg
-        assert f"pid {child} (" in msg and "kill -9 <pid>" in msg, msg
+        assert f"checkpoint.dir={ck} is still locked, and the run that took the lock (pid " \
+            in msg, msg
+        assert f"lock file open: pid {child} (" in msg and "kill -9 <pid>" in msg, msg
     finally:
         os.kill(child, signal.SIGKILL)
