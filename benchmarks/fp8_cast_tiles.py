@@ -11,16 +11,18 @@ model.fp8_fused_act=true model.fp8_fused_act_backward=true`), at the model's sha
 * backward: the output-gradient casts of fc2, the attention projection and QKV (e5m2, both
   layouts) and the activation backward fused with fc1's output-gradient cast
   (`_act_bwd_cast_kernel`),
-each tile (rows x columns x warps) of a grid is timed with CUDA events (median of 3 repeats of
-40 launches, after warm-up), and its outputs are checked against the default tile's: FP8 bits of
+each tile (rows x columns x warps) of a grid is timed with CUDA events (median of 3 replays of
+one CUDA graph holding 40 launches, after warm-up; training runs the casts in per-layer graphs
+too), and its outputs are checked against the default tile's: FP8 bits of
 both layouts, the scale and the recorded amax equal; the bias gradient of the activation
 backward within fp32 rounding. A tile whose output differs is reported and never chosen.
 
 Prints, per cast: the default tile's time and achieved bandwidth (the bytes the cast must move:
 its reads and both FP8 outputs), the best tile's, and the ratio; then the layer's total per step
 (x layers: what a training step would save) at the default, at the best tile per kernel
-(`cast` and `act_bwd`, one tile each, as `fp8.TILES` holds them), and the FP8_CAST_TILES value
-that sets that best pair for an end-to-end A/B with benchmarks/throughput.py.
+(`cast` and `act_bwd`, one tile each, as `fp8.TILES` holds them; another tile only where it is
+more than 3% faster than the default over the layer), and the FP8_CAST_TILES value that sets
+that pair for an end-to-end A/B with benchmarks/throughput.py.
 """
 import argparse
 import itertools
@@ -32,6 +34,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+MARGIN = 0.03  # a tile replaces the default only when its layer total is 3% lower
 GRID = [(bm, bk, w) for bm, bk in itertools.product((32, 64, 128), (32, 64, 128, 256))
         if bm * bk <= 16384 for w in (4, 8)]
 
@@ -87,17 +90,30 @@ def main():
           f"torch {torch.__version__}; default tiles {fp8.TILES}", flush=True)
 
     def timed(fn):
-        fn()
+        """ms per call, from `launches` calls captured in one CUDA graph (as training runs the
+        casts: per-layer graphs), so that the host's launch work is not timed; each call also
+        copies a 17-float amax history (a few microseconds, the same for every tile)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # compiles and warms up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(a.launches):
+                fn()
+        graph.replay()
         torch.cuda.synchronize()
         runs = []
         for _ in range(a.repeats):
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
-            for _ in range(a.launches):
-                fn()
+            graph.replay()
             end.record()
             torch.cuda.synchronize()
             runs.append(start.elapsed_time(end) / a.launches)
+        del graph
         return statistics.median(runs)
 
     results = []
@@ -166,7 +182,10 @@ def main():
         ok_tiles = [t for t in GRID if all(next(r["same"] for r in res["tiles"]
                                                 if tuple(r["tile"]) == t)
                                            for res in results if res["kernel"] == kernel)]
-        choice[kernel] = min(ok_tiles, key=lambda t: total(kernel, t))
+        best = min(ok_tiles, key=lambda t: total(kernel, t))
+        # another tile only where it gains more than the timing's noise
+        choice[kernel] = best if total(kernel, best) < (1 - MARGIN) * total(
+            kernel, fp8.TILES[kernel]) else fp8.TILES[kernel]
         summary[kernel] = {"default_ms_per_layer": total(kernel, fp8.TILES[kernel]),
                            "best_tile": list(choice[kernel]),
                            "best_ms_per_layer": total(kernel, choice[kernel])}
