@@ -172,6 +172,9 @@ def report_errors(fn: Callable[[], T], job_dir: Optional[str] = None) -> Optiona
         print(f"error: {mask_text(str(e))}", file=sys.stderr, flush=True)
     except OmegaConfBaseException as e:
         print(f"error: {mask_text(_omegaconf_line(e))}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as stop:  # Ctrl-C or a stop signal that ended the run early
+        print(f"error: interrupted ({str(stop) or 'Ctrl-C'})", file=sys.stderr, flush=True)
+        sys.exit(130)
     sys.exit(2)
 
 

@@ -277,6 +277,9 @@ def prepare_job(cfg: GenerateConfig) -> GenerateJob:
     parallel, notes = inference_parallel(meta, cfg.parallel)
     device = resolve_device(cfg.device, key="device")
     on_gpu = device == "cuda"
+    require(on_gpu or parallel.distributed_backend in ("nccl", "gloo"),
+             f"parallel.distributed_backend={parallel.distributed_backend} has no effect on the "
+             f"CPU (generation there always uses gloo): unset it")
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     require(model_cfg.num_attention_heads % tp == 0,
              f"model.num_attention_heads={model_cfg.num_attention_heads} (from the checkpoint) is "
@@ -482,7 +485,7 @@ def run_generate(cfg: GenerateConfig) -> None:
     # prepare_job has checked the files (and said so of a checkpoint without a manifest)
     os.environ[VERIFIED_ENV] = reader.iter_dir(job.load, job.iteration)
     try:
-        launch(generate_worker, job, world)
+        launch(generate_worker, job, world, saves=False)
     finally:
         os.environ.pop(VERIFIED_ENV, None)
 

@@ -41,10 +41,12 @@ def launched_externally() -> bool:
 
 
 def launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
-           shutdown_s: float = 30.0) -> None:
+           shutdown_s: float = 30.0, saves: bool = True) -> None:
     """Run `worker_fn(arg)` on every rank: join torchrun/SLURM, run in-process for one rank, or
     start `world` workers (`worker_fn` and `arg` must pickle: a module-level function).
-    `shutdown_s`: how long the workers have to exit after a stop signal before they are killed."""
+    `shutdown_s`: how long the workers have to exit after a stop signal before they are killed.
+    `saves`: the workers save a checkpoint when stopped (training), which a stop then reports.
+    A stop signal that ends the workers raises KeyboardInterrupt (one line from `report_errors`)."""
     if launched_externally():
         _slurm_env()
         worker_fn(arg)
@@ -57,7 +59,7 @@ def launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
             for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 os.environ.pop(k, None)
     else:
-        _elastic_launch(worker_fn, arg, world, shutdown_s)
+        _elastic_launch(worker_fn, arg, world, shutdown_s, saves)
 
 
 def _slurm_env() -> None:
@@ -80,7 +82,7 @@ def _slurm_env() -> None:
 
 
 def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
-                    shutdown_s: float = 30.0) -> None:
+                    shutdown_s: float = 30.0, saves: bool = True) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -109,8 +111,9 @@ def _elastic_launch(worker_fn: Callable[[Any], None], arg: Any, world: int,
     except SignalException as e:
         note = open(stop_file).read().split()
         if not note:
-            raise RuntimeError(f"stopped by {signal_name(e.sigval)} before the workers saved a "
-                               f"checkpoint") from None
+            raise KeyboardInterrupt(
+                signal_name(e.sigval) + (" before the workers saved a checkpoint" if saves
+                                         else "")) from None
         echo(f"stopped by {signal_name(e.sigval)}: the workers saved a checkpoint at iteration "
              f"{note[0]} and exited")
     except ChildFailedError as e:
@@ -212,4 +215,7 @@ def _worker_entry(worker_fn: Callable[[Any], None], arg: Any) -> None:
             sys.stderr.flush()
         sys.stdout.flush()
         os._exit(2)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launching process says it once
+        sys.stdout.flush()
+        os._exit(130)
     release_after_stop()  # a deliberate stop: returning ends this process, agent polling or not

@@ -315,3 +315,14 @@ def test_recompute_settings_are_noted_as_unused():
                      "['mlp'] not used (no backward pass, nothing to recompute)"], notes
     assert p.recompute_modules == ParallelConfig().recompute_modules
     assert inference_layout(ParallelConfig())[1] == []
+
+
+def test_a_distributed_backend_unused_on_the_cpu_refused(here, ckpt):
+    """parallel.distributed_backend=ucc on a CPU run was accepted and ignored (gloo is used);
+    train.py refused it already."""
+    from framework.inference import prepare_job
+
+    with pytest.raises(ConfigError, match="parallel.distributed_backend=ucc has no effect on the "
+                                          "CPU"):
+        prepare_job(compose(here, f"load={ckpt}", "device=cpu", PROMPTS,
+                            "parallel.distributed_backend=ucc"))

@@ -503,3 +503,21 @@ def test_hf_config_number_fields_name_the_key(family, key, value):
         convert(dict(base, **{key: value}))
     msg = str(e.value)
     assert f"{key} is " in msg and "not a number" in msg and "\n" not in msg, msg
+
+
+def test_an_interrupt_is_one_line_and_exit_130(capsys):
+    """Ctrl-C in generate.py printed every rank's traceback (51 lines, `[rank0]: ...`), and a stop
+    signal that ended a multi-rank generate (or a training run before its first save) raised a
+    RuntimeError with Hydra's traceback. Both are one line now, exit 130."""
+    from framework.cli import report_errors
+
+    def stopped(why):
+        def fn():
+            raise KeyboardInterrupt(*why)
+        return fn
+
+    for why, want in (((), "error: interrupted (Ctrl-C)"), (("SIGINT",), "error: interrupted "
+                                                                         "(SIGINT)")):
+        with pytest.raises(SystemExit) as e:
+            report_errors(stopped(why))
+        assert e.value.code == 130 and capsys.readouterr().err.strip() == want
