@@ -419,15 +419,8 @@ def test_preprocess_json_key_with_a_path_separator_refused(corpus, capsys):
     assert not [p for p in os.listdir(corpus) if p.startswith(("c_", ".preprocess"))]
 
 
-@pytest.mark.parametrize("family,key", [("gpt2", "n_layer"), ("llama", "hidden_size"),
-                                        ("llama", "num_key_value_heads"), ("llama", "head_dim"),
-                                        ("t5", "d_ff"), ("t5", "n_positions"),
-                                        ("megatron-bert", "vocab_size")])
-@pytest.mark.parametrize("value", [None, "12a", 1.5, True, "missing"])
-def test_hf_config_integer_fields_name_the_key(family, key, value):
-    """A config.json integer field that is null, text, fractional, a bool or missing: one line
-    naming the key and what it holds (it was "lacks a valid int() argument must be ...")."""
-    from framework.errors import InteropError
+def _hf_config_reader(family):
+    """(a minimal HF config dict of `family`, the function that reads it into our fields)."""
     from framework.models.bert.hf_megatron_bert import hf_config_to_fields as bert
     from framework.models.gpt.hf_gpt2 import hf_config_to_fields as gpt2
     from framework.models.gpt.hf_llama import hf_config_to_fields as llama
@@ -441,7 +434,20 @@ def test_hf_config_integer_fields_name_the_key(family, key, value):
                        vocab_size=100),
             "megatron-bert": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                   max_position_embeddings=64, vocab_size=100)}[family]
-    convert = {"gpt2": gpt2, "llama": llama, "t5": t5, "megatron-bert": bert}[family]
+    return base, {"gpt2": gpt2, "llama": llama, "t5": t5, "megatron-bert": bert}[family]
+
+
+@pytest.mark.parametrize("family,key", [("gpt2", "n_layer"), ("llama", "hidden_size"),
+                                        ("llama", "num_key_value_heads"), ("llama", "head_dim"),
+                                        ("t5", "d_ff"), ("t5", "n_positions"),
+                                        ("megatron-bert", "vocab_size")])
+@pytest.mark.parametrize("value", [None, "12a", 1.5, True, "missing"])
+def test_hf_config_integer_fields_name_the_key(family, key, value):
+    """A config.json integer field that is null, text, fractional, a bool or missing: one line
+    naming the key and what it holds (it was "lacks a valid int() argument must be ...")."""
+    from framework.errors import InteropError
+
+    base, convert = _hf_config_reader(family)
     convert(dict(base))  # the base converts
     hf = dict(base)
     optional = key in ("num_key_value_heads", "head_dim", "n_positions")
@@ -484,20 +490,8 @@ def test_hf_config_number_fields_name_the_key(family, key, value):
     bool: one line naming the key and what it holds (it was a ValueError or TypeError traceback
     from float(), e.g. "could not convert string to float: 'abc'")."""
     from framework.errors import InteropError
-    from framework.models.bert.hf_megatron_bert import hf_config_to_fields as bert
-    from framework.models.gpt.hf_gpt2 import hf_config_to_fields as gpt2
-    from framework.models.gpt.hf_llama import hf_config_to_fields as llama
-    from framework.models.t5.hf_t5 import hf_config_to_fields as t5
 
-    base = {"gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=100),
-            "llama": dict(model_type="llama", num_hidden_layers=2, hidden_size=32,
-                          num_attention_heads=4, vocab_size=100, intermediate_size=64,
-                          max_position_embeddings=64, rope_theta=10000.0),
-            "t5": dict(d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2,
-                       vocab_size=100),
-            "megatron-bert": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                  max_position_embeddings=64, vocab_size=100)}[family]
-    convert = {"gpt2": gpt2, "llama": llama, "t5": t5, "megatron-bert": bert}[family]
+    base, convert = _hf_config_reader(family)
     convert(dict(base, **{key: 0.5 if key != "rope_theta" else 500000.0}))  # a number converts
     with pytest.raises(InteropError) as e:
         convert(dict(base, **{key: value}))
