@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import multiprocessing
 import os
-import signal
 import struct
 import sys
 import tempfile
@@ -91,11 +90,7 @@ _WORKER_ENCODER: Optional[_Encoder] = None
 def _init_worker(encoder: _Encoder) -> None:
     global _WORKER_ENCODER
     _WORKER_ENCODER = encoder
-    # Ctrl-C and stop signals are the parent's to handle (it ends the pool): a forked worker
-    # keeps no handler of the parent's that would print a traceback per worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+
 
 
 def _encode_in_worker(text: str) -> Tuple[numpy.ndarray, List[int], int]:
