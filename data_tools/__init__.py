@@ -1,37 +1,11 @@
 """Command-line tools: `python -m data_tools.preprocess` and `python -m data_tools.convert`."""
-import contextlib
-import signal
-from typing import Iterator
-
 EXIT_INTERRUPTED = 130
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _state = {"published": False}
 
 
-@contextlib.contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
-    """While the tool works, SIGTERM and SIGHUP (`kill`, `timeout`, a closed terminal, a batch
-    system's stop) raise KeyboardInterrupt as Ctrl-C does, so the tool's cleanup runs (its
-    staging directory is removed, the outputs are left as they were) instead of the process
-    dying on the spot. A signal the tool was started ignoring (SIGHUP under `nohup`) stays
-    ignored; outside the main thread nothing changes."""
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
+def start_run() -> None:
+    """A tool's run begins: nothing is in place yet."""
     _state["published"] = False
-    old = {}
-    for sig in STOP_SIGNALS:
-        try:
-            if signal.getsignal(sig) is signal.SIG_IGN:
-                continue
-            old[sig] = signal.signal(sig, interrupt)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def mark_published() -> None:
@@ -40,7 +14,7 @@ def mark_published() -> None:
 
 
 def interrupted_line(stop: BaseException) -> str:
-    """The one line a tool prints when a stop signal or Ctrl-C ended it."""
+    """The one line a tool prints when Ctrl-C ended it (its cleanup has run: `finally`)."""
     why = str(stop) or "SIGINT"
     if _state["published"]:
         return (f"error: interrupted ({why}) after the outputs were in place (they are "

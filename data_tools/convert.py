@@ -43,8 +43,7 @@ import warnings
 from dataclasses import asdict
 from typing import Iterator, List, Optional
 
-from data_tools import (EXIT_INTERRUPTED, interrupted_line, mark_published,
-                        stop_signals_interrupt)
+from data_tools import EXIT_INTERRUPTED, interrupted_line, mark_published, start_run
 from framework.paths import inside, unwritable_dir
 
 EXIT_BAD_INPUT = 2
@@ -623,9 +622,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from framework.config import ConfigError
 
     _quiet()
+    start_run()
     try:
-        with stop_signals_interrupt():
-            run(args)
+        run(args)
     except KeyboardInterrupt as stop:
         print(interrupted_line(stop), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

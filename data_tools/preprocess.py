@@ -35,8 +35,7 @@ from typing import Iterator, List, Optional
 
 import numpy
 
-from data_tools import (EXIT_INTERRUPTED, interrupted_line, mark_published,
-                        stop_signals_interrupt)
+from data_tools import EXIT_INTERRUPTED, interrupted_line, mark_published, start_run
 from framework.config import ConfigError, TokenizerConfig
 from framework.paths import unwritable_dir
 
@@ -459,9 +458,9 @@ def run(args: argparse.Namespace) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    start_run()
     try:
-        with stop_signals_interrupt():
-            prefixes = run(args)
+        prefixes = run(args)
     except KeyboardInterrupt as stop:
         print(interrupted_line(stop), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

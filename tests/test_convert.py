@@ -527,8 +527,8 @@ def test_allow_pickle_without_effect_is_refused(work, tmp_path, capsys):
 
 
 def test_an_interrupt_between_the_publish_renames_puts_the_old_save_back(tmp_path, monkeypatch):
-    """publish() moves --save aside, then the new directory into place: an interrupt (SIGTERM now
-    raises KeyboardInterrupt in the tools) between the two renames left no --save at all."""
+    """publish() moves --save aside, then the new directory into place: a Ctrl-C between the two
+    renames left no --save at all."""
     save, new = tmp_path / "save", tmp_path / "new"
     save.mkdir()
     (save / "old.txt").write_text("old")
@@ -538,7 +538,7 @@ def test_an_interrupt_between_the_publish_renames_puts_the_old_save_back(tmp_pat
     def replace(src, dst):
         calls.append((src, dst))
         if len(calls) == 2:
-            raise KeyboardInterrupt("SIGTERM")
+            raise KeyboardInterrupt
         return real(src, dst)
 
     monkeypatch.setattr(convert.os, "replace", replace)
