@@ -271,7 +271,10 @@ def test_ctrl_c_removes_the_staging_files_and_keeps_earlier_outputs(work, capsys
     big.write_text(line * 40000)
     p = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", "--input", str(big),
                           "--tokenizer", str(work / "tok"), "--output-prefix", str(out / "p"),
-                          "--workers", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                          "--workers", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         # a background job (CI under nohup) starts with SIGINT ignored, which
+                         # Python then keeps: give the tool Ctrl-C as a terminal would
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None and \
             not [n for n in os.listdir(out) if n.startswith(".preprocess")]:
