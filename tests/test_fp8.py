@@ -1073,3 +1073,70 @@ for tile in ((32, 128, 4), (128, 32, 8), (16, 256, 2)):
 print("ok")
 """)
     assert "ok" in out
+
+
+def test_cast_kernel_column_sums_interpreted():
+    """The cast kernel's column sums (`SUMS`: a linear's bias gradient made in its output
+    gradient's cast, one fp32 partial sum per row block) under Triton's interpreter, on a shape
+    no tile divides, with and without a delayed history: the FP8 bits, scale and recorded amax
+    are those of the cast without sums, and the partials sum to the fp32 column sums of the input
+    within fp32 rounding at every tile."""
+    from helpers import interpret_triton
+
+    out = interpret_triton("""
+import torch
+from framework.fast import fp8
+g = torch.Generator().manual_seed(5)
+M, K = 77, 144
+dy = (torch.randn(M, K, generator=g) * 0.01).bfloat16()
+want = dy.float().sum(0)
+
+def cast(tile, sums, delayed):
+    bm, bk, _ = tile
+    grid = ((M + bm - 1) // bm, (K + bk - 1) // bk)
+    hist = torch.zeros(fp8.HISTORY + 1)
+    hist[0] = 0.03
+    amax = hist if delayed else fp8.amax_of(dy).reshape(1)
+    q, qt = torch.empty(M, K, dtype=fp8.E5M2), torch.empty(K, M, dtype=fp8.E5M2)
+    inv = torch.empty(())
+    part = torch.full((grid[0], K), float("nan"))
+    fp8._cast_kernel[grid](dy, amax, q, qt, inv, hist[fp8.HISTORY:], inv, M, K, dy.stride(0),
+                           EMAX_=fp8.EMAX[fp8.E5M2], MODE=0, ROWS=True, COLS=True, BM=bm, BK=bk,
+                           NPARTS=fp8.HISTORY if delayed else 1, DELAYED=delayed, ACT=0,
+                           HAS_BIAS=False, **(dict(sums_ptr=part, SUMS=True) if sums else {}))
+    return (q.view(torch.uint8), qt.view(torch.uint8), inv, hist[fp8.HISTORY].clone()), part
+
+for delayed in (True, False):
+    ref, _ = cast(fp8.TILES["cast"], False, delayed)
+    for tile in (fp8.TILES["cast"], (32, 128, 4), (128, 32, 8), (16, 256, 2)):
+        got, part = cast(tile, True, delayed)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), (tile, delayed)
+        assert not part.isnan().any(), tile
+        assert torch.allclose(part.sum(0), want, rtol=1e-5, atol=1e-7), tile
+print("ok")
+""")
+    assert "ok" in out
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_linear_bias_gradient_comes_from_the_output_gradient_cast(recipe, monkeypatch):
+    """A one-scale recipe's bias gradient is the column sums its output-gradient cast makes
+    (`cast(..., sums_out=...)`), not a second pass over dy, and equals dy.sum(0)."""
+    x, w, b, dy = _perturbed_case(2)
+    meta = _delayed_layer()[1] if recipe == "delayed" else None
+    seen = []
+    real = fp8.cast
+
+    def spy(*args, **kw):
+        seen.append(kw.get("sums_out") is not None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fp8, "cast", spy)
+    xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+    y = fp8.fp8_linear(xx, ww, bb, recipe, "column", False, False, False, None, meta)
+    n_fwd = len(seen)
+    monkeypatch.setattr(torch.Tensor, "sum", lambda *a, **k: pytest.fail("dy.sum in backward"))
+    y.backward(dy)
+    monkeypatch.undo()
+    assert seen[n_fwd:] == [True] and not any(seen[:n_fwd]), seen
+    torch.testing.assert_close(bb.grad, dy.sum(0), rtol=1e-6, atol=1e-5)

@@ -261,16 +261,22 @@ if triton is not None:
                      stride_m, EMAX_: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
                      COLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                      NPARTS: tl.constexpr, DELAYED: tl.constexpr, ACT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, TRANS: tl.constexpr = True):
+                     HAS_BIAS: tl.constexpr, TRANS: tl.constexpr = True, sums_ptr=None,
+                     SUMS: tl.constexpr = False):
         # one [BM, BK] tile of x [M, K]; MODE 0: one scale (amax_ptr: NPARTS partial maxima),
         # 1: per row, 2: per column. ROWS writes q [M, K], COLS writes qt = q^T [K, M].
         # DELAYED (MODE 0; amax_ptr: an amax history): saturate at the format's max, and max the
         # tile's finite amax into amax_out_ptr.
         # ACT: the tensor cast is an MLP activation of what x_ptr holds, computed here in fp32:
         # 0 none; 1 tanh-GeLU of x (+ the bias b_ptr [K] with HAS_BIAS)
+        # SUMS (ACT 0): the tile's column sums of x in fp32 into sums_ptr[pid_m, :] (a layer's
+        # bias gradient from its output gradient, summed over the row blocks afterwards in a
+        # fixed order: no atomics, so runs repeat bit for bit)
         pid_m, pid_k, rm, rk, mm, mk, mask = _tile(M, K, BM, BK)
         xp = x_ptr + rm[:, None].to(tl.int64) * stride_m + rk[None, :]
         x = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        if SUMS:  # masked-out elements loaded as 0
+            tl.store(sums_ptr + pid_m.to(tl.int64) * K + rk, tl.sum(x, axis=0), mask=mk)
         if HAS_BIAS:
             x = x + tl.load(b_ptr + rk, mask=mk, other=0.0).to(tl.float32)[None, :]
         if ACT == 1:  # x * (1 + tanh(z)) / 2 = x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
@@ -367,7 +373,8 @@ if triton is not None:
 def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional[int],
          rows: bool = True, cols: bool = False, amax_out: Optional[torch.Tensor] = None,
          act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None,
-         _trans: bool = True, tile: Optional[Tuple[int, int, int]] = None):
+         _trans: bool = True, tile: Optional[Tuple[int, int, int]] = None,
+         sums_out: Optional[torch.Tensor] = None):
     """Quantise a 2-D x with the scales of `amax` (see `quantise_ref` for axis). Returns
     (x8 [m, k] or None, x8^T [k, m] or None, inv_scale). One Triton pass on CUDA; torch's
     reference (same bits) elsewhere. `amax_out` (one scale, `amax` a delayed history): the
@@ -376,9 +383,14 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
     in fp32 (never stored in x's dtype). `_trans=False` (GPU tests): the kernel stores the
     transposed output through transposed addresses instead of `tl.trans`. `tile`: the Triton
     program's (rows, columns, warps), default `cast_tiles()["cast"]`; the bits do not depend
-    on it."""
+    on it. `sums_out` (no `act`): a [k] fp32 tensor that receives x's column sums, from the same
+    pass over x (a linear's bias gradient from its output gradient: one fp32 partial sum per row
+    block, then their sum in a fixed order; the order, not the value, depends on the tile)."""
     assert act is None or (amax_out is not None and act in ACTS), act
+    assert sums_out is None or act is None
     if not (triton is not None and x.is_cuda):
+        if sums_out is not None:
+            torch.sum(x.float(), 0, out=sums_out)
         if act is not None:
             x = act_ref(x, act_bias, act)
         q, inv = quantise_ref(x, amax, dtype, axis, saturate=amax_out is not None)
@@ -390,7 +402,7 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
         # store forms; its rows were exact: tests/test_gpu_fp8.py,
         # test_cast_transpose_by_input_dtype): the rows, then torch's transpose
         q, _, inv = cast(x, amax, dtype, axis, True, False, amax_out, act, act_bias, _trans,
-                         tile)
+                         tile, sums_out)
         return (q if rows else None), q.t().contiguous(), inv
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
@@ -405,20 +417,27 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
     delayed = amax_out is not None
     assert not delayed or axis is None
     has_bias = act is not None and act_bias is not None
+    part = None if sums_out is None else torch.empty((grid[0], k), dtype=torch.float32,
+                                                     device=x.device)
     _cast_kernel[grid](x, amax, out, qt if qt is not None else out, inv,
                        amax_out if delayed else inv, act_bias if has_bias else inv, m, k,
                        x.stride(0), EMAX_=EMAX[dtype], MODE=mode, ROWS=rows, COLS=cols,
                        BM=bm, BK=bk, NPARTS=amax.numel() if axis is None else 1,
                        DELAYED=delayed, ACT=ACTS.index(act) + 1 if act else 0,
-                       HAS_BIAS=has_bias, TRANS=_trans, num_warps=warps)
+                       HAS_BIAS=has_bias, TRANS=_trans, sums_ptr=part if part is not None
+                       else inv, SUMS=part is not None, num_warps=warps)
+    if part is not None:
+        torch.sum(part, 0, out=sums_out)
     return q, qt, inv
 
 
 def cast_tensorwise(x: torch.Tensor, dtype: torch.dtype, group=None, rows: bool = True,
-                    cols: bool = False):
+                    cols: bool = False, sums_out: Optional[torch.Tensor] = None):
     """One scale for the whole 2-D x, its amax all-reduced over `group` (the TP group, where
-    x is one rank's shard of a tensor split over ranks; None otherwise)."""
-    return cast(x, _reduce_max(amax_of(x), group, partials=True), dtype, None, rows, cols)
+    x is one rank's shard of a tensor split over ranks; None otherwise). `sums_out`: as
+    `cast`'s."""
+    return cast(x, _reduce_max(amax_of(x), group, partials=True), dtype, None, rows, cols,
+                sums_out=sums_out)
 
 
 class Fp8Meta:
@@ -437,12 +456,14 @@ class Fp8Meta:
 
 def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, group=None,
                  rows: bool = True, cols: bool = False, act: Optional[str] = None,
-                 act_bias: Optional[torch.Tensor] = None):
+                 act_bias: Optional[torch.Tensor] = None,
+                 sums_out: Optional[torch.Tensor] = None):
     """One scale for the whole 2-D x from the max of its amax history (`meta.rows[role]`), with
     x's own amax recorded for the next steps. A first cast (no history) scales by x's current
     amax, all-reduced over `group` as `cast_tensorwise` does, and fills the history with it.
     (Later amaxes are all-reduced once per step, in `Fp8History.step`.) `act`: cast the MLP
-    activation `act_ref(x, act_bias, act)` instead of x (see `cast`)."""
+    activation `act_ref(x, act_bias, act)` instead of x (see `cast`). `sums_out`: as
+    `cast`'s."""
     hist = meta.rows[role]
     if not meta.primed[role]:
         if act is not None:
@@ -459,9 +480,9 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
         fin = _reduce_max(finite_amax(x).reshape(1), group).reshape(())
         hist.copy_(torch.where(a.isfinite(), a, fin).expand(HISTORY + 1))
         meta.primed[role] = True
-        return cast(x, amax, dtype, None, rows, cols)
+        return cast(x, amax, dtype, None, rows, cols, sums_out=sums_out)
     return cast(x, hist[:HISTORY], dtype, None, rows, cols, amax_out=hist[HISTORY:], act=act,
-                act_bias=act_bias)
+                act_bias=act_bias, sums_out=sums_out)
 
 
 def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
@@ -515,12 +536,13 @@ def _take_dy_cast(meta: Optional["Fp8Meta"], dy2: torch.Tensor):
 
 
 def _cast_per_tensor(recipe: str, x: torch.Tensor, dtype: torch.dtype, meta: Optional[Fp8Meta],
-                     role: int, group, cols: bool):
+                     role: int, group, cols: bool, sums_out: Optional[torch.Tensor] = None):
     """The one-scale recipes' cast of x (and its transpose with `cols`): from its current amax
-    (tensorwise) or its amax history (delayed; `meta`'s row `role`)."""
+    (tensorwise) or its amax history (delayed; `meta`'s row `role`). `sums_out`: as `cast`'s."""
     if recipe == "delayed":
-        return cast_delayed(x, dtype, meta, role, group, rows=True, cols=cols)
-    return cast_tensorwise(x, dtype, group, rows=True, cols=cols)
+        return cast_delayed(x, dtype, meta, role, group, rows=True, cols=cols,
+                            sums_out=sums_out)
+    return cast_tensorwise(x, dtype, group, rows=True, cols=cols, sums_out=sums_out)
 
 
 class Fp8History:
@@ -727,8 +749,12 @@ class _Fp8Linear(torch.autograd.Function):
             # on every rank for a row-parallel one; an MLP's fc1 may find it cast already, by
             # fc2's activation backward
             kept = _take_dy_cast(ctx.meta, dy2) if ctx.recipe == "delayed" else None
+            # the bias gradient (dy's column sums) from the cast's own pass over dy
+            sums = torch.empty(dy2.shape[1], dtype=torch.float32, device=dy2.device) \
+                if ctx.use_bias and kept is None else None
             dy8, dy8t, dy_inv = kept or _cast_per_tensor(
-                ctx.recipe, dy2, E5M2, ctx.meta, DY, tp if mode == "column" else None, cols=True)
+                ctx.recipe, dy2, E5M2, ctx.meta, DY, tp if mode == "column" else None, cols=True,
+                sums_out=sums)
             dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
             dx, handle = _dgrad_comm(ctx, dx)
             x8t = _gather(xs, tp).t().contiguous() if sp else xs
@@ -747,6 +773,7 @@ class _Fp8Linear(torch.autograd.Function):
             else:
                 dw = mm8(dy8t, dy_inv, x8t, x_inv, w_dtype or weight.dtype)
         else:
+            sums = None
             x2, weight = ctx.saved_tensors
             # dgrad reduces over N: split over ranks for a column-parallel layer
             ngroup = tp if mode == "column" else None
@@ -760,7 +787,8 @@ class _Fp8Linear(torch.autograd.Function):
             xt8, xt_inv = cast_rowwise(x_full, E4M3, 0)
             dw = mm8(dyt8, dyt_inv, xt8, xt_inv, w_dtype or weight.dtype)
         grad_weight = _accumulate_wgrad(ctx, weight, dw) if fused else dw
-        grad_bias = dy2.sum(0) if ctx.use_bias else None
+        grad_bias = None if not ctx.use_bias else \
+            dy2.sum(0) if sums is None else sums.to(dy2.dtype)
         if handle is not None:
             handle.wait()
         grad_act_bias = None
