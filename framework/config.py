@@ -1358,11 +1358,19 @@ class Config:
                 f"ALiBi kernel): `model.alibi_kernel=auto` works here")
 
 
+def _nested_schema(t: Any) -> Optional[type]:
+    """The dataclass a field of type `t` holds (Optional unwrapped), or None."""
+    import dataclasses
+    import typing
+
+    args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+    return next((a for a in args if dataclasses.is_dataclass(a)), None)
+
+
 def check_unknown_keys(node: Any, cls: type = None, prefix: str = "", root: type = None) -> None:
     """Refuse keys that no schema field declares (Hydra's `+key=` bypasses struct mode), in
     `node` and every nested group (Optional ones included). `cls`: the schema of `node`
     (default Config); `root`: the top schema, whose keys the "did you mean" draws from."""
-    import dataclasses
     import typing
 
     cls = cls or Config
@@ -1373,9 +1381,7 @@ def check_unknown_keys(node: Any, cls: type = None, prefix: str = "", root: type
         if key not in known:
             raise ConfigError(f"unknown config key {prefix}{key} ({cls.__name__} has no such "
                               f"field){did_you_mean(f'{prefix}{key}', schema_keys(root))}")
-        t = hints.get(key)
-        args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
-        sub = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        sub = _nested_schema(hints.get(key))
         value = node[key]
         if sub is not None and value is not None and hasattr(value, "keys"):
             check_unknown_keys(value, sub, f"{prefix}{key}.", root)
@@ -1383,16 +1389,13 @@ def check_unknown_keys(node: Any, cls: type = None, prefix: str = "", root: type
 
 def schema_keys(cls: type, prefix: str = "") -> List[str]:
     """Every dotted key of a schema dataclass (nested dataclasses included, Optional unwrapped)."""
-    import dataclasses
     import typing
 
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
         out.append(prefix + f.name)
-        t = hints.get(f.name)
-        args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
-        sub = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        sub = _nested_schema(hints.get(f.name))
         if sub is not None:
             out.extend(schema_keys(sub, f"{prefix}{f.name}."))
     return out

@@ -53,6 +53,13 @@ def file_lock(path: str, what: str, *, poll_s: float = 2.0, wait_s: float = 900.
 RUN_LOCK = ".run.lock"
 
 
+def _dead_holder(holder: str, host: str) -> bool:
+    """Whether a lock file's line ('pid <n> on <host> since ...') names a process of `host`
+    that no longer exists."""
+    m = re.match(r"pid (\d+) on (\S+) ", holder)
+    return m is not None and m.group(2) == host and not _alive(int(m.group(1)))
+
+
 def _flock_or_wait_for_the_dead(fd: int, host: str, wait_s: float = 30.0) -> None:
     """flock `fd` at once, or raise BlockingIOError. A lock whose recorded holder is a process of
     this host that no longer exists is held by its forked children (DataLoader workers share the
@@ -65,8 +72,7 @@ def _flock_or_wait_for_the_dead(fd: int, host: str, wait_s: float = 30.0) -> Non
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            m = re.match(r"pid (\d+) on (\S+) ", os.pread(fd, 200, 0).decode(errors="replace"))
-            if m is None or m.group(2) != host or _alive(int(m.group(1))) or \
+            if not _dead_holder(os.pread(fd, 200, 0).decode(errors="replace"), host) or \
                     time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
@@ -133,8 +139,7 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
             _flock_or_wait_for_the_dead(fd, socket.gethostname())
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            m = re.match(r"pid (\d+) on (\S+) ", holder)
-            if m and m.group(2) == socket.gethostname() and not _alive(int(m.group(1))):
+            if _dead_holder(holder, socket.gethostname()):
                 # the run is gone; what it started still holds the lock (a stuck child)
                 left = _holders(fd) or ["none found: see `fuser -v " + path + "`"]
                 raise ConfigError(

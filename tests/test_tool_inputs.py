@@ -441,10 +441,12 @@ def _hf_config_reader(family):
                                         ("llama", "num_key_value_heads"), ("llama", "head_dim"),
                                         ("t5", "d_ff"), ("t5", "n_positions"),
                                         ("megatron-bert", "vocab_size")])
-@pytest.mark.parametrize("value", [None, "12a", 1.5, True, "missing"])
+@pytest.mark.parametrize("value", [None, "12a", "12", 1.5, True, float("nan"), float("inf"),
+                                   "missing"])
 def test_hf_config_integer_fields_name_the_key(family, key, value):
-    """A config.json integer field that is null, text, fractional, a bool or missing: one line
-    naming the key and what it holds (it was "lacks a valid int() argument must be ...")."""
+    """A config.json integer field that is null, text (even "12", which int() took), fractional,
+    a bool, NaN or Infinity (JSON as Python writes it), or missing: one line naming the key and
+    what it holds (it was "lacks a valid int() argument must be ...")."""
     from framework.errors import InteropError
 
     base, convert = _hf_config_reader(family)
@@ -484,11 +486,12 @@ def test_vocab_multiple_is_bounded(hf_models, tmp_path, capsys):
                                          ("llama", "attention_dropout"),
                                          ("t5", "dropout_rate"), ("t5", "layer_norm_epsilon"),
                                          ("megatron-bert", "layer_norm_eps")])
-@pytest.mark.parametrize("value", [None, "abc", True])
+@pytest.mark.parametrize("value", [None, "abc", True, float("nan"), float("-inf")])
 def test_hf_config_number_fields_name_the_key(family, key, value):
-    """A config.json number field (epsilon, dropout, init std, rope theta) that is null, text or a
-    bool: one line naming the key and what it holds (it was a ValueError or TypeError traceback
-    from float(), e.g. "could not convert string to float: 'abc'")."""
+    """A config.json number field (epsilon, dropout, init std, rope theta) that is null, text, a
+    bool, NaN or Infinity: one line naming the key and what it holds (it was a ValueError or
+    TypeError traceback from float(), e.g. "could not convert string to float: 'abc'"; NaN and
+    Infinity were taken as they were)."""
     from framework.errors import InteropError
 
     base, convert = _hf_config_reader(family)

@@ -19,6 +19,7 @@ depend on the family lives here:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional,
@@ -133,21 +134,28 @@ def output_layer_rule(hf_embedding: str, tied: bool) -> Rule:
 Check = Tuple[bool, str]  # (holds, what to report when it does not)
 
 
+def _hf_number(hf: Dict[str, Any], key: str, what: str, integer: bool):
+    """`hf[key]` as a finite number (an integer with `integer`): JSON null, text, a boolean, inf
+    or NaN, or a fraction for an integer field, is an InteropError naming the key and what it
+    holds."""
+    value = hf.get(key)
+    if value is not None and not isinstance(value, (bool, str)):
+        try:
+            number = float(value)
+            if math.isfinite(number) and (not integer or number == int(number)):
+                return int(number) if integer else number
+        except (TypeError, ValueError, OverflowError):
+            pass
+    held = "missing" if key not in hf else json_value(value)
+    raise InteropError(f"{what} config: {key} is {held}, not "
+                       f"{'an integer' if integer else 'a number'}")
+
+
 def hf_ints(hf: Dict[str, Any], keys: Iterable[str], what: str) -> List[int]:
     """The integer fields `keys` of an HF config dict, in order; a missing, null or non-integer
     one is an InteropError naming the key and what it holds (e.g. "gpt2 config: n_layer is
     null, not an integer")."""
-    out = []
-    for key in keys:
-        value = hf.get(key)
-        try:
-            if value is None or isinstance(value, bool) or int(value) != float(value):
-                raise ValueError
-            out.append(int(value))
-        except (TypeError, ValueError):
-            held = "missing" if key not in hf else f"{json_value(value)}"
-            raise InteropError(f"{what} config: {key} is {held}, not an integer") from None
-    return out
+    return [_hf_number(hf, key, what, integer=True) for key in keys]
 
 
 REQUIRED = object()
@@ -155,18 +163,11 @@ REQUIRED = object()
 
 def hf_float(hf: Dict[str, Any], key: str, default: Any, what: str) -> float:
     """The number field `key` of an HF config dict (`default` when missing; required when
-    `default` is `REQUIRED`); null, text or a boolean is an InteropError naming the key
-    and what it holds (e.g. "gpt2 config: layer_norm_epsilon is "abc", not a number")."""
+    `default` is `REQUIRED`); null, text, a boolean, inf or NaN is an InteropError naming the
+    key and what it holds (e.g. "gpt2 config: layer_norm_epsilon is "abc", not a number")."""
     if key not in hf and default is not REQUIRED:
         return float(default)
-    value = hf.get(key)
-    try:
-        if value is None or isinstance(value, (bool, str)):
-            raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
-        held = "missing" if key not in hf else f"{json_value(value)}"
-        raise InteropError(f"{what} config: {key} is {held}, not a number") from None
+    return _hf_number(hf, key, what, integer=False)
 
 
 def json_value(value: Any) -> str:
