@@ -63,11 +63,16 @@ def test_a_forked_child_dies_with_the_trainer(tmp_path, install):
 
 
 THREAD = textwrap.dedent("""
-    import multiprocessing as mp, os, sys, threading, time
+    import ctypes, multiprocessing as mp, os, sys, threading, time
     sys.path.insert(0, {root!r})
     from framework.orphans import forks_die_with_this_process
 
     def child(path):
+        # the death signal the child was given (prctl PR_GET_PDEATHSIG = 2): the kernel's own
+        # record, whatever this kernel does when the forking thread ends
+        sig = ctypes.c_int(-1)
+        ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)
+        print("pdeathsig", sig.value, flush=True)
         with open(path, "w") as f:
             f.write(str(os.getpid()))
         time.sleep(3)
@@ -89,8 +94,9 @@ THREAD = textwrap.dedent("""
 def test_a_child_forked_from_another_thread_outlives_that_thread(tmp_path):
     """(On Linux the death signal follows the forking thread's exit; a review showed such a
     child killed with the hook applied to every thread. Some sandboxed kernels send it only when
-    the whole process dies, where this passes either way.)"""
+    the whole process dies, so the child also reports the death signal it was given: none.)"""
     r = subprocess.run([sys.executable, "-c", THREAD.format(root=ROOT,
                                                             path=str(tmp_path / "p"))],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "exit 0" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "pdeathsig 0" in r.stdout, r.stdout
