@@ -9,8 +9,8 @@ model.fp8_fused_act=true model.fp8_fused_act_backward=true`), at the model's sha
   layouts), fc2's input made from fc1's output by the fused activation ([tokens, ffn]), and the
   four weights (both layouts);
 * backward: the output-gradient casts of fc2, the attention projection and QKV (e5m2, both
-  layouts) and the activation backward fused with fc1's output-gradient cast
-  (`_act_bwd_cast_kernel`),
+  layouts; QKV's with the column sums that make its bias gradient) and the activation backward
+  fused with fc1's output-gradient cast (`_act_bwd_cast_kernel`),
 each tile (rows x columns x warps) of a grid is timed with CUDA events (median of 3 replays of
 one CUDA graph holding 40 launches, after warm-up; training runs the casts in per-layer graphs
 too), and its outputs are checked against the default tile's: FP8 bits of
@@ -41,8 +41,9 @@ GRID = [(bm, bk, w) for bm, bk in itertools.product((32, 64, 128), (32, 64, 128,
 
 def casts(hidden: int, ffn: int, tokens: int):
     """(name, kernel, rows, columns, input kind) of one layer's casts per step, forward then
-    backward. Input kind: x (bf16 activation or gradient), w (weight), act (fc1's output, cast
-    through the activation), act_bwd (the activation backward)."""
+    backward. Input kind: x (bf16 activation), w (weight), dy (output gradient), dy_bias (an
+    output gradient whose column sums the cast also makes: QKV's bias gradient), act (fc1's
+    output, cast through the activation), act_bwd (the activation backward)."""
     return [
         ("fwd qkv input", "cast", tokens, hidden, "x"),
         ("fwd proj input", "cast", tokens, hidden, "x"),
@@ -54,7 +55,7 @@ def casts(hidden: int, ffn: int, tokens: int):
         ("fwd fc2 weight", "cast", hidden, ffn, "w"),
         ("bwd fc2 output grad", "cast", tokens, hidden, "dy"),
         ("bwd proj output grad", "cast", tokens, hidden, "dy"),
-        ("bwd qkv output grad", "cast", tokens, 3 * hidden, "dy"),
+        ("bwd qkv output grad (+ its bias gradient)", "cast", tokens, 3 * hidden, "dy_bias"),
         ("bwd activation + fc1 output grad", "act_bwd", tokens, ffn, "act_bwd"),
     ]
 
@@ -62,7 +63,7 @@ def casts(hidden: int, ffn: int, tokens: int):
 def bytes_moved(m: int, k: int, kind: str) -> int:
     """What the cast must read and write: bf16 in, FP8 rows and transpose out; the activation
     backward reads fc1's output and the activation's gradient and writes dh (bf16) besides."""
-    return m * k * (2 * 2 + 1 + 1 + 2) if kind == "act_bwd" else m * k * (2 + 1 + 1)
+    return m * k * (2 * 2 + 1 + 1 + 2) if kind == "act_bwd" else m * k * (2 + 1 + 1)  # (sums: ~0)
 
 
 def main():
@@ -118,10 +119,10 @@ def main():
 
     results = []
     for name, kernel, m, k, kind in casts(shape.hidden, shape.ffn, tokens):
-        scale = 0.02 if kind == "w" else (0.01 if kind in ("dy", "act_bwd") else 1.0)
+        scale = 0.02 if kind == "w" else (0.01 if kind in ("dy", "dy_bias", "act_bwd") else 1.0)
         x = (torch.randn(m, k, device=dev, generator=g) * scale).to(torch.bfloat16)
         bias = (torch.randn(k, device=dev, generator=g) * 0.1).to(torch.bfloat16)
-        dtype = fp8.E5M2 if kind in ("dy", "act_bwd") else fp8.E4M3
+        dtype = fp8.E5M2 if kind in ("dy", "dy_bias", "act_bwd") else fp8.E4M3
         # the amax histories each launch starts from (copied on the device: no host sync in
         # the timed loop)
         if kind == "act_bwd":
@@ -141,13 +142,16 @@ def main():
             hist0 = torch.zeros(fp8.HISTORY + 1, device=dev)
             hist0[0] = x.float().abs().max() * 1.5 + 1e-3
 
-            def run(tile, x=x, bias=bias, act=act, dtype=dtype, hist0=hist0):
+            def run(tile, x=x, bias=bias, act=act, dtype=dtype, hist0=hist0, kind=kind):
                 hist = hist0.clone()
+                sums = torch.empty(x.shape[1], device=x.device) if kind == "dy_bias" else None
                 q, qt, inv = fp8.cast(x, hist[:fp8.HISTORY], dtype, None, True, True,
                                       amax_out=hist[fp8.HISTORY:], act=act,
-                                      act_bias=bias if act else None, tile=tile)
+                                      act_bias=bias if act else None, tile=tile, sums_out=sums)
                 return (q.view(torch.uint8), qt.view(torch.uint8), inv,
-                        hist[fp8.HISTORY].clone()), None
+                        hist[fp8.HISTORY].clone()), sums
+            if kind == "dy_bias":  # what the cast's column sums replace: a pass of its own
+                separate_ms = timed(lambda x=x: x.sum(0))
         ref, ref_extra = run(fp8.TILES[kernel])
         rows = []
         for tile in GRID:
@@ -196,11 +200,14 @@ def main():
           f"{after:.3f} ms; x {shape.layers} layers: {before * shape.layers:.1f} -> "
           f"{after * shape.layers:.1f} ms a step ({(before - after) * shape.layers:.1f} ms less)")
     print(f"FP8_CAST_TILES={env}")
+    print(f"the QKV bias gradient as a pass of its own (dy.sum(0), before the cast made it): "
+          f"{separate_ms * 1e3:.1f} us a layer, {separate_ms * shape.layers:.2f} ms a step")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"model": a.model, "tokens": tokens, "card": card,
                        "torch": torch.__version__, "default_tiles": fp8.TILES,
-                       "casts": results, "per_kernel": summary, "env": env}, f, indent=1)
+                       "casts": results, "per_kernel": summary, "env": env,
+                       "separate_bias_grad_ms_per_layer": separate_ms}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1120,23 +1120,30 @@ print("ok")
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 def test_linear_bias_gradient_comes_from_the_output_gradient_cast(recipe, monkeypatch):
-    """A one-scale recipe's bias gradient is the column sums its output-gradient cast makes
-    (`cast(..., sums_out=...)`), not a second pass over dy, and equals dy.sum(0)."""
+    """A one-scale recipe's bias gradient is routed through its output-gradient cast
+    (`cast(..., sums_out=...)`: on the GPU the column sums of the cast's own pass over dy), with
+    no `dy.sum` in the backward, and equals dy.sum(0); delayed: on its first (unprimed) cast
+    and on a later step's cast from the history."""
     x, w, b, dy = _perturbed_case(2)
-    meta = _delayed_layer()[1] if recipe == "delayed" else None
-    seen = []
+    history, meta = _delayed_layer() if recipe == "delayed" else (None, None)
     real = fp8.cast
+    for step in range(2):
+        seen = []
 
-    def spy(*args, **kw):
-        seen.append(kw.get("sums_out") is not None)
-        return real(*args, **kw)
+        def spy(*args, **kw):
+            seen.append(kw.get("sums_out") is not None)
+            return real(*args, **kw)
 
-    monkeypatch.setattr(fp8, "cast", spy)
-    xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
-    y = fp8.fp8_linear(xx, ww, bb, recipe, "column", False, False, False, None, meta)
-    n_fwd = len(seen)
-    monkeypatch.setattr(torch.Tensor, "sum", lambda *a, **k: pytest.fail("dy.sum in backward"))
-    y.backward(dy)
-    monkeypatch.undo()
-    assert seen[n_fwd:] == [True] and not any(seen[:n_fwd]), seen
-    torch.testing.assert_close(bb.grad, dy.sum(0), rtol=1e-6, atol=1e-5)
+        monkeypatch.setattr(fp8, "cast", spy)
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fp8.fp8_linear(xx, ww, bb, recipe, "column", False, False, False, None, meta)
+        n_fwd = len(seen)
+        monkeypatch.setattr(torch.Tensor, "sum",
+                            lambda *a, **k: pytest.fail("dy.sum in backward"))
+        y.backward(dy)
+        monkeypatch.undo()
+        assert seen[n_fwd:] == [True] and not any(seen[:n_fwd]), (step, seen)
+        torch.testing.assert_close(bb.grad, dy.sum(0), rtol=1e-6, atol=1e-5)
+        if history is not None:
+            assert all(meta.primed)
+            history.step()

@@ -115,41 +115,43 @@ def test_delayed_cast_matches_reference_bits(dtype):
 
 def test_cast_column_sums_on_gpu():
     """The output-gradient cast's column sums (a linear's bias gradient, `cast(sums_out=)`),
-    compiled, at gpt2-xl's QKV output-gradient shape and an odd one, delayed and current
-    scaling, at the default and two other tiles: the FP8 bits and scale are the cast's without
+    compiled, at gpt2-xl's QKV output-gradient shape and an odd one, in bf16 and fp32 (fp32 with
+    both layouts goes through `cast`'s rows-then-transpose path), delayed and current scaling, at
+    the default and two other tiles: the FP8 bits, scale and recorded amax are the cast's without
     sums, and the sums equal the float64 column sums within fp32 summation error (the bf16
     gradient they become: within one bf16 rounding of the float64 sum)."""
     g = torch.Generator(device="cuda").manual_seed(4)
-    for m, k in ((16384, 4800), (77, 130)):
+    for m, k, src in ((16384, 4800, torch.bfloat16), (77, 130, torch.bfloat16),
+                      (1000, 320, torch.float32)):
         worst = 0.0
-        dy = (torch.randn(m, k, device="cuda", generator=g) * 1e-3).bfloat16()
+        dy = (torch.randn(m, k, device="cuda", generator=g) * 1e-3).to(src)
         want = dy.double().sum(0)
+        # fp32 summation (tree sums of one tile's rows, then of the row blocks): with these
+        # random signs far within 2^-16 of the sum of |dy| (a strict worst case is near 2^-15)
+        slack = dy.double().abs().sum(0) * 2.0 ** -16 + 1e-30
         for delayed in (True, False):
             for tile in (fp8.TILES["cast"], (128, 64, 8), (32, 128, 4)):
                 hist = torch.zeros(fp8.HISTORY + 1, device="cuda")
                 hist[0] = 5e-3
-                amax = hist[:fp8.HISTORY] if delayed else fp8.amax_of(dy)
-                out = hist[fp8.HISTORY:] if delayed else None
-                sums = torch.empty(k, device="cuda")
-                q, qt, inv = fp8.cast(dy, amax, fp8.E5M2, None, True, True, amax_out=out,
-                                      tile=tile, sums_out=sums)
                 hist2 = hist.clone()
-                hist2[fp8.HISTORY] = 0
+                amax = hist[:fp8.HISTORY] if delayed else fp8.amax_of(dy)
+                sums = torch.empty(k, device="cuda")
+                q, qt, inv = fp8.cast(dy, amax, fp8.E5M2, None, True, True,
+                                      amax_out=hist[fp8.HISTORY:] if delayed else None,
+                                      tile=tile, sums_out=sums)
                 q2, qt2, inv2 = fp8.cast(dy, hist2[:fp8.HISTORY] if delayed else amax,
                                          fp8.E5M2, None, True, True,
                                          amax_out=hist2[fp8.HISTORY:] if delayed else None,
                                          tile=tile)
                 assert torch.equal(_bits(q), _bits(q2)) and torch.equal(_bits(qt), _bits(qt2))
-                assert torch.equal(inv, inv2), (m, k, tile)
-                # fp32 summation (tree sums of one tile's rows, then of the row blocks): far
-                # within 2^-16 of the sum of |dy|
-                slack = dy.double().abs().sum(0) * 2.0 ** -16 + 1e-30
+                assert torch.equal(inv, inv2) and torch.equal(hist, hist2), (m, k, tile)
                 err = float(((sums.double() - want).abs() / slack).max())
                 assert err <= 1.0, (m, k, delayed, tile, err)
                 worst = max(worst, err)
                 bf = sums.to(torch.bfloat16).double()
                 assert bool(((bf - want).abs() <= want.abs() * 2.0 ** -8 + slack).all())
-        log_parity(f"fp8 cast column sums [{m} x {k}]: worst err / bound {worst:.3f}")
+        del want, slack
+        log_parity(f"fp8 cast column sums [{m} x {k}] {src}: worst err / bound {worst:.3f}")
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])

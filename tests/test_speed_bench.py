@@ -589,3 +589,8 @@ def test_fp8_cast_tiles_times_the_casts_of_a_profiled_step():
     assert [k for _, k, *_ in c].count("act_bwd") == 48 // 48
     assert all(t in GRID for t in fp8.TILES.values())
     assert bytes_moved(16384, 1600, "x") == 16384 * 1600 * 4
+    # the one cast that also makes a bias gradient: QKV's output gradient (at GPT-2's defaults
+    # the only FP8 linear adding its own bias; fc1's goes to the activation, the others' to
+    # bias-dropout-add)
+    assert [(n, m, k) for n, _, m, k, kind in c if kind == "dy_bias"] == [
+        ("bwd qkv output grad (+ its bias gradient)", 16384, 4800)]

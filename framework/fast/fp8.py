@@ -78,7 +78,8 @@ AMAX_FLOOR = 2.0 ** -100  # an all-zero tensor gets a finite scale
 BLOCK_M, BLOCK_K = 64, 64
 # the cast kernels' tiles, (rows, columns, warps) of one Triton program: `cast` and
 # `act_backward_cast`. Not tuned yet: benchmarks/fp8_cast_tiles.py times others on the GPU (the
-# casts' output bits do not depend on the tile). FP8_CAST_TILES="cast=128x64x8,act_bwd=64x64x4"
+# casts' FP8 bits do not depend on the tile; the fp32 column sums they make for bias gradients
+# do, through their summation order). FP8_CAST_TILES="cast=128x64x8,act_bwd=64x64x4"
 # in the environment sets them for a benchmark's A/B run (`cast_tiles`).
 TILES = {"cast": (BLOCK_M, BLOCK_K, 4), "act_bwd": (BLOCK_M, BLOCK_K, 4)}
 TILE_SIZES, TILE_WARPS = (16, 32, 64, 128, 256), (1, 2, 4, 8, 16)
@@ -385,7 +386,8 @@ def cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, axis: Optional
     program's (rows, columns, warps), default `cast_tiles()["cast"]`; the bits do not depend
     on it. `sums_out` (no `act`): a [k] fp32 tensor that receives x's column sums, from the same
     pass over x (a linear's bias gradient from its output gradient: one fp32 partial sum per row
-    block, then their sum in a fixed order; the order, not the value, depends on the tile)."""
+    block, then their sum in a fixed order: the same bits in every run at one tile; another
+    tile sums in another order, which may change the last fp32 bit)."""
     assert act is None or (amax_out is not None and act in ACTS), act
     assert sums_out is None or act is None
     if not (triton is not None and x.is_cuda):
