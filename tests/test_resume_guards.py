@@ -55,6 +55,29 @@ def test_checkpoints_without_a_tracker_are_kept_and_the_fix_is_named(base):
     assert f"resumed from {ck}/iter_0000004" in r.stdout
 
 
+def test_a_folder_named_as_a_checkpoint_is_refused_and_kept(base):
+    """A folder of the user's named `iter_0000006` in checkpoint.dir (not a checkpoint: no
+    framework.json) was replaced by the save of that iteration without a word, and an
+    `iter_0000001` one was deleted by checkpoint.keep_last. Now the run is refused in one line
+    naming it, and nothing in the directory changes; retention itself only ever deletes
+    committed checkpoints."""
+    from framework.checkpoint.retention import prune_checkpoints
+
+    ck = _copy(base, "foreign")
+    (ck / "iter_0000006").mkdir()
+    (ck / "iter_0000006" / "important.txt").write_text("precious")
+    before = _tree(ck)
+    r = run_train(*FAST, "train.max_steps=6", f"checkpoint.dir={ck}", cwd=base, name=None,
+                  fast=False, expect=2)
+    line = _one_error(r)
+    assert f"checkpoint.dir={ck} holds iter_0000006, named as this run's checkpoints are but " \
+           f"not one of them (no framework.json)" in line, line
+    assert _tree(ck) == before
+    (ck / "iter_0000001").mkdir()
+    assert prune_checkpoints(str(ck), 1) == [str(ck / "iter_0000002")]
+    assert (ck / "iter_0000001").is_dir() and (ck / "iter_0000006" / "important.txt").is_file()
+
+
 @pytest.mark.parametrize("tracker, want", [
     ("abc", "tracker does not hold an iteration number ('abc'); the newest committed iteration "
             "is 4: to go on from there, write 4 into it"),

@@ -158,6 +158,21 @@ def committed_iterations(ckpt_dir: Optional[str]) -> List[int]:
     return sorted(out)
 
 
+def uncommitted_iteration_names(ckpt_dir: Optional[str]) -> List[str]:
+    """Entries of `ckpt_dir` named as a checkpoint iteration (`iter_N`, as `iter_dir` spells it)
+    that are not committed checkpoints (no framework.json): a user's folder or file, or another
+    tool's checkpoint, which a save of that iteration would replace. Sorted."""
+    if not ckpt_dir or not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = re.fullmatch(r"iter_([0-9]{7,10})", name)
+        if m and name == os.path.basename(iter_dir(ckpt_dir, int(m.group(1)))) and \
+                not os.path.isfile(os.path.join(ckpt_dir, name, META)):
+            out.append(name)
+    return sorted(out)
+
+
 def iteration_path(ckpt_dir: str, iteration: int, *, allow_symlinks: bool = False,
                    tracker: Optional[str] = None) -> str:
     """The directory of committed `iteration`, checked to be a closed tree."""

@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import List, Optional
 
-from framework.checkpoint.reader import latest_iteration
-
-_ITER = re.compile(r"^iter_(\d+)$")
-
+from framework.checkpoint.reader import committed_iterations, latest_iteration
 
 def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int]) -> List[str]:
     """Keep the newest `keep_last` committed checkpoints (and always the tracker's). Rank 0,
@@ -19,7 +15,9 @@ def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int]) -> List[str]:
     latest = latest_iteration(ckpt_dir)
     if latest is None:
         return []
-    iters = sorted(int(m.group(1)) for m in map(_ITER.match, os.listdir(ckpt_dir)) if m)
+    # committed ones only: an `iter_N` folder that is not a checkpoint (a user's) is not ours
+    # to delete (the plan refuses a checkpoint.dir holding one)
+    iters = committed_iterations(ckpt_dir)
     keep = set(i for i in iters if i <= latest)
     keep = set(sorted(keep)[-keep_last:]) | {latest}
     removed = []

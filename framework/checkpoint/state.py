@@ -39,7 +39,7 @@ from framework.checkpoint.manifest import (MANIFEST, hash_own_shards, verify_che
 from framework.checkpoint.reader import (META, TRACKER, committed_iterations, cpu_safe, iter_dir,
                                          iteration_path,
                                          latest_iteration, read_dist, read_meta,
-                                         recorded_window)
+                                         recorded_window, uncommitted_iteration_names)
 from framework.config import ModelConfig
 from framework.distributed import rng_state, set_rng_state
 from framework.errors import CheckpointError, ConfigError
@@ -323,6 +323,13 @@ def load_target(c, allow_symlinks: Optional[bool] = None
     `c.load_iteration` picks another committed iteration of that directory."""
     links = c.allow_symlinks if allow_symlinks is None else allow_symlinks
     resume_it = latest_iteration(c.dir, allow_symlinks=links)
+    foreign = uncommitted_iteration_names(c.dir) if c.save else []
+    if foreign:  # a save of that iteration would replace it without a word
+        raise ConfigError(
+            f"checkpoint.dir={c.dir} holds {', '.join(foreign[:3])}"
+            f"{' and more' if len(foreign) > 3 else ''}, named as this run's checkpoints are but "
+            f"not one of them (no {META}): a save of that iteration would replace it; move it "
+            f"out of checkpoint.dir, or give another checkpoint.dir")
     if resume_it is None and c.save:
         have = committed_iterations(c.dir)
         if have:  # the run would start afresh and replace them as it saves
