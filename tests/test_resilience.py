@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -323,6 +324,22 @@ def test_max_minutes_budget_saves_and_exits_zero(tmp_path):
     assert "train.max_minutes=0.01 reached" in r.stdout
     step = int((ck / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= step < 100000
+
+
+def test_a_stop_during_evaluation_ends_it_saves_and_exits_zero(tmp_path):
+    """A stop (here the train.max_minutes deadline; SIGTERM sets the same flag) during a long
+    evaluation waited for all train.eval_iters batches (a fuzz run went on for 10 minutes after
+    SIGTERM, and a scheduler's SIGKILL would have lost the run since its last save). Now
+    evaluation ends at the next batch, says so, and the run saves and stops."""
+    ck = tmp_path / "ck"
+    r = run_train(f"checkpoint.dir={ck}", "train.max_steps=100000", "train.eval_interval=1",
+                  "train.eval_iters=100000", "checkpoint.save_interval=100000",
+                  "train.max_minutes=0.01", "train.progress_bar=false", cwd=tmp_path,
+                  timeout=240)
+    assert re.search(r"eval at iter 1: loss \S+ \| ppl \S+ \(stopped after \d+ of "
+                     r"train.eval_iters=100000 batches\)", r.stdout), r.stdout[-2000:]
+    assert "train.max_minutes=0.01 reached" in r.stdout
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
 # --------------------------------------------------------------------------------------------

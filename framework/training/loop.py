@@ -171,19 +171,26 @@ class Trainer:
         return [rec]
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self) -> Optional[Tuple[float, int]]:
+        """(mean held-out loss, batches evaluated), or None without held-out data. A stop
+        request (a stop signal, the train.max_minutes deadline) ends it between batches, all
+        ranks at the same one: the loop then saves and stops, as it would after a step, instead
+        of finishing train.eval_iters batches first (a scheduler's SIGKILL would follow)."""
         if not self.cfg.eval_iters or self.data.valid is None:
             return None
         for m in self.model:
             m.eval()
         iterators = self.data.valid_iterators(len(self.model))
-        total = 0.0
+        total, done = 0.0, 0
         for i in range(self.cfg.eval_iters):
+            if i and self.stop.agreed() is not None:
+                break
             self._mark(i + 1, "evaluation (the number is the eval batch)")
             total += self._reduce_losses(self._run(iterators, forward_only=True))[0]
+            done += 1
         for m in self.model:
             m.train()
-        return total / self.cfg.eval_iters
+        return total / done, done
 
     def _reduce_losses(self, losses: List[Dict[str, torch.Tensor]]
                        ) -> Tuple[float, Dict[str, float]]:
@@ -388,11 +395,14 @@ class Trainer:
             self.logger.log(rec)
 
     def _log_eval(self, state, bar) -> None:
-        loss = self.evaluate()
-        if loss is None or not self.rt.is_logging_rank:
+        result = self.evaluate()
+        if result is None or not self.rt.is_logging_rank:
             return
+        loss, batches = result
         ppl = math.exp(min(loss, 50.0))
-        _write(bar, f"eval at iter {state.step}: loss {loss:.4f} | ppl {ppl:.3f}")
+        cut = "" if batches == self.cfg.eval_iters else \
+            f" (stopped after {batches} of train.eval_iters={self.cfg.eval_iters} batches)"
+        _write(bar, f"eval at iter {state.step}: loss {loss:.4f} | ppl {ppl:.3f}{cut}")
         if self.logger is not None:
             self.logger.log({"step": state.step, "eval_loss": loss, "eval_ppl": ppl})
 
