@@ -1108,6 +1108,12 @@ class Config:
             require(value is None or p.recompute_granularity == "full",
                     f"parallel.{f}={value} applies to parallel.recompute_granularity=full only "
                     f"(got {p.recompute_granularity})")
+        layers = max(self.model.num_layers, self.model.encoder_num_layers or 0)
+        stage = layers // max(1, p.pipeline_model_parallel_size)
+        require(p.recompute_num_layers is None or p.recompute_num_layers <= stage,
+                f"parallel.recompute_num_layers={p.recompute_num_layers} is more than the "
+                f"{stage} layers a pipeline stage holds ({layers} layers / parallel."
+                f"pipeline_model_parallel_size={p.pipeline_model_parallel_size})")
         modules = list(p.recompute_modules or [])
         require(not modules or modules == ["core_attn"] or p.recompute_granularity == "selective",
                 f"parallel.recompute_modules={modules} applies to "
@@ -1353,6 +1359,10 @@ class Config:
         require(not p.overlap_grad_reduce,
                 "parallel.overlap_grad_reduce=true needs GPUs (megatron-core's DDP wrapper, which "
                 "a CPU run goes without): `parallel.overlap_grad_reduce=false` works here")
+        require(p.recompute_granularity is None,
+                f"parallel.recompute_granularity={p.recompute_granularity} needs a GPU "
+                f"(megatron-core's recompute saves and restores the CUDA RNG state); a CPU run "
+                f"trains without it: `parallel.recompute_granularity=null` works here")
         require(m.alibi_kernel not in ("cudnn", "flex"),
                 f"model.alibi_kernel={m.alibi_kernel} needs a GPU (a CPU run would take another "
                 f"ALiBi kernel): `model.alibi_kernel=auto` works here")

@@ -167,6 +167,27 @@ def test_recompute_modules_need_selective_granularity():
     load_config("parallel.recompute_granularity=selective", "parallel.recompute_modules=[mlp_act]")
 
 
+def test_recompute_num_layers_beyond_a_stage_is_an_error():
+    """recompute_num_layers=100 on a 4-layer model was taken as it was."""
+    full = ("parallel.recompute_granularity=full", "parallel.recompute_method=uniform")
+    msg = config_error(*full, "parallel.recompute_num_layers=100")
+    assert msg == ("parallel.recompute_num_layers=100 is more than the 4 layers a pipeline stage "
+                   "holds (4 layers / parallel.pipeline_model_parallel_size=1)"), msg
+    load_config(*full, "parallel.recompute_num_layers=4")
+
+
+def test_recompute_on_cpu_is_one_line(tmp_path):
+    """Any activation recompute on the CPU failed at the first step with megatron-core's
+    "Torch not compiled with CUDA enabled" traceback (it saves the CUDA RNG state)."""
+    from helpers import run_train
+
+    r = run_train("parallel.recompute_granularity=selective", cwd=tmp_path, expect=2)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == ["error: parallel.recompute_granularity=selective needs a GPU (megatron-core's "
+                     "recompute saves and restores the CUDA RNG state); a CPU run trains without "
+                     "it: `parallel.recompute_granularity=null` works here"], r.stderr[-2000:]
+
+
 def test_selective_recompute_with_no_modules_is_an_error():
     msg = config_error("parallel.recompute_granularity=selective", "parallel.recompute_modules=[]")
     assert "parallel.recompute_granularity=selective" in msg
