@@ -326,6 +326,24 @@ def test_max_minutes_budget_saves_and_exits_zero(tmp_path):
     assert 1 <= step < 100000
 
 
+def test_a_window_of_non_finite_steps_is_logged_as_nan_not_zero(tmp_path):
+    """Every step non-finite (weights of std 1e30): the log line, metrics.jsonl and the summary
+    said "loss 0.0000" (a skipped step's loss was averaged in as 0, so one NaN in a window also
+    pulled the mean down), and metrics.jsonl held a bare NaN, which is not JSON. Now the window's
+    mean is over its finite losses, NaN when there are none; the file holds null; the summary
+    says there was no finite loss."""
+    r = run_train("model.init_method_std=1e30", "train.max_steps=3", "train.eval_interval=0",
+                  "checkpoint.save=false", "train.progress_bar=false", cwd=tmp_path)
+    assert "| loss nan |" in r.stdout and "loss 0.0000" not in r.stdout, r.stdout[-2000:]
+    text = open(os.path.join(r.run_dir, "metrics.jsonl")).read()
+    recs = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in text.splitlines()]
+    assert [(x["step"], x["loss"], x["grad_norm"], x["nan_iters"]) for x in recs
+            if "loss" in x] == [(i, None, None, i) for i in (1, 2, 3)], recs
+    assert "done: step 3/3 | no finite loss since the start (3 non-finite steps in all)" \
+        in r.stdout, r.stdout[-1500:]
+
+
 def test_a_stop_during_evaluation_ends_it_saves_and_exits_zero(tmp_path):
     """A stop (here the train.max_minutes deadline; SIGTERM sets the same flag) during a long
     evaluation waited for all train.eval_iters batches (a fuzz run went on for 10 minutes after

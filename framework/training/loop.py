@@ -282,6 +282,7 @@ class Trainer:
     def _fit(self, state, iterators, bar, timer, window, acc_loss, last_saved, gbs_tokens):
         cfg, rt = self.cfg, self.rt
         stop, last = None, None  # last: the newest finished step's stats
+        finite = 0  # the log window's steps with a finite loss (what acc_loss sums)
         while state.step < cfg.max_steps:
             self._mark(state.step + 1, "train step (zero grad)")
             if self.profiler is not None:
@@ -300,7 +301,9 @@ class Trainer:
             if log_now or eval_now or save_now:
                 done += self.flush()  # logs and checkpoints see every step up to this one
             for rec in done:
-                acc_loss += self._account(state, rec, bar)
+                loss = self._account(state, rec, bar)
+                if loss is not None:
+                    acc_loss, finite = acc_loss + loss, finite + 1
                 last = rec
             if bar is not None:
                 bar.update(1)
@@ -308,8 +311,11 @@ class Trainer:
                 if self.on_gpu:
                     torch.cuda.synchronize()
                 dt = timer.lap() / window
-                self._log_train(state, last, acc_loss / window, dt, gbs_tokens, bar)
-                window, acc_loss = 0, 0.0
+                # the mean of the window's finite losses; NaN when none was (a skipped step's
+                # loss is not a 0 to average in)
+                self._log_train(state, last, acc_loss / finite if finite else math.nan, dt,
+                                gbs_tokens, bar)
+                window, acc_loss, finite = 0, 0.0, 0
             if eval_now:
                 self._log_eval(state, bar)
                 timer.lap()
@@ -348,9 +354,9 @@ class Trainer:
             bar.close()
         return state
 
-    def _account(self, state: TrainState, rec: Dict[str, Any], bar) -> float:
+    def _account(self, state: TrainState, rec: Dict[str, Any], bar) -> Optional[float]:
         """Count a finished step's outcome and print its warnings (NaN policy, spikes); returns
-        its loss for the log window's mean (0 when non-finite)."""
+        its loss for the log window's mean (None when non-finite: left out of the mean)."""
         if not rec["ok"]:
             state.skipped_iters += 1
         if rec["non_finite"]:
@@ -362,7 +368,7 @@ class Trainer:
                 _write(bar, line)
         if bar is not None:
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        return rec["loss"] if math.isfinite(rec["loss"]) else 0.0
+        return rec["loss"] if math.isfinite(rec["loss"]) else None
 
     def _log_train(self, state, out, loss, dt, gbs_tokens, bar) -> None:
         if not self.rt.is_logging_rank:

@@ -9,6 +9,7 @@ card's dense bf16 peak (`PEAK_TFLOPS`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Dict, Optional
@@ -71,7 +72,10 @@ class MetricsLogger:
 
     def log(self, record: Dict[str, Any]) -> None:
         record = mask_secrets(record)  # strings in a record (none today) never carry secrets
-        self.file.write(json.dumps(record) + "\n")
+        # NaN and inf (a window of skipped steps) as null: json.dumps would write NaN, which is
+        # not JSON (jq and most readers refuse the file); the trackers get the floats
+        self.file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v)
+                                    else v for k, v in record.items()}, allow_nan=False) + "\n")
         self.file.flush()
         step = record.get("step")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}

@@ -106,6 +106,11 @@ def print_summary(cfg: "Config", overrides: Optional[List[str]]) -> None:
     head = f"done: step {step}/{cfg.train.max_steps}"
     if train:
         head += f" | loss {train[-1]['loss']:.4f} (step {train[-1]['step']})"
+    last = next((r for r in reversed(recs) if "loss" in r), None)
+    if last is not None and last["loss"] is None:  # its log window had no finite loss
+        head += (" | no finite loss since " + (f"step {train[-1]['step']}" if train else
+                                                 "the start") +
+                 f" ({last.get('nan_iters', '?')} non-finite steps in all)")
     if evals:
         head += f" | eval loss {evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']})"
     lines = [head]
