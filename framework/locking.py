@@ -111,6 +111,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _not_a_lock(ckpt_dir: str, path: str) -> ConfigError:
+    return ConfigError(f"checkpoint.dir={ckpt_dir}: {path} is not a regular file (a symlink, "
+                       f"directory or other special file), so the run lock that keeps two runs "
+                       f"from saving here at once cannot be taken: remove it and run again")
+
+
 @contextlib.contextmanager
 def run_lock(ckpt_dir: str) -> Iterator[None]:
     """Hold `<ckpt_dir>/.run.lock` for a training run that saves there. Two runs saving into one
@@ -127,12 +133,22 @@ def run_lock(ckpt_dir: str) -> Iterator[None]:
     while d and not os.path.exists(d) and d != os.path.dirname(d):
         created.append(d)
         d = os.path.dirname(d)
+    import stat
+
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # the plan's checks name an unwritable directory; a save would say so too
+        # never through a symlink (the pid line would overwrite its target), never a FIFO
+        # (an open would block)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError:
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise _not_a_lock(ckpt_dir, path) from None
+        # the plan's checks name an unwritable directory; a save would say so too
         yield
         return
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_lock(ckpt_dir, path)
     held = False
     try:
         try:

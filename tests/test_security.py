@@ -190,6 +190,50 @@ def test_wandb_run_id_from_checkpoint_cannot_be_a_path():
         assert not valid_wandb_id(bad), bad
 
 
+def test_files_beside_the_checkpoints_are_never_written_through_a_symlink(tmp_path):
+    """A symlink put at checkpoint.dir/.run.lock or wandb_run_id.txt had its target overwritten
+    (the lock's pid line, the W&B id); a directory at .run.lock turned the lock off without a
+    word, and a FIFO there was a traceback. Now the lock refuses them in one line and the id file
+    is replaced, not written through (a directory, a FIFO or bytes that are not an id: a
+    warning, and a new W&B run)."""
+    from framework.errors import ConfigError
+    from framework.locking import run_lock
+    from framework.training import metrics
+
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for make in (lambda p: p.symlink_to(target), lambda p: p.mkdir(), lambda p: os.mkfifo(p)):
+        lock = ck / ".run.lock"
+        make(lock)
+        with pytest.raises(ConfigError, match=r"\.run\.lock is not a regular file"):
+            with run_lock(str(ck)):
+                pass
+        assert target.read_text() == "precious"
+        lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()
+    with run_lock(str(ck)):  # a plain run takes it, and leaves nothing behind
+        assert (ck / ".run.lock").is_file()
+    assert not (ck / ".run.lock").exists()
+
+    id_file = ck / "wandb_run_id.txt"
+    id_file.symlink_to(target)
+    assert metrics._read_run_id(str(id_file)) is None
+    metrics._write_run_id(str(id_file), "abc123")
+    assert target.read_text() == "precious" and not id_file.is_symlink()
+    assert metrics._read_run_id(str(id_file)) == "abc123"
+    id_file.write_bytes(b"\xff\xfe")
+    assert metrics._read_run_id(str(id_file)) is None
+    id_file.unlink()
+    id_file.mkdir()
+    assert metrics._read_run_id(str(id_file)) is None
+    metrics._write_run_id(str(id_file), "abc123")  # a warning; the directory stays
+    assert id_file.is_dir()
+    id_file.rmdir()
+    os.mkfifo(id_file)
+    assert metrics._read_run_id(str(id_file)) is None  # no open that would block
+
+
 def test_generate_py_masks_cfg_and_refuses_targets(tmp_path):
     env = dict(os.environ, MY_API_TOKEN="secret-xyz")
     r = run(GENERATE, "--cfg", "job", "+hf_token=secret-xyz", cwd=tmp_path, env=env,

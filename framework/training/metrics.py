@@ -103,14 +103,8 @@ def valid_wandb_id(run_id: str) -> bool:
 def _start_wandb(cfg, config_dict, run_dir, id_dir):
     import wandb
 
-    run_id = None
     id_file = os.path.join(id_dir, "wandb_run_id.txt") if id_dir else None
-    if id_file and os.path.isfile(id_file):
-        run_id = open(id_file).read().strip()
-        if not valid_wandb_id(run_id):  # it names a directory W&B creates: no paths
-            echo(f"warning: ignoring {id_file}: {run_id[:40]!r} is not a W&B run id; "
-                 f"starting a new W&B run")
-            run_id = None
+    run_id = _read_run_id(id_file) if id_file else None
     mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     import sys
 
@@ -134,10 +128,53 @@ def _start_wandb(cfg, config_dict, run_dir, id_dir):
         sys.argv = argv
         os.environ.update(env)
     if id_file:
-        os.makedirs(id_dir, exist_ok=True)
-        with open(id_file, "w") as f:
-            f.write(run.id)
+        _write_run_id(id_file, run.id)
     return run
+
+
+def _read_run_id(id_file: str) -> Optional[str]:
+    """The W&B run id kept in `id_file` beside the checkpoints, or None (with a warning when
+    there is something else there: a symlink, a directory or FIFO, text that is not an id)."""
+    import stat
+
+    try:
+        st = os.lstat(id_file)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        echo(f"warning: ignoring {id_file} ({e.strerror or e}); starting a new W&B run")
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        echo(f"warning: ignoring {id_file}: not a regular file (a symlink, directory or other "
+             f"special file); starting a new W&B run")
+        return None
+    try:
+        with open(id_file, "rb") as f:
+            run_id = f.read(256).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        run_id = ""
+    if not valid_wandb_id(run_id):  # it names a directory W&B creates: no paths
+        echo(f"warning: ignoring {id_file}: {run_id[:40]!r} is not a W&B run id; "
+             f"starting a new W&B run")
+        return None
+    return run_id
+
+
+def _write_run_id(id_file: str, run_id: str) -> None:
+    """Keep `run_id` in `id_file` through a new file renamed over it: never written through a
+    symlink that was put there; a directory there is left alone, with a warning."""
+    d = os.path.dirname(id_file)
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.path.isdir(id_file) and not os.path.islink(id_file):
+            raise IsADirectoryError(21, "a directory is in its place")
+        tmp = f"{id_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(run_id)
+        os.replace(tmp, id_file)
+    except OSError as e:
+        echo(f"warning: could not keep the W&B run id in {id_file} ({e.strerror or e}); a "
+             f"resumed run will start a new W&B run")
 
 
 def format_line(r: Dict[str, Any], max_steps: int, on_gpu: bool = True) -> str:
