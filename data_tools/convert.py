@@ -44,6 +44,7 @@ from dataclasses import asdict
 from typing import Iterator, List, Optional
 
 from data_tools import EXIT_INTERRUPTED, interrupted_line, mark_published, start_run
+from framework.locking import hold_if_a_run_lock
 from framework.paths import inside, unwritable_dir
 
 EXIT_BAD_INPUT = 2
@@ -601,7 +602,15 @@ def run(args) -> None:
             print_hf_structure(args.load, args.allow_pickle)
         else:
             print_megatron_structure(args.load, args.allow_symlinks, args.verify)
-    COMMANDS[args.command](args)
+    # a training run saving into --save holds its run lock: refused; else held until the end,
+    # so that no run starts saving there while the conversion replaces it
+    held = hold_if_a_run_lock(args.save) if args.save is not None and os.path.isdir(args.save) \
+        else None
+    try:
+        COMMANDS[args.command](args)
+    finally:
+        if held is not None:
+            os.close(held)
     if args.print_checkpoint_structure and args.save is not None:
         if args.command == "megatron-to-hf":
             print_hf_structure(args.save, False)

@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 from framework.errors import ConfigError
 
@@ -111,8 +111,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _not_a_lock(ckpt_dir: str, path: str) -> ConfigError:
-    return ConfigError(f"checkpoint.dir={ckpt_dir}: {path} is not a regular file (a symlink, "
+def hold_if_a_run_lock(directory: str) -> Optional[int]:
+    """For a tool about to replace `directory` (data_tools.convert --overwrite): take the run
+    lock a training run saving there holds, if the directory has one, and keep it until the fd
+    returned is closed; None when it has none. Held by a run: a ConfigError naming it (a
+    replace would delete the checkpoints it is writing)."""
+    import fcntl
+    import stat
+
+    path = os.path.join(directory, RUN_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raise _not_a_lock(directory, path, "--save") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_lock(directory, path, "--save")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"--save {directory} is in use by a training run saving there "
+                          f"({holder}): replacing it would delete the checkpoints that run "
+                          f"writes; wait for it to end, or give another --save") from None
+    except OSError:  # no flock on this filesystem
+        pass
+    return fd
+
+
+def _not_a_lock(ckpt_dir: str, path: str, what: str = "checkpoint.dir") -> ConfigError:
+    return ConfigError(f"{what}={ckpt_dir}: {path} is not a regular file (a symlink, "
                        f"directory or other special file), so the run lock that keeps two runs "
                        f"from saving here at once cannot be taken: remove it and run again")
 

@@ -273,6 +273,31 @@ def _convert(capsys, *argv):
     return rc, capsys.readouterr().err
 
 
+def test_convert_overwrite_refuses_a_directory_a_run_saves_into(hf_models, tmp_path, capsys):
+    """`convert hf-to-megatron --save <a running training run's checkpoint.dir> --overwrite`
+    replaced the directory under the run (its earlier checkpoints were gone, and its later saves
+    landed beside the import). The run's lock now refuses it in one line, and nothing there
+    changes; once the run has ended, the overwrite goes ahead."""
+    from framework.locking import run_lock
+
+    save = tmp_path / "busy"
+    save.mkdir()
+    (save / "iter_0000003").mkdir()
+    (save / "iter_0000003" / "framework.json").write_text("{}")
+    with run_lock(str(save)):
+        before = sorted(os.listdir(save))
+        rc, err = _convert(capsys, "hf-to-megatron", "--load", hf_models / "gpt2", "--save",
+                           save, "--overwrite")
+        line = _one_line(err)
+        assert rc == 2 and f"--save {save} is in use by a training run saving there (pid " \
+            f"{os.getpid()} on " in line, line
+        assert sorted(os.listdir(save)) == before
+    rc, err = _convert(capsys, "hf-to-megatron", "--load", hf_models / "gpt2", "--save", save,
+                       "--overwrite")
+    assert rc == 0, err
+    assert not (save / "iter_0000003").exists() and (save / "iter_0000000").is_dir()
+
+
 def test_convert_index_naming_the_wrong_shard_is_one_line(hf_models, tmp_path, capsys):
     """A model.safetensors.index.json that places a tensor in a shard without it was a
     SafetensorError traceback."""
