@@ -151,7 +151,29 @@ def test_damage_kinds_name_the_file_and_the_earlier_checkpoint(saved, tmp_path):
     os.remove(ck / _it(3) / "manifest.json")
     assert "manifest.json is missing" in _verify_error(ck, 3)
     cases += 3
-    # extra files are tolerated: nothing reads a file the manifest does not list
+    # files a reader opens, unlisted: shards swapped in from another iteration with their
+    # entries removed (resumed iteration 2's state silently), a tokenizer file added (changed
+    # the decoded text), an empty file list
+    ck = _copy(saved, tmp_path / "unlisted")
+    path = ck / _it(3)
+    doc = json.loads((path / "manifest.json").read_text())
+    shards = sorted(r for r in doc["files"] if r.endswith(".distcp"))
+    for r in shards:
+        del doc["files"][r]
+        shutil.copy(ck / _it(2) / r, path / r)
+    (path / "manifest.json").write_text(json.dumps(doc))
+    assert f"{path / shards[0]} is not listed in manifest.json (added after the save" \
+        in _verify_error(ck, 3)
+    ck = _copy(saved, tmp_path / "unlisted-tokenizer")
+    (ck / _it(3) / "tokenizer" / "special_tokens_map.json").write_text('{"eos_token": "0"}')
+    assert f"{ck / _it(3) / 'tokenizer' / 'special_tokens_map.json'} is not listed" \
+        in _verify_error(ck, 3)
+    (ck / _it(3) / "manifest.json").write_text(json.dumps(
+        {"format": 1, "hash": "xxh3_64", "files": {}}))
+    assert "manifest.json does not list .metadata, which every checkpoint has" \
+        in _verify_error(ck, 3)
+    cases += 3
+    # other files beside them are tolerated: no reader opens a user's notes
     ck = _copy(saved, tmp_path / "extra")
     (ck / _it(3) / "NOTES.txt").write_text("copied from cluster A")
     assert _verify(ck, 3) is True

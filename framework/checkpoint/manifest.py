@@ -115,13 +115,33 @@ def _shares(files: Dict[str, Tuple[int, str]], world: int) -> List[List[str]]:
     return out
 
 
+# files every checkpoint this framework writes has, and the endings of those readers open
+CORE_FILES = (".metadata", "common.pt", "framework.json", "metadata.json")
+READ_SUFFIXES = (".distcp", ".pt", ".json", ".safetensors", ".bin", ".model")
+
+
 def manifest_problems(path: str, files: Dict[str, Tuple[int, str]], *, checksums: bool = True,
                       allow_symlinks: bool = False, rank: int = 0, world: int = 1) -> List[str]:
     """What is wrong with the files of the checkpoint at `path` against its manifest: every
-    file's presence and size, and (with `checksums`) the digests of this rank's share. Files
-    that the manifest does not list are ignored (no reader opens them: `.metadata` names every
-    `.distcp` file and is itself listed)."""
+    file's presence and size, and (with `checksums`) the digests of this rank's share; the
+    files every checkpoint has listed; and no file that a reader would open (one in a
+    subdirectory such as tokenizer/, or a top-level checkpoint or JSON file) there unlisted,
+    which would be read unchecked (a shard copied in from another iteration with its entry
+    removed, a special_tokens_map.json added to the tokenizer). Other files beside them (a
+    user's notes) are left alone."""
     problems, sized = [], set()
+    for rel in CORE_FILES:
+        if rel not in files:
+            problems.append(f"{os.path.join(path, MANIFEST)} does not list {rel}, which every "
+                            f"checkpoint has")
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+            if rel != MANIFEST and rel not in files and (
+                    "/" in rel or name == ".metadata" or name.endswith(READ_SUFFIXES)):
+                problems.append(f"{os.path.join(path, rel)} is not listed in {MANIFEST} (added "
+                                f"after the save: a reader would open it unchecked)")
     for rel in sorted(files):
         want = files[rel][0]
         p = os.path.join(path, rel)
