@@ -78,6 +78,25 @@ def test_a_folder_named_as_a_checkpoint_is_refused_and_kept(base):
     assert (ck / "iter_0000001").is_dir() and (ck / "iter_0000006" / "important.txt").is_file()
 
 
+def test_a_tracker_behind_a_newer_committed_checkpoint_is_refused(base):
+    """The tracker names 2 while iteration 4 is committed (a kill between a commit's rename and
+    its tracker write): the run resumed from 2 and replaced iteration 4 with no word. Now it is
+    refused in one line naming both ways on, and checkpoint.load_iteration=2 (the explicit
+    choice) goes on from 2."""
+    ck = _copy(base, "behind")
+    (ck / TRACKER).write_text("2")
+    before = _tree(ck)
+    r = run_train(*FAST, "train.max_steps=6", f"checkpoint.dir={ck}", cwd=base, name=None,
+                  fast=False, expect=2)
+    line = _one_error(r)
+    assert "names iteration 2, but iteration 4 is committed there too" in line and \
+        f"write 4 into {ck}/{TRACKER}" in line and "checkpoint.load_iteration=2" in line, line
+    assert _tree(ck) == before
+    r = run_train(*FAST, "train.max_steps=4", f"checkpoint.dir={ck}",
+                  "checkpoint.load_iteration=2", cwd=base, name=None, fast=False)
+    assert f"resumed from {ck}/iter_0000002" in r.stdout
+
+
 @pytest.mark.parametrize("tracker, want", [
     ("abc", "tracker does not hold an iteration number ('abc'); the newest committed iteration "
             "is 4: to go on from there, write 4 into it"),

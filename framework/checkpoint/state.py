@@ -342,6 +342,15 @@ def load_target(c, allow_symlinks: Optional[bool] = None
     resuming = resume_it is not None
     load_dir = c.dir if resuming else c.load
     want = c.load_iteration
+    newer = [i for i in committed_iterations(c.dir) if i > resume_it] \
+        if resuming and c.save and want is None else []
+    if newer:  # (what a kill between a commit's rename and its tracker write leaves)
+        tracker = os.path.join(c.dir, TRACKER)
+        raise ConfigError(
+            f"checkpoint.dir={c.dir}: {tracker} names iteration {resume_it}, but iteration "
+            f"{newer[-1]} is committed there too, and this run's saves would replace it: to "
+            f"resume from {newer[-1]}, write {newer[-1]} into {tracker}; to go on from "
+            f"{resume_it} and replace the newer ones, add checkpoint.load_iteration={resume_it}")
     if not load_dir:
         if want is not None:
             raise ConfigError(f"checkpoint.load_iteration={want}: there is no checkpoint to load "
