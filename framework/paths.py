@@ -17,15 +17,27 @@ def unwritable_dir(path: str) -> Optional[str]:
     """None when `path` is a writable directory or can be created as one; else why not. Probes by
     creating (and removing) a temporary file or directory: permission bits do not tell (root,
     read-only mounts, /proc), and nothing is left behind."""
+    if not str(path).strip():
+        return "is empty: name a directory"
     path = os.path.abspath(path)
-    probe = path
+    probe, missing = path, []
     while not os.path.exists(probe):
         if os.path.islink(probe):
             return f"{probe} is a symbolic link to a missing target"
         parent = os.path.dirname(probe)
         if parent == probe:
             break
+        missing.append(os.path.basename(probe))
         probe = parent
+    if os.path.isdir(probe):  # names the probe below would not try (it makes a short one)
+        try:
+            longest = os.pathconf(probe, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            longest = 255
+        too_long = [m for m in missing if len(os.fsencode(m)) > longest]
+        if too_long:
+            return (f"the name {too_long[0][:40]}... is {len(os.fsencode(too_long[0]))} bytes "
+                    f"long; this filesystem takes at most {longest}")
     if not os.path.isdir(probe):
         return f"{probe} is not a directory"
     try:

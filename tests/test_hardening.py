@@ -113,6 +113,11 @@ def test_unwritable_checkpoint_dir_is_found_before_training(tmp_path):
              ("checkpoint.dir=/proc/fw-test/ckpt", "cannot be created in /proc")]
     os.symlink(tmp_path / "missing", tmp_path / "dangling")
     cases.append((f"checkpoint.dir={tmp_path}/dangling/ckpt", "symbolic link"))
+    # an empty path (the current directory to os.path) and a name too long for the filesystem
+    # failed only at the first save, after the training
+    cases += [("checkpoint.dir=''", "is empty: name a directory"),
+              (f"checkpoint.dir={tmp_path}/{'x' * 300}/ck", "is 300 bytes long; this filesystem "
+                                                           "takes at most")]
     for override, why in cases:
         with pytest.raises(ConfigError) as e:
             _prepared(tmp_path, override)

@@ -97,6 +97,19 @@ def test_a_tracker_behind_a_newer_committed_checkpoint_is_refused(base):
     assert f"resumed from {ck}/iter_0000002" in r.stdout
 
 
+def test_an_iteration_directory_as_checkpoint_dir_is_refused(base):
+    """checkpoint.dir=<ck>/iter_0000004 started afresh (no tracker there) and saved new
+    iterations inside the committed checkpoint. Now one line names the two ways on."""
+    ck = _copy(base, "iterdir")
+    before = _tree(ck)
+    r = run_train(*FAST, "train.max_steps=2", f"checkpoint.dir={ck}/iter_0000004", cwd=base,
+                  name=None, fast=False, expect=2)
+    line = _one_error(r)
+    assert f"checkpoint.dir={ck}/iter_0000004 is one committed checkpoint (iter_0000004), not a " \
+           f"directory of them" in line and f"give checkpoint.dir={ck}," in line, line
+    assert _tree(ck) == before
+
+
 @pytest.mark.parametrize("tracker, want", [
     ("abc", "tracker does not hold an iteration number ('abc'); the newest committed iteration "
             "is 4: to go on from there, write 4 into it"),

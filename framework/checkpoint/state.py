@@ -322,6 +322,13 @@ def load_target(c, allow_symlinks: Optional[bool] = None
     `c.dir`'s latest when it has one (a resume), else `c.load`'s, else (None, None, False).
     `c.load_iteration` picks another committed iteration of that directory."""
     links = c.allow_symlinks if allow_symlinks is None else allow_symlinks
+    if c.dir and os.path.isfile(os.path.join(c.dir, META)):
+        parent, name = os.path.split(os.path.normpath(c.dir))
+        raise ConfigError(
+            f"checkpoint.dir={c.dir} is one committed checkpoint ({name}), not a directory of "
+            f"them: a run there would start afresh and save into it; to resume it, give "
+            f"checkpoint.dir={parent}, or to start from it, checkpoint.load={parent} "
+            f"checkpoint.load_iteration=<its iteration> with a new checkpoint.dir")
     resume_it = latest_iteration(c.dir, allow_symlinks=links)
     foreign = uncommitted_iteration_names(c.dir) if c.save else []
     if foreign:  # a save of that iteration would replace it without a word
