@@ -973,6 +973,16 @@ class LoggingConfig:
         require(self.wandb_mode in (None, "online", "offline", "disabled", "shared"),
                  f"logging.wandb_mode={self.wandb_mode!r} is not one of "
                  f"[null, 'online', 'offline', 'disabled', 'shared']")
+        # W&B's own rules, which it enforces only in wandb.init (after the model is built)
+        project = str(self.wandb_project)
+        require(project.strip() and len(project) <= 128
+                and not any(c in project for c in "/\\#?%:"),
+                f"logging.wandb_project={project!r} is not a W&B project name (1 to 128 "
+                f"characters, none of / \\ # ? % :)")
+        for tag in self.wandb_tags:
+            require(1 <= len(str(tag)) <= 64,
+                    f"logging.wandb_tags: {str(tag)[:40]!r}{'...' if len(str(tag)) > 40 else ''} "
+                    f"is not a W&B tag (1 to 64 characters)")
 
 
 def _default(cls: type, name: str) -> Any:

@@ -465,3 +465,14 @@ def test_flex_kernel_options_where_flex_does_not_run_are_an_error():
     load_config(*opts, "model.alibi_kernel=flex", "model.attention_dropout=0"
                 ).resolve_world(1, on_gpu=True)
     load_config(*opts, "train.bf16=false").resolve_world(1, on_gpu=True)  # fp32: flex runs
+
+
+@pytest.mark.parametrize("override, want", [
+    ("logging.wandb_project=a/b:c", "logging.wandb_project='a/b:c' is not a W&B project name"),
+    ("logging.wandb_project=''", "logging.wandb_project='' is not a W&B project name"),
+    ("logging.wandb_tags=[ok," + "x" * 65 + "]", "is not a W&B tag (1 to 64 characters)"),
+])
+def test_wandb_names_w_and_b_refuses_are_refused_up_front(override, want):
+    """W&B refuses these only in wandb.init, after the model and checkpoint were loaded (a
+    UsageError or pydantic traceback)."""
+    assert want in config_error("logging=wandb", override)
