@@ -307,6 +307,11 @@ def hydra_error_line(ex: BaseException, schema: type) -> Optional[str]:
         msg = getattr(cause, "msg", None) or first(cause)
         msg = msg.strip().splitlines()[0]
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in" in msg:
+            section = key.split(".")[0]
+            if f"~{section}" in sys.argv[1:]:  # `~train train.max_steps=2`: removed, then set
+                return (f"~{section} removes the whole {section} section, so none of its "
+                        f"fields can be set after it: set or remove single fields "
+                        f"({section}.<field>=...) instead")
             return f"unknown config key {key}{did_you_mean(key, schema_keys(schema))}"
         if isinstance(cause, ValidationError):
             override = first(ex).replace("Error merging override ", "")
@@ -347,6 +352,7 @@ def config_from_hydra(dcfg: Any, hydra_cfg: Any, conf_dir: str, multirun: bool) 
     choices = dict(hydra_cfg.runtime.choices)
     check_group_choices(choices, conf_dir)
     check_required_groups(choices, conf_dir, ("model", "parallel", "optimizer", "data", "logging"))
+    check_section_deletions(task_overrides(hydra_cfg), choices)
     if dcfg.checkpoint.dir is None:
         dcfg.checkpoint.dir = default_checkpoint_dir(
             checkpoint_overrides(task_overrides(hydra_cfg), multirun=multirun),
@@ -370,6 +376,24 @@ def check_required_groups(choices: Dict[str, Any], conf_dir: str, groups: tuple)
                           if n.endswith(".yaml") and not n.endswith("_schema.yaml"))
             raise ConfigError(f"~{group} removes the {group} config group, which a run needs: "
                               f"choose one of {', '.join(opts)} ({group}=<name>)")
+
+
+def check_section_deletions(overrides: List[str], choices: Dict[str, Any]) -> None:
+    """Refuse `~train`, `~checkpoint`, `~run_dir` (a whole section or top-level key that is not
+    a config group): the schema's bare defaults ran in place of train.yaml's and of the user's
+    own overrides of it (300 steps where 2 were asked for)."""
+    from framework.config import ConfigError
+
+    for o in overrides:
+        if o.lstrip("~+").split("=", 1)[0] == "run_dir":
+            raise ConfigError(f"{o}: run_dir is where Hydra puts this run (metrics, logs, its "
+                              f"config): set it with hydra.run.dir=<dir> (hydra.sweep.dir with "
+                              f"-m)")
+        key = o[1:].split("=", 1)[0] if o.startswith("~") else ""
+        if key and "." not in key and key not in choices:
+            raise ConfigError(f"{o} removes the whole {key} section, whose schema defaults would "
+                              f"then run in place of the config's and your overrides: set or "
+                              f"remove single fields ({key}.<field>=...) instead")
 
 
 def check_group_choices(choices: Dict[str, Any], conf_dir: str) -> None:

@@ -308,6 +308,12 @@ HYDRA_CASES = [
     ("train.py", ["optimizer.lr=abc"], ["optimizer.lr=abc", "not a number"], []),
     ("train.py", ["model=model_schema"], ["is the schema"], []),
     ("train.py", ["train.max_steps=["], ["cannot parse"], []),
+    # a whole section removed ran the schema's defaults (300 steps, where 2 were asked for);
+    # run_dir=... was ignored (Hydra's run dir is used)
+    ("train.py", ["~train"], ["~train removes the whole train section"], []),
+    ("train.py", ["~train", "train.max_steps=2"], ["none of its fields can be set after it"],
+     ["did you mean"]),
+    ("train.py", ["run_dir=/tmp/x"], ["set it with hydra.run.dir=<dir>"], []),
     ("generate.py", ["parallel=gpt3"], ["parallel=gpt3", "tp2"], ["parallel_schema"]),
     ("generate.py", ["max_new_token=3"], ["did you mean max_new_tokens?"], []),
 ]
