@@ -289,6 +289,15 @@ class ModelConfig:
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
+        # RoPE has no position table, but the checkpoint records max_position_embeddings as the
+        # model's context: generation refused prompts longer than it after a longer training
+        require(
+            self.position_embedding_type != "rope" or self.max_positions >= self.seq_length,
+            f"model.seq_length={self.seq_length} exceeds model.max_position_embeddings="
+            f"{self.max_position_embeddings}, the context the checkpoint would record (used by "
+            f"generation and the HF export): raise model.max_position_embeddings to at least "
+            f"{self.seq_length}",
+        )
         choice(self.alibi_kernel, ("auto", "augmented", "cudnn", "flex", "dense"),
                 "model.alibi_kernel")
         choice(self.position_embedding_type,

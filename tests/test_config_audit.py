@@ -476,3 +476,12 @@ def test_wandb_names_w_and_b_refuses_are_refused_up_front(override, want):
     """W&B refuses these only in wandb.init, after the model and checkpoint were loaded (a
     UsageError or pydantic traceback)."""
     assert want in config_error("logging=wandb", override)
+
+
+def test_rope_seq_length_beyond_the_declared_context_is_an_error():
+    """model=llama_tiny model.seq_length=128 (its max_position_embeddings is 64) trained at 128;
+    generation then refused prompts over the 64 positions the checkpoint recorded."""
+    msg = config_error("model=llama_tiny", "model.seq_length=128")
+    assert msg.startswith("model.seq_length=128 exceeds model.max_position_embeddings=64, the "
+                          "context the checkpoint would record") and "at least 128" in msg, msg
+    load_config("model=llama_tiny", "model.seq_length=128", "model.max_position_embeddings=128")
