@@ -32,7 +32,7 @@ from framework.generation import MAX_SEED, GenerationOptions, generate, normaliz
 from framework.launch import launch, resolve_device
 from framework.paths import inside, unwritable_dir
 from framework.models.registry import family, with_capability
-from framework.tokenizer import TokenizerSource, choose_tokenizer
+from framework.tokenizer import TokenizerSource, choose_tokenizer, vocab_difference
 from framework.training.oom import generation_oom_error, reported_oom
 
 NUM_HELDOUT = 200  # conf/generate.yaml's num_heldout
@@ -461,7 +461,7 @@ def check_tokenizer_fits(cfg: GenerateConfig, it: int, model_cfg: ModelConfig,
                  f"{name} has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary is "
                  f"{model_cfg.vocab_size} (model.vocab_size): its ids would reach rows the model "
                  f"never trained; use the checkpoint's own tokenizer")
-    elif given:
+    if given:
         try:
             own = choose_checkpoint_tokenizer(TokenizerConfig(), cfg.load, it, model_cfg,
                                               data_type).load()
@@ -472,6 +472,14 @@ def check_tokenizer_fits(cfg: GenerateConfig, it: int, model_cfg: ModelConfig,
                      f"{name} has {tokenizer.vocab_size} tokens but the checkpoint was trained "
                      f"with a tokenizer of {own.vocab_size}; leave tokenizer unset to use the "
                      f"checkpoint's own")
+            # the same size with other ids (a permuted vocabulary) decoded wrong text
+            try:
+                moved = vocab_difference(tokenizer, own)
+            except Exception:  # noqa: BLE001 (a tokenizer without a vocabulary to compare)
+                moved = None
+            require(moved is None,
+                     f"{name} is not the tokenizer the checkpoint was trained with: {moved}; "
+                     f"leave tokenizer unset to use the checkpoint's own")
     rows = _stored_vocab_rows(cfg.load, it, cfg.allow_symlinks)
     require(rows is None or rows == padded,
              f"the checkpoint's word embeddings have {rows} rows but the tokenizer ({name}, "

@@ -24,7 +24,7 @@ from framework.launch_env import env_rank
 from framework.models.build import padded_vocab_size
 from framework.models.registry import family
 from framework.preflight import check_inputs
-from framework.tokenizer import TokenizerSource, choose_tokenizer
+from framework.tokenizer import TokenizerSource, choose_tokenizer, vocab_difference
 
 
 @dataclass
@@ -139,20 +139,15 @@ def _check_resumed_tokenizer(tokenizer, path: str, cfg: Config) -> None:
     try:
         theirs = build_tokenizer(replace(cfg.tokenizer, path=None, vocab_file=None,
                                          merge_file=None), default_dir=saved)
-        ours_vocab, their_vocab = tokenizer.hf.get_vocab(), theirs.hf.get_vocab()
+        what = vocab_difference(tokenizer, theirs)
     except Exception as e:  # noqa: BLE001 (a tokenizer class this machine cannot load)
         if env_rank() == 0:
             print(f"note: the checkpoint's tokenizer ({saved}) cannot be read here "
                   f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}), "
                   f"so tokenizer.path is not compared with it", flush=True)
         return
-    if ours_vocab == their_vocab:
+    if what is None:
         return
-    moved = sorted(t for t in set(ours_vocab) & set(their_vocab) if ours_vocab[t] != their_vocab[t])
-    only = len(set(ours_vocab) ^ set(their_vocab))
-    what = (f"{len(moved)} tokens have other ids (e.g. {moved[0]!r}: {their_vocab[moved[0]]} in "
-            f"the checkpoint, {ours_vocab[moved[0]]} here)" if moved else
-            f"{only} tokens are in one vocabulary only")
     given = cfg.tokenizer.path or cfg.tokenizer.vocab_file
     raise ConfigError(f"tokenizer {given} is not the tokenizer of the checkpoint this run resumes "
                       f"({saved}): {what}; resume without tokenizer.path (the checkpoint's is "

@@ -419,3 +419,16 @@ class MaskedLMTokenizerAdapter(MegatronTokenizerAdapter):
     @property
     def additional_special_tokens_ids(self) -> List[int]:
         return list(self._sentinels)
+
+
+def vocab_difference(ours, theirs) -> Optional[str]:
+    """How tokenizer `ours` maps tokens to other ids than `theirs` ("3 tokens have other ids
+    (e.g. '1': 5 in the checkpoint, 6 here)"), or None when their vocabularies are the same."""
+    mine, other = ours.hf.get_vocab(), theirs.hf.get_vocab()
+    if mine == other:
+        return None
+    moved = sorted(t for t in set(mine) & set(other) if mine[t] != other[t])
+    if moved:
+        return (f"{len(moved)} tokens have other ids (e.g. {moved[0]!r}: {other[moved[0]]} in "
+                f"the checkpoint, {mine[moved[0]]} here)")
+    return f"{len(set(mine) ^ set(other))} tokens are in one vocabulary only"

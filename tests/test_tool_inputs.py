@@ -217,6 +217,17 @@ def test_generate_tokenizer_of_another_vocabulary_refused(ckpts, tmp_path):
         job(ckpts["vocab19"], ckpts["tok60"])
     own = os.path.join(ckpts["embedded"], "iter_0000003", "tokenizer")
     assert job(ckpts["embedded"], own).vocab_size == 19  # the same tokenizer given by path
+    # the same 19 tokens with the ids of '1' and '2' swapped: it loaded and decoded '7*8='
+    # as '20' (fuzz pass, seventeenth session)
+    perm = tmp_path / "tokperm"
+    shutil.copytree(own, perm)
+    doc = json.loads((perm / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    vocab["1"], vocab["2"] = vocab["2"], vocab["1"]
+    (perm / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="tokenizer.path=.*tokperm is not the tokenizer the "
+                                          "checkpoint was trained with: 2 tokens have other ids"):
+        job(ckpts["embedded"], str(perm))
     # no tokenizer saved and no vocab_size: the stored rows decide
     bare = tmp_path / "bare"
     shutil.copytree(ckpts["embedded"], bare)
