@@ -314,6 +314,9 @@ def hf_to_megatron(args) -> None:
     config = Config(model=model_cfg, parallel=parallel)  # validates heads % TP, layers % PP
     tok_path = args.tokenizer or (args.load if has_tokenizer(args.load) else None)
     tokenizer = _load_tokenizer(tok_path) if tok_path else None
+    if args.tokenizer and has_tokenizer(args.load):
+        _refuse_moved_ids(args.tokenizer, tokenizer, args.load,
+                          f"the Hugging Face model's own ({args.load})")
     if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
         raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary is {model_cfg.vocab_size}")
@@ -380,6 +383,24 @@ def _check_export_tokenizer(name: str, tokenizer, model_cfg, saved_tok: str,
     if n > padded:
         raise InputError(f"--tokenizer {name} has {n} tokens but the checkpoint's vocabulary "
                          f"tensors have {padded} rows")
+    if os.path.isdir(saved_tok):
+        _refuse_moved_ids(name, tokenizer, saved_tok, "the checkpoint's own (its tokenizer/)")
+
+
+def _refuse_moved_ids(name: str, tokenizer, own_dir: str, own_name: str) -> None:
+    """--tokenizer must give the tokens the model was trained on the ids it trained them with:
+    one that moves them (a permuted vocabulary of the same size) writes a model that reads and
+    writes other text. A vocabulary that only adds tokens passes (the size checks bound it)."""
+    from framework.tokenizer import vocab_difference
+
+    try:
+        moved = vocab_difference(tokenizer, _load_tokenizer(own_dir), moved_only=True)
+    except Exception:  # noqa: BLE001 (a tokenizer without a vocabulary to compare)
+        return
+    if moved is not None:
+        raise InputError(f"--tokenizer {name} gives the model's tokens other ids than "
+                         f"{own_name}: {moved.replace('in the checkpoint', 'there')}; leave "
+                         f"--tokenizer out to use that one")
 
 
 def megatron_to_hf(args) -> None:

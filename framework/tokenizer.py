@@ -421,9 +421,11 @@ class MaskedLMTokenizerAdapter(MegatronTokenizerAdapter):
         return list(self._sentinels)
 
 
-def vocab_difference(ours, theirs) -> Optional[str]:
+def vocab_difference(ours, theirs, moved_only: bool = False) -> Optional[str]:
     """How tokenizer `ours` maps tokens to other ids than `theirs` ("3 tokens have other ids
-    (e.g. '1': 5 in the checkpoint, 6 here)"), or None when their vocabularies are the same."""
+    (e.g. '1': 5 in the checkpoint, 6 here)"), or None when their vocabularies are the same.
+    `moved_only`: None also when the only difference is tokens one of them lacks (a vocabulary
+    extended with new ids)."""
     mine, other = ours.hf.get_vocab(), theirs.hf.get_vocab()
     if mine == other:
         return None
@@ -431,4 +433,6 @@ def vocab_difference(ours, theirs) -> Optional[str]:
     if moved:
         return (f"{len(moved)} tokens have other ids (e.g. {moved[0]!r}: {other[moved[0]]} in "
                 f"the checkpoint, {mine[moved[0]]} here)")
+    if moved_only:
+        return None
     return f"{len(set(mine) ^ set(other))} tokens are in one vocabulary only"

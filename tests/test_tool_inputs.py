@@ -404,6 +404,19 @@ def test_megatron_to_hf_tokenizer_must_fit_the_checkpoint(ckpts, tmp_path, capsy
     assert rc == 2 and "tok60 has 60 tokens but the checkpoint was trained with a tokenizer " \
                        "of 19" in _one_line(err)
     assert not os.listdir(tmp_path)
+    # the checkpoint's 19 tokens with two ids swapped: exported, and the HF model then read
+    # '1' as '2' (fuzz pass, seventeenth session)
+    perm = tmp_path.parent / f"{tmp_path.name}-tokperm"
+    shutil.copytree(os.path.join(ckpts["embedded"], "iter_0000003", "tokenizer"), perm)
+    doc = json.loads((perm / "tokenizer.json").read_text())
+    doc["model"]["vocab"]["1"], doc["model"]["vocab"]["2"] = \
+        doc["model"]["vocab"]["2"], doc["model"]["vocab"]["1"]
+    (perm / "tokenizer.json").write_text(json.dumps(doc))
+    rc, err = _convert(capsys, "megatron-to-hf", "--load", ckpts["embedded"], "--save",
+                       tmp_path / "c", "--tokenizer", perm)
+    assert rc == 2 and f"--tokenizer {perm} gives the model's tokens other ids than the " \
+        f"checkpoint's own (its tokenizer/): 2 tokens have other ids" in _one_line(err)
+    assert not os.listdir(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
