@@ -331,6 +331,29 @@ def test_convert_index_naming_the_wrong_shard_is_one_line(hf_models, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, data, want", [
+    ("config.json", b'{"model_type": "gpt2", "n_embd": "\xff"}', "config.json: not UTF-8 text"),
+    ("config.json", b"[" * 100000 + b"]" * 100000, "config.json: cannot read it as JSON (nested"),
+    ("model.safetensors.index.json", b'{"weight_map": ["a"]}', "not a valid weight index"),
+    ("model.safetensors.index.json", b'{"weight_map": "a"}', "not a valid weight index"),
+    ("model.safetensors.index.json", b'{"weight_map": {"w": 5}}', "not a valid weight index"),
+    ("model.safetensors.index.json", b'{"weight_map": {"w": "../model.safetensors"}}',
+     "not a valid weight index"),
+    ("model.safetensors.index.json", b'{"weight_map": {"w": "\xff"}}',
+     "model.safetensors.index.json: not UTF-8 text"),
+])
+def test_convert_malformed_hf_json_is_one_line(hf_models, tmp_path, capsys, name, data, want):
+    """config.json or the weight index that is not UTF-8, nested 100,000 deep, or whose
+    weight_map is not a map of names to files in the directory: a UnicodeDecodeError,
+    RecursionError, ValueError or TypeError traceback (fuzz pass, seventeenth session)."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_models / "gpt2", src)
+    (src / name).write_bytes(data)
+    rc, err = _convert(capsys, "hf-to-megatron", "--load", src, "--save", tmp_path / "out")
+    assert rc == 2 and want in _one_line(err), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_config_vocab_size_must_match_the_embedding_rows(hf_models, tmp_path,
                                                                   capsys):
     """config.json vocab_size=120 with a 101-row wte was converted silently: rows 101..119

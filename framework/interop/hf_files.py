@@ -37,22 +37,38 @@ def read_hf_config(hf_dir: str) -> Dict[str, Any]:
                            f"directory with {CONFIG})")
     if not os.path.isfile(path):
         raise InteropError(f"{hf_dir} has no {CONFIG}; is it a Hugging Face model directory?")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InteropError(f"{path}: cannot read it as JSON ({e})") from None
+    cfg = _json_file(path)
     if not isinstance(cfg, dict):
         raise InteropError(f"{path} does not hold a JSON object")
     return cfg
 
 
-def _index_files(path: str) -> Dict[str, str]:
+def _json_file(path: str) -> Any:
+    """The JSON document in `path`; text that is not UTF-8 or not JSON, or nested too deeply to
+    parse, is one InteropError naming the file."""
     try:
-        with open(path) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InteropError(f"{path}: not a valid weight index ({type(e).__name__}: {e})") from None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise InteropError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise InteropError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                           f"{e.start})") from None
+    except RecursionError:
+        raise InteropError(f"{path}: cannot read it as JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and an integer too long to convert
+        raise InteropError(f"{path}: cannot read it as JSON ({str(e).splitlines()[0]})") \
+            from None
+
+
+def _index_files(path: str) -> Dict[str, str]:
+    doc = _json_file(path)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v and os.path.basename(v) == v
+            for k, v in weight_map.items()):
+        raise InteropError(f"{path}: not a valid weight index ('weight_map' must map each "
+                           f"tensor name to the name of a weight file in the directory)")
     return dict(weight_map)
 
 
