@@ -277,6 +277,8 @@ TAMPER = {
         '{"config": ' + "[" * 100000 + "]" * 100000 + "}"), "not valid JSON"),
     "framework.json bad model types": (lambda ck, m: _json(
         ck, lambda d: d["config"]["model"].update(num_layers="two")), "config.model"),
+    "framework.json train not an object": (lambda ck, m: _json(
+        ck, lambda d: d["config"].update(train="x")), "'config.train' is not an object"),
     "framework.json disagrees with tensors": (lambda ck, m: _json(
         ck, lambda d: d["config"]["model"].update(hidden_size=32)), "hidden_size"),
     "metadata.json other backend": (lambda ck, m: _f(ck, "metadata.json").write_text(
@@ -515,3 +517,17 @@ def test_resume_from_a_checkpoint_saved_before_any_step(trained, tmp_path, capfd
     assert len(fresh) == 2 and losses(tmp_path / "rb") == fresh
     # the perturbed weights were used: not the fixture's first step from the fresh init
     assert fresh[0] != losses(trained[0].parent / "run")[0]
+
+
+def test_check_compatible_reads_stored_fields_as_typed_values():
+    """framework.json's num_attention_heads as "4" (a hand edit that keeps the file's size) was
+    a TypeError traceback in check_compatible; it is the typed 4, and a real difference is still
+    named."""
+    from framework.checkpoint.state import check_compatible
+    from framework.config import ModelConfig
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4)
+    model = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": "4"}
+    check_compatible({"config": {"model": model}}, cfg, "ck")
+    with pytest.raises(ConfigError, match="model.num_attention_heads: checkpoint=8 config=4"):
+        check_compatible({"config": {"model": dict(model, num_attention_heads="8")}}, cfg, "ck")

@@ -240,7 +240,8 @@ def check_meta(meta: Any, where: str, iteration: Optional[int] = None) -> None:
     config = meta.get("config")
     if not isinstance(config, dict):
         bad("'config' is missing or not an object")
-    for group in ("model", "parallel", "data", "checkpoint"):
+    for group in ("model", "parallel", "data", "checkpoint", "train", "optimizer", "tokenizer",
+                  "logging"):
         if group in config and not isinstance(config[group], dict):
             bad(f"'config.{group}' is not an object")
     if "model" not in config:

@@ -37,9 +37,9 @@ from framework.checkpoint.commit import commit, stage, staging_dir
 from framework.checkpoint.manifest import (MANIFEST, hash_own_shards, verify_checkpoint,
                                            write_manifest)
 from framework.checkpoint.reader import (META, TRACKER, committed_iterations, cpu_safe, iter_dir,
-                                         iteration_path,
-                                         latest_iteration, read_dist, read_meta,
-                                         recorded_window, uncommitted_iteration_names)
+                                         iteration_path, latest_iteration, read_dist, read_meta,
+                                         recorded_window, stored_model_config,
+                                         uncommitted_iteration_names)
 from framework.config import ModelConfig
 from framework.distributed import rng_state, set_rng_state
 from framework.errors import CheckpointError, ConfigError
@@ -77,7 +77,11 @@ def _arch_value(model: Dict[str, Any], f: str) -> Any:
 
 def check_compatible(meta: Dict[str, Any], model_cfg: ModelConfig, where: str) -> None:
     """Refuse a checkpoint whose architecture differs from the config, listing the fields."""
-    stored = {**meta.get("config", {}).get("model", {}), **recorded_window(meta)}
+    raw = {**meta.get("config", {}).get("model", {}), **recorded_window(meta)}
+    # the stored fields as typed values (a "4" where 4 belongs compares, not a TypeError),
+    # only those it records (an older checkpoint's missing ones take ARCH_DEFAULTS)
+    typed = vars(stored_model_config(meta, where))
+    stored = {k: typed.get(k, v) for k, v in raw.items()}
     ours = {f: getattr(model_cfg, f) for f in ARCH_FIELDS + ("hidden_size",)}
     diffs = [f"model.{f}: checkpoint={_arch_value(stored, f)!r} config={_arch_value(ours, f)!r}"
              for f in ARCH_FIELDS if (f in stored or f in ARCH_DEFAULTS)
