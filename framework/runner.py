@@ -284,9 +284,13 @@ def _train_rank_in(plan: RunPlan) -> None:
                 extra={"skipped_iters": st.skipped_iters, "nan_iters": st.nan_iters})
             if rank == 0:
                 echo(f"saved checkpoint {path}")
-                for old in prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last):
+                kept: list = []
+                for old in prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last, kept):
                     echo(f"removed old checkpoint {old} (checkpoint.keep_last="
                          f"{cfg.checkpoint.keep_last})")
+                for old in kept:
+                    echo(f"warning: could not remove old checkpoint {old} (checkpoint.keep_last="
+                         f"{cfg.checkpoint.keep_last}): check its permissions")
 
         step_impl = build_train_step(parts.train_step, cfg.train.step, device)
         trainer = Trainer(model, optimizer, scheduler, step_impl, data, cfg.train,

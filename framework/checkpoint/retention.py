@@ -7,9 +7,11 @@ from typing import List, Optional
 
 from framework.checkpoint.reader import committed_iterations, latest_iteration
 
-def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int]) -> List[str]:
+def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int],
+                      failed: Optional[List[str]] = None) -> List[str]:
     """Keep the newest `keep_last` committed checkpoints (and always the tracker's). Rank 0,
-    after the tracker names the newest one."""
+    after the tracker names the newest one. Returns the paths removed; those that could not be
+    (read-only) are appended to `failed`."""
     if keep_last is None or not os.path.isdir(ckpt_dir):
         return []
     latest = latest_iteration(ckpt_dir)
@@ -25,5 +27,8 @@ def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int]) -> List[str]:
         if it not in keep and it < latest:
             path = os.path.join(ckpt_dir, f"iter_{it:07d}")
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            if not os.path.lexists(path):
+                removed.append(path)
+            elif failed is not None:  # (a read-only one stays: not reported as removed)
+                failed.append(path)
     return removed
