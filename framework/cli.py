@@ -362,6 +362,11 @@ def config_from_hydra(dcfg: Any, hydra_cfg: Any, conf_dir: str, multirun: bool) 
     check_unknown_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     check_overrides_take_effect(cfg, task_overrides(hydra_cfg))
+    launcher = choices.get("hydra/launcher")
+    if not multirun and launcher not in (None, "basic") and env_rank() == 0:
+        # Hydra uses the launcher for -m sweeps only
+        print(f"note: hydra/launcher={launcher} launches -m sweeps only; this single run runs "
+              f"here (add -m to launch it through {launcher})", flush=True)
     return cfg
 
 
