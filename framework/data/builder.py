@@ -128,13 +128,13 @@ def check_index_memory(config: Any, prefixes: List[str], weights: Optional[List[
 
     total = psutil.virtual_memory().total
     share = [w / sum(weights) for w in weights] if weights else [1.0] * len(prefixes)
-    need = 0.0
+    needs = [0.0] * len(num_samples)  # per split: train, valid, test
     for i, name in enumerate(s.name for s in Split):
         n = num_samples[i]
         bookends = config.split_matrix[i]
         if n <= 0 or bookends is None:
             continue
-        need += 24.0 * n * len(prefixes)
+        needs[i] += 24.0 * n * len(prefixes)
         if seq_length is None:
             continue
         for prefix, w in zip(prefixes, share):
@@ -144,13 +144,26 @@ def check_index_memory(config: Any, prefixes: List[str], weights: Optional[List[
             tokens = int(info.sequence_lengths[beg:end].sum(dtype="int64"))
             if tokens > 0:
                 epochs = math.ceil((math.ceil(w * n) * seq_length + 1) / tokens)
-                need += 20.0 * epochs * (end - beg)
+                needs[i] += 20.0 * epochs * (end - beg)
+    need = sum(needs)
     if need > total:
+        # the split that needs the most names the setting to lower
+        i = max(range(len(needs)), key=needs.__getitem__)
+        what, formula, lower = _INDEXED_SPLITS[i]
         raise ConfigError(
-            f"indexing {num_samples[0]} training samples (train.max_steps x "
-            f"train.global_batch_size) over this data needs about {need / 2**30:,.0f} GiB of "
-            f"memory, more than this machine's {total / 2**30:.0f} GiB; lower train.max_steps "
-            f"(or use more data)")
+            f"indexing {num_samples[i]} {what} samples ({formula}) over this data needs about "
+            f"{need / 2**30:,.0f} GiB of memory, more than this machine's "
+            f"{total / 2**30:.0f} GiB; {lower}")
+
+
+# per split: what its samples are, how their number comes about, and the setting that sets it
+_INDEXED_SPLITS = [
+    ("training", "train.max_steps x train.global_batch_size",
+     "lower train.max_steps (or use more data)"),
+    ("held-out", "train.eval_iters x the evaluations x train.global_batch_size",
+     "lower train.eval_iters, or raise train.eval_interval"),
+    ("test", "train.eval_iters x train.global_batch_size", "lower train.eval_iters"),
+]
 
 
 class Builder(BlendedMegatronDatasetBuilder):
