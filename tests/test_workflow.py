@@ -102,6 +102,27 @@ def test_sweep_runs_every_job_and_summarizes(sweep):
     assert "2 of 4 jobs did not complete" in r.stderr
 
 
+def test_a_sweep_jobs_printed_command_continues_that_job(tmp_path):
+    """A sweep job's "train longer" command left out -m, so its single run named another
+    checkpoint directory (sweep jobs name theirs from all their overrides) and trained from step
+    0. Now it names the job's checkpoint.dir, and running it resumes that job."""
+    import shlex
+    import subprocess
+    import sys
+
+    r = _run(tmp_path, ["-m", "optimizer.lr=1e-3,3e-4", *FAST, "train.max_steps=2",
+                        "train.eval_interval=0", f"hydra.sweep.dir={tmp_path}/sw"])
+    cmds = [line.split("train longer: ", 1)[1] for line in r.stdout.splitlines()
+            if "train longer: " in line]
+    assert len(cmds) == 2 and all("checkpoint.dir=" in c for c in cmds), r.stdout[-2000:]
+    argv = shlex.split(cmds[0])
+    assert argv[:2] == ["python", "train.py"]
+    done = subprocess.run([sys.executable, TRAIN, *argv[2:], f"hydra.run.dir={tmp_path}/more"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from checkpoints/optimizer.lr=0.001," in done.stdout, done.stdout[-2000:]
+
+
 def test_single_run_config_error_still_exits_2(tmp_path):
     r = _run(tmp_path, [*FAST, "parallel=pp2", f"hydra.run.dir={tmp_path}/r"], expect=2)
     assert r.stderr.strip().splitlines()[-1].startswith("error: parallel=pp2 needs GPUs for "

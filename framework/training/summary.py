@@ -94,6 +94,12 @@ def _records(path: str) -> List[Dict[str, Any]]:
     return out
 
 
+def _in_sweep() -> bool:
+    from framework.cli import is_multirun
+
+    return is_multirun()
+
+
 def print_summary(cfg: "Config", overrides: Optional[List[str]]) -> None:
     """The closing lines of a run (see the module docstring)."""
     metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
@@ -125,9 +131,16 @@ def print_summary(cfg: "Config", overrides: Optional[List[str]]) -> None:
         lines.append(f"  tensorboard: {show_path(os.path.join(cfg.run_dir, 'tensorboard'))}")
     if cfg.logging.wandb:
         lines.append(f"  wandb:       {show_path(os.path.join(cfg.run_dir, 'wandb'))}")
+    # a sweep job's checkpoint directory is named from the sweep's overrides: the single run a
+    # printed command starts would name another one (and start afresh), so name it
+    pin = {}
+    if it is not None and _in_sweep() and not any(
+            o.split("=", 1)[0].lstrip("+~") == "checkpoint.dir" for o in overrides or []):
+        pin["checkpoint__dir"] = "'" + show_path(cfg.checkpoint.dir).replace("'", "\\'") + "'"
     if it is not None and it < cfg.train.max_steps:
-        lines.append(f"  resume:      {command(overrides)}")
+        lines.append(f"  resume:      {command(overrides, **pin)}")
     elif it is not None:
-        lines.append(f"  train longer: {command(overrides, train__max_steps=2 * max(it, 1))}")
+        lines.append(f"  train longer: "
+                     f"{command(overrides, **pin, train__max_steps=2 * max(it, 1))}")
     for line in lines:
         echo(line)
