@@ -139,6 +139,8 @@ def check_save_dir(save: str, load: str, overwrite: bool) -> None:
     """Refuse (before any work) an output that would clobber data or the input, or that cannot
     be written: the output is staged in --save's parent (or its nearest existing ancestor, where
     the parent is made) and then renamed into place, so that directory must take a new one."""
+    if not save.strip():
+        raise InputError("--save is empty: name the output directory")
     if inside(save, load) or inside(load, save):
         raise InputError(f"--save {save} and --load {load} overlap; choose another --save")
     if os.path.islink(save):  # publishing would replace the link, not fill its target

@@ -60,6 +60,12 @@ def test_unwritable_save_is_checked_for_reshape(models, capsys):
     assert rc == 2 and _one_line(out.err).startswith("error: --save=/proc/z5: cannot write")
 
 
+def test_empty_save_is_named(models, capsys):
+    """--save '' said "--save and --load overlap" (the empty path is the current directory)."""
+    rc, out = _convert(capsys, "megatron-to-hf", "--load", models / "m1", "--save", "")
+    assert rc == 2 and _one_line(out.err) == "error: --save is empty: name the output directory"
+
+
 def test_save_that_is_a_symlink_or_the_current_directory_refused(models, tmp_path, capsys,
                                                                  monkeypatch):
     """A dangling --save symlink failed after the conversion, naming the staging directory; a
