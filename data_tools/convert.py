@@ -627,13 +627,13 @@ def run(args) -> None:
             print_megatron_structure(args.load, args.allow_symlinks, args.verify)
     # a training run saving into --save holds its run lock: refused; else held until the end,
     # so that no run starts saving there while the conversion replaces it
-    held = hold_if_a_run_lock(args.save) if args.save is not None and os.path.isdir(args.save) \
-        else None
+    release = hold_if_a_run_lock(args.save) \
+        if args.save is not None and os.path.isdir(args.save) else None
     try:
         COMMANDS[args.command](args)
     finally:
-        if held is not None:
-            os.close(held)
+        if release is not None:
+            release()
     if args.print_checkpoint_structure and args.save is not None:
         if args.command == "megatron-to-hf":
             print_hf_structure(args.save, False)

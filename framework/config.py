@@ -289,15 +289,7 @@ class ModelConfig:
             f"model.seq_length={self.seq_length} exceeds "
             f"model.max_position_embeddings={self.max_position_embeddings}",
         )
-        # RoPE has no position table, but the checkpoint records max_position_embeddings as the
-        # model's context: generation refused prompts longer than it after a longer training
-        require(
-            self.position_embedding_type != "rope" or self.max_positions >= self.seq_length,
-            f"model.seq_length={self.seq_length} exceeds model.max_position_embeddings="
-            f"{self.max_position_embeddings}, the context the checkpoint would record (used by "
-            f"generation and the HF export): raise model.max_position_embeddings to at least "
-            f"{self.seq_length}",
-        )
+
         choice(self.alibi_kernel, ("auto", "augmented", "cudnn", "flex", "dense"),
                 "model.alibi_kernel")
         choice(self.position_embedding_type,
@@ -1121,7 +1113,17 @@ class Config:
     def _check_unused(self) -> None:
         """Settings this run would accept and then not use (transformer_config passes each
         recompute field only with its granularity; the profiler stops at train.max_steps)."""
-        p, t = self.parallel, self.train
+        p, t, m = self.parallel, self.train, self.model
+        # RoPE has no position table, but the checkpoint records max_position_embeddings as the
+        # model's context: generation refused prompts longer than it after a longer training.
+        # (Here, not in ModelConfig, which also reads older checkpoints' stored configs.)
+        require(
+            m.position_embedding_type != "rope" or m.max_positions >= m.seq_length,
+            f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}, the context the checkpoint would record (used by "
+            f"generation and the HF export): raise model.max_position_embeddings to at least "
+            f"{m.seq_length}",
+        )
         for f, value in (("recompute_method", p.recompute_method),
                          ("recompute_num_layers", p.recompute_num_layers)):
             require(value is None or p.recompute_granularity == "full",

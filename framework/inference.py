@@ -467,14 +467,16 @@ def check_tokenizer_fits(cfg: GenerateConfig, it: int, model_cfg: ModelConfig,
                                               data_type).load()
         except ConfigError:  # no tokenizer saved with it: the stored rows below decide
             own = None
-        if own is not None:
+        if own is not None and model_cfg.vocab_size is None:
             require(tokenizer.vocab_size == own.vocab_size,
                      f"{name} has {tokenizer.vocab_size} tokens but the checkpoint was trained "
                      f"with a tokenizer of {own.vocab_size}; leave tokenizer unset to use the "
                      f"checkpoint's own")
-            # the same size with other ids (a permuted vocabulary) decoded wrong text
+        if own is not None:
+            # the same size with other ids (a permuted vocabulary) decoded wrong text; one that
+            # only adds tokens passes where the sizes allow it
             try:
-                moved = vocab_difference(tokenizer, own)
+                moved = vocab_difference(tokenizer, own, moved_only=True)
             except Exception:  # noqa: BLE001 (a tokenizer without a vocabulary to compare)
                 moved = None
             require(moved is None,

@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from framework.errors import ConfigError
 
@@ -111,21 +111,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def hold_if_a_run_lock(directory: str) -> Optional[int]:
-    """For a tool about to replace `directory` (data_tools.convert --overwrite): take the run
-    lock a training run saving there holds, if the directory has one, and keep it until the fd
-    returned is closed; None when it has none. Held by a run: a ConfigError naming it (a
-    replace would delete the checkpoints it is writing)."""
+def hold_if_a_run_lock(directory: str) -> Optional[Callable[[], None]]:
+    """For a tool about to replace an existing `directory` (data_tools.convert --save): take the
+    run lock there, as a training run saving there would, with this process named as its
+    holder, and keep it until the fd returned is closed (a run that starts meanwhile is refused,
+    naming the tool). Held by a running training run: a ConfigError naming it (a replace would
+    delete the checkpoints it writes). Returns the call that releases it (and removes the lock
+    file where this call made it and the directory is still there); None, and nothing held,
+    where the lock cannot be taken (an unwritable directory, no flock)."""
+    import errno
     import fcntl
+    import socket
     import stat
 
     path = os.path.join(directory, RUN_LOCK)
+    made = not os.path.lexists(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise _not_a_lock(directory, path, "--save") from None
         return None
-    except OSError:
-        raise _not_a_lock(directory, path, "--save") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise _not_a_lock(directory, path, "--save")
@@ -138,8 +144,23 @@ def hold_if_a_run_lock(directory: str) -> Optional[int]:
                           f"({holder}): replacing it would delete the checkpoints that run "
                           f"writes; wait for it to end, or give another --save") from None
     except OSError:  # no flock on this filesystem
-        pass
-    return fd
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} (data_tools.convert)\n".encode(), 0)
+
+    def release() -> None:
+        try:  # the file is still this one (not replaced along with the directory)
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if same and made:  # leave an empty --save as it was
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        os.close(fd)
+
+    return release
 
 
 def _not_a_lock(ckpt_dir: str, path: str, what: str = "checkpoint.dir") -> ConfigError:

@@ -126,10 +126,10 @@ def check_sweep_start(config: DictConfig) -> None:
     if launcher == "slurm":
         import shutil
 
-        if shutil.which("sbatch") is None or shutil.which("srun") is None:
-            raise ConfigError("hydra/launcher=slurm submits the jobs with sbatch and srun, which "
-                              "this machine does not have: run the sweep on a SLURM login node, "
-                              "or use hydra/launcher=slurm_local to run the same jobs here")
+        if shutil.which("sbatch") is None:  # (srun runs inside the job, on the cluster)
+            raise ConfigError("hydra/launcher=slurm submits the jobs with sbatch, which this "
+                              "machine does not have: run the sweep on a SLURM login node, or "
+                              "use hydra/launcher=slurm_local to run the same jobs here")
     sweep_dir = str(config.hydra.sweep.dir)
     # where every rank runs the sweep (torchrun), the others may already see rank 0's new files
     if env_rank() == 0 and os.path.isdir(sweep_dir) and not _same_sweep(config, sweep_dir):

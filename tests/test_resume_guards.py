@@ -87,7 +87,10 @@ def test_a_folder_named_as_a_checkpoint_is_refused_and_kept(base):
         removed = prune_checkpoints(str(ck), 1, failed)
     finally:
         retention.shutil.rmtree = real
-    assert removed == [] and failed == [str(ck / "iter_0000002")]
+    assert removed == [] and failed == [str(ck / "iter_0000002.tmp-pruned")]
+    # (renamed first: what is left is a staging directory the next save removes, not an
+    # iter_N without framework.json that a resume would refuse)
+    assert not (ck / "iter_0000002").exists()
 
 
 def test_a_tracker_behind_a_newer_committed_checkpoint_is_refused(base):
@@ -106,6 +109,16 @@ def test_a_tracker_behind_a_newer_committed_checkpoint_is_refused(base):
     assert _tree(ck) == before
     r = run_train(*FAST, "train.max_steps=4", f"checkpoint.dir={ck}",
                   "checkpoint.load_iteration=2", cwd=base, name=None, fast=False)
+    assert f"resumed from {ck}/iter_0000002" in r.stdout
+    # a newer-numbered checkpoint committed before the tracker's (a run that went on from
+    # checkpoint.load_iteration and saved past it, then stopped) is that run's own branch:
+    # the printed resume command goes on
+    ck = _copy(base, "branch")
+    (ck / TRACKER).write_text("2")
+    later = os.path.getmtime(ck / "iter_0000004" / "framework.json") + 10
+    os.utime(ck / "iter_0000002" / "framework.json", (later, later))
+    r = run_train(*FAST, "train.max_steps=3", f"checkpoint.dir={ck}", cwd=base, name=None,
+                  fast=False)
     assert f"resumed from {ck}/iter_0000002" in r.stdout
 
 

@@ -339,6 +339,12 @@ def test_convert_index_naming_the_wrong_shard_is_one_line(hf_models, tmp_path, c
     ("model.safetensors.index.json", b'{"weight_map": {"w": 5}}', "not a valid weight index"),
     ("model.safetensors.index.json", b'{"weight_map": {"w": "../model.safetensors"}}',
      "not a valid weight index"),
+    ("model.safetensors.index.json", b'{"weight_map": {"w": "/abs/model.safetensors"}}',
+     "not a valid weight index"),
+    # a shard in a subdirectory is a file inside the directory: it passes this check and is
+    # then looked for
+    ("model.safetensors.index.json", b'{"weight_map": {"w": "shards/model.safetensors"}}',
+     "the weight index names shards/model.safetensors, which is missing"),
     ("model.safetensors.index.json", b'{"weight_map": {"w": "\xff"}}',
      "model.safetensors.index.json: not UTF-8 text"),
 ])

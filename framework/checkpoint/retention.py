@@ -26,7 +26,18 @@ def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int],
     for it in iters:
         if it not in keep and it < latest:
             path = os.path.join(ckpt_dir, f"iter_{it:07d}")
-            shutil.rmtree(path, ignore_errors=True)
+            # renamed to a staging name first: a prune stopped halfway (a kill, a read-only
+            # file) leaves a `.tmp` directory the next save's `stage` removes, not an iter_N
+            # without its framework.json that later runs would refuse as not a checkpoint
+            gone = f"{path}.tmp-pruned"
+            try:
+                os.rename(path, gone)
+            except OSError:
+                gone = path
+            shutil.rmtree(gone, ignore_errors=True)
+            if gone != path and os.path.lexists(gone) and failed is not None:
+                failed.append(gone)
+                continue
             if not os.path.lexists(path):
                 removed.append(path)
             elif failed is not None:  # (a read-only one stays: not reported as removed)

@@ -320,6 +320,14 @@ def _agree(failed: Optional[str]) -> Optional[str]:
     return box[0]
 
 
+def _committed_at(ckpt_dir: str, iteration: int) -> float:
+    """When `iteration`'s framework.json was written (its commit), or 0."""
+    try:
+        return os.path.getmtime(os.path.join(iter_dir(ckpt_dir, iteration), META))
+    except OSError:
+        return 0.0
+
+
 def load_target(c, allow_symlinks: Optional[bool] = None
                 ) -> Tuple[Optional[str], Optional[int], bool]:
     """(directory, iteration, resuming) of the checkpoint a run with checkpoint config `c` loads:
@@ -334,8 +342,11 @@ def load_target(c, allow_symlinks: Optional[bool] = None
             f"checkpoint.dir={parent}, or to start from it, checkpoint.load={parent} "
             f"checkpoint.load_iteration=<its iteration> with a new checkpoint.dir")
     resume_it = latest_iteration(c.dir, allow_symlinks=links)
-    foreign = uncommitted_iteration_names(c.dir) if c.save else []
-    if foreign:  # a save of that iteration would replace it without a word
+    # an `iter_N` entry that is not a checkpoint, where a save of this run may land (beyond
+    # the resumed iteration): a save of that iteration would replace it without a word
+    foreign = [n for n in uncommitted_iteration_names(c.dir) if int(n[5:]) > (resume_it or 0)] \
+        if c.save else []
+    if foreign:
         raise ConfigError(
             f"checkpoint.dir={c.dir} holds {', '.join(foreign[:3])}"
             f"{' and more' if len(foreign) > 3 else ''}, named as this run's checkpoints are but "
@@ -353,9 +364,13 @@ def load_target(c, allow_symlinks: Optional[bool] = None
     resuming = resume_it is not None
     load_dir = c.dir if resuming else c.load
     want = c.load_iteration
-    newer = [i for i in committed_iterations(c.dir) if i > resume_it] \
+    # committed after the tracker's (what a kill between a commit's rename and its tracker
+    # write leaves); a newer-numbered one committed before it is a run's own earlier branch
+    # (it went on from checkpoint.load_iteration), whose later saves replace it as documented
+    newer = [i for i in committed_iterations(c.dir) if i > resume_it
+             and _committed_at(c.dir, i) > _committed_at(c.dir, resume_it)] \
         if resuming and c.save and want is None else []
-    if newer:  # (what a kill between a commit's rename and its tracker write leaves)
+    if newer:
         tracker = os.path.join(c.dir, TRACKER)
         raise ConfigError(
             f"checkpoint.dir={c.dir}: {tracker} names iteration {resume_it}, but iteration "

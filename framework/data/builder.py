@@ -160,8 +160,7 @@ def check_index_memory(config: Any, prefixes: List[str], weights: Optional[List[
 _INDEXED_SPLITS = [
     ("training", "train.max_steps x train.global_batch_size",
      "lower train.max_steps (or use more data)"),
-    ("held-out", "train.eval_iters x the evaluations x train.global_batch_size",
-     "lower train.eval_iters, or raise train.eval_interval"),
+    ("held-out", "train.eval_iters x train.global_batch_size", "lower train.eval_iters"),
     ("test", "train.eval_iters x train.global_batch_size", "lower train.eval_iters"),
 ]
 

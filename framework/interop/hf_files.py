@@ -65,10 +65,10 @@ def _index_files(path: str) -> Dict[str, str]:
     doc = _json_file(path)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and v and os.path.basename(v) == v
-            for k, v in weight_map.items()):
+            isinstance(k, str) and isinstance(v, str) and v and not os.path.isabs(v)
+            and ".." not in v.replace("\\", "/").split("/") for k, v in weight_map.items()):
         raise InteropError(f"{path}: not a valid weight index ('weight_map' must map each "
-                           f"tensor name to the name of a weight file in the directory)")
+                           f"tensor name to a weight file inside the directory)")
     return dict(weight_map)
 
 

@@ -109,6 +109,7 @@ class Trainer:
             self.fwd_bwd = forward_backward_cpu
         self.peak = peak_tflops(runtime.device)
         self.stop = StopRequest(train_cfg.max_minutes, device=runtime.device)
+        self.eval_stop: Optional[str] = None  # the stop request that ended an evaluation
         self.nan_guard = NanGuard(train_cfg.nan_policy, train_cfg.max_consecutive_nan)
         self.spikes = SpikeDetector(train_cfg.spike_factor)
         self.watchdog: Optional[Watchdog] = None  # set by the caller (framework.runner)
@@ -183,8 +184,12 @@ class Trainer:
         iterators = self.data.valid_iterators(len(self.model))
         total, done = 0.0, 0
         for i in range(self.cfg.eval_iters):
-            if i and self.stop.agreed() is not None:
-                break
+            if i:
+                # agreed by every rank here; kept for the loop, whose own (deferred, on a GPU)
+                # agreement would see it a step later
+                self.eval_stop = self.stop.agreed()
+                if self.eval_stop is not None:
+                    break
             self._mark(i + 1, "evaluation (the number is the eval batch)")
             total += self._reduce_losses(self._run(iterators, forward_only=True))[0]
             done += 1
@@ -326,6 +331,7 @@ class Trainer:
                 timer.lap()
             self._mark(state.step, "stop-flag all-reduce")
             stop = self.stop.agreed(deferred=self.defer)
+            stop = stop or self.eval_stop  # a stop that ended this step's evaluation
             bookkeeping.__exit__(None, None, None)
             if stop is not None:
                 break
