@@ -315,10 +315,13 @@ HYDRA_CASES = [
      ["did you mean"]),
     ("train.py", ["run_dir=/tmp/x"], ["set it with hydra.run.dir=<dir>"], []),
     # the data indices' memory names the setting at fault (a huge eval_iters blamed max_steps)
-    ("train.py", ["train.eval_interval=1", "train.eval_iters=200000000", "train.max_steps=2"],
+    # (checkpoint.save=false: the cases run two at a time, and both would name the default
+    # checkpoint directory, whose run lock the other may hold)
+    ("train.py", ["train.eval_interval=1", "train.eval_iters=200000000", "train.max_steps=2",
+                  "checkpoint.save=false"],
      ["held-out samples (train.eval_iters x train.global_batch_size)",
       "lower train.eval_iters"], ["max_steps"]),
-    ("train.py", ["train.max_steps=900000000", "train.eval_interval=0"],
+    ("train.py", ["train.max_steps=900000000", "train.eval_interval=0", "checkpoint.save=false"],
      ["training samples (train.max_steps x", "lower train.max_steps"], []),
     ("generate.py", ["parallel=gpt3"], ["parallel=gpt3", "tp2"], ["parallel_schema"]),
     ("generate.py", ["max_new_token=3"], ["did you mean max_new_tokens?"], []),
