@@ -22,6 +22,13 @@
 #                                      #   that table chose (FP8_CAST_TILES), bf16 (two
 #                                      #   throughput.py runs in one call: each ratio is against
 #                                      #   the bf16 row of its own run)
+#   bash benchmarks/fp8_gpu.sh dh      # the unstored fc1 output gradient and fast accumulation in
+#                                      #   backward: their GPU tests, then gpt2-xl mb16 bf16, the
+#                                      #   best recipe, the same storing fc1's output gradient
+#                                      #   (FP8_STORE_ACT_GRAD=1), the best recipe with
+#                                      #   model.fp8_backward_fast_accum=true, the best again, bf16
+#   bash benchmarks/fp8_gpu.sh accum_loss # fp8_loss.py: 500 steps, bf16 vs the best recipe with
+#                                      #   and without fast accumulation in backward
 #   bash benchmarks/fp8_gpu.sh loss    # fp8_loss.py: 500 steps, bf16 vs tensorwise and delayed,
 #                                      #   PNG + JSON
 #   bash benchmarks/fp8_gpu.sh profile # gpt2-xl mb16, bf16 and tensorwise, two profiled steps
@@ -30,7 +37,7 @@
 # Wheels: those of ../shared/tools/device-wheels.sh in .whl/ (FP8 itself needs none; torchao, for
 # fp8_linear.py's comparison only, is picked up from .whl_extra/ when present).
 set -o pipefail
-stage=${1:?usage: fp8_gpu.sh tests|speed|margin|act|best|tiles|loss|profile}
+stage=${1:?usage: fp8_gpu.sh tests|speed|margin|act|best|tiles|dh|accum_loss|loss|profile}
 for d in .whl .whl_extra; do
   if [ -d $d ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -88,6 +95,18 @@ case $stage in
     echo "FP8_CAST_TILES=$tiles" | tee -a "$out/fp8_$stage.log"
     FP8_CAST_TILES=$tiles python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
       --runs fp8_delayed_fused_act_bwd:16,default:16 --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  dh)
+    python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py \
+      -k "activation_backward or cuda_graphs or fast_accum" 2>&1 | tee -a "$out/fp8_$stage.log"
+    cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
+    python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
+      --runs default:16,fp8_delayed_fused_act_bwd:16,fp8_best_store_dh:16,fp8_best_fast_bwd:16,fp8_delayed_fused_act_bwd:16,default:16 \
+      --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
+    ;;
+  accum_loss)
+    python3 benchmarks/fp8_loss.py --steps 500 --recipes best,best_fast_bwd --out "$out" 2>&1 \
+      | tee -a "$out/fp8_$stage.log"
     ;;
   profile)
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \

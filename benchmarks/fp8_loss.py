@@ -78,6 +78,11 @@ def build_data(d: str, vocab: int, max_mb: float):
     return tok_dir, prefix, len(docs), sum(len(x) for x in docs), n_tokens
 
 
+# --recipes names beyond train.fp8's own values: the settings each stands for
+BEST = ["train.fp8=delayed", "model.fp8_fused_act=true", "model.fp8_fused_act_backward=true"]
+RECIPES = {"best": BEST, "best_fast_bwd": BEST + ["model.fp8_backward_fast_accum=true"]}
+
+
 def train(d: str, name: str, tok_dir: str, prefix: str, steps: int, extra):
     run = os.path.join(d, name)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "model=gpt2_small",
@@ -105,7 +110,9 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--recipes", default="tensorwise", help="comma-separated train.fp8 recipes")
+    ap.add_argument("--recipes", default="tensorwise",
+                    help="comma-separated train.fp8 recipes, or " + ", ".join(
+                        f"{k} ({' '.join(v)})" for k, v in RECIPES.items()))
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--corpus-mb", type=float, default=32.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -117,7 +124,8 @@ def main():
         print(f"corpus: {n_docs} documents, {n_chars / 2 ** 20:.1f} MiB of Python's own docs and "
               f"stdlib sources, {n_tokens / 1e6:.2f}M tokens (byte-level BPE, vocab {a.vocab}); "
               f"built in {time.time() - t0:.0f} s", flush=True)
-        runs = {"bf16": []} | {f"fp8 {r}": [f"train.fp8={r}"] for r in a.recipes.split(",") if r}
+        runs = {"bf16": []} | {f"fp8 {r}": RECIPES.get(r, [f"train.fp8={r}"])
+                               for r in a.recipes.split(",") if r}
         curves = {}
         for name, extra in runs.items():
             losses, ms, wall = train(d, name.replace(" ", "_"), tok_dir, prefix, a.steps, extra)

@@ -162,6 +162,15 @@ CANDIDATES = {
                                   "(model.fp8_fused_act_backward=true)",
                                   ["train.fp8=delayed", "model.fp8_fused_act=true",
                                    "model.fp8_fused_act_backward=true"]),
+    "fp8_best_store_dh": ("ours + FP8 delayed, both fused activation casts, fc1's output "
+                          "gradient stored as before 2026-12-05 (FP8_STORE_ACT_GRAD=1; unused)",
+                          ["train.fp8=delayed", "model.fp8_fused_act=true",
+                           "model.fp8_fused_act_backward=true", "env:FP8_STORE_ACT_GRAD=1"]),
+    "fp8_best_fast_bwd": ("ours + FP8 delayed, both fused activation casts, fast accumulation "
+                          "in the backward GEMMs (model.fp8_backward_fast_accum=true)",
+                          ["train.fp8=delayed", "model.fp8_fused_act=true",
+                           "model.fp8_fused_act_backward=true",
+                           "model.fp8_backward_fast_accum=true"]),
     "fp8_rowwise": ("ours + FP8 rowwise (train.fp8=rowwise; per-layer CUDA graphs)",
                     ["train.fp8=rowwise"]),
     "fp8_eager": ("ours + FP8 tensorwise, eager (model.cuda_graph=false)",
@@ -202,11 +211,16 @@ def ours(model, mb, steps, extra, profile_dir=None, dropout=0.0, timeout=900, sh
     shape = shape or get_shape(model)
     windows = -(-steps // LOG)
     measured_end = LOG * (1 + windows)
+    # "env:NAME=VALUE" entries of a candidate set the run's environment (benchmark A/B knobs),
+    # the rest are train.py overrides
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+    env.update(e[4:].split("=", 1) for e in extra if e.startswith("env:"))
+    extra = [e for e in extra if not e.startswith("env:")]
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"),
                *ours_overrides_for(model, mb, steps, dropout, extra, bool(profile_dir), shape),
                f"checkpoint.dir={d}/ckpt", f"hydra.run.dir={d}/out"]
-        r = run(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"), timeout=timeout)
+        r = run(cmd, env=env, timeout=timeout)
         if r.returncode != 0:
             return None, failure(r)
         recs = [json.loads(x) for x in open(f"{d}/out/metrics.jsonl") if '"loss"' in x]

@@ -215,6 +215,11 @@ class ModelConfig:
     # act_backward_cast). null/false = the activation's backward, then fc1's cast. null stays
     # off until a GPU run has tested and measured it (written 2026-12-04 without a GPU)
     fp8_fused_act_backward: Optional[bool] = None
+    # GPU, with train.fp8: the backward's FP8 GEMMs (input and weight gradients) use cuBLAS's
+    # fast accumulation (no periodic promotion of the partial sums to fp32), as the forward GEMM
+    # always does. Faster, less precise; torchao and Transformer Engine keep it off by default
+    # in backward, and so do we (false)
+    fp8_backward_fast_accum: bool = False
     # GPU: capture each transformer layer's forward and backward as CUDA graphs after warm-up
     # (megatron-core's local CudaGraphManager; the RNG tracker becomes graph-safe). Removes the
     # per-kernel launch cost that makes small/medium models CPU-bound. Ignored on CPU (a note).
@@ -1084,6 +1089,9 @@ class Config:
                 f"data={self.data.type} is not supported for model.type={m.type} (use "
                 f"{' or '.join('data=' + d for d in spec.data_types)})")
         spec.check_run(self)
+        require(not self.model.fp8_backward_fast_accum or t.fp8,
+                "model.fp8_backward_fast_accum=true needs train.fp8 (it is a setting of the FP8 "
+                "GEMMs' backward)")
         require(not self.model.fp8_fused_act or t.fp8 == "delayed",
                 f"model.fp8_fused_act=true needs train.fp8=delayed (the fused cast takes its "
                 f"scale from the amax history; got train.fp8={t.fp8})")

@@ -404,7 +404,8 @@ def test_mlp_casts_fc1_output_gradient_in_the_activation_backward(mp1, monkeypat
     gradient has an amax history), fc2's activation backward also casts that gradient for fc1,
     whose backward takes the casts instead of casting again. Three steps of the MLP, fp32 on
     CPU (the torch form of the fused pass): outputs, gradients and amax histories bit for bit
-    those of the MLP without it; fc1 casts its own output gradient only at the first step."""
+    those of the MLP without it; fc1 casts its own output gradient only at the first step, and
+    the gradient the activation backward hands fc1 is `unstored`'s stand-in (never read)."""
     import torch.nn.functional as F
 
     from framework.models import layers
@@ -421,7 +422,7 @@ def test_mlp_casts_fc1_output_gradient_in_the_activation_backward(mp1, monkeypat
     fused_calls, dy_casts = [], []
     real_fused, real_cast = fp8.act_backward_cast, fp8._cast_per_tensor
     monkeypatch.setattr(fp8, "act_backward_cast",
-                        lambda *a, **k: fused_calls.append(1) or real_fused(*a, **k))
+                        lambda *a, **k: fused_calls.append(k["store_dh"]) or real_fused(*a, **k))
     monkeypatch.setattr(fp8, "_cast_per_tensor", lambda recipe, x, dtype, meta, role, *a, **k: (
         dy_casts.append(meta) if role == fp8.DY else None) or real_cast(recipe, x, dtype, meta,
                                                                         role, *a, **k))
@@ -453,6 +454,8 @@ def test_mlp_casts_fc1_output_gradient_in_the_activation_backward(mp1, monkeypat
         fc1_casts = sum(m is fc1_meta for m in dy_casts)
         assert (len(fused_calls), fc1_casts) == ((2, 1) if bwd else (0, 3)), (bwd, fused_calls,
                                                                             fc1_casts)
+        # fc1's output went straight into fc2: its gradient is cast, never stored
+        assert not any(fused_calls), fused_calls
     for a, b in zip(out[False], out[True]):
         assert torch.equal(a, b)
 
@@ -464,13 +467,42 @@ def test_take_dy_cast_only_for_the_tensor_it_was_made_from():
     _, meta = _delayed_layer()
     dh = torch.randn(8, 4)
     casts = ("q", "qt", "inv")
-    meta.dy_cast = (dh, casts)
+    meta.dy_cast = (dh, casts, True)
     assert fp8._take_dy_cast(meta, dh.view(8, 4)) == casts and meta.dy_cast is None
-    meta.dy_cast = (dh, casts)
+    meta.dy_cast = (dh, casts, True)
     assert fp8._take_dy_cast(meta, dh + 1) is None and meta.dy_cast is None
-    meta.dy_cast = (dh, casts)
+    meta.dy_cast = (dh, casts, True)
     assert fp8._take_dy_cast(meta, dh.t().contiguous().t()) is None  # other strides
     assert fp8._take_dy_cast(meta, dh) is None  # nothing kept
+    meta.dy_cast = (dh, casts, True)
+    assert fp8._take_dy_cast(meta, dh, reads_dy=True) == casts  # a stored dh may be read
+
+
+def test_unstored_activation_gradient_is_taken_or_refused():
+    """`act_backward_cast(store_dh=False)` returns `unstored`'s stand-in for dh: dh's shape and
+    dtype, no memory, NaN. fc1's backward takes its casts when the stand-in itself reaches it;
+    another tensor made from it (a hook, a second gradient added), or a backward that would
+    read it for a bias of its own, is an error that names the setting, not NaN gradients."""
+    h = torch.randn(16, 8)
+    da = torch.randn(16, 8)
+    bias = torch.randn(8)
+    _, meta = _delayed_layer()
+    meta.primed[fp8.DY] = True
+    meta.rows[fp8.DY, :fp8.HISTORY] = 4.0
+    dh, dbias, casts = fp8.act_backward_cast(h, bias, "gelu_tanh", da, meta, store_dh=True)
+    meta.rows[fp8.DY, fp8.HISTORY] = 0.0
+    dh2, dbias2, casts2 = fp8.act_backward_cast(h, bias, "gelu_tanh", da, meta, store_dh=False)
+    assert dh2.shape == dh.shape and dh2.dtype == dh.dtype and dh2.stride() == (0, 0)
+    assert dh2.untyped_storage().nbytes() == dh.element_size() and dh2.isnan().all()
+    assert torch.equal(dbias, dbias2) and all(torch.equal(a, b) for a, b in zip(casts, casts2))
+    view = dh2.view(2, 8, 8).reshape(-1, 8)  # the layer's view and fc1's reshape keep it
+    meta.dy_cast = (dh2, casts2, False)
+    assert fp8._take_dy_cast(meta, view) is casts2 and meta.dy_cast is None
+    for other, reads in ((dh2 + 1, False), (dh2.contiguous(), False), (view, True)):
+        meta.dy_cast = (dh2, casts2, False)
+        with pytest.raises(RuntimeError, match="model.fp8_fused_act_backward=false"):
+            fp8._take_dy_cast(meta, other, reads_dy=reads)
+        assert meta.dy_cast is None
 
 
 def test_activation_backward_cast_kernel_interpreted():
@@ -526,6 +558,20 @@ for b in (bias, None):
     assert torch.equal(qt.view(torch.uint8), q.view(torch.uint8).t().contiguous())
     assert inv == inv2 and h2[fp8.HISTORY] == hist[fp8.HISTORY]
     assert (q.float().abs() == 57344).any()  # saturation happened
+    # STORE_DH=False: the same casts, bias gradient and amax; dh's memory untouched
+    dh3 = torch.full((M, K), 7.0, dtype=torch.bfloat16)
+    q3, qt3 = torch.empty(M, K, dtype=fp8.E5M2), torch.empty(K, M, dtype=fp8.E5M2)
+    inv3, part3 = torch.empty(()), torch.empty(grid[0], K)
+    h3 = hist.clone()
+    h3[fp8.HISTORY] = 0.0
+    fp8._act_bwd_cast_kernel[grid](h, da, b if b is not None else inv3, dh3, h3, q3, qt3, inv3,
+                                   h3[fp8.HISTORY:], part3, M, K, h.stride(0), da.stride(0),
+                                   EMAX_=fp8.EMAX[fp8.E5M2], BM=fp8.BLOCK_M, BK=fp8.BLOCK_K,
+                                   NPARTS=fp8.HISTORY, HAS_BIAS=b is not None, STORE_DH=False)
+    assert (dh3 == 7.0).all()
+    assert torch.equal(q3.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(qt3.view(torch.uint8), qt.view(torch.uint8))
+    assert torch.equal(part3, part) and inv3 == inv and h3[fp8.HISTORY] == hist[fp8.HISTORY]
 print("ok")
 """)
     assert "ok" in out
@@ -915,6 +961,42 @@ def test_fp8_fused_act_backward_resolution_and_errors():
     with pytest.raises(ConfigError, match="model.fp8_fused_act_backward=true needs "
                                           "model.fp8_fused_act=true"):
         ModelConfig(activation="gelu_tanh", add_bias_linear=True, fp8_fused_act_backward=True)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "rowwise"])
+def test_backward_fast_accum_setting(recipe, monkeypatch):
+    """model.fp8_backward_fast_accum: off by default; on, every backward GEMM of the FP8 linear
+    asks for fast accumulation (the forward GEMM always does), off, none does; the layer's
+    config carries it only with train.fp8; without train.fp8 it is a one-line error."""
+    from framework.models.transformer import transformer_config
+
+    def cfg(model, fp8_recipe):
+        return transformer_config(model, ParallelConfig(), bf16=True, fp16=False, on_gpu=True,
+                                  fp8=fp8_recipe).fp8_bwd_fast_accum
+
+    assert ModelConfig().fp8_backward_fast_accum is False
+    assert cfg(_tiny(fp8_backward_fast_accum=True), recipe) is True
+    assert cfg(_tiny(fp8_backward_fast_accum=True), None) is False
+    assert cfg(_tiny(), recipe) is False
+    with pytest.raises(ConfigError, match="model.fp8_backward_fast_accum=true needs train.fp8"):
+        Config(model=_tiny(fp8_backward_fast_accum=True),
+               train=TrainConfig(micro_batch_size=2, global_batch_size=4))
+    Config(model=_tiny(fp8_backward_fast_accum=True),
+           train=TrainConfig(fp8=recipe, micro_batch_size=2, global_batch_size=4))
+    seen = []
+    real = fp8.mm8
+    monkeypatch.setattr(fp8, "mm8", lambda *a, **k: seen.append(k.get("fast_accum", False))
+                        or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((32, 16), (16, 16), (16,)))
+    for on in (False, True):
+        seen.clear()
+        meta = _delayed_layer()[1] if recipe == "delayed" else None
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.fp8_linear(xx, ww, b.clone().requires_grad_(), recipe, "column", False, False,
+                           False, None, meta, bwd_fast_accum=on)
+        y.backward(torch.randn(32, 16, generator=g))
+        assert seen == [True, on, on], (on, seen)  # forward, dgrad, wgrad
 
 
 def test_cuda_graph_default_follows_fp8():

@@ -233,10 +233,14 @@ BOUNDS = {"tensorwise": {"forward": 0.08, "dgrad": 0.15, "wgrad": 0.15},
           "rowwise": {"forward": 0.08, "dgrad": 0.10, "wgrad": 0.10}}
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "tensorwise_fast_accum"])
 def test_fp8_linear_vs_bf16_on_perturbed_weights(recipe):
     """gpt2-xl's fc1 at micro-batch 8 (8192 tokens, 1600 -> 6400) in bf16 with uneven row /
-    column magnitudes and outliers; bias, fused fp32 main-grad accumulation."""
+    column magnitudes and outliers; bias, fused fp32 main-grad accumulation.
+    tensorwise_fast_accum: model.fp8_backward_fast_accum (the backward GEMMs held to the forward
+    GEMM's accumulation slack)."""
+    fast = recipe.endswith("_fast_accum")
+    recipe = recipe.replace("_fast_accum", "")
     from test_fp8 import _amaxes, _gemm_bound
 
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -258,7 +262,8 @@ def test_fp8_linear_vs_bf16_on_perturbed_weights(recipe):
         ww.main_grad = torch.zeros(n, k, device="cuda")
         bb = b.clone().requires_grad_()
         if use_fp8:
-            y = fp8.fp8_linear(xx, ww, bb, recipe, "column", True, False, False, None)
+            y = fp8.fp8_linear(xx, ww, bb, recipe, "column", True, False, False, None,
+                               bwd_fast_accum=fast)
         else:
             y = torch.nn.functional.linear(xx, ww, bb)
         y.backward(dy)
@@ -287,10 +292,10 @@ def test_fp8_linear_vs_bf16_on_perturbed_weights(recipe):
         e8, e16 = _rel(got[name], r), _rel(bf16[name], r)
         # FP8 rounding bound + the bf16 rounding of the output + accumulation: 2^-9 of
         # sum |a_i b_i|, 2^-6 in the forward GEMM (fast accumulation keeps fewer bits)
-        acc = 2.0 ** -6 if name == "forward" else 2.0 ** -9
+        acc = 2.0 ** -6 if name == "forward" or fast else 2.0 ** -9
         slack = (2.0 ** -8) * r.abs() + acc * absprod[name]
         worst = float(((got[name].double() - r).abs() / (bounds[name] + slack)).max())
-        log_parity(f"fp8 {recipe} linear {name}: rel err {e8:.2e} (bf16 {e16:.2e}; bound "
+        log_parity(f"fp8 {recipe}{' fast-accum backward' if fast else ''} linear {name}: rel err {e8:.2e} (bf16 {e16:.2e}; bound "
                    f"{BOUNDS[recipe][name]}), worst err / elementwise bound {worst:.2f}")
         assert e8 < BOUNDS[recipe][name], (name, e8)
         assert worst <= 1.0, (name, worst)
@@ -320,19 +325,30 @@ def test_fp8_trains_like_bf16_20_steps(tmp_path, recipe):
     assert got[STEPS] < got[1] - 0.3
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def _gelu_tanh_perturbed_seed(d):
+    load = tiny_seed(d, "model.activation=gelu_tanh")
+    perturb_checkpoint(f"{d}/ckpt")
+    return load
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "delayed_fused_act_bwd"])
 def test_fp8_under_cuda_graphs_trains_like_eager_fp8(tmp_path, recipe):
     """train.fp8 with model.cuda_graph=true (megatron-core's per-layer graphs, which take away
     the FP8 layers' host cost): the captured casts, amax passes (delayed: the amax recording
     into the history buffer, rolled outside the graphs) and FP8 GEMMs read the live weights and
     write the live main grads, so 20 steps from the same perturbed weights give eager FP8's
-    losses (within 1% per step: replayed kernels, bf16 run-to-run noise) and learn."""
+    losses (within 1% per step: replayed kernels, bf16 run-to-run noise) and learn.
+    delayed_fused_act_bwd: the best recipe (tanh-GeLU with both fused activation casts), whose
+    fc1 output gradient is cast in fc2's backward and never stored (`fp8.unstored`)."""
     seed = shared_once("fp8_seed_perturbed", tiny_perturbed_seed)
     no_dropout = ["model.hidden_dropout=0", "model.attention_dropout=0"]  # same RNG use
-    eager = tiny_losses(tmp_path, "eager", seed, f"train.fp8={recipe}", "model.cuda_graph=false",
-                        *no_dropout)
-    graphed = tiny_losses(tmp_path, "graphed", seed, f"train.fp8={recipe}",
-                          "model.cuda_graph=true", *no_dropout)
+    flags = [f"train.fp8={recipe}", *no_dropout]
+    if recipe == "delayed_fused_act_bwd":
+        seed = shared_once("fp8_seed_gelu_tanh_perturbed", _gelu_tanh_perturbed_seed)
+        flags = ["train.fp8=delayed", "model.activation=gelu_tanh", "model.fp8_fused_act=true",
+                 "model.fp8_fused_act_backward=true", *no_dropout]
+    eager = tiny_losses(tmp_path, "eager", seed, *flags, "model.cuda_graph=false")
+    graphed = tiny_losses(tmp_path, "graphed", seed, *flags, "model.cuda_graph=true")
     assert sorted(eager) == list(range(1, STEPS + 1))
     compare(eager, graphed, 1e-2,
             f"fp8 {recipe} + cuda_graph (got) vs eager fp8 (ref), gpt_tiny")
@@ -533,6 +549,15 @@ def test_activation_backward_cast_matches_reference_bits():
         assert amax == float(dh.float().abs().max()), (amax, float(dh.abs().max()))
         torch.testing.assert_close(dbias.float(), dh.float().sum(0).to(bias.dtype).float(),
                                    rtol=1e-2, atol=1e-6)
+        # store_dh=False (fc1's backward takes the casts): the same casts, bias gradient and
+        # amax bit for bit, dh not stored
+        meta.rows[fp8.DY, fp8.HISTORY] = 0.0
+        dh2, dbias2, (q2, qt2, inv2) = fp8.act_backward_cast(h, bias, "gelu_tanh", da, meta,
+                                                             store_dh=False)
+        assert dh2.shape == dh.shape and dh2.stride() == (0, 0) and bool(dh2.isnan().all())
+        assert torch.equal(_bits(q2), _bits(q)) and torch.equal(_bits(qt2), _bits(qt))
+        assert torch.equal(inv2, inv) and torch.equal(dbias2, dbias)
+        assert float(meta.rows[fp8.DY, fp8.HISTORY]) == amax
 
 
 def test_fused_activation_backward_trains_like_unfused(tmp_path):
@@ -540,12 +565,7 @@ def test_fused_activation_backward_trains_like_unfused(tmp_path):
     activation, from the same perturbed weights (two micro-batches per step): fc1's output
     gradient cast in the activation's backward (model.fp8_fused_act_backward=true) against
     fc1 casting it, no update skipped, within 1% per step, and both learn."""
-    def perturbed_seed(d):
-        load = tiny_seed(d, "model.activation=gelu_tanh")
-        perturb_checkpoint(f"{d}/ckpt")
-        return load
-
-    seed = shared_once("fp8_seed_gelu_tanh_perturbed", perturbed_seed)
+    seed = shared_once("fp8_seed_gelu_tanh_perturbed", _gelu_tanh_perturbed_seed)
     flags = ["train.fp8=delayed", "model.cuda_graph=false", "model.activation=gelu_tanh",
              "model.fp8_fused_act=true", seed]
     runs = {name: tiny_run(tmp_path, name, *flags, f"model.fp8_fused_act_backward={on}")

@@ -329,14 +329,17 @@ if triton is not None:
     def _act_bwd_cast_kernel(h_ptr, da_ptr, b_ptr, dh_ptr, hist_ptr, q_ptr, qt_ptr, inv_ptr,
                              amax_out_ptr, dbias_ptr, M, K, stride_h, stride_da,
                              EMAX_: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                             NPARTS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                             NPARTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             STORE_DH: tl.constexpr = True):
         # one [BM, BK] tile of the MLP activation's backward, fused with the delayed cast of its
         # result (fc1's output gradient): dh = gelu'(h + b) * da in fp32 (megatron-core's
         # bias_gelu_back), rounded to dh's dtype and stored (autograd's gradient of fc1's
         # output), then that rounded dh scaled by the amax history hist_ptr (NPARTS entries),
         # saturated and cast into q [M, K] and qt = q^T [K, M]; the tile's finite amax maxed
         # into amax_out_ptr, its column sums (the bias gradient) into dbias_ptr[pid_m, :] (fp32
-        # partials, summed in a fixed order afterwards: no atomics, so runs repeat bit for bit)
+        # partials, summed in a fixed order afterwards: no atomics, so runs repeat bit for bit).
+        # STORE_DH False: dh is rounded but not stored (its only reader, fc1's backward, takes
+        # the casts: a quarter of the kernel's memory traffic)
         pid_m, pid_k, rm, rk, mm, mk, mask = _tile(M, K, BM, BK)
         x = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_h + rk[None, :], mask=mask,
                     other=0.0).to(tl.float32)
@@ -348,7 +351,8 @@ if triton is not None:
         t = 2.0 * tl.sigmoid(1.5957691216057308 * x * (1.0 + 0.044715 * x * x)) - 1.0
         ff = 0.5 * x * ((1.0 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1.0 + t)
         dh = (ff * g).to(dh_ptr.dtype.element_ty)
-        tl.store(dh_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], dh, mask=mask)
+        if STORE_DH:
+            tl.store(dh_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], dh, mask=mask)
         y = tl.where(mask, dh.to(tl.float32), 0.0)
         tl.store(dbias_ptr + pid_m.to(tl.int64) * K + rk, tl.sum(y, axis=0), mask=mk)
         parts = tl.load(hist_ptr + tl.arange(0, NPARTS)).to(tl.float32)
@@ -487,9 +491,29 @@ def cast_delayed(x: torch.Tensor, dtype: torch.dtype, meta: Fp8Meta, role: int, 
                 act_bias=act_bias, sums_out=sums_out)
 
 
+def unstored(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """What `act_backward_cast(store_dh=False)` returns for dh: a tensor of dh's shape, dtype and
+    device for autograd that holds no memory (one element, expanded), NaN, so that any reader
+    other than the backward that takes dh's FP8 casts sees NaN rather than stale values."""
+    return torch.full((1,) * len(shape), float("nan"), dtype=dtype, device=device).expand(*shape)
+
+
+_store_act_grad = None
+
+
+def store_act_grad() -> bool:
+    """FP8_STORE_ACT_GRAD=1 in the environment (read once a process): the activation backward
+    stores fc1's output gradient even where fc1's backward takes its casts (the A/B of
+    benchmarks; the stored tensor is then unused)."""
+    global _store_act_grad
+    if _store_act_grad is None:
+        _store_act_grad = os.environ.get("FP8_STORE_ACT_GRAD", "") not in ("", "0")
+    return _store_act_grad
+
+
 def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
                       da: torch.Tensor, meta: "Fp8Meta", dtype: torch.dtype = E5M2,
-                      tile: Optional[Tuple[int, int, int]] = None):
+                      tile: Optional[Tuple[int, int, int]] = None, store_dh: bool = True):
     """The MLP activation's backward fused with the delayed cast of its result, fc1's output
     gradient (`meta`: fc1's amax histories, row DY primed): (dh, dbias or None, (dh8, dh8^T,
     inv_scale)), dh in h's dtype, with dh's amax recorded in meta for the next steps. The cast
@@ -497,16 +521,20 @@ def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
     one Triton pass over h and da (no separate read of dh for the cast, nor for the bias
     gradient); elsewhere `act_backward` then that cast. `tile`: as `cast`'s, default
     `cast_tiles()["act_bwd"]`; dh and its casts do not depend on it, the bias gradient's fp32
-    summation order does (one partial sum per row block)."""
+    summation order does (one partial sum per row block). `store_dh=False`: dh is computed and
+    cast but not stored; `unstored(...)` stands in for it (the caller's only reader of dh takes
+    the casts: `_take_dy_cast`)."""
     assert act == "gelu_tanh" and meta.primed[DY], (act, meta.primed)
     hist = meta.rows[DY]
     if not (triton is not None and h.is_cuda):
         dh, dbias = act_backward(h, bias, act, da)
-        return dh, dbias, cast_delayed(dh, dtype, meta, DY, rows=True, cols=True)
+        casts = cast_delayed(dh, dtype, meta, DY, rows=True, cols=True)
+        return (dh if store_dh else unstored(dh.shape, dh.dtype, dh.device)), dbias, casts
     h = h if h.stride(-1) == 1 else h.contiguous()
     da = da if da.stride(-1) == 1 else da.contiguous()
     m, k = h.shape
-    dh = torch.empty((m, k), dtype=h.dtype, device=h.device)
+    dh = torch.empty((m, k), dtype=h.dtype, device=h.device) if store_dh else \
+        unstored((m, k), h.dtype, h.device)
     q = torch.empty((m, k), dtype=dtype, device=h.device)
     qt = torch.empty((k, m), dtype=dtype, device=h.device)
     inv = torch.empty((), dtype=torch.float32, device=h.device)
@@ -516,25 +544,33 @@ def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
     _act_bwd_cast_kernel[grid](h, da, bias if bias is not None else inv, dh, hist, q, qt, inv,
                                hist[HISTORY:], part, m, k, h.stride(0), da.stride(0),
                                EMAX_=EMAX[dtype], BM=bm, BK=bk, NPARTS=HISTORY,
-                               HAS_BIAS=bias is not None, num_warps=warps)
+                               HAS_BIAS=bias is not None, STORE_DH=store_dh, num_warps=warps)
     dbias = part.sum(0).to(bias.dtype) if bias is not None else None
     return dh, dbias, (q, qt, inv)
 
 
-def _take_dy_cast(meta: Optional["Fp8Meta"], dy2: torch.Tensor):
+def _take_dy_cast(meta: Optional["Fp8Meta"], dy2: torch.Tensor, reads_dy: bool = False):
     """The FP8 casts of this layer's output gradient that the next layer's backward made
-    (`act_backward_cast`, kept in `meta.dy_cast`) when dy2 is the very tensor they were made
-    from (same storage, shape and strides: no other gradient was added to it on the way);
-    None otherwise. The kept casts are dropped either way."""
+    (`act_backward_cast`, kept in `meta.dy_cast` as (dh, casts, stored)) when dy2 is the very
+    tensor they were made from (same storage, shape and strides: no other gradient was added to
+    it on the way); None otherwise. The kept casts are dropped either way. Where dh was not
+    stored (`unstored`), the casts are all there is of it: a dy2 that is another tensor (a hook
+    or a second use of fc1's output changed the gradient on the way), or a caller that would
+    read dy2 itself (`reads_dy`: a bias of its own), is an error rather than NaN gradients."""
     kept = getattr(meta, "dy_cast", None)
     if kept is None:
         return None
     meta.dy_cast = None
-    src, casts = kept
-    if (src.data_ptr() == dy2.data_ptr() and src.shape == dy2.shape
-            and src.stride() == dy2.stride() and src.dtype == dy2.dtype):
-        return casts
-    return None
+    src, casts, stored = kept
+    same = (src.data_ptr() == dy2.data_ptr() and src.shape == dy2.shape
+            and src.stride() == dy2.stride() and src.dtype == dy2.dtype)
+    if not stored and (not same or reads_dy):
+        raise RuntimeError(
+            "model.fp8_fused_act_backward: fc1's output gradient was cast to FP8 and not stored, "
+            + ("but it changed on its way to fc1's backward (a hook on, or a second use of, "
+               "fc1's output)" if not same else "but fc1's backward adds a bias of its own")
+            + "; set model.fp8_fused_act_backward=false")
+    return casts if same else None
 
 
 def _cast_per_tensor(recipe: str, x: torch.Tensor, dtype: torch.dtype, meta: Optional[Fp8Meta],
@@ -685,7 +721,8 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad,
-                sequence_parallel, group, meta, wgrad_overwrite, act, act_bias, act_meta):
+                sequence_parallel, group, meta, wgrad_overwrite, act, act_bias, act_meta,
+                bwd_fast_accum):
         tp = group if group is not None and dist.get_world_size(group) > 1 else None
         sp = sequence_parallel and tp is not None
         lead = x.shape[1:-1]
@@ -696,6 +733,11 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.act = act
         # fc1's amax histories: its output gradient is cast in the activation's backward
         ctx.act_meta = act_meta if act is not None else None
+        # x came straight out of fc1's FP8 layer (x's grad_fn is that layer's backward, whose
+        # ctx holds act_meta): then x's gradient reaches fc1's backward alone, which takes its
+        # casts (`_take_dy_cast`), and the activation backward need not store it
+        ctx.act_in_from_fc1 = ctx.act_meta is not None and isinstance(
+            x.grad_fn, _Fp8Linear._backward_cls) and getattr(x.grad_fn, "meta", None) is act_meta
         n = weight.shape[0]
         ctx.recipe, ctx.mode, ctx.tp, ctx.sp, ctx.lead = recipe, mode, tp, sp, lead
         ctx.use_bias = bias is not None
@@ -706,6 +748,7 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.wgrad_overwrite = wgrad_overwrite
         ctx.out_dtype = x.dtype
         ctx.meta = meta
+        ctx.bwd_fast_accum = bool(bwd_fast_accum)
         if recipe in ("tensorwise", "delayed"):
             # the weight is split over TP ranks in both modes; the input is split when it is a
             # sequence-parallel shard or a row-parallel (feature) shard, and the same on every
@@ -741,23 +784,26 @@ class _Fp8Linear(torch.autograd.Function):
     def backward(ctx, dy):
         tp, sp, mode = ctx.tp, ctx.sp, ctx.mode
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if not dy2.is_contiguous():
+        # an MLP's fc1 may find dy cast already, by fc2's activation backward (and then dy2 may
+        # be `unstored`'s stand-in, never to be made contiguous or read)
+        kept = _take_dy_cast(ctx.meta, dy2, reads_dy=ctx.use_bias) \
+            if ctx.recipe == "delayed" else None
+        if kept is None and not dy2.is_contiguous():
             dy2 = dy2.contiguous()
         fused = ctx.wgrad_fusion and ctx.main_grad is not None
         w_dtype = torch.float32 if fused else None
         if ctx.recipe in ("tensorwise", "delayed"):
             xs, w8t, x_inv, w_inv, weight = ctx.saved_tensors[:5]
             # dy is split over ranks (output features) for a column-parallel layer and the same
-            # on every rank for a row-parallel one; an MLP's fc1 may find it cast already, by
-            # fc2's activation backward
-            kept = _take_dy_cast(ctx.meta, dy2) if ctx.recipe == "delayed" else None
+            # on every rank for a row-parallel one
             # the bias gradient (dy's column sums) from the cast's own pass over dy
             sums = torch.empty(dy2.shape[1], dtype=torch.float32, device=dy2.device) \
                 if ctx.use_bias and kept is None else None
             dy8, dy8t, dy_inv = kept or _cast_per_tensor(
                 ctx.recipe, dy2, E5M2, ctx.meta, DY, tp if mode == "column" else None, cols=True,
                 sums_out=sums)
-            dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype)
+            fast = ctx.bwd_fast_accum
+            dx = mm8(dy8, dy_inv, w8t, w_inv, ctx.out_dtype, fast_accum=fast)
             dx, handle = _dgrad_comm(ctx, dx)
             x8t = _gather(xs, tp).t().contiguous() if sp else xs
             if fused and ctx.wgrad_overwrite and ctx.main_grad.dtype == torch.float32 and (
@@ -768,12 +814,13 @@ class _Fp8Linear(torch.autograd.Function):
                 # tells a second backward through the weight in one step (a train.step plugin
                 # running the model twice) to add instead; a captured graph (one micro-batch
                 # per step, one backward per weight) always writes
-                res = mm8(dy8t, dy_inv, x8t, x_inv, torch.float32, out=ctx.main_grad)
+                res = mm8(dy8t, dy_inv, x8t, x_inv, torch.float32, fast_accum=fast,
+                          out=ctx.main_grad)
                 if res.data_ptr() != ctx.main_grad.data_ptr():  # an out= that did not write
                     ctx.main_grad.copy_(res)
                 dw = None
             else:
-                dw = mm8(dy8t, dy_inv, x8t, x_inv, w_dtype or weight.dtype)
+                dw = mm8(dy8t, dy_inv, x8t, x_inv, w_dtype or weight.dtype, fast_accum=fast)
         else:
             sums = None
             x2, weight = ctx.saved_tensors
@@ -781,13 +828,14 @@ class _Fp8Linear(torch.autograd.Function):
             ngroup = tp if mode == "column" else None
             dy8, dy_inv = cast_rowwise(dy2, E4M3, 1, ngroup)
             wt8, wt_inv = cast_rowwise(weight, E4M3, 0, ngroup)
-            dx = mm8(dy8, dy_inv, wt8, wt_inv, ctx.out_dtype)
+            dx = mm8(dy8, dy_inv, wt8, wt_inv, ctx.out_dtype, fast_accum=ctx.bwd_fast_accum)
             dx, handle = _dgrad_comm(ctx, dx)
             # wgrad reduces over the tokens: whole on every rank (SP gathers them)
             x_full = _gather(x2, tp) if sp else x2
             dyt8, dyt_inv = cast_rowwise(dy2, E4M3, 0)
             xt8, xt_inv = cast_rowwise(x_full, E4M3, 0)
-            dw = mm8(dyt8, dyt_inv, xt8, xt_inv, w_dtype or weight.dtype)
+            dw = mm8(dyt8, dyt_inv, xt8, xt_inv, w_dtype or weight.dtype,
+                     fast_accum=ctx.bwd_fast_accum)
         grad_weight = _accumulate_wgrad(ctx, weight, dw) if fused else dw
         grad_bias = None if not ctx.use_bias else \
             dy2.sum(0) if sums is None else sums.to(dy2.dtype)
@@ -797,14 +845,16 @@ class _Fp8Linear(torch.autograd.Function):
         if ctx.act is not None:  # dx is the activation's gradient: on to fc1's output (no comm)
             h2, act_bias = ctx.saved_tensors[5:]
             if ctx.act_meta is not None and ctx.act_meta.primed[DY]:
-                # fc1's output gradient cast to FP8 in the same pass, for fc1's backward
+                # fc1's output gradient cast to FP8 in the same pass, for fc1's backward; not
+                # stored where fc1's FP8 backward is its only reader
+                store = not ctx.act_in_from_fc1 or store_act_grad()
                 dx, grad_act_bias, casts = act_backward_cast(h2, act_bias, ctx.act, dx,
-                                                             ctx.act_meta)
-                ctx.act_meta.dy_cast = (dx, casts)
+                                                             ctx.act_meta, store_dh=store)
+                ctx.act_meta.dy_cast = (dx, casts, store)
             else:
                 dx, grad_act_bias = act_backward(h2, act_bias, ctx.act, dx)
         return dx.view(-1, *ctx.lead, dx.shape[-1]), grad_weight, grad_bias, \
-            None, None, None, None, None, None, None, None, None, grad_act_bias, None
+            None, None, None, None, None, None, None, None, None, grad_act_bias, None, None
 
 
 def _dgrad_comm(ctx, dx):
@@ -842,7 +892,7 @@ def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
                allreduce_dgrad: bool, sequence_parallel: bool, group,
                meta: Optional[Fp8Meta] = None, wgrad_overwrite: bool = False,
                act: Optional[str] = None, act_bias: Optional[torch.Tensor] = None,
-               act_meta: Optional[Fp8Meta] = None):
+               act_meta: Optional[Fp8Meta] = None, bwd_fast_accum: bool = False):
     """y = x @ weight^T (+ bias) with FP8 GEMMs in forward and backward. `mode`: "column" or
     "row" (megatron-core's ColumnParallelLinear / RowParallelLinear), which says which tensors
     are split over the TP `group`; the communication arguments are mcore's. `meta`: the
@@ -855,11 +905,12 @@ def fp8_linear(x, weight, bias, recipe: str, mode: str, wgrad_fusion: bool,
     cast, and its backward returns the gradients of x and act_bias. `act_meta` (with `act`):
     the amax histories of the layer that made x (fc1), whose output gradient the activation's
     backward then also casts to FP8, once that gradient has a history (`act_backward_cast`);
-    fc1's backward takes those casts instead of casting again."""
+    fc1's backward takes those casts instead of casting again. `bwd_fast_accum`: the
+    backward's GEMMs with cuBLAS's fast accumulation too (`model.fp8_backward_fast_accum`)."""
     assert recipe in RECIPES, recipe
     assert (recipe == "delayed") == (meta is not None), "recipe delayed needs the layer's meta"
     args = (x, weight, bias, recipe, mode, wgrad_fusion, allreduce_dgrad, sequence_parallel,
-            group, meta, wgrad_overwrite, act, act_bias, act_meta)
+            group, meta, wgrad_overwrite, act, act_bias, act_meta, bwd_fast_accum)
     if torch.compiler.is_compiling():
         # model.torch_compile: a graph break (the casts are our own kernels). Only there: the
         # disable wrapper costs host time on every eager call, and eager FP8 layers are bound

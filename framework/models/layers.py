@@ -569,7 +569,7 @@ class Fp8Linear:
                           kwargs.get("allreduce_dgrad", False), seq_par, self.tp_group,
                           getattr(self, "fp8_meta", None),
                           getattr(self, "fp8_wgrad_overwrite", False), act, act_bias,
-                          act_meta)
+                          act_meta, getattr(self.config, "fp8_bwd_fast_accum", False))
 
 
 def _unfused_activation(act: str, h, bias):

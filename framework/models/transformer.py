@@ -38,6 +38,8 @@ class ExtendedTransformerConfig(TransformerConfig):
     # ... and its backward casts fc1's output gradient in the same pass
     # (`model.fp8_fused_act_backward`)
     fp8_act_bwd_cast: bool = False
+    # the backward's FP8 GEMMs with fast accumulation (`model.fp8_backward_fast_accum`)
+    fp8_bwd_fast_accum: bool = False
     # RoPE of q and k as they are split out of the fused QKV output (`model.qkv_rope_fusion`;
     # our `SelfAttention`, framework/fast/rope.py's `fused_qkv_rope`). Not mcore's
     # `fused_single_qkv_rope`, which means Transformer Engine's kernel and asserts in inference.
@@ -109,6 +111,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, bf16: bo
         swiglu_kernel=swiglu_kernel,
         fp8_act_cast=fp8_act_cast,
         fp8_act_bwd_cast=bool(fp8_act_cast and model.fp8_fused_act_backward),
+        fp8_bwd_fast_accum=bool(fp8 and model.fp8_backward_fast_accum),
         # (GPU, RoPE: the fused QKV path falls back to mcore's split + rotation elsewhere)
         qkv_rope_fusion=bool(rope_fusion and model.qkv_rope_fusion),
         num_layers=model.num_layers,
