@@ -24,8 +24,9 @@
 #                                      #   the bf16 row of its own run)
 #   bash benchmarks/fp8_gpu.sh dh      # the unstored fc1 output gradient and fast accumulation in
 #                                      #   backward: their GPU tests, then gpt2-xl mb16 bf16, the
-#                                      #   best recipe, the same storing fc1's output gradient
-#                                      #   (FP8_STORE_ACT_GRAD=1), the best recipe with
+#                                      #   best recipe, the same as before (fc1's output gradient
+#                                      #   stored, QKV's bias added after its GEMM), the same
+#                                      #   storing fc1's output gradient only, the best recipe with
 #                                      #   model.fp8_backward_fast_accum=true, the best again, bf16
 #   bash benchmarks/fp8_gpu.sh accum_loss # fp8_loss.py: 500 steps, bf16 vs the best recipe with
 #                                      #   and without fast accumulation in backward
@@ -101,7 +102,7 @@ case $stage in
       -k "activation_backward or cuda_graphs or fast_accum" 2>&1 | tee -a "$out/fp8_$stage.log"
     cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
-      --runs default:16,fp8_delayed_fused_act_bwd:16,fp8_best_store_dh:16,fp8_best_fast_bwd:16,fp8_delayed_fused_act_bwd:16,default:16 \
+      --runs default:16,fp8_delayed_fused_act_bwd:16,fp8_best_before:16,fp8_best_store_dh:16,fp8_best_fast_bwd:16,fp8_delayed_fused_act_bwd:16,default:16 \
       --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   accum_loss)

@@ -163,9 +163,15 @@ CANDIDATES = {
                                   ["train.fp8=delayed", "model.fp8_fused_act=true",
                                    "model.fp8_fused_act_backward=true"]),
     "fp8_best_store_dh": ("ours + FP8 delayed, both fused activation casts, fc1's output "
-                          "gradient stored as before 2026-12-05 (FP8_STORE_ACT_GRAD=1; unused)",
+                          "gradient stored as at code 28a4d32 (FP8_STORE_ACT_GRAD=1; unused)",
                           ["train.fp8=delayed", "model.fp8_fused_act=true",
                            "model.fp8_fused_act_backward=true", "env:FP8_STORE_ACT_GRAD=1"]),
+    "fp8_best_before": ("ours + FP8 delayed, both fused activation casts, as at code 28a4d32: "
+                        "fc1's output gradient stored, QKV's bias added after its GEMM "
+                        "(FP8_STORE_ACT_GRAD=1 FP8_QKV_BIAS_AFTER=1)",
+                        ["train.fp8=delayed", "model.fp8_fused_act=true",
+                         "model.fp8_fused_act_backward=true", "env:FP8_STORE_ACT_GRAD=1",
+                         "env:FP8_QKV_BIAS_AFTER=1"]),
     "fp8_best_fast_bwd": ("ours + FP8 delayed, both fused activation casts, fast accumulation "
                           "in the backward GEMMs (model.fp8_backward_fast_accum=true)",
                           ["train.fp8=delayed", "model.fp8_fused_act=true",

@@ -743,12 +743,19 @@ def test_gpt_linears_run_fp8_in_training_only(mp1, monkeypatch):
             kinds.setdefault(name.split(".")[-1], []).append(type(mod).__name__)
     assert sorted(kinds) == ["linear_fc1", "linear_fc2", "linear_proj", "linear_qkv"]
     assert all(len(v) == 2 for v in kinds.values())  # one per layer
+    assert kinds["linear_qkv"] == ["Fp8BiasAddLinear"] * 2  # model.fused_bias_add's QKV
     assert not isinstance(model.output_layer, layers.Fp8Linear)
-    calls = []
+    calls, biased, bias_adds = [], [], []
     real = layers.fp8_linear
-    monkeypatch.setattr(layers, "fp8_linear", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(layers, "fp8_linear", lambda *a, **k: calls.append(a[3])
+                        or biased.append(a[2] is not None) or real(*a, **k))
+    real_add = layers.bias_add
+    monkeypatch.setattr(layers, "bias_add", lambda *a: bias_adds.append(1) or real_add(*a))
     loss8, grads8 = _loss_and_grads(model)
     assert calls == ["tensorwise"] * 8  # 4 linears x 2 layers; embeddings, output layer: not
+    # QKV's bias goes into its FP8 GEMM (no bias-add pass); the others' biases are fused later
+    # (bias-GeLU, bias-dropout-add), as in bf16
+    assert biased == [True, False, False, False] * 2 and bias_adds == [], (biased, bias_adds)
     ref = _build(None)[0]
     _perturb(ref)
     ref.load_state_dict(model.state_dict())

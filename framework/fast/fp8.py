@@ -498,17 +498,17 @@ def unstored(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full((1,) * len(shape), float("nan"), dtype=dtype, device=device).expand(*shape)
 
 
-_store_act_grad = None
+# the benchmarks' A/B switches of earlier forms (environment variables, read once a process):
+# FP8_STORE_ACT_GRAD=1: the activation backward stores fc1's output gradient even where fc1's
+# backward takes its casts (the stored tensor is then unused); FP8_QKV_BIAS_AFTER=1: the QKV
+# linear adds its bias in a separate pass after the FP8 GEMM, its gradient a separate reduction
+_ab_switches: Dict[str, bool] = {}
 
 
-def store_act_grad() -> bool:
-    """FP8_STORE_ACT_GRAD=1 in the environment (read once a process): the activation backward
-    stores fc1's output gradient even where fc1's backward takes its casts (the A/B of
-    benchmarks; the stored tensor is then unused)."""
-    global _store_act_grad
-    if _store_act_grad is None:
-        _store_act_grad = os.environ.get("FP8_STORE_ACT_GRAD", "") not in ("", "0")
-    return _store_act_grad
+def ab_switch(name: str) -> bool:
+    if name not in _ab_switches:
+        _ab_switches[name] = os.environ.get(name, "") not in ("", "0")
+    return _ab_switches[name]
 
 
 def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
@@ -847,7 +847,7 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.act_meta is not None and ctx.act_meta.primed[DY]:
                 # fc1's output gradient cast to FP8 in the same pass, for fc1's backward; not
                 # stored where fc1's FP8 backward is its only reader
-                store = not ctx.act_in_from_fc1 or store_act_grad()
+                store = not ctx.act_in_from_fc1 or ab_switch("FP8_STORE_ACT_GRAD")
                 dx, grad_act_bias, casts = act_backward_cast(h2, act_bias, ctx.act, dx,
                                                              ctx.act_meta, store_dh=store)
                 ctx.act_meta.dy_cast = (dx, casts, store)

@@ -72,7 +72,7 @@ from framework.fast.alibi import (alibi_augment, alibi_augment_supported, alibi_
 from framework.fast.bias import bias_add
 from framework.fast.cudnn_attention import (CudnnUnavailable, cudnn_causal_attention,
                                             supported as cudnn_supported)
-from framework.fast.fp8 import fp8_linear, shapes_supported
+from framework.fast.fp8 import ab_switch, fp8_linear, shapes_supported
 from framework.fast.norm import fused_norm, supported as fused_norm_supported
 from framework.fast.rope import fused_qkv_rope, fused_qkv_rope_supported
 from framework.fast.swiglu import swiglu
@@ -549,18 +549,22 @@ class Fp8Linear:
 
     fp8_mode = "column"
 
+    def _runs_fp8(self, input, weight, sequence_parallel: bool, grad_output_buffer) -> bool:
+        """Whether this call's GEMMs run in FP8 (else mcore's bf16 path)."""
+        tokens = input.numel() // input.shape[-1]
+        if sequence_parallel:
+            tokens *= self.tp_group.size()
+        return (getattr(self.config, "fp8_gemm", None) is not None and self.training
+                and weight.requires_grad and grad_output_buffer is None
+                and shapes_supported(tokens, weight.shape[1], weight.shape[0]))
+
     def _forward_impl(self, input, weight, *args, **kwargs):
         recipe = getattr(self.config, "fp8_gemm", None)
         seq_par = kwargs.get("sequence_parallel", False)
-        tokens = input.numel() // input.shape[-1]
-        if seq_par:
-            tokens *= self.tp_group.size()
         # (act, bias, fc1's amax histories or None): `input` is fc1's output, and this layer's
         # input its activation (`ActRecomputeMLP._forward_fused_act`, recipe delayed)
         act, act_bias, act_meta = getattr(self, "fp8_act_input", None) or (None, None, None)
-        if (recipe is None or not self.training or not weight.requires_grad
-                or kwargs.get("grad_output_buffer") is not None
-                or not shapes_supported(tokens, weight.shape[1], weight.shape[0])):
+        if not self._runs_fp8(input, weight, seq_par, kwargs.get("grad_output_buffer")):
             if act is not None:
                 input = _unfused_activation(act, input, act_bias)
             return super()._forward_impl(input, weight, *args, **kwargs)
@@ -586,7 +590,32 @@ class Fp8ColumnParallelLinear(Fp8Linear, tensor_parallel.ColumnParallelLinear):
 
 
 class Fp8BiasAddLinear(Fp8Linear, BiasAddLinear):
+    """The QKV linear with FP8 GEMMs: where they run, the bias goes into the FP8 GEMM (cuBLAS
+    adds it in the GEMM's epilogue, before the one rounding to bf16) and its gradient comes from
+    the output gradient's FP8 cast (`cast(sums_out=)`), so neither the separate bias-add pass nor
+    its gradient's reduction runs. Elsewhere (evaluation, bf16 fallback, torch.compile) it is
+    `BiasAddLinear`."""
+
     fp8_mode = "column"
+
+    def forward(self, input_, *args, **kwargs):
+        if (self.bias_add_after and self.bias is not None and not args
+                and kwargs.get("weight") is None and not torch.compiler.is_compiling()
+                and not ab_switch("FP8_QKV_BIAS_AFTER")
+                and self._runs_fp8(input_, self.weight, self.sequence_parallel,
+                                   None if not self.config.defer_embedding_wgrad_compute
+                                   else self.grad_output_buffer)):
+            # mcore's forward passes the bias to the GEMM and returns none when the layer does
+            # not skip its bias add
+            self.skip_bias_add = False
+            try:
+                output, bias = tensor_parallel.ColumnParallelLinear.forward(self, input_,
+                                                                            **kwargs)
+            finally:
+                self.skip_bias_add = True
+            assert bias is None
+            return output, None
+        return super().forward(input_, *args, **kwargs)
 
 
 class Fp8RowParallelLinear(Fp8Linear, tensor_parallel.RowParallelLinear):
