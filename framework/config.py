@@ -212,8 +212,8 @@ class ModelConfig:
     # GPU, with fp8_fused_act: the activation's backward (megatron-core's bias-GeLU backward)
     # also casts its result, fc1's output gradient, to FP8 in the same pass, with the bias
     # gradient, so fc1's backward reads no bf16 gradient to cast it (framework/fast/fp8.py
-    # act_backward_cast). null/false = the activation's backward, then fc1's cast. null stays
-    # off until a GPU run has tested and measured it (written 2026-12-04 without a GPU)
+    # act_backward_cast); fc1's bf16 output gradient is then not stored at all. null/false =
+    # the activation's backward, then fc1's cast. Opt-in (GPU-tested since 2026-12-05; README)
     fp8_fused_act_backward: Optional[bool] = None
     # GPU, with train.fp8: the backward's FP8 GEMMs (input and weight gradients) use cuBLAS's
     # fast accumulation (no periodic promotion of the partial sums to fp32), as the forward GEMM
