@@ -82,7 +82,7 @@ def check_model(cfg, tokenizer_vocab: int, device: str) -> None:
     if have and need > have:
         raise ConfigError(
             f"the model needs at least {need / 2**30:.1f} GiB per rank ({params / 1e9:.2f}B "
-            f"parameters: weights, gradients{' and optimizer state' if on_gpu else ''} / "
+            f"parameters: weights, gradients and optimizer state / "
             f"(TP x PP){', the state also / DP' if on_gpu and p.use_distributed_optimizer else ''}"
             f", plus one micro-batch of train.micro_batch_size="
             f"{cfg.train.micro_batch_size} layer inputs), more than the {have / 2**30:.1f} GiB "
@@ -94,10 +94,11 @@ def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple
     * weights (2 bytes each in bf16/fp16, 4 in fp32) and their gradients: on a GPU,
       megatron-core's DDP gradient buffer, which is fp32 (framework/models/wrappers.py,
       grad_reduce_in_fp32); on a CPU, the weights' dtype;
-    * on a GPU, the optimizer's state, which megatron-core's mixed-precision optimizer keeps in
-      fp32: the fp32 main params (bf16/fp16 only) and Adam's two moments or SGD's momentum
-      (allocated by the first step: not with train.max_steps=0), split over DP with the
-      distributed optimizer;
+    * the optimizer's state (allocated by the first step: not with train.max_steps=0): on a
+      GPU, megatron-core's mixed-precision optimizer keeps it in fp32, the fp32 main params
+      (bf16/fp16 only) and Adam's two moments or SGD's momentum, split over DP with the
+      distributed optimizer; on a CPU, torch's optimizer keeps the moments in the weights'
+      dtype;
     * the input of every layer of one micro-batch (split over TP only with sequence
       parallelism; none with train.max_steps=0).
     The other activations, the logits and the allocator's slack come on top, so a config above
@@ -115,11 +116,13 @@ def min_memory_bytes(cfg, vocab: int, half: bool, on_gpu: bool = False) -> tuple
     elt = 2 if half else 4
     per_param = elt + (4 if on_gpu else elt)
     stepping = t.max_steps > 0  # max_steps=0 (a seed checkpoint): no step, no moments
+    o = cfg.optimizer
+    moments = 2 if o.optimizer == "adam" else (1 if o.sgd_momentum else 0)
     if on_gpu:
-        o = cfg.optimizer
-        moments = 2 if o.optimizer == "adam" else (1 if o.sgd_momentum else 0)
         state = 4 * moments * stepping + (4 if half else 0)
         per_param += state / ((p.data_parallel_size or 1) if p.use_distributed_optimizer else 1)
+    else:  # torch's optimizer on the parameters themselves: its moments in their dtype
+        per_param += elt * moments * stepping
     weights = params * per_param / (tp * pp)
     seq = m.seq_length + (m.decoder_seq_length or 0)
     acts = stepping * t.micro_batch_size * seq * h * (layers / pp) * elt / (

@@ -371,6 +371,33 @@ def test_sweep_records_failed_jobs_and_goes_on(tmp_path):
 
 
 
+def test_preflight_cpu_bound_counts_the_optimizer_moments(monkeypatch):
+    """On a CPU the bound holds torch's Adam moments (in the weights' dtype) as well as weights
+    and gradients: gpt2-xl in fp32 needs 16 bytes a parameter (23.5 GiB at micro-batch 1), so a
+    20 GiB host refuses it in one line naming the optimizer state; the weights and gradients
+    alone fit, and the run was OOM-killed with no message."""
+    from framework import preflight
+    from framework.cli import register_resolvers
+    from framework.config import register_configs
+    from helpers import load_config
+
+    register_configs()
+    register_resolvers()
+    cfg = load_config("model=gpt2_xl", "train.micro_batch_size=1", "train.global_batch_size=1",
+                      "parallel.data_parallel_size=1", "train.device=cpu")
+    vocab = cfg.model.vocab_size
+    need, params = preflight.min_memory_bytes(cfg, vocab, half=False, on_gpu=False)
+    acts = cfg.model.seq_length * cfg.model.hidden_size * cfg.model.num_layers * 4
+    assert need - acts == pytest.approx(params * 16)
+    seed = load_config("model=gpt2_xl", "train.max_steps=0", "train.device=cpu")
+    assert preflight.min_memory_bytes(seed, vocab, False, False)[0] == pytest.approx(params * 8)
+    monkeypatch.setattr(preflight, "device_memory_bytes", lambda device, world: (
+        20 * 2**30, "of host memory per worker (20 GiB / 1)"))
+    with pytest.raises(ConfigError, match=r"needs at least 2\d\.\d GiB per rank .*weights, "
+                                          r"gradients and optimizer state.*20\.0 GiB of host"):
+        preflight.check_model(cfg, vocab, "cpu")
+
+
 def test_preflight_gpu_bound_counts_fp32_grads_and_optimizer_state(monkeypatch):
     """On a GPU the lower bound holds megatron-core's fp32 gradient buffer and its optimizer's
     fp32 state (main params + Adam moments: 18 bytes a parameter in bf16, the state split over
@@ -391,7 +418,7 @@ def test_preflight_gpu_bound_counts_fp32_grads_and_optimizer_state(monkeypatch):
     assert 7.9e9 < params < 8.1e9  # Llama-3.1-8B's 8.03B
     acts = cfg.model.seq_length * cfg.model.hidden_size * cfg.model.num_layers * 2
     assert gpu - acts == pytest.approx(params * 18)
-    assert cpu - acts == pytest.approx(params * 4)
+    assert cpu - acts == pytest.approx(params * 8)  # weights, grads, Adam's moments: bf16
     sgd = load_config("model=llama3_1_8b", "optimizer.optimizer=sgd", "train.micro_batch_size=1",
                       "train.global_batch_size=1")
     assert preflight.min_memory_bytes(sgd, vocab, True, True)[0] - acts == \
