@@ -172,8 +172,34 @@ def staging_dir(save: str) -> Iterator[str]:
         raise _cannot_write(save, e.strerror or str(e)) from None
     try:
         yield tmp
+    except Exception as e:  # noqa: BLE001 (only a full disk is reworded; the rest re-raised)
+        full = _disk_full(e, parent)
+        if full:
+            raise _cannot_write(save, f"{full}; the partial output was removed and --save was "
+                                      f"not touched") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _disk_full(e: BaseException, parent: str) -> Optional[str]:
+    """Why writing under `parent` failed, where the disk or quota is full; None otherwise.
+    torch.save and safetensors report a full disk as their own errors (torch: "file write
+    failed"), so a failed write there is read as a full disk when the device has (almost) no
+    space left after it."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device" if e.errno == errno.ENOSPC else \
+            "disk quota exceeded"
+    if isinstance(e, OSError) or "writ" not in str(e).lower():
+        return None
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return None
+    return f"no space left on the device ({free / 2**20:.0f} MiB free)" if free < 64 * 2**20 \
+        else None
 
 
 def publish(tmp: str, save: str) -> None:

@@ -166,3 +166,38 @@ def test_output_options_without_save_are_refused(models, capsys):
     rc, out = _convert(capsys, "reshape", "--load", models / "m1", "--print-checkpoint-structure",
                        "--target-tp", 2, "--target-pp", 1)  # required: not refused
     assert rc == 0 and out.out, out.err
+
+
+def test_full_disk_is_one_line_and_leaves_save_untouched(models, tmp_path, capsys, monkeypatch):
+    """A write that fails because the disk is full (torch and safetensors say so in their own
+    errors, not as an OSError) is one `error:` line naming --save and the free space; the
+    partial output is removed and an existing --save keeps its contents. Another failure while
+    writing, on a disk with room, is not reworded."""
+    from framework import interop
+
+    real = interop.save_hf_checkpoint
+
+    def fill_then_fail(tmp, *a, **k):
+        real(tmp, *a, **k)  # a partial output in the staging directory
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
+                           "failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(interop, "save_hf_checkpoint", fill_then_fail)
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "keep.txt").write_text("mine")
+    usage = convert.shutil.disk_usage
+    monkeypatch.setattr(convert.shutil, "disk_usage",
+                        lambda p: usage(p)._replace(free=3 * 2**20))
+    rc, out = _convert(capsys, "megatron-to-hf", "--load", models / "m1", "--save", save,
+                       "--overwrite")
+    line = _one_line(out.err)
+    assert rc == 2 and f"--save={save}" in line and "no space left on the device (3 MiB free)" \
+        in line, line
+    assert sorted(os.listdir(save)) == ["keep.txt"] and (save / "keep.txt").read_text() == "mine"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.tmp-")]
+    monkeypatch.setattr(convert.shutil, "disk_usage", usage)  # room left: not a full disk
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter"):
+        convert.main(["megatron-to-hf", "--load", str(models / "m1"), "--save", str(save),
+                      "--overwrite"])
+    assert sorted(os.listdir(save)) == ["keep.txt"]
