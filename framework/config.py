@@ -935,7 +935,7 @@ class CheckpointConfig:
     # Save here and auto-resume from the latest checkpoint here. None -> checkpoints/<overrides>
     # under the directory train.py was started from (so the same command resumes).
     dir: Optional[str] = None
-    save_interval: int = 100
+    save_interval: int = 500  # conf/train.yaml's value
     load: Optional[str] = None  # start from another checkpoint (when `dir` has none yet)
     # start from a Hugging Face model directory (when `dir` has no checkpoint yet); the model
     # config must describe the same architecture (e.g. model=gpt2_small for HF "gpt2")
@@ -1239,6 +1239,9 @@ class Config:
         require(c.save or c.keep_last is None,
                 f"checkpoint.keep_last={c.keep_last} prunes saved checkpoints and "
                 f"checkpoint.save=false saves none: unset one of them")
+        require(c.save or c.save_interval == _default(CheckpointConfig, "save_interval"),
+                f"checkpoint.save_interval={c.save_interval} sets how often checkpoints are "
+                f"saved and checkpoint.save=false saves none: unset one of them")
         require(not c.allow_pickle or c.load_hf is not None,
                 "checkpoint.allow_pickle=true lets checkpoint.load_hf read pytorch_model.bin "
                 "files; without checkpoint.load_hf it has no effect: unset it")
