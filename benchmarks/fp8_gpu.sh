@@ -99,10 +99,10 @@ case $stage in
     ;;
   dh)
     python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu_fp8.py \
-      -k "activation_backward or cuda_graphs or fast_accum" 2>&1 | tee -a "$out/fp8_$stage.log"
+      -k "activation_backward or fused_act_bwd or fast_accum" 2>&1 | tee -a "$out/fp8_$stage.log"
     cp results/gpu/parity.log "$out/fp8_parity.log" 2>/dev/null
     python3 benchmarks/throughput.py --model gpt2_xl --hf-micro-batches "" \
-      --runs default:16,fp8_delayed_fused_act_bwd:16,fp8_best_before:16,fp8_best_store_dh:16,fp8_best_fast_bwd:16,default:16 \
+      --runs default:16,fp8_delayed_fused_act_bwd:16,fp8_best_before:16,fp8_best_fast_bwd:16,default:16 \
       --steps 15 2>&1 | tee -a "$out/fp8_$stage.log"
     ;;
   accum_loss)
