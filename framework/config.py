@@ -1239,9 +1239,6 @@ class Config:
         require(c.save or c.keep_last is None,
                 f"checkpoint.keep_last={c.keep_last} prunes saved checkpoints and "
                 f"checkpoint.save=false saves none: unset one of them")
-        require(c.save or c.save_interval == _default(CheckpointConfig, "save_interval"),
-                f"checkpoint.save_interval={c.save_interval} sets how often checkpoints are "
-                f"saved and checkpoint.save=false saves none: unset one of them")
         require(not c.allow_pickle or c.load_hf is not None,
                 "checkpoint.allow_pickle=true lets checkpoint.load_hf read pytorch_model.bin "
                 "files; without checkpoint.load_hf it has no effect: unset it")

@@ -373,13 +373,6 @@ def test_keep_last_without_saving_is_an_error():
     load_config("checkpoint.keep_last=2")
 
 
-def test_save_interval_without_saving_is_an_error():
-    msg = config_error("checkpoint.save=false", "checkpoint.save_interval=50")
-    assert "checkpoint.save_interval=50" in msg and "checkpoint.save=false" in msg
-    load_config("checkpoint.save_interval=50")
-    load_config("checkpoint.save=false")
-
-
 def test_allow_pickle_without_load_hf_is_an_error():
     msg = config_error("checkpoint.allow_pickle=true")
     assert "checkpoint.allow_pickle=true" in msg and "checkpoint.load_hf" in msg
