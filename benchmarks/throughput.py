@@ -221,6 +221,7 @@ def ours(model, mb, steps, extra, profile_dir=None, dropout=0.0, timeout=900, sh
     # the rest are train.py overrides
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
     env.update(e[4:].split("=", 1) for e in extra if e.startswith("env:"))
+    label = "_".join(extra) or "default"  # (profile file names: the env entries too)
     extra = [e for e in extra if not e.startswith("env:")]
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"),
@@ -244,7 +245,7 @@ def ours(model, mb, steps, extra, profile_dir=None, dropout=0.0, timeout=900, sh
             from benchmarks.profile_summary import summarize
 
             for f in os.listdir(f"{d}/out/profile"):
-                name = _safe_name(f"{model}_mb{mb}_{'_'.join(extra) or 'default'}")
+                name = _safe_name(f"{model}_mb{mb}_{label}")
                 summarize(f"{d}/out/profile/{f}", out=os.path.join(profile_dir, name + ".txt"))
     # the windows after the warm-up one and before the profiled one; each record's ms_per_iter is
     # its window's wall time / LOG, so their mean is total time / steps (as the HF baseline

@@ -460,6 +460,75 @@ def test_mlp_casts_fc1_output_gradient_in_the_activation_backward(mp1, monkeypat
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("watch", ["hook", "retain_grad", "anomaly", "second_use"])
+def test_unstored_fc1_gradient_is_stored_where_something_else_sees_it(mp1, monkeypatch, watch):
+    """Through autograd, from the second step of an MLP with both fused activation casts: a hook
+    on fc1's output, `retain_grad` or anomaly mode each see that gradient, so it is stored (the
+    same finite gradients as without the fused backward); a second use of fc1's output (its
+    gradient accumulated from two places) is the error naming the setting, not NaN."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from framework.models import layers
+    from framework.models.transformer import transformer_config
+
+    cfg = transformer_config(_tiny(), ParallelConfig(), bf16=False, fp16=False, on_gpu=False,
+                             fp8="delayed")
+    cfg = dataclasses.replace(cfg, activation_func=F.gelu, bias_activation_fusion=True,
+                              fp8_act_cast=True)
+    for where in ("megatron.core.fusions.fused_bias_gelu", "megatron.core.transformer.mlp"):
+        monkeypatch.setattr(f"{where}.bias_gelu_impl",
+                            lambda h, b: fp8.act_ref(h, b, "gelu_tanh"))
+    stores = []
+    real_fused = fp8.act_backward_cast
+    monkeypatch.setattr(fp8, "act_backward_cast",
+                        lambda *a, **k: stores.append(k["store_dh"]) or real_fused(*a, **k))
+    grads = {}
+    for bwd in (False, True):
+        torch.manual_seed(0)
+        mlp = layers.ActRecomputeMLP(dataclasses.replace(cfg, fp8_act_bwd_cast=bwd))
+        fp8.Fp8History([mlp.linear_fc1, mlp.linear_fc2], torch.device("cpu"))
+        seen = []
+
+        def watch_input(_mod, args):
+            h = args[0]
+            if watch == "hook":
+                h.register_hook(lambda g: seen.append(g.clone()))
+            elif watch == "retain_grad":
+                h.retain_grad()
+                seen.append(h)
+
+        stores.clear()
+        for step in range(2):
+            x = torch.randn(16, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(step))
+            hook = mlp.linear_fc2.register_forward_pre_hook(watch_input) if step else None
+            ctx = torch.autograd.detect_anomaly() if watch == "anomaly" and step \
+                else contextlib.nullcontext()
+            with ctx:
+                if watch == "second_use" and step and bwd:
+                    fc1_out, bias = mlp.linear_fc1(x)
+                    mlp.linear_fc2.fp8_act_input = ("gelu_tanh", bias, mlp.linear_fc1.fp8_meta)
+                    y, yb = mlp.linear_fc2(fc1_out)
+                    mlp.linear_fc2.fp8_act_input = None
+                    with pytest.raises(RuntimeError,
+                                       match="model.fp8_fused_act_backward=false"):
+                        ((y + yb).sum() + fc1_out.sum()).backward()
+                    return
+                y, yb = mlp(x)
+                (y + yb).sum().backward()
+            if hook is not None:
+                hook.remove()
+        grads[bwd] = [p_.grad.clone() for p_ in mlp.parameters()]
+        if bwd:
+            assert stores == [True], stores  # the second step: seen, so stored
+            if watch in ("hook", "retain_grad"):
+                g = seen[0] if watch == "hook" else seen[0].grad
+                assert g.stride() != (0, 0, 0) and g.isfinite().all()
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+
+
 def test_take_dy_cast_only_for_the_tensor_it_was_made_from():
     """fc1's backward takes the kept casts only for the very gradient they were made from
     (another tensor of the same shape, e.g. with a second gradient added on the way, is cast

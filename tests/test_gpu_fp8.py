@@ -233,12 +233,13 @@ BOUNDS = {"tensorwise": {"forward": 0.08, "dgrad": 0.15, "wgrad": 0.15},
           "rowwise": {"forward": 0.08, "dgrad": 0.10, "wgrad": 0.10}}
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "tensorwise_fast_accum"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "tensorwise_fast_accum",
+                                    "rowwise_fast_accum"])
 def test_fp8_linear_vs_bf16_on_perturbed_weights(recipe):
     """gpt2-xl's fc1 at micro-batch 8 (8192 tokens, 1600 -> 6400) in bf16 with uneven row /
     column magnitudes and outliers; bias, fused fp32 main-grad accumulation.
-    tensorwise_fast_accum: model.fp8_backward_fast_accum (the backward GEMMs held to the forward
-    GEMM's accumulation slack)."""
+    *_fast_accum: model.fp8_backward_fast_accum (the backward GEMMs held to the forward GEMM's
+    accumulation slack; rowwise's dgrad then runs the row-scaled kernel itself)."""
     fast = recipe.endswith("_fast_accum")
     recipe = recipe.replace("_fast_accum", "")
     from test_fp8 import _amaxes, _gemm_bound
