@@ -310,3 +310,25 @@ def test_profiler_steps_and_ranks(tmp_path):
     assert p.path == str(tmp_path / "profile" / "rank1_steps2-3.json")
     trace = open(p.path).read()
     assert "train_step_2" in trace and "train_step_3" in trace and "train_step_1" not in trace
+
+
+def test_summary_names_no_wandb_directory_when_wandb_is_disabled(tmp_path, monkeypatch, capsys):
+    """logging.wandb with W&B disabled (logging.wandb_mode or WANDB_MODE) writes no wandb
+    directory, and the closing summary says so instead of listing one."""
+    from framework.config import Config, LoggingConfig
+    from framework.training import summary
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for mode, env, want in ((None, None, "wandb:       " + summary.show_path(
+                                 str(tmp_path / "wandb"))),
+                            ("disabled", None, "none (W&B was disabled: logging.wandb_mode="
+                                               "disabled)"),
+                            (None, "disabled", "none (W&B was disabled: WANDB_MODE=disabled)")):
+        if env:
+            monkeypatch.setenv("WANDB_MODE", env)
+        cfg = Config(logging=LoggingConfig(wandb=True, wandb_mode=mode))
+        cfg.run_dir = str(tmp_path)
+        cfg.checkpoint.save = False
+        summary.print_summary(cfg, [])
+        out = capsys.readouterr().out
+        assert want in out, (mode, env, out)

@@ -130,7 +130,12 @@ def print_summary(cfg: "Config", overrides: Optional[List[str]]) -> None:
     if cfg.logging.tensorboard:
         lines.append(f"  tensorboard: {show_path(os.path.join(cfg.run_dir, 'tensorboard'))}")
     if cfg.logging.wandb:
-        lines.append(f"  wandb:       {show_path(os.path.join(cfg.run_dir, 'wandb'))}")
+        # (the mode W&B started in, as framework/training/metrics.py chose it)
+        mode = cfg.logging.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+        lines.append("  wandb:       " + (
+            "none (W&B was disabled: " + ("logging.wandb_mode=disabled)" if
+                                          cfg.logging.wandb_mode else "WANDB_MODE=disabled)")
+            if mode == "disabled" else show_path(os.path.join(cfg.run_dir, "wandb"))))
     # a sweep job's checkpoint directory is named from the sweep's overrides: the single run a
     # printed command starts would name another one (and start afresh), so name it
     pin = {}
