@@ -187,7 +187,10 @@ def check_sweep_configs(config: DictConfig, conf_dir: str) -> None:
     from omegaconf import open_dict, read_write
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.cli import _omegaconf_line, config_from_hydra
+    from hydra.errors import HydraException
+
+    from framework.cli import _omegaconf_line, config_from_hydra, hydra_error_line
+    from framework.config import Config
     from framework.errors import ConfigError
 
     jobs = sweep_jobs(config)
@@ -216,6 +219,12 @@ def check_sweep_configs(config: DictConfig, conf_dir: str) -> None:
             except OmegaConfBaseException as e:
                 raise ConfigError(f"job {i} ({' '.join(job) or 'no overrides'}) of this sweep: "
                                   f"{_omegaconf_line(e)}") from None
+            except HydraException as e:  # e.g. a group option that does not exist
+                line = hydra_error_line(e, Config)
+                if line is None:
+                    raise
+                raise ConfigError(f"job {i} ({' '.join(job) or 'no overrides'}) of this sweep: "
+                                  f"{line}") from None
     finally:
         holder.cfg = saved
 

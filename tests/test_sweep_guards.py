@@ -47,6 +47,11 @@ def test_sweeps_that_would_mix_jobs_are_refused_before_any_job(tmp_path, args, w
     (["model=gpt_tiny,model_schema"], "job 1 (train.max_steps=1 train.progress_bar=False "
                                       "model=model_schema) of this sweep: model=model_schema is "
                                       "the schema"),
+    # a group option that does not exist (Hydra's own error, which used to escape the check as a
+    # 30-line warning before the same line came again)
+    (["model=gpt_tiny,gpt2_xxl"], "job 1 (train.max_steps=1 train.progress_bar=False "
+                                  "model=gpt2_xxl) of this sweep: model=gpt2_xxl: no such model "
+                                  "config; choose one of"),
     (["train.seed=1,2", "model.default_lr=0.1", "optimizer.lr=0.01"],
      "job 0 (train.max_steps=1 train.progress_bar=False train.seed=1 model.default_lr=0.1 "
      "optimizer.lr=0.01) of this sweep: model.default_lr=0.1 has no effect"),
