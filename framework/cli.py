@@ -286,6 +286,15 @@ def hydra_error_line(ex: BaseException, schema: type) -> Optional[str]:
 
     if isinstance(ex, ConfigError):
         return str(ex)
+    msg = first(ex)
+    if isinstance(ex, ConfigCompositionException) and msg.startswith("Ambiguous value for "
+                                                                     "argument '"):
+        # a comma in a single run's value: Hydra's remedies are on the lines after the first
+        override = msg[len("Ambiguous value for argument '"):].rstrip("'")
+        key, _, value = override.partition("=")
+        return (f"{override}: a comma makes a value a sweep; quote it for a string "
+                f"({key}='{value}'), bracket it for a list ({key}=[{value}]), or pass -m to "
+                f"sweep over it")
     if isinstance(ex, MissingConfigException):
         group, _, name = (ex.missing_cfg_file or "").rpartition("/")
         if group:

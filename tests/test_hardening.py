@@ -444,3 +444,21 @@ def test_preflight_gpu_bound_counts_fp32_grads_and_optimizer_state(monkeypatch):
     cfg.parallel.use_distributed_optimizer = True
     cfg.parallel.data_parallel_size = 8
     preflight.check_model(cfg, vocab, "cuda")
+
+
+def test_a_comma_in_a_single_runs_value_names_the_three_remedies():
+    """`train.py data.split=98,2,0` (no -m): Hydra's error puts its remedies on the lines after
+    the first; the one line names them with the user's own key and value."""
+    from hydra.errors import ConfigCompositionException
+
+    from framework.cli import hydra_error_line
+    from framework.config import Config
+
+    ex = ConfigCompositionException(
+        "Ambiguous value for argument 'data.split=98,2,0'\n1. To use it as a list, use "
+        "key=[value1,value2]\n2. To use it as string, quote the value: key=\\'value1,value2\\'\n"
+        "3. To sweep over it, add --multirun to your command line")
+    assert hydra_error_line(ex, Config) == (
+        "data.split=98,2,0: a comma makes a value a sweep; quote it for a string "
+        "(data.split='98,2,0'), bracket it for a list (data.split=[98,2,0]), or pass -m to sweep "
+        "over it")
