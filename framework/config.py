@@ -734,6 +734,10 @@ class OptimizerConfig:
 # data and tokenizer
 # --------------------------------------------------------------------------------------------
 EMBEDDED_DOCUMENTS_LIMIT = 200_000
+# GPT packs the embedded corpus to the sequence length: data.num_documents x model.seq_length
+# tokens are generated and preprocessed on the first run (minutes at this size; 4096-token
+# presets at the default 20000 documents make 82M)
+EMBEDDED_PACKED_TOKENS_LIMIT = 2 ** 28
 
 
 
@@ -1198,6 +1202,13 @@ class Config:
                 raise ConfigError(f"data.{f}={_shown(value)} applies to masked-LM data (model.type="
                                   f"bert/t5); model.type=gpt trains on GPT samples without it")
             if d.type == "embedded":  # framework/data/embedded.py packed_documents, AnswerLoss
+                tokens = d.num_documents * m.seq_length
+                require(tokens <= EMBEDDED_PACKED_TOKENS_LIMIT,
+                        f"data=embedded packs data.num_documents={d.num_documents} documents of "
+                        f"model.seq_length={m.seq_length} tokens ({tokens / 1e6:,.0f}M tokens, "
+                        f"more than the {EMBEDDED_PACKED_TOKENS_LIMIT / 1e6:.0f}M it builds on a "
+                        f"first run): lower data.num_documents to at most "
+                        f"{EMBEDDED_PACKED_TOKENS_LIMIT // m.seq_length}, or use data=indexed")
                 for f, value in _changed(d, ("reset_position_ids", "eod_mask_loss")):
                     raise ConfigError(
                         f"data.{f}={_shown(value)} has no effect on data=embedded: each sample "

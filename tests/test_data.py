@@ -645,3 +645,40 @@ def test_embedded_gpt_samples_start_with_a_problem_and_train_on_answers(embedded
             want = [float("=" in text[:j + 1].rsplit("\n", 1)[-1]) for j in range(64)]
             assert s["loss_mask"].tolist() == want, text
             assert s["loss_mask"].sum() > 10
+
+
+def test_packed_documents_are_built_in_linear_time_with_the_same_text():
+    """packed_documents joins each document's lines once (adding them one by one took minutes at
+    model.seq_length=100000): the text is the line-by-line form's, character for character."""
+    import random
+
+    from framework.data import embedded
+
+    def by_adding(num_documents, length, seed=embedded.CORPUS_SEED):
+        lines = embedded._training_lines(random.Random(seed))
+        line = next(lines)
+        for _ in range(num_documents):
+            text = ""
+            while len(text) + len(line) <= length - 1:
+                text, line = text + line, next(lines)
+            yield text + "\n" * (length - 1 - len(text))
+
+    for n, length in ((50, 12), (40, 64), (10, 1024), (3, 5000)):
+        assert list(embedded.packed_documents(n, length)) == list(by_adding(n, length))
+
+
+def test_embedded_corpus_too_large_to_build_is_refused_before_building():
+    """data=embedded packs num_documents x seq_length tokens on the first run: beyond
+    EMBEDDED_PACKED_TOKENS_LIMIT (seq_length=100000 at the default 20000 documents: 2B tokens,
+    which ran for minutes with no output) it is one line naming both fields and the largest
+    num_documents that fits; the 4096-token presets at the default fit."""
+    from framework.config import EMBEDDED_PACKED_TOKENS_LIMIT, Config, ModelConfig
+
+    with pytest.raises(ConfigError, match=r"data\.num_documents=20000 documents of model\."
+                                          r"seq_length=100000 tokens \(2,000M tokens.*at most "
+                                          r"2684, or use data=indexed"):
+        Config(model=ModelConfig(seq_length=100000, max_position_embeddings=100000))
+    Config(model=ModelConfig(seq_length=4096, max_position_embeddings=4096))
+    fits = EMBEDDED_PACKED_TOKENS_LIMIT // 100000
+    Config(model=ModelConfig(seq_length=100000, max_position_embeddings=100000),
+           data=DataConfig(num_documents=fits))

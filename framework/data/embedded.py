@@ -120,10 +120,12 @@ def packed_documents(num_documents: int, length: int, seed: int = CORPUS_SEED) -
     lines = _training_lines(rng)
     line = next(lines)
     for _ in range(num_documents):
-        text = ""
-        while len(text) + len(line) <= length - 1:
-            text, line = text + line, next(lines)
-        yield text + "\n" * (length - 1 - len(text))
+        parts, size = [], 0  # (joined once: adding line by line is quadratic in `length`)
+        while size + len(line) <= length - 1:
+            parts.append(line)
+            size += len(line)
+            line = next(lines)
+        yield "".join(parts) + "\n" * (length - 1 - size)
 
 
 def embedded_tokenizer_dir(prefix: str) -> str:
@@ -171,6 +173,12 @@ def prepare_embedded(cache_dir: str, num_documents: int, sentences: bool = False
         if os.path.isfile(prefix + ".idx"):
             return prefix
         tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(final))
+        if packed and num_documents * seq_length >= 2 ** 24:  # tens of seconds or more
+            from framework.training.console import echo
+
+            echo(f"building the embedded corpus once: {num_documents} documents of "
+                 f"{seq_length} tokens ({num_documents * seq_length / 1e6:.0f}M tokens), cached "
+                 f"in {final}")
         try:
             if sentences:
                 documents = list(sentence_documents(num_documents))
