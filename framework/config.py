@@ -12,6 +12,7 @@ in `train.py` before any process group or GPU memory exists. Checks that need th
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -967,6 +968,12 @@ class CheckpointConfig:
                  "give checkpoint.load or checkpoint.load_hf, not both")
         require(self.save_interval > 0,
                  f"checkpoint.save_interval must be positive, got {self.save_interval}")
+
+
+def wandb_mode_in_effect(logging_cfg) -> str:
+    """The mode W&B starts in for `logging.*` (framework/training/metrics.py) and the run summary
+    reports: logging.wandb_mode, else $WANDB_MODE, else online."""
+    return logging_cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
 
 
 @dataclass

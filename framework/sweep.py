@@ -213,14 +213,10 @@ def check_sweep_configs(config: DictConfig, conf_dir: str) -> None:
                 with read_write(task), open_dict(task):
                     del task["hydra"]
                 config_from_hydra(task, jc.hydra, conf_dir, multirun=True)
-            except ConfigError as e:
-                raise ConfigError(f"job {i} ({' '.join(job) or 'no overrides'}) of this sweep: "
-                                  f"{e}") from None
-            except OmegaConfBaseException as e:
-                raise ConfigError(f"job {i} ({' '.join(job) or 'no overrides'}) of this sweep: "
-                                  f"{_omegaconf_line(e)}") from None
-            except HydraException as e:  # e.g. a group option that does not exist
-                line = hydra_error_line(e, Config)
+            except (ConfigError, OmegaConfBaseException, HydraException) as e:
+                # HydraException: e.g. a group option that does not exist
+                line = str(e) if isinstance(e, ConfigError) else _omegaconf_line(e) \
+                    if isinstance(e, OmegaConfBaseException) else hydra_error_line(e, Config)
                 if line is None:
                     raise
                 raise ConfigError(f"job {i} ({' '.join(job) or 'no overrides'}) of this sweep: "

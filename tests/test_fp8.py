@@ -462,7 +462,8 @@ def test_mlp_casts_fc1_output_gradient_in_the_activation_backward(mp1, monkeypat
 
 @pytest.mark.parametrize("watch", ["hook", "retain_grad", "anomaly", "second_use"])
 def test_unstored_fc1_gradient_is_stored_where_something_else_sees_it(mp1, monkeypatch, watch):
-    """Through autograd, from the second step of an MLP with both fused activation casts: a hook
+    """Through autograd, from the second step of an MLP (perturbed parameters) with both fused
+    activation casts: a hook
     on fc1's output, `retain_grad` or anomaly mode each see that gradient, so it is stored (the
     same finite gradients as without the fused backward); a second use of fc1's output (its
     gradient accumulated from two places) is the error naming the setting, not NaN."""
@@ -489,6 +490,9 @@ def test_unstored_fc1_gradient_is_stored_where_something_else_sees_it(mp1, monke
         torch.manual_seed(0)
         mlp = layers.ActRecomputeMLP(dataclasses.replace(cfg, fp8_act_bwd_cast=bwd))
         fp8.Fp8History([mlp.linear_fc1, mlp.linear_fc2], torch.device("cpu"))
+        with torch.no_grad():  # non-zero biases, uneven weights
+            for p_ in mlp.parameters():
+                p_.add_(0.05 * torch.randn_like(p_))
         seen = []
 
         def watch_input(_mod, args):

@@ -549,11 +549,11 @@ def act_backward_cast(h: torch.Tensor, bias: Optional[torch.Tensor], act: str,
     return dh, dbias, (q, qt, inv)
 
 
-def _gradient_seen(x: Optional[torch.Tensor]) -> bool:
+def _gradient_seen(x: torch.Tensor) -> bool:
     """Whether the gradient of x (fc1's output) is handed to anything but fc1's backward: a hook
     on x, `retain_grad`, or anomaly mode (which checks every gradient for NaN); then the
     activation backward stores that gradient."""
-    return torch.is_anomaly_enabled() or x is None or x.retains_grad or bool(x._backward_hooks)
+    return torch.is_anomaly_enabled() or x.retains_grad or bool(x._backward_hooks)
 
 
 def _take_dy_cast(meta: Optional["Fp8Meta"], dy2: torch.Tensor, reads_dy: bool = False):
@@ -740,14 +740,14 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.act = act
         # fc1's amax histories: its output gradient is cast in the activation's backward
         ctx.act_meta = act_meta if act is not None else None
-        # x came straight out of fc1's FP8 layer (x's grad_fn is that layer's backward, whose
-        # ctx holds act_meta): then x's gradient reaches fc1's backward alone, which takes its
-        # casts (`_take_dy_cast`), and the activation backward need not store it
-        ctx.act_in_from_fc1 = ctx.act_meta is not None and isinstance(
+        # x, where it came straight out of fc1's FP8 layer (x's grad_fn is that layer's
+        # backward, whose ctx holds act_meta): then x's gradient reaches fc1's backward alone,
+        # which takes its casts (`_take_dy_cast`), and the activation backward need not store
+        # it unless something else is handed it by backward time (`_gradient_seen`). None
+        # otherwise. (x's storage is kept for backward anyway, as x2.)
+        from_fc1 = ctx.act_meta is not None and isinstance(
             x.grad_fn, _Fp8Linear._backward_cls) and getattr(x.grad_fn, "meta", None) is act_meta
-        # (x itself, to see at backward time whether anything else will be handed its gradient:
-        # its storage is kept for backward anyway, as x2)
-        ctx.act_x = x if ctx.act_in_from_fc1 else None
+        ctx.act_x = x if from_fc1 else None
         if ctx.act_meta is not None:  # casts kept by a backward that never reached fc1
             ctx.act_meta.dy_cast = None
         n = weight.shape[0]
@@ -859,7 +859,7 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.act_meta is not None and ctx.act_meta.primed[DY]:
                 # fc1's output gradient cast to FP8 in the same pass, for fc1's backward; not
                 # stored where fc1's FP8 backward is its only reader
-                store = not ctx.act_in_from_fc1 or ab_switch("FP8_STORE_ACT_GRAD") \
+                store = ctx.act_x is None or ab_switch("FP8_STORE_ACT_GRAD") \
                     or _gradient_seen(ctx.act_x)
                 dx, grad_act_bias, casts = act_backward_cast(h2, act_bias, ctx.act, dx,
                                                              ctx.act_meta, store_dh=store)

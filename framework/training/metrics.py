@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from framework.config import wandb_mode_in_effect
 from framework.models.registry import family
 from framework.models.spec import flops_per_token  # noqa: F401  (the dense formula, re-exported)
 from framework.security.masking import mask_secrets, mask_text
@@ -105,7 +106,7 @@ def _start_wandb(cfg, config_dict, run_dir, id_dir):
 
     id_file = os.path.join(id_dir, "wandb_run_id.txt") if id_dir else None
     run_id = _read_run_id(id_file) if id_file else None
-    mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+    mode = wandb_mode_in_effect(cfg)
     import sys
 
     # Everything W&B stores or sends is masked by value: the command line (its run metadata),

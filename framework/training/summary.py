@@ -19,6 +19,7 @@ import shlex
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from framework.checkpoint.reader import iter_dir, latest_iteration
+from framework.config import wandb_mode_in_effect
 from framework.errors import ConfigError
 from framework.security.masking import mask_secrets
 from framework.training.console import LOG_NAME, echo
@@ -130,8 +131,7 @@ def print_summary(cfg: "Config", overrides: Optional[List[str]]) -> None:
     if cfg.logging.tensorboard:
         lines.append(f"  tensorboard: {show_path(os.path.join(cfg.run_dir, 'tensorboard'))}")
     if cfg.logging.wandb:
-        # (the mode W&B started in, as framework/training/metrics.py chose it)
-        mode = cfg.logging.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+        mode = wandb_mode_in_effect(cfg.logging)
         lines.append("  wandb:       " + (
             "none (W&B was disabled: " + ("logging.wandb_mode=disabled)" if
                                           cfg.logging.wandb_mode else "WANDB_MODE=disabled)")
