@@ -183,17 +183,18 @@ def staging_dir(save: str) -> Iterator[str]:
 
 
 def _disk_full(e: BaseException, parent: str) -> Optional[str]:
-    """Why writing under `parent` failed, where the disk or quota is full; None otherwise.
-    torch.save and safetensors report a full disk as their own errors (torch: "file write
-    failed"), so a failed write there is read as a full disk when the device has (almost) no
-    space left after it."""
+    """Why writing under `parent` failed, where the disk or quota is full; None otherwise. The
+    OSError may sit behind other errors (`checkpoint.state.oserror_in`: the checkpoint writer's,
+    torch DCP's); torch.save and safetensors report a full disk as errors of their own, so a
+    failure is also read as a full disk when the device has (almost) no space left after it."""
     import errno
 
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device" if e.errno == errno.ENOSPC else \
+    from framework.checkpoint.state import oserror_in
+
+    os_err = oserror_in(e)
+    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device" if os_err.errno == errno.ENOSPC else \
             "disk quota exceeded"
-    if isinstance(e, OSError) or "writ" not in str(e).lower():
-        return None
     try:
         free = shutil.disk_usage(parent).free
     except OSError:

@@ -201,3 +201,24 @@ def test_full_disk_is_one_line_and_leaves_save_untouched(models, tmp_path, capsy
         convert.main(["megatron-to-hf", "--load", str(models / "m1"), "--save", str(save),
                       "--overwrite"])
     assert sorted(os.listdir(save)) == ["keep.txt"]
+
+
+def test_full_disk_in_the_checkpoint_writer_is_the_same_line(models, tmp_path, capsys,
+                                                             monkeypatch):
+    """hf-to-megatron writes through the training checkpoint writer, which turns a full disk into
+    its own error (with training advice): convert still names --save and the full device, from
+    the OSError behind it, and nothing is left at --save."""
+    import errno
+
+    from megatron.core import dist_checkpointing
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dist_checkpointing, "save", full)
+    save = tmp_path / "m"
+    rc, out = _convert(capsys, "hf-to-megatron", "--load", models / "hf", "--save", save)
+    line = _one_line(out.err)
+    assert rc == 2 and f"--save={save}" in line and "no space left on the device" in line, line
+    assert "keep_last" not in line and not save.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".m.tmp-")]

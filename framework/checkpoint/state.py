@@ -195,7 +195,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _oserror_in(e: BaseException) -> Optional[OSError]:
+def oserror_in(e: BaseException) -> Optional[OSError]:
     """The OSError behind `e`: itself, a cause or context, or inside torch DCP's per-rank
     wrapper (mcore's writer processes send theirs back as the cause of a RuntimeError)."""
     seen, todo = set(), [e]
@@ -217,7 +217,7 @@ def _oserror_in(e: BaseException) -> Optional[OSError]:
 
 
 def _save_error(e: BaseException, final: str, ckpt_dir: str) -> "CheckpointSaveError":
-    os_err = _oserror_in(e)
+    os_err = oserror_in(e)
     what = (os_err.strerror or str(os_err)) if os_err is not None else _first_line(e)
     if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
         what += f": the disk holding {ckpt_dir} is full; free space there (or set " \
@@ -263,7 +263,7 @@ def save_checkpoint(ckpt_dir: str, iteration: int, model, optimizer, scheduler, 
     # a full disk arrives wrapped: mcore's writer processes send the OSError back as the cause of
     # a RuntimeError, which torch DCP wraps in a CheckpointException (a BaseException)
     except (Exception, CheckpointException) as e:
-        if _oserror_in(e) is None:
+        if oserror_in(e) is None:
             raise
         # every rank gets the error: torch DCP gathers each rank's write result
         if rank == 0:
