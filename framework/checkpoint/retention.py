@@ -35,11 +35,8 @@ def prune_checkpoints(ckpt_dir: str, keep_last: Optional[int],
             except OSError:
                 gone = path
             shutil.rmtree(gone, ignore_errors=True)
-            if gone != path and os.path.lexists(gone) and failed is not None:
-                failed.append(gone)
-                continue
-            if not os.path.lexists(path):
+            if not os.path.lexists(gone):
                 removed.append(path)
             elif failed is not None:  # (a read-only one stays: not reported as removed)
-                failed.append(path)
+                failed.append(gone)
     return removed
