@@ -23,8 +23,9 @@ PARENT = textwrap.dedent("""
     def child(path):
         # as the writer was: SIGTERM caught (the trainer's stop handler), working for a while
         signal.signal(signal.SIGTERM, lambda *a: None)
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:  # renamed: the parent never reads a half-written id
             f.write(str(os.getpid()))
+        os.replace(path + ".tmp", path)
         time.sleep(60)
 
     p = mp.get_context("fork").Process(target=child, args=({path!r},))
